@@ -1,0 +1,245 @@
+"""The ``connector`` command line.
+
+Every command takes ``--config PATH`` (default ``$CONNECTOR_CONFIG``, else ``./config.yaml``).
+Errors go to stderr with exit code 1; what a command produces goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import click
+
+from connector import __version__
+from connector.config import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG,
+    Config,
+    DispensaryConfig,
+    HttpDestination,
+    JsonlDestination,
+    load_config,
+)
+from connector.errors import ConnectorError, MappingError
+from connector.mapping import Mapping, load_mapping
+from connector.treez import CustomerEvent, TestPing, parse_event
+
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV_VAR,
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    show_envvar=True,
+    help="The deployment's configuration file.",
+)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(1)
+
+
+def _load(config_file: Path) -> Config:
+    try:
+        return load_config(config_file)
+    except ConnectorError as exc:
+        _fail(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="connector")
+def main() -> None:
+    """Keep a dispensary's marketing and loyalty tools in step with Treez."""
+
+
+# --- check ---
+
+
+def _where(dest: HttpDestination | JsonlDestination) -> str:
+    if isinstance(dest, HttpDestination):
+        # host only: a webhook URL's path or query often is a secret (Zapier, Make, n8n)
+        parts = urlsplit(str(dest.url))
+        return f"{parts.scheme}://{parts.netloc}"
+    return str(dest.path)
+
+
+def _dispensary_line(name: str, disp: DispensaryConfig) -> str:
+    tokens = len(disp.webhook_token)
+    token = "development token" if disp.uses_dev_token else f"{tokens} token{'s' * (tokens > 1)}"
+    if disp.reconciles:
+        reconcile = f"cron '{disp.reconcile.schedule}' {disp.reconcile.timezone}"
+    elif disp.treez is None:
+        reconcile = "off (no treez section)"
+    else:
+        reconcile = "off"
+    count = len(disp.destinations)
+    return (
+        f"dispensary {name}: {count} destination{'s' * (count != 1)}, webhook {token}, "
+        f"reconcile {reconcile}, resubscribe {disp.policy.resubscribe}"
+    )
+
+
+def _destination_line(
+    disp: DispensaryConfig, dest: HttpDestination | JsonlDestination, mapping: Mapping
+) -> str:
+    rate = ", ".join(str(r) for r in dest.rate_limit) or "off"
+    return (
+        f"  destination {dest.name} ({dest.type} → {_where(dest)}): "
+        f"mapping {dest.mapping.name} ({len(mapping.fields)} fields), batch {dest.batch_size}, "
+        f"rate limit {rate}, resubscribe {disp.policy_for(dest.name).resubscribe}"
+    )
+
+
+@main.command()
+@config_option
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+def check(config_file: Path, strict: bool) -> None:
+    """Validate the configuration and every mapping it names."""
+    config = _load(config_file)
+    lines = [
+        f"{config_file}: store {config.store_display}, "
+        f"server {config.server.host}:{config.server.port}"
+    ]
+    errors: list[str] = []
+    warnings: list[str] = []
+    for name, disp in config.dispensaries.items():
+        lines.append(_dispensary_line(name, disp))
+        if disp.uses_dev_token:
+            warnings.append(
+                f"dispensaries.{name}.webhook_token: the development token is in use; "
+                "set TREEZ_WEBHOOK_TOKEN before Treez can reach this server"
+            )
+        for dest in disp.destinations:
+            try:
+                mapping = load_mapping(dest.mapping)
+            except MappingError as exc:
+                errors.append(str(exc))
+                lines.append(f"  destination {dest.name}: mapping has errors")
+                continue
+            warnings.extend(f"{dest.mapping}: {w}" for w in mapping.warnings)
+            lines.append(_destination_line(disp, dest, mapping))
+    lines.extend(f"disabled: {section}" for section in config.disabled)
+    click.echo("\n".join(lines))
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if errors:
+        _fail("\n".join(errors))
+    if strict and warnings:
+        _fail(f"{len(warnings)} warning(s) and --strict given")
+    click.echo("OK")
+
+
+# --- map ---
+
+
+def _read_event(event_file: str) -> Any:
+    try:
+        if event_file == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(event_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"{event_file}: cannot be read ({exc.__class__.__name__})")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"{event_file}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")
+    # A whole captured delivery (as in Treez's docs): the body sits under "body".
+    if isinstance(body, dict) and "body" in body and ("headers" in body or "method" in body):
+        inner = body["body"]
+        if isinstance(inner, str):
+            try:
+                inner = json.loads(inner)
+            except json.JSONDecodeError:
+                _fail(f"{event_file}: the captured delivery's body is not JSON")
+        return inner
+    return body
+
+
+def _pick(options: list[str], given: str | None, what: str, flag: str) -> str:
+    if given is not None:
+        if given not in options:
+            _fail(f"no {what} {given!r} in the configuration (there are: {', '.join(options)})")
+        return given
+    if len(options) == 1:
+        return options[0]
+    _fail(f"several {what}s are configured; choose one with {flag} ({', '.join(options)})")
+
+
+@main.command(name="map")
+@config_option
+@click.option("--dispensary", "-d", help="The dispensary (default: the event's, or the only one).")
+@click.option("--destination", "-t", help="The destination (default: the only one).")
+@click.option(
+    "--mapping",
+    "mapping_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Use this mapping file instead of the configured one (no config needed).",
+)
+@click.argument("event_file", metavar="EVENT_FILE")
+def map_command(
+    config_file: Path,
+    dispensary: str | None,
+    destination: str | None,
+    mapping_file: Path | None,
+    event_file: str,
+) -> None:
+    """Show what a Treez event becomes for a destination, without sending anything.
+
+    EVENT_FILE is a webhook body, or a whole captured delivery with the body under "body";
+    "-" reads standard input.
+    """
+    try:
+        event = parse_event(_read_event(event_file), source=event_file)
+    except ConnectorError as exc:
+        _fail(str(exc))
+    if isinstance(event, TestPing):
+        click.echo("a Treez test ping: the server answers it with 200 and maps nothing", err=True)
+        return
+    if not isinstance(event, CustomerEvent):
+        click.echo(f"a {event.event_type} event: recorded and ignored, nothing to map", err=True)
+        return
+    event_dispensary = event.dispensary_short_name
+    name: str
+    if mapping_file is not None:
+        if not (dispensary or event_dispensary):
+            _fail("the event names no dispensary; give one with --dispensary")
+        name = dispensary or event_dispensary or ""
+        mapping = _load_mapping(mapping_file)
+    else:
+        config = _load(config_file)
+        names = list(config.dispensaries)
+        wanted = dispensary or (event_dispensary if event_dispensary in names else None)
+        name = _pick(names, wanted, "dispensary", "--dispensary")
+        disp = config.dispensaries[name]
+        dest_name = _pick(
+            [d.name for d in disp.destinations], destination, "destination", "--destination"
+        )
+        mapping = _load_mapping(disp.destination(dest_name).mapping)
+    if event_dispensary is not None and event_dispensary != name:
+        click.echo(
+            f"warning: the event is from {event_dispensary!r}; the webhook endpoint of "
+            f"{name!r} would refuse it",
+            err=True,
+        )
+    try:
+        contact = mapping.apply(event.customer, name)
+    except ConnectorError as exc:
+        _fail(f"{event_file}: {exc}")
+    click.echo(json.dumps(contact, indent=2, ensure_ascii=False))
+
+
+def _load_mapping(path: Path) -> Mapping:
+    try:
+        mapping = load_mapping(path)
+    except MappingError as exc:
+        _fail(str(exc))
+    for warning in mapping.warnings:
+        click.echo(f"warning: {path}: {warning}", err=True)
+    return mapping

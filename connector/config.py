@@ -1,0 +1,460 @@
+"""``config.yaml``: one file per deployment, validated once at load.
+
+Every problem is reported together, each with the file, the line, the key path
+(``dispensaries.partnersandbox3.destinations[0].url``) and what is wrong. Secrets are written
+as ``${ENV_VAR}`` (or ``${ENV_VAR:-default}``), held as ``SecretStr`` and never printed.
+Relative paths (the SQLite file, mappings, sink files) resolve against the config file's folder.
+
+A section that is switched off (``enabled: false`` on a dispensary or a destination, or
+``reconcile: {enabled: false}`` for the ``treez`` section) is not validated, so the
+variables it refers to need not be set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from connector._env import interpolate
+from connector._yaml import LoadedYaml, Location, YamlProblem, load_yaml
+from connector.errors import ConfigError, Problem
+from connector.treez import format_location
+
+DEFAULT_CONFIG = "config.yaml"
+CONFIG_ENV_VAR = "CONNECTOR_CONFIG"
+DEV_WEBHOOK_TOKEN = "dev-only-token-change-me"  # noqa: S105 - the documented development token
+DEFAULT_SCHEDULE = "15 * * * *"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RATE = re.compile(
+    r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hour|hours)\s*$"
+)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``count`` requests in any window of ``per_seconds``."""
+
+    count: int
+    per_seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.per_seconds:g}s"
+
+
+def _parse_rates(value: Any) -> Any:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    rates = []
+    for item in items:
+        match = _RATE.match(item) if isinstance(item, str) else None
+        if match is None:
+            raise ValueError(
+                "must be a rate such as '10/s', '700/min' or '3000/3s', or a list of them"
+            )
+        count, multiple, unit = int(match[1]), int(match[2] or 1), match[3][0]
+        if count < 1 or multiple < 1:
+            raise ValueError("a rate needs a count and a window of at least 1")
+        rates.append(Rate(count, float(multiple * _UNIT_SECONDS[unit])))
+    return tuple(rates)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise ValueError("must be a file path")
+    path = Path(str(value)).expanduser()
+    base = info.context.get("base_dir") if info.context else None
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
+class PolicyConfig(_Model):
+    """Switches that change what the connector may tell a destination."""
+
+    resubscribe: Literal["never", "on_source_opt_in"] = "never"
+
+
+class PolicyOverride(_Model):
+    resubscribe: Literal["never", "on_source_opt_in"] | None = None
+
+
+class TreezApiConfig(_Model):
+    api_url: HttpUrl
+    client_id: str = Field(min_length=1)
+    api_key: SecretStr
+    requests_per_second: int = Field(default=10, ge=1, le=10)
+
+    @field_validator("api_key")
+    @classmethod
+    def _not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+
+class ReconcileConfig(_Model):
+    enabled: bool = True
+    schedule: str = DEFAULT_SCHEDULE
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as America/Los_Angeles)"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _cron(self) -> ReconcileConfig:
+        try:
+            CronTrigger.from_crontab(self.schedule, timezone=self.timezone)
+        except ValueError as exc:
+            raise ValueError(
+                f"schedule {self.schedule!r} is not a cron expression: {exc}"
+            ) from None
+        return self
+
+
+class _Destination(_Model):
+    name: str
+    mapping: Annotated[Path, BeforeValidator(_resolve)]
+    rate_limit: Annotated[tuple[Rate, ...], BeforeValidator(_parse_rates)] = ()
+    batch_size: int = Field(default=1, ge=1, le=10_000)
+    policy: PolicyOverride = PolicyOverride()
+    enabled: Literal[True] = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "must start with a letter or digit and hold only letters, digits, _ . -"
+            )
+        return value
+
+    @field_validator("mapping")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"mapping file {value} does not exist")
+        return value
+
+
+class HttpDestination(_Destination):
+    """Contract 4 of the design: one POST per operation (or per batch) to ``url``."""
+
+    type: Literal["http"]
+    url: HttpUrl
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+
+
+class JsonlDestination(_Destination):
+    """A local sink: one JSON line per operation appended to ``path``."""
+
+    type: Literal["jsonl"]
+    path: Annotated[Path, BeforeValidator(_resolve)]
+
+
+Destination = Annotated[HttpDestination | JsonlDestination, Field(discriminator="type")]
+DESTINATION_TYPES = ("http", "jsonl")
+
+
+class DispensaryConfig(_Model):
+    enabled: Literal[True] = True
+    webhook_token: Annotated[list[SecretStr], BeforeValidator(_as_list)] = Field(min_length=1)
+    treez: TreezApiConfig | None = None
+    reconcile: ReconcileConfig = ReconcileConfig()
+    policy: PolicyConfig = PolicyConfig()
+    destinations: list[Destination] = Field(min_length=1)
+
+    @field_validator("webhook_token")
+    @classmethod
+    def _tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(not t.get_secret_value().strip() for t in value):
+            raise ValueError("a webhook token must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> DispensaryConfig:
+        names = [d.name for d in self.destinations]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(twice)}")
+        return self
+
+    @property
+    def reconciles(self) -> bool:
+        return self.treez is not None and self.reconcile.enabled
+
+    @property
+    def uses_dev_token(self) -> bool:
+        return any(t.get_secret_value() == DEV_WEBHOOK_TOKEN for t in self.webhook_token)
+
+    def policy_for(self, destination: str) -> PolicyConfig:
+        """The dispensary's policy with the destination's overrides applied."""
+        for dest in self.destinations:
+            if dest.name == destination:
+                overrides = dest.policy.model_dump(exclude_none=True)
+                return self.policy.model_copy(update=overrides)
+        raise KeyError(destination)
+
+    def destination(self, name: str) -> HttpDestination | JsonlDestination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+class Config(_Model):
+    store: str = "sqlite:///connector.db"
+    server: ServerConfig = ServerConfig()
+    dispensaries: dict[str, DispensaryConfig] = Field(min_length=1)
+
+    _path: Path | None = PrivateAttr(default=None)
+    _disabled: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str, info: ValidationInfo) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "is not a database URL (sqlite:///file.db or postgresql://...)"
+            ) from None
+        backend = url.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"database {backend!r} is not supported (use sqlite or postgresql)")
+        if backend == "sqlite":
+            database = url.database or ""
+            if database in ("", ":memory:") or database.startswith("file:"):
+                raise ValueError(
+                    "needs a file, such as sqlite:///connector.db (the store must be durable)"
+                )
+            base = info.context.get("base_dir") if info.context else None
+            if not Path(database).is_absolute() and base is not None:
+                url = url.set(database=str(Path(base) / database))
+            return url.render_as_string(hide_password=False)
+        return value
+
+    @field_validator("dispensaries")
+    @classmethod
+    def _names(cls, value: dict[str, DispensaryConfig]) -> dict[str, DispensaryConfig]:
+        bad = [name for name in value if not _NAME.match(name)]
+        if bad:
+            raise ValueError(
+                f"dispensary names are Treez short names (letters, digits, _ . -): {', '.join(bad)}"
+            )
+        return value
+
+    @property
+    def path(self) -> Path | None:
+        """The file this configuration was read from."""
+        return self._path
+
+    @property
+    def disabled(self) -> tuple[str, ...]:
+        """Key paths of the sections switched off with ``enabled: false``."""
+        return self._disabled
+
+    @property
+    def store_display(self) -> str:
+        """The store URL with any password hidden, for logs and summaries."""
+        return make_url(self.store).render_as_string(hide_password=True)
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``--config``, else ``$CONNECTOR_CONFIG``, else ``./config.yaml``."""
+    return Path(explicit or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG)
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a configuration file; raise :class:`ConfigError`."""
+    path = Path(path)
+    source = str(path)
+    try:
+        loaded = load_yaml(path)
+    except YamlProblem as exc:
+        raise ConfigError(source, [exc.problem]) from None
+    if not isinstance(loaded.data, dict):
+        raise ConfigError(
+            source, [Problem("config", "must be a table with at least 'dispensaries'", 1)]
+        )
+    data, missing = interpolate(loaded.data, os.environ if environ is None else environ)
+    data, disabled, index_maps = _drop_disabled(data)
+    unused = [d[1] for d in disabled]
+
+    problems: list[Problem] = []
+    missing_locs: list[Location] = []
+    for var in missing:
+        if any(var.loc[: len(prefix)] == prefix for prefix in unused):
+            continue
+        missing_locs.append(var.loc)
+        problems.append(
+            Problem(
+                format_location(var.loc),
+                f"environment variable {var.name} is not set "
+                f"(set it, or write ${{{var.name}:-default}})",
+                loaded.line_of(var.loc),
+            )
+        )
+    try:
+        config = Config.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        problems.extend(_problems(exc, loaded, index_maps, missing_locs))
+        raise ConfigError(source, _dedupe(problems)) from None
+    if problems:
+        raise ConfigError(source, problems)
+    config._path = path
+    config._disabled = tuple(d[0] for d in disabled)
+    return config
+
+
+def _is_off(section: Any) -> bool:
+    flag = section.get("enabled", True) if isinstance(section, dict) else True
+    if isinstance(flag, str):
+        return flag.strip().lower() in ("false", "no", "off", "0")
+    return flag is False
+
+
+def _drop_disabled(
+    data: dict[str, Any],
+) -> tuple[dict[str, Any], list[tuple[str, Location]], dict[str, list[int]]]:
+    """Remove switched-off sections; keep how destination indexes map back to the file."""
+    disabled: list[tuple[str, Location]] = []
+    index_maps: dict[str, list[int]] = {}
+    dispensaries = data.get("dispensaries")
+    if not isinstance(dispensaries, dict):
+        return data, disabled, index_maps
+    kept: dict[str, Any] = {}
+    for name, section in dispensaries.items():
+        loc: Location = ("dispensaries", name)
+        if _is_off(section):
+            disabled.append((format_location(loc), loc))
+            continue
+        if isinstance(section, dict):
+            section = dict(section)
+            reconcile = section.get("reconcile")
+            if "treez" in section and _is_off(reconcile):
+                disabled.append((format_location((*loc, "treez")), (*loc, "treez")))
+                section.pop("treez")
+            destinations = section.get("destinations")
+            if isinstance(destinations, list):
+                keep = []
+                for index, dest in enumerate(destinations):
+                    dest_loc = (*loc, "destinations", index)
+                    if _is_off(dest):
+                        label = format_location(dest_loc)
+                        if isinstance(dest, dict) and isinstance(dest.get("name"), str):
+                            label += f" ({dest['name']})"
+                        disabled.append((label, dest_loc))
+                    else:
+                        keep.append(index)
+                section["destinations"] = [destinations[i] for i in keep]
+                index_maps[name] = keep
+        kept[name] = section
+    return {**data, "dispensaries": kept}, disabled, index_maps
+
+
+def _problems(
+    exc: ValidationError,
+    loaded: LoadedYaml,
+    index_maps: dict[str, list[int]],
+    skip: list[Location],
+) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = _file_location(tuple(error["loc"]), index_maps)
+        if any(loc[: len(s)] == s for s in skip):
+            continue  # already reported as a missing environment variable
+        problems.append(Problem(format_location(loc), _message(error), loaded.line_of(loc)))
+    return problems
+
+
+def _file_location(loc: tuple[Any, ...], index_maps: dict[str, list[int]]) -> Location:
+    """Undo what validation adds or shifts: union tags, indexes of dropped destinations."""
+    out: list[str | int] = []
+    for i, part in enumerate(loc):
+        if (
+            isinstance(part, str)
+            and part in DESTINATION_TYPES
+            and i >= 2
+            and isinstance(loc[i - 1], int)
+            and loc[i - 2] == "destinations"
+        ):
+            continue
+        if isinstance(part, int) and i >= 3 and loc[i - 1] == "destinations":
+            keep = index_maps.get(str(loc[i - 2]))
+            if keep is not None and part < len(keep):
+                part = keep[part]
+        out.append(part)
+    return tuple(out)
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a known key (check its spelling)"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return f"type must be one of: {', '.join(DESTINATION_TYPES)}"
+    if kind == "literal_error" and error["loc"] and error["loc"][-1] == "enabled":
+        return "must be true or false"
+    message: str = error["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen = set()
+    out = []
+    for problem in problems:
+        key = (problem.where, problem.what)
+        if key not in seen:
+            seen.add(key)
+            out.append(problem)
+    return out

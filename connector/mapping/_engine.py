@@ -1,0 +1,319 @@
+"""Mapping files: target field → source, validated and compiled once, applied per event.
+
+A field is written as one of::
+
+    email: email                                   # shorthand: a source path
+    phone: {from: phone, transform: [e164]}        # a path through transforms
+    external_id: {template: "treez-{dispensary}-{customer_id}"}
+    source: {value: treez}                         # a constant
+
+with the options ``transform`` (a list), ``default`` (used when the result is null),
+``on_null`` (``omit``, the default, or ``send`` to send an explicit null), ``on_error``
+(``fail``, the default, or ``null``) and ``placeholders`` (texts read as null; default
+``["N/A", ""]``). A dotted target (``location.city``) builds a nested object.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from connector._yaml import LoadedYaml, YamlProblem, load_yaml, parse_yaml
+from connector.errors import FieldMappingError, MappingError, Problem
+from connector.mapping._paths import (
+    Context,
+    Getter,
+    PathError,
+    check_path,
+    compile_path,
+    parse_path,
+)
+from connector.mapping._transforms import (
+    BuildEnv,
+    Transform,
+    TransformFailed,
+    TransformSpecError,
+    build_transform,
+)
+from connector.treez import Customer, format_location
+
+DEFAULT_PLACEHOLDERS = ("N/A", "")
+
+
+class FieldSpec(BaseModel):
+    """The long form of one field of a mapping file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: str | None = Field(default=None, alias="from")
+    template: str | None = None
+    value: Any = None
+    transform: list[str | dict[str, Any]] = Field(default_factory=list)
+    default: Any = None
+    on_null: Literal["omit", "send"] = "omit"
+    on_error: Literal["fail", "null"] = "fail"
+    placeholders: list[str] = Field(default_factory=lambda: list(DEFAULT_PLACEHOLDERS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            given = [k for k in ("from", "template", "value") if k in data]
+            if len(given) != 1:
+                found = ", ".join(given) if given else "none of them"
+                raise ValueError(f"needs exactly one of from, template or value (found {found})")
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledField:
+    target: str
+    keys: tuple[str, ...]
+    run: Callable[[Context], Any]
+    send_null: bool
+
+
+class Mapping:
+    """A compiled mapping: call :meth:`apply` with a customer and the event's dispensary."""
+
+    def __init__(self, name: str, fields: tuple[CompiledField, ...], warnings: tuple[str, ...]):
+        self.name = name
+        self.fields = fields
+        self.warnings = warnings
+        self._flat = all(len(f.keys) == 1 for f in fields)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(f.target for f in self.fields)
+
+    def apply(self, customer: Customer, dispensary: str) -> dict[str, Any]:
+        """Map one customer; raises :class:`FieldMappingError` for a value that cannot be mapped.
+
+        Deterministic: the same customer and dispensary always give the same dict, with
+        keys in the order of the mapping file.
+        """
+        ctx = Context(customer, dispensary)
+        out: dict[str, Any] = {}
+        for f in self.fields:
+            value = f.run(ctx)
+            if value is None and not f.send_null:
+                continue
+            if self._flat:
+                out[f.target] = value
+                continue
+            node = out
+            for key in f.keys[:-1]:
+                node = node.setdefault(key, {})
+            node[f.keys[-1]] = value
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Mapping {self.name} ({len(self.fields)} fields)>"
+
+
+# --- compiling ---
+
+
+def _cleaner(placeholders: frozenset[str]) -> Callable[[Any], Any]:
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return None if value in placeholders or value.strip() in placeholders else value
+        if isinstance(value, list):
+            cleaned = [clean(v) for v in value]
+            return [v for v in cleaned if v is not None]
+        return value
+
+    return clean
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+_TEMPLATE_PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def _compile_template(text: str, env: BuildEnv) -> Getter:
+    """``"treez-{dispensary}-{customer_id}"``: any null part makes the whole result null."""
+    parts: list[str | Getter] = []
+    literal = ""
+    pos = 0
+    for match in _TEMPLATE_PART.finditer(text):
+        literal += text[pos : match.start()]
+        pos = match.end()
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            literal += token[0]
+            continue
+        if match.group(1) is None:
+            raise TransformSpecError(
+                f"template {text!r} has an unmatched {token!r} (write {token * 2})"
+            )
+        path = match.group(1).strip()
+        try:
+            steps = parse_path(path)
+            env.warnings.extend(check_path(steps, path))
+        except PathError as exc:
+            raise TransformSpecError(f"template {text!r}: {exc}") from None
+        if literal:
+            parts.append(literal)
+            literal = ""
+        parts.append(compile_path(steps))
+    literal += text[pos:]
+    if literal:
+        parts.append(literal)
+    clean = _cleaner(env.placeholders)
+
+    def render(ctx: Context) -> Any:
+        out = []
+        for part in parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            value = clean(part(ctx))
+            if value is None or isinstance(value, list | dict | BaseModel):
+                return None
+            out.append(_jsonable(value) if not isinstance(value, str) else value)
+        return "".join(str(p) for p in out)
+
+    return render
+
+
+def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
+    spec = FieldSpec.model_validate({"from": raw} if isinstance(raw, str) else raw)
+    env = BuildEnv(frozenset(spec.placeholders))
+    clean = _cleaner(env.placeholders)
+    source: Getter
+    if spec.from_ is not None:
+        steps = parse_path(spec.from_)
+        env.warnings.extend(check_path(steps, spec.from_))
+        source = compile_path(steps)
+    elif spec.template is not None:
+        source = _compile_template(spec.template, env)
+    else:
+        constant = _jsonable(spec.value)
+
+        def source(_ctx: Context) -> Any:
+            return constant
+
+    transforms: list[tuple[str, Transform]] = [build_transform(t, env) for t in spec.transform]
+    default = _jsonable(spec.default)
+    swallow = spec.on_error == "null"
+
+    def run(ctx: Context) -> Any:
+        value = clean(source(ctx))
+        for name, transform in transforms:
+            try:
+                value = transform(value, ctx)
+            except TransformFailed as exc:
+                if swallow:
+                    return default
+                raise FieldMappingError(target, name, str(exc)) from None
+        value = clean(_jsonable(value))
+        return default if value is None else value
+
+    warnings.extend(f"field {target!r}: {w}" for w in env.warnings)
+    return CompiledField(target, tuple(target.split(".")), run, spec.on_null == "send")
+
+
+def compile_mapping(data: Any, *, name: str, yaml: LoadedYaml | None = None) -> Mapping:
+    """Compile a mapping document; raise :class:`MappingError` listing every problem."""
+
+    def line(*loc: str | int) -> int | None:
+        return yaml.line_of(loc) if yaml is not None else None
+
+    if not isinstance(data, dict) or not data:
+        raise MappingError(
+            name,
+            [
+                Problem(
+                    "mapping",
+                    "must be a table of target field → source, with at least one field",
+                    line(),
+                )
+            ],
+        )
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    fields: list[CompiledField] = []
+    for target, raw in data.items():
+        where = f"field {target!r}"
+        if not isinstance(target, str) or not target or any(not k for k in target.split(".")):
+            problems.append(
+                Problem(where, "target names are non-empty text (dots nest)", line(target))
+            )
+            continue
+        try:
+            fields.append(_compile_field(target, raw, warnings))
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False, include_input=False, include_context=False):
+                loc = tuple(error["loc"])
+                key = format_location(loc) if loc else ""
+                message = error["msg"].removeprefix("Value error, ")
+                if error["type"] == "extra_forbidden":
+                    message = (
+                        "is not an option (options: from, template, value, transform, default, "
+                        "on_null, on_error, placeholders)"
+                    )
+                if error["type"] == "model_type":
+                    message = "must be a source path or a table such as {from: path}"
+                label = f"{where}, {key}" if key else where
+                problems.append(Problem(label, message, line(target, *loc)))
+        except (PathError, TransformSpecError) as exc:
+            problems.append(Problem(where, str(exc), line(target)))
+    problems.extend(_clashes([f.target for f in fields], line))
+    if problems:
+        raise MappingError(name, problems)
+    return Mapping(name, tuple(fields), tuple(warnings))
+
+
+def _clashes(targets: list[str], line: Callable[..., int | None]) -> list[Problem]:
+    found = []
+    names = set(targets)
+    for target in targets:
+        keys = target.split(".")
+        for i in range(1, len(keys)):
+            parent = ".".join(keys[:i])
+            if parent in names:
+                found.append(
+                    Problem(
+                        f"field {target!r}",
+                        f"clashes with field {parent!r}, which is not an object",
+                        line(target),
+                    )
+                )
+    return found
+
+
+def load_mapping(path: Path) -> Mapping:
+    """Read, validate and compile a mapping file."""
+    try:
+        loaded = load_yaml(path)
+    except YamlProblem as exc:
+        raise MappingError(str(path), [exc.problem]) from None
+    return compile_mapping(loaded.data, name=str(path), yaml=loaded)
+
+
+def compile_mapping_text(text: str, *, name: str = "<mapping>") -> Mapping:
+    """Compile a mapping from YAML text (for tests and ``connector map --mapping``)."""
+    try:
+        loaded = parse_yaml(text)
+    except YamlProblem as exc:
+        raise MappingError(name, [exc.problem]) from None
+    return compile_mapping(loaded.data, name=name, yaml=loaded)

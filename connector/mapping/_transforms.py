@@ -1,0 +1,501 @@
+"""The closed set of transforms a mapping may use, compiled once into plain functions.
+
+Each transform receives the current value (and the context, which only ``first_non_null``
+reads) and returns the next. ``None`` passes through every transform unchanged, except
+``first_non_null`` which exists to replace it. Transforms that work on text apply to each
+element of a list. A value a transform cannot handle raises :class:`TransformFailed` with a
+reason that never quotes the value (it is customer data).
+
+=================  ==========================================  =================================
+name               argument                                    does
+=================  ==========================================  =================================
+strip              -                                           trims white space
+lower/upper/title  -                                           changes case
+null_if            a value or a list of values                 null when the value is one of them
+e164               region (default US) or {region: XX}         phone in E.164; null if invalid
+date               strftime format, or {format, tz, parse}     formats a date or timestamp;
+                                                               ``iso`` gives ISO 8601
+int/float/bool/str -                                           converts
+join               separator (default ", ")                    list → text, skipping nulls
+split              separator (default ",")                     text → list, trimmed, no empties
+map                {values: {from: to}, default: v}            looks the value up (``default``
+                                                               for misses, else passes through)
+sha256             -                                           hex digest of the text
+first_non_null     a list of paths                             the first non-null of the value
+                                                               and those paths
+truncate           a maximum length                            cuts text (or a list) to it
+=================  ==========================================  =================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+
+from connector.mapping._paths import Context, PathError, check_path, compile_path, parse_path
+
+Transform = Callable[[Any, Context], Any]
+
+
+@dataclass(slots=True)
+class BuildEnv:
+    """What a transform may need at load time: the field's placeholders, a place for warnings."""
+
+    placeholders: frozenset[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+class TransformFailed(ValueError):
+    """The value does not fit the transform; the reason names no value."""
+
+
+class TransformSpecError(ValueError):
+    """A transform is unknown or has a bad argument (a load-time error)."""
+
+
+_NO_ARG = object()
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a true/false value"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, datetime | date):
+        return "a date"
+    return type(value).__name__
+
+
+def _text_op(op: Callable[[str], Any], what: str) -> Transform:
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return op(value)
+        if isinstance(value, list):
+            return [apply(v, _ctx) for v in value]
+        raise TransformFailed(f"{what} works on text, got {_type_name(value)}; add 'str' first")
+
+    return apply
+
+
+def _no_arg(name: str, arg: Any) -> None:
+    if arg is not _NO_ARG and arg is not None:
+        raise TransformSpecError(f"transform {name!r} takes no argument")
+
+
+# --- builders: (argument, load-time env) → transform; they raise TransformSpecError ---
+
+
+def _strip(arg: Any, _env: BuildEnv) -> Transform:
+    _no_arg("strip", arg)
+    return _text_op(str.strip, "strip")
+
+
+def _lower(arg: Any, _env: BuildEnv) -> Transform:
+    _no_arg("lower", arg)
+    return _text_op(str.lower, "lower")
+
+
+def _upper(arg: Any, _env: BuildEnv) -> Transform:
+    _no_arg("upper", arg)
+    return _text_op(str.upper, "upper")
+
+
+def _title(arg: Any, _env: BuildEnv) -> Transform:
+    _no_arg("title", arg)
+    return _text_op(str.title, "title")
+
+
+def _key(value: Any) -> str:
+    """Lookup key: booleans as YAML and JSON write them, everything else as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def _null_if(arg: Any, _env: BuildEnv) -> Transform:
+    if arg is _NO_ARG:
+        raise TransformSpecError("transform 'null_if' needs a value or a list of values")
+    values = arg if isinstance(arg, list) else [arg]
+    if any(isinstance(v, dict | list) for v in values):
+        raise TransformSpecError("transform 'null_if' takes plain values (text, numbers)")
+    keys = frozenset(_key(v) for v in values)
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [v for v in value if v is None or _key(v) not in keys]
+        return None if _key(value) in keys else value
+
+    return apply
+
+
+def _e164(arg: Any, _env: BuildEnv) -> Transform:
+    region = "US"
+    if isinstance(arg, dict):
+        unknown = set(arg) - {"region"}
+        if unknown:
+            raise TransformSpecError(f"transform 'e164' has unknown option(s) {sorted(unknown)}")
+        region = arg.get("region", region)
+    elif arg is not _NO_ARG and arg is not None:
+        region = arg
+    if not isinstance(region, str) or region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        raise TransformSpecError(
+            f"transform 'e164': region must be a two-letter country code such as US, got {region!r}"
+        )
+    region = region.upper()
+
+    def one(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise TransformFailed(f"e164 works on text or numbers, got {_type_name(value)}")
+        try:
+            number = phonenumbers.parse(str(value), region)
+        except phonenumbers.NumberParseException:
+            return None  # not a phone number: null, so it never overwrites a good one
+        if not phonenumbers.is_valid_number(number):
+            return None
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [one(v) for v in value if v is not None]
+        return one(value)
+
+    return apply
+
+
+def _parse_date(value: Any, parse_format: str | None) -> date | datetime:
+    if isinstance(value, datetime | date):
+        return value
+    if not isinstance(value, str):
+        raise TransformFailed(f"date works on dates and text, got {_type_name(value)}")
+    text = value.strip()
+    try:
+        if parse_format is not None:
+            return datetime.strptime(text, parse_format)
+        if len(text) == 10:
+            return date.fromisoformat(text)
+        # ISO 8601 with or without offset; also Treez's "2000-01-01 00:00:00.000"
+        return datetime.fromisoformat(text)
+    except ValueError:
+        expected = parse_format or "YYYY-MM-DD or ISO 8601"
+        raise TransformFailed(f"not a date in the expected form ({expected})") from None
+
+
+def _date(arg: Any, _env: BuildEnv) -> Transform:
+    fmt = "%Y-%m-%d"
+    tz: ZoneInfo | None = None
+    parse_format: str | None = None
+    if isinstance(arg, dict):
+        unknown = set(arg) - {"format", "tz", "parse"}
+        if unknown:
+            raise TransformSpecError(f"transform 'date' has unknown option(s) {sorted(unknown)}")
+        fmt = arg.get("format", fmt)
+        if "tz" in arg:
+            try:
+                tz = ZoneInfo(str(arg["tz"]))
+            except (ZoneInfoNotFoundError, ValueError):
+                raise TransformSpecError(
+                    f"transform 'date': unknown time zone {arg['tz']!r}"
+                ) from None
+        parse_format = arg.get("parse")
+        if parse_format is not None and not isinstance(parse_format, str):
+            raise TransformSpecError("transform 'date': parse must be a strptime format")
+    elif arg is not _NO_ARG and arg is not None:
+        fmt = arg
+    if not isinstance(fmt, str) or not fmt:
+        raise TransformSpecError("transform 'date': format must be a strftime format or 'iso'")
+    if fmt != "iso":
+        try:
+            datetime(2001, 2, 3, 4, 5, 6).strftime(fmt)
+        except ValueError:
+            raise TransformSpecError(f"transform 'date': bad strftime format {fmt!r}") from None
+
+    def one(value: Any) -> str:
+        parsed = _parse_date(value, parse_format)
+        if tz is not None and isinstance(parsed, datetime) and parsed.tzinfo is not None:
+            parsed = parsed.astimezone(tz)
+        return parsed.isoformat() if fmt == "iso" else parsed.strftime(fmt)
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [one(v) for v in value if v is not None]
+        return one(value)
+
+    return apply
+
+
+_TRUE = frozenset({"true", "yes", "y", "1", "t", "on"})
+_FALSE = frozenset({"false", "no", "n", "0", "f", "off"})
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise TransformFailed("not a whole number")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            raise TransformFailed("text is not a number") from None
+        if number.is_integer():
+            return int(number)
+        raise TransformFailed("not a whole number")
+    raise TransformFailed(f"int works on numbers and text, got {_type_name(value)}")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TransformFailed("float works on numbers and text, got a true/false value")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise TransformFailed("text is not a number") from None
+    else:
+        raise TransformFailed(f"float works on numbers and text, got {_type_name(value)}")
+    if not math.isfinite(number):
+        raise TransformFailed("not a finite number")
+    return number
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise TransformFailed("text is not a yes/no value")
+    raise TransformFailed(f"bool works on true/false values, 0/1 and text, got {_type_name(value)}")
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TransformFailed(f"str works on single values, got {_type_name(value)}; use join")
+
+
+def _converter(name: str, convert: Callable[[Any], Any]) -> Callable[[Any, BuildEnv], Transform]:
+    def build(arg: Any, _env: BuildEnv) -> Transform:
+        _no_arg(name, arg)
+
+        def apply(value: Any, _ctx: Context) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, list) and name != "str":
+                return [convert(v) for v in value if v is not None]
+            return convert(value)
+
+        return apply
+
+    return build
+
+
+def _separator(name: str, arg: Any, default: str) -> str:
+    if arg is _NO_ARG or arg is None:
+        return default
+    if isinstance(arg, dict):
+        unknown = set(arg) - {"separator"}
+        if unknown:
+            raise TransformSpecError(f"transform {name!r} has unknown option(s) {sorted(unknown)}")
+        arg = arg.get("separator", default)
+    if not isinstance(arg, str):
+        raise TransformSpecError(f"transform {name!r}: the separator must be text")
+    return arg
+
+
+def _join(arg: Any, _env: BuildEnv) -> Transform:
+    sep = _separator("join", arg, ", ")
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if not isinstance(value, list):
+            return value
+        parts = [_to_str(v) for v in value if v is not None]
+        return sep.join(p for p in parts if p)
+
+    return apply
+
+
+def _split(arg: Any, _env: BuildEnv) -> Transform:
+    sep = _separator("split", arg, ",")
+    if not sep:
+        raise TransformSpecError("transform 'split': the separator must not be empty")
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None or isinstance(value, list):
+            return value
+        if not isinstance(value, str):
+            raise TransformFailed(f"split works on text, got {_type_name(value)}")
+        return [part.strip() for part in value.split(sep) if part.strip()]
+
+    return apply
+
+
+def _map(arg: Any, _env: BuildEnv) -> Transform:
+    if not isinstance(arg, dict) or "values" not in arg:
+        raise TransformSpecError(
+            "transform 'map' needs {values: {from: to, ...}} and optionally default"
+        )
+    unknown = set(arg) - {"values", "default"}
+    if unknown:
+        raise TransformSpecError(f"transform 'map' has unknown option(s) {sorted(unknown)}")
+    table = arg["values"]
+    if not isinstance(table, dict) or not table:
+        raise TransformSpecError("transform 'map': values must be a non-empty table")
+    lookup = {_key(k): v for k, v in table.items()}
+    has_default = "default" in arg
+    default = arg.get("default")
+
+    def one(value: Any) -> Any:
+        key = _key(value)
+        if key in lookup:
+            return lookup[key]
+        return default if has_default else value
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [one(v) for v in value if v is not None]
+        return one(value)
+
+    return apply
+
+
+def _sha256(arg: Any, _env: BuildEnv) -> Transform:
+    _no_arg("sha256", arg)
+
+    def one(value: Any) -> str:
+        return hashlib.sha256(_to_str(value).encode("utf-8")).hexdigest()
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [one(v) for v in value if v is not None]
+        return one(value)
+
+    return apply
+
+
+def _first_non_null(arg: Any, env: BuildEnv) -> Transform:
+    paths = arg if isinstance(arg, list) else [arg]
+    if arg is _NO_ARG or not paths or not all(isinstance(p, str) for p in paths):
+        raise TransformSpecError("transform 'first_non_null' needs a list of paths")
+    getters = []
+    for text in paths:
+        try:
+            steps = parse_path(text)
+            env.warnings.extend(check_path(steps, text))
+        except PathError as exc:
+            raise TransformSpecError(f"transform 'first_non_null': {exc}") from None
+        getters.append(compile_path(steps))
+    placeholders = env.placeholders
+
+    def apply(value: Any, ctx: Context) -> Any:
+        if value is not None:
+            return value
+        for get in getters:
+            found = get(ctx)
+            if found is not None and not (isinstance(found, str) and found.strip() in placeholders):
+                return found
+        return None
+
+    return apply
+
+
+def _truncate(arg: Any, _env: BuildEnv) -> Transform:
+    if isinstance(arg, bool) or not isinstance(arg, int) or arg < 1:
+        raise TransformSpecError("transform 'truncate' needs a maximum length of 1 or more")
+    limit = arg
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if isinstance(value, str | list):
+            return value[:limit]
+        if value is None:
+            return None
+        raise TransformFailed(f"truncate works on text and lists, got {_type_name(value)}")
+
+    return apply
+
+
+BUILDERS: Mapping[str, Callable[[Any, BuildEnv], Transform]] = {
+    "strip": _strip,
+    "lower": _lower,
+    "upper": _upper,
+    "title": _title,
+    "null_if": _null_if,
+    "e164": _e164,
+    "date": _date,
+    "int": _converter("int", _to_int),
+    "float": _converter("float", _to_float),
+    "bool": _converter("bool", _to_bool),
+    "str": _converter("str", _to_str),
+    "join": _join,
+    "split": _split,
+    "map": _map,
+    "sha256": _sha256,
+    "first_non_null": _first_non_null,
+    "truncate": _truncate,
+}
+
+
+def build_transform(spec: Any, env: BuildEnv) -> tuple[str, Transform]:
+    """Compile one entry of a ``transform:`` list: ``name`` or ``{name: argument}``."""
+    if isinstance(spec, str):
+        name, arg = spec, _NO_ARG
+    elif isinstance(spec, dict) and len(spec) == 1:
+        ((name, arg),) = spec.items()
+    else:
+        raise TransformSpecError(
+            "each transform is a name (strip) or a one-key table ({date: '%m/%d/%Y'})"
+        )
+    builder = BUILDERS.get(name) if isinstance(name, str) else None
+    if builder is None:
+        known = ", ".join(sorted(BUILDERS))
+        raise TransformSpecError(f"unknown transform {name!r} (known: {known})")
+    return name, builder(arg, env)

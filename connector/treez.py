@@ -1,0 +1,387 @@
+"""The Treez customer and webhook envelope, faithful to what Treez really sends.
+
+Quirks handled here (see docs/treez.md of the project's shared notes and the seed delivery):
+
+- ``opt_out`` arrives as ``"true"``/``"false"`` strings in webhooks, booleans in the write API and
+  ``null`` in some reads; it is normalised to ``bool | None`` and anything else is refused,
+  because guessing about consent is not acceptable.
+- ids (``customer_id``, ``merged_customer_ids``, ``merged_into_customer_id``, external ids) come
+  as strings or integers and are normalised to strings.
+- ``last_update`` is ISO 8601 with an offset and milliseconds; it orders events, so it must be a
+  valid timestamp with an offset. ``signup_date`` has the same form; ``last_visit_date`` has no
+  zone, and its year-2000 value means "never visited" (normalised to ``None``).
+- ``"N/A"`` and ``""`` are placeholders: date fields holding one become ``None``; text fields
+  keep the text as sent (the mapping engine nulls placeholders), so nothing is lost here.
+- Enumerations (``status``, ``gender``, ``patient_type``...) are kept as text: the known values
+  are listed in the ``StrEnum`` classes below, and a value Treez adds tomorrow is kept, not refused.
+- Unknown fields are kept (``model_extra``), and ``dispensary_short_name`` may be missing from
+  older deliveries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+)
+
+from connector.errors import EventValidationError, Problem
+
+PLACEHOLDERS = frozenset({"N/A", ""})
+
+
+class CustomerStatus(StrEnum):
+    ACTIVE = "ACTIVE"
+    DEACTIVATED = "DEACTIVATED"  # deleted, or merged away
+    MERGED = "MERGED"  # others were merged into it; still active
+
+
+class VerificationStatus(StrEnum):
+    VERIFIED = "VERIFIED"
+    VERIFICATION_PENDING = "VERIFICATION_PENDING"
+    NOT_APPLICABLE = "NOT_APPLICABLE"
+
+
+class Gender(StrEnum):
+    MALE = "M"
+    FEMALE = "F"
+    UNKNOWN = "U"
+    NOT_SAID = "N"
+
+
+class PatientType(StrEnum):
+    ADULT = "ADULT"
+    MEDICAL = "MEDICAL"
+    MEDICAL_MMID = "MEDICAL_MMID"
+
+
+# --- value normalisers: each raises ValueError only, so pydantic reports it with the path ---
+
+_TRUE = frozenset({"true", "1", "yes", "y"})
+_FALSE = frozenset({"false", "0", "no", "n"})
+
+
+def _opt_out(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        if text == "":
+            return None
+    elif isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError('must be true or false (a boolean, or the text "true" or "false")')
+
+
+def _id(value: Any) -> str:
+    if isinstance(value, str):
+        text = value.strip()
+        if text:
+            return text
+        raise ValueError("must not be empty")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("must be an id (text or a whole number)")
+
+
+def _optional_id(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip() in PLACEHOLDERS):
+        return None
+    return _id(value)
+
+
+def _timestamp(value: Any) -> Any:
+    # Only text is a Treez timestamp; pydantic alone would also take epoch numbers.
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 timestamp with an offset, as text")
+    return value
+
+
+def _lenient_date(value: Any) -> date | str | None:
+    """A date field that must not block a customer's sync when it holds an odd value."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text in PLACEHOLDERS:
+            return None
+        try:
+            return date.fromisoformat(text[:10]) if len(text) >= 10 else date.fromisoformat(text)
+        except ValueError:
+            return value  # kept as sent; a mapping that formats it reports the field
+    raise ValueError("must be a date (YYYY-MM-DD) or null")
+
+
+def _lenient_datetime(value: Any) -> datetime | str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text in PLACEHOLDERS:
+            return None
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            return value
+    raise ValueError("must be an ISO 8601 timestamp or null")
+
+
+def _last_visit(value: Any) -> datetime | str | None:
+    parsed = _lenient_datetime(value)
+    if (
+        isinstance(parsed, datetime)
+        and parsed.date() == _NEVER_VISITED
+        and parsed.time() == _MIDNIGHT
+    ):
+        return None  # Treez writes 2000-01-01 00:00:00.000 for "never visited"
+    return parsed
+
+
+_NEVER_VISITED = date(2000, 1, 1)
+_MIDNIGHT = time(0)
+
+
+def _list_or_empty(value: Any) -> Any:
+    return [] if value is None else value
+
+
+def _object_or_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
+Id = Annotated[str, PlainValidator(_id, json_schema_input_type=str | int)]
+OptionalId = Annotated[
+    str | None, PlainValidator(_optional_id, json_schema_input_type=str | int | None)
+]
+LenientDate = Annotated[
+    date | str | None, PlainValidator(_lenient_date, json_schema_input_type=date | str | None)
+]
+LenientDatetime = Annotated[
+    datetime | str | None,
+    PlainValidator(_lenient_datetime, json_schema_input_type=datetime | str | None),
+]
+LastVisit = Annotated[
+    datetime | str | None, PlainValidator(_last_visit, json_schema_input_type=str | None)
+]
+OptOut = Annotated[bool | None, PlainValidator(_opt_out, json_schema_input_type=bool | str | None)]
+IdList = Annotated[list[Id], BeforeValidator(_list_or_empty)]
+TextList = Annotated[list[str], BeforeValidator(_list_or_empty)]
+AnyList = Annotated[list[Any], BeforeValidator(_list_or_empty)]
+
+_LENIENT = ConfigDict(extra="allow", coerce_numbers_to_str=True, frozen=True)
+
+
+class Address(BaseModel):
+    model_config = _LENIENT
+
+    type: str | None = None  # "address_of_record" (lowercase in reads)
+    street1: str | None = None
+    street2: str | None = None
+    city: str | None = None
+    state: str | None = None
+    zipcode: str | None = None
+    primary: bool | None = None
+
+
+class ExternalIds(BaseModel):
+    model_config = _LENIENT
+
+    aiq_contact_id: OptionalId = None  # Alpine IQ persona id, set when staff link the customer
+    sticky_cards_contact_id: OptionalId = None
+
+
+class Customer(BaseModel):
+    """A Treez customer as sent in a CUSTOMER webhook or read from the Customer API."""
+
+    model_config = _LENIENT
+
+    customer_id: Id
+    last_update: Annotated[AwareDatetime, BeforeValidator(_timestamp)]
+    status: str | None = None
+    verification_status: str | None = None
+    verification_reasons: AnyList = Field(default_factory=list)
+    first_name: str | None = None
+    middle_name: str | None = None
+    nickname: str | None = None
+    last_name: str | None = None
+    birthday: LenientDate = None
+    email: str | None = None
+    phone: str | None = None
+    gender: str | None = None
+    drivers_license: str | None = None
+    drivers_license_expiration: LenientDate = None
+    state_medical_id: str | None = None
+    permit_expiration: LenientDate = None
+    patient_type: str | None = None
+    notes: str | None = None
+    physician_first_name: str | None = None
+    physician_last_name: str | None = None
+    physician_license: str | None = None
+    physician_address: str | None = None
+    physician_phone: str | None = None
+    is_caregiver: bool | None = None
+    caregiver_license_number: str | None = None
+    caregiver_name_1: str | None = None
+    caregiver_name_2: str | None = None
+    caregiver_details: AnyList = Field(default_factory=list)
+    rewards_balance: int | float | None = None
+    rewards_type: str | None = None
+    signup_date: LenientDatetime = None
+    last_visit_date: LastVisit = None
+    opt_out: OptOut = None
+    referral_source: str | None = None
+    banned: bool | None = None
+    warning_1: bool | None = None
+    warning_2: bool | None = None
+    addresses: Annotated[list[Address], BeforeValidator(_list_or_empty)] = Field(
+        default_factory=list
+    )
+    merged_customer_ids: IdList = Field(default_factory=list)
+    merged_into_customer_id: OptionalId = None
+    customer_groups: TextList = Field(default_factory=list)
+    imageList: AnyList = Field(default_factory=list)  # Treez's own spelling
+    external_ids: Annotated[ExternalIds, BeforeValidator(_object_or_empty)] = Field(
+        default_factory=ExternalIds
+    )
+
+    @property
+    def is_deactivated(self) -> bool:
+        return self.status == CustomerStatus.DEACTIVATED
+
+    @property
+    def is_merged_away(self) -> bool:
+        """The absorbed side of a merge: deactivated and pointing at its survivor."""
+        return self.merged_into_customer_id is not None
+
+    @property
+    def primary_address(self) -> Address | None:
+        for address in self.addresses:
+            if address.primary:
+                return address
+        return self.addresses[0] if self.addresses else None
+
+
+class _CustomerEnvelope(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    event_type: str
+    dispensary_short_name: str | None = None
+    data: Customer
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    event_type: Annotated[str, Field(min_length=1)]
+    dispensary_short_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerEvent:
+    """A CUSTOMER webhook: the customer as of ``customer.last_update``."""
+
+    customer: Customer
+    dispensary_short_name: str | None
+    kind: Literal["customer"] = "customer"
+
+
+@dataclass(frozen=True, slots=True)
+class OtherEvent:
+    """A webhook of another type (PRODUCT, TICKET...): recorded, never applied."""
+
+    event_type: str
+    dispensary_short_name: str | None
+    kind: Literal["other"] = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class TestPing:
+    """The body the Treez portal's "Test" button sends (it has a ``test`` key)."""
+
+    dispensary_short_name: str | None
+    kind: Literal["test"] = "test"
+
+
+TreezEvent = CustomerEvent | OtherEvent | TestPing
+
+
+def parse_event(body: Any, *, source: str = "webhook body") -> TreezEvent:
+    """Classify and validate a decoded webhook body.
+
+    Raises :class:`EventValidationError` naming each bad field path (``data.last_update``),
+    and nothing else, whatever JSON value it is given.
+    """
+    if not isinstance(body, Mapping):
+        raise EventValidationError(source, [Problem("body", "must be a JSON object")])
+    if "test" in body:
+        name = body.get("dispensary_short_name")
+        return TestPing(name if isinstance(name, str) else None)
+    event_type = body.get("event_type")
+    if isinstance(event_type, str) and event_type.strip().upper() == "CUSTOMER":
+        if "data" not in body:
+            raise EventValidationError(source, [Problem("data", "is missing")])
+        try:
+            envelope = _CustomerEnvelope.model_validate(body)
+        except ValidationError as exc:
+            raise EventValidationError(source, problems_from(exc)) from None
+        return CustomerEvent(envelope.data, envelope.dispensary_short_name)
+    try:
+        other = _Envelope.model_validate(body)
+    except ValidationError as exc:
+        raise EventValidationError(source, problems_from(exc)) from None
+    return OtherEvent(other.event_type.strip().upper(), other.dispensary_short_name)
+
+
+def parse_customer(record: Any, *, source: str = "customer record") -> Customer:
+    """Validate one customer object (as the Customer API returns it)."""
+    try:
+        return Customer.model_validate(record)
+    except ValidationError as exc:
+        raise EventValidationError(source, problems_from(exc)) from None
+
+
+def format_location(loc: tuple[str | int, ...]) -> str:
+    """``("data", "addresses", 0, "city")`` → ``data.addresses[0].city``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def problems_from(exc: ValidationError) -> list[Problem]:
+    """Turn pydantic's errors into problems without the input values (they are customer data)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        message = error["msg"]
+        if error["type"] == "missing":
+            message = "is missing"
+        elif error["type"] == "model_type" or error["type"] == "dict_type":
+            message = "must be an object"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        problems.append(Problem(format_location(error["loc"]), message))
+    return problems
