@@ -64,8 +64,10 @@ def main() -> None:
 def _where(dest: HttpDestination | JsonlDestination) -> str:
     if isinstance(dest, HttpDestination):
         # host only: a webhook URL's path or query often is a secret (Zapier, Make, n8n)
+        # and never user:password@
         parts = urlsplit(str(dest.url))
-        return f"{parts.scheme}://{parts.netloc}"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}"
     return str(dest.path)
 
 

@@ -250,7 +250,8 @@ class DispensaryConfig(_Model):
 
 
 class Config(_Model):
-    store: str = "sqlite:///connector.db"
+    # repr=False: a PostgreSQL URL may carry a password; store_display hides it
+    store: str = Field(default="sqlite:///connector.db", validate_default=True, repr=False)
     server: ServerConfig = ServerConfig()
     dispensaries: dict[str, DispensaryConfig] = Field(min_length=1)
 
@@ -354,10 +355,21 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     return config
 
 
+_ON = frozenset({"true", "yes", "on", "1"})
+_OFF = frozenset({"false", "no", "off", "0"})
+
+
 def _is_off(section: Any) -> bool:
-    flag = section.get("enabled", True) if isinstance(section, dict) else True
+    """``enabled: false`` (or its text, as ``${VAR:-false}`` gives it); text "true" is
+    turned into ``True`` in place so that validation accepts it."""
+    if not isinstance(section, dict):
+        return False
+    flag = section.get("enabled", True)
     if isinstance(flag, str):
-        return flag.strip().lower() in ("false", "no", "off", "0")
+        text = flag.strip().lower()
+        if text in _ON:
+            section["enabled"] = True
+        return text in _OFF
     return flag is False
 
 
@@ -373,18 +385,21 @@ def _drop_disabled(
     kept: dict[str, Any] = {}
     for name, section in dispensaries.items():
         loc: Location = ("dispensaries", name)
+        section = dict(section) if isinstance(section, dict) else section
         if _is_off(section):
             disabled.append((format_location(loc), loc))
             continue
         if isinstance(section, dict):
-            section = dict(section)
             reconcile = section.get("reconcile")
+            if isinstance(reconcile, dict):
+                reconcile = section["reconcile"] = dict(reconcile)
             if "treez" in section and _is_off(reconcile):
                 disabled.append((format_location((*loc, "treez")), (*loc, "treez")))
                 section.pop("treez")
             destinations = section.get("destinations")
             if isinstance(destinations, list):
                 keep = []
+                destinations = [dict(d) if isinstance(d, dict) else d for d in destinations]
                 for index, dest in enumerate(destinations):
                     dest_loc = (*loc, "destinations", index)
                     if _is_off(dest):
@@ -407,10 +422,13 @@ def _problems(
     skip: list[Location],
 ) -> list[Problem]:
     problems = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+    parents = {s[:-1] for s in skip}
+    for error in exc.errors(include_url=False, include_input=False, include_context=True):
         loc = _file_location(tuple(error["loc"]), index_maps)
-        if any(loc[: len(s)] == s for s in skip):
-            continue  # already reported as a missing environment variable
+        if any(loc[: len(s)] == s for s in skip) or loc in parents:
+            continue  # a knock-on of a variable already reported as missing
+        if error["type"] == "union_tag_invalid":
+            loc = (*loc, "type")
         problems.append(Problem(format_location(loc), _message(error), loaded.line_of(loc)))
     return problems
 
@@ -441,8 +459,11 @@ def _message(error: Any) -> str:
         return "is required"
     if kind == "extra_forbidden":
         return "is not a known key (check its spelling)"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        return f"type must be one of: {', '.join(DESTINATION_TYPES)}"
+    if kind == "union_tag_invalid":
+        tag = error.get("ctx", {}).get("tag", "")
+        return f"{tag!r} is not a destination type (known: {', '.join(DESTINATION_TYPES)})"
+    if kind == "union_tag_not_found":
+        return f"type is required (one of: {', '.join(DESTINATION_TYPES)})"
     if kind == "literal_error" and error["loc"] and error["loc"][-1] == "enabled":
         return "must be true or false"
     message: str = error["msg"]

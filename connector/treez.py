@@ -20,11 +20,12 @@ Quirks handled here (see docs/treez.md of the project's shared notes and the see
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -34,6 +35,7 @@ from pydantic import (
     Field,
     PlainValidator,
     ValidationError,
+    model_validator,
 )
 
 from connector.errors import EventValidationError, Problem
@@ -112,52 +114,6 @@ def _timestamp(value: Any) -> Any:
     return value
 
 
-def _lenient_date(value: Any) -> date | str | None:
-    """A date field that must not block a customer's sync when it holds an odd value."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text in PLACEHOLDERS:
-            return None
-        try:
-            return date.fromisoformat(text[:10]) if len(text) >= 10 else date.fromisoformat(text)
-        except ValueError:
-            return value  # kept as sent; a mapping that formats it reports the field
-    raise ValueError("must be a date (YYYY-MM-DD) or null")
-
-
-def _lenient_datetime(value: Any) -> datetime | str | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text in PLACEHOLDERS:
-            return None
-        try:
-            return datetime.fromisoformat(text)
-        except ValueError:
-            return value
-    raise ValueError("must be an ISO 8601 timestamp or null")
-
-
-def _last_visit(value: Any) -> datetime | str | None:
-    parsed = _lenient_datetime(value)
-    if (
-        isinstance(parsed, datetime)
-        and parsed.date() == _NEVER_VISITED
-        and parsed.time() == _MIDNIGHT
-    ):
-        return None  # Treez writes 2000-01-01 00:00:00.000 for "never visited"
-    return parsed
-
-
 _NEVER_VISITED = date(2000, 1, 1)
 _MIDNIGHT = time(0)
 
@@ -174,16 +130,10 @@ Id = Annotated[str, PlainValidator(_id, json_schema_input_type=str | int)]
 OptionalId = Annotated[
     str | None, PlainValidator(_optional_id, json_schema_input_type=str | int | None)
 ]
-LenientDate = Annotated[
-    date | str | None, PlainValidator(_lenient_date, json_schema_input_type=date | str | None)
-]
-LenientDatetime = Annotated[
-    datetime | str | None,
-    PlainValidator(_lenient_datetime, json_schema_input_type=datetime | str | None),
-]
-LastVisit = Annotated[
-    datetime | str | None, PlainValidator(_last_visit, json_schema_input_type=str | None)
-]
+# Dates parse in pydantic's core; text it cannot read as a date is kept as sent (a bad permit
+# date must not block a customer's consent change), and placeholders become None below.
+LenientDate = Annotated[date | str | None, Field(union_mode="left_to_right")]
+LenientDatetime = Annotated[datetime | str | None, Field(union_mode="left_to_right")]
 OptOut = Annotated[bool | None, PlainValidator(_opt_out, json_schema_input_type=bool | str | None)]
 IdList = Annotated[list[Id], BeforeValidator(_list_or_empty)]
 TextList = Annotated[list[str], BeforeValidator(_list_or_empty)]
@@ -209,6 +159,15 @@ class ExternalIds(BaseModel):
 
     aiq_contact_id: OptionalId = None  # Alpine IQ persona id, set when staff link the customer
     sticky_cards_contact_id: OptionalId = None
+
+
+_DATE_FIELDS = (
+    "birthday",
+    "drivers_license_expiration",
+    "permit_expiration",
+    "signup_date",
+    "last_visit_date",
+)
 
 
 class Customer(BaseModel):
@@ -248,7 +207,7 @@ class Customer(BaseModel):
     rewards_balance: int | float | None = None
     rewards_type: str | None = None
     signup_date: LenientDatetime = None
-    last_visit_date: LastVisit = None
+    last_visit_date: LenientDatetime = None
     opt_out: OptOut = None
     referral_source: str | None = None
     banned: bool | None = None
@@ -264,6 +223,23 @@ class Customer(BaseModel):
     external_ids: Annotated[ExternalIds, BeforeValidator(_object_or_empty)] = Field(
         default_factory=ExternalIds
     )
+
+    @model_validator(mode="after")
+    def _placeholders_and_sentinels(self) -> Customer:
+        # One pass over the few fields whose raw form needs care (cheaper than a validator each).
+        fields = self.__dict__
+        for name in _DATE_FIELDS:
+            value = fields[name]
+            if value.__class__ is str and value.strip() in PLACEHOLDERS:
+                fields[name] = None
+        visit = fields["last_visit_date"]
+        if (
+            visit.__class__ is datetime
+            and visit.date() == _NEVER_VISITED
+            and visit.time() == _MIDNIGHT
+        ):
+            fields["last_visit_date"] = None  # Treez writes 2000-01-01 00:00:00.000 for "never"
+        return self
 
     @property
     def is_deactivated(self) -> bool:
@@ -319,6 +295,8 @@ class OtherEvent:
 class TestPing:
     """The body the Treez portal's "Test" button sends (it has a ``test`` key)."""
 
+    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
+
     dispensary_short_name: str | None
     kind: Literal["test"] = "test"
 
@@ -351,6 +329,38 @@ def parse_event(body: Any, *, source: str = "webhook body") -> TreezEvent:
     except ValidationError as exc:
         raise EventValidationError(source, problems_from(exc)) from None
     return OtherEvent(other.event_type.strip().upper(), other.dispensary_short_name)
+
+
+class NotJsonError(EventValidationError):
+    """The body is not JSON at all (the receiver answers 400, not 422)."""
+
+
+def parse_event_json(raw: bytes | str, *, source: str = "webhook body") -> TreezEvent:
+    """Decode and classify a webhook body in one step.
+
+    The common case, a CUSTOMER event, is validated straight from the bytes (pydantic's JSON
+    parser, no intermediate dicts); anything else takes the general path of :func:`parse_event`.
+    Raises :class:`NotJsonError` for a body that is not JSON, :class:`EventValidationError`
+    for the rest.
+    """
+    try:
+        envelope = _CustomerEnvelope.model_validate_json(raw)
+    except ValidationError:
+        pass
+    else:
+        extra = envelope.model_extra
+        if envelope.event_type == "CUSTOMER" and not (extra and "test" in extra):
+            return CustomerEvent(envelope.data, envelope.dispensary_short_name)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        where = (
+            f"line {exc.lineno}, column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else "body"
+        )
+        raise NotJsonError(source, [Problem("body", f"is not JSON ({where})")]) from None
+    return parse_event(body, source=source)
 
 
 def parse_customer(record: Any, *, source: str = "customer record") -> Customer:

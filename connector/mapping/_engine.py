@@ -22,11 +22,12 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from connector._yaml import LoadedYaml, YamlProblem, load_yaml, parse_yaml
 from connector.errors import FieldMappingError, MappingError, Problem
 from connector.mapping._paths import (
+    Attr,
     Context,
     Getter,
     PathError,
@@ -36,10 +37,10 @@ from connector.mapping._paths import (
 )
 from connector.mapping._transforms import (
     BuildEnv,
-    Transform,
     TransformFailed,
     TransformSpecError,
-    build_transform,
+    build_transforms,
+    to_str,
 )
 from connector.treez import Customer, format_location
 
@@ -60,6 +61,11 @@ class FieldSpec(BaseModel):
     on_error: Literal["fail", "null"] = "fail"
     placeholders: list[str] = Field(default_factory=lambda: list(DEFAULT_PLACEHOLDERS))
 
+    @field_validator("on_error", mode="before")
+    @classmethod
+    def _bare_null(cls, value: Any) -> Any:
+        return "null" if value is None else value  # YAML reads an unquoted null as None
+
     @model_validator(mode="before")
     @classmethod
     def _one_source(cls, data: Any) -> Any:
@@ -77,6 +83,10 @@ class CompiledField:
     keys: tuple[str, ...]
     run: Callable[[Context], Any]
     send_null: bool
+    # set when the field reads one declared customer field as it is: read inline by apply()
+    direct: str | None = None
+    placeholders: frozenset[str] = frozenset()
+    default: Any = None
 
 
 class Mapping:
@@ -87,6 +97,10 @@ class Mapping:
         self.fields = fields
         self.warnings = warnings
         self._flat = all(len(f.keys) == 1 for f in fields)
+        self._plan = tuple(
+            (f.target, f.keys, f.run, f.send_null, f.direct, f.placeholders, f.default)
+            for f in fields
+        )
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -99,18 +113,31 @@ class Mapping:
         keys in the order of the mapping file.
         """
         ctx = Context(customer, dispensary)
+        fields = customer.__dict__
         out: dict[str, Any] = {}
-        for f in self.fields:
-            value = f.run(ctx)
-            if value is None and not f.send_null:
+        flat = self._flat
+        for target, keys, run, send_null, direct, placeholders, default in self._plan:
+            if direct is None:
+                value = run(ctx)
+            else:  # inline fast path of run() for a plain field read
+                value = fields[direct]
+                cls = value.__class__
+                if cls is str:
+                    if value in placeholders or value.strip() in placeholders:
+                        value = default
+                elif value is None:
+                    value = default
+                elif cls is not int and cls is not bool and cls is not float:
+                    value = run(ctx)
+            if value is None and not send_null:
                 continue
-            if self._flat:
-                out[f.target] = value
+            if flat:
+                out[target] = value
                 continue
             node = out
-            for key in f.keys[:-1]:
+            for key in keys[:-1]:
                 node = node.setdefault(key, {})
-            node[f.keys[-1]] = value
+            node[keys[-1]] = value
         return out
 
     def __repr__(self) -> str:
@@ -122,9 +149,12 @@ class Mapping:
 
 def _cleaner(placeholders: frozenset[str]) -> Callable[[Any], Any]:
     def clean(value: Any) -> Any:
-        if isinstance(value, str):
+        cls = value.__class__
+        if cls is str:
             return None if value in placeholders or value.strip() in placeholders else value
-        if isinstance(value, list):
+        if cls is list:
+            if all(v.__class__ is str for v in value):  # the usual list: groups, tags
+                return [v for v in value if v not in placeholders and v.strip() not in placeholders]
             cleaned = [clean(v) for v in value]
             return [v for v in cleaned if v is not None]
         return value
@@ -178,19 +208,26 @@ def _compile_template(text: str, env: BuildEnv) -> Getter:
     literal += text[pos:]
     if literal:
         parts.append(literal)
-    clean = _cleaner(env.placeholders)
+    placeholders = env.placeholders
+    getters = [(part, None) if isinstance(part, str) else ("", part) for part in parts]
 
     def render(ctx: Context) -> Any:
         out = []
-        for part in parts:
-            if isinstance(part, str):
-                out.append(part)
+        for literal, get in getters:
+            if get is None:
+                out.append(literal)
                 continue
-            value = clean(part(ctx))
-            if value is None or isinstance(value, list | dict | BaseModel):
+            value = get(ctx)
+            cls = value.__class__
+            if cls is str:
+                if value in placeholders or value.strip() in placeholders:
+                    return None
+                out.append(value)
+            elif value is None or cls is list or cls is dict or isinstance(value, BaseModel):
                 return None
-            out.append(_jsonable(value) if not isinstance(value, str) else value)
-        return "".join(str(p) for p in out)
+            else:
+                out.append(to_str(value))  # true/false as JSON writes them, dates as ISO
+        return "".join(out)
 
     return render
 
@@ -212,24 +249,74 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
         def source(_ctx: Context) -> Any:
             return constant
 
-    transforms: list[tuple[str, Transform]] = [build_transform(t, env) for t in spec.transform]
+    transforms = build_transforms(spec.transform, env)
     default = _jsonable(spec.default)
     swallow = spec.on_error == "null"
+    placeholders = env.placeholders
 
-    def run(ctx: Context) -> Any:
-        value = clean(source(ctx))
-        for name, transform in transforms:
+    # The hot path of every event: one closure per field, the common cases (text, numbers,
+    # null) decided by a class check rather than a call.
+    def settle(value: Any) -> Any:
+        cls = value.__class__
+        if cls is str:
+            if value in placeholders or value.strip() in placeholders:
+                return default
+            return value
+        if value is None:
+            return default
+        if cls is int or cls is float or cls is bool:
+            return value
+        if cls is not list or not all(v.__class__ is str for v in value):
+            value = _jsonable(value)
+        value = clean(value)
+        return default if value is None else value
+
+    run: Callable[[Context], Any]
+    if not transforms:
+
+        def run(ctx: Context) -> Any:
+            value = source(ctx)
+            if value.__class__ is str:
+                if value in placeholders or value.strip() in placeholders:
+                    return default
+                return value
+            return settle(value)
+
+    else:
+
+        def run(ctx: Context) -> Any:
+            value = source(ctx)
+            cls = value.__class__
+            if cls is str:
+                if value in placeholders or value.strip() in placeholders:
+                    value = None
+            elif cls is list:
+                value = clean(value)
             try:
-                value = transform(value, ctx)
+                for name, transform in transforms:  # noqa: B007 - name is read below
+                    value = transform(value, ctx)
             except TransformFailed as exc:
                 if swallow:
                     return default
                 raise FieldMappingError(target, name, str(exc)) from None
-        value = clean(_jsonable(value))
-        return default if value is None else value
+            return settle(value)
 
     warnings.extend(f"field {target!r}: {w}" for w in env.warnings)
-    return CompiledField(target, tuple(target.split(".")), run, spec.on_null == "send")
+    direct = None
+    if spec.from_ is not None and not transforms:
+        steps = parse_path(spec.from_)
+        first = steps[0]
+        if len(steps) == 1 and isinstance(first, Attr) and first.name in Customer.model_fields:
+            direct = first.name
+    return CompiledField(
+        target,
+        tuple(target.split(".")),
+        run,
+        spec.on_null == "send",
+        direct,
+        placeholders,
+        default,
+    )
 
 
 def compile_mapping(data: Any, *, name: str, yaml: LoadedYaml | None = None) -> Mapping:

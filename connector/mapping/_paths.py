@@ -229,12 +229,16 @@ _MISSING = object()
 def _attr(value: Any, name: str) -> Any:
     if isinstance(value, BaseModel):
         found = value.__dict__.get(name, _MISSING)
-        if found is _MISSING:
-            extra = value.__pydantic_extra__
-            found = extra.get(name) if extra else getattr(type(value), name, None)
-            if isinstance(found, property):
-                found = found.fget(value) if found.fget else None
-        return found
+        if found is not _MISSING:
+            return found
+        extra = value.__pydantic_extra__
+        if extra and name in extra:
+            return extra[name]
+        # only our own properties (primary_address); never pydantic's methods or settings
+        attribute = getattr(type(value), name, None)
+        if isinstance(attribute, property) and attribute.fget is not None:
+            return attribute.fget(value)
+        return None
     if isinstance(value, dict):
         return value.get(name)
     return None
@@ -248,17 +252,44 @@ def _matches(value: Any, literal: str, quoted: bool) -> bool:
     return str(value) == literal
 
 
-def _apply_step(value: Any, step: Step) -> Any:
+def _compile_step(step: Step) -> Callable[[Any], Any]:
     if isinstance(step, Attr):
-        return _attr(value, step.name)
-    if not isinstance(value, list):
-        return None
+        name = step.name
+
+        def attr(value: Any) -> Any:
+            try:
+                return value.__dict__[name]  # a model's declared field: the common case
+            except (AttributeError, KeyError):
+                return _attr(value, name)
+
+        return attr
     if isinstance(step, Index):
-        return value[step.index] if -len(value) <= step.index < len(value) else None
-    for element in value:
-        if _matches(_attr(element, step.key), step.literal, step.quoted):
-            return element
-    return None
+        index = step.index
+
+        def element(value: Any) -> Any:
+            if value.__class__ is list and -len(value) <= index < len(value):
+                return value[index]
+            return None
+
+        return element
+    key, literal, quoted = step.key, step.literal, step.quoted
+
+    def select(value: Any) -> Any:
+        if value.__class__ is not list:
+            return None
+        for item in value:
+            try:
+                found = item.__dict__[key]
+            except (AttributeError, KeyError):
+                found = _attr(item, key)
+            if found.__class__ is str:
+                if found == literal:
+                    return item
+            elif _matches(found, literal, quoted):
+                return item
+        return None
+
+    return select
 
 
 def compile_path(steps: tuple[Step, ...]) -> Getter:
@@ -268,12 +299,15 @@ def compile_path(steps: tuple[Step, ...]) -> Getter:
         return lambda ctx: ctx.dispensary
     if len(steps) == 1 and isinstance(first, Attr):
         name = first.name
+        if name in Customer.model_fields:
+            return lambda ctx: ctx.customer.__dict__[name]
         return lambda ctx: _attr(ctx.customer, name)
+    functions = tuple(_compile_step(step) for step in steps)
 
     def get(ctx: Context) -> Any:
         value: Any = ctx.customer
-        for step in steps:
-            value = _apply_step(value, step)
+        for function in functions:
+            value = function(value)
             if value is None:
                 return None
         return value

@@ -79,17 +79,29 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _text_op(op: Callable[[str], Any], what: str) -> Transform:
+def _text_op(*ops: Callable[[str], str], what: str) -> Transform:
+    """Text transforms in a row (``[strip, title]``) run as one call."""
+
     def apply(value: Any, _ctx: Context) -> Any:
+        if value.__class__ is str or isinstance(value, str):
+            for op in ops:
+                value = op(value)
+            return value
         if value is None:
             return None
-        if isinstance(value, str):
-            return op(value)
         if isinstance(value, list):
             return [apply(v, _ctx) for v in value]
         raise TransformFailed(f"{what} works on text, got {_type_name(value)}; add 'str' first")
 
     return apply
+
+
+TEXT_OPS: Mapping[str, Callable[[str], str]] = {
+    "strip": str.strip,
+    "lower": str.lower,
+    "upper": str.upper,
+    "title": str.title,
+}
 
 
 def _no_arg(name: str, arg: Any) -> None:
@@ -102,22 +114,22 @@ def _no_arg(name: str, arg: Any) -> None:
 
 def _strip(arg: Any, _env: BuildEnv) -> Transform:
     _no_arg("strip", arg)
-    return _text_op(str.strip, "strip")
+    return _text_op(str.strip, what="strip")
 
 
 def _lower(arg: Any, _env: BuildEnv) -> Transform:
     _no_arg("lower", arg)
-    return _text_op(str.lower, "lower")
+    return _text_op(str.lower, what="lower")
 
 
 def _upper(arg: Any, _env: BuildEnv) -> Transform:
     _no_arg("upper", arg)
-    return _text_op(str.upper, "upper")
+    return _text_op(str.upper, what="upper")
 
 
 def _title(arg: Any, _env: BuildEnv) -> Transform:
     _no_arg("title", arg)
-    return _text_op(str.title, "title")
+    return _text_op(str.title, what="title")
 
 
 def _key(value: Any) -> str:
@@ -230,8 +242,12 @@ def _date(arg: Any, _env: BuildEnv) -> Transform:
         except ValueError:
             raise TransformSpecError(f"transform 'date': bad strftime format {fmt!r}") from None
 
+    iso_date = fmt == "%Y-%m-%d"
+
     def one(value: Any) -> str:
         parsed = _parse_date(value, parse_format)
+        if parsed.__class__ is date and iso_date:
+            return parsed.isoformat()  # same text as strftime("%Y-%m-%d"), several times faster
         if tz is not None and isinstance(parsed, datetime) and parsed.tzinfo is not None:
             parsed = parsed.astimezone(tz)
         return parsed.isoformat() if fmt == "iso" else parsed.strftime(fmt)
@@ -279,7 +295,10 @@ def _to_float(value: Any) -> float:
     if isinstance(value, bool):
         raise TransformFailed("float works on numbers and text, got a true/false value")
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise TransformFailed("not a finite number") from None
     elif isinstance(value, str):
         try:
             number = float(value.strip())
@@ -307,7 +326,7 @@ def _to_bool(value: Any) -> bool:
     raise TransformFailed(f"bool works on true/false values, 0/1 and text, got {_type_name(value)}")
 
 
-def _to_str(value: Any) -> str:
+def to_str(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -354,7 +373,7 @@ def _join(arg: Any, _env: BuildEnv) -> Transform:
     def apply(value: Any, _ctx: Context) -> Any:
         if not isinstance(value, list):
             return value
-        parts = [_to_str(v) for v in value if v is not None]
+        parts = [to_str(v) for v in value if v is not None]
         return sep.join(p for p in parts if p)
 
     return apply
@@ -410,7 +429,7 @@ def _sha256(arg: Any, _env: BuildEnv) -> Transform:
     _no_arg("sha256", arg)
 
     def one(value: Any) -> str:
-        return hashlib.sha256(_to_str(value).encode("utf-8")).hexdigest()
+        return hashlib.sha256(to_str(value).encode("utf-8")).hexdigest()
 
     def apply(value: Any, _ctx: Context) -> Any:
         if value is None:
@@ -474,7 +493,7 @@ BUILDERS: Mapping[str, Callable[[Any, BuildEnv], Transform]] = {
     "int": _converter("int", _to_int),
     "float": _converter("float", _to_float),
     "bool": _converter("bool", _to_bool),
-    "str": _converter("str", _to_str),
+    "str": _converter("str", to_str),
     "join": _join,
     "split": _split,
     "map": _map,
@@ -499,3 +518,26 @@ def build_transform(spec: Any, env: BuildEnv) -> tuple[str, Transform]:
         known = ", ".join(sorted(BUILDERS))
         raise TransformSpecError(f"unknown transform {name!r} (known: {known})")
     return name, builder(arg, env)
+
+
+def build_transforms(specs: list[Any], env: BuildEnv) -> list[tuple[str, Transform]]:
+    """Compile a ``transform:`` list, running consecutive text transforms as one step."""
+    built: list[tuple[str, Transform]] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            built.append((run[0], _text_op(TEXT_OPS[run[0]], what=run[0])))
+        elif run:
+            label = ", ".join(run)
+            built.append((label, _text_op(*(TEXT_OPS[n] for n in run), what=label)))
+        run.clear()
+
+    for spec in specs:
+        if isinstance(spec, str) and spec in TEXT_OPS:
+            run.append(spec)
+            continue
+        flush()
+        built.append(build_transform(spec, env))
+    flush()
+    return built

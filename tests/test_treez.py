@@ -1,0 +1,324 @@
+"""The Treez customer model and webhook envelope, against the real delivery and its quirks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from connector.errors import EventValidationError
+from connector.treez import (
+    Customer,
+    CustomerEvent,
+    CustomerStatus,
+    OtherEvent,
+    TestPing,
+    parse_customer,
+    parse_event,
+)
+
+
+def customer_event(body: dict[str, Any]) -> CustomerEvent:
+    event = parse_event(body)
+    assert isinstance(event, CustomerEvent)
+    return event
+
+
+def problems(body: Any) -> dict[str, str]:
+    with pytest.raises(EventValidationError) as caught:
+        parse_event(body)
+    return {p.where: p.what for p in caught.value.problems}
+
+
+def test_seed_delivery_parses_faithfully(seed_body: dict[str, Any]) -> None:
+    event = customer_event(seed_body)
+    c = event.customer
+    assert event.dispensary_short_name == "partnersandbox3"
+    assert c.customer_id == "3904"
+    assert (c.first_name, c.last_name) == ("Jules", "Winnfield")
+    assert c.status == CustomerStatus.ACTIVE
+    assert c.birthday == date(1948, 2, 12)
+    assert c.opt_out is True
+    assert c.last_update == datetime(2026, 4, 24, 18, 38, 21, tzinfo=UTC)
+    assert c.last_update.utcoffset() == timedelta(hours=-7)
+    assert c.signup_date == c.last_update
+    assert c.last_visit_date is None  # 2000-01-01 00:00:00.000 means never visited
+    assert c.permit_expiration is None  # "N/A"
+    assert c.state_medical_id == "N/A"  # text keeps the placeholder; mappings null it
+    assert c.caregiver_license_number == ""
+    assert c.email is None
+    assert c.phone is None
+    assert c.customer_groups == ["SENIOR"]
+    assert c.rewards_balance == 0
+    assert c.rewards_type == "POINTS"
+    assert c.addresses[0].city == "INGLEWOOD"
+    assert c.addresses[0].primary is True
+    assert c.primary_address is c.addresses[0]
+    assert c.merged_customer_ids == []
+    assert c.merged_into_customer_id is None
+    assert c.external_ids.aiq_contact_id is None
+    assert c.verification_reasons[0]["verification_reason"] == "NEW"
+    assert not c.is_deactivated
+    assert not c.is_merged_away
+
+
+def test_seed_bytes_are_the_documented_delivery(seed_bytes: bytes) -> None:
+    assert len(seed_bytes) == 1403
+    assert customer_event(json.loads(seed_bytes)).customer.customer_id == "3904"
+
+
+@pytest.mark.parametrize(
+    ("sent", "read"),
+    [
+        ("true", True),
+        ("false", False),
+        ("TRUE", True),
+        (" False ", False),
+        (True, True),
+        (False, False),
+        (None, None),
+        ("", None),
+        (1, True),
+        (0, False),
+    ],
+)
+def test_opt_out_forms(make_customer: Any, sent: Any, read: bool | None) -> None:
+    assert make_customer(opt_out=sent).opt_out is read
+
+
+@pytest.mark.parametrize("sent", ["maybe", 2, 1.5, [], {}, "t r u e"])
+def test_opt_out_refuses_what_it_cannot_read_as_consent(
+    seed_body: dict[str, Any], sent: Any
+) -> None:
+    seed_body["data"]["opt_out"] = sent
+    assert problems(seed_body) == {
+        "data.opt_out": 'must be true or false (a boolean, or the text "true" or "false")'
+    }
+
+
+def test_ids_as_integers_become_text(make_customer: Any) -> None:
+    c = make_customer(
+        customer_id=3904,
+        merged_customer_ids=[17, "18"],
+        merged_into_customer_id=99,
+        external_ids={"aiq_contact_id": 12345, "sticky_cards_contact_id": None},
+    )
+    assert c.customer_id == "3904"
+    assert c.merged_customer_ids == ["17", "18"]
+    assert c.merged_into_customer_id == "99"
+    assert c.external_ids.aiq_contact_id == "12345"
+    assert c.is_merged_away
+
+
+@pytest.mark.parametrize("bad", ["", "  ", None, True, 1.5, [], {}])
+def test_customer_id_must_be_an_id(seed_body: dict[str, Any], bad: Any) -> None:
+    seed_body["data"]["customer_id"] = bad
+    assert "data.customer_id" in problems(seed_body)
+
+
+def test_merge_fields_and_statuses(make_customer: Any) -> None:
+    survivor = make_customer(status="MERGED", merged_customer_ids=[3905])
+    absorbed = make_customer(
+        status="DEACTIVATED",
+        verification_status="NOT_APPLICABLE",
+        merged_into_customer_id="3904",
+    )
+    assert survivor.status == CustomerStatus.MERGED
+    assert survivor.merged_customer_ids == ["3905"]
+    assert absorbed.is_deactivated
+    assert absorbed.is_merged_away
+    assert make_customer(merged_into_customer_id="N/A").merged_into_customer_id is None
+
+
+def test_unknown_enum_values_and_extra_fields_are_kept(make_customer: Any) -> None:
+    c = make_customer(
+        status="SUSPENDED", gender="X", patient_type="VETERAN", loyalty_tier={"name": "gold"}
+    )
+    assert (c.status, c.gender, c.patient_type) == ("SUSPENDED", "X", "VETERAN")
+    assert c.model_extra == {"loyalty_tier": {"name": "gold"}}
+    assert c.model_dump()["loyalty_tier"] == {"name": "gold"}
+
+
+def test_extra_fields_in_nested_objects_are_kept(make_customer: Any) -> None:
+    c = make_customer(
+        addresses=[{"type": "address_of_record", "city": "LA", "country": "US", "primary": "true"}],
+        external_ids={"aiq_contact_id": None, "springbig_id": "sb-1"},
+    )
+    assert c.addresses[0].model_extra == {"country": "US"}
+    assert c.addresses[0].primary is True
+    assert c.external_ids.model_extra == {"springbig_id": "sb-1"}
+
+
+@pytest.mark.parametrize(
+    "field", ["addresses", "customer_groups", "merged_customer_ids", "caregiver_details"]
+)
+def test_null_lists_read_as_empty(make_customer: Any, field: str) -> None:
+    assert getattr(make_customer(**{field: None}), field) == []
+
+
+def test_null_external_ids_read_as_empty(make_customer: Any) -> None:
+    c = make_customer(external_ids=None)
+    assert c.external_ids.aiq_contact_id is None
+
+
+def test_last_update_is_an_instant(make_customer: Any) -> None:
+    # 01:30 at -07:00 is later than 03:00 at -04:00 (08:30 UTC vs 07:00 UTC): not text order
+    west = make_customer(last_update="2026-11-01T01:30:00.000-07:00").last_update
+    east = make_customer(last_update="2026-11-01T03:00:00.000-04:00").last_update
+    assert west > east
+    assert make_customer(last_update="2026-04-24T18:38:21Z").last_update.tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("2026-04-24T11:38:21.000", "Input should have timezone info"),
+        ("yesterday", "Input should be a valid datetime"),
+        (1714000000, "must be an ISO 8601 timestamp with an offset, as text"),
+        (None, "must be an ISO 8601 timestamp with an offset, as text"),
+    ],
+)
+def test_last_update_must_be_a_timestamp_with_offset(
+    seed_body: dict[str, Any], bad: Any, message: str
+) -> None:
+    seed_body["data"]["last_update"] = bad
+    found = problems(seed_body)
+    assert list(found) == ["data.last_update"]
+    assert found["data.last_update"].startswith(message)
+
+
+def test_last_update_missing(seed_body: dict[str, Any]) -> None:
+    del seed_body["data"]["last_update"]
+    assert problems(seed_body) == {"data.last_update": "is missing"}
+
+
+def test_last_visit_date_without_zone(make_customer: Any) -> None:
+    c = make_customer(last_visit_date="2026-05-01 14:02:03.000")
+    assert c.last_visit_date == datetime(2026, 5, 1, 14, 2, 3)
+    assert make_customer(last_visit_date="2000-01-01 00:00:00.000").last_visit_date is None
+    assert make_customer(last_visit_date=None).last_visit_date is None
+
+
+@pytest.mark.parametrize("placeholder", ["N/A", "", "  "])
+def test_date_placeholders_read_as_null(make_customer: Any, placeholder: str) -> None:
+    c = make_customer(
+        birthday=placeholder,
+        permit_expiration=placeholder,
+        drivers_license_expiration=placeholder,
+        signup_date=placeholder,
+    )
+    assert (c.birthday, c.permit_expiration, c.drivers_license_expiration, c.signup_date) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_odd_dates_are_kept_as_sent_not_refused(make_customer: Any) -> None:
+    # A bad permit date must not stop a customer's consent change from syncing.
+    c = make_customer(permit_expiration="12/31/2027", birthday="1948-02-12")
+    assert c.permit_expiration == "12/31/2027"
+    assert make_customer(permit_expiration="2027-12-31").permit_expiration == date(2027, 12, 31)
+
+
+def test_numbers_as_text_fields(make_customer: Any) -> None:
+    c = make_customer(phone=3105551234, addresses=[{"zipcode": 90301, "primary": True}])
+    assert c.phone == "3105551234"
+    assert c.addresses[0].zipcode == "90301"
+
+
+def test_missing_dispensary_short_name_is_tolerated(seed_body: dict[str, Any]) -> None:
+    del seed_body["dispensary_short_name"]
+    assert customer_event(seed_body).dispensary_short_name is None
+
+
+def test_test_ping() -> None:
+    assert isinstance(parse_event({"test": True}), TestPing)
+    assert parse_event({"test": "ping", "dispensary_short_name": "s1"}) == TestPing("s1")
+
+
+@pytest.mark.parametrize("kind", ["TICKET", "PRODUCT", "TICKET_STATUS", "ticket_by_status"])
+def test_other_event_types_are_classified_not_validated(kind: str) -> None:
+    event = parse_event({"event_type": kind, "data": [1, 2, 3]})
+    assert isinstance(event, OtherEvent)
+    assert event.event_type == kind.upper()
+
+
+def test_event_type_is_case_insensitive_for_customer(seed_body: dict[str, Any]) -> None:
+    seed_body["event_type"] = "customer"
+    assert customer_event(seed_body).customer.customer_id == "3904"
+
+
+@pytest.mark.parametrize(
+    ("body", "where", "what"),
+    [
+        ([], "body", "must be a JSON object"),
+        ("CUSTOMER", "body", "must be a JSON object"),
+        ({}, "event_type", "is missing"),
+        ({"event_type": ""}, "event_type", "String should have at least 1 character"),
+        ({"event_type": 7}, "event_type", "Input should be a valid string"),
+        ({"event_type": "CUSTOMER"}, "data", "is missing"),
+        ({"event_type": "CUSTOMER", "data": []}, "data", "must be an object"),
+        (
+            {"event_type": "CUSTOMER", "data": {"last_update": "2026-04-24T11:38:21.000-07:00"}},
+            "data.customer_id",
+            "is missing",
+        ),
+    ],
+)
+def test_envelope_errors_name_the_field(body: Any, where: str, what: str) -> None:
+    assert problems(body)[where] == what
+
+
+def test_every_problem_is_reported_with_its_path(seed_body: dict[str, Any]) -> None:
+    data = seed_body["data"]
+    data["opt_out"] = "perhaps"
+    data["addresses"][0]["primary"] = "sometimes"
+    data["merged_customer_ids"] = [1, None]
+    del data["last_update"]
+    found = problems(seed_body)
+    assert set(found) == {
+        "data.opt_out",
+        "data.addresses[0].primary",
+        "data.merged_customer_ids[1]",
+        "data.last_update",
+    }
+
+
+def test_errors_never_carry_customer_values(seed_body: dict[str, Any]) -> None:
+    data = seed_body["data"]
+    data["first_name"] = ["Secret-Name-123"]
+    data["opt_out"] = "SECRET-CONSENT"
+    data["birthday"] = {"year": "SECRET-BDAY"}
+    with pytest.raises(EventValidationError) as caught:
+        parse_event(seed_body)
+    text = str(caught.value)
+    assert "data.first_name" in text
+    assert "data.opt_out" in text
+    assert "data.birthday" in text
+    assert "SECRET" not in text
+
+
+def test_parse_customer_for_api_records(seed_data: dict[str, Any]) -> None:
+    record = copy.deepcopy(seed_data)
+    record["opt_out"] = None  # some reads send null
+    assert parse_customer(record).opt_out is None
+    with pytest.raises(EventValidationError, match="customer_id: is missing"):
+        parse_customer({"last_update": "2026-04-24T11:38:21.000-07:00"})
+
+
+def test_customer_is_immutable(make_customer: Any) -> None:
+    c: Customer = make_customer()
+    with pytest.raises(Exception, match="frozen"):
+        c.first_name = "Vincent"  # type: ignore[misc]
+
+
+def test_offsets_survive_daylight_saving(make_customer: Any) -> None:
+    pdt = make_customer(last_update="2026-11-01T01:30:00.000-07:00").last_update
+    pst = make_customer(last_update="2026-11-01T01:10:00.000-08:00").last_update
+    assert pst > pdt  # the same wall clock an hour later after the change
+    assert pst.astimezone(UTC).hour == 9
