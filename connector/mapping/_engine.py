@@ -283,7 +283,7 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
             return settle(value)
 
     else:
-
+        # the source read and the final check are inlined: this runs for most fields
         def run(ctx: Context) -> Any:
             value = source(ctx)
             cls = value.__class__
@@ -299,6 +299,8 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
                 if swallow:
                     return default
                 raise FieldMappingError(target, name, str(exc)) from None
+            if value.__class__ is str and value not in placeholders:
+                return value if value.strip() not in placeholders else default
             return settle(value)
 
     warnings.extend(f"field {target!r}: {w}" for w in env.warnings)
