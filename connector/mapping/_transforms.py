@@ -104,6 +104,19 @@ TEXT_OPS: Mapping[str, Callable[[str], str]] = {
 }
 
 
+def _each(one: Callable[[Any], Any]) -> Transform:
+    """A transform of single values, applied to each non-null element of a list."""
+
+    def apply(value: Any, _ctx: Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [one(v) for v in value if v is not None]
+        return one(value)
+
+    return apply
+
+
 def _no_arg(name: str, arg: Any) -> None:
     if arg is not _NO_ARG and arg is not None:
         raise TransformSpecError(f"transform {name!r} takes no argument")
@@ -185,14 +198,7 @@ def _e164(arg: Any, _env: BuildEnv) -> Transform:
             return None
         return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
-    def apply(value: Any, _ctx: Context) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, list):
-            return [one(v) for v in value if v is not None]
-        return one(value)
-
-    return apply
+    return _each(one)
 
 
 def _parse_date(value: Any, parse_format: str | None) -> date | datetime:
@@ -252,14 +258,7 @@ def _date(arg: Any, _env: BuildEnv) -> Transform:
             parsed = parsed.astimezone(tz)
         return parsed.isoformat() if fmt == "iso" else parsed.strftime(fmt)
 
-    def apply(value: Any, _ctx: Context) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, list):
-            return [one(v) for v in value if v is not None]
-        return one(value)
-
-    return apply
+    return _each(one)
 
 
 _TRUE = frozenset({"true", "yes", "y", "1", "t", "on"})
@@ -342,14 +341,9 @@ def _converter(name: str, convert: Callable[[Any], Any]) -> Callable[[Any, Build
     def build(arg: Any, _env: BuildEnv) -> Transform:
         _no_arg(name, arg)
 
-        def apply(value: Any, _ctx: Context) -> Any:
-            if value is None:
-                return None
-            if isinstance(value, list) and name != "str":
-                return [convert(v) for v in value if v is not None]
-            return convert(value)
-
-        return apply
+        if name == "str":  # str of a list is an error (use join), not a list of texts
+            return lambda value, _ctx: None if value is None else convert(value)
+        return _each(convert)
 
     return build
 
@@ -415,14 +409,7 @@ def _map(arg: Any, _env: BuildEnv) -> Transform:
             return lookup[key]
         return default if has_default else value
 
-    def apply(value: Any, _ctx: Context) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, list):
-            return [one(v) for v in value if v is not None]
-        return one(value)
-
-    return apply
+    return _each(one)
 
 
 def _sha256(arg: Any, _env: BuildEnv) -> Transform:
@@ -431,14 +418,7 @@ def _sha256(arg: Any, _env: BuildEnv) -> Transform:
     def one(value: Any) -> str:
         return hashlib.sha256(to_str(value).encode("utf-8")).hexdigest()
 
-    def apply(value: Any, _ctx: Context) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, list):
-            return [one(v) for v in value if v is not None]
-        return one(value)
-
-    return apply
+    return _each(one)
 
 
 def _first_non_null(arg: Any, env: BuildEnv) -> Transform:
