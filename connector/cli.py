@@ -245,3 +245,44 @@ def _load_mapping(path: Path) -> Mapping:
     for warning in mapping.warnings:
         click.echo(f"warning: {path}: {warning}", err=True)
     return mapping
+
+
+# --- serve ---
+
+
+@main.command()
+@config_option
+@click.option("--host", help="Listen on this address instead of server.host.")
+@click.option("--port", type=int, help="Listen on this port instead of server.port (0: any).")
+def serve(config_file: Path, host: str | None, port: int | None) -> None:
+    """Run the webhook receiver, the planner and the delivery workers in one process.
+
+    Stops on SIGTERM or Ctrl-C: accepts nothing more, finishes or releases the work in
+    hand within server.shutdown_grace_seconds, and exits 0.
+    """
+    import uvicorn
+
+    from connector.logs import configure_logging
+    from connector.receiver import create_app
+    from connector.service import Service
+
+    config = _load(config_file)
+    server = config.server
+    configure_logging(level=server.log_level, json=server.log_format == "json")
+    try:
+        service = Service(config)
+    except ConnectorError as exc:
+        _fail(str(exc))
+    app = create_app(service)
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=host or server.host,
+        port=server.port if port is None else port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(server.shutdown_grace_seconds)),
+    )
+    uvicorn.Server(uvicorn_config).run()

@@ -103,8 +103,11 @@ class _Model(BaseModel):
 
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=1, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class PolicyConfig(_Model):
@@ -158,11 +161,23 @@ class ReconcileConfig(_Model):
         return self
 
 
+class RetryConfig(_Model):
+    """When a failed delivery is tried again, and when it goes to the dead-letter queue:
+    after at least ``min_attempts`` attempts AND ``min_elapsed_seconds`` since the first."""
+
+    initial_seconds: float = Field(default=1.0, gt=0, le=3600)
+    max_seconds: float = Field(default=600.0, gt=0, le=86_400)
+    min_attempts: int = Field(default=8, ge=1, le=1000)
+    min_elapsed_seconds: float = Field(default=1800.0, ge=0, le=30 * 86_400)
+
+
 class _Destination(_Model):
     name: str
     mapping: Annotated[Path, BeforeValidator(_resolve)]
     rate_limit: Annotated[tuple[Rate, ...], BeforeValidator(_parse_rates)] = ()
     batch_size: int = Field(default=1, ge=1, le=10_000)
+    concurrency: int = Field(default=8, ge=1, le=256)
+    retry: RetryConfig = RetryConfig()
     policy: PolicyOverride = PolicyOverride()
     enabled: Literal[True] = True
 

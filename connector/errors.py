@@ -6,7 +6,13 @@
     ├── ConfigError            config.yaml is wrong; lists every problem with file and key path
     ├── MappingError           a mapping file is wrong; lists every problem with file and field
     ├── FieldMappingError      a value could not be mapped at run time (field and transform named)
-    └── EventValidationError   a webhook body or API record is not a valid Treez event
+    ├── EventValidationError   a webhook body or API record is not a valid Treez event
+    │   └── NotJsonError       (in treez.py) the body is not JSON at all
+    ├── StoreError             the store cannot be used (schema newer than this version...)
+    │   └── StoreUnavailable   the store cannot take a write now (locked, full, down): retry
+    └── DeliveryError          a destination refused or failed an operation
+        ├── RetriableDelivery  429, 5xx, timeouts, connection errors: try again later
+        └── FatalDelivery      other 4xx: dead-letter with the response
 
 Messages never carry a customer's field values or a secret: they name the place (file, key
 path, field path) and the problem, which is enough to fix it and safe to log.
@@ -83,3 +89,40 @@ class FieldMappingError(ConnectorError):
         self.transform = transform
         self.reason = reason
         super().__init__(f"field {field!r}: transform {transform!r} failed: {reason}")
+
+
+class StoreError(ConnectorError):
+    """The store cannot be used as it is."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot take a write right now; the caller should answer 503 and retry."""
+
+
+class DeliveryError(ConnectorError):
+    """A destination did not accept an operation.
+
+    ``status_code`` and ``body`` keep the response (``None`` for a transport failure);
+    ``retry_after`` is the delay the destination asked for, in seconds.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        body: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+        self.retry_after = retry_after
+
+
+class RetriableDelivery(DeliveryError):
+    """Worth another attempt later: 429, 5xx, timeouts, connection errors."""
+
+
+class FatalDelivery(DeliveryError):
+    """Will fail again as it is: goes to the dead-letter queue with the response."""

@@ -1,0 +1,171 @@
+"""One delivery worker per destination: claims ready operations, sends them, records results.
+
+Concurrent across customers, strictly ordered within one (the store's claim gives at most one
+operation per customer at a time, and none while an earlier one waits for its retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from connector.delivery.base import Delivery, Destination
+from connector.delivery.ratelimit import SlidingWindowLimiter
+from connector.delivery.retry import RetryPolicy
+from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
+from connector.logs import get_logger
+from connector.metrics import Metrics
+from connector.store import AsyncStore, OutboxRow
+
+log = get_logger("connector.delivery")
+
+
+@dataclass(slots=True)
+class _Outcome:
+    done: list[tuple[OutboxRow, str | None]]
+    retry: list[tuple[OutboxRow, float, str]]
+    dead: list[tuple[OutboxRow, str, int | None, str | None]]
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        astore: AsyncStore,
+        dispensary: str,
+        destination: Destination,
+        *,
+        retry: RetryPolicy,
+        concurrency: int = 8,
+        metrics: Metrics | None = None,
+        idle_poll: float = 1.0,
+    ) -> None:
+        self.astore = astore
+        self.dispensary = dispensary
+        self.destination = destination
+        self.retry = retry
+        self.concurrency = max(1, concurrency)
+        self.metrics = metrics
+        self.idle_poll = idle_poll
+        self.limiter = SlidingWindowLimiter(destination.rate_limit)
+        self.wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Deliver until ``stopping`` is set; the round in progress is finished first."""
+        store = self.astore.store
+        limit = self.concurrency * self.destination.batch_size
+        while not stopping.is_set():
+            rows = await self.astore.call(
+                store.claim, self.dispensary, self.destination.name, limit
+            )
+            if rows:
+                await self._round(rows)
+                continue
+            due = await self.astore.call(store.next_due, self.dispensary, self.destination.name)
+            timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
+            if timeout > 0:
+                self.wake.clear()
+                waits = [asyncio.ensure_future(self.wake.wait()),
+                         asyncio.ensure_future(stopping.wait())]  # fmt: skip
+                _, pending = await asyncio.wait(
+                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in pending:
+                    task.cancel()
+
+    async def _round(self, rows: list[OutboxRow]) -> None:
+        store = self.astore.store
+        wanted = {r.customer_id for r in rows}
+        wanted.update(str(r.body["into_customer_id"]) for r in rows if r.op == "merge")
+        contacts = await self.astore.call(
+            store.contact_ids, self.dispensary, self.destination.name, wanted
+        )
+        size = self.destination.batch_size
+        batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+        outcome = _Outcome([], [], [])
+        await asyncio.gather(*(self._send(batch, contacts, outcome) for batch in batches))
+        await self.astore.call(
+            store.finish,
+            self.dispensary,
+            self.destination.name,
+            outcome.done,
+            outcome.retry,
+            outcome.dead,
+        )
+
+    async def _send(
+        self, batch: list[OutboxRow], contacts: dict[str, str], outcome: _Outcome
+    ) -> None:
+        deliveries = [_delivery(row, contacts) for row in batch]
+        async with self._slots:
+            await self.limiter.acquire()
+            started = time.monotonic()
+            try:
+                contact_ids = await self.destination.send(deliveries)
+            except DeliveryError as exc:
+                self._failed(batch, exc, time.monotonic() - started, outcome)
+                return
+            except Exception as exc:  # a bug in an adapter must not lose the operations
+                log.exception("delivery_crashed", destination=self.destination.name)
+                error = RetriableDelivery(f"unexpected {exc.__class__.__name__}")
+                self._failed(batch, error, time.monotonic() - started, outcome)
+                return
+        duration = time.monotonic() - started
+        for row, contact_id in zip(batch, contact_ids, strict=False):
+            outcome.done.append((row, contact_id))
+            self._count(row, "delivered")
+            log.info(
+                "delivered", dispensary=self.dispensary, destination=self.destination.name,
+                customer_id=row.customer_id, op=row.op, operation_id=row.id,
+                attempt=row.attempts + 1, duration_ms=round(duration * 1000, 2), status="ok",
+            )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.delivery_seconds.labels(self.dispensary, self.destination.name).observe(
+                duration
+            )
+
+    def _failed(
+        self, batch: list[OutboxRow], exc: DeliveryError, duration: float, outcome: _Outcome
+    ) -> None:
+        now = time.time()
+        for row in batch:
+            attempts = row.attempts + 1
+            first = row.first_attempt_at if row.first_attempt_at is not None else now
+            delay = None
+            if isinstance(exc, RetriableDelivery):
+                delay = self.retry.next_delay(attempts, now - first, exc.retry_after)
+            if delay is None:
+                reason = str(exc) if isinstance(exc, FatalDelivery) else f"gave up: {exc}"
+                outcome.dead.append((row, reason, exc.status_code, exc.body))
+                self._count(row, "dead")
+                result = "dead"
+            else:
+                outcome.retry.append((row, now + delay, str(exc)))
+                self._count(row, "retried")
+                if self.metrics is not None:
+                    self.metrics.retries.labels(self.dispensary, self.destination.name).inc()
+                result = "retry"
+            log.warning(
+                "delivery_failed", dispensary=self.dispensary,
+                destination=self.destination.name, customer_id=row.customer_id, op=row.op,
+                operation_id=row.id, attempt=attempts, status_code=exc.status_code,
+                error=str(exc), outcome=result, duration_ms=round(duration * 1000, 2),
+                retry_in_s=None if delay is None else round(delay, 3),
+            )  # fmt: skip
+
+    def _count(self, row: OutboxRow, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.operations.labels(
+                self.dispensary, self.destination.name, row.op, result
+            ).inc()
+
+
+def _delivery(row: OutboxRow, contacts: dict[str, str]) -> Delivery:
+    body = dict(row.body)
+    body["contact_id"] = contacts.get(row.customer_id)
+    if row.op == "merge":
+        body["from_contact_id"] = contacts.get(str(body.get("from_customer_id")))
+        body["into_contact_id"] = contacts.get(str(body.get("into_customer_id")))
+    body["idempotency_key"] = row.idempotency_key
+    return Delivery(row.id, row.idempotency_key, body)

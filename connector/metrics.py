@@ -1,0 +1,79 @@
+"""Prometheus metrics of one running connector (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events = Counter(
+            "connector_events_received",
+            "Webhook bodies received, by outcome (accepted, ping, ignored, rejected_*...)",
+            ["dispensary", "outcome"],
+            registry=self.registry,
+        )
+        self.planned = Counter(
+            "connector_events_planned",
+            "Events planned, by outcome (applied, tie, stale, duplicate, absorbed, failed)",
+            ["dispensary", "outcome"],
+            registry=self.registry,
+        )
+        self.operations = Counter(
+            "connector_operations",
+            "Operations sent to destinations, by result (delivered, retried, dead)",
+            ["dispensary", "destination", "op", "result"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "connector_delivery_retries",
+            "Delivery attempts that will be tried again",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+        self.delivery_seconds = Histogram(
+            "connector_delivery_seconds",
+            "Duration of one request to a destination",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+        self.conflicts = Counter(
+            "connector_identity_conflicts",
+            "External-id disagreements between Treez and the identity map",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "connector_queue_depth",
+            "Operations waiting (pending or in flight)",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "connector_dead_operations",
+            "Operations in the dead-letter queue",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+        self.oldest_pending = Gauge(
+            "connector_oldest_pending_seconds",
+            "Age of the oldest operation not yet delivered",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+
+    def render(self, queue_stats: Iterable[dict[str, Any]]) -> bytes:
+        """The text exposition, with queue gauges read from the store just now."""
+        now = time.time()
+        for entry in queue_stats:
+            labels = (entry["dispensary"], entry["destination"])
+            self.queue_depth.labels(*labels).set(entry["pending"] + entry["inflight"])
+            self.dead_letters.labels(*labels).set(entry["dead"])
+            oldest = entry["oldest_pending_at"]
+            self.oldest_pending.labels(*labels).set(0.0 if oldest is None else now - oldest)
+        return generate_latest(self.registry)

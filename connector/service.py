@@ -1,0 +1,134 @@
+"""One running connector: the store, the receiver's committer, the planner loop and a
+delivery worker per destination, started and stopped together (the ASGI lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from connector.config import Config
+from connector.delivery.base import Destination
+from connector.delivery.retry import RetryPolicy
+from connector.delivery.worker import DeliveryWorker
+from connector.logs import get_logger
+from connector.metrics import Metrics
+from connector.pipeline import Deployment, Processor, build_destination
+from connector.receiver import GroupCommitter
+from connector.store import AsyncStore, Store
+
+log = get_logger("connector.service")
+HEARTBEAT_SECONDS = 10.0
+
+
+class Service:
+    def __init__(self, config: Config, *, idle_poll: float = 1.0) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.deployment = Deployment.from_config(config)
+        self.astore = AsyncStore(Store(config.store))
+        self.committer = GroupCommitter(self.astore)
+        self.processor = Processor(
+            self.astore, self.deployment, on_enqueued=self._wake_workers, metrics=self.metrics,
+            idle_poll=idle_poll,
+        )  # fmt: skip
+        self.committer.on_commit.append(self.processor.wake.set)
+        self.destinations: list[Destination] = []
+        self.workers: dict[tuple[str, str], DeliveryWorker] = {}
+        for name, disp in config.dispensaries.items():
+            for dest_config in disp.destinations:
+                destination = build_destination(dest_config)
+                self.destinations.append(destination)
+                retry = RetryPolicy(
+                    initial_seconds=dest_config.retry.initial_seconds,
+                    max_seconds=dest_config.retry.max_seconds,
+                    min_attempts=dest_config.retry.min_attempts,
+                    min_elapsed_seconds=dest_config.retry.min_elapsed_seconds,
+                )
+                self.workers[(name, dest_config.name)] = DeliveryWorker(
+                    self.astore, name, destination, retry=retry,
+                    concurrency=dest_config.concurrency, metrics=self.metrics,
+                    idle_poll=idle_poll,
+                )  # fmt: skip
+        self._stopping = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def _wake_workers(self, touched: Iterable[tuple[str, str]]) -> None:
+        for key in touched:
+            worker = self.workers.get(key)
+            if worker is not None:
+                worker.wake.set()
+
+    async def start(self) -> None:
+        store = self.astore.store
+        released = await self.astore.call(store.register_process)
+        self._stopping.clear()
+        self._tasks["committer"] = asyncio.create_task(self.committer.run(self._stopping))
+        self._tasks["processor"] = asyncio.create_task(self.processor.run(self._stopping))
+        for (dispensary, name), worker in self.workers.items():
+            self._tasks[f"worker:{dispensary}/{name}"] = asyncio.create_task(
+                worker.run(self._stopping)
+            )
+        self._tasks["heartbeat"] = asyncio.create_task(self._heartbeat())
+        for name, disp in self.config.dispensaries.items():
+            if disp.uses_dev_token:
+                log.warning(
+                    "development_webhook_token", dispensary=name,
+                    reason="set TREEZ_WEBHOOK_TOKEN before Treez can reach this server",
+                )  # fmt: skip
+        log.info("started", store=self.config.store_display, released=released,
+                 count=len(self.workers))  # fmt: skip
+
+    async def _heartbeat(self) -> None:
+        store = self.astore.store
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), HEARTBEAT_SECONDS)
+            if not self._stopping.is_set():
+                try:
+                    await self.astore.call(store.heartbeat)
+                except Exception:
+                    log.exception("heartbeat_failed")
+
+    async def stop(self) -> None:
+        """Finish the work in hand within the grace period; release what is left."""
+        self._stopping.set()
+        grace = self.config.server.shutdown_grace_seconds
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        released = 0
+        try:
+            released = await self.astore.call(self.astore.store.release_claims)
+        except Exception:
+            log.exception("release_failed")
+        for destination in self.destinations:
+            await destination.aclose()
+        self.astore.close()
+        self._tasks.clear()
+        log.info("stopped", released=released)
+
+    async def readiness(self) -> list[str]:
+        problems = []
+        try:
+            await self.astore.call(self.astore.store.ping)
+        except Exception:
+            problems.append("store unreachable")
+        for name, task in self._tasks.items():
+            if task.done():
+                problems.append(f"{name} stopped")
+        if not self._tasks:
+            problems.append("not started")
+        return problems
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()

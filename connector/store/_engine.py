@@ -1,0 +1,36 @@
+"""Dialect details in one place: how a store URL becomes an engine that is safe to use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+
+
+def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
+    """An engine for ``url``.
+
+    SQLite: WAL, ``synchronous=FULL`` (an acknowledged event survives a power cut), a busy
+    timeout so a second process (``connector reconcile``) waits instead of failing, and
+    ``BEGIN IMMEDIATE`` so that a transaction takes the write lock up front rather than
+    failing when it upgrades (pysqlite's own transaction handling is switched off for that).
+    """
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)

@@ -1,0 +1,165 @@
+"""One schema for every database: SQLAlchemy Core tables, portable SQL only.
+
+Times are seconds since the epoch (UTC) as floats; ``last_update`` is kept as integer
+microseconds since the epoch so that it orders as an instant. JSON documents are text.
+Bump :data:`SCHEMA_VERSION` and add a step to ``MIGRATIONS`` in ``_migrate.py`` for any change.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table(
+    "connector_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# Every event received (webhook) or pulled (reconcile), before and after planning.
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dispensary", String(128), nullable=False),
+    Column("source", String(16), nullable=False),  # webhook | reconcile
+    Column("event_type", String(64), nullable=False),
+    Column("customer_id", String(128)),
+    Column("last_update_us", BigInteger),
+    Column("received_at", Float, nullable=False),
+    Column("body", Text),  # raw payload; cleared once past the retention period
+    # pending | applied | tie | stale | duplicate | absorbed | ignored | failed
+    Column("status", String(16), nullable=False),
+    Column("processed_at", Float),
+    Index("ix_inbox_pending", "status", "id"),
+    Index("ix_inbox_customer", "dispensary", "customer_id"),
+)
+
+# Bodies that were refused, with the reason: nothing is dropped silently.
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dispensary", String(128), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("content_type", String(255)),
+    Column("body", LargeBinary),
+)
+
+# What the connector knows of each Treez customer.
+customers = Table(
+    "customers",
+    metadata,
+    Column("dispensary", String(128), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("last_update_us", BigInteger),
+    Column("content_hash", String(64)),
+    Column("opt_out", Boolean),
+    Column("merged_into", String(128)),
+    Column("merges", Text, nullable=False, default="[]"),  # [[destination, survivor], ...]
+    Column("updated_at", Float, nullable=False),
+)
+
+# The identity map and per-destination sync state: (dispensary, customer, destination).
+contacts = Table(
+    "contacts",
+    metadata,
+    Column("dispensary", String(128), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("destination", String(128), primary_key=True),
+    Column("contact_id", String(255)),
+    Column("delivered_hash", String(64)),
+    Column("unsubscribed", Boolean, nullable=False, default=False),
+    Column("deactivated", Boolean, nullable=False, default=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Disagreements between Treez's external ids and the identity map: reported, not overwritten.
+conflicts = Table(
+    "conflicts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dispensary", String(128), nullable=False),
+    Column("customer_id", String(128), nullable=False),
+    Column("destination", String(128), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# One row per operation per destination, delivered in id order per (destination, order_key).
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dispensary", String(128), nullable=False),
+    Column("destination", String(128), nullable=False),
+    Column("order_key", String(128), nullable=False),
+    Column("customer_id", String(128), nullable=False),
+    Column("op", String(16), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("idempotency_key", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | inflight | done | dead
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("first_attempt_at", Float),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("claimed_by", String(64)),
+    Column("claimed_until", Float),
+    Column("last_error", Text),
+    Column("done_at", Float),
+    UniqueConstraint("dispensary", "destination", "idempotency_key", name="uq_outbox_key"),
+    Index("ix_outbox_ready", "dispensary", "destination", "status", "next_attempt_at"),
+    Index("ix_outbox_order", "dispensary", "destination", "order_key", "id"),
+)
+
+# Operations that will not be retried any more, with the last response.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("outbox_id", Integer),
+    Column("dispensary", String(128), nullable=False),
+    Column("destination", String(128), nullable=False),
+    Column("customer_id", String(128), nullable=False),
+    Column("op", String(16), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("idempotency_key", String(64), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("status_code", Integer),
+    Column("response_body", Text),
+    Column("created_at", Float, nullable=False),
+    Column("replayed_at", Float),
+    Index("ix_dead_letters_open", "dispensary", "destination", "replayed_at"),
+)
+
+# Processes that hold claims; a claim of a process that is gone is released.
+processes = Table(
+    "processes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)

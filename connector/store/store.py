@@ -1,0 +1,770 @@
+"""The store: every durable fact of the connector, behind one synchronous class.
+
+Callers on the event loop run its methods in one dedicated thread (:class:`AsyncStore`), so
+SQLite sees one writer per process and the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import Connection, and_, delete, exists, func, insert, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import aliased
+
+from connector.errors import StoreError, StoreUnavailable
+from connector.planner import ContactState, CustomerState, Operation
+from connector.store._engine import make_engine
+from connector.store.schema import (
+    SCHEMA_VERSION,
+    contacts,
+    customers,
+    dead_letters,
+    inbox,
+    meta,
+    metadata,
+    outbox,
+    processes,
+    quarantine,
+)
+from connector.store.schema import conflicts as conflicts_table
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+CLAIM_SECONDS = 30.0  # a claim never outlives this without renewal
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    dispensary: str
+    source: str
+    event_type: str
+    customer_id: str | None
+    last_update_us: int | None
+    body: str
+    status: str = "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    dispensary: str
+    status_code: int
+    reason: str
+    content_type: str | None
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    id: int
+    dispensary: str
+    source: str
+    customer_id: str | None
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    dispensary: str
+    destination: str
+    customer_id: str
+    op: str
+    body: dict[str, Any]
+    idempotency_key: str
+    attempts: int
+    first_attempt_at: float | None
+
+
+class Store:
+    """Synchronous access to the schema; one instance per thread that uses it."""
+
+    def __init__(self, url: str, *, synchronous: str = "FULL") -> None:
+        self.url = url
+        self.engine = make_engine(url, synchronous=synchronous)
+        self.process_id = uuid.uuid4().hex
+        try:
+            self._migrate()
+        except OperationalError as exc:
+            raise StoreError(
+                f"the store cannot be opened ({exc.orig.__class__.__name__})"
+            ) from None
+
+    # --- schema ---
+
+    def _migrate(self) -> None:
+        with self.engine.begin() as conn:
+            metadata.create_all(conn)
+            found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
+            version = found.scalar_one_or_none()
+            if version is None:
+                conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(version) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store's schema is version {version}, newer than this connector knows "
+                    f"({SCHEMA_VERSION}): upgrade the connector"
+                )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction; a locked or full database becomes :class:`StoreUnavailable`."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailable(
+                f"the store cannot take the write ({exc.orig.__class__.__name__}: {exc.orig})"
+            ) from None
+
+    # --- receiving ---
+
+    def add_events(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None:
+        """Commit a batch of received events (and refused bodies) in one transaction."""
+        now = time.time()
+        with self.transaction() as conn:
+            if events:
+                conn.execute(
+                    insert(inbox),
+                    [
+                        {
+                            "dispensary": e.dispensary,
+                            "source": e.source,
+                            "event_type": e.event_type,
+                            "customer_id": e.customer_id,
+                            "last_update_us": e.last_update_us,
+                            "received_at": now,
+                            "body": e.body,
+                            "status": e.status,
+                            "processed_at": None if e.status == "pending" else now,
+                        }
+                        for e in events
+                    ],
+                )
+            if rejected:
+                conn.execute(
+                    insert(quarantine),
+                    [
+                        {
+                            "dispensary": r.dispensary,
+                            "received_at": now,
+                            "status_code": r.status_code,
+                            "reason": r.reason,
+                            "content_type": r.content_type,
+                            "body": r.body,
+                        }
+                        for r in rejected
+                    ],
+                )
+
+    # --- planning ---
+
+    def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
+        rows = conn.execute(
+            select(
+                inbox.c.id, inbox.c.dispensary, inbox.c.source, inbox.c.customer_id, inbox.c.body
+            )
+            .where(inbox.c.status == "pending")
+            .order_by(inbox.c.id)
+            .limit(limit)
+        )
+        return [InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body) for r in rows]
+
+    def mark_events(self, conn: Connection, outcomes: Mapping[int, str]) -> None:
+        now = time.time()
+        by_status: dict[str, list[int]] = {}
+        for event_id, status in outcomes.items():
+            by_status.setdefault(status, []).append(event_id)
+        for status, ids in by_status.items():
+            conn.execute(
+                update(inbox).where(inbox.c.id.in_(ids)).values(status=status, processed_at=now)
+            )
+
+    def load_states(
+        self, conn: Connection, dispensary: str, customer_ids: Iterable[str]
+    ) -> dict[str, CustomerState]:
+        ids = list(dict.fromkeys(customer_ids))
+        if not ids:
+            return {}
+        found: dict[str, dict[str, ContactState]] = {cid: {} for cid in ids}
+        for row in conn.execute(
+            select(contacts).where(
+                contacts.c.dispensary == dispensary, contacts.c.customer_id.in_(ids)
+            )
+        ):
+            found[row.customer_id][row.destination] = ContactState(
+                row.contact_id, row.delivered_hash, bool(row.unsubscribed), bool(row.deactivated)
+            )
+        states = {}
+        for row in conn.execute(
+            select(customers).where(
+                customers.c.dispensary == dispensary, customers.c.customer_id.in_(ids)
+            )
+        ):
+            states[row.customer_id] = CustomerState(
+                row.customer_id,
+                row.last_update_us,
+                row.content_hash,
+                row.opt_out,
+                row.merged_into,
+                frozenset((d, s) for d, s in json.loads(row.merges)),
+                found[row.customer_id],
+            )
+        for cid, known in found.items():
+            if cid not in states and known:
+                states[cid] = CustomerState(cid, contacts=known)
+        return states
+
+    def save_states(
+        self,
+        conn: Connection,
+        dispensary: str,
+        before: Mapping[str, CustomerState],
+        after: Mapping[str, CustomerState],
+    ) -> None:
+        """Write the states a plan changed (``before`` is what :meth:`load_states` gave)."""
+        if not after:
+            return
+        now = time.time()
+        stored = set(
+            conn.execute(
+                select(customers.c.customer_id).where(
+                    customers.c.dispensary == dispensary, customers.c.customer_id.in_(list(after))
+                )
+            ).scalars()
+        )
+        for cid, state in after.items():
+            values = {
+                "last_update_us": state.last_update_us,
+                "content_hash": state.content_hash,
+                "opt_out": state.opt_out,
+                "merged_into": state.merged_into,
+                "merges": json.dumps(sorted(state.merges)),
+                "updated_at": now,
+            }
+            if cid in stored:
+                conn.execute(
+                    update(customers)
+                    .where(customers.c.dispensary == dispensary, customers.c.customer_id == cid)
+                    .values(**values)
+                )
+            else:
+                conn.execute(
+                    insert(customers).values(dispensary=dispensary, customer_id=cid, **values)
+                )
+            old = before.get(cid)
+            old_contacts = old.contacts if old is not None else {}
+            for destination, contact in state.contacts.items():
+                if old_contacts.get(destination) != contact:
+                    self._put_contact(
+                        conn, dispensary, cid, destination, contact, now,
+                        exists_=destination in old_contacts,
+                    )  # fmt: skip
+
+    def _put_contact(
+        self,
+        conn: Connection,
+        dispensary: str,
+        customer_id: str,
+        destination: str,
+        contact: ContactState,
+        now: float,
+        *,
+        exists_: bool,
+    ) -> None:
+        values = {
+            "contact_id": contact.contact_id,
+            "delivered_hash": contact.delivered_hash,
+            "unsubscribed": contact.unsubscribed,
+            "deactivated": contact.deactivated,
+            "updated_at": now,
+        }
+        if exists_:
+            conn.execute(
+                update(contacts)
+                .where(
+                    contacts.c.dispensary == dispensary,
+                    contacts.c.customer_id == customer_id,
+                    contacts.c.destination == destination,
+                )
+                .values(**values)
+            )
+        else:
+            conn.execute(
+                insert(contacts).values(
+                    dispensary=dispensary,
+                    customer_id=customer_id,
+                    destination=destination,
+                    **values,
+                )
+            )
+
+    def enqueue(self, conn: Connection, dispensary: str, operations: Sequence[Operation]) -> int:
+        """Add operations; one whose idempotency key is already queued is skipped."""
+        if not operations:
+            return 0
+        now = time.time()
+        keys = [op.idempotency_key for op in operations]
+        taken = {
+            (row.destination, row.idempotency_key)
+            for row in conn.execute(
+                select(outbox.c.destination, outbox.c.idempotency_key).where(
+                    outbox.c.dispensary == dispensary, outbox.c.idempotency_key.in_(keys)
+                )
+            )
+        }
+        rows = []
+        for op in operations:
+            if (op.destination, op.idempotency_key) in taken:
+                continue
+            taken.add((op.destination, op.idempotency_key))
+            rows.append(
+                {
+                    "dispensary": dispensary,
+                    "destination": op.destination,
+                    "order_key": op.order_key,
+                    "customer_id": op.customer_id,
+                    "op": op.op,
+                    "payload": json.dumps(op.body, separators=(",", ":"), ensure_ascii=False),
+                    "idempotency_key": op.idempotency_key,
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": now,
+                    "next_attempt_at": now,
+                }
+            )
+        if rows:
+            conn.execute(insert(outbox), rows)
+        return len(rows)
+
+    def add_conflicts(
+        self, conn: Connection, dispensary: str, found: Sequence[tuple[str, str, str, str]]
+    ) -> None:
+        if found:
+            now = time.time()
+            conn.execute(
+                insert(conflicts_table),
+                [
+                    {
+                        "dispensary": dispensary,
+                        "customer_id": c,
+                        "destination": d,
+                        "kind": k,
+                        "detail": t,
+                        "created_at": now,
+                    }
+                    for c, d, k, t in found
+                ],
+            )
+
+    def dead_letter_direct(
+        self,
+        conn: Connection,
+        dispensary: str,
+        destination: str,
+        customer_id: str,
+        op: str,
+        reason: str,
+    ) -> None:
+        """Record an operation that could not even be built (a mapping failure)."""
+        conn.execute(
+            insert(dead_letters).values(
+                outbox_id=None,
+                dispensary=dispensary,
+                destination=destination,
+                customer_id=customer_id,
+                op=op,
+                payload="{}",
+                idempotency_key="",
+                attempts=0,
+                reason=reason,
+                status_code=None,
+                response_body=None,
+                created_at=time.time(),
+            )
+        )
+
+    # --- delivering ---
+
+    def claim(
+        self, dispensary: str, destination: str, limit: int, now: float | None = None
+    ) -> list[OutboxRow]:
+        """Claim up to ``limit`` ready operations, at most one per order key.
+
+        An operation is ready when it is due and no earlier operation with the same order key
+        is still pending, waiting for a retry, or in flight: a customer's operations go one at
+        a time and in order, and a retry's wait holds up only that customer.
+        """
+        now = time.time() if now is None else now
+        earlier = aliased(outbox)
+        blocked = exists().where(
+            earlier.c.dispensary == outbox.c.dispensary,
+            earlier.c.destination == outbox.c.destination,
+            earlier.c.order_key == outbox.c.order_key,
+            earlier.c.id < outbox.c.id,
+            earlier.c.status.in_(("pending", "inflight")),
+        )
+        claimable = and_(
+            outbox.c.dispensary == dispensary,
+            outbox.c.destination == destination,
+            (
+                ((outbox.c.status == "pending") & (outbox.c.next_attempt_at <= now))
+                | ((outbox.c.status == "inflight") & (outbox.c.claimed_until < now))
+            ),
+            ~blocked,
+        )
+        with self.transaction() as conn:
+            rows = conn.execute(
+                select(outbox).where(claimable).order_by(outbox.c.id).limit(limit)
+            ).all()
+            if not rows:
+                return []
+            ids = [r.id for r in rows]
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(ids))
+                .values(
+                    status="inflight",
+                    claimed_by=self.process_id,
+                    claimed_until=now + CLAIM_SECONDS,
+                    first_attempt_at=func.coalesce(outbox.c.first_attempt_at, now),
+                )
+            )
+        return [
+            OutboxRow(
+                r.id,
+                r.dispensary,
+                r.destination,
+                r.customer_id,
+                r.op,
+                json.loads(r.payload),
+                r.idempotency_key,
+                r.attempts,
+                r.first_attempt_at if r.first_attempt_at is not None else now,
+            )
+            for r in rows
+        ]
+
+    def contact_ids(
+        self, dispensary: str, destination: str, customer_ids: Iterable[str]
+    ) -> dict[str, str]:
+        """The destination's contact id of each customer that has one (the identity map)."""
+        ids = list(dict.fromkeys(customer_ids))
+        if not ids:
+            return {}
+        rows = self.query(
+            select(contacts.c.customer_id, contacts.c.contact_id).where(
+                contacts.c.dispensary == dispensary,
+                contacts.c.destination == destination,
+                contacts.c.customer_id.in_(ids),
+                contacts.c.contact_id.is_not(None),
+            )
+        )
+        return {r.customer_id: r.contact_id for r in rows}
+
+    def finish(
+        self,
+        dispensary: str,
+        destination: str,
+        done: Sequence[tuple[OutboxRow, str | None]] = (),
+        retry: Sequence[tuple[OutboxRow, float, str]] = (),
+        dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
+    ) -> None:
+        """Record a round of delivery: successes (with any returned contact id), retries
+        (with their next attempt time), and dead letters (with the response)."""
+        now = time.time()
+        with self.transaction() as conn:
+            if done:
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_([row.id for row, _ in done]))
+                    .values(
+                        status="done",
+                        done_at=now,
+                        attempts=outbox.c.attempts + 1,
+                        claimed_by=None,
+                        claimed_until=None,
+                        last_error=None,
+                    )
+                )
+                for row, contact_id in done:
+                    target = row.body.get("into_customer_id") if row.op == "merge" else None
+                    if contact_id:
+                        self._record_contact(
+                            conn,
+                            dispensary,
+                            destination,
+                            str(target or row.customer_id),
+                            contact_id,
+                            now,
+                        )
+            for row, at, error in retry:
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id == row.id)
+                    .values(
+                        status="pending",
+                        attempts=outbox.c.attempts + 1,
+                        next_attempt_at=at,
+                        claimed_by=None,
+                        claimed_until=None,
+                        last_error=error[:2000],
+                    )
+                )
+            for row, reason, status_code, response in dead:
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id == row.id)
+                    .values(
+                        status="dead",
+                        attempts=outbox.c.attempts + 1,
+                        done_at=now,
+                        claimed_by=None,
+                        claimed_until=None,
+                        last_error=reason[:2000],
+                    )
+                )
+                conn.execute(
+                    insert(dead_letters).values(
+                        outbox_id=row.id,
+                        dispensary=dispensary,
+                        destination=destination,
+                        customer_id=row.customer_id,
+                        op=row.op,
+                        payload=json.dumps(row.body, separators=(",", ":")),
+                        idempotency_key=row.idempotency_key,
+                        attempts=row.attempts + 1,
+                        reason=reason[:2000],
+                        status_code=status_code,
+                        response_body=(response or "")[:8192] or None,
+                        created_at=now,
+                    )
+                )
+                if row.op == "upsert":
+                    # what was planned did not arrive: forget its hash so the next event resends
+                    conn.execute(
+                        update(contacts)
+                        .where(
+                            contacts.c.dispensary == dispensary,
+                            contacts.c.destination == destination,
+                            contacts.c.customer_id == row.customer_id,
+                        )
+                        .values(delivered_hash=None, updated_at=now)
+                    )
+
+    def _record_contact(
+        self,
+        conn: Connection,
+        dispensary: str,
+        destination: str,
+        customer_id: str,
+        contact_id: str,
+        now: float,
+    ) -> None:
+        where = (
+            contacts.c.dispensary == dispensary,
+            contacts.c.destination == destination,
+            contacts.c.customer_id == customer_id,
+        )
+        current = conn.execute(select(contacts.c.contact_id).where(*where)).first()
+        if current is None:
+            conn.execute(
+                insert(contacts).values(
+                    dispensary=dispensary,
+                    customer_id=customer_id,
+                    destination=destination,
+                    contact_id=contact_id,
+                    delivered_hash=None,
+                    unsubscribed=False,
+                    deactivated=False,
+                    updated_at=now,
+                )
+            )
+        elif current.contact_id is None:
+            conn.execute(
+                update(contacts).where(*where).values(contact_id=contact_id, updated_at=now)
+            )
+        elif current.contact_id != contact_id:
+            conn.execute(
+                insert(conflicts_table).values(
+                    dispensary=dispensary,
+                    customer_id=customer_id,
+                    destination=destination,
+                    kind="contact_id_changed",
+                    detail="the destination returned another contact id than the identity map "
+                    "holds; the map is kept",
+                    created_at=now,
+                )
+            )
+
+    def next_due(self, dispensary: str, destination: str) -> float | None:
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(func.min(outbox.c.next_attempt_at)).where(
+                    outbox.c.dispensary == dispensary,
+                    outbox.c.destination == destination,
+                    outbox.c.status == "pending",
+                )
+            ).scalar_one_or_none()
+            conn.rollback()
+        return None if found is None else float(found)
+
+    # --- processes and claims ---
+
+    def register_process(self) -> int:
+        """Record this process and release the claims of processes that are gone.
+
+        Gone: a process on this host whose pid no longer runs (released at once), or any
+        process whose heartbeat is older than a claim's lifetime. Returns operations released.
+        """
+        now = time.time()
+        host = socket.gethostname()
+        with self.transaction() as conn:
+            gone = []
+            for row in conn.execute(select(processes)):
+                stale = row.heartbeat_at < now - CLAIM_SECONDS
+                if stale or (row.host == host and not _pid_alive(row.pid)):
+                    gone.append(row.id)
+            released = 0
+            if gone:
+                result = conn.execute(
+                    update(outbox)
+                    .where(outbox.c.status == "inflight", outbox.c.claimed_by.in_(gone))
+                    .values(status="pending", claimed_by=None, claimed_until=None)
+                )
+                released = result.rowcount or 0
+                conn.execute(delete(processes).where(processes.c.id.in_(gone)))
+            conn.execute(
+                insert(processes).values(
+                    id=self.process_id, host=host, pid=os.getpid(), started_at=now, heartbeat_at=now
+                )
+            )
+        return released
+
+    def heartbeat(self) -> None:
+        """Keep this process known and renew the claims it holds."""
+        now = time.time()
+        with self.transaction() as conn:
+            conn.execute(
+                update(processes).where(processes.c.id == self.process_id).values(heartbeat_at=now)
+            )
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.status == "inflight", outbox.c.claimed_by == self.process_id)
+                .values(claimed_until=now + CLAIM_SECONDS)
+            )
+
+    def release_claims(self) -> int:
+        """Give back this process's in-flight operations (on shutdown)."""
+        with self.transaction() as conn:
+            result = conn.execute(
+                update(outbox)
+                .where(outbox.c.status == "inflight", outbox.c.claimed_by == self.process_id)
+                .values(status="pending", claimed_by=None, claimed_until=None)
+            )
+            conn.execute(delete(processes).where(processes.c.id == self.process_id))
+        return result.rowcount or 0
+
+    # --- reading, for status, metrics and tests ---
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            conn.rollback()
+
+    def queue_stats(self) -> list[dict[str, Any]]:
+        """Per (dispensary, destination): pending, inflight and dead counts, oldest pending."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    outbox.c.dispensary,
+                    outbox.c.destination,
+                    outbox.c.status,
+                    func.count(),
+                    func.min(outbox.c.created_at),
+                )
+                .where(outbox.c.status.in_(("pending", "inflight", "dead")))
+                .group_by(outbox.c.dispensary, outbox.c.destination, outbox.c.status)
+            ).all()
+            conn.rollback()
+        stats: dict[tuple[str, str], dict[str, Any]] = {}
+        for dispensary, destination, status, count, oldest in rows:
+            entry = stats.setdefault(
+                (dispensary, destination),
+                {
+                    "dispensary": dispensary,
+                    "destination": destination,
+                    "pending": 0,
+                    "inflight": 0,
+                    "dead": 0,
+                    "oldest_pending_at": None,
+                },
+            )
+            entry[status] = count
+            if status in ("pending", "inflight") and oldest is not None:
+                prev = entry["oldest_pending_at"]
+                entry["oldest_pending_at"] = oldest if prev is None else min(prev, oldest)
+        return list(stats.values())
+
+    def pending_work(self) -> int:
+        """Events not yet planned plus operations not yet delivered or dead-lettered."""
+        with self.engine.connect() as conn:
+            events = conn.execute(
+                select(func.count()).select_from(inbox).where(inbox.c.status == "pending")
+            ).scalar_one()
+            ops = conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where(outbox.c.status.in_(("pending", "inflight")))
+            ).scalar_one()
+            conn.rollback()
+        return int(events) + int(ops)
+
+    def query(self, statement: Any) -> list[Any]:
+        """Run a read-only statement (tests and the CLI)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(statement).all()
+            conn.rollback()
+        return list(rows)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AsyncStore:
+    """Runs a :class:`Store`'s methods in one dedicated thread, for the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"the store failed ({exc.__class__.__name__})") from None
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()
