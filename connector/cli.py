@@ -286,3 +286,31 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
         timeout_graceful_shutdown=max(1, int(server.shutdown_grace_seconds)),
     )
     uvicorn.Server(uvicorn_config).run()
+
+
+# --- demo ---
+
+
+@main.command()
+@config_option
+@click.option("--url", help="A running server (default: server.host and server.port).")
+@click.option("--dispensary", "-d", help="The dispensary to post as (default: the first).")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for delivery.")  # fmt: skip
+def demo(config_file: Path, url: str | None, dispensary: str | None, timeout: float) -> None:
+    """Post the bundled sample events and show what each destination received.
+
+    Uses the running server when one answers, else starts one in this process on a free port.
+    """
+    from connector.demo import run_demo
+    from connector.logs import configure_logging
+
+    config = _load(config_file)
+    configure_logging(level="warning", json=False)
+    name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
+    try:
+        finished = run_demo(config, dispensary=name, url=url, timeout=timeout, echo=click.echo)
+    except ConnectorError as exc:
+        _fail(str(exc))
+    if not finished:
+        sys.exit(1)

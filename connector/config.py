@@ -103,7 +103,7 @@ class _Model(BaseModel):
 
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=1, le=65535)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     log_format: Literal["json", "console"] = "json"
@@ -267,6 +267,9 @@ class DispensaryConfig(_Model):
 class Config(_Model):
     # repr=False: a PostgreSQL URL may carry a password; store_display hides it
     store: str = Field(default="sqlite:///connector.db", validate_default=True, repr=False)
+    # how long a write waits for a lock held by another process before the receiver
+    # answers 503 (SQLite: busy timeout)
+    store_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     server: ServerConfig = ServerConfig()
     dispensaries: dict[str, DispensaryConfig] = Field(min_length=1)
 

@@ -119,6 +119,13 @@ ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         "duplicate",
         "ignored",
         "quarantined",
+        "applied",
+        "tie",
+        "absorbed",
+        "failed",
+        "accepted",
+        "rejected",
+        "retried",
         "conflicts",
         # HTTP and process
         "path",

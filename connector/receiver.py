@@ -69,7 +69,11 @@ class GroupCommitter:
             try:
                 await self.astore.call(self.astore.store.add_events, events, rejected)
             except Exception as exc:  # every waiter learns of it; none is told "stored"
-                error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
+                error = (
+                    exc
+                    if isinstance(exc, StoreUnavailable)
+                    else StoreUnavailable(f"the store failed ({exc.__class__.__name__})")
+                )
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)

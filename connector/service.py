@@ -27,7 +27,7 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.deployment = Deployment.from_config(config)
-        self.astore = AsyncStore(Store(config.store))
+        self.astore = AsyncStore(Store(config.store, timeout=config.store_timeout_seconds))
         self.committer = GroupCommitter(self.astore)
         self.processor = Processor(
             self.astore, self.deployment, on_enqueued=self._wake_workers, metrics=self.metrics,

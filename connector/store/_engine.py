@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 
 
-def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
+def make_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> Engine:
     """An engine for ``url``.
 
     SQLite: WAL, ``synchronous=FULL`` (an acknowledged event survives a power cut), a busy
@@ -16,7 +16,7 @@ def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
     failing when it upgrades (pysqlite's own transaction handling is switched off for that).
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -24,7 +24,7 @@ def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 

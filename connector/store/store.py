@@ -90,9 +90,9 @@ class OutboxRow:
 class Store:
     """Synchronous access to the schema; one instance per thread that uses it."""
 
-    def __init__(self, url: str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
         self.url = url
-        self.engine = make_engine(url, synchronous=synchronous)
+        self.engine = make_engine(url, synchronous=synchronous, timeout=timeout)
         self.process_id = uuid.uuid4().hex
         try:
             self._migrate()
@@ -126,9 +126,9 @@ class Store:
             with self.engine.begin() as conn:
                 yield conn
         except OperationalError as exc:
-            raise StoreUnavailable(
-                f"the store cannot take the write ({exc.orig.__class__.__name__}: {exc.orig})"
-            ) from None
+            # the driver's text only, never the statement's parameters (customer values)
+            reason = str(exc.orig).splitlines()[0][:120] if exc.orig is not None else "unknown"
+            raise StoreUnavailable(f"the store cannot take the write ({reason})") from None
 
     # --- receiving ---
 
