@@ -260,10 +260,9 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
     Stops on SIGTERM or Ctrl-C: accepts nothing more, finishes or releases the work in
     hand within server.shutdown_grace_seconds, and exits 0.
     """
-    import uvicorn
-
     from connector.logs import configure_logging
     from connector.receiver import create_app
+    from connector.server import ConnectorServer, uvicorn_config
     from connector.service import Service
 
     config = _load(config_file)
@@ -274,18 +273,7 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
     except ConnectorError as exc:
         _fail(str(exc))
     app = create_app(service)
-    uvicorn_config = uvicorn.Config(
-        app,
-        host=host or server.host,
-        port=server.port if port is None else port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, int(server.shutdown_grace_seconds)),
-    )
-    uvicorn.Server(uvicorn_config).run()
+    ConnectorServer(uvicorn_config(app, config, host=host, port=port)).run()
 
 
 # --- demo ---

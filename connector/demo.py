@@ -9,7 +9,6 @@ set relative to now, so the demo can be run again and again against the same sto
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,16 +63,13 @@ def embedded_server(config: Config) -> Iterator[str]:
     import uvicorn
 
     from connector.receiver import create_app
+    from connector.server import bind, uvicorn_config
     from connector.service import Service
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     service = Service(config, idle_poll=0.2)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service), log_config=None, access_log=False, lifespan="on")
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(service), config, host=None, port=port))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

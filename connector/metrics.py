@@ -67,10 +67,22 @@ class Metrics:
             registry=self.registry,
         )
 
-    def render(self, queue_stats: Iterable[dict[str, Any]]) -> bytes:
-        """The text exposition, with queue gauges read from the store just now."""
+    def render(
+        self,
+        queue_stats: Iterable[dict[str, Any]],
+        configured: Iterable[tuple[str, str]] = (),
+    ) -> bytes:
+        """The text exposition, with queue gauges read from the store just now; a configured
+        destination with nothing queued reads 0 (not its last value)."""
         now = time.time()
-        for entry in queue_stats:
+        entries = {(e["dispensary"], e["destination"]): e for e in queue_stats}
+        for key in configured:
+            entries.setdefault(
+                key,
+                {"dispensary": key[0], "destination": key[1], "pending": 0, "inflight": 0,
+                 "dead": 0, "oldest_pending_at": None},
+            )  # fmt: skip
+        for entry in entries.values():
             labels = (entry["dispensary"], entry["destination"])
             self.queue_depth.labels(*labels).set(entry["pending"] + entry["inflight"])
             self.dead_letters.labels(*labels).set(entry["dead"])

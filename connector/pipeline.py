@@ -5,10 +5,12 @@ loop that feeds every event (webhook or reconciliation) through the planner.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from connector._pressure import Pressure
 from connector.config import Config, DispensaryConfig, HttpDestination, JsonlDestination
 from connector.delivery.base import Destination
 from connector.delivery.http import HttpSink
@@ -17,7 +19,7 @@ from connector.errors import EventValidationError
 from connector.logs import get_logger
 from connector.mapping import load_mapping
 from connector.metrics import Metrics
-from connector.planner import DestinationSpec, content_hash, plan
+from connector.planner import DestinationSpec, Operation, content_hash, plan
 from connector.store import AsyncStore, Store
 from connector.treez import CustomerEvent, parse_event_json
 
@@ -67,48 +69,70 @@ class BatchResult:
     touched: set[tuple[str, str]] = field(default_factory=set)  # (dispensary, destination)
 
 
-def process_batch(store: Store, deployment: Deployment, limit: int = 64) -> BatchResult:
+def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> BatchResult:
     """Plan up to ``limit`` pending events, oldest first, in one transaction.
 
-    The new customer state, the operations and the events' outcomes commit together: a crash
-    at any point leaves either all of an event's effects or none of them.
+    Events are planned one after the other against state held in memory (each sees the
+    effects of the ones before it, as if applied one at a time); the new state, the
+    operations and the events' outcomes then commit together, a few set-wise statements per
+    dispensary. A crash at any point leaves all of a batch's effects or none.
     """
     result = BatchResult()
     with store.transaction() as conn:
         rows = store.pending_events(conn, limit)
         outcomes: dict[int, str] = {}
+        work: list[tuple[int, str, CustomerEvent]] = []
+        related: dict[str, set[str]] = {}
         for row in rows:
-            runtime = deployment.dispensaries.get(row.dispensary)
             try:
                 event = parse_event_json(row.body)
             except EventValidationError:
                 outcomes[row.id] = "failed"
                 continue
-            if runtime is None or not isinstance(event, CustomerEvent):
+            if row.dispensary not in deployment.dispensaries or not isinstance(
+                event, CustomerEvent
+            ):
                 outcomes[row.id] = "ignored"
                 continue
             customer = event.customer
-            related = [customer.customer_id, *customer.merged_customer_ids]
+            ids = related.setdefault(row.dispensary, set())
+            ids.add(customer.customer_id)
+            ids.update(customer.merged_customer_ids)
             if customer.merged_into_customer_id:
-                related.append(customer.merged_into_customer_id)
-            states = store.load_states(conn, row.dispensary, related)
+                ids.add(customer.merged_into_customer_id)
+            work.append((row.id, row.dispensary, event))
+
+        loaded = {d: store.load_states(conn, d, ids) for d, ids in related.items()}
+        current = {d: dict(states) for d, states in loaded.items()}
+        operations: dict[str, list[Operation]] = {d: [] for d in related}
+        conflicts: dict[str, list[tuple[str, str, str, str]]] = {d: [] for d in related}
+        for event_id, dispensary, event in work:
+            customer = event.customer
+            states = current[dispensary]
             planned = plan(
-                customer, row.dispensary, states, runtime.specs, digest=content_hash(customer)
+                customer,
+                dispensary,
+                states,
+                deployment.dispensaries[dispensary].specs,
+                digest=content_hash(customer),
+                sequence=event_id,
             )
-            store.save_states(conn, row.dispensary, states, planned.states)
-            store.enqueue(conn, row.dispensary, planned.operations)
-            store.add_conflicts(
-                conn,
-                row.dispensary,
-                [(c.customer_id, c.destination, c.kind, c.detail) for c in planned.conflicts],
+            states.update(planned.states)
+            operations[dispensary].extend(planned.operations)
+            conflicts[dispensary].extend(
+                (c.customer_id, c.destination, c.kind, c.detail) for c in planned.conflicts
             )
             for failure in planned.failures:
                 store.dead_letter_direct(
-                    conn, row.dispensary, failure.destination, customer.customer_id, "upsert",
+                    conn, dispensary, failure.destination, customer.customer_id, "upsert",
                     f"mapping failed: {failure.message}",
                 )  # fmt: skip
-            result.touched.update((row.dispensary, op.destination) for op in planned.operations)
-            outcomes[row.id] = planned.outcome
+            result.touched.update((dispensary, op.destination) for op in planned.operations)
+            outcomes[event_id] = planned.outcome
+        for dispensary, states in current.items():
+            store.save_states(conn, dispensary, loaded[dispensary], states)
+            store.enqueue(conn, dispensary, operations[dispensary])
+            store.add_conflicts(conn, dispensary, conflicts[dispensary])
         store.mark_events(conn, outcomes)
     result.events = len(rows)
     result.outcomes.update(outcomes.values())
@@ -126,9 +150,11 @@ class Processor:
         on_enqueued: Callable[[Iterable[tuple[str, str]]], None],
         metrics: Metrics | None = None,
         idle_poll: float = 1.0,
+        pressure: Pressure | None = None,
     ) -> None:
         self.astore = astore
         self.deployment = deployment
+        self.pressure = pressure or Pressure()
         self.on_enqueued = on_enqueued
         self.metrics = metrics
         self.idle_poll = idle_poll
@@ -137,7 +163,12 @@ class Processor:
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             self.wake.clear()
-            result = await self.astore.call(process_batch, self.astore.store, self.deployment)
+            started = time.monotonic()
+            # small batches while webhooks arrive: a batch holds the interpreter lock
+            limit = 16 if self.pressure.busy else 256
+            result = await self.astore.call(
+                process_batch, self.astore.store, self.deployment, limit
+            )
             if result.touched:
                 self.on_enqueued(result.touched)
             if result.events:
@@ -146,6 +177,7 @@ class Processor:
                 if self.metrics is not None:
                     for outcome, count in counts.items():
                         self.metrics.planned.labels("all", outcome).inc(count)
+                await self.pressure.yield_after(time.monotonic() - started)
                 continue
             waits = [
                 asyncio.ensure_future(self.wake.wait()),

@@ -18,7 +18,8 @@ Every correctness rule of the design lives here (docs/design.md, "Rules that mak
 - **Change detection.** A hash of the mapped contact is kept per destination; the same contact
   is not sent twice. Mapping already leaves nulls and placeholders out.
 - **Idempotency.** Each operation carries a stable key derived from (destination, customer,
-  operation, ``last_update``, payload hash), or (destination, absorbed, survivor) for a merge.
+  operation, ``last_update``, payload hash and the stored event's sequence), or (destination,
+  absorbed, survivor) for a merge, so the two payloads of one merge yield one key.
 """
 
 from __future__ import annotations
@@ -142,12 +143,16 @@ def plan(
     *,
     resend: bool = False,
     digest: str | None = None,
+    sequence: int | str = "",
 ) -> Plan:
     """Plan what every destination must be told about this version of ``customer``.
 
     ``states`` holds the stored state of the customer and of the customers its merge fields
     name (absent when never seen). ``resend`` ignores change detection (a changed mapping or a
     new destination). ``digest`` is the customer's :func:`content_hash` when already computed.
+    ``sequence`` identifies the stored event (its inbox id) and goes into the operations'
+    keys: two events with the same ``last_update`` and payload (a tie flipping back: v2,
+    v2', v2) are two operations, while a retry of one operation keeps its key.
     """
     cid = customer.customer_id
     state = states.get(cid) or CustomerState(cid)
@@ -195,7 +200,7 @@ def plan(
         if deactivated:
             if not contact.deactivated:
                 body = _body("deactivate", dispensary, cid)
-                ops.append(_op(dest.name, cid, "deactivate", body, version, ""))
+                ops.append(_op(dest.name, cid, "deactivate", body, version, "", sequence))
                 contact = replace(contact, deactivated=True)
         else:
             try:
@@ -207,11 +212,13 @@ def plan(
                 digest_fields = payload_hash(fields)
                 if resend or digest_fields != contact.delivered_hash or contact.deactivated:
                     body = {**_body("upsert", dispensary, cid), "fields": fields}
-                    ops.append(_op(dest.name, cid, "upsert", body, version, digest_fields))
+                    ops.append(
+                        _op(dest.name, cid, "upsert", body, version, digest_fields, sequence)
+                    )
                     contact = replace(contact, delivered_hash=digest_fields, deactivated=False)
         if opt_out is True and not contact.unsubscribed:
             body = {**_body("unsubscribe", dispensary, cid), "channels": list(dest.channels)}
-            ops.append(_op(dest.name, cid, "unsubscribe", body, version, "all"))
+            ops.append(_op(dest.name, cid, "unsubscribe", body, version, "all", sequence))
             contact = replace(contact, unsubscribed=True)
         elif (
             opt_out is False
@@ -220,7 +227,7 @@ def plan(
             and dest.policy.resubscribe == "on_source_opt_in"
         ):
             body = {**_body("subscribe", dispensary, cid), "channels": list(dest.channels)}
-            ops.append(_op(dest.name, cid, "subscribe", body, version, "all"))
+            ops.append(_op(dest.name, cid, "subscribe", body, version, "all", sequence))
             contact = replace(contact, unsubscribed=False)
         operations.extend(ops)
         contacts[dest.name] = contact
@@ -307,6 +314,7 @@ def _op(
     body: dict[str, Any],
     version: int,
     payload_digest: str,
+    sequence: int | str,
 ) -> Operation:
-    key = _key(destination, customer_id, op, version, payload_digest)
+    key = _key(destination, customer_id, op, version, payload_digest, sequence)
     return Operation(destination, customer_id, customer_id, op, body, key)

@@ -167,6 +167,7 @@ def create_app(service: Service) -> FastAPI:
     async def receive_webhook(dispensary: str, request: Request) -> Response:
         """Receive a Treez webhook for one dispensary."""
         started = time.perf_counter()
+        service.pressure.touch()
         response, customer_id, outcome = await _receive(dispensary, request)
         log.info(
             "webhook", dispensary=dispensary, status_code=response.status_code, outcome=outcome,
@@ -274,6 +275,8 @@ def create_app(service: Service) -> FastAPI:
             stats = await service.astore.call(service.astore.store.queue_stats)
         except StoreUnavailable:
             stats = []
-        return Response(metrics.render(stats), media_type="text/plain; version=0.0.4")
+        return Response(
+            metrics.render(stats, service.workers), media_type="text/plain; version=0.0.4"
+        )
 
     return app

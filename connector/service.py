@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from connector._pressure import Pressure
 from connector.config import Config
 from connector.delivery.base import Destination
 from connector.delivery.retry import RetryPolicy
@@ -26,12 +28,13 @@ class Service:
     def __init__(self, config: Config, *, idle_poll: float = 1.0) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.pressure = Pressure()
         self.deployment = Deployment.from_config(config)
         self.astore = AsyncStore(Store(config.store, timeout=config.store_timeout_seconds))
         self.committer = GroupCommitter(self.astore)
         self.processor = Processor(
             self.astore, self.deployment, on_enqueued=self._wake_workers, metrics=self.metrics,
-            idle_poll=idle_poll,
+            idle_poll=idle_poll, pressure=self.pressure,
         )  # fmt: skip
         self.committer.on_commit.append(self.processor.wake.set)
         self.destinations: list[Destination] = []
@@ -49,7 +52,7 @@ class Service:
                 self.workers[(name, dest_config.name)] = DeliveryWorker(
                     self.astore, name, destination, retry=retry,
                     concurrency=dest_config.concurrency, metrics=self.metrics,
-                    idle_poll=idle_poll,
+                    idle_poll=idle_poll, pressure=self.pressure,
                 )  # fmt: skip
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -61,6 +64,10 @@ class Service:
                 worker.wake.set()
 
     async def start(self) -> None:
+        # The store thread runs CPU-bound planning; with the default 5 ms switch interval the
+        # event loop would wait up to 5 ms for the interpreter lock after every system call,
+        # and a request makes several (a convoy). 0.5 ms keeps the receiver responsive.
+        sys.setswitchinterval(0.0005)
         store = self.astore.store
         released = await self.astore.call(store.register_process)
         self._stopping.clear()

@@ -10,6 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from connector._pressure import Pressure
 from connector.delivery.base import Delivery, Destination
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy
@@ -39,7 +40,9 @@ class DeliveryWorker:
         concurrency: int = 8,
         metrics: Metrics | None = None,
         idle_poll: float = 1.0,
+        pressure: Pressure | None = None,
     ) -> None:
+        self.pressure = pressure or Pressure()
         self.astore = astore
         self.dispensary = dispensary
         self.destination = destination
@@ -56,16 +59,18 @@ class DeliveryWorker:
         store = self.astore.store
         limit = self.concurrency * self.destination.batch_size
         while not stopping.is_set():
+            self.wake.clear()  # before looking: a wake-up from here on is not lost
             rows = await self.astore.call(
                 store.claim, self.dispensary, self.destination.name, limit
             )
             if rows:
+                started = time.monotonic()
                 await self._round(rows)
+                await self.pressure.yield_after(time.monotonic() - started)
                 continue
             due = await self.astore.call(store.next_due, self.dispensary, self.destination.name)
             timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
             if timeout > 0:
-                self.wake.clear()
                 waits = [asyncio.ensure_future(self.wake.wait()),
                          asyncio.ensure_future(stopping.wait())]  # fmt: skip
                 _, pending = await asyncio.wait(
@@ -161,8 +166,17 @@ class DeliveryWorker:
             ).inc()
 
 
+CONTRACT_KEYS = (
+    "op", "dispensary", "customer_id", "contact_id", "fields", "channels", "from_contact_id",
+    "into_contact_id", "from_customer_id", "into_customer_id", "idempotency_key",
+)  # fmt: skip
+
+
 def _delivery(row: OutboxRow, contacts: dict[str, str]) -> Delivery:
-    body = dict(row.body)
+    """The operation as contract 4 states it: every key present, null where it does not
+    apply, so a receiving workflow (n8n, Zapier, Make) sees one fixed shape."""
+    body: dict[str, object] = dict.fromkeys(CONTRACT_KEYS)
+    body.update(row.body)
     body["contact_id"] = contacts.get(row.customer_id)
     if row.op == "merge":
         body["from_contact_id"] = contacts.get(str(body.get("from_customer_id")))

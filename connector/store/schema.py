@@ -128,7 +128,8 @@ outbox = Table(
     Column("last_error", Text),
     Column("done_at", Float),
     UniqueConstraint("dispensary", "destination", "idempotency_key", name="uq_outbox_key"),
-    Index("ix_outbox_ready", "dispensary", "destination", "status", "next_attempt_at"),
+    # claims walk this in id order and stop at their limit
+    Index("ix_outbox_queue", "dispensary", "destination", "status", "id"),
     Index("ix_outbox_order", "dispensary", "destination", "order_key", "id"),
 )
 

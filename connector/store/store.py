@@ -18,7 +18,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, and_, delete, exists, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import aliased
 
@@ -43,6 +53,37 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 CLAIM_SECONDS = 30.0  # a claim never outlives this without renewal
+
+# executemany statements, built once (SQLAlchemy caches their compiled form)
+_UPDATE_CUSTOMER = (
+    update(customers)
+    .where(
+        customers.c.dispensary == bindparam("k_dispensary"),
+        customers.c.customer_id == bindparam("k_customer"),
+    )
+    .values(
+        {c: bindparam(c) for c in
+         ("last_update_us", "content_hash", "opt_out", "merged_into", "merges", "updated_at")}
+    )
+)  # fmt: skip
+_CONTACT_KEY = (
+    contacts.c.dispensary == bindparam("k_dispensary"),
+    contacts.c.customer_id == bindparam("k_customer"),
+    contacts.c.destination == bindparam("k_destination"),
+)
+_UPDATE_CONTACT = (
+    update(contacts)
+    .where(*_CONTACT_KEY)
+    .values(
+        {c: bindparam(c) for c in
+         ("contact_id", "delivered_hash", "unsubscribed", "deactivated", "updated_at")}
+    )
+)  # fmt: skip
+_FILL_CONTACT_ID = (
+    update(contacts)
+    .where(*_CONTACT_KEY)
+    .values(contact_id=bindparam("contact_id"), updated_at=bindparam("updated_at"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,18 +276,30 @@ class Store:
         before: Mapping[str, CustomerState],
         after: Mapping[str, CustomerState],
     ) -> None:
-        """Write the states a plan changed (``before`` is what :meth:`load_states` gave)."""
-        if not after:
+        """Write the states that differ from ``before`` (what :meth:`load_states` gave), in
+        a few set-wise statements whatever the number of customers."""
+        changed = {cid: st for cid, st in after.items() if before.get(cid) != st}
+        if not changed:
             return
         now = time.time()
+        ids = list(changed)
         stored = set(
             conn.execute(
                 select(customers.c.customer_id).where(
-                    customers.c.dispensary == dispensary, customers.c.customer_id.in_(list(after))
+                    customers.c.dispensary == dispensary, customers.c.customer_id.in_(ids)
                 )
             ).scalars()
         )
-        for cid, state in after.items():
+        stored_contacts = {
+            (r.customer_id, r.destination)
+            for r in conn.execute(
+                select(contacts.c.customer_id, contacts.c.destination).where(
+                    contacts.c.dispensary == dispensary, contacts.c.customer_id.in_(ids)
+                )
+            )
+        }
+        new_rows, updates, new_contacts, contact_updates = [], [], [], []
+        for cid, state in changed.items():
             values = {
                 "last_update_us": state.last_update_us,
                 "content_hash": state.content_hash,
@@ -256,61 +309,39 @@ class Store:
                 "updated_at": now,
             }
             if cid in stored:
-                conn.execute(
-                    update(customers)
-                    .where(customers.c.dispensary == dispensary, customers.c.customer_id == cid)
-                    .values(**values)
-                )
+                updates.append({"k_dispensary": dispensary, "k_customer": cid, **values})
             else:
-                conn.execute(
-                    insert(customers).values(dispensary=dispensary, customer_id=cid, **values)
-                )
+                new_rows.append({"dispensary": dispensary, "customer_id": cid, **values})
             old = before.get(cid)
             old_contacts = old.contacts if old is not None else {}
             for destination, contact in state.contacts.items():
-                if old_contacts.get(destination) != contact:
-                    self._put_contact(
-                        conn, dispensary, cid, destination, contact, now,
-                        exists_=destination in old_contacts,
+                if old_contacts.get(destination) == contact:
+                    continue
+                values = {
+                    "contact_id": contact.contact_id,
+                    "delivered_hash": contact.delivered_hash,
+                    "unsubscribed": contact.unsubscribed,
+                    "deactivated": contact.deactivated,
+                    "updated_at": now,
+                }
+                if (cid, destination) in stored_contacts:
+                    contact_updates.append(
+                        {"k_dispensary": dispensary, "k_customer": cid,
+                         "k_destination": destination, **values}
                     )  # fmt: skip
-
-    def _put_contact(
-        self,
-        conn: Connection,
-        dispensary: str,
-        customer_id: str,
-        destination: str,
-        contact: ContactState,
-        now: float,
-        *,
-        exists_: bool,
-    ) -> None:
-        values = {
-            "contact_id": contact.contact_id,
-            "delivered_hash": contact.delivered_hash,
-            "unsubscribed": contact.unsubscribed,
-            "deactivated": contact.deactivated,
-            "updated_at": now,
-        }
-        if exists_:
-            conn.execute(
-                update(contacts)
-                .where(
-                    contacts.c.dispensary == dispensary,
-                    contacts.c.customer_id == customer_id,
-                    contacts.c.destination == destination,
-                )
-                .values(**values)
-            )
-        else:
-            conn.execute(
-                insert(contacts).values(
-                    dispensary=dispensary,
-                    customer_id=customer_id,
-                    destination=destination,
-                    **values,
-                )
-            )
+                else:
+                    new_contacts.append(
+                        {"dispensary": dispensary, "customer_id": cid,
+                         "destination": destination, **values}
+                    )  # fmt: skip
+        if new_rows:
+            conn.execute(insert(customers), new_rows)
+        if updates:
+            conn.execute(_UPDATE_CUSTOMER, updates)
+        if new_contacts:
+            conn.execute(insert(contacts), new_contacts)
+        if contact_updates:
+            conn.execute(_UPDATE_CONTACT, contact_updates)
 
     def enqueue(self, conn: Connection, dispensary: str, operations: Sequence[Operation]) -> int:
         """Add operations; one whose idempotency key is already queued is skipped."""
@@ -417,19 +448,19 @@ class Store:
             earlier.c.id < outbox.c.id,
             earlier.c.status.in_(("pending", "inflight")),
         )
-        claimable = and_(
-            outbox.c.dispensary == dispensary,
-            outbox.c.destination == destination,
-            (
-                ((outbox.c.status == "pending") & (outbox.c.next_attempt_at <= now))
-                | ((outbox.c.status == "inflight") & (outbox.c.claimed_until < now))
-            ),
-            ~blocked,
+        mine = and_(outbox.c.dispensary == dispensary, outbox.c.destination == destination)
+        # two queries, each an index walk in id order that stops at the limit (an OR of
+        # both would scan and sort every pending row)
+        due = select(outbox).where(
+            mine, outbox.c.status == "pending", outbox.c.next_attempt_at <= now, ~blocked
+        )
+        expired = select(outbox).where(
+            mine, outbox.c.status == "inflight", outbox.c.claimed_until < now, ~blocked
         )
         with self.transaction() as conn:
-            rows = conn.execute(
-                select(outbox).where(claimable).order_by(outbox.c.id).limit(limit)
-            ).all()
+            rows = list(conn.execute(expired.order_by(outbox.c.id).limit(limit)))
+            if len(rows) < limit:
+                rows += conn.execute(due.order_by(outbox.c.id).limit(limit - len(rows)))
             if not rows:
                 return []
             ids = [r.id for r in rows]
@@ -491,26 +522,16 @@ class Store:
                 conn.execute(
                     update(outbox)
                     .where(outbox.c.id.in_([row.id for row, _ in done]))
-                    .values(
-                        status="done",
-                        done_at=now,
-                        attempts=outbox.c.attempts + 1,
-                        claimed_by=None,
-                        claimed_until=None,
-                        last_error=None,
-                    )
-                )
+                    .values(status="done", done_at=now, attempts=outbox.c.attempts + 1,
+                            claimed_by=None, claimed_until=None, last_error=None)
+                )  # fmt: skip
+                returned = {}
                 for row, contact_id in done:
-                    target = row.body.get("into_customer_id") if row.op == "merge" else None
                     if contact_id:
-                        self._record_contact(
-                            conn,
-                            dispensary,
-                            destination,
-                            str(target or row.customer_id),
-                            contact_id,
-                            now,
-                        )
+                        target = row.body.get("into_customer_id") if row.op == "merge" else None
+                        returned[str(target or row.customer_id)] = contact_id
+                if returned:
+                    self._record_contacts(conn, dispensary, destination, returned, now)
             for row, at, error in retry:
                 conn.execute(
                     update(outbox)
@@ -565,50 +586,49 @@ class Store:
                         .values(delivered_hash=None, updated_at=now)
                     )
 
-    def _record_contact(
+    def _record_contacts(
         self,
         conn: Connection,
         dispensary: str,
         destination: str,
-        customer_id: str,
-        contact_id: str,
+        returned: Mapping[str, str],
         now: float,
     ) -> None:
-        where = (
-            contacts.c.dispensary == dispensary,
-            contacts.c.destination == destination,
-            contacts.c.customer_id == customer_id,
-        )
-        current = conn.execute(select(contacts.c.contact_id).where(*where)).first()
-        if current is None:
-            conn.execute(
-                insert(contacts).values(
-                    dispensary=dispensary,
-                    customer_id=customer_id,
-                    destination=destination,
-                    contact_id=contact_id,
-                    delivered_hash=None,
-                    unsubscribed=False,
-                    deactivated=False,
-                    updated_at=now,
+        """Record contact ids a destination returned; a different id than the map holds is
+        reported as a conflict, not written over."""
+        known = {
+            r.customer_id: r.contact_id
+            for r in conn.execute(
+                select(contacts.c.customer_id, contacts.c.contact_id).where(
+                    contacts.c.dispensary == dispensary,
+                    contacts.c.destination == destination,
+                    contacts.c.customer_id.in_(list(returned)),
                 )
             )
-        elif current.contact_id is None:
-            conn.execute(
-                update(contacts).where(*where).values(contact_id=contact_id, updated_at=now)
-            )
-        elif current.contact_id != contact_id:
-            conn.execute(
-                insert(conflicts_table).values(
-                    dispensary=dispensary,
-                    customer_id=customer_id,
-                    destination=destination,
-                    kind="contact_id_changed",
-                    detail="the destination returned another contact id than the identity map "
-                    "holds; the map is kept",
-                    created_at=now,
-                )
-            )
+        }
+        new, fill, clash = [], [], []
+        for cid, contact_id in returned.items():
+            if cid not in known:
+                new.append({"dispensary": dispensary, "customer_id": cid,
+                            "destination": destination, "contact_id": contact_id,
+                            "delivered_hash": None, "unsubscribed": False,
+                            "deactivated": False, "updated_at": now})  # fmt: skip
+            elif known[cid] is None:
+                fill.append({"k_dispensary": dispensary, "k_customer": cid,
+                             "k_destination": destination, "contact_id": contact_id,
+                             "updated_at": now})  # fmt: skip
+            elif known[cid] != contact_id:
+                clash.append({"dispensary": dispensary, "customer_id": cid,
+                              "destination": destination, "kind": "contact_id_changed",
+                              "detail": "the destination returned another contact id than "
+                              "the identity map holds; the map is kept",
+                              "created_at": now})  # fmt: skip
+        if new:
+            conn.execute(insert(contacts), new)
+        if fill:
+            conn.execute(_FILL_CONTACT_ID, fill)
+        if clash:
+            conn.execute(insert(conflicts_table), clash)
 
     def next_due(self, dispensary: str, destination: str) -> float | None:
         with self.engine.connect() as conn:

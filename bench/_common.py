@@ -1,0 +1,171 @@
+"""Shared pieces of the benchmarks: a sink process, a server process, a config, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = json.loads((ROOT / "tests" / "data" / "seed_body.json").read_text())
+TOKEN = "bench-token"  # a local benchmark's token
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpu: int | None) -> list[str]:
+    """Prefix a command with taskset when the machine has that core."""
+    if cpu is None or shutil.which("taskset") is None or cpu >= (os.cpu_count() or 1):
+        return []
+    return ["taskset", "-c", str(cpu)]
+
+
+@contextmanager
+def sink_process(workdir: Path, *args: str, cpu: int | None = 1) -> Iterator[tuple[str, Path]]:
+    """The local HTTP sink (tests/fakes/http_sink.py) in its own process: (url, attempts log)."""
+    log = workdir / "sink-attempts.jsonl"
+    command = [*pinned(cpu), sys.executable, "-m", "tests.fakes.http_sink", "--port", "0",
+               "--attempts-log", str(log), *args]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("LISTENING"):
+            raise RuntimeError(f"the sink did not start: {line!r}")
+        yield f"http://127.0.0.1:{line.split()[1]}/ops", log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def write_config(
+    workdir: Path, sink_url: str, *, concurrency: int = 8, batch_size: int = 1
+) -> Path:
+    shutil.copy(ROOT / "mappings" / "http.yaml", workdir / "http.yaml")
+    path = workdir / "config.yaml"
+    path.write_text(
+        f"""
+store: sqlite:///connector.db
+server: {{host: 127.0.0.1, port: 8080, log_level: info}}
+dispensaries:
+  partnersandbox3:
+    webhook_token: {TOKEN}
+    destinations:
+      - name: sink
+        type: http
+        url: {sink_url}
+        mapping: http.yaml
+        concurrency: {concurrency}
+        batch_size: {batch_size}
+        retry: {{initial_seconds: 0.2, max_seconds: 2}}
+"""
+    )
+    return path
+
+
+@contextmanager
+def server_process(
+    config: Path, *, cpu: int | None = 0, bench_server: bool = True
+) -> Iterator[str]:
+    """The connector in its own process (its JSON logs go to a file); yields the base URL."""
+    port = free_port()
+    if bench_server:
+        command = [sys.executable, str(ROOT / "bench" / "_server.py"), "--config", str(config),
+                   "--port", str(port)]  # fmt: skip
+    else:
+        command = [str(Path(sys.executable).parent / "connector"), "serve", "--config",
+                   str(config), "--port", str(port)]  # fmt: skip
+    log = (config.parent / "server.log").open("ab")
+    proc = subprocess.Popen([*pinned(cpu), *command], cwd=config.parent, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the server did not start; see {config.parent / 'server.log'}")
+            time.sleep(0.05)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        keep = os.environ.get("BENCH_KEEP_LOG")
+        if keep:
+            shutil.copy(config.parent / "server.log", keep)
+
+
+def event_body(customer_id: int, version: int, **changes: object) -> bytes:
+    """The seed delivery as another customer and version (a later version is newer)."""
+    body = json.loads(json.dumps(SEED))
+    data = body["data"]
+    data["customer_id"] = str(customer_id)
+    seconds = version
+    data["last_update"] = (
+        f"2026-05-{1 + seconds // 86400:02d}T{seconds // 3600 % 24:02d}:"
+        f"{seconds // 60 % 60:02d}:{seconds % 60:02d}.000-07:00"
+    )
+    data["opt_out"] = "false"
+    data["rewards_balance"] = version
+    data.update(changes)
+    return json.dumps(body).encode()
+
+
+class RawPoster:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams.
+
+    The benchmarks measure the server; httpx costs ~1 ms of CPU per request here, which would
+    make the load generator the bottleneck. This writes a prepared request and reads the
+    status line, headers and Content-Length body: nothing else.
+    """
+
+    def __init__(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
+        self.host, self.port, self.path = host, port, path
+        lines = [f"{k}: {v}" for k, v in {"host": f"{host}:{port}", **headers}.items()]
+        self._head = f"POST {path} HTTP/1.1\r\n" + "\r\n".join(lines) + "\r\n"
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    async def post(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], body: bytes
+    ) -> int:
+        reader, writer = conn
+        writer.write(f"{self._head}content-length: {len(body)}\r\n\r\n".encode() + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        if length:
+            await reader.readexactly(length)
+        return status

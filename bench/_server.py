@@ -1,0 +1,44 @@
+"""The connector's server for the benchmarks: `connector serve`'s app and uvicorn settings,
+plus a no-op route on the same stack to measure against. Not for production."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import uvicorn
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from connector.config import load_config
+from connector.logs import configure_logging
+from connector.receiver import create_app
+from connector.server import uvicorn_config
+from connector.service import Service
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    configure_logging(level=config.server.log_level)
+    app = create_app(Service(config))
+
+    @app.post("/noop/{dispensary}", status_code=202)
+    async def noop(dispensary: str, request: Request) -> Response:
+        return JSONResponse({"status": "accepted"}, status_code=202)
+
+    server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=args.port))
+    profile_to = os.environ.get("BENCH_PROFILE")  # a file: cProfile of the whole run
+    if profile_to:
+        import cProfile
+
+        cProfile.runctx("server.run()", globals(), {"server": server}, profile_to)
+    else:
+        server.run()
+
+
+if __name__ == "__main__":
+    main()

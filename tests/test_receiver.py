@@ -1,0 +1,864 @@
+"""The webhook receiver (design.md, contract 1) against the real ASGI app and a real SQLite file.
+
+Each test writes a config into ``tmp_path``, starts a :class:`Service` through its lifespan
+(store, group committer, planner and a jsonl delivery worker per destination) and drives
+``create_app(service)`` with ``httpx.ASGITransport``. Results are read back from the store
+(through the store's own thread) and from the jsonl sink files. Waiting is done by polling
+with a deadline, never by sleeping for a fixed time; nothing asserts on durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import copy
+import hmac
+import io
+import json
+import logging
+import re
+import shutil
+import sqlite3
+import textwrap
+import time
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import structlog
+from sqlalchemy import Table, insert, select, update
+
+from connector import receiver
+from connector.config import load_config
+from connector.errors import StoreUnavailable
+from connector.logs import configure_logging
+from connector.receiver import create_app
+from connector.service import Service
+from connector.store.schema import inbox, outbox, quarantine
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+HTTP_MAPPING = ROOT / "mappings" / "http.yaml"
+SEED_BYTES = (Path(__file__).resolve().parent / "data" / "seed_body.json").read_bytes()
+SEED: dict[str, Any] = json.loads(SEED_BYTES)
+
+DISPENSARY = "partnersandbox3"
+OTHER = "otherstore"
+TOKEN_A = "tok-a-7Qx9rL2mVwJ5"
+TOKEN_B = "tok-b-K4pZ8sN1cYe3"
+OTHER_TOKEN = "tok-other-H3jT6dF0bQ"
+MAX_BODY = 2048
+URL = f"/webhooks/treez/{DISPENSARY}"
+OTHER_URL = f"/webhooks/treez/{OTHER}"
+DEADLINE = 5.0
+SEED_LAST_UPDATE_US = (
+    datetime.fromisoformat("2026-04-24T11:38:21.000-07:00") - datetime(1970, 1, 1, tzinfo=UTC)
+) // timedelta(microseconds=1)
+
+# What the seed customer owns; none of it may reach a log line (design.md, "PII").
+PII_WORDS = ("jules", "winnfield", "shepherd", "inglewood")  # searched case-insensitively
+PII_VALUES = ("1948-02-12", "90301", TOKEN_A, TOKEN_B, OTHER_TOKEN)
+_TOUCHED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore", "sqlalchemy")
+
+
+# --- set-up ---
+
+
+def write_config(folder: Path, *, store_timeout: float = 5.0) -> Path:
+    """A deployment in ``folder``: two dispensaries, each with a jsonl sink in ``out/``."""
+    (folder / "mappings").mkdir(exist_ok=True)
+    shutil.copy(HTTP_MAPPING, folder / "mappings" / "http.yaml")
+    path = folder / "config.yaml"
+    text = f"""\
+        store: sqlite:///connector.db
+        store_timeout_seconds: {store_timeout}
+        server:
+          max_body_bytes: {MAX_BODY}
+          shutdown_grace_seconds: 5
+        dispensaries:
+          {DISPENSARY}:
+            webhook_token: [{TOKEN_A}, {TOKEN_B}]
+            destinations:
+              - name: sink
+                type: jsonl
+                path: out/{DISPENSARY}.jsonl
+                mapping: mappings/http.yaml
+          {OTHER}:
+            webhook_token: {OTHER_TOKEN}
+            destinations:
+              - name: sink
+                type: jsonl
+                path: out/{OTHER}.jsonl
+                mapping: mappings/http.yaml
+        """
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def logs() -> Iterator[io.StringIO]:
+    """The connector's log lines of this test, captured; logging is restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    saved = {
+        name: (list(lg.handlers), lg.level, lg.propagate)
+        for name, lg in ((n, logging.getLogger(n)) for n in _TOUCHED_LOGGERS)
+    }
+    stream = io.StringIO()
+    configure_logging(stream=stream)
+    yield stream
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+    for name, (lg_handlers, lg_level, propagate) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = lg_handlers
+        lg.setLevel(lg_level)
+        lg.propagate = propagate
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+@dataclass
+class Running:
+    """A started service and a client of its ASGI app."""
+
+    service: Service
+    client: httpx.AsyncClient
+    folder: Path
+
+    async def post(
+        self,
+        body: Any = SEED_BYTES,
+        *,
+        path: str = URL,
+        token: str | None = TOKEN_A,
+        authorization: str | None = None,
+        content_type: str | None = "application/json",
+    ) -> httpx.Response:
+        headers = {}
+        if authorization is not None:
+            headers["authorization"] = authorization
+        elif token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        if content_type is not None:
+            headers["content-type"] = content_type
+        if isinstance(body, dict | list):
+            body = json.dumps(body).encode()
+        return await self.client.post(path, content=body, headers=headers)
+
+    async def rows(self, table: Table) -> list[Any]:
+        """Every row of ``table`` in id order, read in the store's own thread."""
+        store = self.service.astore.store
+        return await self.service.astore.call(store.query, select(table).order_by(table.c.id))
+
+    async def sink(self, dispensary: str = DISPENSARY) -> list[dict[str, Any]]:
+        path = self.folder / "out" / f"{dispensary}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+    async def readiness(self) -> tuple[int, Any]:
+        response = await self.client.get("/readyz")
+        return response.status_code, response.json()
+
+    async def nothing_stored(self) -> None:
+        assert await self.rows(inbox) == []
+        assert await self.rows(quarantine) == []
+
+
+Scenario = Callable[[Running], Awaitable[None]]
+
+
+async def _drive(config_path: Path, scenario: Scenario) -> None:
+    service = Service(load_config(config_path), idle_poll=0.05)
+    app = create_app(service)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        service.lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+    ):
+        await scenario(Running(service, client, config_path.parent))
+
+
+def run(tmp_path: Path, scenario: Scenario, *, store_timeout: float = 5.0) -> None:
+    """Run ``scenario`` against a freshly started service in ``tmp_path``."""
+    asyncio.run(_drive(write_config(tmp_path, store_timeout=store_timeout), scenario))
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str) -> T:
+    """Poll ``probe`` until ``done`` holds for its value, or fail after :data:`DEADLINE`."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still {value!r} after {DEADLINE} s")
+        await asyncio.sleep(0.02)
+
+
+async def settled_inbox(rx: Running, count: int) -> list[Any]:
+    """The inbox once it holds ``count`` rows and none is still pending."""
+    return await eventually(
+        lambda: rx.rows(inbox),
+        lambda rows: len(rows) == count and all(r.status != "pending" for r in rows),
+        "inbox",
+    )
+
+
+def seed_with(**changes: Any) -> dict[str, Any]:
+    """The seed body with customer fields replaced; a value of ... removes the field."""
+    body = copy.deepcopy(SEED)
+    for key, value in changes.items():
+        if value is ...:
+            del body["data"][key]
+        else:
+            body["data"][key] = value
+    return body
+
+
+def envelope_without(key: str) -> dict[str, Any]:
+    body = copy.deepcopy(SEED)
+    del body[key]
+    return body
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert body["error"] == code
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    return body
+
+
+# --- 202: stored, then planned and delivered ---
+
+
+def test_seed_event_is_stored_then_delivered_as_upsert_and_unsubscribe(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        response = await rx.post()
+        assert response.status_code == 202, response.text
+        assert response.json() == {"status": "accepted"}
+
+        # committed before the answer: the row is there now, whatever the planner has done
+        (row,) = await rx.rows(inbox)
+        assert row.status in ("pending", "applied")
+        assert (row.dispensary, row.source, row.event_type) == (DISPENSARY, "webhook", "CUSTOMER")
+        assert row.customer_id == "3904"
+        assert row.last_update_us == SEED_LAST_UPDATE_US
+        assert row.body == SEED_BYTES.decode()
+        assert await rx.rows(quarantine) == []
+
+        lines = await eventually(rx.sink, lambda lines: len(lines) >= 2, "sink")
+        assert sorted(line["op"] for line in lines) == ["unsubscribe", "upsert"]  # opt_out "true"
+        for line in lines:
+            assert line["dispensary"] == DISPENSARY
+            assert line["customer_id"] == "3904"
+            assert line["idempotency_key"]
+        (upsert,) = [line for line in lines if line["op"] == "upsert"]
+        assert upsert["fields"]["external_id"] == f"treez-{DISPENSARY}-3904"
+        assert upsert["fields"]["first_name"] == "Jules"
+        assert upsert["fields"]["opted_out"] is True
+        (row,) = await settled_inbox(rx, 1)
+        assert row.status == "applied"
+        assert await rx.sink(OTHER) == []
+
+    run(tmp_path, scenario)
+
+
+def test_either_token_of_the_list_is_accepted(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        first = await rx.post(token=TOKEN_A)
+        later = seed_with(last_update="2026-04-25T09:00:00.000-07:00")
+        second = await rx.post(later, token=TOKEN_B)
+
+        assert (first.status_code, second.status_code) == (202, 202), second.text
+        rows = await rx.rows(inbox)
+        assert [r.customer_id for r in rows] == ["3904", "3904"]
+        assert rows[1].body == json.dumps(later)
+
+    run(tmp_path, scenario)
+
+
+def test_the_token_is_compared_in_constant_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+
+    def compare_digest(given: bytes, known: bytes) -> bool:
+        calls.append((given, known))
+        return hmac.compare_digest(given, known)
+
+    monkeypatch.setattr(receiver, "hmac", types.SimpleNamespace(compare_digest=compare_digest))
+
+    async def scenario(rx: Running) -> None:
+        assert (await rx.post(token="not-the-token")).status_code == 403
+        assert (b"not-the-token", TOKEN_A.encode()) in calls
+        assert (b"not-the-token", TOKEN_B.encode()) in calls
+        assert (await rx.post(token=TOKEN_B)).status_code == 202
+        assert (TOKEN_B.encode(), TOKEN_B.encode()) in calls
+
+    run(tmp_path, scenario)
+
+
+def test_a_body_without_dispensary_short_name_is_accepted(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        body = envelope_without("dispensary_short_name")
+        response = await rx.post(body)
+
+        assert response.status_code == 202, response.text
+        (row,) = await rx.rows(inbox)
+        assert (row.dispensary, row.customer_id) == (DISPENSARY, "3904")
+        assert await rx.rows(quarantine) == []
+
+    run(tmp_path, scenario)
+
+
+def test_json_content_type_with_parameters_is_accepted(tmp_path: Path) -> None:
+    accepted = [
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/json;charset=UTF-8",
+    ]
+
+    async def scenario(rx: Running) -> None:
+        for count, content_type in enumerate(accepted, start=1):
+            response = await rx.post(content_type=content_type)
+
+            assert response.status_code == 202, (content_type, response.text)
+            rows = await rx.rows(inbox)
+            assert len(rows) == count
+            assert rows[-1].customer_id == "3904"
+
+    run(tmp_path, scenario)
+
+
+# --- 200: the test ping; 202 ignored: other event types ---
+
+
+def test_the_test_ping_is_answered_200_and_not_stored(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        for body in ({"test": True}, {"test": True, "dispensary_short_name": DISPENSARY}):
+            response = await rx.post(body)
+
+            assert response.status_code == 200, (body, response.text)
+            assert response.json() == {"status": "ok", "test": True}
+        await rx.nothing_stored()
+
+    run(tmp_path, scenario)
+
+
+def test_other_event_types_are_stored_as_ignored(tmp_path: Path) -> None:
+    bodies = [
+        {"event_type": "TICKET", "dispensary_short_name": DISPENSARY, "data": {"ticket_id": "T"}},
+        {"event_type": "PRODUCT", "data": {"product_id": "P-1"}},
+    ]
+
+    async def scenario(rx: Running) -> None:
+        for body in bodies:
+            response = await rx.post(body)
+
+            assert response.status_code == 202, (body, response.text)
+            assert response.json() == {"status": "ignored"}
+        rows = await rx.rows(inbox)
+        assert [(r.event_type, r.status, r.customer_id) for r in rows] == [
+            ("TICKET", "ignored", None),
+            ("PRODUCT", "ignored", None),
+        ]
+        assert [json.loads(r.body) for r in rows] == bodies
+        assert await rx.rows(quarantine) == []
+
+    run(tmp_path, scenario)
+
+
+# --- 401 / 403 / 404: authentication, nothing stored ---
+
+
+def test_no_bearer_token_is_401(tmp_path: Path) -> None:
+    headers = [None, "Basic dG9rOnRvaw==", "Bearer", "Bearer   ", f"Token {TOKEN_A}", TOKEN_A]
+
+    async def scenario(rx: Running) -> None:
+        for authorization in headers:
+            response = await rx.post(token=None, authorization=authorization)
+
+            assert_error(response, 401, "unauthorized")
+            assert response.headers["www-authenticate"].lower().startswith("bearer")
+        await rx.nothing_stored()
+
+    run(tmp_path, scenario)
+
+
+def test_a_wrong_token_is_403(tmp_path: Path) -> None:
+    attempts = [
+        (URL, "wrong-token"),
+        (URL, OTHER_TOKEN),  # another dispensary's token
+        (URL, TOKEN_A + "x"),
+        (URL, TOKEN_A[:-1]),
+        (URL, TOKEN_A.upper()),
+        (OTHER_URL, TOKEN_A),
+        (OTHER_URL, TOKEN_B),
+    ]
+
+    async def scenario(rx: Running) -> None:
+        for path, token in attempts:
+            response = await rx.post(path=path, token=token)
+
+            assert_error(response, 403, "forbidden")
+        await rx.nothing_stored()
+
+    run(tmp_path, scenario)
+
+
+def test_an_unknown_dispensary_is_404(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        for token in (TOKEN_A, None):
+            response = await rx.post(path="/webhooks/treez/nosuchstore", token=token)
+
+            assert_error(response, 404, "unknown_dispensary")
+        await rx.nothing_stored()
+
+    run(tmp_path, scenario)
+
+
+def test_a_body_naming_another_dispensary_is_403_and_quarantined(tmp_path: Path) -> None:
+    ticket = {"event_type": "TICKET", "dispensary_short_name": OTHER, "data": {}}
+    cases = [
+        (OTHER_URL, OTHER_TOKEN, DISPENSARY, SEED),
+        (URL, TOKEN_A, OTHER, {**SEED, "dispensary_short_name": OTHER}),
+        (URL, TOKEN_B, OTHER, ticket),
+    ]
+
+    async def scenario(rx: Running) -> None:
+        for count, (path, token, named, body) in enumerate(cases, start=1):
+            raw = json.dumps(body).encode()
+            response = await rx.post(raw, path=path, token=token)
+
+            assert_error(response, 403, "wrong_dispensary")
+            assert named in response.json()["detail"]
+            rows = await rx.rows(quarantine)
+            assert len(rows) == count
+            assert rows[-1].dispensary == path.rsplit("/", 1)[1]
+            assert rows[-1].status_code == 403
+            assert named in rows[-1].reason
+            assert rows[-1].body == raw
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
+# --- 400 / 413 / 415: the body itself ---
+
+
+def test_a_body_that_is_not_json_is_400_and_quarantined(tmp_path: Path) -> None:
+    bodies = [b"{not json", b"", b'{"event_type": "CUSTOMER",', b"\xff\xfe\xfd", b"{'a': 1}"]
+
+    async def scenario(rx: Running) -> None:
+        for count, raw in enumerate(bodies, start=1):
+            response = await rx.post(raw)
+
+            assert_error(response, 400, "not_json")
+            rows = await rx.rows(quarantine)
+            assert len(rows) == count, raw
+            assert (rows[-1].dispensary, rows[-1].status_code) == (DISPENSARY, 400)
+            assert "not JSON" in rows[-1].reason
+            assert rows[-1].content_type == "application/json"
+            assert rows[-1].body == raw
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
+def test_a_content_type_other_than_json_is_415_and_quarantined(tmp_path: Path) -> None:
+    refused = ["text/plain", None, "application/x-www-form-urlencoded", "application/jsonp"]
+
+    async def scenario(rx: Running) -> None:
+        for count, content_type in enumerate(refused, start=1):
+            response = await rx.post(content_type=content_type)
+
+            assert_error(response, 415, "unsupported_media_type")
+            rows = await rx.rows(quarantine)
+            assert len(rows) == count, content_type
+            assert (rows[-1].dispensary, rows[-1].status_code) == (DISPENSARY, 415)
+            assert "application/json" in rows[-1].reason
+            assert rows[-1].content_type == content_type
+            assert rows[-1].body == SEED_BYTES
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
+def _too_large() -> bytes:
+    raw = json.dumps(seed_with(notes="x" * 1490)).encode()
+    assert MAX_BODY < len(raw) <= 3100
+    return raw
+
+
+def test_a_body_over_the_limit_is_413(tmp_path: Path) -> None:
+    raw = _too_large()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), 256):
+            yield raw[start : start + 256]
+
+    async def scenario(rx: Running) -> None:
+        declared = await rx.post(raw)
+        chunked = await rx.post(chunks())
+
+        assert "content-length" in declared.request.headers
+        assert "content-length" not in chunked.request.headers
+        for response in (declared, chunked):
+            body = assert_error(response, 413, "too_large")
+            assert str(MAX_BODY) in body["detail"]
+        assert await rx.rows(inbox) == []
+        rows = await rx.rows(quarantine)
+        assert [(r.dispensary, r.status_code) for r in rows] == [(DISPENSARY, 413)] * 2
+        assert all(str(MAX_BODY) in r.reason for r in rows)
+
+    run(tmp_path, scenario)
+
+
+# --- 422: JSON, but not a CUSTOMER event of the expected shape ---
+
+INVALID_EVENTS: list[tuple[str, Any, str]] = [
+    ("event_type missing", envelope_without("event_type"), "event_type"),
+    ("event_type empty", {**SEED, "event_type": ""}, "event_type"),
+    ("event_type null", {**SEED, "event_type": None}, "event_type"),
+    ("data missing", envelope_without("data"), "data"),
+    ("data text", {**SEED, "data": "3904"}, "data"),
+    ("data list", {**SEED, "data": [SEED["data"]]}, "data"),
+    ("data null", {**SEED, "data": None}, "data"),
+    ("customer_id missing", seed_with(customer_id=...), "data.customer_id"),
+    ("customer_id null", seed_with(customer_id=None), "data.customer_id"),
+    ("customer_id empty", seed_with(customer_id=""), "data.customer_id"),
+    ("last_update missing", seed_with(last_update=...), "data.last_update"),
+    ("last_update text", seed_with(last_update="yesterday"), "data.last_update"),
+    ("no offset", seed_with(last_update="2026-04-24T11:38:21.000"), "data.last_update"),
+    ("epoch number", seed_with(last_update=1777055901), "data.last_update"),
+    ("impossible date", seed_with(last_update="2026-02-30T11:38:21.000-07:00"), "data.last_update"),
+    ("opt_out maybe", seed_with(opt_out="maybe"), "data.opt_out"),
+    ("an array", [SEED], "body"),
+    ("a number", 3904, "body"),
+]
+
+
+def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        for count, (case, body, field) in enumerate(INVALID_EVENTS, start=1):
+            raw = json.dumps(body).encode()
+            response = await rx.post(raw)
+
+            assert response.status_code == 422, (case, response.text)
+            answer = assert_error(response, 422, "invalid_event")
+            problems = answer["problems"]
+            assert field in [p["field"] for p in problems], (case, answer)
+            assert all(isinstance(p["problem"], str) and p["problem"] for p in problems), case
+            rows = await rx.rows(quarantine)
+            assert len(rows) == count, case
+            row = rows[-1]
+            assert (row.dispensary, row.status_code) == (DISPENSARY, 422), case
+            assert field in row.reason, (case, row.reason)
+            assert row.content_type == "application/json"
+            assert row.body == raw, case
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
+# --- 503: the store cannot take the write ---
+
+
+@contextlib.contextmanager
+def write_lock(database: Path) -> Iterator[None]:
+    """Hold SQLite's write lock on ``database`` from another connection."""
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+
+
+def test_a_locked_store_is_503_with_retry_after_and_a_retry_is_202(tmp_path: Path) -> None:
+    ticket = {"event_type": "TICKET", "dispensary_short_name": DISPENSARY, "data": {}}
+
+    async def scenario(rx: Running) -> None:
+        with write_lock(rx.folder / "connector.db"):
+            answers = await asyncio.gather(rx.post(), rx.post(ticket))
+        for response in answers:
+            assert_error(response, 503, "store_unavailable")
+            assert response.headers["retry-after"].isdigit()
+            assert int(response.headers["retry-after"]) > 0
+        await rx.nothing_stored()  # neither was committed
+
+        retry = await rx.post()
+        assert retry.status_code == 202, retry.text
+        (row,) = await rx.rows(inbox)
+        assert (row.customer_id, row.body) == ("3904", SEED_BYTES.decode())
+
+    run(tmp_path, scenario, store_timeout=0.2)
+
+
+def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -> None:
+    """The planner and the delivery worker meet the lock too: they must carry on, not die."""
+
+    async def scenario(rx: Running) -> None:
+        astore = rx.service.astore
+        store_call = astore.call
+        failed: set[str] = set()
+
+        async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await store_call(fn, *args, **kwargs)
+            except StoreUnavailable:
+                failed.add(getattr(fn, "__name__", repr(fn)))
+                raise
+
+        async def failures() -> set[str]:
+            return set(failed)
+
+        astore.call = call
+        with write_lock(rx.folder / "connector.db"):
+            assert (await rx.post()).status_code == 503
+            # hold the lock until the planner and the worker have each been refused a write
+            await eventually(
+                failures,
+                lambda f: "process_batch" in f and bool(f & {"claim", "next_due", "finish"}),
+                "store calls refused",
+            )
+
+        assert (await rx.post()).status_code == 202
+        ready = await eventually(rx.readiness, lambda r: r[0] == 200, "readyz")
+        assert ready == (200, {"status": "ready"})
+        (row,) = await settled_inbox(rx, 1)
+        assert row.status == "applied"
+        await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
+
+    run(tmp_path, scenario, store_timeout=0.2)
+
+
+# --- encodings: never a 500, never a 202 that cannot be applied ---
+
+
+def test_a_utf16_body_is_refused_not_a_server_error(tmp_path: Path) -> None:
+    raw = json.dumps({"event_type": "TICKET", "data": {}}).encode("utf-16")
+
+    async def scenario(rx: Running) -> None:
+        response = await rx.post(raw)
+
+        assert_error(response, 400, "not_json")
+        (row,) = await rx.rows(quarantine)
+        assert (row.status_code, row.body) == (400, raw)
+
+    run(tmp_path, scenario)
+
+
+def test_a_body_with_a_byte_order_mark_is_refused_or_applied(tmp_path: Path) -> None:
+    raw = codecs.BOM_UTF8 + SEED_BYTES
+
+    async def scenario(rx: Running) -> None:
+        response = await rx.post(raw)
+
+        if response.status_code == 400:
+            (row,) = await rx.rows(quarantine)
+            assert row.body == raw
+            return
+        assert response.status_code == 202, response.text
+        (row,) = await settled_inbox(rx, 1)
+        assert row.status == "applied"  # accepted must mean it will be applied
+
+    run(tmp_path, scenario)
+
+
+# --- health, readiness, metrics, OpenAPI ---
+
+
+def test_healthz_and_readyz(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        service = Service(load_config(write_config(tmp_path)), idle_poll=0.05)
+        app = create_app(service)
+        transport = httpx.ASGITransport(app=app)
+        running = False
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            try:
+                before = await client.get("/readyz")
+                assert before.status_code == 503, "not ready before the workers run"
+                assert before.json()["status"] == "not_ready"
+                running = True
+                async with service.lifespan(app):
+                    health = await client.get("/healthz")
+                    ready = await client.get("/readyz")
+            finally:
+                if not running:
+                    service.astore.close()
+        assert (health.status_code, health.json()) == (200, {"status": "ok"})
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+
+    asyncio.run(scenario())
+
+
+_SAMPLE = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for match in _SAMPLE.finditer(text):
+        if match["name"] == name:
+            labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', match["labels"])))
+            out[labels] = float(match["value"])
+    return out
+
+
+def test_metrics_count_events_by_outcome(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        assert (await rx.post()).status_code == 202
+        assert (await rx.post({"test": True})).status_code == 200
+        assert (await rx.post({"event_type": "TICKET", "data": {}})).status_code == 202
+        assert (await rx.post(token=None)).status_code == 401
+        assert (await rx.post(token="wrong")).status_code == 403
+        assert (await rx.post(seed_with(opt_out="maybe"))).status_code == 422
+        assert (await rx.post(b"nope")).status_code == 400
+        assert (await rx.post(content_type="text/plain")).status_code == 415
+
+        response = await rx.client.get("/metrics")
+
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        text = response.text
+        received = samples(text, "connector_events_received_total")
+        for outcome in (
+            "accepted",
+            "ping",
+            "ignored",
+            "rejected_401",
+            "rejected_403",
+            "rejected_422",
+            "rejected_400",
+            "rejected_415",
+        ):
+            key = (("dispensary", DISPENSARY), ("outcome", outcome))
+            assert received.get(key) == 1.0, (outcome, received)
+        assert "# TYPE connector_queue_depth gauge" in text
+
+    run(tmp_path, scenario)
+
+
+def test_metrics_queue_depth_follows_the_store(tmp_path: Path) -> None:
+    """The gauge is read from the store at each scrape, so it drops back once work is done."""
+
+    def add_waiting_operation(store: Any) -> None:
+        now = time.time()
+        with store.transaction() as conn:
+            conn.execute(
+                insert(outbox).values(
+                    dispensary=OTHER, destination="sink", order_key="c-1", customer_id="c-1",
+                    op="upsert", payload="{}", idempotency_key="k-1", status="pending",
+                    attempts=0, created_at=now, next_attempt_at=now + 3600,
+                )
+            )  # fmt: skip
+
+    def finish_it(store: Any) -> None:
+        with store.transaction() as conn:
+            conn.execute(update(outbox).values(status="done", done_at=time.time()))
+
+    async def scenario(rx: Running) -> None:
+        astore = rx.service.astore
+        key = (("destination", "sink"), ("dispensary", OTHER))
+        await astore.call(add_waiting_operation, astore.store)
+        waiting = samples((await rx.client.get("/metrics")).text, "connector_queue_depth")
+        assert waiting.get(key) == 1.0, waiting
+
+        await astore.call(finish_it, astore.store)
+        after = samples((await rx.client.get("/metrics")).text, "connector_queue_depth")
+        assert after.get(key, 0.0) == 0.0, after
+
+    run(tmp_path, scenario)
+
+
+def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        assert ref.startswith("#/"), ref
+        node: Any = document
+        for part in ref[2:].split("/"):
+            assert isinstance(node, dict), f"{ref} does not resolve"
+            assert part in node, f"{ref} does not resolve"
+            node = node[part]
+        schema = node
+    return schema
+
+
+def test_the_openapi_document_describes_the_webhook_body(tmp_path: Path) -> None:
+    async def scenario(rx: Running) -> None:
+        response = await rx.client.get("/openapi.json")
+
+        assert response.status_code == 200
+        document = response.json()
+        operation = document["paths"]["/webhooks/treez/{dispensary}"]["post"]
+        assert "components" not in operation, "components belong at the document's top level"
+        body = operation["requestBody"]
+        assert body["required"] is True
+        schema = _resolve(document, body["content"]["application/json"]["schema"])
+        assert {"event_type", "data"} <= set(schema["properties"])
+        assert {"event_type", "data"} <= set(schema["required"])
+        data = _resolve(document, schema["properties"]["data"])
+        assert {"customer_id", "last_update", "opt_out"} <= set(data["properties"])
+        assert {"customer_id", "last_update"} <= set(data["required"])
+        assert {"202", "401", "403", "413", "415", "422", "503"} <= set(operation["responses"])
+
+    run(tmp_path, scenario)
+
+
+# --- privacy: one request line each, and no customer value in any log line ---
+
+
+def test_logs_hold_one_line_per_request_and_no_customer_value(
+    tmp_path: Path, logs: io.StringIO
+) -> None:
+    async def scenario(rx: Running) -> None:
+        assert (await rx.post()).status_code == 202
+        assert (await rx.post(seed_with(opt_out="maybe"), token=TOKEN_B)).status_code == 422
+        await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
+        await eventually(
+            lambda: rx.rows(outbox),
+            lambda ops: len(ops) == 2 and all(o.status == "done" for o in ops),
+            "outbox",
+        )
+
+    run(tmp_path, scenario)
+
+    text = logs.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert lines, "nothing was logged"
+    lowered = text.lower()
+    for word in PII_WORDS:
+        assert word not in lowered, word
+    for line in lines:
+        # timestamps and durations are digits of our own that may contain "90301" by chance
+        rendered = json.dumps({k: v for k, v in line.items() if k not in ("timestamp",)})
+        rendered = re.sub(r'"duration_ms": [0-9.e+-]+', "", rendered)
+        for value in PII_VALUES:
+            assert value not in rendered, (value, line)
+
+    requests = [line for line in lines if line.get("event") == "webhook"]
+    assert len(requests) == 2, requests
+    accepted, refused = requests
+    assert accepted["dispensary"] == refused["dispensary"] == DISPENSARY
+    assert (accepted["status_code"], accepted["customer_id"]) == (202, "3904")
+    assert refused["status_code"] == 422
+    assert "customer_id" in refused
+    for line in requests:
+        assert isinstance(line["duration_ms"], int | float)
+        assert line["duration_ms"] >= 0
+        assert line["level"] == "info"
+    assert any(line.get("event") == "delivered" for line in lines)
