@@ -56,7 +56,7 @@ def sink_process(workdir: Path, *args: str, cpu: int | None = 1) -> Iterator[tup
 
 
 def write_config(
-    workdir: Path, sink_url: str, *, concurrency: int = 8, batch_size: int = 1
+    workdir: Path, sink_url: str, *, concurrency: int = 16, batch_size: int = 1
 ) -> Path:
     shutil.copy(ROOT / "mappings" / "http.yaml", workdir / "http.yaml")
     path = workdir / "config.yaml"

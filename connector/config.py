@@ -176,7 +176,7 @@ class _Destination(_Model):
     mapping: Annotated[Path, BeforeValidator(_resolve)]
     rate_limit: Annotated[tuple[Rate, ...], BeforeValidator(_parse_rates)] = ()
     batch_size: int = Field(default=1, ge=1, le=10_000)
-    concurrency: int = Field(default=8, ge=1, le=256)
+    concurrency: int = Field(default=16, ge=1, le=256)
     retry: RetryConfig = RetryConfig()
     policy: PolicyOverride = PolicyOverride()
     enabled: Literal[True] = True

@@ -5,6 +5,7 @@ loop that feeds every event (webhook or reconciliation) through the planner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -78,7 +79,7 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
     dispensary. A crash at any point leaves all of a batch's effects or none.
     """
     result = BatchResult()
-    with store.transaction() as conn:
+    with store.transaction(durable=False) as conn:  # redone from the durable inbox if lost
         rows = store.pending_events(conn, limit)
         outcomes: dict[int, str] = {}
         work: list[tuple[int, str, CustomerEvent]] = []
@@ -115,7 +116,6 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
                 states,
                 deployment.dispensaries[dispensary].specs,
                 digest=content_hash(customer),
-                sequence=event_id,
             )
             states.update(planned.states)
             operations[dispensary].extend(planned.operations)
@@ -161,14 +161,22 @@ class Processor:
         self.wake = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        failures = 0
         while not stopping.is_set():
             self.wake.clear()
             started = time.monotonic()
             # small batches while webhooks arrive: a batch holds the interpreter lock
             limit = 16 if self.pressure.busy else 256
-            result = await self.astore.call(
-                process_batch, self.astore.store, self.deployment, limit
-            )
+            try:
+                result = await self.astore.call(
+                    process_batch, self.astore.store, self.deployment, limit
+                )
+            except Exception as exc:  # a locked store, a bug: the events stay pending
+                failures += 1
+                log.warning("planning_failed", error=exc, attempt=failures)
+                await _rest(stopping, min(30.0, self.idle_poll * 2**failures))
+                continue
+            failures = 0
             if result.touched:
                 self.on_enqueued(result.touched)
             if result.events:
@@ -188,3 +196,9 @@ class Processor:
             )
             for task in pending:
                 task.cancel()
+
+
+async def _rest(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less if the service stops meanwhile."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)

@@ -18,8 +18,9 @@ Every correctness rule of the design lives here (docs/design.md, "Rules that mak
 - **Change detection.** A hash of the mapped contact is kept per destination; the same contact
   is not sent twice. Mapping already leaves nulls and placeholders out.
 - **Idempotency.** Each operation carries a stable key derived from (destination, customer,
-  operation, ``last_update``, payload hash and the stored event's sequence), or (destination,
-  absorbed, survivor) for a merge, so the two payloads of one merge yield one key.
+  operation, ``last_update``, payload hash, and the count of operations planned for that
+  contact before it), or (destination, absorbed, survivor) for a merge, so the two payloads
+  of one merge yield one key.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class ContactState:
     delivered_hash: str | None = None
     unsubscribed: bool = False
     deactivated: bool = False
+    planned: int = 0  # operations planned so far: part of each key, so none is reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,16 +145,15 @@ def plan(
     *,
     resend: bool = False,
     digest: str | None = None,
-    sequence: int | str = "",
 ) -> Plan:
     """Plan what every destination must be told about this version of ``customer``.
 
     ``states`` holds the stored state of the customer and of the customers its merge fields
     name (absent when never seen). ``resend`` ignores change detection (a changed mapping or a
     new destination). ``digest`` is the customer's :func:`content_hash` when already computed.
-    ``sequence`` identifies the stored event (its inbox id) and goes into the operations'
-    keys: two events with the same ``last_update`` and payload (a tie flipping back: v2,
-    v2', v2) are two operations, while a retry of one operation keeps its key.
+    Each operation's key includes how many operations were planned for the contact before
+    it: two events with the same ``last_update`` and payload (a tie flipping back: v2, v2',
+    v2) plan two operations, while planning one event against one state is repeatable.
     """
     cid = customer.customer_id
     state = states.get(cid) or CustomerState(cid)
@@ -162,7 +163,7 @@ def plan(
     if state.last_update_us is not None:
         if version < state.last_update_us:
             return Plan("stale", {}, [])
-        if version == state.last_update_us and digest == state.content_hash:
+        if version == state.last_update_us and digest == state.content_hash and not resend:
             return Plan("duplicate", {}, [])
     tie = state.last_update_us == version
     seen = replace(state, last_update_us=version, content_hash=digest)
@@ -200,8 +201,9 @@ def plan(
         if deactivated:
             if not contact.deactivated:
                 body = _body("deactivate", dispensary, cid)
-                ops.append(_op(dest.name, cid, "deactivate", body, version, "", sequence))
                 contact = replace(contact, deactivated=True)
+                ops.append(_op(dest.name, cid, "deactivate", body, version, "", contact))
+                contact = replace(contact, planned=contact.planned + 1)
         else:
             try:
                 fields = dest.mapping.apply(customer, dispensary)
@@ -212,14 +214,17 @@ def plan(
                 digest_fields = payload_hash(fields)
                 if resend or digest_fields != contact.delivered_hash or contact.deactivated:
                     body = {**_body("upsert", dispensary, cid), "fields": fields}
-                    ops.append(
-                        _op(dest.name, cid, "upsert", body, version, digest_fields, sequence)
+                    ops.append(_op(dest.name, cid, "upsert", body, version, digest_fields, contact))
+                    contact = replace(
+                        contact,
+                        delivered_hash=digest_fields,
+                        deactivated=False,
+                        planned=contact.planned + 1,
                     )
-                    contact = replace(contact, delivered_hash=digest_fields, deactivated=False)
         if opt_out is True and not contact.unsubscribed:
             body = {**_body("unsubscribe", dispensary, cid), "channels": list(dest.channels)}
-            ops.append(_op(dest.name, cid, "unsubscribe", body, version, "all", sequence))
-            contact = replace(contact, unsubscribed=True)
+            ops.append(_op(dest.name, cid, "unsubscribe", body, version, "all", contact))
+            contact = replace(contact, unsubscribed=True, planned=contact.planned + 1)
         elif (
             opt_out is False
             and contact.unsubscribed
@@ -227,8 +232,8 @@ def plan(
             and dest.policy.resubscribe == "on_source_opt_in"
         ):
             body = {**_body("subscribe", dispensary, cid), "channels": list(dest.channels)}
-            ops.append(_op(dest.name, cid, "subscribe", body, version, "all", sequence))
-            contact = replace(contact, unsubscribed=False)
+            ops.append(_op(dest.name, cid, "subscribe", body, version, "all", contact))
+            contact = replace(contact, unsubscribed=False, planned=contact.planned + 1)
         operations.extend(ops)
         contacts[dest.name] = contact
 
@@ -314,7 +319,7 @@ def _op(
     body: dict[str, Any],
     version: int,
     payload_digest: str,
-    sequence: int | str,
+    contact: ContactState,
 ) -> Operation:
-    key = _key(destination, customer_id, op, version, payload_digest, sequence)
+    key = _key(destination, customer_id, op, version, payload_digest, contact.planned)
     return Operation(destination, customer_id, customer_id, op, body, key)

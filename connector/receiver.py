@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from connector.errors import EventValidationError, StoreUnavailable
@@ -149,7 +150,6 @@ def create_app(service: Service) -> FastAPI:
                 "required": True,
                 "content": {"application/json": {"schema": body_schema}},
             },
-            "components": {"schemas": schemas},
         },
         responses={
             200: {"description": "Treez's test ping"},
@@ -208,7 +208,15 @@ def create_app(service: Service) -> FastAPI:
             await quarantine(dispensary, 415, reason, content_type, body)
             return _error(415, "unsupported_media_type", reason), None, "rejected"
         try:
-            event = parse_event_json(body, source="body")
+            # what is stored is exactly what was parsed: UTF-8 text (RFC 8259), a leading
+            # byte-order mark dropped
+            text = body.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            reason = "body: is not JSON (not UTF-8 text)"
+            await quarantine(dispensary, 400, reason, content_type, body)
+            return _error(400, "not_json", reason), None, "rejected"
+        try:
+            event = parse_event_json(text, source="body")
         except NotJsonError as exc:
             reason = "; ".join(str(p) for p in exc.problems)
             await quarantine(dispensary, 400, reason, content_type, body)
@@ -232,7 +240,6 @@ def create_app(service: Service) -> FastAPI:
         if event.kind == "test":
             metrics.events.labels(dispensary, "ping").inc()
             return JSONResponse({"status": "ok", "test": True}, status_code=200), None, "ping"
-        text = body.decode("utf-8")
         if isinstance(event, OtherEvent):
             item = NewEvent(dispensary, "webhook", event.event_type, None, None, text, "ignored")
             outcome = "ignored"
@@ -257,6 +264,15 @@ def create_app(service: Service) -> FastAPI:
             )  # fmt: skip
         metrics.events.labels(dispensary, outcome).inc()
         return JSONResponse({"status": outcome}, status_code=202), customer_id, outcome
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

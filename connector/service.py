@@ -56,6 +56,7 @@ class Service:
                 )  # fmt: skip
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._switch_interval = sys.getswitchinterval()
 
     def _wake_workers(self, touched: Iterable[tuple[str, str]]) -> None:
         for key in touched:
@@ -67,6 +68,7 @@ class Service:
         # The store thread runs CPU-bound planning; with the default 5 ms switch interval the
         # event loop would wait up to 5 ms for the interpreter lock after every system call,
         # and a request makes several (a convoy). 0.5 ms keeps the receiver responsive.
+        self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0005)
         store = self.astore.store
         released = await self.astore.call(store.register_process)
@@ -117,6 +119,7 @@ class Service:
             await destination.aclose()
         self.astore.close()
         self._tasks.clear()
+        sys.setswitchinterval(self._switch_interval)
         log.info("stopped", released=released)
 
     async def readiness(self) -> list[str]:

@@ -670,6 +670,7 @@ def test_a_body_with_a_byte_order_mark_is_refused_or_applied(tmp_path: Path) -> 
         response = await rx.post(raw)
 
         if response.status_code == 400:
+            assert_error(response, 400, "not_json")
             (row,) = await rx.rows(quarantine)
             assert row.body == raw
             return

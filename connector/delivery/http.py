@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from connector.config import HttpDestination as HttpConfig
 from connector.config import Rate
@@ -60,8 +61,10 @@ class HttpSink:
         headers.setdefault("content-type", "application/json")
         self._headers = headers
         self._client = client or httpx.AsyncClient(
+            # aiohttp under the httpx API: measured 2-2.5x less CPU per request than httpx's
+            # own pool here, more so as concurrency grows (bench/pipeline.py)
+            transport=AiohttpTransport(limits=httpx.Limits(max_connections=config.concurrency)),
             timeout=httpx.Timeout(config.timeout_seconds),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
         )
 
     async def send(self, deliveries: list[Delivery]) -> list[str | None]:

@@ -9,6 +9,7 @@ only that customer and survives a restart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
@@ -45,7 +46,7 @@ class RetryPolicy:
         if stop(state):
             return None
         wait = tenacity.wait_exponential_jitter(
-            initial=self.initial_seconds, max=self.max_seconds, jitter=self.jitter_seconds
+            multiplier=self.initial_seconds, max=self.max_seconds, jitter=self.jitter_seconds
         )
         delay = float(wait(state))
         if retry_after is not None:
@@ -68,6 +69,6 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         if moment is None:
             return None
         seconds = moment.timestamp() - now
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):  # "inf", "nan", 1e400
         return None
     return max(0.0, seconds)

@@ -7,6 +7,7 @@ operation per customer at a time, and none while an earlier one waits for its re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -56,28 +57,40 @@ class DeliveryWorker:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Deliver until ``stopping`` is set; the round in progress is finished first."""
+        failures = 0
+        while not stopping.is_set():
+            try:
+                await self._step(stopping)
+                failures = 0
+            except Exception as exc:  # a locked store, a bug: claims expire, nothing is lost
+                failures += 1
+                log.warning(
+                    "delivery_loop_failed", destination=self.destination.name, error=exc,
+                    attempt=failures,
+                )  # fmt: skip
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), min(30.0, self.idle_poll * 2**failures))
+
+    async def _step(self, stopping: asyncio.Event) -> None:
         store = self.astore.store
         limit = self.concurrency * self.destination.batch_size
-        while not stopping.is_set():
-            self.wake.clear()  # before looking: a wake-up from here on is not lost
-            rows = await self.astore.call(
-                store.claim, self.dispensary, self.destination.name, limit
+        self.wake.clear()  # before looking: a wake-up from here on is not lost
+        rows = await self.astore.call(store.claim, self.dispensary, self.destination.name, limit)
+        if rows:
+            started = time.monotonic()
+            await self._round(rows)
+            await self.pressure.yield_after(time.monotonic() - started)
+            return
+        due = await self.astore.call(store.next_due, self.dispensary, self.destination.name)
+        timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
+        if timeout > 0:
+            waits = [asyncio.ensure_future(self.wake.wait()),
+                     asyncio.ensure_future(stopping.wait())]  # fmt: skip
+            _, pending = await asyncio.wait(
+                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
-            if rows:
-                started = time.monotonic()
-                await self._round(rows)
-                await self.pressure.yield_after(time.monotonic() - started)
-                continue
-            due = await self.astore.call(store.next_due, self.dispensary, self.destination.name)
-            timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
-            if timeout > 0:
-                waits = [asyncio.ensure_future(self.wake.wait()),
-                         asyncio.ensure_future(stopping.wait())]  # fmt: skip
-                _, pending = await asyncio.wait(
-                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in pending:
-                    task.cancel()
+            for task in pending:
+                task.cancel()
 
     async def _round(self, rows: list[OutboxRow]) -> None:
         store = self.astore.store

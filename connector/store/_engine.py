@@ -12,8 +12,9 @@ def make_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) ->
 
     SQLite: WAL, ``synchronous=FULL`` (an acknowledged event survives a power cut), a busy
     timeout so a second process (``connector reconcile``) waits instead of failing, and
-    ``BEGIN IMMEDIATE`` so that a transaction takes the write lock up front rather than
-    failing when it upgrades (pysqlite's own transaction handling is switched off for that).
+    ``BEGIN IMMEDIATE`` for write transactions (``Store.transaction``) so that they take the
+    write lock up front rather than failing when they upgrade; reads begin plainly
+    (pysqlite's own transaction handling is switched off for that).
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
@@ -30,7 +31,9 @@ def make_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) ->
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # writes lock up front; reads (status, metrics, readiness) never block a writer
+            immediate = connection.info.get("immediate")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

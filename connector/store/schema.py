@@ -90,6 +90,7 @@ contacts = Table(
     Column("delivered_hash", String(64)),
     Column("unsubscribed", Boolean, nullable=False, default=False),
     Column("deactivated", Boolean, nullable=False, default=False),
+    Column("ops_planned", Integer, nullable=False, default=0),
     Column("updated_at", Float, nullable=False),
 )
 

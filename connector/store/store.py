@@ -76,7 +76,8 @@ _UPDATE_CONTACT = (
     .where(*_CONTACT_KEY)
     .values(
         {c: bindparam(c) for c in
-         ("contact_id", "delivered_hash", "unsubscribed", "deactivated", "updated_at")}
+         ("contact_id", "delivered_hash", "unsubscribed", "deactivated", "ops_planned",
+          "updated_at")}
     )
 )  # fmt: skip
 _FILL_CONTACT_ID = (
@@ -134,6 +135,9 @@ class Store:
     def __init__(self, url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
         self.url = url
         self.engine = make_engine(url, synchronous=synchronous, timeout=timeout)
+        self._sqlite = url.startswith("sqlite")
+        self._synchronous = synchronous
+        self._sync_levels: dict[int, str] = {}  # per driver connection: what it is set to
         self.process_id = uuid.uuid4().hex
         try:
             self._migrate()
@@ -161,11 +165,29 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A write transaction; a locked or full database becomes :class:`StoreUnavailable`."""
+    def transaction(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction; a locked or full database becomes :class:`StoreUnavailable`.
+
+        ``durable=False`` (SQLite) commits without syncing the WAL to disk, for writes that
+        can be lost in a power cut without losing anything: claims, delivery results and
+        plans are all redone from what is durable (a lost "done" means one more delivery,
+        which idempotency keys make harmless). The next durable commit syncs them too, in
+        order. Received events always commit durably: they are acknowledged to Treez.
+        """
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            with self.engine.connect() as conn:
+                if self._sqlite:
+                    level = self._synchronous if durable else "NORMAL"
+                    raw = conn.connection.dbapi_connection
+                    if raw is not None and self._sync_levels.get(id(raw)) != level:
+                        raw.execute(f"PRAGMA synchronous={level}")
+                        self._sync_levels[id(raw)] = level
+                conn.info["immediate"] = True  # take the write lock up front (see _engine)
+                try:
+                    with conn.begin():
+                        yield conn
+                finally:
+                    conn.info.pop("immediate", None)
         except OperationalError as exc:
             # the driver's text only, never the statement's parameters (customer values)
             reason = str(exc.orig).splitlines()[0][:120] if exc.orig is not None else "unknown"
@@ -247,7 +269,11 @@ class Store:
             )
         ):
             found[row.customer_id][row.destination] = ContactState(
-                row.contact_id, row.delivered_hash, bool(row.unsubscribed), bool(row.deactivated)
+                row.contact_id,
+                row.delivered_hash,
+                bool(row.unsubscribed),
+                bool(row.deactivated),
+                row.ops_planned,
             )
         states = {}
         for row in conn.execute(
@@ -322,6 +348,7 @@ class Store:
                     "delivered_hash": contact.delivered_hash,
                     "unsubscribed": contact.unsubscribed,
                     "deactivated": contact.deactivated,
+                    "ops_planned": contact.planned,
                     "updated_at": now,
                 }
                 if (cid, destination) in stored_contacts:
@@ -440,14 +467,7 @@ class Store:
         a time and in order, and a retry's wait holds up only that customer.
         """
         now = time.time() if now is None else now
-        earlier = aliased(outbox)
-        blocked = exists().where(
-            earlier.c.dispensary == outbox.c.dispensary,
-            earlier.c.destination == outbox.c.destination,
-            earlier.c.order_key == outbox.c.order_key,
-            earlier.c.id < outbox.c.id,
-            earlier.c.status.in_(("pending", "inflight")),
-        )
+        blocked = _blocked()
         mine = and_(outbox.c.dispensary == dispensary, outbox.c.destination == destination)
         # two queries, each an index walk in id order that stops at the limit (an OR of
         # both would scan and sort every pending row)
@@ -457,7 +477,7 @@ class Store:
         expired = select(outbox).where(
             mine, outbox.c.status == "inflight", outbox.c.claimed_until < now, ~blocked
         )
-        with self.transaction() as conn:
+        with self.transaction(durable=False) as conn:
             rows = list(conn.execute(expired.order_by(outbox.c.id).limit(limit)))
             if len(rows) < limit:
                 rows += conn.execute(due.order_by(outbox.c.id).limit(limit - len(rows)))
@@ -517,7 +537,7 @@ class Store:
         """Record a round of delivery: successes (with any returned contact id), retries
         (with their next attempt time), and dead letters (with the response)."""
         now = time.time()
-        with self.transaction() as conn:
+        with self.transaction(durable=False) as conn:
             if done:
                 conn.execute(
                     update(outbox)
@@ -612,7 +632,8 @@ class Store:
                 new.append({"dispensary": dispensary, "customer_id": cid,
                             "destination": destination, "contact_id": contact_id,
                             "delivered_hash": None, "unsubscribed": False,
-                            "deactivated": False, "updated_at": now})  # fmt: skip
+                            "deactivated": False, "ops_planned": 0,
+                            "updated_at": now})  # fmt: skip
             elif known[cid] is None:
                 fill.append({"k_dispensary": dispensary, "k_customer": cid,
                              "k_destination": destination, "contact_id": contact_id,
@@ -631,16 +652,18 @@ class Store:
             conn.execute(insert(conflicts_table), clash)
 
     def next_due(self, dispensary: str, destination: str) -> float | None:
-        with self.engine.connect() as conn:
-            found = conn.execute(
-                select(func.min(outbox.c.next_attempt_at)).where(
-                    outbox.c.dispensary == dispensary,
-                    outbox.c.destination == destination,
-                    outbox.c.status == "pending",
-                )
-            ).scalar_one_or_none()
-            conn.rollback()
-        return None if found is None else float(found)
+        """When the next claimable operation falls due (ones waiting behind an earlier
+        operation of their customer do not count: they are not claimable when due)."""
+        found = self.query(
+            select(func.min(outbox.c.next_attempt_at)).where(
+                outbox.c.dispensary == dispensary,
+                outbox.c.destination == destination,
+                outbox.c.status == "pending",
+                ~_blocked(),
+            )
+        )
+        value = found[0][0] if found else None
+        return None if value is None else float(value)
 
     # --- processes and claims ---
 
@@ -652,7 +675,7 @@ class Store:
         """
         now = time.time()
         host = socket.gethostname()
-        with self.transaction() as conn:
+        with self.transaction(durable=False) as conn:
             gone = []
             for row in conn.execute(select(processes)):
                 stale = row.heartbeat_at < now - CLAIM_SECONDS
@@ -677,7 +700,7 @@ class Store:
     def heartbeat(self) -> None:
         """Keep this process known and renew the claims it holds."""
         now = time.time()
-        with self.transaction() as conn:
+        with self.transaction(durable=False) as conn:
             conn.execute(
                 update(processes).where(processes.c.id == self.process_id).values(heartbeat_at=now)
             )
@@ -689,7 +712,7 @@ class Store:
 
     def release_claims(self) -> int:
         """Give back this process's in-flight operations (on shutdown)."""
-        with self.transaction() as conn:
+        with self.transaction(durable=False) as conn:
             result = conn.execute(
                 update(outbox)
                 .where(outbox.c.status == "inflight", outbox.c.claimed_by == self.process_id)
@@ -759,6 +782,18 @@ class Store:
             rows = conn.execute(statement).all()
             conn.rollback()
         return list(rows)
+
+
+def _blocked() -> Any:
+    """An earlier operation of the same customer is still pending or in flight."""
+    earlier = aliased(outbox)
+    return exists().where(
+        earlier.c.dispensary == outbox.c.dispensary,
+        earlier.c.destination == outbox.c.destination,
+        earlier.c.order_key == outbox.c.order_key,
+        earlier.c.id < outbox.c.id,
+        earlier.c.status.in_(("pending", "inflight")),
+    )
 
 
 def _pid_alive(pid: int) -> bool:
