@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: run test lint typecheck unit bench check fmt clean
+.PHONY: run demo test lint typecheck unit bench check fmt clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,11 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The main job. Until the server lands, this validates the shipped configuration and shows
-# what the sample Treez event becomes for its destination.
+# The main job: the webhook receiver, the planner and the delivery workers in one process.
 run: $(STAMP)
 	$(BIN)/connector check --config $(CONFIG)
-	$(BIN)/connector map --config $(CONFIG) tests/data/seed_delivery.json
+	$(BIN)/connector serve --config $(CONFIG)
+
+# In a second shell while `make run` serves: post the bundled sample events and show what
+# each destination received (starts its own server when none is running).
+demo: $(STAMP)
+	$(BIN)/connector demo --config $(CONFIG)
 
 test: lint typecheck unit
 
@@ -31,8 +35,11 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# Run by hand; bench/ingest.py needs wrk (apt-get install wrk).
 bench: $(STAMP)
 	$(BIN)/python bench/mapping.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/pipeline.py
 
 fmt: $(STAMP)
 	$(BIN)/ruff format connector tests bench
