@@ -39,7 +39,7 @@ def classify(response: httpx.Response, *, retriable: frozenset[int] = RETRIABLE_
     raise FatalDelivery(message, status_code=status, body=body)
 
 
-def transport_error(exc: httpx.HTTPError) -> DeliveryError:
+def transport_error(exc: httpx.HTTPError | httpx.InvalidURL) -> DeliveryError:
     """Timeouts and connection errors are retriable; other transport errors too (the
     request may not have arrived), except a malformed URL or request."""
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol | httpx.LocalProtocolError):
@@ -80,7 +80,7 @@ class HttpSink:
             response = await self._client.post(
                 self._url, content=content, headers={**self._headers, "idempotency-key": key}
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc) from None
         classify(response)
         return _contact_ids(response, len(deliveries))
@@ -100,5 +100,6 @@ def _contact_ids(response: httpx.Response, count: int) -> list[str | None]:
     for index in range(count):
         item = items[index] if index < len(items) else None
         found = item.get("contact_id") if isinstance(item, dict) else None
-        out.append(str(found) if isinstance(found, str | int) and found != "" else None)
+        usable = isinstance(found, str | int) and not isinstance(found, bool) and found != ""
+        out.append(str(found) if usable else None)
     return out

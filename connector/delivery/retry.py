@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 import tenacity
@@ -68,6 +69,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
             return None
         if moment is None:
             return None
+        if moment.tzinfo is None:  # the asctime form: an HTTP date is always GMT
+            moment = moment.replace(tzinfo=UTC)
         seconds = moment.timestamp() - now
     if not math.isfinite(seconds):  # "inf", "nan", 1e400
         return None

