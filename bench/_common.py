@@ -92,6 +92,8 @@ def server_process(
     else:
         command = [str(Path(sys.executable).parent / "connector"), "serve", "--config",
                    str(config), "--port", str(port)]  # fmt: skip
+        if os.environ.get("BENCH_SERVE_WRAPPER"):  # profiling by hand: a script taking serve's args
+            command = [sys.executable, os.environ["BENCH_SERVE_WRAPPER"], *command[2:]]
     log = (config.parent / "server.log").open("ab")
     proc = subprocess.Popen([*pinned(cpu), *command], cwd=config.parent, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"

@@ -91,8 +91,10 @@ def main() -> None:
                         results[name].append(wrk(urls[name], scripts[name], args.seconds,
                                                  args.connections))  # fmt: skip
                 metrics = _queue(base)
-    print(f"wrk: 1 thread, {args.connections} connections, {args.rounds} rounds x "
-          f"{args.seconds} s per route; server on one core, delivering to a local sink")  # fmt: skip
+    print(
+        f"wrk: 1 thread, {args.connections} connections, {args.rounds} rounds x "
+        f"{args.seconds} s per route; server on one core, delivering to a local sink"
+    )
     print(f"{'route':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     medians = {}
     for name, rounds in results.items():

@@ -79,9 +79,9 @@ def main() -> None:
     events = [(700_000 + i, event_body(700_000 + i, 1)) for i in range(args.events)]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        with sink_process(work) as (sink_url, attempts_log):
+        with sink_process(work, cpu=None) as (sink_url, attempts_log):
             config = write_config(work, sink_url, batch_size=args.batch_size)
-            with server_process(config, bench_server=False) as base:
+            with server_process(config, cpu=None, bench_server=False) as base:
                 sent = asyncio.run(post_all(base, events, args.rate, args.clients))
                 deadline = time.monotonic() + 120
                 received: dict[int, float] = {}

@@ -15,7 +15,7 @@ import time
 
 
 class Pressure:
-    def __init__(self, *, window: float = 0.05, ratio: float = 3.0, max_rest: float = 0.25):
+    def __init__(self, *, window: float = 0.05, ratio: float = 1.0, max_rest: float = 0.25):
         self.window = window
         self.ratio = ratio
         self.max_rest = max_rest
