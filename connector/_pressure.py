@@ -1,35 +1,37 @@
-"""Ingestion first: background work yields while webhooks are arriving.
+"""Ingestion first: background work steps aside while the receiver is saturated.
 
-Receiving, planning and delivering share one process (and one interpreter lock). Under a
-burst of webhooks, planning and delivery would take CPU from the receiver, whose answers
-Treez waits for; the events are durable in the inbox, so the background can catch up after.
-While requests keep arriving, each background loop therefore rests for ``ratio`` times as
-long as its last step took (at ratio 3 it gets at most a quarter of the CPU); when the
-receiver is idle it runs flat out.
+Receiving, planning and delivering share one process (and one interpreter lock). When
+webhooks arrive faster than the process can answer them, requests queue up: then planning
+and delivery rest for ``ratio`` times as long as their last step took (at ratio 6 they keep
+about a seventh of the CPU), because Treez waits for its answers while the events are already
+durable in the inbox and the background can catch up after the burst. A steady stream the
+process keeps up with never counts as saturation, so it is planned and delivered at full
+speed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 
 class Pressure:
-    def __init__(self, *, window: float = 0.05, ratio: float = 1.0, max_rest: float = 0.25):
-        self.window = window
+    def __init__(self, *, saturated_at: int = 8, ratio: float = 6.0, max_rest: float = 0.25):
+        self.saturated_at = saturated_at
         self.ratio = ratio
         self.max_rest = max_rest
-        self._last = 0.0
+        self.inflight = 0  # webhook requests being answered right now
 
-    def touch(self) -> None:
-        """A request arrived."""
-        self._last = time.monotonic()
+    def enter(self) -> None:
+        self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
 
     @property
     def busy(self) -> bool:
-        return time.monotonic() - self._last < self.window
+        return self.inflight >= self.saturated_at
 
     async def yield_after(self, spent: float) -> None:
-        """Rest after a background step that took ``spent`` seconds, if ingestion is busy."""
+        """Rest after a background step that took ``spent`` seconds, if ingestion is saturated."""
         if self.busy and spent > 0:
             await asyncio.sleep(min(self.max_rest, spent * self.ratio))

@@ -167,8 +167,11 @@ def create_app(service: Service) -> FastAPI:
     async def receive_webhook(dispensary: str, request: Request) -> Response:
         """Receive a Treez webhook for one dispensary."""
         started = time.perf_counter()
-        service.pressure.touch()
-        response, customer_id, outcome = await _receive(dispensary, request)
+        service.pressure.enter()
+        try:
+            response, customer_id, outcome = await _receive(dispensary, request)
+        finally:
+            service.pressure.leave()
         log.info(
             "webhook", dispensary=dispensary, status_code=response.status_code, outcome=outcome,
             customer_id=customer_id, duration_ms=round((time.perf_counter() - started) * 1e3, 2),
