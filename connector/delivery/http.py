@@ -56,7 +56,7 @@ class HttpSink:
         self.name = config.name
         self.batch_size = config.batch_size
         self.rate_limit: tuple[Rate, ...] = config.rate_limit
-        self._url = str(config.url)
+        self._url = httpx.URL(str(config.url))  # parsed once, not per request
         headers = {k: v.get_secret_value() for k, v in config.headers.items()}
         headers.setdefault("content-type", "application/json")
         self._headers = headers
@@ -77,9 +77,12 @@ class HttpSink:
             payload = [d.body for d in deliveries]
         content = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            response = await self._client.post(
-                self._url, content=content, headers={**self._headers, "idempotency-key": key}
-            )
+            # build_request, not a bare Request: it carries the client's timeouts
+            request = self._client.build_request(
+                "POST", self._url, content=content,
+                headers={**self._headers, "idempotency-key": key},
+            )  # fmt: skip
+            response = await self._client.send(request)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc) from None
         classify(response)
