@@ -15,7 +15,7 @@ import asyncio
 
 
 class Pressure:
-    def __init__(self, *, saturated_at: int = 8, ratio: float = 6.0, max_rest: float = 0.25):
+    def __init__(self, *, saturated_at: int = 8, ratio: float = 10.0, max_rest: float = 0.25):
         self.saturated_at = saturated_at
         self.ratio = ratio
         self.max_rest = max_rest
