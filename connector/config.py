@@ -264,6 +264,14 @@ class DispensaryConfig(_Model):
         raise KeyError(name)
 
 
+class RetentionConfig(_Model):
+    """How long raw customer payloads and finished work are kept (the payloads hold names,
+    birthdays, licences and medical ids: keep them no longer than needed to investigate)."""
+
+    raw_payload_days: float = Field(default=30.0, gt=0, le=3650)
+    delivered_days: float = Field(default=7.0, gt=0, le=3650)
+
+
 class Config(_Model):
     # repr=False: a PostgreSQL URL may carry a password; store_display hides it
     store: str = Field(default="sqlite:///connector.db", validate_default=True, repr=False)
@@ -271,6 +279,7 @@ class Config(_Model):
     # answers 503 (SQLite: busy timeout)
     store_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     server: ServerConfig = ServerConfig()
+    retention: RetentionConfig = RetentionConfig()
     dispensaries: dict[str, DispensaryConfig] = Field(min_length=1)
 
     _path: Path | None = PrivateAttr(default=None)

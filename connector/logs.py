@@ -126,6 +126,7 @@ ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         "accepted",
         "rejected",
         "retried",
+        "bodies",
         "conflicts",
         # HTTP and process
         "path",

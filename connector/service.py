@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ from connector.store import AsyncStore, Store
 
 log = get_logger("connector.service")
 HEARTBEAT_SECONDS = 10.0
+RETENTION_SECONDS = 3600.0
 
 
 class Service:
@@ -80,6 +82,7 @@ class Service:
                 worker.run(self._stopping)
             )
         self._tasks["heartbeat"] = asyncio.create_task(self._heartbeat())
+        self._tasks["retention"] = asyncio.create_task(self._retention())
         for name, disp in self.config.dispensaries.items():
             if disp.uses_dev_token:
                 log.warning(
@@ -99,6 +102,25 @@ class Service:
                     await self.astore.call(store.heartbeat)
                 except Exception:
                     log.exception("heartbeat_failed")
+
+    async def _retention(self) -> None:
+        """Purge old raw payloads and delivered operations at start and then hourly."""
+        store = self.astore.store
+        days = self.config.retention
+        while not self._stopping.is_set():
+            now = time.time()
+            try:
+                purged = await self.astore.call(
+                    store.purge,
+                    raw_before=now - days.raw_payload_days * 86_400,
+                    delivered_before=now - days.delivered_days * 86_400,
+                )
+                if any(purged.values()):
+                    log.info("purged", counts=purged)
+            except Exception as exc:
+                log.warning("purge_failed", error=exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), RETENTION_SECONDS)
 
     async def stop(self) -> None:
         """Finish the work in hand within the grace period; release what is left."""

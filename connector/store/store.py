@@ -721,6 +721,35 @@ class Store:
             conn.execute(delete(processes).where(processes.c.id == self.process_id))
         return result.rowcount or 0
 
+    # --- retention ---
+
+    def purge(self, *, raw_before: float, delivered_before: float) -> dict[str, int]:
+        """Forget what is no longer needed: the raw bodies of events planned (or refused)
+        before ``raw_before``, and operations delivered before ``delivered_before``.
+
+        Pending events keep their bodies whatever their age (they are still to be planned);
+        dead letters are kept until they are replayed or dealt with.
+        """
+        with self.transaction(durable=False) as conn:
+            bodies = conn.execute(
+                update(inbox)
+                .where(
+                    inbox.c.status != "pending",
+                    inbox.c.received_at < raw_before,
+                    inbox.c.body.is_not(None),
+                )
+                .values(body=None)
+            ).rowcount
+            refused = conn.execute(
+                update(quarantine)
+                .where(quarantine.c.received_at < raw_before, quarantine.c.body.is_not(None))
+                .values(body=None)
+            ).rowcount
+            delivered = conn.execute(
+                delete(outbox).where(outbox.c.status == "done", outbox.c.done_at < delivered_before)
+            ).rowcount
+        return {"bodies": bodies or 0, "quarantined": refused or 0, "delivered": delivered or 0}
+
     # --- reading, for status, metrics and tests ---
 
     def ping(self) -> None:

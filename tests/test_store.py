@@ -1,0 +1,134 @@
+"""The store's own promises: schema versioning, retention, and reads that never block."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, update
+
+from connector.errors import StoreError
+from connector.planner import Operation
+from connector.store import NewEvent, Rejected, Store
+from connector.store.schema import SCHEMA_VERSION, inbox, meta, outbox, quarantine
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    yield opened
+    opened.close()
+
+
+def test_a_new_store_records_its_schema_version(store: Store) -> None:
+    rows = store.query(select(meta.c.value).where(meta.c.key == "schema_version"))
+    assert rows[0].value == str(SCHEMA_VERSION)
+
+
+def test_a_store_from_a_newer_connector_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    first = Store(url)
+    with first.transaction() as conn:
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="999"))
+    first.close()
+    with pytest.raises(StoreError, match="schema is version 999, newer than this connector"):
+        Store(url)
+
+
+def test_opening_twice_keeps_the_data(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    first = Store(url)
+    first.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
+    first.close()
+    again = Store(url)
+    assert len(again.query(select(inbox))) == 1
+    again.close()
+
+
+def _age(store: Store, table: object, column: str, seconds: float) -> None:
+    with store.transaction() as conn:
+        conn.execute(update(table).values({column: time.time() - seconds}))  # type: ignore[arg-type]
+
+
+def test_purge_forgets_old_bodies_but_never_a_pending_one(store: Store) -> None:
+    store.add_events(
+        [
+            NewEvent("d", "webhook", "CUSTOMER", "1", 1, '{"old": "applied"}', "applied"),
+            NewEvent("d", "webhook", "CUSTOMER", "2", 1, '{"old": "pending"}'),
+        ],
+        [Rejected("d", 422, "data.last_update: is missing", "application/json", b"{}")],
+    )
+    _age(store, inbox, "received_at", 40 * 86_400)
+    _age(store, quarantine, "received_at", 40 * 86_400)
+    store.add_events([NewEvent("d", "webhook", "CUSTOMER", "3", 1, '{"new": 1}', "applied")])
+    now = time.time()
+
+    purged = store.purge(raw_before=now - 30 * 86_400, delivered_before=now - 7 * 86_400)
+
+    assert purged == {"bodies": 1, "quarantined": 1, "delivered": 0}
+    bodies = {r.customer_id: r.body for r in store.query(select(inbox))}
+    assert bodies == {"1": None, "2": '{"old": "pending"}', "3": '{"new": 1}'}
+    assert store.query(select(quarantine.c.body))[0].body is None
+    assert store.query(select(quarantine.c.reason))[0].reason == "data.last_update: is missing"
+
+
+def test_purge_deletes_delivered_operations_only(store: Store) -> None:
+    ops = [
+        Operation(
+            "sink", str(i), str(i), "upsert", {"op": "upsert", "customer_id": str(i)}, f"k{i}"
+        )
+        for i in range(3)
+    ]
+    with store.transaction() as conn:
+        store.enqueue(conn, "d", ops)
+    store.register_process()
+    claimed = store.claim("d", "sink", 2)
+    store.finish("d", "sink", done=[(claimed[0], None)], dead=[(claimed[1], "HTTP 400", 400, "no")])
+    _age(store, outbox, "done_at", 10 * 86_400)
+    now = time.time()
+
+    purged = store.purge(raw_before=now - 30 * 86_400, delivered_before=now - 7 * 86_400)
+
+    assert purged["delivered"] == 1
+    left = {r.idempotency_key: r.status for r in store.query(select(outbox))}
+    assert left == {"k1": "dead", "k2": "pending"}
+
+
+def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = Store(f"sqlite:///{path}", timeout=0.2)
+    store.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO connector_meta (key, value) VALUES ('held', 'yes')")
+    try:
+        store.ping()
+        assert store.pending_work() == 1
+        assert store.queue_stats() == []
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.close()
+
+
+def test_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
+    from connector.errors import StoreUnavailable
+
+    path = tmp_path / "store.db"
+    store = Store(f"sqlite:///{path}", timeout=0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="database is locked"):
+            store.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
+    assert store.pending_work() == 1
+    with store.transaction() as conn:
+        conn.execute(insert(meta).values(key="after", value="ok"))
+    store.close()
