@@ -539,11 +539,9 @@ class Store:
         now = time.time()
         with self.transaction(durable=False) as conn:
             if done:
-                conn.execute(
-                    update(outbox)
-                    .where(outbox.c.id.in_([row.id for row, _ in done]))
-                    .values(status="done", done_at=now, attempts=outbox.c.attempts + 1,
-                            claimed_by=None, claimed_until=None, last_error=None)
+                _settle(
+                    conn, outbox.c.id.in_([row.id for row, _ in done]), "done",
+                    done_at=now, last_error=None,
                 )  # fmt: skip
                 returned = {}
                 for row, contact_id in done:
@@ -553,31 +551,12 @@ class Store:
                 if returned:
                     self._record_contacts(conn, dispensary, destination, returned, now)
             for row, at, error in retry:
-                conn.execute(
-                    update(outbox)
-                    .where(outbox.c.id == row.id)
-                    .values(
-                        status="pending",
-                        attempts=outbox.c.attempts + 1,
-                        next_attempt_at=at,
-                        claimed_by=None,
-                        claimed_until=None,
-                        last_error=error[:2000],
-                    )
-                )
+                _settle(
+                    conn, outbox.c.id == row.id, "pending",
+                    next_attempt_at=at, last_error=error[:2000],
+                )  # fmt: skip
             for row, reason, status_code, response in dead:
-                conn.execute(
-                    update(outbox)
-                    .where(outbox.c.id == row.id)
-                    .values(
-                        status="dead",
-                        attempts=outbox.c.attempts + 1,
-                        done_at=now,
-                        claimed_by=None,
-                        claimed_until=None,
-                        last_error=reason[:2000],
-                    )
-                )
+                _settle(conn, outbox.c.id == row.id, "dead", done_at=now, last_error=reason[:2000])
                 conn.execute(
                     insert(dead_letters).values(
                         outbox_id=row.id,
@@ -811,6 +790,21 @@ class Store:
             rows = conn.execute(statement).all()
             conn.rollback()
         return list(rows)
+
+
+def _settle(conn: Connection, where: Any, status: str, **values: Any) -> None:
+    """End an attempt: count it, give back the claim, set the new status."""
+    conn.execute(
+        update(outbox)
+        .where(where)
+        .values(
+            status=status,
+            attempts=outbox.c.attempts + 1,
+            claimed_by=None,
+            claimed_until=None,
+            **values,
+        )
+    )
 
 
 def _blocked() -> Any:
