@@ -151,9 +151,11 @@ class Processor:
         metrics: Metrics | None = None,
         idle_poll: float = 1.0,
         pressure: Pressure | None = None,
+        linger: float = 0.02,
     ) -> None:
         self.astore = astore
         self.deployment = deployment
+        self.linger = linger
         self.pressure = pressure or Pressure()
         self.on_enqueued = on_enqueued
         self.metrics = metrics
@@ -186,6 +188,10 @@ class Processor:
                     for outcome, count in counts.items():
                         self.metrics.planned.labels("all", outcome).inc(count)
                 await self.pressure.yield_after(time.monotonic() - started)
+                if result.events < limit // 4:
+                    # a trickle: wait a moment so the next batch carries more events (each
+                    # batch costs a dozen statements whatever its size)
+                    await _rest(stopping, self.linger)
                 continue
             waits = [
                 asyncio.ensure_future(self.wake.wait()),

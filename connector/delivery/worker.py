@@ -42,8 +42,10 @@ class DeliveryWorker:
         metrics: Metrics | None = None,
         idle_poll: float = 1.0,
         pressure: Pressure | None = None,
+        linger: float = 0.01,
     ) -> None:
         self.pressure = pressure or Pressure()
+        self.linger = linger
         self.astore = astore
         self.dispensary = dispensary
         self.destination = destination
@@ -80,6 +82,11 @@ class DeliveryWorker:
             started = time.monotonic()
             await self._round(rows)
             await self.pressure.yield_after(time.monotonic() - started)
+            if len(rows) < limit // 2:
+                # a trickle: let a few more operations gather (a round costs three
+                # transactions whatever its size)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self.linger)
             return
         due = await self.astore.call(store.next_due, self.dispensary, self.destination.name)
         timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())

@@ -17,7 +17,12 @@ def make_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) ->
     (pysqlite's own transaction handling is switched off for that).
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": timeout},
+            # every transaction ends in an explicit commit or rollback: no reset on return
+            pool_reset_on_return=None,
+        )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
