@@ -2,8 +2,8 @@
 
 Receiving, planning and delivering share one process (and one interpreter lock). When
 webhooks arrive faster than the process can answer them, requests queue up: then planning
-and delivery rest for ``ratio`` times as long as their last step took (at ratio 6 they keep
-about a seventh of the CPU), because Treez waits for its answers while the events are already
+and delivery rest for ``ratio`` times as long as their last step took (at ratio 20 they keep
+about a twentieth of the CPU), because Treez waits for its answers while the events are already
 durable in the inbox and the background can catch up after the burst. A steady stream the
 process keeps up with never counts as saturation, so it is planned and delivered at full
 speed.
@@ -15,7 +15,7 @@ import asyncio
 
 
 class Pressure:
-    def __init__(self, *, saturated_at: int = 8, ratio: float = 10.0, max_rest: float = 0.25):
+    def __init__(self, *, saturated_at: int = 8, ratio: float = 20.0, max_rest: float = 0.25):
         self.saturated_at = saturated_at
         self.ratio = ratio
         self.max_rest = max_rest
