@@ -67,6 +67,7 @@ class Deployment:
 class BatchResult:
     events: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    by_dispensary: Counter[tuple[str, str]] = field(default_factory=Counter)
     touched: set[tuple[str, str]] = field(default_factory=set)  # (dispensary, destination)
 
 
@@ -136,6 +137,8 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
         store.mark_events(conn, outcomes)
     result.events = len(rows)
     result.outcomes.update(outcomes.values())
+    dispensary_of = {row.id: row.dispensary for row in rows}
+    result.by_dispensary.update((dispensary_of[i], o) for i, o in outcomes.items())
     return result
 
 
@@ -185,8 +188,8 @@ class Processor:
                 counts = dict(result.outcomes)
                 log.info("planned", events=result.events, counts=counts)
                 if self.metrics is not None:
-                    for outcome, count in counts.items():
-                        self.metrics.planned.labels("all", outcome).inc(count)
+                    for (dispensary, outcome), count in result.by_dispensary.items():
+                        self.metrics.planned.labels(dispensary, outcome).inc(count)
                 await self.pressure.yield_after(time.monotonic() - started)
                 if result.events < limit // 4:
                     # a trickle: wait a moment so the next batch carries more events (each

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
@@ -44,7 +45,7 @@ class GroupCommitter:
         self.max_batch = max_batch
         self._queue: list[tuple[NewEvent | Rejected, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
-        self.on_commit: list[Any] = []  # callables run after each commit of events
+        self.on_commit: list[Callable[[], None]] = []  # run after each commit of events
 
     async def submit(self, item: NewEvent | Rejected) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
