@@ -100,19 +100,17 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it grows past ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
+async def _read_limited(request: Request, limit: int) -> tuple[bytes, bool]:
+    """The body and False; or, once it grows past ``limit`` bytes, its first ``limit`` bytes
+    and True (kept in quarantine; the rest is never read)."""
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            return None
         chunks.append(chunk)
-    return b"".join(chunks)
+        if size > limit:
+            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), False
 
 
 def create_app(service: Service) -> FastAPI:
@@ -201,10 +199,10 @@ def create_app(service: Service) -> FastAPI:
             metrics.events.labels(dispensary, "rejected_403").inc()
             return _error(403, "forbidden", "the token is not this dispensary's"), None, "forbidden"
         content_type = request.headers.get("content-type")
-        body = await _read_limited(request, limit)
-        if body is None:
-            reason = f"body larger than {limit} bytes"
-            await quarantine(dispensary, 413, reason, content_type, b"")
+        body, too_large = await _read_limited(request, limit)
+        if too_large:
+            reason = f"body larger than {limit} bytes (the first {limit} are kept)"
+            await quarantine(dispensary, 413, reason, content_type, body)
             return _error(413, "too_large", reason), None, "rejected"
         media = (content_type or "").split(";", 1)[0].strip().lower()
         if media != "application/json":

@@ -524,6 +524,7 @@ def test_a_body_over_the_limit_is_413(tmp_path: Path) -> None:
         rows = await rx.rows(quarantine)
         assert [(r.dispensary, r.status_code) for r in rows] == [(DISPENSARY, 413)] * 2
         assert all(str(MAX_BODY) in r.reason for r in rows)
+        assert [r.body for r in rows] == [raw[:MAX_BODY]] * 2  # the first bytes are kept
 
     run(tmp_path, scenario)
 
