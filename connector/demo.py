@@ -106,19 +106,24 @@ def run_demo(
             for d in disp.destinations
             if isinstance(d, JsonlDestination)
         }
-        if _reachable(base):
-            echo(f"posting to the running server at {base}")
-            _post_all(base, dispensary, token, echo)
-        else:
-            echo(f"no server at {base}: starting one in this process")
-            with embedded_server(config) as embedded:
-                _post_all(embedded, dispensary, token, echo)
-                finished = _wait(store, timeout)
-                return _report(store, config, dispensary, start_id, offsets, finished, echo)
-        finished = _wait(store, timeout)
+        with _server(config, base, echo) as server_url:
+            _post_all(server_url, dispensary, token, echo)
+            finished = _wait(store, timeout)
         return _report(store, config, dispensary, start_id, offsets, finished, echo)
     finally:
         store.close()
+
+
+@contextmanager
+def _server(config: Config, base: str, echo: Callable[[str], None]) -> Iterator[str]:
+    """The running server at ``base`` if one answers, else one started in this process."""
+    if _reachable(base):
+        echo(f"posting to the running server at {base}")
+        yield base
+        return
+    echo(f"no server at {base}: starting one in this process")
+    with embedded_server(config) as embedded:
+        yield embedded
 
 
 def _last_outbox_id(store: Store) -> int:

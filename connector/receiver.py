@@ -26,8 +26,8 @@ from connector.treez import (
     CustomerEvent,
     NotJsonError,
     OtherEvent,
-    _CustomerEnvelope,
     parse_event_json,
+    webhook_body_schema,
 )
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def create_app(service: Service) -> FastAPI:
         for name, disp in config.dispensaries.items()
     }
     limit = config.server.max_body_bytes
-    body_schema = _CustomerEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+    body_schema = webhook_body_schema()
     schemas = body_schema.pop("$defs", {})
 
     async def quarantine(

@@ -363,6 +363,12 @@ def parse_event_json(raw: bytes | str, *, source: str = "webhook body") -> Treez
     return parse_event(body, source=source)
 
 
+def webhook_body_schema() -> dict[str, Any]:
+    """JSON Schema of a CUSTOMER webhook body (for the OpenAPI document); its sub-schemas
+    are under ``$defs`` with refs of the form ``#/components/schemas/{model}``."""
+    return _CustomerEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
 def parse_customer(record: Any, *, source: str = "customer record") -> Customer:
     """Validate one customer object (as the Customer API returns it)."""
     try:
