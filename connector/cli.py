@@ -255,7 +255,10 @@ def _load_mapping(path: Path) -> Mapping:
 @click.option("--host", help="Listen on this address instead of server.host.")
 @click.option("--port", type=int, help="Listen on this port instead of server.port (0: any).")
 def serve(config_file: Path, host: str | None, port: int | None) -> None:
-    """Run the webhook receiver, the planner and the delivery workers in one process.
+    """Run the webhook receiver, the planner and the delivery workers.
+
+    The planner and the workers run in a child process unless server.pipeline_process is
+    false (then all in this one); the child stops with this process.
 
     Stops on SIGTERM or Ctrl-C: accepts nothing more, finishes or releases the work in
     hand within server.shutdown_grace_seconds, and exits 0.
@@ -269,7 +272,7 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
     server = config.server
     configure_logging(level=server.log_level, json=server.log_format == "json")
     try:
-        service = Service(config)
+        service = Service(config, role="receiver" if server.pipeline_process else "all")
     except ConnectorError as exc:
         _fail(str(exc))
     app = create_app(service)

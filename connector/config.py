@@ -108,6 +108,9 @@ class ServerConfig(_Model):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # plan and deliver in a second process beside the receiver, so each gets a core (one
+    # Python process is bound by its interpreter lock); false: everything in one process
+    pipeline_process: bool = True
 
 
 class PolicyConfig(_Model):

@@ -113,6 +113,7 @@ ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         "events",
         "claimed",
         "released",
+        "role",
         "delivered",
         "dead",
         "stale",
@@ -128,6 +129,13 @@ ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         "retried",
         "bodies",
         "conflicts",
+        "requests",
+        # operation kinds (keys of a delivered line's counts)
+        "upsert",
+        "unsubscribe",
+        "subscribe",
+        "merge",
+        "deactivate",
         # HTTP and process
         "path",
         "method",

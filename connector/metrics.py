@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 
 class Metrics:
@@ -71,9 +72,11 @@ class Metrics:
         self,
         queue_stats: Iterable[dict[str, Any]],
         configured: Iterable[tuple[str, str]] = (),
+        extra: Iterable[Metric] = (),
     ) -> bytes:
         """The text exposition, with queue gauges read from the store just now; a configured
-        destination with nothing queued reads 0 (not its last value)."""
+        destination with nothing queued reads 0 (not its last value). ``extra``: the families
+        of the pipeline process, whose samples join this process's families of the same name."""
         now = time.time()
         entries = {(e["dispensary"], e["destination"]): e for e in queue_stats}
         for key in configured:
@@ -88,4 +91,26 @@ class Metrics:
             self.dead_letters.labels(*labels).set(entry["dead"])
             oldest = entry["oldest_pending_at"]
             self.oldest_pending.labels(*labels).set(0.0 if oldest is None else now - oldest)
-        return generate_latest(self.registry)
+        extra = list(extra)
+        if not extra:
+            return generate_latest(self.registry)
+        merged: dict[str, Metric] = {}
+        for family in [*self.registry.collect(), *extra]:
+            known = merged.get(family.name)
+            if known is None:
+                copy = Metric(family.name, family.documentation, family.type, family.unit)
+                copy.samples = list(family.samples)
+                merged[family.name] = copy
+            else:
+                known.samples.extend(family.samples)
+        return generate_latest(_Families(list(merged.values())))
+
+
+class _Families:
+    """Enough of a registry for ``generate_latest``: the families to write."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

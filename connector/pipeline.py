@@ -20,8 +20,8 @@ from connector.errors import EventValidationError
 from connector.logs import get_logger
 from connector.mapping import load_mapping
 from connector.metrics import Metrics
-from connector.planner import DestinationSpec, Operation, content_hash, plan
-from connector.store import AsyncStore, Store
+from connector.planner import CustomerState, DestinationSpec, Operation, content_hash, plan
+from connector.store import AsyncStore, InboxRow, Store
 from connector.treez import CustomerEvent, parse_event_json
 
 log = get_logger("connector.pipeline")
@@ -71,74 +71,123 @@ class BatchResult:
     touched: set[tuple[str, str]] = field(default_factory=set)  # (dispensary, destination)
 
 
+@dataclass(slots=True)
+class _Plans:
+    """A batch planned in memory, ready to write."""
+
+    rows: list[InboxRow]
+    outcomes: dict[int, str]
+    related: dict[str, set[str]]
+    loaded: dict[str, dict[str, CustomerState]]
+    current: dict[str, dict[str, CustomerState]]
+    operations: dict[str, list[Operation]]
+    conflicts: dict[str, list[tuple[str, str, str, str]]]
+    failures: list[tuple[str, str, str, str]]  # dispensary, destination, customer, message
+    touched: set[tuple[str, str]]
+
+
+def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
+    dict[int, str], list[tuple[int, str, CustomerEvent]], dict[str, set[str]]
+]:  # fmt: skip
+    """Parse the events; which customers' state each dispensary's batch needs."""
+    outcomes: dict[int, str] = {}
+    work: list[tuple[int, str, CustomerEvent]] = []
+    related: dict[str, set[str]] = {}
+    for row in rows:
+        try:
+            event = parse_event_json(row.body)
+        except EventValidationError:
+            outcomes[row.id] = "failed"
+            continue
+        if row.dispensary not in deployment.dispensaries or not isinstance(event, CustomerEvent):
+            outcomes[row.id] = "ignored"
+            continue
+        customer = event.customer
+        ids = related.setdefault(row.dispensary, set())
+        ids.add(customer.customer_id)
+        ids.update(customer.merged_customer_ids)
+        if customer.merged_into_customer_id:
+            ids.add(customer.merged_into_customer_id)
+        work.append((row.id, row.dispensary, event))
+    return outcomes, work, related
+
+
+def _plan_rows(
+    rows: list[InboxRow],
+    deployment: Deployment,
+    load: Callable[[str, set[str]], dict[str, CustomerState]],
+) -> _Plans:
+    """Plan ``rows`` one after the other against state held in memory (each event sees the
+    effects of the ones before it, as if applied one at a time). No writes."""
+    outcomes, work, related = _related(rows, deployment)
+    loaded = {d: load(d, ids) for d, ids in related.items()}
+    current = {d: dict(states) for d, states in loaded.items()}
+    plans = _Plans(
+        rows, outcomes, related, loaded, current,
+        {d: [] for d in related}, {d: [] for d in related}, [], set(),
+    )  # fmt: skip
+    for event_id, dispensary, event in work:
+        customer = event.customer
+        states = current[dispensary]
+        planned = plan(
+            customer,
+            dispensary,
+            states,
+            deployment.dispensaries[dispensary].specs,
+            digest=content_hash(customer),
+        )
+        states.update(planned.states)
+        plans.operations[dispensary].extend(planned.operations)
+        plans.conflicts[dispensary].extend(
+            (c.customer_id, c.destination, c.kind, c.detail) for c in planned.conflicts
+        )
+        plans.failures.extend(
+            (dispensary, f.destination, customer.customer_id, f.message) for f in planned.failures
+        )
+        plans.touched.update((dispensary, op.destination) for op in planned.operations)
+        outcomes[event_id] = planned.outcome
+    return plans
+
+
 def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> BatchResult:
-    """Plan up to ``limit`` pending events, oldest first, in one transaction.
+    """Plan up to ``limit`` pending events, oldest first, and commit the result at once.
 
-    Events are planned one after the other against state held in memory (each sees the
-    effects of the ones before it, as if applied one at a time); the new state, the
-    operations and the events' outcomes then commit together, a few set-wise statements per
-    dispensary. A crash at any point leaves all of a batch's effects or none.
+    Planning is CPU work, and the write lock is shared with the receiver (in another process
+    by default): so the events and their customers' state are read first, planned with no
+    lock held, and only the writes take the lock. Under the lock the batch checks that its
+    events are still pending and that the state it planned from is still what is stored; if
+    another process changed either meanwhile, it plans again under the lock. The new state,
+    the operations and the events' outcomes commit together, a few set-wise statements per
+    dispensary: a crash at any point leaves all of a batch's effects or none.
     """
-    result = BatchResult()
-    with store.transaction(durable=False) as conn:  # redone from the durable inbox if lost
+    with store.snapshot() as conn:
         rows = store.pending_events(conn, limit)
-        outcomes: dict[int, str] = {}
-        work: list[tuple[int, str, CustomerEvent]] = []
-        related: dict[str, set[str]] = {}
-        for row in rows:
-            try:
-                event = parse_event_json(row.body)
-            except EventValidationError:
-                outcomes[row.id] = "failed"
-                continue
-            if row.dispensary not in deployment.dispensaries or not isinstance(
-                event, CustomerEvent
-            ):
-                outcomes[row.id] = "ignored"
-                continue
-            customer = event.customer
-            ids = related.setdefault(row.dispensary, set())
-            ids.add(customer.customer_id)
-            ids.update(customer.merged_customer_ids)
-            if customer.merged_into_customer_id:
-                ids.add(customer.merged_into_customer_id)
-            work.append((row.id, row.dispensary, event))
-
-        loaded = {d: store.load_states(conn, d, ids) for d, ids in related.items()}
-        current = {d: dict(states) for d, states in loaded.items()}
-        operations: dict[str, list[Operation]] = {d: [] for d in related}
-        conflicts: dict[str, list[tuple[str, str, str, str]]] = {d: [] for d in related}
-        for event_id, dispensary, event in work:
-            customer = event.customer
-            states = current[dispensary]
-            planned = plan(
-                customer,
-                dispensary,
-                states,
-                deployment.dispensaries[dispensary].specs,
-                digest=content_hash(customer),
-            )
-            states.update(planned.states)
-            operations[dispensary].extend(planned.operations)
-            conflicts[dispensary].extend(
-                (c.customer_id, c.destination, c.kind, c.detail) for c in planned.conflicts
-            )
-            for failure in planned.failures:
-                store.dead_letter_direct(
-                    conn, dispensary, failure.destination, customer.customer_id, "upsert",
-                    f"mapping failed: {failure.message}",
-                )  # fmt: skip
-            result.touched.update((dispensary, op.destination) for op in planned.operations)
-            outcomes[event_id] = planned.outcome
-        for dispensary, states in current.items():
-            store.save_states(conn, dispensary, loaded[dispensary], states)
-            store.enqueue(conn, dispensary, operations[dispensary])
-            store.add_conflicts(conn, dispensary, conflicts[dispensary])
-        store.mark_events(conn, outcomes)
-    result.events = len(rows)
-    result.outcomes.update(outcomes.values())
-    dispensary_of = {row.id: row.dispensary for row in rows}
-    result.by_dispensary.update((dispensary_of[i], o) for i, o in outcomes.items())
+        if not rows:
+            return BatchResult()
+        plans = _plan_rows(rows, deployment, lambda d, ids: store.load_states(conn, d, ids))
+    with store.transaction(durable=False) as conn:  # redone from the durable inbox if lost
+        ids = [row.id for row in rows]
+        unchanged = store.still_pending(conn, ids) == set(ids) and all(
+            store.load_states(conn, d, related) == plans.loaded[d]
+            for d, related in plans.related.items()
+        )
+        if not unchanged:
+            rows = store.pending_events(conn, limit)
+            plans = _plan_rows(rows, deployment, lambda d, ids: store.load_states(conn, d, ids))
+        for dispensary, destination, customer_id, message in plans.failures:
+            store.dead_letter_direct(
+                conn, dispensary, destination, customer_id, "upsert",
+                f"mapping failed: {message}",
+            )  # fmt: skip
+        for dispensary, states in plans.current.items():
+            store.save_states(conn, dispensary, plans.loaded[dispensary], states)
+            store.enqueue(conn, dispensary, plans.operations[dispensary])
+            store.add_conflicts(conn, dispensary, plans.conflicts[dispensary])
+        store.mark_events(conn, plans.outcomes)
+    result = BatchResult(events=len(plans.rows), touched=plans.touched)
+    result.outcomes.update(plans.outcomes.values())
+    dispensary_of = {row.id: row.dispensary for row in plans.rows}
+    result.by_dispensary.update((dispensary_of[i], o) for i, o in plans.outcomes.items())
     return result
 
 

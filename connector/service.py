@@ -8,7 +8,7 @@ import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from connector._pressure import Pressure
 from connector.config import Config
@@ -18,6 +18,7 @@ from connector.delivery.worker import DeliveryWorker
 from connector.logs import get_logger
 from connector.metrics import Metrics
 from connector.pipeline import Deployment, Processor, build_destination
+from connector.pipeline_process import PipelineProcess
 from connector.receiver import GroupCommitter
 from connector.store import AsyncStore, Store
 
@@ -26,23 +27,40 @@ HEARTBEAT_SECONDS = 10.0
 RETENTION_SECONDS = 3600.0
 
 
+Role = Literal["all", "receiver", "pipeline"]
+
+
 class Service:
-    def __init__(self, config: Config, *, idle_poll: float = 1.0) -> None:
+    """``role`` says which half runs here: ``all`` (one process: receiver, planner and
+    workers), ``receiver`` (the committer, with the planner and workers in a child process,
+    :mod:`connector.pipeline_process`) or ``pipeline`` (that child: planner and workers)."""
+
+    def __init__(self, config: Config, *, idle_poll: float = 1.0, role: Role = "all") -> None:
         self.config = config
+        self.role = role
         self.metrics = Metrics()
         self.pressure = Pressure()
         self.deployment = Deployment.from_config(config)
         self.astore = AsyncStore(Store(config.store, timeout=config.store_timeout_seconds))
+        self.destination_keys = [
+            (name, dest.name) for name, disp in config.dispensaries.items()
+            for dest in disp.destinations
+        ]  # fmt: skip
         self.committer = GroupCommitter(self.astore)
+        self.child = PipelineProcess(config) if role == "receiver" else None
+        self.planner_lane = self.astore.lane("planner")
         self.processor = Processor(
-            self.astore, self.deployment, on_enqueued=self._wake_workers, metrics=self.metrics,
-            idle_poll=idle_poll, pressure=self.pressure,
+            self.planner_lane, self.deployment, on_enqueued=self._wake_workers,
+            metrics=self.metrics, idle_poll=idle_poll, pressure=self.pressure,
         )  # fmt: skip
-        self.committer.on_commit.append(self.processor.wake.set)
+        if self.child is not None:
+            self.committer.on_commit.append(self.child.wake)
+        else:
+            self.committer.on_commit.append(self.processor.wake.set)
         self.destinations: list[Destination] = []
         self.workers: dict[tuple[str, str], DeliveryWorker] = {}
         for name, disp in config.dispensaries.items():
-            for dest_config in disp.destinations:
+            for dest_config in disp.destinations if role != "receiver" else ():
                 destination = build_destination(dest_config)
                 self.destinations.append(destination)
                 retry = RetryPolicy(
@@ -60,6 +78,9 @@ class Service:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._switch_interval = sys.getswitchinterval()
 
+    def wake_processor(self) -> None:
+        self.processor.wake.set()
+
     def _wake_workers(self, touched: Iterable[tuple[str, str]]) -> None:
         for key in touched:
             worker = self.workers.get(key)
@@ -73,23 +94,31 @@ class Service:
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0005)
         store = self.astore.store
-        released = await self.astore.call(store.register_process)
         self._stopping.clear()
-        self._tasks["committer"] = asyncio.create_task(self.committer.run(self._stopping))
-        self._tasks["processor"] = asyncio.create_task(self.processor.run(self._stopping))
-        for (dispensary, name), worker in self.workers.items():
-            self._tasks[f"worker:{dispensary}/{name}"] = asyncio.create_task(
-                worker.run(self._stopping)
-            )
-        self._tasks["heartbeat"] = asyncio.create_task(self._heartbeat())
-        self._tasks["retention"] = asyncio.create_task(self._retention())
-        for name, disp in self.config.dispensaries.items():
-            if disp.uses_dev_token:
-                log.warning(
-                    "development_webhook_token", dispensary=name,
-                    reason="set TREEZ_WEBHOOK_TOKEN before Treez can reach this server",
-                )  # fmt: skip
-        log.info("started", store=self.config.store_display, released=released,
+        released = 0
+        if self.role != "pipeline":
+            self._tasks["committer"] = asyncio.create_task(self.committer.run(self._stopping))
+        if self.child is not None:
+            self._tasks["pipeline_process"] = asyncio.create_task(self.child.run(self._stopping))
+            if not await self.child.wait_started():
+                log.error("pipeline_process_slow", reason="no status within its start time")
+        else:
+            released = await self.astore.call(store.register_process)
+            self._tasks["processor"] = asyncio.create_task(self.processor.run(self._stopping))
+            for (dispensary, name), worker in self.workers.items():
+                self._tasks[f"worker:{dispensary}/{name}"] = asyncio.create_task(
+                    worker.run(self._stopping)
+                )
+            self._tasks["heartbeat"] = asyncio.create_task(self._heartbeat())
+            self._tasks["retention"] = asyncio.create_task(self._retention())
+        if self.role != "pipeline":
+            for name, disp in self.config.dispensaries.items():
+                if disp.uses_dev_token:
+                    log.warning(
+                        "development_webhook_token", dispensary=name,
+                        reason="set TREEZ_WEBHOOK_TOKEN before Treez can reach this server",
+                    )  # fmt: skip
+        log.info("started", role=self.role, store=self.config.store_display, released=released,
                  count=len(self.workers))  # fmt: skip
 
     async def _heartbeat(self) -> None:
@@ -126,6 +155,8 @@ class Service:
         """Finish the work in hand within the grace period; release what is left."""
         self._stopping.set()
         grace = self.config.server.shutdown_grace_seconds
+        if self.child is not None:
+            await self.child.stop(grace)
         tasks = list(self._tasks.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -133,16 +164,18 @@ class Service:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         released = 0
-        try:
-            released = await self.astore.call(self.astore.store.release_claims)
-        except Exception:
-            log.exception("release_failed")
+        if self.child is None:
+            try:
+                released = await self.astore.call(self.astore.store.release_claims)
+            except Exception:
+                log.exception("release_failed")
         for destination in self.destinations:
             await destination.aclose()
+        self.planner_lane.close()
         self.astore.close()
         self._tasks.clear()
         sys.setswitchinterval(self._switch_interval)
-        log.info("stopped", released=released)
+        log.info("stopped", role=self.role, released=released)
 
     async def readiness(self) -> list[str]:
         problems = []
@@ -153,6 +186,8 @@ class Service:
         for name, task in self._tasks.items():
             if task.done():
                 problems.append(f"{name} stopped")
+        if self.child is not None:
+            problems.extend(self.child.problems())
         if not self._tasks:
             problems.append("not started")
         return problems

@@ -495,7 +495,7 @@ def test_transport_errors_are_retriable(error: httpx.HTTPError, mapping_dir: Pat
     async def go() -> None:
         with respx.mock(assert_all_called=True, using="httpx") as router:
             router.post(URL).mock(side_effect=error)
-            sink = HttpSink(http_config(mapping_dir))
+            sink = HttpSink(http_config(mapping_dir), client=httpx.AsyncClient())
             try:
                 with pytest.raises(RetriableDelivery) as caught:
                     await sink.send([make_delivery("c1")])
@@ -504,6 +504,26 @@ def test_transport_errors_are_retriable(error: httpx.HTTPError, mapping_dir: Pat
         assert caught.value.status_code is None
 
     asyncio.run(go())
+
+
+def test_refused_connection_is_retriable_through_aiohttp(mapping_dir: Path) -> None:
+    # the default path (aiohttp, no httpx client given) against a port nobody listens on
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sink = HttpSink(http_config(mapping_dir, url=f"http://127.0.0.1:{port}/ops"))
+
+    async def go() -> RetriableDelivery:
+        try:
+            with pytest.raises(RetriableDelivery) as caught:
+                await sink.send([make_delivery("c1")])
+            return caught.value
+        finally:
+            await sink.aclose()
+
+    error = asyncio.run(go())
+    assert error.status_code is None
+    assert "no response" in str(error)
 
 
 # ---- HttpSink (respx) ------------------------------------------------------------------------
@@ -515,7 +535,7 @@ def send_with(
     async def go() -> tuple[list[str | None], list[httpx.Request]]:
         with respx.mock(assert_all_called=True, using="httpx") as router:
             route = router.post(URL).mock(return_value=answer)
-            sink = HttpSink(config)
+            sink = HttpSink(config, client=httpx.AsyncClient())
             try:
                 ids = await sink.send(deliveries)
             finally:

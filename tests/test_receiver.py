@@ -580,9 +580,22 @@ def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Pat
 
 
 @contextlib.contextmanager
-def write_lock(database: Path) -> Iterator[None]:
-    """Hold SQLite's write lock on ``database`` from another connection."""
+def write_lock(database: Path, *, pending_event: bytes | None = None) -> Iterator[None]:
+    """Hold SQLite's write lock on ``database`` from another connection.
+
+    ``pending_event``: first commit it to the inbox as a pending event, and take the lock
+    again at once, so that the planner has something to write while the lock is held (with
+    nothing pending it reads and takes no lock)."""
     with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as conn:
+        if pending_event is not None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT INTO inbox (dispensary, source, event_type, customer_id,"
+                " last_update_us, received_at, body, status)"
+                " VALUES (?, 'webhook', 'CUSTOMER', ?, ?, ?, ?, 'pending')",
+                (DISPENSARY, "3904", SEED_LAST_UPDATE_US, time.time(), pending_event.decode()),
+            )
+            conn.execute("COMMIT")
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -614,22 +627,25 @@ def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -
     """The planner and the delivery worker meet the lock too: they must carry on, not die."""
 
     async def scenario(rx: Running) -> None:
-        astore = rx.service.astore
-        store_call = astore.call
         failed: set[str] = set()
 
-        async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await store_call(fn, *args, **kwargs)
-            except StoreUnavailable:
-                failed.add(getattr(fn, "__name__", repr(fn)))
-                raise
+        def recording(store_call: Callable[..., Any]) -> Callable[..., Any]:
+            async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await store_call(fn, *args, **kwargs)
+                except StoreUnavailable:
+                    failed.add(getattr(fn, "__name__", repr(fn)))
+                    raise
+
+            return call
 
         async def failures() -> set[str]:
             return set(failed)
 
-        astore.call = call
-        with write_lock(rx.folder / "connector.db"):
+        # the workers' lane and the planner's lane (a thread each)
+        for lane in (rx.service.astore, rx.service.planner_lane):
+            lane.call = recording(lane.call)  # type: ignore[method-assign]
+        with write_lock(rx.folder / "connector.db", pending_event=SEED_BYTES):
             assert (await rx.post()).status_code == 503
             # hold the lock until the planner and the worker have each been refused a write
             await eventually(
@@ -641,8 +657,8 @@ def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -
         assert (await rx.post()).status_code == 202
         ready = await eventually(rx.readiness, lambda r: r[0] == 200, "readyz")
         assert ready == (200, {"status": "ready"})
-        (row,) = await settled_inbox(rx, 1)
-        assert row.status == "applied"
+        first, second = await settled_inbox(rx, 2)  # the same event twice
+        assert (first.status, second.status) == ("applied", "duplicate")
         await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
 
     run(tmp_path, scenario, store_timeout=0.2)

@@ -7,7 +7,9 @@ operation per customer at a time, and none while an earlier one waits for its re
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -109,7 +111,15 @@ class DeliveryWorker:
         size = self.destination.batch_size
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         outcome = _Outcome([], [], [])
+        started = time.monotonic()
         await asyncio.gather(*(self._send(batch, contacts, outcome) for batch in batches))
+        if outcome.done:
+            ops = collections.Counter(row.op for row, _ in outcome.done)
+            log.info(
+                "delivered", dispensary=self.dispensary, destination=self.destination.name,
+                count=len(outcome.done), counts=dict(ops), requests=len(batches),
+                duration_ms=round((time.monotonic() - started) * 1000, 2),
+            )  # fmt: skip
         await self.astore.call(
             store.finish,
             self.dispensary,
@@ -138,14 +148,17 @@ class DeliveryWorker:
                 return
         duration = time.monotonic() - started
         contact_ids = [*contact_ids, *[None] * len(batch)][: len(batch)]  # accepted: all of them
+        debug = log.isEnabledFor(logging.DEBUG)
         for row, contact_id in zip(batch, contact_ids, strict=True):
             outcome.done.append((row, contact_id))
             self._count(row, "delivered")
-            log.info(
-                "delivered", dispensary=self.dispensary, destination=self.destination.name,
-                customer_id=row.customer_id, op=row.op, operation_id=row.id,
-                attempt=row.attempts + 1, duration_ms=round(duration * 1000, 2), status="ok",
-            )  # fmt: skip
+            if debug:  # the store keeps every delivery (outbox); info has one line a round
+                log.debug(
+                    "delivered", dispensary=self.dispensary, destination=self.destination.name,
+                    customer_id=row.customer_id, op=row.op, operation_id=row.id,
+                    attempt=row.attempts + 1, duration_ms=round(duration * 1000, 2),
+                    status="ok",
+                )  # fmt: skip
         if self.metrics is not None:
             self.metrics.delivery_seconds.labels(self.dispensary, self.destination.name).observe(
                 duration

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -34,11 +36,44 @@ def make_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) ->
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
+        busy_ms = int(timeout * 1000)
+
         @event.listens_for(engine, "begin")
         def _on_begin(connection: Any) -> None:
             # writes lock up front; reads (status, metrics, readiness) never block a writer
-            immediate = connection.info.get("immediate")
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            if not connection.info.get("immediate"):
+                connection.exec_driver_sql("BEGIN")
+                return
+            raw = connection.connection.dbapi_connection
+            raw.execute("PRAGMA busy_timeout=0")
+            try:
+                _begin_immediate(connection, raw, timeout)
+            finally:
+                raw.execute(f"PRAGMA busy_timeout={busy_ms}")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _begin_immediate(connection: Any, raw: Any, timeout: float) -> None:
+    """``BEGIN IMMEDIATE``, waiting up to ``timeout`` for a writer in another process.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20 ms... between tries: with the
+    receiver and the pipeline process both committing every few milliseconds, each would
+    sleep far longer than the other holds the lock. Polling every 0.2-2 ms takes the lock
+    soon after it is free; the sleeps release the interpreter lock.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while True:
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                break  # let SQLAlchemy raise it, wrapped, below
+            if time.monotonic() + delay > deadline:
+                break
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.002)
+    connection.exec_driver_sql("BEGIN IMMEDIATE")  # once more: success, or the wrapped error

@@ -168,9 +168,10 @@ def retry_after_violations(
 
 
 def load_attempts(path: str | Path) -> list[Attempt]:
-    """The attempts written by ``--attempts-log`` (one JSON object a line)."""
+    """The attempts written by ``--attempts-log`` (one JSON object a line). A last line not
+    yet ended by its newline is being written while we read and is left for the next read."""
     with open(path, encoding="utf-8") as fh:
-        return [Attempt(**json.loads(line)) for line in fh if line.strip()]
+        return [Attempt(**json.loads(line)) for line in fh if line.endswith("\n")]
 
 
 def read_record(path: str | Path) -> list[dict[str, Any]]:

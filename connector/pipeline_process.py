@@ -1,0 +1,255 @@
+"""The planner and the delivery workers in a process of their own, beside the receiver.
+
+One Python process is bound by its interpreter lock: receiving, planning and delivering in
+one process share a single core, about 3 ms of Python per event. ``connector serve`` therefore
+runs the receiver in its own process and starts this module as a child process for the rest
+(``server.pipeline_process``, on by default), so that each half gets a core. Both open the same
+store: the receiver commits events to the inbox, the child plans and delivers them, and the
+claims in the store keep each operation with one process.
+
+The two talk over a socket pair (the child's end is passed as a file descriptor):
+
+* parent to child: first one frame holding the configuration, then single bytes: ``w``
+  (events were committed: plan now) and ``s`` (stop: finish or release the work in hand).
+  On Linux the child is killed with its parent (``PR_SET_PDEATHSIG``), so ``kill -9`` of
+  ``connector serve`` ends both at once, as for one process; elsewhere, end of file on the
+  socket tells the child that its parent is gone, and it stops.
+* child to parent: a frame every second (and at start) with the child's readiness problems
+  and its metric families, which the receiver's ``/metrics`` serves with its own.
+
+A frame is a 4-byte big-endian length and a pickle: both ends are this package, started by
+each other, so nothing untrusted is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from connector.logs import get_logger
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from connector.config import Config
+
+log = get_logger("connector.pipeline_process")
+
+STATUS_SECONDS = 1.0
+STATUS_STALE_SECONDS = 5.0
+START_WAIT_SECONDS = 30.0
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
+WAKE, STOP = b"w", b"s"
+_LENGTH = struct.Struct(">I")
+
+
+def _frame(payload: object) -> bytes:
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    header = await reader.readexactly(_LENGTH.size)
+    (length,) = _LENGTH.unpack(header)
+    return pickle.loads(await reader.readexactly(length))  # noqa: S301 (our own child)
+
+
+@dataclass
+class ChildStatus:
+    problems: list[str] = field(default_factory=lambda: ["pipeline process starting"])
+    families: list[Metric] = field(default_factory=list)
+    at: float = 0.0
+
+
+class PipelineProcess:
+    """The parent's handle on the child: starts it, wakes it, restarts it if it dies, stops it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.status = ChildStatus()
+        self.restarts = 0
+        self.pid: int | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._first_status = asyncio.Event()
+        self._stopping = False
+        self._process: asyncio.subprocess.Process | None = None
+
+    # -- called by the receiver's service -------------------------------------------------
+
+    def wake(self) -> None:
+        """Tell the child that events were committed (never blocks: the byte is buffered)."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(WAKE)
+
+    async def wait_started(self, timeout: float = START_WAIT_SECONDS) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._first_status.wait(), timeout)
+        return self._first_status.is_set()
+
+    def problems(self) -> list[str]:
+        if self._process is None or self._process.returncode is not None:
+            return ["pipeline process not running"]
+        if self.status.at and time.monotonic() - self.status.at > STATUS_STALE_SECONDS:
+            return ["pipeline process not reporting"]
+        return list(self.status.problems)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Keep a child running until ``stopping``; a child that dies is started again."""
+        failures = 0
+        while not stopping.is_set():
+            started = time.monotonic()
+            code = await self._run_once(stopping)
+            if stopping.is_set() or self._stopping:
+                return
+            self.restarts += 1
+            failures = 0 if time.monotonic() - started > 60 else failures + 1
+            delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+            log.error("pipeline_process_exited", code=code, restart_in=delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+
+    async def stop(self, grace: float) -> None:
+        """Ask the child to finish or release its work; kill it if it outlasts the grace."""
+        self._stopping = True
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(STOP)
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+        try:
+            await asyncio.wait_for(process.wait(), grace + 5.0)
+        except TimeoutError:
+            log.error("pipeline_process_killed", reason="did not stop within the grace period")
+            process.kill()
+            await process.wait()
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _run_once(self, stopping: asyncio.Event) -> int | None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "connector.pipeline_process", str(theirs.fileno()),
+                str(os.getpid()), pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=False,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        self._process = process
+        self.pid = process.pid
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self._writer = writer
+        writer.write(_frame(self.config))
+        statuses = asyncio.create_task(self._read_statuses(reader))
+        try:
+            return await process.wait()
+        finally:
+            statuses.cancel()
+            await asyncio.gather(statuses, return_exceptions=True)
+            self._writer = None
+            writer.close()
+            self.status = ChildStatus(problems=["pipeline process not running"])
+
+    async def _read_statuses(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                message = await _read_frame(reader)
+                self.status = ChildStatus(
+                    problems=list(message["problems"]),
+                    families=list(message["families"]),
+                    at=time.monotonic(),
+                )
+                self._first_status.set()
+
+
+# -- the child ------------------------------------------------------------------------------
+
+
+async def _child(sock: socket.socket) -> None:
+    from connector.logs import configure_logging
+    from connector.service import Service
+
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    config: Config = await _read_frame(reader)
+    configure_logging(level=config.server.log_level, json=config.server.log_format == "json")
+    service = Service(config, role="pipeline")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C reaches the whole process group: the parent decides when the child stops.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    async def commands() -> None:
+        while True:
+            chunk = await reader.read(4096)
+            if not chunk:
+                log.warning("pipeline_parent_gone")
+                break
+            if WAKE in chunk:
+                service.wake_processor()
+            if STOP in chunk:
+                break
+        stop.set()
+
+    async def report() -> None:
+        while True:
+            problems = await service.readiness()
+            families = list(service.metrics.registry.collect())
+            writer.write(_frame({"problems": problems, "families": families}))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATUS_SECONDS)
+            if stop.is_set():
+                return
+
+    await service.start()
+    tasks = [asyncio.create_task(commands()), asyncio.create_task(report())]
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        writer.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Be killed the moment the parent dies, as if both were one process: a ``kill -9`` of
+    ``connector serve`` stops everything at once, and the next start releases the claims."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    _die_with_parent(int(args[1]))
+    sock = socket.socket(fileno=int(args[0]))
+    os.set_blocking(sock.fileno(), False)
+    try:
+        import uvloop
+
+        uvloop.run(_child(sock))
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(_child(sock))
+
+
+if __name__ == "__main__":
+    main()
