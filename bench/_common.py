@@ -56,14 +56,20 @@ def sink_process(workdir: Path, *args: str, cpu: int | None = 1) -> Iterator[tup
 
 
 def write_config(
-    workdir: Path, sink_url: str, *, concurrency: int = 16, batch_size: int = 1
+    workdir: Path,
+    sink_url: str,
+    *,
+    concurrency: int = 16,
+    batch_size: int = 1,
+    pipeline_process: bool = True,
 ) -> Path:
     shutil.copy(ROOT / "mappings" / "http.yaml", workdir / "http.yaml")
     path = workdir / "config.yaml"
     path.write_text(
         f"""
 store: sqlite:///connector.db
-server: {{host: 127.0.0.1, port: 8080, log_level: info}}
+server: {{host: 127.0.0.1, port: 8080, log_level: info,
+         pipeline_process: {str(pipeline_process).lower()}}}
 dispensaries:
   partnersandbox3:
     webhook_token: {TOKEN}
@@ -80,11 +86,25 @@ dispensaries:
     return path
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and of its live children (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError, ValueError):
+        return total
+    return total + sum(process_cpu_seconds(int(child)) for child in children)
+
+
 @contextmanager
 def server_process(
-    config: Path, *, cpu: int | None = 0, bench_server: bool = True
+    config: Path, *, cpu: int | None = 0, bench_server: bool = True, pids: list[int] | None = None
 ) -> Iterator[str]:
-    """The connector in its own process (its JSON logs go to a file); yields the base URL."""
+    """The connector in its own process (its JSON logs go to a file); yields the base URL.
+    ``pids``, when given, receives the server's pid (for :func:`process_cpu_seconds`)."""
     port = free_port()
     if bench_server:
         command = [sys.executable, str(ROOT / "bench" / "_server.py"), "--config", str(config),
@@ -96,6 +116,8 @@ def server_process(
             command = [sys.executable, os.environ["BENCH_SERVE_WRAPPER"], *command[2:]]
     log = (config.parent / "server.log").open("ab")
     proc = subprocess.Popen([*pinned(cpu), *command], cwd=config.parent, stdout=log, stderr=log)
+    if pids is not None:
+        pids.append(proc.pid)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20

@@ -78,7 +78,7 @@ def main() -> None:
             scripts[name].write_text(LUA % (template, TOKEN, start))
         with sink_process(work) as (sink_url, _log):
             config = write_config(work, sink_url)
-            with server_process(config) as base:
+            with server_process(config, cpu=None) as base:
                 urls = {
                     "noop": f"{base}/noop/partnersandbox3",
                     "durable": f"{base}/webhooks/treez/partnersandbox3",

@@ -27,6 +27,7 @@ from bench._common import (
     TOKEN,
     RawPoster,
     event_body,
+    process_cpu_seconds,
     server_process,
     sink_process,
     write_config,
@@ -93,14 +94,22 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=800.0, help="offered events per second")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1, help="the http destination's")
+    parser.add_argument(
+        "--one-process", action="store_true",
+        help="server.pipeline_process: false (receiver, planner and workers in one process)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     events = [(700_000 + i, event_body(700_000 + i, 1)) for i in range(args.events)]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         with sink_process(work, cpu=None) as (sink_url, attempts_log):
-            config = write_config(work, sink_url, batch_size=args.batch_size)
-            with server_process(config, cpu=None, bench_server=False) as base:
+            config = write_config(
+                work, sink_url, batch_size=args.batch_size, pipeline_process=not args.one_process
+            )
+            pids: list[int] = []
+            with server_process(config, cpu=None, bench_server=False, pids=pids) as base:
+                cpu_before = process_cpu_seconds(pids[0])
                 # uvloop: the load generator's CPU is taken from the machine under test
                 sent = uvloop.run(post_all(base, events, args.rate, args.clients))
                 deadline = time.monotonic() + 120
@@ -113,15 +122,19 @@ def main() -> None:
                             for op in attempt.ops:
                                 cid = int(op["customer_id"])
                                 received.setdefault(cid, attempt.wall)
+                cpu_used = process_cpu_seconds(pids[0]) - cpu_before
     missing = len(sent) - len(received)
     latencies = sorted(received[c] - sent[c] for c in received if c in sent)
     first, last = min(sent.values()), max(received.values())
     throughput = len(received) / (last - first)
     posting = len(sent) / (max(sent.values()) - first)
+    mode = "one process" if args.one_process else "receiver + pipeline process"
     print(f"{len(sent)} events posted at {posting:,.0f}/s offered ({args.clients} clients), "
-          f"http destination batch_size {args.batch_size}")  # fmt: skip
+          f"http destination batch_size {args.batch_size}, {mode}")  # fmt: skip
     print(f"delivered {len(received)} (missing {missing}) in {last - first:.1f} s: "
           f"{throughput:,.0f} events/s end to end")  # fmt: skip
+    print(f"connector CPU (receiver and pipeline processes): {cpu_used / len(sent) * 1e3:.2f} ms "
+          f"per event, {cpu_used / (last - first):.2f} cores busy")  # fmt: skip
     p50 = statistics.median(latencies)
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     print(f"POST → sink latency: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")

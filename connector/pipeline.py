@@ -220,7 +220,7 @@ class Processor:
             self.wake.clear()
             started = time.monotonic()
             # small batches while webhooks arrive: a batch holds the interpreter lock
-            limit = 16 if self.pressure.busy else 256
+            limit = 16 if self.pressure.busy else 64
             try:
                 result = await self.astore.call(
                     process_batch, self.astore.store, self.deployment, limit

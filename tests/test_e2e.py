@@ -835,3 +835,102 @@ def test_sigterm_during_slow_deliveries_then_restart(tmp_path: Path, procs: Proc
     code, took = sigterm(second)
     checks.expect(code == 0, f"SIGTERM: serve exited with {code} after {took:.1f} s, not 0")
     checks.assert_all()
+
+
+# --- the pipeline process (server.pipeline_process, the default) ------------------------------
+
+
+def pipeline_child(server: Server) -> int:
+    """The pid of serve's pipeline process (its only child)."""
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    with httpx.Client(timeout=5.0) as client:
+        text = client.get(f"{server.base}/metrics").text
+    total = 0.0
+    for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match[2])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads children from /proc")
+def test_a_pipeline_process_killed_alone_is_restarted_and_loses_nothing(
+    tmp_path: Path, procs: Procs
+) -> None:
+    world = scenario(customers=40, seed=5)
+    events = world.events
+    sink = start_sink(procs, "sink", "--seed", "3")
+    config = write_config(tmp_path, sink.url)
+    server = start_server(procs, config, "serve")
+    db = tmp_path / "connector.db"
+    checks = Checks()
+    half = len(world.rounds) // 2
+
+    first = post_rounds(server.webhook, world.rounds[:half])
+    child = pipeline_child(server)
+    os.kill(child, signal.SIGKILL)
+    # the receiver keeps answering while the pipeline is down: events wait in the inbox
+    second = post_rounds(server.webhook, world.rounds[half:])
+    answers = Counter(status for _, status in first.answered + second.answered)
+    assert answers == {202: len(events)}, dict(answers)
+
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError, OSError):
+            if pipeline_child(server) != child:
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"no new pipeline process within 30 s\n{server.proc.tail()}")
+    wait_drained(db, server, len(events))
+    check_inbox_exact(checks, db, events, world)
+    check_delivery(checks, db, sink, world)
+
+    with httpx.Client(timeout=5.0) as client:
+        deadline = time.monotonic() + 10.0
+        while client.get(f"{server.base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "/readyz not ready after the restart"
+            time.sleep(0.2)
+    lines = server.proc.log_lines()
+    exited = [line for line in lines if line.get("event") == "pipeline_process_exited"]
+    checks.expect(len(exited) == 1, f"one exit of the pipeline process logged: {exited}")
+    started = [line for line in lines if line.get("event") == "started"]
+    checks.expect(
+        [line.get("role") for line in started].count("pipeline") == 2,
+        f"the pipeline process started twice: {started}",
+    )
+    # the new child's counters reach the receiver's /metrics (they restart from zero)
+    deadline = time.monotonic() + 5.0
+    while metric(server, "connector_events_planned_total") == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    checks.expect(
+        metric(server, "connector_events_planned_total") > 0,
+        "GET /metrics: no connector_events_planned_total from the restarted pipeline process",
+    )
+    checks.expect(
+        metric(server, "connector_events_received_total", outcome="accepted") == len(events),
+        "GET /metrics: connector_events_received_total{outcome=accepted} != events posted",
+    )
+
+    current = pipeline_child(server)
+    code, took = sigterm(server)
+    checks.expect(code == 0, f"SIGTERM: serve exited with {code} after {took:.1f} s, not 0")
+    deadline = time.monotonic() + 5.0
+    while _alive(current) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    checks.expect(not _alive(current), "the pipeline process outlived serve")
+    checks.assert_all()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

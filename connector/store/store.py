@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.elements import BindParameter
 
 from connector.errors import StoreError, StoreUnavailable
 from connector.planner import ContactState, CustomerState, Operation
@@ -247,14 +248,7 @@ class Store:
     # --- planning ---
 
     def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
-        rows = conn.execute(
-            select(
-                inbox.c.id, inbox.c.dispensary, inbox.c.source, inbox.c.customer_id, inbox.c.body
-            )
-            .where(inbox.c.status == "pending")
-            .order_by(inbox.c.id)
-            .limit(limit)
-        )
+        rows = conn.execute(_PENDING_EVENTS, {"limit": limit})
         return [InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body) for r in rows]
 
     def still_pending(self, conn: Connection, ids: Sequence[int]) -> set[int]:
@@ -262,11 +256,7 @@ class Store:
         found: set[int] = set()
         for chunk in range(0, len(ids), 500):
             part = ids[chunk : chunk + 500]
-            found.update(
-                conn.execute(
-                    select(inbox.c.id).where(inbox.c.id.in_(part), inbox.c.status == "pending")
-                ).scalars()
-            )
+            found.update(conn.execute(_STILL_PENDING, {"ids": part}).scalars())
         return found
 
     def mark_events(self, conn: Connection, outcomes: Mapping[int, str]) -> None:
@@ -275,9 +265,7 @@ class Store:
         for event_id, status in outcomes.items():
             by_status.setdefault(status, []).append(event_id)
         for status, ids in by_status.items():
-            conn.execute(
-                update(inbox).where(inbox.c.id.in_(ids)).values(status=status, processed_at=now)
-            )
+            conn.execute(_MARK_EVENTS, {"ids": ids, "status": status, "now": now})
 
     def load_states(
         self, conn: Connection, dispensary: str, customer_ids: Iterable[str]
@@ -286,11 +274,8 @@ class Store:
         if not ids:
             return {}
         found: dict[str, dict[str, ContactState]] = {cid: {} for cid in ids}
-        for row in conn.execute(
-            select(contacts).where(
-                contacts.c.dispensary == dispensary, contacts.c.customer_id.in_(ids)
-            )
-        ):
+        key = {"dispensary": dispensary, "ids": ids}
+        for row in conn.execute(_LOAD_CONTACTS, key):
             found[row.customer_id][row.destination] = ContactState(
                 row.contact_id,
                 row.delivered_hash,
@@ -299,11 +284,7 @@ class Store:
                 row.ops_planned,
             )
         states = {}
-        for row in conn.execute(
-            select(customers).where(
-                customers.c.dispensary == dispensary, customers.c.customer_id.in_(ids)
-            )
-        ):
+        for row in conn.execute(_LOAD_CUSTOMERS, key):
             states[row.customer_id] = CustomerState(
                 row.customer_id,
                 row.last_update_us,
@@ -332,20 +313,10 @@ class Store:
             return
         now = time.time()
         ids = list(changed)
-        stored = set(
-            conn.execute(
-                select(customers.c.customer_id).where(
-                    customers.c.dispensary == dispensary, customers.c.customer_id.in_(ids)
-                )
-            ).scalars()
-        )
+        key = {"dispensary": dispensary, "ids": ids}
+        stored = set(conn.execute(_STORED_CUSTOMERS, key).scalars())
         stored_contacts = {
-            (r.customer_id, r.destination)
-            for r in conn.execute(
-                select(contacts.c.customer_id, contacts.c.destination).where(
-                    contacts.c.dispensary == dispensary, contacts.c.customer_id.in_(ids)
-                )
-            )
+            (r.customer_id, r.destination) for r in conn.execute(_STORED_CONTACTS, key)
         }
         new_rows, updates, new_contacts, contact_updates = [], [], [], []
         for cid, state in changed.items():
@@ -385,11 +356,11 @@ class Store:
                          "destination": destination, **values}
                     )  # fmt: skip
         if new_rows:
-            conn.execute(insert(customers), new_rows)
+            conn.execute(_INSERT_CUSTOMERS, new_rows)
         if updates:
             conn.execute(_UPDATE_CUSTOMER, updates)
         if new_contacts:
-            conn.execute(insert(contacts), new_contacts)
+            conn.execute(_INSERT_CONTACTS, new_contacts)
         if contact_updates:
             conn.execute(_UPDATE_CONTACT, contact_updates)
 
@@ -401,11 +372,7 @@ class Store:
         keys = [op.idempotency_key for op in operations]
         taken = {
             (row.destination, row.idempotency_key)
-            for row in conn.execute(
-                select(outbox.c.destination, outbox.c.idempotency_key).where(
-                    outbox.c.dispensary == dispensary, outbox.c.idempotency_key.in_(keys)
-                )
-            )
+            for row in conn.execute(_QUEUED_KEYS, {"dispensary": dispensary, "keys": keys})
         }
         rows = []
         for op in operations:
@@ -428,7 +395,7 @@ class Store:
                 }
             )
         if rows:
-            conn.execute(insert(outbox), rows)
+            conn.execute(_INSERT_OUTBOX, rows)
         return len(rows)
 
     def add_conflicts(
@@ -870,6 +837,39 @@ _SETTLE_DONE = (
         last_error=None,
     )
 )
+# the planner's statements, likewise
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+_PENDING_EVENTS = (
+    select(inbox.c.id, inbox.c.dispensary, inbox.c.source, inbox.c.customer_id, inbox.c.body)
+    .where(inbox.c.status == "pending")
+    .order_by(inbox.c.id)
+    .limit(bindparam("limit"))
+)
+_STILL_PENDING = select(inbox.c.id).where(inbox.c.id.in_(_IDS), inbox.c.status == "pending")
+_MARK_EVENTS = (
+    update(inbox)
+    .where(inbox.c.id.in_(_IDS))
+    .values(status=bindparam("status"), processed_at=bindparam("now"))
+)
+_LOAD_CONTACTS = select(contacts).where(
+    contacts.c.dispensary == bindparam("dispensary"), contacts.c.customer_id.in_(_IDS)
+)
+_LOAD_CUSTOMERS = select(customers).where(
+    customers.c.dispensary == bindparam("dispensary"), customers.c.customer_id.in_(_IDS)
+)
+_STORED_CUSTOMERS = select(customers.c.customer_id).where(
+    customers.c.dispensary == bindparam("dispensary"), customers.c.customer_id.in_(_IDS)
+)
+_STORED_CONTACTS = select(contacts.c.customer_id, contacts.c.destination).where(
+    contacts.c.dispensary == bindparam("dispensary"), contacts.c.customer_id.in_(_IDS)
+)
+_QUEUED_KEYS = select(outbox.c.destination, outbox.c.idempotency_key).where(
+    outbox.c.dispensary == bindparam("dispensary"),
+    outbox.c.idempotency_key.in_(bindparam("keys", expanding=True)),
+)
+_INSERT_CUSTOMERS = insert(customers)
+_INSERT_CONTACTS = insert(contacts)
+_INSERT_OUTBOX = insert(outbox)
 _CONTACT_IDS = select(contacts.c.customer_id, contacts.c.contact_id).where(
     contacts.c.dispensary == bindparam("dispensary"),
     contacts.c.destination == bindparam("destination"),
