@@ -18,10 +18,12 @@ from connector import __version__
 from connector.config import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG,
+    AlpineIQDestination,
+    AnyDestination,
     Config,
     DispensaryConfig,
     HttpDestination,
-    JsonlDestination,
+    KlaviyoDestination,
     load_config,
 )
 from connector.errors import ConnectorError, MappingError
@@ -61,13 +63,18 @@ def main() -> None:
 # --- check ---
 
 
-def _where(dest: HttpDestination | JsonlDestination) -> str:
-    if isinstance(dest, HttpDestination):
+def _where(dest: AnyDestination) -> str:
+    if isinstance(dest, HttpDestination | AlpineIQDestination | KlaviyoDestination):
         # host only: a webhook URL's path or query often is a secret (Zapier, Make, n8n)
         # and never user:password@
-        parts = urlsplit(str(dest.url))
+        parts = urlsplit(str(dest.url if isinstance(dest, HttpDestination) else dest.base_url))
         port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname}{port}"
+        where = f"{parts.scheme}://{parts.hostname}{port}"
+        if isinstance(dest, KlaviyoDestination):
+            where += f", revision {dest.revision}"
+        if isinstance(dest, AlpineIQDestination):
+            where += f", uid {dest.uid}"
+        return where
     return str(dest.path)
 
 
@@ -87,9 +94,7 @@ def _dispensary_line(name: str, disp: DispensaryConfig) -> str:
     )
 
 
-def _destination_line(
-    disp: DispensaryConfig, dest: HttpDestination | JsonlDestination, mapping: Mapping
-) -> str:
+def _destination_line(disp: DispensaryConfig, dest: AnyDestination, mapping: Mapping) -> str:
     rate = ", ".join(str(r) for r in dest.rate_limit) or "off"
     return (
         f"  destination {dest.name} ({dest.type} → {_where(dest)}): "

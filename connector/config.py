@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -217,8 +218,86 @@ class JsonlDestination(_Destination):
     path: Annotated[Path, BeforeValidator(_resolve)]
 
 
-Destination = Annotated[HttpDestination | JsonlDestination, Field(discriminator="type")]
-DESTINATION_TYPES = ("http", "jsonl")
+def _secret_set(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value().strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class AlpineIQDestination(_Destination):
+    """Alpine IQ: real-time upserts through ``/api/v2/loyalty``, backfills through
+    ``createUpdateMembers``. Alpine IQ does not publish its request bodies or limits: the
+    paths are settings (defaults from its public endpoint list), the pace a guess."""
+
+    type: Literal["alpineiq"]
+    api_key: SecretStr
+    uid: str = Field(min_length=1)
+    base_url: HttpUrl = HttpUrl("https://lab.alpineiq.com")
+    upsert_path: str = "/api/v2/loyalty"
+    bulk_path: str = "/api/v1.1/createUpdateMembers/{uid}"
+    lookup_path: str = "/api/v2/persona/{contact_id}"
+    bulk_size: int = Field(default=500, ge=1, le=10_000)
+    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    # unpublished: a conservative pace until Alpine IQ says otherwise
+    rate_limit: Annotated[tuple[Rate, ...], BeforeValidator(_parse_rates)] = (Rate(20, 1.0),)
+
+    _key = field_validator("api_key")(_secret_set)
+
+    @field_validator("upsert_path", "bulk_path", "lookup_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        if "loyaltycontact" in value.lower():
+            raise ValueError(
+                "must not be /loyaltyContact: that endpoint texts the customer a double "
+                "opt-in at once"
+            )
+        return value
+
+
+KLAVIYO_REVISION = "2026-07-15"  # the revision of vendor-specs/klaviyo/profiles.openapi.json
+_FIRST_KLAVIYO_REVISION = date(2023, 2, 22)  # Klaviyo's first stable revision
+
+
+class KlaviyoDestination(_Destination):
+    """Klaviyo: profile-import upserts, bulk subscription jobs for consent, profile-merge,
+    bulk import jobs for backfills; each endpoint paced to its documented limits."""
+
+    type: Literal["klaviyo"]
+    api_key: SecretStr
+    revision: str = KLAVIYO_REVISION
+    base_url: HttpUrl = HttpUrl("https://a.klaviyo.com")
+    list_id: str | None = None  # a list a resubscribed profile joins (policy on_source_opt_in)
+    pace: bool = True  # per-endpoint pacing from Klaviyo's documented limits
+    bulk_size: int = Field(default=10_000, ge=1, le=10_000)
+    job_poll_seconds: float = Field(default=2.0, gt=0, le=600)
+    job_timeout_seconds: float = Field(default=1800.0, gt=0, le=86_400)
+    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+
+    _key = field_validator("api_key")(_secret_set)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a revision date (YYYY-MM-DD, such as {KLAVIYO_REVISION})"
+            ) from None
+        if len(value) != 10 or day < _FIRST_KLAVIYO_REVISION or day > date.today():
+            raise ValueError(
+                f"{value!r} is not a Klaviyo API revision (between "
+                f"{_FIRST_KLAVIYO_REVISION} and today; this connector is built and tested "
+                f"against {KLAVIYO_REVISION})"
+            )
+        return value
+
+
+AnyDestination = HttpDestination | JsonlDestination | AlpineIQDestination | KlaviyoDestination
+Destination = Annotated[AnyDestination, Field(discriminator="type")]
+DESTINATION_TYPES = ("http", "jsonl", "alpineiq", "klaviyo")
 
 
 class DispensaryConfig(_Model):
@@ -260,7 +339,7 @@ class DispensaryConfig(_Model):
                 return self.policy.model_copy(update=overrides)
         raise KeyError(destination)
 
-    def destination(self, name: str) -> HttpDestination | JsonlDestination:
+    def destination(self, name: str) -> AnyDestination:
         for dest in self.destinations:
             if dest.name == name:
                 return dest

@@ -12,10 +12,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from connector._pressure import Pressure
-from connector.config import Config, DispensaryConfig, HttpDestination, JsonlDestination
-from connector.delivery.base import Destination
+from connector.config import (
+    AlpineIQDestination,
+    AnyDestination,
+    Config,
+    DispensaryConfig,
+    HttpDestination,
+    KlaviyoDestination,
+)
+from connector.delivery.alpineiq import AlpineIQSink
+from connector.delivery.base import Capabilities, Destination
 from connector.delivery.http import HttpSink
 from connector.delivery.jsonl import JsonlSink
+from connector.delivery.klaviyo import KlaviyoSink
 from connector.errors import EventValidationError
 from connector.logs import get_logger
 from connector.mapping import load_mapping
@@ -27,10 +36,24 @@ from connector.treez import CustomerEvent, parse_event_json
 log = get_logger("connector.pipeline")
 
 
-def build_destination(config: HttpDestination | JsonlDestination) -> Destination:
+def build_destination(config: AnyDestination) -> Destination:
+    """The adapter of a configured destination (its HTTP client opens on first use)."""
     if isinstance(config, HttpDestination):
         return HttpSink(config)
+    if isinstance(config, AlpineIQDestination):
+        return AlpineIQSink(config)
+    if isinstance(config, KlaviyoDestination):
+        return KlaviyoSink(config)
     return JsonlSink(config)
+
+
+def capabilities(config: AnyDestination) -> Capabilities:
+    """What a configured destination can do, without building its client."""
+    if isinstance(config, AlpineIQDestination):
+        return AlpineIQSink.capabilities_for(config)
+    if isinstance(config, KlaviyoDestination):
+        return KlaviyoSink.capabilities_for(config)
+    return Capabilities(batch_size=config.batch_size, native_merge=True)  # contract 4
 
 
 @dataclass(slots=True)
@@ -50,15 +73,20 @@ class Deployment:
     def from_config(cls, config: Config) -> Deployment:
         out = cls()
         for name, disp in config.dispensaries.items():
-            specs = [
-                DestinationSpec(
-                    name=dest.name,
-                    mapping=load_mapping(dest.mapping),
-                    policy=disp.policy_for(dest.name),
-                    native_merge=True,  # http and jsonl both carry a merge operation
+            specs = []
+            for dest in disp.destinations:
+                can = capabilities(dest)
+                specs.append(
+                    DestinationSpec(
+                        name=dest.name,
+                        mapping=load_mapping(dest.mapping),
+                        policy=disp.policy_for(dest.name),
+                        native_merge=can.native_merge,
+                        channels=can.channels,
+                        external_id_key=can.external_id_key,
+                        consent_fields=can.consent_needs_fields,
+                    )
                 )
-                for dest in disp.destinations
-            ]
             out.dispensaries[name] = DispensaryRuntime(name, disp, specs)
         return out
 

@@ -53,6 +53,7 @@ class DestinationSpec:
     native_merge: bool = True
     channels: tuple[str, ...] = MARKETING_CHANNELS
     external_id_key: str | None = None  # a key of Treez's external_ids naming this contact
+    consent_fields: bool = False  # unsubscribe/subscribe carry the mapped contact (e-mail...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,7 @@ def plan(
 
     survivor = customer.merged_into_customer_id
     if survivor is not None and survivor != cid:
-        return _absorbed(dispensary, seen, survivor, destinations)
+        return _absorbed(dispensary, seen, survivor, destinations, states.get(survivor))
     if state.merged_into is not None:
         # Treez refuses updates to a merged-away profile: this is a stray; it must not
         # reach the absorbed contact, nor overwrite the survivor.
@@ -182,7 +183,7 @@ def plan(
         if absorbed_id == cid:
             continue
         absorbed = states.get(absorbed_id) or CustomerState(absorbed_id)
-        marked, merges = _merge_ops(dispensary, absorbed, cid, destinations)
+        marked, merges = _merge_ops(dispensary, absorbed, cid, destinations, state)
         if merges or marked != absorbed:
             changed[absorbed_id] = marked
         operations.extend(merges)
@@ -223,6 +224,8 @@ def plan(
                     )
         if opt_out is True and not contact.unsubscribed:
             body = {**_body("unsubscribe", dispensary, cid), "channels": list(dest.channels)}
+            if dest.consent_fields:
+                body["fields"] = _consent_fields(customer, dispensary, dest)
             ops.append(_op(dest.name, cid, "unsubscribe", body, version, "all", contact))
             contact = replace(contact, unsubscribed=True, planned=contact.planned + 1)
         elif (
@@ -232,6 +235,8 @@ def plan(
             and dest.policy.resubscribe == "on_source_opt_in"
         ):
             body = {**_body("subscribe", dispensary, cid), "channels": list(dest.channels)}
+            if dest.consent_fields:
+                body["fields"] = _consent_fields(customer, dispensary, dest)
             ops.append(_op(dest.name, cid, "subscribe", body, version, "all", contact))
             contact = replace(contact, unsubscribed=False, planned=contact.planned + 1)
         operations.extend(ops)
@@ -248,11 +253,12 @@ def _absorbed(
     state: CustomerState,
     survivor: str,
     destinations: Sequence[DestinationSpec],
+    survivor_state: CustomerState | None,
 ) -> Plan:
     if state.merged_into is not None and state.merged_into != survivor:
         # merged again into someone else: only the first merge counts; record the payload
         return Plan("absorbed", {state.customer_id: state}, [])
-    marked, ops = _merge_ops(dispensary, state, survivor, destinations)
+    marked, ops = _merge_ops(dispensary, state, survivor, destinations, survivor_state)
     return Plan("applied" if ops else "absorbed", {state.customer_id: marked}, ops)
 
 
@@ -261,18 +267,27 @@ def _merge_ops(
     absorbed: CustomerState,
     survivor: str,
     destinations: Sequence[DestinationSpec],
+    survivor_state: CustomerState | None = None,
 ) -> tuple[CustomerState, list[Operation]]:
-    """One merge per destination with a native merge, never twice for the same pair."""
+    """One merge per destination with a native merge, never twice for the same pair.
+
+    Without a native merge (Alpine IQ merges personas by itself) nothing is sent: the
+    survivor is updated by its own payload, the absorbed contact is left alone, and the
+    absorbed id resolves to the survivor's contact in the identity map when it is known."""
     if absorbed.merged_into is not None and absorbed.merged_into != survivor:
         return absorbed, []
     ops = []
     merges = set(absorbed.merges)
+    contacts = dict(absorbed.contacts)
     for dest in destinations:
         if (dest.name, survivor) in merges:
             continue
         merges.add((dest.name, survivor))
         if not dest.native_merge:
-            continue  # the survivor is updated by its own payload; the absorbed is left alone
+            known = survivor_state.contact(dest.name).contact_id if survivor_state else None
+            if known is not None:
+                contacts[dest.name] = replace(absorbed.contact(dest.name), contact_id=known)
+            continue
         body = {
             **_body("merge", dispensary, absorbed.customer_id),
             "from_customer_id": absorbed.customer_id,
@@ -282,7 +297,7 @@ def _merge_ops(
         ops.append(
             Operation(dest.name, absorbed.customer_id, absorbed.customer_id, "merge", body, key)
         )
-    marked = replace(absorbed, merged_into=survivor, merges=frozenset(merges))
+    marked = replace(absorbed, merged_into=survivor, merges=frozenset(merges), contacts=contacts)
     return marked, ops
 
 
@@ -306,6 +321,17 @@ def _match_external_id(
         )
         return contact, Conflict(customer.customer_id, dest.name, "external_id_mismatch", detail)
     return contact, None
+
+
+def _consent_fields(
+    customer: Customer, dispensary: str, dest: DestinationSpec
+) -> dict[str, Any] | None:
+    """The mapped contact, for a destination whose consent calls name it (by e-mail and
+    phone); None if it cannot be mapped (the adapter then looks the contact up)."""
+    try:
+        return dest.mapping.apply(customer, dispensary)
+    except FieldMappingError:
+        return None
 
 
 def _body(op: OpKind, dispensary: str, customer_id: str) -> dict[str, Any]:

@@ -1,11 +1,21 @@
-"""The destination port: what the delivery worker needs from every destination."""
+"""The destination port: what the planner and the delivery worker need from every destination.
+
+A destination declares its :class:`Capabilities` (what the planner may ask of it, how it
+matches contacts, its default pacing) and sends operations. The worker hands it a batch of
+operations of different customers (never two of one customer) and gets back one
+:data:`Result` per operation, in order: so an adapter that needs several API calls for one
+batch (upserts through one endpoint, unsubscribes through another) can fail some operations
+and not the others.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from connector.config import Rate
+from connector.errors import DeliveryError, FatalDelivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,18 +26,84 @@ class Delivery:
     idempotency_key: str
     body: dict[str, Any]  # contract 4: op, dispensary, customer_id, contact_id, fields...
 
+    @property
+    def op(self) -> str:
+        return str(self.body["op"])
+
+    @property
+    def customer_id(self) -> str:
+        return str(self.body["customer_id"])
+
+    @property
+    def contact_id(self) -> str | None:
+        value = self.body.get("contact_id")
+        return None if value is None else str(value)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        value = self.body.get("fields")
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """An operation the destination accepted: the contact id it names (recorded in the
+    identity map), and what the adapter had to work around, reported as a conflict."""
+
+    contact_id: str | None = None
+    conflict: str | None = None  # kind: detail, for the conflicts table
+
+
+Result = Sent | DeliveryError
+"""The outcome of one operation: accepted, or refused (retriable or not)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the planner and the worker need to know about a destination."""
+
+    batch_size: int = 1  # operations per send
+    native_merge: bool = True  # a merge call exists (else the survivor is just updated)
+    channels: tuple[str, ...] = ("email", "sms")  # what an unsubscribe covers
+    matches_on: tuple[str, ...] = ()  # how the destination finds an existing contact
+    external_id_key: str | None = None  # Treez external_ids key naming this contact
+    consent_needs_fields: bool = False  # unsubscribe/subscribe carry the mapped contact
+    bulk_size: int | None = None  # profiles per backfill call, when a bulk path exists
+    default_rate_limit: tuple[Rate, ...] = field(default=())
+
 
 class Destination(Protocol):
-    """A place operations are sent to. ``send`` delivers a batch (of at most
-    ``batch_size``) and returns each operation's contact id (or None), in order; it raises
+    """A place operations are sent to.
+
+    ``send`` delivers a batch (of at most ``capabilities.batch_size``) and returns one
+    :data:`Result` per operation, in order. It may also raise
     :class:`~connector.errors.RetriableDelivery` or :class:`~connector.errors.FatalDelivery`
-    when the batch as a whole was not accepted."""
+    for the batch as a whole. ``backfill`` upserts many contacts through the bulk path
+    (reconciliation), ``lookup`` reads a contact (None: it does not exist, or the
+    destination cannot look contacts up).
+    """
 
     name: str
     kind: str
-    batch_size: int
+    capabilities: Capabilities
     rate_limit: tuple[Rate, ...]
 
-    async def send(self, deliveries: list[Delivery]) -> list[str | None]: ...
+    @property
+    def batch_size(self) -> int: ...
+
+    async def send(self, deliveries: list[Delivery]) -> list[Result]: ...
+
+    async def backfill(self, deliveries: list[Delivery]) -> list[Result]: ...
+
+    async def lookup(self, contact_id: str) -> dict[str, Any] | None: ...
 
     async def aclose(self) -> None: ...
+
+
+def unsupported(deliveries: Sequence[Delivery], what: str) -> list[Result]:
+    """Each operation refused: the destination cannot do ``what``."""
+    return [FatalDelivery(f"{what} is not supported by this destination") for _ in deliveries]
+
+
+def as_results(contact_ids: Sequence[str | None]) -> list[Result]:
+    return [Sent(contact_id) for contact_id in contact_ids]

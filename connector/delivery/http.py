@@ -14,7 +14,7 @@ import httpx
 
 from connector.config import HttpDestination as HttpConfig
 from connector.config import Rate
-from connector.delivery.base import Delivery
+from connector.delivery.base import Capabilities, Delivery, Result, as_results
 from connector.delivery.retry import parse_retry_after
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 
@@ -88,7 +88,7 @@ class HttpSink:
 
     def __init__(self, config: HttpConfig, client: httpx.AsyncClient | None = None) -> None:
         self.name = config.name
-        self.batch_size = config.batch_size
+        self.capabilities = Capabilities(batch_size=config.batch_size, native_merge=True)
         self.rate_limit: tuple[Rate, ...] = config.rate_limit
         self._url = str(config.url)
         self._host = httpx.URL(self._url).host
@@ -101,7 +101,21 @@ class HttpSink:
         self._timeout = config.timeout_seconds
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, deliveries: list[Delivery]) -> list[str | None]:
+    @property
+    def batch_size(self) -> int:
+        return self.capabilities.batch_size
+
+    async def backfill(self, deliveries: list[Delivery]) -> list[Result]:
+        """Contract 4 has no bulk path: ``batch_size`` operations per POST."""
+        results: list[Result] = []
+        for start in range(0, len(deliveries), self.batch_size):
+            results.extend(await self.send(deliveries[start : start + self.batch_size]))
+        return results
+
+    async def lookup(self, contact_id: str) -> dict[str, Any] | None:
+        return None  # contract 4 has no read
+
+    async def send(self, deliveries: list[Delivery]) -> list[Result]:
         if len(deliveries) == 1:
             key = deliveries[0].idempotency_key
             payload: Any = deliveries[0].body
@@ -131,11 +145,11 @@ class HttpSink:
         if not 200 <= status < 300:
             text = raw.decode("utf-8", errors="replace")
             classify_status(status, retry_after, text, self._host)
-        return _contact_ids_from(raw, len(deliveries))
+        return as_results(_contact_ids_from(raw, len(deliveries)))
 
     async def _send_httpx(
         self, client: httpx.AsyncClient, content: bytes, headers: dict[str, str], count: int
-    ) -> list[str | None]:
+    ) -> list[Result]:
         try:
             # build_request, not a bare Request: it carries the client's timeouts
             request = client.build_request("POST", self._url, content=content, headers=headers)
@@ -143,7 +157,7 @@ class HttpSink:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc) from None
         classify(response)
-        return _contact_ids_from(response.content, count)
+        return as_results(_contact_ids_from(response.content, count))
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from connector._pressure import Pressure
-from connector.delivery.base import Delivery, Destination
+from connector.delivery.base import Delivery, Destination, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
@@ -30,6 +30,7 @@ class _Outcome:
     done: list[tuple[OutboxRow, str | None]]
     retry: list[tuple[OutboxRow, float, str]]
     dead: list[tuple[OutboxRow, str, int | None, str | None]]
+    conflicts: list[tuple[str, str, str]]  # customer, kind, detail
 
 
 class DeliveryWorker:
@@ -110,7 +111,7 @@ class DeliveryWorker:
         )
         size = self.destination.batch_size
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-        outcome = _Outcome([], [], [])
+        outcome = _Outcome([], [], [], [])
         started = time.monotonic()
         await asyncio.gather(*(self._send(batch, contacts, outcome) for batch in batches))
         if outcome.done:
@@ -127,6 +128,7 @@ class DeliveryWorker:
             outcome.done,
             outcome.retry,
             outcome.dead,
+            outcome.conflicts,
         )
 
     async def _send(
@@ -137,7 +139,7 @@ class DeliveryWorker:
             await self.limiter.acquire()
             started = time.monotonic()
             try:
-                contact_ids = await self.destination.send(deliveries)
+                results = await self.destination.send(deliveries)
             except DeliveryError as exc:
                 self._failed(batch, exc, time.monotonic() - started, outcome)
                 return
@@ -147,10 +149,20 @@ class DeliveryWorker:
                 self._failed(batch, error, time.monotonic() - started, outcome)
                 return
         duration = time.monotonic() - started
-        contact_ids = [*contact_ids, *[None] * len(batch)][: len(batch)]  # accepted: all of them
+        if len(results) < len(batch):  # an adapter that says less: the rest was accepted
+            results = [*results, *[Sent() for _ in range(len(batch) - len(results))]]
         debug = log.isEnabledFor(logging.DEBUG)
-        for row, contact_id in zip(batch, contact_ids, strict=True):
+        for row, result in zip(batch, results[: len(batch)], strict=True):
+            if isinstance(result, DeliveryError):
+                self._failed([row], result, duration, outcome)
+                continue
+            contact_id = result.contact_id
             outcome.done.append((row, contact_id))
+            if result.conflict is not None:
+                kind, _, detail = result.conflict.partition(": ")
+                outcome.conflicts.append((row.customer_id, kind, detail or kind))
+                if self.metrics is not None:
+                    self.metrics.conflicts.labels(self.dispensary, self.destination.name).inc()
             self._count(row, "delivered")
             if debug:  # the store keeps every delivery (outbox); info has one line a round
                 log.debug(

@@ -505,11 +505,17 @@ class Store:
         done: Sequence[tuple[OutboxRow, str | None]] = (),
         retry: Sequence[tuple[OutboxRow, float, str]] = (),
         dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
+        conflicts: Sequence[tuple[str, str, str]] = (),
     ) -> None:
         """Record a round of delivery: successes (with any returned contact id), retries
-        (with their next attempt time), and dead letters (with the response)."""
+        (with their next attempt time), dead letters (with the response), and what the
+        destination made the adapter work around (customer, kind, detail)."""
         now = time.time()
         with self.transaction(durable=False) as conn:
+            if conflicts:
+                self.add_conflicts(
+                    conn, dispensary, [(c, destination, k, d) for c, k, d in conflicts]
+                )
             if done:
                 conn.execute(_SETTLE_DONE, {"ids": [row.id for row, _ in done], "now": now})
                 returned = {}

@@ -31,10 +31,8 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import importlib.util
 import json
 import random
-import signal
 import socket
 import sys
 import threading
@@ -42,11 +40,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
+
+from ._serve import DEFAULT_LOOP, answer_lifespan, bind_socket, make_server, serve_until_signalled
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -68,7 +67,6 @@ CONTRACT_KEYS = (
     "idempotency_key",
 )
 RETRY_AFTER_TOLERANCE = 0.05
-DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -356,7 +354,7 @@ class SinkApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -484,48 +482,6 @@ class SinkApp:
                 self._attempts_log.flush()
             self._changed.notify_all()
 
-    @staticmethod
-    async def _lifespan(receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-
-def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening TCP socket created with ``IPPROTO_TCP`` and ``TCP_NODELAY`` set, so that
-    asyncio disables Nagle on accepted connections (otherwise each answer waits ~40 ms)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _server(app: SinkApp, loop: str, *, quiet: bool) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app,
-        loop=loop,
-        http="httptools",
-        ws="none",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        # In-process: leave the host's logging configuration alone.
-        log_config=None if quiet else LOGGING_CONFIG,
-        timeout_graceful_shutdown=2,
-    )
-    return uvicorn.Server(config)
-
 
 class HttpSink:
     """The sink served by uvicorn in a background thread on ``host`` (127.0.0.1) and a free
@@ -586,7 +542,7 @@ class HttpSink:
             raise RuntimeError("the sink is already running")
         self.socket = bind_socket(self.host, self.port)
         self.port = self.socket.getsockname()[1]
-        self._server = _server(self.app, self.loop, quiet=True)
+        self._server = make_server(self.app, self.loop, quiet=True)
         self._thread = threading.Thread(
             target=self._run, args=(self._server, self.socket), name="http-sink", daemon=True
         )
@@ -724,32 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sock = bind_socket(args.host, args.port)
-    port = sock.getsockname()[1]
-    server = _server(app, args.loop, quiet=False)
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        server.should_exit = True
-
-    # uvicorn installs its own handlers while serving and, once stopped, re-raises the signal
-    # it caught: with these in place that re-raise is harmless and the exit code stays 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
-
-    async def serve() -> None:
-        task = asyncio.ensure_future(server.serve(sockets=[sock]))
-        while not server.started and not task.done():
-            await asyncio.sleep(0.005)
-        if server.started:
-            print(f"LISTENING {port}", flush=True)
-        await task
-
     try:
-        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-            runner.run(serve())
+        return serve_until_signalled(make_server(app, args.loop, quiet=False), sock)
     finally:
-        sock.close()
         app.close()
-    return 0
 
 
 if __name__ == "__main__":

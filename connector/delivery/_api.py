@@ -1,0 +1,100 @@
+"""What the vendor adapters share: one httpx client per destination, requests paced per
+endpoint, transport errors and HTTP statuses turned into retriable or fatal errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from connector.config import Rate
+from connector.delivery.http import classify_status, transport_error
+from connector.delivery.ratelimit import SlidingWindowLimiter
+from connector.errors import DeliveryError
+
+
+class VendorClient:
+    """JSON requests to one vendor API.
+
+    ``limits`` maps an endpoint family to its sliding-window rates; each request names its
+    family and waits for a slot first, so a burst is paced rather than answered with 429s.
+    ``describe`` turns an error response body into a short message (codes and titles, never
+    the vendor's free text, which may echo a customer's e-mail or phone).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        limits: Mapping[str, Sequence[Rate]],
+        describe: Callable[[Any], str],
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_connections: int = 16,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.host = httpx.URL(self.base_url).host
+        self._headers = dict(headers)
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+        self._limiters = {family: SlidingWindowLimiter(r, clock) for family, r in limits.items()}
+        self._describe = describe
+        self.calls: dict[str, int] = {}  # requests made per endpoint family (bench, tests)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        family: str,
+        *,
+        body: Any = None,
+        ok_statuses: frozenset[int] = frozenset(),
+    ) -> httpx.Response:
+        """Send one request; raise :class:`DeliveryError` unless it is a 2xx or in
+        ``ok_statuses`` (a status the caller handles itself, such as a 404 or a 409)."""
+        limiter = self._limiters.get(family)
+        if limiter is not None:
+            await limiter.acquire()
+        self.calls[family] = self.calls.get(family, 0) + 1
+        content = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        try:
+            request = self._client.build_request(
+                method, f"{self.base_url}{path}", content=content, headers=self._headers
+            )
+            response = await self._client.send(request)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise transport_error(exc) from None
+        status = response.status_code
+        if 200 <= status < 300 or status in ok_statuses:
+            return response
+        raise self.error(response)
+
+    def error(self, response: httpx.Response) -> DeliveryError:
+        """The error for a non-2xx response (retriable: 408, 425, 429, 5xx)."""
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        what = self._describe(data)
+        try:
+            classify_status(
+                response.status_code,
+                response.headers.get("retry-after"),
+                response.text,
+                self.host,
+            )
+        except DeliveryError as exc:
+            if what:
+                exc.args = (f"{exc.args[0]}: {what}",)
+            return exc
+        raise AssertionError("classify_status accepted a non-2xx status")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,202 @@
+"""The ``alpineiq`` destination: Alpine IQ's loyalty API (``X-APIKEY``, account uid).
+
+Alpine IQ does not publish its request bodies, limits or error shapes; what is built here
+follows its public endpoint list, and every path is a setting (README, "Alpine IQ"):
+
+- **upsert**: ``POST /api/v2/loyalty`` (real time) with the mapped member, plus ``uid``,
+  ``srcID`` (the Treez customer id) and ``contactID`` when the persona is known: from the
+  identity map, else from Treez's ``external_ids.aiq_contact_id`` (the planner seeds the map
+  with it). The persona id Alpine IQ answers is recorded. Consent never travels with an
+  upsert: ``emailOptIn`` and ``smsOptIn`` are dropped from it (joining a loyalty programme
+  is not marketing consent).
+- **unsubscribe**: the same call with ``emailOptIn: false`` and ``smsOptIn: false``;
+  **subscribe** (only under ``resubscribe: on_source_opt_in``) with ``true``.
+- **merge**: Alpine IQ has no merge API and merges personas that share a phone or e-mail by
+  itself; the planner plans none (``native_merge`` false): the survivor is updated by its own
+  payload and the absorbed Treez id resolves to the survivor's persona in the identity map.
+- **deactivate**: no Alpine IQ equivalent is published; the member gets the tag
+  ``treez-deactivated`` so that campaigns can exclude it.
+- **backfill**: ``POST /api/v1.1/createUpdateMembers/{uid}``, ``bulk_size`` members a call.
+- ``/loyaltyContact`` is never called (it texts the customer a double opt-in at once); the
+  configuration refuses such a path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from connector.config import AlpineIQDestination as AlpineIQConfig
+from connector.config import Rate
+from connector.delivery._api import VendorClient
+from connector.delivery.base import Capabilities, Delivery, Result, Sent
+from connector.errors import DeliveryError, FatalDelivery
+
+CONSENT_KEYS = ("emailOptIn", "smsOptIn")
+DEACTIVATED_TAG = "treez-deactivated"
+
+
+def describe_error(data: Any) -> str:
+    """``code`` of an Alpine IQ error body (its message may quote what was sent)."""
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("code"):
+            return str(error["code"])
+    return ""
+
+
+class AlpineIQSink:
+    kind = "alpineiq"
+
+    def __init__(
+        self,
+        config: AlpineIQConfig,
+        client: httpx.AsyncClient | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.capabilities = self.capabilities_for(config)
+        # the worker paces every request to this destination (default 20/s, unpublished)
+        self.rate_limit: tuple[Rate, ...] = config.rate_limit
+        self.api = VendorClient(
+            str(config.base_url),
+            {
+                "x-apikey": config.api_key.get_secret_value(),
+                "content-type": "application/json",
+                "accept": "application/json",
+            },
+            timeout=config.timeout_seconds,
+            limits={},
+            describe=describe_error,
+            client=client,
+            clock=clock,
+            max_connections=config.concurrency,
+        )
+
+    @staticmethod
+    def capabilities_for(config: AlpineIQConfig) -> Capabilities:
+        return Capabilities(
+            batch_size=config.batch_size,
+            native_merge=False,
+            channels=("email", "sms"),
+            matches_on=("contactID", "mobilePhone", "email", "srcID"),
+            external_id_key="aiq_contact_id",
+            consent_needs_fields=True,
+            bulk_size=config.bulk_size,
+            default_rate_limit=(Rate(20, 1.0),),
+        )
+
+    def __repr__(self) -> str:
+        return f"AlpineIQSink(name={self.name!r})"  # never the key
+
+    @property
+    def batch_size(self) -> int:
+        return self.capabilities.batch_size
+
+    # --- the port -------------------------------------------------------------------------
+
+    async def send(self, deliveries: list[Delivery]) -> list[Result]:
+        results: list[Result] = []
+        for delivery in deliveries:
+            try:
+                results.append(await self._one(delivery))
+            except DeliveryError as exc:
+                results.append(exc)
+        return results
+
+    async def lookup(self, contact_id: str) -> dict[str, Any] | None:
+        path = self.config.lookup_path.format(contact_id=contact_id, uid=self.config.uid)
+        response = await self.api.request("GET", path, "lookup", ok_statuses=frozenset({404}))
+        if response.status_code == 404:
+            return None
+        data = _json(response).get("data")
+        return data if isinstance(data, dict) else None
+
+    async def backfill(self, deliveries: list[Delivery]) -> list[Result]:
+        """Upserts ``bulk_size`` members a call; other operations one by one."""
+        results: list[Result | None] = [None] * len(deliveries)
+        upserts = [i for i, d in enumerate(deliveries) if d.op == "upsert"]
+        for index, delivery in enumerate(deliveries):
+            if delivery.op != "upsert":
+                results[index] = (await self.send([delivery]))[0]
+        path = self.config.bulk_path.format(uid=self.config.uid)
+        for start in range(0, len(upserts), self.config.bulk_size):
+            chunk = upserts[start : start + self.config.bulk_size]
+            members = [self._member(deliveries[i], with_uid=False) for i in chunk]
+            try:
+                response = await self.api.request("POST", path, "bulk", body=members)
+                found = (_json(response).get("data") or {}).get("results")
+                ids = [_contact_id(r) for r in found] if isinstance(found, list) else []
+                outcome: list[Result] = [
+                    Sent(ids[n] if n < len(ids) and ids[n] else deliveries[i].contact_id)
+                    for n, i in enumerate(chunk)
+                ]
+            except DeliveryError as exc:
+                outcome = [exc] * len(chunk)
+            for index, result in zip(chunk, outcome, strict=True):
+                results[index] = result
+        return [r if r is not None else Sent() for r in results]
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+
+    # --- operations -----------------------------------------------------------------------
+
+    def _member(self, delivery: Delivery, *, with_uid: bool = True) -> dict[str, Any]:
+        member = {k: v for k, v in delivery.fields.items() if k not in CONSENT_KEYS}
+        member["srcID"] = delivery.customer_id
+        if delivery.contact_id is not None:
+            member["contactID"] = delivery.contact_id
+        if with_uid:
+            member = {"uid": self.config.uid, **member}
+        return member
+
+    async def _one(self, delivery: Delivery) -> Result:
+        op = delivery.op
+        if op == "upsert":
+            member = self._member(delivery)
+        elif op in ("unsubscribe", "subscribe"):
+            member = self._member(delivery)
+            channels = set(delivery.body.get("channels") or ("email", "sms"))
+            opted_in = op == "subscribe"
+            if "email" in channels:
+                member["emailOptIn"] = opted_in
+            if "sms" in channels:
+                member["smsOptIn"] = opted_in
+        elif op == "deactivate":
+            if delivery.contact_id is None:
+                return Sent()  # never reached Alpine IQ
+            member = {
+                "uid": self.config.uid,
+                "contactID": delivery.contact_id,
+                "srcID": delivery.customer_id,
+                "tags": [DEACTIVATED_TAG],
+            }
+        elif op == "merge":
+            # planned only for destinations with a native merge; Alpine IQ has none
+            return Sent(delivery.body.get("into_contact_id"))
+        else:
+            return FatalDelivery(f"unknown operation {op!r}")
+        response = await self.api.request("POST", self.config.upsert_path, "upsert", body=member)
+        return Sent(_contact_id(_json(response).get("data")) or delivery.contact_id)
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _contact_id(data: Any) -> str | None:
+    if isinstance(data, dict):
+        found = data.get("contactID") or data.get("id")
+        if isinstance(found, str | int) and not isinstance(found, bool) and str(found):
+            return str(found)
+    return None
