@@ -324,7 +324,8 @@ class KlaviyoSink:
                 results[index] = result
         return [r if r is not None else Sent() for r in results]
 
-    def _profile(self, delivery: Delivery) -> dict[str, Any]:
+    def bulk_profile(self, delivery: Delivery) -> dict[str, Any]:
+        """The profile object a bulk import job carries for an upsert."""
         profile: dict[str, Any] = {
             "type": "profile",
             "attributes": self._attributes(delivery, keyed=delivery.contact_id is not None),
@@ -339,7 +340,7 @@ class KlaviyoSink:
         current: list[int] = []
         size = 0
         for index in indexes:
-            length = len(json.dumps(self._profile(deliveries[index]), separators=(",", ":")))
+            length = len(json.dumps(self.bulk_profile(deliveries[index]), separators=(",", ":")))
             if current and (
                 len(current) >= self.config.bulk_size or size + length > MAX_JOB_BYTES - 4096
             ):
@@ -354,7 +355,7 @@ class KlaviyoSink:
     async def _run_job(self, deliveries: list[Delivery]) -> None:
         data = {
             "type": "profile-bulk-import-job",
-            "attributes": {"profiles": {"data": [self._profile(d) for d in deliveries]}},
+            "attributes": {"profiles": {"data": [self.bulk_profile(d) for d in deliveries]}},
         }
         response = await self.api.request(
             "POST", "/api/profile-bulk-import-jobs", "bulk", body={"data": data}

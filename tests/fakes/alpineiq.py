@@ -169,6 +169,18 @@ def _email_key(value: Any) -> str | None:
     return value.strip().lower() if isinstance(value, str) and value.strip() else None
 
 
+def _match_keys(persona: dict[str, Any]) -> list[tuple[str, str]]:
+    """The keys a persona is matched by: its phone, e-mail and source id, normalised."""
+    keys = []
+    if (phone := phone_key(persona["mobilePhone"])) is not None:
+        keys.append(("phone", phone))
+    if (email := _email_key(persona["email"])) is not None:
+        keys.append(("email", email))
+    if persona["srcID"] is not None:
+        keys.append(("src", str(persona["srcID"])))
+    return keys
+
+
 def _invalid(field: str, message: str) -> ApiError:
     return ApiError(400, "invalid_request", f"{field}: {message}")
 
@@ -287,6 +299,8 @@ class AlpineIQFake:
         self._rng = random.Random(self.seed)
         self._seq = 0
         self._personas: dict[str, dict[str, Any]] = {}
+        # matching keys -> persona ids, so a match is a lookup, not a scan of every persona
+        self._index: dict[tuple[str, str], set[str]] = {}
         self._merged_into: dict[str, str] = {}
         self._sms_opted_out: set[str] = set()
         self._consent_log: list[ConsentChange] = []
@@ -338,6 +352,7 @@ class AlpineIQFake:
             return merged
 
     def _absorb(self, survivor: dict[str, Any], other: dict[str, Any]) -> None:
+        before = _match_keys(survivor)
         for name in (*STRING_FIELDS, "loyaltyPoints"):
             if survivor[name] is None:
                 survivor[name] = other[name]
@@ -350,6 +365,8 @@ class AlpineIQFake:
         survivor["merged_from"] += [other["contactID"], *other["merged_from"]]
         for gone in (other["contactID"], *other["merged_from"]):
             self._merged_into[gone] = survivor["contactID"]
+        self._reindex(other, _match_keys(other), ())
+        self._reindex(survivor, before, _match_keys(survivor))
         del self._personas[other["contactID"]]
 
     # ---- records ---------------------------------------------------------------------------
@@ -368,7 +385,7 @@ class AlpineIQFake:
     def persona_by_src(self, src_id: str) -> dict[str, Any] | None:
         """The oldest persona whose ``srcID`` is ``src_id`` (a copy), None when there is none."""
         with self._lock:
-            found = self._find(lambda p: p["srcID"] == src_id)
+            found = self._find("src", str(src_id))
             return None if found is None else _public(found)
 
     def consent(self, contact_id: str) -> dict[str, bool | None]:
@@ -571,25 +588,36 @@ class AlpineIQFake:
 
     # ---- matching and updates ----------------------------------------------------------------
 
-    def _find(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-        found = [p for p in self._personas.values() if predicate(p)]
-        return min(found, key=lambda p: p["_seq"]) if found else None
+    def _find(self, kind: str, key: str) -> dict[str, Any] | None:
+        ids = self._index.get((kind, key))
+        if not ids:
+            return None
+        return min((self._personas[i] for i in ids), key=lambda p: p["_seq"])
+
+    def _reindex(
+        self, persona: dict[str, Any], before: Sequence[tuple[str, str]],
+        after: Sequence[tuple[str, str]],
+    ) -> None:  # fmt: skip
+        contact_id = persona["contactID"]
+        for key in before:
+            if key not in after:
+                self._index[key].discard(contact_id)
+        for key in after:
+            self._index.setdefault(key, set()).add(contact_id)
 
     def _match(self, member: dict[str, Any]) -> dict[str, Any] | None:
         contact_id = member.get("contactID")
         if contact_id is not None:
             return self._personas[contact_id]  # checked by _check_contact
         phone = phone_key(member.get("mobilePhone"))
-        if phone is not None and (
-            found := self._find(lambda p: phone_key(p["mobilePhone"]) == phone)
-        ):
+        if phone is not None and (found := self._find("phone", phone)):
             return found
         email = _email_key(member.get("email"))
-        if email is not None and (found := self._find(lambda p: _email_key(p["email"]) == email)):
+        if email is not None and (found := self._find("email", email)):
             return found
         src_id = member.get("srcID")
         if src_id is not None:
-            return self._find(lambda p: p["srcID"] == src_id)
+            return self._find("src", str(src_id))
         return None
 
     def _new_id(self) -> str:
@@ -605,6 +633,7 @@ class AlpineIQFake:
             self._seq += 1
             persona = _new_persona(self._new_id(), self._seq, at)
             self._personas[persona["contactID"]] = persona
+        before = _match_keys(persona)
         for name in (*STRING_FIELDS, "loyaltyPoints"):
             if member.get(name) is not None:
                 persona[name] = member[name]
@@ -613,6 +642,7 @@ class AlpineIQFake:
                 persona["tags"].append(tag)
         persona["customAttributes"].update(copy.deepcopy(member.get("customAttributes") or {}))
         persona["updatedAt"] = at
+        self._reindex(persona, before, _match_keys(persona))
         self._apply_consent(persona, member, at)
         return persona["contactID"], created
 
