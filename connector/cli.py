@@ -310,3 +310,150 @@ def demo(config_file: Path, url: str | None, dispensary: str | None, timeout: fl
         _fail(str(exc))
     if not finished:
         sys.exit(1)
+
+
+# --- reconcile, status, dlq ---
+
+
+def _since(value: str | None) -> Any:
+    if value is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since {value!r} is not an ISO 8601 date or time (2026-05-01T10:00:00-07:00)")
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@main.command()
+@config_option
+@click.option("--dispensary", "-d", help="The dispensary (default: the only one).")
+@click.option("--since", help="Pull changes after this ISO time instead of the checkpoint.")
+@click.option("--full", is_flag=True, help="Pull every customer, ignoring the checkpoint.")
+@click.option("--resend", is_flag=True, help="Send even unchanged customers (new mapping).")
+@click.option("--dry-run", is_flag=True, help="Print the planned operations; send nothing.")
+@click.option("--no-wait", is_flag=True, help="Leave delivery to a running serve.")
+@click.option("--timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds to wait for delivery before leaving it to serve.")  # fmt: skip
+def reconcile(
+    config_file: Path,
+    dispensary: str | None,
+    since: str | None,
+    full: bool,
+    resend: bool,
+    dry_run: bool,
+    no_wait: bool,
+    timeout: float,
+) -> None:
+    """Pull the customers Treez changed and repair what the destinations missed, now.
+
+    Exits when the run's operations are delivered or dead-lettered (0), or when the run
+    fails (1). A run of the same dispensary already going (here or in serve) exits 1.
+    """
+    import asyncio
+
+    from connector.logs import configure_logging
+    from connector.reconcile import RunOptions
+    from connector.runner import ProgressLine, reconcile_now
+
+    config = _load(config_file)
+    configure_logging(level="warning", json=False)
+    name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
+    if full and since:
+        _fail("--full and --since cannot be combined")
+    options = RunOptions(since=_since(since), full=full, resend=resend, dry_run=dry_run)
+    try:
+        asyncio.run(
+            reconcile_now(config, name, options, wait=not no_wait, timeout=timeout,
+                          echo=click.echo, progress=ProgressLine())
+        )  # fmt: skip
+    except ConnectorError as exc:
+        _fail(f"reconcile {name}: {exc}")
+
+
+@main.command()
+@config_option
+def status(config_file: Path) -> None:
+    """Show the last reconciliation per dispensary, queue depths and dead letters."""
+    from connector.runner import status_lines
+
+    config = _load(config_file)
+    try:
+        for line in status_lines(config):
+            click.echo(line)
+    except ConnectorError as exc:
+        _fail(str(exc))
+
+
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue: operations a destination refused or that ran out of retries."""
+
+
+@dlq.command(name="list")
+@config_option
+@click.option("--dispensary", "-d")
+@click.option("--destination", "-t")
+@click.option("--customer", "-c")
+@click.option("--all", "include_replayed", is_flag=True, help="Include replayed ones.")
+@click.option("--limit", type=int, default=100, show_default=True)
+def dlq_list(
+    config_file: Path,
+    dispensary: str | None,
+    destination: str | None,
+    customer: str | None,
+    include_replayed: bool,
+    limit: int,
+) -> None:
+    """List dead letters, oldest first (the reason; never customer values)."""
+    from connector.runner import dlq_lines
+    from connector.store import Store
+
+    config = _load(config_file)
+    store = Store(config.store)
+    try:
+        for line in dlq_lines(
+            store, dispensary=dispensary, destination=destination, customer=customer,
+            include_replayed=include_replayed, limit=limit,
+        ):  # fmt: skip
+            click.echo(line)
+    finally:
+        store.close()
+
+
+@dlq.command(name="replay")
+@config_option
+@click.option("--dispensary", "-d")
+@click.option("--destination", "-t")
+@click.option("--customer", "-c")
+@click.option("--all", "everything", is_flag=True, help="Every dead letter (no filter needed).")
+def dlq_replay(
+    config_file: Path,
+    dispensary: str | None,
+    destination: str | None,
+    customer: str | None,
+    everything: bool,
+) -> None:
+    """Put dead letters back in the queue; serve (or the next reconcile) delivers them.
+
+    An operation superseded by a later one of the same kind for that contact is not resent.
+    """
+    from connector.store import Store
+    from connector.store.runs import RunStore
+
+    if not (everything or dispensary or destination or customer):
+        _fail("say which dead letters: --destination, --customer, --dispensary, or --all")
+    config = _load(config_file)
+    store = Store(config.store)
+    try:
+        done = RunStore(store).replay(
+            dispensary=dispensary, destination=destination, customer=customer
+        )
+    finally:
+        store.close()
+    click.echo(
+        f"replayed {done.replayed}, superseded {done.superseded}, "
+        f"not replayable {done.unreplayable}"
+    )

@@ -142,6 +142,20 @@ class ReconcileConfig(_Model):
     enabled: bool = True
     schedule: str = DEFAULT_SCHEDULE
     timezone: str = "UTC"
+    # a run pulls from its checkpoint minus this, so a late-visible change is not skipped
+    overlap_minutes: float = Field(default=10.0, ge=0, le=24 * 60)
+    # the first run (no checkpoint yet) pulls what changed in this many hours
+    initial_lookback_hours: float = Field(default=24.0, gt=0, le=24 * 366)
+    page_size: int = Field(default=50, ge=1, le=50)
+    # numbered: pages 1, 2, 3... of one window (right whatever order Treez lists in);
+    # anchored: each page asks again from the last customer's last_update (never skips one
+    # that moves meanwhile, but only right if Treez lists in last_update order: unconfirmed)
+    paging: Literal["numbered", "anchored"] = "numbered"
+    # dead letters older than this are sent again once per run, at most redrive_max of them
+    redrive_after_minutes: float = Field(default=60.0, ge=0)
+    redrive_max: int = Field(default=100, ge=0)
+    # contacts looked up per run and destination (where the destination can look up)
+    lookup_sample: int = Field(default=20, ge=0, le=1000)
 
     @field_validator("timezone")
     @classmethod

@@ -29,7 +29,7 @@ from connector.errors import EventValidationError
 from connector.logs import get_logger
 from connector.mapping import load_mapping
 from connector.metrics import Metrics
-from connector.planner import CustomerState, DestinationSpec, Operation, content_hash, plan
+from connector.planner import CustomerState, DestinationSpec, Operation, Plan, content_hash, plan
 from connector.store import AsyncStore, InboxRow, Store
 from connector.treez import CustomerEvent, parse_event_json
 
@@ -112,14 +112,15 @@ class _Plans:
     conflicts: dict[str, list[tuple[str, str, str, str]]]
     failures: list[tuple[str, str, str, str]]  # dispensary, destination, customer, message
     touched: set[tuple[str, str]]
+    planned: dict[int, str] = field(default_factory=dict)  # of reconciliation events
 
 
 def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
-    dict[int, str], list[tuple[int, str, CustomerEvent]], dict[str, set[str]]
+    dict[int, str], list[tuple[InboxRow, CustomerEvent]], dict[str, set[str]]
 ]:  # fmt: skip
     """Parse the events; which customers' state each dispensary's batch needs."""
     outcomes: dict[int, str] = {}
-    work: list[tuple[int, str, CustomerEvent]] = []
+    work: list[tuple[InboxRow, CustomerEvent]] = []
     related: dict[str, set[str]] = {}
     for row in rows:
         try:
@@ -136,8 +137,23 @@ def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
         ids.update(customer.merged_customer_ids)
         if customer.merged_into_customer_id:
             ids.add(customer.merged_into_customer_id)
-        work.append((row.id, row.dispensary, event))
+        work.append((row, event))
     return outcomes, work, related
+
+
+def summary(planned: Plan, *, known: bool) -> str:
+    """What planning one event gave, in words a run's counts are made from: ``new`` when the
+    customer was unknown, then the operation kinds, ``conflict`` and ``merged`` (a merged-away
+    customer recorded as such)."""
+    words = [] if known else ["new"]
+    words += sorted({op.op for op in planned.operations})
+    if planned.conflicts:
+        words.append("conflict")
+    if planned.outcome == "applied" and any(
+        s.merged_into is not None for s in planned.states.values()
+    ):
+        words.append("merged")
+    return " ".join(words)[:96]
 
 
 def _plan_rows(
@@ -154,16 +170,22 @@ def _plan_rows(
         rows, outcomes, related, loaded, current,
         {d: [] for d in related}, {d: [] for d in related}, [], set(),
     )  # fmt: skip
-    for event_id, dispensary, event in work:
+    for row, event in work:
+        event_id, dispensary = row.id, row.dispensary
         customer = event.customer
         states = current[dispensary]
+        before = states.get(customer.customer_id)
+        known = before is not None and before.last_update_us is not None
         planned = plan(
             customer,
             dispensary,
             states,
             deployment.dispensaries[dispensary].specs,
+            resend=row.source == "resend",
             digest=content_hash(customer),
         )
+        if row.run_id is not None:
+            plans.planned[event_id] = summary(planned, known=known)
         states.update(planned.states)
         plans.operations[dispensary].extend(planned.operations)
         plans.conflicts[dispensary].extend(
@@ -211,7 +233,7 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
             store.save_states(conn, dispensary, plans.loaded[dispensary], states)
             store.enqueue(conn, dispensary, plans.operations[dispensary])
             store.add_conflicts(conn, dispensary, plans.conflicts[dispensary])
-        store.mark_events(conn, plans.outcomes)
+        store.mark_events(conn, plans.outcomes, plans.planned)
     result = BatchResult(events=len(plans.rows), touched=plans.touched)
     result.outcomes.update(plans.outcomes.values())
     dispensary_of = {row.id: row.dispensary for row in plans.rows}
@@ -288,3 +310,13 @@ async def _rest(stopping: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds``, or less if the service stops meanwhile."""
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stopping.wait(), seconds)
+
+
+def plan_without_writing(
+    store: Store, deployment: Deployment, rows: list[InboxRow]
+) -> tuple[dict[int, str], dict[str, list[Operation]]]:
+    """Plan ``rows`` against the stored state and return (outcome per row id, operations per
+    dispensary) without writing anything: what a dry run shows."""
+    with store.snapshot() as conn:
+        plans = _plan_rows(rows, deployment, lambda d, ids: store.load_states(conn, d, ids))
+    return plans.outcomes, plans.operations

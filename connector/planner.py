@@ -171,7 +171,7 @@ def plan(
 
     survivor = customer.merged_into_customer_id
     if survivor is not None and survivor != cid:
-        return _absorbed(dispensary, seen, survivor, destinations, states.get(survivor))
+        return _absorbed(dispensary, seen, survivor, destinations)
     if state.merged_into is not None:
         # Treez refuses updates to a merged-away profile: this is a stray; it must not
         # reach the absorbed contact, nor overwrite the survivor.
@@ -183,7 +183,7 @@ def plan(
         if absorbed_id == cid:
             continue
         absorbed = states.get(absorbed_id) or CustomerState(absorbed_id)
-        marked, merges = _merge_ops(dispensary, absorbed, cid, destinations, state)
+        marked, merges = _merge_ops(dispensary, absorbed, cid, destinations)
         if merges or marked != absorbed:
             changed[absorbed_id] = marked
         operations.extend(merges)
@@ -253,12 +253,11 @@ def _absorbed(
     state: CustomerState,
     survivor: str,
     destinations: Sequence[DestinationSpec],
-    survivor_state: CustomerState | None,
 ) -> Plan:
     if state.merged_into is not None and state.merged_into != survivor:
         # merged again into someone else: only the first merge counts; record the payload
         return Plan("absorbed", {state.customer_id: state}, [])
-    marked, ops = _merge_ops(dispensary, state, survivor, destinations, survivor_state)
+    marked, ops = _merge_ops(dispensary, state, survivor, destinations)
     return Plan("applied" if ops else "absorbed", {state.customer_id: marked}, ops)
 
 
@@ -267,13 +266,14 @@ def _merge_ops(
     absorbed: CustomerState,
     survivor: str,
     destinations: Sequence[DestinationSpec],
-    survivor_state: CustomerState | None = None,
 ) -> tuple[CustomerState, list[Operation]]:
     """One merge per destination with a native merge, never twice for the same pair.
 
     Without a native merge (Alpine IQ merges personas by itself) nothing is sent: the
-    survivor is updated by its own payload, the absorbed contact is left alone, and the
-    absorbed id resolves to the survivor's contact in the identity map when it is known."""
+    survivor is updated by its own payload and the absorbed contact is left alone. The
+    absorbed id resolves to the survivor's contact through ``merged_into``
+    (:meth:`~connector.store.Store.resolve_contact_ids`), never by rewriting its own entry:
+    an operation of the absorbed customer still queued must not reach the survivor."""
     if absorbed.merged_into is not None and absorbed.merged_into != survivor:
         return absorbed, []
     ops = []
@@ -284,9 +284,6 @@ def _merge_ops(
             continue
         merges.add((dest.name, survivor))
         if not dest.native_merge:
-            known = survivor_state.contact(dest.name).contact_id if survivor_state else None
-            if known is not None:
-                contacts[dest.name] = replace(absorbed.contact(dest.name), contact_id=known)
             continue
         body = {
             **_body("merge", dispensary, absorbed.customer_id),

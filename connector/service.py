@@ -10,6 +10,9 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Literal
 
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+
 from connector._pressure import Pressure
 from connector.config import Config
 from connector.delivery.base import Destination
@@ -20,6 +23,7 @@ from connector.metrics import Metrics
 from connector.pipeline import Deployment, Processor, build_destination
 from connector.pipeline_process import PipelineProcess
 from connector.receiver import GroupCommitter
+from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
 from connector.store import AsyncStore, Store
 
 log = get_logger("connector.service")
@@ -74,12 +78,47 @@ class Service:
                     concurrency=dest_config.concurrency, metrics=self.metrics,
                     idle_poll=idle_poll, pressure=self.pressure,
                 )  # fmt: skip
+        self.reconciler = Reconciler(
+            config, self.astore, self.deployment, plan=self._plan_soon,
+            destinations={key: w.destination for key, w in self.workers.items()},
+        )  # fmt: skip
+        self.scheduler: AsyncIOScheduler | None = None
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._switch_interval = sys.getswitchinterval()
 
     def wake_processor(self) -> None:
         self.processor.wake.set()
+
+    async def _plan_soon(self) -> None:
+        self.processor.wake.set()
+
+    def _start_scheduler(self) -> None:
+        """One cron job per dispensary that reconciles; misfires coalesced, one at a time
+        (and the store lock keeps other processes' runs apart)."""
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        for name, disp in self.config.dispensaries.items():
+            if not disp.reconciles:
+                continue
+            trigger = CronTrigger.from_crontab(
+                disp.reconcile.schedule, timezone=disp.reconcile.timezone
+            )
+            scheduler.add_job(
+                self.scheduled_reconcile, trigger, args=[name], id=f"reconcile:{name}",
+                coalesce=True, max_instances=1, misfire_grace_time=600,
+            )  # fmt: skip
+        if scheduler.get_jobs():
+            scheduler.start()
+            self.scheduler = scheduler
+            log.info("scheduler_started", count=len(scheduler.get_jobs()))
+
+    async def scheduled_reconcile(self, dispensary: str) -> None:
+        try:
+            await self.reconciler.run(dispensary, RunOptions(trigger="schedule"))
+        except ReconcileBusy:
+            log.info("reconcile_skipped", dispensary=dispensary, reason="already running")
+        except Exception as exc:  # recorded in the run; the schedule goes on
+            log.warning("reconcile_error", dispensary=dispensary, error=exc)
 
     def _wake_workers(self, touched: Iterable[tuple[str, str]]) -> None:
         for key in touched:
@@ -111,6 +150,7 @@ class Service:
                 )
             self._tasks["heartbeat"] = asyncio.create_task(self._heartbeat())
             self._tasks["retention"] = asyncio.create_task(self._retention())
+            self._start_scheduler()
         if self.role != "pipeline":
             for name, disp in self.config.dispensaries.items():
                 if disp.uses_dev_token:
@@ -154,6 +194,9 @@ class Service:
     async def stop(self) -> None:
         """Finish the work in hand within the grace period; release what is left."""
         self._stopping.set()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
         grace = self.config.server.shutdown_grace_seconds
         if self.child is not None:
             await self.child.stop(grace)

@@ -19,8 +19,9 @@ from connector.errors import DeliveryError
 class VendorClient:
     """JSON requests to one vendor API.
 
-    ``limits`` maps an endpoint family to its sliding-window rates; each request names its
-    family and waits for a slot first, so a burst is paced rather than answered with 429s.
+    ``limits`` maps an endpoint family to its sliding-window rates (``"*"``: every family
+    without its own); each request names its family and waits for a slot first, so a burst
+    is paced rather than answered with 429s.
     ``describe`` turns an error response body into a short message (codes and titles, never
     the vendor's free text, which may echo a customer's e-mail or phone).
     """
@@ -59,7 +60,7 @@ class VendorClient:
     ) -> httpx.Response:
         """Send one request; raise :class:`DeliveryError` unless it is a 2xx or in
         ``ok_statuses`` (a status the caller handles itself, such as a 404 or a 409)."""
-        limiter = self._limiters.get(family)
+        limiter = self._limiters.get(family) or self._limiters.get("*")
         if limiter is not None:
             await limiter.acquire()
         self.calls[family] = self.calls.get(family, 0) + 1

@@ -36,7 +36,6 @@ from connector.delivery.base import Capabilities, Delivery, Result, Sent
 from connector.errors import DeliveryError, FatalDelivery
 
 CONSENT_KEYS = ("emailOptIn", "smsOptIn")
-DEACTIVATED_TAG = "treez-deactivated"
 
 
 def describe_error(data: Any) -> str:
@@ -61,8 +60,9 @@ class AlpineIQSink:
         self.name = config.name
         self.config = config
         self.capabilities = self.capabilities_for(config)
-        # the worker paces every request to this destination (default 20/s, unpublished)
-        self.rate_limit: tuple[Rate, ...] = config.rate_limit
+        # every request is paced here, one slot each, whatever the batch (the worker's
+        # limiter counts batches): default 20/s, as Alpine IQ publishes none
+        self.rate_limit: tuple[Rate, ...] = ()
         self.api = VendorClient(
             str(config.base_url),
             {
@@ -71,7 +71,7 @@ class AlpineIQSink:
                 "accept": "application/json",
             },
             timeout=config.timeout_seconds,
-            limits={},
+            limits={"*": config.rate_limit} if config.rate_limit else {},
             describe=describe_error,
             client=client,
             clock=clock,
@@ -88,6 +88,7 @@ class AlpineIQSink:
             external_id_key="aiq_contact_id",
             consent_needs_fields=True,
             bulk_size=config.bulk_size,
+            can_lookup=True,
             default_rate_limit=(Rate(20, 1.0),),
         )
 
@@ -130,7 +131,8 @@ class AlpineIQSink:
             members = [self._member(deliveries[i], with_uid=False) for i in chunk]
             try:
                 response = await self.api.request("POST", path, "bulk", body=members)
-                found = (_json(response).get("data") or {}).get("results")
+                data = _json(response).get("data")
+                found = data.get("results") if isinstance(data, dict) else None
                 ids = [_contact_id(r) for r in found] if isinstance(found, list) else []
                 outcome: list[Result] = [
                     Sent(ids[n] if n < len(ids) and ids[n] else deliveries[i].contact_id)
@@ -171,19 +173,34 @@ class AlpineIQSink:
         elif op == "deactivate":
             if delivery.contact_id is None:
                 return Sent()  # never reached Alpine IQ
+            # an attribute, not a tag: a later upsert (reactivation) maps treezStatus again
+            # and so replaces it, where tags are only ever added to
             member = {
                 "uid": self.config.uid,
                 "contactID": delivery.contact_id,
                 "srcID": delivery.customer_id,
-                "tags": [DEACTIVATED_TAG],
+                "customAttributes": {"treezStatus": "DEACTIVATED"},
             }
         elif op == "merge":
             # planned only for destinations with a native merge; Alpine IQ has none
             return Sent(delivery.body.get("into_contact_id"))
         else:
             return FatalDelivery(f"unknown operation {op!r}")
+        statuses = frozenset({404}) if "contactID" in member else frozenset()
+        response = await self.api.request(
+            "POST", self.config.upsert_path, "upsert", body=member, ok_statuses=statuses
+        )
+        if response.status_code != 404:
+            return Sent(_contact_id(_json(response).get("data")) or delivery.contact_id)
+        # The persona id we hold (from Treez's aiq_contact_id, or one Alpine IQ has since
+        # merged away) names no persona: match by phone, e-mail and srcID instead, record
+        # the persona that answers, and report the stale id.
+        stale = member.pop("contactID")
+        if op == "deactivate":
+            return Sent(None, conflict=f"unknown_contact: persona {stale} not found")
         response = await self.api.request("POST", self.config.upsert_path, "upsert", body=member)
-        return Sent(_contact_id(_json(response).get("data")) or delivery.contact_id)
+        found = _contact_id(_json(response).get("data"))
+        return Sent(found, conflict=f"unknown_contact: persona {stale} not found, now {found}")
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

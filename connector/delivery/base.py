@@ -69,6 +69,7 @@ class Capabilities:
     external_id_key: str | None = None  # Treez external_ids key naming this contact
     consent_needs_fields: bool = False  # unsubscribe/subscribe carry the mapped contact
     bulk_size: int | None = None  # profiles per backfill call, when a bulk path exists
+    can_lookup: bool = False  # lookup() reads contacts (else it always answers None)
     default_rate_limit: tuple[Rate, ...] = field(default=())
 
 

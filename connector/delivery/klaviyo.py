@@ -130,6 +130,7 @@ class KlaviyoSink:
             matches_on=("id", "email", "phone_number", "external_id"),
             consent_needs_fields=True,
             bulk_size=config.bulk_size,
+            can_lookup=True,
             default_rate_limit=IMPORT_LIMITS,
         )
 

@@ -2,7 +2,8 @@
 
 Times are seconds since the epoch (UTC) as floats; ``last_update`` is kept as integer
 microseconds since the epoch so that it orders as an instant. JSON documents are text.
-Bump :data:`SCHEMA_VERSION` and add a step to ``MIGRATIONS`` in ``_migrate.py`` for any change.
+Bump :data:`SCHEMA_VERSION` and add a step to :data:`MIGRATIONS` for any change (new tables are
+created by ``create_all``; new columns and indexes of existing tables need the step).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# from version N to N + 1: portable statements (SQLite and PostgreSQL)
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE inbox ADD COLUMN run_id INTEGER",
+        "ALTER TABLE inbox ADD COLUMN planned VARCHAR(96)",
+        "CREATE INDEX ix_inbox_run ON inbox (run_id)",
+    ),
+}
 
 metadata = MetaData()
 
@@ -39,7 +49,8 @@ inbox = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("dispensary", String(128), nullable=False),
-    Column("source", String(16), nullable=False),  # webhook | reconcile
+    # webhook | reconcile | resend (a reconciliation that ignores change detection)
+    Column("source", String(16), nullable=False),
     Column("event_type", String(64), nullable=False),
     Column("customer_id", String(128)),
     Column("last_update_us", BigInteger),
@@ -48,8 +59,13 @@ inbox = Table(
     # pending | applied | tie | stale | duplicate | absorbed | ignored | failed
     Column("status", String(16), nullable=False),
     Column("processed_at", Float),
+    # version 2: the reconciliation run that pulled the event, and what its planning gave
+    # ("new " when the customer was unknown, then the operation kinds, "conflict", "merged")
+    Column("run_id", Integer),
+    Column("planned", String(96)),
     Index("ix_inbox_pending", "status", "id"),
     Index("ix_inbox_customer", "dispensary", "customer_id"),
+    Index("ix_inbox_run", "run_id"),
 )
 
 # Bodies that were refused, with the reason: nothing is dropped silently.
@@ -164,4 +180,40 @@ processes = Table(
     Column("pid", Integer, nullable=False),
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
+)
+
+
+# Version 2: reconciliation runs, their checkpoints, and the locks that keep two runs of one
+# dispensary apart (across processes).
+reconcile_runs = Table(
+    "reconcile_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dispensary", String(128), nullable=False),
+    Column("trigger", String(16), nullable=False),  # schedule | command
+    Column("options", Text, nullable=False),  # JSON: full, resend, since
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("checkpoint_before_us", BigInteger),
+    Column("checkpoint_after_us", BigInteger),
+    Column("counts", Text, nullable=False),  # JSON
+    Column("outcome", String(16), nullable=False),  # running | succeeded | failed
+    Column("error", Text),
+    Index("ix_reconcile_runs_dispensary", "dispensary", "id"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("dispensary", String(128), primary_key=True),
+    Column("after_us", BigInteger, nullable=False),  # pull customers changed after this
+    Column("updated_at", Float, nullable=False),
+)
+
+locks = Table(
+    "locks",
+    metadata,
+    Column("name", String(160), primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
 )

@@ -27,6 +27,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -37,6 +38,7 @@ from connector.errors import StoreError, StoreUnavailable
 from connector.planner import ContactState, CustomerState, Operation
 from connector.store._engine import make_engine
 from connector.store.schema import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     contacts,
     customers,
@@ -97,6 +99,7 @@ class NewEvent:
     last_update_us: int | None
     body: str
     status: str = "pending"
+    run_id: int | None = None  # the reconciliation run that pulled it
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,7 @@ class InboxRow:
     source: str
     customer_id: str | None
     body: str
+    run_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +160,20 @@ class Store:
             version = found.scalar_one_or_none()
             if version is None:
                 conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(version) > SCHEMA_VERSION:
+                return
+            if int(version) > SCHEMA_VERSION:
                 raise StoreError(
                     f"the store's schema is version {version}, newer than this connector knows "
                     f"({SCHEMA_VERSION}): upgrade the connector"
+                )
+            for step in range(int(version), SCHEMA_VERSION):
+                for statement in MIGRATIONS[step]:
+                    conn.execute(text(statement))
+            if int(version) < SCHEMA_VERSION:
+                conn.execute(
+                    update(meta)
+                    .where(meta.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
                 )
 
     def close(self) -> None:
@@ -209,47 +223,55 @@ class Store:
 
     def add_events(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None:
         """Commit a batch of received events (and refused bodies) in one transaction."""
-        now = time.time()
         with self.transaction() as conn:
-            if events:
-                conn.execute(
-                    insert(inbox),
-                    [
-                        {
-                            "dispensary": e.dispensary,
-                            "source": e.source,
-                            "event_type": e.event_type,
-                            "customer_id": e.customer_id,
-                            "last_update_us": e.last_update_us,
-                            "received_at": now,
-                            "body": e.body,
-                            "status": e.status,
-                            "processed_at": None if e.status == "pending" else now,
-                        }
-                        for e in events
-                    ],
-                )
-            if rejected:
-                conn.execute(
-                    insert(quarantine),
-                    [
-                        {
-                            "dispensary": r.dispensary,
-                            "received_at": now,
-                            "status_code": r.status_code,
-                            "reason": r.reason,
-                            "content_type": r.content_type,
-                            "body": r.body,
-                        }
-                        for r in rejected
-                    ],
-                )
+            self.insert_events(conn, events, rejected)
+
+    def insert_events(
+        self, conn: Connection, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()
+    ) -> None:
+        now = time.time()
+        if events:
+            conn.execute(
+                insert(inbox),
+                [
+                    {
+                        "dispensary": e.dispensary,
+                        "source": e.source,
+                        "event_type": e.event_type,
+                        "customer_id": e.customer_id,
+                        "last_update_us": e.last_update_us,
+                        "received_at": now,
+                        "body": e.body,
+                        "status": e.status,
+                        "processed_at": None if e.status == "pending" else now,
+                        "run_id": e.run_id,
+                    }
+                    for e in events
+                ],
+            )
+        if rejected:
+            conn.execute(
+                insert(quarantine),
+                [
+                    {
+                        "dispensary": r.dispensary,
+                        "received_at": now,
+                        "status_code": r.status_code,
+                        "reason": r.reason,
+                        "content_type": r.content_type,
+                        "body": r.body,
+                    }
+                    for r in rejected
+                ],
+            )
 
     # --- planning ---
 
     def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
         rows = conn.execute(_PENDING_EVENTS, {"limit": limit})
-        return [InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body) for r in rows]
+        return [
+            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id) for r in rows
+        ]
 
     def still_pending(self, conn: Connection, ids: Sequence[int]) -> set[int]:
         """Those of ``ids`` that no one has planned yet."""
@@ -259,13 +281,22 @@ class Store:
             found.update(conn.execute(_STILL_PENDING, {"ids": part}).scalars())
         return found
 
-    def mark_events(self, conn: Connection, outcomes: Mapping[int, str]) -> None:
+    def mark_events(
+        self,
+        conn: Connection,
+        outcomes: Mapping[int, str],
+        planned: Mapping[int, str] | None = None,
+    ) -> None:
+        """Record each event's outcome; ``planned`` (events of reconciliation runs only) what
+        its planning gave, for the run's counts."""
         now = time.time()
         by_status: dict[str, list[int]] = {}
         for event_id, status in outcomes.items():
             by_status.setdefault(status, []).append(event_id)
         for status, ids in by_status.items():
             conn.execute(_MARK_EVENTS, {"ids": ids, "status": status, "now": now})
+        if planned:
+            conn.execute(_MARK_PLANNED, [{"eid": i, "planned": p} for i, p in planned.items()])
 
     def load_states(
         self, conn: Connection, dispensary: str, customer_ids: Iterable[str]
@@ -496,6 +527,41 @@ class Store:
                 _CONTACT_IDS, {"dispensary": dispensary, "destination": destination, "ids": ids}
             ).all()
             conn.rollback()
+        return {r.customer_id: r.contact_id for r in rows if r.contact_id is not None}
+
+    def resolve_contact_ids(
+        self, dispensary: str, destination: str, customer_ids: Iterable[str]
+    ) -> dict[str, str]:
+        """The contact each customer resolves to: its own, or for a customer merged away, the
+        survivor's (followed through repeated merges). For lookups and reports; delivery
+        uses :meth:`contact_ids`, a customer's own entry."""
+        resolved: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for customer_id in dict.fromkeys(customer_ids):
+                current, seen = customer_id, set()
+                while current not in seen:
+                    seen.add(current)
+                    into = conn.execute(
+                        select(customers.c.merged_into).where(
+                            customers.c.dispensary == dispensary,
+                            customers.c.customer_id == current,
+                        )
+                    ).scalar_one_or_none()
+                    if into is None:
+                        break
+                    current = into
+                own = self.contact_ids_in(conn, dispensary, destination, [current])
+                if current in own:
+                    resolved[customer_id] = own[current]
+            conn.rollback()
+        return resolved
+
+    def contact_ids_in(
+        self, conn: Connection, dispensary: str, destination: str, ids: list[str]
+    ) -> dict[str, str]:
+        rows = conn.execute(
+            _CONTACT_IDS, {"dispensary": dispensary, "destination": destination, "ids": ids}
+        ).all()
         return {r.customer_id: r.contact_id for r in rows if r.contact_id is not None}
 
     def finish(
@@ -846,12 +912,22 @@ _SETTLE_DONE = (
 # the planner's statements, likewise
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
 _PENDING_EVENTS = (
-    select(inbox.c.id, inbox.c.dispensary, inbox.c.source, inbox.c.customer_id, inbox.c.body)
+    select(
+        inbox.c.id,
+        inbox.c.dispensary,
+        inbox.c.source,
+        inbox.c.customer_id,
+        inbox.c.body,
+        inbox.c.run_id,
+    )
     .where(inbox.c.status == "pending")
     .order_by(inbox.c.id)
     .limit(bindparam("limit"))
 )
 _STILL_PENDING = select(inbox.c.id).where(inbox.c.id.in_(_IDS), inbox.c.status == "pending")
+_MARK_PLANNED = (
+    update(inbox).where(inbox.c.id == bindparam("eid")).values(planned=bindparam("planned"))
+)
 _MARK_EVENTS = (
     update(inbox)
     .where(inbox.c.id.in_(_IDS))

@@ -1,0 +1,406 @@
+"""Reconciliation: pull the customers Treez changed since the checkpoint and feed them to the
+planner as events from source ``reconcile``, so webhooks and pulls can never disagree.
+
+A run, for one dispensary:
+
+1. takes the store lock ``reconcile:<dispensary>`` (renewed while it runs; a second run of
+   the same dispensary, in this process or another, is refused with :class:`ReconcileBusy`);
+2. pulls pages from the checkpoint minus ``overlap_minutes`` (no checkpoint yet:
+   ``initial_lookback_hours`` ago; ``--full``: everything), each page committed to the inbox
+   as events of this run and planned (by this process, or by ``serve``'s planner);
+3. advances the checkpoint to what is committed: at the end of the run by default, after
+   every page with ``paging: anchored`` (see :data:`PAGING_NOTE`);
+4. sends dead letters older than ``redrive_after_minutes`` again (at most ``redrive_max``),
+   and looks up a sample of contacts where the destination can, to report missing ones;
+5. stores the run: start, end, checkpoints, counts, outcome.
+
+Memory stays flat: one page at a time, counts kept in the store (``inbox.run_id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from connector.config import Config, DispensaryConfig
+from connector.delivery.base import Destination
+from connector.errors import ConnectorError, EventValidationError
+from connector.logs import get_logger
+from connector.pipeline import Deployment, plan_without_writing
+from connector.planner import Operation, instant_us
+from connector.store import AsyncStore, InboxRow, NewEvent, Rejected
+from connector.store.runs import Replayed, RunStore
+from connector.treez import parse_customer
+from connector.treez_api import TreezClient
+
+log = get_logger("connector.reconcile")
+
+LOCK_TTL_SECONDS = 60.0
+FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
+ONE_MS_US = 1000
+PAGING_NOTE = (
+    "numbered paging is right whatever order Treez lists customers in; anchored paging "
+    "(each page asks again from the last customer's last_update) never skips a customer "
+    "that moves while the run pages, but only if Treez lists in last_update order"
+)
+
+Trigger = Literal["schedule", "command"]
+Progress = Callable[[int, int], None]  # pages, customers
+
+
+class ReconcileBusy(ConnectorError):
+    """Another run of the same dispensary holds the lock."""
+
+
+class ReconcileNotConfigured(ConnectorError):
+    """The dispensary has no ``treez`` section, or reconciliation is off."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    since: datetime | None = None  # pull from here, ignoring the checkpoint
+    full: bool = False  # everything, ignoring the checkpoint
+    resend: bool = False  # ignore change detection too
+    dry_run: bool = False  # plan and report, store and send nothing
+    trigger: Trigger = "command"
+
+
+@dataclass(slots=True)
+class RunReport:
+    dispensary: str
+    run_id: int | None
+    outcome: str = "running"
+    counts: dict[str, int] = field(default_factory=dict)
+    pages: int = 0
+    checkpoint_before_us: int | None = None
+    checkpoint_after_us: int | None = None
+    pulled_from: datetime | None = None
+    replayed: Replayed | None = None
+    missing: int = 0
+    looked_up: int = 0
+    error: str | None = None
+    high_water: int = 0  # the outbox id the run's operations are at or below
+    planned_ops: Counter[tuple[str, str]] = field(default_factory=Counter)  # dry run
+    examples: list[str] = field(default_factory=list)  # dry run: a few operations, no values
+
+
+def _moment(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def iso(us: int | None) -> str | None:
+    return None if us is None else _moment(us).isoformat(timespec="milliseconds")
+
+
+class Reconciler:
+    """Runs reconciliations against one store.
+
+    ``plan``: awaited after each committed page and until the run's events are planned; the
+    ``reconcile`` command plans them itself, ``serve`` wakes its planner. ``client_for``
+    builds the Treez client of a dispensary (tests give one talking to the fake).
+    ``destinations``: adapters to look contacts up with (optional).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        astore: AsyncStore,
+        deployment: Deployment,
+        *,
+        plan: Callable[[], Awaitable[None]],
+        client_for: Callable[[str, DispensaryConfig], TreezClient] | None = None,
+        destinations: dict[tuple[str, str], Destination] | None = None,
+        poll_seconds: float = 0.05,
+    ) -> None:
+        self.config = config
+        self.astore = astore
+        self.runs = RunStore(astore.store)
+        self.deployment = deployment
+        self._plan = plan
+        self._client_for = client_for or _default_client
+        self.destinations = destinations or {}
+        self.poll_seconds = poll_seconds
+        self.holder = uuid.uuid4().hex
+
+    async def run(
+        self, dispensary: str, options: RunOptions = RunOptions(), progress: Progress | None = None
+    ) -> RunReport:
+        disp = self.config.dispensaries.get(dispensary)
+        if disp is None:
+            raise ReconcileNotConfigured(f"no dispensary {dispensary!r} in the configuration")
+        if disp.treez is None:
+            raise ReconcileNotConfigured(
+                f"dispensaries.{dispensary}.treez is not set (or reconcile.enabled is false): "
+                "reconciliation needs the Treez API credentials"
+            )
+        if options.dry_run:
+            return await self._dry_run(dispensary, disp, options, progress)
+        lock = f"reconcile:{dispensary}"
+        if not await self.astore.call(self.runs.acquire, lock, self.holder, LOCK_TTL_SECONDS):
+            raise ReconcileBusy(f"a reconciliation of {dispensary} is already running")
+        renewal = asyncio.create_task(self._renew(lock))
+        try:
+            return await self._run(dispensary, disp, options, progress)
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            with contextlib.suppress(Exception):
+                await self.astore.call(self.runs.release, lock, self.holder)
+
+    async def _renew(self, lock: str) -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_SECONDS / 4)
+            try:
+                await self.astore.call(self.runs.renew, lock, self.holder, LOCK_TTL_SECONDS)
+            except Exception as exc:
+                log.warning("reconcile_lock_renewal_failed", error=exc)
+
+    def _start(self, disp: DispensaryConfig, before_us: int | None, options: RunOptions) -> int:
+        if options.full:
+            return instant_us(FULL_SINCE)
+        if options.since is not None:
+            return instant_us(options.since)
+        if before_us is not None:
+            return before_us - int(disp.reconcile.overlap_minutes * 60 * 1_000_000)
+        lookback = timedelta(hours=disp.reconcile.initial_lookback_hours)
+        return instant_us(datetime.now(UTC) - lookback)
+
+    async def _run(
+        self,
+        dispensary: str,
+        disp: DispensaryConfig,
+        options: RunOptions,
+        progress: Progress | None,
+    ) -> RunReport:
+        before_us = await self.astore.call(self.runs.checkpoint, dispensary)
+        start_us = self._start(disp, before_us, options)
+        recorded = {
+            "full": options.full, "resend": options.resend,
+            "since": None if options.since is None else options.since.isoformat(),
+        }  # fmt: skip
+        run_id = await self.astore.call(
+            self.runs.start_run, dispensary, options.trigger, recorded, before_us
+        )
+        report = RunReport(
+            dispensary, run_id, checkpoint_before_us=before_us, pulled_from=_moment(start_us)
+        )
+        log.info("reconcile_started", dispensary=dispensary, run=run_id, trigger=options.trigger,
+                 since=iso(start_us))  # fmt: skip
+        client = self._client_for(dispensary, disp)
+        source = "resend" if options.resend else "reconcile"
+        anchored = disp.reconcile.paging == "anchored"
+        # the checkpoint a successful run leaves: the newest change it pulled, else where it
+        # started (never earlier than the checkpoint it found)
+        newest = max(start_us, before_us or start_us)
+        try:
+            pulled = 0
+            async for records in self._pages(client, disp, start_us, anchored, report):
+                events, rejected, versions = self._events(dispensary, records, source, run_id)
+                if versions:
+                    newest = max(newest, max(versions))
+                checkpoint = None
+                if anchored and versions and not options.since and not options.full:
+                    checkpoint = max(versions) - ONE_MS_US
+                await self.astore.call(
+                    self.runs.add_pulled, dispensary, events, rejected, checkpoint
+                )
+                await self._plan()
+                pulled += len(records)
+                if progress is not None:
+                    progress(report.pages, pulled)
+            while await self.astore.call(self.runs.pending_in_run, run_id):
+                await self._plan()
+                await asyncio.sleep(self.poll_seconds)
+            report.high_water = await self.astore.call(self.runs.outbox_high_water, dispensary)
+            if not options.since:
+                # a --since run pulled a window of someone's choosing: it moves nothing
+                await self.astore.call(self.runs.set_checkpoint, dispensary, newest)
+                report.checkpoint_after_us = newest
+            else:
+                report.checkpoint_after_us = before_us
+            await self._repair(dispensary, disp, run_id, report)
+            report.counts = await self.astore.call(self.runs.run_counts, run_id)
+            report.counts["missing_contacts"] = report.missing
+            if report.replayed is not None:
+                report.counts["redriven"] = report.replayed.replayed
+            report.outcome = "succeeded"
+        except BaseException as exc:
+            report.outcome = "failed"
+            report.error = str(exc) or exc.__class__.__name__
+            with contextlib.suppress(Exception):
+                report.counts = await self.astore.call(self.runs.run_counts, run_id)
+                report.counts["errors"] = report.counts.get("errors", 0) + 1
+            after = await self.astore.call(self.runs.checkpoint, dispensary)
+            report.checkpoint_after_us = after
+            with contextlib.suppress(Exception):
+                await self.astore.call(
+                    self.runs.finish_run, run_id, "failed", report.counts, after, report.error
+                )
+            log.warning("reconcile_failed", dispensary=dispensary, run=run_id,
+                        error=report.error, counts=report.counts)  # fmt: skip
+            raise
+        finally:
+            await client.aclose()
+        await self.astore.call(
+            self.runs.finish_run, run_id, "succeeded", report.counts, report.checkpoint_after_us
+        )
+        log.info("reconcile_finished", dispensary=dispensary, run=run_id, pages=report.pages,
+                 counts=report.counts)  # fmt: skip
+        return report
+
+    async def _pages(
+        self,
+        client: TreezClient,
+        disp: DispensaryConfig,
+        start_us: int,
+        anchored: bool,
+        report: RunReport,
+    ) -> Any:
+        """Yield the pages of the window (see :data:`PAGING_NOTE`)."""
+        size = disp.reconcile.page_size
+        after_us, number = start_us, 1
+        while True:
+            records = await client.page(_moment(after_us), number, size)
+            report.pages += 1
+            if records:
+                yield records
+            if len(records) < size:
+                return
+            if anchored:
+                last = _last_update_us(records[-1])
+                if last is not None and last - ONE_MS_US > after_us:
+                    after_us, number = last - ONE_MS_US, 1
+                    continue
+            number += 1
+
+    @staticmethod
+    def _events(
+        dispensary: str, records: list[dict[str, Any]], source: str, run_id: int | None
+    ) -> tuple[list[NewEvent], list[Rejected], list[int]]:
+        events: list[NewEvent] = []
+        rejected: list[Rejected] = []
+        versions: list[int] = []
+        for record in records:
+            try:
+                customer = parse_customer(record, source="pulled customer")
+            except EventValidationError as exc:
+                rejected.append(
+                    Rejected(dispensary, 422, str(exc)[:2000], "application/json",
+                             json.dumps(record).encode())
+                )  # fmt: skip
+                continue
+            us = instant_us(customer.last_update)
+            versions.append(us)
+            body = {"event_type": "CUSTOMER", "dispensary_short_name": dispensary, "data": record}
+            events.append(
+                NewEvent(dispensary, source, "CUSTOMER", customer.customer_id, us,
+                         json.dumps(body, separators=(",", ":")), run_id=run_id)
+            )  # fmt: skip
+        return events, rejected, versions
+
+    async def _repair(
+        self, dispensary: str, disp: DispensaryConfig, run_id: int, report: RunReport
+    ) -> None:
+        settings = disp.reconcile
+        if settings.redrive_max:
+            report.replayed = await self.astore.call(
+                lambda: self.runs.replay(
+                    dispensary=dispensary,
+                    older_than=time.time() - settings.redrive_after_minutes * 60,
+                    limit=settings.redrive_max,
+                )
+            )
+            if report.replayed.replayed:
+                await self._plan()  # wakes the workers
+        if not settings.lookup_sample:
+            return
+        for (name, dest_name), destination in self.destinations.items():
+            if name != dispensary or not destination.capabilities.can_lookup:
+                continue
+            known = await self.astore.call(
+                self.runs.sample_contacts, dispensary, dest_name, run_id, settings.lookup_sample
+            )
+            for customer_id, contact_id in known:
+                report.looked_up += 1
+                try:
+                    found = await destination.lookup(contact_id)
+                except Exception as exc:
+                    log.warning("lookup_failed", dispensary=dispensary, destination=dest_name,
+                                error=exc)  # fmt: skip
+                    break
+                if found is None:
+                    report.missing += 1
+                    await self.astore.call(
+                        self.runs.add_conflict, dispensary, customer_id, dest_name,
+                        "missing_contact", f"{dest_name} has no contact {contact_id}",
+                    )  # fmt: skip
+
+    async def _dry_run(
+        self,
+        dispensary: str,
+        disp: DispensaryConfig,
+        options: RunOptions,
+        progress: Progress | None,
+    ) -> RunReport:
+        before_us = await self.astore.call(self.runs.checkpoint, dispensary)
+        start_us = self._start(disp, before_us, options)
+        report = RunReport(
+            dispensary, None, outcome="dry run", checkpoint_before_us=before_us,
+            pulled_from=_moment(start_us), checkpoint_after_us=before_us,
+        )  # fmt: skip
+        client = self._client_for(dispensary, disp)
+        source = "resend" if options.resend else "reconcile"
+        outcomes: Counter[str] = Counter()
+        pulled = 0
+        try:
+            anchored = disp.reconcile.paging == "anchored"
+            async for records in self._pages(client, disp, start_us, anchored, report):
+                events, rejected, _ = self._events(dispensary, records, source, None)
+                rows = [
+                    InboxRow(i, e.dispensary, e.source, e.customer_id, e.body)
+                    for i, e in enumerate(events)
+                ]
+                found, operations = await self.astore.call(
+                    plan_without_writing, self.astore.store, self.deployment, rows
+                )
+                outcomes.update(found.values())
+                outcomes["failed"] += len(rejected)
+                for op in operations.get(dispensary, []):
+                    report.planned_ops[(op.destination, op.op)] += 1
+                    if len(report.examples) < 20:
+                        report.examples.append(_describe(op))
+                pulled += len(records)
+                if progress is not None:
+                    progress(report.pages, pulled)
+        finally:
+            await client.aclose()
+        report.counts = {"pulled": pulled, **dict(outcomes)}
+        return report
+
+
+def _describe(op: Operation) -> str:
+    """An operation without customer values: kind, destination, customer id, field names."""
+    fields = op.body.get("fields")
+    names = f" fields: {', '.join(sorted(fields))}" if isinstance(fields, dict) else ""
+    return f"{op.destination}: {op.op} customer {op.customer_id}{names}"
+
+
+def _last_update_us(record: dict[str, Any]) -> int | None:
+    try:
+        return instant_us(parse_customer(record).last_update)
+    except EventValidationError:
+        return None
+
+
+def _default_client(dispensary: str, disp: DispensaryConfig) -> TreezClient:
+    assert disp.treez is not None
+    return TreezClient(disp.treez)

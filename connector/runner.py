@@ -1,0 +1,214 @@
+"""What the ``reconcile``, ``status`` and ``dlq`` commands do, apart from parsing flags.
+
+``reconcile`` runs one reconciliation now and, unless ``--no-wait``, delivers its operations
+with this process's own claiming workers (alongside ``serve``'s, if it runs: a claim is
+exclusive, so no operation goes out twice, and a customer's operations go in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from connector.config import Config
+from connector.delivery.retry import RetryPolicy
+from connector.delivery.worker import DeliveryWorker
+from connector.pipeline import Deployment, build_destination, process_batch
+from connector.reconcile import Reconciler, RunOptions, RunReport, iso
+from connector.store import AsyncStore, Store
+from connector.store.runs import COUNT_KEYS, RunStore
+
+Echo = Callable[[str], None]
+
+
+class ProgressLine:
+    """``pages 12  customers 600`` rewritten in place on a terminal; silent elsewhere."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self._last = 0.0
+
+    def __call__(self, pages: int, customers: int) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.1:
+            self._last = now
+            self.stream.write(f"\rpages {pages:,}  customers {customers:,}")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled and self._last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _counts_line(counts: dict[str, Any]) -> str:
+    keys = [k for k in COUNT_KEYS if k != "pulled"]
+    parts = [f"{k.replace('_', ' ')} {counts.get(k, 0):,}" for k in keys]
+    return f"pulled {counts.get('pulled', 0):,}: " + ", ".join(parts)
+
+
+async def reconcile_now(
+    config: Config,
+    dispensary: str,
+    options: RunOptions,
+    *,
+    wait: bool,
+    timeout: float,
+    echo: Echo,
+    progress: ProgressLine | None = None,
+    reconciler_options: dict[str, Any] | None = None,
+) -> RunReport:
+    store = Store(config.store, timeout=config.store_timeout_seconds)
+    astore = AsyncStore(store)
+    deployment = Deployment.from_config(config)
+    workers: dict[tuple[str, str], DeliveryWorker] = {}
+    stopping = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    deliver = wait and not options.dry_run
+    if deliver:
+        await astore.call(store.register_process)
+        for dest_config in config.dispensaries[dispensary].destinations:
+            retry = RetryPolicy(
+                initial_seconds=dest_config.retry.initial_seconds,
+                max_seconds=dest_config.retry.max_seconds,
+                min_attempts=dest_config.retry.min_attempts,
+                min_elapsed_seconds=dest_config.retry.min_elapsed_seconds,
+            )
+            workers[(dispensary, dest_config.name)] = DeliveryWorker(
+                astore, dispensary, build_destination(dest_config), retry=retry,
+                concurrency=dest_config.concurrency, idle_poll=0.2,
+            )  # fmt: skip
+        tasks = [asyncio.create_task(w.run(stopping)) for w in workers.values()]
+
+    async def plan() -> None:
+        """Plan what is pending (this run's events, and any webhook's) and wake the workers."""
+        while True:
+            result = await astore.call(process_batch, store, deployment, 256)
+            for key in result.touched:
+                if key in workers:
+                    workers[key].wake.set()
+            if not result.events:
+                return
+
+    reconciler = Reconciler(
+        config, astore, deployment, plan=plan,
+        destinations={key: w.destination for key, w in workers.items()},
+        **(reconciler_options or {}),
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        report = await reconciler.run(dispensary, options, progress)
+        if progress is not None:
+            progress.done()
+        if deliver:
+            runs = RunStore(store)
+            deadline = time.monotonic() + timeout
+            while await astore.call(runs.open_operations, dispensary, report.high_water):
+                if time.monotonic() > deadline:
+                    echo(f"delivery still going after {timeout:.0f} s: serve will finish it")
+                    break
+                await asyncio.sleep(0.1)
+        _print_report(report, time.monotonic() - started, echo, deliver=deliver, wait=wait)
+        return report
+    finally:
+        stopping.set()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await astore.call(store.release_claims)
+        for worker in workers.values():
+            await worker.destination.aclose()
+        astore.close()
+
+
+def _print_report(
+    report: RunReport, seconds: float, echo: Echo, *, deliver: bool, wait: bool
+) -> None:
+    name = report.dispensary
+    if report.run_id is None:  # a dry run
+        echo(f"reconcile {name}: dry run in {seconds:.1f} s, nothing stored or sent")
+        echo(f"  pulled from {report.pulled_from:%Y-%m-%dT%H:%M:%S%z}, {report.pages} pages")
+        echo("  " + ", ".join(f"{k} {v:,}" for k, v in sorted(report.counts.items())))
+        if not report.planned_ops:
+            echo("  no operations would be sent")
+        for (destination, op), count in sorted(report.planned_ops.items()):
+            echo(f"  would send {destination}: {count:,} {op}")
+        for line in report.examples:
+            echo(f"    e.g. {line}")
+        return
+    echo(f"reconcile {name}: {report.outcome} in {seconds:.1f} s (run {report.run_id})")
+    echo(
+        f"  pulled from {report.pulled_from:%Y-%m-%dT%H:%M:%S%z}, {report.pages} pages; "
+        f"checkpoint {iso(report.checkpoint_before_us) or 'none'} -> "
+        f"{iso(report.checkpoint_after_us) or 'none'}"
+    )
+    echo("  " + _counts_line(report.counts))
+    replayed = report.replayed
+    if replayed is not None:
+        echo(
+            f"  dead letters sent again {replayed.replayed:,} "
+            f"(superseded {replayed.superseded:,}, not replayable {replayed.unreplayable:,}); "
+            f"contacts looked up {report.looked_up:,}, missing {report.missing:,}"
+        )
+    if not wait:
+        echo("  delivery left to serve (--no-wait)")
+
+
+def status_lines(config: Config) -> list[str]:
+    store = Store(config.store, timeout=config.store_timeout_seconds)
+    try:
+        runs = RunStore(store)
+        last = runs.last_runs()
+        queues = {(q["dispensary"], q["destination"]): q for q in store.queue_stats()}
+        dead = runs.dead_counts()
+        conflicts = runs.conflict_counts()
+    finally:
+        store.close()
+    lines = []
+    for name, disp in config.dispensaries.items():
+        lines.append(f"{name}")
+        run = last.get(name)
+        if run is None:
+            state = "never reconciled" if disp.reconciles else "reconciliation off"
+            lines.append(f"  last run: {state}")
+        else:
+            ended = run["ended_at"] or run["started_at"]
+            when = datetime.fromtimestamp(ended, UTC).isoformat(timespec="seconds")
+            lines.append(f"  last run {run['id']}: {run['outcome']} at {when} ({run['trigger']})")
+            lines.append("    " + _counts_line(run["counts"]))
+            if run["error"]:
+                lines.append(f"    error: {run['error']}")
+        for dest in disp.destinations:
+            q = queues.get((name, dest.name), {})
+            lines.append(
+                f"  {dest.name}: pending {q.get('pending', 0):,}, in flight "
+                f"{q.get('inflight', 0):,}, dead letters {dead.get((name, dest.name), 0):,}"
+            )
+        found = {k: v for (d, k), v in conflicts.items() if d == name}
+        if found:
+            lines.append(
+                "  conflicts: " + ", ".join(f"{k} {v:,}" for k, v in sorted(found.items()))
+            )
+    return lines
+
+
+def dlq_lines(store: Store, **filters: Any) -> list[str]:
+    letters = RunStore(store).dead_letters(**filters)
+    if not letters:
+        return ["no dead letters"]
+    lines = []
+    for d in letters:
+        when = datetime.fromtimestamp(d.created_at, UTC).isoformat(timespec="seconds")
+        status = "-" if d.status_code is None else str(d.status_code)
+        replayed = " (replayed)" if d.replayed_at else ""
+        lines.append(
+            f"{d.id:>6}  {when}  {d.dispensary}/{d.destination}  customer {d.customer_id}  "
+            f"{d.op}  attempts {d.attempts}  status {status}{replayed}\n        {d.reason[:300]}"
+        )
+    return lines
