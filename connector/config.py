@@ -147,10 +147,12 @@ class ReconcileConfig(_Model):
     # the first run (no checkpoint yet) pulls what changed in this many hours
     initial_lookback_hours: float = Field(default=24.0, gt=0, le=24 * 366)
     page_size: int = Field(default=50, ge=1, le=50)
-    # numbered: pages 1, 2, 3... of one window (right whatever order Treez lists in);
     # anchored: each page asks again from the last customer's last_update (never skips one
-    # that moves meanwhile, but only right if Treez lists in last_update order: unconfirmed)
-    paging: Literal["numbered", "anchored"] = "numbered"
+    # that moves meanwhile; right only if Treez lists in last_update order, unconfirmed);
+    # numbered: pages 1, 2, 3... of one query (right in any order, but a customer changing
+    # during the run shifts the pages and can make it skip one); auto: anchored while the
+    # pages come in last_update order, numbered from the first page that does not
+    paging: Literal["auto", "anchored", "numbered"] = "auto"
     # dead letters older than this are sent again once per run, at most redrive_max of them
     redrive_after_minutes: float = Field(default=60.0, ge=0)
     redrive_max: int = Field(default=100, ge=0)

@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -197,19 +197,17 @@ class Reconciler:
                  since=iso(start_us))  # fmt: skip
         client = self._client_for(dispensary, disp)
         source = "resend" if options.resend else "reconcile"
-        anchored = disp.reconcile.paging == "anchored"
         # the checkpoint a successful run leaves: the newest change it pulled, else where it
         # started (never earlier than the checkpoint it found)
         newest = max(start_us, before_us or start_us)
         try:
             pulled = 0
-            async for records in self._pages(client, disp, start_us, anchored, report):
+            async for records, page_checkpoint in self._pages(client, disp, start_us, report):
                 events, rejected, versions = self._events(dispensary, records, source, run_id)
                 if versions:
                     newest = max(newest, max(versions))
-                checkpoint = None
-                if anchored and versions and not options.since and not options.full:
-                    checkpoint = max(versions) - ONE_MS_US
+                # a --since window is someone's choice: it never moves the checkpoint
+                checkpoint = None if options.since else page_checkpoint
                 await self.astore.call(
                     self.runs.add_pulled, dispensary, events, rejected, checkpoint
                 )
@@ -262,25 +260,61 @@ class Reconciler:
         client: TreezClient,
         disp: DispensaryConfig,
         start_us: int,
-        anchored: bool,
         report: RunReport,
-    ) -> Any:
-        """Yield the pages of the window (see :data:`PAGING_NOTE`)."""
+    ) -> AsyncIterator[tuple[list[dict[str, Any]], int | None]]:
+        """Yield each page of the window with the checkpoint it makes safe, if any.
+
+        ``anchored`` (and ``auto`` while the pages come in last_update order): each full page
+        is followed by a new query from its last customer's last_update (less 1 ms, so ties
+        are read again rather than skipped), page 1: a customer that changes meanwhile moves
+        to the end of the listing without shifting anyone past us, and everything up to the
+        anchor is done. ``numbered`` (and ``auto`` once a page is out of order): pages 2, 3...
+        of one query, right in any order, checkpointed only at the end of the run.
+        """
+        mode = disp.reconcile.paging
         size = disp.reconcile.page_size
         after_us, number = start_us, 1
+        ordered = mode != "numbered"
+        ties: set[str] = set()  # customers at the anchor's instant, already yielded
         while True:
             records = await client.page(_moment(after_us), number, size)
             report.pages += 1
+            full = len(records) >= size
+            versions = [_last_update_us(r) for r in records]
+            if ties:
+                kept = [
+                    (r, v) for r, v in zip(records, versions, strict=True)
+                    if str(r.get("customer_id")) not in ties or v != after_us + ONE_MS_US
+                ]  # fmt: skip
+                records, versions = [r for r, _ in kept], [v for _, v in kept]
+            known = [v for v in versions if v is not None]
+            if (
+                mode == "auto"
+                and ordered
+                and known
+                and (known != sorted(known) or (number == 1 and known[0] < after_us))
+            ):
+                ordered = False  # not in last_update order: numbered pages from here on
+                log.info("reconcile_paging_numbered", reason="pages not in last_update order")
+            last = known[-1] if known else None
+            anchor = ordered and full and last is not None and last - ONE_MS_US > after_us
+            checkpoint = None
+            if ordered and last is not None:
+                # done: everything up to the last customer (less its ties), or the whole
+                # window when this is the last page
+                checkpoint = last - ONE_MS_US if full else max(known)
             if records:
-                yield records
-            if len(records) < size:
+                yield records, checkpoint
+            if not full:
                 return
-            if anchored:
-                last = _last_update_us(records[-1])
-                if last is not None and last - ONE_MS_US > after_us:
-                    after_us, number = last - ONE_MS_US, 1
-                    continue
-            number += 1
+            if anchor and last is not None:
+                ties = {
+                    str(r.get("customer_id"))
+                    for r, v in zip(records, versions, strict=True) if v == last
+                }  # fmt: skip
+                after_us, number = last - ONE_MS_US, 1
+            else:
+                number += 1
 
     @staticmethod
     def _events(
@@ -362,8 +396,7 @@ class Reconciler:
         outcomes: Counter[str] = Counter()
         pulled = 0
         try:
-            anchored = disp.reconcile.paging == "anchored"
-            async for records in self._pages(client, disp, start_us, anchored, report):
+            async for records, _ in self._pages(client, disp, start_us, report):
                 events, rejected, _ = self._events(dispensary, records, source, None)
                 rows = [
                     InboxRow(i, e.dispensary, e.source, e.customer_id, e.body)

@@ -37,6 +37,7 @@ class VendorClient:
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_connections: int = 16,
+        shared: Mapping[str, SlidingWindowLimiter] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.host = httpx.URL(self.base_url).host
@@ -46,6 +47,8 @@ class VendorClient:
             limits=httpx.Limits(max_connections=max_connections),
         )
         self._limiters = {family: SlidingWindowLimiter(r, clock) for family, r in limits.items()}
+        if shared:  # limiters counted across clients (a vendor account's limits)
+            self._limiters.update(shared)
         self._describe = describe
         self.calls: dict[str, int] = {}  # requests made per endpoint family (bench, tests)
 

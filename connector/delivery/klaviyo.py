@@ -28,8 +28,10 @@ profile-merge 10/s and 150/min, the others treated like profile-import), and a 4
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -39,10 +41,17 @@ from connector.config import KlaviyoDestination as KlaviyoConfig
 from connector.config import Rate
 from connector.delivery._api import VendorClient
 from connector.delivery.base import Capabilities, Delivery, Result, Sent
+from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 
 IMPORT_LIMITS = (Rate(75, 1.0), Rate(700, 60.0))
 MERGE_LIMITS = (Rate(10, 1.0), Rate(150, 60.0))
+JOB_LIMITS = (Rate(10, 1.0), Rate(150, 60.0))  # bulk import jobs and their status (the spec)
+# Klaviyo counts its limits per account: every sink of one private key (several stores of an
+# operator) shares these, keyed by a digest of the key, so together they keep to the limits.
+_ACCOUNT_LIMITERS: weakref.WeakValueDictionary[tuple[str, str, int], SlidingWindowLimiter] = (
+    weakref.WeakValueDictionary()
+)
 SUBSCRIPTION_BATCH = 100  # profiles per subscription job
 MAX_JOB_BYTES = 5 * 1024 * 1024
 CONSENT_KEYS = ("subscriptions",)  # never sent with an upsert
@@ -100,10 +109,11 @@ class KlaviyoSink:
         self.rate_limit: tuple[Rate, ...] = config.rate_limit  # the worker's; off by default
         limits = (
             {"import": IMPORT_LIMITS, "merge": MERGE_LIMITS, "subscriptions": IMPORT_LIMITS,
-             "bulk": IMPORT_LIMITS, "jobs": IMPORT_LIMITS, "profiles": IMPORT_LIMITS}
+             "bulk": JOB_LIMITS, "jobs": JOB_LIMITS, "profiles": IMPORT_LIMITS}
             if config.pace
             else {}
         )  # fmt: skip
+        account = hashlib.sha256(config.api_key.get_secret_value().encode()).hexdigest()[:16]
         self.api = VendorClient(
             str(config.base_url),
             {
@@ -118,6 +128,10 @@ class KlaviyoSink:
             client=client,
             clock=clock,
             max_connections=config.concurrency,
+            shared={
+                family: _account_limiter((account, family, id(clock)), rates, clock)
+                for family, rates in limits.items()
+            },
         )
         self._sleep = sleep
 
@@ -206,10 +220,32 @@ class KlaviyoSink:
             data["id"] = contact_id
         response = await self.api.request(
             "POST", "/api/profile-import", "import", body={"data": data},
-            ok_statuses=frozenset({409}),
+            ok_statuses=frozenset({409, 404}) if contact_id else frozenset({409}),
         )  # fmt: skip
+        if response.status_code == 404 and contact_id is not None:
+            # the profile we hold is gone (merged by another store of the account, or by a
+            # marketer): import by the identifiers again and record the profile that answers
+            data = {"type": "profile", "attributes": self._attributes(delivery, keyed=False)}
+            again = await self.api.request(
+                "POST", "/api/profile-import", "import", body={"data": data},
+                ok_statuses=frozenset({409}),
+            )  # fmt: skip
+            if again.status_code == 409:
+                return await self._onto_duplicate(again, data, None)
+            found = _profile_id(again)
+            return Sent(
+                found, conflict=f"unknown_contact: profile {contact_id} is gone, now {found}"
+            )
         if response.status_code != 409:
             return Sent(_profile_id(response) or contact_id)
+        return await self._onto_duplicate(response, data, contact_id)
+
+    async def _onto_duplicate(
+        self, response: httpx.Response, data: dict[str, Any], contact_id: str | None
+    ) -> Result:
+        """A 409 duplicate_profile: update the right profile without the identifiers that
+        belong to another one. With the profile id known, that is ours (never the other
+        person's); else the one Klaviyo pointed at (same person, found by e-mail or phone)."""
         duplicate = duplicate_profile_id(response)
         if duplicate is None:
             return FatalDelivery(
@@ -217,20 +253,23 @@ class KlaviyoSink:
                 status_code=409,
                 body=response.text[:4096],
             )
-        # Update the profile Klaviyo pointed at, leaving the identifiers where they are.
+        target = contact_id or duplicate
         attributes = {k: v for k, v in data["attributes"].items() if k not in IDENTIFIERS}
-        retry = {"type": "profile", "id": duplicate, "attributes": attributes}
+        retry = {"type": "profile", "id": target, "attributes": attributes}
         again = await self.api.request(
             "POST", "/api/profile-import", "import", body={"data": retry}
         )
-        return Sent(
-            _profile_id(again) or duplicate,
-            conflict=(
-                "duplicate_profile: Klaviyo matched this customer's identifiers to more than one "
-                f"profile; profile {duplicate} was updated without moving e-mail, phone or "
-                "external_id"
-            ),
-        )
+        if contact_id is not None:
+            detail = (
+                f"profile {contact_id}'s new e-mail or phone belongs to profile {duplicate}; "
+                "updated without them"
+            )
+        else:
+            detail = (
+                "Klaviyo matched this customer's identifiers to more than one profile; "
+                f"profile {duplicate} was updated without moving e-mail, phone or external_id"
+            )
+        return Sent(_profile_id(again) or target, conflict=f"duplicate_profile: {detail}")
 
     async def set_consent(self, deliveries: list[Delivery], op: str) -> list[Result]:
         """Unsubscribe (or subscribe) e-mail and SMS marketing, in one job call."""
@@ -381,6 +420,15 @@ class KlaviyoSink:
                     f"bulk import job {job_id} still {status} after "
                     f"{self.config.job_timeout_seconds:.0f} s"
                 )
+
+
+def _account_limiter(
+    key: tuple[str, str, int], rates: tuple[Rate, ...], clock: Callable[[], float]
+) -> SlidingWindowLimiter:
+    found = _ACCOUNT_LIMITERS.get(key)
+    if found is None:
+        found = _ACCOUNT_LIMITERS[key] = SlidingWindowLimiter(rates, clock)
+    return found
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

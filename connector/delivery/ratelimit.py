@@ -22,6 +22,7 @@ class SlidingWindowLimiter:
         self._sent: deque[float] = deque()
         self._horizon = max((per for _, per in self._rates), default=0.0)
         self._lock = asyncio.Lock()
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._clock = clock
 
     @property
@@ -42,6 +43,9 @@ class SlidingWindowLimiter:
     async def acquire(self) -> None:
         if not self._rates:
             return
+        loop = asyncio.get_running_loop()
+        if self._lock_loop is not loop:  # shared across clients: maybe another loop's lock
+            self._lock, self._lock_loop = asyncio.Lock(), loop
         async with self._lock:
             while True:
                 now = self._clock()

@@ -135,13 +135,20 @@ class RunStore:
         return None if found is None else int(found)
 
     def _set_checkpoint(self, conn: Any, dispensary: str, after_us: int) -> None:
+        """Move the checkpoint forward to ``after_us`` (never back: a full or resumed run
+        pulling old pages must not make the next incremental run start earlier)."""
         now = time.time()
-        changed = conn.execute(
-            update(checkpoints)
-            .where(checkpoints.c.dispensary == dispensary)
-            .values(after_us=after_us, updated_at=now)
-        ).rowcount
-        if not changed:
+        found = conn.execute(
+            select(checkpoints.c.after_us).where(checkpoints.c.dispensary == dispensary)
+        ).scalar_one_or_none()
+        if found is not None:
+            if after_us > found:
+                conn.execute(
+                    update(checkpoints)
+                    .where(checkpoints.c.dispensary == dispensary)
+                    .values(after_us=after_us, updated_at=now)
+                )
+        else:
             conn.execute(
                 insert(checkpoints).values(dispensary=dispensary, after_us=after_us, updated_at=now)
             )
