@@ -339,7 +339,9 @@ _real_sleep = asyncio.sleep
 @pytest.fixture
 def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
     clock = FakeTime()
-    patched = types.SimpleNamespace(Lock=asyncio.Lock, sleep=clock.sleep)
+    patched = types.SimpleNamespace(
+        Lock=asyncio.Lock, sleep=clock.sleep, get_running_loop=asyncio.get_running_loop
+    )
     monkeypatch.setattr(ratelimit, "asyncio", patched)
     return clock
 
