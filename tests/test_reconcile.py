@@ -525,3 +525,34 @@ def test_a_second_reconciler_waits_for_nothing_when_busy(tmp_path: Path, fake: T
         run(config, fake)
     assert fake.calls == []
     store.close()
+
+
+def test_serve_schedules_one_cron_job_per_reconciling_dispensary(
+    tmp_path: Path, fake: TreezFake
+) -> None:
+    from connector.service import Service
+
+    extra = '      schedule: "15 3 * * *"\n      timezone: America/Los_Angeles'
+    config = load_config(write_config(tmp_path, fake.base_url, extra=extra))
+
+    async def go() -> tuple[list[Any], bool]:
+        service = Service(config, role="pipeline")
+        service._start_scheduler()
+        assert service.scheduler is not None
+        jobs = service.scheduler.get_jobs()
+        # a run already going (another process holds the lock): the tick is skipped quietly
+        RunStore(service.astore.store).acquire(f"reconcile:{DISPENSARY}", "other", ttl=60)
+        await service.scheduled_reconcile(DISPENSARY)
+        service.scheduler.shutdown(wait=False)
+        service.astore.close()
+        return jobs, bool(fake.calls)
+
+    jobs, called = asyncio.run(go())
+    (job,) = jobs
+    assert job.id == f"reconcile:{DISPENSARY}"
+    assert (job.coalesce, job.max_instances) == (True, 1)
+    assert str(job.trigger.timezone) == "America/Los_Angeles"
+    assert "hour='3'" in str(job.trigger)
+    assert "minute='15'" in str(job.trigger)
+    assert not called  # skipped before any call to Treez
+    assert store_rows(tmp_path, "select count(*) from reconcile_runs") == [(0,)]
