@@ -25,6 +25,8 @@ from connector.delivery.base import Capabilities, Destination
 from connector.delivery.http import HttpSink
 from connector.delivery.jsonl import JsonlSink
 from connector.delivery.klaviyo import KlaviyoSink
+from connector.delivery.retry import RetryPolicy
+from connector.delivery.worker import DeliveryWorker
 from connector.errors import EventValidationError
 from connector.logs import get_logger
 from connector.mapping import load_mapping
@@ -45,6 +47,28 @@ def build_destination(config: AnyDestination) -> Destination:
     if isinstance(config, KlaviyoDestination):
         return KlaviyoSink(config)
     return JsonlSink(config)
+
+
+def build_worker(
+    astore: AsyncStore,
+    dispensary: str,
+    config: AnyDestination,
+    *,
+    metrics: Metrics | None = None,
+    idle_poll: float = 1.0,
+    pressure: Pressure | None = None,
+) -> DeliveryWorker:
+    """A delivery worker for a configured destination, with its adapter and retry policy."""
+    retry = RetryPolicy(
+        initial_seconds=config.retry.initial_seconds,
+        max_seconds=config.retry.max_seconds,
+        min_attempts=config.retry.min_attempts,
+        min_elapsed_seconds=config.retry.min_elapsed_seconds,
+    )
+    return DeliveryWorker(
+        astore, dispensary, build_destination(config), retry=retry,
+        concurrency=config.concurrency, metrics=metrics, idle_poll=idle_poll, pressure=pressure,
+    )  # fmt: skip
 
 
 def capabilities(config: AnyDestination) -> Capabilities:

@@ -16,9 +16,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from connector.config import Config
-from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
-from connector.pipeline import Deployment, build_destination, process_batch
+from connector.pipeline import Deployment, build_worker, process_batch
 from connector.reconcile import Reconciler, RunOptions, RunReport, iso
 from connector.store import AsyncStore, Store
 from connector.store.runs import COUNT_KEYS, RunStore
@@ -74,16 +73,9 @@ async def reconcile_now(
     if deliver:
         await astore.call(store.register_process)
         for dest_config in config.dispensaries[dispensary].destinations:
-            retry = RetryPolicy(
-                initial_seconds=dest_config.retry.initial_seconds,
-                max_seconds=dest_config.retry.max_seconds,
-                min_attempts=dest_config.retry.min_attempts,
-                min_elapsed_seconds=dest_config.retry.min_elapsed_seconds,
+            workers[(dispensary, dest_config.name)] = build_worker(
+                astore, dispensary, dest_config, idle_poll=0.2
             )
-            workers[(dispensary, dest_config.name)] = DeliveryWorker(
-                astore, dispensary, build_destination(dest_config), retry=retry,
-                concurrency=dest_config.concurrency, idle_poll=0.2,
-            )  # fmt: skip
         tasks = [asyncio.create_task(w.run(stopping)) for w in workers.values()]
 
     async def plan() -> None:

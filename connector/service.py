@@ -16,11 +16,10 @@ from apscheduler.triggers.cron import CronTrigger
 from connector._pressure import Pressure
 from connector.config import Config
 from connector.delivery.base import Destination
-from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
 from connector.logs import get_logger
 from connector.metrics import Metrics
-from connector.pipeline import Deployment, Processor, build_destination
+from connector.pipeline import Deployment, Processor, build_worker
 from connector.pipeline_process import PipelineProcess
 from connector.receiver import GroupCommitter
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
@@ -65,19 +64,12 @@ class Service:
         self.workers: dict[tuple[str, str], DeliveryWorker] = {}
         for name, disp in config.dispensaries.items():
             for dest_config in disp.destinations if role != "receiver" else ():
-                destination = build_destination(dest_config)
-                self.destinations.append(destination)
-                retry = RetryPolicy(
-                    initial_seconds=dest_config.retry.initial_seconds,
-                    max_seconds=dest_config.retry.max_seconds,
-                    min_attempts=dest_config.retry.min_attempts,
-                    min_elapsed_seconds=dest_config.retry.min_elapsed_seconds,
-                )
-                self.workers[(name, dest_config.name)] = DeliveryWorker(
-                    self.astore, name, destination, retry=retry,
-                    concurrency=dest_config.concurrency, metrics=self.metrics,
+                worker = build_worker(
+                    self.astore, name, dest_config, metrics=self.metrics,
                     idle_poll=idle_poll, pressure=self.pressure,
                 )  # fmt: skip
+                self.destinations.append(worker.destination)
+                self.workers[(name, dest_config.name)] = worker
         self.reconciler = Reconciler(
             config, self.astore, self.deployment, plan=self._plan_soon,
             destinations={key: w.destination for key, w in self.workers.items()},
