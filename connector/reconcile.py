@@ -181,6 +181,7 @@ class Reconciler:
         options: RunOptions,
         progress: Progress | None,
     ) -> RunReport:
+        await self.astore.call(self.runs.close_interrupted, dispensary)
         before_us = await self.astore.call(self.runs.checkpoint, dispensary)
         start_us = self._start(disp, before_us, options)
         recorded = {

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -184,8 +184,12 @@ def test_a_run_failing_half_way_resumes_and_skips_nothing(
     else:
         assert len(checkpoint) == 1  # pages in last_update order: what came in is done
     fake.clear_hooks()
+    with sqlite3.connect(tmp_path / "c.db") as conn:  # as if the process had been killed
+        conn.execute("update reconcile_runs set outcome = 'running'")
     resumed = run(config, fake)
     assert resumed.outcome == "succeeded"
+    outcomes = store_rows(tmp_path, "select outcome from reconcile_runs order by id")
+    assert outcomes == [("interrupted",), ("succeeded",)]
     upserts = Counter(op["customer_id"] for op in lines(tmp_path) if op["op"] == "upsert")
     listed = fake.ids_after(datetime.now(UTC) - timedelta(hours=24))
     active = {c for c in listed if (fake.customer(c) or {}).get("status") != "DEACTIVATED"}
@@ -556,3 +560,48 @@ def test_serve_schedules_one_cron_job_per_reconciling_dispensary(
     assert "minute='15'" in str(job.trigger)
     assert not called  # skipped before any call to Treez
     assert store_rows(tmp_path, "select count(*) from reconcile_runs") == [(0,)]
+
+
+def test_contacts_a_destination_no_longer_has_are_reported(tmp_path: Path, fake: TreezFake) -> None:
+    from connector.delivery.base import Capabilities
+    from connector.pipeline import Deployment, process_batch
+    from connector.store import AsyncStore
+
+    config = load_config(write_config(tmp_path, fake.base_url))
+    run(config, fake)
+    with sqlite3.connect(tmp_path / "c.db") as conn:  # as if the destination had given ids
+        conn.execute("update contacts set contact_id = 'p-' || customer_id")
+
+    class Lookup:
+        """A destination that can look contacts up and has lost those with an odd id."""
+
+        capabilities = Capabilities(can_lookup=True)
+        asked: ClassVar[list[str]] = []
+
+        async def lookup(self, contact_id: str) -> dict[str, Any] | None:
+            self.asked.append(contact_id)
+            return None if int(contact_id[2:]) % 2 else {"id": contact_id}
+
+    async def go() -> Any:
+        astore = AsyncStore(Store(config.store))
+        deployment = Deployment.from_config(config)
+
+        async def plan() -> None:
+            while (await astore.call(process_batch, astore.store, deployment)).events:
+                pass
+
+        reconciler = Reconciler(
+            config, astore, deployment, plan=plan, client_for=in_process(fake),
+            destinations={(DISPENSARY, "file"): Lookup()},  # type: ignore[dict-item]
+        )  # fmt: skip
+        try:
+            return await reconciler.run(DISPENSARY, RunOptions(full=True))
+        finally:
+            astore.close()
+
+    report = asyncio.run(go())
+    assert report.looked_up == len(Lookup.asked) == 20  # lookup_sample
+    odd = [c for c in Lookup.asked if int(c[2:]) % 2]
+    assert report.missing == len(odd) == report.counts["missing_contacts"]
+    rows = store_rows(tmp_path, "select customer_id, kind from conflicts")
+    assert sorted(rows) == sorted((c[2:], "missing_contact") for c in odd)

@@ -153,6 +153,22 @@ class RunStore:
                 insert(checkpoints).values(dispensary=dispensary, after_us=after_us, updated_at=now)
             )
 
+    def close_interrupted(self, dispensary: str) -> int:
+        """Mark the dispensary's runs still "running" as interrupted: called by the holder of
+        its lock, so none of them is really running (a killed process, a power cut)."""
+        with self.store.transaction(durable=False) as conn:
+            return int(
+                conn.execute(
+                    update(reconcile_runs)
+                    .where(
+                        reconcile_runs.c.dispensary == dispensary,
+                        reconcile_runs.c.outcome == "running",
+                    )
+                    .values(outcome="interrupted", error="the process running it stopped")
+                ).rowcount
+                or 0
+            )
+
     def start_run(
         self, dispensary: str, trigger: str, options: dict[str, Any], before_us: int | None
     ) -> int:
