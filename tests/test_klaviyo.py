@@ -1367,12 +1367,6 @@ def test_backfill_through_the_fake_imports_every_profile(mapping_dir: Path) -> N
     assert Counter(fake.statuses())[429] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: connector/delivery/klaviyo.py KlaviyoSink._run_job (lines 373-375) returns on "
-    "status 'complete' without reading failed_count or the job's import-errors, so backfill "
-    "reports Sent for a profile Klaviyo refused (here: its e-mail belongs to another profile)",
-)
 def test_backfill_never_reports_a_profile_the_job_refused_as_sent(mapping_dir: Path) -> None:
     fake = KlaviyoFake(seed=11, job_polls_until_complete=1)
 
@@ -1393,9 +1387,9 @@ def test_backfill_never_reports_a_profile_the_job_refused_as_sent(mapping_dir: P
     assert (job.completed_count, job.failed_count) == (1, 1)  # Klaviyo refused c2
     assert isinstance(results[0], Sent)
     refused = results[1]
-    assert isinstance(refused, DeliveryError) or (
-        isinstance(refused, Sent) and refused.conflict is not None
-    ), refused
+    assert isinstance(refused, DeliveryError), refused
+    assert isinstance(refused, FatalDelivery)  # dead-lettered with its code, not retried
+    assert "taken@example.com" not in str(refused)
 
 
 def test_backfill_paces_the_bulk_job_endpoints_to_their_documented_limits(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -356,8 +357,11 @@ class KlaviyoSink:
             results[index] = result
         for chunk in self._jobs(deliveries, upserts):
             try:
-                await self._run_job([deliveries[i] for i in chunk])
-                outcome: list[Result] = [Sent(deliveries[i].contact_id) for i in chunk]
+                refused = await self._run_job([deliveries[i] for i in chunk])
+                outcome: list[Result] = [
+                    refused[n] if n in refused else Sent(deliveries[i].contact_id)
+                    for n, i in enumerate(chunk)
+                ]
             except DeliveryError as exc:
                 outcome = [exc] * len(chunk)
             for index, result in zip(chunk, outcome, strict=True):
@@ -392,7 +396,8 @@ class KlaviyoSink:
             jobs.append(current)
         return jobs
 
-    async def _run_job(self, deliveries: list[Delivery]) -> None:
+    async def _run_job(self, deliveries: list[Delivery]) -> dict[int, DeliveryError]:
+        """Run one bulk import job to its end; the profiles it refused, by their index."""
         data = {
             "type": "profile-bulk-import-job",
             "attributes": {"profiles": {"data": [self.bulk_profile(d) for d in deliveries]}},
@@ -412,7 +417,9 @@ class KlaviyoSink:
             attributes = (_json(polled).get("data") or {}).get("attributes") or {}
             status = attributes.get("status")
             if status == "complete":
-                return
+                if not attributes.get("failed_count"):
+                    return {}
+                return await self._import_errors(job_id, deliveries)
             if status in ("cancelled", "failed"):
                 raise RetriableDelivery(f"bulk import job {job_id} ended {status}")
             if time.monotonic() > deadline:
@@ -420,6 +427,48 @@ class KlaviyoSink:
                     f"bulk import job {job_id} still {status} after "
                     f"{self.config.job_timeout_seconds:.0f} s"
                 )
+
+    async def _import_errors(
+        self, job_id: str, deliveries: list[Delivery]
+    ) -> dict[int, DeliveryError]:
+        """A completed job's refused profiles, from its import-errors (all pages), matched to
+        the job's profiles by the pointer's index, else by the original payload's external_id,
+        e-mail or phone. Each is fatal (dead-lettered) with Klaviyo's code and title."""
+        keys: dict[tuple[str, str], int] = {}
+        for index, delivery in enumerate(deliveries):
+            fields = delivery.fields
+            for name in IDENTIFIERS:
+                if isinstance(fields.get(name), str):
+                    keys.setdefault((name, fields[name].lower()), index)
+        refused: dict[int, DeliveryError] = {}
+        path: str | None = f"/api/profile-bulk-import-jobs/{job_id}/import-errors?page[size]=100"
+        while path:
+            page = _json(await self.api.request("GET", path, "jobs"))
+            for error in page.get("data") or []:
+                attributes = error.get("attributes") if isinstance(error, dict) else None
+                if not isinstance(attributes, dict):
+                    continue
+                at = _pointer_index(attributes.get("source"))
+                if at is None:
+                    original = attributes.get("original_payload") or {}
+                    found = (original.get("attributes") or {}) if isinstance(original, dict) else {}
+                    at = next(
+                        (keys[(n, found[n].lower())] for n in IDENTIFIERS
+                         if isinstance(found.get(n), str) and (n, found[n].lower()) in keys),
+                        None,
+                    )  # fmt: skip
+                if at is not None and 0 <= at < len(deliveries):
+                    what = describe_errors({"errors": [attributes]})
+                    refused[at] = FatalDelivery(f"bulk import job {job_id} refused it: {what}")
+            after = (page.get("links") or {}).get("next")
+            path = str(httpx.URL(after).raw_path.decode()) if isinstance(after, str) else None
+        return refused
+
+
+def _pointer_index(source: Any) -> int | None:
+    pointer = source.get("pointer") if isinstance(source, dict) else None
+    found = re.search(r"/profiles/data/(\d+)", pointer) if isinstance(pointer, str) else None
+    return int(found.group(1)) if found else None
 
 
 def _account_limiter(
