@@ -230,7 +230,18 @@ class Store:
         self, conn: Connection, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()
     ) -> None:
         now = time.time()
-        if events:
+        if events and self._sqlite:
+            # the receiver's hot path: the driver's executemany, without SQLAlchemy's
+            # per-row parameter processing (a third of the cost of a webhook)
+            conn.exec_driver_sql(
+                _INSERT_INBOX_SQL,
+                [
+                    (e.dispensary, e.source, e.event_type, e.customer_id, e.last_update_us,
+                     now, e.body, e.status, None if e.status == "pending" else now, e.run_id)
+                    for e in events
+                ],
+            )  # fmt: skip
+        elif events:
             conn.execute(
                 insert(inbox),
                 [
@@ -925,6 +936,10 @@ _PENDING_EVENTS = (
     .limit(bindparam("limit"))
 )
 _STILL_PENDING = select(inbox.c.id).where(inbox.c.id.in_(_IDS), inbox.c.status == "pending")
+_INSERT_INBOX_SQL = (
+    "INSERT INTO inbox (dispensary, source, event_type, customer_id, last_update_us,"
+    " received_at, body, status, processed_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _MARK_PLANNED = (
     update(inbox).where(inbox.c.id == bindparam("eid")).values(planned=bindparam("planned"))
 )
