@@ -46,6 +46,8 @@ log = get_logger("connector.reconcile")
 LOCK_TTL_SECONDS = 60.0
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 ONE_MS_US = 1000
+FUTURE_SLACK_US = 5 * 60 * 1_000_000  # clocks differ; beyond this a last_update is wrong
+CLOCK_SLACK_US = 60 * 1_000_000  # between Treez's clock and ours
 PAGING_NOTE = (
     "numbered paging is right whatever order Treez lists customers in; anchored paging "
     "(each page asks again from the last customer's last_update) never skips a customer "
@@ -86,6 +88,7 @@ class RunReport:
     replayed: Replayed | None = None
     missing: int = 0
     looked_up: int = 0
+    future: int = 0  # customers whose last_update is in the future (kept out of checkpoints)
     error: str | None = None
     high_water: int = 0  # the outbox id the run's operations are at or below
     planned_ops: Counter[tuple[str, str]] = field(default_factory=Counter)  # dry run
@@ -129,6 +132,20 @@ class Reconciler:
         self.destinations = destinations or {}
         self.poll_seconds = poll_seconds
         self.holder = uuid.uuid4().hex
+        # one client per dispensary for the life of this reconciler: its token is reused
+        # across runs until it nears expiry (Treez checks this), its pace shared by them
+        self._clients: dict[str, TreezClient] = {}
+
+    def client(self, dispensary: str, disp: DispensaryConfig) -> TreezClient:
+        found = self._clients.get(dispensary)
+        if found is None:
+            found = self._clients[dispensary] = self._client_for(dispensary, disp)
+        return found
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
 
     async def run(
         self, dispensary: str, options: RunOptions = RunOptions(), progress: Progress | None = None
@@ -146,9 +163,18 @@ class Reconciler:
         lock = f"reconcile:{dispensary}"
         if not await self.astore.call(self.runs.acquire, lock, self.holder, LOCK_TTL_SECONDS):
             raise ReconcileBusy(f"a reconciliation of {dispensary} is already running")
-        renewal = asyncio.create_task(self._renew(lock))
+        running = asyncio.current_task()
+        assert running is not None
+        renewal = asyncio.create_task(self._renew(lock, running))
         try:
             return await self._run(dispensary, disp, options, progress)
+        except asyncio.CancelledError:
+            if renewal.done() and not renewal.cancelled() and renewal.result():
+                raise ReconcileBusy(
+                    f"the reconciliation of {dispensary} lost its lock (paused longer than "
+                    f"{LOCK_TTL_SECONDS:.0f} s?): stopped, another run may have taken over"
+                ) from None
+            raise
         finally:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,13 +182,23 @@ class Reconciler:
             with contextlib.suppress(Exception):
                 await self.astore.call(self.runs.release, lock, self.holder)
 
-    async def _renew(self, lock: str) -> None:
+    async def _renew(self, lock: str, running: asyncio.Task[Any]) -> bool:
+        """Renew the lock every quarter of its lifetime; if it was lost (taken by another
+        holder after it expired), cancel the run and return True."""
+        renewed_at = time.monotonic()
         while True:
             await asyncio.sleep(LOCK_TTL_SECONDS / 4)
             try:
-                await self.astore.call(self.runs.renew, lock, self.holder, LOCK_TTL_SECONDS)
+                held = await self.astore.call(self.runs.renew, lock, self.holder, LOCK_TTL_SECONDS)
             except Exception as exc:
                 log.warning("reconcile_lock_renewal_failed", error=exc)
+                held = time.monotonic() - renewed_at < LOCK_TTL_SECONDS
+            else:
+                renewed_at = time.monotonic()
+            if not held:
+                log.warning("reconcile_lock_lost", reason="renewal failed or lock taken")
+                running.cancel()
+                return True
 
     def _start(self, disp: DispensaryConfig, before_us: int | None, options: RunOptions) -> int:
         if options.full:
@@ -194,19 +230,27 @@ class Reconciler:
         report = RunReport(
             dispensary, run_id, checkpoint_before_us=before_us, pulled_from=_moment(start_us)
         )
-        log.info("reconcile_started", dispensary=dispensary, run=run_id, trigger=options.trigger,
+        log.info("reconcile_started", dispensary=dispensary, run_id=run_id, trigger=options.trigger,
                  since=iso(start_us))  # fmt: skip
-        client = self._client_for(dispensary, disp)
+        client = self.client(dispensary, disp)
         source = "resend" if options.resend else "reconcile"
+        started_us = instant_us(datetime.now(UTC))
         # the checkpoint a successful run leaves: the newest change it pulled, else where it
         # started (never earlier than the checkpoint it found)
         newest = max(start_us, before_us or start_us)
         try:
             pulled = 0
-            async for records, page_checkpoint in self._pages(client, disp, start_us, report):
+            paging = Paging()
+            pages = self._pages(client, disp, start_us, report, paging)
+            async for records, page_checkpoint in pages:
                 events, rejected, versions = self._events(dispensary, records, source, run_id)
-                if versions:
-                    newest = max(newest, max(versions))
+                paging.note_changes(versions, started_us)
+                # a last_update in the future (a clock gone wrong at the store) must not
+                # carry the checkpoint past changes still to come
+                future = [v for v in versions if v > started_us + FUTURE_SLACK_US]
+                report.future += len(future)
+                if len(future) < len(versions):
+                    newest = max(newest, max(v for v in versions if v not in future))
                 # a --since window is someone's choice: it never moves the checkpoint
                 checkpoint = None if options.since else page_checkpoint
                 await self.astore.call(
@@ -222,8 +266,9 @@ class Reconciler:
             report.high_water = await self.astore.call(self.runs.outbox_high_water, dispensary)
             if not options.since:
                 # a --since run pulled a window of someone's choosing: it moves nothing
+                newest = paging.safe(newest)
                 await self.astore.call(self.runs.set_checkpoint, dispensary, newest)
-                report.checkpoint_after_us = newest
+                report.checkpoint_after_us = max(newest, before_us or newest)
             else:
                 report.checkpoint_after_us = before_us
             await self._repair(dispensary, disp, run_id, report)
@@ -234,25 +279,29 @@ class Reconciler:
             report.outcome = "succeeded"
         except BaseException as exc:
             report.outcome = "failed"
-            report.error = str(exc) or exc.__class__.__name__
+            # our errors never carry values; another's message might (a class name only)
+            report.error = (
+                str(exc) if isinstance(exc, ConnectorError) and str(exc)
+                else exc.__class__.__name__
+            )  # fmt: skip
             with contextlib.suppress(Exception):
                 report.counts = await self.astore.call(self.runs.run_counts, run_id)
                 report.counts["errors"] = report.counts.get("errors", 0) + 1
-            after = await self.astore.call(self.runs.checkpoint, dispensary)
+            after = before_us
+            with contextlib.suppress(Exception):
+                after = await self.astore.call(self.runs.checkpoint, dispensary)
             report.checkpoint_after_us = after
             with contextlib.suppress(Exception):
                 await self.astore.call(
                     self.runs.finish_run, run_id, "failed", report.counts, after, report.error
                 )
-            log.warning("reconcile_failed", dispensary=dispensary, run=run_id,
+            log.warning("reconcile_failed", dispensary=dispensary, run_id=run_id,
                         error=report.error, counts=report.counts)  # fmt: skip
             raise
-        finally:
-            await client.aclose()
         await self.astore.call(
             self.runs.finish_run, run_id, "succeeded", report.counts, report.checkpoint_after_us
         )
-        log.info("reconcile_finished", dispensary=dispensary, run=run_id, pages=report.pages,
+        log.info("reconcile_finished", dispensary=dispensary, run_id=run_id, pages=report.pages,
                  counts=report.counts)  # fmt: skip
         return report
 
@@ -262,22 +311,33 @@ class Reconciler:
         disp: DispensaryConfig,
         start_us: int,
         report: RunReport,
+        paging: Paging,
     ) -> AsyncIterator[tuple[list[dict[str, Any]], int | None]]:
         """Yield each page of the window with the checkpoint it makes safe, if any.
 
-        ``anchored`` (and ``auto`` while the pages come in last_update order): each full page
-        is followed by a new query from its last customer's last_update (less 1 ms, so ties
-        are read again rather than skipped), page 1: a customer that changes meanwhile moves
-        to the end of the listing without shifting anyone past us, and everything up to the
-        anchor is done. ``numbered`` (and ``auto`` once a page is out of order): pages 2, 3...
-        of one query, right in any order, checkpointed only at the end of the run.
+        Anchored paging (``anchored``; ``auto`` once pages 1 and 2 of the first query came in
+        last_update order and continue each other): after each full page, a new query from
+        its last customer's last_update (less 1 ms: ties are read again, and dropped, rather
+        than skipped), page 1. A customer changing meanwhile moves to the end of the listing
+        without shifting anyone past us, so everything up to the anchor is done.
+
+        Numbered paging (``numbered``; ``auto`` until verified or once out of order; and a
+        block of ties larger than a page): pages 2, 3... of one query, right in any order but
+        shifted by a change during the run. Each such stretch is noted in ``paging``: no
+        checkpoint passes its anchor during the run, and the run's final checkpoint stays at
+        it if a change was pulled that happened while it paged (:meth:`Paging.safe`).
         """
         mode = disp.reconcile.paging
         size = disp.reconcile.page_size
         after_us, number = start_us, 1
         ordered = mode != "numbered"
+        verified = mode == "anchored"
         ties: set[str] = set()  # customers at the anchor's instant, already yielded
+        previous_last: int | None = None
+        query_started = _now_us()
         while True:
+            if number >= 2:
+                paging.numbered(after_us, query_started, _now_us())
             records = await client.page(_moment(after_us), number, size)
             report.pages += 1
             full = len(records) >= size
@@ -289,31 +349,30 @@ class Reconciler:
                 ]  # fmt: skip
                 records, versions = [r for r, _ in kept], [v for _, v in kept]
             known = [v for v in versions if v is not None]
-            if (
-                mode == "auto"
-                and ordered
-                and known
-                and (known != sorted(known) or (number == 1 and known[0] < after_us))
-            ):
-                ordered = False  # not in last_update order: numbered pages from here on
+            if ordered and known and known != sorted(known):
+                ordered = verified = False  # not in last_update order: numbered from here on
                 log.info("reconcile_paging_numbered", reason="pages not in last_update order")
+            if ordered and not verified and number == 2 and known and previous_last is not None:
+                verified = known[0] >= previous_last  # page 2 continues page 1
+                ordered = verified
             last = known[-1] if known else None
-            anchor = ordered and full and last is not None and last - ONE_MS_US > after_us
             checkpoint = None
-            if ordered and last is not None:
+            if ordered and verified and last is not None:
                 # done: everything up to the last customer (less its ties), or the whole
                 # window when this is the last page
-                checkpoint = last - ONE_MS_US if full else max(known)
+                checkpoint = paging.bound(last - ONE_MS_US if full else max(known))
             if records:
                 yield records, checkpoint
             if not full:
                 return
-            if anchor and last is not None:
+            previous_last = last
+            if ordered and verified and last is not None and last - ONE_MS_US > after_us:
                 ties = {
                     str(r.get("customer_id"))
                     for r, v in zip(records, versions, strict=True) if v == last
                 }  # fmt: skip
                 after_us, number = last - ONE_MS_US, 1
+                query_started = _now_us()
             else:
                 number += 1
 
@@ -392,33 +451,73 @@ class Reconciler:
             dispensary, None, outcome="dry run", checkpoint_before_us=before_us,
             pulled_from=_moment(start_us), checkpoint_after_us=before_us,
         )  # fmt: skip
-        client = self._client_for(dispensary, disp)
+        client = self.client(dispensary, disp)
         source = "resend" if options.resend else "reconcile"
         outcomes: Counter[str] = Counter()
         pulled = 0
-        try:
-            async for records, _ in self._pages(client, disp, start_us, report):
-                events, rejected, _ = self._events(dispensary, records, source, None)
-                rows = [
-                    InboxRow(i, e.dispensary, e.source, e.customer_id, e.body)
-                    for i, e in enumerate(events)
-                ]
-                found, operations = await self.astore.call(
-                    plan_without_writing, self.astore.store, self.deployment, rows
-                )
-                outcomes.update(found.values())
-                outcomes["failed"] += len(rejected)
-                for op in operations.get(dispensary, []):
-                    report.planned_ops[(op.destination, op.op)] += 1
-                    if len(report.examples) < 20:
-                        report.examples.append(_describe(op))
-                pulled += len(records)
-                if progress is not None:
-                    progress(report.pages, pulled)
-        finally:
-            await client.aclose()
+        async for records, _ in self._pages(client, disp, start_us, report, Paging()):
+            events, rejected, _ = self._events(dispensary, records, source, None)
+            rows = [
+                InboxRow(i, e.dispensary, e.source, e.customer_id, e.body)
+                for i, e in enumerate(events)
+            ]
+            found, operations = await self.astore.call(
+                plan_without_writing, self.astore.store, self.deployment, rows
+            )
+            outcomes.update(found.values())
+            outcomes["failed"] += len(rejected)
+            for op in operations.get(dispensary, []):
+                report.planned_ops[(op.destination, op.op)] += 1
+                if len(report.examples) < 20:
+                    report.examples.append(_describe(op))
+            pulled += len(records)
+            if progress is not None:
+                progress(report.pages, pulled)
         report.counts = {"pulled": pulled, **dict(outcomes)}
         return report
+
+
+@dataclass(slots=True)
+class Paging:
+    """What a run's numbered paging risks: for each query paged by number, its anchor and
+    when it paged; and the changes pulled that happened during the run."""
+
+    stretches: list[list[int]] = field(default_factory=list)  # [anchor, from, to] (us)
+    changes: list[int] = field(default_factory=list)  # last_update of recent changes (us)
+    changes_overflow: bool = False
+
+    def numbered(self, anchor_us: int, since_us: int, now_us: int) -> None:
+        if self.stretches and self.stretches[-1][0] == anchor_us:
+            self.stretches[-1][2] = now_us
+        else:
+            self.stretches.append([anchor_us, since_us, now_us])
+
+    def note_changes(self, versions: list[int], run_started_us: int) -> None:
+        recent = [v for v in versions if v >= run_started_us - CLOCK_SLACK_US]
+        if len(self.changes) + len(recent) > 100_000:
+            self.changes_overflow = True
+        else:
+            self.changes.extend(recent)
+
+    def bound(self, checkpoint: int) -> int:
+        """A checkpoint held at the anchor of any numbered stretch (whether that stretch
+        shifted is known only at the end of the run)."""
+        return min([checkpoint, *(s[0] for s in self.stretches)])
+
+    def safe(self, newest: int) -> int:
+        """The final checkpoint: ``newest``, or the anchor of a numbered stretch during which
+        a pulled customer changed (it may have shifted another past that stretch's pages)."""
+        anchors = [
+            anchor for anchor, since, until in self.stretches
+            if self.changes_overflow or any(
+                since - CLOCK_SLACK_US <= v <= until + CLOCK_SLACK_US for v in self.changes
+            )
+        ]  # fmt: skip
+        return min([newest, *anchors])
+
+
+def _now_us() -> int:
+    return instant_us(datetime.now(UTC))
 
 
 def _describe(op: Operation) -> str:

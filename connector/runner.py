@@ -23,6 +23,7 @@ from connector.store import AsyncStore, Store
 from connector.store.runs import COUNT_KEYS, RunStore
 
 Echo = Callable[[str], None]
+HEARTBEAT_SECONDS = 10.0
 
 
 class ProgressLine:
@@ -94,6 +95,8 @@ async def reconcile_now(
         **(reconciler_options or {}),
     )  # fmt: skip
     started = time.monotonic()
+    if deliver:
+        tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))
     try:
         report = await reconciler.run(dispensary, options, progress)
         if progress is not None:
@@ -109,6 +112,7 @@ async def reconcile_now(
         _print_report(report, time.monotonic() - started, echo, deliver=deliver, wait=wait)
         return report
     finally:
+        await reconciler.aclose()
         stopping.set()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -117,6 +121,17 @@ async def reconcile_now(
         for worker in workers.values():
             await worker.destination.aclose()
         astore.close()
+
+
+async def _heartbeat(astore: AsyncStore, stopping: asyncio.Event) -> None:
+    """Keep this process's claims alive while its workers deliver (as serve does), so no
+    other process takes them back and delivers an operation twice."""
+    while not stopping.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), HEARTBEAT_SECONDS)
+        if not stopping.is_set():
+            with contextlib.suppress(Exception):
+                await astore.call(astore.store.heartbeat)
 
 
 def _print_report(

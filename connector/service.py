@@ -204,6 +204,7 @@ class Service:
                 released = await self.astore.call(self.astore.store.release_claims)
             except Exception:
                 log.exception("release_failed")
+        await self.reconciler.aclose()
         for destination in self.destinations:
             await destination.aclose()
         self.planner_lane.close()

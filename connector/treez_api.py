@@ -160,6 +160,10 @@ class TreezClient:
             raise TreezRetriable(
                 f"{method} {self._where(path)}: {exc.__class__.__name__}"
             ) from None
+        finally:
+            # calls are sequential: count each from when its answer came (a new connection's
+            # setup can delay a request's arrival past the pace's margin)
+            self._limiter.restamp()
 
     def _where(self, path: str) -> str:
         return f"{self.host}{path.split('/after/')[0]}"

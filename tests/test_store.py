@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -132,3 +133,21 @@ def test_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
     with store.transaction() as conn:
         conn.execute(insert(meta).values(key="after", value="ok"))
     store.close()
+
+
+def test_a_zombie_process_counts_as_gone() -> None:
+    """A killed connector that nobody reaps (a container without init) must not keep its
+    claims: its pid answers signals but it runs no more."""
+    import subprocess
+    import time
+
+    from connector.store.store import _pid_alive
+
+    child = subprocess.Popen(["sleep", "0.05"])
+    deadline = time.monotonic() + 5
+    while _pid_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _pid_alive(child.pid)  # exited, not yet reaped: a zombie
+    child.wait()
+    assert not _pid_alive(child.pid)
+    assert _pid_alive(os.getpid())

@@ -40,6 +40,12 @@ class SlidingWindowLimiter:
                 wait = max(wait, in_window[-count] + per - now)
         return wait
 
+    def restamp(self) -> None:
+        """Move the latest request's time to now: for sequential callers, once the answer is
+        in, the request has surely arrived, whatever connection setup delayed it."""
+        if self._sent:
+            self._sent[-1] = max(self._sent[-1], self._clock())
+
     async def acquire(self) -> None:
         if not self._rates:
             return

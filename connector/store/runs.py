@@ -10,13 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from connector.planner import payload_hash
 from connector.store.schema import (
     checkpoints,
     conflicts,
     contacts,
+    customers,
     dead_letters,
     inbox,
     locks,
@@ -25,6 +27,7 @@ from connector.store.schema import (
 )
 from connector.store.store import NewEvent, Rejected, Store
 
+REPLAY_CHUNK = 50  # dead letters per transaction
 COUNT_KEYS = (
     "pulled", "unchanged", "created", "updated", "opted_out", "merged", "conflicts", "errors",
 )  # fmt: skip
@@ -298,7 +301,8 @@ class RunStore:
     def sample_contacts(
         self, dispensary: str, destination: str, run_id: int, limit: int
     ) -> list[tuple[str, str]]:
-        """Up to ``limit`` (customer, contact id) pairs of customers this run pulled."""
+        """Up to ``limit`` (customer, contact id) pairs of customers this run pulled, merged
+        away ones left out (their own contact is gone by design)."""
         pulled = (
             select(inbox.c.customer_id)
             .where(inbox.c.run_id == run_id, inbox.c.customer_id.is_not(None))
@@ -312,6 +316,11 @@ class RunStore:
                 contacts.c.destination == destination,
                 contacts.c.contact_id.is_not(None),
                 contacts.c.customer_id.in_(pulled),
+                contacts.c.customer_id.not_in(
+                    select(customers.c.customer_id).where(
+                        customers.c.dispensary == dispensary, customers.c.merged_into.is_not(None)
+                    )
+                ),
             )
             .limit(limit)
         )
@@ -393,60 +402,112 @@ class RunStore:
         older_than: float | None = None,
         limit: int | None = None,
     ) -> Replayed:
-        """Put dead operations back in the outbox (pending, attempts from zero), oldest first.
+        """Put dead operations back in the outbox (pending, attempts from zero), oldest first,
+        in transactions of :data:`REPLAY_CHUNK` so the write lock is never held for long.
 
-        An operation whose contact has since had a later operation of the same kind (a newer
-        upsert after a refused one) is not resent, which would put old data over new: it is
-        marked replayed and counted as superseded. Mapping failures have no operation to
-        resend: they are left for ``reconcile --resend`` once the mapping is fixed.
+        Judged against the customer's current state, not only the outbox (delivered rows are
+        purged), an operation is superseded, marked replayed and not resent, when:
+
+        - its customer was merged away (nothing goes to an absorbed contact but the merge);
+        - it is a ``subscribe`` and the contact is unsubscribed or the customer opted out;
+        - it is an ``upsert`` whose fields are not the last ones planned for the contact (a
+          newer upsert exists or existed: resending would put old data over new);
+        - a later operation of the same kind exists.
+
+        A resent ``unsubscribe`` (or ``subscribe``) loses its mapped fields when an upsert was
+        planned after it, so consent is sent without stale data. Mapping failures have no
+        operation to resend: they stay open for ``reconcile --resend``.
         """
         query = self._dead_query(dispensary, destination, customer, older_than, False)
         if limit is not None:
             query = query.limit(limit)
+        with self.store.engine.connect() as conn:
+            letters = conn.execute(query).all()
         replayed = superseded = unreplayable = 0
-        now = time.time()
-        with self.store.transaction() as conn:
-            for row in conn.execute(query).all():
-                if row.outbox_id is None:
-                    unreplayable += 1
-                    continue
-                later = conn.execute(
-                    select(outbox.c.id)
-                    .where(
-                        and_(
-                            outbox.c.dispensary == row.dispensary,
-                            outbox.c.destination == row.destination,
-                            outbox.c.customer_id == row.customer_id,
-                            outbox.c.op == row.op,
-                            outbox.c.id > row.outbox_id,
-                            outbox.c.status != "dead",
-                        )
-                    )
-                    .limit(1)
-                ).first()
-                if later is None:
-                    reset = conn.execute(
-                        update(outbox)
-                        .where(outbox.c.id == row.outbox_id, outbox.c.status == "dead")
-                        .values(
-                            status="pending",
-                            attempts=0,
-                            first_attempt_at=None,
-                            next_attempt_at=now,
-                            claimed_by=None,
-                            claimed_until=None,
-                        )
-                    ).rowcount
-                    if reset:
+        for start in range(0, len(letters), REPLAY_CHUNK):
+            now = time.time()
+            with self.store.transaction() as conn:
+                for row in letters[start : start + REPLAY_CHUNK]:
+                    if row.outbox_id is None:
+                        unreplayable += 1
+                        continue
+                    verdict = self._replay_one(conn, row, now)
+                    if verdict == "replayed":
                         replayed += 1
+                    elif verdict == "superseded":
+                        superseded += 1
                     else:
                         unreplayable += 1
-                else:
-                    superseded += 1
-                conn.execute(
-                    update(dead_letters).where(dead_letters.c.id == row.id).values(replayed_at=now)
-                )
+                    conn.execute(
+                        update(dead_letters)
+                        .where(dead_letters.c.id == row.id)
+                        .values(replayed_at=now)
+                    )
         return Replayed(replayed, superseded, unreplayable)
+
+    def _replay_one(self, conn: Any, row: Any, now: float) -> str:
+        found = conn.execute(
+            select(outbox.c.payload, outbox.c.status).where(outbox.c.id == row.outbox_id)
+        ).first()
+        if found is None or found.status != "dead":
+            return "unreplayable"
+        body = json.loads(found.payload)
+        state = conn.execute(
+            select(customers.c.opt_out, customers.c.merged_into).where(
+                customers.c.dispensary == row.dispensary,
+                customers.c.customer_id == row.customer_id,
+            )
+        ).first()
+        contact = conn.execute(
+            select(contacts.c.unsubscribed, contacts.c.delivered_hash).where(
+                contacts.c.dispensary == row.dispensary,
+                contacts.c.destination == row.destination,
+                contacts.c.customer_id == row.customer_id,
+            )
+        ).first()
+        if state is not None and state.merged_into is not None and row.op != "merge":
+            return "superseded"
+        if row.op == "subscribe" and (
+            (contact is not None and contact.unsubscribed) or (state and state.opt_out is True)
+        ):
+            return "superseded"
+        fields = body.get("fields")
+        planned_hash = contact.delivered_hash if contact is not None else None
+        newer_planned = (
+            isinstance(fields, dict)
+            and planned_hash is not None
+            and payload_hash(fields) != planned_hash
+        )
+        if row.op == "upsert" and newer_planned:
+            return "superseded"
+        later = (
+            conn.execute(
+                select(outbox.c.op).where(
+                    outbox.c.dispensary == row.dispensary,
+                    outbox.c.destination == row.destination,
+                    outbox.c.customer_id == row.customer_id,
+                    outbox.c.id > row.outbox_id,
+                    outbox.c.status != "dead",
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if row.op in later:
+            return "superseded"
+        values: dict[str, Any] = {
+            "status": "pending", "attempts": 0, "first_attempt_at": None,
+            "next_attempt_at": now, "claimed_by": None, "claimed_until": None,
+        }  # fmt: skip
+        stale_fields = isinstance(fields, dict) and (
+            "upsert" in later or (planned_hash is not None and payload_hash(fields) != planned_hash)
+        )
+        if row.op in ("unsubscribe", "subscribe") and stale_fields:
+            values["payload"] = json.dumps(
+                {k: v for k, v in body.items() if k != "fields"}, separators=(",", ":")
+            )
+        conn.execute(update(outbox).where(outbox.c.id == row.outbox_id).values(**values))
+        return "replayed"
 
     def dead_counts(self) -> dict[tuple[str, str], int]:
         with self.store.engine.connect() as conn:

@@ -31,6 +31,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE inbox ADD COLUMN run_id INTEGER",
         "ALTER TABLE inbox ADD COLUMN planned VARCHAR(96)",
         "CREATE INDEX ix_inbox_run ON inbox (run_id)",
+        "CREATE INDEX ix_outbox_contact ON outbox (dispensary, destination, customer_id, op, id)",
     ),
 }
 
@@ -148,6 +149,8 @@ outbox = Table(
     # claims walk this in id order and stop at their limit
     Index("ix_outbox_queue", "dispensary", "destination", "status", "id"),
     Index("ix_outbox_order", "dispensary", "destination", "order_key", "id"),
+    # version 2: what a dead letter's replay asks (later operations of one contact)
+    Index("ix_outbox_contact", "dispensary", "destination", "customer_id", "op", "id"),
 )
 
 # Operations that will not be retried any more, with the last response.

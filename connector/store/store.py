@@ -154,27 +154,34 @@ class Store:
     # --- schema ---
 
     def _migrate(self) -> None:
-        with self.engine.begin() as conn:
-            metadata.create_all(conn)
-            found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
-            version = found.scalar_one_or_none()
-            if version is None:
-                conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-                return
-            if int(version) > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the store's schema is version {version}, newer than this connector knows "
-                    f"({SCHEMA_VERSION}): upgrade the connector"
-                )
-            for step in range(int(version), SCHEMA_VERSION):
-                for statement in MIGRATIONS[step]:
-                    conn.execute(text(statement))
-            if int(version) < SCHEMA_VERSION:
-                conn.execute(
-                    update(meta)
-                    .where(meta.c.key == "schema_version")
-                    .values(value=str(SCHEMA_VERSION))
-                )
+        # under the write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so two
+        # processes opening an old store at once do not both run its migration steps
+        with self.engine.connect() as conn:
+            conn.info["immediate"] = self._sqlite
+            with conn.begin():
+                if not self._sqlite:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7224130)"))
+                self._migrate_in(conn)
+
+    def _migrate_in(self, conn: Connection) -> None:
+        metadata.create_all(conn)
+        found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
+        version = found.scalar_one_or_none()
+        if version is None:
+            conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            return
+        if int(version) > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store's schema is version {version}, newer than this connector knows "
+                f"({SCHEMA_VERSION}): upgrade the connector"
+            )
+        for step in range(int(version), SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                conn.execute(text(statement))
+        if int(version) < SCHEMA_VERSION:
+            conn.execute(
+                update(meta).where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+            )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -975,13 +982,20 @@ _CONTACT_IDS = select(contacts.c.customer_id, contacts.c.contact_id).where(
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie does not: in a container without an init that reaps,
+    a killed connector stays one, and its claims must be released all the same."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rpartition(")")[2].split()[:1]
+    except OSError:
+        return True  # no /proc (macOS): trust the signal
+    return state != ["Z"]
 
 
 class AsyncStore:
