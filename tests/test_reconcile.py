@@ -651,3 +651,58 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
     assert found[4] == ("pending", {"op": "unsubscribe"})  # resent without stale fields
     assert found[5] == ("pending", {"op": "upsert", "fields": new})
     store.close()
+
+
+def test_auto_paging_on_a_listing_in_id_order_skips_no_one(tmp_path: Path) -> None:
+    """treez.md documents no order: a listing by customer id whose first page happens to
+    look sorted by last_update must not make auto paging jump past later ids."""
+    from zoneinfo import ZoneInfo
+
+    from fakes.treez_api import format_timestamp
+
+    from connector.pipeline import Deployment, process_batch
+    from connector.store import AsyncStore
+
+    fake = TreezFake.generate(8, seed=3, history_days=0.1, rate_limit=None)
+    t0 = datetime.now(UTC) - timedelta(hours=2)
+    minutes = [1, 2, 3, 4, 60, 10, 11, 12]  # ids in order; the fifth was edited later
+    records = {}
+    for customer_id, minute in zip(fake.customer_ids(), minutes, strict=True):
+        record = dict(fake.customer(customer_id) or {})
+        record.update(status="ACTIVE", merged_into_customer_id=None, merged_customer_ids=[])
+        moment = int((t0 + timedelta(minutes=minute)).timestamp() * 1000)
+        record["last_update"] = format_timestamp(moment, ZoneInfo("America/Los_Angeles"))
+        records[customer_id] = record
+
+    class IdOrdered:
+        async def page(self, after: datetime, number: int, size: int) -> list[dict[str, Any]]:
+            listed = [
+                r for _, r in sorted(records.items(), key=lambda kv: int(kv[0]))
+                if datetime.fromisoformat(r["last_update"]) > after
+            ]  # fmt: skip
+            return listed[(number - 1) * size : number * size]
+
+        async def aclose(self) -> None:
+            return None
+
+    extra = "      page_size: 5"  # page 1 (ids 1-5) looks sorted; ids 6-8 changed earlier
+    config = load_config(write_config(tmp_path, fake.base_url, extra=extra))
+
+    async def go() -> None:
+        astore = AsyncStore(Store(config.store))
+        deployment = Deployment.from_config(config)
+
+        async def plan() -> None:
+            while (await astore.call(process_batch, astore.store, deployment)).events:
+                pass
+
+        reconciler = Reconciler(
+            config, astore, deployment, plan=plan,
+            client_for=lambda _d, _c: IdOrdered(),  # type: ignore[arg-type,return-value]
+        )  # fmt: skip
+        await reconciler.run(DISPENSARY, RunOptions())
+        astore.close()
+
+    asyncio.run(go())
+    pulled = {r[0] for r in store_rows(tmp_path, "select customer_id from inbox")}
+    assert pulled == set(records)
