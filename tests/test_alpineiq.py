@@ -1095,3 +1095,44 @@ def test_a_burst_with_batches_still_respects_the_rate_limit(tmp_path: Path) -> N
         assert_all_done(flow)
 
     run_flow(tmp_path, scenario, fake=fake, config=config)
+
+
+def test_a_backlog_goes_through_the_bulk_path_and_records_every_persona(
+    tmp_path: Path,
+) -> None:
+    """A reconciliation's worth of customers queued at once: the worker claims bulk_size of
+    them and upserts them through createUpdateMembers, not one call each; every customer
+    ends with its persona recorded."""
+    count = 120
+
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        await flow.post(*burst(count))  # all queued before the worker starts
+        await flow.drain(timeout=30)
+        assert_all_done(flow)
+        bulk = fake.calls_to("/api/v1.1/createUpdateMembers/")
+        real_time = loyalty_calls(fake)
+        assert bulk, "the backlog went through the bulk path"
+        assert len(bulk) + len(real_time) < count / 4
+        assert len(fake.personas) == count
+        ids = flow.contact_ids()
+        assert len(ids) == count
+        assert all(ids.values())
+
+    run_flow(
+        tmp_path,
+        scenario,
+        config=config_text(extra="        bulk_size: 50\n        concurrency: 2\n"),
+    )
+
+
+def test_a_trickle_stays_on_the_real_time_path(tmp_path: Path) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        await flow.deliver(*burst(3))
+        assert fake.calls_to("/api/v1.1/createUpdateMembers/") == []
+        assert len(loyalty_calls(fake)) == 3
+
+    run_flow(
+        tmp_path,
+        scenario,
+        config=config_text(extra="        bulk_size: 50\n        concurrency: 2\n"),
+    )

@@ -59,6 +59,7 @@ class DeliveryWorker:
         self.limiter = SlidingWindowLimiter(destination.rate_limit)
         self.wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
+        self._backlog = False  # deep enough for the destination's bulk path
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Deliver until ``stopping`` is set; the round in progress is finished first."""
@@ -79,11 +80,25 @@ class DeliveryWorker:
     async def _step(self, stopping: asyncio.Event) -> None:
         store = self.astore.store
         limit = self.concurrency * self.destination.batch_size
+        bulk = self.destination.capabilities.bulk_size
+        if bulk and self._backlog:
+            limit = max(limit, bulk)
         self.wake.clear()  # before looking: a wake-up from here on is not lost
         rows = await self.astore.call(store.claim, self.dispensary, self.destination.name, limit)
+        if bulk and len(rows) >= self.concurrency * self.destination.batch_size:
+            # a backlog (a reconciliation, a burst): worth the bulk path once it is this deep
+            waiting = await self.astore.call(
+                store.pending_count, self.dispensary, self.destination.name
+            )
+            self._backlog = waiting + len(rows) >= max(2, bulk // 2)
+        elif len(rows) < self.concurrency * self.destination.batch_size:
+            self._backlog = False
         if rows:
             started = time.monotonic()
-            await self._round(rows)
+            if bulk and self._backlog and len(rows) > self.concurrency:
+                await self._round(rows, bulk=True)
+            else:
+                await self._round(rows)
             await self.pressure.yield_after(time.monotonic() - started)
             if len(rows) < limit // 2:
                 # a trickle: let a few more operations gather (a round costs three
@@ -102,18 +117,22 @@ class DeliveryWorker:
             for task in pending:
                 task.cancel()
 
-    async def _round(self, rows: list[OutboxRow]) -> None:
+    async def _round(self, rows: list[OutboxRow], *, bulk: bool = False) -> None:
+        """Deliver claimed operations (at most one per customer): in batches of the
+        destination's ``batch_size``, or all at once through its bulk path (``bulk``)."""
         store = self.astore.store
         wanted = {r.customer_id for r in rows}
         wanted.update(str(r.body["into_customer_id"]) for r in rows if r.op == "merge")
         contacts = await self.astore.call(
             store.contact_ids, self.dispensary, self.destination.name, wanted
         )
-        size = self.destination.batch_size
+        size = len(rows) if bulk else self.destination.batch_size
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         outcome = _Outcome([], [], [], [])
         started = time.monotonic()
-        await asyncio.gather(*(self._send(batch, contacts, outcome) for batch in batches))
+        await asyncio.gather(
+            *(self._send(batch, contacts, outcome, bulk=bulk) for batch in batches)
+        )
         if outcome.done:
             ops = collections.Counter(row.op for row, _ in outcome.done)
             log.info(
@@ -132,14 +151,22 @@ class DeliveryWorker:
         )
 
     async def _send(
-        self, batch: list[OutboxRow], contacts: dict[str, str], outcome: _Outcome
+        self,
+        batch: list[OutboxRow],
+        contacts: dict[str, str],
+        outcome: _Outcome,
+        *,
+        bulk: bool = False,
     ) -> None:
         deliveries = [_delivery(row, contacts) for row in batch]
         async with self._slots:
             await self.limiter.acquire()
             started = time.monotonic()
             try:
-                results = await self.destination.send(deliveries)
+                if bulk:
+                    results = await self.destination.backfill(deliveries)
+                else:
+                    results = await self.destination.send(deliveries)
             except DeliveryError as exc:
                 self._failed(batch, exc, time.monotonic() - started, outcome)
                 return

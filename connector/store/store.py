@@ -533,6 +533,21 @@ class Store:
             for r in rows
         ]
 
+    def pending_count(self, dispensary: str, destination: str) -> int:
+        """Operations waiting for this destination (due or not)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where(
+                    outbox.c.dispensary == dispensary,
+                    outbox.c.destination == destination,
+                    outbox.c.status == "pending",
+                )
+            ).scalar_one()
+            conn.rollback()
+        return int(found)
+
     def contact_ids(
         self, dispensary: str, destination: str, customer_ids: Iterable[str]
     ) -> dict[str, str]:
