@@ -5,8 +5,8 @@ Each fake (tests/fakes/alpineiq.py, tests/fakes/klaviyo.py) runs in its own proc
 rate limits off, so the figures are the connector's. Live: every customer is a webhook event
 committed to a SQLite store, planned, and delivered by the destination's worker; all of them
 are queued before the worker starts, a backlog, so the worker takes the bulk path after its
-first claims (a trickle would go one profile a call through the real-time endpoints). Backfill: the same customers,
-mapped, through the adapter's bulk path (Alpine IQ's createUpdateMembers, Klaviyo's bulk
+first claims (a trickle would go one profile a call through the real-time endpoints).
+Backfill: the same customers, mapped, through the adapter's bulk path (Alpine IQ's createUpdateMembers, Klaviyo's bulk
 import jobs, polled until complete). Target: the backfill makes at most one call per
 ``bulk_size`` customers, plus job polling. The live run's customers per second is printed
 next to the backfill's: their ratio is the figure to compare across machines.
@@ -200,7 +200,8 @@ def main() -> None:
                 try:
                     if run == "live":
                         seconds, calls = uvloop.run(live(config, vendor, events))
-                        note = f"{calls / args.customers:.4f} calls per customer (a backlog: bulk path)"
+                        per = calls / args.customers
+                        note = f"{per:.4f} calls per customer (a backlog: bulk path)"
                     else:
                         seconds, calls, kinds, failed, job_bytes = uvloop.run(
                             backfill(config, vendor, events)
