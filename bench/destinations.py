@@ -6,10 +6,11 @@ rate limits off, so the figures are the connector's. Live: every customer is a w
 committed to a SQLite store, planned, and delivered by the destination's worker; all of them
 are queued before the worker starts, a backlog, so the worker takes the bulk path after its
 first claims (a trickle would go one profile a call through the real-time endpoints).
-Backfill: the same customers, mapped, through the adapter's bulk path (Alpine IQ's createUpdateMembers, Klaviyo's bulk
-import jobs, polled until complete). Target: the backfill makes at most one call per
-``bulk_size`` customers, plus job polling. The live run's customers per second is printed
-next to the backfill's: their ratio is the figure to compare across machines.
+Backfill: the same customers, mapped, through the adapter's bulk path (Alpine IQ's
+createUpdateMembers, Klaviyo's bulk import jobs, polled until complete). Target: the
+backfill makes at most one call per ``bulk_size`` customers, plus job polling. The live
+run's customers per second is printed next to the backfill's: their ratio is the figure to
+compare across machines.
 """
 
 from __future__ import annotations
