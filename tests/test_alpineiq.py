@@ -1136,3 +1136,21 @@ def test_a_trickle_stays_on_the_real_time_path(tmp_path: Path) -> None:
         scenario,
         config=config_text(extra="        bulk_size: 50\n        concurrency: 2\n"),
     )
+
+
+def test_a_bulk_call_refused_for_one_member_falls_back_to_one_call_each(
+    api: respx.MockRouter,
+) -> None:
+    """A stale contactID makes the whole bulk call a 404: the members go through the
+    real-time path instead (with its stale-id fallback), none is dead-lettered for another."""
+    api.post(BULK).respond(
+        404, json={"success": False, "error": {"code": "not_found", "message": "x"}}
+    )
+    real_time = api.post(LOYALTY).mock(return_value=ok("p9"))
+
+    async def scenario(sink: AlpineIQSink) -> list[Any]:
+        batch = [delivery("upsert", str(n), fields=FIELDS, outbox_id=n) for n in range(3)]
+        return await sink.backfill(batch)
+
+    assert run_sink(scenario) == [Sent("p9")] * 3
+    assert real_time.call_count == 3

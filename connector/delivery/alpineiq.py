@@ -138,6 +138,11 @@ class AlpineIQSink:
                     Sent(ids[n] if n < len(ids) and ids[n] else deliveries[i].contact_id)
                     for n, i in enumerate(chunk)
                 ]
+            except FatalDelivery:
+                # one member refused (a stale contactID is a 404 for the whole call, a bad
+                # field a 400): the real-time path, member by member, with its fallbacks,
+                # so one bad member never dead-letters the others
+                outcome = await self.send([deliveries[i] for i in chunk])
             except DeliveryError as exc:
                 outcome = [exc] * len(chunk)
             for index, result in zip(chunk, outcome, strict=True):
