@@ -635,18 +635,21 @@ def test_a_job_still_running_after_the_timeout_is_retriable(
     assert jobs.polls["job1"] >= 2
 
 
-def test_a_job_answer_without_a_job_id_is_fatal(
+def test_a_refused_job_falls_back_to_one_import_each(
     router: respx.MockRouter, mapping_dir: Path
 ) -> None:
+    """A job Klaviyo does not take (a 400 for one bad profile, an answer without a job id):
+    the profiles go through profile-import one by one, none is lost for another."""
     router.post(BULK).mock(return_value=httpx.Response(202, json={"data": {}}))
+    imported = router.post(IMPORT).mock(return_value=profile_answer("01NEW"))
 
     [result] = run(
         klaviyo_config(mapping_dir),
         lambda sink: sink.backfill([delivery("upsert", fields={"email": "a@b.co"})]),
     )
 
-    assert isinstance(result, FatalDelivery)
-    assert "no job id" in str(result)
+    assert result == Sent("01NEW")
+    assert imported.call_count == 1
 
 
 # ---- lookup --------------------------------------------------------------------------------

@@ -362,6 +362,10 @@ class KlaviyoSink:
                     refused[n] if n in refused else Sent(deliveries[i].contact_id)
                     for n, i in enumerate(chunk)
                 ]
+            except FatalDelivery:
+                # the job was refused as a whole (one bad profile can do it): profile by
+                # profile through the real-time path, so no profile is lost for another
+                outcome = await self.send([deliveries[i] for i in chunk])
             except DeliveryError as exc:
                 outcome = [exc] * len(chunk)
             for index, result in zip(chunk, outcome, strict=True):
