@@ -47,7 +47,7 @@ LOCK_TTL_SECONDS = 60.0
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 ONE_MS_US = 1000
 FUTURE_SLACK_US = 5 * 60 * 1_000_000  # clocks differ; beyond this a last_update is wrong
-CLOCK_SLACK_US = 60 * 1_000_000  # between Treez's clock and ours
+CLOCK_SLACK_US = 1_000_000  # between Treez's clock and ours
 PAGING_NOTE = (
     "numbered paging is right whatever order Treez lists customers in; anchored paging "
     "(each page asks again from the last customer's last_update) never skips a customer "
@@ -260,13 +260,16 @@ class Reconciler:
                 pulled += len(records)
                 if progress is not None:
                     progress(report.pages, pulled)
+            unresolved = await self._reread(
+                client, disp, dispensary, source, run_id, paging, report, started_us
+            )
             while await self.astore.call(self.runs.pending_in_run, run_id):
                 await self._plan()
                 await asyncio.sleep(self.poll_seconds)
             report.high_water = await self.astore.call(self.runs.outbox_high_water, dispensary)
             if not options.since:
                 # a --since run pulled a window of someone's choosing: it moves nothing
-                newest = paging.safe(newest)
+                newest = min([newest, *unresolved])
                 await self.astore.call(self.runs.set_checkpoint, dispensary, newest)
                 report.checkpoint_after_us = max(newest, before_us or newest)
             else:
@@ -334,12 +337,14 @@ class Reconciler:
         verified = mode == "anchored"
         ties: set[str] = set()  # customers at the anchor's instant, already yielded
         previous_last: int | None = None
-        query_started = _now_us()
+        query_answered = _now_us()
         while True:
             if number >= 2:
-                paging.numbered(after_us, query_started, _now_us())
+                paging.numbered(after_us, query_answered, _now_us(), number)
             records = await client.page(_moment(after_us), number, size)
             report.pages += 1
+            if number == 1:
+                query_answered = _now_us()
             full = len(records) >= size
             versions = [_last_update_us(r) for r in records]
             if ties:
@@ -372,9 +377,45 @@ class Reconciler:
                     for r, v in zip(records, versions, strict=True) if v == last
                 }  # fmt: skip
                 after_us, number = last - ONE_MS_US, 1
-                query_started = _now_us()
             else:
                 number += 1
+
+    async def _reread(
+        self,
+        client: TreezClient,
+        disp: DispensaryConfig,
+        dispensary: str,
+        source: str,
+        run_id: int,
+        paging: Paging,
+        report: RunReport,
+        started_us: int,
+    ) -> list[int]:
+        """Read again, once, each numbered stretch that may have shifted (what a shift made
+        us miss is then at a page we read; what we already have is a duplicate, dropped by
+        the stored state). Returns the anchors still unsure (a change during the re-read
+        too): the run's checkpoint stays there, and the next run reads them again."""
+        unresolved = []
+        size = disp.reconcile.page_size
+        for anchor, pages in paging.risky(CLOCK_SLACK_US):
+            again = Paging()
+            answered = _now_us()
+            for number in range(1, pages + 2):
+                if number >= 2:
+                    again.numbered(anchor, answered, _now_us(), number)
+                records = await client.page(_moment(anchor), number, size)
+                report.pages += 1
+                events, rejected, versions = self._events(dispensary, records, source, run_id)
+                again.note_changes(versions, started_us)
+                await self.astore.call(self.runs.add_pulled, dispensary, events, rejected, None)
+                await self._plan()
+                if len(records) < size:
+                    break
+            log.info("reconcile_reread", dispensary=dispensary, pages=pages + 1,
+                     reason="a customer changed while pages were read by number")  # fmt: skip
+            if again.risky():
+                unresolved.append(anchor)
+        return unresolved
 
     @staticmethod
     def _events(
@@ -479,18 +520,18 @@ class Reconciler:
 
 @dataclass(slots=True)
 class Paging:
-    """What a run's numbered paging risks: for each query paged by number, its anchor and
-    when it paged; and the changes pulled that happened during the run."""
+    """What a run's numbered paging risks: for each query paged by number, its anchor, when
+    it paged and how many pages; and the changes pulled that happened during the run."""
 
-    stretches: list[list[int]] = field(default_factory=list)  # [anchor, from, to] (us)
+    stretches: list[list[int]] = field(default_factory=list)  # [anchor, from, to, pages] (us)
     changes: list[int] = field(default_factory=list)  # last_update of recent changes (us)
     changes_overflow: bool = False
 
-    def numbered(self, anchor_us: int, since_us: int, now_us: int) -> None:
+    def numbered(self, anchor_us: int, since_us: int, now_us: int, page: int) -> None:
         if self.stretches and self.stretches[-1][0] == anchor_us:
-            self.stretches[-1][2] = now_us
+            self.stretches[-1][2:] = [now_us, page]
         else:
-            self.stretches.append([anchor_us, since_us, now_us])
+            self.stretches.append([anchor_us, since_us, now_us, page])
 
     def note_changes(self, versions: list[int], run_started_us: int) -> None:
         recent = [v for v in versions if v >= run_started_us - CLOCK_SLACK_US]
@@ -504,16 +545,16 @@ class Paging:
         shifted is known only at the end of the run)."""
         return min([checkpoint, *(s[0] for s in self.stretches)])
 
-    def safe(self, newest: int) -> int:
-        """The final checkpoint: ``newest``, or the anchor of a numbered stretch during which
-        a pulled customer changed (it may have shifted another past that stretch's pages)."""
-        anchors = [
-            anchor for anchor, since, until in self.stretches
+    def risky(self, slack_us: int = 0) -> list[tuple[int, int]]:
+        """(anchor, pages) of each numbered stretch during which a pulled customer changed
+        after its first page was answered (less ``slack_us`` for the clocks' difference):
+        it may have shifted another past a page."""
+        return [
+            (anchor, pages) for anchor, since, until, pages in self.stretches
             if self.changes_overflow or any(
-                since - CLOCK_SLACK_US <= v <= until + CLOCK_SLACK_US for v in self.changes
+                since - slack_us <= v <= until + CLOCK_SLACK_US for v in self.changes
             )
         ]  # fmt: skip
-        return min([newest, *anchors])
 
 
 def _now_us() -> int:

@@ -1370,7 +1370,7 @@ def test_backfill_through_the_fake_imports_every_profile(mapping_dir: Path) -> N
     assert Counter(fake.statuses())[429] == 0
 
 
-def test_backfill_never_reports_a_profile_the_job_refused_as_sent(mapping_dir: Path) -> None:
+def test_backfill_sends_what_the_job_refused_through_the_real_time_path(mapping_dir: Path) -> None:
     fake = KlaviyoFake(seed=11, job_polls_until_complete=1)
 
     async def make() -> str:
@@ -1389,10 +1389,13 @@ def test_backfill_never_reports_a_profile_the_job_refused_as_sent(mapping_dir: P
     [job] = fake.jobs.values()
     assert (job.completed_count, job.failed_count) == (1, 1)  # Klaviyo refused c2
     assert isinstance(results[0], Sent)
+    # what the job refused went through the real-time path, which resolved the 409 as it
+    # does for live traffic: the existing profile updated, the collision reported
     refused = results[1]
-    assert isinstance(refused, DeliveryError), refused
-    assert isinstance(refused, FatalDelivery)  # dead-lettered with its code, not retried
-    assert "taken@example.com" not in str(refused)
+    assert isinstance(refused, Sent), refused
+    assert refused.conflict is not None
+    assert refused.conflict.startswith("duplicate_profile")
+    assert "taken@example.com" not in refused.conflict
 
 
 def test_backfill_paces_the_bulk_job_endpoints_to_their_documented_limits(

@@ -610,6 +610,7 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
         (3, "stale", "upsert", {"op": "upsert", "fields": old}),
         (4, "consent", "unsubscribe", {"op": "unsubscribe", "fields": old}),
         (5, "current", "upsert", {"op": "upsert", "fields": new}),
+        (6, "deactivated", "upsert", {"op": "upsert", "fields": new}),
     ]
     with store.transaction() as conn:
         for oid, customer, op, payload in rows:
@@ -627,7 +628,7 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
             )
         for customer, opt_out, merged_into in [
             ("optout", True, None), ("absorbed", False, "survivor"), ("stale", False, None),
-            ("consent", True, None), ("current", False, None),
+            ("consent", True, None), ("current", False, None), ("deactivated", False, None),
         ]:  # fmt: skip
             conn.exec_driver_sql(
                 "insert into customers (dispensary, customer_id, opt_out, merged_into, merges,"
@@ -638,11 +639,11 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
             conn.exec_driver_sql(
                 "insert into contacts (dispensary, customer_id, destination, delivered_hash,"
                 " unsubscribed, deactivated, ops_planned, updated_at)"
-                " values ('d', ?, 'x', ?, ?, 0, 1, ?)",
-                (customer, payload_hash(new), unsubscribed, now),
+                " values ('d', ?, 'x', ?, ?, ?, 1, ?)",
+                (customer, payload_hash(new), unsubscribed, customer == "deactivated", now),
             )
     done = RunStore(store).replay(dispensary="d")
-    assert (done.replayed, done.superseded, done.unreplayable) == (2, 3, 0)
+    assert (done.replayed, done.superseded, done.unreplayable) == (2, 4, 0)
     found = {
         r[0]: (r[1], json.loads(r[2]))
         for r in store_rows(tmp_path, "select id, status, payload from outbox")
@@ -650,6 +651,7 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
     assert found[1][0] == found[2][0] == found[3][0] == "dead"  # superseded: not resent
     assert found[4] == ("pending", {"op": "unsubscribe"})  # resent without stale fields
     assert found[5] == ("pending", {"op": "upsert", "fields": new})
+    assert found[6][0] == "dead"  # never reactivates a customer deactivated since
     store.close()
 
 

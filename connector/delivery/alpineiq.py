@@ -89,6 +89,7 @@ class AlpineIQSink:
             consent_needs_fields=True,
             bulk_size=config.bulk_size,
             can_lookup=True,
+            bulk_for_backlog=True,
             default_rate_limit=(Rate(20, 1.0),),
         )
 

@@ -70,6 +70,9 @@ class Capabilities:
     consent_needs_fields: bool = False  # unsubscribe/subscribe carry the mapped contact
     bulk_size: int | None = None  # profiles per backfill call, when a bulk path exists
     can_lookup: bool = False  # lookup() reads contacts (else it always answers None)
+    # a deep backlog may go through backfill(): only where the bulk path answers at once
+    # with every contact's id (Alpine IQ), not where it is an asynchronous job (Klaviyo)
+    bulk_for_backlog: bool = False
     default_rate_limit: tuple[Rate, ...] = field(default=())
 
 

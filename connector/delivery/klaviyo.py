@@ -358,10 +358,13 @@ class KlaviyoSink:
         for chunk in self._jobs(deliveries, upserts):
             try:
                 refused = await self._run_job([deliveries[i] for i in chunk])
-                outcome: list[Result] = [
-                    refused[n] if n in refused else Sent(deliveries[i].contact_id)
-                    for n, i in enumerate(chunk)
-                ]
+                outcome: list[Result] = [Sent(deliveries[i].contact_id) for i in chunk]
+                if refused:
+                    # what the job refused (a duplicate_profile, a bad field) goes through
+                    # the real-time path, which resolves a 409 and reports the rest itself
+                    again = await self.send([deliveries[chunk[n]] for n in sorted(refused)])
+                    for n, result in zip(sorted(refused), again, strict=True):
+                        outcome[n] = result
             except FatalDelivery:
                 # the job was refused as a whole (one bad profile can do it): profile by
                 # profile through the real-time path, so no profile is lost for another

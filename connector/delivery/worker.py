@@ -80,7 +80,8 @@ class DeliveryWorker:
     async def _step(self, stopping: asyncio.Event) -> None:
         store = self.astore.store
         limit = self.concurrency * self.destination.batch_size
-        bulk = self.destination.capabilities.bulk_size
+        capabilities = self.destination.capabilities
+        bulk = capabilities.bulk_size if capabilities.bulk_for_backlog else None
         if bulk and self._backlog:
             limit = max(limit, bulk)
         self.wake.clear()  # before looking: a wake-up from here on is not lost

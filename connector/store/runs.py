@@ -459,7 +459,9 @@ class RunStore:
             )
         ).first()
         contact = conn.execute(
-            select(contacts.c.unsubscribed, contacts.c.delivered_hash).where(
+            select(
+                contacts.c.unsubscribed, contacts.c.delivered_hash, contacts.c.deactivated
+            ).where(
                 contacts.c.dispensary == row.dispensary,
                 contacts.c.destination == row.destination,
                 contacts.c.customer_id == row.customer_id,
@@ -495,6 +497,10 @@ class RunStore:
         )
         if row.op in later:
             return "superseded"
+        if row.op == "upsert" and (
+            "deactivate" in later or (contact is not None and contact.deactivated)
+        ):
+            return "superseded"  # never reactivate a customer Treez has deactivated since
         values: dict[str, Any] = {
             "status": "pending", "attempts": 0, "first_attempt_at": None,
             "next_attempt_at": now, "claimed_by": None, "claimed_until": None,
