@@ -4,8 +4,9 @@ and once as a backfill; API calls made and customers per second.
 Each fake (tests/fakes/alpineiq.py, tests/fakes/klaviyo.py) runs in its own process with its
 rate limits off, so the figures are the connector's. Live: every customer is a webhook event
 committed to a SQLite store, planned, and delivered by the destination's worker; all of them
-are queued before the worker starts, a backlog, so the worker takes the bulk path after its
-first claims (a trickle would go one profile a call through the real-time endpoints).
+are queued before the worker starts, a backlog, so for Alpine IQ the worker takes the bulk
+path after its first claims; Klaviyo's bulk path is an asynchronous job, kept for backfills,
+so its live run goes one profile a call through the real-time endpoint.
 Backfill: the same customers, mapped, through the adapter's bulk path (Alpine IQ's
 createUpdateMembers, Klaviyo's bulk import jobs, polled until complete). Target: the
 backfill makes at most one call per ``bulk_size`` customers, plus job polling. The live
@@ -202,7 +203,8 @@ def main() -> None:
                     if run == "live":
                         seconds, calls = uvloop.run(live(config, vendor, events))
                         per = calls / args.customers
-                        note = f"{per:.4f} calls per customer (a backlog: bulk path)"
+                        path = "bulk path" if vendor == "alpineiq" else "real-time path"
+                        note = f"{per:.4f} calls per customer (a backlog: {path})"
                     else:
                         seconds, calls, kinds, failed, job_bytes = uvloop.run(
                             backfill(config, vendor, events)
