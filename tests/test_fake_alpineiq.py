@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fakes.alpineiq import AlpineIQFake, Call, ConsentChange, is_contact_id
+from fakes.clock import HandClock
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_URL = "https://lab.alpineiq.com"
@@ -24,23 +25,13 @@ BULK = f"/api/v1.1/createUpdateMembers/{UID}"
 _UNSET: Any = object()
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> HandClock:
+    return HandClock(1000.0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def fake(clock: Clock) -> AlpineIQFake:
+def fake(clock: HandClock) -> AlpineIQFake:
     return AlpineIQFake(clock=clock)
 
 
@@ -150,7 +141,7 @@ FULL = {
 }
 
 
-def test_create_answers_a_new_24_hex_id(fake: AlpineIQFake, clock: Clock) -> None:
+def test_create_answers_a_new_24_hex_id(fake: AlpineIQFake, clock: HandClock) -> None:
     response = upsert(fake, **FULL)
     assert response.status_code == 200
     body = response.json()
@@ -182,7 +173,9 @@ def test_create_answers_a_new_24_hex_id(fake: AlpineIQFake, clock: Clock) -> Non
         {"contactID": None},  # filled in with the created id
     ],
 )
-def test_update_by_each_match_key(fake: AlpineIQFake, clock: Clock, key: dict[str, Any]) -> None:
+def test_update_by_each_match_key(
+    fake: AlpineIQFake, clock: HandClock, key: dict[str, Any]
+) -> None:
     contact_id = contact_id_of(upsert(fake, **FULL))
     if "contactID" in key:
         key = {"contactID": contact_id}
@@ -282,7 +275,7 @@ def test_400_for_a_body_that_is_not_a_member(fake: AlpineIQFake) -> None:
 
 
 def test_sms_reopt_in_is_refused_for_a_number_that_opted_out(
-    fake: AlpineIQFake, clock: Clock
+    fake: AlpineIQFake, clock: HandClock
 ) -> None:
     contact_id = contact_id_of(upsert(fake, srcID="1", mobilePhone="5551230000", smsOptIn=True))
     assert fake.consent(contact_id) == {"email": None, "sms": True}
@@ -356,7 +349,7 @@ def test_bulk_answers_results_in_request_order(fake: AlpineIQFake) -> None:
     assert len(fake.personas) == 3
 
 
-def test_bulk_limit_is_413(clock: Clock) -> None:
+def test_bulk_limit_is_413(clock: HandClock) -> None:
     fake = AlpineIQFake(bulk_limit=3, clock=clock)
     too_many = [{"srcID": str(i)} for i in range(4)]
     assert "3" in error_of(request(fake, "POST", BULK, too_many), 413, "too_large")
@@ -406,7 +399,7 @@ def test_loyalty_contact_is_accepted_and_recorded_as_texted(fake: AlpineIQFake) 
 # ---- rate limit and scripted failures ----------------------------------------------------------
 
 
-def test_rate_limit_429_then_allowed_once_the_window_moves(clock: Clock) -> None:
+def test_rate_limit_429_then_allowed_once_the_window_moves(clock: HandClock) -> None:
     fake = AlpineIQFake(rate_limit_per_second=3, clock=clock)
     for i in range(3):
         assert upsert(fake, srcID=str(i)).status_code == 200
@@ -425,7 +418,7 @@ def test_rate_limit_429_then_allowed_once_the_window_moves(clock: Clock) -> None
     assert [c.at for c in fake.calls][-2:] == [1001.0, 1001.0]
 
 
-def test_default_rate_limit_and_no_limit(clock: Clock) -> None:
+def test_default_rate_limit_and_no_limit(clock: HandClock) -> None:
     fake = AlpineIQFake(clock=clock)
     assert [upsert(fake, srcID="1").status_code for _ in range(21)][-2:] == [200, 429]
     unlimited = AlpineIQFake(rate_limit_per_second=None, clock=clock)
@@ -454,7 +447,7 @@ def test_fail_next_scripts_answers_in_order(fake: AlpineIQFake) -> None:
 # ---- records -----------------------------------------------------------------------------------
 
 
-def test_every_call_is_recorded_and_reset_forgets(fake: AlpineIQFake, clock: Clock) -> None:
+def test_every_call_is_recorded_and_reset_forgets(fake: AlpineIQFake, clock: HandClock) -> None:
     contact_id = contact_id_of(upsert(fake, srcID="1", smsOptIn=False, mobilePhone="5551230000"))
     request(fake, "GET", f"/api/v2/persona/{contact_id}")
     request(fake, "POST", f"/api/v2/loyaltyContact/{UID}", {})
@@ -483,7 +476,7 @@ def test_every_call_is_recorded_and_reset_forgets(fake: AlpineIQFake, clock: Clo
 # ---- nightly merge -----------------------------------------------------------------------------
 
 
-def test_nightly_merge_joins_personas_sharing_a_phone(fake: AlpineIQFake, clock: Clock) -> None:
+def test_nightly_merge_joins_personas_sharing_a_phone(fake: AlpineIQFake, clock: HandClock) -> None:
     oldest = contact_id_of(upsert(fake, srcID="mom", email="mom@example.com", tags=["a"]))
     clock.now += 1
     kid = contact_id_of(

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes.clock import HandClock
 from fakes.klaviyo import MAX_BULK_BYTES, RATE_LIMITS, KlaviyoFake, RateLimit, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,26 +45,13 @@ Client = httpx.AsyncClient
 Scenario = Callable[[Client], Awaitable[None]]
 
 
-class Clock:
-    """A clock the test moves by hand. Starts on a minute boundary (fixed windows align)."""
-
-    def __init__(self, now: float = 1200.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@pytest.fixture
+def clock() -> HandClock:
+    return HandClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def fake(clock: Clock) -> KlaviyoFake:
+def fake(clock: HandClock) -> KlaviyoFake:
     return KlaviyoFake(clock=clock, seed=7)
 
 
@@ -656,7 +644,7 @@ def test_import_by_id(fake: KlaviyoFake) -> None:
 
 
 def test_merge_moves_missing_data_into_the_destination_and_deletes_the_source(
-    fake: KlaviyoFake, clock: Clock, spec: Spec
+    fake: KlaviyoFake, clock: HandClock, spec: Spec
 ) -> None:
     async def scenario(client: Client) -> None:
         keep = await create(
@@ -725,7 +713,7 @@ def test_merge_errors(fake: KlaviyoFake) -> None:
 
 
 def test_unsubscribe_then_subscribe_lifts_the_suppression_and_is_recorded(
-    fake: KlaviyoFake, clock: Clock
+    fake: KlaviyoFake, clock: HandClock
 ) -> None:
     both = {"email": "a@b.co", "phone_number": "+13035550101"}
 
@@ -790,7 +778,7 @@ def test_subscribe_keeps_a_bounce_and_creates_unknown_profiles(fake: KlaviyoFake
     assert [c.reopted for c in fake.subscribes] == [True, False, False]  # the bounce was there
 
 
-def test_unsubscribing_an_unknown_contact(clock: Clock) -> None:
+def test_unsubscribing_an_unknown_contact(clock: HandClock) -> None:
     """The spec: "a new profile will be created and then unsubscribed"; optionally ignored."""
     body = unsubscribe({"email": "ghost@b.co"})
 
@@ -904,7 +892,9 @@ def test_bulk_import_job_lifecycle(fake: KlaviyoFake, spec: Spec) -> None:
     assert job.list_ids == ["Xy12"]
 
 
-def test_job_polls_until_complete_is_configurable_and_jobs_can_be_completed(clock: Clock) -> None:
+def test_job_polls_until_complete_is_configurable_and_jobs_can_be_completed(
+    clock: HandClock,
+) -> None:
     async def scenario(client: Client) -> None:
         created = await post(
             client, "/api/profile-bulk-import-jobs", bulk_job(profile(email="a@b.co"))
@@ -947,7 +937,7 @@ def test_bulk_import_size_limits(fake: KlaviyoFake) -> None:
 
 
 def test_the_76th_profile_import_in_a_second_is_throttled(
-    fake: KlaviyoFake, clock: Clock, spec: Spec
+    fake: KlaviyoFake, clock: HandClock, spec: Spec
 ) -> None:
     async def scenario(client: Client) -> None:
         clock.advance(0.25)
@@ -980,7 +970,7 @@ def test_the_76th_profile_import_in_a_second_is_throttled(
     assert len(fake.profiles) == 76
 
 
-def test_the_steady_window_retry_after_reaches_the_end_of_the_minute(clock: Clock) -> None:
+def test_the_steady_window_retry_after_reaches_the_end_of_the_minute(clock: HandClock) -> None:
     fake = KlaviyoFake(clock=clock, limits={"profile-import": RateLimit(3, 6)})
 
     async def scenario(client: Client) -> None:
@@ -1005,7 +995,7 @@ def test_the_steady_window_retry_after_reaches_the_end_of_the_minute(clock: Cloc
     run(fake, scenario)
 
 
-def test_merges_are_limited_to_10_a_second(fake: KlaviyoFake, clock: Clock) -> None:
+def test_merges_are_limited_to_10_a_second(fake: KlaviyoFake, clock: HandClock) -> None:
     async def scenario(client: Client) -> None:
         unknown = merge("01GDDKASAP8TKDDA2GRZDSVP4H", "01GDDKASAP8TKDDA2GRZDSVP4J")
         statuses = [
@@ -1018,7 +1008,7 @@ def test_merges_are_limited_to_10_a_second(fake: KlaviyoFake, clock: Clock) -> N
     run(fake, scenario)
 
 
-def test_sliding_windows_are_stricter_than_fixed_ones(clock: Clock) -> None:
+def test_sliding_windows_are_stricter_than_fixed_ones(clock: HandClock) -> None:
     limits = {"get-profile": RateLimit(2, 100)}
     times = [0.0, 0.5, 0.9, 1.05, 1.2, 1.55]
 
@@ -1041,7 +1031,7 @@ def test_sliding_windows_are_stricter_than_fixed_ones(clock: Clock) -> None:
     assert statuses("sliding") == [404, 404, 429, 404, 429, 404]
 
 
-def test_no_rate_limits_when_disabled(clock: Clock) -> None:
+def test_no_rate_limits_when_disabled(clock: HandClock) -> None:
     fake = KlaviyoFake(clock=clock, rate_limits=False)
 
     async def scenario(client: Client) -> None:
@@ -1065,7 +1055,9 @@ def test_throttling_comes_after_authentication(fake: KlaviyoFake) -> None:
 # ---- records -----------------------------------------------------------------------------------
 
 
-def test_calls_are_recorded_and_reset_forgets_everything(fake: KlaviyoFake, clock: Clock) -> None:
+def test_calls_are_recorded_and_reset_forgets_everything(
+    fake: KlaviyoFake, clock: HandClock
+) -> None:
     async def scenario(client: Client) -> None:
         await post(
             client, "/api/profile-import", profile(email="a@b.co"), **{"Idempotency-Key": "k1"}

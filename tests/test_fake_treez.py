@@ -30,6 +30,7 @@ from urllib.parse import quote
 import httpx
 import phonenumbers
 import pytest
+from fakes.clock import HandClock
 from fakes.treez_api import (
     CUSTOMER_DOESNT_EXIST,
     CUSTOMER_FIELDS,
@@ -62,30 +63,13 @@ Client = httpx.AsyncClient
 Scenario = Callable[[Client], Awaitable[None]]
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1200.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def set(self, seconds: float) -> None:
-        """``seconds`` after the start: exact comparisons at window and expiry edges."""
-        self.now = 1200.0 + seconds
+@pytest.fixture
+def clock() -> HandClock:
+    return HandClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def fake(clock: Clock) -> TreezFake:
+def fake(clock: HandClock) -> TreezFake:
     return TreezFake.generate(200, seed=7, clock=clock, now=START)
 
 
@@ -125,7 +109,7 @@ async def pages(
     client: Client,
     headers: dict[str, str],
     *,
-    clock: Clock | None,
+    clock: HandClock | None,
     after: str = EPOCH,
     size: int = 50,
 ) -> AsyncIterator[list[dict[str, Any]]]:
@@ -148,7 +132,7 @@ async def pull_all(
     client: Client,
     headers: dict[str, str],
     *,
-    clock: Clock | None,
+    clock: HandClock | None,
     after: str = EPOCH,
     size: int = 50,
 ) -> list[dict[str, Any]]:
@@ -243,7 +227,7 @@ def test_token_request_needs_both_form_fields(fake: TreezFake) -> None:
     run(fake, scenario)
 
 
-def test_tokens_expire_after_two_hours_by_the_clock(fake: TreezFake, clock: Clock) -> None:
+def test_tokens_expire_after_two_hours_by_the_clock(fake: TreezFake, clock: HandClock) -> None:
     async def scenario(client: Client) -> None:
         headers = await login(client, fake)
         clock.set(7199.999)
@@ -258,7 +242,7 @@ def test_tokens_expire_after_two_hours_by_the_clock(fake: TreezFake, clock: Cloc
     assert fake.token_requests == 2
 
 
-def test_token_lifetime_is_configurable(clock: Clock) -> None:
+def test_token_lifetime_is_configurable(clock: HandClock) -> None:
     fake = TreezFake(customers=3, clock=clock, now=START, token_lifetime=60)
 
     async def scenario(client: Client) -> None:
@@ -403,7 +387,7 @@ def test_page_numbers_must_be_whole_and_positive(
     run(fake, scenario)
 
 
-def test_pages_start_at_1_in_last_update_then_id_order(fake: TreezFake, clock: Clock) -> None:
+def test_pages_start_at_1_in_last_update_then_id_order(fake: TreezFake, clock: HandClock) -> None:
     async def scenario(client: Client) -> None:
         headers = await login(client, fake)
         first = await pull(client, headers, EPOCH, 1, 7)
@@ -431,7 +415,7 @@ def test_pages_start_at_1_in_last_update_then_id_order(fake: TreezFake, clock: C
 
 
 @pytest.mark.parametrize("inclusive", [False, True])
-def test_after_is_strict_unless_told_otherwise(clock: Clock, inclusive: bool) -> None:
+def test_after_is_strict_unless_told_otherwise(clock: HandClock, inclusive: bool) -> None:
     fake = TreezFake(customers=50, seed=2, clock=clock, now=START, after_inclusive=inclusive)
     pivot = fake.update("1010", last_update="2026-04-24T10:00:00.000-07:00")["last_update"]
 
@@ -443,7 +427,7 @@ def test_after_is_strict_unless_told_otherwise(clock: Clock, inclusive: bool) ->
     run(fake, scenario)
 
 
-def test_ties_are_ordered_by_customer_id_as_a_number(clock: Clock) -> None:
+def test_ties_are_ordered_by_customer_id_as_a_number(clock: HandClock) -> None:
     fake = TreezFake(customers=9_001, seed=1, clock=clock, now=START)  # ids 1000 to 10000
     stamp = "2026-04-24T11:00:00.000-07:00"
     for customer_id in ("10000", "9999", "1000", "2500"):
@@ -458,14 +442,14 @@ def test_ties_are_ordered_by_customer_id_as_a_number(clock: Clock) -> None:
     run(fake, scenario)
 
 
-def test_generated_population_has_shared_seconds(clock: Clock) -> None:
+def test_generated_population_has_shared_seconds(clock: HandClock) -> None:
     """Bulk imports give many customers one last_update: paging must not depend on it."""
     fake = TreezFake.generate(2_000, seed=5, clock=clock, now=START)
     stamps = collections.Counter(fake.customer(i)["last_update"] for i in fake.customer_ids())  # type: ignore[index]
     assert max(stamps.values()) >= 5
 
 
-def test_data_may_be_wrapped_in_an_object(clock: Clock) -> None:
+def test_data_may_be_wrapped_in_an_object(clock: HandClock) -> None:
     fake = TreezFake(customers=5, clock=clock, now=START, data_wrapper="customers")
 
     async def scenario(client: Client) -> None:
@@ -476,7 +460,7 @@ def test_data_may_be_wrapped_in_an_object(clock: Clock) -> None:
     run(fake, scenario)
 
 
-def test_deactivated_customers_can_be_left_out_of_the_pull(clock: Clock) -> None:
+def test_deactivated_customers_can_be_left_out_of_the_pull(clock: HandClock) -> None:
     fake = TreezFake(customers=400, seed=3, clock=clock, now=START, list_deactivated=False)
     fake.deactivate("1001")
 
@@ -535,7 +519,7 @@ def test_unknown_paths_and_methods(fake: TreezFake) -> None:
 # ---- the rate limit ----------------------------------------------------------------------------
 
 
-def test_the_eleventh_request_in_a_second_is_refused(fake: TreezFake, clock: Clock) -> None:
+def test_the_eleventh_request_in_a_second_is_refused(fake: TreezFake, clock: HandClock) -> None:
     async def scenario(client: Client) -> None:
         headers = await login(client, fake)  # the token request is one of the ten
         for tenth in range(1, 10):
@@ -555,7 +539,7 @@ def test_the_eleventh_request_in_a_second_is_refused(fake: TreezFake, clock: Clo
     assert fake.token_requests == 2  # a refused token request is still a token request
 
 
-def test_the_window_slides(fake: TreezFake, clock: Clock) -> None:
+def test_the_window_slides(fake: TreezFake, clock: HandClock) -> None:
     """Ten requests at 0.5 s: a token bucket refilled at 10/s would let more through at
     0.75 s, a fixed one-second window would reset at 1.0 s; the sliding window waits until
     1.5 s."""
@@ -576,7 +560,7 @@ def test_the_window_slides(fake: TreezFake, clock: Clock) -> None:
     run(fake, scenario)
 
 
-def test_refused_requests_take_no_slot(fake: TreezFake, clock: Clock) -> None:
+def test_refused_requests_take_no_slot(fake: TreezFake, clock: HandClock) -> None:
     async def scenario(client: Client) -> None:
         async def status() -> int:
             return (await client.get("/customer/1000", headers=headers)).status_code
@@ -604,7 +588,7 @@ def test_the_limit_is_per_store(fake: TreezFake) -> None:
     run(fake, scenario)
 
 
-def test_the_limit_can_be_switched_off(clock: Clock) -> None:
+def test_the_limit_can_be_switched_off(clock: HandClock) -> None:
     fake = TreezFake(customers=3, clock=clock, now=START, rate_limit=None)
 
     async def scenario(client: Client) -> None:
@@ -628,7 +612,7 @@ def _same_json_type(value: Any, seed_value: Any) -> bool:
 
 
 def test_generated_customers_are_shaped_as_the_seed(
-    clock: Clock, seed_data: dict[str, Any]
+    clock: HandClock, seed_data: dict[str, Any]
 ) -> None:
     assert list(seed_data) == list(CUSTOMER_FIELDS)
     fake = TreezFake.generate(2_000, seed=11, clock=clock, now=START)
@@ -654,7 +638,7 @@ def test_generated_customers_are_shaped_as_the_seed(
         assert parsed.customer_id == customer_id
 
 
-def test_generated_values_are_realistic(clock: Clock) -> None:
+def test_generated_values_are_realistic(clock: HandClock) -> None:
     n = 5_000
     fake = TreezFake.generate(n, seed=12, clock=clock, now=START)
     customers = [fake.customer(i) for i in fake.customer_ids()]
@@ -695,7 +679,7 @@ def test_generated_values_are_realistic(clock: Clock) -> None:
     assert sum("SENIOR" in c["customer_groups"] for c in rows) > 0
 
 
-def test_generated_merges_are_consistent(clock: Clock) -> None:
+def test_generated_merges_are_consistent(clock: HandClock) -> None:
     fake = TreezFake.generate(10_000, seed=13, clock=clock, now=START)
     rows = {i: fake.customer(i) for i in fake.customer_ids()}
     absorbed = [c for c in rows.values() if c and c["merged_into_customer_id"] is not None]
@@ -726,7 +710,7 @@ def test_generated_merges_are_consistent(clock: Clock) -> None:
     assert deleted
 
 
-def test_generation_is_reproducible(clock: Clock) -> None:
+def test_generation_is_reproducible(clock: HandClock) -> None:
     one = TreezFake.generate(300, seed=21, clock=clock, now=START)
     same = TreezFake.generate(300, seed=21, clock=clock, now=START)
     other = TreezFake.generate(300, seed=22, clock=clock, now=START)
@@ -774,7 +758,7 @@ def test_a_population_of_100_000_takes_little_memory() -> None:
 # ---- changing customers ------------------------------------------------------------------------
 
 
-def test_update_bumps_last_update_to_the_clock(fake: TreezFake, clock: Clock) -> None:
+def test_update_bumps_last_update_to_the_clock(fake: TreezFake, clock: HandClock) -> None:
     newest = fake.ids_after(EPOCH)[-1]
     newest_update = fake.customer(newest)["last_update"]  # type: ignore[index]
     clock.set(30.5)
@@ -802,7 +786,7 @@ def test_update_bumps_last_update_to_the_clock(fake: TreezFake, clock: Clock) ->
     assert fake.counters["updates"] == 2
 
 
-def test_add_creates_the_next_customer_updated_now(fake: TreezFake, clock: Clock) -> None:
+def test_add_creates_the_next_customer_updated_now(fake: TreezFake, clock: HandClock) -> None:
     clock.advance(5)
     added = fake.add(first_name="Vincent", last_name="Vega", email=None, opt_out="false")
     assert added["customer_id"] == "1200"
@@ -819,7 +803,7 @@ def test_add_creates_the_next_customer_updated_now(fake: TreezFake, clock: Clock
     run(fake, scenario)
 
 
-def test_merge_and_deactivate_helpers(fake: TreezFake, clock: Clock) -> None:
+def test_merge_and_deactivate_helpers(fake: TreezFake, clock: HandClock) -> None:
     clock.advance(60)
     fake.merge("1010", "1020")
     survivor, gone = fake.customer("1010"), fake.customer("1020")
@@ -841,7 +825,7 @@ def test_merge_and_deactivate_helpers(fake: TreezFake, clock: Clock) -> None:
 
 
 def test_a_customer_moving_while_paging_skips_one_and_repeats_itself(
-    clock: Clock,
+    clock: HandClock,
 ) -> None:
     """treez.md: paging by number over a changing set can skip or repeat rows. A customer
     updated between pages moves to the end: the row after the page boundary is skipped and
@@ -926,7 +910,7 @@ def test_fail_next_refuses_what_is_not_a_failure(fake: TreezFake, status: int, c
 # ---- records -----------------------------------------------------------------------------------
 
 
-def test_every_call_is_recorded_with_counters(fake: TreezFake, clock: Clock) -> None:
+def test_every_call_is_recorded_with_counters(fake: TreezFake, clock: HandClock) -> None:
     async def scenario(client: Client) -> None:
         headers = await login(client, fake)
         clock.advance(0.25)

@@ -91,3 +91,21 @@ def serve_until_signalled(server: uvicorn.Server, sock: socket.socket) -> int:
     finally:
         sock.close()
     return 0
+
+
+async def http_body(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> bytes | None:
+    """The prelude every fake shares: answer a lifespan, ignore what is not HTTP, read the
+    whole body. None when there is no request to answer (a lifespan, a disconnect)."""
+    if scope["type"] == "lifespan":
+        await answer_lifespan(receive, send)
+        return None
+    if scope["type"] != "http":
+        return None
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)

@@ -65,7 +65,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Literal
 
-from ._serve import answer_lifespan, bind_socket, make_server, serve_until_signalled
+from ._serve import bind_socket, http_body, make_server, serve_until_signalled
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -434,20 +434,9 @@ class AlpineIQFake:
         return self
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await answer_lifespan(receive, send)
+        raw = await http_body(scope, receive, send)
+        if raw is None:
             return
-        if scope["type"] != "http":
-            return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
         api_key: str | None = None
         for name, value in scope["headers"]:
             if name.lower() == b"x-apikey":

@@ -45,7 +45,13 @@ from typing import IO, Any
 
 import uvicorn
 
-from ._serve import DEFAULT_LOOP, answer_lifespan, bind_socket, make_server, serve_until_signalled
+from ._serve import (
+    DEFAULT_LOOP,
+    bind_socket,
+    http_body,
+    make_server,
+    serve_until_signalled,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -353,22 +359,11 @@ class SinkApp:
     # ---- ASGI ------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await answer_lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
         received = time.monotonic()
         wall = time.time()
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await http_body(scope, receive, send)
+        if body is None:
+            return
         content_type = b""
         key: str | None = None
         for name, value in scope["headers"]:

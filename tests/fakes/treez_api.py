@@ -122,7 +122,13 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from ._serve import DEFAULT_LOOP, answer_lifespan, bind_socket, make_server, serve_until_signalled
+from ._serve import (
+    DEFAULT_LOOP,
+    bind_socket,
+    http_body,
+    make_server,
+    serve_until_signalled,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -1052,20 +1058,9 @@ class TreezFake:
     # ---- ASGI --------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await answer_lifespan(receive, send)
+        raw = await http_body(scope, receive, send)
+        if raw is None:
             return
-        if scope["type"] != "http":
-            return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         method: str = scope["method"]
         path: str = scope["path"]
