@@ -1,35 +1,90 @@
 """Ingestion first: background work steps aside while the receiver is saturated.
 
-Receiving, planning and delivering share one process (and one interpreter lock). When
-webhooks arrive faster than the process can answer them, requests queue up: then planning
-and delivery rest for ``ratio`` times as long as their last step took (at ratio 20 they keep
-about a twentieth of the CPU), because Treez waits for its answers while the events are already
-durable in the inbox and the background can catch up after the burst. A steady stream the
-process keeps up with never counts as saturation, so it is planned and delivered at full
-speed.
+Receiving, planning and delivering share a machine (one process, or the receiver and the
+pipeline process beside it). When webhooks arrive faster than the receiver can answer them,
+requests queue up: then planning and delivery rest for ``ratio`` times as long as their last
+step took (at ratio 20 they keep about a twentieth of the CPU), because Treez waits for its
+answers while the events are already durable in the inbox and the background can catch up
+after the burst. A steady stream the receiver keeps up with never counts as saturation, so it
+is planned and delivered at full speed.
+
+Saturated means both, over the last :meth:`Pressure.watch` window: webhooks arriving at
+``saturated_rate`` a second or more, and the event loop's own thread busy at least
+``saturated_load`` of the time. Requests in flight are no measure: a few clients that each
+wait for their commit keep eight requests open at a few hundred events a second (resting then
+halved what the pipeline delivered, bench/pipeline.py: 454 events/s against 719), while a
+flood of requests answered without waiting never has more than one open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 
 class Pressure:
-    def __init__(self, *, saturated_at: int = 8, ratio: float = 20.0, max_rest: float = 0.25):
-        self.saturated_at = saturated_at
+    def __init__(
+        self,
+        *,
+        saturated_rate: float = 1000.0,
+        saturated_load: float = 0.5,
+        ratio: float = 20.0,
+        max_rest: float = 0.25,
+    ) -> None:
+        self.saturated_rate = saturated_rate
+        self.saturated_load = saturated_load
         self.ratio = ratio
         self.max_rest = max_rest
         self.inflight = 0  # webhook requests being answered right now
+        self.rate = 0.0  # webhooks a second over the last window
+        self.load = 0.0  # the share of the last window the event loop's thread was on a CPU
+        self._arrivals = 0
+        self._elsewhere_until = 0.0  # the receiver in another process said it is saturated
 
     def enter(self) -> None:
         self.inflight += 1
+        self._arrivals += 1
 
     def leave(self) -> None:
         self.inflight -= 1
 
+    def saturated_elsewhere(self, seconds: float) -> None:
+        """The receiver runs in another process (``connector.pipeline_process``) and is
+        saturated: count as busy for the next ``seconds`` (it says so again while it is)."""
+        self._elsewhere_until = time.monotonic() + seconds
+
+    @property
+    def saturated(self) -> bool:
+        """This process's receiver is saturated (see the module's text)."""
+        return self.rate >= self.saturated_rate and self.load >= self.saturated_load
+
     @property
     def busy(self) -> bool:
-        return self.inflight >= self.saturated_at
+        """Background work should step aside: the receiver here or in the other process is
+        saturated."""
+        return self.saturated or (
+            self._elsewhere_until > 0.0 and time.monotonic() < self._elsewhere_until
+        )
+
+    def measure(self, arrivals: int, elapsed: float, cpu: float) -> None:
+        """Take one window's figures: ``arrivals`` webhooks and ``cpu`` seconds of the event
+        loop's thread in ``elapsed`` seconds."""
+        if elapsed > 0:
+            self.rate = arrivals / elapsed
+            self.load = min(1.0, cpu / elapsed)
+
+    async def watch(self, stopping: asyncio.Event, window: float = 0.1) -> None:
+        """Measure :attr:`rate` and :attr:`load` over each ``window`` seconds until
+        ``stopping``. Runs on the event loop whose load it is: it reads the CPU time of the
+        thread it runs on."""
+        while not stopping.is_set():
+            wall, cpu, arrivals = time.monotonic(), time.thread_time(), self._arrivals
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), window)
+            self.measure(
+                self._arrivals - arrivals, time.monotonic() - wall, time.thread_time() - cpu
+            )
 
     async def yield_after(self, spent: float) -> None:
         """Rest after a background step that took ``spent`` seconds, if ingestion is saturated."""

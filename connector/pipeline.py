@@ -32,7 +32,7 @@ from connector.logs import get_logger
 from connector.mapping import load_mapping
 from connector.metrics import Metrics
 from connector.planner import CustomerState, DestinationSpec, Operation, Plan, content_hash, plan
-from connector.store import AsyncStore, InboxRow, Store
+from connector.store import AsyncStore, InboxRow, Rejected, Store
 from connector.treez import CustomerEvent, parse_event_json
 
 log = get_logger("connector.pipeline")
@@ -137,20 +137,29 @@ class _Plans:
     failures: list[tuple[str, str, str, str]]  # dispensary, destination, customer, message
     touched: set[tuple[str, str]]
     planned: dict[int, str] = field(default_factory=dict)  # of reconciliation events
+    # events that fail the customer model: (row, the problems), kept in quarantine with
+    # their reason when the batch is written (before, only their status said "failed")
+    invalid: list[tuple[InboxRow, str]] = field(default_factory=list)
 
 
 def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
-    dict[int, str], list[tuple[InboxRow, CustomerEvent]], dict[str, set[str]]
+    dict[int, str],
+    list[tuple[InboxRow, CustomerEvent]],
+    dict[str, set[str]],
+    list[tuple[InboxRow, str]],
 ]:  # fmt: skip
-    """Parse the events; which customers' state each dispensary's batch needs."""
+    """Parse the events; which customers' state each dispensary's batch needs; the events
+    that fail the customer model, with their problems."""
     outcomes: dict[int, str] = {}
     work: list[tuple[InboxRow, CustomerEvent]] = []
     related: dict[str, set[str]] = {}
+    invalid: list[tuple[InboxRow, str]] = []
     for row in rows:
         try:
             event = parse_event_json(row.body)
-        except EventValidationError:
+        except EventValidationError as exc:
             outcomes[row.id] = "failed"
+            invalid.append((row, "; ".join(str(p) for p in exc.problems)))
             continue
         if row.dispensary not in deployment.dispensaries or not isinstance(event, CustomerEvent):
             outcomes[row.id] = "ignored"
@@ -162,7 +171,7 @@ def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
         if customer.merged_into_customer_id:
             ids.add(customer.merged_into_customer_id)
         work.append((row, event))
-    return outcomes, work, related
+    return outcomes, work, related, invalid
 
 
 def summary(planned: Plan, *, known: bool) -> str:
@@ -187,12 +196,12 @@ def _plan_rows(
 ) -> _Plans:
     """Plan ``rows`` one after the other against state held in memory (each event sees the
     effects of the ones before it, as if applied one at a time). No writes."""
-    outcomes, work, related = _related(rows, deployment)
+    outcomes, work, related, invalid = _related(rows, deployment)
     loaded = {d: load(d, ids) for d, ids in related.items()}
     current = {d: dict(states) for d, states in loaded.items()}
     plans = _Plans(
         rows, outcomes, related, loaded, current,
-        {d: [] for d in related}, {d: [] for d in related}, [], set(),
+        {d: [] for d in related}, {d: [] for d in related}, [], set(), invalid=invalid,
     )  # fmt: skip
     for row, event in work:
         event_id, dispensary = row.id, row.dispensary
@@ -221,6 +230,12 @@ def _plan_rows(
         plans.touched.update((dispensary, op.destination) for op in planned.operations)
         outcomes[event_id] = planned.outcome
     return plans
+
+
+# the start of the quarantine reason of a stored event that the customer model refuses when
+# it is planned: the receiver and the reconciliation check what they store, so this is an
+# event stored by an older version, or written to the inbox by hand
+REFUSED_WHEN_PLANNED = "refused when planned"
 
 
 def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> BatchResult:
@@ -257,7 +272,17 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
             store.save_states(conn, dispensary, plans.loaded[dispensary], states)
             store.enqueue(conn, dispensary, plans.operations[dispensary])
             store.add_conflicts(conn, dispensary, plans.conflicts[dispensary])
+        if plans.invalid:
+            store.insert_events(conn, [], [
+                Rejected(row.dispensary, 422, f"{REFUSED_WHEN_PLANNED} ({row.source}): {problems}",
+                         "application/json", row.body.encode())
+                for row, problems in plans.invalid
+            ])  # fmt: skip
         store.mark_events(conn, plans.outcomes, plans.planned)
+    for row, problems in plans.invalid:
+        # field paths and what is wrong with them: never a value (they are customer data)
+        log.warning("event_refused", dispensary=row.dispensary, source=row.source,
+                    customer_id=row.customer_id, reason=problems)  # fmt: skip
     result = BatchResult(events=len(plans.rows), touched=plans.touched)
     result.outcomes.update(plans.outcomes.values())
     dispensary_of = {row.id: row.dispensary for row in plans.rows}

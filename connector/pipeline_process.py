@@ -10,7 +10,9 @@ claims in the store keep each operation with one process.
 The two talk over a socket pair (the child's end is passed as a file descriptor):
 
 * parent to child: first one frame holding the configuration, then single bytes: ``w``
-  (events were committed: plan now) and ``s`` (stop: finish or release the work in hand).
+  (events were committed: plan now), ``b`` (the receiver is saturated: planning and delivery
+  step aside for a moment, as they do in one process) and ``s`` (stop: finish or release the
+  work in hand).
   On Linux the child is killed with its parent (``PR_SET_PDEATHSIG``), so ``kill -9`` of
   ``connector serve`` ends both at once, as for one process; elsewhere, end of file on the
   socket tells the child that its parent is gone, and it stops.
@@ -48,7 +50,9 @@ STATUS_SECONDS = 1.0
 STATUS_STALE_SECONDS = 5.0
 START_WAIT_SECONDS = 30.0
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
-WAKE, STOP = b"w", b"s"
+WAKE, STOP, BUSY = b"w", b"s", b"b"
+# the receiver says "saturated" at most this often; the child counts as busy for BUSY_LEASE
+BUSY_EVERY_SECONDS, BUSY_LEASE_SECONDS = 0.05, 0.25
 _LENGTH = struct.Struct(">I")
 
 
@@ -82,6 +86,7 @@ class PipelineProcess:
         self._first_status = asyncio.Event()
         self._stopping = False
         self._process: asyncio.subprocess.Process | None = None
+        self._busy_sent = 0.0
 
     # -- called by the receiver's service -------------------------------------------------
 
@@ -90,6 +95,18 @@ class PipelineProcess:
         writer = self._writer
         if writer is not None and not writer.is_closing():
             writer.write(WAKE)
+
+    def saturated(self) -> None:
+        """Tell the child that the receiver is saturated: planning and delivery step aside
+        (:mod:`connector._pressure`) for the next :data:`BUSY_LEASE_SECONDS`. Called on every
+        saturated request; sends a byte at most every :data:`BUSY_EVERY_SECONDS`."""
+        now = time.monotonic()
+        if now - self._busy_sent < BUSY_EVERY_SECONDS:
+            return
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(BUSY)
+            self._busy_sent = now
 
     async def wait_started(self, timeout: float = START_WAIT_SECONDS) -> bool:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -199,6 +216,8 @@ async def _child(sock: socket.socket) -> None:
                 break
             if WAKE in chunk:
                 service.wake_processor()
+            if BUSY in chunk:
+                service.pressure.saturated_elsewhere(BUSY_LEASE_SECONDS)
             if STOP in chunk:
                 break
         stop.set()

@@ -31,6 +31,7 @@ RETENTION_SECONDS = 3600.0
 
 
 Role = Literal["all", "receiver", "pipeline"]
+RECEIVER_SWITCH_SECONDS = 0.0001
 
 
 class Service:
@@ -49,7 +50,7 @@ class Service:
             (name, dest.name) for name, disp in config.dispensaries.items()
             for dest in disp.destinations
         ]  # fmt: skip
-        self.committer = GroupCommitter(self.astore)
+        self.committer = GroupCommitter(self.astore.store)
         self.child = PipelineProcess(config) if role == "receiver" else None
         self.planner_lane = self.astore.lane("planner")
         self.processor = Processor(
@@ -78,6 +79,18 @@ class Service:
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._switch_interval = sys.getswitchinterval()
+
+    def webhook_started(self) -> None:
+        """A webhook request is being answered: counted, so that planning and delivery step
+        aside while the receiver is saturated (:mod:`connector._pressure`), in this process
+        or, through :meth:`PipelineProcess.saturated`, in the pipeline's."""
+        pressure = self.pressure
+        pressure.enter()
+        if self.child is not None and pressure.saturated:
+            self.child.saturated()
+
+    def webhook_finished(self) -> None:
+        self.pressure.leave()
 
     def wake_processor(self) -> None:
         self.processor.wake.set()
@@ -119,16 +132,21 @@ class Service:
                 worker.wake.set()
 
     async def start(self) -> None:
-        # The store thread runs CPU-bound planning; with the default 5 ms switch interval the
-        # event loop would wait up to 5 ms for the interpreter lock after every system call,
-        # and a request makes several (a convoy). 0.5 ms keeps the receiver responsive.
+        # Threads hand the interpreter lock to each other after every system call. With the
+        # default 5 ms switch interval the event loop would wait up to 5 ms for it behind the
+        # CPU-bound planning thread (a convoy); 0.5 ms keeps the receiver responsive. The
+        # receiver alone goes further: its commit thread takes the lock back three times a
+        # commit (begin, insert, fsync) from a busy event loop, and at 0.5 ms each of those
+        # waits cost more than the commit itself (bench/ingest.py: 2.4 ms a commit, 0.6 at
+        # 0.1 ms).
         self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(0.0005)
+        sys.setswitchinterval(RECEIVER_SWITCH_SECONDS if self.role == "receiver" else 0.0005)
         store = self.astore.store
         self._stopping.clear()
         released = 0
         if self.role != "pipeline":
             self._tasks["committer"] = asyncio.create_task(self.committer.run(self._stopping))
+            self._tasks["load"] = asyncio.create_task(self.pressure.watch(self._stopping))
         if self.child is not None:
             self._tasks["pipeline_process"] = asyncio.create_task(self.child.run(self._stopping))
             if not await self.child.wait_started():

@@ -324,6 +324,10 @@ def parse_event(body: Any, *, source: str = "webhook body") -> TreezEvent:
         except ValidationError as exc:
             raise EventValidationError(source, problems_from(exc)) from None
         return CustomerEvent(envelope.data, envelope.dispensary_short_name)
+    return _other_event(body, source)
+
+
+def _other_event(body: Mapping[str, Any], source: str) -> OtherEvent:
     try:
         other = _Envelope.model_validate(body)
     except ValidationError as exc:
@@ -351,8 +355,12 @@ def parse_event_json(raw: bytes | str, *, source: str = "webhook body") -> Treez
         extra = envelope.model_extra
         if envelope.event_type == "CUSTOMER" and not (extra and "test" in extra):
             return CustomerEvent(envelope.data, envelope.dispensary_short_name)
+    return parse_event(_json_body(raw, source), source=source)
+
+
+def _json_body(raw: bytes | str, source: str) -> Any:
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, RecursionError) as exc:
         where = (
             f"line {exc.lineno}, column {exc.colno}"
@@ -360,7 +368,6 @@ def parse_event_json(raw: bytes | str, *, source: str = "webhook body") -> Treez
             else "body"
         )
         raise NotJsonError(source, [Problem("body", f"is not JSON ({where})")]) from None
-    return parse_event(body, source=source)
 
 
 def webhook_body_schema() -> dict[str, Any]:

@@ -40,6 +40,7 @@ from connector.errors import StoreUnavailable
 from connector.logs import configure_logging
 from connector.receiver import create_app
 from connector.service import Service
+from connector.store import NewEvent
 from connector.store.schema import inbox, outbox, quarantine
 
 T = TypeVar("T")
@@ -548,6 +549,7 @@ INVALID_EVENTS: list[tuple[str, Any, str]] = [
     ("epoch number", seed_with(last_update=1777055901), "data.last_update"),
     ("impossible date", seed_with(last_update="2026-02-30T11:38:21.000-07:00"), "data.last_update"),
     ("opt_out maybe", seed_with(opt_out="maybe"), "data.opt_out"),
+    ("first_name an object", seed_with(first_name={"a": 1}), "data.first_name"),
     ("an array", [SEED], "body"),
     ("a number", 3904, "body"),
 ]
@@ -572,6 +574,39 @@ def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Pat
             assert row.content_type == "application/json"
             assert row.body == raw, case
         assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
+def test_a_stored_event_the_customer_model_refuses_is_quarantined_when_planned(
+    tmp_path: Path,
+) -> None:
+    """The receiver refuses such a body with 422; one already in the inbox (stored by an
+    older version, or by hand) is marked failed when planned and kept in quarantine with its
+    problems, never applied."""
+
+    async def scenario(rx: Running) -> None:
+        raw = json.dumps(seed_with(first_name={"not": "text"}, customer_id="77"))
+        assert (await rx.post(raw.encode())).status_code == 422
+        store = rx.service.astore.store
+        await rx.service.astore.call(
+            store.add_events,
+            [NewEvent(DISPENSARY, "webhook", "CUSTOMER", "77", SEED_LAST_UPDATE_US, raw)],
+        )
+        rx.service.wake_processor()
+        (row,) = await settled_inbox(rx, 1)
+        assert row.status == "failed"
+        refused = await eventually(lambda: rx.rows(quarantine), lambda r: len(r) == 2, "quarantine")
+        kept = refused[1]
+        assert (kept.dispensary, kept.status_code) == (DISPENSARY, 422)
+        assert kept.reason.startswith("refused when planned (webhook): ")
+        assert "data.first_name" in kept.reason
+        assert kept.body == raw.encode()
+        assert await rx.rows(outbox) == []
+        # the next good event of the same customer is applied as usual
+        assert (await rx.post(seed_with(customer_id="77"))).status_code == 202
+        rows = await settled_inbox(rx, 2)
+        assert rows[1].status == "applied"
 
     run(tmp_path, scenario)
 

@@ -56,7 +56,20 @@ def make_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) ->
 
 
 def _begin_immediate(connection: Any, raw: Any, timeout: float) -> None:
-    """``BEGIN IMMEDIATE``, waiting up to ``timeout`` for a writer in another process.
+    """``BEGIN IMMEDIATE`` on a SQLAlchemy connection (see :func:`begin_immediate`); a last
+    failure is raised through SQLAlchemy, wrapped."""
+    try:
+        if begin_immediate(raw, timeout):
+            return
+    except sqlite3.OperationalError:
+        pass
+    connection.exec_driver_sql("BEGIN IMMEDIATE")  # once more: success, or the wrapped error
+
+
+def begin_immediate(raw: sqlite3.Connection, timeout: float) -> bool:
+    """``BEGIN IMMEDIATE`` on a driver connection whose busy timeout is 0, waiting up to
+    ``timeout`` for a writer in another process: True once begun, False when the time is up
+    (another error is raised as it is).
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20 ms... between tries: with the
     receiver and the pipeline process both committing every few milliseconds, each would
@@ -68,12 +81,11 @@ def _begin_immediate(connection: Any, raw: Any, timeout: float) -> None:
     while True:
         try:
             raw.execute("BEGIN IMMEDIATE")
-            return
+            return True
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
-                break  # let SQLAlchemy raise it, wrapped, below
+                raise
             if time.monotonic() + delay > deadline:
-                break
+                return False
         time.sleep(delay)
         delay = min(delay * 1.5, 0.002)
-    connection.exec_driver_sql("BEGIN IMMEDIATE")  # once more: success, or the wrapped error

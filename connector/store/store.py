@@ -7,9 +7,11 @@ SQLite sees one writer per process and the event loop never blocks on disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,7 +38,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from connector.errors import StoreError, StoreUnavailable
 from connector.planner import ContactState, CustomerState, Operation
-from connector.store._engine import make_engine
+from connector.store._engine import begin_immediate, make_engine
 from connector.store.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -140,6 +142,7 @@ class Store:
     def __init__(self, url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
         self.url = url
         self.engine = make_engine(url, synchronous=synchronous, timeout=timeout)
+        self.timeout = timeout
         self._sqlite = url.startswith("sqlite")
         self._synchronous = synchronous
         self._sync_levels: dict[int, str] = {}  # per driver connection: what it is set to
@@ -232,6 +235,10 @@ class Store:
         """Commit a batch of received events (and refused bodies) in one transaction."""
         with self.transaction() as conn:
             self.insert_events(conn, events, rejected)
+
+    def inbox_writer(self) -> InboxWriter:
+        """A writer for the receiver's batches, for one thread (see :class:`InboxWriter`)."""
+        return InboxWriter(self)
 
     def insert_events(
         self, conn: Connection, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()
@@ -958,10 +965,11 @@ _PENDING_EVENTS = (
     .limit(bindparam("limit"))
 )
 _STILL_PENDING = select(inbox.c.id).where(inbox.c.id.in_(_IDS), inbox.c.status == "pending")
-_INSERT_INBOX_SQL = (
+_INSERT_INBOX_VALUES = (
     "INSERT INTO inbox (dispensary, source, event_type, customer_id, last_update_us,"
-    " received_at, body, status, processed_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " received_at, body, status, processed_at, run_id) VALUES "
 )
+_INSERT_INBOX_SQL = _INSERT_INBOX_VALUES + "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _MARK_PLANNED = (
     update(inbox).where(inbox.c.id == bindparam("eid")).values(planned=bindparam("planned"))
 )
@@ -1011,6 +1019,84 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc (macOS): trust the signal
     return state != ["Z"]
+
+
+_INBOX_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INBOX_ROWS_PER_INSERT = 99  # 990 parameters: under the 999 of any SQLite build
+
+
+class InboxWriter:
+    """Commits the receiver's batches of events: what :meth:`Store.add_events` does, faster.
+
+    With SQLite it owns a driver connection and writes a batch as ``BEGIN IMMEDIATE``, one
+    multi-row ``INSERT`` and ``COMMIT`` (``synchronous`` as the store's: FULL by default).
+    The thread running it gives the interpreter lock up during each of those three steps and
+    must win it back from a busy event loop: SQLAlchemy's path (pragmas around the begin, a
+    step per row, the pool) took it back a dozen times a commit, and each time could wait a
+    switch interval. A batch with refused bodies, and every other database, goes through
+    :meth:`Store.add_events`. One thread only: the one that commits the receiver's batches.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._raw: sqlite3.Connection | None = None
+        database = store.engine.url.database if store._sqlite else None
+        self._path = database if database and database != ":memory:" else None
+
+    def add(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None:
+        """Commit ``events`` (and ``rejected``) in one transaction, or raise
+        :class:`StoreUnavailable` having committed none of them."""
+        if self._path is None or rejected or not events:
+            self.store.add_events(events, rejected)
+            return
+        try:
+            self._add(events)
+        except sqlite3.Error as exc:
+            self.close()  # a fresh connection for the next batch
+            # the driver's text only, never the statement's parameters (customer values)
+            reason = str(exc).splitlines()[0][:120] or exc.__class__.__name__
+            raise StoreUnavailable(f"the store cannot take the write ({reason})") from None
+
+    def _add(self, events: Sequence[NewEvent]) -> None:
+        raw = self._raw
+        if raw is None:
+            assert self._path is not None
+            raw = sqlite3.connect(
+                self._path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            try:
+                raw.execute(f"PRAGMA synchronous={self.store._synchronous}")
+            except BaseException:
+                raw.close()
+                raise
+            self._raw = raw
+        if not begin_immediate(raw, self.store.timeout):
+            raise sqlite3.OperationalError("database is locked")
+        try:
+            now = time.time()  # under the write lock: arrival times follow the ids
+            rows = [
+                (e.dispensary, e.source, e.event_type, e.customer_id, e.last_update_us, now,
+                 e.body, e.status, None if e.status == "pending" else now, e.run_id)
+                for e in events
+            ]  # fmt: skip
+            for start in range(0, len(rows), _INBOX_ROWS_PER_INSERT):
+                chunk = rows[start : start + _INBOX_ROWS_PER_INSERT]
+                raw.execute(
+                    _INSERT_INBOX_VALUES + ", ".join([_INBOX_ROW] * len(chunk)),
+                    [value for row in chunk for value in row],
+                )
+            raw.execute("COMMIT")
+        except BaseException:
+            if raw.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    raw.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            with contextlib.suppress(sqlite3.Error):
+                raw.close()
 
 
 class AsyncStore:

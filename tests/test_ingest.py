@@ -1,0 +1,436 @@
+"""The receiver's write path and its neighbours, piece by piece: the inbox writer, the group
+committer's own thread, the envelope check made before answering, and how ingestion tells
+planning and delivery to step aside. The receiver as a whole is tested in test_receiver.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from connector._pressure import Pressure
+from connector.errors import StoreUnavailable
+from connector.pipeline_process import BUSY, BUSY_EVERY_SECONDS, PipelineProcess
+from connector.receiver import GroupCommitter
+from connector.service import Service
+from connector.store import InboxWriter, NewEvent, Rejected, Store
+from connector.store.schema import inbox, quarantine
+
+SEED_BYTES = (Path(__file__).resolve().parent / "data" / "seed_body.json").read_bytes()
+SEED: dict[str, Any] = json.loads(SEED_BYTES)
+INBOX_COLUMNS = (
+    "dispensary", "source", "event_type", "customer_id", "last_update_us", "body", "status",
+    "run_id",
+)  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(f"sqlite:///{tmp_path / 'store.db'}", timeout=0.3)
+    yield opened
+    opened.close()
+
+
+def events(count: int, *, start: int = 0, status: str = "pending") -> list[NewEvent]:
+    return [
+        NewEvent("d", "webhook", "CUSTOMER", str(start + i), 1_000 + i,
+                 json.dumps({"n": start + i, "name": "Ünïcode ✓"}), status)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def inbox_rows(store: Store) -> list[tuple[Any, ...]]:
+    rows = store.query(select(inbox).order_by(inbox.c.id))
+    return [tuple(getattr(r, c) for c in INBOX_COLUMNS) for r in rows]
+
+
+@contextlib.contextmanager
+def write_lock(database: Path) -> Iterator[None]:
+    """SQLite's write lock on ``database``, held by another connection."""
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+
+
+# --- the inbox writer ---
+
+
+def test_the_inbox_writer_stores_what_add_events_stores(tmp_path: Path) -> None:
+    batch = events(250) + events(3, start=900, status="ignored")  # 3 statements of rows
+    reference = Store(f"sqlite:///{tmp_path / 'reference.db'}")
+    reference.add_events(batch)
+    fast = Store(f"sqlite:///{tmp_path / 'fast.db'}")
+    writer = fast.inbox_writer()
+    try:
+        writer.add(batch)
+        assert inbox_rows(fast) == inbox_rows(reference)
+        ids = [r.id for r in fast.query(select(inbox.c.id).order_by(inbox.c.id))]
+        assert ids == list(range(1, len(batch) + 1))  # in the order received
+        for row in fast.query(select(inbox)):
+            assert row.received_at > 0
+            assert (row.processed_at is None) == (row.status == "pending")
+    finally:
+        writer.close()
+        fast.close()
+        reference.close()
+
+
+def test_the_inbox_writer_commits_durably_by_default(store: Store) -> None:
+    writer = store.inbox_writer()
+    try:
+        writer.add(events(1))
+        assert writer._raw is not None
+        assert writer._raw.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        writer.close()
+
+
+def test_a_batch_with_refused_bodies_goes_through_the_store(store: Store) -> None:
+    writer = store.inbox_writer()
+    try:
+        writer.add(events(2), [Rejected("d", 415, "content type must be ...", "text/plain", b"x")])
+        assert writer._raw is None  # not the driver connection
+        assert len(inbox_rows(store)) == 2
+        assert [r.status_code for r in store.query(select(quarantine))] == [415]
+    finally:
+        writer.close()
+
+
+def test_a_locked_store_is_unavailable_and_nothing_is_half_written(
+    store: Store, tmp_path: Path
+) -> None:
+    writer = store.inbox_writer()
+    try:
+        writer.add(events(1))
+        with (
+            write_lock(tmp_path / "store.db"),
+            pytest.raises(StoreUnavailable, match="cannot take the write") as caught,
+        ):
+            writer.add(events(5, start=10))
+        assert "Ünïcode" not in str(caught.value)  # never a value
+        assert len(inbox_rows(store)) == 1
+        writer.add(events(2, start=20))  # a new connection, once the lock is gone
+        assert [r[3] for r in inbox_rows(store)] == ["0", "20", "21"]
+    finally:
+        writer.close()
+
+
+def test_a_failed_statement_is_rolled_back(store: Store) -> None:
+    writer = store.inbox_writer()
+    try:
+        bad = events(3)
+        bad[2] = NewEvent("d", "webhook", "CUSTOMER", "x", 1, "{}", None)  # type: ignore[arg-type]
+        with pytest.raises(StoreUnavailable, match="NOT NULL"):
+            writer.add(bad)
+        assert inbox_rows(store) == []
+        writer.add(events(1))
+        assert len(inbox_rows(store)) == 1
+    finally:
+        writer.close()
+
+
+def test_without_a_database_file_the_writer_uses_the_store(tmp_path: Path) -> None:
+    memory = Store("sqlite://")
+    try:
+        writer = InboxWriter(memory)
+        writer.add(events(2))
+        assert writer._raw is None
+        assert len(inbox_rows(memory)) == 2
+    finally:
+        memory.close()
+
+
+# --- the group committer ---
+
+
+async def _committing(store: Store) -> tuple[GroupCommitter, asyncio.Event, asyncio.Task[None]]:
+    committer = GroupCommitter(store)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(committer.run(stopping))
+    for _ in range(100):  # run() has started the writer thread
+        if committer._thread is not None:
+            break
+        await asyncio.sleep(0.001)
+    return committer, stopping, task
+
+
+def test_concurrent_submissions_are_each_answered_after_their_commit(store: Store) -> None:
+    committed: list[int] = []
+
+    async def scenario() -> None:
+        committer, stopping, task = await _committing(store)
+        committer.on_commit.append(lambda: committed.append(len(inbox_rows(store))))
+
+        async def one(event: NewEvent) -> None:
+            await committer.submit(event)
+            # answered: the row is there, whatever else is still on its way
+            ids = {r[3] for r in inbox_rows(store)}
+            assert event.customer_id in ids
+
+        await asyncio.gather(*(one(e) for e in events(300)))
+        stopping.set()
+        await task
+
+    asyncio.run(scenario())
+    assert len(inbox_rows(store)) == 300
+    assert committed
+    assert committed[-1] == 300
+    assert len(committed) < 300  # batched: fewer commits than events
+
+
+def test_a_failed_batch_fails_its_waiters_and_the_next_batch_commits(
+    store: Store, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        committer, stopping, task = await _committing(store)
+        with write_lock(tmp_path / "store.db"):
+            outcomes = await asyncio.gather(
+                *(committer.submit(e) for e in events(4)), return_exceptions=True
+            )
+        assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+        await committer.submit(events(1, start=50)[0])
+        stopping.set()
+        await task
+
+    asyncio.run(scenario())
+    assert [r[3] for r in inbox_rows(store)] == ["50"]
+
+
+def test_what_is_queued_at_stop_is_committed_and_later_submissions_are_refused(
+    store: Store,
+) -> None:
+    async def scenario() -> None:
+        committer, stopping, task = await _committing(store)
+        pending = [asyncio.create_task(committer.submit(e)) for e in events(20)]
+        await asyncio.sleep(0)  # all queued
+        stopping.set()
+        await task
+        await asyncio.gather(*pending)
+        with pytest.raises(StoreUnavailable, match="not running"):
+            await committer.submit(events(1, start=99)[0])
+        assert committer._thread is None
+
+    asyncio.run(scenario())
+    assert len(inbox_rows(store)) == 20
+
+
+def test_a_submission_before_the_committer_runs_is_refused(store: Store) -> None:
+    async def scenario() -> None:
+        with pytest.raises(StoreUnavailable, match="not running"):
+            await GroupCommitter(store).submit(events(1)[0])
+
+    asyncio.run(scenario())
+
+
+def test_no_submission_is_left_waiting_whatever_the_timing(store: Store) -> None:
+    """The idle flag and the signal: submissions arriving while the writer goes idle, commits
+    and wakes are all taken (a lost wake-up would leave a request waiting forever)."""
+
+    async def scenario() -> None:
+        committer, stopping, task = await _committing(store)
+        for round_ in range(200):
+            batch = events(1 + round_ % 3, start=round_ * 10)
+            await asyncio.wait_for(asyncio.gather(*(committer.submit(e) for e in batch)), 5)
+            if round_ % 7 == 0:
+                time.sleep(0.001)  # let the writer go idle meanwhile
+        stopping.set()
+        await task
+
+    asyncio.run(scenario())
+    assert len(inbox_rows(store)) == sum(1 + r % 3 for r in range(200))
+
+
+def test_the_writer_thread_commits_while_the_event_loop_is_busy(store: Store) -> None:
+    """A batch is taken by the writer as soon as the previous commit ends, not when the event
+    loop comes round: with the loop blocked, queued events still reach the database."""
+
+    async def scenario() -> None:
+        committer, stopping, task = await _committing(store)
+        waiting = [asyncio.create_task(committer.submit(e)) for e in events(5)]
+        await asyncio.sleep(0)
+        deadline = time.monotonic() + 5
+        while len(inbox_rows(store)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)  # the event loop does nothing meanwhile
+        assert len(inbox_rows(store)) == 5
+        await asyncio.gather(*waiting)
+        stopping.set()
+        await task
+
+    asyncio.run(scenario())
+    assert not any(t.name == "receiver-commit" for t in threading.enumerate())
+
+
+# --- ingestion first ---
+
+
+def test_saturation_needs_both_a_high_rate_and_a_busy_event_loop() -> None:
+    pressure = Pressure(saturated_rate=1000, saturated_load=0.5)
+    assert not pressure.busy
+    pressure.measure(arrivals=150, elapsed=0.1, cpu=0.09)  # 1,500/s, loop 90 % busy
+    assert pressure.saturated
+    assert pressure.busy
+    pressure.measure(arrivals=150, elapsed=0.1, cpu=0.02)  # the loop keeps up easily
+    assert not pressure.saturated
+    pressure.measure(arrivals=40, elapsed=0.1, cpu=0.1)  # busy, but not with webhooks
+    assert not pressure.saturated
+
+
+def test_saturation_elsewhere_lasts_for_its_lease() -> None:
+    pressure = Pressure()
+    pressure.saturated_elsewhere(0.05)
+    assert pressure.busy
+    assert not pressure.saturated
+    time.sleep(0.06)
+    assert not pressure.busy
+
+
+def test_the_watch_measures_the_event_loop_and_the_arrivals() -> None:
+    async def scenario() -> Pressure:
+        pressure = Pressure()
+        stopping = asyncio.Event()
+        watch = asyncio.create_task(pressure.watch(stopping, window=0.05))
+        started = time.monotonic()
+        while time.monotonic() - started < 0.2:
+            pressure.enter()
+            pressure.leave()
+            busy_until = time.monotonic() + 0.002
+            while time.monotonic() < busy_until:  # the loop's thread on the CPU
+                pass
+            await asyncio.sleep(0)
+        stopping.set()
+        await watch
+        return pressure
+
+    pressure = asyncio.run(scenario())
+    assert pressure.rate > 100
+    assert pressure.load > 0.3
+    assert pressure.inflight == 0
+
+
+def test_background_work_rests_only_when_busy() -> None:
+    async def scenario() -> tuple[float, float]:
+        pressure = Pressure(ratio=10, max_rest=0.2)
+        started = time.monotonic()
+        await pressure.yield_after(0.01)
+        calm = time.monotonic() - started
+        pressure.saturated_elsewhere(1.0)
+        started = time.monotonic()
+        await pressure.yield_after(0.01)
+        return calm, time.monotonic() - started
+
+    calm, busy = asyncio.run(scenario())
+    assert calm < 0.05 <= busy  # rested ratio x 0.01 s = 0.1 s (bounds, not timings)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.sent = b""
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+
+def test_the_receiver_tells_the_pipeline_process_at_most_so_often() -> None:
+    child = PipelineProcess.__new__(PipelineProcess)
+    child._writer = _Writer()  # type: ignore[assignment]
+    child._busy_sent = 0.0
+    for _ in range(10):
+        child.saturated()
+    assert child._writer.sent == BUSY  # type: ignore[union-attr]
+    time.sleep(BUSY_EVERY_SECONDS * 1.2)
+    child.saturated()
+    child.saturated()
+    assert child._writer.sent == BUSY * 2  # type: ignore[union-attr]
+
+
+def test_a_saturated_receiver_tells_its_pipeline_process() -> None:
+    class Child:
+        told = 0
+
+        def saturated(self) -> None:
+            self.told += 1
+
+    service = Service.__new__(Service)
+    service.pressure = Pressure()
+    service.child = Child()  # type: ignore[assignment]
+    service.webhook_started()
+    service.webhook_finished()
+    assert service.child.told == 0  # type: ignore[attr-defined]
+    service.pressure.measure(arrivals=500, elapsed=0.1, cpu=0.08)
+    service.webhook_started()
+    service.webhook_finished()
+    assert service.child.told == 1  # type: ignore[attr-defined]
+    assert service.pressure.inflight == 0
+
+
+class _Dies(BaseException):
+    """Not an Exception: what no error handling of the writer catches."""
+
+
+def test_a_dying_commit_thread_fails_its_waiters_and_ends_the_run(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = store.inbox_writer
+
+    def dying_writer() -> InboxWriter:
+        writer = original()
+
+        def add(events: Any, rejected: Any = ()) -> None:
+            raise _Dies
+
+        writer.add = add  # type: ignore[method-assign]
+        return writer
+
+    monkeypatch.setattr(store, "inbox_writer", dying_writer)
+
+    async def scenario() -> None:
+        committer, stopping, task = await _committing(store)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(committer.submit(e) for e in events(3)), return_exceptions=True),
+            5,
+        )
+        assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+        with pytest.raises(RuntimeError, match="commit thread stopped"):
+            await asyncio.wait_for(task, 5)
+        with pytest.raises(StoreUnavailable):
+            await committer.submit(events(1)[0])
+        assert not stopping.is_set()
+
+    died: list[type[BaseException]] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    asyncio.run(scenario())
+    assert died == [_Dies]
+    assert inbox_rows(store) == []
+
+
+def test_a_commit_thread_that_cannot_start_ends_the_run(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> InboxWriter:
+        raise OSError("no file handles left")
+
+    monkeypatch.setattr(store, "inbox_writer", broken)
+
+    async def scenario() -> None:
+        committer = GroupCommitter(store)
+        with pytest.raises(RuntimeError, match="commit thread stopped"):
+            await asyncio.wait_for(committer.run(asyncio.Event()), 5)
+        with pytest.raises(StoreUnavailable):
+            await committer.submit(events(1)[0])
+
+    asyncio.run(scenario())
