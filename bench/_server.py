@@ -29,13 +29,14 @@ def main() -> None:
 
     @app.post("/noop/{dispensary}", status_code=202)
     async def noop(dispensary: str, request: Request) -> Response:
-        # counted as an incoming webhook like the real route, so that background work
-        # yields the same way during both routes' rounds: the comparison stays fair
-        service.pressure.enter()
+        # counted as an incoming webhook like the real route, so that background work (in
+        # this process or the pipeline's) yields the same way during both routes' rounds:
+        # the comparison stays fair
+        service.webhook_started()
         try:
             return JSONResponse({"status": "accepted"}, status_code=202)
         finally:
-            service.pressure.leave()
+            service.webhook_finished()
 
     # the same fast path as the webhook route (past FastAPI's router), so both routes pay
     # the same server stack

@@ -1,10 +1,13 @@
 """Webhook ingestion: accepted events per second and latency of the durable route, against a
 no-op route of the same server stack, in the same run.
 
-The server runs `connector serve`'s app and uvicorn settings in its own process (pinned to
-one core), delivering to a live local sink meanwhile; wrk drives it from the other core with
-distinct customer events (every request a new customer version, so each is a real insert).
-Rounds alternate no-op / durable so machine noise hits both alike. Needs wrk
+The server runs `connector serve`'s app and uvicorn settings in its own process, with its
+pipeline process (planner and delivery to a live local sink) beside it; wrk drives it from
+core 1, where the sink also runs, with distinct customer events (every request a new customer
+version, so each is a real insert). Rounds alternate no-op / durable so machine noise hits
+both alike, and both routes count as webhooks: while either saturates the receiver, planning
+and delivery step aside alike (connector/_pressure.py). Besides the rates it prints the
+receiver's CPU per request and how busy the pipeline process was, per route. Needs wrk
 (`apt-get install wrk`). Target: the durable route at least half the no-op's throughput.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -23,6 +27,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import TOKEN, event_body, pinned, server_process, sink_process, write_config
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` alone, not its children (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def child_pid(pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
 
 LUA = """
 local counter = 0
@@ -78,7 +102,9 @@ def main() -> None:
             scripts[name].write_text(LUA % (template, TOKEN, start))
         with sink_process(work) as (sink_url, _log):
             config = write_config(work, sink_url)
-            with server_process(config, cpu=None) as base:
+            pids: list[int] = []
+            with server_process(config, cpu=None, pids=pids) as base:
+                server, pipeline = pids[0], child_pid(pids[0])
                 urls = {
                     "noop": f"{base}/noop/partnersandbox3",
                     "durable": f"{base}/webhooks/treez/partnersandbox3",
@@ -88,21 +114,35 @@ def main() -> None:
                 results: dict[str, list[dict[str, float]]] = {"noop": [], "durable": []}
                 for _ in range(args.rounds):
                     for name in ("noop", "durable"):
-                        results[name].append(wrk(urls[name], scripts[name], args.seconds,
-                                                 args.connections))  # fmt: skip
+                        before = own_cpu_seconds(server), own_cpu_seconds(pipeline or 0)
+                        result = wrk(urls[name], scripts[name], args.seconds, args.connections)
+                        result["receiver_us"] = (
+                            (own_cpu_seconds(server) - before[0])
+                            / max(1.0, result["rate"] * args.seconds)
+                            * 1e6
+                        )
+                        result["pipeline_cores"] = ((own_cpu_seconds(pipeline or 0) - before[1])
+                                                    / args.seconds)  # fmt: skip
+                        results[name].append(result)
                 metrics = _queue(base)
     print(
         f"wrk: 1 thread, {args.connections} connections, {args.rounds} rounds x "
-        f"{args.seconds} s per route; server on one core, delivering to a local sink"
+        f"{args.seconds} s per route; wrk and the sink on core 1, the server and its "
+        "pipeline process unpinned"
     )
-    print(f"{'route':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    print(f"{'route':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}"
+          f" {'receiver CPU us/req':>20} {'pipeline cores':>15}")  # fmt: skip
     medians = {}
     for name, rounds in results.items():
         medians[name] = statistics.median(r["rate"] for r in rounds)
+
+        def median(key: str, rounds: list[dict[str, float]] = rounds) -> float:
+            return statistics.median(r[key] for r in rounds)
+
         print(
-            f"{name:10} {medians[name]:9,.0f} {statistics.median(r['p50'] for r in rounds):8.2f} "
-            f"{statistics.median(r['p99'] for r in rounds):8.2f} "
-            f"{sum(r['errors'] for r in rounds):8.0f}"
+            f"{name:10} {medians[name]:9,.0f} {median('p50'):8.2f} {median('p99'):8.2f} "
+            f"{sum(r['errors'] for r in rounds):8.0f} {median('receiver_us'):20.0f} "
+            f"{median('pipeline_cores'):15.2f}"
         )
     ratio = medians["durable"] / medians["noop"]
     verdict = "meets" if ratio >= 0.5 else "MISSES"
