@@ -210,12 +210,15 @@ class Service:
         grace = self.config.server.shutdown_grace_seconds
         if self.child is not None:
             await self.child.stop(grace)
-        tasks = list(self._tasks.values())
+        tasks = list(self._tasks.items())
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
+            done, pending = await asyncio.wait([t for _, t in tasks], timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            for name, task in tasks:  # a loop that had ended on an error (readiness said so)
+                if task in done and not task.cancelled() and task.exception() is not None:
+                    log.error("loop_failed", reason=name, error=task.exception())
         released = 0
         if self.child is None:
             try:

@@ -736,6 +736,25 @@ def test_a_body_with_a_byte_order_mark_is_refused_or_applied(tmp_path: Path) -> 
 # --- health, readiness, metrics, OpenAPI ---
 
 
+def test_a_dead_commit_thread_makes_the_receiver_unready_and_answer_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_writer(self: Any) -> Any:
+        raise OSError("no file handles left")
+
+    monkeypatch.setattr("connector.store.store.Store.inbox_writer", no_writer)
+
+    async def scenario(rx: Running) -> None:
+        _, body = await eventually(rx.readiness, lambda r: r[0] == 503, "readiness")
+        assert "committer stopped" in body["problems"]
+        response = await rx.post()
+        assert_error(response, 503, "store_unavailable")
+        assert response.headers["retry-after"] == "5"
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
 def test_healthz_and_readyz(tmp_path: Path) -> None:
     async def scenario() -> None:
         service = Service(load_config(write_config(tmp_path)), idle_poll=0.05)
