@@ -33,7 +33,7 @@ from connector.mapping import load_mapping
 from connector.metrics import Metrics
 from connector.planner import CustomerState, DestinationSpec, Operation, Plan, content_hash, plan
 from connector.store import AsyncStore, InboxRow, Rejected, Store
-from connector.treez import CustomerEvent, parse_event_json
+from connector.treez import CustomerEvent, parse_stored_event
 
 log = get_logger("connector.pipeline")
 
@@ -137,8 +137,8 @@ class _Plans:
     failures: list[tuple[str, str, str, str]]  # dispensary, destination, customer, message
     touched: set[tuple[str, str]]
     planned: dict[int, str] = field(default_factory=dict)  # of reconciliation events
-    # events that fail the customer model: (row, the problems), kept in quarantine with
-    # their reason when the batch is written (before, only their status said "failed")
+    # events refused when planned (parse_stored_event): (row, the problems), kept in
+    # quarantine with their reason when the batch is written
     invalid: list[tuple[InboxRow, str]] = field(default_factory=list)
 
 
@@ -156,11 +156,16 @@ def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
     invalid: list[tuple[InboxRow, str]] = []
     for row in rows:
         try:
-            event = parse_event_json(row.body)
+            event, dropped = parse_stored_event(row.body)
         except EventValidationError as exc:
             outcomes[row.id] = "failed"
             invalid.append((row, "; ".join(str(p) for p in exc.problems)))
             continue
+        if dropped:
+            # field paths and what is wrong with them: never a value (customer data)
+            log.warning("fields_dropped", dispensary=row.dispensary, source=row.source,
+                        customer_id=row.customer_id,
+                        reason="; ".join(str(p) for p in dropped))  # fmt: skip
         if row.dispensary not in deployment.dispensaries or not isinstance(event, CustomerEvent):
             outcomes[row.id] = "ignored"
             continue
@@ -232,9 +237,9 @@ def _plan_rows(
     return plans
 
 
-# the start of the quarantine reason of a stored event that the customer model refuses when
-# it is planned: the receiver and the reconciliation check what they store, so this is an
-# event stored by an older version, or written to the inbox by hand
+# the start of the quarantine reason of a stored event refused when it is planned: the
+# receiver and the reconciliation check what they store, so this is an event stored by an
+# older version, or written to the inbox by hand
 REFUSED_WHEN_PLANNED = "refused when planned"
 
 

@@ -29,10 +29,9 @@ from connector.logs import get_logger
 from connector.planner import instant_us
 from connector.store import InboxWriter, NewEvent, Rejected, Store
 from connector.treez import (
-    CustomerEvent,
     NotJsonError,
     OtherEvent,
-    parse_event_json,
+    check_event_json,
     webhook_body_schema,
 )
 
@@ -397,7 +396,7 @@ def create_app(service: Service) -> FastAPI:
             await quarantine(dispensary, 400, reason, content_type, body)
             return _error(400, "not_json", reason), None, "rejected"
         try:
-            event = parse_event_json(text, source="body")
+            event = check_event_json(text, source="body")
         except NotJsonError as exc:
             reason = "; ".join(str(p) for p in exc.problems)
             await quarantine(dispensary, 400, reason, content_type, body)
@@ -426,13 +425,10 @@ def create_app(service: Service) -> FastAPI:
             outcome = "ignored"
             customer_id = None
         else:
-            assert isinstance(event, CustomerEvent)
-            customer = event.customer
-            customer_id = customer.customer_id
+            customer_id = event.customer_id
             item = NewEvent(
-                dispensary, "webhook", "CUSTOMER", customer_id,
-                instant_us(customer.last_update), text,
-            )  # fmt: skip
+                dispensary, "webhook", "CUSTOMER", customer_id, instant_us(event.last_update), text
+            )
             outcome = "accepted"
         try:
             await service.committer.submit(item)

@@ -21,7 +21,7 @@ Quirks handled here (see docs/treez.md of the project's shared notes and the see
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from enum import StrEnum
@@ -273,6 +273,48 @@ class _Envelope(BaseModel):
     dispensary_short_name: str | None = None
 
 
+class _RuledCustomer(BaseModel):
+    """The customer fields the planner's rules stand on: ordering (``customer_id``,
+    ``last_update``: contract 1), consent, merges, deactivation and identity. The receiver
+    refuses a body when one of them is wrong (:func:`check_event_json`); any other field is
+    data to map, and a wrong one is dropped when the event is planned
+    (:func:`parse_stored_event`) rather than holding up a consent change."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True, frozen=True)
+
+    customer_id: Id
+    last_update: Annotated[AwareDatetime, BeforeValidator(_timestamp)]
+    opt_out: OptOut = None  # consent is never guessed
+    status: str | None = None
+    merged_customer_ids: IdList = Field(default_factory=list)
+    merged_into_customer_id: OptionalId = None
+    external_ids: Annotated[ExternalIds, BeforeValidator(_object_or_empty)] = Field(
+        default_factory=ExternalIds
+    )
+
+
+RULE_FIELDS = frozenset(_RuledCustomer.model_fields)
+
+
+class _CheckedEnvelope(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_type: str
+    dispensary_short_name: str | None = None
+    test: Any = None  # only its presence matters: a ping
+    data: _RuledCustomer
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedCustomer:
+    """A CUSTOMER webhook as the receiver checks it before answering (:func:`check_event_json`)."""
+
+    customer_id: str
+    last_update: datetime
+    dispensary_short_name: str | None
+    kind: Literal["customer"] = "customer"
+
+
 @dataclass(frozen=True, slots=True)
 class CustomerEvent:
     """A CUSTOMER webhook: the customer as of ``customer.last_update``."""
@@ -356,6 +398,78 @@ def parse_event_json(raw: bytes | str, *, source: str = "webhook body") -> Treez
         if envelope.event_type == "CUSTOMER" and not (extra and "test" in extra):
             return CustomerEvent(envelope.data, envelope.dispensary_short_name)
     return parse_event(_json_body(raw, source), source=source)
+
+
+def check_event_json(
+    raw: bytes | str, *, source: str = "webhook body"
+) -> ReceivedCustomer | OtherEvent | TestPing:
+    """What the receiver decides before answering: contract 1 (the envelope, ``customer_id``,
+    ``last_update``) and the other fields the planner's rules stand on (:data:`RULE_FIELDS`);
+    a ping; another event type. Raises as :func:`parse_event_json` does, for those fields.
+    A third of the cost of the whole customer model, which is applied when the event is
+    planned (:func:`parse_stored_event`).
+    """
+    try:
+        envelope = _CheckedEnvelope.model_validate_json(raw)
+    except ValidationError:
+        pass
+    else:
+        if envelope.event_type == "CUSTOMER" and "test" not in envelope.model_fields_set:
+            data = envelope.data
+            return ReceivedCustomer(
+                data.customer_id, data.last_update, envelope.dispensary_short_name
+            )
+    body = _json_body(raw, source)
+    if isinstance(body, Mapping) and "test" not in body and "data" in body:
+        event_type = body.get("event_type")
+        if isinstance(event_type, str) and event_type.strip().upper() == "CUSTOMER":
+            try:
+                checked = _CheckedEnvelope.model_validate(body)
+            except ValidationError as exc:
+                raise EventValidationError(source, problems_from(exc)) from None
+            data = checked.data
+            return ReceivedCustomer(
+                data.customer_id, data.last_update, checked.dispensary_short_name
+            )
+    event = parse_event(body, source=source)  # the rest never reaches the customer model
+    assert not isinstance(event, CustomerEvent)
+    return event
+
+
+def parse_stored_event(
+    raw: bytes | str, *, source: str = "stored event"
+) -> tuple[TreezEvent, list[Problem]]:
+    """Parse an event from the inbox with the whole customer model, and the problems of the
+    fields dropped to do so: a customer field outside :data:`RULE_FIELDS` that the model
+    refuses (a ``first_name`` that is an object) is left out, as if Treez had not sent it (so
+    it never overwrites a value), instead of refusing the whole event with its consent.
+    Raises :class:`EventValidationError` when anything else is wrong."""
+    try:
+        return parse_event_json(raw, source=source), []
+    except NotJsonError:
+        raise
+    except EventValidationError as exc:
+        dropped = _data_fields(exc.problems)
+        if dropped is None:
+            raise
+        body = json.loads(raw)
+        for name in dropped:
+            del body["data"][name]
+        return parse_event(body, source=source), list(exc.problems)
+
+
+def _data_fields(problems: Sequence[Problem]) -> set[str] | None:
+    """The top-level customer fields ``problems`` are about, if each is one outside
+    :data:`RULE_FIELDS`; None otherwise."""
+    fields = set()
+    for problem in problems:
+        if not problem.where.startswith("data."):
+            return None
+        name = problem.where[len("data.") :].split(".", 1)[0].split("[", 1)[0]
+        if not name or name in RULE_FIELDS:
+            return None
+        fields.add(name)
+    return fields
 
 
 def _json_body(raw: bytes | str, source: str) -> Any:

@@ -6,24 +6,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from connector._pressure import Pressure
-from connector.errors import StoreUnavailable
+from connector.errors import EventValidationError, StoreUnavailable
 from connector.pipeline_process import BUSY, BUSY_EVERY_SECONDS, PipelineProcess
+from connector.planner import instant_us
 from connector.receiver import GroupCommitter
 from connector.service import Service
 from connector.store import InboxWriter, NewEvent, Rejected, Store
 from connector.store.schema import inbox, quarantine
+from connector.treez import (
+    RULE_FIELDS,
+    CustomerEvent,
+    NotJsonError,
+    OtherEvent,
+    ReceivedCustomer,
+    TestPing,
+    check_event_json,
+    parse_event_json,
+    parse_stored_event,
+)
 
 SEED_BYTES = (Path(__file__).resolve().parent / "data" / "seed_body.json").read_bytes()
 SEED: dict[str, Any] = json.loads(SEED_BYTES)
@@ -270,6 +286,160 @@ def test_the_writer_thread_commits_while_the_event_loop_is_busy(store: Store) ->
 
     asyncio.run(scenario())
     assert not any(t.name == "receiver-commit" for t in threading.enumerate())
+
+
+# --- the check made before answering, and the customer model when planned ---
+
+
+def _seed(**changes: Any) -> bytes:
+    body = copy.deepcopy(SEED)
+    for key, value in changes.items():
+        if value is ...:
+            del body["data"][key]
+        else:
+            body["data"][key] = value
+    return json.dumps(body).encode()
+
+
+def test_the_seed_passes_the_check_with_what_the_receiver_stores() -> None:
+    checked = check_event_json(SEED_BYTES)
+    full = parse_event_json(SEED_BYTES)
+    assert isinstance(checked, ReceivedCustomer)
+    assert isinstance(full, CustomerEvent)
+    assert checked.customer_id == full.customer.customer_id == "3904"
+    assert instant_us(checked.last_update) == instant_us(full.customer.last_update)
+    assert checked.dispensary_short_name == full.dispensary_short_name
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b'{"test": true}', TestPing),
+        (json.dumps({**SEED, "test": True}).encode(), TestPing),
+        (b'{"event_type": "TICKET", "data": {}}', OtherEvent),
+        (json.dumps({**SEED, "event_type": " customer "}).encode(), ReceivedCustomer),
+    ],
+)
+def test_pings_and_other_types_are_told_apart(body: bytes, kind: type) -> None:
+    assert isinstance(check_event_json(body), kind)
+    assert type(parse_event_json(body)) is (CustomerEvent if kind is ReceivedCustomer else kind)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (_seed(customer_id=""), "data.customer_id"),
+        (_seed(last_update="2026-04-24T11:38:21.000"), "data.last_update"),
+        (_seed(last_update=1777055901), "data.last_update"),
+        (_seed(opt_out="maybe"), "data.opt_out"),  # consent is never guessed
+        (_seed(merged_customer_ids=[""]), "data.merged_customer_ids[0]"),
+        (_seed(merged_into_customer_id={"id": 1}), "data.merged_into_customer_id"),
+        (_seed(external_ids=[1]), "data.external_ids"),
+        (_seed(status=["ACTIVE"]), "data.status"),
+        (json.dumps({**SEED, "data": "3904"}).encode(), "data"),
+        (b"[1]", "body"),
+    ],
+)
+def test_the_fields_the_rules_stand_on_are_checked_before_answering(
+    body: bytes, field: str
+) -> None:
+    with pytest.raises(EventValidationError) as caught:
+        check_event_json(body)
+    assert field in [p.where for p in caught.value.problems]
+    with pytest.raises(EventValidationError):
+        parse_stored_event(body)  # and never dropped when planned
+
+
+def test_not_json_is_told_apart() -> None:
+    with pytest.raises(NotJsonError):
+        check_event_json(b"{nope")
+    with pytest.raises(NotJsonError):
+        parse_stored_event(b"{nope")
+
+
+def test_a_wrong_field_outside_the_rules_is_dropped_when_planned() -> None:
+    body = _seed(first_name={"not": "text"}, addresses=[{"city": ["x"]}], opt_out="true")
+    assert isinstance(check_event_json(body), ReceivedCustomer)
+    with pytest.raises(EventValidationError):
+        parse_event_json(body)
+    event, dropped = parse_stored_event(body)
+    assert isinstance(event, CustomerEvent)
+    assert {p.where for p in dropped} == {"data.first_name", "data.addresses[0].city"}
+    customer = event.customer
+    assert customer.first_name is None
+    assert customer.addresses == []
+    assert customer.opt_out is True
+    assert customer.last_name == SEED["data"]["last_name"]
+    assert parse_stored_event(SEED_BYTES)[1] == []
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**12), st.text(max_size=12),
+    st.sampled_from(["true", "false", "N/A", "", "2026-04-24T11:38:21.000-07:00",
+                     "2026-04-24T11:38:21Z", "2026-02-30T00:00:00+00:00", "3904", "ACTIVE"]),
+    st.lists(st.one_of(st.integers(0, 9), st.text(max_size=2)), max_size=2),
+    st.dictionaries(st.sampled_from(["aiq_contact_id", "city", "x"]), st.none()),
+)  # fmt: skip
+_fields = st.sampled_from(
+    ["customer_id", "last_update", "opt_out", "first_name", "status", "merged_customer_ids",
+     "merged_into_customer_id", "external_ids", "addresses", "rewards_balance", "birthday",
+     "banned", "customer_groups"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    changes=st.dictionaries(_fields, st.one_of(_values, st.just(...)), max_size=4),
+    envelope=st.dictionaries(
+        st.sampled_from(["event_type", "dispensary_short_name", "data", "test"]),
+        st.one_of(st.just("CUSTOMER"), st.just("TICKET"), _values, st.just(...)),
+        max_size=2,
+    ),
+)
+def test_what_the_receiver_accepts_is_planned_with_the_same_rules(
+    changes: dict[str, Any], envelope: dict[str, Any]
+) -> None:
+    """For any body: what the check refuses, planning refuses too (the same 400 or 422); what
+    it accepts, planning reads with the same customer id, instant and dispensary, the rule
+    fields as sent, and at most fields outside the rules dropped."""
+    body = copy.deepcopy(SEED)
+    for key, value in changes.items():
+        if value is ...:
+            body["data"].pop(key, None)
+        else:
+            body["data"][key] = value
+    for key, value in envelope.items():
+        if value is ...:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    raw = json.dumps(body).encode()
+    try:
+        checked = check_event_json(raw)
+    except EventValidationError as refused:
+        with pytest.raises(EventValidationError) as also:
+            parse_stored_event(raw)
+        assert type(also.value) is type(refused)
+        with pytest.raises(EventValidationError):
+            parse_event_json(raw)
+        return
+    event, dropped = parse_stored_event(raw)
+    assert {p.where.split(".")[1].split("[")[0] for p in dropped}.isdisjoint(RULE_FIELDS)
+    if not dropped:
+        assert parse_event_json(raw) == event
+    if isinstance(checked, ReceivedCustomer):
+        assert isinstance(event, CustomerEvent)
+        customer = event.customer
+        assert checked.customer_id == customer.customer_id
+        assert checked.last_update == customer.last_update
+        assert isinstance(checked.last_update, datetime)
+        assert checked.dispensary_short_name == event.dispensary_short_name
+        sent = body["data"]
+        for name in RULE_FIELDS - {"customer_id", "last_update"}:
+            if name in sent:  # what the rules read is what was sent, never dropped
+                assert name in customer.model_fields_set, name
+    else:
+        assert checked == event
 
 
 # --- ingestion first ---

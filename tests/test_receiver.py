@@ -549,7 +549,15 @@ INVALID_EVENTS: list[tuple[str, Any, str]] = [
     ("epoch number", seed_with(last_update=1777055901), "data.last_update"),
     ("impossible date", seed_with(last_update="2026-02-30T11:38:21.000-07:00"), "data.last_update"),
     ("opt_out maybe", seed_with(opt_out="maybe"), "data.opt_out"),
-    ("first_name an object", seed_with(first_name={"a": 1}), "data.first_name"),
+    # the other fields the planner's rules stand on: merges, deactivation, identity
+    ("status an object", seed_with(status={"a": 1}), "data.status"),
+    ("merged ids text", seed_with(merged_customer_ids="1, 2"), "data.merged_customer_ids"),
+    (
+        "merged into a list",
+        seed_with(merged_into_customer_id=["1"]),
+        "data.merged_into_customer_id",
+    ),
+    ("external ids text", seed_with(external_ids="aiq:1"), "data.external_ids"),
     ("an array", [SEED], "body"),
     ("a number", 3904, "body"),
 ]
@@ -578,15 +586,48 @@ def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Pat
     run(tmp_path, scenario)
 
 
+def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_applied(
+    tmp_path: Path, logs: io.StringIO
+) -> None:
+    """Contract 1 decides the envelope, customer_id and last_update before answering; the
+    receiver also checks the fields the rules stand on (consent, merges, status, external
+    ids). A wrong value in any other field (a first name that is an object) does not hold up
+    the event: the field is left out, as if not sent, and the opt-out goes through."""
+
+    async def scenario(rx: Running) -> None:
+        body = seed_with(first_name={"given": "Jules"}, addresses="Inglewood")
+        response = await rx.post(body)
+        assert response.status_code == 202, response.text
+        (row,) = await settled_inbox(rx, 1)
+        assert row.status == "applied"
+        lines = await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
+        assert [line["op"] for line in lines] == ["upsert", "unsubscribe"]
+        assert "first_name" not in lines[0]["fields"]
+        assert "city" not in lines[0]["fields"]
+        assert lines[0]["fields"]["last_name"] == SEED["data"]["last_name"]
+        assert await rx.rows(quarantine) == []
+
+    run(tmp_path, scenario)
+    dropped = [
+        json.loads(line) for line in logs.getvalue().splitlines() if "fields_dropped" in line
+    ]
+    assert len(dropped) == 1
+    assert dropped[0]["customer_id"] == "3904"
+    assert "data.first_name" in dropped[0]["reason"]
+    assert "data.addresses" in dropped[0]["reason"]
+    assert "jules" not in logs.getvalue().lower()
+    assert "inglewood" not in logs.getvalue().lower()
+
+
 def test_a_stored_event_the_customer_model_refuses_is_quarantined_when_planned(
     tmp_path: Path,
 ) -> None:
-    """The receiver refuses such a body with 422; one already in the inbox (stored by an
-    older version, or by hand) is marked failed when planned and kept in quarantine with its
-    problems, never applied."""
+    """The receiver refuses a body whose merge fields are wrong with 422; one already in the
+    inbox (stored by an older version, or by hand) is marked failed when planned and kept in
+    quarantine with its problems, never applied."""
 
     async def scenario(rx: Running) -> None:
-        raw = json.dumps(seed_with(first_name={"not": "text"}, customer_id="77"))
+        raw = json.dumps(seed_with(merged_into_customer_id=["1"], customer_id="77"))
         assert (await rx.post(raw.encode())).status_code == 422
         store = rx.service.astore.store
         await rx.service.astore.call(
@@ -600,7 +641,7 @@ def test_a_stored_event_the_customer_model_refuses_is_quarantined_when_planned(
         kept = refused[1]
         assert (kept.dispensary, kept.status_code) == (DISPENSARY, 422)
         assert kept.reason.startswith("refused when planned (webhook): ")
-        assert "data.first_name" in kept.reason
+        assert "data.merged_into_customer_id" in kept.reason
         assert kept.body == raw.encode()
         assert await rx.rows(outbox) == []
         # the next good event of the same customer is applied as usual
