@@ -214,14 +214,19 @@ def _plan_rows(
         states = current[dispensary]
         before = states.get(customer.customer_id)
         known = before is not None and before.last_update_us is not None
-        planned = plan(
-            customer,
-            dispensary,
-            states,
-            deployment.dispensaries[dispensary].specs,
-            resend=row.source == "resend",
-            digest=content_hash(customer),
-        )
+        try:
+            planned = plan(
+                customer,
+                dispensary,
+                states,
+                deployment.dispensaries[dispensary].specs,
+                resend=row.source == "resend",
+                digest=content_hash(customer),
+            )
+        except Exception as exc:  # one poisoned event must not hold up every other one
+            outcomes[event_id] = "failed"
+            plans.invalid.append((row, f"could not be planned ({exc.__class__.__name__})"))
+            continue
         if row.run_id is not None:
             plans.planned[event_id] = summary(planned, known=known)
         states.update(planned.states)

@@ -38,7 +38,7 @@ from connector.pipeline import Deployment, plan_without_writing
 from connector.planner import Operation, instant_us
 from connector.store import AsyncStore, InboxRow, NewEvent, Rejected
 from connector.store.runs import Replayed, RunStore
-from connector.treez import parse_customer
+from connector.treez import check_customer
 from connector.treez_api import TreezClient
 
 log = get_logger("connector.reconcile")
@@ -426,18 +426,20 @@ class Reconciler:
         versions: list[int] = []
         for record in records:
             try:
-                customer = parse_customer(record, source="pulled customer")
+                # the rules' fields, as for a webhook: a wrong field outside them is dropped
+                # when planned rather than refusing the customer (and a missed opt-out)
+                customer_id, last_update = check_customer(record, source="pulled customer")
             except EventValidationError as exc:
                 rejected.append(
                     Rejected(dispensary, 422, str(exc)[:2000], "application/json",
                              json.dumps(record).encode())
                 )  # fmt: skip
                 continue
-            us = instant_us(customer.last_update)
+            us = instant_us(last_update)
             versions.append(us)
             body = {"event_type": "CUSTOMER", "dispensary_short_name": dispensary, "data": record}
             events.append(
-                NewEvent(dispensary, source, "CUSTOMER", customer.customer_id, us,
+                NewEvent(dispensary, source, "CUSTOMER", customer_id, us,
                          json.dumps(body, separators=(",", ":")), run_id=run_id)
             )  # fmt: skip
         return events, rejected, versions
@@ -570,7 +572,7 @@ def _describe(op: Operation) -> str:
 
 def _last_update_us(record: dict[str, Any]) -> int | None:
     try:
-        return instant_us(parse_customer(record).last_update)
+        return instant_us(check_customer(record)[1])
     except EventValidationError:
         return None
 

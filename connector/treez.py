@@ -436,6 +436,18 @@ def check_event_json(
     return event
 
 
+def check_customer(record: Any, *, source: str = "customer record") -> tuple[str, datetime]:
+    """A customer object (as the Customer API returns it) checked as the receiver checks a
+    webhook's: its id and ``last_update``, once the fields the rules stand on
+    (:data:`RULE_FIELDS`) are sound. The rest is applied when planned
+    (:func:`parse_stored_event`)."""
+    try:
+        checked = _RuledCustomer.model_validate(record)
+    except ValidationError as exc:
+        raise EventValidationError(source, problems_from(exc)) from None
+    return checked.customer_id, checked.last_update
+
+
 def parse_stored_event(
     raw: bytes | str, *, source: str = "stored event"
 ) -> tuple[TreezEvent, list[Problem]]:

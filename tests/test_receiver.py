@@ -619,6 +619,28 @@ def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_appli
     assert "inglewood" not in logs.getvalue().lower()
 
 
+def test_an_event_the_planner_cannot_handle_holds_up_no_other(tmp_path: Path) -> None:
+    """A lone surrogate escape is valid JSON, but no customer holding it can be hashed or
+    sent: that event is failed and quarantined, and the other customer's event planned in the
+    same batch goes through."""
+
+    async def scenario(rx: Running) -> None:
+        poisoned = json.dumps(seed_with(customer_id="66", first_name="@")).replace(
+            '"first_name": "@"', '"first_name": "\\ud800"'
+        )
+        assert '"first_name": "\\ud800"' in poisoned
+        assert (await rx.post(poisoned.encode())).status_code == 202
+        assert (await rx.post(seed_with(customer_id="67"))).status_code == 202
+        rows = await settled_inbox(rx, 2)
+        assert [(r.customer_id, r.status) for r in rows] == [("66", "failed"), ("67", "applied")]
+        (kept,) = await eventually(lambda: rx.rows(quarantine), bool, "quarantine")
+        assert kept.reason.startswith("refused when planned (webhook): could not be planned")
+        sent = await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
+        assert {line["customer_id"] for line in sent} == {"67"}
+
+    run(tmp_path, scenario)
+
+
 def test_a_stored_event_the_customer_model_refuses_is_quarantined_when_planned(
     tmp_path: Path,
 ) -> None:

@@ -162,6 +162,25 @@ def test_incremental_run_pulls_only_the_changes_and_the_overlap(
     assert {op["fields"]["first_name"] for op in new} == {"Renamed"}
 
 
+def test_a_pulled_customer_with_a_wrong_field_is_applied_without_it(
+    tmp_path: Path, fake: TreezFake
+) -> None:
+    """As for a webhook: a wrong field outside the rules (here an object for a first name)
+    is dropped when planned, so the opt-out the customer also carries is applied."""
+    config = load_config(write_config(tmp_path, fake.base_url))
+    run(config, fake)
+    before = len(lines(tmp_path))
+    customer_id = fake.customer_ids()[5]
+    fake.update(customer_id, first_name={"given": "Ann"}, last_name="Moved", opt_out=True)
+    report = run(config, fake)
+    assert report.outcome == "succeeded"
+    new = [op for op in lines(tmp_path)[before:] if op["customer_id"] == customer_id]
+    assert [op["op"] for op in new] == ["upsert", "unsubscribe"]
+    assert "first_name" not in new[0]["fields"]
+    assert new[0]["fields"]["last_name"] == "Moved"
+    assert store_rows(tmp_path, "SELECT count(*) FROM quarantine") == [(0,)]
+
+
 @pytest.mark.parametrize("paging", ["auto", "anchored", "numbered"])
 def test_a_run_failing_half_way_resumes_and_skips_nothing(
     tmp_path: Path, fake: TreezFake, paging: str
