@@ -25,6 +25,13 @@ class Metrics:
             ["dispensary", "outcome"],
             registry=self.registry,
         )
+        self.fields_dropped = Counter(
+            "connector_fields_dropped",
+            "Customer fields left out of applied events because their value was wrong (by "
+            "field name; a consent identifier such as email or phone matters most)",
+            ["dispensary", "field"],
+            registry=self.registry,
+        )
         self.operations = Counter(
             "connector_operations",
             "Operations sent to destinations, by result (delivered, retried, dead)",

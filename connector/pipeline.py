@@ -27,7 +27,7 @@ from connector.delivery.jsonl import JsonlSink
 from connector.delivery.klaviyo import KlaviyoSink
 from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
-from connector.errors import EventValidationError
+from connector.errors import EventValidationError, Problem
 from connector.logs import get_logger
 from connector.mapping import load_mapping
 from connector.metrics import Metrics
@@ -121,6 +121,7 @@ class BatchResult:
     outcomes: Counter[str] = field(default_factory=Counter)
     by_dispensary: Counter[tuple[str, str]] = field(default_factory=Counter)
     touched: set[tuple[str, str]] = field(default_factory=set)  # (dispensary, destination)
+    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (dispensary, field)
 
 
 @dataclass(slots=True)
@@ -140,6 +141,8 @@ class _Plans:
     # events refused when planned (parse_stored_event): (row, the problems), kept in
     # quarantine with their reason when the batch is written
     invalid: list[tuple[InboxRow, str]] = field(default_factory=list)
+    # applied events whose wrong fields outside the rules were left out: (row, the problems)
+    dropped: list[tuple[InboxRow, list[Problem]]] = field(default_factory=list)
 
 
 def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
@@ -147,13 +150,15 @@ def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
     list[tuple[InboxRow, CustomerEvent]],
     dict[str, set[str]],
     list[tuple[InboxRow, str]],
+    list[tuple[InboxRow, list[Problem]]],
 ]:  # fmt: skip
     """Parse the events; which customers' state each dispensary's batch needs; the events
-    that fail the customer model, with their problems."""
+    refused, with their problems; the fields left out of the others, with theirs."""
     outcomes: dict[int, str] = {}
     work: list[tuple[InboxRow, CustomerEvent]] = []
     related: dict[str, set[str]] = {}
     invalid: list[tuple[InboxRow, str]] = []
+    left_out: list[tuple[InboxRow, list[Problem]]] = []
     for row in rows:
         try:
             event, dropped = parse_stored_event(row.body)
@@ -162,10 +167,7 @@ def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
             invalid.append((row, "; ".join(str(p) for p in exc.problems)))
             continue
         if dropped:
-            # field paths and what is wrong with them: never a value (customer data)
-            log.warning("fields_dropped", dispensary=row.dispensary, source=row.source,
-                        customer_id=row.customer_id,
-                        reason="; ".join(str(p) for p in dropped))  # fmt: skip
+            left_out.append((row, dropped))
         if row.dispensary not in deployment.dispensaries or not isinstance(event, CustomerEvent):
             outcomes[row.id] = "ignored"
             continue
@@ -176,7 +178,7 @@ def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
         if customer.merged_into_customer_id:
             ids.add(customer.merged_into_customer_id)
         work.append((row, event))
-    return outcomes, work, related, invalid
+    return outcomes, work, related, invalid, left_out
 
 
 def summary(planned: Plan, *, known: bool) -> str:
@@ -201,12 +203,13 @@ def _plan_rows(
 ) -> _Plans:
     """Plan ``rows`` one after the other against state held in memory (each event sees the
     effects of the ones before it, as if applied one at a time). No writes."""
-    outcomes, work, related, invalid = _related(rows, deployment)
+    outcomes, work, related, invalid, left_out = _related(rows, deployment)
     loaded = {d: load(d, ids) for d, ids in related.items()}
     current = {d: dict(states) for d, states in loaded.items()}
     plans = _Plans(
         rows, outcomes, related, loaded, current,
         {d: [] for d in related}, {d: [] for d in related}, [], set(), invalid=invalid,
+        dropped=left_out,
     )  # fmt: skip
     for row, event in work:
         event_id, dispensary = row.id, row.dispensary
@@ -240,6 +243,11 @@ def _plan_rows(
         plans.touched.update((dispensary, op.destination) for op in planned.operations)
         outcomes[event_id] = planned.outcome
     return plans
+
+
+def _field_of(problem: Problem) -> str:
+    """``data.addresses[0].city`` → ``addresses``: the customer field a problem is about."""
+    return problem.where.removeprefix("data.").split(".", 1)[0].split("[", 1)[0]
 
 
 # the start of the quarantine reason of a stored event refused when it is planned: the
@@ -289,11 +297,17 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
                 for row, problems in plans.invalid
             ])  # fmt: skip
         store.mark_events(conn, plans.outcomes, plans.planned)
+    result = BatchResult(events=len(plans.rows), touched=plans.touched)
+    for row, dropped in plans.dropped:
+        # field paths and what is wrong with them: never a value (customer data)
+        log.warning("fields_dropped", dispensary=row.dispensary, source=row.source,
+                    customer_id=row.customer_id,
+                    reason="; ".join(str(p) for p in dropped))  # fmt: skip
+        result.dropped.update((row.dispensary, _field_of(p)) for p in dropped)
     for row, problems in plans.invalid:
         # field paths and what is wrong with them: never a value (they are customer data)
         log.warning("event_refused", dispensary=row.dispensary, source=row.source,
                     customer_id=row.customer_id, reason=problems)  # fmt: skip
-    result = BatchResult(events=len(plans.rows), touched=plans.touched)
     result.outcomes.update(plans.outcomes.values())
     dispensary_of = {row.id: row.dispensary for row in plans.rows}
     result.by_dispensary.update((dispensary_of[i], o) for i, o in plans.outcomes.items())
@@ -348,6 +362,8 @@ class Processor:
                 if self.metrics is not None:
                     for (dispensary, outcome), count in result.by_dispensary.items():
                         self.metrics.planned.labels(dispensary, outcome).inc(count)
+                    for (dispensary, name), count in result.dropped.items():
+                        self.metrics.fields_dropped.labels(dispensary, name).inc(count)
                 await self.pressure.yield_after(time.monotonic() - started)
                 if result.events < limit // 4:
                     # a trickle: wait a moment so the next batch carries more events (each

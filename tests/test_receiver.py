@@ -606,6 +606,11 @@ def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_appli
         assert "city" not in lines[0]["fields"]
         assert lines[0]["fields"]["last_name"] == SEED["data"]["last_name"]
         assert await rx.rows(quarantine) == []
+        text = (await rx.client.get("/metrics")).text
+        assert samples(text, "connector_fields_dropped_total") == {
+            (("dispensary", DISPENSARY), ("field", "addresses")): 1.0,
+            (("dispensary", DISPENSARY), ("field", "first_name")): 1.0,
+        }
 
     run(tmp_path, scenario)
     dropped = [
