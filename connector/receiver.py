@@ -106,6 +106,11 @@ class GroupCommitter:
             await asyncio.to_thread(thread.join)
             if self._thread is thread:
                 self._thread = None
+            # a submission that passed its check just as the writer made its last one: it
+            # is on the queue with nobody to take it (later ones see _closing and refuse)
+            left = [self._queue.popleft() for _ in range(len(self._queue))]
+            if left:
+                self._settle(left, StoreUnavailable("the receiver is not running"), False)
 
     def _write(self, ended: asyncio.Event) -> None:
         loop = self._loop

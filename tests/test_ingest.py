@@ -604,3 +604,24 @@ def test_a_commit_thread_that_cannot_start_ends_the_run(
             await committer.submit(events(1)[0])
 
     asyncio.run(scenario())
+
+
+def test_a_submission_racing_the_last_commit_is_refused_not_forgotten(store: Store) -> None:
+    """A request that passed its check just before the writer's last look at the queue: the
+    run's end fails it (503) instead of leaving it waiting."""
+
+    async def scenario() -> None:
+        committer, stopping, task = await _committing(store)
+        thread = committer._thread
+        assert thread is not None
+        stopping.set()
+        while thread.is_alive():  # the writer has made its last look at the queue
+            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        late: asyncio.Future[None] = loop.create_future()
+        committer._queue.append((events(1)[0], late))  # as submit() does after its check
+        await task
+        with pytest.raises(StoreUnavailable, match="not running"):
+            await asyncio.wait_for(late, 5)
+
+    asyncio.run(scenario())
