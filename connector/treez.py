@@ -21,6 +21,7 @@ Quirks handled here (see docs/treez.md of the project's shared notes and the see
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -451,11 +452,11 @@ def check_customer(record: Any, *, source: str = "customer record") -> tuple[str
 def parse_stored_event(
     raw: bytes | str, *, source: str = "stored event"
 ) -> tuple[TreezEvent, list[Problem]]:
-    """Parse an event from the inbox with the whole customer model, and the problems of the
-    fields dropped to do so: a customer field outside :data:`RULE_FIELDS` that the model
-    refuses (a ``first_name`` that is an object) is left out, as if Treez had not sent it (so
-    it never overwrites a value), instead of refusing the whole event with its consent.
-    Raises :class:`EventValidationError` when anything else is wrong."""
+    """Parse an event from the inbox with the whole customer model, and the problems of what
+    was dropped to do so: a customer field outside :data:`RULE_FIELDS` that the model refuses
+    (a ``first_name`` that is an object) is left out, as if Treez had not sent it, instead of
+    refusing the whole event with its consent; in a list (``addresses``), only the elements
+    refused are. Raises :class:`EventValidationError` when anything else is wrong."""
     try:
         return parse_event_json(raw, source=source), []
     except NotJsonError:
@@ -465,22 +466,36 @@ def parse_stored_event(
         if dropped is None:
             raise
         body = json.loads(raw)
-        for name in dropped:
-            del body["data"][name]
+        data = body["data"]
+        for name, elements in dropped.items():
+            value = data[name]
+            if elements is not None and isinstance(value, list):
+                for index in sorted(elements, reverse=True):
+                    del value[index]
+            else:
+                del data[name]
         return parse_event(body, source=source), list(exc.problems)
 
 
-def _data_fields(problems: Sequence[Problem]) -> set[str] | None:
-    """The top-level customer fields ``problems`` are about, if each is one outside
-    :data:`RULE_FIELDS`; None otherwise."""
-    fields = set()
+_ELEMENT = re.compile(r"\[(\d+)\]")
+
+
+def _data_fields(problems: Sequence[Problem]) -> dict[str, set[int] | None] | None:
+    """What ``problems`` are about, if each is a customer field outside :data:`RULE_FIELDS`:
+    by field, the list elements at fault, or None for the whole field; None otherwise."""
+    fields: dict[str, set[int] | None] = {}
     for problem in problems:
         if not problem.where.startswith("data."):
             return None
-        name = problem.where[len("data.") :].split(".", 1)[0].split("[", 1)[0]
+        path = problem.where[len("data.") :]
+        name = path.split(".", 1)[0].split("[", 1)[0]
         if not name or name in RULE_FIELDS:
             return None
-        fields.add(name)
+        element = _ELEMENT.match(path, len(name))
+        if element is None:
+            fields[name] = None
+        elif name not in fields or fields[name] is not None:
+            fields[name] = (fields.get(name) or set()) | {int(element.group(1))}
     return fields
 
 

@@ -357,6 +357,22 @@ def test_not_json_is_told_apart() -> None:
         parse_stored_event(b"{nope")
 
 
+def test_only_the_wrong_elements_of_a_list_are_dropped() -> None:
+    good = dict(SEED["data"]["addresses"][0])
+    body = _seed(addresses=[{"city": ["x"], "primary": False}, good, "nowhere"],
+                 customer_groups=["SENIOR", {"no": 1}], first_name={"a": 1})  # fmt: skip
+    event, dropped = parse_stored_event(body)
+    assert isinstance(event, CustomerEvent)
+    customer = event.customer
+    assert [a.city for a in customer.addresses] == [good["city"]]  # the good one stays
+    assert customer.primary_address is not None
+    assert customer.customer_groups == ["SENIOR"]
+    assert customer.first_name is None
+    assert {p.where.split("[")[0].split(".")[1] for p in dropped} == {
+        "addresses", "customer_groups", "first_name",
+    }  # fmt: skip
+
+
 def test_a_wrong_field_outside_the_rules_is_dropped_when_planned() -> None:
     body = _seed(first_name={"not": "text"}, addresses=[{"city": ["x"]}], opt_out="true")
     assert isinstance(check_event_json(body), ReceivedCustomer)
@@ -367,7 +383,7 @@ def test_a_wrong_field_outside_the_rules_is_dropped_when_planned() -> None:
     assert {p.where for p in dropped} == {"data.first_name", "data.addresses[0].city"}
     customer = event.customer
     assert customer.first_name is None
-    assert customer.addresses == []
+    assert customer.addresses == []  # its only element was wrong
     assert customer.opt_out is True
     assert customer.last_name == SEED["data"]["last_name"]
     assert parse_stored_event(SEED_BYTES)[1] == []
