@@ -36,23 +36,30 @@ def pinned(cpu: int | None) -> list[str]:
 
 
 @contextmanager
-def sink_process(workdir: Path, *args: str, cpu: int | None = 1) -> Iterator[tuple[str, Path]]:
-    """The local HTTP sink (tests/fakes/http_sink.py) in its own process: (url, attempts log)."""
-    log = workdir / "sink-attempts.jsonl"
-    command = [*pinned(cpu), sys.executable, "-m", "tests.fakes.http_sink", "--port", "0",
-               "--attempts-log", str(log), *args]  # fmt: skip
+def fake_process(module: str, *args: str, cpu: int | None = None) -> Iterator[int]:
+    """One of the fakes (``tests.fakes.<name>``) in its own process, optionally pinned to a
+    core; yields the port it printed (``LISTENING <port>``) and stops it with SIGTERM."""
+    command = [*pinned(cpu), sys.executable, "-m", module, "--port", "0", *args]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("LISTENING"):
-            raise RuntimeError(f"the sink did not start: {line!r}")
-        yield f"http://127.0.0.1:{line.split()[1]}/ops", log
+            raise RuntimeError(f"{module} did not start: {line!r}")
+        yield int(line.split()[1])
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+        proc.wait(timeout=30)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@contextmanager
+def sink_process(workdir: Path, *args: str, cpu: int | None = 1) -> Iterator[tuple[str, Path]]:
+    """The local HTTP sink (tests/fakes/http_sink.py) in its own process: (url, attempts log)."""
+    log = workdir / "sink-attempts.jsonl"
+    with fake_process("tests.fakes.http_sink", "--attempts-log", str(log), *args, cpu=cpu) as port:
+        yield f"http://127.0.0.1:{port}/ops", log
 
 
 def write_config(

@@ -22,8 +22,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvloop
 
-from bench._common import ROOT, event_body
+from bench._common import ROOT, event_body, fake_process
 from connector.config import AlpineIQDestination, KlaviyoDestination, load_config
 from connector.delivery.alpineiq import AlpineIQSink
 from connector.delivery.base import Delivery, Sent
@@ -51,21 +49,11 @@ KEYS = {"alpineiq": "aiq_bench_key", "klaviyo": "pk_bench_key"}
 
 
 @contextmanager
-def fake_process(vendor: str) -> Iterator[str]:
+def vendor_fake(vendor: str) -> Iterator[str]:
     """The vendor's fake in its own process, rate limits off; yields its base URL."""
     flags = {"alpineiq": ["--no-rate-limit"], "klaviyo": ["--no-rate-limits"]}[vendor]
-    command = [sys.executable, "-m", f"tests.fakes.{vendor}", "--port", "0",
-               "--api-key", KEYS[vendor], *flags]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("LISTENING"):
-            raise RuntimeError(f"the {vendor} fake did not start: {line!r}")
-        yield f"http://127.0.0.1:{line.split()[1]}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+    with fake_process(f"tests.fakes.{vendor}", "--api-key", KEYS[vendor], *flags) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def write_config(work: Path, vendor: str, base_url: str, bulk_size: int) -> Path:
@@ -193,7 +181,7 @@ def main() -> None:
         for run in ("live", "backfill"):
             with (
                 tempfile.TemporaryDirectory(prefix=f"bench-{vendor}-") as tmp,
-                fake_process(vendor) as base,
+                vendor_fake(vendor) as base,
             ):
                 work = Path(tmp)
                 config = write_config(work, vendor, base, bulk_size)

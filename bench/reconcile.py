@@ -17,34 +17,17 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import ROOT, fake_process
+
 DISPENSARY = "partnersandbox3"
-
-
-@contextmanager
-def process(*args: str) -> Iterator[int]:
-    """A fake in its own process; yields the port it printed (``LISTENING <port>``)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *args, "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("LISTENING"):
-            raise RuntimeError(f"{args[0]} did not start: {line!r}")
-        yield int(line.split()[1])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def write_config(work: Path, treez_port: int, sink_port: int) -> Path:
@@ -95,9 +78,9 @@ def one(customers: int, *, limited: bool) -> tuple[float, float, str]:
     flags = [] if limited else ["--no-rate-limit"]
     with (
         tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmp,
-        process("tests.fakes.treez_api", "--customers", str(customers), "--seed", "1",
+        fake_process("tests.fakes.treez_api", "--customers", str(customers), "--seed", "1",
                 *flags) as treez_port,
-        process("tests.fakes.http_sink") as sink_port,
+        fake_process("tests.fakes.http_sink") as sink_port,
     ):  # fmt: skip
         work = Path(tmp)
         return reconcile(write_config(work, treez_port, sink_port), work)

@@ -4,7 +4,6 @@ assumption says, in process through httpx's ASGI transport (and once as a proces
 from __future__ import annotations
 
 import asyncio
-import select
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes._serve import listening_port
 from fakes.alpineiq import AlpineIQFake, Call, ConsentChange, is_contact_id
 from fakes.clock import HandClock
 
@@ -524,12 +524,8 @@ def test_process_mode_serves_and_exits_cleanly_on_sigterm() -> None:
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         try:
-            assert process.stdout is not None
-            ready, _, _ = select.select([process.stdout], [], [], 20.0)
-            assert ready, "no LISTENING line"
-            line = process.stdout.readline()
-            assert line.startswith("LISTENING "), line
-            base = f"http://127.0.0.1:{int(line.split()[1])}"
+            port = listening_port(process)
+            base = f"http://127.0.0.1:{port}"
             with httpx.Client(base_url=base, headers={"X-APIKEY": "k9"}, timeout=5.0) as client:
                 statuses = [
                     client.post(LOYALTY, json={"uid": "42", "srcID": "1"}).status_code

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import select
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes._serve import listening_port
 from fakes.clock import HandClock
 from fakes.klaviyo import MAX_BULK_BYTES, RATE_LIMITS, KlaviyoFake, RateLimit, serve
 
@@ -1102,13 +1102,9 @@ def test_process_mode_prints_listening_and_exits_cleanly_on_sigterm() -> None:
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         try:
-            assert process.stdout is not None
-            ready, _, _ = select.select([process.stdout], [], [], 20.0)
-            assert ready, "no LISTENING line"
-            line = process.stdout.readline()
-            assert line.startswith("LISTENING "), line
+            port = listening_port(process)
             headers = {**HEADERS, "Authorization": "Klaviyo-API-Key pk_bench"}
-            base_url = f"http://127.0.0.1:{int(line.split()[1])}"
+            base_url = f"http://127.0.0.1:{port}"
             with httpx.Client(base_url=base_url, headers=headers, timeout=5.0) as client:
                 body = json.dumps(profile(email="a@b.co"))
                 assert client.post("/api/profile-import", content=body).status_code == 201

@@ -16,7 +16,6 @@ import collections
 import datetime as dt
 import json
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from urllib.parse import quote
 import httpx
 import phonenumbers
 import pytest
+from fakes._serve import listening_port
 from fakes.clock import HandClock
 from fakes.treez_api import (
     CUSTOMER_DOESNT_EXIST,
@@ -968,12 +968,8 @@ def test_process_mode_prints_listening_and_exits_cleanly_on_sigterm() -> None:
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         try:
-            assert process.stdout is not None
-            ready, _, _ = select.select([process.stdout], [], [], 20.0)
-            assert ready, "no LISTENING line"
-            line = process.stdout.readline()
-            assert line.startswith("LISTENING "), line
-            base_url = f"http://127.0.0.1:{int(line.split()[1])}/v2.0/dispensary/partnersandbox3"
+            port = listening_port(process)
+            base_url = f"http://127.0.0.1:{port}/v2.0/dispensary/partnersandbox3"
             with httpx.Client(base_url=base_url, timeout=5.0) as client:
                 path = "/config/api/gettokens"
                 wrong = client.post(path, data={"client_id": "cid", "apikey": "nope"})

@@ -4,7 +4,6 @@ behaves as documented, over real HTTP."""
 from __future__ import annotations
 
 import json
-import select
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes._serve import listening_port
 from fakes.http_sink import (
     Attempt,
     HttpSink,
@@ -408,12 +408,7 @@ def test_process_mode_records_and_exits_cleanly_on_sigterm(tmp_path: Path) -> No
         text=True,
     ) as process:
         try:
-            assert process.stdout is not None
-            ready, _, _ = select.select([process.stdout], [], [], 20.0)
-            assert ready, "no LISTENING line"
-            line = process.stdout.readline()
-            assert line.startswith("LISTENING "), line
-            port = int(line.split()[1])
+            port = listening_port(process)
             url = f"http://127.0.0.1:{port}/ops"
             with httpx.Client(timeout=5.0) as client:
                 assert post(client, url, make_op("1"), key="key-1").json() == {"contact_id": "c-1"}

@@ -247,14 +247,7 @@ class Store:
         if events and self._sqlite:
             # the receiver's hot path: the driver's executemany, without SQLAlchemy's
             # per-row parameter processing (a third of the cost of a webhook)
-            conn.exec_driver_sql(
-                _INSERT_INBOX_SQL,
-                [
-                    (e.dispensary, e.source, e.event_type, e.customer_id, e.last_update_us,
-                     now, e.body, e.status, None if e.status == "pending" else now, e.run_id)
-                    for e in events
-                ],
-            )  # fmt: skip
+            conn.exec_driver_sql(_INSERT_INBOX_SQL, [_inbox_row(e, now) for e in events])
         elif events:
             conn.execute(
                 insert(inbox),
@@ -1021,6 +1014,13 @@ def _pid_alive(pid: int) -> bool:
     return state != ["Z"]
 
 
+def _inbox_row(event: NewEvent, now: float) -> tuple[Any, ...]:
+    """An inbox row in the column order of :data:`_INSERT_INBOX_VALUES`."""
+    e = event
+    return (e.dispensary, e.source, e.event_type, e.customer_id, e.last_update_us, now,
+            e.body, e.status, None if e.status == "pending" else now, e.run_id)  # fmt: skip
+
+
 _INBOX_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INBOX_ROWS_PER_INSERT = 99  # 990 parameters: under the 999 of any SQLite build
 
@@ -1074,11 +1074,7 @@ class InboxWriter:
             raise sqlite3.OperationalError("database is locked")
         try:
             now = time.time()  # under the write lock: arrival times follow the ids
-            rows = [
-                (e.dispensary, e.source, e.event_type, e.customer_id, e.last_update_us, now,
-                 e.body, e.status, None if e.status == "pending" else now, e.run_id)
-                for e in events
-            ]  # fmt: skip
+            rows = [_inbox_row(e, now) for e in events]
             for start in range(0, len(rows), _INBOX_ROWS_PER_INSERT):
                 chunk = rows[start : start + _INBOX_ROWS_PER_INSERT]
                 raw.execute(

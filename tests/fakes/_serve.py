@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import select
 import signal
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -62,6 +67,42 @@ def make_server(app: Any, loop: str = DEFAULT_LOOP, *, quiet: bool) -> uvicorn.S
         timeout_graceful_shutdown=2,
     )
     return uvicorn.Server(config)
+
+
+@contextmanager
+def serve_in_thread(
+    app: Any, *, host: str, port: int, name: str, start_timeout: float = 10.0
+) -> Iterator[int]:
+    """Serve ``app`` from a background thread (in-process use); yields the port it listens
+    on, and stops the server (forcing it after 5 s) when the block ends."""
+    sock = bind_socket(host, port)
+    server = make_server(app, DEFAULT_LOOP, quiet=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.002)
+        yield int(sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(5.0)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(5.0)
+        sock.close()
+
+
+def listening_port(process: subprocess.Popen[str], timeout: float = 20.0) -> int:
+    """The other side of process mode: wait for the fake's ``LISTENING <port>`` line."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, "no LISTENING line"
+    line = process.stdout.readline()
+    assert line.startswith("LISTENING "), line
+    return int(line.split()[1])
 
 
 def serve_until_signalled(server: uvicorn.Server, sock: socket.socket) -> int:

@@ -101,6 +101,7 @@ from ._serve import (
     bind_socket,
     http_body,
     make_server,
+    serve_in_thread,
     serve_until_signalled,
 )
 
@@ -1477,26 +1478,9 @@ def serve(
     fake: KlaviyoFake, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 10.0
 ) -> Iterator[str]:
     """Serve ``fake`` over HTTP from a background thread; yields its base url."""
-    sock = bind_socket(host, port)
-    server = make_server(fake, DEFAULT_LOOP, quiet=True)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="klaviyo-fake", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + start_timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the Klaviyo fake did not start")
-            time.sleep(0.002)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(5.0)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(5.0)
-        sock.close()
+    with serve_in_thread(fake, host=host, port=port, name="klaviyo-fake",
+                         start_timeout=start_timeout) as bound:  # fmt: skip
+        yield f"http://{host}:{bound}"
 
 
 # ---- process mode ------------------------------------------------------------------------------

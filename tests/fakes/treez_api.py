@@ -127,6 +127,7 @@ from ._serve import (
     bind_socket,
     http_body,
     make_server,
+    serve_in_thread,
     serve_until_signalled,
 )
 
@@ -1268,27 +1269,9 @@ def serve(
 ) -> Iterator[str]:
     """Serve ``fake`` over HTTP from a background thread; yields its v2 base url (ending with
     ``/v2.0/dispensary/{dispensary}``)."""
-    sock = bind_socket(host, port)
-    server = make_server(fake, DEFAULT_LOOP, quiet=True)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="treez-fake", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + start_timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the Treez fake did not start")
-            time.sleep(0.002)
-        port = sock.getsockname()[1]
-        yield f"http://{host}:{port}/v2.0/dispensary/{fake.dispensary}"
-    finally:
-        server.should_exit = True
-        thread.join(5.0)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(5.0)
-        sock.close()
+    with serve_in_thread(fake, host=host, port=port, name="treez-fake",
+                         start_timeout=start_timeout) as bound:  # fmt: skip
+        yield f"http://{host}:{bound}/v2.0/dispensary/{fake.dispensary}"
 
 
 # ---- process mode ------------------------------------------------------------------------------
