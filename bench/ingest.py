@@ -49,18 +49,31 @@ def child_pid(pid: int) -> int | None:
 
 
 LUA = """
-local counter = 0
+-- every request is a new customer version: an 8-digit id and a fixed-width timestamp, so all
+-- requests have the same length. The raw request is rendered once around two markers, and each
+-- request only joins five strings: the client's own CPU (gsub over the body, then wrk.format)
+-- took 35-45 us a request, about as much as the no-op route's server, on a 2-core machine.
 local template = [==[%s]==]
+local start = %d
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
+local ID, TS = string.rep("#", 8), string.rep("@", 29)
+local function timestamp(s)
+  return string.format("2026-06-%%02dT%%02d:%%02d:%%02d.000-07:00",
+    1 + math.floor(s / 86400) %% 28, math.floor(s / 3600) %% 24, math.floor(s / 60) %% 60, s %% 60)
+end
+local raw = wrk.format(nil, nil, nil, (template:gsub("__ID__", ID):gsub("__TS__", TS)))
+local a = assert(string.find(raw, ID, 1, true))
+local b = assert(string.find(raw, TS, 1, true))
+assert(a < b and #timestamp(0) == #TS)
+local r1, r2, r3 = raw:sub(1, a - 1), raw:sub(a + #ID, b - 1), raw:sub(b + #TS)
+local counter = 0
 request = function()
   counter = counter + 1
-  local s = counter
-  local ts = string.format("2026-06-%%02dT%%02d:%%02d:%%02d.000-07:00",
-    1 + math.floor(s / 86400) %% 28, math.floor(s / 3600) %% 24, math.floor(s / 60) %% 60, s %% 60)
-  local body = template:gsub("__ID__", tostring(%d + counter)):gsub("__TS__", ts)
-  return wrk.format(nil, nil, nil, body)
+  local id = tostring(start + counter)
+  assert(#id == #ID)
+  return r1 .. id .. r2 .. timestamp(counter) .. r3
 end
 """
 
@@ -99,7 +112,7 @@ def main() -> None:
         scripts = {}
         for name, start in (("noop", 10_000_000), ("durable", 20_000_000)):
             scripts[name] = work / f"{name}.lua"
-            scripts[name].write_text(LUA % (template, TOKEN, start))
+            scripts[name].write_text(LUA % (template, start, TOKEN))
         with sink_process(work) as (sink_url, _log):
             config = write_config(work, sink_url)
             pids: list[int] = []
