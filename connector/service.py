@@ -31,7 +31,7 @@ RETENTION_SECONDS = 3600.0
 
 
 Role = Literal["all", "receiver", "pipeline"]
-RECEIVER_SWITCH_SECONDS = 0.0001
+RECEIVER_SWITCH_SECONDS = 0.0002
 
 
 class Service:
@@ -135,10 +135,11 @@ class Service:
         # Threads hand the interpreter lock to each other after every system call. With the
         # default 5 ms switch interval the event loop would wait up to 5 ms for it behind the
         # CPU-bound planning thread (a convoy); 0.5 ms keeps the receiver responsive. The
-        # receiver alone goes further: its commit thread takes the lock back three times a
-        # commit (begin, insert, fsync) from a busy event loop, and at 0.5 ms each of those
-        # waits cost more than the commit itself (bench/ingest.py: 2.4 ms a commit, 0.6 at
-        # 0.1 ms).
+        # receiver alone goes further: its commit thread takes the lock back from a busy
+        # event loop once a commit (InboxWriter), and waits up to an interval for it. At
+        # 0.5 ms and above the webhooks' p99 rose from 9 to 45 ms; at 0.1 ms the forced
+        # switches cost the loop 10-15 us of CPU a request (bench/ingest.py, durable route:
+        # 12,300 req/s at 0.05 ms, 13,100 at 0.2 ms, 13,000 at 0.3 ms, 12,600 at 0.5 ms).
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(RECEIVER_SWITCH_SECONDS if self.role == "receiver" else 0.0005)
         store = self.astore.store

@@ -36,6 +36,9 @@ from connector.treez import (
     OtherEvent,
     ReceivedCustomer,
     TestPing,
+    _check_with_model,
+    _quick_check,
+    _QuickCustomer,
     check_event_json,
     parse_event_json,
     parse_stored_event,
@@ -52,6 +55,13 @@ INBOX_COLUMNS = (
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     opened = Store(f"sqlite:///{tmp_path / 'store.db'}", timeout=0.3)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def writer(store: Store) -> Iterator[InboxWriter]:
+    opened = store.inbox_writer()
     yield opened
     opened.close()
 
@@ -103,25 +113,19 @@ def test_the_inbox_writer_stores_what_add_events_stores(tmp_path: Path) -> None:
         reference.close()
 
 
-def test_the_inbox_writer_commits_durably_by_default(store: Store) -> None:
-    writer = store.inbox_writer()
-    try:
-        writer.add(events(1))
-        assert writer._raw is not None
-        assert writer._raw.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
-    finally:
-        writer.close()
+def test_the_inbox_writer_commits_durably_by_default(writer: InboxWriter) -> None:
+    writer.add(events(1))
+    assert writer._raw is not None
+    assert writer._raw.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
 
 
-def test_a_batch_with_refused_bodies_goes_through_the_store(store: Store) -> None:
-    writer = store.inbox_writer()
-    try:
-        writer.add(events(2), [Rejected("d", 415, "content type must be ...", "text/plain", b"x")])
-        assert writer._raw is None  # not the driver connection
-        assert len(inbox_rows(store)) == 2
-        assert [r.status_code for r in store.query(select(quarantine))] == [415]
-    finally:
-        writer.close()
+def test_a_batch_with_refused_bodies_goes_through_the_store(
+    store: Store, writer: InboxWriter
+) -> None:
+    writer.add(events(2), [Rejected("d", 415, "content type must be ...", "text/plain", b"x")])
+    assert writer._raw is None  # not the driver connection
+    assert len(inbox_rows(store)) == 2
+    assert [r.status_code for r in store.query(select(quarantine))] == [415]
 
 
 def test_a_locked_store_is_unavailable_and_nothing_is_half_written(
@@ -143,18 +147,36 @@ def test_a_locked_store_is_unavailable_and_nothing_is_half_written(
         writer.close()
 
 
-def test_a_failed_statement_is_rolled_back(store: Store) -> None:
-    writer = store.inbox_writer()
-    try:
-        bad = events(3)
-        bad[2] = NewEvent("d", "webhook", "CUSTOMER", "x", 1, "{}", None)  # type: ignore[arg-type]
-        with pytest.raises(StoreUnavailable, match="NOT NULL"):
-            writer.add(bad)
-        assert inbox_rows(store) == []
-        writer.add(events(1))
-        assert len(inbox_rows(store)) == 1
-    finally:
-        writer.close()
+def test_a_failed_statement_is_rolled_back(store: Store, writer: InboxWriter) -> None:
+    bad = events(3)
+    bad[2] = NewEvent("d", "webhook", "CUSTOMER", "x", 1, "{}", None)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable, match="NOT NULL"):
+        writer.add(bad)
+    assert inbox_rows(store) == []
+    writer.add(events(1))
+    assert len(inbox_rows(store)) == 1
+
+
+def test_a_batch_is_one_statement_committed_on_its_own(store: Store, writer: InboxWriter) -> None:
+    writer.add(events(3))
+    assert writer._raw is not None
+    assert not writer._raw.in_transaction  # committed by the statement itself
+    with contextlib.closing(sqlite3.connect(store.engine.url.database)) as other:
+        assert other.execute("SELECT count(*) FROM inbox").fetchone() == (3,)
+
+
+def test_a_batch_too_big_for_one_statement_is_one_transaction(
+    store: Store, writer: InboxWriter
+) -> None:
+    writer.add(events(1))
+    writer._variables = 30  # three rows a statement, as an SQLite build with a low limit
+    writer.add(events(7, start=10))
+    assert [r[3] for r in inbox_rows(store)] == ["0", *(str(10 + i) for i in range(7))]
+    bad = events(7, start=20)
+    bad[5] = NewEvent("d", "webhook", "CUSTOMER", "x", 1, "{}", None)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable, match="NOT NULL"):
+        writer.add(bad)  # its second statement fails: the first is undone with it
+    assert len(inbox_rows(store)) == 8
 
 
 def test_without_a_database_file_the_writer_uses_the_store(tmp_path: Path) -> None:
@@ -456,6 +478,135 @@ def test_what_the_receiver_accepts_is_planned_with_the_same_rules(
                 assert name in customer.model_fields_set, name
     else:
         assert checked == event
+
+
+# --- the quick check: the rule model's answers, sooner ---
+
+
+def test_the_quick_check_covers_the_fields_the_rules_stand_on() -> None:
+    # a rule field added to the model and not to the quick check would go unchecked there
+    assert set(_QuickCustomer.__struct_fields__) == RULE_FIELDS
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # the seed: text ids, "false", null external ids, an empty merge list
+        {"customer_id": 3904, "opt_out": True, "merged_customer_ids": ["12", 13]},
+        {"opt_out": " TRUE ", "merged_into_customer_id": "N/A", "status": "DEACTIVATED"},
+        {
+            "external_ids": {"aiq_contact_id": 77, "other": [1]},
+            "last_update": "2026-04-24T11:38:21Z",
+        },
+        {"opt_out": None, "last_update": "2026-04-24T11:38:21.123456+05:30"},
+    ],
+)
+def test_the_quick_check_takes_what_treez_sends(changes: dict[str, Any]) -> None:
+    raw = _seed(**changes)
+    quick = _quick_check(raw)
+    assert quick is not None  # else the receiver pays for the model on every webhook
+    assert quick == _check_with_model(raw, "body")
+    assert quick == _quick_check(raw.decode())  # the receiver passes text
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["NaN", "-Infinity", '"\\ud800"', "-0", "1E+2", "123456789012345678901234567890",
+     "1.5e999", '"\\u0000"', "01", "[1,]", '"\\x41"'],
+)  # fmt: skip
+def test_the_quick_check_is_never_more_lenient_about_json(token: str) -> None:
+    raw = SEED_BYTES.rstrip()[:-1] + b', "extra": ' + token.encode() + b"}"
+    quick = _quick_check(raw)
+    try:
+        model = _check_with_model(raw, "body")
+    except EventValidationError:
+        assert quick is None
+    else:
+        assert quick is None or quick == model
+
+
+_timestamps = st.one_of(
+    st.builds(
+        "{:04d}-{:02d}-{:02d}{}{:02d}:{:02d}:{:02d}{}{}".format,
+        st.integers(0, 9999), st.integers(0, 13), st.integers(0, 32), st.sampled_from("Tt "),
+        st.integers(0, 25), st.integers(0, 61), st.integers(0, 61),
+        st.sampled_from(["", ".5", ".123", ".123456", ".1234567", "."]),
+        st.sampled_from(["Z", "z", "+00:00", "-07:00", "+23:59", "+24:00", "-00:60", "+05:30",
+                         "", "+0700", "-07", "+99:99"]),
+    ),
+    st.builds(
+        "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}{}{}".format,
+        st.integers(1, 9999), st.integers(1, 12), st.integers(1, 31), st.integers(0, 23),
+        st.integers(0, 59), st.integers(0, 59), st.sampled_from(["", ".000", ".5", ".999999"]),
+        st.sampled_from(["Z", "+00:00", "-07:00", "+14:00", "-23:59"]),
+    ),
+    st.sampled_from(["2026-04-24T11:38:21.000-07:00", "\uff12026-04-24T11:38:21Z"]),
+    st.text(max_size=12), st.integers(), st.none(),
+)  # fmt: skip
+_ids = st.one_of(
+    st.text(max_size=4), st.sampled_from(["N/A", "", " ", " 12 "]), st.integers(-9, 10**20),
+    st.booleans(), st.none(), st.floats(allow_infinity=False),
+)  # fmt: skip
+_rule_values: dict[str, st.SearchStrategy[Any]] = {
+    "customer_id": _ids,
+    "last_update": _timestamps,
+    "opt_out": st.one_of(
+        st.booleans(), st.none(), st.integers(-1, 2), st.floats(0, 1),
+        st.sampled_from(["true", " TRUE ", "false", "0", "1", "yes", "n", "", "maybe", "N/A"]),
+    ),
+    "status": st.one_of(st.none(), st.text(max_size=8), st.integers(), st.lists(st.none())),
+    "merged_customer_ids": st.one_of(st.none(), st.lists(_ids, max_size=3), st.text(max_size=2),
+                                     st.dictionaries(st.text(max_size=2), st.none())),
+    "merged_into_customer_id": st.one_of(_ids, st.lists(st.none(), max_size=1)),
+    "external_ids": st.one_of(
+        st.none(), st.lists(st.integers(), max_size=1), st.text(max_size=2),
+        st.fixed_dictionaries({}, optional={"aiq_contact_id": _ids, "sticky_cards_contact_id": _ids,
+                                            "other": st.integers()}),
+    ),
+}  # fmt: skip
+
+
+_changes = st.fixed_dictionaries(
+    {}, optional={name: st.one_of(values, st.just(...)) for name, values in _rule_values.items()}
+)
+_envelopes = st.fixed_dictionaries(
+    {},
+    optional={
+        "event_type": st.sampled_from(["CUSTOMER", "customer", " CUSTOMER", "TICKET", 5, ...]),
+        "dispensary_short_name": st.one_of(st.text(max_size=3), st.none(), st.integers()),
+        "test": st.one_of(st.none(), st.booleans()),
+    },
+)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=_changes, envelope=_envelopes, as_text=st.booleans())
+def test_the_quick_check_answers_as_the_rule_model(
+    changes: dict[str, Any], envelope: dict[str, Any], as_text: bool
+) -> None:
+    """For any body: the quick check says nothing, or what the model says (same customer id,
+    same instant and offset, same dispensary); it never takes what the model refuses."""
+    body = copy.deepcopy(SEED)
+    for target, values in ((body["data"], changes), (body, envelope)):
+        for key, value in values.items():
+            if value is ...:
+                target.pop(key, None)
+            else:
+                target[key] = value
+    encoded = json.dumps(body)
+    raw: bytes | str = encoded if as_text else encoded.encode()
+    quick = _quick_check(raw)
+    try:
+        model = _check_with_model(raw, "body")
+    except EventValidationError:
+        assert quick is None
+        return
+    if quick is not None:
+        assert isinstance(model, ReceivedCustomer)
+        assert quick.customer_id == model.customer_id
+        assert quick.last_update == model.last_update
+        assert quick.last_update.utcoffset() == model.last_update.utcoffset()
+        assert quick.dispensary_short_name == model.dispensary_short_name
 
 
 # --- ingestion first ---

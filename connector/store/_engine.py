@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -69,7 +70,14 @@ def _begin_immediate(connection: Any, raw: Any, timeout: float) -> None:
 def begin_immediate(raw: sqlite3.Connection, timeout: float) -> bool:
     """``BEGIN IMMEDIATE`` on a driver connection whose busy timeout is 0, waiting up to
     ``timeout`` for a writer in another process: True once begun, False when the time is up
-    (another error is raised as it is).
+    (another error is raised as it is). See :func:`when_unlocked`."""
+    return when_unlocked(lambda: raw.execute("BEGIN IMMEDIATE"), timeout)
+
+
+def when_unlocked(write: Callable[[], object], timeout: float) -> bool:
+    """Run ``write``, a statement that takes SQLite's write lock on a connection whose busy
+    timeout is 0, again while the lock is held elsewhere, up to ``timeout``: True once it ran,
+    False when the time is up (another error is raised as it is).
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20 ms... between tries: with the
     receiver and the pipeline process both committing every few milliseconds, each would
@@ -80,7 +88,7 @@ def begin_immediate(raw: sqlite3.Connection, timeout: float) -> bool:
     delay = 0.0002
     while True:
         try:
-            raw.execute("BEGIN IMMEDIATE")
+            write()
             return True
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -38,7 +39,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from connector.errors import StoreError, StoreUnavailable
 from connector.planner import ContactState, CustomerState, Operation
-from connector.store._engine import begin_immediate, make_engine
+from connector.store._engine import begin_immediate, make_engine, when_unlocked
 from connector.store.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -92,7 +93,7 @@ _FILL_CONTACT_ID = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for each webhook, where frozen's __init__ costs 4x
 class NewEvent:
     dispensary: str
     source: str
@@ -1021,25 +1022,34 @@ def _inbox_row(event: NewEvent, now: float) -> tuple[Any, ...]:
             e.body, e.status, None if e.status == "pending" else now, e.run_id)  # fmt: skip
 
 
-_INBOX_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_INBOX_ROWS_PER_INSERT = 99  # 990 parameters: under the 999 of any SQLite build
+_INBOX_COLUMNS = 10
+
+
+@functools.lru_cache(maxsize=128)
+def _inbox_insert(rows: int) -> str:
+    """The ``INSERT`` of ``rows`` inbox rows (:func:`_inbox_row`)."""
+    return _INSERT_INBOX_VALUES + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
 
 
 class InboxWriter:
     """Commits the receiver's batches of events: what :meth:`Store.add_events` does, faster.
 
-    With SQLite it owns a driver connection and writes a batch as ``BEGIN IMMEDIATE``, one
-    multi-row ``INSERT`` and ``COMMIT`` (``synchronous`` as the store's: FULL by default).
-    The thread running it gives the interpreter lock up during each of those three steps and
-    must win it back from a busy event loop: SQLAlchemy's path (pragmas around the begin, a
-    step per row, the pool) took it back a dozen times a commit, and each time could wait a
-    switch interval. A batch with refused bodies, and every other database, goes through
+    With SQLite it owns a driver connection. A batch is one multi-row ``INSERT`` in
+    autocommit mode: a single statement is its own transaction, so SQLite takes the write
+    lock, inserts and commits (``synchronous`` as the store's: FULL by default) in one step,
+    and the thread running it gives the interpreter lock up and must win it back from a busy
+    event loop once a batch. SQLAlchemy's path (pragmas around the begin, a step per row, the
+    pool) took it back a dozen times, and ``BEGIN IMMEDIATE``, ``INSERT``, ``COMMIT`` three
+    times; each could wait a switch interval. A batch with more values than the SQLite build
+    takes in one statement is written in chunks between ``BEGIN IMMEDIATE`` and ``COMMIT``.
+    A batch with refused bodies, and every other database, goes through
     :meth:`Store.add_events`. One thread only: the one that commits the receiver's batches.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._raw: sqlite3.Connection | None = None
+        self._variables = 0  # the most values one statement takes (SQLITE_LIMIT_VARIABLE_NUMBER)
         database = store.engine.url.database if store._sqlite else None
         self._path = database if database and database != ":memory:" else None
 
@@ -1057,7 +1067,7 @@ class InboxWriter:
             reason = str(exc).splitlines()[0][:120] or exc.__class__.__name__
             raise StoreUnavailable(f"the store cannot take the write ({reason})") from None
 
-    def _add(self, events: Sequence[NewEvent]) -> None:
+    def _connect(self) -> sqlite3.Connection:
         raw = self._raw
         if raw is None:
             assert self._path is not None
@@ -1066,21 +1076,34 @@ class InboxWriter:
             )
             try:
                 raw.execute(f"PRAGMA synchronous={self.store._synchronous}")
+                self._variables = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
             except BaseException:
                 raw.close()
                 raise
             self._raw = raw
+        return raw
+
+    def _add(self, events: Sequence[NewEvent]) -> None:
+        raw = self._connect()
+        if len(events) * _INBOX_COLUMNS <= self._variables:
+            statement = _inbox_insert(len(events))
+
+            def write() -> None:
+                now = time.time()  # at each try: the arrival, just before the write lock
+                raw.execute(statement, [value for e in events for value in _inbox_row(e, now)])
+
+            if not when_unlocked(write, self.store.timeout):
+                raise sqlite3.OperationalError("database is locked")
+            return
         if not begin_immediate(raw, self.store.timeout):
             raise sqlite3.OperationalError("database is locked")
         try:
             now = time.time()  # under the write lock: arrival times follow the ids
             rows = [_inbox_row(e, now) for e in events]
-            for start in range(0, len(rows), _INBOX_ROWS_PER_INSERT):
-                chunk = rows[start : start + _INBOX_ROWS_PER_INSERT]
-                raw.execute(
-                    _INSERT_INBOX_VALUES + ", ".join([_INBOX_ROW] * len(chunk)),
-                    [value for row in chunk for value in row],
-                )
+            per_statement = max(1, self._variables // _INBOX_COLUMNS)
+            for start in range(0, len(rows), per_statement):
+                chunk = rows[start : start + per_statement]
+                raw.execute(_inbox_insert(len(chunk)), [value for row in chunk for value in row])
             raw.execute("COMMIT")
         except BaseException:
             if raw.in_transaction:
