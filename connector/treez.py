@@ -462,12 +462,30 @@ _TIMESTAMP = re.compile(
 )
 
 
+# What msgspec takes in a field it skips and the model's JSON parsers refuse: a number of
+# more than 4,300 digits (Python's int limit; msgspec never converts it), and nesting past the
+# depth json.loads reaches (msgspec's own limit is a little deeper). Such bodies go to the model.
+_INT_DIGITS = 4300
+_LONG_NUMBER = re.compile(rf"(?<![0-9])[0-9]{{{_INT_DIGITS + 1}}}")  # tried at run starts only
+_MOST_OPENERS = 200  # "[" and "{" anywhere: nesting no deeper than pydantic's parser goes
+
+
 def _quick_check(raw: bytes | str) -> ReceivedCustomer | None:
     """A sound CUSTOMER event as :func:`_check_with_model` would return it, or None when not
     sure (which is no verdict: the model decides)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")  # msgspec would skip bad UTF-8 in a field it ignores
+        except UnicodeDecodeError:
+            return None
+    if raw.count("{") + raw.count("[") > _MOST_OPENERS:
+        return None
+    if len(raw) > _INT_DIGITS and _LONG_NUMBER.search(raw) is not None:  # 7 ns a character
+        return None
     try:
         envelope = _QUICK.decode(raw)
-    except msgspec.DecodeError:  # not JSON, or a shape the model may still accept
+    # not JSON, or a shape the model may still accept; a lone surrogate in the text
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
         return None
     if envelope.event_type != "CUSTOMER" or envelope.test is not msgspec.UNSET:
         return None

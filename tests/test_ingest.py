@@ -512,7 +512,8 @@ def test_the_quick_check_takes_what_treez_sends(changes: dict[str, Any]) -> None
 @pytest.mark.parametrize(
     "token",
     ["NaN", "-Infinity", '"\\ud800"', "-0", "1E+2", "123456789012345678901234567890",
-     "1.5e999", '"\\u0000"', "01", "[1,]", '"\\x41"'],
+     "1.5e999", '"\\u0000"', "01", "[1,]", '"\\x41"', "7" * 4300, "7" * 4301, "-" + "7" * 4301,
+     "[" * 150 + "]" * 150, "[" * 995 + "]" * 995, "[" * 2000 + "]" * 2000],
 )  # fmt: skip
 def test_the_quick_check_is_never_more_lenient_about_json(token: str) -> None:
     raw = SEED_BYTES.rstrip()[:-1] + b', "extra": ' + token.encode() + b"}"
@@ -523,6 +524,19 @@ def test_the_quick_check_is_never_more_lenient_about_json(token: str) -> None:
         assert quick is None
     else:
         assert quick is None or quick == model
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        SEED_BYTES.replace(b'"Jules"', b'"J\xffles"'),  # not UTF-8, in a field it skips
+        SEED_BYTES.replace(b'"3904"', b'"39\xed\xa0\x8004"'),  # an encoded surrogate
+        SEED_BYTES.decode().replace('"3904"', '"39\ud80004"'),  # a lone surrogate in text
+    ],
+)
+def test_the_quick_check_leaves_what_is_not_clean_unicode_to_the_model(raw: bytes | str) -> None:
+    assert raw != (SEED_BYTES if isinstance(raw, bytes) else SEED_BYTES.decode())
+    assert _quick_check(raw) is None  # no verdict, and no exception
 
 
 _timestamps = st.one_of(
