@@ -98,7 +98,7 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=6, help="per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -160,6 +160,11 @@ def main() -> None:
     ratio = medians["durable"] / medians["noop"]
     verdict = "meets" if ratio >= 0.5 else "MISSES"
     print(f"durable / no-op = {ratio:.2f}: {verdict} the 0.5 target")
+    # the spread from round to round (each durable round against the no-op round before it):
+    # how far to trust the median on this machine
+    paired = zip(results["noop"], results["durable"], strict=True)
+    pairs = [durable["rate"] / noop["rate"] for noop, durable in paired]
+    print(f"per round: {min(pairs):.2f} to {max(pairs):.2f}")
     print(f"operations still queued for the sink when the run ended: {metrics}")
 
 
