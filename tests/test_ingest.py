@@ -94,7 +94,7 @@ def write_lock(database: Path) -> Iterator[None]:
 
 
 def test_the_inbox_writer_stores_what_add_events_stores(tmp_path: Path) -> None:
-    batch = events(250) + events(3, start=900, status="ignored")  # 3 statements of rows
+    batch = events(250) + events(3, start=900, status="ignored")
     reference = Store(f"sqlite:///{tmp_path / 'reference.db'}")
     reference.add_events(batch)
     fast = Store(f"sqlite:///{tmp_path / 'fast.db'}")
