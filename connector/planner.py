@@ -202,6 +202,8 @@ def plan(
         if deactivated:
             if not contact.deactivated:
                 body = _body("deactivate", dispensary, cid)
+                if dest.consent_fields:  # to find the contact again if its id is gone
+                    body["fields"] = _consent_fields(customer, dispensary, dest)
                 contact = replace(contact, deactivated=True)
                 ops.append(_op(dest.name, cid, "deactivate", body, version, "", contact))
                 contact = replace(contact, planned=contact.planned + 1)

@@ -52,6 +52,9 @@ class Sent:
 
     contact_id: str | None = None
     conflict: str | None = None  # kind: detail, for the conflicts table
+    # the contact id the identity map held that the destination said is gone (merged away
+    # on its side, deleted): ``contact_id`` then replaces it in the map
+    replaces: str | None = None
 
 
 Result = Sent | DeliveryError
