@@ -112,6 +112,9 @@ class ServerConfig(_Model):
     # plan and deliver in a second process beside the receiver, so each gets a core (one
     # Python process is bound by its interpreter lock); false: everything in one process
     pipeline_process: bool = True
+    # how far past its receipt an event's last_update may order it: a clock set wrong at
+    # the till (a 2099 date) must not make every later event of that customer stale
+    max_future_skew_seconds: float = Field(default=300.0, ge=0, le=86_400)
 
 
 class PolicyConfig(_Model):

@@ -92,10 +92,11 @@ class Deployment:
     """Everything the planner needs, compiled once from the configuration."""
 
     dispensaries: dict[str, DispensaryRuntime] = field(default_factory=dict)
+    future_skew_us: int = 300_000_000  # server.max_future_skew_seconds
 
     @classmethod
     def from_config(cls, config: Config) -> Deployment:
-        out = cls()
+        out = cls(future_skew_us=int(config.server.max_future_skew_seconds * 1_000_000))
         for name, disp in config.dispensaries.items():
             specs = []
             for dest in disp.destinations:
@@ -204,7 +205,7 @@ def _plan_rows(
     """Plan ``rows`` one after the other against state held in memory (each event sees the
     effects of the ones before it, as if applied one at a time). No writes."""
     outcomes, work, related, invalid, left_out = _related(rows, deployment)
-    loaded = {d: load(d, ids) for d, ids in related.items()}
+    loaded = {d: _with_survivors(load, d, ids) for d, ids in related.items()}
     current = {d: dict(states) for d, states in loaded.items()}
     plans = _Plans(
         rows, outcomes, related, loaded, current,
@@ -217,6 +218,9 @@ def _plan_rows(
         states = current[dispensary]
         before = states.get(customer.customer_id)
         known = before is not None and before.last_update_us is not None
+        ceiling = None
+        if row.received_at is not None:
+            ceiling = int(row.received_at * 1_000_000) + deployment.future_skew_us
         try:
             planned = plan(
                 customer,
@@ -225,6 +229,7 @@ def _plan_rows(
                 deployment.dispensaries[dispensary].specs,
                 resend=row.source == "resend",
                 digest=content_hash(customer),
+                not_after_us=ceiling,
             )
         except Exception as exc:  # one poisoned event must not hold up every other one
             outcomes[event_id] = "failed"
@@ -243,6 +248,22 @@ def _plan_rows(
         plans.touched.update((dispensary, op.destination) for op in planned.operations)
         outcomes[event_id] = planned.outcome
     return plans
+
+
+def _with_survivors(
+    load: Callable[[str, set[str]], dict[str, CustomerState]], dispensary: str, ids: set[str]
+) -> dict[str, CustomerState]:
+    """The states of ``ids`` and of every customer they were merged into, down each chain
+    (a merge goes into the final survivor). ``ids`` gains the survivors, so the batch's
+    optimistic re-check covers them too. One more read per link, only where merges are."""
+    states = load(dispensary, ids)
+    wanted = {s.merged_into for s in states.values() if s.merged_into} - ids
+    while wanted:
+        ids.update(wanted)
+        found = load(dispensary, wanted)
+        states.update(found)
+        wanted = {s.merged_into for s in found.values() if s.merged_into} - ids
+    return states
 
 
 def _field_of(problem: Problem) -> str:

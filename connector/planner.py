@@ -76,6 +76,9 @@ class CustomerState:
     merged_into: str | None = None
     merges: frozenset[tuple[str, str]] = frozenset()  # (destination, survivor) planned
     contacts: Mapping[str, ContactState] = field(default_factory=dict)
+    # some version of this customer, or of a customer merged into it, said opt_out true, at
+    # any version: under ``resubscribe: never`` that owes an unsubscribe for good
+    opt_out_seen: bool = False
 
     def contact(self, destination: str) -> ContactState:
         return self.contacts.get(destination) or ContactState()
@@ -146,12 +149,16 @@ def plan(
     *,
     resend: bool = False,
     digest: str | None = None,
+    not_after_us: int | None = None,
 ) -> Plan:
     """Plan what every destination must be told about this version of ``customer``.
 
     ``states`` holds the stored state of the customer and of the customers its merge fields
-    name (absent when never seen). ``resend`` ignores change detection (a changed mapping or a
-    new destination). ``digest`` is the customer's :func:`content_hash` when already computed.
+    name, with the survivors they were merged into (absent when never seen). ``resend``
+    ignores change detection (a changed mapping or a new destination). ``digest`` is the
+    customer's :func:`content_hash` when already computed. ``not_after_us`` caps the
+    version the event orders at (its receipt time plus the allowed clock skew): an event
+    dated in the future cannot make every later one stale.
     Each operation's key includes how many operations were planned for the contact before
     it: two events with the same ``last_update`` and payload (a tie flipping back: v2, v2',
     v2) plan two operations, while planning one event against one state is repeatable.
@@ -159,57 +166,69 @@ def plan(
     cid = customer.customer_id
     state = states.get(cid) or CustomerState(cid)
     version = instant_us(customer.last_update)
+    if not_after_us is not None and version > not_after_us:
+        version = not_after_us
     digest = digest or content_hash(customer)
+    opted_out = customer.opt_out is True
 
     if state.last_update_us is not None:
         if version < state.last_update_us:
-            return Plan("stale", {}, [])
+            # stale: nothing of it is applied, but an opt-out is owed whatever its version
+            return _owed_only("stale", customer, dispensary, state, states, destinations)
         if version == state.last_update_us and digest == state.content_hash and not resend:
             return Plan("duplicate", {}, [])
     tie = state.last_update_us == version
-    seen = replace(state, last_update_us=version, content_hash=digest)
+    seen = replace(
+        state,
+        last_update_us=version,
+        content_hash=digest,
+        opt_out_seen=state.opt_out_seen or opted_out,
+    )
 
     survivor = customer.merged_into_customer_id
     if survivor is not None and survivor != cid:
-        return _absorbed(dispensary, seen, survivor, destinations)
+        return _absorbed(customer, dispensary, seen, survivor, states, destinations)
     if state.merged_into is not None:
         # Treez refuses updates to a merged-away profile: this is a stray; it must not
-        # reach the absorbed contact, nor overwrite the survivor.
-        return Plan("absorbed", {cid: seen}, [])
+        # reach the absorbed contact, nor overwrite the survivor; its opt-out is still owed
+        return _owed_only("absorbed", customer, dispensary, seen, states, destinations)
 
     operations: list[Operation] = []
     changed: dict[str, CustomerState] = {}
     for absorbed_id in dict.fromkeys(customer.merged_customer_ids):
         if absorbed_id == cid:
             continue
-        absorbed = states.get(absorbed_id) or CustomerState(absorbed_id)
-        marked, merges = _merge_ops(dispensary, absorbed, cid, destinations)
-        if merges or marked != absorbed:
-            changed[absorbed_id] = marked
-        operations.extend(merges)
+        view = {**states, **changed, cid: seen}
+        absorbed = view.get(absorbed_id) or CustomerState(absorbed_id)
+        merged = _merge(dispensary, absorbed, cid, view, destinations, None)
+        changed.update(merged.states)
+        operations.extend(merged.operations)
+        seen = changed.pop(cid, seen)
 
     conflicts: list[Conflict] = []
     failures: list[MappingFailure] = []
-    contacts = dict(state.contacts)
+    contacts = dict(seen.contacts)
     opt_out = customer.opt_out
     deactivated = customer.status == CustomerStatus.DEACTIVATED
     for dest in destinations:
-        contact = state.contact(dest.name)
+        contact = seen.contact(dest.name)
         contact, conflict = _match_external_id(customer, dest, contact)
         if conflict is not None:
             conflicts.append(conflict)
+        out = _consent_view(customer, state, seen, dest)
+        owed = out.opt_out is True
         ops: list[Operation] = []
         if deactivated:
             if not contact.deactivated:
                 body = _body("deactivate", dispensary, cid)
                 if dest.consent_fields:  # to find the contact again if its id is gone
-                    body["fields"] = _consent_fields(customer, dispensary, dest)
+                    body["fields"] = _consent_fields(out, dispensary, dest)
                 contact = replace(contact, deactivated=True)
                 ops.append(_op(dest.name, cid, "deactivate", body, version, "", contact))
                 contact = replace(contact, planned=contact.planned + 1)
         else:
             try:
-                fields = dest.mapping.apply(customer, dispensary)
+                fields = dest.mapping.apply(out, dispensary)
             except FieldMappingError as exc:
                 failures.append(MappingFailure(dest.name, str(exc)))
                 fields = None
@@ -224,11 +243,11 @@ def plan(
                         deactivated=False,
                         planned=contact.planned + 1,
                     )
-        if opt_out is True and not contact.unsubscribed:
+        if owed and not contact.unsubscribed:
             body = {**_body("unsubscribe", dispensary, cid), "channels": list(dest.channels)}
             if dest.consent_fields:
-                body["fields"] = _consent_fields(customer, dispensary, dest)
-            ops.append(_op(dest.name, cid, "unsubscribe", body, version, "all", contact))
+                body["fields"] = _consent_fields(out, dispensary, dest)
+            ops.append(_unsubscribe(dest, cid, body, version, contact))
             contact = replace(contact, unsubscribed=True, planned=contact.planned + 1)
         elif (
             opt_out is False
@@ -238,7 +257,7 @@ def plan(
         ):
             body = {**_body("subscribe", dispensary, cid), "channels": list(dest.channels)}
             if dest.consent_fields:
-                body["fields"] = _consent_fields(customer, dispensary, dest)
+                body["fields"] = _consent_fields(out, dispensary, dest)
             ops.append(_op(dest.name, cid, "subscribe", body, version, "all", contact))
             contact = replace(contact, unsubscribed=False, planned=contact.planned + 1)
         operations.extend(ops)
@@ -250,54 +269,200 @@ def plan(
     return Plan("tie" if tie else "applied", changed, operations, conflicts, failures)
 
 
+def _never(dest: DestinationSpec) -> bool:
+    return dest.policy.resubscribe != "on_source_opt_in"
+
+
+def _consent_view(
+    customer: Customer, before: CustomerState, seen: CustomerState, dest: DestinationSpec
+) -> Customer:
+    """The customer as this destination may be told about it: ``opt_out`` is the
+    connector's consent state, not the event's alone. Under ``never`` an opt-out seen at any
+    version (or carried from a merged customer) stays; a null says nothing new (the last
+    known value stands). The mapping reads this, so a field that carries consent in an
+    upsert never contradicts an unsubscribe (the planner owns consent, not the mapping)."""
+    value = customer.opt_out
+    if _never(dest) and seen.opt_out_seen:
+        value = True
+    elif value is None:
+        value = before.opt_out
+    if value is customer.opt_out:
+        return customer
+    return customer.model_copy(update={"opt_out": value})
+
+
+def final_survivor(states: Mapping[str, CustomerState], customer_id: str) -> str:
+    """Where a customer's record is now: itself, or the end of its chain of merges (A into
+    B after B into C is A into C), as far as ``states`` knows it."""
+    current, visited = customer_id, {customer_id}
+    while True:
+        state = states.get(current)
+        into = state.merged_into if state is not None else None
+        if into is None or into in visited:
+            return current
+        visited.add(into)
+        current = into
+
+
+def _exists(contact: ContactState) -> bool:
+    """The contact exists at the destination, or will once what is queued is delivered."""
+    return contact.contact_id is not None or contact.delivered_hash is not None
+
+
+def _owe_to(
+    dispensary: str,
+    target: CustomerState,
+    destinations: Sequence[DestinationSpec],
+    version: int,
+    *,
+    native: bool | None,
+    customer: Customer | None = None,
+    existing_only: bool = True,
+) -> tuple[CustomerState, list[Operation]]:
+    """Owe an opt-out to ``target``'s contacts: mark the customer (so its first upsert is
+    followed by an unsubscribe, if it has no contact yet) and plan one unsubscribe to each
+    existing contact not yet unsubscribed. ``native``: only the destinations with (True) or
+    without (False) a native merge; None for all. ``customer``: the payload, when it is
+    ``target``'s own (its mapped contact then goes with the unsubscribe). ``existing_only``:
+    leave out a contact nothing was planned for yet (its first upsert will be followed by
+    the unsubscribe), as for a survivor whose own payload has not arrived."""
+    contacts = dict(target.contacts)
+    ops: list[Operation] = []
+    for dest in destinations:
+        if native is not None and dest.native_merge != native:
+            continue
+        contact = target.contact(dest.name)
+        if contact.unsubscribed or (existing_only and not _exists(contact)):
+            continue
+        body = {
+            **_body("unsubscribe", dispensary, target.customer_id),
+            "channels": list(dest.channels),
+        }
+        if dest.consent_fields:
+            view = None
+            if customer is not None:
+                view = customer.model_copy(update={"opt_out": True})
+            body["fields"] = _consent_fields(view, dispensary, dest) if view else None
+        ops.append(_unsubscribe(dest, target.customer_id, body, version, contact))
+        contacts[dest.name] = replace(contact, unsubscribed=True, planned=contact.planned + 1)
+    return replace(target, opt_out_seen=True, contacts=contacts), ops
+
+
+def _owed_only(
+    outcome: Outcome,
+    customer: Customer,
+    dispensary: str,
+    state: CustomerState,
+    states: Mapping[str, CustomerState],
+    destinations: Sequence[DestinationSpec],
+) -> Plan:
+    """An event that applies nothing (stale, or a stray of a merged-away customer) but whose
+    opt-out is owed under ``never``: to the customer's own contact while it is not merged
+    away; once it is, to the final survivor's contact (and to its own where the destination
+    has no native merge, so that contact lives on)."""
+    if customer.opt_out is not True:
+        return Plan(outcome, {state.customer_id: state} if outcome == "absorbed" else {}, [])
+    never = [d for d in destinations if _never(d)]
+    if not never:  # every destination may resubscribe: an older opt-out is overtaken
+        return Plan(outcome, {state.customer_id: state} if outcome == "absorbed" else {}, [])
+    version = instant_us(customer.last_update)
+    if state.merged_into is None:
+        marked, ops = _owe_to(
+            dispensary, state, never, version, native=None, customer=customer, existing_only=False
+        )
+        if marked == state and outcome == "stale":
+            return Plan(outcome, {}, [])
+        return Plan(outcome, {state.customer_id: marked}, ops)
+    return _carry(dispensary, state, states, never, version, outcome)
+
+
+def _carry(
+    dispensary: str,
+    absorbed: CustomerState,
+    states: Mapping[str, CustomerState],
+    destinations: Sequence[DestinationSpec],
+    version: int,
+    outcome: Outcome,
+) -> Plan:
+    """An opt-out of a merged-away customer: owed to the final survivor's contact, and to
+    the absorbed customer's own where the destination has no native merge."""
+    # no mapped contact goes with these: a merged-away customer's payload is not applied
+    own, ops = _owe_to(dispensary, absorbed, destinations, version, native=False)
+    changed = {absorbed.customer_id: own}
+    final = final_survivor({**states, **changed}, absorbed.customer_id)
+    if final != absorbed.customer_id:
+        target = states.get(final) or CustomerState(final)
+        marked, more = _owe_to(dispensary, target, destinations, version, native=None)
+        changed[final] = marked
+        ops += more
+    return Plan(outcome, changed, ops)
+
+
 def _absorbed(
+    customer: Customer,
     dispensary: str,
     state: CustomerState,
     survivor: str,
+    states: Mapping[str, CustomerState],
     destinations: Sequence[DestinationSpec],
 ) -> Plan:
+    """The absorbed customer's merge payload: the merge (once), then its opt-out, if any,
+    owed where the merged record now is."""
     if state.merged_into is not None and state.merged_into != survivor:
         # merged again into someone else: only the first merge counts; record the payload
-        return Plan("absorbed", {state.customer_id: state}, [])
-    marked, ops = _merge_ops(dispensary, state, survivor, destinations)
-    return Plan("applied" if ops else "absorbed", {state.customer_id: marked}, ops)
+        return _owed_only("absorbed", customer, dispensary, state, states, destinations)
+    merged = _merge(dispensary, state, survivor, states, destinations, customer)
+    merging = any(op.op == "merge" for op in merged.operations)
+    outcome: Outcome = "applied" if merging else "absorbed"
+    return replace(merged, outcome=outcome)
 
 
-def _merge_ops(
+def _merge(
     dispensary: str,
     absorbed: CustomerState,
     survivor: str,
+    states: Mapping[str, CustomerState],
     destinations: Sequence[DestinationSpec],
-) -> tuple[CustomerState, list[Operation]]:
-    """One merge per destination with a native merge, never twice for the same pair.
+    customer: Customer | None,
+) -> Plan:
+    """One merge per destination with a native merge, never twice for the same pair, into
+    the final survivor of the chain (never into a contact known to be merged away).
 
     Without a native merge (Alpine IQ merges personas by itself) nothing is sent: the
     survivor is updated by its own payload and the absorbed contact is left alone. The
     absorbed id resolves to the survivor's contact through ``merged_into``
     (:meth:`~connector.store.Store.resolve_contact_ids`), never by rewriting its own entry:
-    an operation of the absorbed customer still queued must not reach the survivor."""
+    an operation of the absorbed customer still queued must not reach the survivor.
+    An opt-out of the absorbed customer (seen before, or in this payload) is carried to the
+    survivor: the same person opted out in one of their records.
+    """
     if absorbed.merged_into is not None and absorbed.merged_into != survivor:
-        return absorbed, []
-    ops = []
+        return Plan("absorbed", {}, [])
+    cid = absorbed.customer_id
+    final = final_survivor(states, survivor)
+    if final == cid:  # a cycle (A into B after B into A): the first merge stands
+        return Plan("absorbed", {cid: absorbed}, [])
+    ops: list[Operation] = []
     merges = set(absorbed.merges)
-    contacts = dict(absorbed.contacts)
     for dest in destinations:
-        if (dest.name, survivor) in merges:
+        if (dest.name, survivor) in merges or (dest.name, final) in merges:
             continue
         merges.add((dest.name, survivor))
         if not dest.native_merge:
             continue
         body = {
-            **_body("merge", dispensary, absorbed.customer_id),
-            "from_customer_id": absorbed.customer_id,
-            "into_customer_id": survivor,
+            **_body("merge", dispensary, cid),
+            "from_customer_id": cid,
+            "into_customer_id": final,
         }
-        key = merge_key(dest.name, absorbed.customer_id, survivor)
-        ops.append(
-            Operation(dest.name, absorbed.customer_id, absorbed.customer_id, "merge", body, key)
-        )
-    marked = replace(absorbed, merged_into=survivor, merges=frozenset(merges), contacts=contacts)
-    return marked, ops
+        ops.append(Operation(dest.name, cid, cid, "merge", body, merge_key(dest.name, cid, final)))
+    marked = replace(absorbed, merged_into=survivor, merges=frozenset(merges))
+    if not marked.opt_out_seen:
+        return Plan("applied", {cid: marked}, ops)
+    never = [d for d in destinations if _never(d)]
+    version = instant_us(customer.last_update) if customer is not None else 0
+    carried = _carry(dispensary, marked, states, never, version, "applied")
+    return Plan("applied", carried.states, ops + carried.operations)
 
 
 def _match_external_id(
@@ -348,3 +513,21 @@ def _op(
 ) -> Operation:
     key = _key(destination, customer_id, op, version, payload_digest, contact.planned)
     return Operation(destination, customer_id, customer_id, op, body, key)
+
+
+def _unsubscribe(
+    dest: DestinationSpec,
+    customer_id: str,
+    body: dict[str, Any],
+    version: int,
+    contact: ContactState,
+) -> Operation:
+    """Under ``never`` a customer is unsubscribed once per destination, whichever version
+    of which record (its own, a stale one, an absorbed customer's) owed it first: the key
+    names the customer and the destination only, so it is the same in every order of
+    arrival. Under ``on_source_opt_in`` a customer may be unsubscribed again after a
+    resubscribe: the key then counts what was planned before, as for other operations."""
+    if _never(dest):
+        key = _key(dest.name, customer_id, "unsubscribe", "opt-out")
+        return Operation(dest.name, customer_id, customer_id, "unsubscribe", body, key)
+    return _op(dest.name, customer_id, "unsubscribe", body, version, "all", contact)

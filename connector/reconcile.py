@@ -501,7 +501,7 @@ class Reconciler:
         async for records, _ in self._pages(client, disp, start_us, report, Paging()):
             events, rejected, _ = self._events(dispensary, records, source, None)
             rows = [
-                InboxRow(i, e.dispensary, e.source, e.customer_id, e.body)
+                InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
                 for i, e in enumerate(events)
             ]
             found, operations = await self.astore.call(

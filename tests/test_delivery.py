@@ -39,9 +39,10 @@ from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy, parse_retry_after
 from connector.delivery.worker import DeliveryWorker
 from connector.errors import FatalDelivery, RetriableDelivery
-from connector.planner import Operation
+from connector.planner import Operation, payload_hash
 from connector.store import CLAIM_SECONDS, AsyncStore, Store
 from connector.store.schema import contacts, dead_letters, outbox, processes
+from connector.store.runs import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_MAPPING = ROOT / "mappings" / "http.yaml"
@@ -721,8 +722,8 @@ def test_worker_dead_letters_a_400_with_the_response(
         conn.execute(
             insert(contacts).values(
                 dispensary=DISPENSARY, customer_id="c1", destination=DEST, contact_id="c-c1",
-                delivered_hash="abc123", unsubscribed=False, deactivated=False,
-                updated_at=time.time(),
+                delivered_hash=payload_hash(make_op("c1").body["fields"]),
+                unsubscribed=False, deactivated=False, updated_at=time.time(),
             )
         )  # fmt: skip
     service.script(["400"])
@@ -743,6 +744,29 @@ def test_worker_dead_letters_a_400_with_the_response(
     [contact] = store.query(select(contacts).where(contacts.c.customer_id == "c1"))
     assert contact.delivered_hash is None  # the next event resends
     assert contact.contact_id == "c-c1"  # the identity map is kept
+
+
+def test_defect_7_a_dead_upsert_keeps_the_hash_of_a_newer_one(
+    store: Store, service: FakeService, mapping_dir: Path
+) -> None:
+    """U1 dies after U2 was planned: the contact's hash stays U2's, so a replay after the
+    delivered rows are purged sees U1 as overtaken (it cleared the hash before)."""
+    newer = make_op("c1", 2)
+    with store.transaction() as conn:
+        conn.execute(
+            insert(contacts).values(
+                dispensary=DISPENSARY, customer_id="c1", destination=DEST, contact_id="c-c1",
+                delivered_hash=payload_hash(newer.body["fields"]), unsubscribed=True,
+                deactivated=False, updated_at=time.time(),
+            )
+        )  # fmt: skip
+    service.script(["400"])
+    enqueue(store, [make_op("c1", 1)])
+    asyncio.run(drain(store, HttpSink(http_config(mapping_dir, url=service.url))))
+    [contact] = store.query(select(contacts).where(contacts.c.customer_id == "c1"))
+    assert contact.delivered_hash == payload_hash(newer.body["fields"])
+    replayed = RunStore(store).replay()
+    assert (replayed.replayed, replayed.superseded) == (0, 1)
 
 
 def test_worker_gives_up_after_min_attempts(

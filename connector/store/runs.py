@@ -408,7 +408,8 @@ class RunStore:
         Judged against the customer's current state, not only the outbox (delivered rows are
         purged), an operation is superseded, marked replayed and not resent, when:
 
-        - its customer was merged away (nothing goes to an absorbed contact but the merge);
+        - its customer was merged away (nothing goes to an absorbed contact but the merge,
+          and an ``unsubscribe``: an owed opt-out is never superseded);
         - it is a ``subscribe`` and the contact is unsubscribed or the customer opted out;
         - it is an ``upsert`` whose fields are not the last ones planned for the contact (a
           newer upsert exists or existed: resending would put old data over new);
@@ -467,7 +468,13 @@ class RunStore:
                 contacts.c.customer_id == row.customer_id,
             )
         ).first()
-        if state is not None and state.merged_into is not None and row.op != "merge":
+        if (
+            state is not None
+            and state.merged_into is not None
+            and row.op not in ("merge", "unsubscribe")
+        ):
+            # an owed opt-out is never superseded: it goes where it was planned to go (the
+            # survivor is owed its own unsubscribe since the merge was planned)
             return "superseded"
         if row.op == "subscribe" and (
             (contact is not None and contact.unsubscribed) or (state and state.opt_out is True)

@@ -21,9 +21,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # from version N to N + 1: portable statements (SQLite and PostgreSQL)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -32,6 +33,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE inbox ADD COLUMN planned VARCHAR(96)",
         "CREATE INDEX ix_inbox_run ON inbox (run_id)",
         "CREATE INDEX ix_outbox_contact ON outbox (dispensary, destination, customer_id, op, id)",
+    ),
+    2: (
+        "ALTER TABLE customers ADD COLUMN opt_out_seen BOOLEAN NOT NULL DEFAULT FALSE",
+        # what older versions knew of it: the last opt_out, and any unsubscribe planned
+        "UPDATE customers SET opt_out_seen = TRUE WHERE opt_out = TRUE OR EXISTS (SELECT 1 "
+        "FROM contacts WHERE contacts.dispensary = customers.dispensary AND "
+        "contacts.customer_id = customers.customer_id AND contacts.unsubscribed = TRUE)",
     ),
 }
 
@@ -94,6 +102,8 @@ customers = Table(
     Column("merged_into", String(128)),
     Column("merges", Text, nullable=False, default="[]"),  # [[destination, survivor], ...]
     Column("updated_at", Float, nullable=False),
+    # an opt-out was seen at some version of this customer or of one merged into it
+    Column("opt_out_seen", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 # The identity map and per-destination sync state: (dispensary, customer, destination).

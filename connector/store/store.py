@@ -38,7 +38,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import BindParameter
 
 from connector.errors import StoreError, StoreUnavailable
-from connector.planner import ContactState, CustomerState, Operation
+from connector.planner import ContactState, CustomerState, Operation, payload_hash
 from connector.store._engine import begin_immediate, make_engine, when_unlocked
 from connector.store.schema import (
     MIGRATIONS,
@@ -69,7 +69,8 @@ _UPDATE_CUSTOMER = (
     )
     .values(
         {c: bindparam(c) for c in
-         ("last_update_us", "content_hash", "opt_out", "merged_into", "merges", "updated_at")}
+         ("last_update_us", "content_hash", "opt_out", "merged_into", "merges", "updated_at",
+          "opt_out_seen")}
     )
 )  # fmt: skip
 _CONTACT_KEY = (
@@ -122,6 +123,7 @@ class InboxRow:
     customer_id: str | None
     body: str
     run_id: int | None = None
+    received_at: float | None = None  # when it was stored: bounds how far ahead it orders
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +291,8 @@ class Store:
     def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
         rows = conn.execute(_PENDING_EVENTS, {"limit": limit})
         return [
-            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id) for r in rows
+            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id, r.received_at)
+            for r in rows
         ]
 
     def still_pending(self, conn: Connection, ids: Sequence[int]) -> set[int]:
@@ -343,6 +346,7 @@ class Store:
                 row.merged_into,
                 frozenset((d, s) for d, s in json.loads(row.merges)),
                 found[row.customer_id],
+                bool(row.opt_out_seen),
             )
         for cid, known in found.items():
             if cid not in states and known:
@@ -377,6 +381,7 @@ class Store:
                 "merged_into": state.merged_into,
                 "merges": json.dumps(sorted(state.merges)),
                 "updated_at": now,
+                "opt_out_seen": state.opt_out_seen,
             }
             if cid in stored:
                 updates.append({"k_dispensary": dispensary, "k_customer": cid, **values})
@@ -648,14 +653,18 @@ class Store:
                         created_at=now,
                     )
                 )
-                if row.op == "upsert":
-                    # what was planned did not arrive: forget its hash so the next event resends
+                fields = row.body.get("fields")
+                if row.op == "upsert" and isinstance(fields, dict):
+                    # what was planned last did not arrive: forget its hash so the next event
+                    # resends. Only if it is still the last one planned: a newer upsert's
+                    # hash must stay, or a replay would take this older one for the newest
                     conn.execute(
                         update(contacts)
                         .where(
                             contacts.c.dispensary == dispensary,
                             contacts.c.destination == destination,
                             contacts.c.customer_id == row.customer_id,
+                            contacts.c.delivered_hash == payload_hash(fields),
                         )
                         .values(delivered_hash=None, updated_at=now)
                     )
@@ -953,6 +962,7 @@ _PENDING_EVENTS = (
         inbox.c.customer_id,
         inbox.c.body,
         inbox.c.run_id,
+        inbox.c.received_at,
     )
     .where(inbox.c.status == "pending")
     .order_by(inbox.c.id)
