@@ -19,11 +19,12 @@ import pytest
 import respx
 from fakes.alpineiq import AlpineIQFake, is_contact_id
 from pydantic import ValidationError
-from vendor_flow import DISPENSARY, Flow, event_body
+from vendor_flow import DISPENSARY, FAST_RETRY, Flow, event_body
 
 from connector.config import AlpineIQDestination, Rate
 from connector.delivery.alpineiq import AlpineIQSink
 from connector.delivery.base import Delivery, Sent
+from connector.delivery.retry import RetryPolicy
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -574,6 +575,7 @@ def run_flow(
     *,
     fake: AlpineIQFake | None = None,
     config: str | None = None,
+    retry: RetryPolicy = FAST_RETRY,
 ) -> AlpineIQFake:
     """Run ``scenario`` over a fresh store and the fake (no rate limit unless given); the
     fake must never have been asked for ``/loyaltyContact``."""
@@ -582,7 +584,7 @@ def run_flow(
     async def go() -> None:
         flow = Flow(
             tmp_path, config or config_text(), app=fake.app, sink_factory=AlpineIQSink,
-            base_url=BASE_URL,
+            base_url=BASE_URL, retry=retry,
         )  # fmt: skip
         try:
             await scenario(flow, fake)
@@ -1193,6 +1195,43 @@ def test_a_429_is_retried_no_sooner_than_its_retry_after(tmp_path: Path) -> None
         assert accepted.at - refused.at >= 0.95
 
     run_flow(tmp_path, scenario)
+
+
+YEAR = 365 * 86_400
+# waits of 0.2 s at most; dead-lettered at the third attempt once 0.3 s have passed
+SHORT_BOUND = RetryPolicy(
+    initial_seconds=0.01,
+    max_seconds=0.2,
+    jitter_seconds=0.0,
+    min_attempts=3,
+    min_elapsed_seconds=0.3,
+)
+
+
+def test_defect_10_a_year_long_retry_after_waits_max_seconds(tmp_path: Path) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        fake.fail_next(429, retry_after=YEAR)
+        await flow.deliver(event_body("1001", 1, **person("1001", 1)), timeout=5.0)
+        assert_all_done(flow)
+        refused, accepted = fake.calls
+        assert (refused.status, accepted.status) == (429, 200)
+        assert 0.15 <= accepted.at - refused.at <= 1.5
+
+    run_flow(tmp_path, scenario, retry=SHORT_BOUND)
+
+
+def test_defect_10_an_operation_always_answered_a_year_long_retry_after_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        fake.fail_next(429, count=10, retry_after=YEAR)
+        await flow.deliver(event_body("1001", 1, **person("1001", 1)), timeout=5.0)
+        assert fake.statuses() == [429, 429, 429]
+        (dead,) = flow.dead_letters()
+        assert (dead["op"], dead["status_code"], dead["attempts"]) == ("upsert", 429, 3)
+        assert [row["status"] for row in flow.outbox()] == ["dead"]
+
+    run_flow(tmp_path, scenario, retry=SHORT_BOUND)
 
 
 @pytest.mark.parametrize("status", [400, 401, 403])
