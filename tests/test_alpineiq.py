@@ -19,11 +19,12 @@ import pytest
 import respx
 from fakes.alpineiq import AlpineIQFake, is_contact_id
 from pydantic import ValidationError
-from vendor_flow import DISPENSARY, Flow, event_body
+from vendor_flow import DISPENSARY, FAST_RETRY, Flow, event_body
 
 from connector.config import AlpineIQDestination, Rate
 from connector.delivery.alpineiq import AlpineIQSink
 from connector.delivery.base import Delivery, Sent
+from connector.delivery.retry import RetryPolicy
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +243,66 @@ def test_deactivate_of_a_customer_alpine_iq_never_saw_makes_no_call(
 ) -> None:
     assert send_one(delivery("deactivate", contact_id=None)) == Sent()
     assert api.calls.call_count == 0
+
+
+GONE = refusal(404, "not_found", "contactID: no persona gone-p")
+
+
+@pytest.mark.parametrize(
+    ("op", "channels"), [("upsert", None), ("unsubscribe", ["email", "sms"]), ("subscribe", None)]
+)
+def test_defect_8_an_operation_on_a_gone_persona_matches_again_and_names_what_it_replaces(
+    api: respx.MockRouter, op: str, channels: list[str] | None
+) -> None:
+    """A 404 for the persona held: sent again without contactID (Alpine IQ matches by phone,
+    e-mail and srcID), and the persona that answers replaces the gone one: one report, made
+    by the store when it moves the map, none from the adapter."""
+    route = api.post(LOYALTY).mock(side_effect=[GONE, ok("survivor-p")])
+    result = send_one(delivery(op, fields=FIELDS, channels=channels, contact_id="gone-p"))
+    assert result == Sent("survivor-p", replaces="gone-p")
+    first, again = sent_json(route, 0), sent_json(route, 1)
+    assert first["contactID"] == "gone-p"
+    assert again == {k: v for k, v in first.items() if k != "contactID"}
+    assert (again["mobilePhone"], again["email"], again["srcID"]) == (PHONE, EMAIL, "1001")
+
+
+def test_defect_8_a_deactivation_of_a_gone_persona_marks_the_persona_that_answers(
+    api: respx.MockRouter,
+) -> None:
+    route = api.post(LOYALTY).mock(side_effect=[GONE, ok("survivor-p")])
+    result = send_one(delivery("deactivate", contact_id="gone-p", fields=FIELDS))
+    assert result == Sent("survivor-p", replaces="gone-p")
+    # only what finds the persona: a deactivation changes nothing else of the person
+    assert sent_json(route, 1) == {
+        "uid": UID,
+        "srcID": "1001",
+        "mobilePhone": PHONE,
+        "email": EMAIL,
+        "customAttributes": {"treezStatus": "DEACTIVATED"},
+    }
+
+
+def test_defect_8_a_deactivation_of_a_gone_persona_without_mapped_fields_matches_by_srcid(
+    api: respx.MockRouter,
+) -> None:
+    route = api.post(LOYALTY).mock(side_effect=[GONE, ok("p7")])
+    result = send_one(delivery("deactivate", contact_id="gone-p", fields=None))
+    assert result == Sent("p7", replaces="gone-p")
+    deactivated = {"treezStatus": "DEACTIVATED"}
+    assert sent_json(route, 1) == {"uid": UID, "srcID": "1001", "customAttributes": deactivated}
+
+
+def test_a_gone_persona_whose_match_answers_no_id_is_reported_and_replaces_nothing(
+    api: respx.MockRouter,
+) -> None:
+    api.post(LOYALTY).mock(
+        side_effect=[GONE, httpx.Response(200, json={"success": True, "data": {}})]
+    )
+    result = send_one(delivery("upsert", fields=FIELDS, contact_id="gone-p"))
+    assert isinstance(result, Sent)
+    assert (result.contact_id, result.replaces) == (None, None)
+    assert result.conflict is not None
+    assert result.conflict.startswith("unknown_contact: ")
 
 
 def test_merge_makes_no_http_call_and_names_the_survivor_persona(api: respx.MockRouter) -> None:
@@ -514,6 +575,7 @@ def run_flow(
     *,
     fake: AlpineIQFake | None = None,
     config: str | None = None,
+    retry: RetryPolicy = FAST_RETRY,
 ) -> AlpineIQFake:
     """Run ``scenario`` over a fresh store and the fake (no rate limit unless given); the
     fake must never have been asked for ``/loyaltyContact``."""
@@ -522,7 +584,7 @@ def run_flow(
     async def go() -> None:
         flow = Flow(
             tmp_path, config or config_text(), app=fake.app, sink_factory=AlpineIQSink,
-            base_url=BASE_URL,
+            base_url=BASE_URL, retry=retry,
         )  # fmt: skip
         try:
             await scenario(flow, fake)
@@ -997,6 +1059,123 @@ def test_a_persona_merged_away_by_alpine_iq_still_gets_the_opt_out(tmp_path: Pat
     run_flow(tmp_path, scenario)
 
 
+FAMILY_PHONE = "3105550600"
+
+
+async def merged_away(flow: Flow, fake: AlpineIQFake, customer: str) -> tuple[str, str]:
+    """``customer``'s persona X absorbed by Alpine IQ's nightly merge into an older persona Y
+    sharing its phone (one made by a sign-up form): returns (X, Y)."""
+    transport = httpx.ASGITransport(app=fake.app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+        answer = await client.post(
+            LOYALTY,
+            headers={"X-APIKEY": API_KEY},
+            json={"uid": UID, "mobilePhone": FAMILY_PHONE, "email": "family@example.com"},
+        )
+    survivor = answer.json()["data"]["contactID"]
+    email = f"c{customer}@example.com"
+    await flow.deliver(event_body(customer, 1, email=email, phone=None))
+    gone = str(contact_of(flow, customer))
+    # the customer gives the family's phone: sent by contactID, two personas now share it
+    await flow.deliver(event_body(customer, 2, email=email, phone=FAMILY_PHONE))
+    assert contact_of(flow, customer) == gone
+    assert fake.run_nightly_merge() == {survivor: [gone]}
+    assert flow.conflicts() == []
+    return gone, survivor
+
+
+def test_defect_8_after_a_nightly_merge_the_map_moves_to_the_survivor_persona(
+    tmp_path: Path,
+) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        gone, survivor = await merged_away(flow, fake, "601")
+        email = "c601@example.com"
+        before = len(fake.calls)
+        await flow.deliver(
+            event_body("601", 3, email=email, phone=FAMILY_PHONE, first_name="vincent")
+        )
+        refused, matched = fake.calls[before:]
+        assert (refused.status, refused.body["contactID"]) == (404, gone)
+        assert (matched.status, matched.response["data"]["contactID"]) == (200, survivor)
+        assert "contactID" not in matched.body
+        assert contact_of(flow, "601") == survivor  # the map moved
+        (report,) = flow.conflicts()
+        assert (report["customer_id"], report["destination"], report["kind"]) == (
+            "601",
+            "aiq",
+            "contact_replaced",
+        )
+        assert gone in report["detail"]
+        assert survivor in report["detail"]
+        assert email not in report["detail"]
+
+        # the next update costs one call and reports nothing new
+        before = len(fake.calls)
+        await flow.deliver(
+            event_body("601", 4, email=email, phone=FAMILY_PHONE, first_name="vince")
+        )
+        (update,) = fake.calls[before:]
+        assert (update.status, update.body["contactID"]) == (200, survivor)
+        assert len(flow.conflicts()) == 1
+
+        # and a deactivation lands on the survivor at once
+        before = len(fake.calls)
+        await flow.deliver(
+            event_body("601", 5, email=email, phone=FAMILY_PHONE, status="DEACTIVATED")
+        )
+        (deactivate,) = fake.calls[before:]
+        assert (deactivate.status, deactivate.body["contactID"]) == (200, survivor)
+        persona = fake.persona(survivor)
+        assert persona is not None
+        assert persona["customAttributes"]["treezStatus"] == "DEACTIVATED"
+        assert persona["firstName"] == "Vince"
+        assert_all_done(flow)
+        assert len(flow.conflicts()) == 1
+        assert list(fake.personas) == [survivor]
+
+    run_flow(tmp_path, scenario)
+
+
+def test_defect_8_a_deactivation_of_a_persona_merged_away_deactivates_the_survivor(
+    tmp_path: Path,
+) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        gone, survivor = await merged_away(flow, fake, "601")
+        before = len(fake.calls)
+        await flow.deliver(
+            event_body("601", 3, email="c601@example.com", phone=FAMILY_PHONE, status="DEACTIVATED")
+        )
+        assert flow.ops("601")[-1] == "deactivate"
+        refused, matched = fake.calls[before:]
+        assert (refused.status, refused.body["contactID"]) == (404, gone)
+        assert matched.status == 200
+        assert matched.body["customAttributes"] == {"treezStatus": "DEACTIVATED"}
+        persona = fake.persona(survivor)
+        assert persona is not None
+        assert persona["customAttributes"]["treezStatus"] == "DEACTIVATED"
+        assert list(fake.personas) == [survivor]  # found, not created
+        assert contact_of(flow, "601") == survivor
+        assert [c["kind"] for c in flow.conflicts()] == ["contact_replaced"]
+        assert_all_done(flow)
+
+    run_flow(tmp_path, scenario)
+
+
+def test_defect_8_an_opt_out_of_a_persona_merged_away_moves_the_map_too(tmp_path: Path) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        _, survivor = await merged_away(flow, fake, "601")
+        await flow.deliver(
+            event_body("601", 3, email="c601@example.com", phone=FAMILY_PHONE, opt_out="true")
+        )
+        assert flow.ops("601")[-1] == "unsubscribe"
+        assert fake.consent(survivor) == {"email": False, "sms": False}
+        assert contact_of(flow, "601") == survivor
+        assert [c["kind"] for c in flow.conflicts()] == ["contact_replaced"]
+        assert_all_done(flow)
+
+    run_flow(tmp_path, scenario)
+
+
 def test_a_5xx_is_retried_and_delivered(tmp_path: Path) -> None:
     async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
         fake.fail_next(503)
@@ -1021,6 +1200,43 @@ def test_a_429_is_retried_no_sooner_than_its_retry_after(tmp_path: Path) -> None
         assert accepted.at - refused.at >= 0.95
 
     run_flow(tmp_path, scenario)
+
+
+YEAR = 365 * 86_400
+# waits of 0.2 s at most; dead-lettered at the third attempt once 0.3 s have passed
+SHORT_BOUND = RetryPolicy(
+    initial_seconds=0.01,
+    max_seconds=0.2,
+    jitter_seconds=0.0,
+    min_attempts=3,
+    min_elapsed_seconds=0.3,
+)
+
+
+def test_defect_10_a_year_long_retry_after_waits_max_seconds(tmp_path: Path) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        fake.fail_next(429, retry_after=YEAR)
+        await flow.deliver(event_body("1001", 1, **person("1001", 1)), timeout=5.0)
+        assert_all_done(flow)
+        refused, accepted = fake.calls
+        assert (refused.status, accepted.status) == (429, 200)
+        assert 0.15 <= accepted.at - refused.at <= 1.5
+
+    run_flow(tmp_path, scenario, retry=SHORT_BOUND)
+
+
+def test_defect_10_an_operation_always_answered_a_year_long_retry_after_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
+        fake.fail_next(429, count=10, retry_after=YEAR)
+        await flow.deliver(event_body("1001", 1, **person("1001", 1)), timeout=5.0)
+        assert fake.statuses() == [429, 429, 429]
+        (dead,) = flow.dead_letters()
+        assert (dead["op"], dead["status_code"], dead["attempts"]) == ("upsert", 429, 3)
+        assert [row["status"] for row in flow.outbox()] == ["dead"]
+
+    run_flow(tmp_path, scenario, retry=SHORT_BOUND)
 
 
 @pytest.mark.parametrize("status", [400, 401, 403])

@@ -50,9 +50,10 @@ DISPENSARY = "d"
 DEST = "hook"
 URL = "https://hooks.example.com/treez/ops"
 
-# Fast retries for the worker tests: 0.05 s, 0.1 s, 0.2 s...; dead after 3 attempts.
+# Fast retries for the worker tests: 0.05 s, 0.1 s...; dead after 3 attempts. A Retry-After
+# is honoured up to max_seconds: the fake service's 1 s is.
 FAST = RetryPolicy(
-    initial_seconds=0.05, max_seconds=0.2, jitter_seconds=0.0, min_attempts=3, min_elapsed_seconds=0
+    initial_seconds=0.05, max_seconds=2.0, jitter_seconds=0.0, min_attempts=3, min_elapsed_seconds=0
 )
 
 
@@ -248,7 +249,34 @@ def test_retry_after_longer_than_backoff_wins_shorter_does_not_shorten() -> None
     assert policy.next_delay(3, 0.0, 30.0) == 30.0
     assert policy.next_delay(3, 0.0, 0.5) == 4.0
     assert policy.next_delay(3, 0.0, 0.0) == 4.0
-    assert policy.next_delay(1, 0.0, 1200.0) == 1200.0  # beyond max_seconds: still honoured
+    assert policy.next_delay(1, 0.0, 600.0) == 600.0
+
+
+YEAR = 365 * 86_400
+FAR_RETRY_AFTERS = ["31536000", "Fri, 31 Dec 9999 23:59:59 GMT"]
+
+
+@pytest.mark.parametrize("header", FAR_RETRY_AFTERS)
+def test_defect_10_a_retry_after_is_honoured_up_to_max_seconds_only(header: str) -> None:
+    asked = parse_retry_after(header, NOW)
+    assert asked is not None
+    assert asked >= YEAR
+    policy = RetryPolicy(initial_seconds=1.0, max_seconds=600.0, jitter_seconds=0.0)
+    assert policy.next_delay(1, 0.0, asked) == 600.0
+    assert policy.next_delay(1, 0.0, 1200.0) == 600.0
+    assert policy.next_delay(5, 0.0, 50.0) == 50.0  # within the bound: honoured
+
+
+def test_defect_10_capped_waits_count_toward_the_dead_letter_horizon() -> None:
+    """An operation answered a year-long Retry-After every time is dead-lettered once the
+    policy's attempts and elapsed time are both reached, each wait being max_seconds."""
+    policy = RetryPolicy()  # 8 attempts and 30 minutes, waits of at most 600 s
+    attempts, elapsed = 1, 0.0
+    while (delay := policy.next_delay(attempts, elapsed, float(YEAR))) is not None:
+        assert delay <= policy.max_seconds
+        attempts, elapsed = attempts + 1, elapsed + delay
+    assert attempts == policy.min_attempts
+    assert elapsed <= (policy.min_attempts - 1) * policy.max_seconds
 
 
 # ---- parse_retry_after -----------------------------------------------------------------------
@@ -866,6 +894,48 @@ def test_a_retry_wait_holds_up_only_its_customer(
     assert keys.index("k-A-2") > retry_at
     assert service.retry_after_violations() == []
     assert all(r.status == "done" for r in outbox_rows(store).values())
+
+
+@pytest.mark.parametrize("header", FAR_RETRY_AFTERS)
+def test_defect_10_a_far_retry_after_parks_an_operation_max_seconds_then_dead_letters_it(
+    store: Store, mapping_dir: Path, header: str
+) -> None:
+    """The user's service answers every attempt 429 with a Retry-After a year (or ages)
+    away: each next attempt is max_seconds later, and after min_attempts and
+    min_elapsed_seconds the operation is dead-lettered with the response."""
+    policy = RetryPolicy(
+        initial_seconds=0.01,
+        max_seconds=0.2,
+        jitter_seconds=0.0,
+        min_attempts=3,
+        min_elapsed_seconds=0.3,
+    )
+    enqueue(store, [make_op("c1")])
+    sent: list[float] = []
+    parked: list[float] = []
+
+    def throttled(request: httpx.Request) -> httpx.Response:
+        sent.append(time.time())
+        return httpx.Response(429, text="slow down", headers={"Retry-After": header})
+
+    async def go() -> None:
+        with respx.mock(assert_all_called=True, using="httpx") as router:
+            router.post(URL).mock(side_effect=throttled)
+            sink = HttpSink(http_config(mapping_dir), client=httpx.AsyncClient())
+            async with running_worker(store, sink, retry=policy, idle_poll=0.02) as (_, task):
+                await wait_until(lambda: bool(sent), task)
+                await wait_until(lambda: outbox_rows(store)["k-c1-1"].last_error is not None, task)
+                parked.append(outbox_rows(store)["k-c1-1"].next_attempt_at - sent[0])
+                await wait_until(lambda: open_ops(store) == 0, task, timeout=10.0)
+
+    asyncio.run(go())
+    assert parked[0] <= policy.max_seconds + 0.05
+    assert len(sent) == 3  # the third attempt is past both min_attempts and 0.3 s
+    assert all(0.15 <= b - a <= 1.0 for a, b in itertools.pairwise(sent))
+    assert outbox_rows(store)["k-c1-1"].status == "dead"
+    (dead,) = dead_rows(store)
+    assert (dead.status_code, dead.attempts) == (429, 3)
+    assert dead.reason.startswith("gave up: HTTP 429")
 
 
 def test_worker_does_not_spin_while_waiting_for_a_retry(

@@ -14,7 +14,7 @@ from sqlalchemy import insert, select, update
 from connector.errors import StoreError
 from connector.planner import Operation
 from connector.store import NewEvent, Rejected, Store
-from connector.store.schema import SCHEMA_VERSION, inbox, meta, outbox, quarantine
+from connector.store.schema import SCHEMA_VERSION, conflicts, inbox, meta, outbox, quarantine
 
 
 @pytest.fixture
@@ -151,3 +151,58 @@ def test_a_zombie_process_counts_as_gone() -> None:
     child.wait()
     assert not _pid_alive(child.pid)
     assert _pid_alive(os.getpid())
+
+
+# ---- the identity map after delivery -----------------------------------------------------------
+
+
+def _delivered(store: Store, returned: dict[str, str], replaced: dict[str, str]) -> None:
+    """One round: an upsert of each customer in ``returned`` accepted with that contact id,
+    which replaces the gone id in ``replaced`` (by customer) when there is one."""
+    ops = [
+        Operation(
+            "sink", c, c, "upsert", {"op": "upsert", "customer_id": c}, f"k-{c}-{time.time()}"
+        )
+        for c in returned
+    ]
+    with store.transaction() as conn:
+        store.enqueue(conn, "d", ops)
+    claimed = store.claim("d", "sink", len(ops))
+    assert len(claimed) == len(ops)
+    store.finish(
+        "d",
+        "sink",
+        done=[(row, returned[row.customer_id]) for row in claimed],
+        replaced={r.id: replaced[r.customer_id] for r in claimed if r.customer_id in replaced},
+    )
+
+
+def _reports(store: Store) -> list[tuple[str, str, str]]:
+    rows = store.query(select(conflicts).order_by(conflicts.c.id))
+    return [(r.customer_id, r.kind, r.detail) for r in rows]
+
+
+def test_defect_8_a_contact_the_destination_says_is_gone_is_replaced_and_reported(
+    store: Store,
+) -> None:
+    store.register_process()
+    _delivered(store, {"a": "X", "b": "P", "c": "Q"}, {})
+    assert store.contact_ids("d", "sink", ["a", "b", "c"]) == {"a": "X", "b": "P", "c": "Q"}
+
+    # a: X is gone, Y answered; b: another id without a word about P; c: a gone id that is
+    # not the one the map holds (the map moved meanwhile): nothing to replace
+    _delivered(store, {"a": "Y", "b": "R", "c": "S"}, {"a": "X", "c": "T"})
+    assert store.contact_ids("d", "sink", ["a", "b", "c"]) == {"a": "Y", "b": "P", "c": "Q"}
+    reports = sorted(_reports(store))
+    assert [(c, k) for c, k, _ in reports] == [
+        ("a", "contact_replaced"),
+        ("b", "contact_id_changed"),
+        ("c", "contact_id_changed"),
+    ]
+    assert "X" in reports[0][2]
+    assert "Y" in reports[0][2]
+
+    # the map moved: the survivor's id again is no news
+    _delivered(store, {"a": "Y"}, {})
+    assert store.contact_ids("d", "sink", ["a"]) == {"a": "Y"}
+    assert len(_reports(store)) == 3

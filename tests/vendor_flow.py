@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = json.loads((Path(__file__).parent / "data" / "seed_body.json").read_text())
 DISPENSARY = SEED["dispensary_short_name"]
 
-# Fast retries for tests: a retriable answer is tried again within ~50 ms, twice at most.
+# Fast retries for tests: a retriable answer is tried again within ~20 ms, twice at most; a
+# Retry-After is honoured up to max_seconds (the fakes' 1 s is).
 FAST_RETRY = RetryPolicy(
-    initial_seconds=0.01, max_seconds=0.05, jitter_seconds=0.0, min_attempts=3,
+    initial_seconds=0.01, max_seconds=2.0, jitter_seconds=0.0, min_attempts=3,
     min_elapsed_seconds=0.0,
 )  # fmt: skip
 

@@ -14,8 +14,13 @@ follows its public endpoint list, and every path is a setting (README, "Alpine I
 - **merge**: Alpine IQ has no merge API and merges personas that share a phone or e-mail by
   itself; the planner plans none (``native_merge`` false): the survivor is updated by its own
   payload and the absorbed Treez id resolves to the survivor's persona in the identity map.
-- **deactivate**: no Alpine IQ equivalent is published; the member gets the tag
-  ``treez-deactivated`` so that campaigns can exclude it.
+- **deactivate**: no Alpine IQ equivalent is published; the member's
+  ``customAttributes.treezStatus`` is set to ``DEACTIVATED`` so that campaigns can exclude it.
+- **a gone persona** (404 for the ``contactID`` sent: a stale ``aiq_contact_id``, a persona
+  Alpine IQ merged away overnight): whatever the operation, it is sent again without
+  ``contactID``, matched by phone, e-mail and ``srcID`` (a deactivation with only those of
+  the mapped contact), and the persona that answers replaces the gone id in the identity map
+  (:attr:`Sent.replaces`).
 - **backfill**: ``POST /api/v1.1/createUpdateMembers/{uid}``, ``bulk_size`` members a call.
 - ``/loyaltyContact`` is never called (it texts the customer a double opt-in at once); the
   configuration refuses such a path.
@@ -36,6 +41,9 @@ from connector.delivery.base import Capabilities, Delivery, Result, Sent
 from connector.errors import DeliveryError, FatalDelivery
 
 CONSENT_KEYS = ("emailOptIn", "smsOptIn")
+# what Alpine IQ finds a persona by besides contactID and srcID; a deactivation whose persona
+# is gone sends only these of the mapped contact (it changes nothing else of the person)
+MATCH_KEYS = ("mobilePhone", "email")
 
 
 def describe_error(data: Any) -> str:
@@ -199,14 +207,18 @@ class AlpineIQSink:
         if response.status_code != 404:
             return Sent(_contact_id(_json(response).get("data")) or delivery.contact_id)
         # The persona id we hold (from Treez's aiq_contact_id, or one Alpine IQ has since
-        # merged away) names no persona: match by phone, e-mail and srcID instead, record
-        # the persona that answers, and report the stale id.
+        # merged away) names no persona: match by phone, e-mail and srcID instead, whatever
+        # the operation, and the persona that answers replaces the gone id in the identity
+        # map (the store reports it), so the next operation names it at once.
         stale = member.pop("contactID")
         if op == "deactivate":
-            return Sent(None, conflict=f"unknown_contact: persona {stale} not found")
+            fields = delivery.fields
+            member.update({k: fields[k] for k in MATCH_KEYS if fields.get(k) is not None})
         response = await self.api.request("POST", self.config.upsert_path, "upsert", body=member)
         found = _contact_id(_json(response).get("data"))
-        return Sent(found, conflict=f"unknown_contact: persona {stale} not found, now {found}")
+        if found is None:
+            return Sent(None, conflict=f"unknown_contact: persona {stale} not found")
+        return Sent(found, replaces=stale)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

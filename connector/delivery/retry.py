@@ -2,7 +2,9 @@
 
 The wait is tenacity's exponential backoff with jitter; the stop is "at least N attempts and at
 least T seconds since the first" (both must hold before an operation is dead-lettered). A
-``Retry-After`` from the destination wins when it asks for longer. The delay is not slept in
+``Retry-After`` from the destination wins when it asks for longer, up to ``max_seconds``: a
+year-long one (or a date in 9999) would otherwise park that customer's queue, the opt-out
+behind it included, and never reach the dead-letter horizon. The delay is not slept in
 process: it becomes the operation's next attempt time in the outbox, so a retry's wait holds up
 only that customer and survives a restart.
 """
@@ -38,7 +40,8 @@ class RetryPolicy:
         """Seconds until the next attempt after ``attempts`` failures, or None to give up.
 
         ``elapsed``: seconds since the first attempt. ``retry_after``: what the destination
-        asked for, if anything (never retried earlier than that).
+        asked for, if anything (never retried earlier than that, nor later than
+        ``max_seconds``: the wait then counts toward ``min_elapsed_seconds`` like any other).
         """
         state = self._state(attempts, elapsed)
         stop = tenacity.stop_after_attempt(self.min_attempts) & tenacity.stop_after_delay(
@@ -51,7 +54,7 @@ class RetryPolicy:
         )
         delay = float(wait(state))
         if retry_after is not None:
-            delay = max(delay, retry_after)
+            delay = max(delay, min(retry_after, self.max_seconds))
         return delay
 
 

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from connector._pressure import Pressure
 from connector.delivery.base import Delivery, Destination, Sent
@@ -31,6 +31,8 @@ class _Outcome:
     retry: list[tuple[OutboxRow, float, str]]
     dead: list[tuple[OutboxRow, str, int | None, str | None]]
     conflicts: list[tuple[str, str, str]]  # customer, kind, detail
+    # outbox id -> the contact id the destination said is gone (its returned id replaces it)
+    replaced: dict[int, str] = field(default_factory=dict)
 
 
 class DeliveryWorker:
@@ -149,6 +151,7 @@ class DeliveryWorker:
             outcome.retry,
             outcome.dead,
             outcome.conflicts,
+            replaced=outcome.replaced,
         )
 
     async def _send(
@@ -186,6 +189,11 @@ class DeliveryWorker:
                 continue
             contact_id = result.contact_id
             outcome.done.append((row, contact_id))
+            if result.replaces is not None and contact_id:
+                # the store moves the map and reports it (contact_replaced)
+                outcome.replaced[row.id] = result.replaces
+                if self.metrics is not None:
+                    self.metrics.conflicts.labels(self.dispensary, self.destination.name).inc()
             if result.conflict is not None:
                 kind, _, detail = result.conflict.partition(": ")
                 outcome.conflicts.append((row.customer_id, kind, detail or kind))

@@ -611,10 +611,14 @@ class Store:
         retry: Sequence[tuple[OutboxRow, float, str]] = (),
         dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
         conflicts: Sequence[tuple[str, str, str]] = (),
+        replaced: Mapping[int, str] | None = None,
     ) -> None:
         """Record a round of delivery: successes (with any returned contact id), retries
         (with their next attempt time), dead letters (with the response), and what the
-        destination made the adapter work around (customer, kind, detail)."""
+        destination made the adapter work around (customer, kind, detail).
+
+        ``replaced``: by outbox id, the contact id a success's returned id replaces (the
+        destination said it is gone: merged away on its side, deleted)."""
         now = time.time()
         with self.transaction(durable=False) as conn:
             if conflicts:
@@ -623,13 +627,17 @@ class Store:
                 )
             if done:
                 conn.execute(_SETTLE_DONE, {"ids": [row.id for row, _ in done], "now": now})
-                returned = {}
+                returned: dict[str, str] = {}
+                gone: dict[str, str] = {}
                 for row, contact_id in done:
                     if contact_id:
                         target = row.body.get("into_customer_id") if row.op == "merge" else None
-                        returned[str(target or row.customer_id)] = contact_id
+                        customer = str(target or row.customer_id)
+                        returned[customer] = contact_id
+                        if replaced and row.id in replaced:
+                            gone[customer] = replaced[row.id]
                 if returned:
-                    self._record_contacts(conn, dispensary, destination, returned, now)
+                    self._record_contacts(conn, dispensary, destination, returned, now, gone)
             for row, at, error in retry:
                 _settle(
                     conn, outbox.c.id == row.id, "pending",
@@ -676,9 +684,16 @@ class Store:
         destination: str,
         returned: Mapping[str, str],
         now: float,
+        gone: Mapping[str, str] | None = None,
     ) -> None:
-        """Record contact ids a destination returned; a different id than the map holds is
-        reported as a conflict, not written over."""
+        """Record contact ids a destination returned.
+
+        A different id than the map holds is reported as a conflict and not written over
+        (which of the two is the person is not ours to decide), unless the destination said
+        the held id is gone (``gone``, by customer): then the returned id replaces it, or
+        every later operation would name the gone contact again (a 404, a second call to find
+        the contact, and a deactivation that never lands), and the replacement is reported.
+        """
         known = {
             r.customer_id: r.contact_id
             for r in conn.execute(
@@ -687,6 +702,7 @@ class Store:
             )
         }
         new, fill, clash = [], [], []
+        moved: list[tuple[str, str, str]] = []  # customer, gone id, its replacement
         for cid, contact_id in returned.items():
             if cid not in known:
                 new.append({"dispensary": dispensary, "customer_id": cid,
@@ -698,12 +714,30 @@ class Store:
                 fill.append({"k_dispensary": dispensary, "k_customer": cid,
                              "k_destination": destination, "contact_id": contact_id,
                              "updated_at": now})  # fmt: skip
-            elif known[cid] != contact_id:
+            elif known[cid] == contact_id:
+                continue
+            elif gone and gone.get(cid) == known[cid]:
+                moved.append((cid, known[cid], contact_id))
+            else:
                 clash.append({"dispensary": dispensary, "customer_id": cid,
                               "destination": destination, "kind": "contact_id_changed",
                               "detail": "the destination returned another contact id than "
                               "the identity map holds; the map is kept",
                               "created_at": now})  # fmt: skip
+        for cid, old, contact_id in moved:
+            key = {"k_dispensary": dispensary, "k_customer": cid, "k_destination": destination}
+            fill.append({**key, "contact_id": contact_id, "updated_at": now})
+            detail = f"contact {old} is gone at the destination; the map now holds {contact_id}"
+            clash.append(
+                {
+                    "dispensary": dispensary,
+                    "customer_id": cid,
+                    "destination": destination,
+                    "kind": "contact_replaced",
+                    "detail": detail,
+                    "created_at": now,
+                }
+            )
         if new:
             conn.execute(insert(contacts), new)
         if fill:
