@@ -41,8 +41,8 @@ from connector.delivery.worker import DeliveryWorker
 from connector.errors import FatalDelivery, RetriableDelivery
 from connector.planner import Operation, payload_hash
 from connector.store import CLAIM_SECONDS, AsyncStore, Store
-from connector.store.schema import contacts, dead_letters, outbox, processes
 from connector.store.runs import RunStore
+from connector.store.schema import contacts, dead_letters, outbox, processes
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_MAPPING = ROOT / "mappings" / "http.yaml"

@@ -450,7 +450,8 @@ def test_later_payload_of_absorbed_is_recorded_not_applied(survivor_first: bool)
     # and without an opt-out, nothing at all
     quiet = customer(customer_id=ABSORBED, last_update=at(50), status="ACTIVE", opt_out="false")
     again = apply([quiet], MERGE_DESTINATIONS, merged.states)
-    assert again.outcomes == ["absorbed"] and again.operations == []
+    assert again.outcomes == ["absorbed"]
+    assert again.operations == []
     assert again.states[SURVIVOR] == survivor_state
 
 
