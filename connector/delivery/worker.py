@@ -125,10 +125,17 @@ class DeliveryWorker:
         destination's ``batch_size``, or all at once through its bulk path (``bulk``)."""
         store = self.astore.store
         wanted = {r.customer_id for r in rows}
-        wanted.update(str(r.body["into_customer_id"]) for r in rows if r.op == "merge")
         contacts = await self.astore.call(
             store.contact_ids, self.dispensary, self.destination.name, wanted
         )
+        survivors = {str(r.body["into_customer_id"]) for r in rows if r.op == "merge"}
+        if survivors:
+            # a merge goes into the final survivor: if the survivor was itself merged away
+            # since this merge was planned (B into C after A into B), into C's contact
+            resolved = await self.astore.call(
+                store.resolve_contact_ids, self.dispensary, self.destination.name, survivors
+            )
+            contacts.update({f"into:{cid}": contact for cid, contact in resolved.items()})
         size = len(rows) if bulk else self.destination.batch_size
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         outcome = _Outcome([], [], [], [])
@@ -188,6 +195,10 @@ class DeliveryWorker:
                 self._failed([row], result, duration, outcome)
                 continue
             contact_id = result.contact_id
+            if row.op == "merge" and contact_id == contacts.get(
+                f"into:{row.body.get('into_customer_id')}"
+            ):
+                contact_id = None  # the survivor's contact, known already (maybe resolved)
             outcome.done.append((row, contact_id))
             if result.replaces is not None and contact_id:
                 # the store moves the map and reports it (contact_replaced)
@@ -262,6 +273,6 @@ def _delivery(row: OutboxRow, contacts: dict[str, str]) -> Delivery:
     body["contact_id"] = contacts.get(row.customer_id)
     if row.op == "merge":
         body["from_contact_id"] = contacts.get(str(body.get("from_customer_id")))
-        body["into_contact_id"] = contacts.get(str(body.get("into_customer_id")))
+        body["into_contact_id"] = contacts.get(f"into:{body.get('into_customer_id')}")
     body["idempotency_key"] = row.idempotency_key
     return Delivery(row.id, row.idempotency_key, body)
