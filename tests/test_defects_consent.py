@@ -1,0 +1,287 @@
+"""Issue 12's consent and identity defects owned by the planner, the store and replay: one test
+each, named after the defect, each failing on the code before its fix. The Klaviyo defects
+(1, 12) are in ``test_klaviyo_identity.py``, the gone ids and ``Retry-After`` (8, 10) in
+``test_alpineiq.py`` and ``test_delivery.py``, the receiver's (11) in ``test_receiver.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fakes.alpineiq import AlpineIQFake
+from test_alpineiq import API_KEY, BASE_URL, config_text
+from vendor_flow import DISPENSARY, Flow, event_body
+
+from connector.config import PolicyConfig
+from connector.delivery.alpineiq import AlpineIQSink
+from connector.mapping import compile_mapping_text, load_mapping
+from connector.planner import CustomerState, DestinationSpec, Operation, merge_key, plan
+from connector.store.runs import RunStore
+from connector.treez import Customer, parse_customer
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = json.loads((Path(__file__).parent / "data" / "seed_body.json").read_text())["data"]
+HTTP_MAPPING = load_mapping(ROOT / "mappings" / "http.yaml")
+
+
+def customer(**overrides: Any) -> Customer:
+    data = copy.deepcopy(SEED)
+    data.update(overrides)
+    return parse_customer(data)
+
+
+def at(minute: int) -> str:
+    return f"2026-05-01T10:{minute:02d}:00.000-07:00"
+
+
+def apply(
+    events: list[Customer],
+    dests: list[DestinationSpec],
+    states: dict[str, CustomerState] | None = None,
+) -> tuple[dict[str, CustomerState], list[Operation]]:
+    states = dict(states or {})
+    ops: list[Operation] = []
+    for event in events:
+        result = plan(event, "store1", states, dests)
+        states.update(result.states)
+        ops += result.operations
+    return states, ops
+
+
+def http_spec(mapping: Any = HTTP_MAPPING, **options: Any) -> DestinationSpec:
+    return DestinationSpec(name="crm", mapping=mapping, **options)
+
+
+def upserts(ops: list[Operation]) -> list[dict[str, Any]]:
+    return [op.body["fields"] for op in ops if op.op == "upsert"]
+
+
+# --- 2: a field carrying consent in an upsert never says opted in after an opt-out ----------
+
+
+def test_defect_2_shipped_http_mapping_never_says_opted_in_after_an_opt_out() -> None:
+    out = customer(customer_id="1", last_update=at(0), opt_out="true")
+    back_in = customer(customer_id="1", last_update=at(5), opt_out="false", first_name="Mia")
+    pulled = customer(customer_id="1", last_update=at(9), opt_out=None, first_name="Ann")
+    _, ops = apply([out, back_in, pulled], [http_spec()])
+    sent = upserts(ops)
+    assert len(sent) == 3  # the names changed each time: each is sent
+    assert [fields.get("opted_out") for fields in sent] == [True, True, True]
+    assert [op.op for op in ops].count("unsubscribe") == 1
+
+
+def test_defect_2_a_null_opt_out_is_never_read_as_false() -> None:
+    # first sight with no opt_out: the shipped mapping leaves the field out (it said false)
+    _, ops = apply([customer(customer_id="1", last_update=at(0), opt_out=None)], [http_spec()])
+    assert "opted_out" not in upserts(ops)[0]
+    # a pull that says nothing about consent after an opt-out changes nothing at all
+    out = customer(customer_id="2", last_update=at(0), opt_out="true")
+    silent = customer(customer_id="2", last_update=at(3), opt_out=None)
+    _, ops = apply([out, silent], [http_spec()])
+    assert [op.op for op in ops] == ["upsert", "unsubscribe"]
+
+
+def test_defect_2_a_user_mapping_reading_opt_out_through_any_transform() -> None:
+    mapping = compile_mapping_text(
+        "first_name: first_name\n"
+        "sms_ok: {from: opt_out, transform: [{map: {values: {true: 'no', false: 'yes'}}}]}\n"
+        "consent_text: {from: opt_out, transform: [str, upper]}\n",
+        name="user.yaml",
+    )
+    out = customer(customer_id="1", last_update=at(0), opt_out="true")
+    back_in = customer(customer_id="1", last_update=at(5), opt_out="false", first_name="Mia")
+    _, ops = apply([out, back_in], [http_spec(mapping)])
+    assert [(f["sms_ok"], f["consent_text"]) for f in upserts(ops)] == [("no", "TRUE")] * 2
+    # under on_source_opt_in the flip true → false is the customer's to make
+    resub = http_spec(mapping, policy=PolicyConfig(resubscribe="on_source_opt_in"))
+    _, ops = apply([out, back_in], [resub])
+    assert [f["sms_ok"] for f in upserts(ops)] == ["no", "yes"]
+    assert [op.op for op in ops] == ["upsert", "unsubscribe", "upsert", "subscribe"]
+
+
+# --- 3: the opt-out does not depend on arrival order -----------------------------------------
+
+
+def test_defect_3_a_stale_opt_out_is_still_owed() -> None:
+    v1 = customer(customer_id="1", last_update=at(0), opt_out="true")
+    v2 = customer(customer_id="1", last_update=at(5), opt_out="false")
+    for order in ([v1, v2], [v2, v1]):
+        _, ops = apply(order, [http_spec()])
+        unsubscribes = [op for op in ops if op.op == "unsubscribe"]
+        assert len(unsubscribes) == 1
+        assert all(f.get("opted_out") is not False for f in upserts(ops))
+    # one key whichever version owed it
+    keys = {
+        next(op.idempotency_key for op in apply(order, [http_spec()])[1] if op.op == "unsubscribe")
+        for order in ([v1, v2], [v2, v1])
+    }
+    assert len(keys) == 1
+
+
+# --- 4: a far-future last_update does not swallow later events -------------------------------
+
+
+def test_defect_4_a_future_dated_event_orders_at_its_receipt(tmp_path: Path) -> None:
+    fake = AlpineIQFake(api_key=API_KEY, uid="1234", rate_limit_per_second=None)
+
+    async def go() -> None:
+        flow = Flow(
+            tmp_path, config_text(), app=fake.app, sink_factory=AlpineIQSink, base_url=BASE_URL
+        )
+        try:
+            future = json.loads(event_body("42", 1, first_name="Vincent"))
+            future["data"]["last_update"] = "2099-01-01T00:00:00.000-08:00"
+            await flow.deliver(json.dumps(future).encode())
+            # ten minutes later (past the allowed skew) the customer changes and opts out
+            later = json.loads(event_body("42", 1, first_name="Mia", opt_out="true"))
+            moment = datetime.now(UTC) + timedelta(minutes=10)
+            later["data"]["last_update"] = moment.isoformat(timespec="milliseconds")
+            await flow.deliver(json.dumps(later).encode())
+            assert flow.ops("42") == ["upsert", "upsert", "unsubscribe"]
+            [persona] = fake.personas.values()
+            assert persona["firstName"] == "Mia"
+            assert fake.consent(persona["contactID"]) == {"email": False, "sms": False}
+        finally:
+            await flow.close()
+
+    asyncio.run(go())
+
+
+def test_defect_4_the_ceiling_is_receipt_plus_skew_and_an_opt_out_in_it_counts() -> None:
+    future = customer(customer_id="1", last_update="2099-01-01T00:00:00Z", opt_out="false")
+    received_us = int(time.time() * 1_000_000)
+    ceiling = received_us + 300_000_000
+    result = plan(future, "store1", {}, [http_spec()], not_after_us=ceiling)
+    assert result.states["1"].last_update_us == ceiling
+    out = customer(customer_id="1", last_update="2099-01-02T00:00:00Z", opt_out="true")
+    again = plan(out, "store1", result.states, [http_spec()], not_after_us=ceiling + 1)
+    assert [op.op for op in again.operations] == ["upsert", "unsubscribe"]
+
+
+# --- 5: an opt-out carried only by the absorbed customer's merge payload ---------------------
+
+
+def test_defect_5_the_absorbed_payloads_opt_out_reaches_both_personas(tmp_path: Path) -> None:
+    """Alpine IQ has no merge: A's persona lives on. A's own opt-out webhook was lost; its
+    merge payload carries it: owed to the survivor's persona and to A's own."""
+    fake = AlpineIQFake(api_key=API_KEY, uid="1234", rate_limit_per_second=None)
+
+    async def go() -> None:
+        flow = Flow(
+            tmp_path, config_text(), app=fake.app, sink_factory=AlpineIQSink, base_url=BASE_URL
+        )
+        try:
+            await flow.deliver(
+                event_body("200", 60, email="a@example.com", phone="3105550200"),
+                event_body("100", 60, email="b@example.com", phone="3105550100"),
+            )
+            await flow.deliver(
+                event_body(
+                    "200",
+                    120,
+                    status="DEACTIVATED",
+                    merged_into_customer_id="100",
+                    opt_out="true",
+                    email="a@example.com",
+                    phone="3105550200",
+                ),
+                event_body(
+                    "100",
+                    120,
+                    status="MERGED",
+                    merged_customer_ids=["200"],
+                    email="b@example.com",
+                    phone="3105550100",
+                ),
+            )
+            contacts = flow.contact_ids()
+            for customer_id in ("200", "100"):
+                persona = contacts[(DISPENSARY, "aiq", customer_id)]
+                assert persona is not None
+                assert fake.consent(persona) == {"email": False, "sms": False}, customer_id
+        finally:
+            await flow.close()
+
+    asyncio.run(go())
+
+
+# --- 6: a dead-lettered unsubscribe is replayed after a merge --------------------------------
+
+
+def test_defect_6_an_owed_unsubscribe_is_replayed_after_a_merge(tmp_path: Path) -> None:
+    fake = AlpineIQFake(api_key=API_KEY, uid="1234", rate_limit_per_second=None)
+
+    async def go() -> None:
+        flow = Flow(
+            tmp_path, config_text(), app=fake.app, sink_factory=AlpineIQSink, base_url=BASE_URL
+        )
+        try:
+            await flow.deliver(event_body("200", 60, email="a@example.com", phone="3105550200"))
+            fake.fail_next(400)  # the unsubscribe is refused: dead-lettered
+            await flow.deliver(
+                event_body("200", 90, opt_out="true", email="a@example.com", phone="3105550200")
+            )
+            [dead] = flow.dead_letters()
+            assert dead["op"] == "unsubscribe"
+            await flow.deliver(
+                event_body(
+                    "100",
+                    120,
+                    status="MERGED",
+                    merged_customer_ids=["200"],
+                    email="b@example.com",
+                    phone="3105550100",
+                ),
+            )
+            replayed = RunStore(flow.store).replay()
+            assert (replayed.replayed, replayed.superseded) == (1, 0)
+            await flow.drain()
+            persona = flow.contact_ids()[(DISPENSARY, "aiq", "200")]
+            assert persona is not None
+            assert fake.consent(persona) == {"email": False, "sms": False}
+        finally:
+            await flow.close()
+
+    asyncio.run(go())
+
+
+# --- 9: a merge goes into the final survivor of a chain ---------------------------------------
+
+
+def test_defect_9_a_late_merge_goes_into_the_final_survivor() -> None:
+    dests = [http_spec()]
+    b_into_c = customer(
+        customer_id="B",
+        last_update=at(10),
+        status="DEACTIVATED",
+        merged_into_customer_id="C",
+        opt_out="false",
+    )
+    a_into_b = customer(
+        customer_id="A",
+        last_update=at(5),
+        status="DEACTIVATED",
+        merged_into_customer_id="B",
+        opt_out="false",
+    )
+    states, _ = apply([b_into_c], dests)
+    _, ops = apply([a_into_b], dests, states)
+    [merge] = [op for op in ops if op.op == "merge"]
+    assert (merge.body["from_customer_id"], merge.body["into_customer_id"]) == ("A", "C")
+    assert merge.idempotency_key == merge_key("crm", "A", "C")
+    # the survivor's payload naming A later plans no second merge
+    b_lists_a = customer(
+        customer_id="B",
+        last_update=at(6),
+        status="MERGED",
+        merged_customer_ids=["A"],
+        opt_out="false",
+    )
+    states2, _ = apply([b_into_c, a_into_b], dests)
+    _, more = apply([b_lists_a], dests, states2)
+    assert [op for op in more if op.op == "merge"] == []

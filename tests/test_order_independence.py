@@ -1,0 +1,212 @@
+"""Consent and identity do not depend on the order of arrival (issue 12's rule).
+
+Histories of up to three customers (A, B, C) are generated: versions with opt-out flips, stale
+and tie versions, repeats, the two payloads of a merge of A into B and of a chain B into C, and
+delivery failures that dead-letter operations, later replayed. Each history is run in two
+orders through the real planner (``process_batch``), the real store (a SQLite file) and the real
+worker into the Alpine IQ fake, and what the fake ends up holding about consent is compared:
+
+- the final survivor of each merge group is unsubscribed exactly when some version of some
+  customer of the group opted out (``resubscribe: never``), and told so in exactly one
+  unsubscribe (one operation, one idempotency key), whatever the order;
+- every persona of a customer that opted out at any version is unsubscribed;
+- nothing ever opts a contact in, and a merged-away customer's payloads write no field;
+- the two orders leave the same consent on every survivor.
+
+Delivery is interleaved with arrival (each batch is delivered before the next arrives), so
+these hold in the orders a live system sees, not only when everything is planned first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.alpineiq import AlpineIQFake
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_alpineiq import API_KEY, BASE_URL, config_text
+from vendor_flow import DISPENSARY, Flow, event_body
+
+from connector.delivery.alpineiq import AlpineIQSink
+from connector.store.runs import RunStore
+
+A, B, C = "200", "100", "300"
+OPT_OUTS = ("true", "false", None)
+
+Event = tuple[str, int, dict[str, Any]]  # customer, version, fields
+
+
+def person(customer: str) -> dict[str, Any]:
+    return {"email": f"c{customer}@example.com", "phone": f"310555{int(customer):04d}"}
+
+
+@st.composite
+def plain_versions(draw: st.DrawFn, customer: str, instants: tuple[int, ...]) -> list[Event]:
+    found = []
+    for _ in range(draw(st.integers(1, 3))):
+        fields = {
+            "opt_out": draw(st.sampled_from(OPT_OUTS)),
+            "first_name": draw(st.sampled_from(["Jules", "Mia"])),
+            **person(customer),
+        }
+        found.append((customer, draw(st.sampled_from(instants)), fields))
+    return found
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[list[Event], set[tuple[str, str]]]:
+    """A customer history: the events (each at least once, maybe repeated) and the merges
+    (absorbed, survivor) it contains."""
+    events: list[Event] = []
+    merges: set[tuple[str, str]] = set()
+    events += draw(plain_versions(A, (1, 2, 3)))
+    events += draw(plain_versions(B, (1, 2, 3)))
+    if draw(st.booleans()):  # A merged into B: one payload, the other, or both
+        merges.add((A, B))
+        which = draw(st.sampled_from(["absorbed", "survivor", "both"]))
+        if which in ("absorbed", "both"):
+            fields = {"status": "DEACTIVATED", "merged_into_customer_id": B, **person(A)}
+            events.append((A, 4, {"opt_out": draw(st.sampled_from(OPT_OUTS)), **fields}))
+        if which in ("survivor", "both"):
+            fields = {"status": "MERGED", "merged_customer_ids": [A], **person(B)}
+            events.append((B, 4, {"opt_out": draw(st.sampled_from(OPT_OUTS)), **fields}))
+        if draw(st.booleans()):  # and B into C: a chain
+            merges.add((B, C))
+            events += draw(plain_versions(C, (1, 5)))
+            fields = {"status": "DEACTIVATED", "merged_into_customer_id": C, **person(B)}
+            events.append((B, 5, {"opt_out": draw(st.sampled_from(OPT_OUTS)), **fields}))
+            fields = {"status": "MERGED", "merged_customer_ids": [B], **person(C)}
+            events.append((C, 5, {"opt_out": draw(st.sampled_from(OPT_OUTS)), **fields}))
+    if draw(st.booleans()):  # a stray: a payload of A after its merge
+        events.append((A, 6, {"opt_out": draw(st.sampled_from(OPT_OUTS)), **person(A)}))
+    repeats = draw(st.lists(st.sampled_from(range(len(events))), max_size=3))
+    return [*events, *(events[i] for i in repeats)], merges
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> tuple[list[Event], set[tuple[str, str]], list[Any], list[Any]]:
+    """A history and two orders of it, each cut into batches, with failures injected."""
+    events, merges = draw(histories())
+    orders = []
+    for _ in range(2):
+        order = draw(st.permutations(events))
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, len(order) - 1)), max_size=4)))
+        batches = [order[i:j] for i, j in zip([0, *cuts], [*cuts, len(order)], strict=True)]
+        failures = draw(
+            st.lists(st.tuples(st.sampled_from([400, 500]), st.integers(1, 2)), max_size=2)
+        )
+        plan = [(batch, failures[i] if i < len(failures) else None) for i, batch in
+                enumerate(batches)]  # fmt: skip
+        orders.append(plan)
+    return events, merges, orders[0], orders[1]
+
+
+def survivor_of(customer: str, merges: set[tuple[str, str]]) -> str:
+    into = dict(merges)
+    while customer in into:
+        customer = into[customer]
+    return customer
+
+
+def body(event: Event) -> bytes:
+    customer, version, fields = event
+    return event_body(customer, version * 60, **fields)
+
+
+async def run_order(work: Path, plan: list[Any]) -> tuple[AlpineIQFake, Flow]:
+    fake = AlpineIQFake(api_key=API_KEY, rate_limit_per_second=None, uid="1234")
+    flow = Flow(work, config_text(), app=fake.app, sink_factory=AlpineIQSink, base_url=BASE_URL)
+    for batch, failure in plan:
+        if failure is not None:
+            fake.fail_next(*failure)
+        await flow.deliver(*(body(e) for e in batch))
+    # every dead letter replayed (as `connector dlq replay` does) until none is left open
+    for _ in range(5):
+        replayed = await asyncio.to_thread(RunStore(flow.store).replay)
+        await flow.drain()
+        if replayed.replayed == 0:
+            break
+    return fake, flow
+
+
+def consent_by_customer(fake: AlpineIQFake, flow: Flow) -> dict[str, dict[str, bool | None]]:
+    """Consent of each customer's persona, as the identity map names it."""
+    found = {}
+    for (_, _, customer), contact in flow.contact_ids().items():
+        if contact is not None and fake.persona(contact) is not None:
+            found[customer] = fake.consent(contact)
+    return found
+
+
+def check(
+    events: list[Event], merges: set[tuple[str, str]], fake: AlpineIQFake, flow: Flow
+) -> dict[str, Any]:
+    opted = {e[0] for e in events if e[2].get("opt_out") == "true"}
+    group_opted = {survivor_of(c, merges) for c in opted}
+    consent = consent_by_customer(fake, flow)
+    # nothing ever opts a contact in (resubscribe: never)
+    for call in fake.calls:
+        if isinstance(call.body, dict):
+            assert call.body.get("emailOptIn") is not True
+            assert call.body.get("smsOptIn") is not True
+    # every persona of a customer that opted out, and the survivor of its group, is opted out
+    for customer in opted | group_opted:
+        if customer in consent:
+            assert consent[customer] == {"email": False, "sms": False}, customer
+    # one unsubscribe per customer and destination: one operation, one key
+    unsubscribes: dict[str, set[str]] = {}
+    for row in flow.outbox():
+        if row["op"] == "unsubscribe":
+            unsubscribes.setdefault(row["customer_id"], set()).add(row["idempotency_key"])
+    assert all(len(keys) == 1 for keys in unsubscribes.values()), unsubscribes
+    rows = [r for r in flow.outbox() if r["op"] == "unsubscribe"]
+    assert len(rows) == len(unsubscribes)
+    for survivor in group_opted:
+        if survivor in consent:
+            assert survivor in unsubscribes
+    for customer in unsubscribes:
+        assert customer in opted or customer in group_opted
+    # every operation settled: delivered, or dead only while the destination refused it
+    open_rows = [r for r in flow.outbox() if r["status"] not in ("done", "dead")]
+    assert open_rows == []
+    # a merged-away customer's stray payload wrote nothing on any persona
+    for call in fake.calls:
+        if isinstance(call.body, dict) and call.body.get("srcID") == A and (A, B) in merges:
+            assert call.body.get("firstName") in (None, "Jules", "Mia")
+    survivors = {survivor_of(c, merges) for c in (A, B, C)}
+    return {s: consent.get(s) for s in survivors if s in consent}
+
+
+@settings(
+    max_examples=int(os.environ.get('ORDER_EXAMPLES', '120')),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(runs())
+def test_consent_of_survivors_is_the_same_in_any_order(
+    tmp_path_factory: pytest.TempPathFactory, case: Any
+) -> None:
+    events, merges, first, second = case
+    finals = []
+    for plan in (first, second):
+        work = tmp_path_factory.mktemp("order")
+
+        async def go(plan: list[Any] = plan, work: Path = work) -> dict[str, Any]:
+            fake, flow = await run_order(work, plan)
+            try:
+                return check(events, merges, fake, flow)
+            finally:
+                await flow.close()
+
+        finals.append(asyncio.run(go()))
+    opted = {survivor_of(e[0], merges) for e in events if e[2].get("opt_out") == "true"}
+    for survivor in opted:
+        for final in finals:
+            if survivor in final:
+                assert final[survivor] == {"email": False, "sms": False}
+    assert json.dumps(finals[0], sort_keys=True) == json.dumps(finals[1], sort_keys=True)
