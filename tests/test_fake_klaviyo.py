@@ -640,6 +640,42 @@ def test_import_by_id(fake: KlaviyoFake) -> None:
     assert fake.profile_by_email("new@b.co") is not None
 
 
+def test_a_deleted_profile_answers_404_everywhere_and_frees_its_identifiers(
+    fake: KlaviyoFake,
+) -> None:
+    async def scenario(client: Client) -> None:
+        gone = await create(client, email="a@b.co", phone_number="+13035550101")
+        keep = await create(client, email="c@d.co")
+        fake.delete_profile(gone)
+        the_error(await client.get(f"/api/profiles/{gone}"), 404, "not_found")
+        by_id = profile(id=gone, first_name="A")
+        error = the_error(await post(client, "/api/profile-import", by_id), 404, "not_found")
+        assert error["source"] == {"pointer": "/data/id"}
+        the_error(await post(client, "/api/profile-merge", merge(keep, gone)), 404, "not_found")
+        again = await post(client, "/api/profile-import", profile(email="a@b.co"))
+        assert again.status_code == 201  # the e-mail is free: a new profile
+        assert again.json()["data"]["id"] not in (gone, keep)
+
+    run(fake, scenario)
+    assert fake.profile_by_phone("+13035550101") is None
+
+
+def test_a_subscription_job_changes_the_profile_holding_each_identifier(
+    fake: KlaviyoFake,
+) -> None:
+    """The jobs take e-mail and phone, not ids: whoever holds them is changed."""
+
+    async def scenario(client: Client) -> None:
+        mia = await create(client, email="mia@b.co", phone_number="+13035550101")
+        jules = await create(client, email="jules@b.co")
+        await post(client, "/api/profile-subscription-bulk-delete-jobs",
+                   unsubscribe({"email": "jules@b.co"}))  # fmt: skip
+        assert fake.consent(jules) == {"email": "UNSUBSCRIBED", "sms": "NEVER_SUBSCRIBED"}
+        assert fake.consent(mia) == {"email": "NEVER_SUBSCRIBED", "sms": "NEVER_SUBSCRIBED"}
+
+    run(fake, scenario)
+
+
 # ---- profile-merge -----------------------------------------------------------------------------
 
 

@@ -140,6 +140,22 @@ def error_answer(
     )
 
 
+def not_found(profile_id: str) -> httpx.Response:
+    return error_answer(404, "not_found", "Not found.",
+                        f"A profile with id {profile_id} does not exist.", pointer="")  # fmt: skip
+
+
+def held_profiles(router: respx.MockRouter, profiles: dict[str, dict[str, Any]]) -> respx.Route:
+    """``GET /api/profiles/{id}`` answered from ``profiles`` (id -> attributes), else 404."""
+
+    def answer(request: httpx.Request, profile_id: str) -> httpx.Response:
+        if profile_id not in profiles:
+            return not_found(profile_id)
+        return profile_answer(profile_id, **profiles[profile_id])
+
+    return router.get(path__regex=r"^/api/profiles/(?P<profile_id>[^/]+)$").mock(side_effect=answer)
+
+
 def sent_json(request: httpx.Request) -> Any:
     return json.loads(request.content)
 
@@ -241,6 +257,9 @@ def test_a_409_duplicate_profile_updates_that_profile_without_identifiers_as_a_c
         pointer="/data/attributes", meta={"duplicate_profile_id": "01DUPLICATE"},
     )  # fmt: skip
     route = router.post(IMPORT).mock(side_effect=[duplicate, profile_answer("01DUPLICATE")])
+    # the same person, made by another integration: no customer of this store's
+    read = held_profiles(router, {"01DUPLICATE": {"email": "mia@example.com",
+                                                  "external_id": "shopify-77"}})  # fmt: skip
     fields = mapped(make_customer, email="mia@example.com", phone="(213) 555-0142")
 
     [result] = send(klaviyo_config(mapping_dir), delivery("upsert", fields=fields))
@@ -253,6 +272,7 @@ def test_a_409_duplicate_profile_updates_that_profile_without_identifiers_as_a_c
     assert "01DUPLICATE" in detail
     assert "mia@example.com" not in result.conflict
     assert route.call_count == 2
+    assert read.call_count == 1  # who holds it, before writing to it
     retry = sent_json(route.calls[1].request)
     spec.check(retry, "ProfileUpsertQuery")
     assert retry["data"]["id"] == "01DUPLICATE"
@@ -285,17 +305,26 @@ def test_unsubscribes_go_in_one_bulk_delete_job_for_email_and_sms(
 ) -> None:
     route = router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
     both = {"email": "mia@example.com", "phone_number": "+12135550142", "first_name": "Mia"}
+    held_profiles(router, {
+        "01A": {"email": "mia@example.com", "phone_number": "+12135550142"},
+        "01B": {"email": "vince@example.com", "phone_number": None},
+        "01C": {"email": None, "phone_number": "+13105551234"},
+        "01D": {"email": "mia@example.com", "phone_number": "+12135550142"},
+    })  # fmt: skip
     deliveries = [
         delivery("unsubscribe", "1", contact_id="01A", fields=both, outbox_id=1),
-        delivery("unsubscribe", "2", fields={"email": "vince@example.com"}, outbox_id=2),
-        delivery("unsubscribe", "3", fields={"phone_number": "+13105551234"}, outbox_id=3),
-        delivery("unsubscribe", "4", fields=both, channels=["email"], outbox_id=4),
-    ]
+        delivery("unsubscribe", "2", contact_id="01B", fields={"email": "vince@example.com"},
+                 outbox_id=2),
+        delivery("unsubscribe", "3", contact_id="01C", fields={"phone_number": "+13105551234"},
+                 outbox_id=3),
+        delivery("unsubscribe", "4", contact_id="01D", fields=both, channels=["email"],
+                 outbox_id=4),
+    ]  # fmt: skip
 
     results = send(klaviyo_config(mapping_dir), *deliveries)
 
-    assert results == [Sent("01A"), Sent(None), Sent(None), Sent(None)]
-    [request] = requests(router)  # one job for the whole batch, no subscribe of any kind
+    assert results == [Sent("01A"), Sent("01B"), Sent("01C"), Sent("01D")]
+    [request] = [r for r in requests(router) if r.method == "POST"]  # one job, no subscribe
     assert request.headers["revision"] == REVISION
     body = sent_json(request)
     spec.check(body, "SubscriptionDeleteJobCreateQuery")
@@ -315,14 +344,16 @@ def test_more_than_100_unsubscribes_are_split_into_jobs_of_at_most_100(
     router: respx.MockRouter, mapping_dir: Path
 ) -> None:
     route = router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
+    held_profiles(router, {f"01P{i}": {"email": f"c{i}@example.com"} for i in range(150)})
     deliveries = [
-        delivery("unsubscribe", str(i), fields={"email": f"c{i}@example.com"}, outbox_id=i)
+        delivery("unsubscribe", str(i), contact_id=f"01P{i}",
+                 fields={"email": f"c{i}@example.com"}, outbox_id=i)
         for i in range(150)
-    ]
+    ]  # fmt: skip
 
     results = send(klaviyo_config(mapping_dir), *deliveries)
 
-    assert results == [Sent(None)] * 150
+    assert results == [Sent(f"01P{i}") for i in range(150)]
     sizes = [
         len(sent_json(c.request)["data"]["attributes"]["profiles"]["data"]) for c in route.calls
     ]
@@ -364,6 +395,7 @@ def test_subscribe_goes_through_the_bulk_create_job_with_the_configured_list(
 ) -> None:
     route = router.post(SUBSCRIBE).mock(return_value=httpx.Response(202))
     fields = {"email": "mia@example.com", "phone_number": "+12135550142"}
+    held_profiles(router, {"01A": fields})
 
     results = send(
         klaviyo_config(mapping_dir, list_id="Y6nRLr"),
@@ -371,7 +403,8 @@ def test_subscribe_goes_through_the_bulk_create_job_with_the_configured_list(
     )
 
     assert results == [Sent("01A")]
-    [request] = requests(router)
+    [read, request] = requests(router)
+    assert (read.method, read.url.path) == ("GET", "/api/profiles/01A")
     body = sent_json(request)
     spec.check(body, "SubscriptionCreateJobCreateQuery")
     assert body["data"]["type"] == "profile-subscription-bulk-create-job"
@@ -379,7 +412,7 @@ def test_subscribe_goes_through_the_bulk_create_job_with_the_configured_list(
     subscribed = {"marketing": {"consent": "SUBSCRIBED"}}
     [profile] = body["data"]["attributes"]["profiles"]["data"]
     assert profile["attributes"]["subscriptions"] == {"email": subscribed, "sms": subscribed}
-    assert route.call_count == len(router.calls) == 1
+    assert route.call_count == len(router.calls) - 1 == 1
 
 
 # ---- merge and deactivate --------------------------------------------------------------------
@@ -477,6 +510,7 @@ def test_a_mixed_batch_answers_each_operation_in_order(
         ]
     )
     router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
+    held_profiles(router, {"01A": {"email": "a@example.com"}})
     batch = [
         delivery("unsubscribe", "1", contact_id="01A", fields={"email": "a@example.com"}),
         delivery("upsert", "2", fields={"email": "b@example.com"}, outbox_id=2),
@@ -539,6 +573,8 @@ def test_backfill_runs_jobs_of_at_most_bulk_size_each_polled_until_complete(
         for i in range(1, 6)
     ]  # fmt: skip
     unsubscribe = delivery("unsubscribe", "c9", fields={"email": "c9@example.com"}, outbox_id=9)
+    # never reached Klaviyo: found (or made) by its identifiers before it is addressed
+    router.post(IMPORT).mock(return_value=profile_answer("01C9", 201, email="c9@example.com"))
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -548,7 +584,7 @@ def test_backfill_runs_jobs_of_at_most_bulk_size_each_polled_until_complete(
     results = run(config, lambda sink: sink.backfill([*upserts[:2], unsubscribe, *upserts[2:]]),
                   sleep=sleep)  # fmt: skip
 
-    assert results == [Sent(None), Sent(None), Sent(None), Sent("01K3"), Sent(None), Sent(None)]
+    assert results == [Sent(None), Sent(None), Sent("01C9"), Sent("01K3"), Sent(None), Sent(None)]
     for body in jobs.bodies:
         spec.check(body, "ProfileImportJobCreateQuery")
         assert body["data"]["type"] == "profile-bulk-import-job"
@@ -1006,10 +1042,11 @@ def test_flow_opt_out_on_first_sight_creates_the_profile_then_unsubscribes_it(
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake) as flow:
             await flow.deliver(event_body("1001", 1, opt_out="true", **PERSON))
-            assert paths(fake.calls) == [IMPORT, UNSUBSCRIBE]
             [profile_id] = fake.profiles  # the unsubscribe found it: no second profile
+            # addressed by what its profile holds, read back first
+            assert paths(fake.calls) == [IMPORT, f"/api/profiles/{profile_id}", UNSUBSCRIBE]
             assert fake.consent(profile_id) == {"email": "UNSUBSCRIBED", "sms": "UNSUBSCRIBED"}
-            [profile] = data_of(fake.calls[1])["attributes"]["profiles"]["data"]
+            [profile] = data_of(fake.calls[2])["attributes"]["profiles"]["data"]
             assert profile["attributes"]["email"] == "mia@example.com"
             assert profile["attributes"]["phone_number"] == "+12135550142"
             assert fake.subscribes == []
@@ -1223,7 +1260,7 @@ def test_flow_shared_account_keeps_one_profile_for_one_person_at_two_stores(
                 assert profile.attributes["last_name"] == name
 
             assert Counter(fake.statuses())[409] == 1  # the second store's first sight only
-            assert len(fake.calls) == 3 + 2 * 4
+            assert len(fake.calls) == 4 + 2 * 4  # the 409: who holds that profile, read once
             assert [c["kind"] for c in flow.conflicts()] == ["duplicate_profile"]
             assert flow.dead_letters() == []
             assert profile.properties[f"treez_id_{DISPENSARY}"] == "3001"

@@ -7,16 +7,33 @@
   ``properties.treez_id_<dispensary>`` (the Treez customer id), so a profile shared by two
   stores holds both ids. Consent never travels with an upsert (``subscriptions`` are dropped).
 - **409 duplicate_profile** (the e-mail and the phone belong to different profiles, or the
-  profile found by e-mail or phone carries another ``external_id``): the update is made again
-  against ``meta.duplicate_profile_id`` without the identifiers, that id is recorded as the
-  contact, and the collision is reported as a conflict. Never dead-lettered.
+  profile found by e-mail or phone carries another ``external_id``), never dead-lettered:
+  with our profile id known, ours is updated without the e-mail or phone the other profile
+  holds (read back from Klaviyo), which is never written. Without it, the profile the 409
+  names is read: one that the identity map (resolved through Treez merges) or its own
+  ``treez_id_<dispensary>`` links to **another customer of this dispensary** is another
+  person's and is never written; this customer gets a profile of its own, keyed by its
+  ``external_id``, without the colliding identifiers. Any other profile (no customer of this
+  dispensary: another store of the account, another integration) is the same person found
+  by e-mail or phone: it is updated without moving its identifiers and recorded as the
+  contact (one profile per person across the stores of an account). Either way the
+  collision is reported as a conflict, once: identifiers withheld from our profile are
+  named in the conflict's detail by a keyed digest (never the value), read back from the
+  conflicts table, and left out of every later upsert until they change.
 - **unsubscribe**: ``POST /api/profile-subscription-bulk-delete-jobs`` (up to 100 profiles a
   call), e-mail and SMS marketing. **subscribe** (only under ``resubscribe:
   on_source_opt_in``): ``POST /api/profile-subscription-bulk-create-jobs``; Klaviyo's bulk
   subscribe removes suppressions, which is why the planner never plans it for an opted-out
-  customer.
+  customer. The jobs address profiles by e-mail and phone, so each goes by what our own
+  profile holds (read with ``GET /api/profiles/{id}``), never by the mapped identifiers a 409
+  gave to someone else; a profile holding neither is reported (``no_identifier``).
 - **merge**: ``POST /api/profile-merge`` (the absorbed profile into the survivor's).
 - **deactivate**: no Klaviyo equivalent; the profile gets ``properties.treez_status``.
+- **a gone profile** (404: merged away, deleted): every operation finds the customer's
+  profile again by the mapped identifiers (a 409 resolved as above), returns it with
+  ``Sent.replaces`` naming the gone id, and reports ``unknown_contact``. A merge whose
+  absorbed profile is gone has nothing to merge; one whose survivor is gone is retried (the
+  survivor's next update finds its profile again).
 - **backfill**: ``POST /api/profile-bulk-import-jobs`` (10,000 profiles, 5 MB a job), then
   the job is polled until it completes.
 
@@ -29,11 +46,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import re
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -57,6 +75,14 @@ SUBSCRIPTION_BATCH = 100  # profiles per subscription job
 MAX_JOB_BYTES = 5 * 1024 * 1024
 CONSENT_KEYS = ("subscriptions",)  # never sent with an upsert
 IDENTIFIERS = ("email", "phone_number", "external_id")
+MARKETABLE = ("email", "phone_number")  # what the subscription jobs address a profile by
+DUPLICATE = "duplicate_profile"
+# the identifiers a duplicate_profile conflict withheld, as keyed digests: "email:0123abcd..."
+WITHHELD = re.compile(r"\bwithheld((?: (?:email|phone_number):[0-9a-f]{16})+)")
+# the identity map's answers, bound by the worker: (contact id, conflict kind) -> the
+# customers of this dispensary linked to that contact, and (customer, detail) of the
+# conflicts of that kind (see Store.contact_claims)
+Claims = Callable[[str | None, str | None], Awaitable[tuple[list[str], list[tuple[str, str]]]]]
 JSONAPI = "application/vnd.api+json"
 
 
@@ -135,6 +161,11 @@ class KlaviyoSink:
             },
         )
         self._sleep = sleep
+        self._claims: Claims | None = None
+        self._withheld: dict[str, set[str]] | None = None  # customer -> marks, once read
+        self._withheld_lock = asyncio.Lock()
+        secret = config.api_key.get_secret_value().encode()
+        self._digest_key = hashlib.sha256(b"treez-connector withheld\0" + secret).digest()
 
     @staticmethod
     def capabilities_for(config: KlaviyoConfig) -> Capabilities:
@@ -207,78 +238,247 @@ class KlaviyoSink:
         if keyed:  # the profile id is known: never re-key it
             attributes.pop("external_id", None)
         properties = dict(attributes.get("properties") or {})
-        properties[f"treez_id_{delivery.body.get('dispensary')}"] = delivery.customer_id
+        properties[_treez_key(delivery)] = delivery.customer_id
         attributes["properties"] = properties
         return attributes
 
     async def upsert(self, delivery: Delivery) -> Result:
         contact_id = delivery.contact_id
-        data: dict[str, Any] = {
-            "type": "profile",
-            "attributes": self._attributes(delivery, keyed=contact_id is not None),
-        }
-        if contact_id is not None:
-            data["id"] = contact_id
+        attributes = self._attributes(delivery, keyed=contact_id is not None)
+        self._withhold(attributes, await self._remembered(delivery.customer_id))
+        if contact_id is None:
+            result, _ = await self._import(delivery, attributes)
+            return result
+        data = {"type": "profile", "id": contact_id, "attributes": attributes}
         response = await self.api.request(
             "POST", "/api/profile-import", "import", body={"data": data},
-            ok_statuses=frozenset({409, 404}) if contact_id else frozenset({409}),
+            ok_statuses=frozenset({409, 404}),
         )  # fmt: skip
-        if response.status_code == 404 and contact_id is not None:
+        if response.status_code == 404:
             # the profile we hold is gone (merged by another store of the account, or by a
             # marketer): import by the identifiers again and record the profile that answers
-            data = {"type": "profile", "attributes": self._attributes(delivery, keyed=False)}
-            again = await self.api.request(
-                "POST", "/api/profile-import", "import", body={"data": data},
-                ok_statuses=frozenset({409}),
-            )  # fmt: skip
-            if again.status_code == 409:
-                return await self._onto_duplicate(again, data, None)
-            found = _profile_id(again)
-            return Sent(
-                found, conflict=f"unknown_contact: profile {contact_id} is gone, now {found}"
-            )
-        if response.status_code != 409:
-            return Sent(_profile_id(response) or contact_id)
-        return await self._onto_duplicate(response, data, contact_id)
+            attributes = self._attributes(delivery, keyed=False)
+            self._withhold(attributes, await self._remembered(delivery.customer_id))
+            result, _ = await self._import(delivery, attributes)
+            return _replacing(result, contact_id, "its update")
+        if response.status_code == 409:
+            return await self._onto_own(delivery, response, contact_id, attributes)
+        return Sent(_profile_id(response) or contact_id)
+
+    async def _import(
+        self, delivery: Delivery, attributes: dict[str, Any]
+    ) -> tuple[Result, dict[str, Any]]:
+        """Create or find this customer's profile by its identifiers (no profile id known);
+        the result and the attributes of the profile it ended on."""
+        if not any(_text(attributes.get(name)) for name in IDENTIFIERS):
+            # all it could be keyed by was withheld (reported when it was): nothing to send
+            return Sent(None), {}
+        data = {"type": "profile", "attributes": attributes}
+        response = await self.api.request(
+            "POST", "/api/profile-import", "import", body={"data": data},
+            ok_statuses=frozenset({409}),
+        )  # fmt: skip
+        if response.status_code == 409:
+            return await self._onto_duplicate(delivery, response, attributes)
+        return Sent(_profile_id(response)), _held(response)
 
     async def _onto_duplicate(
-        self, response: httpx.Response, data: dict[str, Any], contact_id: str | None
-    ) -> Result:
-        """A 409 duplicate_profile: update the right profile without the identifiers that
-        belong to another one. With the profile id known, that is ours (never the other
-        person's); else the one Klaviyo pointed at (same person, found by e-mail or phone)."""
+        self, delivery: Delivery, response: httpx.Response, attributes: dict[str, Any]
+    ) -> tuple[Result, dict[str, Any]]:
+        """A 409 duplicate_profile for a customer whose profile is not known yet.
+
+        A profile the identity map (or the profile's own ``treez_id_<dispensary>``) links to
+        another customer of this dispensary is another person: it is never written; this
+        customer gets a profile of its own, keyed by its external id, without the identifiers
+        that collide (remembered, so they are not sent again until they change). Any other
+        profile is the same person found by e-mail or phone (another store of the account,
+        another integration): it is updated without moving its identifiers, as one profile
+        per person across the stores of an account."""
         duplicate = duplicate_profile_id(response)
         if duplicate is None:
-            return FatalDelivery(
-                f"HTTP 409 from {self.api.host}: {describe_errors(_json(response))}",
-                status_code=409,
-                body=response.text[:4096],
+            return self._refused_409(response), {}
+        profile = await self.lookup(duplicate)
+        if profile is None:
+            return RetriableDelivery(
+                f"duplicate_profile: profile {duplicate} named by the 409 is gone; trying again"
+            ), {}
+        if not await self._another_customers(delivery, duplicate, profile):
+            kept = {k: v for k, v in attributes.items() if k not in IDENTIFIERS}
+            retry = {"type": "profile", "id": duplicate, "attributes": kept}
+            again = await self.api.request(
+                "POST", "/api/profile-import", "import", body={"data": retry}
             )
-        target = contact_id or duplicate
-        attributes = {k: v for k, v in data["attributes"].items() if k not in IDENTIFIERS}
-        retry = {"type": "profile", "id": target, "attributes": attributes}
-        again = await self.api.request(
-            "POST", "/api/profile-import", "import", body={"data": retry}
-        )
-        if contact_id is not None:
-            detail = (
-                f"profile {contact_id}'s new e-mail or phone belongs to profile {duplicate}; "
-                "updated without them"
-            )
-        else:
             detail = (
                 "Klaviyo matched this customer's identifiers to more than one profile; "
                 f"profile {duplicate} was updated without moving e-mail, phone or external_id"
             )
-        return Sent(_profile_id(again) or target, conflict=f"duplicate_profile: {detail}")
+            return Sent(_profile_id(again) or duplicate, f"{DUPLICATE}: {detail}"), _held(again)
+        colliding = _colliding(attributes, profile)
+        own = {k: v for k, v in attributes.items() if k not in colliding}
+        answer = await self._import_own(own)
+        if answer is not None and answer.status_code == 409:
+            # what was left collides with a third profile: keyed by the external id alone
+            colliding = [name for name in MARKETABLE if _text(attributes.get(name))]
+            own = {k: v for k, v in attributes.items() if k not in colliding}
+            answer = await self._import_own(own)
+            if answer is not None and answer.status_code == 409:
+                return self._refused_409(answer), {}
+        contact = None if answer is None else _profile_id(answer)
+        made = (
+            "a profile of its own was made without them"
+            if contact
+            else "no profile made: it has nothing else to be keyed by"
+        )
+        detail = (
+            f"this customer's {_names(colliding)} belong to profile {duplicate}, another "
+            f"customer's of this store; {made}"
+        )
+        marks = self._marks(attributes, colliding)
+        conflict = await self._report(delivery.customer_id, marks, detail)
+        return Sent(contact, conflict), ({} if answer is None else _held(answer))
+
+    async def _import_own(self, attributes: dict[str, Any]) -> httpx.Response | None:
+        if not any(_text(attributes.get(name)) for name in IDENTIFIERS):
+            return None
+        return await self.api.request(
+            "POST", "/api/profile-import", "import",
+            body={"data": {"type": "profile", "attributes": attributes}},
+            ok_statuses=frozenset({409}),
+        )  # fmt: skip
+
+    async def _onto_own(
+        self,
+        delivery: Delivery,
+        response: httpx.Response,
+        contact_id: str,
+        attributes: dict[str, Any],
+    ) -> Result:
+        """A 409 for our own profile: its new e-mail or phone belongs to another profile.
+        Ours is updated without them (the other person's profile is never written to), and
+        they are remembered so that they are not sent again until they change."""
+        duplicate = duplicate_profile_id(response)
+        if duplicate is None or duplicate == contact_id:
+            return self._refused_409(response)
+        colliding = _colliding(attributes, await self.lookup(duplicate))
+        kept = {k: v for k, v in attributes.items() if k not in colliding}
+        retry = {"type": "profile", "id": contact_id, "attributes": kept}
+        again = await self.api.request(
+            "POST", "/api/profile-import", "import", body={"data": retry},
+            ok_statuses=frozenset({409}),
+        )  # fmt: skip
+        if again.status_code == 409:
+            colliding = [name for name in MARKETABLE if _text(attributes.get(name))]
+            kept = {k: v for k, v in attributes.items() if k not in colliding}
+            retry["attributes"] = kept
+            again = await self.api.request(
+                "POST", "/api/profile-import", "import", body={"data": retry}
+            )
+        detail = (
+            f"profile {contact_id}'s new {_names(colliding)} belong to profile {duplicate}; "
+            "updated without them"
+        )
+        conflict = await self._report(
+            delivery.customer_id, self._marks(attributes, colliding), detail
+        )
+        return Sent(_profile_id(again) or contact_id, conflict)
+
+    def _refused_409(self, response: httpx.Response) -> FatalDelivery:
+        return FatalDelivery(
+            f"HTTP 409 from {self.api.host}: {describe_errors(_json(response))}",
+            status_code=409,
+            body=response.text[:4096],
+        )
+
+    async def _another_customers(
+        self, delivery: Delivery, profile_id: str, profile: dict[str, Any]
+    ) -> bool:
+        """Whether the profile is linked to another customer of this dispensary: by the
+        identity map, or by its ``treez_id_<dispensary>`` (a profile a bulk job created,
+        whose id the map never got)."""
+        mine = delivery.customer_id
+        if self._claims is not None:
+            owners, _ = await self._claims(profile_id, None)
+            if any(owner != mine for owner in owners):
+                return True
+        properties = (profile.get("attributes") or {}).get("properties")
+        named = properties.get(_treez_key(delivery)) if isinstance(properties, dict) else None
+        return named is not None and str(named) != mine
+
+    # --- identifiers withheld after a 409 -------------------------------------------------
+
+    def bind_identity_map(self, claims: Claims) -> None:
+        """Give the adapter the identity map's answers (the worker does, for its dispensary):
+        who owns a profile, and the conflicts reported before (identifiers withheld)."""
+        self._claims = claims
+        self._withheld = None
+
+    def _digest(self, name: str, value: str) -> str:
+        """A keyed digest of an identifier: the conflicts table remembers which ones were
+        withheld without holding them (a bare hash of a phone number is easily reversed)."""
+        text = value.strip().lower() if name == "email" else value.strip()
+        message = f"{name}\0{text}".encode()
+        return hmac.new(self._digest_key, message, hashlib.sha256).hexdigest()[:16]
+
+    def _marks(self, attributes: dict[str, Any], names: list[str]) -> set[str]:
+        return {
+            f"{name}:{self._digest(name, attributes[name])}"
+            for name in names
+            if isinstance(attributes.get(name), str)
+        }
+
+    async def _remembered(self, customer_id: str, *, fresh: bool = False) -> set[str]:
+        """The identifiers of a customer withheld after a 409 (as marks), read from the
+        conflicts reported before: once per process, and again before reporting one."""
+        async with self._withheld_lock:
+            if self._withheld is None or fresh:
+                memory = self._withheld or {}
+                rows = [] if self._claims is None else (await self._claims(None, DUPLICATE))[1]
+                for customer, detail in rows:
+                    found = WITHHELD.search(detail)
+                    if found:
+                        memory.setdefault(customer, set()).update(found.group(1).split())
+                self._withheld = memory
+            return set(self._withheld.get(customer_id, ()))
+
+    def _withhold(self, attributes: dict[str, Any], remembered: set[str]) -> None:
+        for name in MARKETABLE:
+            value = attributes.get(name)
+            if isinstance(value, str) and f"{name}:{self._digest(name, value)}" in remembered:
+                del attributes[name]
+
+    async def _report(self, customer_id: str, marks: set[str], detail: str) -> str | None:
+        """The conflict to report for identifiers withheld, once: not again when another
+        process reported the same ones already."""
+        if marks and marks <= await self._remembered(customer_id, fresh=True):
+            return None
+        if self._withheld is not None:
+            self._withheld.setdefault(customer_id, set()).update(marks)
+        suffix = f"; withheld {' '.join(sorted(marks))}" if marks else ""
+        return f"{DUPLICATE}: {detail}{suffix}"
+
+    # --- consent --------------------------------------------------------------------------
 
     async def set_consent(self, deliveries: list[Delivery], op: str) -> list[Result]:
-        """Unsubscribe (or subscribe) e-mail and SMS marketing, in one job call."""
+        """Unsubscribe (or subscribe) e-mail and SMS marketing, in one job call. Each is
+        addressed by the e-mail and phone its own profile holds (read back from Klaviyo):
+        the jobs take identifiers, not ids, and an identifier a 409 gave to another profile
+        would reach another person."""
         consent = "UNSUBSCRIBED" if op == "unsubscribe" else "SUBSCRIBED"
         profiles: list[dict[str, Any]] = []
         results: list[Result] = []
         for delivery in deliveries:
-            email, phone = await self._consent_identifiers(delivery)
+            try:
+                result, email, phone = await self._consent_target(delivery)
+            except DeliveryError as exc:
+                result, email, phone = exc, None, None
+            if isinstance(result, Sent) and result.contact_id and not (email or phone):
+                detail = (
+                    f"profile {result.contact_id} holds no e-mail and no phone: Klaviyo cannot "
+                    f"market to it, so there is nothing to {op}"
+                )
+                result = Sent(result.contact_id, result.conflict or f"no_identifier: {detail}",
+                              result.replaces)  # fmt: skip
+            results.append(result)
             channels = set(delivery.body.get("channels") or ("email", "sms"))
             subscriptions: dict[str, Any] = {}
             attributes: dict[str, Any] = {}
@@ -288,8 +488,7 @@ class KlaviyoSink:
             if phone and "sms" in channels:
                 attributes["phone_number"] = phone
                 subscriptions["sms"] = {"marketing": {"consent": consent}}
-            results.append(Sent(delivery.contact_id))
-            if subscriptions:  # no e-mail and no phone: Klaviyo cannot market to it anyway
+            if subscriptions and isinstance(result, Sent):
                 attributes["subscriptions"] = subscriptions
                 profiles.append({"type": "profile", "attributes": attributes})
         if not profiles:
@@ -302,14 +501,48 @@ class KlaviyoSink:
         await self.api.request("POST", path, "subscriptions", body={"data": data})
         return results
 
-    async def _consent_identifiers(self, delivery: Delivery) -> tuple[str | None, str | None]:
+    async def _consent_target(self, delivery: Delivery) -> tuple[Result, str | None, str | None]:
+        """The profile a consent change goes to, and the e-mail and phone it holds: our
+        profile when its id is known and it exists; else (never reached Klaviyo, or gone) the
+        profile found or made by the mapped identifiers, as an upsert would, so never another
+        customer's."""
+        contact_id = delivery.contact_id
+        if contact_id is not None:
+            found = await self.lookup(contact_id)
+            if found is not None:
+                held = found.get("attributes") or {}
+                return Sent(contact_id), _text(held.get("email")), _text(held.get("phone_number"))
+        searched = await self._find(delivery, {})
+        if searched is None:
+            if contact_id is None:
+                return Sent(None), None, None  # never reached Klaviyo, nothing to find it by
+            return (
+                FatalDelivery(
+                    f"profile {contact_id} is gone and this operation carries no e-mail, phone or "
+                    "external id to find it again; replay it after the customer's next update"
+                ),
+                None,
+                None,
+            )
+        result, held = searched
+        if contact_id is not None:
+            result = _replacing(result, contact_id, "the consent change")
+        return result, _text(held.get("email")), _text(held.get("phone_number"))
+
+    async def _find(
+        self, delivery: Delivery, properties: dict[str, Any]
+    ) -> tuple[Result, dict[str, Any]] | None:
+        """Find (or make) this customer's profile by the mapped identifiers alone, with
+        ``properties`` set; None when the operation carries no identifier."""
         fields = delivery.fields
-        email, phone = fields.get("email"), fields.get("phone_number")
-        if (email or phone) or delivery.contact_id is None:
-            return _text(email), _text(phone)
-        found = await self.lookup(delivery.contact_id)  # a deactivated customer: no fields
-        attributes = found.get("attributes", {}) if found else {}
-        return _text(attributes.get("email")), _text(attributes.get("phone_number"))
+        attributes: dict[str, Any] = {n: fields[n] for n in IDENTIFIERS if _text(fields.get(n))}
+        self._withhold(attributes, await self._remembered(delivery.customer_id))
+        if not attributes:
+            return None
+        attributes["properties"] = {_treez_key(delivery): delivery.customer_id, **properties}
+        return await self._import(delivery, attributes)
+
+    # --- merge and deactivate -------------------------------------------------------------
 
     async def merge(self, delivery: Delivery) -> Result:
         source = delivery.body.get("from_contact_id")
@@ -328,20 +561,43 @@ class KlaviyoSink:
             "id": str(target),
             "relationships": {"profiles": {"data": [{"type": "profile", "id": str(source)}]}},
         }
-        await self.api.request("POST", "/api/profile-merge", "merge", body={"data": data})
-        return Sent(str(target))
+        response = await self.api.request(
+            "POST", "/api/profile-merge", "merge", body={"data": data},
+            ok_statuses=frozenset({404}),
+        )  # fmt: skip
+        if response.status_code != 404:
+            return Sent(str(target))
+        if await self.lookup(str(source)) is None:
+            # merged away already (by another store of the account, by a marketer)
+            return Sent(str(target))
+        if await self.lookup(str(target)) is None:
+            return RetriableDelivery(
+                f"merge: the survivor's profile {target} is gone; trying again once the "
+                "survivor's next update has found its profile again"
+            )
+        return RetriableDelivery("merge: Klaviyo answered 404 for profiles that exist")
 
     async def deactivate(self, delivery: Delivery) -> Result:
         contact_id = delivery.contact_id
         if contact_id is None:
             return Sent()  # never reached Klaviyo
-        data = {
-            "type": "profile",
-            "id": contact_id,
-            "attributes": {"properties": {"treez_status": "DEACTIVATED"}},
-        }
-        await self.api.request("POST", "/api/profile-import", "import", body={"data": data})
-        return Sent(contact_id)
+        status = {"treez_status": "DEACTIVATED"}
+        data = {"type": "profile", "id": contact_id, "attributes": {"properties": status}}
+        response = await self.api.request(
+            "POST", "/api/profile-import", "import", body={"data": data},
+            ok_statuses=frozenset({404}),
+        )  # fmt: skip
+        if response.status_code != 404:
+            return Sent(contact_id)
+        searched = await self._find(delivery, status)
+        if searched is None:
+            return Sent(
+                None,
+                f"unknown_contact: profile {contact_id} is gone and the deactivation carries "
+                "nothing to find it again by; nothing was marked",
+            )
+        result, _ = searched
+        return _replacing(result, contact_id, "the deactivation")
 
     # --- backfill -------------------------------------------------------------------------
 
@@ -502,3 +758,52 @@ def _profile_id(response: httpx.Response) -> str | None:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
+
+
+def _treez_key(delivery: Delivery) -> str:
+    return f"treez_id_{delivery.body.get('dispensary')}"
+
+
+def _held(response: httpx.Response) -> dict[str, Any]:
+    """The attributes of the profile an answer names (its e-mail and phone)."""
+    attributes = (_json(response).get("data") or {}).get("attributes")
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def _colliding(attributes: dict[str, Any], profile: dict[str, Any] | None) -> list[str]:
+    """Which of the e-mail and phone sent another profile holds (all that were sent when
+    that profile cannot be read or holds none of them: the 409 said one of them does)."""
+    held = (profile or {}).get("attributes") or {}
+    sent = [name for name in MARKETABLE if _text(attributes.get(name))]
+    same = [
+        name for name in sent
+        if isinstance(held.get(name), str)
+        and _normal(name, held[name]) == _normal(name, attributes[name])
+    ]  # fmt: skip
+    return same or sent
+
+
+def _normal(name: str, value: str) -> str:
+    return value.strip().lower() if name == "email" else value.strip()
+
+
+def _names(names: list[str]) -> str:
+    words = {"email": "e-mail", "phone_number": "phone"}
+    return " and ".join(words[name] for name in names) or "identifiers"
+
+
+def _replacing(result: Result, gone: str, what: str) -> Result:
+    """A result found again by identifiers for a profile id that is gone: the new id
+    replaces the gone one in the identity map, and that is reported."""
+    if not isinstance(result, Sent):
+        return result
+    if result.contact_id is None:
+        return Sent(
+            None, result.conflict or f"unknown_contact: profile {gone} is gone and {what} "
+            "found no profile of this customer's to go to",
+        )  # fmt: skip
+    if result.contact_id == gone:
+        return result
+    note = f"profile {gone} is gone, now {result.contact_id}"
+    conflict = f"{result.conflict} ({note})" if result.conflict else f"unknown_contact: {note}"
+    return Sent(result.contact_id, conflict, replaces=gone)

@@ -54,6 +54,13 @@ class DeliveryWorker:
         self.astore = astore
         self.dispensary = dispensary
         self.destination = destination
+        bind = getattr(destination, "bind_identity_map", None)
+        if bind is not None:  # an adapter that asks who owns a contact before writing to it
+            bind(
+                lambda contact_id, kind=None: astore.call(
+                    astore.store.contact_claims, dispensary, destination.name, contact_id, kind
+                )
+            )
         self.retry = retry
         self.concurrency = max(1, concurrency)
         self.metrics = metrics

@@ -603,6 +603,62 @@ class Store:
         ).all()
         return {r.customer_id: r.contact_id for r in rows if r.contact_id is not None}
 
+    def contact_claims(
+        self,
+        dispensary: str,
+        destination: str,
+        contact_id: str | None,
+        conflict_kind: str | None = None,
+    ) -> tuple[list[str], list[tuple[str, str]]]:
+        """What the identity map says about a destination's contact, for an adapter that
+        must never write one customer's data onto another customer's contact.
+
+        The customers of ``dispensary`` whose entry for ``destination`` is ``contact_id``,
+        each resolved through Treez merges to its survivor (an absorbed customer's old
+        contact belongs to the survivor); and, when ``conflict_kind`` is given, the
+        ``(customer, detail)`` of every conflict of that kind reported for ``destination``
+        (what an adapter reported once and must remember, such as identifiers it withheld).
+        """
+        owners: list[str] = []
+        found: list[tuple[str, str]] = []
+        with self.engine.connect() as conn:
+            if contact_id is not None:
+                linked = conn.execute(
+                    select(contacts.c.customer_id).where(
+                        contacts.c.dispensary == dispensary,
+                        contacts.c.destination == destination,
+                        contacts.c.contact_id == contact_id,
+                    )
+                ).scalars()
+                for customer_id in linked:
+                    current, seen = customer_id, set()
+                    while current not in seen:
+                        seen.add(current)
+                        into = conn.execute(
+                            select(customers.c.merged_into).where(
+                                customers.c.dispensary == dispensary,
+                                customers.c.customer_id == current,
+                            )
+                        ).scalar_one_or_none()
+                        if into is None:
+                            break
+                        current = into
+                    if current not in owners:
+                        owners.append(current)
+            if conflict_kind is not None:
+                rows = conn.execute(
+                    select(conflicts_table.c.customer_id, conflicts_table.c.detail)
+                    .where(
+                        conflicts_table.c.dispensary == dispensary,
+                        conflicts_table.c.destination == destination,
+                        conflicts_table.c.kind == conflict_kind,
+                    )
+                    .order_by(conflicts_table.c.id)
+                )
+                found = [(r.customer_id, r.detail) for r in rows]
+            conn.rollback()
+        return owners, found
+
     def finish(
         self,
         dispensary: str,

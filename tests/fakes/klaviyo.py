@@ -611,6 +611,13 @@ class KlaviyoFake:
             if reason not in {s["reason"] for s in profile.suppressions}:
                 profile.suppressions.append({"reason": reason, "timestamp": _iso_now()})
 
+    def delete_profile(self, profile_id: str) -> None:
+        """Delete a profile, as a marketer (or a data-privacy deletion request) does in
+        Klaviyo: from then on its id answers 404 everywhere and its identifiers are free."""
+        with self._lock:
+            profile = self._profiles.pop(profile_id)
+            self._unindex(profile)
+
     @property
     def subscribes(self) -> list[ConsentChange]:
         with self._lock:
