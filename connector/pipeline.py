@@ -144,6 +144,9 @@ class _Plans:
     invalid: list[tuple[InboxRow, str]] = field(default_factory=list)
     # applied events whose wrong fields outside the rules were left out: (row, the problems)
     dropped: list[tuple[InboxRow, list[Problem]]] = field(default_factory=list)
+    # customers whose current version must be planned again: an opt-out seen late (stale,
+    # or carried from a merged customer) changed what their contact says about consent
+    refresh: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
@@ -230,6 +233,7 @@ def _plan_rows(
                 resend=row.source == "resend",
                 digest=content_hash(customer),
                 not_after_us=ceiling,
+                refresh=row.source == "refresh",
             )
         except Exception as exc:  # one poisoned event must not hold up every other one
             outcomes[event_id] = "failed"
@@ -237,6 +241,17 @@ def _plan_rows(
             continue
         if row.run_id is not None:
             plans.planned[event_id] = summary(planned, known=known)
+        for changed_id, after in planned.states.items():
+            earlier = states.get(changed_id)
+            is_current = changed_id == customer.customer_id and planned.outcome in PROCESSED
+            if (
+                after.opt_out_seen
+                and not (earlier is not None and earlier.opt_out_seen)
+                and after.merged_into is None
+                and after.last_update_us is not None
+                and not is_current
+            ):
+                plans.refresh.setdefault(dispensary, set()).add(changed_id)
         states.update(planned.states)
         plans.operations[dispensary].extend(planned.operations)
         plans.conflicts[dispensary].extend(
@@ -264,6 +279,9 @@ def _with_survivors(
         states.update(found)
         wanted = {s.merged_into for s in found.values() if s.merged_into} - ids
     return states
+
+
+PROCESSED = ("applied", "tie")
 
 
 def _field_of(problem: Problem) -> str:
@@ -318,6 +336,8 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
                 for row, problems in plans.invalid
             ])  # fmt: skip
         store.mark_events(conn, plans.outcomes, plans.planned)
+        for dispensary, customer_ids in plans.refresh.items():
+            store.refresh_events(conn, dispensary, customer_ids)
     result = BatchResult(events=len(plans.rows), touched=plans.touched)
     for row, dropped in plans.dropped:
         # field paths and what is wrong with them: never a value (customer data)

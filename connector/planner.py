@@ -150,6 +150,7 @@ def plan(
     resend: bool = False,
     digest: str | None = None,
     not_after_us: int | None = None,
+    refresh: bool = False,
 ) -> Plan:
     """Plan what every destination must be told about this version of ``customer``.
 
@@ -158,7 +159,9 @@ def plan(
     ignores change detection (a changed mapping or a new destination). ``digest`` is the
     customer's :func:`content_hash` when already computed. ``not_after_us`` caps the
     version the event orders at (its receipt time plus the allowed clock skew): an event
-    dated in the future cannot make every later one stale.
+    dated in the future cannot make every later one stale. ``refresh``: the customer's
+    current version planned again after its consent changed (a stale opt-out): not a
+    duplicate, but change detection holds (only a contact that now maps differently is sent).
     Each operation's key includes how many operations were planned for the contact before
     it: two events with the same ``last_update`` and payload (a tie flipping back: v2, v2',
     v2) plan two operations, while planning one event against one state is repeatable.
@@ -175,7 +178,8 @@ def plan(
         if version < state.last_update_us:
             # stale: nothing of it is applied, but an opt-out is owed whatever its version
             return _owed_only("stale", customer, dispensary, state, states, destinations)
-        if version == state.last_update_us and digest == state.content_hash and not resend:
+        same = version == state.last_update_us and digest == state.content_hash
+        if same and not (resend or refresh):
             return Plan("duplicate", {}, [])
     tie = state.last_update_us == version
     seen = replace(

@@ -13,15 +13,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from fakes.alpineiq import AlpineIQFake
 from test_alpineiq import API_KEY, BASE_URL, config_text
 from vendor_flow import DISPENSARY, Flow, event_body
 
-from connector.config import PolicyConfig
+from connector.config import PolicyConfig, load_config
 from connector.delivery.alpineiq import AlpineIQSink
 from connector.mapping import compile_mapping_text, load_mapping
+from connector.pipeline import Deployment, process_batch
 from connector.planner import CustomerState, DestinationSpec, Operation, merge_key, plan
+from connector.store import NewEvent, Store
 from connector.store.runs import RunStore
+from connector.store.schema import outbox
 from connector.treez import Customer, parse_customer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,17 +114,64 @@ def test_defect_2_a_user_mapping_reading_opt_out_through_any_transform() -> None
 def test_defect_3_a_stale_opt_out_is_still_owed() -> None:
     v1 = customer(customer_id="1", last_update=at(0), opt_out="true")
     v2 = customer(customer_id="1", last_update=at(5), opt_out="false")
+    keys = set()
     for order in ([v1, v2], [v2, v1]):
         _, ops = apply(order, [http_spec()])
-        unsubscribes = [op for op in ops if op.op == "unsubscribe"]
-        assert len(unsubscribes) == 1
-        assert all(f.get("opted_out") is not False for f in upserts(ops))
-    # one key whichever version owed it
-    keys = {
-        next(op.idempotency_key for op in apply(order, [http_spec()])[1] if op.op == "unsubscribe")
-        for order in ([v1, v2], [v2, v1])
-    }
-    assert len(keys) == 1
+        [unsubscribe] = [op for op in ops if op.op == "unsubscribe"]
+        keys.add(unsubscribe.idempotency_key)
+        # no upsert planned once the opt-out is known says the customer is opted in
+        after = ops[ops.index(unsubscribe) :]
+        assert all(f.get("opted_out") is True for f in upserts(after))
+    assert len(keys) == 1  # one key, whichever version owed it
+
+
+def pipeline_outbox(work: Path, bodies: list[bytes]) -> list[dict[str, Any]]:
+    """Each body stored and planned in turn (as webhooks arriving one after the other)
+    through the real pipeline and store, with the shipped http mapping; the outbox after."""
+    for mapping in (ROOT / "mappings").glob("*.yaml"):
+        (work / mapping.name).write_text(mapping.read_text())
+    (work / "config.yaml").write_text(
+        f"store: sqlite:///{work}/c.db\n"
+        f"dispensaries:\n  {DISPENSARY}:\n    webhook_token: tok\n    destinations:\n"
+        "      - {name: crm, type: http, url: 'http://127.0.0.1:9/ops', mapping: http.yaml}\n"
+    )
+    config = load_config(work / "config.yaml")
+    store = Store(config.store)
+    deployment = Deployment.from_config(config)
+    try:
+        for raw in bodies:
+            data = json.loads(raw)["data"]
+            event = NewEvent(
+                DISPENSARY, "webhook", "CUSTOMER", data["customer_id"], None, raw.decode()
+            )
+            store.add_events([event])
+            while process_batch(store, deployment).events:
+                pass
+        return [
+            {**row._asdict(), "body": json.loads(row.payload)}
+            for row in store.query(sa.select(outbox).order_by(outbox.c.id))
+        ]
+    finally:
+        store.close()
+
+
+def test_defect_3_through_the_pipeline_the_contact_ends_opted_out_in_either_order(
+    tmp_path: Path,
+) -> None:
+    """v2 (false) first, then v1 (true, older): v1 is stale, yet owes the unsubscribe, and
+    the current version is planned again so the contact's consent field says opted out."""
+    v1 = event_body("7", 60, opt_out="true")
+    v2 = event_body("7", 300, opt_out="false")
+    finals = []
+    for n, order in enumerate(([v1, v2], [v2, v1])):
+        work = tmp_path / str(n)
+        work.mkdir()
+        rows = pipeline_outbox(work, order)
+        assert [r["op"] for r in rows].count("unsubscribe") == 1
+        last = [r["body"]["fields"] for r in rows if r["op"] == "upsert"][-1]
+        assert last["opted_out"] is True
+        finals.append(last)
+    assert finals[0] == finals[1]
 
 
 # --- 4: a far-future last_update does not swallow later events -------------------------------

@@ -411,8 +411,7 @@ def test_defect_8_a_deactivate_for_a_gone_profile_finds_it_again_and_marks_it(
 
     assert isinstance(result, Sent)
     assert (result.contact_id, result.replaces) == ("01NOW", "01GONE")
-    assert result.conflict is not None
-    assert result.conflict.startswith("unknown_contact: ")
+    assert result.conflict is None  # the store reports the replacement (contact_replaced)
     again = sent_json(imports.calls[1].request)["data"]
     assert "id" not in again
     assert again["attributes"] == {
@@ -521,7 +520,8 @@ def test_defect_8_flow_a_deactivation_after_a_marketer_merged_the_profile_away(
             assert profile is not None
             assert profile.properties["treez_status"] == "DEACTIVATED"
             kinds = [c["kind"] for c in flow.conflicts()]
-            assert "unknown_contact" in kinds
+            assert kinds == ["contact_replaced"]  # reported once, by the store
+            assert flow.contact_ids()[(DISPENSARY, "kl", "1001")] == work  # the map moved
             assert "mia@" not in text_of(flow.conflicts())
 
     asyncio.run(go())

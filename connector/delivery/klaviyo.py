@@ -804,6 +804,6 @@ def _replacing(result: Result, gone: str, what: str) -> Result:
         )  # fmt: skip
     if result.contact_id == gone:
         return result
-    note = f"profile {gone} is gone, now {result.contact_id}"
-    conflict = f"{result.conflict} ({note})" if result.conflict else f"unknown_contact: {note}"
-    return Sent(result.contact_id, conflict, replaces=gone)
+    # the store reports the replacement itself (contact_replaced): only another work-around
+    # the adapter made (a 409) is reported here, once
+    return Sent(result.contact_id, result.conflict, replaces=gone)

@@ -288,6 +288,34 @@ class Store:
 
     # --- planning ---
 
+    def refresh_events(self, conn: Connection, dispensary: str, customer_ids: set[str]) -> int:
+        """Queue the current version of each customer again (source ``refresh``): its
+        newest applied event, as received. A stale opt-out changed what the customer's
+        contact must say about consent, but its own payload is older than what the
+        destinations hold; planning the current version again sends the contact with the
+        consent the connector now holds. Nothing for a customer whose raw body is gone."""
+        rows = []
+        for customer_id in sorted(customer_ids):
+            found = conn.execute(
+                select(inbox.c.event_type, inbox.c.last_update_us, inbox.c.received_at,
+                       inbox.c.body)
+                .where(inbox.c.dispensary == dispensary, inbox.c.customer_id == customer_id,
+                       inbox.c.status.in_(("applied", "tie")), inbox.c.body.is_not(None))
+                .order_by(inbox.c.id.desc())
+                .limit(1)
+            ).first()  # fmt: skip
+            if found is not None:
+                rows.append(
+                    {"dispensary": dispensary, "source": "refresh",
+                     "event_type": found.event_type, "customer_id": customer_id,
+                     "last_update_us": found.last_update_us, "received_at": found.received_at,
+                     "body": found.body, "status": "pending", "processed_at": None,
+                     "run_id": None}
+                )  # fmt: skip
+        if rows:
+            conn.execute(insert(inbox), rows)
+        return len(rows)
+
     def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
         rows = conn.execute(_PENDING_EVENTS, {"limit": limit})
         return [
