@@ -3,8 +3,9 @@
 Quirks handled here (see docs/treez.md of the project's shared notes and the seed delivery):
 
 - ``opt_out`` arrives as ``"true"``/``"false"`` strings in webhooks, booleans in the write API and
-  ``null`` in some reads; it is normalised to ``bool | None`` and anything else is refused,
-  because guessing about consent is not acceptable.
+  ``null`` in some reads; it is normalised to ``bool | None``: the text in any case with
+  surrounding spaces, ``""`` (or spaces) read as ``None``, and anything else (``"yes"``, ``"0"``,
+  ``1``, ``"N/A"``) is refused, because guessing about consent is not acceptable.
 - ids (``customer_id``, ``merged_customer_ids``, ``merged_into_customer_id``, external ids) come
   as strings or integers and are normalised to strings.
 - ``last_update`` is ISO 8601 with an offset and milliseconds; it orders events, so it must be a
@@ -72,23 +73,19 @@ class PatientType(StrEnum):
 
 # --- value normalisers: each raises ValueError only, so pydantic reports it with the path ---
 
-_TRUE = frozenset({"true", "1", "yes", "y"})
-_FALSE = frozenset({"false", "0", "no", "n"})
-
 
 def _opt_out(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
         text = value.strip().lower()
-        if text in _TRUE:
+        if text == "true":
             return True
-        if text in _FALSE:
+        if text == "false":
             return False
         if text == "":
-            return None
-    elif isinstance(value, int) and value in (0, 1):
-        return bool(value)
+            return None  # says nothing, as null does; never read as false
+    # "yes", "n", "1", 1, "N/A"...: a guess either way, and consent is never guessed
     raise ValueError('must be true or false (a boolean, or the text "true" or "false")')
 
 
@@ -439,7 +436,7 @@ class _QuickCustomer(msgspec.Struct):
 
     customer_id: str | int
     last_update: str
-    opt_out: bool | int | str | None = None
+    opt_out: bool | str | None = None
     status: str | None = None
     merged_customer_ids: list[str | int] | None = None
     merged_into_customer_id: str | int | None = None

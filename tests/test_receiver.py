@@ -589,6 +589,40 @@ def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Pat
     run(tmp_path, scenario)
 
 
+OPT_OUT_GUESSES = ["yes", "no", "y", "n", "1", "0", 1, 0, "N/A", " Yes ", "on", 2, 1.5]
+
+
+@pytest.mark.parametrize("sent", OPT_OUT_GUESSES, ids=repr)
+def test_opt_out_other_than_true_false_or_null_is_422_and_quarantined(
+    tmp_path: Path, sent: Any
+) -> None:
+    raw = json.dumps(seed_with(opt_out=sent)).encode()
+
+    async def scenario(rx: Running) -> None:
+        response = await rx.post(raw)
+
+        answer = assert_error(response, 422, "invalid_event")
+        assert [p["field"] for p in answer["problems"]] == ["data.opt_out"]
+        (row,) = await rx.rows(quarantine)
+        assert (row.status_code, row.body) == (422, raw)
+        assert row.reason.startswith("data.opt_out: ")
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("sent", ["", "  "], ids=repr)
+def test_opt_out_empty_text_is_accepted_as_saying_nothing(tmp_path: Path, sent: str) -> None:
+    async def scenario(rx: Running) -> None:
+        assert (await rx.post(seed_with(opt_out=sent))).status_code == 202
+        (row,) = await settled_inbox(rx, 1)
+        assert row.status == "applied"
+        lines = await eventually(rx.sink, lambda lines: len(lines) >= 1, "sink")
+        assert [line["op"] for line in lines] == ["upsert"]  # no unsubscribe, no subscribe
+
+    run(tmp_path, scenario)
+
+
 def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_applied(
     tmp_path: Path, logs: io.StringIO
 ) -> None:

@@ -16,8 +16,11 @@ from connector.treez import (
     CustomerStatus,
     OtherEvent,
     TestPing,
+    check_customer,
+    check_event_json,
     parse_customer,
     parse_event,
+    parse_stored_event,
 )
 
 
@@ -81,22 +84,53 @@ def test_seed_bytes_are_the_documented_delivery(seed_bytes: bytes) -> None:
         (False, False),
         (None, None),
         ("", None),
-        (1, True),
-        (0, False),
+        ("   ", None),
+        (" TRUE ", True),
+        ("fAlSe", False),
     ],
 )
 def test_opt_out_forms(make_customer: Any, sent: Any, read: bool | None) -> None:
     assert make_customer(opt_out=sent).opt_out is read
 
 
-@pytest.mark.parametrize("sent", ["maybe", 2, 1.5, [], {}, "t r u e"])
-def test_opt_out_refuses_what_it_cannot_read_as_consent(
+OPT_OUT_REFUSAL = 'must be true or false (a boolean, or the text "true" or "false")'
+
+
+@pytest.mark.parametrize(
+    "sent",
+    ["yes", "no", "y", "n", "1", "0", 1, 0, "N/A", " YES ", "t", "f", "on", "off", "maybe", 2,
+     1.5, 0.0, [], {}, ["true"], "t r u e", "true false"],
+)  # fmt: skip
+def test_opt_out_values_other_than_true_false_and_null_are_refused_everywhere(
     seed_body: dict[str, Any], sent: Any
 ) -> None:
+    # the receiver (its quick check and its rule model), the planner's re-parse of what was
+    # stored and the reconciliation's check of a pulled customer all refuse it, naming the field
     seed_body["data"]["opt_out"] = sent
-    assert problems(seed_body) == {
-        "data.opt_out": 'must be true or false (a boolean, or the text "true" or "false")'
-    }
+    raw = json.dumps(seed_body)
+    assert problems(seed_body) == {"data.opt_out": OPT_OUT_REFUSAL}
+    for read in (check_event_json, parse_stored_event):
+        with pytest.raises(EventValidationError) as caught:
+            read(raw)
+        assert [(p.where, p.what) for p in caught.value.problems] == [
+            ("data.opt_out", OPT_OUT_REFUSAL)
+        ]
+    with pytest.raises(EventValidationError) as caught:
+        check_customer(seed_body["data"])
+    assert [p.where for p in caught.value.problems] == ["opt_out"]
+
+
+@pytest.mark.parametrize(("sent", "read"), [("", None), (" ", None), ("\t\n", None)])
+def test_opt_out_empty_text_says_nothing_and_is_never_false(
+    seed_body: dict[str, Any], sent: str, read: None
+) -> None:
+    seed_body["data"]["opt_out"] = sent
+    raw = json.dumps(seed_body)
+    check_event_json(raw)
+    event, dropped = parse_stored_event(raw)
+    assert isinstance(event, CustomerEvent)
+    assert event.customer.opt_out is read
+    assert dropped == []
 
 
 def test_ids_as_integers_become_text(make_customer: Any) -> None:
