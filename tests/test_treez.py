@@ -98,9 +98,32 @@ OPT_OUT_REFUSAL = 'must be true or false (a boolean, or the text "true" or "fals
 
 @pytest.mark.parametrize(
     "sent",
-    ["yes", "no", "y", "n", "1", "0", 1, 0, "N/A", " YES ", "t", "f", "on", "off", "maybe", 2,
-     1.5, 0.0, [], {}, ["true"], "t r u e", "true false"],
-)  # fmt: skip
+    [
+        "yes",
+        "no",
+        "y",
+        "n",
+        "1",
+        "0",
+        1,
+        0,
+        "N/A",
+        " YES ",
+        "t",
+        "f",
+        "on",
+        "off",
+        "maybe",
+        2,
+        1.5,
+        0.0,
+        [],
+        {},
+        ["true"],
+        "t r u e",
+        "true false",
+    ],
+)
 def test_opt_out_values_other_than_true_false_and_null_are_refused_everywhere(
     seed_body: dict[str, Any], sent: Any
 ) -> None:
