@@ -379,3 +379,57 @@ def test_offsets_survive_daylight_saving(make_customer: Any) -> None:
     pst = make_customer(last_update="2026-11-01T01:10:00.000-08:00").last_update
     assert pst > pdt  # the same wall clock an hour later after the change
     assert pst.astimezone(UTC).hour == 9
+
+
+def test_defect_11_the_stored_event_and_a_pulled_customer_are_screened_as_the_receiver_does(
+    seed_body: dict[str, Any],
+) -> None:
+    # a stored body (webhook or reconciliation: json.dumps escapes a lone surrogate) holding
+    # one outside the rules is planned without it; a pulled customer with one in a rule field
+    # is refused by the reconciliation's check, naming the field, as the receiver does
+    seed_body["data"]["notes"] = "a\ud800"
+    seed_body["data"]["x\udc00"] = "1"
+    seed_body["data"]["imageList"] = ["ok", {"deep": [[[[[[[[[[]]]]]]]]]]}, ["\udfff"]]
+    raw = json.dumps(seed_body)
+    event, dropped = parse_stored_event(raw)
+    assert isinstance(event, CustomerEvent)
+    assert {p.where for p in dropped} == {"data.notes", "data.x\\udc00", "data.imageList[2][0]"}
+    assert event.customer.notes is None
+    assert event.customer.imageList == ["ok", {"deep": [[[[[[[[[[]]]]]]]]]]}]
+    assert event.customer.opt_out is True
+    event.customer.model_dump_json()
+    for name, value in [("customer_id", "3\ud8004"), ("status", "\udc00"), ("opt_out", "\ud800")]:
+        bad = copy.deepcopy(seed_body)
+        bad["data"][name] = value
+        with pytest.raises(EventValidationError) as caught:
+            parse_stored_event(json.dumps(bad))
+        assert [p.where for p in caught.value.problems] == [f"data.{name}"]
+        with pytest.raises(EventValidationError) as caught:
+            check_customer(bad["data"])
+        assert [p.where for p in caught.value.problems] == [name]
+
+
+def test_defect_11_depth_is_screened_past_128_levels_only(seed_body: dict[str, Any]) -> None:
+    def nested(depth: int) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    for depth, kept in [(128, True), (129, False), (300, False)]:
+        body = copy.deepcopy(seed_body)
+        body["data"]["unknown"] = nested(depth)
+        raw = json.dumps(body)
+        assert check_event_json(raw).kind == "customer"
+        event, dropped = parse_stored_event(raw)
+        assert isinstance(event, CustomerEvent)
+        # a list field: its element too deep is left out
+        assert (event.customer.model_extra or {})["unknown"] == (nested(depth) if kept else [])
+        assert [p.where for p in dropped] == ([] if kept else ["data.unknown[0]"])
+        event.customer.model_dump_json()
+        body["data"]["external_ids"] = {"other": nested(depth - 1)}
+        if kept:
+            check_event_json(json.dumps(body))
+        else:
+            with pytest.raises(EventValidationError, match=r"data\.external_ids: is nested"):
+                check_event_json(json.dumps(body))
