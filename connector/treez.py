@@ -21,7 +21,9 @@ Quirks handled here (see docs/treez.md of the project's shared notes and the see
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -736,7 +738,34 @@ def _data_fields(problems: Sequence[Problem]) -> dict[str, set[int] | None] | No
     return fields
 
 
+# How deep json.loads may be asked to go. Its own limit is the interpreter's recursion limit
+# less the frames already on the stack, which differ between the receiver and the planner: a
+# body one of them could read and the other not would be answered 202 and never planned.
+MAX_JSON_DEPTH = 512
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _nesting(text: str) -> int:
+    """How deep the arrays and objects of JSON ``text`` nest (for valid JSON; at C speed)."""
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text)).encode().translate(_STEPS)
+    # each opener steps +1 and each closer -1: the running sum of (step - 1)
+    return max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)), default=0)
+
+
 def _json_body(raw: bytes | str, source: str) -> Any:
+    """``raw`` decoded, the same wherever it is: nesting past :data:`MAX_JSON_DEPTH` is
+    refused as not JSON, as json.loads refuses nesting past the recursion limit."""
+    text = raw
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""  # json.loads refuses it
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _nesting(text) > MAX_JSON_DEPTH:
+        problem = Problem("body", f"is not JSON we read (nested past {MAX_JSON_DEPTH} levels)")
+        raise NotJsonError(source, [problem])
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:

@@ -14,6 +14,7 @@ from connector.treez import (
     Customer,
     CustomerEvent,
     CustomerStatus,
+    NotJsonError,
     OtherEvent,
     TestPing,
     check_customer,
@@ -433,3 +434,28 @@ def test_defect_11_depth_is_screened_past_128_levels_only(seed_body: dict[str, A
         else:
             with pytest.raises(EventValidationError, match=r"data\.external_ids: is nested"):
                 check_event_json(json.dumps(body))
+
+
+def test_defect_11_how_deep_a_body_may_nest_does_not_depend_on_the_stack(
+    seed_body: dict[str, Any],
+) -> None:
+    # json.loads stops at the recursion limit less the frames on the stack: the receiver (a
+    # shallow stack) read a body 600 levels deep and answered 202, the planner (deeper) could not
+    seed_body["data"]["unknown"] = json.loads("[" * 600 + "]" * 600)
+    raw = json.dumps(seed_body)
+
+    def deep_down(frames: int, read: Any) -> str:
+        if frames:
+            return deep_down(frames - 1, read)
+        try:
+            read(raw)
+        except NotJsonError as exc:
+            return exc.problems[0].what
+        return "read"
+
+    seen = {
+        deep_down(frames, read)
+        for frames in (0, 500)
+        for read in (check_event_json, parse_stored_event)
+    }
+    assert seen == {"is not JSON we read (nested past 512 levels)"}
