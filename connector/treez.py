@@ -3,8 +3,9 @@
 Quirks handled here (see docs/treez.md of the project's shared notes and the seed delivery):
 
 - ``opt_out`` arrives as ``"true"``/``"false"`` strings in webhooks, booleans in the write API and
-  ``null`` in some reads; it is normalised to ``bool | None`` and anything else is refused,
-  because guessing about consent is not acceptable.
+  ``null`` in some reads; it is normalised to ``bool | None``: the text in any case with
+  surrounding spaces, ``""`` (or spaces) read as ``None``, and anything else (``"yes"``, ``"0"``,
+  ``1``, ``"N/A"``) is refused, because guessing about consent is not acceptable.
 - ids (``customer_id``, ``merged_customer_ids``, ``merged_into_customer_id``, external ids) come
   as strings or integers and are normalised to strings.
 - ``last_update`` is ISO 8601 with an offset and milliseconds; it orders events, so it must be a
@@ -20,7 +21,9 @@ Quirks handled here (see docs/treez.md of the project's shared notes and the see
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -72,23 +75,19 @@ class PatientType(StrEnum):
 
 # --- value normalisers: each raises ValueError only, so pydantic reports it with the path ---
 
-_TRUE = frozenset({"true", "1", "yes", "y"})
-_FALSE = frozenset({"false", "0", "no", "n"})
-
 
 def _opt_out(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
         text = value.strip().lower()
-        if text in _TRUE:
+        if text == "true":
             return True
-        if text in _FALSE:
+        if text == "false":
             return False
         if text == "":
-            return None
-    elif isinstance(value, int) and value in (0, 1):
-        return bool(value)
+            return None  # says nothing, as null does; never read as false
+    # "yes", "n", "1", 1, "N/A"...: a guess either way, and consent is never guessed
     raise ValueError('must be true or false (a boolean, or the text "true" or "false")')
 
 
@@ -402,6 +401,130 @@ def parse_event_json(raw: bytes | str, *, source: str = "webhook body") -> Treez
     return parse_event(_json_body(raw, source), source=source)
 
 
+# --- what the model takes and no serializer does: lone surrogates, deep nesting ---
+#
+# JSON text may escape half of a surrogate pair on its own ("\ud800"): Python's parsers read
+# it as a str that is not Unicode text, and pydantic keeps it in a field it validates as text
+# or as Any. So does nesting a few hundred levels deep. Either is accepted, and then fails
+# every serializer the planner uses (the content hash, the mapped contact, the outbox row).
+# :func:`_screen` decides them before the model sees the body, alike in the receiver and
+# when the stored event is planned: in the envelope or in a rule field, the event is refused
+# (422, naming the path); in any other customer field, that field (or that element of a
+# list) is left out, as the model's own refusals are.
+
+MAX_DEPTH = 128
+"""Containers within containers that a customer field's value (or an envelope field's) may
+hold: pydantic's serializer stops at 255 levels, and the outbox's json.dumps at the
+interpreter's recursion limit."""
+_MOST_OPENERS = MAX_DEPTH + 2  # "{" and "[" anywhere: the envelope and data, then MAX_DEPTH
+# the cheap test of whether a body needs screening: a surrogate escaped or as such (a valid
+# pair, or an escaped backslash before "ud8", also sends it to the screen, which finds nothing)
+_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_TEXT = "is not Unicode text (it holds a lone surrogate, \\ud800-\\udfff)"
+_NAME_NOT_TEXT = "has a name that is not Unicode text (it holds a lone surrogate)"
+_TOO_DEEP = f"is nested more than {MAX_DEPTH} levels deep"
+
+
+def _suspect(raw: bytes | str) -> bool:
+    """Whether ``raw`` may hold what :func:`_screen` looks for (never False when it does)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return False  # not JSON: refused as such wherever it is parsed
+    return raw.count("{") + raw.count("[") > _MOST_OPENERS or _SUSPECT.search(raw) is not None
+
+
+def _readable(name: str) -> str:
+    """A field name for a path: its lone surrogates as their escapes."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _hazard(value: Any, where: str, depth: int = 0) -> Problem | None:
+    """The first place in ``value`` (found at ``where``, inside ``depth`` containers) that no
+    serializer takes; nesting too deep is reported at ``where``. Iterative: the value may be
+    nested as deep as json.loads goes."""
+    stack = [(value, where, depth)]
+    while stack:
+        item, path, level = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item) is not None:
+                return Problem(_shortened(path), _NOT_TEXT)
+        elif isinstance(item, dict):
+            if level >= MAX_DEPTH:
+                return Problem(_shortened(where), _TOO_DEEP)
+            for name, child in item.items():
+                if _SURROGATE.search(name) is not None:
+                    return Problem(_shortened(f"{path}.{_readable(name)}"), _NAME_NOT_TEXT)
+                stack.append((child, f"{path}.{name}", level + 1))
+        elif isinstance(item, list):
+            if level >= MAX_DEPTH:
+                return Problem(_shortened(where), _TOO_DEEP)
+            stack.extend((child, f"{path}[{i}]", level + 1) for i, child in enumerate(item))
+    return None
+
+
+def _shortened(path: str, most: int = 200) -> str:
+    return path if len(path) <= most else path[: most - 3] + "..."
+
+
+def _is_customer_body(body: Any) -> bool:
+    """Whether :func:`parse_event` reads ``body`` as a CUSTOMER event (valid or not)."""
+    if not isinstance(body, Mapping) or "test" in body or "data" not in body:
+        return False
+    event_type = body.get("event_type")
+    return isinstance(event_type, str) and event_type.strip().upper() == "CUSTOMER"
+
+
+def _screen(body: dict[str, Any], source: str) -> list[Problem]:
+    """Leave out of a decoded CUSTOMER ``body``, in place, each customer field outside
+    :data:`RULE_FIELDS` (or element of such a list) that no serializer takes, and return the
+    problems of what was left out. Raises :class:`EventValidationError` when such a thing
+    is in the envelope or in a rule field."""
+    refused = []
+    for name, value in body.items():
+        if _SURROGATE.search(name) is not None:
+            refused.append(Problem(_shortened(_readable(name)), _NAME_NOT_TEXT))
+        elif name != "data" and (problem := _hazard(value, _shortened(name))) is not None:
+            refused.append(problem)
+    data = body["data"]
+    dropped: list[Problem] = []
+    if isinstance(data, dict):
+        refused += _rule_hazards(data, "data.")
+        for name in list(data):
+            value = data[name]
+            if _SURROGATE.search(name) is not None:
+                dropped.append(Problem(_shortened(f"data.{_readable(name)}"), _NAME_NOT_TEXT))
+                del data[name]
+            elif name in RULE_FIELDS:
+                continue
+            elif isinstance(value, list):
+                bad = [
+                    (index, problem)
+                    for index, item in enumerate(value)
+                    if (problem := _hazard(item, f"data.{name}[{index}]", 1)) is not None
+                ]
+                for index, _ in reversed(bad):
+                    del value[index]
+                dropped += [problem for _, problem in bad]
+            elif (problem := _hazard(value, f"data.{name}")) is not None:
+                dropped.append(problem)
+                del data[name]
+    if refused:
+        raise EventValidationError(source, refused)
+    return dropped
+
+
+def _rule_hazards(customer: Mapping[str, Any], prefix: str) -> list[Problem]:
+    """What no serializer takes in the fields the rules stand on (never left out)."""
+    return [
+        problem
+        for name in RULE_FIELDS
+        if name in customer and (problem := _hazard(customer[name], f"{prefix}{name}")) is not None
+    ]
+
+
 def check_event_json(
     raw: bytes | str, *, source: str = "webhook body"
 ) -> ReceivedCustomer | OtherEvent | TestPing:
@@ -439,7 +562,7 @@ class _QuickCustomer(msgspec.Struct):
 
     customer_id: str | int
     last_update: str
-    opt_out: bool | int | str | None = None
+    opt_out: bool | str | None = None
     status: str | None = None
     merged_customer_ids: list[str | int] | None = None
     merged_into_customer_id: str | int | None = None
@@ -464,10 +587,10 @@ _TIMESTAMP = re.compile(
 
 # What msgspec takes in a field it skips and the model's JSON parsers refuse: a number of
 # more than 4,300 digits (Python's int limit; msgspec never converts it), and nesting past the
-# depth json.loads reaches (msgspec's own limit is a little deeper). Such bodies go to the model.
+# depth json.loads reaches (msgspec's own limit is a little deeper); and what the model takes
+# and cannot be planned: nesting past MAX_DEPTH (:func:`_screen`). Such bodies go to the model.
 _INT_DIGITS = 4300
 _LONG_NUMBER = re.compile(rf"(?<![0-9])[0-9]{{{_INT_DIGITS + 1}}}")  # tried at run starts only
-_MOST_OPENERS = 200  # "[" and "{" anywhere: nesting no deeper than pydantic's parser goes
 
 
 def _quick_check(raw: bytes | str) -> ReceivedCustomer | None:
@@ -508,29 +631,28 @@ def _quick_check(raw: bytes | str) -> ReceivedCustomer | None:
 
 
 def _check_with_model(raw: bytes | str, source: str) -> ReceivedCustomer | OtherEvent | TestPing:
-    """:func:`check_event_json` by the pydantic rule model: the authority."""
-    try:
-        envelope = _CheckedEnvelope.model_validate_json(raw)
-    except ValidationError:
-        pass
-    else:
-        if envelope.event_type == "CUSTOMER" and "test" not in envelope.model_fields_set:
-            data = envelope.data
-            return ReceivedCustomer(
-                data.customer_id, data.last_update, envelope.dispensary_short_name
-            )
+    """:func:`check_event_json` by the pydantic rule model: the authority, on a body
+    screened as the planner screens it (:func:`_screen`)."""
+    if not _suspect(raw):
+        try:
+            envelope = _CheckedEnvelope.model_validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            if envelope.event_type == "CUSTOMER" and "test" not in envelope.model_fields_set:
+                data = envelope.data
+                return ReceivedCustomer(
+                    data.customer_id, data.last_update, envelope.dispensary_short_name
+                )
     body = _json_body(raw, source)
-    if isinstance(body, Mapping) and "test" not in body and "data" in body:
-        event_type = body.get("event_type")
-        if isinstance(event_type, str) and event_type.strip().upper() == "CUSTOMER":
-            try:
-                checked = _CheckedEnvelope.model_validate(body)
-            except ValidationError as exc:
-                raise EventValidationError(source, problems_from(exc)) from None
-            data = checked.data
-            return ReceivedCustomer(
-                data.customer_id, data.last_update, checked.dispensary_short_name
-            )
+    if _is_customer_body(body):
+        _screen(body, source)
+        try:
+            checked = _CheckedEnvelope.model_validate(body)
+        except ValidationError as exc:
+            raise EventValidationError(source, problems_from(exc)) from None
+        data = checked.data
+        return ReceivedCustomer(data.customer_id, data.last_update, checked.dispensary_short_name)
     event = parse_event(body, source=source)  # the rest never reaches the customer model
     assert not isinstance(event, CustomerEvent)
     return event
@@ -541,6 +663,8 @@ def check_customer(record: Any, *, source: str = "customer record") -> tuple[str
     webhook's: its id and ``last_update``, once the fields the rules stand on
     (:data:`RULE_FIELDS`) are sound. The rest is applied when planned
     (:func:`parse_stored_event`)."""
+    if isinstance(record, Mapping) and (refused := _rule_hazards(record, "")):
+        raise EventValidationError(source, refused)
     try:
         checked = _RuledCustomer.model_validate(record)
     except ValidationError as exc:
@@ -555,16 +679,32 @@ def parse_stored_event(
     was dropped to do so: a customer field outside :data:`RULE_FIELDS` that the model refuses
     (a ``first_name`` that is an object) is left out, as if Treez had not sent it, instead of
     refusing the whole event with its consent; in a list (``addresses``), only the elements
-    refused are. Raises :class:`EventValidationError` when anything else is wrong."""
+    refused are; likewise what no serializer takes (:func:`_screen`). Raises
+    :class:`EventValidationError` when anything else is wrong."""
+    if _suspect(raw):
+        body = _json_body(raw, source)
+        screened = _screen(body, source) if _is_customer_body(body) else []
+        event, dropped = _parse_leaving_out(body, source)
+        return event, screened + dropped
     try:
         return parse_event_json(raw, source=source), []
     except NotJsonError:
         raise
     except EventValidationError as exc:
+        if _data_fields(exc.problems) is None:
+            raise
+    return _parse_leaving_out(json.loads(raw), source)
+
+
+def _parse_leaving_out(body: Any, source: str) -> tuple[TreezEvent, list[Problem]]:
+    """:func:`parse_event`, leaving out the customer fields outside :data:`RULE_FIELDS` (or
+    their list elements) that the model refuses; the problems of those left out."""
+    try:
+        return parse_event(body, source=source), []
+    except EventValidationError as exc:
         dropped = _data_fields(exc.problems)
         if dropped is None:
             raise
-        body = json.loads(raw)
         data = body["data"]
         for name, elements in dropped.items():
             value = data[name]
@@ -598,7 +738,34 @@ def _data_fields(problems: Sequence[Problem]) -> dict[str, set[int] | None] | No
     return fields
 
 
+# How deep json.loads may be asked to go. Its own limit is the interpreter's recursion limit
+# less the frames already on the stack, which differ between the receiver and the planner: a
+# body one of them could read and the other not would be answered 202 and never planned.
+MAX_JSON_DEPTH = 512
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _nesting(text: str) -> int:
+    """How deep the arrays and objects of JSON ``text`` nest (for valid JSON; at C speed)."""
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text)).encode().translate(_STEPS)
+    # each opener steps +1 and each closer -1: the running sum of (step - 1)
+    return max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)), default=0)
+
+
 def _json_body(raw: bytes | str, source: str) -> Any:
+    """``raw`` decoded, the same wherever it is: nesting past :data:`MAX_JSON_DEPTH` is
+    refused as not JSON, as json.loads refuses nesting past the recursion limit."""
+    text = raw
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""  # json.loads refuses it
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _nesting(text) > MAX_JSON_DEPTH:
+        problem = Problem("body", f"is not JSON we read (nested past {MAX_JSON_DEPTH} levels)")
+        raise NotJsonError(source, [problem])
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:

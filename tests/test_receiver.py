@@ -32,16 +32,21 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Table, insert, select, update
 
 from connector import receiver
-from connector.config import load_config
+from connector.config import PolicyConfig, load_config
 from connector.errors import StoreUnavailable
 from connector.logs import configure_logging
+from connector.mapping import load_mapping
+from connector.planner import ContactState, CustomerState, DestinationSpec, content_hash, plan
 from connector.receiver import create_app
 from connector.service import Service
 from connector.store import NewEvent
 from connector.store.schema import inbox, outbox, quarantine
+from connector.treez import CustomerEvent, parse_stored_event
 
 T = TypeVar("T")
 
@@ -589,6 +594,40 @@ def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Pat
     run(tmp_path, scenario)
 
 
+OPT_OUT_GUESSES = ["yes", "no", "y", "n", "1", "0", 1, 0, "N/A", " Yes ", "on", 2, 1.5]
+
+
+@pytest.mark.parametrize("sent", OPT_OUT_GUESSES, ids=repr)
+def test_opt_out_other_than_true_false_or_null_is_422_and_quarantined(
+    tmp_path: Path, sent: Any
+) -> None:
+    raw = json.dumps(seed_with(opt_out=sent)).encode()
+
+    async def scenario(rx: Running) -> None:
+        response = await rx.post(raw)
+
+        answer = assert_error(response, 422, "invalid_event")
+        assert [p["field"] for p in answer["problems"]] == ["data.opt_out"]
+        (row,) = await rx.rows(quarantine)
+        assert (row.status_code, row.body) == (422, raw)
+        assert row.reason.startswith("data.opt_out: ")
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("sent", ["", "  "], ids=repr)
+def test_opt_out_empty_text_is_accepted_as_saying_nothing(tmp_path: Path, sent: str) -> None:
+    async def scenario(rx: Running) -> None:
+        assert (await rx.post(seed_with(opt_out=sent))).status_code == 202
+        (row,) = await settled_inbox(rx, 1)
+        assert row.status == "applied"
+        lines = await eventually(rx.sink, lambda lines: len(lines) >= 1, "sink")
+        assert [line["op"] for line in lines] == ["upsert"]  # no unsubscribe, no subscribe
+
+    run(tmp_path, scenario)
+
+
 def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_applied(
     tmp_path: Path, logs: io.StringIO
 ) -> None:
@@ -627,26 +666,118 @@ def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_appli
     assert "inglewood" not in logs.getvalue().lower()
 
 
-def test_an_event_the_planner_cannot_handle_holds_up_no_other(tmp_path: Path) -> None:
-    """A lone surrogate escape is valid JSON, but no customer holding it can be hashed or
-    sent: that event is failed and quarantined, and the other customer's event planned in the
-    same batch goes through."""
+def _with_raw(body: dict[str, Any], marker: str, raw_json: str) -> bytes:
+    """``body`` as JSON, with the string ``marker`` replaced by ``raw_json`` (JSON text that
+    json.dumps would not write, such as a lone surrogate escape)."""
+    text = json.dumps(body)
+    assert text.count(json.dumps(marker)) == 1
+    return text.replace(json.dumps(marker), raw_json).encode()
+
+
+def test_defect_11_a_lone_surrogate_outside_the_rules_is_left_out_and_the_opt_out_sent(
+    tmp_path: Path, logs: io.StringIO
+) -> None:
+    """A lone surrogate escape is valid JSON, but no serializer takes the text it makes: in a
+    field the rules do not stand on (a value, or a field's name), that field is left out when
+    planned, as a wrong field is, and the opt-out in the same body goes through."""
+    bodies = [
+        _with_raw(seed_with(customer_id="66", first_name="@"), "@", '"Ann\\ud800"'),
+        _with_raw(seed_with(customer_id="67", **{"@": 1}), "@", '"first_\\udc00name"').replace(
+            b'"first_\\udc00name": 1', b'"first_\\udc00name": "Ann"'
+        ),
+        _with_raw(
+            seed_with(customer_id="68", addresses=[SEED["data"]["addresses"][0], "@"]),
+            "@",
+            '{"city": "\\udfff"}',
+        ),
+    ]
 
     async def scenario(rx: Running) -> None:
-        poisoned = json.dumps(seed_with(customer_id="66", first_name="@")).replace(
-            '"first_name": "@"', '"first_name": "\\ud800"'
-        )
-        assert '"first_name": "\\ud800"' in poisoned
-        assert (await rx.post(poisoned.encode())).status_code == 202
-        assert (await rx.post(seed_with(customer_id="67"))).status_code == 202
-        rows = await settled_inbox(rx, 2)
-        assert [(r.customer_id, r.status) for r in rows] == [("66", "failed"), ("67", "applied")]
-        (kept,) = await eventually(lambda: rx.rows(quarantine), bool, "quarantine")
-        assert kept.reason.startswith("refused when planned (webhook): could not be planned")
-        sent = await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
-        assert {line["customer_id"] for line in sent} == {"67"}
+        for raw in bodies:
+            assert (await rx.post(raw)).status_code == 202
+        rows = await settled_inbox(rx, 3)
+        assert [(r.customer_id, r.status) for r in rows] == [
+            ("66", "applied"),
+            ("67", "applied"),
+            ("68", "applied"),
+        ]
+        assert await rx.rows(quarantine) == []
+        sent = await eventually(rx.sink, lambda lines: len(lines) == 6, "sink")
+        by_customer: dict[str, list[str]] = {}
+        for line in sent:
+            by_customer.setdefault(line["customer_id"], []).append(line["op"])
+        assert by_customer == {c: ["upsert", "unsubscribe"] for c in ("66", "67", "68")}
+        upserts = {line["customer_id"]: line["fields"] for line in sent if line["op"] == "upsert"}
+        assert "first_name" not in upserts["66"]
+        assert upserts["67"]["first_name"] == SEED["data"]["first_name"]
+        assert upserts["68"]["city"] == SEED["data"]["addresses"][0]["city"].title()
 
     run(tmp_path, scenario)
+    reasons = [
+        json.loads(line)["reason"]
+        for line in logs.getvalue().splitlines()
+        if "fields_dropped" in line
+    ]
+    assert len(reasons) == 3
+    assert reasons[0].startswith("data.first_name: is not Unicode text")
+    assert reasons[1].startswith("data.first_\\udc00name: has a name that is not Unicode text")
+    assert reasons[2].startswith("data.addresses[1].city: is not Unicode text")
+
+
+@pytest.mark.parametrize(
+    ("field", "raw_json", "where"),
+    [
+        ("customer_id", '"39\\ud80004"', "data.customer_id"),
+        ("status", '"ACTIVE\\udc00"', "data.status"),
+        ("opt_out", '"true\\ud800"', "data.opt_out"),
+        ("merged_customer_ids", '["1", "\\ud800"]', "data.merged_customer_ids[1]"),
+        ("merged_into_customer_id", '"\\udbff"', "data.merged_into_customer_id"),
+        ("external_ids", '{"aiq_contact_id": "a\\ud800"}', "data.external_ids.aiq_contact_id"),
+        ("external_ids", '{"other\\ud800": "1"}', "data.external_ids.other\\ud800"),
+        ("external_ids", '{"other": ' + "[" * 200 + "]" * 200 + "}", "data.external_ids"),
+    ],
+)
+def test_defect_11_a_lone_surrogate_or_deep_nesting_in_a_rule_field_is_422(
+    tmp_path: Path, field: str, raw_json: str, where: str
+) -> None:
+    """In a field the rules stand on, nothing is left out: the body is refused before the
+    answer, naming the path (a customer id that is not text once answered 503 and failed
+    the commit of every event in its batch)."""
+    raw = _with_raw(seed_with(**{field: "@"}), "@", raw_json)
+
+    async def scenario(rx: Running) -> None:
+        answer = assert_error(await rx.post(raw), 422, "invalid_event")
+        assert [p["field"] for p in answer["problems"]] == [where]
+        (row,) = await rx.rows(quarantine)
+        assert (row.status_code, row.body) == (422, raw)
+        assert await rx.rows(inbox) == []
+
+    run(tmp_path, scenario, max_body=16_384)
+
+
+def test_defect_11_an_unknown_field_nested_too_deep_is_left_out_and_the_opt_out_sent(
+    tmp_path: Path,
+) -> None:
+    """256 levels of nesting are valid JSON that pydantic keeps in an unknown field and cannot
+    serialize: the field is left out when planned; the customer and its opt-out are sent."""
+    bodies = [
+        _with_raw(seed_with(customer_id="70", unknown="@"), "@", "[" * 256 + "]" * 256),
+        _with_raw(seed_with(customer_id="71", unknown="@"), "@", '{"a": ' * 256 + "1" + "}" * 256),
+        _with_raw(seed_with(customer_id="72", caregiver_details="@"), "@", "[" * 129 + "]" * 129),
+    ]
+
+    async def scenario(rx: Running) -> None:
+        for raw in bodies:
+            assert (await rx.post(raw)).status_code == 202
+        rows = await settled_inbox(rx, 3)
+        assert [r.status for r in rows] == ["applied"] * 3
+        assert await rx.rows(quarantine) == []
+        sent = await eventually(rx.sink, lambda lines: len(lines) == 6, "sink")
+        assert sorted((line["customer_id"], line["op"]) for line in sent) == sorted(
+            (c, op) for c in ("70", "71", "72") for op in ("upsert", "unsubscribe")
+        )
+
+    run(tmp_path, scenario, max_body=16_384)
 
 
 def test_a_stored_event_the_customer_model_refuses_is_quarantined_when_planned(
@@ -1023,3 +1154,236 @@ def test_logs_hold_one_line_per_request_and_no_customer_value(
         assert line["duration_ms"] >= 0
     assert (accepted["level"], refused["level"]) == ("debug", "info")
     assert any(line.get("event") == "delivered" for line in lines)
+
+
+# --- defect 11: whatever is answered 202 is planned ---
+
+_LONE_SURROGATES = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"])
+_hostile_text = st.one_of(
+    st.text(max_size=6),
+    st.builds("{}{}{}".format, st.text(max_size=3), _LONE_SURROGATES, st.text(max_size=3)),
+    st.sampled_from(
+        [
+            "N/A",
+            "",
+            " ",
+            "true",
+            "false",
+            "\ud83d\ude00",  # a pair: escaped, a valid character; raw, no UTF-8
+            "2000-01-01 00:00:00.000",
+            "2026-04-24T11:38:21.000-07:00",
+            "1948-02-12",
+            "\x00",
+            "+1 (310) 555-0100",
+        ]
+    ),
+)
+# JSON number tokens json.dumps never writes, put in place of their marker after dumping
+_RAW_TOKENS = [
+    "1e999",
+    "-1e999",
+    "1E+2",
+    "-0",
+    "NaN",
+    "-Infinity",
+    "7" * 4300,
+    "7" * 4301,
+    "0.1e-999",
+    "123456789012345678901234567890",
+]
+_raw_numbers = st.sampled_from(range(len(_RAW_TOKENS))).map("\x01raw{}\x01".format)
+
+
+def _nested(depth: int, leaf: Any, as_list: bool) -> Any:
+    for _ in range(depth):
+        leaf = [leaf] if as_list else {"k": leaf}
+    return leaf
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**80), 2**80),
+    st.floats(),
+    _hostile_text,
+    _raw_numbers,
+)
+_deep = st.builds(
+    _nested, st.integers(100, 1100), st.one_of(st.just(1), _LONE_SURROGATES), st.booleans()
+)
+_hostile_values = st.one_of(
+    st.recursive(
+        _scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(_hostile_text, inner, max_size=3)
+        ),
+        max_leaves=8,
+    ),
+    _deep,
+)
+# where a hostile value goes: every field of the seed (and some inside its objects and lists),
+# new fields, a field whose name is not text, and the envelope
+_DATA_PLACES: list[tuple[str | int, ...]] = [
+    *((name,) for name in SEED["data"]),
+    ("addresses", 0, "city"),
+    ("addresses", 0, "primary"),
+    ("addresses", 1),
+    ("verification_reasons", 0, "verification_reason"),
+    ("external_ids", "aiq_contact_id"),
+    ("external_ids", "other_id"),
+    ("merged_customer_ids", 0),
+    ("customer_groups", 0),
+    ("new_field",),
+    ("new\udc00field",),
+]
+_ENVELOPE_PLACES: list[tuple[str | int, ...]] = [
+    ("event_type",),
+    ("dispensary_short_name",),
+    ("extra",),
+    ("ex\ud800tra",),
+]
+
+
+def _put(target: Any, place: tuple[str | int, ...], value: Any) -> None:
+    for step in place[:-1]:
+        if isinstance(target, dict) and isinstance(target.get(step), dict | list):
+            target = target[step]  # type: ignore[index]
+        elif isinstance(target, list) and isinstance(step, int) and step < len(target):
+            target = target[step]
+        else:
+            return
+    last = place[-1]
+    if isinstance(target, dict):
+        target[last] = value
+    elif isinstance(target, list) and isinstance(last, int):
+        target[last : last + 1] = [value]
+
+
+@st.composite
+def hostile_bodies(draw: st.DrawFn) -> bytes:
+    """The seed with hostile values in some places, as bytes a client could send."""
+    body = copy.deepcopy(SEED)
+    for place in draw(st.lists(st.sampled_from(_DATA_PLACES), min_size=1, max_size=4)):
+        _put(body["data"], place, draw(_hostile_values))
+    if draw(st.integers(0, 7)) == 0:
+        _put(body, draw(st.sampled_from(_ENVELOPE_PLACES)), draw(_hostile_values))
+    ascii_only = draw(st.booleans())
+    try:
+        text = json.dumps(body, ensure_ascii=ascii_only)
+    except RecursionError:
+        text = json.dumps({**body, "data": {**body["data"], "new_field": 1}})
+    for index, token in enumerate(_RAW_TOKENS):
+        for marker in (f'"\\u0001raw{index}\\u0001"', f'"\x01raw{index}\x01"'):
+            text = text.replace(marker, token)
+    # a lone surrogate as such is no UTF-8: encoded anyway, it is what a sloppy client sends
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _shipped_specs(**options: Any) -> list[DestinationSpec]:
+    return [
+        DestinationSpec(path.stem, load_mapping(path), **options)
+        for path in sorted((ROOT / "mappings").glob("*.yaml"))
+    ]
+
+
+# the shipped mappings, as plain destinations and as ones that resubscribe, match external
+# ids and carry the mapped contact in consent calls
+SPEC_SETS = [
+    _shipped_specs(),
+    _shipped_specs(
+        policy=PolicyConfig(resubscribe="on_source_opt_in"),
+        native_merge=False,
+        external_id_key="aiq_contact_id",
+        consent_fields=True,
+    ),
+]
+
+
+def _plan_as_the_pipeline_does(stored: str) -> int:
+    """Plan a stored event as the pipeline does, against no state and against an opted-out,
+    unsubscribed one; store each operation body as the store does. The fields left out."""
+    event, dropped = parse_stored_event(stored)
+    if not isinstance(event, CustomerEvent):
+        return len(dropped)
+    customer = event.customer
+    opted_out = CustomerState(
+        customer.customer_id,
+        last_update_us=0,
+        opt_out=True,
+        contacts={
+            path.stem: ContactState("c-1", "h", unsubscribed=True)
+            for path in (ROOT / "mappings").glob("*.yaml")
+        },
+    )
+    for specs in SPEC_SETS:
+        for states in ({}, {customer.customer_id: opted_out}):
+            planned = plan(customer, DISPENSARY, states, specs, digest=content_hash(customer))
+            for operation in planned.operations:
+                # connector/store/store.py writes each body so, into a UTF-8 text column
+                payload = json.dumps(operation.body, separators=(",", ":"), ensure_ascii=False)
+                payload.encode("utf-8")
+    return len(dropped)
+
+
+def test_defect_11_every_hostile_body_answered_202_is_planned(tmp_path: Path) -> None:
+    """Lone surrogates (in values and names, at any depth), deep nesting, big numbers and odd
+    types in every field of the seed: each body the real receiver answers 202 is planned
+    from its stored text, with the shipped mappings, without an exception; the pipeline
+    running behind the receiver refuses none of them either."""
+    service = Service(load_config(write_config(tmp_path, max_body=1 << 20)), idle_poll=0.05)
+    app = create_app(service)
+    loop = asyncio.new_event_loop()
+    stack = contextlib.AsyncExitStack()
+    seen = {"accepted": 0, "accepted_with_fields_left_out": 0, "refused": 0}
+
+    async def start() -> httpx.AsyncClient:
+        await stack.enter_async_context(service.lifespan(app))
+        transport = httpx.ASGITransport(app=app)
+        return await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, base_url="http://testserver")
+        )
+
+    async def last_stored() -> Any:
+        store = service.astore.store
+        query = select(inbox).order_by(inbox.c.id.desc()).limit(1)
+        return (await service.astore.call(store.query, query))[0]
+
+    try:
+        rx = Running(service, loop.run_until_complete(start()), tmp_path)
+
+        @given(raw=hostile_bodies())
+        @settings(
+            max_examples=400,
+            deadline=None,
+            database=None,
+            suppress_health_check=[
+                HealthCheck.too_slow,
+                HealthCheck.data_too_large,
+                HealthCheck.function_scoped_fixture,
+            ],
+        )
+        def check(raw: bytes) -> None:
+            response = loop.run_until_complete(rx.post(raw))
+            assert response.status_code != 500, response.text
+            if response.status_code != 202:
+                assert 400 <= response.status_code < 500, response.text
+                seen["refused"] += 1
+                return
+            row = loop.run_until_complete(last_stored())
+            assert row.body == raw.decode("utf-8")
+            seen["accepted"] += 1
+            if _plan_as_the_pipeline_does(row.body):
+                seen["accepted_with_fields_left_out"] += 1
+
+        check()
+        assert all(seen.values()), seen  # the bodies reached every outcome
+        settled = eventually(
+            lambda: rx.rows(inbox), lambda rows: all(r.status != "pending" for r in rows), "inbox"
+        )
+        rows = loop.run_until_complete(settled)
+        refused = [q.reason for q in loop.run_until_complete(rx.rows(quarantine))]
+        assert [r for r in refused if r.startswith("refused when planned")] == []
+        assert [r.id for r in rows if r.status == "failed"] == []
+    finally:
+        loop.run_until_complete(stack.aclose())
+        loop.close()

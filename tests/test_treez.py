@@ -14,10 +14,14 @@ from connector.treez import (
     Customer,
     CustomerEvent,
     CustomerStatus,
+    NotJsonError,
     OtherEvent,
     TestPing,
+    check_customer,
+    check_event_json,
     parse_customer,
     parse_event,
+    parse_stored_event,
 )
 
 
@@ -81,22 +85,76 @@ def test_seed_bytes_are_the_documented_delivery(seed_bytes: bytes) -> None:
         (False, False),
         (None, None),
         ("", None),
-        (1, True),
-        (0, False),
+        ("   ", None),
+        (" TRUE ", True),
+        ("fAlSe", False),
     ],
 )
 def test_opt_out_forms(make_customer: Any, sent: Any, read: bool | None) -> None:
     assert make_customer(opt_out=sent).opt_out is read
 
 
-@pytest.mark.parametrize("sent", ["maybe", 2, 1.5, [], {}, "t r u e"])
-def test_opt_out_refuses_what_it_cannot_read_as_consent(
+OPT_OUT_REFUSAL = 'must be true or false (a boolean, or the text "true" or "false")'
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "yes",
+        "no",
+        "y",
+        "n",
+        "1",
+        "0",
+        1,
+        0,
+        "N/A",
+        " YES ",
+        "t",
+        "f",
+        "on",
+        "off",
+        "maybe",
+        2,
+        1.5,
+        0.0,
+        [],
+        {},
+        ["true"],
+        "t r u e",
+        "true false",
+    ],
+)
+def test_opt_out_values_other_than_true_false_and_null_are_refused_everywhere(
     seed_body: dict[str, Any], sent: Any
 ) -> None:
+    # the receiver (its quick check and its rule model), the planner's re-parse of what was
+    # stored and the reconciliation's check of a pulled customer all refuse it, naming the field
     seed_body["data"]["opt_out"] = sent
-    assert problems(seed_body) == {
-        "data.opt_out": 'must be true or false (a boolean, or the text "true" or "false")'
-    }
+    raw = json.dumps(seed_body)
+    assert problems(seed_body) == {"data.opt_out": OPT_OUT_REFUSAL}
+    for read in (check_event_json, parse_stored_event):
+        with pytest.raises(EventValidationError) as caught:
+            read(raw)
+        assert [(p.where, p.what) for p in caught.value.problems] == [
+            ("data.opt_out", OPT_OUT_REFUSAL)
+        ]
+    with pytest.raises(EventValidationError) as caught:
+        check_customer(seed_body["data"])
+    assert [p.where for p in caught.value.problems] == ["opt_out"]
+
+
+@pytest.mark.parametrize(("sent", "read"), [("", None), (" ", None), ("\t\n", None)])
+def test_opt_out_empty_text_says_nothing_and_is_never_false(
+    seed_body: dict[str, Any], sent: str, read: None
+) -> None:
+    seed_body["data"]["opt_out"] = sent
+    raw = json.dumps(seed_body)
+    check_event_json(raw)
+    event, dropped = parse_stored_event(raw)
+    assert isinstance(event, CustomerEvent)
+    assert event.customer.opt_out is read
+    assert dropped == []
 
 
 def test_ids_as_integers_become_text(make_customer: Any) -> None:
@@ -322,3 +380,82 @@ def test_offsets_survive_daylight_saving(make_customer: Any) -> None:
     pst = make_customer(last_update="2026-11-01T01:10:00.000-08:00").last_update
     assert pst > pdt  # the same wall clock an hour later after the change
     assert pst.astimezone(UTC).hour == 9
+
+
+def test_defect_11_the_stored_event_and_a_pulled_customer_are_screened_as_the_receiver_does(
+    seed_body: dict[str, Any],
+) -> None:
+    # a stored body (webhook or reconciliation: json.dumps escapes a lone surrogate) holding
+    # one outside the rules is planned without it; a pulled customer with one in a rule field
+    # is refused by the reconciliation's check, naming the field, as the receiver does
+    seed_body["data"]["notes"] = "a\ud800"
+    seed_body["data"]["x\udc00"] = "1"
+    seed_body["data"]["imageList"] = ["ok", {"deep": [[[[[[[[[[]]]]]]]]]]}, ["\udfff"]]
+    raw = json.dumps(seed_body)
+    event, dropped = parse_stored_event(raw)
+    assert isinstance(event, CustomerEvent)
+    assert {p.where for p in dropped} == {"data.notes", "data.x\\udc00", "data.imageList[2][0]"}
+    assert event.customer.notes is None
+    assert event.customer.imageList == ["ok", {"deep": [[[[[[[[[[]]]]]]]]]]}]
+    assert event.customer.opt_out is True
+    event.customer.model_dump_json()
+    for name, value in [("customer_id", "3\ud8004"), ("status", "\udc00"), ("opt_out", "\ud800")]:
+        bad = copy.deepcopy(seed_body)
+        bad["data"][name] = value
+        with pytest.raises(EventValidationError) as caught:
+            parse_stored_event(json.dumps(bad))
+        assert [p.where for p in caught.value.problems] == [f"data.{name}"]
+        with pytest.raises(EventValidationError) as caught:
+            check_customer(bad["data"])
+        assert [p.where for p in caught.value.problems] == [name]
+
+
+def test_defect_11_depth_is_screened_past_128_levels_only(seed_body: dict[str, Any]) -> None:
+    def nested(depth: int) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    for depth, kept in [(128, True), (129, False), (300, False)]:
+        body = copy.deepcopy(seed_body)
+        body["data"]["unknown"] = nested(depth)
+        raw = json.dumps(body)
+        assert check_event_json(raw).kind == "customer"
+        event, dropped = parse_stored_event(raw)
+        assert isinstance(event, CustomerEvent)
+        # a list field: its element too deep is left out
+        assert (event.customer.model_extra or {})["unknown"] == (nested(depth) if kept else [])
+        assert [p.where for p in dropped] == ([] if kept else ["data.unknown[0]"])
+        event.customer.model_dump_json()
+        body["data"]["external_ids"] = {"other": nested(depth - 1)}
+        if kept:
+            check_event_json(json.dumps(body))
+        else:
+            with pytest.raises(EventValidationError, match=r"data\.external_ids: is nested"):
+                check_event_json(json.dumps(body))
+
+
+def test_defect_11_how_deep_a_body_may_nest_does_not_depend_on_the_stack(
+    seed_body: dict[str, Any],
+) -> None:
+    # json.loads stops at the recursion limit less the frames on the stack: the receiver (a
+    # shallow stack) read a body 600 levels deep and answered 202, the planner (deeper) could not
+    seed_body["data"]["unknown"] = json.loads("[" * 600 + "]" * 600)
+    raw = json.dumps(seed_body)
+
+    def deep_down(frames: int, read: Any) -> str:
+        if frames:
+            return deep_down(frames - 1, read)
+        try:
+            read(raw)
+        except NotJsonError as exc:
+            return exc.problems[0].what
+        return "read"
+
+    seen = {
+        deep_down(frames, read)
+        for frames in (0, 500)
+        for read in (check_event_json, parse_stored_event)
+    }
+    assert seen == {"is not JSON we read (nested past 512 levels)"}
