@@ -515,7 +515,17 @@ class KlaviyoSink:
         searched = await self._find(delivery, {})
         if searched is None:
             if contact_id is None:
-                return Sent(None), None, None  # never reached Klaviyo, nothing to find it by
+                # an opt-out owed to a customer whose profile is not made yet (its upsert is
+                # queued, retrying or dead-lettered): wait for it, never drop the opt-out
+                return (
+                    RetriableDelivery(
+                        f"{delivery.op}: the customer's Klaviyo profile is not known yet (its "
+                        "upsert has not been delivered) and this operation carries nothing to "
+                        "find it by; trying again"
+                    ),
+                    None,
+                    None,
+                )
             return (
                 FatalDelivery(
                     f"profile {contact_id} is gone and this operation carries no e-mail, phone or "
