@@ -206,3 +206,38 @@ def test_defect_8_a_contact_the_destination_says_is_gone_is_replaced_and_reporte
     _delivered(store, {"a": "Y"}, {})
     assert store.contact_ids("d", "sink", ["a"]) == {"a": "Y"}
     assert len(_reports(store)) == 3
+
+
+def test_a_version_2_store_gains_opt_out_seen_from_what_it_knew(tmp_path: Path) -> None:
+    """A store written before issue 12 (schema 2: no ``opt_out_seen``) is upgraded in place: a
+    customer whose last opt_out was true, or who has an unsubscribed contact, is known to have
+    opted out; the others are not."""
+    path = tmp_path / "old.db"
+    Store(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as db:  # back to what version 2 wrote
+        db.execute("ALTER TABLE customers DROP COLUMN opt_out_seen")
+        db.execute("UPDATE connector_meta SET value = '2' WHERE key = 'schema_version'")
+        rows = [("d", "out", 1), ("d", "flipped", 0), ("d", "never", 0), ("d", "unknown", None)]
+        db.executemany(
+            "INSERT INTO customers (dispensary, customer_id, opt_out, merges, updated_at) "
+            "VALUES (?, ?, ?, '[]', 0)",
+            rows,
+        )
+        db.execute(
+            "INSERT INTO contacts (dispensary, customer_id, destination, unsubscribed, "
+            "deactivated, ops_planned, updated_at) VALUES ('d', 'flipped', 'x', 1, 0, 2, 0)"
+        )
+    store = Store(f"sqlite:///{path}")
+    try:
+        with store.snapshot() as conn:
+            states = store.load_states(conn, "d", ["out", "flipped", "never", "unknown"])
+        assert {cid: s.opt_out_seen for cid, s in states.items()} == {
+            "out": True,
+            "flipped": True,
+            "never": False,
+            "unknown": False,
+        }
+        [version] = store.query(select(meta.c.value).where(meta.c.key == "schema_version"))
+        assert int(version[0]) == SCHEMA_VERSION == 3
+    finally:
+        store.close()
