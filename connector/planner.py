@@ -177,7 +177,7 @@ def plan(
     if state.last_update_us is not None:
         if version < state.last_update_us:
             # stale: nothing of it is applied, but an opt-out is owed whatever its version
-            return _owed_only("stale", customer, dispensary, state, states, destinations)
+            return _late("stale", customer, dispensary, state, states, destinations)
         same = version == state.last_update_us and digest == state.content_hash
         if same and not (resend or refresh):
             return Plan("duplicate", {}, [])
@@ -195,7 +195,7 @@ def plan(
     if state.merged_into is not None:
         # Treez refuses updates to a merged-away profile: this is a stray; it must not
         # reach the absorbed contact, nor overwrite the survivor; its opt-out is still owed
-        return _owed_only("absorbed", customer, dispensary, seen, states, destinations)
+        return _late("absorbed", customer, dispensary, seen, states, destinations)
 
     operations: list[Operation] = []
     changed: dict[str, CustomerState] = {}
@@ -350,6 +350,43 @@ def _owe_to(
         ops.append(_unsubscribe(dest, target.customer_id, body, version, contact))
         contacts[dest.name] = replace(contact, unsubscribed=True, planned=contact.planned + 1)
     return replace(target, opt_out_seen=True, contacts=contacts), ops
+
+
+def _late(
+    outcome: Outcome,
+    customer: Customer,
+    dispensary: str,
+    state: CustomerState,
+    states: Mapping[str, CustomerState],
+    destinations: Sequence[DestinationSpec],
+) -> Plan:
+    """An event that applies nothing of its own (stale, or a stray of a merged-away
+    customer): the merges it names and its opt-out still count. A merge is planned once per
+    Treez merge whichever payload comes first, whatever that payload's version: a survivor's
+    payload overtaken by a newer one (its own merge into a third customer, say) still carries
+    the merge of the customers it lists."""
+    cid = state.customer_id
+    view: dict[str, CustomerState] = {**states, cid: state}
+    operations: list[Operation] = []
+    survivor = customer.merged_into_customer_id
+    if survivor is not None and survivor != cid and state.merged_into is None:
+        merged = _merge(dispensary, state, survivor, view, destinations, customer)
+        view.update(merged.states)
+        operations += merged.operations
+    for absorbed_id in dict.fromkeys(customer.merged_customer_ids):
+        if absorbed_id == cid:
+            continue
+        absorbed = view.get(absorbed_id) or CustomerState(absorbed_id)
+        merged = _merge(dispensary, absorbed, cid, view, destinations, None)
+        view.update(merged.states)
+        operations += merged.operations
+    owed = _owed_only(outcome, customer, dispensary, view[cid], view, destinations)
+    view.update(owed.states)
+    operations += owed.operations
+    changed = {k: v for k, v in view.items() if states.get(k) != v}
+    if outcome == "absorbed":
+        changed[cid] = view[cid]  # the stray payload is recorded
+    return Plan(outcome, changed, operations)
 
 
 def _owed_only(

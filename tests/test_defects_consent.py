@@ -336,3 +336,45 @@ def test_defect_9_a_late_merge_goes_into_the_final_survivor() -> None:
     states2, _ = apply([b_into_c, a_into_b], dests)
     _, more = apply([b_lists_a], dests, states2)
     assert [op for op in more if op.op == "merge"] == []
+
+
+def test_defect_9_a_merge_named_only_by_an_overtaken_payload_is_still_planned() -> None:
+    """B's payload listing A (A into B) arrives after B's own merge into C (newer): it is
+    stale, or a stray of a merged-away customer, yet the merge it names is a fact: A goes
+    into C, once, in either order; and A's merge payload arriving after a newer stray of A
+    still merges A."""
+    dests = [http_spec()]
+    b_into_c = customer(
+        customer_id="B",
+        last_update=at(20),
+        status="DEACTIVATED",
+        merged_into_customer_id="C",
+        opt_out="false",
+    )
+    b_lists_a = customer(
+        customer_id="B",
+        last_update=at(10),
+        status="MERGED",
+        merged_customer_ids=["A"],
+        opt_out="false",
+    )
+    for order in ([b_into_c, b_lists_a], [b_lists_a, b_into_c]):
+        states, ops = apply(order, dests)
+        merges = sorted(
+            (op.body["from_customer_id"], op.body["into_customer_id"])
+            for op in ops
+            if op.op == "merge"
+        )
+        assert merges in ([("A", "B"), ("B", "C")], [("A", "C"), ("B", "C")])
+        assert states["A"].merged_into in ("B", "C")
+    a_later = customer(customer_id="A", last_update=at(30), opt_out="false")
+    a_into_b = customer(
+        customer_id="A",
+        last_update=at(10),
+        status="DEACTIVATED",
+        merged_into_customer_id="B",
+        opt_out="false",
+    )
+    states, ops = apply([a_later, a_into_b], dests)
+    assert [op.op for op in ops if op.op == "merge"] == ["merge"]
+    assert states["A"].merged_into == "B"

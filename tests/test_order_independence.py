@@ -21,6 +21,7 @@ these hold in the orders a live system sees, not only when everything is planned
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -40,7 +41,10 @@ from vendor_flow import DISPENSARY, Flow, event_body
 
 from connector.delivery.alpineiq import AlpineIQSink
 from connector.delivery.klaviyo import KlaviyoSink
+from connector.mapping import compile_mapping_text
+from connector.planner import CustomerState, DestinationSpec, Operation, plan
 from connector.store.runs import RunStore
+from connector.treez import Customer, parse_customer
 
 A, B, C = "200", "100", "300"
 OPT_OUTS = ("true", "false", None)
@@ -310,12 +314,12 @@ def test_consent_of_survivors_is_the_same_in_any_order(
 ) -> None:
     events, merges, first, second = case
     finals = []
-    for plan in (first, second):
+    for order in (first, second):
         work = tmp_path_factory.mktemp("order")
         vendor = VENDORS[vendor_name]()
 
-        async def go(vendor: Vendor = vendor, plan: list[Any] = plan, work: Path = work) -> Any:
-            flow = await run_order(work, vendor, plan)
+        async def go(vendor: Vendor = vendor, order: list[Any] = order, work: Path = work) -> Any:
+            flow = await run_order(work, vendor, order)
             try:
                 return check(events, merges, vendor, flow)
             finally:
@@ -328,3 +332,75 @@ def test_consent_of_survivors_is_the_same_in_any_order(
             if survivor in final:
                 assert final[survivor] == "out"
     assert json.dumps(finals[0], sort_keys=True) == json.dumps(finals[1], sort_keys=True)
+
+
+# --- the same rule on the planner alone: fast, many more histories ------------------------------
+
+PLANNER_MAPPING = compile_mapping_text(
+    "first_name: first_name\nemail: email\nopted_out: {from: opt_out, transform: [bool]}\n",
+    name="consent.yaml",
+)
+SEED = json.loads((Path(__file__).parent / "data" / "seed_body.json").read_text())["data"]
+
+
+def as_customer(event: Event) -> Customer:
+    customer, version, fields = event
+    data = {**copy.deepcopy(SEED), "customer_id": customer, "opt_out": None}
+    data["last_update"] = f"2026-05-01T10:{version:02d}:00.000-07:00"
+    data.update(fields)
+    return parse_customer(data)
+
+
+def planned(events: list[Event], specs: list[DestinationSpec]) -> tuple[Any, list[Operation]]:
+    states: dict[str, CustomerState] = {}
+    operations: list[Operation] = []
+    for event in events:
+        result = plan(as_customer(event), DISPENSARY, states, specs)
+        states.update(result.states)
+        operations += result.operations
+    return states, operations
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories(), st.data())
+def test_the_planner_owes_the_same_opt_outs_in_any_order(
+    history: tuple[list[Event], set[tuple[str, str]]], data: st.DataObject
+) -> None:
+    events, merges = history
+    specs = [
+        DestinationSpec("native", PLANNER_MAPPING, native_merge=True),
+        DestinationSpec("plain", PLANNER_MAPPING, native_merge=False),
+    ]
+    opted = {e[0] for e in events if e[2].get("opt_out") == "true"}
+    group_opted = {survivor_of(c, merges) for c in opted}
+    outcomes = []
+    for _ in range(2):
+        order = data.draw(st.permutations(events))
+        states, operations = planned(order, specs)
+        seen_out: set[tuple[str, str]] = set()
+        keys: dict[tuple[str, str], set[str]] = {}
+        for op in operations:
+            where = (op.destination, op.customer_id)
+            assert op.op != "subscribe"
+            if op.op == "unsubscribe":
+                keys.setdefault(where, set()).add(op.idempotency_key)
+                seen_out.add(where)
+            elif op.op == "upsert" and where in seen_out:
+                # no upsert planned after the opt-out says the customer is opted in
+                assert op.body["fields"].get("opted_out") is True
+        assert all(len(k) == 1 for k in keys.values())  # one unsubscribe: one key
+        owed = set()
+        for spec in specs:
+            for customer, state in states.items():
+                if state.merged_into is not None:
+                    continue
+                contact = state.contact(spec.name)
+                if contact.unsubscribed or state.opt_out_seen:
+                    owed.add((spec.name, customer))
+        # every final survivor of an opted-out group owes (or was told) the opt-out, and only
+        # those: the same set in every order
+        assert owed == {(s.name, c) for s in specs for c in group_opted if c in states}
+        merged = sorted((op.destination, op.customer_id) for op in operations if op.op == "merge")
+        assert len(merged) == len(set(merged))  # one merge per absorbed customer
+        outcomes.append((owed, set(merged)))
+    assert outcomes[0] == outcomes[1]
