@@ -31,7 +31,15 @@ from connector.errors import EventValidationError, Problem
 from connector.logs import get_logger
 from connector.mapping import load_mapping
 from connector.metrics import Metrics
-from connector.planner import CustomerState, DestinationSpec, Operation, Plan, content_hash, plan
+from connector.planner import (
+    CustomerState,
+    DestinationSpec,
+    Operation,
+    Plan,
+    content_hash,
+    instant_us,
+    plan,
+)
 from connector.store import AsyncStore, InboxRow, Rejected, Store
 from connector.treez import CustomerEvent, parse_stored_event
 
@@ -204,6 +212,7 @@ def _plan_rows(
     rows: list[InboxRow],
     deployment: Deployment,
     load: Callable[[str, set[str]], dict[str, CustomerState]],
+    first_received: Callable[[str, str, int], float | None] | None = None,
 ) -> _Plans:
     """Plan ``rows`` one after the other against state held in memory (each event sees the
     effects of the ones before it, as if applied one at a time). No writes."""
@@ -224,6 +233,13 @@ def _plan_rows(
         ceiling = None
         if row.received_at is not None:
             ceiling = int(row.received_at * 1_000_000) + deployment.future_skew_us
+            raw = instant_us(customer.last_update)
+            if raw > ceiling and first_received is not None:
+                # dated past the skew: it orders at its first receipt, so a re-delivery of
+                # it later is not taken for a newer version
+                first = first_received(dispensary, customer.customer_id, raw)
+                if first is not None:
+                    ceiling = min(ceiling, int(first * 1_000_000) + deployment.future_skew_us)
         try:
             planned = plan(
                 customer,
@@ -310,7 +326,12 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
         rows = store.pending_events(conn, limit)
         if not rows:
             return BatchResult()
-        plans = _plan_rows(rows, deployment, lambda d, ids: store.load_states(conn, d, ids))
+        plans = _plan_rows(
+            rows,
+            deployment,
+            lambda d, ids: store.load_states(conn, d, ids),
+            lambda d, c, us: store.first_received(conn, d, c, us),
+        )
     with store.transaction(durable=False) as conn:  # redone from the durable inbox if lost
         ids = [row.id for row in rows]
         unchanged = store.still_pending(conn, ids) == set(ids) and all(
@@ -319,7 +340,12 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
         )
         if not unchanged:
             rows = store.pending_events(conn, limit)
-            plans = _plan_rows(rows, deployment, lambda d, ids: store.load_states(conn, d, ids))
+            plans = _plan_rows(
+                rows,
+                deployment,
+                lambda d, ids: store.load_states(conn, d, ids),
+                lambda d, c, us: store.first_received(conn, d, c, us),
+            )
         for dispensary, destination, customer_id, message in plans.failures:
             store.dead_letter_direct(
                 conn, dispensary, destination, customer_id, "upsert",
@@ -434,5 +460,10 @@ def plan_without_writing(
     """Plan ``rows`` against the stored state and return (outcome per row id, operations per
     dispensary) without writing anything: what a dry run shows."""
     with store.snapshot() as conn:
-        plans = _plan_rows(rows, deployment, lambda d, ids: store.load_states(conn, d, ids))
+        plans = _plan_rows(
+            rows,
+            deployment,
+            lambda d, ids: store.load_states(conn, d, ids),
+            lambda d, c, us: store.first_received(conn, d, c, us),
+        )
     return plans.outcomes, plans.operations

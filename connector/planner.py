@@ -195,6 +195,8 @@ def plan(
     if state.merged_into is not None:
         # Treez refuses updates to a merged-away profile: this is a stray; it must not
         # reach the absorbed contact, nor overwrite the survivor; its opt-out is still owed
+        if customer.opt_out is not None:  # newer than what was applied: its current word
+            seen = replace(seen, opt_out=customer.opt_out)
         return _late("absorbed", customer, dispensary, seen, states, destinations)
 
     operations: list[Operation] = []
@@ -403,8 +405,10 @@ def _owed_only(
     has no native merge, so that contact lives on)."""
     if customer.opt_out is not True:
         return Plan(outcome, {state.customer_id: state} if outcome == "absorbed" else {}, [])
-    never = [d for d in destinations if _never(d)]
-    if not never:  # every destination may resubscribe: an older opt-out is overtaken
+    # a stale opt-out is overtaken where the policy lets a newer opt-in stand; a stray of a
+    # merged-away customer (newer than what was applied) is its current word
+    never = [d for d in destinations if _never(d) or outcome != "stale"]
+    if not never:
         return Plan(outcome, {state.customer_id: state} if outcome == "absorbed" else {}, [])
     version = instant_us(customer.last_update)
     if state.merged_into is None:
@@ -424,13 +428,27 @@ def _carry(
     destinations: Sequence[DestinationSpec],
     version: int,
     outcome: Outcome,
+    *,
+    own_native: bool | None = False,
 ) -> Plan:
     """An opt-out of a merged-away customer: owed to the final survivor's contact, and to
-    the absorbed customer's own where the destination has no native merge."""
+    the contacts of the absorbed customer and of every customer between it and the final
+    survivor where they live on (``own_native``: False, the destinations without a native
+    merge; None, all of them, while the merge is being planned)."""
     # no mapped contact goes with these: a merged-away customer's payload is not applied
-    own, ops = _owe_to(dispensary, absorbed, destinations, version, native=False)
+    own, ops = _owe_to(dispensary, absorbed, destinations, version, native=own_native)
     changed = {absorbed.customer_id: own}
-    final = final_survivor({**states, **changed}, absorbed.customer_id)
+    view = {**states, **changed}
+    final = final_survivor(view, absorbed.customer_id)
+    link = view[absorbed.customer_id].merged_into
+    visited = {absorbed.customer_id}
+    while link is not None and link != final and link not in visited:
+        visited.add(link)
+        between = view.get(link) or CustomerState(link)
+        marked, more = _owe_to(dispensary, between, destinations, version, native=False)
+        changed[link] = marked
+        ops += more
+        link = between.merged_into
     if final != absorbed.customer_id:
         target = states.get(final) or CustomerState(final)
         marked, more = _owe_to(dispensary, target, destinations, version, native=None)
@@ -449,6 +467,8 @@ def _absorbed(
 ) -> Plan:
     """The absorbed customer's merge payload: the merge (once), then its opt-out, if any,
     owed where the merged record now is."""
+    if customer.opt_out is not None:  # not stale: the customer's current word
+        state = replace(state, opt_out=customer.opt_out)
     if state.merged_into is not None and state.merged_into != survivor:
         # merged again into someone else: only the first merge counts; record the payload
         return _owed_only("absorbed", customer, dispensary, state, states, destinations)
@@ -481,8 +501,17 @@ def _merge(
         return Plan("absorbed", {}, [])
     cid = absorbed.customer_id
     final = final_survivor(states, survivor)
-    if final == cid:  # a cycle (A into B after B into A): the first merge stands
-        return Plan("absorbed", {cid: absorbed}, [])
+    if final == cid:
+        # a cycle (A into B after B into A): the first merge stands and this customer is
+        # the survivor; an opt-out its payload carried is owed to its own contact
+        owing = _owing(absorbed, destinations)
+        if not owing:
+            return Plan("absorbed", {cid: absorbed}, [])
+        version = instant_us(customer.last_update) if customer is not None else 0
+        marked, owed = _owe_to(
+            dispensary, absorbed, owing, version, native=None, existing_only=False
+        )
+        return Plan("absorbed", {cid: marked}, owed)
     ops: list[Operation] = []
     merges = set(absorbed.merges)
     for dest in destinations:
@@ -498,12 +527,30 @@ def _merge(
         }
         ops.append(Operation(dest.name, cid, cid, "merge", body, merge_key(dest.name, cid, final)))
     marked = replace(absorbed, merged_into=survivor, merges=frozenset(merges))
-    if not marked.opt_out_seen:
+    owing = _owing(marked, destinations)
+    if not owing:
         return Plan("applied", {cid: marked}, ops)
-    never = [d for d in destinations if _never(d)]
     version = instant_us(customer.last_update) if customer is not None else 0
-    carried = _carry(dispensary, marked, states, never, version, "applied")
-    return Plan("applied", carried.states, ops + carried.operations)
+    # the merge is planned now: the absorbed customer's own contact is unsubscribed too,
+    # before the merge (same order key, so delivered first), on every destination: should
+    # the merge never land (the survivor's contact gone), the absorbed contact is not left
+    # subscribed
+    own_native = None if ops else False  # after the merge, only where the contact lives on
+    carried = _carry(dispensary, marked, states, owing, version, "applied", own_native=own_native)
+    own = [op for op in carried.operations if op.customer_id == cid]
+    rest = [op for op in carried.operations if op.customer_id != cid]
+    return Plan("applied", carried.states, own + ops + rest)
+
+
+def _owing(state: CustomerState, destinations: Sequence[DestinationSpec]) -> list[DestinationSpec]:
+    """The destinations an opt-out of ``state``'s customer is owed to: under ``never``, once
+    any version opted out; under ``on_source_opt_in``, while its current word (the stored
+    ``opt_out``, which only versions newer than the last applied change) is opted out."""
+    return [
+        d
+        for d in destinations
+        if (_never(d) and state.opt_out_seen) or (not _never(d) and state.opt_out is True)
+    ]
 
 
 def _match_external_id(

@@ -21,6 +21,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from connector.delivery.base import Destination
 from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
 from connector.pipeline import Deployment, process_batch
+from connector.planner import instant_us
 from connector.store import AsyncStore, NewEvent, Store
 from connector.store.schema import conflicts, contacts, dead_letters, outbox
 
@@ -63,6 +65,14 @@ def event_body(
     data["opt_out"] = "false"
     data.update(changes)
     return json.dumps(body).encode()
+
+
+def _instant(text: Any) -> int | None:
+    """``last_update`` as the receiver stores it in the inbox (microseconds, an instant)."""
+    try:
+        return instant_us(datetime.fromisoformat(str(text)))
+    except ValueError:
+        return None
 
 
 class Flow:
@@ -127,7 +137,8 @@ class Flow:
             self._seq += 1
             events.append(
                 NewEvent(data["dispensary_short_name"], "webhook", "CUSTOMER",
-                         str(data["data"].get("customer_id")), None, body.decode())
+                         str(data["data"].get("customer_id")),
+                         _instant(data["data"].get("last_update")), body.decode())
             )  # fmt: skip
         self.store.add_events(events)
         while (await self.astore.call(process_batch, self.store, self.deployment, 256)).events:

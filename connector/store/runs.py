@@ -411,6 +411,7 @@ class RunStore:
         - its customer was merged away (nothing goes to an absorbed contact but the merge,
           and an ``unsubscribe``: an owed opt-out is never superseded);
         - it is a ``subscribe`` and the contact is unsubscribed or the customer opted out;
+        - it is an ``unsubscribe`` and a subscribe was planned since (``on_source_opt_in``);
         - it is an ``upsert`` whose fields are not the last ones planned for the contact (a
           newer upsert exists or existed: resending would put old data over new);
         - a later operation of the same kind exists.
@@ -479,6 +480,10 @@ class RunStore:
         if row.op == "subscribe" and (
             (contact is not None and contact.unsubscribed) or (state and state.opt_out is True)
         ):
+            return "superseded"
+        if row.op == "unsubscribe" and contact is not None and not contact.unsubscribed:
+            # a subscribe was planned since (resubscribe: on_source_opt_in, Treez flipped
+            # true → false): the customer's newer word stands
             return "superseded"
         fields = body.get("fields")
         planned_hash = contact.delivered_hash if contact is not None else None

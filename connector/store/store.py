@@ -288,6 +288,20 @@ class Store:
 
     # --- planning ---
 
+    def first_received(
+        self, conn: Connection, dispensary: str, customer_id: str, last_update_us: int
+    ) -> float | None:
+        """When a version of a customer (by its ``last_update``) was first received: a
+        future-dated event delivered again orders at its first receipt, not its last."""
+        found = conn.execute(
+            select(func.min(inbox.c.received_at)).where(
+                inbox.c.dispensary == dispensary,
+                inbox.c.customer_id == customer_id,
+                inbox.c.last_update_us == last_update_us,
+            )
+        ).scalar_one_or_none()
+        return None if found is None else float(found)
+
     def refresh_events(self, conn: Connection, dispensary: str, customer_ids: set[str]) -> int:
         """Queue the current version of each customer again (source ``refresh``): its
         newest applied event, as received. A stale opt-out changed what the customer's
