@@ -201,15 +201,18 @@ def plan(
 
     operations: list[Operation] = []
     changed: dict[str, CustomerState] = {}
+    view: dict[str, CustomerState] = {}  # built once: a survivor may list thousands
     for absorbed_id in dict.fromkeys(customer.merged_customer_ids):
         if absorbed_id == cid:
             continue
-        view = {**states, **changed, cid: seen}
+        if not view:
+            view = {**states, cid: seen}
         absorbed = view.get(absorbed_id) or CustomerState(absorbed_id)
         merged = _merge(dispensary, absorbed, cid, view, destinations, None)
         changed.update(merged.states)
+        view.update(merged.states)
         operations.extend(merged.operations)
-        seen = changed.pop(cid, seen)
+    seen = changed.pop(cid, seen)
 
     conflicts: list[Conflict] = []
     failures: list[MappingFailure] = []
@@ -579,11 +582,9 @@ def _consent_fields(
     customer: Customer, dispensary: str, dest: DestinationSpec
 ) -> dict[str, Any] | None:
     """The mapped contact, for a destination whose consent calls name it (by e-mail and
-    phone); None if it cannot be mapped (the adapter then looks the contact up)."""
-    try:
-        return dest.mapping.apply(customer, dispensary)
-    except FieldMappingError:
-        return None
+    phone). A field that cannot be mapped (a balance of 12.5 for an ``int``) is left out,
+    not the whole contact: an opt-out must still find the person by e-mail and phone."""
+    return dest.mapping.apply_partial(customer, dispensary)
 
 
 def _body(op: OpKind, dispensary: str, customer_id: str) -> dict[str, Any]:

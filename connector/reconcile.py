@@ -38,7 +38,7 @@ from connector.pipeline import Deployment, plan_without_writing
 from connector.planner import Operation, instant_us
 from connector.store import AsyncStore, InboxRow, NewEvent, Rejected
 from connector.store.runs import Replayed, RunStore
-from connector.treez import check_customer
+from connector.treez import MAX_DEPTH, check_customer, leave_out_deep, readable_name
 from connector.treez_api import TreezClient
 
 log = get_logger("connector.reconcile")
@@ -437,6 +437,16 @@ class Reconciler:
                 continue
             us = instant_us(last_update)
             versions.append(us)
+            if removed := leave_out_deep(record):
+                # names only, never a value (customer data)
+                log.warning(
+                    "fields_dropped",
+                    dispensary=dispensary,
+                    source=source,
+                    customer_id=customer_id,
+                    reason=f"nested more than {MAX_DEPTH} levels deep: "
+                    + ", ".join(readable_name(n) for n in removed),
+                )
             body = {"event_type": "CUSTOMER", "dispensary_short_name": dispensary, "data": record}
             events.append(
                 NewEvent(dispensary, source, "CUSTOMER", customer_id, us,

@@ -108,9 +108,13 @@ def _optional_id(value: Any) -> str | None:
     return _id(value)
 
 
+_DATE_TIME = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
+
+
 def _timestamp(value: Any) -> Any:
-    # Only text is a Treez timestamp; pydantic alone would also take epoch numbers.
-    if not isinstance(value, str):
+    # Only a date and a time in text is a Treez timestamp; pydantic alone would also take
+    # epoch numbers, and digits as text ("1700000000"): the order of events is never guessed
+    if not isinstance(value, str) or _DATE_TIME.match(value) is None:
         raise ValueError("must be an ISO 8601 timestamp with an offset, as text")
     return value
 
@@ -436,6 +440,11 @@ def _suspect(raw: bytes | str) -> bool:
     return raw.count("{") + raw.count("[") > _MOST_OPENERS or _SUSPECT.search(raw) is not None
 
 
+def readable_name(name: str) -> str:
+    """A field name as logs and paths show it: its lone surrogates as their escapes."""
+    return _readable(name)
+
+
 def _readable(name: str) -> str:
     """A field name for a path: its lone surrogates as their escapes."""
     return name.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -525,6 +534,49 @@ def _rule_hazards(customer: Mapping[str, Any], prefix: str) -> list[Problem]:
     ]
 
 
+# Names whose value decides what is done with an event: a JSON object may repeat a name, and
+# every parser here keeps the last copy, so {"opt_out": "true", "opt_out": "false"} would be
+# read as opted in without a word. Such a body is refused instead.
+_DECIDING = (*sorted(RULE_FIELDS), "event_type", "data", "dispensary_short_name", "test")
+_DECIDING_NAME = re.compile("|".join(re.escape(f'"{name}"') for name in _DECIDING))
+
+
+def _refuse_repeated_names(raw: bytes | str, source: str) -> None:
+    """Refuse a body in which an object repeats one of the names rules stand on. Cheap on
+    the common body (one scan for those names): the parse that finds the repeats runs only
+    when a name occurs twice, or when escapes could spell one differently."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    names = _DECIDING_NAME.findall(text)
+    if len(names) == len(set(names)) and "\\u" not in text:
+        return
+    repeated: set[str] = set()
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for name, _ in items:
+            if name in seen:
+                repeated.add(name)
+            seen.add(name)
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return  # not JSON: refused as such by the parse that follows
+    deciding = sorted(repeated.intersection(_DECIDING))
+    if deciding:
+        problems = [
+            Problem(
+                name
+                if name in ("event_type", "data", "dispensary_short_name", "test")
+                else f"data.{name}",
+                "appears more than once in one object (which copy counts is not guessed)",
+            )
+            for name in deciding
+        ]
+        raise EventValidationError(source, problems)
+
+
 def check_event_json(
     raw: bytes | str, *, source: str = "webhook body"
 ) -> ReceivedCustomer | OtherEvent | TestPing:
@@ -536,6 +588,7 @@ def check_event_json(
     it is not sure of, refusals included, is decided by the pydantic rule model
     (:func:`_check_with_model`), which stays the one authority.
     """
+    _refuse_repeated_names(raw, source)
     return _quick_check(raw) or _check_with_model(raw, source)
 
 
@@ -658,6 +711,34 @@ def _check_with_model(raw: bytes | str, source: str) -> ReceivedCustomer | Other
     return event
 
 
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in ``value`` (iteratively: any depth)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def leave_out_deep(record: dict[str, Any]) -> list[str]:
+    """Remove from a pulled customer the fields outside :data:`RULE_FIELDS` nested deeper
+    than :data:`MAX_DEPTH` (the planner would leave them out; stored as they are, the event
+    could nest past what any parser here reads); the names removed."""
+    removed = [
+        name
+        for name, value in record.items()
+        if name not in RULE_FIELDS
+        and isinstance(value, dict | list)
+        and _depth(value) > MAX_DEPTH - 2  # the event wraps the customer in two levels
+    ]
+    for name in removed:
+        del record[name]
+    return removed
+
+
 def check_customer(record: Any, *, source: str = "customer record") -> tuple[str, datetime]:
     """A customer object (as the Customer API returns it) checked as the receiver checks a
     webhook's: its id and ``last_update``, once the fields the rules stand on
@@ -681,6 +762,7 @@ def parse_stored_event(
     refusing the whole event with its consent; in a list (``addresses``), only the elements
     refused are; likewise what no serializer takes (:func:`_screen`). Raises
     :class:`EventValidationError` when anything else is wrong."""
+    _refuse_repeated_names(raw, source)
     if _suspect(raw):
         body = _json_body(raw, source)
         screened = _screen(body, source) if _is_customer_body(body) else []

@@ -27,9 +27,13 @@ OUT = {"email": False, "sms": False}
 
 def merged(customer: str, n: int, version: int, into: str, **changes: Any) -> bytes:
     return event_body(
-        customer, version, status="DEACTIVATED", merged_into_customer_id=into,
-        **person(customer, n), **changes,
-    )  # fmt: skip
+        customer,
+        version,
+        status="DEACTIVATED",
+        merged_into_customer_id=into,
+        **person(customer, n),
+        **changes,
+    )
 
 
 # --- 1: a merge cycle swallows the opt-out carried by the second payload ---------------------
@@ -272,8 +276,9 @@ def test_held_survivor_payload_late_is_upserted_then_unsubscribed(tmp_path: Any)
         await flow.deliver(event_body("A", 60, **person("A", 1)))
         await flow.deliver(merged("A", 1, 120, "B", opt_out="true"))
         assert flow.ops("B") == []
-        await flow.deliver(event_body("B", 130, status="MERGED", merged_customer_ids=["A"],
-                                      **person("B", 2)))  # fmt: skip
+        await flow.deliver(
+            event_body("B", 130, status="MERGED", merged_customer_ids=["A"], **person("B", 2))
+        )
         assert flow.ops("B") == ["upsert", "unsubscribe"]
         assert fake.consent(contact_of(flow, "B")) == OUT
 

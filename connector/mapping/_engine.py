@@ -140,6 +140,28 @@ class Mapping:
             node[keys[-1]] = value
         return out
 
+    def apply_partial(self, customer: Customer, dispensary: str) -> dict[str, Any]:
+        """Map what can be mapped: a field whose value cannot be mapped is left out instead
+        of failing the contact (for consent calls, which need the identifiers only)."""
+        try:
+            return self.apply(customer, dispensary)
+        except FieldMappingError:
+            pass
+        ctx = Context(customer, dispensary)
+        out: dict[str, Any] = {}
+        for field in self.fields:
+            try:
+                value = field.run(ctx)
+            except FieldMappingError:
+                continue
+            if value is None and not field.send_null:
+                continue
+            node = out
+            for key in field.keys[:-1]:
+                node = node.setdefault(key, {})
+            node[field.keys[-1]] = value
+        return out
+
     def __repr__(self) -> str:
         return f"<Mapping {self.name} ({len(self.fields)} fields)>"
 
