@@ -538,17 +538,22 @@ def _rule_hazards(customer: Mapping[str, Any], prefix: str) -> list[Problem]:
 # every parser here keeps the last copy, so {"opt_out": "true", "opt_out": "false"} would be
 # read as opted in without a word. Such a body is refused instead.
 _DECIDING = (*sorted(RULE_FIELDS), "event_type", "data", "dispensary_short_name", "test")
-_DECIDING_NAME = re.compile("|".join(re.escape(f'"{name}"') for name in _DECIDING))
+_DECIDING_ALTERNATIVES = "|".join(re.escape(name) for name in _DECIDING)
+_DECIDING_NAME = re.compile(f'"(?:{_DECIDING_ALTERNATIVES})"|\\\\u')
+_DECIDING_NAME_BYTES = re.compile(_DECIDING_NAME.pattern.encode())
 
 
 def _refuse_repeated_names(raw: bytes | str, source: str) -> None:
     """Refuse a body in which an object repeats one of the names rules stand on. Cheap on
-    the common body (one scan for those names): the parse that finds the repeats runs only
-    when a name occurs twice, or when escapes could spell one differently."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    names = _DECIDING_NAME.findall(text)
-    if len(names) == len(set(names)) and "\\u" not in text:
+    the common body (one scan for those names, on the bytes as received): the parse that
+    finds the repeats runs only when a name occurs twice, or when an escape (``\\u``) could
+    spell one differently."""
+    found: list[Any] = (
+        _DECIDING_NAME_BYTES.findall(raw) if isinstance(raw, bytes) else _DECIDING_NAME.findall(raw)
+    )
+    if len(found) == len(set(found)) and b"\\u" not in found and "\\u" not in found:
         return
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     repeated: set[str] = set()
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
