@@ -286,7 +286,7 @@ class KlaviyoSink:
             # store-mate before its external_id was set): written already, but never recorded
             # for this customer; our external_id is taken off it again (it held none, or
             # Klaviyo would have answered 409) and this customer gets a profile of its own
-            data = _json(response).get("data")
+            matched = _json(response).get("data")
             sent = _text(attributes.get("external_id"))
             if sent and _held(response).get("external_id") == sent:
                 unkey: dict[str, Any] = {
@@ -297,7 +297,7 @@ class KlaviyoSink:
                 await self.api.request(
                     "POST", "/api/profile-import", "import", body={"data": unkey}
                 )
-            return await self._own_instead(delivery, found, data, attributes)
+            return await self._own_instead(delivery, found, matched, attributes)
         return Sent(found), _held(response)
 
     async def _onto_duplicate(
