@@ -53,6 +53,7 @@ from vendor_flow import DISPENSARY, event_body
 
 from connector.config import KLAVIYO_REVISION
 from connector.delivery.base import Sent
+from connector.delivery.klaviyo import KlaviyoSink
 from connector.errors import FatalDelivery, RetriableDelivery
 from connector.store import Store
 from connector.store.schema import conflicts, contacts, customers
@@ -274,6 +275,25 @@ def test_defect_12_a_profile_of_no_customer_of_this_store_is_the_same_person(
     assert "withheld" not in result.conflict
     retry = sent_json(imports.calls[1].request)["data"]
     assert retry["id"] == "01MIA"
+    assert not {"email", "phone_number"} & set(retry["attributes"])
+    # the profile was keyed by no one: now by this customer, so a store-mate's import by the
+    # same e-mail or phone is a 409 (read as another customer's), never a silent match
+    assert retry["attributes"]["external_id"] == f"treez-{SHOP}-1002"
+
+
+def test_defect_identity_b1_a_same_person_profile_keyed_already_keeps_its_external_id(
+    router: respx.MockRouter, mapping_dir: Path
+) -> None:
+    """A profile of another store of the account keeps its own external_id (never re-keyed)."""
+    imports = router.post(IMPORT).mock(side_effect=[duplicate("01MIA"), profile_answer("01MIA")])
+    held_profiles(router, {"01MIA": {**MIA, "external_id": "treez-store2-9001"}})
+    fields = {"external_id": f"treez-{SHOP}-1002", **MIA, "first_name": "Mia"}
+
+    [result] = send(klaviyo_config(mapping_dir), delivery("upsert", "1002", fields=fields))
+
+    assert isinstance(result, Sent)
+    assert result.contact_id == "01MIA"
+    retry = sent_json(imports.calls[1].request)["data"]
     assert not {"email", "phone_number", "external_id"} & set(retry["attributes"])
 
 
@@ -563,5 +583,89 @@ def test_defect_8_flow_a_merge_whose_absorbed_profile_is_gone_is_not_dead_letter
             assert flow.dead_letters() == []
             assert [r["status"] for r in flow.outbox() if r["op"] == "merge"] == ["done"]
             assert list(fake.profiles) == [survivor]
+
+    asyncio.run(go())
+
+
+def _link(flow: Any, customer_id: str, profile_id: str) -> None:
+    """An identity-map entry as an older version left it (a profile recorded for a customer
+    before the rules that keep store-mates apart)."""
+    with flow.store.engine.begin() as conn:
+        conn.execute(
+            contacts.insert().values(
+                dispensary=DISPENSARY, customer_id=customer_id, destination="kl",
+                contact_id=profile_id, updated_at=0.0,
+            )
+        )  # fmt: skip
+
+
+def test_defect_identity_b1_a_plain_import_matching_a_store_mates_profile_is_not_recorded(
+    tmp_path: Path, fake: KlaviyoFake
+) -> None:
+    """No 409: Klaviyo matched Ana's e-mail to a profile the map gives to Ben (no external_id
+    on it). It is never recorded for Ana; Ana gets her own, without the shared e-mail."""
+
+    async def go() -> None:
+        family = await existing_profile(fake, email="family@example.com")
+        async with klaviyo_flow(tmp_path, fake) as flow:
+            _link(flow, "1002", family)
+            await flow.deliver(event_body("1001", 1, email="family@example.com",
+                                          phone="(310) 555-0001", first_name="Ana"))  # fmt: skip
+            ana = flow.contact_ids()[(DISPENSARY, "kl", "1001")]
+            assert ana is not None
+            assert ana != family
+            own = fake.profile(ana)
+            assert own is not None
+            # Klaviyo wrote Ana's phone onto Ben's profile when it matched: both identifiers
+            # are withheld from her own (reported); Ben's profile is keyed by no one again
+            assert (own.external_id, own.email, own.phone_number) == (
+                f"treez-{DISPENSARY}-1001", None, None)  # fmt: skip
+            held = fake.profile(family)
+            assert held is not None
+            assert held.external_id is None
+            [conflict] = flow.conflicts()
+            assert (conflict["customer_id"], conflict["kind"]) == ("1001", "duplicate_profile")
+            assert family in conflict["detail"]
+            assert "family@" not in conflict["detail"]
+            # reported once: the next update goes by Ana's own profile id
+            await flow.deliver(event_body("1001", 2, email="family@example.com",
+                                          phone="(310) 555-0001", first_name="Ana"))  # fmt: skip
+            assert len(flow.conflicts()) == 1
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("op", ["subscribe", "deactivate", "unsubscribe"])
+def test_defect_identity_b2_a_profile_the_map_shares_with_a_store_mate_gets_no_consent_or_status(
+    tmp_path: Path, fake: KlaviyoFake, op: str
+) -> None:
+    """A profile an older version recorded for two customers of one store: neither's subscribe
+    nor deactivation reaches it (each reported); an opt-out does (never dropped)."""
+
+    async def go() -> None:
+        async with klaviyo_flow(tmp_path, fake, policy="on_source_opt_in") as flow:
+            await flow.deliver(event_body("1001", 1, email="family@example.com",
+                                          phone="(310) 555-0000", first_name="Ana"))  # fmt: skip
+            shared = flow.contact_ids()[(DISPENSARY, "kl", "1001")]
+            assert shared is not None
+            _link(flow, "1002", shared)
+            sink = flow.sink()
+            assert isinstance(sink, KlaviyoSink)
+            subscribes = len(fake.subscribes)
+            fields = {"email": "family@example.com", "phone_number": "+13105550000"}
+            [result] = await sink.send(
+                [delivery(op, "1002", contact_id=shared, fields=fields, dispensary=DISPENSARY)]
+            )
+            assert isinstance(result, Sent)
+            assert result.conflict is not None
+            assert result.conflict.startswith("shared_contact: ")
+            profile = fake.profile(shared)
+            assert profile is not None
+            if op == "subscribe":
+                assert len(fake.subscribes) == subscribes
+            elif op == "deactivate":
+                assert profile.properties.get("treez_status") != "DEACTIVATED"
+            else:
+                assert fake.consent(shared) == {"email": "UNSUBSCRIBED", "sms": "UNSUBSCRIBED"}
 
     asyncio.run(go())

@@ -280,7 +280,25 @@ class KlaviyoSink:
         )  # fmt: skip
         if response.status_code == 409:
             return await self._onto_duplicate(delivery, response, attributes)
-        return Sent(_profile_id(response)), _held(response)
+        found = _profile_id(response)
+        if found is not None and await self._claimed_by_another(delivery, found):
+            # matched by e-mail or phone with no 409 (a sign-up profile recorded for a
+            # store-mate before its external_id was set): written already, but never recorded
+            # for this customer; our external_id is taken off it again (it held none, or
+            # Klaviyo would have answered 409) and this customer gets a profile of its own
+            matched = _json(response).get("data")
+            sent = _text(attributes.get("external_id"))
+            if sent and _held(response).get("external_id") == sent:
+                unkey: dict[str, Any] = {
+                    "type": "profile",
+                    "id": found,
+                    "attributes": {"external_id": None},
+                }
+                await self.api.request(
+                    "POST", "/api/profile-import", "import", body={"data": unkey}
+                )
+            return await self._own_instead(delivery, found, matched, attributes)
+        return Sent(found), _held(response)
 
     async def _onto_duplicate(
         self, delivery: Delivery, response: httpx.Response, attributes: dict[str, Any]
@@ -304,6 +322,11 @@ class KlaviyoSink:
             ), {}
         if not await self._another_customers(delivery, duplicate, profile):
             kept = {k: v for k, v in attributes.items() if k not in IDENTIFIERS}
+            external_id = _text(attributes.get("external_id"))
+            if external_id and not _text((profile.get("attributes") or {}).get("external_id")):
+                # a profile no one keyed (a sign-up form): keyed now by this customer, so a
+                # store-mate's import by the same e-mail or phone is a 409, never a match
+                kept["external_id"] = external_id
             retry = {"type": "profile", "id": duplicate, "attributes": kept}
             again = await self.api.request(
                 "POST", "/api/profile-import", "import", body={"data": retry}
@@ -313,6 +336,18 @@ class KlaviyoSink:
                 f"profile {duplicate} was updated without moving e-mail, phone or external_id"
             )
             return Sent(_profile_id(again) or duplicate, f"{DUPLICATE}: {detail}"), _held(again)
+        return await self._own_instead(delivery, duplicate, profile, attributes)
+
+    async def _own_instead(
+        self,
+        delivery: Delivery,
+        duplicate: str,
+        profile: dict[str, Any] | None,
+        attributes: dict[str, Any],
+    ) -> tuple[Result, dict[str, Any]]:
+        """This customer's own profile, keyed by its external id without the identifiers
+        it shares with ``duplicate`` (another customer's of this store), which is never
+        written for it; the identifiers withheld are reported once and remembered."""
         colliding = _colliding(attributes, profile)
         own = {k: v for k, v in attributes.items() if k not in colliding}
         answer = await self._import_own(own)
@@ -389,6 +424,14 @@ class KlaviyoSink:
             body=response.text[:4096],
         )
 
+    async def _claimed_by_another(self, delivery: Delivery, profile_id: str) -> bool:
+        """Whether the identity map links the profile to another customer of this
+        dispensary (followed through Treez merges)."""
+        if self._claims is None:
+            return False
+        owners, _ = await self._claims(profile_id, None)
+        return any(owner != delivery.customer_id for owner in owners)
+
     async def _another_customers(
         self, delivery: Delivery, profile_id: str, profile: dict[str, Any]
     ) -> bool:
@@ -396,10 +439,8 @@ class KlaviyoSink:
         identity map, or by its ``treez_id_<dispensary>`` (a profile a bulk job created,
         whose id the map never got)."""
         mine = delivery.customer_id
-        if self._claims is not None:
-            owners, _ = await self._claims(profile_id, None)
-            if any(owner != mine for owner in owners):
-                return True
+        if await self._claimed_by_another(delivery, profile_id):
+            return True
         properties = (profile.get("attributes") or {}).get("properties")
         named = properties.get(_treez_key(delivery)) if isinstance(properties, dict) else None
         return named is not None and str(named) != mine
@@ -511,7 +552,15 @@ class KlaviyoSink:
             found = await self.lookup(contact_id)
             if found is not None:
                 held = found.get("attributes") or {}
-                return Sent(contact_id), _text(held.get("email")), _text(held.get("phone_number"))
+                email, phone = _text(held.get("email")), _text(held.get("phone_number"))
+                if not await self._claimed_by_another(delivery, contact_id):
+                    return Sent(contact_id), email, phone
+                if delivery.op == "subscribe":
+                    return Sent(contact_id, _shared(contact_id, "not subscribed")), None, None
+                # an opt-out is never dropped: unsubscribing a store-mate too costs marketing,
+                # leaving this customer's e-mail or phone subscribed would not be lawful
+                detail = _shared(contact_id, "unsubscribed all the same")
+                return Sent(contact_id, detail), email, phone
         searched = await self._find(delivery, {})
         if searched is None:
             if contact_id is None:
@@ -591,6 +640,8 @@ class KlaviyoSink:
         contact_id = delivery.contact_id
         if contact_id is None:
             return Sent()  # never reached Klaviyo
+        if await self._claimed_by_another(delivery, contact_id):
+            return Sent(contact_id, _shared(contact_id, "not marked deactivated"))
         status = {"treez_status": "DEACTIVATED"}
         data = {"type": "profile", "id": contact_id, "attributes": {"properties": status}}
         response = await self.api.request(
@@ -800,6 +851,15 @@ def _normal(name: str, value: str) -> str:
 def _names(names: list[str]) -> str:
     words = {"email": "e-mail", "phone_number": "phone"}
     return " and ".join(words[name] for name in names) or "identifiers"
+
+
+def _shared(contact_id: str, what: str) -> str:
+    """The conflict of an operation for a profile the identity map also links to another
+    customer of this store (recorded before that was refused)."""
+    return (
+        f"shared_contact: profile {contact_id} is also another customer's of this store "
+        f"in the identity map; {what}"
+    )
 
 
 def _replacing(result: Result, gone: str, what: str) -> Result:
