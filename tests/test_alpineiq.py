@@ -248,9 +248,22 @@ def test_deactivate_of_a_customer_alpine_iq_never_saw_makes_no_call(
 GONE = refusal(404, "not_found", "contactID: no persona gone-p")
 
 
-@pytest.mark.parametrize(
-    ("op", "channels"), [("upsert", None), ("unsubscribe", ["email", "sms"]), ("subscribe", None)]
-)
+def test_a_subscribe_is_never_sent_by_phone_or_email(api: respx.MockRouter) -> None:
+    """Alpine IQ matches by phone, then e-mail: a family sharing a phone shares a persona. A
+    subscribe for a persona that is gone (or never known) is not sent again without its id:
+    it could opt in another person (the customer stays unsubscribed; reported)."""
+    route = api.post(LOYALTY).mock(side_effect=[GONE])
+    result = send_one(delivery("subscribe", fields=FIELDS, contact_id="gone-p"))
+    assert isinstance(result, Sent)
+    assert result.contact_id is None
+    assert result.conflict is not None
+    assert result.conflict.startswith("unknown_contact: ")
+    assert route.call_count == 1
+    assert send_one(delivery("subscribe", fields=FIELDS, contact_id=None)).contact_id is None
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize(("op", "channels"), [("upsert", None), ("unsubscribe", ["email", "sms"])])
 def test_defect_8_an_operation_on_a_gone_persona_matches_again_and_names_what_it_replaces(
     api: respx.MockRouter, op: str, channels: list[str] | None
 ) -> None:
@@ -741,10 +754,14 @@ def test_an_opt_out_still_reaches_alpine_iq_when_the_mapping_fails(tmp_path: Pat
         (dead,) = flow.dead_letters()
         assert (dead["op"], dead["reason"].startswith("mapping failed")) == ("upsert", True)
         unsubscribe = fake.calls[-1]
-        assert unsubscribe.body == {
+        # the fields that can be mapped go with it (to find the person by phone and
+        # e-mail should the persona id be gone); the one that cannot is left out
+        assert {k: unsubscribe.body[k] for k in ("uid", "srcID", "contactID")} == {
             "uid": UID, "srcID": "1001", "contactID": contact,
-            "emailOptIn": False, "smsOptIn": False,
         }  # fmt: skip
+        assert (unsubscribe.body["emailOptIn"], unsubscribe.body["smsOptIn"]) == (False, False)
+        assert "birthday" not in unsubscribe.body
+        assert unsubscribe.body["email"] == "c1001@example.com"
         assert fake.consent(contact) == {"email": False, "sms": False}
 
     run_flow(tmp_path, scenario)

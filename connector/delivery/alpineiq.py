@@ -177,6 +177,11 @@ class AlpineIQSink:
         if op == "upsert":
             member = self._member(delivery)
         elif op in ("unsubscribe", "subscribe"):
+            if op == "subscribe" and delivery.contact_id is None:
+                # Alpine IQ matches a member by phone, then e-mail: a family sharing a phone
+                # shares a persona, and a subscribe sent that way could lift the opt-out of
+                # another person. Only a persona we know to be this customer's is opted in.
+                return Sent(None, conflict=_NO_SUBSCRIBE_BY_IDENTIFIERS)
             member = self._member(delivery)
             channels = set(delivery.body.get("channels") or ("email", "sms"))
             opted_in = op == "subscribe"
@@ -211,6 +216,8 @@ class AlpineIQSink:
         # the operation, and the persona that answers replaces the gone id in the identity
         # map (the store reports it), so the next operation names it at once.
         stale = member.pop("contactID")
+        if op == "subscribe":
+            return Sent(None, conflict=f"{_NO_SUBSCRIBE_BY_IDENTIFIERS} (persona {stale} is gone)")
         if op == "deactivate":
             fields = delivery.fields
             member.update({k: fields[k] for k in MATCH_KEYS if fields.get(k) is not None})
@@ -219,6 +226,13 @@ class AlpineIQSink:
         if found is None:
             return Sent(None, conflict=f"unknown_contact: persona {stale} not found")
         return Sent(found, replaces=stale)
+
+
+_NO_SUBSCRIBE_BY_IDENTIFIERS = (
+    "unknown_contact: no persona of this customer's is known, and a subscribe is never sent "
+    "by phone or e-mail (it could opt in another person sharing them); the customer stays "
+    "unsubscribed in Alpine IQ"
+)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

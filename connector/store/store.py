@@ -801,7 +801,17 @@ class Store:
         }
         new, fill, clash = [], [], []
         moved: list[tuple[str, str, str]] = []  # customer, gone id, its replacement
+        held = self._held_by_others(conn, dispensary, destination, returned)
         for cid, contact_id in returned.items():
+            if cid in held and known.get(cid) != contact_id:
+                detail = (
+                    f"the destination matched this customer to contact {contact_id}, which "
+                    f"the identity map gives to customer {held[cid]} of this store: not "
+                    "recorded for this one"
+                )
+                row = {"dispensary": dispensary, "customer_id": cid, "destination": destination}
+                clash.append({**row, "kind": "shared_contact", "detail": detail, "created_at": now})
+                continue
             if cid not in known:
                 new.append({"dispensary": dispensary, "customer_id": cid,
                             "destination": destination, "contact_id": contact_id,
@@ -842,6 +852,48 @@ class Store:
             conn.execute(_FILL_CONTACT_ID, fill)
         if clash:
             conn.execute(insert(conflicts_table), clash)
+
+    def _held_by_others(
+        self, conn: Connection, dispensary: str, destination: str, returned: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Of the customers in ``returned``, those whose returned contact the identity map
+        gives to another customer of the dispensary, not of the same merge (two people: a
+        family sharing a phone the destination matches on); by customer, that other one."""
+        rows = conn.execute(
+            select(contacts.c.customer_id, contacts.c.contact_id).where(
+                contacts.c.dispensary == dispensary,
+                contacts.c.destination == destination,
+                contacts.c.contact_id.in_(sorted(set(returned.values()))),
+            )
+        ).all()
+        holders: dict[str, set[str]] = {}
+        for row in rows:
+            holders.setdefault(row.contact_id, set()).add(row.customer_id)
+        found = {}
+        for cid, contact_id in returned.items():
+            others = holders.get(contact_id, set()) - {cid}
+            if not others:
+                continue
+            mine = self._final_in(conn, dispensary, cid)
+            strangers = sorted(o for o in others if self._final_in(conn, dispensary, o) != mine)
+            if strangers:
+                found[cid] = strangers[0]
+        return found
+
+    @staticmethod
+    def _final_in(conn: Connection, dispensary: str, customer_id: str) -> str:
+        """Where a customer's record is now: itself, or the end of its chain of merges."""
+        current, visited = customer_id, {customer_id}
+        while True:
+            into = conn.execute(
+                select(customers.c.merged_into).where(
+                    customers.c.dispensary == dispensary, customers.c.customer_id == current
+                )
+            ).scalar_one_or_none()
+            if into is None or into in visited:
+                return current
+            visited.add(into)
+            current = into
 
     def next_due(self, dispensary: str, destination: str) -> float | None:
         """When the next claimable operation falls due (ones waiting behind an earlier
