@@ -303,7 +303,7 @@ def check(
 
 
 @settings(
-    max_examples=int(os.environ.get("ORDER_EXAMPLES", "120")),
+    max_examples=int(os.environ.get("ORDER_EXAMPLES", "300")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
