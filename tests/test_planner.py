@@ -725,7 +725,7 @@ def test_property_final_state_is_that_of_the_newest_version(
             # upsert then maps the winner as it was planned
             expected = {
                 payload_hash(MAPPING.apply(winner.model_copy(update={"opt_out": v}), DISPENSARY))
-                for v in (view, winner.opt_out, None)
+                for v in (view, winner.opt_out, None, False)  # a null reads as the last known
             }
             assert final.contact(dest.name).delivered_hash in expected
         if final.opt_out is True or (dests[0].policy == NEVER and ever):
