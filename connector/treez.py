@@ -437,7 +437,13 @@ def _suspect(raw: bytes | str) -> bool:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             return False  # not JSON: refused as such wherever it is parsed
-    return raw.count("{") + raw.count("[") > _MOST_OPENERS or _SUSPECT.search(raw) is not None
+    if raw.count("{") + raw.count("[") > _MOST_OPENERS:
+        return True
+    # substring and ASCII tests first: a regex with an alternation scans the whole body
+    # slowly, and almost every body is ASCII without escapes
+    if "\\u" in raw and _SUSPECT.search(raw) is not None:
+        return True
+    return not raw.isascii() and _SURROGATE.search(raw) is not None
 
 
 def readable_name(name: str) -> str:
@@ -536,22 +542,23 @@ def _rule_hazards(customer: Mapping[str, Any], prefix: str) -> list[Problem]:
 
 # Names whose value decides what is done with an event: a JSON object may repeat a name, and
 # every parser here keeps the last copy, so {"opt_out": "true", "opt_out": "false"} would be
-# read as opted in without a word. Such a body is refused instead.
-_DECIDING = (*sorted(RULE_FIELDS), "event_type", "data", "dispensary_short_name", "test")
-_DECIDING_ALTERNATIVES = "|".join(re.escape(name) for name in _DECIDING)
-_DECIDING_NAME = re.compile(f'"(?:{_DECIDING_ALTERNATIVES})"|\\\\u')
-_DECIDING_NAME_BYTES = re.compile(_DECIDING_NAME.pattern.encode())
+# read as opted in without a word (and a repeated event_type or data could hide an opt-out).
+# Such a body is refused instead. The other rule fields (ids, status, merges) are read by
+# the same last-copy rule in the receiver and the planner, so they agree.
+_DECIDING = ("opt_out", "event_type", "data")
+_DECIDING_TEXT = tuple(f'"{name}"' for name in _DECIDING)
+_DECIDING_BYTES = tuple(name.encode() for name in _DECIDING_TEXT)
 
 
 def _refuse_repeated_names(raw: bytes | str, source: str) -> None:
-    """Refuse a body in which an object repeats one of the names rules stand on. Cheap on
-    the common body (one scan for those names, on the bytes as received): the parse that
-    finds the repeats runs only when a name occurs twice, or when an escape (``\\u``) could
-    spell one differently."""
-    found: list[Any] = (
-        _DECIDING_NAME_BYTES.findall(raw) if isinstance(raw, bytes) else _DECIDING_NAME.findall(raw)
-    )
-    if len(found) == len(set(found)) and b"\\u" not in found and "\\u" not in found:
+    """Refuse a body in which an object repeats ``opt_out``, ``event_type`` or ``data``.
+    Cheap on the common body (a few substring counts on the bytes as received): the parse
+    that finds the repeats runs only when such a name occurs twice, or when an escape
+    (``\\u``) could spell one differently."""
+    if isinstance(raw, bytes):
+        if b"\\u" not in raw and all(raw.count(name) < 2 for name in _DECIDING_BYTES):
+            return
+    elif "\\u" not in raw and all(raw.count(name) < 2 for name in _DECIDING_TEXT):
         return
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     repeated: set[str] = set()
@@ -572,9 +579,7 @@ def _refuse_repeated_names(raw: bytes | str, source: str) -> None:
     if deciding:
         problems = [
             Problem(
-                name
-                if name in ("event_type", "data", "dispensary_short_name", "test")
-                else f"data.{name}",
+                f"data.{name}" if name == "opt_out" else name,
                 "appears more than once in one object (which copy counts is not guessed)",
             )
             for name in deciding

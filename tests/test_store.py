@@ -216,6 +216,7 @@ def test_a_version_2_store_gains_opt_out_seen_from_what_it_knew(tmp_path: Path) 
     Store(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as db:  # back to what version 2 wrote
         db.execute("ALTER TABLE customers DROP COLUMN opt_out_seen")
+        db.execute("DROP INDEX ix_contacts_contact")
         db.execute("UPDATE connector_meta SET value = '2' WHERE key = 'schema_version'")
         rows = [("d", "out", 1), ("d", "flipped", 0), ("d", "never", 0), ("d", "unknown", None)]
         db.executemany(

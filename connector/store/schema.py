@@ -40,6 +40,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE customers SET opt_out_seen = TRUE WHERE opt_out = TRUE OR EXISTS (SELECT 1 "
         "FROM contacts WHERE contacts.dispensary = customers.dispensary AND "
         "contacts.customer_id = customers.customer_id AND contacts.unsubscribed = TRUE)",
+        "CREATE INDEX ix_contacts_contact ON contacts (dispensary, destination, contact_id)",
     ),
 }
 
@@ -119,6 +120,9 @@ contacts = Table(
     Column("deactivated", Boolean, nullable=False, default=False),
     Column("ops_planned", Integer, nullable=False, default=0),
     Column("updated_at", Float, nullable=False),
+    # who holds a contact: checked whenever a destination returns one (two customers must
+    # never be recorded on one contact)
+    Index("ix_contacts_contact", "dispensary", "destination", "contact_id"),
 )
 
 # Disagreements between Treez's external ids and the identity map: reported, not overwritten.
