@@ -441,7 +441,7 @@ def _suspect(raw: bytes | str) -> bool:
         return True
     # substring and ASCII tests first: a regex with an alternation scans the whole body
     # slowly, and almost every body is ASCII without escapes
-    if "\\u" in raw and _SUSPECT.search(raw) is not None:
+    if "\\" in raw and _SUSPECT.search(raw) is not None:  # one character: a memchr
         return True
     return not raw.isascii() and _SURROGATE.search(raw) is not None
 
@@ -555,10 +555,12 @@ def _refuse_repeated_names(raw: bytes | str, source: str) -> None:
     Cheap on the common body (a few substring counts on the bytes as received): the parse
     that finds the repeats runs only when such a name occurs twice, or when an escape
     (``\\u``) could spell one differently."""
+    # a backslash at all is tested first: one character is a memchr, "\\u" a slower search
     if isinstance(raw, bytes):
-        if b"\\u" not in raw and all(raw.count(name) < 2 for name in _DECIDING_BYTES):
+        escapes = b"\\" in raw and b"\\u" in raw
+        if not escapes and all(raw.count(name) < 2 for name in _DECIDING_BYTES):
             return
-    elif "\\u" not in raw and all(raw.count(name) < 2 for name in _DECIDING_TEXT):
+    elif not ("\\" in raw and "\\u" in raw) and all(raw.count(name) < 2 for name in _DECIDING_TEXT):
         return
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     repeated: set[str] = set()
