@@ -542,16 +542,16 @@ def _rule_hazards(customer: Mapping[str, Any], prefix: str) -> list[Problem]:
 
 # Names whose value decides what is done with an event: a JSON object may repeat a name, and
 # every parser here keeps the last copy, so {"opt_out": "true", "opt_out": "false"} would be
-# read as opted in without a word (and a repeated event_type or data could hide an opt-out).
+# read as opted in without a word (and a repeated event_type could hide an opt-out).
 # Such a body is refused instead. The other rule fields (ids, status, merges) are read by
 # the same last-copy rule in the receiver and the planner, so they agree.
-_DECIDING = ("opt_out", "event_type", "data")
+_DECIDING = ("opt_out", "event_type")  # a repeated "data" repeats opt_out, or says nothing
 _DECIDING_TEXT = tuple(f'"{name}"' for name in _DECIDING)
 _DECIDING_BYTES = tuple(name.encode() for name in _DECIDING_TEXT)
 
 
 def _refuse_repeated_names(raw: bytes | str, source: str) -> None:
-    """Refuse a body in which an object repeats ``opt_out``, ``event_type`` or ``data``.
+    """Refuse a body in which an object repeats ``opt_out`` or ``event_type``.
     Cheap on the common body (a few substring counts on the bytes as received): the parse
     that finds the repeats runs only when such a name occurs twice, or when an escape
     (``\\u``) could spell one differently."""
