@@ -40,10 +40,12 @@ async def _two_customers_one_signup_profile(flow: Flow, fake: KlaviyoFake) -> tu
     family e-mail with no 409 at all and lands on it too."""
     family = await existing_profile(fake, email="family@example.com")
     await existing_profile(fake, phone_number="+13105550002")
-    await flow.deliver(event_body("1002", 1, email="family@example.com",
-                                  phone="(310) 555-0002", first_name="Ben"))  # fmt: skip
-    await flow.deliver(event_body("1001", 1, email="family@example.com",
-                                  phone="(310) 555-0001", first_name="Ana"))  # fmt: skip
+    await flow.deliver(
+        event_body("1002", 1, email="family@example.com", phone="(310) 555-0002", first_name="Ben")
+    )
+    await flow.deliver(
+        event_body("1001", 1, email="family@example.com", phone="(310) 555-0001", first_name="Ana")
+    )
     ana, ben = kl(flow, "1001"), kl(flow, "1002")
     assert ana is not None
     assert ben is not None
@@ -74,17 +76,41 @@ def test_klaviyo_a_customers_resubscribe_never_lifts_another_customers_opt_out(
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake, policy="on_source_opt_in") as flow:
             ana, _ = await _two_customers_one_signup_profile(flow, fake)
-            await flow.deliver(event_body("1001", 2, email="family@example.com", opt_out="true",
-                                          phone="(310) 555-0001", first_name="Ana"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001",
+                    2,
+                    email="family@example.com",
+                    opt_out="true",
+                    phone="(310) 555-0001",
+                    first_name="Ana",
+                )
+            )
             # Ana's own profile holds no e-mail (the family e-mail is withheld from it):
             # only its SMS consent can be, and is, unsubscribed
             opted_out = fake.consent(ana)
             assert opted_out["sms"] == "UNSUBSCRIBED"
             assert opted_out["email"] != "SUBSCRIBED"
-            await flow.deliver(event_body("1002", 2, email="family@example.com", opt_out="true",
-                                          phone="(310) 555-0002", first_name="Ben"))  # fmt: skip
-            await flow.deliver(event_body("1002", 3, email="family@example.com", opt_out="false",
-                                          phone="(310) 555-0002", first_name="Ben"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1002",
+                    2,
+                    email="family@example.com",
+                    opt_out="true",
+                    phone="(310) 555-0002",
+                    first_name="Ben",
+                )
+            )
+            await flow.deliver(
+                event_body(
+                    "1002",
+                    3,
+                    email="family@example.com",
+                    opt_out="false",
+                    phone="(310) 555-0002",
+                    first_name="Ben",
+                )
+            )
             assert fake.consent(ana) == opted_out, (
                 "Ana opted out; Ben's resubscribe lifted it",
                 fake.consent(ana),
@@ -113,13 +139,27 @@ def test_klaviyo_another_stores_customer_sharing_an_email_never_overwrites_the_p
 
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake, "storea", "storeb") as flow:
-            await flow.deliver(event_body("1001", 1, dispensary="storea", first_name="Mia",
-                                          email="family@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001",
+                    1,
+                    dispensary="storea",
+                    first_name="Mia",
+                    email="family@example.com",
+                    phone="(213) 555-0142",
+                )
+            )
             mia = kl(flow, "1001", "storea")
-            await flow.deliver(event_body("5006", 1, dispensary="storeb", first_name="Ben",
-                                          email="family@example.com",
-                                          phone="(213) 555-0999"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "5006",
+                    1,
+                    dispensary="storeb",
+                    first_name="Ben",
+                    email="family@example.com",
+                    phone="(213) 555-0999",
+                )
+            )
             profile = fake.profile(str(mia))
             assert profile is not None
             assert profile.attributes["first_name"] == "Mia", (
@@ -148,12 +188,13 @@ FAMILY_PHONE_LIMIT = pytest.mark.xfail(
 async def _family_after_nightly_merge(flow: Flow, fake: AlpineIQFake) -> tuple[str, str]:
     """Ana holds the family phone; Ben gives it later (by his own contactID): two personas
     share it and Alpine IQ's nightly merge absorbs Ben's into Ana's. Returns (Ana's, Ben's)."""
-    await flow.deliver(event_body("1001", 1, email="ana@example.com", phone=FAMILY,
-                                  first_name="Ana"))  # fmt: skip
-    await flow.deliver(event_body("1002", 1, email="ben@example.com", phone=None,
-                                  first_name="Ben"))  # fmt: skip
-    await flow.deliver(event_body("1002", 2, email="ben@example.com", phone=FAMILY,
-                                  first_name="Ben"))  # fmt: skip
+    await flow.deliver(
+        event_body("1001", 1, email="ana@example.com", phone=FAMILY, first_name="Ana")
+    )
+    await flow.deliver(event_body("1002", 1, email="ben@example.com", phone=None, first_name="Ben"))
+    await flow.deliver(
+        event_body("1002", 2, email="ben@example.com", phone=FAMILY, first_name="Ben")
+    )
     ana, ben = contact_of(flow, "1001"), contact_of(flow, "1002")
     assert ana
     assert ben
@@ -168,8 +209,16 @@ def test_alpineiq_after_a_nightly_merge_one_customers_update_never_lands_on_the_
 ) -> None:
     async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
         ana, _ = await _family_after_nightly_merge(flow, fake)
-        await flow.deliver(event_body("1002", 3, email="ben@example.com", phone=FAMILY,
-                                      first_name="Ben", last_name="Benson"))  # fmt: skip
+        await flow.deliver(
+            event_body(
+                "1002",
+                3,
+                email="ben@example.com",
+                phone=FAMILY,
+                first_name="Ben",
+                last_name="Benson",
+            )
+        )
         persona = fake.persona(ana)
         assert persona is not None
         assert (persona["firstName"], persona["email"]) == ("Ana", "ana@example.com"), (
@@ -188,8 +237,16 @@ def test_alpineiq_after_a_nightly_merge_one_customers_deactivation_never_deactiv
 ) -> None:
     async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
         ana, _ = await _family_after_nightly_merge(flow, fake)
-        await flow.deliver(event_body("1002", 3, email="ben@example.com", phone=FAMILY,
-                                      first_name="Ben", status="DEACTIVATED"))  # fmt: skip
+        await flow.deliver(
+            event_body(
+                "1002",
+                3,
+                email="ben@example.com",
+                phone=FAMILY,
+                first_name="Ben",
+                status="DEACTIVATED",
+            )
+        )
         persona = fake.persona(ana)
         assert persona is not None
         assert persona["customAttributes"].get("treezStatus") != "DEACTIVATED", (
@@ -204,13 +261,22 @@ def test_alpineiq_after_a_nightly_merge_one_customers_resubscribe_never_lifts_th
 ) -> None:
     async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
         ana, _ = await _family_after_nightly_merge(flow, fake)
-        await flow.deliver(event_body("1001", 2, email="ana@example.com", phone=FAMILY,
-                                      first_name="Ana", opt_out="true"))  # fmt: skip
+        await flow.deliver(
+            event_body(
+                "1001", 2, email="ana@example.com", phone=FAMILY, first_name="Ana", opt_out="true"
+            )
+        )
         assert fake.consent(ana) == {"email": False, "sms": False}
-        await flow.deliver(event_body("1002", 3, email="ben@example.com", phone=FAMILY,
-                                      first_name="Ben", opt_out="true"))  # fmt: skip
-        await flow.deliver(event_body("1002", 4, email="ben@example.com", phone=FAMILY,
-                                      first_name="Ben", opt_out="false"))  # fmt: skip
+        await flow.deliver(
+            event_body(
+                "1002", 3, email="ben@example.com", phone=FAMILY, first_name="Ben", opt_out="true"
+            )
+        )
+        await flow.deliver(
+            event_body(
+                "1002", 4, email="ben@example.com", phone=FAMILY, first_name="Ben", opt_out="false"
+            )
+        )
         assert fake.consent(ana)["email"] is False, (
             "Ana opted out; Ben's resubscribe opted her e-mail back in",
             fake.persona(ana),
@@ -227,10 +293,12 @@ def test_alpineiq_a_second_customer_giving_the_family_phone_never_overwrites_the
     on the family phone to Ana's persona, written over it, and recorded as Ben's."""
 
     async def scenario(flow: Flow, fake: AlpineIQFake) -> None:
-        await flow.deliver(event_body("1001", 1, email="ana@example.com", phone=FAMILY,
-                                      first_name="Ana"))  # fmt: skip
-        await flow.deliver(event_body("1002", 1, email="ben@example.com", phone=FAMILY,
-                                      first_name="Ben"))  # fmt: skip
+        await flow.deliver(
+            event_body("1001", 1, email="ana@example.com", phone=FAMILY, first_name="Ana")
+        )
+        await flow.deliver(
+            event_body("1002", 1, email="ben@example.com", phone=FAMILY, first_name="Ben")
+        )
         ana = contact_of(flow, "1001")
         persona = fake.persona(str(ana))
         assert persona is not None
@@ -275,18 +343,30 @@ def test_klaviyo_an_opted_out_absorbed_profile_is_unsubscribed_when_the_survivor
             await _subscribe(fake, "vincent@example.com", "+12135550101")
             fake.delete_profile(str(kl(flow, "2002")))
             await flow.deliver(
-                event_body("2002", 2, merged_customer_ids=["2001"], email="vega@example.com",
-                           phone="(213) 555-0102"),
-                event_body("2001", 2, status="DEACTIVATED", merged_into_customer_id="2002",
-                           email="vincent@example.com", phone="(213) 555-0101",
-                           opt_out="true"),
-            )  # fmt: skip
+                event_body(
+                    "2002",
+                    2,
+                    merged_customer_ids=["2001"],
+                    email="vega@example.com",
+                    phone="(213) 555-0102",
+                ),
+                event_body(
+                    "2001",
+                    2,
+                    status="DEACTIVATED",
+                    merged_into_customer_id="2002",
+                    email="vincent@example.com",
+                    phone="(213) 555-0101",
+                    opt_out="true",
+                ),
+            )
             still = fake.profile(absorbed)
             if still is not None:
-                assert fake.consent(absorbed) == {
-                    "email": "UNSUBSCRIBED", "sms": "UNSUBSCRIBED"
-                }, ("Vincent opted out; his own profile is still subscribed",
-                    fake.consent(absorbed), [d["reason"] for d in flow.dead_letters()])  # fmt: skip
+                assert fake.consent(absorbed) == {"email": "UNSUBSCRIBED", "sms": "UNSUBSCRIBED"}, (
+                    "Vincent opted out; his own profile is still subscribed",
+                    fake.consent(absorbed),
+                    [d["reason"] for d in flow.dead_letters()],
+                )
 
     asyncio.run(go())
 
@@ -299,13 +379,31 @@ async def _subscribe(fake: KlaviyoFake, email: str, phone: str) -> None:
 
     from connector.config import KLAVIYO_REVISION
 
-    headers = {"authorization": f"Klaviyo-API-Key {FAKE_KEY}", "revision": KLAVIYO_REVISION,
-               "content-type": "application/vnd.api+json"}  # fmt: skip
+    headers = {
+        "authorization": f"Klaviyo-API-Key {FAKE_KEY}",
+        "revision": KLAVIYO_REVISION,
+        "content-type": "application/vnd.api+json",
+    }
     sub = {"marketing": {"consent": "SUBSCRIBED"}}
-    body = {"data": {"type": "profile-subscription-bulk-create-job", "attributes": {
-        "profiles": {"data": [{"type": "profile", "attributes": {
-            "email": email, "phone_number": phone,
-            "subscriptions": {"email": sub, "sms": sub}}}]}}}}  # fmt: skip
+    body = {
+        "data": {
+            "type": "profile-subscription-bulk-create-job",
+            "attributes": {
+                "profiles": {
+                    "data": [
+                        {
+                            "type": "profile",
+                            "attributes": {
+                                "email": email,
+                                "phone_number": phone,
+                                "subscriptions": {"email": sub, "sms": sub},
+                            },
+                        }
+                    ]
+                }
+            },
+        }
+    }
     transport = httpx.ASGITransport(app=fake.app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE, headers=headers) as client:
         answer = await client.post(SUBSCRIBE, content=json.dumps(body))
@@ -330,17 +428,27 @@ def test_klaviyo_an_absorbed_customers_opt_out_is_not_undone_by_the_merge_bringi
                 event_body("2002", 1, email="vega@example.com", phone=None),
             )
             await _subscribe(fake, "vincent@example.com", "+12135550101")
-            survivor = event_body("2002", 2, merged_customer_ids=["2001"],
-                                  email="vega@example.com", phone=None)  # fmt: skip
-            absorbed = event_body("2001", 2, status="DEACTIVATED", merged_into_customer_id="2002",
-                                  email="vincent@example.com", phone="(213) 555-0101",
-                                  opt_out="true")  # fmt: skip
-            await flow.deliver(*((absorbed, survivor) if first == "absorbed" else
-                                 (survivor, absorbed)))  # fmt: skip
+            survivor = event_body(
+                "2002", 2, merged_customer_ids=["2001"], email="vega@example.com", phone=None
+            )
+            absorbed = event_body(
+                "2001",
+                2,
+                status="DEACTIVATED",
+                merged_into_customer_id="2002",
+                email="vincent@example.com",
+                phone="(213) 555-0101",
+                opt_out="true",
+            )
+            await flow.deliver(
+                *((absorbed, survivor) if first == "absorbed" else (survivor, absorbed))
+            )
             holder = fake.profile_by_phone("+12135550101")
             assert holder is None or fake.consent(holder.id)["sms"] != "SUBSCRIBED", (
-                "Vincent opted out; his phone is subscribed to SMS on profile", holder.id,
-                fake.consent(holder.id), flow.ops(),
-            )  # fmt: skip
+                "Vincent opted out; his phone is subscribed to SMS on profile",
+                holder.id,
+                fake.consent(holder.id),
+                flow.ops(),
+            )
 
     asyncio.run(go())

@@ -783,11 +783,16 @@ def test_defect_7_a_dead_upsert_keeps_the_hash_of_a_newer_one(
     with store.transaction() as conn:
         conn.execute(
             insert(contacts).values(
-                dispensary=DISPENSARY, customer_id="c1", destination=DEST, contact_id="c-c1",
-                delivered_hash=payload_hash(newer.body["fields"]), unsubscribed=True,
-                deactivated=False, updated_at=time.time(),
+                dispensary=DISPENSARY,
+                customer_id="c1",
+                destination=DEST,
+                contact_id="c-c1",
+                delivered_hash=payload_hash(newer.body["fields"]),
+                unsubscribed=True,
+                deactivated=False,
+                updated_at=time.time(),
             )
-        )  # fmt: skip
+        )
     service.script(["400"])
     enqueue(store, [make_op("c1", 1)])
     asyncio.run(drain(store, HttpSink(http_config(mapping_dir, url=service.url))))

@@ -668,8 +668,11 @@ def test_a_subscription_job_changes_the_profile_holding_each_identifier(
     async def scenario(client: Client) -> None:
         mia = await create(client, email="mia@b.co", phone_number="+13035550101")
         jules = await create(client, email="jules@b.co")
-        await post(client, "/api/profile-subscription-bulk-delete-jobs",
-                   unsubscribe({"email": "jules@b.co"}))  # fmt: skip
+        await post(
+            client,
+            "/api/profile-subscription-bulk-delete-jobs",
+            unsubscribe({"email": "jules@b.co"}),
+        )
         assert fake.consent(jules) == {"email": "UNSUBSCRIBED", "sms": "NEVER_SUBSCRIBED"}
         assert fake.consent(mia) == {"email": "NEVER_SUBSCRIBED", "sms": "NEVER_SUBSCRIBED"}
 

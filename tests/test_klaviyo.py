@@ -141,8 +141,13 @@ def error_answer(
 
 
 def not_found(profile_id: str) -> httpx.Response:
-    return error_answer(404, "not_found", "Not found.",
-                        f"A profile with id {profile_id} does not exist.", pointer="")  # fmt: skip
+    return error_answer(
+        404,
+        "not_found",
+        "Not found.",
+        f"A profile with id {profile_id} does not exist.",
+        pointer="",
+    )
 
 
 def held_profiles(router: respx.MockRouter, profiles: dict[str, dict[str, Any]]) -> respx.Route:
@@ -258,8 +263,9 @@ def test_a_409_duplicate_profile_updates_that_profile_without_identifiers_as_a_c
     )  # fmt: skip
     route = router.post(IMPORT).mock(side_effect=[duplicate, profile_answer("01DUPLICATE")])
     # the same person, made by another integration: no customer of this store's
-    read = held_profiles(router, {"01DUPLICATE": {"email": "mia@example.com",
-                                                  "external_id": "shopify-77"}})  # fmt: skip
+    read = held_profiles(
+        router, {"01DUPLICATE": {"email": "mia@example.com", "external_id": "shopify-77"}}
+    )
     fields = mapped(make_customer, email="mia@example.com", phone="(213) 555-0142")
 
     [result] = send(klaviyo_config(mapping_dir), delivery("upsert", fields=fields))
@@ -305,21 +311,31 @@ def test_unsubscribes_go_in_one_bulk_delete_job_for_email_and_sms(
 ) -> None:
     route = router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
     both = {"email": "mia@example.com", "phone_number": "+12135550142", "first_name": "Mia"}
-    held_profiles(router, {
-        "01A": {"email": "mia@example.com", "phone_number": "+12135550142"},
-        "01B": {"email": "vince@example.com", "phone_number": None},
-        "01C": {"email": None, "phone_number": "+13105551234"},
-        "01D": {"email": "mia@example.com", "phone_number": "+12135550142"},
-    })  # fmt: skip
+    held_profiles(
+        router,
+        {
+            "01A": {"email": "mia@example.com", "phone_number": "+12135550142"},
+            "01B": {"email": "vince@example.com", "phone_number": None},
+            "01C": {"email": None, "phone_number": "+13105551234"},
+            "01D": {"email": "mia@example.com", "phone_number": "+12135550142"},
+        },
+    )
     deliveries = [
         delivery("unsubscribe", "1", contact_id="01A", fields=both, outbox_id=1),
-        delivery("unsubscribe", "2", contact_id="01B", fields={"email": "vince@example.com"},
-                 outbox_id=2),
-        delivery("unsubscribe", "3", contact_id="01C", fields={"phone_number": "+13105551234"},
-                 outbox_id=3),
-        delivery("unsubscribe", "4", contact_id="01D", fields=both, channels=["email"],
-                 outbox_id=4),
-    ]  # fmt: skip
+        delivery(
+            "unsubscribe", "2", contact_id="01B", fields={"email": "vince@example.com"}, outbox_id=2
+        ),
+        delivery(
+            "unsubscribe",
+            "3",
+            contact_id="01C",
+            fields={"phone_number": "+13105551234"},
+            outbox_id=3,
+        ),
+        delivery(
+            "unsubscribe", "4", contact_id="01D", fields=both, channels=["email"], outbox_id=4
+        ),
+    ]
 
     results = send(klaviyo_config(mapping_dir), *deliveries)
 
@@ -346,10 +362,15 @@ def test_more_than_100_unsubscribes_are_split_into_jobs_of_at_most_100(
     route = router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
     held_profiles(router, {f"01P{i}": {"email": f"c{i}@example.com"} for i in range(150)})
     deliveries = [
-        delivery("unsubscribe", str(i), contact_id=f"01P{i}",
-                 fields={"email": f"c{i}@example.com"}, outbox_id=i)
+        delivery(
+            "unsubscribe",
+            str(i),
+            contact_id=f"01P{i}",
+            fields={"email": f"c{i}@example.com"},
+            outbox_id=i,
+        )
         for i in range(150)
-    ]  # fmt: skip
+    ]
 
     results = send(klaviyo_config(mapping_dir), *deliveries)
 

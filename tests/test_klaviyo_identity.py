@@ -82,10 +82,13 @@ def fake() -> KlaviyoFake:
 
 def duplicate(profile_id: str) -> httpx.Response:
     return error_answer(
-        409, "duplicate_profile", "Conflict.",
+        409,
+        "duplicate_profile",
+        "Conflict.",
         "A profile already exists with one of these identifiers.",
-        pointer="/data/attributes", meta={"duplicate_profile_id": profile_id},
-    )  # fmt: skip
+        pointer="/data/attributes",
+        meta={"duplicate_profile_id": profile_id},
+    )
 
 
 def job_profiles(request: httpx.Request) -> list[dict[str, Any]]:
@@ -94,8 +97,11 @@ def job_profiles(request: httpx.Request) -> list[dict[str, Any]]:
 
 async def merge_in_klaviyo(fake: KlaviyoFake, into: str, source: str) -> None:
     """A merge made in Klaviyo by someone else (a marketer, another store's connector)."""
-    headers = {"authorization": f"Klaviyo-API-Key {FAKE_KEY}", "revision": KLAVIYO_REVISION,
-               "content-type": JSONAPI}  # fmt: skip
+    headers = {
+        "authorization": f"Klaviyo-API-Key {FAKE_KEY}",
+        "revision": KLAVIYO_REVISION,
+        "content-type": JSONAPI,
+    }
     body = {
         "data": {
             "type": "profile-merge",
@@ -105,7 +111,7 @@ async def merge_in_klaviyo(fake: KlaviyoFake, into: str, source: str) -> None:
     }
     transport = httpx.ASGITransport(app=fake.app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE, headers=headers) as client:
-        answer = await client.post(MERGE, content=json.dumps(body))  # fmt: skip
+        answer = await client.post(MERGE, content=json.dumps(body))
     assert answer.status_code == 201, answer.text
 
 
@@ -172,9 +178,10 @@ def test_defect_1_an_unknown_profile_is_found_by_its_identifiers_before_it_is_ad
     assert result == Sent("01NEW")
     [call] = imports.calls
     assert sent_json(call.request)["data"]["attributes"] == {
-        "external_id": f"treez-{SHOP}-2", "email": "vince@example.com",
+        "external_id": f"treez-{SHOP}-2",
+        "email": "vince@example.com",
         "properties": {f"treez_id_{SHOP}": "2"},
-    }  # fmt: skip
+    }
     assert job_profiles(job.calls[0].request) == [
         {"email": "vince@example.com", "subscriptions": {"email": UNSUBSCRIBED}}
     ]
@@ -185,24 +192,33 @@ def test_defect_1_flow_opt_out_after_a_409_reaches_our_profile_never_the_other_p
     tmp_path: Path, fake: KlaviyoFake, policy: str
 ) -> None:
     async def go() -> None:
-        jules = await existing_profile(fake, email="jules@example.com", first_name="Jules",
-                                       external_id="shopify-9")  # fmt: skip
+        jules = await existing_profile(
+            fake, email="jules@example.com", first_name="Jules", external_id="shopify-9"
+        )
         fake.suppress(jules, "UNSUBSCRIBE")  # Jules's own choice, long ago
         async with klaviyo_flow(tmp_path, fake, policy=policy) as flow:
-            await flow.deliver(event_body("1001", 1, email="mia@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body("1001", 1, email="mia@example.com", phone="(213) 555-0142")
+            )
             mine = flow.contact_ids()[(DISPENSARY, "kl", "1001")]
             # at the till Mia gives an e-mail Jules's profile holds: a 409
-            await flow.deliver(event_body("1001", 2, email="jules@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
-            await flow.deliver(event_body("1001", 3, opt_out="true", email="jules@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body("1001", 2, email="jules@example.com", phone="(213) 555-0142")
+            )
+            await flow.deliver(
+                event_body(
+                    "1001", 3, opt_out="true", email="jules@example.com", phone="(213) 555-0142"
+                )
+            )
 
             assert fake.consent(mine) == {"email": "UNSUBSCRIBED", "sms": "UNSUBSCRIBED"}
             assert fake.consent(jules) == {"email": "NEVER_SUBSCRIBED", "sms": "NEVER_SUBSCRIBED"}
 
-            await flow.deliver(event_body("1001", 4, opt_out="false", email="jules@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 4, opt_out="false", email="jules@example.com", phone="(213) 555-0142"
+                )
+            )
             touched = {c.profile_id for c in [*fake.unsubscribes, *fake.subscribes]}
             assert touched == {mine}
             assert fake.suppressions(jules) == ["UNSUBSCRIBE"]  # never lifted by us
@@ -230,10 +246,22 @@ def test_defect_12_a_profile_naming_another_customer_of_this_store_is_never_writ
     imports = router.post(IMPORT).mock(
         side_effect=[duplicate("01ANA"), profile_answer("01BEN", 201, email="ben@example.com")]
     )
-    held_profiles(router, {"01ANA": {"email": "ana@example.com", "phone_number": "+13105550000",
-                                     "properties": {f"treez_id_{SHOP}": "1001"}}})  # fmt: skip
-    fields = {"external_id": f"treez-{SHOP}-1002", "email": "ben@example.com",
-              "phone_number": "+13105550000", "first_name": "Ben"}  # fmt: skip
+    held_profiles(
+        router,
+        {
+            "01ANA": {
+                "email": "ana@example.com",
+                "phone_number": "+13105550000",
+                "properties": {f"treez_id_{SHOP}": "1001"},
+            }
+        },
+    )
+    fields = {
+        "external_id": f"treez-{SHOP}-1002",
+        "email": "ben@example.com",
+        "phone_number": "+13105550000",
+        "first_name": "Ben",
+    }
 
     [result] = send(klaviyo_config(mapping_dir), delivery("upsert", "1002", fields=fields))
 
@@ -256,9 +284,10 @@ def test_defect_12_a_profile_naming_another_customer_of_this_store_is_never_writ
 
 
 @pytest.mark.parametrize(
-    "properties", [{}, {"treez_id_store2": "9001"}, {f"treez_id_{SHOP}": "1002"}],
+    "properties",
+    [{}, {"treez_id_store2": "9001"}, {f"treez_id_{SHOP}": "1002"}],
     ids=["no-store", "another-store", "this-customer"],
-)  # fmt: skip
+)
 def test_defect_12_a_profile_of_no_customer_of_this_store_is_the_same_person(
     router: respx.MockRouter, mapping_dir: Path, properties: dict[str, str]
 ) -> None:
@@ -303,10 +332,12 @@ def test_defect_12_flow_two_customers_sharing_a_phone_get_a_profile_each(
     async def go() -> None:
         family = "(310) 555-0000"
         async with klaviyo_flow(tmp_path, fake) as flow:
-            await flow.deliver(event_body("1001", 1, email="ana@example.com", phone=family,
-                                          first_name="Ana"))  # fmt: skip
-            await flow.deliver(event_body("1002", 1, email="ben@example.com", phone=family,
-                                          first_name="Ben"))  # fmt: skip
+            await flow.deliver(
+                event_body("1001", 1, email="ana@example.com", phone=family, first_name="Ana")
+            )
+            await flow.deliver(
+                event_body("1002", 1, email="ben@example.com", phone=family, first_name="Ben")
+            )
             ids = flow.contact_ids()
             ana_id, ben_id = ids[(DISPENSARY, "kl", "1001")], ids[(DISPENSARY, "kl", "1002")]
             assert ana_id != ben_id
@@ -317,7 +348,10 @@ def test_defect_12_flow_two_customers_sharing_a_phone_get_a_profile_each(
             assert ana.properties[f"treez_id_{DISPENSARY}"] == "1001"
             assert ana.phone_number == "+13105550000"
             assert (ben.external_id, ben.email, ben.phone_number) == (
-                f"treez-{DISPENSARY}-1002", "ben@example.com", None)  # fmt: skip
+                f"treez-{DISPENSARY}-1002",
+                "ben@example.com",
+                None,
+            )
             assert ben.attributes["first_name"] == "Ben"
             [conflict] = flow.conflicts()
             assert (conflict["customer_id"], conflict["kind"]) == ("1002", "duplicate_profile")
@@ -326,12 +360,26 @@ def test_defect_12_flow_two_customers_sharing_a_phone_get_a_profile_each(
 
             # later updates of both: no flapping, no 409, no second report
             for version in (2, 3):
-                await flow.deliver(event_body("1002", version, email="ben@example.com",
-                                              phone=family, first_name="Ben",
-                                              last_name=f"B{version}"))  # fmt: skip
-                await flow.deliver(event_body("1001", version, email="ana@example.com",
-                                              phone=family, first_name="Ana",
-                                              last_name=f"A{version}"))  # fmt: skip
+                await flow.deliver(
+                    event_body(
+                        "1002",
+                        version,
+                        email="ben@example.com",
+                        phone=family,
+                        first_name="Ben",
+                        last_name=f"B{version}",
+                    )
+                )
+                await flow.deliver(
+                    event_body(
+                        "1001",
+                        version,
+                        email="ana@example.com",
+                        phone=family,
+                        first_name="Ana",
+                        last_name=f"A{version}",
+                    )
+                )
             assert ana.attributes["last_name"] == "A3"
             assert ben.attributes["last_name"] == "B3"
             assert ana.attributes["first_name"] == "Ana"
@@ -344,15 +392,30 @@ def test_defect_12_flow_two_customers_sharing_a_phone_get_a_profile_each(
         # another process, the same store: the phone is still not sent
         mark = len(fake.calls)
         async with klaviyo_flow(tmp_path, fake) as flow:
-            await flow.deliver(event_body("1002", 4, email="ben@example.com", phone=family,
-                                          first_name="Ben", last_name="B4"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1002",
+                    4,
+                    email="ben@example.com",
+                    phone=family,
+                    first_name="Ben",
+                    last_name="B4",
+                )
+            )
             [call] = fake.calls[mark:]
             assert (call.status, call.body["data"]["id"]) == (200, ben_id)
             assert "phone_number" not in call.body["data"]["attributes"]
             # until it changes
-            await flow.deliver(event_body("1002", 5, email="ben@example.com",
-                                          phone="(310) 555-0199", first_name="Ben",
-                                          last_name="B4"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1002",
+                    5,
+                    email="ben@example.com",
+                    phone="(310) 555-0199",
+                    first_name="Ben",
+                    last_name="B4",
+                )
+            )
             assert ben.phone_number == "+13105550199"
             assert ana.phone_number == "+13105550000"
             assert len(flow.conflicts()) == 1
@@ -368,16 +431,16 @@ def test_defect_12_flow_a_keyed_409_is_reported_once_and_the_email_not_sent_agai
         async with klaviyo_flow(tmp_path, fake) as flow:
             await flow.deliver(event_body("1001", 1, email="mia@example.com"))
             for version, name in ((2, "Vega"), (3, "Wallace"), (4, "Wallace-Vega")):
-                await flow.deliver(event_body("1001", version, email="jules@example.com",
-                                              last_name=name))  # fmt: skip
+                await flow.deliver(
+                    event_body("1001", version, email="jules@example.com", last_name=name)
+                )
             assert Counter(fake.statuses())[409] == 1
             [conflict] = flow.conflicts()
             assert conflict["kind"] == "duplicate_profile"
             assert jules in conflict["detail"]
             mine = fake.profile(flow.contact_ids()[(DISPENSARY, "kl", "1001")])
             assert mine is not None
-            assert (mine.email, mine.attributes["last_name"]) == ("mia@example.com",
-                                                                  "Wallace-Vega")  # fmt: skip
+            assert (mine.email, mine.attributes["last_name"]) == ("mia@example.com", "Wallace-Vega")
 
     asyncio.run(go())
 
@@ -388,23 +451,64 @@ def test_contact_claims_resolves_owners_through_merges_and_reads_conflicts(
     store = Store(f"sqlite:///{tmp_path}/c.db")
     rows = [("1001", "01P"), ("2001", "01Q"), ("2002", "01R"), ("3001", "01P")]
     with store.engine.begin() as conn:
-        conn.execute(sa.insert(contacts), [
-            {"dispensary": SHOP, "customer_id": c, "destination": "kl", "contact_id": p,
-             "delivered_hash": None, "unsubscribed": False, "deactivated": False,
-             "ops_planned": 0, "updated_at": 0.0} for c, p in rows
-        ])  # fmt: skip
-        conn.execute(sa.insert(customers), [
-            {"dispensary": SHOP, "customer_id": "3001", "merged_into": "2001", "merges": "[]",
-             "updated_at": 0.0},
-        ])  # fmt: skip
-        conn.execute(sa.insert(conflicts), [
-            {"dispensary": SHOP, "customer_id": "1001", "destination": "kl",
-             "kind": "duplicate_profile", "detail": "a", "created_at": 0.0},
-            {"dispensary": SHOP, "customer_id": "1001", "destination": "kl",
-             "kind": "unknown_contact", "detail": "b", "created_at": 0.0},
-            {"dispensary": "other", "customer_id": "1001", "destination": "kl",
-             "kind": "duplicate_profile", "detail": "c", "created_at": 0.0},
-        ])  # fmt: skip
+        conn.execute(
+            sa.insert(contacts),
+            [
+                {
+                    "dispensary": SHOP,
+                    "customer_id": c,
+                    "destination": "kl",
+                    "contact_id": p,
+                    "delivered_hash": None,
+                    "unsubscribed": False,
+                    "deactivated": False,
+                    "ops_planned": 0,
+                    "updated_at": 0.0,
+                }
+                for c, p in rows
+            ],
+        )
+        conn.execute(
+            sa.insert(customers),
+            [
+                {
+                    "dispensary": SHOP,
+                    "customer_id": "3001",
+                    "merged_into": "2001",
+                    "merges": "[]",
+                    "updated_at": 0.0,
+                },
+            ],
+        )
+        conn.execute(
+            sa.insert(conflicts),
+            [
+                {
+                    "dispensary": SHOP,
+                    "customer_id": "1001",
+                    "destination": "kl",
+                    "kind": "duplicate_profile",
+                    "detail": "a",
+                    "created_at": 0.0,
+                },
+                {
+                    "dispensary": SHOP,
+                    "customer_id": "1001",
+                    "destination": "kl",
+                    "kind": "unknown_contact",
+                    "detail": "b",
+                    "created_at": 0.0,
+                },
+                {
+                    "dispensary": "other",
+                    "customer_id": "1001",
+                    "destination": "kl",
+                    "kind": "duplicate_profile",
+                    "detail": "c",
+                    "created_at": 0.0,
+                },
+            ],
+        )
 
     owners, found = store.contact_claims(SHOP, "kl", "01P", "duplicate_profile")
     assert sorted(owners) == ["1001", "2001"]  # 3001 was merged into 2001
@@ -435,9 +539,10 @@ def test_defect_8_a_deactivate_for_a_gone_profile_finds_it_again_and_marks_it(
     again = sent_json(imports.calls[1].request)["data"]
     assert "id" not in again
     assert again["attributes"] == {
-        "external_id": f"treez-{SHOP}-1001", **MIA,
+        "external_id": f"treez-{SHOP}-1001",
+        **MIA,
         "properties": {f"treez_id_{SHOP}": "1001", "treez_status": "DEACTIVATED"},
-    }  # fmt: skip
+    }
 
 
 def test_defect_8_a_deactivate_with_nothing_to_find_the_gone_profile_by_is_reported(
@@ -509,9 +614,13 @@ def test_defect_8_a_merge_with_a_gone_profile(
     router.post(MERGE).mock(return_value=not_found("01X"))
     held_profiles(router, {"01SURVIVOR": {}} if gone == "source" else {"01ABSORBED": {}})
     merge = delivery(
-        "merge", "2001", from_customer_id="2001", into_customer_id="2002",
-        from_contact_id="01ABSORBED", into_contact_id="01SURVIVOR",
-    )  # fmt: skip
+        "merge",
+        "2001",
+        from_customer_id="2001",
+        into_customer_id="2002",
+        from_contact_id="01ABSORBED",
+        into_contact_id="01SURVIVOR",
+    )
 
     [result] = send(klaviyo_config(mapping_dir), merge)
 
@@ -527,13 +636,17 @@ def test_defect_8_flow_a_deactivation_after_a_marketer_merged_the_profile_away(
 ) -> None:
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake) as flow:
-            await flow.deliver(event_body("1001", 1, email="mia@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body("1001", 1, email="mia@example.com", phone="(213) 555-0142")
+            )
             mine = flow.contact_ids()[(DISPENSARY, "kl", "1001")]
             work = await existing_profile(fake, email="mia@work.example", first_name="Mia")
             await merge_in_klaviyo(fake, work, mine)  # a marketer joins the two
-            await flow.deliver(event_body("1001", 2, status="DEACTIVATED", email="mia@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 2, status="DEACTIVATED", email="mia@example.com", phone="(213) 555-0142"
+                )
+            )
             assert flow.dead_letters() == []
             assert list(fake.profiles) == [work]
             profile = fake.profile(work)
@@ -552,11 +665,15 @@ def test_defect_8_flow_an_opt_out_after_the_profile_was_deleted_reaches_the_new_
 ) -> None:
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake) as flow:
-            await flow.deliver(event_body("1001", 1, email="mia@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body("1001", 1, email="mia@example.com", phone="(213) 555-0142")
+            )
             fake.delete_profile(flow.contact_ids()[(DISPENSARY, "kl", "1001")])
-            await flow.deliver(event_body("1001", 2, opt_out="true", email="mia@example.com",
-                                          phone="(213) 555-0142"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 2, opt_out="true", email="mia@example.com", phone="(213) 555-0142"
+                )
+            )
             assert flow.dead_letters() == []
             [profile] = fake.profiles.values()
             assert profile.external_id == f"treez-{DISPENSARY}-1001"
@@ -570,16 +687,23 @@ def test_defect_8_flow_a_merge_whose_absorbed_profile_is_gone_is_not_dead_letter
 ) -> None:
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake) as flow:
-            await flow.deliver(event_body("2001", 1, email="vincent@example.com"),
-                               event_body("2002", 1, email="vega@example.com"))  # fmt: skip
+            await flow.deliver(
+                event_body("2001", 1, email="vincent@example.com"),
+                event_body("2002", 1, email="vega@example.com"),
+            )
             ids = flow.contact_ids()
             absorbed, survivor = ids[(DISPENSARY, "kl", "2001")], ids[(DISPENSARY, "kl", "2002")]
             await merge_in_klaviyo(fake, survivor, absorbed)  # Klaviyo got there first
             await flow.deliver(
                 event_body("2002", 2, merged_customer_ids=["2001"], email="vega@example.com"),
-                event_body("2001", 2, status="DEACTIVATED", merged_into_customer_id="2002",
-                           email="vincent@example.com"),
-            )  # fmt: skip
+                event_body(
+                    "2001",
+                    2,
+                    status="DEACTIVATED",
+                    merged_into_customer_id="2002",
+                    email="vincent@example.com",
+                ),
+            )
             assert flow.dead_letters() == []
             assert [r["status"] for r in flow.outbox() if r["op"] == "merge"] == ["done"]
             assert list(fake.profiles) == [survivor]
@@ -593,10 +717,13 @@ def _link(flow: Any, customer_id: str, profile_id: str) -> None:
     with flow.store.engine.begin() as conn:
         conn.execute(
             contacts.insert().values(
-                dispensary=DISPENSARY, customer_id=customer_id, destination="kl",
-                contact_id=profile_id, updated_at=0.0,
+                dispensary=DISPENSARY,
+                customer_id=customer_id,
+                destination="kl",
+                contact_id=profile_id,
+                updated_at=0.0,
             )
-        )  # fmt: skip
+        )
 
 
 def test_defect_identity_b1_a_plain_import_matching_a_store_mates_profile_is_not_recorded(
@@ -609,8 +736,11 @@ def test_defect_identity_b1_a_plain_import_matching_a_store_mates_profile_is_not
         family = await existing_profile(fake, email="family@example.com")
         async with klaviyo_flow(tmp_path, fake) as flow:
             _link(flow, "1002", family)
-            await flow.deliver(event_body("1001", 1, email="family@example.com",
-                                          phone="(310) 555-0001", first_name="Ana"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 1, email="family@example.com", phone="(310) 555-0001", first_name="Ana"
+                )
+            )
             ana = flow.contact_ids()[(DISPENSARY, "kl", "1001")]
             assert ana is not None
             assert ana != family
@@ -619,7 +749,10 @@ def test_defect_identity_b1_a_plain_import_matching_a_store_mates_profile_is_not
             # Klaviyo wrote Ana's phone onto Ben's profile when it matched: both identifiers
             # are withheld from her own (reported); Ben's profile is keyed by no one again
             assert (own.external_id, own.email, own.phone_number) == (
-                f"treez-{DISPENSARY}-1001", None, None)  # fmt: skip
+                f"treez-{DISPENSARY}-1001",
+                None,
+                None,
+            )
             held = fake.profile(family)
             assert held is not None
             assert held.external_id is None
@@ -628,8 +761,11 @@ def test_defect_identity_b1_a_plain_import_matching_a_store_mates_profile_is_not
             assert family in conflict["detail"]
             assert "family@" not in conflict["detail"]
             # reported once: the next update goes by Ana's own profile id
-            await flow.deliver(event_body("1001", 2, email="family@example.com",
-                                          phone="(310) 555-0001", first_name="Ana"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 2, email="family@example.com", phone="(310) 555-0001", first_name="Ana"
+                )
+            )
             assert len(flow.conflicts()) == 1
 
     asyncio.run(go())
@@ -644,8 +780,11 @@ def test_defect_identity_b2_a_profile_the_map_shares_with_a_store_mate_gets_no_c
 
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake, policy="on_source_opt_in") as flow:
-            await flow.deliver(event_body("1001", 1, email="family@example.com",
-                                          phone="(310) 555-0000", first_name="Ana"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 1, email="family@example.com", phone="(310) 555-0000", first_name="Ana"
+                )
+            )
             shared = flow.contact_ids()[(DISPENSARY, "kl", "1001")]
             assert shared is not None
             _link(flow, "1002", shared)

@@ -275,9 +275,12 @@ class KlaviyoSink:
             return Sent(None), {}
         data = {"type": "profile", "attributes": attributes}
         response = await self.api.request(
-            "POST", "/api/profile-import", "import", body={"data": data},
+            "POST",
+            "/api/profile-import",
+            "import",
+            body={"data": data},
             ok_statuses=frozenset({409}),
-        )  # fmt: skip
+        )
         if response.status_code == 409:
             return await self._onto_duplicate(delivery, response, attributes)
         found = _profile_id(response)
@@ -376,10 +379,12 @@ class KlaviyoSink:
         if not any(_text(attributes.get(name)) for name in IDENTIFIERS):
             return None
         return await self.api.request(
-            "POST", "/api/profile-import", "import",
+            "POST",
+            "/api/profile-import",
+            "import",
             body={"data": {"type": "profile", "attributes": attributes}},
             ok_statuses=frozenset({409}),
-        )  # fmt: skip
+        )
 
     async def _onto_own(
         self,
@@ -398,9 +403,12 @@ class KlaviyoSink:
         kept = {k: v for k, v in attributes.items() if k not in colliding}
         retry = {"type": "profile", "id": contact_id, "attributes": kept}
         again = await self.api.request(
-            "POST", "/api/profile-import", "import", body={"data": retry},
+            "POST",
+            "/api/profile-import",
+            "import",
+            body={"data": retry},
             ok_statuses=frozenset({409}),
-        )  # fmt: skip
+        )
         if again.status_code == 409:
             colliding = [name for name in MARKETABLE if _text(attributes.get(name))]
             kept = {k: v for k, v in attributes.items() if k not in colliding}
@@ -517,8 +525,11 @@ class KlaviyoSink:
                     f"profile {result.contact_id} holds no e-mail and no phone: Klaviyo cannot "
                     f"market to it, so there is nothing to {op}"
                 )
-                result = Sent(result.contact_id, result.conflict or f"no_identifier: {detail}",
-                              result.replaces)  # fmt: skip
+                result = Sent(
+                    result.contact_id,
+                    result.conflict or f"no_identifier: {detail}",
+                    result.replaces,
+                )
             results.append(result)
             channels = set(delivery.body.get("channels") or ("email", "sms"))
             subscriptions: dict[str, Any] = {}
@@ -621,9 +632,12 @@ class KlaviyoSink:
             "relationships": {"profiles": {"data": [{"type": "profile", "id": str(source)}]}},
         }
         response = await self.api.request(
-            "POST", "/api/profile-merge", "merge", body={"data": data},
+            "POST",
+            "/api/profile-merge",
+            "merge",
+            body={"data": data},
             ok_statuses=frozenset({404}),
-        )  # fmt: skip
+        )
         if response.status_code != 404:
             return Sent(str(target))
         if await self.lookup(str(source)) is None:
@@ -645,9 +659,12 @@ class KlaviyoSink:
         status = {"treez_status": "DEACTIVATED"}
         data = {"type": "profile", "id": contact_id, "attributes": {"properties": status}}
         response = await self.api.request(
-            "POST", "/api/profile-import", "import", body={"data": data},
+            "POST",
+            "/api/profile-import",
+            "import",
+            body={"data": data},
             ok_statuses=frozenset({404}),
-        )  # fmt: skip
+        )
         if response.status_code != 404:
             return Sent(contact_id)
         searched = await self._find(delivery, status)
@@ -837,10 +854,11 @@ def _colliding(attributes: dict[str, Any], profile: dict[str, Any] | None) -> li
     held = (profile or {}).get("attributes") or {}
     sent = [name for name in MARKETABLE if _text(attributes.get(name))]
     same = [
-        name for name in sent
+        name
+        for name in sent
         if isinstance(held.get(name), str)
         and _normal(name, held[name]) == _normal(name, attributes[name])
-    ]  # fmt: skip
+    ]
     return same or sent
 
 
@@ -869,9 +887,11 @@ def _replacing(result: Result, gone: str, what: str) -> Result:
         return result
     if result.contact_id is None:
         return Sent(
-            None, result.conflict or f"unknown_contact: profile {gone} is gone and {what} "
+            None,
+            result.conflict
+            or f"unknown_contact: profile {gone} is gone and {what} "
             "found no profile of this customer's to go to",
-        )  # fmt: skip
+        )
     if result.contact_id == gone:
         return result
     # the store reports the replacement itself (contact_replaced): only another work-around

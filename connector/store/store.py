@@ -311,21 +311,33 @@ class Store:
         rows = []
         for customer_id in sorted(customer_ids):
             found = conn.execute(
-                select(inbox.c.event_type, inbox.c.last_update_us, inbox.c.received_at,
-                       inbox.c.body)
-                .where(inbox.c.dispensary == dispensary, inbox.c.customer_id == customer_id,
-                       inbox.c.status.in_(("applied", "tie")), inbox.c.body.is_not(None))
+                select(
+                    inbox.c.event_type, inbox.c.last_update_us, inbox.c.received_at, inbox.c.body
+                )
+                .where(
+                    inbox.c.dispensary == dispensary,
+                    inbox.c.customer_id == customer_id,
+                    inbox.c.status.in_(("applied", "tie")),
+                    inbox.c.body.is_not(None),
+                )
                 .order_by(inbox.c.id.desc())
                 .limit(1)
-            ).first()  # fmt: skip
+            ).first()
             if found is not None:
                 rows.append(
-                    {"dispensary": dispensary, "source": "refresh",
-                     "event_type": found.event_type, "customer_id": customer_id,
-                     "last_update_us": found.last_update_us, "received_at": found.received_at,
-                     "body": found.body, "status": "pending", "processed_at": None,
-                     "run_id": None}
-                )  # fmt: skip
+                    {
+                        "dispensary": dispensary,
+                        "source": "refresh",
+                        "event_type": found.event_type,
+                        "customer_id": customer_id,
+                        "last_update_us": found.last_update_us,
+                        "received_at": found.received_at,
+                        "body": found.body,
+                        "status": "pending",
+                        "processed_at": None,
+                        "run_id": None,
+                    }
+                )
         if rows:
             conn.execute(insert(inbox), rows)
         return len(rows)
