@@ -1,26 +1,33 @@
 """The planner: (event, stored state, destinations) → operations. Pure: no I/O, no clock.
 
-Every correctness rule of the design lives here (docs/design.md, "Rules that make it correct"):
+Every correctness rule of the design lives here (docs/design.md, "Rules that make it correct";
+README, "Consent and identity"):
 
-- **Order.** ``last_update`` is compared as an instant. Older than what was applied: *stale*,
-  nothing applied. Same instant and same content: *duplicate*. Same instant, other content:
-  applied and counted as a *tie*.
-- **Opt-out is one-way.** ``opt_out: true`` (on first sight or later) plans an ``unsubscribe``
-  for every marketing channel, once per destination; the profile is still upserted. A later
-  ``false`` subscribes again only under ``policy.resubscribe: on_source_opt_in`` and only when
-  the source flips from true to false.
+- **Order.** ``last_update`` is compared as an instant, never later than the event's receipt
+  plus the allowed skew (``not_after_us``). Older than what was applied: *stale*, nothing of
+  it applied but its opt-out and the merges it names. Same instant and same content:
+  *duplicate*. Same instant, other content: applied and counted as a *tie*.
+- **Consent is the connector's.** Under ``resubscribe: never`` an opt-out seen at any version
+  (stale, a stray or merge payload of an absorbed customer) is owed: one ``unsubscribe`` per
+  customer and destination, keyed by the two alone, to the customer's contact, or once it is
+  merged away to the final survivor's (and to its own where that contact lives on). The
+  mapping reads the customer's consent state (:func:`_consent_view`), so no upsert says opted
+  in after an opt-out. A later ``false`` subscribes again only under
+  ``policy.resubscribe: on_source_opt_in`` and only when the source flips from true to false.
 - **Merges.** Either payload of a Treez merge (the survivor listing ``merged_customer_ids``, or
-  the absorbed one with ``merged_into_customer_id``), in any order and repeated, plans exactly
-  one ``merge`` per destination with a native merge, keyed (destination, absorbed, survivor).
-  The absorbed customer then resolves to the survivor and nothing is planned for it again.
+  the absorbed one with ``merged_into_customer_id``), in any order, repeated or overtaken,
+  plans exactly one ``merge`` per destination with a native merge, into the final survivor of
+  the chain, keyed (destination, absorbed, that survivor). The absorbed customer then resolves
+  to the survivor and nothing but an owed opt-out is planned for it again.
 - **External ids.** An id Treez carries for a destination (``external_ids.aiq_contact_id``) is
   used to match when the identity map has none, and reported as a conflict when it disagrees.
 - **Change detection.** A hash of the mapped contact is kept per destination; the same contact
   is not sent twice. Mapping already leaves nulls and placeholders out.
 - **Idempotency.** Each operation carries a stable key derived from (destination, customer,
   operation, ``last_update``, payload hash, and the count of operations planned for that
-  contact before it), or (destination, absorbed, survivor) for a merge, so the two payloads
-  of one merge yield one key.
+  contact before it), (destination, customer) for an unsubscribe under ``never``, or
+  (destination, absorbed, survivor) for a merge, so the two payloads of one merge yield one
+  key.
 """
 
 from __future__ import annotations
