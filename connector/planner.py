@@ -208,18 +208,11 @@ def plan(
 
     operations: list[Operation] = []
     changed: dict[str, CustomerState] = {}
-    view: dict[str, CustomerState] = {}  # built once: a survivor may list thousands
-    for absorbed_id in dict.fromkeys(customer.merged_customer_ids):
-        if absorbed_id == cid:
-            continue
-        if not view:
-            view = {**states, cid: seen}
-        absorbed = view.get(absorbed_id) or CustomerState(absorbed_id)
-        merged = _merge(dispensary, absorbed, cid, view, destinations, None)
-        changed.update(merged.states)
-        view.update(merged.states)
-        operations.extend(merged.operations)
-    seen = changed.pop(cid, seen)
+    if customer.merged_customer_ids:
+        view = {**states, cid: seen}
+        operations += _merge_listed(dispensary, customer, view, destinations)
+        changed.update({k: v for k, v in view.items() if states.get(k) != v and k != cid})
+        seen = view[cid]
 
     conflicts: list[Conflict] = []
     failures: list[MappingFailure] = []
@@ -385,13 +378,7 @@ def _late(
         merged = _merge(dispensary, state, survivor, view, destinations, customer)
         view.update(merged.states)
         operations += merged.operations
-    for absorbed_id in dict.fromkeys(customer.merged_customer_ids):
-        if absorbed_id == cid:
-            continue
-        absorbed = view.get(absorbed_id) or CustomerState(absorbed_id)
-        merged = _merge(dispensary, absorbed, cid, view, destinations, None)
-        view.update(merged.states)
-        operations += merged.operations
+    operations += _merge_listed(dispensary, customer, view, destinations)
     owed = _owed_only(outcome, customer, dispensary, view[cid], view, destinations)
     view.update(owed.states)
     operations += owed.operations
@@ -399,6 +386,26 @@ def _late(
     if outcome == "absorbed":
         changed[cid] = view[cid]  # the stray payload is recorded
     return Plan(outcome, changed, operations)
+
+
+def _merge_listed(
+    dispensary: str,
+    customer: Customer,
+    view: dict[str, CustomerState],
+    destinations: Sequence[DestinationSpec],
+) -> list[Operation]:
+    """The merges a survivor's payload names (``merged_customer_ids``), planned into
+    ``view`` (updated in place: one view however many ids a survivor lists)."""
+    cid = customer.customer_id
+    operations: list[Operation] = []
+    for absorbed_id in dict.fromkeys(customer.merged_customer_ids):
+        if absorbed_id == cid:
+            continue
+        absorbed = view.get(absorbed_id) or CustomerState(absorbed_id)
+        merged = _merge(dispensary, absorbed, cid, view, destinations, None)
+        view.update(merged.states)
+        operations += merged.operations
+    return operations
 
 
 def _owed_only(

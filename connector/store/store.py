@@ -631,18 +631,7 @@ class Store:
         resolved: dict[str, str] = {}
         with self.engine.connect() as conn:
             for customer_id in dict.fromkeys(customer_ids):
-                current, seen = customer_id, set()
-                while current not in seen:
-                    seen.add(current)
-                    into = conn.execute(
-                        select(customers.c.merged_into).where(
-                            customers.c.dispensary == dispensary,
-                            customers.c.customer_id == current,
-                        )
-                    ).scalar_one_or_none()
-                    if into is None:
-                        break
-                    current = into
+                current = self._final_in(conn, dispensary, customer_id)
                 own = self.contact_ids_in(conn, dispensary, destination, [current])
                 if current in own:
                     resolved[customer_id] = own[current]
@@ -685,18 +674,7 @@ class Store:
                     )
                 ).scalars()
                 for customer_id in linked:
-                    current, seen = customer_id, set()
-                    while current not in seen:
-                        seen.add(current)
-                        into = conn.execute(
-                            select(customers.c.merged_into).where(
-                                customers.c.dispensary == dispensary,
-                                customers.c.customer_id == current,
-                            )
-                        ).scalar_one_or_none()
-                        if into is None:
-                            break
-                        current = into
+                    current = self._final_in(conn, dispensary, customer_id)
                     if current not in owners:
                         owners.append(current)
             if conflict_kind is not None:
