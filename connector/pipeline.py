@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from connector._pressure import Pressure
 from connector.config import (
@@ -44,6 +45,7 @@ from connector.store import AsyncStore, InboxRow, Rejected, Store
 from connector.treez import CustomerEvent, parse_stored_event
 
 log = get_logger("connector.pipeline")
+PROCESSED = ("applied", "tie")  # outcomes that make an event the customer's current version
 
 
 def build_destination(config: AnyDestination) -> Destination:
@@ -281,6 +283,17 @@ def _plan_rows(
     return plans
 
 
+def _plan_stored(store: Store, conn: Any, rows: list[InboxRow], deployment: Deployment) -> _Plans:
+    """:func:`_plan_rows` against the state stored in ``store``, read through ``conn`` (one
+    of its snapshots or transactions: the store's, not a type this module names)."""
+    return _plan_rows(
+        rows,
+        deployment,
+        lambda d, ids: store.load_states(conn, d, ids),
+        lambda d, c, us: store.first_received(conn, d, c, us),
+    )
+
+
 def _with_survivors(
     load: Callable[[str, set[str]], dict[str, CustomerState]], dispensary: str, ids: set[str]
 ) -> dict[str, CustomerState]:
@@ -295,9 +308,6 @@ def _with_survivors(
         states.update(found)
         wanted = {s.merged_into for s in found.values() if s.merged_into} - ids
     return states
-
-
-PROCESSED = ("applied", "tie")
 
 
 def _field_of(problem: Problem) -> str:
@@ -326,12 +336,7 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
         rows = store.pending_events(conn, limit)
         if not rows:
             return BatchResult()
-        plans = _plan_rows(
-            rows,
-            deployment,
-            lambda d, ids: store.load_states(conn, d, ids),
-            lambda d, c, us: store.first_received(conn, d, c, us),
-        )
+        plans = _plan_stored(store, conn, rows, deployment)
     with store.transaction(durable=False) as conn:  # redone from the durable inbox if lost
         ids = [row.id for row in rows]
         unchanged = store.still_pending(conn, ids) == set(ids) and all(
@@ -340,12 +345,7 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
         )
         if not unchanged:
             rows = store.pending_events(conn, limit)
-            plans = _plan_rows(
-                rows,
-                deployment,
-                lambda d, ids: store.load_states(conn, d, ids),
-                lambda d, c, us: store.first_received(conn, d, c, us),
-            )
+            plans = _plan_stored(store, conn, rows, deployment)
         for dispensary, destination, customer_id, message in plans.failures:
             store.dead_letter_direct(
                 conn, dispensary, destination, customer_id, "upsert",
@@ -460,10 +460,5 @@ def plan_without_writing(
     """Plan ``rows`` against the stored state and return (outcome per row id, operations per
     dispensary) without writing anything: what a dry run shows."""
     with store.snapshot() as conn:
-        plans = _plan_rows(
-            rows,
-            deployment,
-            lambda d, ids: store.load_states(conn, d, ids),
-            lambda d, c, us: store.first_received(conn, d, c, us),
-        )
+        plans = _plan_stored(store, conn, rows, deployment)
     return plans.outcomes, plans.operations

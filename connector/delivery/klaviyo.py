@@ -250,10 +250,7 @@ class KlaviyoSink:
             result, _ = await self._import(delivery, attributes)
             return result
         data = {"type": "profile", "id": contact_id, "attributes": attributes}
-        response = await self.api.request(
-            "POST", "/api/profile-import", "import", body={"data": data},
-            ok_statuses=frozenset({409, 404}),
-        )  # fmt: skip
+        response = await self._post_profile(data, 409, 404)
         if response.status_code == 404:
             # the profile we hold is gone (merged by another store of the account, or by a
             # marketer): import by the identifiers again and record the profile that answers
@@ -265,6 +262,17 @@ class KlaviyoSink:
             return await self._onto_own(delivery, response, contact_id, attributes)
         return Sent(_profile_id(response) or contact_id)
 
+    async def _post_profile(self, data: dict[str, Any], *handled: int) -> httpx.Response:
+        """``POST /api/profile-import`` of one profile; ``handled``: the statuses the caller
+        reads itself (a 404, a 409) instead of a raised delivery error."""
+        return await self.api.request(
+            "POST",
+            "/api/profile-import",
+            "import",
+            body={"data": data},
+            ok_statuses=frozenset(handled),
+        )
+
     async def _import(
         self, delivery: Delivery, attributes: dict[str, Any]
     ) -> tuple[Result, dict[str, Any]]:
@@ -274,13 +282,7 @@ class KlaviyoSink:
             # all it could be keyed by was withheld (reported when it was): nothing to send
             return Sent(None), {}
         data = {"type": "profile", "attributes": attributes}
-        response = await self.api.request(
-            "POST",
-            "/api/profile-import",
-            "import",
-            body={"data": data},
-            ok_statuses=frozenset({409}),
-        )
+        response = await self._post_profile(data, 409)
         if response.status_code == 409:
             return await self._onto_duplicate(delivery, response, attributes)
         found = _profile_id(response)
@@ -297,9 +299,7 @@ class KlaviyoSink:
                     "id": found,
                     "attributes": {"external_id": None},
                 }
-                await self.api.request(
-                    "POST", "/api/profile-import", "import", body={"data": unkey}
-                )
+                await self._post_profile(unkey)
             return await self._own_instead(delivery, found, matched, attributes)
         return Sent(found), _held(response)
 
@@ -331,9 +331,7 @@ class KlaviyoSink:
                 # store-mate's import by the same e-mail or phone is a 409, never a match
                 kept["external_id"] = external_id
             retry = {"type": "profile", "id": duplicate, "attributes": kept}
-            again = await self.api.request(
-                "POST", "/api/profile-import", "import", body={"data": retry}
-            )
+            again = await self._post_profile(retry)
             detail = (
                 "Klaviyo matched this customer's identifiers to more than one profile; "
                 f"profile {duplicate} was updated without moving e-mail, phone or external_id"
@@ -378,13 +376,7 @@ class KlaviyoSink:
     async def _import_own(self, attributes: dict[str, Any]) -> httpx.Response | None:
         if not any(_text(attributes.get(name)) for name in IDENTIFIERS):
             return None
-        return await self.api.request(
-            "POST",
-            "/api/profile-import",
-            "import",
-            body={"data": {"type": "profile", "attributes": attributes}},
-            ok_statuses=frozenset({409}),
-        )
+        return await self._post_profile({"type": "profile", "attributes": attributes}, 409)
 
     async def _onto_own(
         self,
@@ -402,20 +394,12 @@ class KlaviyoSink:
         colliding = _colliding(attributes, await self.lookup(duplicate))
         kept = {k: v for k, v in attributes.items() if k not in colliding}
         retry = {"type": "profile", "id": contact_id, "attributes": kept}
-        again = await self.api.request(
-            "POST",
-            "/api/profile-import",
-            "import",
-            body={"data": retry},
-            ok_statuses=frozenset({409}),
-        )
+        again = await self._post_profile(retry, 409)
         if again.status_code == 409:
             colliding = [name for name in MARKETABLE if _text(attributes.get(name))]
             kept = {k: v for k, v in attributes.items() if k not in colliding}
             retry["attributes"] = kept
-            again = await self.api.request(
-                "POST", "/api/profile-import", "import", body={"data": retry}
-            )
+            again = await self._post_profile(retry)
         detail = (
             f"profile {contact_id}'s new {_names(colliding)} belong to profile {duplicate}; "
             "updated without them"
@@ -658,13 +642,7 @@ class KlaviyoSink:
             return Sent(contact_id, _shared(contact_id, "not marked deactivated"))
         status = {"treez_status": "DEACTIVATED"}
         data = {"type": "profile", "id": contact_id, "attributes": {"properties": status}}
-        response = await self.api.request(
-            "POST",
-            "/api/profile-import",
-            "import",
-            body={"data": data},
-            ok_statuses=frozenset({404}),
-        )
+        response = await self._post_profile(data, 404)
         if response.status_code != 404:
             return Sent(contact_id)
         searched = await self._find(delivery, status)

@@ -791,7 +791,10 @@ class Store:
         }
         new, fill, clash = [], [], []
         moved: list[tuple[str, str, str]] = []  # customer, gone id, its replacement
-        held = self._held_by_others(conn, dispensary, destination, returned)
+        # only an id the map does not hold already can be another customer's: the common
+        # round (the same ids again) costs no query
+        changed = {c: k for c, k in returned.items() if known.get(c) != k}
+        held = self._held_by_others(conn, dispensary, destination, changed) if changed else {}
         for cid, contact_id in returned.items():
             if cid in held and known.get(cid) != contact_id:
                 detail = (
