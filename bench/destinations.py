@@ -41,7 +41,7 @@ from connector.delivery.klaviyo import MAX_JOB_BYTES, KlaviyoSink
 from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
 from connector.pipeline import Deployment, process_batch
-from connector.store import AsyncStore, NewEvent, Store
+from connector.store import AsyncStore, NewEvent, open_store
 from connector.treez import CustomerEvent, parse_event_json
 
 DISPENSARY = "partnersandbox3"
@@ -105,7 +105,7 @@ def build_sink(config_path: Path, vendor: str) -> AlpineIQSink | KlaviyoSink:
 async def live(config_path: Path, vendor: str, events: list[bytes]) -> tuple[float, int]:
     """Webhook events through store, planner and worker; (seconds, API calls)."""
     config = load_config(config_path)
-    store = Store(config.store)
+    store = open_store(config.store)
     store.register_process()
     deployment = Deployment.from_config(config)
     store.add_events(

@@ -413,10 +413,10 @@ def dlq_list(
 ) -> None:
     """List dead letters, oldest first (the reason; never customer values)."""
     from connector.runner import dlq_lines
-    from connector.store import Store
+    from connector.store import open_store
 
     config = _load(config_file)
-    store = Store(config.store)
+    store = open_store(config.store, listen=False)
     try:
         for line in dlq_lines(
             store, dispensary=dispensary, destination=destination, customer=customer,
@@ -444,17 +444,14 @@ def dlq_replay(
 
     An operation superseded by a later one of the same kind for that contact is not resent.
     """
-    from connector.store import Store
-    from connector.store.runs import RunStore
+    from connector.store import open_store
 
     if not (everything or dispensary or destination or customer):
         _fail("say which dead letters: --destination, --customer, --dispensary, or --all")
     config = _load(config_file)
-    store = Store(config.store)
+    store = open_store(config.store, listen=False)
     try:
-        done = RunStore(store).replay(
-            dispensary=dispensary, destination=destination, customer=customer
-        )
+        done = store.replay(dispensary=dispensary, destination=destination, customer=customer)
     finally:
         store.close()
     click.echo(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
@@ -35,8 +36,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from connector._env import interpolate
 from connector._yaml import LoadedYaml, Location, YamlProblem, load_yaml
@@ -379,6 +378,9 @@ class Config(_Model):
     # how long a write waits for a lock held by another process before the receiver
     # answers 503 (SQLite: busy timeout)
     store_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    # PostgreSQL: wake the other replicas with LISTEN/NOTIFY (false: poll only, for a pooler
+    # such as PgBouncer in transaction mode, which has no LISTEN)
+    store_listen: bool = True
     server: ServerConfig = ServerConfig()
     retention: RetentionConfig = RetentionConfig()
     dispensaries: dict[str, DispensaryConfig] = Field(min_length=1)
@@ -389,25 +391,41 @@ class Config(_Model):
     @field_validator("store")
     @classmethod
     def _store(cls, value: str, info: ValidationInfo) -> str:
-        try:
-            url = make_url(value)
-        except ArgumentError:
-            raise ValueError(
-                "is not a database URL (sqlite:///file.db or postgresql://...)"
-            ) from None
-        backend = url.get_backend_name()
+        scheme, _, rest = value.partition("://")
+        backend = scheme.split("+", 1)[0].lower()
+        if not rest and not value.startswith("sqlite:"):
+            raise ValueError("is not a database URL (sqlite:///file.db or postgresql://...)")
+        if backend == "postgres":
+            backend = "postgresql"
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"database {backend!r} is not supported (use sqlite or postgresql)")
         if backend == "sqlite":
-            database = url.database or ""
+            if scheme != "sqlite" or not rest.startswith("/"):
+                raise ValueError(
+                    "needs a file, such as sqlite:///connector.db (the store must be durable)"
+                )
+            database, _, query = rest[1:].partition("?")
             if database in ("", ":memory:") or database.startswith("file:"):
                 raise ValueError(
                     "needs a file, such as sqlite:///connector.db (the store must be durable)"
                 )
             base = info.context.get("base_dir") if info.context else None
             if not Path(database).is_absolute() and base is not None:
-                url = url.set(database=str(Path(base) / database))
-            return url.render_as_string(hide_password=False)
+                database = str(Path(base) / database)
+            return f"sqlite:///{database}" + (f"?{query}" if query else "")
+        if scheme.lower() not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError(
+                f"driver {scheme!r} is not supported: use postgresql:// or postgresql+psycopg://"
+            )
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("has a port that is not a number") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError("names no host (postgresql://user@host:5432/database)")
+        if not parts.path.strip("/"):
+            raise ValueError("names no database (postgresql://user@host:5432/database)")
         return value
 
     @field_validator("dispensaries")
@@ -433,7 +451,17 @@ class Config(_Model):
     @property
     def store_display(self) -> str:
         """The store URL with any password hidden, for logs and summaries."""
-        return make_url(self.store).render_as_string(hide_password=True)
+        return display_url(self.store)
+
+
+def display_url(url: str) -> str:
+    """A store URL with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = unquote(parts.username or "")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

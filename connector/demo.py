@@ -18,11 +18,9 @@ from importlib import resources
 from typing import Any
 
 import httpx
-from sqlalchemy import select
 
 from connector.config import Config, JsonlDestination
-from connector.store import Store
-from connector.store.schema import outbox
+from connector.store import Store, open_store
 
 SAMPLE_OFFSET = timezone(timedelta(hours=-7))  # Treez sends store-local time with its offset
 
@@ -98,7 +96,7 @@ def run_demo(
     disp = config.dispensaries[dispensary]
     token = disp.webhook_token[0].get_secret_value()
     base = url or f"http://{config.server.host}:{config.server.port}"
-    store = Store(config.store)
+    store = open_store(config.store, listen=False)
     try:
         start_id = _last_outbox_id(store)
         offsets = {
@@ -127,8 +125,8 @@ def _server(config: Config, base: str, echo: Callable[[str], None]) -> Iterator[
 
 
 def _last_outbox_id(store: Store) -> int:
-    rows = store.query(select(outbox.c.id).order_by(outbox.c.id.desc()).limit(1))
-    return int(rows[0].id) if rows else 0
+    rows = store.latest_operations(1)
+    return int(rows[0]["id"]) if rows else 0
 
 
 def _post_all(base: str, dispensary: str, token: str, echo: Callable[[str], None]) -> None:
@@ -167,16 +165,13 @@ def _report(
 ) -> bool:
     if not finished:
         echo("warning: some operations are still pending (see `connector status` later)")
-    rows = store.query(
-        select(outbox.c.destination, outbox.c.op, outbox.c.customer_id, outbox.c.status)
-        .where(outbox.c.id > start_id, outbox.c.dispensary == dispensary)
-        .order_by(outbox.c.id)
-    )
+    newest = store.latest_operations(10_000)
+    rows = [r for r in reversed(newest) if r["id"] > start_id and r["dispensary"] == dispensary]
     for dest in config.dispensaries[dispensary].destinations:
-        mine = [r for r in rows if r.destination == dest.name]
+        mine = [r for r in rows if r["destination"] == dest.name]
         echo(f"\ndestination {dest.name} ({dest.type}): {len(mine)} operations")
         for row in mine:
-            echo(f"  {row.op:12} customer {row.customer_id:6} {row.status}")
+            echo(f"  {row['op']:12} customer {row['customer_id']:6} {row['status']}")
         if isinstance(dest, JsonlDestination) and dest.path.exists():
             with dest.path.open("rb") as handle:
                 handle.seek(offsets.get(dest.name, 0))

@@ -10,7 +10,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from connector._pressure import Pressure
 from connector.config import (
@@ -41,7 +40,8 @@ from connector.planner import (
     instant_us,
     plan,
 )
-from connector.store import AsyncStore, InboxRow, Rejected, Store
+from connector.store import AsyncStore, InboxRow, PlannedBatch, Rejected, StateReader
+from connector.store.abc import PlanCommit
 from connector.treez import CustomerEvent, parse_stored_event
 
 log = get_logger("connector.pipeline")
@@ -135,28 +135,17 @@ class BatchResult:
     dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (dispensary, field)
 
 
-@dataclass(slots=True)
-class _Plans:
-    """A batch planned in memory, ready to write."""
+@dataclass
+class _Plans(PlannedBatch):
+    """A batch planned in memory, ready for the store to write (:class:`PlannedBatch`), and
+    what the loop reports about it."""
 
-    rows: list[InboxRow]
-    outcomes: dict[int, str]
-    related: dict[str, set[str]]
-    loaded: dict[str, dict[str, CustomerState]]
-    current: dict[str, dict[str, CustomerState]]
-    operations: dict[str, list[Operation]]
-    conflicts: dict[str, list[tuple[str, str, str, str]]]
-    failures: list[tuple[str, str, str, str]]  # dispensary, destination, customer, message
-    touched: set[tuple[str, str]]
-    planned: dict[int, str] = field(default_factory=dict)  # of reconciliation events
+    touched: set[tuple[str, str]] = field(default_factory=set)
     # events refused when planned (parse_stored_event): (row, the problems), kept in
-    # quarantine with their reason when the batch is written
+    # quarantine with their reason when the batch is written (``rejected``)
     invalid: list[tuple[InboxRow, str]] = field(default_factory=list)
     # applied events whose wrong fields outside the rules were left out: (row, the problems)
     dropped: list[tuple[InboxRow, list[Problem]]] = field(default_factory=list)
-    # customers whose current version must be planned again: an opt-out seen late (stale,
-    # or carried from a merged customer) changed what their contact says about consent
-    refresh: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
@@ -222,10 +211,17 @@ def _plan_rows(
     loaded = {d: _with_survivors(load, d, ids) for d, ids in related.items()}
     current = {d: dict(states) for d, states in loaded.items()}
     plans = _Plans(
-        rows, outcomes, related, loaded, current,
-        {d: [] for d in related}, {d: [] for d in related}, [], set(), invalid=invalid,
+        rows=rows,
+        outcomes=outcomes,
+        related=related,
+        loaded=loaded,
+        current=current,
+        operations={d: [] for d in related},
+        conflicts={d: [] for d in related},
+        failures=[],
+        invalid=invalid,
         dropped=left_out,
-    )  # fmt: skip
+    )
     for row, event in work:
         event_id, dispensary = row.id, row.dispensary
         customer = event.customer
@@ -280,18 +276,27 @@ def _plan_rows(
         )
         plans.touched.update((dispensary, op.destination) for op in planned.operations)
         outcomes[event_id] = planned.outcome
+    plans.rejected = [
+        Rejected(
+            row.dispensary,
+            422,
+            f"{REFUSED_WHEN_PLANNED} ({row.source}): {problems}",
+            "application/json",
+            row.body.encode(),
+        )
+        for row, problems in plans.invalid
+    ]
     return plans
 
 
-def _plan_stored(store: Store, conn: Any, rows: list[InboxRow], deployment: Deployment) -> _Plans:
-    """:func:`_plan_rows` against the state stored in ``store``, read through ``conn`` (one
-    of its snapshots or transactions: the store's, not a type this module names)."""
-    return _plan_rows(
-        rows,
-        deployment,
-        lambda d, ids: store.load_states(conn, d, ids),
-        lambda d, c, us: store.first_received(conn, d, c, us),
-    )
+def _plan_with(deployment: Deployment) -> Callable[[list[InboxRow], StateReader], _Plans]:
+    """:func:`_plan_rows` as the store's plan-commit port calls it: against the state it
+    reads through a :class:`StateReader` (one of its snapshots or transactions)."""
+
+    def plan_rows(rows: list[InboxRow], reader: StateReader) -> _Plans:
+        return _plan_rows(rows, deployment, reader.load_states, reader.first_received)
+
+    return plan_rows
 
 
 def _with_survivors(
@@ -321,7 +326,7 @@ def _field_of(problem: Problem) -> str:
 REFUSED_WHEN_PLANNED = "refused when planned"
 
 
-def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> BatchResult:
+def process_batch(store: PlanCommit, deployment: Deployment, limit: int = 256) -> BatchResult:
     """Plan up to ``limit`` pending events, oldest first, and commit the result at once.
 
     Planning is CPU work, and the write lock is shared with the receiver (in another process
@@ -332,38 +337,9 @@ def process_batch(store: Store, deployment: Deployment, limit: int = 256) -> Bat
     the operations and the events' outcomes commit together, a few set-wise statements per
     dispensary: a crash at any point leaves all of a batch's effects or none.
     """
-    with store.snapshot() as conn:
-        rows = store.pending_events(conn, limit)
-        if not rows:
-            return BatchResult()
-        plans = _plan_stored(store, conn, rows, deployment)
-    with store.transaction(durable=False) as conn:  # redone from the durable inbox if lost
-        ids = [row.id for row in rows]
-        unchanged = store.still_pending(conn, ids) == set(ids) and all(
-            store.load_states(conn, d, related) == plans.loaded[d]
-            for d, related in plans.related.items()
-        )
-        if not unchanged:
-            rows = store.pending_events(conn, limit)
-            plans = _plan_stored(store, conn, rows, deployment)
-        for dispensary, destination, customer_id, message in plans.failures:
-            store.dead_letter_direct(
-                conn, dispensary, destination, customer_id, "upsert",
-                f"mapping failed: {message}",
-            )  # fmt: skip
-        for dispensary, states in plans.current.items():
-            store.save_states(conn, dispensary, plans.loaded[dispensary], states)
-            store.enqueue(conn, dispensary, plans.operations[dispensary])
-            store.add_conflicts(conn, dispensary, plans.conflicts[dispensary])
-        if plans.invalid:
-            store.insert_events(conn, [], [
-                Rejected(row.dispensary, 422, f"{REFUSED_WHEN_PLANNED} ({row.source}): {problems}",
-                         "application/json", row.body.encode())
-                for row, problems in plans.invalid
-            ])  # fmt: skip
-        store.mark_events(conn, plans.outcomes, plans.planned)
-        for dispensary, customer_ids in plans.refresh.items():
-            store.refresh_events(conn, dispensary, customer_ids)
+    plans = store.plan_batch(limit, _plan_with(deployment))
+    if plans is None:
+        return BatchResult()
     result = BatchResult(events=len(plans.rows), touched=plans.touched)
     for row, dropped in plans.dropped:
         # field paths and what is wrong with them: never a value (customer data)
@@ -455,10 +431,9 @@ async def _rest(stopping: asyncio.Event, seconds: float) -> None:
 
 
 def plan_without_writing(
-    store: Store, deployment: Deployment, rows: list[InboxRow]
+    store: PlanCommit, deployment: Deployment, rows: list[InboxRow]
 ) -> tuple[dict[int, str], dict[str, list[Operation]]]:
     """Plan ``rows`` against the stored state and return (outcome per row id, operations per
     dispensary) without writing anything: what a dry run shows."""
-    with store.snapshot() as conn:
-        plans = _plan_stored(store, conn, rows, deployment)
+    plans = store.plan_readonly(rows, _plan_with(deployment))
     return plans.outcomes, plans.operations

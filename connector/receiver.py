@@ -27,7 +27,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from connector.errors import EventValidationError, StoreUnavailable
 from connector.logs import get_logger
 from connector.planner import instant_us
-from connector.store import InboxWriter, NewEvent, Rejected, Store
+from connector.store import NewEvent, Rejected
+from connector.store.abc import Inbox, InboxWriterPort
 from connector.treez import (
     NotJsonError,
     OtherEvent,
@@ -54,7 +55,7 @@ class GroupCommitter:
     previous batch, that wait cost two thirds of each commit cycle: bench/ingest.py).
     """
 
-    def __init__(self, store: Store, *, max_batch: int = 512) -> None:
+    def __init__(self, store: Inbox, *, max_batch: int = 512) -> None:
         self.store = store
         self.max_batch = max_batch
         self.on_commit: list[Callable[[], None]] = []  # run after each commit of events
@@ -135,7 +136,7 @@ class GroupCommitter:
                     loop.call_soon_threadsafe(self._settle, left, error, False)
                 loop.call_soon_threadsafe(ended.set)
 
-    def _write_batches(self, writer: InboxWriter) -> None:
+    def _write_batches(self, writer: InboxWriterPort) -> None:
         loop = self._loop
         assert loop is not None
         while True:

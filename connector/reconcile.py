@@ -36,8 +36,7 @@ from connector.errors import ConnectorError, EventValidationError
 from connector.logs import get_logger
 from connector.pipeline import Deployment, plan_without_writing
 from connector.planner import Operation, instant_us
-from connector.store import AsyncStore, InboxRow, NewEvent, Rejected
-from connector.store.runs import Replayed, RunStore
+from connector.store import AsyncStore, InboxRow, NewEvent, Rejected, Replayed
 from connector.treez import MAX_DEPTH, check_customer, leave_out_deep, readable_name
 from connector.treez_api import TreezClient
 
@@ -125,7 +124,7 @@ class Reconciler:
     ) -> None:
         self.config = config
         self.astore = astore
-        self.runs = RunStore(astore.store)
+        self.runs = astore.store
         self.deployment = deployment
         self._plan = plan
         self._client_for = client_for or _default_client

@@ -19,11 +19,10 @@ from connector.config import Config
 from connector.delivery.worker import DeliveryWorker
 from connector.pipeline import Deployment, build_worker, process_batch
 from connector.reconcile import Reconciler, RunOptions, RunReport, iso
-from connector.store import AsyncStore, Store
-from connector.store.runs import COUNT_KEYS, RunStore
+from connector.store import COUNT_KEYS, AsyncStore, Store, open_store
 
 Echo = Callable[[str], None]
-HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_SECONDS = 5.0
 
 
 class ProgressLine:
@@ -64,7 +63,7 @@ async def reconcile_now(
     progress: ProgressLine | None = None,
     reconciler_options: dict[str, Any] | None = None,
 ) -> RunReport:
-    store = Store(config.store, timeout=config.store_timeout_seconds)
+    store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
     astore = AsyncStore(store)
     deployment = Deployment.from_config(config)
     workers: dict[tuple[str, str], DeliveryWorker] = {}
@@ -102,7 +101,7 @@ async def reconcile_now(
         if progress is not None:
             progress.done()
         if deliver:
-            runs = RunStore(store)
+            runs = store
             deadline = time.monotonic() + timeout
             while await astore.call(runs.open_operations, dispensary, report.high_water):
                 if time.monotonic() > deadline:
@@ -168,9 +167,9 @@ def _print_report(
 
 
 def status_lines(config: Config) -> list[str]:
-    store = Store(config.store, timeout=config.store_timeout_seconds)
+    store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
     try:
-        runs = RunStore(store)
+        runs = store
         last = runs.last_runs()
         queues = {(q["dispensary"], q["destination"]): q for q in store.queue_stats()}
         dead = runs.dead_counts()
@@ -206,7 +205,7 @@ def status_lines(config: Config) -> list[str]:
 
 
 def dlq_lines(store: Store, **filters: Any) -> list[str]:
-    letters = RunStore(store).dead_letters(**filters)
+    letters = store.dead_letters(**filters)
     if not letters:
         return ["no dead letters"]
     lines = []

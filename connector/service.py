@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -23,11 +24,12 @@ from connector.pipeline import Deployment, Processor, build_worker
 from connector.pipeline_process import PipelineProcess
 from connector.receiver import GroupCommitter
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
-from connector.store import AsyncStore, Store
+from connector.store import AsyncStore, open_store
 
 log = get_logger("connector.service")
-HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_SECONDS = 5.0
 RETENTION_SECONDS = 3600.0
+MISFIRE_GRACE = timedelta(seconds=600)
 
 
 Role = Literal["all", "receiver", "pipeline"]
@@ -45,7 +47,11 @@ class Service:
         self.metrics = Metrics()
         self.pressure = Pressure()
         self.deployment = Deployment.from_config(config)
-        self.astore = AsyncStore(Store(config.store, timeout=config.store_timeout_seconds))
+        self.astore = AsyncStore(
+            open_store(
+                config.store, timeout=config.store_timeout_seconds, listen=config.store_listen
+            )
+        )
         self.destination_keys = [
             (name, dest.name) for name, disp in config.dispensaries.items()
             for dest in disp.destinations
@@ -110,7 +116,8 @@ class Service:
             )
             scheduler.add_job(
                 self.scheduled_reconcile, trigger, args=[name], id=f"reconcile:{name}",
-                coalesce=True, max_instances=1, misfire_grace_time=600,
+                coalesce=True, max_instances=1,
+                misfire_grace_time=int(MISFIRE_GRACE.total_seconds()),
             )  # fmt: skip
         if scheduler.get_jobs():
             scheduler.start()
@@ -118,12 +125,41 @@ class Service:
             log.info("scheduler_started", count=len(scheduler.get_jobs()))
 
     async def scheduled_reconcile(self, dispensary: str) -> None:
+        """One scheduled tick: run by the first process of the cluster to claim it in the
+        store; every other replica sends Treez nothing, not even a token request."""
+        job = f"reconcile:{dispensary}"
+        tick = self._tick_of(dispensary)
+        if tick is not None:
+            store = self.astore.store
+            try:
+                mine = await self.astore.call(store.claim_tick, job, tick, store.process_id)
+            except Exception as exc:
+                log.warning("reconcile_error", dispensary=dispensary, error=exc)
+                return
+            if not mine:
+                log.info("reconcile_skipped", dispensary=dispensary, reason="tick ran elsewhere")
+                return
         try:
             await self.reconciler.run(dispensary, RunOptions(trigger="schedule"))
         except ReconcileBusy:
             log.info("reconcile_skipped", dispensary=dispensary, reason="already running")
         except Exception as exc:  # recorded in the run; the schedule goes on
             log.warning("reconcile_error", dispensary=dispensary, error=exc)
+
+    def _tick_of(self, dispensary: str) -> float | None:
+        """The scheduled time (epoch seconds) of the tick firing now: the latest fire time of
+        the dispensary's schedule not after now, within the misfire grace."""
+        if self.scheduler is None:
+            return None
+        job = self.scheduler.get_job(f"reconcile:{dispensary}")
+        if job is None:
+            return None
+        now = datetime.now(UTC)
+        found, fire = None, job.trigger.get_next_fire_time(None, now - MISFIRE_GRACE)
+        while fire is not None and fire <= now:
+            found = fire
+            fire = job.trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+        return None if found is None else float(found.timestamp())
 
     def _wake_workers(self, touched: Iterable[tuple[str, str]]) -> None:
         for key in touched:
@@ -154,6 +190,7 @@ class Service:
                 log.error("pipeline_process_slow", reason="no status within its start time")
         else:
             released = await self.astore.call(store.register_process)
+            self._listen(asyncio.get_running_loop())
             self._tasks["processor"] = asyncio.create_task(self.processor.run(self._stopping))
             for (dispensary, name), worker in self.workers.items():
                 self._tasks[f"worker:{dispensary}/{name}"] = asyncio.create_task(
@@ -171,6 +208,30 @@ class Service:
                     )  # fmt: skip
         log.info("started", role=self.role, store=self.config.store_display, released=released,
                  count=len(self.workers))  # fmt: skip
+
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake the planner and the workers when another process of the cluster commits
+        (PostgreSQL's LISTEN/NOTIFY; every loop polls as well)."""
+
+        def wake(handler: Callable[[str], None]) -> Callable[[str], None]:
+            def called(payload: str) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(handler, payload)
+
+            return called
+
+        store = self.astore.store
+        store.on_commit("inbox", wake(lambda _payload: self.processor.wake.set()))
+        store.on_commit("outbox", wake(self._wake_named))
+
+    def _wake_named(self, payload: str) -> None:
+        """``payload``: ``dispensary/destination`` keys, space-separated; empty: all."""
+        keys = [tuple(k.split("/", 1)) for k in payload.split()]
+        if not keys:
+            for worker in self.workers.values():
+                worker.wake.set()
+            return
+        self._wake_workers((k[0], k[1]) for k in keys if len(k) == 2)
 
     async def _heartbeat(self) -> None:
         store = self.astore.store

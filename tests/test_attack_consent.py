@@ -15,8 +15,6 @@ from test_alpineiq import RESUBSCRIBE_DISPENSARY, config_text, contact_of, run_f
 from test_klaviyo import klaviyo_flow
 from vendor_flow import Flow, event_body
 
-from connector.store.runs import RunStore
-
 
 def person(customer: str, n: int) -> dict[str, Any]:
     return {"email": f"c{customer}@example.com", "phone": f"310555{n:04d}"}
@@ -177,7 +175,7 @@ def test_replayed_dead_unsubscribe_after_a_resubscribe_is_superseded(tmp_path: A
         assert [d["op"] for d in flow.dead_letters()] == ["unsubscribe"]
         await flow.deliver(event_body("7", 120, opt_out="false", **person("7", 7)))
         assert flow.ops("7")[-1] == "subscribe"
-        RunStore(flow.store).replay()
+        flow.store.replay()
         await flow.drain()
         assert fake.consent(contact_of(flow, "7"))["email"] is True
 
@@ -351,7 +349,7 @@ def test_held_dead_unsubscribe_replayed_once(tmp_path: Any) -> None:
         await flow.deliver(event_body("R", 30, opt_out="true", **person("R", 8)))  # stale, again
         await flow.deliver(event_body("R", 120, first_name="Later", **person("R", 8)))
         for _ in range(2):
-            RunStore(flow.store).replay()
+            flow.store.replay()
             await flow.drain()
         assert [r["op"] for r in flow.outbox()].count("unsubscribe") == 1
         assert fake.consent(contact_of(flow, "R")) == OUT

@@ -23,8 +23,7 @@ from connector.delivery.alpineiq import AlpineIQSink
 from connector.mapping import compile_mapping_text, load_mapping
 from connector.pipeline import Deployment, process_batch
 from connector.planner import CustomerState, DestinationSpec, Operation, merge_key, plan
-from connector.store import NewEvent, Store
-from connector.store.runs import RunStore
+from connector.store import NewEvent, open_store
 from connector.store.schema import outbox
 from connector.treez import Customer, parse_customer
 
@@ -136,7 +135,7 @@ def pipeline_outbox(work: Path, bodies: list[bytes]) -> list[dict[str, Any]]:
         "      - {name: crm, type: http, url: 'http://127.0.0.1:9/ops', mapping: http.yaml}\n"
     )
     config = load_config(work / "config.yaml")
-    store = Store(config.store)
+    store = open_store(config.store)
     deployment = Deployment.from_config(config)
     try:
         for raw in bodies:
@@ -289,7 +288,7 @@ def test_defect_6_an_owed_unsubscribe_is_replayed_after_a_merge(tmp_path: Path) 
                     phone="3105550100",
                 ),
             )
-            replayed = RunStore(flow.store).replay()
+            replayed = flow.store.replay()
             assert (replayed.replayed, replayed.superseded) == (1, 0)
             await flow.drain()
             persona = flow.contact_ids()[(DISPENSARY, "aiq", "200")]

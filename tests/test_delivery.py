@@ -40,8 +40,7 @@ from connector.delivery.retry import RetryPolicy, parse_retry_after
 from connector.delivery.worker import DeliveryWorker
 from connector.errors import FatalDelivery, RetriableDelivery
 from connector.planner import Operation, payload_hash
-from connector.store import CLAIM_SECONDS, AsyncStore, Store
-from connector.store.runs import RunStore
+from connector.store import CLAIM_SECONDS, AsyncStore, Store, open_store
 from connector.store.schema import contacts, dead_letters, outbox, processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +165,7 @@ async def drain(store: Store, destination: Any, **options: Any) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path}/s.db")
+    s = open_store(f"sqlite:///{tmp_path}/s.db")
     s.register_process()
     try:
         yield s
@@ -798,7 +797,7 @@ def test_defect_7_a_dead_upsert_keeps_the_hash_of_a_newer_one(
     asyncio.run(drain(store, HttpSink(http_config(mapping_dir, url=service.url))))
     [contact] = store.query(select(contacts).where(contacts.c.customer_id == "c1"))
     assert contact.delivered_hash == payload_hash(newer.body["fields"])
-    replayed = RunStore(store).replay()
+    replayed = store.replay()
     assert (replayed.replayed, replayed.superseded) == (0, 1)
 
 
@@ -1103,7 +1102,7 @@ def test_register_process_releases_ops_of_a_dead_process(store: Store, tmp_path:
                 .values(status="inflight", claimed_by=pid_id, claimed_until=now + CLAIM_SECONDS)
             )
 
-    restarted = Store(f"sqlite:///{tmp_path}/s.db")
+    restarted = open_store(f"sqlite:///{tmp_path}/s.db")
     try:
         assert restarted.register_process() == 2
         rows = outbox_rows(restarted)

@@ -27,8 +27,9 @@ from connector.pipeline_process import BUSY, BUSY_EVERY_SECONDS, PipelineProcess
 from connector.planner import instant_us
 from connector.receiver import GroupCommitter
 from connector.service import Service
-from connector.store import InboxWriter, NewEvent, Rejected, Store
+from connector.store import NewEvent, Rejected, Store, open_store
 from connector.store.schema import inbox, quarantine
+from connector.store.sqlite import InboxWriter
 from connector.treez import (
     RULE_FIELDS,
     CustomerEvent,
@@ -54,7 +55,7 @@ INBOX_COLUMNS = (
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(f"sqlite:///{tmp_path / 'store.db'}", timeout=0.3)
+    opened = open_store(f"sqlite:///{tmp_path / 'store.db'}", timeout=0.3)
     yield opened
     opened.close()
 
@@ -95,9 +96,9 @@ def write_lock(database: Path) -> Iterator[None]:
 
 def test_the_inbox_writer_stores_what_add_events_stores(tmp_path: Path) -> None:
     batch = events(250) + events(3, start=900, status="ignored")
-    reference = Store(f"sqlite:///{tmp_path / 'reference.db'}")
+    reference = open_store(f"sqlite:///{tmp_path / 'reference.db'}")
     reference.add_events(batch)
-    fast = Store(f"sqlite:///{tmp_path / 'fast.db'}")
+    fast = open_store(f"sqlite:///{tmp_path / 'fast.db'}")
     writer = fast.inbox_writer()
     try:
         writer.add(batch)
@@ -180,7 +181,7 @@ def test_a_batch_too_big_for_one_statement_is_one_transaction(
 
 
 def test_without_a_database_file_the_writer_uses_the_store(tmp_path: Path) -> None:
-    memory = Store("sqlite://")
+    memory = open_store("sqlite://")
     try:
         writer = InboxWriter(memory)
         writer.add(events(2))

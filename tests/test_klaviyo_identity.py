@@ -55,7 +55,7 @@ from connector.config import KLAVIYO_REVISION
 from connector.delivery.base import Sent
 from connector.delivery.klaviyo import KlaviyoSink
 from connector.errors import FatalDelivery, RetriableDelivery
-from connector.store import Store
+from connector.store import open_store
 from connector.store.schema import conflicts, contacts, customers
 
 JSONAPI = "application/vnd.api+json"
@@ -448,7 +448,7 @@ def test_defect_12_flow_a_keyed_409_is_reported_once_and_the_email_not_sent_agai
 def test_contact_claims_resolves_owners_through_merges_and_reads_conflicts(
     tmp_path: Path,
 ) -> None:
-    store = Store(f"sqlite:///{tmp_path}/c.db")
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
     rows = [("1001", "01P"), ("2001", "01Q"), ("2002", "01R"), ("3001", "01P")]
     with store.engine.begin() as conn:
         conn.execute(

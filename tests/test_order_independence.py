@@ -43,7 +43,6 @@ from connector.delivery.alpineiq import AlpineIQSink
 from connector.delivery.klaviyo import KlaviyoSink
 from connector.mapping import compile_mapping_text
 from connector.planner import CustomerState, DestinationSpec, Operation, plan
-from connector.store.runs import RunStore
 from connector.treez import Customer, parse_customer
 
 A, B, C = "200", "100", "300"
@@ -246,7 +245,7 @@ async def run_order(work: Path, vendor: Vendor, plan: list[Any]) -> Flow:
         await flow.deliver(*(body(e) for e in batch))
     # every dead letter replayed (as `connector dlq replay` does) until none is left open
     for _ in range(5):
-        replayed = await asyncio.to_thread(RunStore(flow.store).replay)
+        replayed = await asyncio.to_thread(flow.store.replay)
         await flow.drain()
         if replayed.replayed == 0:
             break

@@ -962,7 +962,7 @@ def test_a_dead_commit_thread_makes_the_receiver_unready_and_answer_503(
     def no_writer(self: Any) -> Any:
         raise OSError("no file handles left")
 
-    monkeypatch.setattr("connector.store.store.Store.inbox_writer", no_writer)
+    monkeypatch.setattr("connector.store.sqlite.SqliteStore.inbox_writer", no_writer)
 
     async def scenario(rx: Running) -> None:
         _, body = await eventually(rx.readiness, lambda r: r[0] == 503, "readiness")
@@ -1319,7 +1319,7 @@ def _plan_as_the_pipeline_does(stored: str) -> int:
         for states in ({}, {customer.customer_id: opted_out}):
             planned = plan(customer, DISPENSARY, states, specs, digest=content_hash(customer))
             for operation in planned.operations:
-                # connector/store/store.py writes each body so, into a UTF-8 text column
+                # connector/store/inbox.py writes each body so, into a UTF-8 text column
                 payload = json.dumps(operation.body, separators=(",", ":"), ensure_ascii=False)
                 payload.encode("utf-8")
     return len(dropped)

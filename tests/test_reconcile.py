@@ -25,8 +25,8 @@ from connector.cli import main as cli
 from connector.config import Config, DispensaryConfig, TreezApiConfig, load_config
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
 from connector.runner import reconcile_now, status_lines
-from connector.store import Store
-from connector.store.runs import RunStore, counts_from
+from connector.store import open_store
+from connector.store.runs import counts_from
 from connector.treez_api import TreezApiError, TreezClient, format_after
 
 DISPENSARY = "partnersandbox3"
@@ -320,7 +320,7 @@ def test_two_runs_of_one_dispensary_at_once_one_runs(tmp_path: Path, fake: Treez
         from connector.pipeline import Deployment, process_batch
         from connector.store import AsyncStore
 
-        stores = [AsyncStore(Store(config.store)) for _ in range(2)]
+        stores = [AsyncStore(open_store(config.store)) for _ in range(2)]
         deployment = Deployment.from_config(config)
 
         async def plan() -> None:
@@ -347,8 +347,8 @@ def test_two_runs_of_one_dispensary_at_once_one_runs(tmp_path: Path, fake: Treez
 
 
 def test_the_lock_of_a_dead_holder_expires(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path}/c.db")
-    runs = RunStore(store)
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    runs = store
     assert runs.acquire("reconcile:x", "a", ttl=60)
     assert not runs.acquire("reconcile:x", "b", ttl=60)
     assert runs.acquire("reconcile:x", "a", ttl=60)  # its holder may take it again
@@ -386,7 +386,7 @@ def test_counts_from_event_outcomes() -> None:
 
 
 def test_dead_letters_are_replayed_unless_superseded(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path}/c.db")
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
     now = time.time()
     with store.transaction() as conn:
         for oid, customer, op, status in [
@@ -414,7 +414,7 @@ def test_dead_letters_are_replayed_unless_superseded(tmp_path: Path) -> None:
             " values (null, 'd', 'x', 'e', 'upsert', '{}', 'm', 0, 'mapping failed', ?)",
             (now,),
         )
-    runs = RunStore(store)
+    runs = store
     assert [d.customer_id for d in runs.dead_letters()] == ["a", "b", "c", "e"]
     # only the old ones, and at most 1
     assert runs.replay(older_than=now - 3600, limit=1).replayed == 1
@@ -530,8 +530,8 @@ def test_format_after_is_the_documented_date_form() -> None:
 def test_a_second_reconciler_waits_for_nothing_when_busy(tmp_path: Path, fake: TreezFake) -> None:
     """ReconcileBusy is raised at once, before any call to Treez."""
     config = load_config(write_config(tmp_path, fake.base_url))
-    store = Store(config.store)
-    RunStore(store).acquire(f"reconcile:{DISPENSARY}", "someone-else", ttl=60)
+    store = open_store(config.store)
+    store.acquire(f"reconcile:{DISPENSARY}", "someone-else", ttl=60)
     with pytest.raises(ReconcileBusy):
         run(config, fake)
     assert fake.calls == []
@@ -552,7 +552,7 @@ def test_serve_schedules_one_cron_job_per_reconciling_dispensary(
         assert service.scheduler is not None
         jobs = service.scheduler.get_jobs()
         # a run already going (another process holds the lock): the tick is skipped quietly
-        RunStore(service.astore.store).acquire(f"reconcile:{DISPENSARY}", "other", ttl=60)
+        service.astore.store.acquire(f"reconcile:{DISPENSARY}", "other", ttl=60)
         await service.scheduled_reconcile(DISPENSARY)
         service.scheduler.shutdown(wait=False)
         service.astore.close()
@@ -590,7 +590,7 @@ def test_contacts_a_destination_no_longer_has_are_reported(tmp_path: Path, fake:
             return None if int(contact_id[2:]) % 2 else {"id": contact_id}
 
     async def go() -> Any:
-        astore = AsyncStore(Store(config.store))
+        astore = AsyncStore(open_store(config.store))
         deployment = Deployment.from_config(config)
 
         async def plan() -> None:
@@ -620,7 +620,7 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
     newer one; an old unsubscribe is resent without its stale fields."""
     from connector.planner import payload_hash
 
-    store = Store(f"sqlite:///{tmp_path}/c.db")
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
     now = time.time()
     old, new = {"email": "old"}, {"email": "new"}
     rows = [  # outbox id, customer, op, payload
@@ -661,7 +661,7 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
                 " values ('d', ?, 'x', ?, ?, ?, 1, ?)",
                 (customer, payload_hash(new), unsubscribed, customer == "deactivated", now),
             )
-    done = RunStore(store).replay(dispensary="d")
+    done = store.replay(dispensary="d")
     assert (done.replayed, done.superseded, done.unreplayable) == (2, 4, 0)
     found = {
         r[0]: (r[1], json.loads(r[2]))
@@ -710,7 +710,7 @@ def test_auto_paging_on_a_listing_in_id_order_skips_no_one(tmp_path: Path) -> No
     config = load_config(write_config(tmp_path, fake.base_url, extra=extra))
 
     async def go() -> None:
-        astore = AsyncStore(Store(config.store))
+        astore = AsyncStore(open_store(config.store))
         deployment = Deployment.from_config(config)
 
         async def plan() -> None:

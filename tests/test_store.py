@@ -13,13 +13,13 @@ from sqlalchemy import insert, select, update
 
 from connector.errors import StoreError
 from connector.planner import Operation
-from connector.store import NewEvent, Rejected, Store
+from connector.store import NewEvent, Rejected, Store, open_store
 from connector.store.schema import SCHEMA_VERSION, conflicts, inbox, meta, outbox, quarantine
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    opened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
     yield opened
     opened.close()
 
@@ -31,20 +31,20 @@ def test_a_new_store_records_its_schema_version(store: Store) -> None:
 
 def test_a_store_from_a_newer_connector_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    first = Store(url)
+    first = open_store(url)
     with first.transaction() as conn:
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="999"))
     first.close()
     with pytest.raises(StoreError, match="schema is version 999, newer than this connector"):
-        Store(url)
+        open_store(url)
 
 
 def test_opening_twice_keeps_the_data(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    first = Store(url)
+    first = open_store(url)
     first.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
     first.close()
-    again = Store(url)
+    again = open_store(url)
     assert len(again.query(select(inbox))) == 1
     again.close()
 
@@ -100,7 +100,7 @@ def test_purge_deletes_delivered_operations_only(store: Store) -> None:
 
 def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
-    store = Store(f"sqlite:///{path}", timeout=0.2)
+    store = open_store(f"sqlite:///{path}", timeout=0.2)
     store.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
@@ -119,7 +119,7 @@ def test_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
     from connector.errors import StoreUnavailable
 
     path = tmp_path / "store.db"
-    store = Store(f"sqlite:///{path}", timeout=0.2)
+    store = open_store(f"sqlite:///{path}", timeout=0.2)
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
@@ -141,7 +141,7 @@ def test_a_zombie_process_counts_as_gone() -> None:
     import subprocess
     import time
 
-    from connector.store.store import _pid_alive
+    from connector.store.sqlite import _pid_alive
 
     child = subprocess.Popen(["sleep", "0.05"])
     deadline = time.monotonic() + 5
@@ -213,7 +213,7 @@ def test_a_version_2_store_gains_opt_out_seen_from_what_it_knew(tmp_path: Path) 
     customer whose last opt_out was true, or who has an unsubscribed contact, is known to have
     opted out; the others are not."""
     path = tmp_path / "old.db"
-    Store(f"sqlite:///{path}").close()
+    open_store(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as db:  # back to what version 2 wrote
         db.execute("ALTER TABLE customers DROP COLUMN opt_out_seen")
         db.execute("DROP INDEX ix_contacts_contact")
@@ -228,7 +228,7 @@ def test_a_version_2_store_gains_opt_out_seen_from_what_it_knew(tmp_path: Path) 
             "INSERT INTO contacts (dispensary, customer_id, destination, unsubscribed, "
             "deactivated, ops_planned, updated_at) VALUES ('d', 'flipped', 'x', 1, 0, 2, 0)"
         )
-    store = Store(f"sqlite:///{path}")
+    store = open_store(f"sqlite:///{path}")
     try:
         with store.snapshot() as conn:
             states = store.load_states(conn, "d", ["out", "flipped", "never", "unknown"])

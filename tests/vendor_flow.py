@@ -34,7 +34,7 @@ from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
 from connector.pipeline import Deployment, process_batch
 from connector.planner import instant_us
-from connector.store import AsyncStore, NewEvent, Store
+from connector.store import AsyncStore, NewEvent, open_store
 from connector.store.schema import conflicts, contacts, dead_letters, outbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ class Flow:
         path.write_text(config_text.replace("sqlite:///connector.db", f"sqlite:///{work}/c.db"))
         self.config = load_config(path)
         self.deployment = Deployment.from_config(self.config)
-        self.store = Store(self.config.store)
+        self.store = open_store(self.config.store)
         self.store.register_process()
         self.astore = AsyncStore(self.store)
         self.base_url = base_url
@@ -199,4 +199,5 @@ class Flow:
             await task
         for sink in self.sinks.values():
             await sink.aclose()
+        self.store.release_claims()  # as serve does when it stops: claims and leases
         self.astore.close()

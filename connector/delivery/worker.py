@@ -2,6 +2,12 @@
 
 Concurrent across customers, strictly ordered within one (the store's claim gives at most one
 operation per customer at a time, and none while an earlier one waits for its retry).
+
+One process of the cluster delivers for a destination at a time: the worker claims only while
+it holds the destination's lease in the store (``deliver:DISPENSARY/DESTINATION``), renewed
+every :data:`LEASE_RENEW_SECONDS` and taken over by another replica's worker within
+:data:`~connector.store.LEASE_SECONDS` of its holder's death. So a destination's
+``rate_limit`` holds for the cluster (Klaviyo counts per account), not per replica.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from connector.delivery.retry import RetryPolicy
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 from connector.logs import get_logger
 from connector.metrics import Metrics
-from connector.store import AsyncStore, OutboxRow
+from connector.store import LEASE_SECONDS, AsyncStore, OutboxRow
 
 log = get_logger("connector.delivery")
+LEASE_RENEW_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -69,6 +76,26 @@ class DeliveryWorker:
         self.wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
         self._backlog = False  # deep enough for the destination's bulk path
+        self.lease = f"deliver:{dispensary}/{destination.name}"
+        self.leased = False  # whether this process delivers for the destination now
+        self._lease_checked = -LEASE_RENEW_SECONDS  # monotonic time of the last take/renew
+
+    async def _hold_lease(self) -> bool:
+        """Take or renew the destination's lease when due; whether this process holds it."""
+        now = time.monotonic()
+        if now - self._lease_checked < LEASE_RENEW_SECONDS:
+            return self.leased
+        store = self.astore.store
+        held = await self.astore.call(store.acquire, self.lease, store.process_id, LEASE_SECONDS)
+        if held != self.leased:
+            log.info(
+                "delivery_lease",
+                dispensary=self.dispensary,
+                destination=self.destination.name,
+                outcome="taken" if held else "held elsewhere",
+            )
+        self.leased, self._lease_checked = held, now
+        return held
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Deliver until ``stopping`` is set; the round in progress is finished first."""
@@ -94,6 +121,12 @@ class DeliveryWorker:
         if bulk and self._backlog:
             limit = max(limit, bulk)
         self.wake.clear()  # before looking: a wake-up from here on is not lost
+        if not await self._hold_lease():
+            # another process delivers for this destination: look again when its lease
+            # could have lapsed (it renews it every few seconds while it lives)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), LEASE_RENEW_SECONDS)
+            return
         rows = await self.astore.call(store.claim, self.dispensary, self.destination.name, limit)
         if bulk and len(rows) >= self.concurrency * self.destination.batch_size:
             # a backlog (a reconciliation, a burst): worth the bulk path once it is this deep

@@ -1,23 +1,54 @@
-"""Durable state: received events, customer state, the identity map, the outbox."""
+"""Durable state: received events, customer state, the identity map, the outbox.
 
-from connector.store.store import (
-    CLAIM_SECONDS,
-    AsyncStore,
+:mod:`connector.store.abc` names the ports; :func:`open_store` opens the adapter a store URL
+asks for (SQLite, the embedded default, or PostgreSQL, the scale-out store). Nothing outside
+this package sees a connection or a dialect.
+"""
+
+from __future__ import annotations
+
+from connector.store._statements import CLAIM_SECONDS, LEASE_SECONDS
+from connector.store.abc import (
+    DeadLetter,
     InboxRow,
-    InboxWriter,
     NewEvent,
     OutboxRow,
+    PlannedBatch,
     Rejected,
+    Replayed,
+    StateReader,
     Store,
 )
+from connector.store.asyncstore import AsyncStore
+from connector.store.runs import COUNT_KEYS
+
+
+def open_store(
+    url: str, *, timeout: float = 5.0, synchronous: str = "FULL", listen: bool = True
+) -> Store:
+    """The store at ``url``, its schema brought up to date (see :mod:`.migrate`)."""
+    if url.startswith("sqlite"):
+        from connector.store.sqlite import SqliteStore
+
+        return SqliteStore(url, synchronous=synchronous, timeout=timeout)
+    from connector.store.postgres import PostgresStore
+
+    return PostgresStore(url, timeout=timeout, listen=listen)
+
 
 __all__ = [
     "CLAIM_SECONDS",
+    "COUNT_KEYS",
+    "LEASE_SECONDS",
     "AsyncStore",
+    "DeadLetter",
     "InboxRow",
-    "InboxWriter",
     "NewEvent",
     "OutboxRow",
+    "PlannedBatch",
     "Rejected",
+    "Replayed",
+    "StateReader",
     "Store",
+    "open_store",
 ]

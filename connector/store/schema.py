@@ -234,3 +234,14 @@ locks = Table(
     Column("holder", String(64), nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+
+# Version 4: the scheduled reconciliation ticks already run in the cluster (one row each: the
+# first replica to insert it runs the tick, every other one sends Treez nothing).
+schedule_ticks = Table(
+    "schedule_ticks",
+    metadata,
+    Column("job", String(160), primary_key=True),
+    Column("tick_at", Float, primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("claimed_at", Float, nullable=False),
+)

@@ -1,0 +1,107 @@
+"""What every SQL adapter shares: the engine, transactions, reads, and the hooks through which
+a dialect changes how a statement locks or inserts (SQLite and PostgreSQL override them)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from connector.errors import StoreError, StoreUnavailable
+
+
+def reason_of(exc: BaseException) -> str:
+    """The driver's first line, never a statement or its parameters (customer values)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return (text[0][:160] if text else "") or orig.__class__.__name__
+
+
+class SqlBase:
+    """An open store: the engine and the transactions every port runs in."""
+
+    dialect = "sql"
+
+    def __init__(self, url: str, engine: Engine, *, timeout: float = 5.0) -> None:
+        self.url = url
+        self.engine = engine
+        self.timeout = timeout
+        self.process_id = uuid.uuid4().hex  # this process, for its claims and leases
+        self._listeners: dict[str, list[Callable[[str], None]]] = {}
+
+    def open(self) -> None:
+        """Bring the schema up to date (nothing when it is current)."""
+        from connector.store.migrate import ensure_current
+
+        try:
+            ensure_current(self.engine)
+        except OperationalError as exc:
+            raise StoreError(f"the store cannot be opened ({reason_of(exc)})") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- hooks a dialect overrides ---
+
+    def _begin_write(self, conn: Connection, durable: bool) -> None:
+        """Called on a write transaction's connection before it begins."""
+
+    def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
+        """Tell the other processes of the cluster, on commit, that ``channel`` has work."""
+
+    def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
+        self._listeners.setdefault(channel, []).append(callback)
+
+    # --- transactions ---
+
+    @contextmanager
+    def transaction(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction; a locked, full or unreachable database becomes
+        :class:`StoreUnavailable`.
+
+        ``durable=False`` (SQLite) commits without syncing the WAL to disk, for writes that
+        can be lost in a power cut without losing anything: claims, delivery results and
+        plans are all redone from what is durable (a lost "done" means one more delivery,
+        which idempotency keys make harmless). Received events always commit durably.
+        """
+        try:
+            with self.engine.connect() as conn:
+                self._begin_write(conn, durable)
+                try:
+                    with conn.begin():
+                        yield conn
+                finally:
+                    conn.info.pop("immediate", None)
+        except (OperationalError, _Gone) as exc:
+            raise StoreUnavailable(f"the store cannot take the write ({reason_of(exc)})") from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StoreUnavailable(
+                    f"the store cannot take the write ({reason_of(exc)})"
+                ) from None
+            raise
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A read transaction: one consistent view of the store, and no write lock taken."""
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailable(f"the store cannot be read ({reason_of(exc)})") from None
+
+    def _read(self, statement: Any, params: Any = None) -> list[Any]:
+        with self.snapshot() as conn:
+            return list(conn.execute(statement, params).all())
+
+    def query(self, statement: Any) -> list[Any]:
+        """Run a read-only statement (tests)."""
+        return self._read(statement)
+
+
+class _Gone(Exception):
+    """Raised by an adapter when its connection to the database is gone mid-transaction."""

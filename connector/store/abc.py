@@ -1,0 +1,318 @@
+"""The store's ports: what each caller may ask of the durable state, and the records they
+exchange. Adapters (:mod:`connector.store.sqlite`, :mod:`connector.store.postgres`) implement
+every port; a caller names only the ports it uses, and never a connection or a dialect.
+
+Named by who calls them:
+
+- :class:`Inbox`: the receiver and the reconciliation pull (receive, refuse into quarantine);
+- :class:`PlanCommit`: the planner loop (read pending events and the state they need, plan,
+  and commit one planned batch as one store operation, re-checked);
+- :class:`Outbox`: the delivery workers (claim, finish, next due, backlog, the identity map);
+- :class:`Runs`: reconciliation's runs and checkpoints;
+- :class:`DeadLetters`: the dead-letter queue and its replay;
+- :class:`Processes`: this process's registration, heartbeat, claims and leases;
+- :class:`Admin`: status, metrics, readiness and retention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from connector.planner import CustomerState, Operation
+
+# --- records --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)  # not frozen: built for each webhook, where frozen's __init__ costs 4x
+class NewEvent:
+    dispensary: str
+    source: str
+    event_type: str
+    customer_id: str | None
+    last_update_us: int | None
+    body: str
+    status: str = "pending"
+    run_id: int | None = None  # the reconciliation run that pulled it
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    dispensary: str
+    status_code: int
+    reason: str
+    content_type: str | None
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    id: int
+    dispensary: str
+    source: str
+    customer_id: str | None
+    body: str
+    run_id: int | None = None
+    received_at: float | None = None  # when it was stored: bounds how far ahead it orders
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    dispensary: str
+    destination: str
+    customer_id: str
+    op: str
+    body: dict[str, Any]
+    idempotency_key: str
+    attempts: int
+    first_attempt_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    outbox_id: int | None
+    dispensary: str
+    destination: str
+    customer_id: str
+    op: str
+    attempts: int
+    reason: str
+    status_code: int | None
+    created_at: float
+    replayed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    replayed: int  # back in the outbox, pending
+    superseded: int  # a later operation of the same kind for that contact exists: not resent
+    unreplayable: int  # no operation to resend (a mapping failure): fix the mapping, --resend
+
+
+@dataclass
+class PlannedBatch:
+    """What planning a batch of inbox events gave, as the store writes it in one commit.
+
+    ``loaded`` is the state read for each dispensary's ``related`` customers before planning:
+    the store re-reads it under its write lock and plans again if it changed meanwhile."""
+
+    rows: list[InboxRow]
+    outcomes: dict[int, str]
+    related: dict[str, set[str]]
+    loaded: dict[str, dict[str, CustomerState]]
+    current: dict[str, dict[str, CustomerState]]
+    operations: dict[str, list[Operation]]
+    conflicts: dict[str, list[tuple[str, str, str, str]]]  # customer, destination, kind, detail
+    failures: list[tuple[str, str, str, str]]  # dispensary, destination, customer, message
+    planned: dict[int, str] = field(default_factory=dict)  # of reconciliation events
+    rejected: list[Rejected] = field(default_factory=list)  # refused when planned: quarantine
+    # customers whose current version must be planned again (an opt-out seen late)
+    refresh: dict[str, set[str]] = field(default_factory=dict)
+
+
+class StateReader(Protocol):
+    """The reads planning needs, within one consistent view of the store."""
+
+    def load_states(
+        self, dispensary: str, customer_ids: Iterable[str]
+    ) -> dict[str, CustomerState]: ...
+
+    def first_received(
+        self, dispensary: str, customer_id: str, last_update_us: int
+    ) -> float | None: ...
+
+
+B = TypeVar("B", bound=PlannedBatch)
+Plan = Callable[[list[InboxRow], StateReader], B]
+
+# --- ports ----------------------------------------------------------------------------------
+
+
+class InboxWriterPort(Protocol):
+    """Commits the receiver's batches, from one thread."""
+
+    def add(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Inbox(Protocol):
+    def add_events(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None: ...
+
+    def inbox_writer(self) -> InboxWriterPort: ...
+
+    def ping(self) -> None: ...
+
+
+class PlanCommit(Protocol):
+    def plan_batch(self, limit: int, plan: Plan[B]) -> B | None:
+        """Plan up to ``limit`` pending events with ``plan`` and commit what it gave; None
+        when nothing is pending."""
+        ...
+
+    def plan_readonly(self, rows: list[InboxRow], plan: Plan[B]) -> B:
+        """``plan`` against the stored state, writing nothing (a dry run)."""
+        ...
+
+
+class Outbox(Protocol):
+    def claim(
+        self, dispensary: str, destination: str, limit: int, now: float | None = None
+    ) -> list[OutboxRow]: ...
+
+    def finish(
+        self,
+        dispensary: str,
+        destination: str,
+        done: Sequence[tuple[OutboxRow, str | None]] = (),
+        retry: Sequence[tuple[OutboxRow, float, str]] = (),
+        dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
+        conflicts: Sequence[tuple[str, str, str]] = (),
+        replaced: Mapping[int, str] | None = None,
+    ) -> None: ...
+
+    def next_due(self, dispensary: str, destination: str) -> float | None: ...
+
+    def pending_count(self, dispensary: str, destination: str) -> int: ...
+
+    def contact_ids(
+        self, dispensary: str, destination: str, customer_ids: Iterable[str]
+    ) -> dict[str, str]: ...
+
+    def resolve_contact_ids(
+        self, dispensary: str, destination: str, customer_ids: Iterable[str]
+    ) -> dict[str, str]: ...
+
+    def contact_claims(
+        self,
+        dispensary: str,
+        destination: str,
+        contact_id: str | None,
+        conflict_kind: str | None = None,
+    ) -> tuple[list[str], list[tuple[str, str]]]: ...
+
+
+class Runs(Protocol):
+    def checkpoint(self, dispensary: str) -> int | None: ...
+
+    def set_checkpoint(self, dispensary: str, after_us: int) -> None: ...
+
+    def close_interrupted(self, dispensary: str) -> int: ...
+
+    def start_run(
+        self, dispensary: str, trigger: str, options: dict[str, Any], before_us: int | None
+    ) -> int: ...
+
+    def add_pulled(
+        self,
+        dispensary: str,
+        events: Sequence[NewEvent],
+        rejected: Sequence[Rejected],
+        checkpoint_us: int | None,
+    ) -> None: ...
+
+    def pending_in_run(self, run_id: int) -> int: ...
+
+    def run_counts(self, run_id: int) -> dict[str, int]: ...
+
+    def finish_run(
+        self,
+        run_id: int,
+        outcome: str,
+        counts: dict[str, int],
+        after_us: int | None,
+        error: str | None = None,
+    ) -> None: ...
+
+    def runs(self, dispensary: str | None = None, limit: int = 20) -> list[dict[str, Any]]: ...
+
+    def last_runs(self) -> dict[str, dict[str, Any]]: ...
+
+    def outbox_high_water(self, dispensary: str) -> int: ...
+
+    def open_operations(self, dispensary: str, up_to: int) -> int: ...
+
+    def sample_contacts(
+        self, dispensary: str, destination: str, run_id: int, limit: int
+    ) -> list[tuple[str, str]]: ...
+
+    def add_conflict(
+        self, dispensary: str, customer_id: str, destination: str, kind: str, detail: str
+    ) -> None: ...
+
+    def claim_tick(self, job: str, tick_at: float, holder: str) -> bool:
+        """Record that ``holder`` runs the scheduled tick ``tick_at`` of ``job``: True for
+        the first to ask in the cluster, False for every other (it sends nothing)."""
+        ...
+
+
+class DeadLetters(Protocol):
+    def dead_letters(
+        self,
+        *,
+        dispensary: str | None = None,
+        destination: str | None = None,
+        customer: str | None = None,
+        include_replayed: bool = False,
+        limit: int = 100,
+    ) -> list[DeadLetter]: ...
+
+    def replay(
+        self,
+        *,
+        dispensary: str | None = None,
+        destination: str | None = None,
+        customer: str | None = None,
+        older_than: float | None = None,
+        limit: int | None = None,
+    ) -> Replayed: ...
+
+    def dead_counts(self) -> dict[tuple[str, str], int]: ...
+
+
+class Processes(Protocol):
+    process_id: str
+
+    def register_process(self) -> int: ...
+
+    def heartbeat(self) -> None: ...
+
+    def release_claims(self) -> int: ...
+
+    def acquire(self, name: str, holder: str, ttl: float) -> bool: ...
+
+    def renew(self, name: str, holder: str, ttl: float) -> bool: ...
+
+    def release(self, name: str, holder: str) -> None: ...
+
+
+class Admin(Protocol):
+    dialect: str  # "sqlite" or "postgresql": for display, never for SQL outside the store
+
+    def ping(self) -> None: ...
+
+    def queue_stats(self) -> list[dict[str, Any]]: ...
+
+    def pending_work(self) -> int: ...
+
+    def purge(self, *, raw_before: float, delivered_before: float) -> dict[str, int]: ...
+
+    def conflict_counts(self, since: float = 0.0) -> dict[tuple[str, str], int]: ...
+
+    def latest_operations(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class Store(Inbox, PlanCommit, Outbox, Runs, DeadLetters, Processes, Admin, Protocol):
+    """Every port: what :func:`connector.store.open_store` returns."""
+
+    def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Call ``callback`` (from another thread) with a commit's payload when any process
+        of the cluster commits to ``channel`` (``inbox``: events to plan; ``outbox``:
+        operations, payload ``dispensary/destination``). A store without cross-process
+        notifications never calls it: callers poll as well."""
+        ...

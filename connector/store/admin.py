@@ -1,0 +1,131 @@
+"""Status, metrics, readiness and retention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    delete,
+    func,
+    select,
+    update,
+)
+
+from connector.store.processes import ProcessesSql
+from connector.store.schema import (
+    conflicts,
+    inbox,
+    outbox,
+    quarantine,
+)
+
+
+class AdminSql(ProcessesSql):
+    def ping(self) -> None:
+        with self.snapshot() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def queue_stats(self) -> list[dict[str, Any]]:
+        """Per (dispensary, destination): pending, inflight and dead counts, oldest pending."""
+        with self.snapshot() as conn:
+            rows = conn.execute(
+                select(
+                    outbox.c.dispensary,
+                    outbox.c.destination,
+                    outbox.c.status,
+                    func.count(),
+                    func.min(outbox.c.created_at),
+                )
+                .where(outbox.c.status.in_(("pending", "inflight", "dead")))
+                .group_by(outbox.c.dispensary, outbox.c.destination, outbox.c.status)
+            ).all()
+        stats: dict[tuple[str, str], dict[str, Any]] = {}
+        for dispensary, destination, status, count, oldest in rows:
+            entry = stats.setdefault(
+                (dispensary, destination),
+                {
+                    "dispensary": dispensary,
+                    "destination": destination,
+                    "pending": 0,
+                    "inflight": 0,
+                    "dead": 0,
+                    "oldest_pending_at": None,
+                },
+            )
+            entry[status] = count
+            if status in ("pending", "inflight") and oldest is not None:
+                prev = entry["oldest_pending_at"]
+                entry["oldest_pending_at"] = oldest if prev is None else min(prev, oldest)
+        return list(stats.values())
+
+    def pending_work(self) -> int:
+        """Events not yet planned plus operations not yet delivered or dead-lettered."""
+        with self.snapshot() as conn:
+            events = conn.execute(
+                select(func.count()).select_from(inbox).where(inbox.c.status == "pending")
+            ).scalar_one()
+            ops = conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where(outbox.c.status.in_(("pending", "inflight")))
+            ).scalar_one()
+        return int(events) + int(ops)
+
+    def purge(self, *, raw_before: float, delivered_before: float) -> dict[str, int]:
+        """Forget what is no longer needed: the raw bodies of events planned (or refused)
+        before ``raw_before``, and operations delivered before ``delivered_before``.
+
+        Pending events keep their bodies whatever their age (they are still to be planned);
+        dead letters are kept until they are replayed or dealt with.
+        """
+        with self.transaction(durable=False) as conn:
+            bodies = conn.execute(
+                update(inbox)
+                .where(
+                    inbox.c.status != "pending",
+                    inbox.c.received_at < raw_before,
+                    inbox.c.body.is_not(None),
+                )
+                .values(body=None)
+            ).rowcount
+            refused = conn.execute(
+                update(quarantine)
+                .where(quarantine.c.received_at < raw_before, quarantine.c.body.is_not(None))
+                .values(body=None)
+            ).rowcount
+            delivered = conn.execute(
+                delete(outbox).where(outbox.c.status == "done", outbox.c.done_at < delivered_before)
+            ).rowcount
+        return {"bodies": bodies or 0, "quarantined": refused or 0, "delivered": delivered or 0}
+
+    def query(self, statement: Any) -> list[Any]:
+        """Run a read-only statement (tests and the CLI)."""
+        with self.snapshot() as conn:
+            rows = conn.execute(statement).all()
+        return list(rows)
+
+    def conflict_counts(self, since: float = 0.0) -> dict[tuple[str, str], int]:
+        with self.snapshot() as conn:
+            rows = conn.execute(
+                select(conflicts.c.dispensary, conflicts.c.kind, func.count())
+                .where(conflicts.c.created_at >= since)
+                .group_by(conflicts.c.dispensary, conflicts.c.kind)
+            ).all()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def latest_operations(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` operations, newest first: id, dispensary, destination, op,
+        customer and status (the demo's report; never a payload)."""
+        query = (
+            select(
+                outbox.c.id,
+                outbox.c.dispensary,
+                outbox.c.destination,
+                outbox.c.op,
+                outbox.c.customer_id,
+                outbox.c.status,
+            )
+            .order_by(outbox.c.id.desc())
+            .limit(limit)
+        )
+        return [dict(r._mapping) for r in self._read(query)]

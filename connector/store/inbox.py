@@ -1,0 +1,186 @@
+"""The inbox port: received events in, pending events out for planning."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+from sqlalchemy import (
+    Connection,
+    func,
+    insert,
+    select,
+)
+
+from connector.store._base import SqlBase
+from connector.store._statements import (
+    _INSERT_INBOX,
+    _MARK_EVENTS,
+    _MARK_PLANNED,
+    _PENDING_EVENTS,
+    _STILL_PENDING,
+)
+from connector.store.abc import (
+    InboxRow,
+    InboxWriterPort,
+    NewEvent,
+    Rejected,
+)
+from connector.store.schema import (
+    inbox,
+    quarantine,
+)
+
+
+class InboxSql(SqlBase):
+    def add_events(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None:
+        """Commit a batch of received events (and refused bodies) in one transaction."""
+        with self.transaction() as conn:
+            self.insert_events(conn, events, rejected)
+
+    def insert_events(
+        self, conn: Connection, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()
+    ) -> None:
+        now = time.time()
+        if events:
+            self._insert_inbox(conn, events, now)
+        if rejected:
+            conn.execute(
+                insert(quarantine),
+                [
+                    {
+                        "dispensary": r.dispensary,
+                        "received_at": now,
+                        "status_code": r.status_code,
+                        "reason": r.reason,
+                        "content_type": r.content_type,
+                        "body": r.body,
+                    }
+                    for r in rejected
+                ],
+            )
+
+    def first_received(
+        self, conn: Connection, dispensary: str, customer_id: str, last_update_us: int
+    ) -> float | None:
+        """When a version of a customer (by its ``last_update``) was first received: a
+        future-dated event delivered again orders at its first receipt, not its last."""
+        found = conn.execute(
+            select(func.min(inbox.c.received_at)).where(
+                inbox.c.dispensary == dispensary,
+                inbox.c.customer_id == customer_id,
+                inbox.c.last_update_us == last_update_us,
+            )
+        ).scalar_one_or_none()
+        return None if found is None else float(found)
+
+    def refresh_events(self, conn: Connection, dispensary: str, customer_ids: set[str]) -> int:
+        """Queue the current version of each customer again (source ``refresh``): its
+        newest applied event, as received. A stale opt-out changed what the customer's
+        contact must say about consent, but its own payload is older than what the
+        destinations hold; planning the current version again sends the contact with the
+        consent the connector now holds. Nothing for a customer whose raw body is gone."""
+        rows = []
+        for customer_id in sorted(customer_ids):
+            found = conn.execute(
+                select(
+                    inbox.c.event_type, inbox.c.last_update_us, inbox.c.received_at, inbox.c.body
+                )
+                .where(
+                    inbox.c.dispensary == dispensary,
+                    inbox.c.customer_id == customer_id,
+                    inbox.c.status.in_(("applied", "tie")),
+                    inbox.c.body.is_not(None),
+                )
+                .order_by(inbox.c.id.desc())
+                .limit(1)
+            ).first()
+            if found is not None:
+                rows.append(
+                    {
+                        "dispensary": dispensary,
+                        "source": "refresh",
+                        "event_type": found.event_type,
+                        "customer_id": customer_id,
+                        "last_update_us": found.last_update_us,
+                        "received_at": found.received_at,
+                        "body": found.body,
+                        "status": "pending",
+                        "processed_at": None,
+                        "run_id": None,
+                    }
+                )
+        if rows:
+            conn.execute(insert(inbox), rows)
+        return len(rows)
+
+    def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
+        rows = conn.execute(_PENDING_EVENTS, {"limit": limit})
+        return [
+            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id, r.received_at)
+            for r in rows
+        ]
+
+    def still_pending(self, conn: Connection, ids: Sequence[int]) -> set[int]:
+        """Those of ``ids`` that no one has planned yet."""
+        found: set[int] = set()
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            found.update(conn.execute(_STILL_PENDING, {"ids": part}).scalars())
+        return found
+
+    def mark_events(
+        self,
+        conn: Connection,
+        outcomes: Mapping[int, str],
+        planned: Mapping[int, str] | None = None,
+    ) -> None:
+        """Record each event's outcome; ``planned`` (events of reconciliation runs only) what
+        its planning gave, for the run's counts."""
+        now = time.time()
+        by_status: dict[str, list[int]] = {}
+        for event_id, status in outcomes.items():
+            by_status.setdefault(status, []).append(event_id)
+        for status, ids in by_status.items():
+            conn.execute(_MARK_EVENTS, {"ids": ids, "status": status, "now": now})
+        if planned:
+            conn.execute(_MARK_PLANNED, [{"eid": i, "planned": p} for i, p in planned.items()])
+
+    def _insert_inbox(self, conn: Connection, events: Sequence[NewEvent], now: float) -> None:
+        """Insert received events (a dialect may take a faster path)."""
+        conn.execute(
+            _INSERT_INBOX,
+            [
+                {
+                    "dispensary": e.dispensary,
+                    "source": e.source,
+                    "event_type": e.event_type,
+                    "customer_id": e.customer_id,
+                    "last_update_us": e.last_update_us,
+                    "received_at": now,
+                    "body": e.body,
+                    "status": e.status,
+                    "processed_at": None if e.status == "pending" else now,
+                    "run_id": e.run_id,
+                }
+                for e in events
+            ],
+        )
+        self._notify(conn, "inbox")
+
+    def inbox_writer(self) -> InboxWriterPort:
+        """A writer for the receiver's batches, for one thread."""
+        return _Writer(self)
+
+
+class _Writer:
+    """The portable inbox writer: each batch is :meth:`InboxSql.add_events`."""
+
+    def __init__(self, store: InboxSql) -> None:
+        self._store = store
+
+    def add(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None:
+        self._store.add_events(events, rejected)
+
+    def close(self) -> None:
+        pass

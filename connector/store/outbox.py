@@ -1,0 +1,396 @@
+"""The outbox port: claims, delivery results, and the identity map the workers read."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from connector.planner import payload_hash
+from connector.store._statements import (
+    _CLAIM_DUE,
+    _CLAIM_EXPIRED,
+    _CLAIM_MARK,
+    _CONTACT_IDS,
+    _FILL_CONTACT_ID,
+    _SETTLE_DONE,
+    CLAIM_SECONDS,
+    _blocked,
+    _settle,
+)
+from connector.store.abc import (
+    OutboxRow,
+)
+from connector.store.plans import PlanSql
+from connector.store.schema import conflicts as conflicts_table
+from connector.store.schema import (
+    contacts,
+    customers,
+    dead_letters,
+    outbox,
+)
+
+
+class OutboxSql(PlanSql):
+    _claim_expired: Any = _CLAIM_EXPIRED
+    _claim_due: Any = _CLAIM_DUE
+
+    def claim(
+        self, dispensary: str, destination: str, limit: int, now: float | None = None
+    ) -> list[OutboxRow]:
+        """Claim up to ``limit`` ready operations, at most one per order key.
+
+        An operation is ready when it is due and no earlier operation with the same order key
+        is still pending, waiting for a retry, or in flight: a customer's operations go one at
+        a time and in order, and a retry's wait holds up only that customer.
+        """
+        now = time.time() if now is None else now
+        key = {"dispensary": dispensary, "destination": destination, "now": now}
+        with self.transaction(durable=False) as conn:
+            rows = list(conn.execute(self._claim_expired, {**key, "limit": limit}))
+            if len(rows) < limit:
+                rows += conn.execute(self._claim_due, {**key, "limit": limit - len(rows)})
+            if not rows:
+                return []
+            conn.execute(
+                _CLAIM_MARK,
+                {"ids": [r.id for r in rows], "claimed_by": self.process_id,
+                 "claimed_until": now + CLAIM_SECONDS, "now": now},
+            )  # fmt: skip
+        return [
+            OutboxRow(
+                r.id,
+                r.dispensary,
+                r.destination,
+                r.customer_id,
+                r.op,
+                json.loads(r.payload),
+                r.idempotency_key,
+                r.attempts,
+                r.first_attempt_at if r.first_attempt_at is not None else now,
+            )
+            for r in rows
+        ]
+
+    def pending_count(self, dispensary: str, destination: str) -> int:
+        """Operations waiting for this destination (due or not)."""
+        with self.snapshot() as conn:
+            found = conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where(
+                    outbox.c.dispensary == dispensary,
+                    outbox.c.destination == destination,
+                    outbox.c.status == "pending",
+                )
+            ).scalar_one()
+        return int(found)
+
+    def contact_ids(
+        self, dispensary: str, destination: str, customer_ids: Iterable[str]
+    ) -> dict[str, str]:
+        """The destination's contact id of each customer that has one (the identity map)."""
+        ids = list(dict.fromkeys(customer_ids))
+        if not ids:
+            return {}
+        with self.snapshot() as conn:
+            rows = conn.execute(
+                _CONTACT_IDS, {"dispensary": dispensary, "destination": destination, "ids": ids}
+            ).all()
+        return {r.customer_id: r.contact_id for r in rows if r.contact_id is not None}
+
+    def resolve_contact_ids(
+        self, dispensary: str, destination: str, customer_ids: Iterable[str]
+    ) -> dict[str, str]:
+        """The contact each customer resolves to: its own, or for a customer merged away, the
+        survivor's (followed through repeated merges). For lookups and reports; delivery
+        uses :meth:`contact_ids`, a customer's own entry."""
+        resolved: dict[str, str] = {}
+        with self.snapshot() as conn:
+            for customer_id in dict.fromkeys(customer_ids):
+                current = self._final_in(conn, dispensary, customer_id)
+                own = self.contact_ids_in(conn, dispensary, destination, [current])
+                if current in own:
+                    resolved[customer_id] = own[current]
+        return resolved
+
+    def contact_ids_in(
+        self, conn: Connection, dispensary: str, destination: str, ids: list[str]
+    ) -> dict[str, str]:
+        rows = conn.execute(
+            _CONTACT_IDS, {"dispensary": dispensary, "destination": destination, "ids": ids}
+        ).all()
+        return {r.customer_id: r.contact_id for r in rows if r.contact_id is not None}
+
+    def contact_claims(
+        self,
+        dispensary: str,
+        destination: str,
+        contact_id: str | None,
+        conflict_kind: str | None = None,
+    ) -> tuple[list[str], list[tuple[str, str]]]:
+        """What the identity map says about a destination's contact, for an adapter that
+        must never write one customer's data onto another customer's contact.
+
+        The customers of ``dispensary`` whose entry for ``destination`` is ``contact_id``,
+        each resolved through Treez merges to its survivor (an absorbed customer's old
+        contact belongs to the survivor); and, when ``conflict_kind`` is given, the
+        ``(customer, detail)`` of every conflict of that kind reported for ``destination``
+        (what an adapter reported once and must remember, such as identifiers it withheld).
+        """
+        owners: list[str] = []
+        found: list[tuple[str, str]] = []
+        with self.snapshot() as conn:
+            if contact_id is not None:
+                linked = conn.execute(
+                    select(contacts.c.customer_id).where(
+                        contacts.c.dispensary == dispensary,
+                        contacts.c.destination == destination,
+                        contacts.c.contact_id == contact_id,
+                    )
+                ).scalars()
+                for customer_id in linked:
+                    current = self._final_in(conn, dispensary, customer_id)
+                    if current not in owners:
+                        owners.append(current)
+            if conflict_kind is not None:
+                rows = conn.execute(
+                    select(conflicts_table.c.customer_id, conflicts_table.c.detail)
+                    .where(
+                        conflicts_table.c.dispensary == dispensary,
+                        conflicts_table.c.destination == destination,
+                        conflicts_table.c.kind == conflict_kind,
+                    )
+                    .order_by(conflicts_table.c.id)
+                )
+                found = [(r.customer_id, r.detail) for r in rows]
+        return owners, found
+
+    def finish(
+        self,
+        dispensary: str,
+        destination: str,
+        done: Sequence[tuple[OutboxRow, str | None]] = (),
+        retry: Sequence[tuple[OutboxRow, float, str]] = (),
+        dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
+        conflicts: Sequence[tuple[str, str, str]] = (),
+        replaced: Mapping[int, str] | None = None,
+    ) -> None:
+        """Record a round of delivery: successes (with any returned contact id), retries
+        (with their next attempt time), dead letters (with the response), and what the
+        destination made the adapter work around (customer, kind, detail).
+
+        ``replaced``: by outbox id, the contact id a success's returned id replaces (the
+        destination said it is gone: merged away on its side, deleted)."""
+        now = time.time()
+        written = {
+            str(row.body.get("into_customer_id") or row.customer_id)
+            if row.op == "merge"
+            else row.customer_id
+            for row, contact_id in done
+            if contact_id
+        } | {row.customer_id for row, *_ in dead if row.op == "upsert"}
+        with self.transaction(durable=False) as conn:
+            # the contacts written here are customer state a planner may be writing too
+            self._lock_customers(conn, dispensary, written)
+            if conflicts:
+                self.add_conflicts(
+                    conn, dispensary, [(c, destination, k, d) for c, k, d in conflicts]
+                )
+            if done:
+                conn.execute(_SETTLE_DONE, {"ids": [row.id for row, _ in done], "now": now})
+                returned: dict[str, str] = {}
+                gone: dict[str, str] = {}
+                for row, contact_id in done:
+                    if contact_id:
+                        target = row.body.get("into_customer_id") if row.op == "merge" else None
+                        customer = str(target or row.customer_id)
+                        returned[customer] = contact_id
+                        if replaced and row.id in replaced:
+                            gone[customer] = replaced[row.id]
+                if returned:
+                    self._record_contacts(conn, dispensary, destination, returned, now, gone)
+            for row, at, error in retry:
+                _settle(
+                    conn, outbox.c.id == row.id, "pending",
+                    next_attempt_at=at, last_error=error[:2000],
+                )  # fmt: skip
+            for row, reason, status_code, response in dead:
+                _settle(conn, outbox.c.id == row.id, "dead", done_at=now, last_error=reason[:2000])
+                conn.execute(
+                    insert(dead_letters).values(
+                        outbox_id=row.id,
+                        dispensary=dispensary,
+                        destination=destination,
+                        customer_id=row.customer_id,
+                        op=row.op,
+                        payload=json.dumps(row.body, separators=(",", ":")),
+                        idempotency_key=row.idempotency_key,
+                        attempts=row.attempts + 1,
+                        reason=reason[:2000],
+                        status_code=status_code,
+                        response_body=(response or "")[:8192] or None,
+                        created_at=now,
+                    )
+                )
+                fields = row.body.get("fields")
+                if row.op == "upsert" and isinstance(fields, dict):
+                    # what was planned last did not arrive: forget its hash so the next event
+                    # resends. Only if it is still the last one planned: a newer upsert's
+                    # hash must stay, or a replay would take this older one for the newest
+                    conn.execute(
+                        update(contacts)
+                        .where(
+                            contacts.c.dispensary == dispensary,
+                            contacts.c.destination == destination,
+                            contacts.c.customer_id == row.customer_id,
+                            contacts.c.delivered_hash == payload_hash(fields),
+                        )
+                        .values(delivered_hash=None, updated_at=now)
+                    )
+
+    def _record_contacts(
+        self,
+        conn: Connection,
+        dispensary: str,
+        destination: str,
+        returned: Mapping[str, str],
+        now: float,
+        gone: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record contact ids a destination returned.
+
+        A different id than the map holds is reported as a conflict and not written over
+        (which of the two is the person is not ours to decide), unless the destination said
+        the held id is gone (``gone``, by customer): then the returned id replaces it, or
+        every later operation would name the gone contact again (a 404, a second call to find
+        the contact, and a deactivation that never lands), and the replacement is reported.
+        """
+        known = {
+            r.customer_id: r.contact_id
+            for r in conn.execute(
+                _CONTACT_IDS,
+                {"dispensary": dispensary, "destination": destination, "ids": list(returned)},
+            )
+        }
+        new, fill, clash = [], [], []
+        moved: list[tuple[str, str, str]] = []  # customer, gone id, its replacement
+        # only an id the map does not hold already can be another customer's: the common
+        # round (the same ids again) costs no query
+        changed = {c: k for c, k in returned.items() if known.get(c) != k}
+        held = self._held_by_others(conn, dispensary, destination, changed) if changed else {}
+        for cid, contact_id in returned.items():
+            if cid in held and known.get(cid) != contact_id:
+                detail = (
+                    f"the destination matched this customer to contact {contact_id}, which "
+                    f"the identity map gives to customer {held[cid]} of this store: not "
+                    "recorded for this one"
+                )
+                row = {"dispensary": dispensary, "customer_id": cid, "destination": destination}
+                clash.append({**row, "kind": "shared_contact", "detail": detail, "created_at": now})
+                continue
+            if cid not in known:
+                new.append({"dispensary": dispensary, "customer_id": cid,
+                            "destination": destination, "contact_id": contact_id,
+                            "delivered_hash": None, "unsubscribed": False,
+                            "deactivated": False, "ops_planned": 0,
+                            "updated_at": now})  # fmt: skip
+            elif known[cid] is None:
+                fill.append({"k_dispensary": dispensary, "k_customer": cid,
+                             "k_destination": destination, "contact_id": contact_id,
+                             "updated_at": now})  # fmt: skip
+            elif known[cid] == contact_id:
+                continue
+            elif gone and gone.get(cid) == known[cid]:
+                moved.append((cid, known[cid], contact_id))
+            else:
+                clash.append({"dispensary": dispensary, "customer_id": cid,
+                              "destination": destination, "kind": "contact_id_changed",
+                              "detail": "the destination returned another contact id than "
+                              "the identity map holds; the map is kept",
+                              "created_at": now})  # fmt: skip
+        for cid, old, contact_id in moved:
+            key = {"k_dispensary": dispensary, "k_customer": cid, "k_destination": destination}
+            fill.append({**key, "contact_id": contact_id, "updated_at": now})
+            detail = f"contact {old} is gone at the destination; the map now holds {contact_id}"
+            clash.append(
+                {
+                    "dispensary": dispensary,
+                    "customer_id": cid,
+                    "destination": destination,
+                    "kind": "contact_replaced",
+                    "detail": detail,
+                    "created_at": now,
+                }
+            )
+        if new:
+            conn.execute(insert(contacts), new)
+        if fill:
+            conn.execute(_FILL_CONTACT_ID, fill)
+        if clash:
+            conn.execute(insert(conflicts_table), clash)
+
+    def _held_by_others(
+        self, conn: Connection, dispensary: str, destination: str, returned: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Of the customers in ``returned``, those whose returned contact the identity map
+        gives to another customer of the dispensary, not of the same merge (two people: a
+        family sharing a phone the destination matches on); by customer, that other one."""
+        rows = conn.execute(
+            select(contacts.c.customer_id, contacts.c.contact_id).where(
+                contacts.c.dispensary == dispensary,
+                contacts.c.destination == destination,
+                contacts.c.contact_id.in_(sorted(set(returned.values()))),
+            )
+        ).all()
+        holders: dict[str, set[str]] = {}
+        for row in rows:
+            holders.setdefault(row.contact_id, set()).add(row.customer_id)
+        found = {}
+        for cid, contact_id in returned.items():
+            others = holders.get(contact_id, set()) - {cid}
+            if not others:
+                continue
+            mine = self._final_in(conn, dispensary, cid)
+            strangers = sorted(o for o in others if self._final_in(conn, dispensary, o) != mine)
+            if strangers:
+                found[cid] = strangers[0]
+        return found
+
+    @staticmethod
+    def _final_in(conn: Connection, dispensary: str, customer_id: str) -> str:
+        """Where a customer's record is now: itself, or the end of its chain of merges."""
+        current, visited = customer_id, {customer_id}
+        while True:
+            into = conn.execute(
+                select(customers.c.merged_into).where(
+                    customers.c.dispensary == dispensary, customers.c.customer_id == current
+                )
+            ).scalar_one_or_none()
+            if into is None or into in visited:
+                return current
+            visited.add(into)
+            current = into
+
+    def next_due(self, dispensary: str, destination: str) -> float | None:
+        """When the next claimable operation falls due (ones waiting behind an earlier
+        operation of their customer do not count: they are not claimable when due)."""
+        found = self.query(
+            select(func.min(outbox.c.next_attempt_at)).where(
+                outbox.c.dispensary == dispensary,
+                outbox.c.destination == destination,
+                outbox.c.status == "pending",
+                ~_blocked(),
+            )
+        )
+        value = found[0][0] if found else None
+        return None if value is None else float(value)

@@ -1,0 +1,330 @@
+"""The plan-commit port: a planned batch of events written as one store operation."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+from sqlalchemy import (
+    Connection,
+    insert,
+)
+
+from connector.planner import ContactState, CustomerState, Operation
+from connector.store._statements import (
+    _INSERT_CONTACTS,
+    _INSERT_CUSTOMERS,
+    _INSERT_OUTBOX,
+    _LOAD_CONTACTS,
+    _LOAD_CUSTOMERS,
+    _QUEUED_KEYS,
+    _STORED_CONTACTS,
+    _STORED_CUSTOMERS,
+    _UPDATE_CONTACT,
+    _UPDATE_CUSTOMER,
+)
+from connector.store.abc import (
+    B,
+    InboxRow,
+    Plan,
+    PlannedBatch,
+)
+from connector.store.inbox import InboxSql
+from connector.store.schema import conflicts, dead_letters
+
+
+class PlanSql(InboxSql):
+    def load_states(
+        self, conn: Connection, dispensary: str, customer_ids: Iterable[str]
+    ) -> dict[str, CustomerState]:
+        ids = list(dict.fromkeys(customer_ids))
+        if not ids:
+            return {}
+        found: dict[str, dict[str, ContactState]] = {cid: {} for cid in ids}
+        key = {"dispensary": dispensary, "ids": ids}
+        for row in conn.execute(_LOAD_CONTACTS, key):
+            found[row.customer_id][row.destination] = ContactState(
+                row.contact_id,
+                row.delivered_hash,
+                bool(row.unsubscribed),
+                bool(row.deactivated),
+                row.ops_planned,
+            )
+        states = {}
+        for row in conn.execute(_LOAD_CUSTOMERS, key):
+            states[row.customer_id] = CustomerState(
+                row.customer_id,
+                row.last_update_us,
+                row.content_hash,
+                row.opt_out,
+                row.merged_into,
+                frozenset((d, s) for d, s in json.loads(row.merges)),
+                found[row.customer_id],
+                bool(row.opt_out_seen),
+            )
+        for cid, known in found.items():
+            if cid not in states and known:
+                states[cid] = CustomerState(cid, contacts=known)
+        return states
+
+    def save_states(
+        self,
+        conn: Connection,
+        dispensary: str,
+        before: Mapping[str, CustomerState],
+        after: Mapping[str, CustomerState],
+    ) -> None:
+        """Write the states that differ from ``before`` (what :meth:`load_states` gave), in
+        a few set-wise statements whatever the number of customers."""
+        changed = {cid: st for cid, st in after.items() if before.get(cid) != st}
+        if not changed:
+            return
+        now = time.time()
+        ids = list(changed)
+        key = {"dispensary": dispensary, "ids": ids}
+        stored = set(conn.execute(_STORED_CUSTOMERS, key).scalars())
+        stored_contacts = {
+            (r.customer_id, r.destination) for r in conn.execute(_STORED_CONTACTS, key)
+        }
+        new_rows, updates, new_contacts, contact_updates = [], [], [], []
+        for cid, state in changed.items():
+            values = {
+                "last_update_us": state.last_update_us,
+                "content_hash": state.content_hash,
+                "opt_out": state.opt_out,
+                "merged_into": state.merged_into,
+                "merges": json.dumps(sorted(state.merges)),
+                "updated_at": now,
+                "opt_out_seen": state.opt_out_seen,
+            }
+            if cid in stored:
+                updates.append({"k_dispensary": dispensary, "k_customer": cid, **values})
+            else:
+                new_rows.append({"dispensary": dispensary, "customer_id": cid, **values})
+            old = before.get(cid)
+            old_contacts = old.contacts if old is not None else {}
+            for destination, contact in state.contacts.items():
+                if old_contacts.get(destination) == contact:
+                    continue
+                values = {
+                    "contact_id": contact.contact_id,
+                    "delivered_hash": contact.delivered_hash,
+                    "unsubscribed": contact.unsubscribed,
+                    "deactivated": contact.deactivated,
+                    "ops_planned": contact.planned,
+                    "updated_at": now,
+                }
+                if (cid, destination) in stored_contacts:
+                    contact_updates.append(
+                        {"k_dispensary": dispensary, "k_customer": cid,
+                         "k_destination": destination, **values}
+                    )  # fmt: skip
+                else:
+                    new_contacts.append(
+                        {"dispensary": dispensary, "customer_id": cid,
+                         "destination": destination, **values}
+                    )  # fmt: skip
+        if new_rows:
+            conn.execute(_INSERT_CUSTOMERS, new_rows)
+        if updates:
+            conn.execute(_UPDATE_CUSTOMER, updates)
+        if new_contacts:
+            conn.execute(_INSERT_CONTACTS, new_contacts)
+        if contact_updates:
+            conn.execute(_UPDATE_CONTACT, contact_updates)
+
+    def enqueue(self, conn: Connection, dispensary: str, operations: Sequence[Operation]) -> int:
+        """Add operations; one whose idempotency key is already queued is skipped."""
+        if not operations:
+            return 0
+        now = time.time()
+        keys = [op.idempotency_key for op in operations]
+        taken = {
+            (row.destination, row.idempotency_key)
+            for row in conn.execute(_QUEUED_KEYS, {"dispensary": dispensary, "keys": keys})
+        }
+        rows = []
+        for op in operations:
+            if (op.destination, op.idempotency_key) in taken:
+                continue
+            taken.add((op.destination, op.idempotency_key))
+            rows.append(
+                {
+                    "dispensary": dispensary,
+                    "destination": op.destination,
+                    "order_key": op.order_key,
+                    "customer_id": op.customer_id,
+                    "op": op.op,
+                    "payload": json.dumps(op.body, separators=(",", ":"), ensure_ascii=False),
+                    "idempotency_key": op.idempotency_key,
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": now,
+                    "next_attempt_at": now,
+                }
+            )
+        if rows:
+            conn.execute(_INSERT_OUTBOX, rows)
+        return len(rows)
+
+    def add_conflicts(
+        self, conn: Connection, dispensary: str, found: Sequence[tuple[str, str, str, str]]
+    ) -> None:
+        if found:
+            now = time.time()
+            conn.execute(
+                insert(conflicts),
+                [
+                    {
+                        "dispensary": dispensary,
+                        "customer_id": c,
+                        "destination": d,
+                        "kind": k,
+                        "detail": t,
+                        "created_at": now,
+                    }
+                    for c, d, k, t in found
+                ],
+            )
+
+    def dead_letter_direct(
+        self,
+        conn: Connection,
+        dispensary: str,
+        destination: str,
+        customer_id: str,
+        op: str,
+        reason: str,
+    ) -> None:
+        """Record an operation that could not even be built (a mapping failure)."""
+        conn.execute(
+            insert(dead_letters).values(
+                outbox_id=None,
+                dispensary=dispensary,
+                destination=destination,
+                customer_id=customer_id,
+                op=op,
+                payload="{}",
+                idempotency_key="",
+                attempts=0,
+                reason=reason,
+                status_code=None,
+                response_body=None,
+                created_at=time.time(),
+            )
+        )
+
+    # --- the port ---
+
+    def plan_batch(self, limit: int, plan: Plan[B]) -> B | None:
+        """Plan up to ``limit`` pending events, oldest first, and commit the result at once.
+
+        Planning is CPU work, and the write lock is shared with the receiver: so the events
+        and their customers' state are read first, planned with no lock held, and only the
+        writes take the lock. Under the lock the batch checks that its events are still
+        pending and that the state it planned from is still what is stored; if another
+        process changed either meanwhile, it plans again under the lock. The new state, the
+        operations and the events' outcomes commit together: a crash at any point leaves all
+        of a batch's effects or none. How events and customers are locked is the dialect's
+        (:meth:`_lock_events`, :meth:`_lock_customers`).
+        """
+        with self.snapshot() as conn:
+            rows = self.pending_events(conn, limit)
+            if not rows:
+                return None
+            planned = plan(rows, _Reader(self, conn))
+        with self.transaction(durable=False) as conn:  # redone from the durable inbox if lost
+            ids = [row.id for row in rows]
+            unchanged = self._lock_events(conn, ids) == set(ids)
+            if unchanged:
+                for dispensary, related in planned.related.items():
+                    self._lock_customers(conn, dispensary, related)
+                unchanged = all(
+                    self.load_states(conn, d, related) == planned.loaded[d]
+                    for d, related in planned.related.items()
+                )
+            if not unchanged:
+                rows = self._pending_locked(conn, limit)
+                if not rows:
+                    return None
+                planned = self._plan_locked(conn, rows, plan)
+            self._write_batch(conn, planned)
+        return planned
+
+    def plan_readonly(self, rows: list[InboxRow], plan: Plan[B]) -> B:
+        with self.snapshot() as conn:
+            return plan(rows, _Reader(self, conn))
+
+    def _plan_locked(self, conn: Connection, rows: list[InboxRow], plan: Plan[B]) -> B:
+        """Plan ``rows`` under the write transaction with every customer it read locked: a
+        merge can lead to customers the events do not name, so the customers are locked
+        once known and the state re-read; planned again if it changed before the lock."""
+        locked: dict[str, set[str]] = {}
+        planned = plan(rows, _Reader(self, conn))
+        while True:
+            wanted = {d: ids - locked.get(d, set()) for d, ids in planned.related.items()}
+            if not any(wanted.values()):
+                return planned
+            for dispensary, ids in wanted.items():
+                self._lock_customers(conn, dispensary, ids)
+                locked.setdefault(dispensary, set()).update(ids)
+            if any(
+                self.load_states(conn, d, related) != planned.loaded[d]
+                for d, related in planned.related.items()
+            ):
+                planned = plan(rows, _Reader(self, conn))
+
+    def _write_batch(self, conn: Connection, planned: PlannedBatch) -> None:
+        for dispensary, destination, customer_id, message in planned.failures:
+            self.dead_letter_direct(
+                conn, dispensary, destination, customer_id, "upsert", f"mapping failed: {message}"
+            )
+        touched: set[str] = set()
+        for dispensary, states in planned.current.items():
+            self.save_states(conn, dispensary, planned.loaded[dispensary], states)
+            self.enqueue(conn, dispensary, planned.operations[dispensary])
+            self.add_conflicts(conn, dispensary, planned.conflicts[dispensary])
+            touched.update(
+                f"{dispensary}/{op.destination}" for op in planned.operations[dispensary]
+            )
+        if planned.rejected:
+            self.insert_events(conn, [], planned.rejected)
+        self.mark_events(conn, planned.outcomes, planned.planned)
+        refreshed = 0
+        for dispensary, customer_ids in planned.refresh.items():
+            refreshed += self.refresh_events(conn, dispensary, customer_ids)
+        if touched:
+            self._notify(conn, "outbox", " ".join(sorted(touched)))
+        if refreshed:
+            self._notify(conn, "inbox")
+
+    def _lock_events(self, conn: Connection, ids: Sequence[int]) -> set[int]:
+        """Those of ``ids`` still pending, locked for this transaction against other planners
+        (SQLite: the whole database is, by ``BEGIN IMMEDIATE``)."""
+        return self.still_pending(conn, ids)
+
+    def _pending_locked(self, conn: Connection, limit: int) -> list[InboxRow]:
+        """Up to ``limit`` pending events that no other planner holds, locked likewise."""
+        return self.pending_events(conn, limit)
+
+    def _lock_customers(self, conn: Connection, dispensary: str, ids: Iterable[str]) -> None:
+        """Hold the state of these customers until the transaction ends (SQLite: held)."""
+
+
+class _Reader:
+    """The :class:`StateReader` planning reads through: one snapshot or transaction."""
+
+    __slots__ = ("_conn", "_store")
+
+    def __init__(self, store: PlanSql, conn: Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    def load_states(self, dispensary: str, customer_ids: Iterable[str]) -> dict[str, CustomerState]:
+        return self._store.load_states(self._conn, dispensary, customer_ids)
+
+    def first_received(
+        self, dispensary: str, customer_id: str, last_update_us: int
+    ) -> float | None:
+        return self._store.first_received(self._conn, dispensary, customer_id, last_update_us)

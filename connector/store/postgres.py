@@ -1,0 +1,189 @@
+"""The PostgreSQL adapter: the scale-out store, several ``connector serve`` replicas on one
+database, on any hosts.
+
+- Durable means committed: a webhook's events are acknowledged after their commit.
+- Planning: a planner locks the pending events it plans (``FOR UPDATE SKIP LOCKED``: two
+  replicas plan different events) and, before it re-checks and writes, every customer whose
+  state it read (a transaction advisory lock on a hash of dispensary and customer id, taken
+  in one order); delivery results lock the customers whose contacts they write the same way.
+- Claims: ``FOR UPDATE OF outbox SKIP LOCKED``, with the rule that a customer's operation
+  waits for every earlier one of it (at most one in flight per customer and destination).
+- Wake-ups: ``NOTIFY`` once per committed batch (``connector_inbox``, ``connector_outbox``),
+  heard by a listening thread per process (:class:`_Listener`); every loop also polls, and
+  ``listen=False`` (PgBouncer in transaction mode has no ``LISTEN``) polls only.
+- Each process keeps a small pool (``pool_size`` connections, a couple more at a peak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, bindparam, create_engine, select, text
+from sqlalchemy.engine import make_url
+
+from connector.store._statements import _CLAIM_DUE, _CLAIM_EXPIRED, _PENDING_EVENTS
+from connector.store.abc import InboxRow
+from connector.store.admin import AdminSql
+from connector.store.schema import inbox, outbox
+
+log = logging.getLogger("connector.store.postgres")
+
+CHANNELS = {"inbox": "connector_inbox", "outbox": "connector_outbox"}
+POOL_SIZE = 3
+POOL_OVERFLOW = 2
+
+
+def psycopg_url(url: str) -> str:
+    """``postgresql://`` and ``postgresql+psycopg://`` (and ``postgres://``) as SQLAlchemy's
+    URL for psycopg 3."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1))
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, timeout: float = 5.0) -> Engine:
+    return create_engine(
+        psycopg_url(url),
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_timeout=timeout,
+        pool_pre_ping=True,  # a connection the server dropped is replaced, not used
+        pool_recycle=1800,
+        connect_args={
+            "connect_timeout": max(1, round(timeout)),
+            "application_name": "treez-connector",
+            # a dead peer (a cut network) is noticed in seconds, not hours
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        },
+    )
+
+
+def customer_key(dispensary: str, customer_id: str) -> int:
+    """The advisory-lock key of one customer: 64 bits of a hash of both ids."""
+    digest = hashlib.blake2b(f"{dispensary}\0{customer_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+_LOCK_KEYS = text(
+    "SELECT pg_advisory_xact_lock(k)"
+    " FROM unnest(CAST(:keys AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
+)
+_LOCK_EVENTS = (
+    select(inbox.c.id)
+    .where(inbox.c.id.in_(bindparam("ids", expanding=True)), inbox.c.status == "pending")
+    .with_for_update(skip_locked=True)
+)
+_PENDING_LOCKED = _PENDING_EVENTS.with_for_update(skip_locked=True)
+_CLAIM_EXPIRED_LOCKED = _CLAIM_EXPIRED.with_for_update(skip_locked=True, of=outbox)
+_CLAIM_DUE_LOCKED = _CLAIM_DUE.with_for_update(skip_locked=True, of=outbox)
+
+
+class PostgresStore(AdminSql):
+    dialect = "postgresql"
+    _claim_expired = _CLAIM_EXPIRED_LOCKED
+    _claim_due = _CLAIM_DUE_LOCKED
+
+    def __init__(self, url: str, *, timeout: float = 5.0, listen: bool = True) -> None:
+        super().__init__(url, make_engine(url, timeout=timeout), timeout=timeout)
+        self.listen = listen
+        self._listener: _Listener | None = None
+        self.open()
+
+    def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
+        # delivered at commit, once per transaction for the same payload
+        conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNELS[channel], "p": payload})
+
+    def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
+        super().on_commit(channel, callback)
+        if self.listen and self._listener is None:
+            self._listener = _Listener(self.engine.url, self._listeners)
+            self._listener.start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        super().close()
+
+    def _lock_events(self, conn: Connection, ids: Sequence[int]) -> set[int]:
+        return set(conn.execute(_LOCK_EVENTS, {"ids": list(ids)}).scalars())
+
+    def _pending_locked(self, conn: Connection, limit: int) -> list[InboxRow]:
+        rows = conn.execute(_PENDING_LOCKED, {"limit": limit})
+        return [
+            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id, r.received_at)
+            for r in rows
+        ]
+
+    def _lock_customers(self, conn: Connection, dispensary: str, ids: Iterable[str]) -> None:
+        keys = sorted({customer_key(dispensary, c) for c in ids})
+        if keys:
+            conn.execute(_LOCK_KEYS, {"keys": keys})
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and self._listener.connected
+
+
+class _Listener:
+    """A thread with its own connection that ``LISTEN``\\s on the store's channels and calls
+    the callbacks registered for them; reconnects with a backoff when the database goes."""
+
+    def __init__(self, url: Any, callbacks: dict[str, list[Callable[[str], None]]]) -> None:
+        self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.callbacks = callbacks
+        self.connected = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        names = {v: k for k, v in CHANNELS.items()}
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                    for channel in CHANNELS.values():
+                        conn.execute(f"LISTEN {channel}")
+                    self.connected, delay = True, 0.5
+                    self._wake_all()  # what was committed while nobody listened
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=1.0, stop_after=64):
+                            for callback in self.callbacks.get(names.get(note.channel, ""), ()):
+                                callback(note.payload)
+            except psycopg.Error as exc:
+                if self.connected:
+                    log.warning("store listener lost its connection: %s", exc.__class__.__name__)
+            self.connected = False
+            self._stop.wait(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _wake_all(self) -> None:
+        for callbacks in self.callbacks.values():
+            for callback in callbacks:
+                with contextlib.suppress(Exception):
+                    callback("")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
