@@ -43,6 +43,7 @@ from connector.treez_api import TreezClient
 log = get_logger("connector.reconcile")
 
 LOCK_TTL_SECONDS = 60.0
+TREEZ_WINDOW_SECONDS = 1.0  # Treez's limit counts requests in any one second
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 ONE_MS_US = 1000
 FUTURE_SLACK_US = 5 * 60 * 1_000_000  # clocks differ; beyond this a last_update is wrong
@@ -199,6 +200,17 @@ class Reconciler:
                 running.cancel()
                 return True
 
+    async def _after_previous_run(self, dispensary: str) -> None:
+        """Start no sooner than a second after the dispensary's previous run ended: Treez
+        allows 10 requests in any second per store, and that run may have been another
+        process's (another replica's), whose pacing this process cannot see."""
+        last = await self.astore.call(self.runs.runs, dispensary, 1)
+        ended = last[0]["ended_at"] if last else None
+        if ended is not None:
+            gap = float(ended) + TREEZ_WINDOW_SECONDS - time.time()
+            if gap > 0:
+                await asyncio.sleep(min(gap, TREEZ_WINDOW_SECONDS))
+
     def _start(self, disp: DispensaryConfig, before_us: int | None, options: RunOptions) -> int:
         if options.full:
             return instant_us(FULL_SINCE)
@@ -217,6 +229,7 @@ class Reconciler:
         progress: Progress | None,
     ) -> RunReport:
         await self.astore.call(self.runs.close_interrupted, dispensary)
+        await self._after_previous_run(dispensary)
         before_us = await self.astore.call(self.runs.checkpoint, dispensary)
         start_us = self._start(disp, before_us, options)
         recorded = {

@@ -76,7 +76,7 @@ class InboxSql(SqlBase):
 
     def refresh_events(self, conn: Connection, dispensary: str, customer_ids: set[str]) -> int:
         """Queue the current version of each customer again (source ``refresh``): its
-        newest applied event, as received. A stale opt-out changed what the customer's
+        applied event with the latest ``last_update``, as received. A stale opt-out changed what the customer's
         contact must say about consent, but its own payload is older than what the
         destinations hold; planning the current version again sends the contact with the
         consent the connector now holds. Nothing for a customer whose raw body is gone."""
@@ -92,7 +92,9 @@ class InboxSql(SqlBase):
                     inbox.c.status.in_(("applied", "tie")),
                     inbox.c.body.is_not(None),
                 )
-                .order_by(inbox.c.id.desc())
+                # the newest version, not the newest row: with several replicas, ids do not
+                # follow the order in which events were committed
+                .order_by(inbox.c.last_update_us.desc(), inbox.c.id.desc())
                 .limit(1)
             ).first()
             if found is not None:
