@@ -369,3 +369,44 @@ def test_migrate_sql_prints_postgresql_ddl(pg_url: str, tmp_path: Path) -> None:
         assert inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+def test_a_store_written_before_schedule_ticks_had_a_revision_is_stamped(old_store: Path) -> None:
+    """The version that added ``schedule_ticks`` created it with ``create_all`` and still wrote
+    schema version 3: the table is kept with its rows and the store stamped past it."""
+    with sqlite3.connect(old_store) as db:
+        db.execute(
+            "CREATE TABLE schedule_ticks (job VARCHAR(160) NOT NULL, tick_at FLOAT NOT NULL, "
+            "holder VARCHAR(64) NOT NULL, claimed_at FLOAT NOT NULL, PRIMARY KEY (job, tick_at))"
+        )
+        db.execute("INSERT INTO schedule_ticks VALUES ('reconcile:d1', 1.0, 'p', 1.0)")
+    engine = sqlite_engine(f"sqlite:///{old_store}")
+    try:
+        assert ensure_current(engine) == Migrated("legacy schema version 3", head())
+        assert differences(engine) == []
+        assert schema_version(engine) == "4"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM schedule_ticks")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_migrate_without_a_server_is_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "postgresql://postgres@127.0.0.1:9/none")
+    for args in (["migrate"], ["migrate", "--sql"]):
+        result = run(*args, "--config", config)
+        assert result.exit_code == 1
+        [line] = result.stderr.splitlines()
+        assert line.startswith("migrate: the store cannot be opened (")
+
+
+def test_migrate_sql_of_a_store_from_before_alembic_says_what_to_do(
+    old_store: Path, tmp_path: Path
+) -> None:
+    result = run("migrate", "--sql", "--config", write_config(tmp_path, f"sqlite:///{old_store}"))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "migrate: the store predates the connector's Alembic revisions: upgrade it with "
+        "`connector migrate` (without --sql), which runs its old steps first"
+    ]
+    assert counts(old_store) == counts(AB3E061_STORE)
