@@ -391,6 +391,33 @@ def status(config_file: Path) -> None:
         _fail(str(exc))
 
 
+@main.command()
+@config_option
+@click.option("--sql", is_flag=True, help="Print the DDL for a DBA instead; change nothing.")
+def migrate(config_file: Path, sql: bool) -> None:
+    """Bring the store's schema up to date (serve and every command also do this at start).
+
+    With --sql, print the DDL from the store's current revision (or an empty database) to the
+    newest, for the configured store's database, without writing to it.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from connector.store._base import reason_of
+    from connector.store.migrate import head, migrate_url, upgrade_sql
+
+    config = _load(config_file)
+    try:
+        if sql:
+            click.echo(upgrade_sql(config.store, timeout=config.store_timeout_seconds), nl=False)
+            return
+        done = migrate_url(config.store, timeout=config.store_timeout_seconds)
+    except ConnectorError as exc:
+        _fail(f"migrate: {exc}")
+    except SQLAlchemyError as exc:
+        _fail(f"migrate: the store cannot be opened ({reason_of(exc)})")
+    click.echo(f"{config.store_display}: {done or f'already current (revision {head()})'}")
+
+
 @main.group()
 def dlq() -> None:
     """The dead-letter queue: operations a destination refused or that ran out of retries."""

@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from connector.errors import StoreError
 from connector.planner import Operation
 from connector.store import NewEvent, Rejected, Store, open_store
-from connector.store.schema import SCHEMA_VERSION, conflicts, inbox, meta, outbox, quarantine
+from connector.store.migrate import head
+from connector.store.schema import conflicts, inbox, meta, outbox, quarantine
 
 
 @pytest.fixture
@@ -24,18 +25,18 @@ def store(tmp_path: Path) -> Iterator[Store]:
     opened.close()
 
 
-def test_a_new_store_records_its_schema_version(store: Store) -> None:
-    rows = store.query(select(meta.c.value).where(meta.c.key == "schema_version"))
-    assert rows[0].value == str(SCHEMA_VERSION)
+def test_a_new_store_records_its_schema_revision(store: Store) -> None:
+    rows = store.query(text("SELECT version_num FROM alembic_version"))
+    assert [row.version_num for row in rows] == [head()]
 
 
 def test_a_store_from_a_newer_connector_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     first = open_store(url)
     with first.transaction() as conn:
-        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="999"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     first.close()
-    with pytest.raises(StoreError, match="schema is version 999, newer than this connector"):
+    with pytest.raises(StoreError, match="revision 9999, newer than this connector"):
         open_store(url)
 
 
@@ -206,39 +207,3 @@ def test_defect_8_a_contact_the_destination_says_is_gone_is_replaced_and_reporte
     _delivered(store, {"a": "Y"}, {})
     assert store.contact_ids("d", "sink", ["a"]) == {"a": "Y"}
     assert len(_reports(store)) == 3
-
-
-def test_a_version_2_store_gains_opt_out_seen_from_what_it_knew(tmp_path: Path) -> None:
-    """A store written before issue 12 (schema 2: no ``opt_out_seen``) is upgraded in place: a
-    customer whose last opt_out was true, or who has an unsubscribed contact, is known to have
-    opted out; the others are not."""
-    path = tmp_path / "old.db"
-    open_store(f"sqlite:///{path}").close()
-    with sqlite3.connect(path) as db:  # back to what version 2 wrote
-        db.execute("ALTER TABLE customers DROP COLUMN opt_out_seen")
-        db.execute("DROP INDEX ix_contacts_contact")
-        db.execute("UPDATE connector_meta SET value = '2' WHERE key = 'schema_version'")
-        rows = [("d", "out", 1), ("d", "flipped", 0), ("d", "never", 0), ("d", "unknown", None)]
-        db.executemany(
-            "INSERT INTO customers (dispensary, customer_id, opt_out, merges, updated_at) "
-            "VALUES (?, ?, ?, '[]', 0)",
-            rows,
-        )
-        db.execute(
-            "INSERT INTO contacts (dispensary, customer_id, destination, unsubscribed, "
-            "deactivated, ops_planned, updated_at) VALUES ('d', 'flipped', 'x', 1, 0, 2, 0)"
-        )
-    store = open_store(f"sqlite:///{path}")
-    try:
-        with store.snapshot() as conn:
-            states = store.load_states(conn, "d", ["out", "flipped", "never", "unknown"])
-        assert {cid: s.opt_out_seen for cid, s in states.items()} == {
-            "out": True,
-            "flipped": True,
-            "never": False,
-            "unknown": False,
-        }
-        [version] = store.query(select(meta.c.value).where(meta.c.key == "schema_version"))
-        assert int(version[0]) == SCHEMA_VERSION == 3
-    finally:
-        store.close()

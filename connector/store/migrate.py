@@ -1,43 +1,212 @@
-"""Bringing a store's schema up to date (to be replaced by Alembic revisions)."""
+"""Bringing a store's schema up to date: Alembic revisions in :mod:`.migrations`.
+
+:func:`ensure_current` runs whenever a store opens (every replica, every command). When the
+store is current that is one read of ``alembic_version`` and nothing else: no DDL, no lock, so
+a read-only ``status`` works and replicas starting together do not queue. Otherwise, under the
+migration lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a transaction advisory lock) and in
+that one transaction, it looks again (another process may have upgraded meanwhile) and:
+
+- ``alembic_version`` older than head: upgrade;
+- a store from before Alembic (``connector_meta.schema_version`` 1-3): its old steps to 3
+  (:mod:`.migrations.legacy`), stamp the baseline, upgrade;
+- no connector table at all (an empty database): create the schema at head;
+- a revision this code does not know (a newer connector wrote it): :class:`StoreError`.
+
+``connector migrate --sql`` prints the same upgrade as DDL instead (:func:`upgrade_sql`).
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, insert, select, text, update
+import functools
+import io
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, Engine, inspect, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from connector.errors import StoreError
-from connector.store.schema import MIGRATIONS, SCHEMA_VERSION, meta, metadata
+from connector.store.migrations import legacy
+from connector.store.schema import meta, metadata
 
 MIGRATION_LOCK = 7224130  # PostgreSQL advisory lock key: one migrating process at a time
+MIGRATIONS = Path(__file__).parent / "migrations"
+_CURRENT = text("SELECT version_num FROM alembic_version")
 
 
-def ensure_current(engine: Engine) -> None:
-    """Under the write lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock), so
-    two processes opening an old store at once do not both run its migration steps."""
+@dataclass(frozen=True, slots=True)
+class Migrated:
+    """What an upgrade did: from which revision (None: an empty database; ``legacy N``: a
+    store from before Alembic at schema version N) to which."""
+
+    before: str | None
+    after: str
+
+    def __str__(self) -> str:
+        return f"upgraded the store from {self.before or 'an empty database'} to {self.after}"
+
+
+def alembic_config(**attributes: object) -> Config:
+    """Alembic's configuration for the schema, built in code (no ``alembic.ini``);
+    ``attributes`` reach ``env.py`` (``connection``, or ``dialect_name`` offline)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("file_template", "r%%(rev)s_%%(slug)s")
+    config.attributes.update(attributes)
+    return config
+
+
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head() -> str:
+    """The newest revision this code knows."""
+    found = _scripts().get_current_head()
+    assert found is not None
+    return found
+
+
+def ensure_current(engine: Engine) -> Migrated | None:
+    """Bring the store at ``engine`` to head; None when it already was (one read)."""
+    with engine.connect() as conn:
+        try:
+            current = list(conn.execute(_CURRENT).scalars())
+        except (OperationalError, ProgrammingError):
+            current = []  # no alembic_version: looked at again under the lock
+    if current == [head()]:
+        return None
+    _check_known(current)
     sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
-        conn.info["immediate"] = sqlite
-        with conn.begin():
-            if not sqlite:
-                conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
-            _migrate_in(conn)
+        conn.info["immediate"] = sqlite  # see connector.store.sqlite.make_engine
+        try:
+            with conn.begin():
+                if not sqlite:
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                    )
+                return _upgrade_in(conn)
+        finally:
+            conn.info.pop("immediate", None)
 
 
-def _migrate_in(conn: Connection) -> None:
-    metadata.create_all(conn)
-    found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
-    version = found.scalar_one_or_none()
-    if version is None:
-        conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-        return
-    if int(version) > SCHEMA_VERSION:
+def _check_known(revisions: list[str]) -> None:
+    for revision in revisions:
+        try:
+            known = _scripts().get_revision(revision)
+        except CommandError:  # "No such revision"
+            known = None
+        if known is None:
+            raise StoreError(
+                f"the store's schema is at revision {revision}, newer than this connector "
+                f"knows (its newest is {head()}): upgrade the connector"
+            )
+
+
+def _upgrade_in(conn: Connection) -> Migrated | None:
+    tables = set(inspect(conn).get_table_names())
+    stamp: str | None = None
+    if "alembic_version" in tables:
+        current = list(conn.execute(_CURRENT).scalars())
+        if current == [head()]:
+            return None  # another process upgraded it while this one waited for the lock
+        _check_known(current)
+        before: str | None = current[0] if current else None
+    elif meta.name in tables:
+        version = conn.execute(
+            select(meta.c.value).where(meta.c.key == "schema_version")
+        ).scalar_one_or_none()
+        stamp = legacy.to_baseline(conn, version, tables)
+        before = f"legacy schema version {version}"
+    elif tables & set(metadata.tables):
         raise StoreError(
-            f"the store's schema is version {version}, newer than this connector knows "
-            f"({SCHEMA_VERSION}): upgrade the connector"
+            "the database has connector tables but no schema version: it was not written by "
+            "a connector (use an empty database)"
         )
-    for step in range(int(version), SCHEMA_VERSION):
-        for statement in MIGRATIONS[step]:
-            conn.execute(text(statement))
-    if int(version) < SCHEMA_VERSION:
-        conn.execute(
-            update(meta).where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+    else:
+        before = None
+    config = alembic_config(connection=conn)
+    if stamp is not None:
+        command.stamp(config, stamp)
+    command.upgrade(config, "head")
+    return Migrated(before, head())
+
+
+def migrate_url(url: str, *, timeout: float = 5.0) -> Migrated | None:
+    """:func:`ensure_current` for the store at ``url`` (``connector migrate``)."""
+    engine = _engine(url, timeout)
+    try:
+        return ensure_current(engine)
+    finally:
+        engine.dispose()
+
+
+def _engine(url: str, timeout: float) -> Engine:
+    if url.startswith("sqlite"):
+        from connector.store.sqlite import make_engine
+
+        return make_engine(url, timeout=timeout)
+    from connector.store.postgres import make_engine as make_pg_engine
+
+    return make_pg_engine(url, timeout=timeout)
+
+
+def upgrade_sql(url: str, *, timeout: float = 5.0) -> str:
+    """The DDL that would bring the store at ``url`` to head, from its current revision (or
+    from an empty database), for a DBA to read or run: the store is read, never written."""
+    sqlite = url.startswith("sqlite")
+    current = _current_sqlite(url) if sqlite else _current_pg(url, timeout)
+    if current == head():
+        return f"-- the store is already current (revision {head()})\n"
+    if current is not None:
+        _check_known([current])
+    out = io.StringIO()
+    config = alembic_config(dialect_name="sqlite" if sqlite else "postgresql")
+    config.output_buffer = out
+    command.upgrade(config, f"{current}:head" if current else "head", sql=True)
+    return out.getvalue()
+
+
+def _current_sqlite(url: str) -> str | None:
+    database = make_url(url).database
+    if not database or not Path(database).exists():
+        return None  # a new store: nothing created by looking
+    with sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if "alembic_version" in names:
+            return str(db.execute("SELECT version_num FROM alembic_version").fetchone()[0])
+        _refuse_legacy(names)
+    return None
+
+
+def _current_pg(url: str, timeout: float) -> str | None:
+    from connector.store.postgres import make_engine as make_pg_engine
+
+    engine = make_pg_engine(url, timeout=timeout)
+    try:
+        with engine.connect() as conn:
+            names = set(inspect(conn).get_table_names())
+            if "alembic_version" in names:
+                return str(conn.execute(_CURRENT).scalar_one())
+            _refuse_legacy(names)
+        return None
+    finally:
+        engine.dispose()
+
+
+def _refuse_legacy(names: set[str]) -> None:
+    if meta.name in names:
+        raise StoreError(
+            "the store predates the connector's Alembic revisions: upgrade it with "
+            "`connector migrate` (without --sql), which runs its old steps first"
         )
+    if names & set(metadata.tables):
+        raise StoreError("the database has connector tables but no schema version")

@@ -2,8 +2,8 @@
 
 Times are seconds since the epoch (UTC) as floats; ``last_update`` is kept as integer
 microseconds since the epoch so that it orders as an instant. JSON documents are text.
-Bump :data:`SCHEMA_VERSION` and add a step to :data:`MIGRATIONS` for any change (new tables are
-created by ``create_all``; new columns and indexes of existing tables need the step).
+Any change here needs an Alembic revision in ``connector/store/migrations/versions/`` (see
+:mod:`connector.store.migrations`; tests/test_migrate.py checks that the two agree).
 """
 
 from __future__ import annotations
@@ -23,26 +23,6 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
-
-SCHEMA_VERSION = 3
-
-# from version N to N + 1: portable statements (SQLite and PostgreSQL)
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        "ALTER TABLE inbox ADD COLUMN run_id INTEGER",
-        "ALTER TABLE inbox ADD COLUMN planned VARCHAR(96)",
-        "CREATE INDEX ix_inbox_run ON inbox (run_id)",
-        "CREATE INDEX ix_outbox_contact ON outbox (dispensary, destination, customer_id, op, id)",
-    ),
-    2: (
-        "ALTER TABLE customers ADD COLUMN opt_out_seen BOOLEAN NOT NULL DEFAULT FALSE",
-        # what older versions knew of it: the last opt_out, and any unsubscribe planned
-        "UPDATE customers SET opt_out_seen = TRUE WHERE opt_out = TRUE OR EXISTS (SELECT 1 "
-        "FROM contacts WHERE contacts.dispensary = customers.dispensary AND "
-        "contacts.customer_id = customers.customer_id AND contacts.unsubscribed = TRUE)",
-        "CREATE INDEX ix_contacts_contact ON contacts (dispensary, destination, contact_id)",
-    ),
-}
 
 metadata = MetaData()
 
@@ -235,7 +215,7 @@ locks = Table(
     Column("expires_at", Float, nullable=False),
 )
 
-# Version 4: the scheduled reconciliation ticks already run in the cluster (one row each: the
+# Revision 0002: the scheduled reconciliation ticks already run in the cluster (one row each: the
 # first replica to insert it runs the tick, every other one sends Treez nothing).
 schedule_ticks = Table(
     "schedule_ticks",
