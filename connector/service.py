@@ -18,11 +18,12 @@ from connector._pressure import Pressure
 from connector.config import Config
 from connector.delivery.base import Destination
 from connector.delivery.worker import DeliveryWorker
+from connector.errors import StoreUnavailable
+from connector.intake import GroupCommitter
 from connector.logs import get_logger
 from connector.metrics import Metrics
 from connector.pipeline import Deployment, Processor, build_worker
 from connector.pipeline_process import PipelineProcess
-from connector.receiver import GroupCommitter
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
 from connector.store import AsyncStore, open_store
 
@@ -310,6 +311,19 @@ class Service:
         if not self._tasks:
             problems.append("not started")
         return problems
+
+    async def metrics_text(self) -> bytes:
+        """This process's series (and its pipeline process's), with the queue gauges read
+        from the store just now: every replica shows the cluster's queues."""
+        try:
+            stats = await self.astore.call(self.astore.store.queue_stats)
+        except StoreUnavailable:
+            stats = []
+        return self.metrics.render(
+            stats,
+            self.destination_keys,
+            self.child.status.families if self.child is not None else (),
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
