@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -21,7 +23,7 @@ from connector.delivery.worker import DeliveryWorker
 from connector.errors import StoreUnavailable
 from connector.intake import GroupCommitter
 from connector.logs import get_logger
-from connector.metrics import Metrics
+from connector.metrics import Metrics, replica_id
 from connector.pipeline import Deployment, Processor, build_worker
 from connector.pipeline_process import PipelineProcess
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
@@ -35,6 +37,10 @@ MISFIRE_GRACE = timedelta(seconds=600)
 
 Role = Literal["all", "receiver", "pipeline"]
 RECEIVER_SWITCH_SECONDS = 0.0002
+
+
+def _lease_held(worker: DeliveryWorker) -> Callable[[], float]:
+    return lambda: float(worker.leased)
 
 
 class Service:
@@ -57,6 +63,11 @@ class Service:
             (name, dest.name) for name, disp in config.dispensaries.items()
             for dest in disp.destinations
         ]  # fmt: skip
+        self.replica = replica_id(self.astore.store.process_id)
+        self.metrics.replica.info(
+            {"replica": self.replica, "host": socket.gethostname(), "pid": str(os.getpid()),
+             "role": role}
+        )  # fmt: skip
         self.committer = GroupCommitter(self.astore.store)
         self.child = PipelineProcess(config) if role == "receiver" else None
         # the planner, the workers and reconciliation run where the pipeline runs: in the
@@ -83,6 +94,9 @@ class Service:
                     )  # fmt: skip
                     self.destinations.append(worker.destination)
                     self.workers[(name, dest_config.name)] = worker
+                    self.metrics.delivery_lease.labels(name, dest_config.name).set_function(
+                        _lease_held(worker)
+                    )
             self.reconciler = Reconciler(
                 config, self.astore, self.deployment, plan=self._plan_soon,
                 destinations={key: w.destination for key, w in self.workers.items()},
