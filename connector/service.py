@@ -64,10 +64,8 @@ class Service:
             for dest in disp.destinations
         ]  # fmt: skip
         self.replica = replica_id(self.astore.store.process_id)
-        self.metrics.replica.info(
-            {"replica": self.replica, "host": socket.gethostname(), "pid": str(os.getpid()),
-             "role": role}
-        )  # fmt: skip
+        host, pid = socket.gethostname(), str(os.getpid())
+        self.metrics.replica.info({"replica": self.replica, "host": host, "pid": pid, "role": role})
         self.committer = GroupCommitter(self.astore.store)
         self.child = PipelineProcess(config) if role == "receiver" else None
         # the planner, the workers and reconciliation run where the pipeline runs: in the
@@ -82,25 +80,36 @@ class Service:
         else:
             self.planner_lane = self.astore.lane("planner")
             self.processor = Processor(
-                self.planner_lane, self.deployment, on_enqueued=self._wake_workers,
-                metrics=self.metrics, idle_poll=idle_poll, pressure=self.pressure,
-            )  # fmt: skip
+                self.planner_lane,
+                self.deployment,
+                on_enqueued=self._wake_workers,
+                metrics=self.metrics,
+                idle_poll=idle_poll,
+                pressure=self.pressure,
+            )
             self.committer.on_commit.append(self.processor.wake.set)
             for name, disp in config.dispensaries.items():
                 for dest_config in disp.destinations:
                     worker = build_worker(
-                        self.astore, name, dest_config, metrics=self.metrics,
-                        idle_poll=idle_poll, pressure=self.pressure,
-                    )  # fmt: skip
+                        self.astore,
+                        name,
+                        dest_config,
+                        metrics=self.metrics,
+                        idle_poll=idle_poll,
+                        pressure=self.pressure,
+                    )
                     self.destinations.append(worker.destination)
                     self.workers[(name, dest_config.name)] = worker
                     self.metrics.delivery_lease.labels(name, dest_config.name).set_function(
                         _lease_held(worker)
                     )
             self.reconciler = Reconciler(
-                config, self.astore, self.deployment, plan=self._plan_soon,
+                config,
+                self.astore,
+                self.deployment,
+                plan=self._plan_soon,
                 destinations={key: w.destination for key, w in self.workers.items()},
-            )  # fmt: skip
+            )
         self.scheduler: AsyncIOScheduler | None = None
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}

@@ -1084,11 +1084,19 @@ def _waiting_operation(store: Any) -> None:
     with store.transaction() as conn:
         conn.execute(
             insert(outbox).values(
-                dispensary=OTHER, destination="sink", order_key="c-1", customer_id="c-1",
-                op="upsert", payload="{}", idempotency_key="k-1", status="pending",
-                attempts=0, created_at=now, next_attempt_at=now + 3600,
+                dispensary=OTHER,
+                destination="sink",
+                order_key="c-1",
+                customer_id="c-1",
+                op="upsert",
+                payload="{}",
+                idempotency_key="k-1",
+                status="pending",
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now + 3600,
             )
-        )  # fmt: skip
+        )
 
 
 def test_two_replicas_on_one_store_are_ready_and_show_the_clusters_queues(tmp_path: Path) -> None:
