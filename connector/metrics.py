@@ -1,4 +1,10 @@
-"""Prometheus metrics of one running connector (its own registry, so tests can run several)."""
+"""Prometheus metrics of one running connector (its own registry, so tests can run several).
+
+With several replicas on one store, each serves its own ``/metrics``: counters and histograms
+are this process's (and its pipeline process's), told apart by ``connector_replica_info``
+(the replica id that ``connector status`` shows); the queue gauges are read from the store at
+each scrape, so every replica shows the cluster's queues (sum counters across replicas, never
+the queue gauges)."""
 
 from __future__ import annotations
 
@@ -6,8 +12,23 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.metrics_core import Metric
+
+REPLICA_ID_CHARS = 8
+
+
+def replica_id(process_id: str) -> str:
+    """The short form of a store process id that ``/metrics`` and ``connector status`` show
+    (the first characters of a random hex id: unique enough among a cluster's replicas)."""
+    return process_id[:REPLICA_ID_CHARS]
 
 
 class Metrics:
@@ -65,6 +86,19 @@ class Metrics:
         self.dead_letters = Gauge(
             "connector_dead_operations",
             "Operations in the dead-letter queue",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+        self.replica = Info(
+            "connector_replica",
+            "This process: its replica id (the store's process id, short, as connector status "
+            "shows it), host, pid and role (all, receiver or pipeline)",
+            registry=self.registry,
+        )
+        self.delivery_lease = Gauge(
+            "connector_delivery_lease",
+            "1 where this replica delivers for the destination (holds its lease), 0 where "
+            "another replica does",
             ["dispensary", "destination"],
             registry=self.registry,
         )

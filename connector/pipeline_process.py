@@ -2,10 +2,10 @@
 
 One Python process is bound by its interpreter lock: receiving, planning and delivering in
 one process share a single core, about 3 ms of Python per event. ``connector serve`` therefore
-runs the receiver in its own process and starts this module as a child process for the rest
-(``server.pipeline_process``, on by default), so that each half gets a core. Both open the same
-store: the receiver commits events to the inbox, the child plans and delivers them, and the
-claims in the store keep each operation with one process.
+runs the receiver in its own process and starts :mod:`connector.pipeline_child` as a child
+process for the rest (``server.pipeline_process``, on by default), so that each half gets a
+core. Both open the same store: the receiver commits events to the inbox, the child plans and
+delivers them, and the claims in the store keep each operation with one process.
 
 The two talk over a socket pair (the child's end is passed as a file descriptor):
 
@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import os
 import pickle
-import signal
 import socket
 import struct
 import sys
@@ -56,12 +55,12 @@ BUSY_EVERY_SECONDS, BUSY_LEASE_SECONDS = 0.05, 0.25
 _LENGTH = struct.Struct(">I")
 
 
-def _frame(payload: object) -> bytes:
+def frame(payload: object) -> bytes:
     data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
+async def read_frame(reader: asyncio.StreamReader) -> Any:
     header = await reader.readexactly(_LENGTH.size)
     (length,) = _LENGTH.unpack(header)
     return pickle.loads(await reader.readexactly(length))  # noqa: S301 (our own child)
@@ -158,7 +157,7 @@ class PipelineProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "connector.pipeline_process", str(theirs.fileno()),
+                sys.executable, "-m", "connector.pipeline_child", str(theirs.fileno()),
                 str(os.getpid()), pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=False,
             )  # fmt: skip
@@ -168,7 +167,7 @@ class PipelineProcess:
         self.pid = process.pid
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         self._writer = writer
-        writer.write(_frame(self.config))
+        writer.write(frame(self.config))
         statuses = asyncio.create_task(self._read_statuses(reader))
         try:
             return await process.wait()
@@ -182,101 +181,10 @@ class PipelineProcess:
     async def _read_statuses(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
-                message = await _read_frame(reader)
+                message = await read_frame(reader)
                 self.status = ChildStatus(
                     problems=list(message["problems"]),
                     families=list(message["families"]),
                     at=time.monotonic(),
                 )
                 self._first_status.set()
-
-
-# -- the child ------------------------------------------------------------------------------
-
-
-async def _child(sock: socket.socket) -> None:
-    from connector.logs import configure_logging
-    from connector.service import Service
-
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
-    config: Config = await _read_frame(reader)
-    configure_logging(level=config.server.log_level, json=config.server.log_format == "json")
-    service = Service(config, role="pipeline")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Ctrl-C reaches the whole process group: the parent decides when the child stops.
-    loop.add_signal_handler(signal.SIGINT, lambda: None)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-
-    async def commands() -> None:
-        while True:
-            chunk = await reader.read(4096)
-            if not chunk:
-                log.warning("pipeline_parent_gone")
-                break
-            if WAKE in chunk:
-                service.wake_processor()
-            if BUSY in chunk:
-                service.pressure.saturated_elsewhere(BUSY_LEASE_SECONDS)
-            if STOP in chunk:
-                break
-        stop.set()
-
-    async def report() -> None:
-        while True:
-            problems = await service.readiness()
-            families = list(service.metrics.registry.collect())
-            writer.write(_frame({"problems": problems, "families": families}))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), STATUS_SECONDS)
-            if stop.is_set():
-                return
-
-    await service.start()
-    tasks = [asyncio.create_task(commands()), asyncio.create_task(report())]
-    try:
-        await stop.wait()
-    finally:
-        await service.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        writer.close()
-
-
-def _die_with_parent(parent: int) -> None:
-    """Be killed the moment the parent dies, as if both were one process: a ``kill -9`` of
-    ``connector serve`` stops everything at once, and the next start releases the claims."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
-
-
-PIPELINE_NICENESS = 10
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    _die_with_parent(int(args[1]))
-    # Ingestion first: when both processes want the same core, the receiver (Treez waits for
-    # its answers) gets about nine tenths of it; the events are durable in the inbox and the
-    # pipeline catches up after the burst. On an idle core the niceness costs nothing.
-    with contextlib.suppress(OSError):
-        os.nice(PIPELINE_NICENESS)
-    sock = socket.socket(fileno=int(args[0]))
-    os.set_blocking(sock.fileno(), False)
-    try:
-        import uvloop
-
-        uvloop.run(_child(sock))
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(_child(sock))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,22 +1,20 @@
 """The webhook receiver (contract 1): answers within milliseconds, and only after the event is
 durably stored.
 
-Requests hand their event to a :class:`GroupCommitter`, which commits whatever has arrived
-meanwhile in one transaction and then answers all of them: ``synchronous=FULL`` durability at
-the cost of one fsync per batch rather than per request.
+The receiver runs on a few narrow ports (:class:`ReceiverPorts`), not on the whole running
+connector: an :class:`~connector.intake.Intake` that stores a body (the group committer of
+:mod:`connector.intake`), the load count that lets planning step aside, readiness, and the
+metrics text. :class:`connector.service.Service` provides them; this module never imports it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
@@ -28,7 +26,6 @@ from connector.errors import EventValidationError, StoreUnavailable
 from connector.logs import get_logger
 from connector.planner import instant_us
 from connector.store import NewEvent, Rejected
-from connector.store.abc import Inbox, InboxWriterPort
 from connector.treez import (
     NotJsonError,
     OtherEvent,
@@ -37,7 +34,9 @@ from connector.treez import (
 )
 
 if TYPE_CHECKING:
-    from connector.service import Service
+    from connector.config import Config
+    from connector.intake import Intake
+    from connector.metrics import Metrics
 
 log = get_logger("connector.receiver")
 # the level check on the standard logger behind ``log``: it caches its answer, where asking
@@ -46,144 +45,41 @@ _levels = logging.getLogger("connector.receiver")
 RETRY_AFTER_SECONDS = 5
 
 
-class GroupCommitter:
-    """Commits received events in batches; each caller waits for its own batch's commit.
+class ReceiverPorts(Protocol):
+    """What the receiver needs of the process it runs in."""
 
-    A writer thread of its own takes whatever has arrived, commits it in one transaction,
-    hands the outcome to the event loop and at once takes what arrived meanwhile: the next
-    batch never waits for the event loop to come round (with the loop busy answering the
-    previous batch, that wait cost two thirds of each commit cycle: bench/ingest.py).
-    """
+    @property
+    def config(self) -> Config:
+        """The dispensaries' webhook tokens and the body limit."""
+        ...
 
-    def __init__(self, store: Inbox, *, max_batch: int = 512) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self.on_commit: list[Callable[[], None]] = []  # run after each commit of events
-        self._queue: deque[tuple[NewEvent | Rejected, asyncio.Future[None]]] = deque()
-        self._signal = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._closing = False
-        self._idle = False  # the writer waits for the signal (read by submit)
-        self._inflight: list[tuple[NewEvent | Rejected, asyncio.Future[None]]] = []
+    @property
+    def metrics(self) -> Metrics:
+        """Where webhooks are counted."""
+        ...
 
-    async def submit(self, item: NewEvent | Rejected) -> None:
-        """Return once ``item`` is committed; :class:`StoreUnavailable` if it was not."""
-        loop = self._loop
-        if loop is None or self._closing:
-            raise StoreUnavailable("the receiver is not running")
-        future: asyncio.Future[None] = loop.create_future()
-        self._queue.append((item, future))
-        if self._idle:  # else the writer takes it with what it finds after its commit
-            self._signal.set()
-        await future
+    @property
+    def committer(self) -> Intake:
+        """Stores a received body (or a refused one, in quarantine) durably."""
+        ...
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Commit until ``stopping`` is set, then commit what is queued and return. Ends
-        early, raising, if the writer thread dies (readiness then reports it)."""
-        previous = self._thread
-        if previous is not None:  # a run that was cancelled while its writer drained
-            await asyncio.to_thread(previous.join)
-        self._loop = asyncio.get_running_loop()
-        self._closing = False
-        ended = asyncio.Event()
-        thread = threading.Thread(
-            target=self._write, args=(ended,), name="receiver-commit", daemon=True
-        )
-        self._thread = thread
-        thread.start()
-        try:
-            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(ended.wait())]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
-            if not stopping.is_set():
-                raise RuntimeError("the receiver's commit thread stopped")
-        finally:
-            self._closing = True
-            self._signal.set()
-            await asyncio.to_thread(thread.join)
-            if self._thread is thread:
-                self._thread = None
-            # a submission that passed its check just as the writer made its last one: it
-            # is on the queue with nobody to take it (later ones see _closing and refuse)
-            left = [self._queue.popleft() for _ in range(len(self._queue))]
-            if left:
-                self._settle(left, StoreUnavailable("the receiver is not running"), False)
+    def lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:
+        """Starts and stops whatever runs beside the receiver (the ASGI lifespan)."""
+        ...
 
-    def _write(self, ended: asyncio.Event) -> None:
-        loop = self._loop
-        assert loop is not None
-        try:
-            writer = self.store.inbox_writer()
-            try:
-                self._write_batches(writer)
-            finally:
-                writer.close()
-        except Exception:  # a bug: run() reports it, and readiness with it
-            log.exception("commit_thread_failed")
-        finally:
-            # whatever ended the thread: nobody is left waiting, and nobody else is let in
-            self._closing = True
-            left, self._inflight = self._inflight, []
-            while self._queue:
-                left.append(self._queue.popleft())
-            error = StoreUnavailable("the receiver's commit thread stopped")
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                if left:
-                    loop.call_soon_threadsafe(self._settle, left, error, False)
-                loop.call_soon_threadsafe(ended.set)
+    def webhook_started(self) -> None:
+        """A webhook is being answered (planning and delivery step aside when saturated)."""
+        ...
 
-    def _write_batches(self, writer: InboxWriterPort) -> None:
-        loop = self._loop
-        assert loop is not None
-        while True:
-            # idle, then look once more: an item queued before this flag was set is seen
-            # below, one queued after it sets the signal (the interpreter lock orders both)
-            self._idle = True
-            if not self._queue:
-                self._signal.wait()
-            self._idle = False
-            self._signal.clear()
-            while self._queue:
-                size = min(len(self._queue), self.max_batch)
-                batch = [self._queue.popleft() for _ in range(size)]
-                events = [item for item, _ in batch if isinstance(item, NewEvent)]
-                rejected = [item for item, _ in batch if isinstance(item, Rejected)]
-                error: StoreUnavailable | None = None
-                self._inflight = batch  # failed by _write if the thread dies with it
-                try:
-                    writer.add(events, rejected)
-                except StoreUnavailable as exc:
-                    error = exc
-                except Exception as exc:  # every waiter learns of it; none is told "stored"
-                    error = StoreUnavailable(f"the store failed ({exc.__class__.__name__})")
-                try:
-                    loop.call_soon_threadsafe(self._settle, batch, error, bool(events))
-                except RuntimeError:  # the loop is closed: nobody waits any more
-                    return
-                self._inflight = []
-            if self._closing and not self._queue:
-                return
+    def webhook_finished(self) -> None: ...
 
-    def _settle(
-        self,
-        batch: list[tuple[NewEvent | Rejected, asyncio.Future[None]]],
-        error: StoreUnavailable | None,
-        committed_events: bool,
-    ) -> None:
-        for _, future in batch:
-            if future.done():
-                continue
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
-        if error is None and committed_events:
-            for callback in self.on_commit:
-                callback()
+    async def readiness(self) -> list[str]:
+        """What keeps this replica from taking webhooks; empty when it can."""
+        ...
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus text exposition of this replica (queue gauges: the cluster's)."""
+        ...
 
 
 class _Answer(Response):
@@ -279,8 +175,8 @@ class WebhookFastPath:
         await self.app(scope, receive, send)
 
 
-def create_app(service: Service) -> FastAPI:
-    """The ASGI app of one running connector."""
+def create_app(service: ReceiverPorts) -> FastAPI:
+    """The ASGI app of one running connector, on the ports ``service`` provides."""
     app = FastAPI(
         title="Treez connector",
         version="0.1.0",
@@ -475,17 +371,6 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
-        try:
-            stats = await service.astore.call(service.astore.store.queue_stats)
-        except StoreUnavailable:
-            stats = []
-        return Response(
-            metrics.render(
-                stats,
-                service.destination_keys,
-                service.child.status.families if service.child is not None else (),
-            ),
-            media_type="text/plain; version=0.0.4",
-        )
+        return Response(await service.metrics_text(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -17,9 +17,11 @@ from typing import Any, TextIO
 
 from connector.config import Config
 from connector.delivery.worker import DeliveryWorker
+from connector.metrics import replica_id
 from connector.pipeline import Deployment, build_worker, process_batch
 from connector.reconcile import Reconciler, RunOptions, RunReport, iso
 from connector.store import COUNT_KEYS, AsyncStore, Store, open_store
+from connector.store.abc import Lease, RegisteredProcess
 
 Echo = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
@@ -166,7 +168,10 @@ def _print_report(
         echo("  delivery left to serve (--no-wait)")
 
 
-def status_lines(config: Config) -> list[str]:
+def status_lines(config: Config, *, now: float | None = None) -> list[str]:
+    """What ``connector status`` prints: per dispensary its last run; per destination its
+    queues (the cluster's, from the store) and which process delivers for it (holds its
+    lease); then the processes registered in the cluster."""
     store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
     try:
         runs = store
@@ -174,8 +179,12 @@ def status_lines(config: Config) -> list[str]:
         queues = {(q["dispensary"], q["destination"]): q for q in store.queue_stats()}
         dead = runs.dead_counts()
         conflicts = runs.conflict_counts()
+        leases = {lease.name: lease for lease in store.leases()}
+        registered = store.registered_processes()
     finally:
         store.close()
+    now = time.time() if now is None else now
+    known = {p.id: p for p in registered}
     lines = []
     for name, disp in config.dispensaries.items():
         lines.append(f"{name}")
@@ -196,12 +205,38 @@ def status_lines(config: Config) -> list[str]:
                 f"  {dest.name}: pending {q.get('pending', 0):,}, in flight "
                 f"{q.get('inflight', 0):,}, dead letters {dead.get((name, dest.name), 0):,}"
             )
+            lease = leases.get(f"deliver:{name}/{dest.name}")
+            lines.append("    " + _lease_line(lease, known, now))
         found = {k: v for (d, k), v in conflicts.items() if d == name}
         if found:
             lines.append(
                 "  conflicts: " + ", ".join(f"{k} {v:,}" for k, v in sorted(found.items()))
             )
+    lines.append(f"processes: {len(registered)}")
+    for process in registered:
+        beat = max(0.0, now - process.heartbeat_at)
+        lines.append(
+            f"  {replica_id(process.id)}  {process.host} pid {process.pid}  started "
+            f"{_when(process.started_at)}  heartbeat {beat:.0f} s ago"
+        )
     return lines
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+
+
+def _lease_line(lease: Lease | None, known: dict[str, RegisteredProcess], now: float) -> str:
+    """Who delivers for a destination: the live holder of its ``deliver:`` lease."""
+    if lease is None:
+        return "delivered by: nobody yet (no process has taken its lease)"
+    holder = replica_id(lease.holder)
+    process = known.get(lease.holder)
+    where = f" ({process.host} pid {process.pid})" if process is not None else ""
+    if lease.expires_at < now:
+        lapsed = _when(lease.expires_at)
+        return f"delivered by: nobody (the lease of {holder}{where} lapsed at {lapsed})"
+    return f"delivered by: {holder}{where}, lease until {_when(lease.expires_at)}"
 
 
 def dlq_lines(store: Store, **filters: Any) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -18,11 +20,12 @@ from connector._pressure import Pressure
 from connector.config import Config
 from connector.delivery.base import Destination
 from connector.delivery.worker import DeliveryWorker
+from connector.errors import StoreUnavailable
+from connector.intake import GroupCommitter
 from connector.logs import get_logger
-from connector.metrics import Metrics
+from connector.metrics import Metrics, replica_id
 from connector.pipeline import Deployment, Processor, build_worker
 from connector.pipeline_process import PipelineProcess
-from connector.receiver import GroupCommitter
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
 from connector.store import AsyncStore, open_store
 
@@ -36,10 +39,14 @@ Role = Literal["all", "receiver", "pipeline"]
 RECEIVER_SWITCH_SECONDS = 0.0002
 
 
+def _lease_held(worker: DeliveryWorker) -> Callable[[], float]:
+    return lambda: float(worker.leased)
+
+
 class Service:
     """``role`` says which half runs here: ``all`` (one process: receiver, planner and
     workers), ``receiver`` (the committer, with the planner and workers in a child process,
-    :mod:`connector.pipeline_process`) or ``pipeline`` (that child: planner and workers)."""
+    :mod:`connector.pipeline_child`) or ``pipeline`` (that child: planner and workers)."""
 
     def __init__(self, config: Config, *, idle_poll: float = 1.0, role: Role = "all") -> None:
         self.config = config
@@ -56,31 +63,53 @@ class Service:
             (name, dest.name) for name, disp in config.dispensaries.items()
             for dest in disp.destinations
         ]  # fmt: skip
+        self.replica = replica_id(self.astore.store.process_id)
+        host, pid = socket.gethostname(), str(os.getpid())
+        self.metrics.replica.info({"replica": self.replica, "host": host, "pid": pid, "role": role})
         self.committer = GroupCommitter(self.astore.store)
         self.child = PipelineProcess(config) if role == "receiver" else None
-        self.planner_lane = self.astore.lane("planner")
-        self.processor = Processor(
-            self.planner_lane, self.deployment, on_enqueued=self._wake_workers,
-            metrics=self.metrics, idle_poll=idle_poll, pressure=self.pressure,
-        )  # fmt: skip
+        # the planner, the workers and reconciliation run where the pipeline runs: in the
+        # receiver role, in the child process, and nothing of theirs is built here
+        self.planner_lane: AsyncStore | None = None
+        self.processor: Processor | None = None
+        self.reconciler: Reconciler | None = None
+        self.destinations: list[Destination] = []
+        self.workers: dict[tuple[str, str], DeliveryWorker] = {}
         if self.child is not None:
             self.committer.on_commit.append(self.child.wake)
         else:
+            self.planner_lane = self.astore.lane("planner")
+            self.processor = Processor(
+                self.planner_lane,
+                self.deployment,
+                on_enqueued=self._wake_workers,
+                metrics=self.metrics,
+                idle_poll=idle_poll,
+                pressure=self.pressure,
+            )
             self.committer.on_commit.append(self.processor.wake.set)
-        self.destinations: list[Destination] = []
-        self.workers: dict[tuple[str, str], DeliveryWorker] = {}
-        for name, disp in config.dispensaries.items():
-            for dest_config in disp.destinations if role != "receiver" else ():
-                worker = build_worker(
-                    self.astore, name, dest_config, metrics=self.metrics,
-                    idle_poll=idle_poll, pressure=self.pressure,
-                )  # fmt: skip
-                self.destinations.append(worker.destination)
-                self.workers[(name, dest_config.name)] = worker
-        self.reconciler = Reconciler(
-            config, self.astore, self.deployment, plan=self._plan_soon,
-            destinations={key: w.destination for key, w in self.workers.items()},
-        )  # fmt: skip
+            for name, disp in config.dispensaries.items():
+                for dest_config in disp.destinations:
+                    worker = build_worker(
+                        self.astore,
+                        name,
+                        dest_config,
+                        metrics=self.metrics,
+                        idle_poll=idle_poll,
+                        pressure=self.pressure,
+                    )
+                    self.destinations.append(worker.destination)
+                    self.workers[(name, dest_config.name)] = worker
+                    self.metrics.delivery_lease.labels(name, dest_config.name).set_function(
+                        _lease_held(worker)
+                    )
+            self.reconciler = Reconciler(
+                config,
+                self.astore,
+                self.deployment,
+                plan=self._plan_soon,
+                destinations={key: w.destination for key, w in self.workers.items()},
+            )
         self.scheduler: AsyncIOScheduler | None = None
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -99,10 +128,11 @@ class Service:
         self.pressure.leave()
 
     def wake_processor(self) -> None:
-        self.processor.wake.set()
+        if self.processor is not None:
+            self.processor.wake.set()
 
     async def _plan_soon(self) -> None:
-        self.processor.wake.set()
+        self.wake_processor()
 
     def _start_scheduler(self) -> None:
         """One cron job per dispensary that reconciles; misfires coalesced, one at a time
@@ -127,6 +157,8 @@ class Service:
     async def scheduled_reconcile(self, dispensary: str) -> None:
         """One scheduled tick: run by the first process of the cluster to claim it in the
         store; every other replica sends Treez nothing, not even a token request."""
+        if self.reconciler is None:  # the receiver role: no scheduler runs here
+            return
         job = f"reconcile:{dispensary}"
         tick = self._tick_of(dispensary)
         if tick is not None:
@@ -188,7 +220,7 @@ class Service:
             self._tasks["pipeline_process"] = asyncio.create_task(self.child.run(self._stopping))
             if not await self.child.wait_started():
                 log.error("pipeline_process_slow", reason="no status within its start time")
-        else:
+        elif self.processor is not None:
             released = await self.astore.call(store.register_process)
             self._listen(asyncio.get_running_loop())
             self._tasks["processor"] = asyncio.create_task(self.processor.run(self._stopping))
@@ -221,7 +253,7 @@ class Service:
             return called
 
         store = self.astore.store
-        store.on_commit("inbox", wake(lambda _payload: self.processor.wake.set()))
+        store.on_commit("inbox", wake(lambda _payload: self.wake_processor()))
         store.on_commit("outbox", wake(self._wake_named))
 
     def _wake_named(self, payload: str) -> None:
@@ -287,10 +319,12 @@ class Service:
                 released = await self.astore.call(self.astore.store.release_claims)
             except Exception:
                 log.exception("release_failed")
-        await self.reconciler.aclose()
+        if self.reconciler is not None:
+            await self.reconciler.aclose()
         for destination in self.destinations:
             await destination.aclose()
-        self.planner_lane.close()
+        if self.planner_lane is not None:
+            self.planner_lane.close()
         self.astore.close()
         self._tasks.clear()
         sys.setswitchinterval(self._switch_interval)
@@ -310,6 +344,19 @@ class Service:
         if not self._tasks:
             problems.append("not started")
         return problems
+
+    async def metrics_text(self) -> bytes:
+        """This process's series (and its pipeline process's), with the queue gauges read
+        from the store just now: every replica shows the cluster's queues."""
+        try:
+            stats = await self.astore.call(self.astore.store.queue_stats)
+        except StoreUnavailable:
+            stats = []
+        return self.metrics.render(
+            stats,
+            self.destination_keys,
+            self.child.status.families if self.child is not None else (),
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:

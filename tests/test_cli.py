@@ -640,3 +640,96 @@ def test_python_dash_m_connector(tmp_path: Path) -> None:
 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "connector, version 0.1.0"
+
+
+# --- status and serve with several replicas ---
+
+
+def _replica_config(folder: Path) -> Path:
+    """Two destinations on a store in ``folder``; a server address no replica can bind."""
+    (folder / "mappings").mkdir(parents=True, exist_ok=True)
+    shutil.copy(HTTP_MAPPING, folder / "mappings" / "http.yaml")
+    text = f"store: sqlite:///{folder}/c.db\nserver: {{host: 192.0.2.1, port: 9}}\n"
+    return write_config(folder, text + TWO_DESTINATIONS)
+
+
+def test_status_names_who_delivers_each_destination_and_the_processes(tmp_path: Path) -> None:
+    from connector.config import load_config
+    from connector.store import open_store
+
+    config = _replica_config(tmp_path)
+    store = open_store(load_config(config).store)
+    try:
+        store.register_process()
+        store.acquire("deliver:partnersandbox3/first", store.process_id, -1.0)  # lapsed
+    finally:
+        store.close()
+
+    result = run("status", "--config", config)
+
+    assert result.exit_code == 0, result.output
+    out = lines(result.stdout)
+    short = store.process_id[:8]
+    first = out.index("  first: pending 0, in flight 0, dead letters 0")
+    second = out.index("  second: pending 0, in flight 0, dead letters 0")
+    assert out[first + 1].startswith(f"    delivered by: nobody (the lease of {short} (")
+    assert "lapsed at" in out[first + 1]
+    assert out[second + 1] == "    delivered by: nobody yet (no process has taken its lease)"
+    assert "processes: 1" in out
+    process = out[out.index("processes: 1") + 1]
+    assert process.startswith(f"  {short}  ")
+    assert f"pid {os.getpid()}" in process
+
+
+def test_replicas_share_one_config_with_serve_host_and_port(tmp_path: Path) -> None:
+    """``serve --host/--port`` override server.host/port (here an address nobody can bind):
+    two replicas on one config file and one store both answer, both ready, though only one
+    of them delivers for each destination."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    config = _replica_config(tmp_path)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    logs = [tmp_path / f"serve-{port}.log" for port in ports]
+    replicas = []
+    for port, log in zip(ports, logs, strict=True):
+        command = [sys.executable, "-m", "connector", "serve", "--config", str(config)]
+        command += ["--host", "127.0.0.1", "--port", str(port)]
+        with log.open("wb") as output:
+            replicas.append(
+                subprocess.Popen(
+                    command, cwd=tmp_path, env=environment, stdout=output, stderr=output
+                )
+            )
+    try:
+        deadline = time.monotonic() + 60.0
+        ready: dict[int, int] = {}
+        with httpx.Client(timeout=2.0) as client:
+            while len(ready) < 2 and time.monotonic() < deadline:
+                for port, replica, log in zip(ports, replicas, logs, strict=True):
+                    assert replica.poll() is None, log.read_text(errors="replace")[-2000:]
+                    try:
+                        status = client.get(f"http://127.0.0.1:{port}/readyz").status_code
+                    except httpx.TransportError:
+                        continue
+                    if status == 200:
+                        ready[port] = status
+                time.sleep(0.1)
+        assert sorted(ready) == sorted(ports)
+        status = run("status", "--config", config)
+        assert status.exit_code == 0, status.output
+        assert "processes: 2" in status.stdout  # the pipeline process of each replica
+    finally:
+        for replica in replicas:
+            if replica.poll() is None:
+                replica.send_signal(signal.SIGTERM)
+        codes = [replica.wait(30) for replica in replicas]
+    assert codes == [0, 0]

@@ -23,9 +23,9 @@ from sqlalchemy import select
 
 from connector._pressure import Pressure
 from connector.errors import EventValidationError, StoreUnavailable
+from connector.intake import GroupCommitter
 from connector.pipeline_process import BUSY, BUSY_EVERY_SECONDS, PipelineProcess
 from connector.planner import instant_us
-from connector.receiver import GroupCommitter
 from connector.service import Service
 from connector.store import NewEvent, Rejected, Store, open_store
 from connector.store.schema import inbox, quarantine

@@ -43,6 +43,7 @@ from connector.logs import configure_logging
 from connector.mapping import load_mapping
 from connector.planner import ContactState, CustomerState, DestinationSpec, content_hash, plan
 from connector.receiver import create_app
+from connector.runner import status_lines
 from connector.service import Service
 from connector.store import NewEvent
 from connector.store.schema import inbox, outbox, quarantine
@@ -1075,6 +1076,102 @@ def test_metrics_queue_depth_follows_the_store(tmp_path: Path) -> None:
         assert after.get(key, 0.0) == 0.0, after
 
     run(tmp_path, scenario)
+
+
+def _waiting_operation(store: Any) -> None:
+    """One operation for OTHER's sink, due in an hour: it stays pending."""
+    now = time.time()
+    with store.transaction() as conn:
+        conn.execute(
+            insert(outbox).values(
+                dispensary=OTHER,
+                destination="sink",
+                order_key="c-1",
+                customer_id="c-1",
+                op="upsert",
+                payload="{}",
+                idempotency_key="k-1",
+                status="pending",
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now + 3600,
+            )
+        )
+
+
+def test_two_replicas_on_one_store_are_ready_and_show_the_clusters_queues(tmp_path: Path) -> None:
+    """Two ``serve`` replicas on one store: the first delivers (holds every lease), the second
+    holds none and is ready all the same; each /metrics shows the cluster's queues and its
+    own replica id; ``connector status`` names the replica that delivers and both processes."""
+    config = load_config(write_config(tmp_path))
+    keys = [(("destination", "sink"), ("dispensary", d)) for d in (DISPENSARY, OTHER)]
+
+    async def scrape(client: httpx.AsyncClient, name: str) -> dict[Any, float]:
+        return samples((await client.get("/metrics")).text, name)
+
+    first, second = Service(config, idle_poll=0.05), Service(config, idle_poll=0.05)
+
+    async def lease_requests() -> list[float]:  # when each worker last asked (monotonic)
+        return [worker._lease_checked for worker in second.workers.values()]
+
+    async def scenario() -> None:
+        apps = create_app(first), create_app(second)
+        async with (
+            first.lifespan(apps[0]),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=apps[0]), base_url="http://a") as a,
+        ):
+            await eventually(
+                lambda: scrape(a, "connector_delivery_lease"),
+                lambda found: all(found.get(k) == 1.0 for k in keys),
+                "the first replica's leases",
+            )
+            async with (
+                second.lifespan(apps[1]),
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=apps[1]), base_url="http://b"
+                ) as b,
+            ):
+                # once each of its workers has asked for its lease (and been refused)
+                await eventually(
+                    lease_requests, lambda checked: all(c >= 0 for c in checked), "requests"
+                )
+                ready = await b.get("/readyz")
+                assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+                assert await scrape(b, "connector_delivery_lease") == dict.fromkeys(keys, 0.0)
+
+                await first.astore.call(_waiting_operation, first.astore.store)
+                for client in (a, b):
+                    depth = await scrape(client, "connector_queue_depth")
+                    assert depth.get(keys[1]) == 1.0, depth
+                replicas = [
+                    dict(labels)["replica"]
+                    for client in (a, b)
+                    for labels in await scrape(client, "connector_replica_info")
+                ]
+                assert replicas == [first.replica, second.replica]
+
+                status = await asyncio.to_thread(status_lines, config)
+                delivered = [line for line in status if "delivered by:" in line]
+                assert len(delivered) == 2
+                assert all(f"delivered by: {first.replica} (" in line for line in delivered)
+                assert "processes: 2" in status
+                listed = status[status.index("processes: 2") + 1 :]
+                assert sorted(line.split()[0] for line in listed) == sorted(replicas)
+
+    asyncio.run(scenario())
+
+
+def test_the_receiver_role_builds_no_planner_reconciler_or_workers(tmp_path: Path) -> None:
+    """Planning, delivery and reconciliation run in the pipeline process, and only there."""
+    service = Service(load_config(write_config(tmp_path)), role="receiver")
+    try:
+        assert service.processor is None
+        assert service.planner_lane is None
+        assert service.reconciler is None
+        assert service.workers == {}
+        assert service.child is not None
+    finally:
+        service.astore.close()
 
 
 def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:

@@ -92,6 +92,26 @@ class Replayed:
     unreplayable: int  # no operation to resend (a mapping failure): fix the mapping, --resend
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A named lease (``deliver:DISPENSARY/DESTINATION``: who delivers for it)."""
+
+    name: str
+    holder: str  # a registered process's id
+    expires_at: float  # renewed by the holder's heartbeat; past it, anyone may take it
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredProcess:
+    """A process of the cluster that claims work (``serve``'s pipeline, a ``reconcile``)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+
+
 @dataclass
 class PlannedBatch:
     """What planning a batch of inbox events gave, as the store writes it in one commit.
@@ -303,6 +323,14 @@ class Admin(Protocol):
     def conflict_counts(self, since: float = 0.0) -> dict[tuple[str, str], int]: ...
 
     def latest_operations(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def leases(self) -> list[Lease]:
+        """The named leases on record, expired ones included, by name."""
+        ...
+
+    def registered_processes(self) -> list[RegisteredProcess]:
+        """The processes registered in the cluster, oldest first."""
+        ...
 
     def close(self) -> None: ...
 

@@ -11,11 +11,14 @@ from sqlalchemy import (
     update,
 )
 
+from connector.store.abc import Lease, RegisteredProcess
 from connector.store.processes import ProcessesSql
 from connector.store.schema import (
     conflicts,
     inbox,
+    locks,
     outbox,
+    processes,
     quarantine,
 )
 
@@ -129,3 +132,24 @@ class AdminSql(ProcessesSql):
             .limit(limit)
         )
         return [dict(r._mapping) for r in self._read(query)]
+
+    def leases(self) -> list[Lease]:
+        """The named leases on record, expired ones included, by name."""
+        rows = self._read(
+            select(locks.c.name, locks.c.holder, locks.c.expires_at).order_by(locks.c.name)
+        )
+        return [Lease(r.name, r.holder, float(r.expires_at)) for r in rows]
+
+    def registered_processes(self) -> list[RegisteredProcess]:
+        """The processes registered in the cluster, oldest first."""
+        query = select(
+            processes.c.id,
+            processes.c.host,
+            processes.c.pid,
+            processes.c.started_at,
+            processes.c.heartbeat_at,
+        ).order_by(processes.c.started_at, processes.c.id)
+        return [
+            RegisteredProcess(r.id, r.host, int(r.pid), float(r.started_at), float(r.heartbeat_at))
+            for r in self._read(query)
+        ]
