@@ -78,7 +78,7 @@ class Result:
         return self.delivered / self.seconds
 
 
-def write_config(workdir: Path, store: str, sink_url: str) -> Path:
+def write_config(workdir: Path, store: str, sink_url: str, concurrency: int) -> Path:
     (workdir / "http.yaml").write_bytes((ROOT / "mappings" / "http.yaml").read_bytes())
     path = workdir / "config.yaml"
     path.write_text(
@@ -93,7 +93,7 @@ dispensaries:
         type: http
         url: {sink_url}
         mapping: http.yaml
-        concurrency: 16
+        concurrency: {concurrency}
         batch_size: 1
         retry: {{initial_seconds: 0.2, max_seconds: 2}}
 """
@@ -169,10 +169,11 @@ def run(
     workdir: Path,
     plan: list[list[tuple[int, int]]],
     rate: float,
+    concurrency: int,
 ) -> Result:
     events = sum(len(share) for share in plan)
     with sink_process(workdir, cpu=None) as (sink_url, attempts_log):
-        config = write_config(workdir, store, sink_url)
+        config = write_config(workdir, store, sink_url, concurrency)
         pids: list[int] = []
         with contextlib.ExitStack() as stack:
             bases = [
@@ -233,6 +234,7 @@ def main() -> None:
     parser.add_argument("--versions", type=int, default=4, help="per customer")
     parser.add_argument("--rate", type=float, default=600.0, help="offered events per second")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="the http destination's")
     parser.add_argument("--replicas", default="1,2,3", help="PostgreSQL replica counts")
     parser.add_argument("--skip-sqlite", action="store_true")
     args = parser.parse_args()
@@ -254,15 +256,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp:
             work = Path(tmp)
             if kind is None:
-                results.append(run(name, "sqlite:///connector.db", 1, work, plan, args.rate))
+                results.append(
+                    run(name, "sqlite:///connector.db", 1, work, plan, args.rate, args.concurrency)
+                )
             else:
                 with postgres_database() as url:
-                    results.append(run(name, url, count, work, plan, args.rate))
+                    results.append(run(name, url, count, work, plan, args.rate, args.concurrency))
         print(_line(results[-1]), flush=True)
     offered = customers * args.versions
     print(
         f"\n{offered} events ({customers} customers x {args.versions} versions) offered at "
-        f"{args.rate:,.0f}/s by {args.clients} clients; http sink, batch_size 1"
+        f"{args.rate:,.0f}/s by {args.clients} clients; http sink, batch_size 1, "
+        f"concurrency {args.concurrency}"
     )
     print(
         f"{'run':<24}{'events/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'CPU ms/ev':>10}  "
