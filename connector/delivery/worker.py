@@ -210,8 +210,7 @@ class DeliveryWorker:
         bulk: bool = False,
     ) -> None:
         deliveries = [_delivery(row, contacts) for row in batch]
-        async with self._slots:
-            await self.limiter.acquire()
+        async with self._slots, self.limiter.slot():
             started = time.monotonic()
             try:
                 if bulk:
