@@ -400,9 +400,6 @@ def migrate(config_file: Path, sql: bool) -> None:
     With --sql, print the DDL from the store's current revision (or an empty database) to the
     newest, for the configured store's database, without writing to it.
     """
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from connector.store._base import reason_of
     from connector.store.migrate import head, migrate_url, upgrade_sql
 
     config = _load(config_file)
@@ -413,8 +410,6 @@ def migrate(config_file: Path, sql: bool) -> None:
         done = migrate_url(config.store, timeout=config.store_timeout_seconds)
     except ConnectorError as exc:
         _fail(f"migrate: {exc}")
-    except SQLAlchemyError as exc:
-        _fail(f"migrate: the store cannot be opened ({reason_of(exc)})")
     click.echo(f"{config.store_display}: {done or f'already current (revision {head()})'}")
 
 

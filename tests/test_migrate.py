@@ -24,10 +24,10 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from connector.cli import main
 from connector.errors import StoreError
 from connector.store import NewEvent, open_store
+from connector.store._engine import postgres_engine as pg_engine
+from connector.store._engine import sqlite_engine
 from connector.store.migrate import Migrated, ensure_current, head
-from connector.store.postgres import make_engine as pg_engine
 from connector.store.schema import metadata
-from connector.store.sqlite import make_engine as sqlite_engine
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent

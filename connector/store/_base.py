@@ -12,13 +12,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from connector.errors import StoreError, StoreUnavailable
-
-
-def reason_of(exc: BaseException) -> str:
-    """The driver's first line, never a statement or its parameters (customer values)."""
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip().splitlines()
-    return (text[0][:160] if text else "") or orig.__class__.__name__
+from connector.store._engine import reason_of
 
 
 class SqlBase:
@@ -50,6 +44,9 @@ class SqlBase:
     def _begin_write(self, conn: Connection, durable: bool) -> None:
         """Called on a write transaction's connection before it begins."""
 
+    def _started_write(self, conn: Connection, durable: bool) -> None:
+        """Called first in a write transaction."""
+
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """Tell the other processes of the cluster, on commit, that ``channel`` has work."""
 
@@ -73,6 +70,7 @@ class SqlBase:
                 self._begin_write(conn, durable)
                 try:
                     with conn.begin():
+                        self._started_write(conn, durable)
                         yield conn
                 finally:
                     conn.info.pop("immediate", None)

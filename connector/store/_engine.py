@@ -1,4 +1,5 @@
-"""SQLite's write lock, taken without its own busy handler's long sleeps."""
+"""Dialect details in one place: how a store URL becomes an engine that is safe to use, SQLite's
+write lock taken without its busy handler's long sleeps, and a driver error in one line."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 
 
 def begin_immediate_sa(connection: Any, raw: Any, timeout: float) -> None:
@@ -49,3 +53,92 @@ def when_unlocked(write: Callable[[], object], timeout: float) -> bool:
                 return False
         time.sleep(delay)
         delay = min(delay * 1.5, 0.002)
+
+
+def reason_of(exc: BaseException) -> str:
+    """The driver's first line, never a statement or its parameters (customer values)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return (text[0][:160] if text else "") or orig.__class__.__name__
+
+
+def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> Engine:
+    """An engine for ``url``.
+
+    SQLite: WAL, ``synchronous=FULL`` (an acknowledged event survives a power cut), a busy
+    timeout so a second process (``connector reconcile``) waits instead of failing, and
+    ``BEGIN IMMEDIATE`` for write transactions (:meth:`SqliteStore.transaction`) so that
+    they take the write lock up front rather than failing when they upgrade; reads begin plainly
+    (pysqlite's own transaction handling is switched off for that).
+    """
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": timeout},
+        # every transaction ends in an explicit commit or rollback: no reset on return
+        pool_reset_on_return=None,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    busy_ms = int(timeout * 1000)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # writes lock up front; reads (status, metrics, readiness) never block a writer
+        if not connection.info.get("immediate"):
+            connection.exec_driver_sql("BEGIN")
+            return
+        raw = connection.connection.dbapi_connection
+        raw.execute("PRAGMA busy_timeout=0")
+        try:
+            begin_immediate_sa(connection, raw, timeout)
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={busy_ms}")
+
+    return engine
+
+
+POOL_SIZE = 3  # PostgreSQL connections a process keeps (a couple more at a peak)
+POOL_OVERFLOW = 2
+
+
+def psycopg_url(url: str) -> str:
+    """``postgresql://`` and ``postgresql+psycopg://`` (and ``postgres://``) as SQLAlchemy's
+    URL for psycopg 3."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1))
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
+    return create_engine(
+        psycopg_url(url),
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_timeout=timeout,
+        pool_pre_ping=True,  # a connection the server dropped is replaced, not used
+        pool_recycle=1800,
+        connect_args={
+            "connect_timeout": max(1, round(timeout)),
+            "application_name": "treez-connector",
+            # a dead peer (a cut network) is noticed in seconds, not hours
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        },
+    )
+
+
+def engine_for(url: str, *, timeout: float = 5.0) -> Engine:
+    """An engine for a store URL of either dialect (``connector migrate``)."""
+    if url.startswith("sqlite"):
+        return sqlite_engine(url, timeout=timeout)
+    return postgres_engine(url, timeout=timeout)

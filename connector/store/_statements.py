@@ -76,36 +76,68 @@ def _blocked() -> Any:
     )
 
 
+def first_of_customer() -> Any:
+    """No earlier operation of the same customer is pending or in flight, as a scalar
+    subquery probed once per candidate row through ``ix_outbox_order`` (PostgreSQL turns
+    ``NOT EXISTS`` into an anti-join whose plan, on a table without statistics yet, can scan
+    every operation of the destination for each claim)."""
+    earlier = aliased(outbox)
+    return (
+        select(earlier.c.id)
+        .where(
+            earlier.c.dispensary == outbox.c.dispensary,
+            earlier.c.destination == outbox.c.destination,
+            earlier.c.order_key == outbox.c.order_key,
+            earlier.c.id < outbox.c.id,
+            earlier.c.status.in_(("pending", "inflight")),
+        )
+        .limit(1)
+        .scalar_subquery()
+        .is_(None)
+    )
+
+
 # The delivery loop's statements, built once: building a statement (and its cache key) costs
 # far more than SQLite takes to run it (measured: 350 us an operation before, bench/pipeline).
 _QUEUE = and_(
     outbox.c.dispensary == bindparam("dispensary"),
     outbox.c.destination == bindparam("destination"),
 )
-# two queries, each an index walk in id order that stops at the limit (an OR of both would
-# scan and sort every pending row)
-_CLAIM_EXPIRED = (
-    select(outbox)
-    .where(
-        _QUEUE,
-        outbox.c.status == "inflight",
-        outbox.c.claimed_until < bindparam("now"),
-        ~_blocked(),
+
+
+def claim_statements(claimable: Any) -> tuple[Any, Any, Any]:
+    """The claim of expired and of due operations, and the next due time, for a customer's
+    "nothing earlier in the way" condition ``claimable``. Each claim is an index walk in id
+    order that stops at the limit (an OR of both would scan and sort every pending row)."""
+    expired = (
+        select(outbox)
+        .where(
+            _QUEUE,
+            outbox.c.status == "inflight",
+            outbox.c.claimed_until < bindparam("now"),
+            claimable,
+        )
+        .order_by(outbox.c.id)
+        .limit(bindparam("limit"))
     )
-    .order_by(outbox.c.id)
-    .limit(bindparam("limit"))
-)
-_CLAIM_DUE = (
-    select(outbox)
-    .where(
-        _QUEUE,
-        outbox.c.status == "pending",
-        outbox.c.next_attempt_at <= bindparam("now"),
-        ~_blocked(),
+    due = (
+        select(outbox)
+        .where(
+            _QUEUE,
+            outbox.c.status == "pending",
+            outbox.c.next_attempt_at <= bindparam("now"),
+            claimable,
+        )
+        .order_by(outbox.c.id)
+        .limit(bindparam("limit"))
     )
-    .order_by(outbox.c.id)
-    .limit(bindparam("limit"))
-)
+    next_due = select(func.min(outbox.c.next_attempt_at)).where(
+        _QUEUE, outbox.c.status == "pending", claimable
+    )
+    return expired, due, next_due
+
+
+_CLAIM_EXPIRED, _CLAIM_DUE, _NEXT_DUE = claim_statements(~_blocked())
 _CLAIM_MARK = (
     update(outbox)
     .where(outbox.c.id.in_(bindparam("ids", expanding=True)))

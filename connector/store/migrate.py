@@ -29,9 +29,10 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
 from connector.errors import StoreError
+from connector.store._engine import engine_for, postgres_engine, reason_of
 from connector.store.migrations import legacy
 from connector.store.schema import meta, metadata
 
@@ -86,7 +87,7 @@ def ensure_current(engine: Engine) -> Migrated | None:
     _check_known(current)
     sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
-        conn.info["immediate"] = sqlite  # see connector.store.sqlite.make_engine
+        conn.info["immediate"] = sqlite  # see connector.store._engine.sqlite_engine
         try:
             with conn.begin():
                 if not sqlite:
@@ -141,29 +142,25 @@ def _upgrade_in(conn: Connection) -> Migrated | None:
 
 
 def migrate_url(url: str, *, timeout: float = 5.0) -> Migrated | None:
-    """:func:`ensure_current` for the store at ``url`` (``connector migrate``)."""
-    engine = _engine(url, timeout)
+    """:func:`ensure_current` for the store at ``url`` (``connector migrate``); a database
+    that cannot be reached is a :class:`StoreError` naming the driver's reason."""
+    engine = engine_for(url, timeout=timeout)
     try:
         return ensure_current(engine)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"the store cannot be opened ({reason_of(exc)})") from None
     finally:
         engine.dispose()
-
-
-def _engine(url: str, timeout: float) -> Engine:
-    if url.startswith("sqlite"):
-        from connector.store.sqlite import make_engine
-
-        return make_engine(url, timeout=timeout)
-    from connector.store.postgres import make_engine as make_pg_engine
-
-    return make_pg_engine(url, timeout=timeout)
 
 
 def upgrade_sql(url: str, *, timeout: float = 5.0) -> str:
     """The DDL that would bring the store at ``url`` to head, from its current revision (or
     from an empty database), for a DBA to read or run: the store is read, never written."""
     sqlite = url.startswith("sqlite")
-    current = _current_sqlite(url) if sqlite else _current_pg(url, timeout)
+    try:
+        current = _current_sqlite(url) if sqlite else _current_pg(url, timeout)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"the store cannot be opened ({reason_of(exc)})") from None
     if current == head():
         return f"-- the store is already current (revision {head()})\n"
     if current is not None:
@@ -188,9 +185,7 @@ def _current_sqlite(url: str) -> str | None:
 
 
 def _current_pg(url: str, timeout: float) -> str | None:
-    from connector.store.postgres import make_engine as make_pg_engine
-
-    engine = make_pg_engine(url, timeout=timeout)
+    engine = postgres_engine(url, timeout=timeout)
     try:
         with engine.connect() as conn:
             names = set(inspect(conn).get_table_names())

@@ -22,9 +22,9 @@ from connector.store._statements import (
     _CLAIM_MARK,
     _CONTACT_IDS,
     _FILL_CONTACT_ID,
+    _NEXT_DUE,
     _SETTLE_DONE,
     CLAIM_SECONDS,
-    _blocked,
     _settle,
 )
 from connector.store.abc import (
@@ -43,6 +43,7 @@ from connector.store.schema import (
 class OutboxSql(PlanSql):
     _claim_expired: Any = _CLAIM_EXPIRED
     _claim_due: Any = _CLAIM_DUE
+    _next_due: Any = _NEXT_DUE
 
     def claim(
         self, dispensary: str, destination: str, limit: int, now: float | None = None
@@ -384,13 +385,6 @@ class OutboxSql(PlanSql):
     def next_due(self, dispensary: str, destination: str) -> float | None:
         """When the next claimable operation falls due (ones waiting behind an earlier
         operation of their customer do not count: they are not claimable when due)."""
-        found = self.query(
-            select(func.min(outbox.c.next_attempt_at)).where(
-                outbox.c.dispensary == dispensary,
-                outbox.c.destination == destination,
-                outbox.c.status == "pending",
-                ~_blocked(),
-            )
-        )
+        found = self._read(self._next_due, {"dispensary": dispensary, "destination": destination})
         value = found[0][0] if found else None
         return None if value is None else float(value)

@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, bindparam, create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, bindparam, select, text
 
-from connector.store._statements import _CLAIM_DUE, _CLAIM_EXPIRED, _PENDING_EVENTS
+from connector.store._engine import postgres_engine
+from connector.store._statements import _PENDING_EVENTS, claim_statements, first_of_customer
 from connector.store.abc import InboxRow
 from connector.store.admin import AdminSql
 from connector.store.schema import inbox, outbox
@@ -36,35 +36,6 @@ from connector.store.schema import inbox, outbox
 log = logging.getLogger("connector.store.postgres")
 
 CHANNELS = {"inbox": "connector_inbox", "outbox": "connector_outbox"}
-POOL_SIZE = 3
-POOL_OVERFLOW = 2
-
-
-def psycopg_url(url: str) -> str:
-    """``postgresql://`` and ``postgresql+psycopg://`` (and ``postgres://``) as SQLAlchemy's
-    URL for psycopg 3."""
-    parsed = make_url(url.replace("postgres://", "postgresql://", 1))
-    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-
-
-def make_engine(url: str, *, timeout: float = 5.0) -> Engine:
-    return create_engine(
-        psycopg_url(url),
-        pool_size=POOL_SIZE,
-        max_overflow=POOL_OVERFLOW,
-        pool_timeout=timeout,
-        pool_pre_ping=True,  # a connection the server dropped is replaced, not used
-        pool_recycle=1800,
-        connect_args={
-            "connect_timeout": max(1, round(timeout)),
-            "application_name": "treez-connector",
-            # a dead peer (a cut network) is noticed in seconds, not hours
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 3,
-        },
-    )
 
 
 def customer_key(dispensary: str, customer_id: str) -> int:
@@ -83,20 +54,29 @@ _LOCK_EVENTS = (
     .with_for_update(skip_locked=True)
 )
 _PENDING_LOCKED = _PENDING_EVENTS.with_for_update(skip_locked=True)
-_CLAIM_EXPIRED_LOCKED = _CLAIM_EXPIRED.with_for_update(skip_locked=True, of=outbox)
-_CLAIM_DUE_LOCKED = _CLAIM_DUE.with_for_update(skip_locked=True, of=outbox)
+_CLAIM_EXPIRED_PG, _CLAIM_DUE_PG, _NEXT_DUE_PG = claim_statements(first_of_customer())
+_CLAIM_EXPIRED_LOCKED = _CLAIM_EXPIRED_PG.with_for_update(skip_locked=True, of=outbox)
+_CLAIM_DUE_LOCKED = _CLAIM_DUE_PG.with_for_update(skip_locked=True, of=outbox)
 
 
 class PostgresStore(AdminSql):
     dialect = "postgresql"
     _claim_expired = _CLAIM_EXPIRED_LOCKED
     _claim_due = _CLAIM_DUE_LOCKED
+    _next_due = _NEXT_DUE_PG
 
     def __init__(self, url: str, *, timeout: float = 5.0, listen: bool = True) -> None:
-        super().__init__(url, make_engine(url, timeout=timeout), timeout=timeout)
+        super().__init__(url, postgres_engine(url, timeout=timeout), timeout=timeout)
         self.listen = listen
         self._listener: _Listener | None = None
         self.open()
+
+    def _started_write(self, conn: Connection, durable: bool) -> None:
+        if not durable:
+            # as SQLite's synchronous=NORMAL for these: claims, plans and delivery results are
+            # redone from what is durable if a crash loses them; received events always wait
+            # for the WAL flush (202 only after it)
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
 
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         # delivered at commit, once per transaction for the same payload

@@ -15,10 +15,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection
 
 from connector.errors import StoreUnavailable
-from connector.store._engine import begin_immediate, begin_immediate_sa, when_unlocked
+from connector.store._engine import begin_immediate, sqlite_engine, when_unlocked
 from connector.store.abc import NewEvent, Rejected
 from connector.store.admin import AdminSql
 
@@ -27,7 +27,7 @@ class SqliteStore(AdminSql):
     dialect = "sqlite"
 
     def __init__(self, url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
-        super().__init__(url, make_engine(url, synchronous=synchronous, timeout=timeout),
+        super().__init__(url, sqlite_engine(url, synchronous=synchronous, timeout=timeout),
                          timeout=timeout)  # fmt: skip
         self._synchronous = synchronous
         self._sync_levels: dict[int, str] = {}  # per driver connection: what it is set to
@@ -39,7 +39,7 @@ class SqliteStore(AdminSql):
         if raw is not None and self._sync_levels.get(id(raw)) != level:
             raw.execute(f"PRAGMA synchronous={level}")
             self._sync_levels[id(raw)] = level
-        conn.info["immediate"] = True  # take the write lock up front (see make_engine)
+        conn.info["immediate"] = True  # take the write lock up front (see _engine.sqlite_engine)
 
     def _insert_inbox(self, conn: Connection, events: Sequence[NewEvent], now: float) -> None:
         # the driver's executemany, without SQLAlchemy's per-row parameter processing (a
@@ -53,50 +53,6 @@ class SqliteStore(AdminSql):
         import socket
 
         return bool(row.host == host == socket.gethostname() and not _pid_alive(row.pid))
-
-
-def make_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> Engine:
-    """An engine for ``url``.
-
-    SQLite: WAL, ``synchronous=FULL`` (an acknowledged event survives a power cut), a busy
-    timeout so a second process (``connector reconcile``) waits instead of failing, and
-    ``BEGIN IMMEDIATE`` for write transactions (:meth:`SqliteStore.transaction`) so that
-    they take the write lock up front rather than failing when they upgrade; reads begin plainly
-    (pysqlite's own transaction handling is switched off for that).
-    """
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": timeout},
-        # every transaction ends in an explicit commit or rollback: no reset on return
-        pool_reset_on_return=None,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    busy_ms = int(timeout * 1000)
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        # writes lock up front; reads (status, metrics, readiness) never block a writer
-        if not connection.info.get("immediate"):
-            connection.exec_driver_sql("BEGIN")
-            return
-        raw = connection.connection.dbapi_connection
-        raw.execute("PRAGMA busy_timeout=0")
-        try:
-            begin_immediate_sa(connection, raw, timeout)
-        finally:
-            raw.execute(f"PRAGMA busy_timeout={busy_ms}")
-
-    return engine
 
 
 def _pid_alive(pid: int) -> bool:
