@@ -43,9 +43,10 @@ from test_reconcile import in_process
 
 from connector.config import load_config
 from connector.errors import StoreUnavailable
-from connector.pipeline import Deployment, build_worker, process_batch
+from connector.pipeline import Deployment, Processor, build_worker, process_batch
+from connector.planner import instant_us
 from connector.reconcile import Reconciler, RunReport
-from connector.store import AsyncStore, open_store
+from connector.store import AsyncStore, NewEvent, open_store
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -329,3 +330,114 @@ def test_a_reconciliation_cut_mid_run_resumes_from_its_checkpoint(
     active = {c for c in listed if (fake.customer(c) or {}).get("status") != "DEACTIVATED"}
     assert set(upserts) == active  # nothing lost
     assert set(upserts.values()) == {1}  # nothing sent twice
+
+
+def received(events: list[Event]) -> list[NewEvent]:
+    return [
+        NewEvent(
+            DISPENSARY,
+            "webhook",
+            "CUSTOMER",
+            e.customer_id,
+            instant_us(datetime.fromisoformat(e.last_update)),
+            e.body.decode(),
+        )
+        for e in events
+    ]
+
+
+def probe_failures(astore: AsyncStore) -> asyncio.Event:
+    """Set once a call through ``astore`` is refused."""
+    failed = asyncio.Event()
+    original = astore.call
+
+    async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(fn, *args, **kwargs)
+        except StoreUnavailable:
+            failed.set()
+            raise
+
+    astore.call = call  # type: ignore[method-assign]
+    return failed
+
+
+def test_a_worker_backing_off_resumes_as_soon_as_it_is_woken(
+    tmp_path: Path, store_url: str, proxy: TcpProxy
+) -> None:
+    """A worker that failed backs off (seconds, growing), but a wake-up (the listener
+    reconnecting, the planner enqueuing: the database is back) ends the back-off: after a
+    long outage delivery does not wait out the last back-off."""
+    config = load_config(reconcile_config(tmp_path, store_url, "http://127.0.0.1:9/v2.0"))
+    out = tmp_path / "out.jsonl"
+    events = [Event(str(50000 + i), 1) for i in range(3)]
+
+    async def scenario() -> None:
+        store = open_store(store_url, timeout=STORE_TIMEOUT, listen=False)
+        astore = AsyncStore(store)
+        (dest,) = config.dispensaries[DISPENSARY].destinations
+        # idle_poll 10 s: a first failure backs off 20 s
+        worker = build_worker(astore, DISPENSARY, dest, idle_poll=10.0)
+        stopping = asyncio.Event()
+        task = None
+        try:
+            store.add_events(received(events))
+            process_batch(store, Deployment.from_config(config), 64)
+            proxy.cut()
+            failed = probe_failures(astore)
+            task = asyncio.create_task(worker.run(stopping))
+            await asyncio.wait_for(failed.wait(), 10)
+            await asyncio.sleep(0.5)  # into the back-off
+            proxy.restore()
+            restored = time.monotonic()
+            worker.wake.set()
+            while not out.exists() or len(out.read_text().splitlines()) < len(events):
+                assert time.monotonic() - restored < 12, "still backing off"
+                await asyncio.sleep(0.1)
+        finally:
+            stopping.set()
+            if task is not None:
+                await task
+            await worker.destination.aclose()
+            astore.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_planner_backing_off_resumes_as_soon_as_it_is_woken(
+    tmp_path: Path, store_url: str, proxy: TcpProxy
+) -> None:
+    """As for a worker: the receiver's next commit (or the listener) wakes the planner out
+    of its back-off."""
+    config = load_config(reconcile_config(tmp_path, store_url, "http://127.0.0.1:9/v2.0"))
+    events = [Event(str(50000 + i), 1) for i in range(3)]
+    pending = text("SELECT count(*) FROM inbox WHERE status = 'pending'")
+
+    async def scenario() -> None:
+        store = open_store(store_url, timeout=STORE_TIMEOUT, listen=False)
+        astore = AsyncStore(store)
+        processor = Processor(
+            astore, Deployment.from_config(config), on_enqueued=lambda _: None, idle_poll=10.0
+        )
+        stopping = asyncio.Event()
+        task = None
+        try:
+            store.add_events(received(events))
+            proxy.cut()
+            failed = probe_failures(astore)
+            task = asyncio.create_task(processor.run(stopping))
+            await asyncio.wait_for(failed.wait(), 10)
+            await asyncio.sleep(0.5)  # into the back-off (20 s)
+            proxy.restore()
+            restored = time.monotonic()
+            processor.wake.set()
+            while (await astore.call(store.query, pending))[0][0]:
+                assert time.monotonic() - restored < 12, "still backing off"
+                await asyncio.sleep(0.1)
+        finally:
+            stopping.set()
+            if task is not None:
+                await task
+            astore.close()
+
+    asyncio.run(scenario())

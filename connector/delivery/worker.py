@@ -110,8 +110,17 @@ class DeliveryWorker:
                     "delivery_loop_failed", destination=self.destination.name, error=exc,
                     attempt=failures,
                 )  # fmt: skip
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), min(30.0, self.idle_poll * 2**failures))
+                await self._back_off(stopping, min(30.0, self.idle_poll * 2**failures))
+
+    async def _back_off(self, stopping: asyncio.Event, seconds: float) -> None:
+        """Wait ``seconds`` after a failure, or until woken: a wake-up during the wait (the
+        store's listener reconnected, the planner enqueued) says the store is back, and a
+        long outage must not leave delivery waiting out its last, longest back-off."""
+        self.wake.clear()
+        waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stopping.wait())]
+        _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
 
     async def _step(self, stopping: asyncio.Event) -> None:
         store = self.astore.store
