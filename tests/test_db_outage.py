@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -216,6 +217,9 @@ def test_a_hung_database_is_answered_503_within_the_store_timeout(
             assert waited < STORE_TIMEOUT + 2.5, waited
         started = time.monotonic()
         assert client.get(f"{server.base}/readyz").status_code == 503
+        assert time.monotonic() - started < STORE_TIMEOUT + 2.5
+        started = time.monotonic()  # the counters, without the queues the store would give
+        assert client.get(f"{server.base}/metrics").status_code == 200
         assert time.monotonic() - started < STORE_TIMEOUT + 2.5
         proxy.restore()
         deadline = time.monotonic() + 20
@@ -441,3 +445,34 @@ def test_the_planner_backing_off_resumes_as_soon_as_it_is_woken(
             astore.close()
 
     asyncio.run(scenario())
+
+
+def test_a_pooled_connection_that_hangs_is_given_up_within_the_timeout(
+    store_url: str, proxy: TcpProxy
+) -> None:
+    """The pool checks a connection before lending it (a ``SELECT 1``): on a connection
+    whose server stopped answering, that check is bounded too, so no thread of the store
+    (a worker's, /metrics') waits for an answer that never comes."""
+    store = open_store(store_url, timeout=1.0, listen=False)
+    try:
+        store.ping()  # one connection in the pool
+        proxy.hang()
+        outcome: list[BaseException | None] = []
+
+        def ping() -> None:
+            try:
+                store.ping()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=ping, daemon=True)
+        thread.start()
+        thread.join(10.0)
+        assert outcome, "the ping is still waiting"
+        assert isinstance(outcome[0], StoreUnavailable), outcome
+        proxy.restore()
+        store.ping()  # a new connection, once the database answers again
+    finally:
+        proxy.restore()
+        store.close()
