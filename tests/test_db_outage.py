@@ -10,6 +10,7 @@ PostgreSQL only (127.0.0.1:5432, or ``OUTAGE_PG_URL``): skipped when it is unrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -476,3 +477,25 @@ def test_a_pooled_connection_that_hangs_is_given_up_within_the_timeout(
     finally:
         proxy.restore()
         store.close()
+
+
+def test_a_pool_with_no_connection_free_is_store_unavailable(store_url: str) -> None:
+    """Every connection of the pool busy (each held by a thread waiting on a database that
+    stopped answering): the next caller waits the store timeout and is told the store is
+    unavailable, as for any other outage, not handed SQLAlchemy's own error."""
+    store = open_store(store_url, timeout=0.5, listen=False)
+    held = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for _ in range(8):
+                try:
+                    held.append(stack.enter_context(store.engine.connect()))
+                except Exception:
+                    break
+            with pytest.raises(StoreUnavailable, match="store"):
+                store.ping()
+            with pytest.raises(StoreUnavailable, match="store"):
+                store.heartbeat()
+    finally:
+        store.close()
+    assert len(held) >= 1
