@@ -499,3 +499,64 @@ def test_a_pool_with_no_connection_free_is_store_unavailable(store_url: str) -> 
     finally:
         store.close()
     assert len(held) >= 1
+
+
+def test_a_round_whose_results_could_not_be_recorded_is_recorded_once_the_store_is_back(
+    tmp_path: Path, store_url: str, proxy: TcpProxy
+) -> None:
+    """The store goes while a round is at the destination: its results cannot be recorded.
+    The worker keeps them and records them first thing once the store answers again; its
+    claims (which the heartbeat keeps renewing) are not left in flight for ever, and what
+    was sent is not sent again."""
+    config = load_config(reconcile_config(tmp_path, store_url, "http://127.0.0.1:9/v2.0"))
+    out = tmp_path / "out.jsonl"
+    events = [Event(str(50000 + i), 1) for i in range(3)]
+
+    async def scenario() -> None:
+        store = open_store(store_url, timeout=STORE_TIMEOUT, listen=False)
+        astore = AsyncStore(store)
+        (dest,) = config.dispensaries[DISPENSARY].destinations
+        worker = build_worker(astore, DISPENSARY, dest, idle_poll=0.2)
+        sending, cut = asyncio.Event(), asyncio.Event()
+        send = worker.destination.send
+
+        async def send_during_the_cut(deliveries: Any) -> Any:
+            sending.set()
+            await cut.wait()
+            return await send(deliveries)
+
+        worker.destination.send = send_during_the_cut  # type: ignore[method-assign]
+        stopping = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+
+        async def heartbeat() -> None:
+            while not stopping.is_set():
+                with contextlib.suppress(StoreUnavailable):
+                    await astore.call(store.heartbeat)
+                await asyncio.sleep(0.5)
+
+        try:
+            await astore.call(store.register_process)
+            store.add_events(received(events))
+            process_batch(store, Deployment.from_config(config), 64)
+            tasks = [asyncio.create_task(worker.run(stopping)), asyncio.create_task(heartbeat())]
+            await asyncio.wait_for(sending.wait(), 10)
+            proxy.cut()
+            cut.set()
+            await asyncio.sleep(1.0)  # the round's results are refused
+            proxy.restore()
+            worker.wake.set()
+            deadline = time.monotonic() + 15
+            settled = text("SELECT count(*) FROM outbox WHERE status != 'done'")
+            while (await astore.call(store.query, settled))[0][0]:
+                assert time.monotonic() < deadline, "operations left in flight"
+                await asyncio.sleep(0.1)
+        finally:
+            stopping.set()
+            await asyncio.gather(*tasks)
+            await worker.destination.aclose()
+            astore.close()
+
+    asyncio.run(scenario())
+    sent = Counter(json.loads(line)["customer_id"] for line in out.read_text().splitlines())
+    assert sent == {e.customer_id: 1 for e in events}
