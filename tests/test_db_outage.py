@@ -62,20 +62,21 @@ def _admin() -> Any:
 
 
 @pytest.fixture(scope="module")
-def pg_port() -> int:
+def pg_server() -> tuple[str, int]:
     try:
         with _admin() as conn:
-            port = conn.info.port
+            host, port = conn.info.host, conn.info.port
     except psycopg.Error as exc:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PostgreSQL unreachable at {ADMIN_URL} ({exc.__class__.__name__})")
-    return int(port)
+    return str(host), int(port)
 
 
 @pytest.fixture
-def proxy(pg_port: int) -> Iterator[TcpProxy]:
-    with TcpProxy(pg_port) as running:
+def proxy(pg_server: tuple[str, int]) -> Iterator[TcpProxy]:
+    host, port = pg_server
+    with TcpProxy(port, host) as running:
         yield running
 
 
