@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -40,9 +41,15 @@ class GroupCommitter:
     previous batch, that wait cost two thirds of each commit cycle: bench/ingest.py).
     """
 
-    def __init__(self, store: Inbox, *, max_batch: int = 512) -> None:
+    def __init__(self, store: Inbox, *, max_batch: int = 512, timeout: float | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
+        # how long a commit may take before its callers, and every caller after them until
+        # it ends, are answered 503: a database that stopped answering (a hung connection,
+        # no error) must not hold requests for minutes (_watch)
+        self.timeout = timeout
+        self._stuck = False
+        self._batch_started: float | None = None  # monotonic, while the writer commits
         self.on_commit: list[Callable[[], None]] = []  # run after each commit of events
         self._queue: deque[tuple[NewEvent | Rejected, asyncio.Future[None]]] = deque()
         self._signal = threading.Event()
@@ -57,6 +64,8 @@ class GroupCommitter:
         loop = self._loop
         if loop is None or self._closing:
             raise StoreUnavailable("the receiver is not running")
+        if self._stuck:
+            raise StoreUnavailable(f"the store has not answered for {self.timeout} s")
         future: asyncio.Future[None] = loop.create_future()
         self._queue.append((item, future))
         if self._idle:  # else the writer takes it with what it finds after its commit
@@ -79,11 +88,16 @@ class GroupCommitter:
         thread.start()
         try:
             waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(ended.wait())]
+            watch = (
+                None if self.timeout is None else asyncio.ensure_future(self._watch(self.timeout))
+            )
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for wait in waits:
                     wait.cancel()
+                if watch is not None:
+                    watch.cancel()
             if not stopping.is_set():
                 raise RuntimeError("the receiver's commit thread stopped")
         finally:
@@ -97,6 +111,21 @@ class GroupCommitter:
             left = [self._queue.popleft() for _ in range(len(self._queue))]
             if left:
                 self._settle(left, StoreUnavailable("the receiver is not running"), False)
+
+    async def _watch(self, timeout: float) -> None:
+        """While a commit takes longer than ``timeout``, answer its callers and everyone
+        queued behind it 503, and new callers at once; the writer skips what was answered
+        (a 503 for an event the commit stores after all is harmless: Treez sends it again)."""
+        error = StoreUnavailable(f"the store has not answered for {timeout} s")
+        while True:
+            await asyncio.sleep(min(0.25, timeout / 4))
+            started = self._batch_started
+            self._stuck = started is not None and time.monotonic() - started > timeout
+            if self._stuck:
+                waiting = [*self._inflight, *list(self._queue)]
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(error)
 
     def _write(self, ended: asyncio.Event) -> None:
         loop = self._loop
@@ -134,17 +163,23 @@ class GroupCommitter:
             self._signal.clear()
             while self._queue:
                 size = min(len(self._queue), self.max_batch)
-                batch = [self._queue.popleft() for _ in range(size)]
+                # not what _watch answered 503 meanwhile
+                batch = [e for e in (self._queue.popleft() for _ in range(size)) if not e[1].done()]
+                if not batch:
+                    continue
                 events = [item for item, _ in batch if isinstance(item, NewEvent)]
                 rejected = [item for item, _ in batch if isinstance(item, Rejected)]
                 error: StoreUnavailable | None = None
                 self._inflight = batch  # failed by _write if the thread dies with it
+                self._batch_started = time.monotonic()
                 try:
                     writer.add(events, rejected)
                 except StoreUnavailable as exc:
                     error = exc
                 except Exception as exc:  # every waiter learns of it; none is told "stored"
                     error = StoreUnavailable(f"the store failed ({exc.__class__.__name__})")
+                finally:
+                    self._batch_started = None
                 try:
                     loop.call_soon_threadsafe(self._settle, batch, error, bool(events))
                 except RuntimeError:  # the loop is closed: nobody waits any more

@@ -394,7 +394,9 @@ class Processor:
             except Exception as exc:  # a locked store, a bug: the events stay pending
                 failures += 1
                 log.warning("planning_failed", error=exc, attempt=failures)
-                await _rest(stopping, min(30.0, self.idle_poll * 2**failures))
+                # a wake-up (a commit, the store's listener reconnecting) ends the back-off
+                self.wake.clear()
+                await _rest(stopping, min(30.0, self.idle_poll * 2**failures), self.wake)
                 continue
             failures = 0
             if result.touched:
@@ -424,10 +426,16 @@ class Processor:
                 task.cancel()
 
 
-async def _rest(stopping: asyncio.Event, seconds: float) -> None:
-    """Sleep ``seconds``, or less if the service stops meanwhile."""
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stopping.wait(), seconds)
+async def _rest(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+    """Sleep ``seconds``, or less if the service stops (or ``wake`` is set) meanwhile."""
+    if wake is None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), seconds)
+        return
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopping.wait())]
+    _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
 
 
 def plan_without_writing(

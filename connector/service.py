@@ -33,6 +33,9 @@ log = get_logger("connector.service")
 HEARTBEAT_SECONDS = 5.0
 RETENTION_SECONDS = 3600.0
 MISFIRE_GRACE = timedelta(seconds=600)
+# past the store's own timeout, how long a commit or a readiness check waits before calling
+# the store unavailable (a database that stopped answering raises nothing)
+STORE_MARGIN_SECONDS = 1.0
 
 
 Role = Literal["all", "receiver", "pipeline"]
@@ -66,7 +69,9 @@ class Service:
         self.replica = replica_id(self.astore.store.process_id)
         host, pid = socket.gethostname(), str(os.getpid())
         self.metrics.replica.info({"replica": self.replica, "host": host, "pid": pid, "role": role})
-        self.committer = GroupCommitter(self.astore.store)
+        self.committer = GroupCommitter(
+            self.astore.store, timeout=config.store_timeout_seconds + STORE_MARGIN_SECONDS
+        )
         self.child = PipelineProcess(config) if role == "receiver" else None
         # the planner, the workers and reconciliation run where the pipeline runs: in the
         # receiver role, in the child process, and nothing of theirs is built here
@@ -332,9 +337,12 @@ class Service:
 
     async def readiness(self) -> list[str]:
         problems = []
+        timeout = self.config.store_timeout_seconds + STORE_MARGIN_SECONDS
         try:
-            await self.astore.call(self.astore.store.ping)
-        except Exception:
+            await asyncio.wait_for(self.astore.call(self.astore.store.ping), timeout)
+        except TimeoutError:
+            problems.append(f"store unreachable: no answer within {timeout:g} s")
+        except Exception:  # its reason names hosts and ports: the logs have it, not /readyz
             problems.append("store unreachable")
         for name, task in self._tasks.items():
             if task.done():

@@ -79,6 +79,10 @@ class DeliveryWorker:
         self.lease = f"deliver:{dispensary}/{destination.name}"
         self.leased = False  # whether this process delivers for the destination now
         self._lease_checked = -LEASE_RENEW_SECONDS  # monotonic time of the last take/renew
+        # a round the store could not record (it went away meanwhile): recorded before
+        # anything else once it answers, or its claims, which the heartbeat renews, would
+        # stay in flight as long as this process lives
+        self._unrecorded: _Outcome | None = None
 
     async def _hold_lease(self) -> bool:
         """Take or renew the destination's lease when due; whether this process holds it."""
@@ -110,8 +114,17 @@ class DeliveryWorker:
                     "delivery_loop_failed", destination=self.destination.name, error=exc,
                     attempt=failures,
                 )  # fmt: skip
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), min(30.0, self.idle_poll * 2**failures))
+                await self._back_off(stopping, min(30.0, self.idle_poll * 2**failures))
+
+    async def _back_off(self, stopping: asyncio.Event, seconds: float) -> None:
+        """Wait ``seconds`` after a failure, or until woken: a wake-up during the wait (the
+        store's listener reconnected, the planner enqueued) says the store is back, and a
+        long outage must not leave delivery waiting out its last, longest back-off."""
+        self.wake.clear()
+        waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stopping.wait())]
+        _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
 
     async def _step(self, stopping: asyncio.Event) -> None:
         store = self.astore.store
@@ -121,6 +134,8 @@ class DeliveryWorker:
         if bulk and self._backlog:
             limit = max(limit, bulk)
         self.wake.clear()  # before looking: a wake-up from here on is not lost
+        if self._unrecorded is not None:
+            await self._record_unrecorded()
         if not await self._hold_lease():
             # another process delivers for this destination: look again when its lease
             # could have lapsed (it renews it every few seconds while it lives)
@@ -130,9 +145,13 @@ class DeliveryWorker:
         rows = await self.astore.call(store.claim, self.dispensary, self.destination.name, limit)
         if bulk and len(rows) >= self.concurrency * self.destination.batch_size:
             # a backlog (a reconciliation, a burst): worth the bulk path once it is this deep
-            waiting = await self.astore.call(
-                store.pending_count, self.dispensary, self.destination.name
-            )
+            try:
+                waiting = await self.astore.call(
+                    store.pending_count, self.dispensary, self.destination.name
+                )
+            except Exception as exc:
+                self._give_back(rows, exc)
+                raise
             self._backlog = waiting + len(rows) >= max(2, bulk // 2)
         elif len(rows) < self.concurrency * self.destination.batch_size:
             self._backlog = False
@@ -165,17 +184,21 @@ class DeliveryWorker:
         destination's ``batch_size``, or all at once through its bulk path (``bulk``)."""
         store = self.astore.store
         wanted = {r.customer_id for r in rows}
-        contacts = await self.astore.call(
-            store.contact_ids, self.dispensary, self.destination.name, wanted
-        )
-        survivors = {str(r.body["into_customer_id"]) for r in rows if r.op == "merge"}
-        if survivors:
-            # a merge goes into the final survivor: if the survivor was itself merged away
-            # since this merge was planned (B into C after A into B), into C's contact
-            resolved = await self.astore.call(
-                store.resolve_contact_ids, self.dispensary, self.destination.name, survivors
+        try:
+            contacts = await self.astore.call(
+                store.contact_ids, self.dispensary, self.destination.name, wanted
             )
-            contacts.update({f"into:{cid}": contact for cid, contact in resolved.items()})
+            survivors = {str(r.body["into_customer_id"]) for r in rows if r.op == "merge"}
+            if survivors:
+                # a merge goes into the final survivor: if the survivor was itself merged
+                # away since this merge was planned (B into C after A into B), into C's
+                resolved = await self.astore.call(
+                    store.resolve_contact_ids, self.dispensary, self.destination.name, survivors
+                )
+                contacts.update({f"into:{cid}": contact for cid, contact in resolved.items()})
+        except Exception as exc:
+            self._give_back(rows, exc)
+            raise
         size = len(rows) if bulk else self.destination.batch_size
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         outcome = _Outcome([], [], [], [])
@@ -190,8 +213,42 @@ class DeliveryWorker:
                 count=len(outcome.done), counts=dict(ops), requests=len(batches),
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
             )  # fmt: skip
+        try:
+            await self._record(outcome)
+        except Exception:
+            self._unrecorded = outcome
+            raise
+
+    def _give_back(self, rows: list[OutboxRow], exc: Exception) -> None:
+        """Claimed, nothing sent, and the store failed: the claims go back, due now."""
+        now = time.time()
+        error = f"not sent: the store failed ({exc.__class__.__name__})"
+        self._unrecorded = _Outcome([], [(row, now, error) for row in rows], [], [])
+
+    async def _record_unrecorded(self) -> None:
+        outcome, store = self._unrecorded, self.astore.store
+        assert outcome is not None
+        try:
+            await self._record(outcome)
+        except Exception:
+            with contextlib.suppress(Exception):
+                # the store answers and still refuses the round: not an outage but a bug,
+                # which must not hold up the destination for good. The round is dropped,
+                # its claims left in flight until this process ends (as before it was kept)
+                await self.astore.call(store.ping)
+                self._unrecorded = None
+                log.error(
+                    "delivery_unrecorded",
+                    dispensary=self.dispensary,
+                    destination=self.destination.name,
+                    count=len(outcome.done) + len(outcome.retry) + len(outcome.dead),
+                )
+            raise
+        self._unrecorded = None
+
+    async def _record(self, outcome: _Outcome) -> None:
         await self.astore.call(
-            store.finish,
+            self.astore.store.finish,
             self.dispensary,
             self.destination.name,
             outcome.done,

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from connector.errors import StoreError, StoreUnavailable
 from connector.store._engine import reason_of
@@ -74,7 +75,7 @@ class SqlBase:
                         yield conn
                 finally:
                     conn.info.pop("immediate", None)
-        except (OperationalError, _Gone) as exc:
+        except (OperationalError, _Gone, PoolTimeout) as exc:
             raise StoreUnavailable(f"the store cannot take the write ({reason_of(exc)})") from None
         except DBAPIError as exc:
             if exc.connection_invalidated:
@@ -89,8 +90,13 @@ class SqlBase:
         try:
             with self.engine.connect() as conn, conn.begin():
                 yield conn
-        except OperationalError as exc:
+        except (OperationalError, PoolTimeout) as exc:
+            # PoolTimeout: every connection of the pool is busy (or stuck) past the timeout
             raise StoreUnavailable(f"the store cannot be read ({reason_of(exc)})") from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StoreUnavailable(f"the store cannot be read ({reason_of(exc)})") from None
+            raise
 
     def _read(self, statement: Any, params: Any = None) -> list[Any]:
         with self.snapshot() as conn:

@@ -3,7 +3,12 @@ write lock taken without its busy handler's long sleeps, and a driver error in o
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -106,6 +111,7 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
     return engine
 
 
+log = logging.getLogger("connector.store")
 POOL_SIZE = 3  # PostgreSQL connections a process keeps (a couple more at a peak)
 POOL_OVERFLOW = 2
 
@@ -118,7 +124,7 @@ def psycopg_url(url: str) -> str:
 
 
 def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
-    return create_engine(
+    engine = create_engine(
         psycopg_url(url),
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
@@ -133,8 +139,68 @@ def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
             "keepalives_idle": 5,
             "keepalives_interval": 2,
             "keepalives_count": 3,
+            # data sent and not acknowledged (a network dropping packets): given up after
+            # this many ms, where the kernel's retransmissions would wait a quarter of an hour
+            "tcp_user_timeout": int(max(10.0, 2 * timeout) * 1000),
         },
     )
+    # the pool's check of a connection before lending it, bounded: on a connection whose
+    # server stopped answering (frozen, or behind a network that holds the bytes) the
+    # ``SELECT 1`` would wait for ever, and so would the thread (a worker's, the receiver's)
+    ping = engine.dialect.do_ping
+
+    def bounded_ping(dbapi_connection: Any) -> bool:
+        _WATCHDOG.arm(dbapi_connection, timeout)
+        try:
+            return bool(ping(dbapi_connection))
+        finally:
+            _WATCHDOG.disarm(dbapi_connection)
+
+    engine.dialect.do_ping = bounded_ping  # type: ignore[method-assign]
+    return engine
+
+
+class _Watchdog:
+    """Severs a connection still busy past its deadline: its socket is shut down, so the
+    call waiting on it fails at once (the driver sees the connection broken, the pool
+    replaces it). One thread for the process, looking every 0.1 s."""
+
+    def __init__(self) -> None:
+        self._armed: dict[int, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, dbapi_connection: Any, seconds: float) -> None:
+        self._armed[id(dbapi_connection)] = (time.monotonic() + seconds, dbapi_connection)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._watch, name="store-watchdog", daemon=True
+                    )
+                    self._thread.start()
+
+    def disarm(self, dbapi_connection: Any) -> None:
+        self._armed.pop(id(dbapi_connection), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            for key, (deadline, conn) in list(self._armed.items()):
+                if deadline <= now and self._armed.pop(key, None) is not None:
+                    _sever(conn)
+
+
+def _sever(dbapi_connection: Any) -> None:
+    with contextlib.suppress(Exception):
+        fd = os.dup(dbapi_connection.fileno())
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    log.warning("store connection severed: no answer within the store timeout")
+
+
+_WATCHDOG = _Watchdog()
 
 
 def engine_for(url: str, *, timeout: float = 5.0) -> Engine:
