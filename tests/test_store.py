@@ -1,4 +1,7 @@
-"""The store's own promises: schema versioning, retention, and reads that never block."""
+"""The store's own promises: schema versioning, retention, and reads that never block.
+
+Every test that takes ``store`` or ``store_url`` runs on SQLite and on PostgreSQL
+(tests/conftest.py); the few about SQLite's own locking and pid checks say so in their names."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from connector.errors import StoreError
 from connector.planner import Operation
@@ -18,8 +21,8 @@ from connector.store.schema import SCHEMA_VERSION, conflicts, inbox, meta, outbo
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+def store(store_url: str) -> Iterator[Store]:
+    opened = open_store(store_url)
     yield opened
     opened.close()
 
@@ -29,8 +32,8 @@ def test_a_new_store_records_its_schema_version(store: Store) -> None:
     assert rows[0].value == str(SCHEMA_VERSION)
 
 
-def test_a_store_from_a_newer_connector_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def test_a_store_from_a_newer_connector_is_refused(store_url: str) -> None:
+    url = store_url
     first = open_store(url)
     with first.transaction() as conn:
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="999"))
@@ -39,8 +42,8 @@ def test_a_store_from_a_newer_connector_is_refused(tmp_path: Path) -> None:
         open_store(url)
 
 
-def test_opening_twice_keeps_the_data(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def test_opening_twice_keeps_the_data(store_url: str) -> None:
+    url = store_url
     first = open_store(url)
     first.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
     first.close()
@@ -98,7 +101,7 @@ def test_purge_deletes_delivered_operations_only(store: Store) -> None:
     assert left == {"k1": "dead", "k2": "pending"}
 
 
-def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     store = open_store(f"sqlite:///{path}", timeout=0.2)
     store.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
@@ -115,7 +118,7 @@ def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
+def test_sqlite_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
     from connector.errors import StoreUnavailable
 
     path = tmp_path / "store.db"
@@ -135,9 +138,10 @@ def test_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_zombie_process_counts_as_gone() -> None:
-    """A killed connector that nobody reaps (a container without init) must not keep its
-    claims: its pid answers signals but it runs no more."""
+def test_sqlite_a_zombie_process_counts_as_gone() -> None:
+    """SQLite's pid check (PostgreSQL has heartbeats only): a killed connector that nobody
+    reaps (a container without init) must not keep its claims: its pid answers signals but it
+    runs no more."""
     import subprocess
     import time
 
@@ -208,27 +212,25 @@ def test_defect_8_a_contact_the_destination_says_is_gone_is_replaced_and_reporte
     assert len(_reports(store)) == 3
 
 
-def test_a_version_2_store_gains_opt_out_seen_from_what_it_knew(tmp_path: Path) -> None:
+def test_a_version_2_store_gains_opt_out_seen_from_what_it_knew(store_url: str) -> None:
     """A store written before issue 12 (schema 2: no ``opt_out_seen``) is upgraded in place: a
     customer whose last opt_out was true, or who has an unsubscribed contact, is known to have
     opted out; the others are not."""
-    path = tmp_path / "old.db"
-    open_store(f"sqlite:///{path}").close()
-    with sqlite3.connect(path) as db:  # back to what version 2 wrote
-        db.execute("ALTER TABLE customers DROP COLUMN opt_out_seen")
-        db.execute("DROP INDEX ix_contacts_contact")
-        db.execute("UPDATE connector_meta SET value = '2' WHERE key = 'schema_version'")
-        rows = [("d", "out", 1), ("d", "flipped", 0), ("d", "never", 0), ("d", "unknown", None)]
-        db.executemany(
-            "INSERT INTO customers (dispensary, customer_id, opt_out, merges, updated_at) "
-            "VALUES (?, ?, ?, '[]', 0)",
-            rows,
-        )
-        db.execute(
+    old = open_store(store_url)
+    with old.transaction() as conn:  # back to what version 2 wrote
+        for statement in (
+            "ALTER TABLE customers DROP COLUMN opt_out_seen",
+            "DROP INDEX ix_contacts_contact",
+            "UPDATE connector_meta SET value = '2' WHERE key = 'schema_version'",
+            "INSERT INTO customers (dispensary, customer_id, opt_out, merges, updated_at) VALUES "
+            "('d', 'out', TRUE, '[]', 0), ('d', 'flipped', FALSE, '[]', 0), "
+            "('d', 'never', FALSE, '[]', 0), ('d', 'unknown', NULL, '[]', 0)",
             "INSERT INTO contacts (dispensary, customer_id, destination, unsubscribed, "
-            "deactivated, ops_planned, updated_at) VALUES ('d', 'flipped', 'x', 1, 0, 2, 0)"
-        )
-    store = open_store(f"sqlite:///{path}")
+            "deactivated, ops_planned, updated_at) VALUES ('d', 'flipped', 'x', TRUE, FALSE, 2, 0)",
+        ):
+            conn.execute(text(statement))
+    old.close()
+    store = open_store(store_url)
     try:
         with store.snapshot() as conn:
             states = store.load_states(conn, "d", ["out", "flipped", "never", "unknown"])
