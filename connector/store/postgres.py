@@ -96,7 +96,11 @@ class PostgresStore(AdminSql):
         super().__init__(url, make_engine(url, timeout=timeout), timeout=timeout)
         self.listen = listen
         self._listener: _Listener | None = None
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            self.engine.dispose()  # a refused store (a newer schema) keeps no server connection
+            raise
 
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         # delivered at commit, once per transaction for the same payload
