@@ -38,6 +38,7 @@ log = logging.getLogger("connector.store.postgres")
 CHANNELS = {"inbox": "connector_inbox", "outbox": "connector_outbox"}
 POOL_SIZE = 3
 POOL_OVERFLOW = 2
+STOP_POLL_SECONDS = 0.1  # the listener thread checks for stop() so often
 
 
 def psycopg_url(url: str) -> str:
@@ -167,7 +168,9 @@ class _Listener:
                     self.connected, delay = True, 0.5
                     self._wake_all()  # what was committed while nobody listened
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0, stop_after=64):
+                        # the wait is also how soon stop() is heard: a store's close (a
+                        # service's shutdown, every test) waited up to a second for it
+                        for note in conn.notifies(timeout=STOP_POLL_SECONDS, stop_after=64):
                             for callback in self.callbacks.get(names.get(note.channel, ""), ()):
                                 callback(note.payload)
             except psycopg.Error as exc:
