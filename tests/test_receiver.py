@@ -885,6 +885,39 @@ def test_a_locked_store_is_503_with_retry_after_and_a_retry_is_202(tmp_path: Pat
     run(tmp_path, scenario, store_timeout=0.2)
 
 
+@contextlib.contextmanager
+def pg_table_lock(url: str, table: str) -> Iterator[None]:
+    """PostgreSQL: ``table`` locked by another connection (no reader or writer gets in)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+@pytest.mark.postgresql_only
+def test_a_locked_postgresql_store_is_503_with_retry_after_and_a_retry_is_202(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The receiver waits for a locked inbox no longer than ``store_timeout_seconds``: the
+    sender is told to come back (503), not left hanging."""
+
+    async def scenario(rx: Running) -> None:
+        with pg_table_lock(store_url, "inbox"):
+            response = await asyncio.wait_for(rx.post(), 10.0)
+            assert_error(response, 503, "store_unavailable")
+            assert int(response.headers["retry-after"]) > 0
+        retry = await rx.post()
+        assert retry.status_code == 202, retry.text
+        (row,) = await rx.rows(inbox)
+        assert (row.customer_id, row.body) == ("3904", SEED_BYTES.decode())
+
+    run(tmp_path, scenario, store=store_url, store_timeout=0.5)
+
+
 def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -> None:
     """The planner and the delivery worker meet the lock too: they must carry on, not die.
     SQLite only: its write lock held by another connection."""

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, bindparam, create_engine, select, text
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select, text
 from sqlalchemy.engine import make_url
 
 from connector.store._statements import _CLAIM_DUE, _CLAIM_EXPIRED, _PENDING_EVENTS
@@ -49,7 +49,7 @@ def psycopg_url(url: str) -> str:
 
 
 def make_engine(url: str, *, timeout: float = 5.0) -> Engine:
-    return create_engine(
+    engine = create_engine(
         psycopg_url(url),
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
@@ -66,6 +66,17 @@ def make_engine(url: str, *, timeout: float = 5.0) -> Engine:
             "keepalives_count": 3,
         },
     )
+    lock_timeout = f"SET lock_timeout = {max(1, round(timeout * 1000))}"
+
+    @event.listens_for(engine, "connect")
+    def _wait_no_longer_than_the_timeout(dbapi_connection: Any, _record: Any) -> None:
+        # as SQLite's busy timeout: a statement waiting for a lock (a table another session
+        # locked, a customer's advisory lock) fails after ``timeout`` (StoreUnavailable: the
+        # receiver answers 503) instead of holding a webhook's request without end
+        dbapi_connection.execute(lock_timeout)
+        dbapi_connection.commit()  # a SET in a rolled-back transaction would be undone
+
+    return engine
 
 
 def customer_key(dispensary: str, customer_id: str) -> int:
