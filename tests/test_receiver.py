@@ -918,9 +918,37 @@ def test_a_locked_postgresql_store_is_503_with_retry_after_and_a_retry_is_202(
     run(tmp_path, scenario, store=store_url, store_timeout=0.5)
 
 
-def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -> None:
-    """The planner and the delivery worker meet the lock too: they must carry on, not die.
-    SQLite only: its write lock held by another connection."""
+@contextlib.contextmanager
+def store_locked(store_url: str, pending_event: bytes) -> Iterator[None]:
+    """The store locked by another connection, once it holds ``pending_event`` (so that the
+    planner has something to write): SQLite's write lock (:func:`write_lock`); on PostgreSQL
+    the tables the receiver, the planner and a delivery worker write."""
+    if store_url.startswith("sqlite"):
+        database = Path(store_url.removeprefix("sqlite:///"))
+        with write_lock(database, pending_event=pending_event):
+            yield
+        return
+    import psycopg
+
+    with psycopg.connect(store_url) as conn:
+        conn.execute(
+            "INSERT INTO inbox (dispensary, source, event_type, customer_id, last_update_us,"
+            " received_at, body, status) VALUES (%s, 'webhook', 'CUSTOMER', %s, %s, %s, %s,"
+            " 'pending')",
+            (DISPENSARY, "3904", SEED_LAST_UPDATE_US, time.time(), pending_event.decode()),
+        )
+        conn.commit()
+        conn.execute("LOCK TABLE inbox, outbox, locks IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def test_the_pipeline_recovers_once_a_locked_store_is_released(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The planner and the delivery worker meet the lock too: they must carry on, not die."""
 
     async def scenario(rx: Running) -> None:
         failed: set[str] = set()
@@ -941,7 +969,7 @@ def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -
         # the workers' lane and the planner's lane (a thread each)
         for lane in (rx.service.astore, rx.service.planner_lane):
             lane.call = recording(lane.call)  # type: ignore[method-assign]
-        with write_lock(rx.folder / "connector.db", pending_event=SEED_BYTES):
+        with store_locked(store_url, SEED_BYTES):
             assert (await rx.post()).status_code == 503
             # hold the lock until the planner and the worker have each been refused a write
             await eventually(
@@ -960,7 +988,7 @@ def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -
         assert (first.status, second.status) == ("applied", "duplicate")
         await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
 
-    run(tmp_path, scenario, store_timeout=0.2)
+    run(tmp_path, scenario, store=store_url, store_timeout=0.2)
 
 
 # --- encodings: never a 500, never a 202 that cannot be applied ---
