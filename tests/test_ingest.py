@@ -54,8 +54,10 @@ INBOX_COLUMNS = (
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'store.db'}", timeout=0.3)
+def store(store_url: str) -> Iterator[Store]:
+    """A fresh store: the tests that take it run on SQLite and on PostgreSQL, but for those
+    marked ``sqlite_only`` (the SQLite inbox writer, SQLite's write lock)."""
+    opened = open_store(store_url, timeout=0.3)
     yield opened
     opened.close()
 
@@ -114,12 +116,14 @@ def test_the_inbox_writer_stores_what_add_events_stores(tmp_path: Path) -> None:
         reference.close()
 
 
+@pytest.mark.sqlite_only
 def test_the_inbox_writer_commits_durably_by_default(writer: InboxWriter) -> None:
     writer.add(events(1))
     assert writer._raw is not None
     assert writer._raw.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
 
 
+@pytest.mark.sqlite_only
 def test_a_batch_with_refused_bodies_goes_through_the_store(
     store: Store, writer: InboxWriter
 ) -> None:
@@ -129,6 +133,7 @@ def test_a_batch_with_refused_bodies_goes_through_the_store(
     assert [r.status_code for r in store.query(select(quarantine))] == [415]
 
 
+@pytest.mark.sqlite_only
 def test_a_locked_store_is_unavailable_and_nothing_is_half_written(
     store: Store, tmp_path: Path
 ) -> None:
@@ -148,6 +153,7 @@ def test_a_locked_store_is_unavailable_and_nothing_is_half_written(
         writer.close()
 
 
+@pytest.mark.sqlite_only
 def test_a_failed_statement_is_rolled_back(store: Store, writer: InboxWriter) -> None:
     bad = events(3)
     bad[2] = NewEvent("d", "webhook", "CUSTOMER", "x", 1, "{}", None)  # type: ignore[arg-type]
@@ -158,6 +164,7 @@ def test_a_failed_statement_is_rolled_back(store: Store, writer: InboxWriter) ->
     assert len(inbox_rows(store)) == 1
 
 
+@pytest.mark.sqlite_only
 def test_a_batch_is_one_statement_committed_on_its_own(store: Store, writer: InboxWriter) -> None:
     writer.add(events(3))
     assert writer._raw is not None
@@ -166,6 +173,7 @@ def test_a_batch_is_one_statement_committed_on_its_own(store: Store, writer: Inb
         assert other.execute("SELECT count(*) FROM inbox").fetchone() == (3,)
 
 
+@pytest.mark.sqlite_only
 def test_a_batch_too_big_for_one_statement_is_one_transaction(
     store: Store, writer: InboxWriter
 ) -> None:
@@ -229,6 +237,7 @@ def test_concurrent_submissions_are_each_answered_after_their_commit(store: Stor
     assert len(committed) < 300  # batched: fewer commits than events
 
 
+@pytest.mark.sqlite_only
 def test_a_failed_batch_fails_its_waiters_and_the_next_batch_commits(
     store: Store, tmp_path: Path
 ) -> None:

@@ -78,13 +78,20 @@ _TOUCHED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "http
 # --- set-up ---
 
 
-def write_config(folder: Path, *, store_timeout: float = 5.0, max_body: int = MAX_BODY) -> Path:
-    """A deployment in ``folder``: two dispensaries, each with a jsonl sink in ``out/``."""
+def write_config(
+    folder: Path,
+    *,
+    store: str = "sqlite:///connector.db",
+    store_timeout: float = 5.0,
+    max_body: int = MAX_BODY,
+) -> Path:
+    """A deployment in ``folder``: two dispensaries, each with a jsonl sink in ``out/``; the
+    store at ``store`` (tests/conftest.py's ``store_url``: SQLite or PostgreSQL)."""
     (folder / "mappings").mkdir(exist_ok=True)
     shutil.copy(HTTP_MAPPING, folder / "mappings" / "http.yaml")
     path = folder / "config.yaml"
     text = f"""\
-        store: sqlite:///connector.db
+        store: "{store}"
         store_timeout_seconds: {store_timeout}
         server:
           max_body_bytes: {max_body}
@@ -197,10 +204,15 @@ async def _drive(config_path: Path, scenario: Scenario) -> None:
 
 
 def run(
-    tmp_path: Path, scenario: Scenario, *, store_timeout: float = 5.0, max_body: int = MAX_BODY
+    tmp_path: Path,
+    scenario: Scenario,
+    *,
+    store: str = "sqlite:///connector.db",
+    store_timeout: float = 5.0,
+    max_body: int = MAX_BODY,
 ) -> None:
-    """Run ``scenario`` against a freshly started service in ``tmp_path``."""
-    config = write_config(tmp_path, store_timeout=store_timeout, max_body=max_body)
+    """Run ``scenario`` against a freshly started service in ``tmp_path``, on ``store``."""
+    config = write_config(tmp_path, store=store, store_timeout=store_timeout, max_body=max_body)
     asyncio.run(_drive(config, scenario))
 
 
@@ -255,7 +267,9 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 # --- 202: stored, then planned and delivered ---
 
 
-def test_seed_event_is_stored_then_delivered_as_upsert_and_unsubscribe(tmp_path: Path) -> None:
+def test_seed_event_is_stored_then_delivered_as_upsert_and_unsubscribe(
+    tmp_path: Path, store_url: str
+) -> None:
     async def scenario(rx: Running) -> None:
         response = await rx.post()
         assert response.status_code == 202, response.text
@@ -284,10 +298,10 @@ def test_seed_event_is_stored_then_delivered_as_upsert_and_unsubscribe(tmp_path:
         assert row.status == "applied"
         assert await rx.sink(OTHER) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_either_token_of_the_list_is_accepted(tmp_path: Path) -> None:
+def test_either_token_of_the_list_is_accepted(tmp_path: Path, store_url: str) -> None:
     async def scenario(rx: Running) -> None:
         first = await rx.post(token=TOKEN_A)
         later = seed_with(last_update="2026-04-25T09:00:00.000-07:00")
@@ -298,11 +312,11 @@ def test_either_token_of_the_list_is_accepted(tmp_path: Path) -> None:
         assert [r.customer_id for r in rows] == ["3904", "3904"]
         assert rows[1].body == json.dumps(later)
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 def test_the_token_is_compared_in_constant_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_url: str
 ) -> None:
     calls: list[tuple[bytes, bytes]] = []
 
@@ -319,10 +333,10 @@ def test_the_token_is_compared_in_constant_time(
         assert (await rx.post(token=TOKEN_B)).status_code == 202
         assert (TOKEN_B.encode(), TOKEN_B.encode()) in calls
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_a_body_without_dispensary_short_name_is_accepted(tmp_path: Path) -> None:
+def test_a_body_without_dispensary_short_name_is_accepted(tmp_path: Path, store_url: str) -> None:
     async def scenario(rx: Running) -> None:
         body = envelope_without("dispensary_short_name")
         response = await rx.post(body)
@@ -332,10 +346,10 @@ def test_a_body_without_dispensary_short_name_is_accepted(tmp_path: Path) -> Non
         assert (row.dispensary, row.customer_id) == (DISPENSARY, "3904")
         assert await rx.rows(quarantine) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_json_content_type_with_parameters_is_accepted(tmp_path: Path) -> None:
+def test_json_content_type_with_parameters_is_accepted(tmp_path: Path, store_url: str) -> None:
     accepted = [
         "application/json; charset=utf-8",
         "Application/JSON",
@@ -351,13 +365,13 @@ def test_json_content_type_with_parameters_is_accepted(tmp_path: Path) -> None:
             assert len(rows) == count
             assert rows[-1].customer_id == "3904"
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 # --- 200: the test ping; 202 ignored: other event types ---
 
 
-def test_the_test_ping_is_answered_200_and_not_stored(tmp_path: Path) -> None:
+def test_the_test_ping_is_answered_200_and_not_stored(tmp_path: Path, store_url: str) -> None:
     async def scenario(rx: Running) -> None:
         for body in ({"test": True}, {"test": True, "dispensary_short_name": DISPENSARY}):
             response = await rx.post(body)
@@ -366,10 +380,10 @@ def test_the_test_ping_is_answered_200_and_not_stored(tmp_path: Path) -> None:
             assert response.json() == {"status": "ok", "test": True}
         await rx.nothing_stored()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_other_event_types_are_stored_as_ignored(tmp_path: Path) -> None:
+def test_other_event_types_are_stored_as_ignored(tmp_path: Path, store_url: str) -> None:
     bodies = [
         {"event_type": "TICKET", "dispensary_short_name": DISPENSARY, "data": {"ticket_id": "T"}},
         {"event_type": "PRODUCT", "data": {"product_id": "P-1"}},
@@ -389,13 +403,13 @@ def test_other_event_types_are_stored_as_ignored(tmp_path: Path) -> None:
         assert [json.loads(r.body) for r in rows] == bodies
         assert await rx.rows(quarantine) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 # --- 401 / 403 / 404: authentication, nothing stored ---
 
 
-def test_no_bearer_token_is_401(tmp_path: Path) -> None:
+def test_no_bearer_token_is_401(tmp_path: Path, store_url: str) -> None:
     headers = [None, "Basic dG9rOnRvaw==", "Bearer", "Bearer   ", f"Token {TOKEN_A}", TOKEN_A]
 
     async def scenario(rx: Running) -> None:
@@ -406,10 +420,10 @@ def test_no_bearer_token_is_401(tmp_path: Path) -> None:
             assert response.headers["www-authenticate"].lower().startswith("bearer")
         await rx.nothing_stored()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_a_wrong_token_is_403(tmp_path: Path) -> None:
+def test_a_wrong_token_is_403(tmp_path: Path, store_url: str) -> None:
     attempts = [
         (URL, "wrong-token"),
         (URL, OTHER_TOKEN),  # another dispensary's token
@@ -427,10 +441,10 @@ def test_a_wrong_token_is_403(tmp_path: Path) -> None:
             assert_error(response, 403, "forbidden")
         await rx.nothing_stored()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_an_unknown_dispensary_is_404(tmp_path: Path) -> None:
+def test_an_unknown_dispensary_is_404(tmp_path: Path, store_url: str) -> None:
     async def scenario(rx: Running) -> None:
         for token in (TOKEN_A, None):
             response = await rx.post(path="/webhooks/treez/nosuchstore", token=token)
@@ -438,10 +452,12 @@ def test_an_unknown_dispensary_is_404(tmp_path: Path) -> None:
             assert_error(response, 404, "unknown_dispensary")
         await rx.nothing_stored()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_a_body_naming_another_dispensary_is_403_and_quarantined(tmp_path: Path) -> None:
+def test_a_body_naming_another_dispensary_is_403_and_quarantined(
+    tmp_path: Path, store_url: str
+) -> None:
     ticket = {"event_type": "TICKET", "dispensary_short_name": OTHER, "data": {}}
     cases = [
         (OTHER_URL, OTHER_TOKEN, DISPENSARY, SEED),
@@ -464,13 +480,13 @@ def test_a_body_naming_another_dispensary_is_403_and_quarantined(tmp_path: Path)
             assert rows[-1].body == raw
         assert await rx.rows(inbox) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 # --- 400 / 413 / 415: the body itself ---
 
 
-def test_a_body_that_is_not_json_is_400_and_quarantined(tmp_path: Path) -> None:
+def test_a_body_that_is_not_json_is_400_and_quarantined(tmp_path: Path, store_url: str) -> None:
     bodies = [b"{not json", b"", b'{"event_type": "CUSTOMER",', b"\xff\xfe\xfd", b"{'a': 1}"]
 
     async def scenario(rx: Running) -> None:
@@ -486,10 +502,12 @@ def test_a_body_that_is_not_json_is_400_and_quarantined(tmp_path: Path) -> None:
             assert rows[-1].body == raw
         assert await rx.rows(inbox) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_a_content_type_other_than_json_is_415_and_quarantined(tmp_path: Path) -> None:
+def test_a_content_type_other_than_json_is_415_and_quarantined(
+    tmp_path: Path, store_url: str
+) -> None:
     refused = ["text/plain", None, "application/x-www-form-urlencoded", "application/jsonp"]
 
     async def scenario(rx: Running) -> None:
@@ -505,7 +523,7 @@ def test_a_content_type_other_than_json_is_415_and_quarantined(tmp_path: Path) -
             assert rows[-1].body == SEED_BYTES
         assert await rx.rows(inbox) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 def _too_large() -> bytes:
@@ -514,7 +532,7 @@ def _too_large() -> bytes:
     return raw
 
 
-def test_a_body_over_the_limit_is_413(tmp_path: Path) -> None:
+def test_a_body_over_the_limit_is_413(tmp_path: Path, store_url: str) -> None:
     raw = _too_large()
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -536,7 +554,7 @@ def test_a_body_over_the_limit_is_413(tmp_path: Path) -> None:
         assert all(str(MAX_BODY) in r.reason for r in rows)
         assert [r.body for r in rows] == [raw[:MAX_BODY]] * 2  # the first bytes are kept
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 # --- 422: JSON, but not a CUSTOMER event of the expected shape ---
@@ -572,7 +590,9 @@ INVALID_EVENTS: list[tuple[str, Any, str]] = [
 ]
 
 
-def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Path) -> None:
+def test_an_invalid_event_is_422_with_its_problems_and_quarantined(
+    tmp_path: Path, store_url: str
+) -> None:
     async def scenario(rx: Running) -> None:
         for count, (case, body, field) in enumerate(INVALID_EVENTS, start=1):
             raw = json.dumps(body).encode()
@@ -592,7 +612,7 @@ def test_an_invalid_event_is_422_with_its_problems_and_quarantined(tmp_path: Pat
             assert row.body == raw, case
         assert await rx.rows(inbox) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 OPT_OUT_GUESSES = ["yes", "no", "y", "n", "1", "0", 1, 0, "N/A", " Yes ", "on", 2, 1.5]
@@ -600,7 +620,7 @@ OPT_OUT_GUESSES = ["yes", "no", "y", "n", "1", "0", 1, 0, "N/A", " Yes ", "on", 
 
 @pytest.mark.parametrize("sent", OPT_OUT_GUESSES, ids=repr)
 def test_opt_out_other_than_true_false_or_null_is_422_and_quarantined(
-    tmp_path: Path, sent: Any
+    tmp_path: Path, sent: Any, store_url: str
 ) -> None:
     raw = json.dumps(seed_with(opt_out=sent)).encode()
 
@@ -614,11 +634,13 @@ def test_opt_out_other_than_true_false_or_null_is_422_and_quarantined(
         assert row.reason.startswith("data.opt_out: ")
         assert await rx.rows(inbox) == []
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 @pytest.mark.parametrize("sent", ["", "  "], ids=repr)
-def test_opt_out_empty_text_is_accepted_as_saying_nothing(tmp_path: Path, sent: str) -> None:
+def test_opt_out_empty_text_is_accepted_as_saying_nothing(
+    tmp_path: Path, sent: str, store_url: str
+) -> None:
     async def scenario(rx: Running) -> None:
         assert (await rx.post(seed_with(opt_out=sent))).status_code == 202
         (row,) = await settled_inbox(rx, 1)
@@ -626,11 +648,11 @@ def test_opt_out_empty_text_is_accepted_as_saying_nothing(tmp_path: Path, sent: 
         lines = await eventually(rx.sink, lambda lines: len(lines) >= 1, "sink")
         assert [line["op"] for line in lines] == ["upsert"]  # no unsubscribe, no subscribe
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_applied(
-    tmp_path: Path, logs: io.StringIO
+    tmp_path: Path, logs: io.StringIO, store_url: str
 ) -> None:
     """Contract 1 decides the envelope, customer_id and last_update before answering; the
     receiver also checks the fields the rules stand on (consent, merges, status, external
@@ -655,7 +677,7 @@ def test_a_wrong_field_outside_the_rules_is_dropped_and_the_consent_change_appli
             (("dispensary", DISPENSARY), ("field", "first_name")): 1.0,
         }
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
     dropped = [
         json.loads(line) for line in logs.getvalue().splitlines() if "fields_dropped" in line
     ]
@@ -676,7 +698,7 @@ def _with_raw(body: dict[str, Any], marker: str, raw_json: str) -> bytes:
 
 
 def test_defect_11_a_lone_surrogate_outside_the_rules_is_left_out_and_the_opt_out_sent(
-    tmp_path: Path, logs: io.StringIO
+    tmp_path: Path, logs: io.StringIO, store_url: str
 ) -> None:
     """A lone surrogate escape is valid JSON, but no serializer takes the text it makes: in a
     field the rules do not stand on (a value, or a field's name), that field is left out when
@@ -713,7 +735,7 @@ def test_defect_11_a_lone_surrogate_outside_the_rules_is_left_out_and_the_opt_ou
         assert upserts["67"]["first_name"] == SEED["data"]["first_name"]
         assert upserts["68"]["city"] == SEED["data"]["addresses"][0]["city"].title()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
     reasons = [
         json.loads(line)["reason"]
         for line in logs.getvalue().splitlines()
@@ -739,7 +761,7 @@ def test_defect_11_a_lone_surrogate_outside_the_rules_is_left_out_and_the_opt_ou
     ],
 )
 def test_defect_11_a_lone_surrogate_or_deep_nesting_in_a_rule_field_is_422(
-    tmp_path: Path, field: str, raw_json: str, where: str
+    tmp_path: Path, field: str, raw_json: str, where: str, store_url: str
 ) -> None:
     """In a field the rules stand on, nothing is left out: the body is refused before the
     answer, naming the path (a customer id that is not text once answered 503 and failed
@@ -753,11 +775,12 @@ def test_defect_11_a_lone_surrogate_or_deep_nesting_in_a_rule_field_is_422(
         assert (row.status_code, row.body) == (422, raw)
         assert await rx.rows(inbox) == []
 
-    run(tmp_path, scenario, max_body=16_384)
+    run(tmp_path, scenario, store=store_url, max_body=16_384)
 
 
 def test_defect_11_an_unknown_field_nested_too_deep_is_left_out_and_the_opt_out_sent(
     tmp_path: Path,
+    store_url: str,
 ) -> None:
     """256 levels of nesting are valid JSON that pydantic keeps in an unknown field and cannot
     serialize: the field is left out when planned; the customer and its opt-out are sent."""
@@ -778,11 +801,12 @@ def test_defect_11_an_unknown_field_nested_too_deep_is_left_out_and_the_opt_out_
             (c, op) for c in ("70", "71", "72") for op in ("upsert", "unsubscribe")
         )
 
-    run(tmp_path, scenario, max_body=16_384)
+    run(tmp_path, scenario, store=store_url, max_body=16_384)
 
 
 def test_a_stored_event_the_customer_model_refuses_is_quarantined_when_planned(
     tmp_path: Path,
+    store_url: str,
 ) -> None:
     """The receiver refuses a body whose merge fields are wrong with 422; one already in the
     inbox (stored by an older version, or by hand) is marked failed when planned and kept in
@@ -811,7 +835,7 @@ def test_a_stored_event_the_customer_model_refuses_is_quarantined_when_planned(
         rows = await settled_inbox(rx, 2)
         assert rows[1].status == "applied"
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 # --- 503: the store cannot take the write ---
@@ -842,6 +866,7 @@ def write_lock(database: Path, *, pending_event: bytes | None = None) -> Iterato
 
 
 def test_a_locked_store_is_503_with_retry_after_and_a_retry_is_202(tmp_path: Path) -> None:
+    """SQLite only: its write lock held by another connection."""
     ticket = {"event_type": "TICKET", "dispensary_short_name": DISPENSARY, "data": {}}
 
     async def scenario(rx: Running) -> None:
@@ -861,7 +886,69 @@ def test_a_locked_store_is_503_with_retry_after_and_a_retry_is_202(tmp_path: Pat
     run(tmp_path, scenario, store_timeout=0.2)
 
 
-def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def pg_table_lock(url: str, table: str) -> Iterator[None]:
+    """PostgreSQL: ``table`` locked by another connection (no reader or writer gets in)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+@pytest.mark.postgresql_only
+def test_a_locked_postgresql_store_is_503_with_retry_after_and_a_retry_is_202(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The receiver waits for a locked inbox no longer than ``store_timeout_seconds``: the
+    sender is told to come back (503), not left hanging."""
+
+    async def scenario(rx: Running) -> None:
+        with pg_table_lock(store_url, "inbox"):
+            response = await asyncio.wait_for(rx.post(), 10.0)
+            assert_error(response, 503, "store_unavailable")
+            assert int(response.headers["retry-after"]) > 0
+        retry = await rx.post()
+        assert retry.status_code == 202, retry.text
+        (row,) = await rx.rows(inbox)
+        assert (row.customer_id, row.body) == ("3904", SEED_BYTES.decode())
+
+    run(tmp_path, scenario, store=store_url, store_timeout=0.5)
+
+
+@contextlib.contextmanager
+def store_locked(store_url: str, pending_event: bytes) -> Iterator[None]:
+    """The store locked by another connection, once it holds ``pending_event`` (so that the
+    planner has something to write): SQLite's write lock (:func:`write_lock`); on PostgreSQL
+    the tables the receiver, the planner and a delivery worker write."""
+    if store_url.startswith("sqlite"):
+        database = Path(store_url.removeprefix("sqlite:///"))
+        with write_lock(database, pending_event=pending_event):
+            yield
+        return
+    import psycopg
+
+    with psycopg.connect(store_url) as conn:
+        conn.execute(
+            "INSERT INTO inbox (dispensary, source, event_type, customer_id, last_update_us,"
+            " received_at, body, status) VALUES (%s, 'webhook', 'CUSTOMER', %s, %s, %s, %s,"
+            " 'pending')",
+            (DISPENSARY, "3904", SEED_LAST_UPDATE_US, time.time(), pending_event.decode()),
+        )
+        conn.commit()
+        conn.execute("LOCK TABLE inbox, outbox, locks IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def test_the_pipeline_recovers_once_a_locked_store_is_released(
+    tmp_path: Path, store_url: str
+) -> None:
     """The planner and the delivery worker meet the lock too: they must carry on, not die."""
 
     async def scenario(rx: Running) -> None:
@@ -883,11 +970,12 @@ def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -
         # the workers' lane and the planner's lane (a thread each)
         for lane in (rx.service.astore, rx.service.planner_lane):
             lane.call = recording(lane.call)  # type: ignore[method-assign]
-        with write_lock(rx.folder / "connector.db", pending_event=SEED_BYTES):
+        with store_locked(store_url, SEED_BYTES):
             assert (await rx.post()).status_code == 503
             # hold the lock until the planner and the worker have each been refused a write
             await eventually(
                 failures,
+                # the worker's first write is its lease on the destination (acquire)
                 lambda f: (
                     "process_batch" in f and bool(f & {"acquire", "claim", "next_due", "finish"})
                 ),
@@ -901,13 +989,13 @@ def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -
         assert (first.status, second.status) == ("applied", "duplicate")
         await eventually(rx.sink, lambda lines: len(lines) == 2, "sink")
 
-    run(tmp_path, scenario, store_timeout=0.2)
+    run(tmp_path, scenario, store=store_url, store_timeout=0.2)
 
 
 # --- encodings: never a 500, never a 202 that cannot be applied ---
 
 
-def test_a_utf16_body_is_refused_not_a_server_error(tmp_path: Path) -> None:
+def test_a_utf16_body_is_refused_not_a_server_error(tmp_path: Path, store_url: str) -> None:
     raw = json.dumps({"event_type": "TICKET", "data": {}}).encode("utf-16")
 
     async def scenario(rx: Running) -> None:
@@ -917,10 +1005,12 @@ def test_a_utf16_body_is_refused_not_a_server_error(tmp_path: Path) -> None:
         (row,) = await rx.rows(quarantine)
         assert (row.status_code, row.body) == (400, raw)
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_json_the_parsers_refuse_in_an_ignored_field_is_400_not_202(tmp_path: Path) -> None:
+def test_json_the_parsers_refuse_in_an_ignored_field_is_400_not_202(
+    tmp_path: Path, store_url: str
+) -> None:
     # msgspec (the quick check) would skip both; Python's parsers refuse a number past 4,300
     # digits and nesting past the recursion limit, so planning could never read the event
     seed = SEED_BYTES.rstrip()[:-1]
@@ -935,10 +1025,12 @@ def test_json_the_parsers_refuse_in_an_ignored_field_is_400_not_202(tmp_path: Pa
         assert [row.body for row in await rx.rows(quarantine)] == bodies
         assert await rx.rows(inbox) == []
 
-    run(tmp_path, scenario, max_body=16_384)
+    run(tmp_path, scenario, store=store_url, max_body=16_384)
 
 
-def test_a_body_with_a_byte_order_mark_is_refused_or_applied(tmp_path: Path) -> None:
+def test_a_body_with_a_byte_order_mark_is_refused_or_applied(
+    tmp_path: Path, store_url: str
+) -> None:
     raw = codecs.BOM_UTF8 + SEED_BYTES
 
     async def scenario(rx: Running) -> None:
@@ -953,7 +1045,7 @@ def test_a_body_with_a_byte_order_mark_is_refused_or_applied(tmp_path: Path) -> 
         (row,) = await settled_inbox(rx, 1)
         assert row.status == "applied"  # accepted must mean it will be applied
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 # --- health, readiness, metrics, OpenAPI ---
@@ -962,6 +1054,8 @@ def test_a_body_with_a_byte_order_mark_is_refused_or_applied(tmp_path: Path) -> 
 def test_a_dead_commit_thread_makes_the_receiver_unready_and_answer_503(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """SQLite only: the commit thread's InboxWriter fails to open."""
+
     def no_writer(self: Any) -> Any:
         raise OSError("no file handles left")
 
@@ -1014,7 +1108,7 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return out
 
 
-def test_metrics_count_events_by_outcome(tmp_path: Path) -> None:
+def test_metrics_count_events_by_outcome(tmp_path: Path, store_url: str) -> None:
     async def scenario(rx: Running) -> None:
         assert (await rx.post()).status_code == 202
         assert (await rx.post({"test": True})).status_code == 200
@@ -1045,10 +1139,10 @@ def test_metrics_count_events_by_outcome(tmp_path: Path) -> None:
             assert received.get(key) == 1.0, (outcome, received)
         assert "# TYPE connector_queue_depth gauge" in text
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
-def test_metrics_queue_depth_follows_the_store(tmp_path: Path) -> None:
+def test_metrics_queue_depth_follows_the_store(tmp_path: Path, store_url: str) -> None:
     """The gauge is read from the store at each scrape, so it drops back once work is done."""
 
     def add_waiting_operation(store: Any) -> None:
@@ -1077,7 +1171,7 @@ def test_metrics_queue_depth_follows_the_store(tmp_path: Path) -> None:
         after = samples((await rx.client.get("/metrics")).text, "connector_queue_depth")
         assert after.get(key, 0.0) == 0.0, after
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 def _waiting_operation(store: Any) -> None:
@@ -1189,7 +1283,7 @@ def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]
     return schema
 
 
-def test_the_openapi_document_describes_the_webhook_body(tmp_path: Path) -> None:
+def test_the_openapi_document_describes_the_webhook_body(tmp_path: Path, store_url: str) -> None:
     async def scenario(rx: Running) -> None:
         response = await rx.client.get("/openapi.json")
 
@@ -1207,14 +1301,14 @@ def test_the_openapi_document_describes_the_webhook_body(tmp_path: Path) -> None
         assert {"customer_id", "last_update"} <= set(data["required"])
         assert {"202", "401", "403", "413", "415", "422", "503"} <= set(operation["responses"])
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
 
 # --- privacy: one request line each, and no customer value in any log line ---
 
 
 def test_logs_hold_one_line_per_request_and_no_customer_value(
-    tmp_path: Path, logs: io.StringIO
+    tmp_path: Path, logs: io.StringIO, store_url: str
 ) -> None:
     async def scenario(rx: Running) -> None:
         assert (await rx.post()).status_code == 202
@@ -1226,7 +1320,7 @@ def test_logs_hold_one_line_per_request_and_no_customer_value(
             "outbox",
         )
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, store=store_url)
 
     text = logs.getvalue()
     lines = [json.loads(line) for line in text.splitlines()]
@@ -1424,12 +1518,15 @@ def _plan_as_the_pipeline_does(stored: str) -> int:
     return len(dropped)
 
 
-def test_defect_11_every_hostile_body_answered_202_is_planned(tmp_path: Path) -> None:
+def test_defect_11_every_hostile_body_answered_202_is_planned(
+    tmp_path: Path, store_url: str
+) -> None:
     """Lone surrogates (in values and names, at any depth), deep nesting, big numbers and odd
     types in every field of the seed: each body the real receiver answers 202 is planned
     from its stored text, with the shipped mappings, without an exception; the pipeline
     running behind the receiver refuses none of them either."""
-    service = Service(load_config(write_config(tmp_path, max_body=1 << 20)), idle_poll=0.05)
+    config = write_config(tmp_path, store=store_url, max_body=1 << 20)
+    service = Service(load_config(config), idle_poll=0.05)
     app = create_app(service)
     loop = asyncio.new_event_loop()
     stack = contextlib.AsyncExitStack()

@@ -1,7 +1,11 @@
-"""The store's own promises: schema versioning, retention, and reads that never block."""
+"""The store's own promises: schema versioning, retention, and reads that never block.
+
+Every test that takes ``store`` or ``store_url`` runs on SQLite and on PostgreSQL
+(tests/conftest.py); the few about SQLite's own locking and pid checks say so in their names."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import time
@@ -19,8 +23,8 @@ from connector.store.schema import conflicts, inbox, meta, outbox, quarantine
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+def store(store_url: str) -> Iterator[Store]:
+    opened = open_store(store_url)
     yield opened
     opened.close()
 
@@ -30,18 +34,19 @@ def test_a_new_store_records_its_schema_revision(store: Store) -> None:
     assert [row.version_num for row in rows] == [head()]
 
 
-def test_a_store_from_a_newer_connector_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def test_a_store_from_a_newer_connector_is_refused(store_url: str) -> None:
+    url = store_url
     first = open_store(url)
     with first.transaction() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     first.close()
     with pytest.raises(StoreError, match="revision 9999, newer than this connector"):
         open_store(url)
+    gc.collect()  # a connection the refused store left open warns (and fails) here
 
 
-def test_opening_twice_keeps_the_data(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def test_opening_twice_keeps_the_data(store_url: str) -> None:
+    url = store_url
     first = open_store(url)
     first.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
     first.close()
@@ -99,7 +104,7 @@ def test_purge_deletes_delivered_operations_only(store: Store) -> None:
     assert left == {"k1": "dead", "k2": "pending"}
 
 
-def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     store = open_store(f"sqlite:///{path}", timeout=0.2)
     store.add_events([NewEvent("d", "webhook", "CUSTOMER", "1", 1, "{}")])
@@ -116,7 +121,7 @@ def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
+def test_sqlite_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
     from connector.errors import StoreUnavailable
 
     path = tmp_path / "store.db"
@@ -136,9 +141,10 @@ def test_a_write_under_a_held_lock_is_store_unavailable(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_zombie_process_counts_as_gone() -> None:
-    """A killed connector that nobody reaps (a container without init) must not keep its
-    claims: its pid answers signals but it runs no more."""
+def test_sqlite_a_zombie_process_counts_as_gone() -> None:
+    """SQLite's pid check (PostgreSQL has heartbeats only): a killed connector that nobody
+    reaps (a container without init) must not keep its claims: its pid answers signals but it
+    runs no more."""
     import subprocess
     import time
 

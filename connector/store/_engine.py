@@ -144,6 +144,16 @@ def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
             "tcp_user_timeout": int(max(10.0, 2 * timeout) * 1000),
         },
     )
+    lock_timeout = f"SET lock_timeout = {max(1, round(timeout * 1000))}"
+
+    @event.listens_for(engine, "connect")
+    def _wait_no_longer_than_the_timeout(dbapi_connection: Any, _record: Any) -> None:
+        # as SQLite's busy timeout: a statement waiting for a lock (a table another session
+        # locked, a customer's advisory lock) fails after ``timeout`` (StoreUnavailable: the
+        # receiver answers 503) instead of holding a webhook's request without end
+        dbapi_connection.execute(lock_timeout)
+        dbapi_connection.commit()  # a SET in a rolled-back transaction would be undone
+
     # the pool's check of a connection before lending it, bounded: on a connection whose
     # server stopped answering (frozen, or behind a network that holds the bytes) the
     # ``SELECT 1`` would wait for ever, and so would the thread (a worker's, the receiver's)

@@ -36,6 +36,7 @@ from connector.store._engine import engine_for, postgres_engine, reason_of
 from connector.store.migrations import legacy
 from connector.store.schema import meta, metadata
 
+MIGRATION_WAIT = "15min"  # the longest a process waits for another's migration
 MIGRATION_LOCK = 7224130  # PostgreSQL advisory lock key: one migrating process at a time
 MIGRATIONS = Path(__file__).parent / "migrations"
 _CURRENT = text("SELECT version_num FROM alembic_version")
@@ -91,6 +92,9 @@ def ensure_current(engine: Engine) -> Migrated | None:
         try:
             with conn.begin():
                 if not sqlite:
+                    # wait as long as another replica's migration takes (the store's
+                    # lock_timeout is for requests, not for this)
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{MIGRATION_WAIT}'")
                     conn.execute(
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
                     )

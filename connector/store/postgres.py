@@ -35,6 +35,7 @@ from connector.store.schema import inbox, outbox
 
 log = logging.getLogger("connector.store.postgres")
 
+STOP_POLL_SECONDS = 0.1  # the listener thread checks for stop() so often
 CHANNELS = {"inbox": "connector_inbox", "outbox": "connector_outbox"}
 
 
@@ -69,7 +70,11 @@ class PostgresStore(AdminSql):
         super().__init__(url, postgres_engine(url, timeout=timeout), timeout=timeout)
         self.listen = listen
         self._listener: _Listener | None = None
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            self.engine.dispose()  # a refused store (a newer schema) keeps no server connection
+            raise
 
     def _started_write(self, conn: Connection, durable: bool) -> None:
         if not durable:
@@ -143,7 +148,9 @@ class _Listener:
                     self.connected, delay = True, 0.5
                     self._wake_all()  # what was committed while nobody listened
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0, stop_after=64):
+                        # the wait is also how soon stop() is heard: a store's close (a
+                        # service's shutdown, every test) waited up to a second for it
+                        for note in conn.notifies(timeout=STOP_POLL_SECONDS, stop_after=64):
                             for callback in self.callbacks.get(names.get(note.channel, ""), ()):
                                 callback(note.payload)
             except psycopg.Error as exc:
