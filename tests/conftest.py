@@ -161,3 +161,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             conn.execute("SET lock_timeout = '10s'")
             with contextlib.suppress(psycopg.errors.LockNotAvailable):
                 conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextlib.contextmanager
+def fresh_schema(database: str) -> Iterator[str]:
+    """A store URL on a schema of its own in ``database`` (see :func:`store_url`), dropped
+    after: for tests that need several empty stores, such as one per generated example."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{database}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '10s'")
+            with contextlib.suppress(psycopg.errors.LockNotAvailable):
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")

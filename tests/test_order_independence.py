@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fresh_schema
 from fakes.alpineiq import AlpineIQFake
 from fakes.klaviyo import KlaviyoFake
 from hypothesis import HealthCheck, given, settings
@@ -235,9 +236,16 @@ def klaviyo() -> Vendor:
 VENDORS = {"alpineiq": alpineiq, "klaviyo": klaviyo}
 
 
-async def run_order(work: Path, vendor: Vendor, plan: list[Any]) -> Flow:
+async def run_order(
+    work: Path, vendor: Vendor, plan: list[Any], store_url: str | None = None
+) -> Flow:
     flow = Flow(
-        work, vendor.config, app=vendor.app, sink_factory=vendor.sink, base_url=vendor.base_url
+        work,
+        vendor.config,
+        app=vendor.app,
+        sink_factory=vendor.sink,
+        base_url=vendor.base_url,
+        store_url=store_url,
     )
     for batch, failure in plan:
         if failure is not None:
@@ -325,12 +333,49 @@ def test_consent_of_survivors_is_the_same_in_any_order(
                 await flow.close()
 
         finals.append(asyncio.run(go()))
+    same_consent_in_both(events, merges, finals)
+
+
+def same_consent_in_both(events: Any, merges: Any, finals: list[Any]) -> None:
     opted = {survivor_of(e[0], merges) for e in events if e[2].get("opt_out") == "true"}
     for survivor in opted:
         for final in finals:
             if survivor in final:
                 assert final[survivor] == "out"
     assert json.dumps(finals[0], sort_keys=True) == json.dumps(finals[1], sort_keys=True)
+
+
+@settings(
+    max_examples=int(os.environ.get("ORDER_EXAMPLES_PG", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(runs())
+@pytest.mark.parametrize(
+    "vendor_name", [pytest.param(v, id=f"postgresql-{v}") for v in sorted(VENDORS)]
+)
+def test_consent_of_survivors_is_the_same_in_any_order_on_postgresql(
+    tmp_path_factory: pytest.TempPathFactory, pg_database: str, vendor_name: str, case: Any
+) -> None:
+    """The same property through the PostgreSQL store (fewer examples: a schema each)."""
+    events, merges, first, second = case
+    finals = []
+    for order in (first, second):
+        work = tmp_path_factory.mktemp("order")
+        vendor = VENDORS[vendor_name]()
+        with fresh_schema(pg_database) as url:
+
+            async def go(
+                vendor: Vendor = vendor, order: list[Any] = order, work: Path = work, url: str = url
+            ) -> Any:
+                flow = await run_order(work, vendor, order, store_url=url)
+                try:
+                    return check(events, merges, vendor, flow)
+                finally:
+                    await flow.close()
+
+            finals.append(asyncio.run(go()))
+    same_consent_in_both(events, merges, finals)
 
 
 # --- the same rule on the planner alone: fast, many more histories ------------------------------

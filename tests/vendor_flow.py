@@ -89,13 +89,15 @@ class Flow:
         retry: RetryPolicy = FAST_RETRY,
         concurrency: int = 8,
         sink_options: dict[str, Any] | None = None,
+        store_url: str | None = None,
     ) -> None:
         """``config_text``: a whole config.yaml whose ``store`` is ``sqlite:///connector.db``
         and whose mappings are file names under ``mappings/`` (copied into ``work``)."""
         for mapping in (ROOT / "mappings").glob("*.yaml"):
             shutil.copy(mapping, work / mapping.name)
         path = work / "config.yaml"
-        path.write_text(config_text.replace("sqlite:///connector.db", f"sqlite:///{work}/c.db"))
+        store = store_url or f"sqlite:///{work}/c.db"  # store_url: an empty store elsewhere
+        path.write_text(config_text.replace("sqlite:///connector.db", store))
         self.config = load_config(path)
         self.deployment = Deployment.from_config(self.config)
         self.store = open_store(self.config.store)
