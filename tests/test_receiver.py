@@ -887,7 +887,9 @@ def test_the_pipeline_recovers_once_a_locked_store_is_released(tmp_path: Path) -
             # hold the lock until the planner and the worker have each been refused a write
             await eventually(
                 failures,
-                lambda f: "process_batch" in f and bool(f & {"acquire", "claim", "next_due", "finish"}),
+                lambda f: (
+                    "process_batch" in f and bool(f & {"acquire", "claim", "next_due", "finish"})
+                ),
                 "store calls refused",
             )
 

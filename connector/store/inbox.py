@@ -76,10 +76,10 @@ class InboxSql(SqlBase):
 
     def refresh_events(self, conn: Connection, dispensary: str, customer_ids: set[str]) -> int:
         """Queue the current version of each customer again (source ``refresh``): its
-        applied event with the latest ``last_update``, as received. A stale opt-out changed what the customer's
-        contact must say about consent, but its own payload is older than what the
-        destinations hold; planning the current version again sends the contact with the
-        consent the connector now holds. Nothing for a customer whose raw body is gone."""
+        applied event with the latest ``last_update``, as received. A stale opt-out changed
+        what the customer's contact must say about consent, but its own payload is older than
+        what the destinations hold; planning the current version again sends the contact with
+        the consent the connector now holds. Nothing for a customer whose raw body is gone."""
         rows = []
         for customer_id in sorted(customer_ids):
             found = conn.execute(
