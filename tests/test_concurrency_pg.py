@@ -741,3 +741,31 @@ def test_a_fresh_lease_raced_has_one_winner(replicas: list[Replica]) -> None:
     reset(replicas[0])
     for round_ in range(20):
         assert len(winners(replicas, f"fresh-{round_}")) == 1, round_
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a claim waits only for earlier operations: a replayed one (an old id) is claimed "
+    "beside a later operation of its customer in flight",
+)
+def test_a_replayed_operation_waits_for_its_customers_operation_in_flight(
+    replicas: list[Replica],
+) -> None:
+    """A dead letter replayed puts its operation back under its old id, before a later
+    operation of the customer that another replica holds meanwhile: it must wait for that
+    one, not be claimed beside it (and delivered after the newer one)."""
+    one, two = replicas[0], replicas[1]
+    reset(one)
+    fill_outbox(one, customers_=1, per_customer=2)
+    with one.transaction() as conn:  # an opt-out, then an upsert
+        conn.execute(sa.update(outbox).where(outbox.c.id == 1).values(op="unsubscribe"))
+    first = one.claim(DISPENSARY, "aiq", 10)
+    assert [row.idempotency_key for row in first] == ["k0-0"]
+    one.finish(DISPENSARY, "aiq", dead=[(first[0], "refused", 400, None)])
+    second = two.claim(DISPENSARY, "aiq", 10)
+    assert [row.idempotency_key for row in second] == ["k0-1"]
+    assert one.replay().replayed == 1
+    assert one.claim(DISPENSARY, "aiq", 10) == []  # k0-1 is still in flight
+    assert one.next_due(DISPENSARY, "aiq") is None
+    # an expired claim does not hold the customer up: the replayed operation goes first
+    assert one.claim(DISPENSARY, "aiq", 10, now=time.time() + 3600)[0].idempotency_key == "k0-0"
