@@ -743,11 +743,6 @@ def test_a_fresh_lease_raced_has_one_winner(replicas: list[Replica]) -> None:
         assert len(winners(replicas, f"fresh-{round_}")) == 1, round_
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a claim waits only for earlier operations: a replayed one (an old id) is claimed "
-    "beside a later operation of its customer in flight",
-)
 def test_a_replayed_operation_waits_for_its_customers_operation_in_flight(
     replicas: list[Replica],
 ) -> None:

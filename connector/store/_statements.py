@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import BindParameter
 
@@ -64,15 +64,25 @@ def _settle(conn: Connection, where: Any, status: str, **values: Any) -> None:
     )
 
 
-def _blocked() -> Any:
-    """An earlier operation of the same customer is still pending or in flight."""
-    earlier = aliased(outbox)
+def _blocked(now: Any = None) -> Any:
+    """Another operation of the same customer goes first: an earlier one still pending or in
+    flight, or any one in flight whose claim has not expired at ``now``.
+
+    The second half is for a dead operation replayed: it goes back under its old id, behind
+    which a later operation of the customer may be in flight already (claimed while the
+    first was dead); it waits for that one to end, not be sent beside it. An expired claim
+    does not hold it up (its holder is gone; both would otherwise wait for each other)."""
+    now = bindparam("now") if now is None else now
+    other = aliased(outbox)
     return exists().where(
-        earlier.c.dispensary == outbox.c.dispensary,
-        earlier.c.destination == outbox.c.destination,
-        earlier.c.order_key == outbox.c.order_key,
-        earlier.c.id < outbox.c.id,
-        earlier.c.status.in_(("pending", "inflight")),
+        other.c.dispensary == outbox.c.dispensary,
+        other.c.destination == outbox.c.destination,
+        other.c.order_key == outbox.c.order_key,
+        other.c.id != outbox.c.id,
+        or_(
+            and_(other.c.id < outbox.c.id, other.c.status.in_(("pending", "inflight"))),
+            and_(other.c.status == "inflight", other.c.claimed_until >= now),
+        ),
     )
 
 

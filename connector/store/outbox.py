@@ -56,6 +56,7 @@ class OutboxSql(PlanSql):
         now = time.time() if now is None else now
         key = {"dispensary": dispensary, "destination": destination, "now": now}
         with self.transaction(durable=False) as conn:
+            self._lock_queue(conn, dispensary, destination)
             rows = list(conn.execute(self._claim_expired, {**key, "limit": limit}))
             if len(rows) < limit:
                 rows += conn.execute(self._claim_due, {**key, "limit": limit - len(rows)})
@@ -80,6 +81,10 @@ class OutboxSql(PlanSql):
             )
             for r in rows
         ]
+
+    def _lock_queue(self, conn: Connection, dispensary: str, destination: str) -> None:
+        """Hold a destination's claims until the transaction ends: each claim then sees every
+        one committed before it (SQLite: the whole database is held, by ``BEGIN IMMEDIATE``)."""
 
     def pending_count(self, dispensary: str, destination: str) -> int:
         """Operations waiting for this destination (due or not)."""
@@ -389,7 +394,7 @@ class OutboxSql(PlanSql):
                 outbox.c.dispensary == dispensary,
                 outbox.c.destination == destination,
                 outbox.c.status == "pending",
-                ~_blocked(),
+                ~_blocked(time.time()),
             )
         )
         value = found[0][0] if found else None
