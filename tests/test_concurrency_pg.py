@@ -47,7 +47,7 @@ from connector.config import load_config
 from connector.errors import StoreUnavailable
 from connector.pipeline import Deployment, _plan_with, process_batch
 from connector.planner import payload_hash
-from connector.store import InboxRow, NewEvent, OutboxRow
+from connector.store import CLAIM_SECONDS, InboxRow, NewEvent, OutboxRow
 from connector.store.abc import B, Plan
 from connector.store.postgres import PostgresStore, customer_key
 from connector.store.schema import (
@@ -764,3 +764,29 @@ def test_a_replayed_operation_waits_for_its_customers_operation_in_flight(
     assert one.next_due(DISPENSARY, "aiq") is None
     # an expired claim does not hold the customer up: the replayed operation goes first
     assert one.claim(DISPENSARY, "aiq", 10, now=time.time() + 3600)[0].idempotency_key == "k0-0"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finish settles an operation whoever holds it now: a late result of an expired "
+    "claim puts back an operation another replica holds",
+)
+def test_a_late_result_of_an_expired_claim_leaves_the_new_holder_alone(
+    replicas: list[Replica],
+) -> None:
+    """Replica 0 claims, stalls past its claim (no heartbeat: a pause, a cut network);
+    replica 1 takes the operation over; replica 0's late retry must not put it back pending
+    for replica 2 to claim while replica 1 still holds it."""
+    one, two, three = replicas
+    reset(one)
+    fill_outbox(one, customers_=1, per_customer=1)
+    held = one.claim(DISPENSARY, "aiq", 10)
+    later = time.time() + CLAIM_SECONDS + 1
+    assert [row.id for row in two.claim(DISPENSARY, "aiq", 10, now=later)] == [held[0].id]
+    one.finish(DISPENSARY, "aiq", retry=[(held[0], time.time(), "timed out")])
+    assert three.claim(DISPENSARY, "aiq", 10, now=later) == []  # still replica 1's
+    one.finish(DISPENSARY, "aiq", dead=[(held[0], "refused", 400, None)])
+    assert one.dead_letters() == []
+    [taken] = two.claim(DISPENSARY, "aiq", 10, now=later + CLAIM_SECONDS + 1)
+    two.finish(DISPENSARY, "aiq", done=[(taken, None)])
+    assert one.pending_count(DISPENSARY, "aiq") == 0
