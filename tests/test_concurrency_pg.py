@@ -766,11 +766,6 @@ def test_a_replayed_operation_waits_for_its_customers_operation_in_flight(
     assert one.claim(DISPENSARY, "aiq", 10, now=time.time() + 3600)[0].idempotency_key == "k0-0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finish settles an operation whoever holds it now: a late result of an expired "
-    "claim puts back an operation another replica holds",
-)
 def test_a_late_result_of_an_expired_claim_leaves_the_new_holder_alone(
     replicas: list[Replica],
 ) -> None:

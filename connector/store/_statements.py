@@ -49,9 +49,10 @@ _FILL_CONTACT_ID = (
 )
 
 
-def _settle(conn: Connection, where: Any, status: str, **values: Any) -> None:
-    """End an attempt: count it, give back the claim, set the new status."""
-    conn.execute(
+def _settle(conn: Connection, where: Any, status: str, **values: Any) -> int:
+    """End an attempt: count it, give back the claim, set the new status. Returns the
+    operations settled."""
+    result = conn.execute(
         update(outbox)
         .where(where)
         .values(
@@ -62,6 +63,7 @@ def _settle(conn: Connection, where: Any, status: str, **values: Any) -> None:
             **values,
         )
     )
+    return result.rowcount or 0
 
 
 def _blocked(now: Any = None) -> Any:
@@ -128,7 +130,11 @@ _CLAIM_MARK = (
 )
 _SETTLE_DONE = (
     update(outbox)
-    .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
+    .where(
+        outbox.c.id.in_(bindparam("ids", expanding=True)),
+        outbox.c.status == "inflight",
+        outbox.c.claimed_by == bindparam("by"),
+    )
     .values(
         status="done",
         attempts=outbox.c.attempts + 1,

@@ -204,6 +204,10 @@ class OutboxSql(PlanSql):
             for row, contact_id in done
             if contact_id
         } | {row.customer_id for row, *_ in dead if row.op == "upsert"}
+        # only what this process still holds is settled: a claim that expired (this process
+        # stalled past it) may be another's now, and a late result must not put it back or
+        # end it under the new holder; a late success still records the contact it returned
+        mine = (outbox.c.status == "inflight") & (outbox.c.claimed_by == self.process_id)
         with self.transaction(durable=False) as conn:
             # the contacts written here are customer state a planner may be writing too
             self._lock_customers(conn, dispensary, written)
@@ -212,7 +216,8 @@ class OutboxSql(PlanSql):
                     conn, dispensary, [(c, destination, k, d) for c, k, d in conflicts]
                 )
             if done:
-                conn.execute(_SETTLE_DONE, {"ids": [row.id for row, _ in done], "now": now})
+                ids = [row.id for row, _ in done]
+                conn.execute(_SETTLE_DONE, {"ids": ids, "now": now, "by": self.process_id})
                 returned: dict[str, str] = {}
                 gone: dict[str, str] = {}
                 for row, contact_id in done:
@@ -226,11 +231,13 @@ class OutboxSql(PlanSql):
                     self._record_contacts(conn, dispensary, destination, returned, now, gone)
             for row, at, error in retry:
                 _settle(
-                    conn, outbox.c.id == row.id, "pending",
+                    conn, (outbox.c.id == row.id) & mine, "pending",
                     next_attempt_at=at, last_error=error[:2000],
                 )  # fmt: skip
             for row, reason, status_code, response in dead:
-                _settle(conn, outbox.c.id == row.id, "dead", done_at=now, last_error=reason[:2000])
+                mine_now = (outbox.c.id == row.id) & mine
+                if not _settle(conn, mine_now, "dead", done_at=now, last_error=reason[:2000]):
+                    continue
                 conn.execute(
                     insert(dead_letters).values(
                         outbox_id=row.id,
