@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from test_alpineiq import API_KEY, UID
 from test_klaviyo import FAKE_KEY
 from test_order_independence import Event, body, histories
-from vendor_flow import DISPENSARY, ROOT, _instant
+from vendor_flow import DISPENSARY, ROOT, _instant, event_body
 
 from connector.config import load_config
 from connector.errors import StoreUnavailable
@@ -67,6 +67,7 @@ psycopg = pytest.importorskip("psycopg")
 ADMIN_URL = os.environ.get("CONCUR_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 EXAMPLES = int(os.environ.get("CONCUR_EXAMPLES", "25"))
 DESTINATIONS = ("aiq", "kl")
+SECOND = "zz-second"  # a second dispensary, after the seed's in name order
 WAIT = 30.0
 # what the planning property met, for a longer hunt's report
 REPLANS: Counter[str] = Counter()
@@ -140,15 +141,11 @@ def replicas(pg_url: str) -> Iterator[list[Replica]]:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """The seed's dispensary with an Alpine IQ and a Klaviyo destination (merges planned as
-    operations for one, natively for the other)."""
+    operations for one, natively for the other); another dispensary, named after it, alike."""
     work = tmp_path_factory.mktemp("concur")
     for mapping in (ROOT / "mappings").glob("*.yaml"):
         shutil.copy(mapping, work / mapping.name)
-    (work / "config.yaml").write_text(
-        "store: sqlite:///connector.db\n"
-        "dispensaries:\n"
-        f"  {DISPENSARY}:\n"
-        "    webhook_token: tok\n"
+    block = (
         "    destinations:\n"
         "      - name: aiq\n"
         "        type: alpineiq\n"
@@ -159,6 +156,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         "        type: klaviyo\n"
         f"        api_key: {FAKE_KEY}\n"
         "        mapping: klaviyo.yaml\n"
+    )
+    (work / "config.yaml").write_text(
+        "store: sqlite:///connector.db\ndispensaries:\n"
+        f"  {DISPENSARY}:\n    webhook_token: tok\n{block}"
+        f"  {SECOND}:\n    webhook_token: tok2\n{block}"
     )
     return Deployment.from_config(load_config(work / "config.yaml"))
 
@@ -785,3 +787,45 @@ def test_a_late_result_of_an_expired_claim_leaves_the_new_holder_alone(
     [taken] = two.claim(DISPENSARY, "aiq", 10, now=later + CLAIM_SECONDS + 1)
     two.finish(DISPENSARY, "aiq", done=[(taken, None)])
     assert one.pending_count(DISPENSARY, "aiq") == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a batch locks each dispensary's customers in the order its events came: two "
+    "batches over two dispensaries deadlock (one is aborted, retried after a backoff)",
+)
+def test_batches_over_two_dispensaries_lock_customers_in_one_order(
+    replicas: list[Replica], deployment: Deployment
+) -> None:
+    """A batch whose first event is of the second dispensary (by name) against a replica
+    holding the first one's customer and then wanting the second's (the order every batch
+    must lock in): the batch waits, it does not deadlock."""
+    store = replicas[0]
+    reset(store)
+    store.add_events(
+        [
+            new_event(event_body("200", 60, dispensary=SECOND)),
+            new_event(event_body("200", 60)),
+        ]
+    )
+    outcome: list[BaseException | None] = []
+
+    def planner() -> None:
+        try:
+            assert process_batch(store, deployment, 8).events == 2
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    dsn = sa.make_url(store.url).render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as other:
+        other.execute("SET deadlock_timeout = '20s'")
+        other.execute("SELECT pg_advisory_xact_lock(%s)", [customer_key(DISPENSARY, "200")])
+        thread = threading.Thread(target=planner)
+        thread.start()
+        assert wait_for_lock_wait(other, "advisory"), "the planner never waited"
+        other.execute("SELECT pg_advisory_xact_lock(%s)", [customer_key(SECOND, "200")])
+        other.rollback()
+    thread.join(WAIT)
+    assert outcome == [None]
+    assert pending(store) == 0
