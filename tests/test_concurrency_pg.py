@@ -789,11 +789,6 @@ def test_a_late_result_of_an_expired_claim_leaves_the_new_holder_alone(
     assert one.pending_count(DISPENSARY, "aiq") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a batch locks each dispensary's customers in the order its events came: two "
-    "batches over two dispensaries deadlock (one is aborted, retried after a backoff)",
-)
 def test_batches_over_two_dispensaries_lock_customers_in_one_order(
     replicas: list[Replica], deployment: Deployment
 ) -> None:
