@@ -578,7 +578,9 @@ def test_a_delivery_result_racing_planning_keeps_contact_and_hash(
         else:
             planner.hooks = {0: lambda: [deliver(d) for d in DESTINATIONS] and None}
         planner.add_events([new_event(body((customer, 2, {"first_name": "Mia"})))])
+        planner.replans = 0
         assert process_batch(planner, deployment, 8).events == 1
+        assert planner.replans == 1  # the results changed what it read: planned again
         for thread in threads:
             thread.join(WAIT)
         assert len(threads) == locked
