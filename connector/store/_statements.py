@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import BindParameter
 
@@ -49,9 +49,10 @@ _FILL_CONTACT_ID = (
 )
 
 
-def _settle(conn: Connection, where: Any, status: str, **values: Any) -> None:
-    """End an attempt: count it, give back the claim, set the new status."""
-    conn.execute(
+def _settle(conn: Connection, where: Any, status: str, **values: Any) -> int:
+    """End an attempt: count it, give back the claim, set the new status. Returns the
+    operations settled."""
+    result = conn.execute(
         update(outbox)
         .where(where)
         .values(
@@ -62,35 +63,45 @@ def _settle(conn: Connection, where: Any, status: str, **values: Any) -> None:
             **values,
         )
     )
+    return result.rowcount or 0
 
 
-def _blocked() -> Any:
-    """An earlier operation of the same customer is still pending or in flight."""
-    earlier = aliased(outbox)
-    return exists().where(
-        earlier.c.dispensary == outbox.c.dispensary,
-        earlier.c.destination == outbox.c.destination,
-        earlier.c.order_key == outbox.c.order_key,
-        earlier.c.id < outbox.c.id,
-        earlier.c.status.in_(("pending", "inflight")),
+def _going_first(other: Any, now: Any) -> tuple[Any, ...]:
+    """``other`` (an alias of the outbox) is an operation of the same customer that goes
+    first: an earlier one still pending or in flight, or any one in flight whose claim has
+    not expired at ``now``.
+
+    The second half is for a dead operation replayed: it goes back under its old id, behind
+    which a later operation of the customer may be in flight already (claimed while the
+    first was dead); it waits for that one to end, not be sent beside it. An expired claim
+    does not hold it up (its holder is gone; both would otherwise wait for each other)."""
+    return (
+        other.c.dispensary == outbox.c.dispensary,
+        other.c.destination == outbox.c.destination,
+        other.c.order_key == outbox.c.order_key,
+        other.c.id != outbox.c.id,
+        or_(
+            and_(other.c.id < outbox.c.id, other.c.status.in_(("pending", "inflight"))),
+            and_(other.c.status == "inflight", other.c.claimed_until >= now),
+        ),
     )
 
 
+def _blocked(now: Any = None) -> Any:
+    """Another operation of the same customer goes first (:func:`_going_first`)."""
+    now = bindparam("now") if now is None else now
+    return exists().where(*_going_first(aliased(outbox), now))
+
+
 def first_of_customer() -> Any:
-    """No earlier operation of the same customer is pending or in flight, as a scalar
-    subquery probed once per candidate row through ``ix_outbox_order`` (PostgreSQL turns
-    ``NOT EXISTS`` into an anti-join whose plan, on a table without statistics yet, can scan
-    every operation of the destination for each claim)."""
-    earlier = aliased(outbox)
+    """No other operation of the same customer goes first (:func:`_going_first`), as a
+    scalar subquery probed once per candidate row through ``ix_outbox_order`` (PostgreSQL
+    turns ``NOT EXISTS`` into an anti-join whose plan, on a table without statistics yet, can
+    scan every operation of the destination for each claim)."""
+    other = aliased(outbox)
     return (
-        select(earlier.c.id)
-        .where(
-            earlier.c.dispensary == outbox.c.dispensary,
-            earlier.c.destination == outbox.c.destination,
-            earlier.c.order_key == outbox.c.order_key,
-            earlier.c.id < outbox.c.id,
-            earlier.c.status.in_(("pending", "inflight")),
-        )
+        select(other.c.id)
+        .where(*_going_first(other, bindparam("now")))
         .limit(1)
         .scalar_subquery()
         .is_(None)
@@ -150,7 +161,11 @@ _CLAIM_MARK = (
 )
 _SETTLE_DONE = (
     update(outbox)
-    .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
+    .where(
+        outbox.c.id.in_(bindparam("ids", expanding=True)),
+        outbox.c.status == "inflight",
+        outbox.c.claimed_by == bindparam("by"),
+    )
     .values(
         status="done",
         attempts=outbox.c.attempts + 1,

@@ -57,6 +57,7 @@ class OutboxSql(PlanSql):
         now = time.time() if now is None else now
         key = {"dispensary": dispensary, "destination": destination, "now": now}
         with self.transaction(durable=False) as conn:
+            self._lock_queue(conn, dispensary, destination)
             rows = list(conn.execute(self._claim_expired, {**key, "limit": limit}))
             if len(rows) < limit:
                 rows += conn.execute(self._claim_due, {**key, "limit": limit - len(rows)})
@@ -81,6 +82,10 @@ class OutboxSql(PlanSql):
             )
             for r in rows
         ]
+
+    def _lock_queue(self, conn: Connection, dispensary: str, destination: str) -> None:
+        """Hold a destination's claims until the transaction ends: each claim then sees every
+        one committed before it (SQLite: the whole database is held, by ``BEGIN IMMEDIATE``)."""
 
     def pending_count(self, dispensary: str, destination: str) -> int:
         """Operations waiting for this destination (due or not)."""
@@ -200,6 +205,10 @@ class OutboxSql(PlanSql):
             for row, contact_id in done
             if contact_id
         } | {row.customer_id for row, *_ in dead if row.op == "upsert"}
+        # only what this process still holds is settled: a claim that expired (this process
+        # stalled past it) may be another's now, and a late result must not put it back or
+        # end it under the new holder; a late success still records the contact it returned
+        mine = (outbox.c.status == "inflight") & (outbox.c.claimed_by == self.process_id)
         with self.transaction(durable=False) as conn:
             # the contacts written here are customer state a planner may be writing too
             self._lock_customers(conn, dispensary, written)
@@ -208,7 +217,8 @@ class OutboxSql(PlanSql):
                     conn, dispensary, [(c, destination, k, d) for c, k, d in conflicts]
                 )
             if done:
-                conn.execute(_SETTLE_DONE, {"ids": [row.id for row, _ in done], "now": now})
+                ids = [row.id for row, _ in done]
+                conn.execute(_SETTLE_DONE, {"ids": ids, "now": now, "by": self.process_id})
                 returned: dict[str, str] = {}
                 gone: dict[str, str] = {}
                 for row, contact_id in done:
@@ -222,11 +232,13 @@ class OutboxSql(PlanSql):
                     self._record_contacts(conn, dispensary, destination, returned, now, gone)
             for row, at, error in retry:
                 _settle(
-                    conn, outbox.c.id == row.id, "pending",
+                    conn, (outbox.c.id == row.id) & mine, "pending",
                     next_attempt_at=at, last_error=error[:2000],
                 )  # fmt: skip
             for row, reason, status_code, response in dead:
-                _settle(conn, outbox.c.id == row.id, "dead", done_at=now, last_error=reason[:2000])
+                mine_now = (outbox.c.id == row.id) & mine
+                if not _settle(conn, mine_now, "dead", done_at=now, last_error=reason[:2000]):
+                    continue
                 conn.execute(
                     insert(dead_letters).values(
                         outbox_id=row.id,
@@ -385,6 +397,9 @@ class OutboxSql(PlanSql):
     def next_due(self, dispensary: str, destination: str) -> float | None:
         """When the next claimable operation falls due (ones waiting behind an earlier
         operation of their customer do not count: they are not claimable when due)."""
-        found = self._read(self._next_due, {"dispensary": dispensary, "destination": destination})
+        found = self._read(
+            self._next_due,
+            {"dispensary": dispensary, "destination": destination, "now": time.time()},
+        )
         value = found[0][0] if found else None
         return None if value is None else float(value)

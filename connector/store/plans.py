@@ -238,7 +238,9 @@ class PlanSql(InboxSql):
             ids = [row.id for row in rows]
             unchanged = self._lock_events(conn, ids) == set(ids)
             if unchanged:
-                for dispensary, related in planned.related.items():
+                # in one order for every batch (by dispensary, then key): two batches over
+                # the same dispensaries never hold what the other waits for
+                for dispensary, related in sorted(planned.related.items()):
                     self._lock_customers(conn, dispensary, related)
                 unchanged = all(
                     self.load_states(conn, d, related) == planned.loaded[d]
@@ -266,7 +268,7 @@ class PlanSql(InboxSql):
             wanted = {d: ids - locked.get(d, set()) for d, ids in planned.related.items()}
             if not any(wanted.values()):
                 return planned
-            for dispensary, ids in wanted.items():
+            for dispensary, ids in sorted(wanted.items()):
                 self._lock_customers(conn, dispensary, ids)
                 locked.setdefault(dispensary, set()).update(ids)
             if any(

@@ -7,7 +7,11 @@ database, on any hosts.
   state it read (a transaction advisory lock on a hash of dispensary and customer id, taken
   in one order); delivery results lock the customers whose contacts they write the same way.
 - Claims: ``FOR UPDATE OF outbox SKIP LOCKED``, with the rule that a customer's operation
-  waits for every earlier one of it (at most one in flight per customer and destination).
+  waits for every earlier one of it and for any one in flight (at most one in flight per
+  customer and destination); a destination's claims take a transaction advisory lock, one
+  after the other, so that a claim sees every claim committed before it (a replayed
+  operation is earlier than one another claim is taking: the rule alone cannot see that
+  claim before it commits). The delivery lease makes one process claim a destination anyway.
 - Wake-ups: ``NOTIFY`` once per committed batch (``connector_inbox``, ``connector_outbox``),
   heard by a listening thread per process (:class:`_Listener`); every loop also polls, and
   ``listen=False`` (PgBouncer in transaction mode has no ``LISTEN``) polls only.
@@ -49,6 +53,8 @@ _LOCK_KEYS = text(
     "SELECT pg_advisory_xact_lock(k)"
     " FROM unnest(CAST(:keys AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
 )
+_LOCK_QUEUE = text("SELECT pg_advisory_xact_lock(:space, :key)")
+QUEUE_LOCKS = 0x636C  # the two-key advisory lock space of claims ("cl"), apart from customers'
 _LOCK_EVENTS = (
     select(inbox.c.id)
     .where(inbox.c.id.in_(bindparam("ids", expanding=True)), inbox.c.status == "pending")
@@ -108,6 +114,11 @@ class PostgresStore(AdminSql):
             InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id, r.received_at)
             for r in rows
         ]
+
+    def _lock_queue(self, conn: Connection, dispensary: str, destination: str) -> None:
+        digest = hashlib.blake2b(f"{dispensary}\0{destination}".encode(), digest_size=4).digest()
+        key = int.from_bytes(digest, "big", signed=True)
+        conn.execute(_LOCK_QUEUE, {"space": QUEUE_LOCKS, "key": key})
 
     def _lock_customers(self, conn: Connection, dispensary: str, ids: Iterable[str]) -> None:
         keys = sorted({customer_key(dispensary, c) for c in ids})
