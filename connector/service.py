@@ -278,6 +278,7 @@ class Service:
             if not self._stopping.is_set():
                 try:
                     await self.astore.call(store.heartbeat)
+                    await self.astore.call(store.maintain)
                 except Exception as exc:  # the store is away: one line, not a traceback
                     log.warning("heartbeat_failed", error=exc)
 

@@ -324,6 +324,11 @@ class Admin(Protocol):
 
     def latest_operations(self, limit: int) -> list[dict[str, Any]]: ...
 
+    def maintain(self) -> None:
+        """Keep the database's own bookkeeping fit for the queries (called every few
+        seconds by a running process; cheap when there is nothing to do)."""
+        ...
+
     def leases(self) -> list[Lease]:
         """The named leases on record, expired ones included, by name."""
         ...

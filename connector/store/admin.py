@@ -153,3 +153,6 @@ class AdminSql(ProcessesSql):
             RegisteredProcess(r.id, r.host, int(r.pid), float(r.started_at), float(r.heartbeat_at))
             for r in self._read(query)
         ]
+
+    def maintain(self) -> None:
+        """Nothing for SQLite (its planner needs no statistics for these queries)."""

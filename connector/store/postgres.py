@@ -55,6 +55,12 @@ _LOCK_KEYS = text(
 )
 _LOCK_QUEUE = text("SELECT pg_advisory_xact_lock(:space, :key)")
 QUEUE_LOCKS = 0x636C  # the two-key advisory lock space of claims ("cl"), apart from customers'
+_ANALYZED = ("inbox", "outbox", "customers", "contacts")
+_STALE_STATISTICS = text(
+    "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema()"
+    " AND relname IN ('inbox', 'outbox', 'customers', 'contacts')"
+    " AND n_mod_since_analyze > GREATEST(200, 0.1 * n_live_tup)"
+)
 _LOCK_EVENTS = (
     select(inbox.c.id)
     .where(inbox.c.id.in_(bindparam("ids", expanding=True)), inbox.c.status == "pending")
@@ -124,6 +130,17 @@ class PostgresStore(AdminSql):
         keys = sorted({customer_key(dispensary, c) for c in ids})
         if keys:
             conn.execute(_LOCK_KEYS, {"keys": keys})
+
+    def maintain(self) -> None:
+        """``ANALYZE`` the busy tables whose statistics fell behind (or never were): without
+        them PostgreSQL plans a lookup of 64 customers by key as a scan of the dispensary's
+        every customer (3.7 ms instead of 0.07 at 1,200 customers), and autovacuum analyzes
+        a new table only after its first minute of changes."""
+        with self.engine.connect() as conn:
+            for name in conn.execute(_STALE_STATISTICS).scalars().all():
+                if name in _ANALYZED:
+                    conn.exec_driver_sql(f"ANALYZE {name}")
+            conn.commit()
 
     @property
     def listening(self) -> bool:
