@@ -229,7 +229,7 @@ def _when(at: float) -> str:
 def _lease_line(lease: Lease | None, known: dict[str, RegisteredProcess], now: float) -> str:
     """Who delivers for a destination: the live holder of its ``deliver:`` lease."""
     if lease is None:
-        return "delivered by: nobody yet (no process has taken its lease)"
+        return "delivered by: nobody now (no running process holds its lease)"
     holder = replica_id(lease.holder)
     process = known.get(lease.holder)
     where = f" ({process.host} pid {process.pid})" if process is not None else ""

@@ -674,7 +674,7 @@ def test_status_names_who_delivers_each_destination_and_the_processes(tmp_path: 
     second = out.index("  second: pending 0, in flight 0, dead letters 0")
     assert out[first + 1].startswith(f"    delivered by: nobody (the lease of {short} (")
     assert "lapsed at" in out[first + 1]
-    assert out[second + 1] == "    delivered by: nobody yet (no process has taken its lease)"
+    assert out[second + 1] == "    delivered by: nobody now (no running process holds its lease)"
     assert "processes: 1" in out
     process = out[out.index("processes: 1") + 1]
     assert process.startswith(f"  {short}  ")
