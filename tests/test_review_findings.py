@@ -1,0 +1,182 @@
+"""Defects found by a review of the store's split into ports and its PostgreSQL adapter: each
+test failed before its fix (see the commit that follows it)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import insert
+
+from connector.cli import main
+from connector.config import display_url
+from connector.store import CLAIM_SECONDS, Store, open_store
+from connector.store.schema import outbox
+
+DISPENSARY = "shop1"
+DEST = "aiq"
+SECRET = "s3cret"
+
+
+# --- secrets --------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review A: a password in the URL's query is shown")
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u@127.0.0.1:5999/x?password={SECRET}",
+        f"postgresql://u@127.0.0.1:5999/x?sslmode=require&password={SECRET}&application_name=a",
+        f"postgresql://u@127.0.0.1:5999/x?sslpassword={SECRET}",
+        f"postgresql://u:{SECRET}@127.0.0.1:5999/x?password={SECRET}",
+    ],
+)
+def test_a_password_given_as_a_query_parameter_is_hidden(url: str) -> None:
+    """libpq takes ``password`` (and ``sslpassword``) in the URL's query as well as in its
+    user part: ``store_display`` (serve's start line, check, migrate) showed it."""
+    shown = display_url(url)
+    assert SECRET not in shown
+    assert "127.0.0.1:5999/x" in shown
+
+
+@pytest.mark.xfail(strict=True, reason="review A: a password in the URL's query is shown")
+def test_check_never_prints_a_store_password_given_in_the_query(tmp_path: Path) -> None:
+    (tmp_path / "mappings").mkdir()
+    shutil.copy(Path(__file__).parent.parent / "mappings" / "http.yaml", tmp_path / "mappings")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"store: postgresql://u@127.0.0.1:5999/x?password={SECRET}\n"
+        "dispensaries:\n"
+        "  shop1:\n"
+        "    webhook_token: a-real-token\n"
+        "    destinations:\n"
+        "      - {name: first, type: jsonl, path: out.jsonl, mapping: mappings/http.yaml}\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert "127.0.0.1:5999" in result.output, result.output
+    assert SECRET not in result.output
+
+
+# --- clocks ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_store(store_url: str) -> Iterator[Store]:
+    store = open_store(store_url, listen=False)
+    yield store
+    store.close()
+
+
+def _one_operation(store: Store) -> None:
+    now = time.time()
+    with store.transaction() as conn:
+        conn.execute(
+            insert(outbox).values(
+                dispensary=DISPENSARY,
+                destination=DEST,
+                order_key="c1",
+                customer_id="c1",
+                op="upsert",
+                payload="{}",
+                idempotency_key="k1",
+                status="pending",
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+            )
+        )
+
+
+SKEW = 60.0  # another host's clock, this far ahead (NTP not running there)
+
+
+@pytest.mark.xfail(strict=True, reason="review B: leases and claims judged by each host's clock")
+@pytest.mark.postgresql_only
+def test_a_replica_whose_clock_runs_ahead_takes_no_live_lease_nor_claim(
+    pg_store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases and claims are judged by the time of the database, not by each host's clock:
+    a replica whose clock runs a minute ahead took a live lease at once and claimed the
+    operations another replica had in flight (``claimed_until`` of the holder's clock), so
+    both delivered one destination, and one operation twice, at the same time."""
+    first = pg_store
+    lease = f"deliver:{DISPENSARY}/{DEST}"
+    assert first.acquire(lease, first.process_id, 20.0)
+    _one_operation(first)
+    assert len(first.claim(DISPENSARY, DEST, 10)) == 1
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + SKEW)
+    second = open_store(store_url, listen=False)
+    try:
+        second.register_process()
+        assert not second.acquire(lease, second.process_id, 20.0)
+        assert second.claim(DISPENSARY, DEST, 10) == []
+        assert second.pending_count(DISPENSARY, DEST) == 0  # still in flight, with its holder
+    finally:
+        second.close()
+    assert SKEW > CLAIM_SECONDS
+
+
+# --- the listener ---------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review C: the listener's connection has no keepalives")
+@pytest.mark.postgresql_only
+def test_the_listener_connects_with_the_pools_keepalives(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listening thread's connection only ever reads: on a network that drops it
+    silently (a NAT's idle timeout, a failed-over database address) it saw no error, stayed
+    "connected" and heard nothing for good, every wake-up of the cluster lost. Its connection
+    takes the keepalives and TCP timeout the pool's connections have."""
+    from connector.store import postgres
+
+    seen: list[dict[str, object]] = []
+
+    def connect(*_args: object, **kwargs: object) -> None:
+        seen.append(kwargs)
+        raise psycopg.OperationalError("refused by the test")
+
+    store = open_store(store_url, listen=True)
+    monkeypatch.setattr(postgres.psycopg, "connect", connect)
+    try:
+        store.on_commit("inbox", lambda _payload: None)
+        assert postgres.wait_until(lambda: bool(seen), 10.0)
+    finally:
+        store.close()
+    assert seen[0].get("keepalives") == 1
+    assert "tcp_user_timeout" in seen[0]
+
+
+# --- PgBouncer in transaction mode ----------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review D: settings made once per session")
+@pytest.mark.postgresql_only
+def test_polling_only_a_transaction_has_the_lock_timeout_whatever_session_it_lands_on(
+    store_url: str,
+) -> None:
+    """``store_listen: false`` is for PgBouncer in transaction mode (README), where a
+    transaction lands on any server session: a ``SET`` made once at connect is not there (a
+    locked table held a webhook's request without end, no 503) and psycopg's prepared
+    statements are not either. Each transaction sets its own lock timeout, and nothing is
+    prepared."""
+    store = open_store(store_url, listen=False, timeout=5.0)
+    try:
+        with store.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            raw.execute("RESET lock_timeout")  # another session's settings: none of ours
+            raw.commit()
+            with conn.begin():
+                assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "5s"
+            assert getattr(raw, "prepare_threshold", 0) is None
+    finally:
+        store.close()
