@@ -454,14 +454,31 @@ class Config(_Model):
         return display_url(self.store)
 
 
+# libpq's parameters that hold a secret, which a URL's query may carry as well as its user part
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def display_url(url: str) -> str:
-    """A store URL with any password replaced by ``***``."""
+    """A store URL with any password (in its user part or its query) replaced by ``***``;
+    a URL without one as it is."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if parts.password is not None:
+        user = unquote(parts.username or "")
+        host = parts.netloc.rpartition("@")[2]
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if not parts.query:
         return url
-    user = unquote(parts.username or "")
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    pairs = [pair.partition("=") for pair in parts.query.split("&")]
+    secret = [bool(eq) and unquote(name).lower() in _SECRET_PARAMETERS for name, eq, _ in pairs]
+    if not any(secret):
+        return url
+    query = "&".join(
+        f"{name}=***" if hide else name + eq + value
+        for (name, eq, value), hide in zip(pairs, secret, strict=True)
+    )
+    head, _, tail = url.partition("?")
+    fragment = tail.partition("#")[1:]
+    return f"{head}?{query}{''.join(fragment)}"
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
