@@ -94,7 +94,6 @@ def _one_operation(store: Store) -> None:
 SKEW = 60.0  # another host's clock, this far ahead (NTP not running there)
 
 
-@pytest.mark.xfail(strict=True, reason="review B: leases and claims judged by each host's clock")
 @pytest.mark.postgresql_only
 def test_a_replica_whose_clock_runs_ahead_takes_no_live_lease_nor_claim(
     pg_store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch

@@ -40,6 +40,10 @@ from connector.store.schema import inbox, outbox
 log = logging.getLogger("connector.store.postgres")
 
 STOP_POLL_SECONDS = 0.1  # the listener thread checks for stop() so often
+# a host's clock within this of the database's is used as it is: leases and claims have 15 s
+# and more to spare, and a correction measured across a network's round trip is no better
+CLOCK_TOLERANCE_SECONDS = 1.0
+_DATABASE_TIME = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
 CHANNELS = {"inbox": "connector_inbox", "outbox": "connector_outbox"}
 
 
@@ -78,9 +82,21 @@ class PostgresStore(AdminSql):
         self._listener: _Listener | None = None
         try:
             self.open()
+            with self.snapshot() as conn:
+                self._sync_clock(conn)
         except BaseException:
             self.engine.dispose()  # a refused store (a newer schema) keeps no server connection
             raise
+
+    def _sync_clock(self, conn: Connection) -> None:
+        # replicas on several hosts: a lease or claim one writes by its clock, another judges
+        # by its own; with a clock a minute ahead a replica took live leases and claims. All
+        # of them read the database's clock instead (measured at open and every heartbeat)
+        before = time.time()
+        database = float(conn.exec_driver_sql(_DATABASE_TIME).scalar_one())
+        after = time.time()
+        offset = database - (before + after) / 2
+        self._clock_offset = offset if abs(offset) >= CLOCK_TOLERANCE_SECONDS else 0.0
 
     def _started_write(self, conn: Connection, durable: bool) -> None:
         if not durable:
