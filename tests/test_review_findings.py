@@ -124,7 +124,6 @@ def test_a_replica_whose_clock_runs_ahead_takes_no_live_lease_nor_claim(
 # --- the listener ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review C: the listener's connection has no keepalives")
 @pytest.mark.postgresql_only
 def test_the_listener_connects_with_the_pools_keepalives(
     store_url: str, monkeypatch: pytest.MonkeyPatch

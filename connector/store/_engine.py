@@ -123,6 +123,22 @@ def psycopg_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+def connection_settings(timeout: float) -> dict[str, Any]:
+    """libpq's settings for every connection of a store: the pool's and the listener's."""
+    return {
+        "connect_timeout": max(1, round(timeout)),
+        "application_name": "treez-connector",
+        # a dead peer (a cut network) is noticed in seconds, not hours
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        # data sent and not acknowledged (a network dropping packets): given up after
+        # this many ms, where the kernel's retransmissions would wait a quarter of an hour
+        "tcp_user_timeout": int(max(10.0, 2 * timeout) * 1000),
+    }
+
+
 def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
     engine = create_engine(
         psycopg_url(url),
@@ -131,18 +147,7 @@ def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
         pool_timeout=timeout,
         pool_pre_ping=True,  # a connection the server dropped is replaced, not used
         pool_recycle=1800,
-        connect_args={
-            "connect_timeout": max(1, round(timeout)),
-            "application_name": "treez-connector",
-            # a dead peer (a cut network) is noticed in seconds, not hours
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 3,
-            # data sent and not acknowledged (a network dropping packets): given up after
-            # this many ms, where the kernel's retransmissions would wait a quarter of an hour
-            "tcp_user_timeout": int(max(10.0, 2 * timeout) * 1000),
-        },
+        connect_args=connection_settings(timeout),
     )
     lock_timeout = f"SET lock_timeout = {max(1, round(timeout * 1000))}"
 

@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import Connection, bindparam, select, text
 
-from connector.store._engine import postgres_engine
+from connector.store._engine import connection_settings, postgres_engine
 from connector.store._statements import _PENDING_EVENTS, claim_statements, first_of_customer
 from connector.store.abc import InboxRow
 from connector.store.admin import AdminSql
@@ -112,7 +112,7 @@ class PostgresStore(AdminSql):
     def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
         super().on_commit(channel, callback)
         if self.listen and self._listener is None:
-            self._listener = _Listener(self.engine.url, self._listeners)
+            self._listener = _Listener(self.engine.url, self._listeners, self.timeout)
             self._listener.start()
 
     def close(self) -> None:
@@ -150,8 +150,13 @@ class _Listener:
     """A thread with its own connection that ``LISTEN``\\s on the store's channels and calls
     the callbacks registered for them; reconnects with a backoff when the database goes."""
 
-    def __init__(self, url: Any, callbacks: dict[str, list[Callable[[str], None]]]) -> None:
+    def __init__(
+        self, url: Any, callbacks: dict[str, list[Callable[[str], None]]], timeout: float = 5.0
+    ) -> None:
         self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # the pool's keepalives and TCP timeout: a connection that only ever reads, on a
+        # network that drops it silently, would otherwise wait for notifications for good
+        self.settings = connection_settings(timeout)
         self.callbacks = callbacks
         self.connected = False
         self._stop = threading.Event()
@@ -169,7 +174,7 @@ class _Listener:
         delay = 0.5
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(self.dsn, autocommit=True, **self.settings) as conn:
                     for channel in CHANNELS.values():
                         conn.execute(f"LISTEN {channel}")
                     self.connected, delay = True, 0.5
