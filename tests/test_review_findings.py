@@ -154,7 +154,6 @@ def test_the_listener_connects_with_the_pools_keepalives(
 # --- PgBouncer in transaction mode ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review D: settings made once per session")
 @pytest.mark.postgresql_only
 def test_polling_only_a_transaction_has_the_lock_timeout_whatever_session_it_lands_on(
     store_url: str,

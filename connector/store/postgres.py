@@ -77,7 +77,9 @@ class PostgresStore(AdminSql):
     _next_due = _NEXT_DUE_PG
 
     def __init__(self, url: str, *, timeout: float = 5.0, listen: bool = True) -> None:
-        super().__init__(url, postgres_engine(url, timeout=timeout), timeout=timeout)
+        # polling only is how the store runs behind PgBouncer in transaction mode (README)
+        engine = postgres_engine(url, timeout=timeout, pooled=not listen)
+        super().__init__(url, engine, timeout=timeout)
         self.listen = listen
         self._listener: _Listener | None = None
         try:
