@@ -11,12 +11,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import insert
+from sqlalchemy import insert, select, update
 
 from connector.cli import main
 from connector.config import display_url
 from connector.store import CLAIM_SECONDS, Store, open_store
-from connector.store.schema import outbox
+from connector.store.schema import outbox, schedule_ticks
 
 DISPENSARY = "shop1"
 DEST = "aiq"
@@ -175,3 +175,31 @@ def test_polling_only_a_transaction_has_the_lock_timeout_whatever_session_it_lan
             assert getattr(raw, "prepare_threshold", 0) is None
     finally:
         store.close()
+
+
+# --- scheduled ticks ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def any_store(store_url: str) -> Iterator[Store]:
+    store = open_store(store_url, listen=False)
+    yield store
+    store.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review E: schedule_ticks grows for good")
+def test_purge_forgets_scheduled_ticks_long_past(any_store: Store) -> None:
+    """One row per scheduled tick, kept for good: a schedule every minute wrote half a
+    million rows a year and dispensary. A tick is claimed within the scheduler's misfire
+    grace (600 s) or never: retention forgets those older than delivered operations."""
+    now = time.time()
+    assert any_store.claim_tick("reconcile:shop1", now - 10 * 86_400, "a")
+    assert any_store.claim_tick("reconcile:shop1", now - 60, "a")
+    with any_store.transaction() as conn:
+        conn.execute(update(schedule_ticks).values(claimed_at=schedule_ticks.c.tick_at))
+
+    any_store.purge(raw_before=now - 30 * 86_400, delivered_before=now - 7 * 86_400)
+
+    left = [row.tick_at for row in any_store.query(select(schedule_ticks.c.tick_at))]
+    assert left == [now - 60]
+    assert not any_store.claim_tick("reconcile:shop1", now - 60, "b")
