@@ -187,7 +187,6 @@ def any_store(store_url: str) -> Iterator[Store]:
     store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review E: schedule_ticks grows for good")
 def test_purge_forgets_scheduled_ticks_long_past(any_store: Store) -> None:
     """One row per scheduled tick, kept for good: a schedule every minute wrote half a
     million rows a year and dispensary. A tick is claimed within the scheduler's misfire
