@@ -3,7 +3,9 @@ test failed before its fix (see the commit that follows it)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from sqlalchemy import insert, select, update
 from connector.cli import main
 from connector.config import display_url
 from connector.store import CLAIM_SECONDS, Store, open_store
-from connector.store.schema import outbox, schedule_ticks
+from connector.store.schema import locks, outbox, processes, schedule_ticks
 
 DISPENSARY = "shop1"
 DEST = "aiq"
@@ -202,3 +204,35 @@ def test_purge_forgets_scheduled_ticks_long_past(any_store: Store) -> None:
     left = [row.tick_at for row in any_store.query(select(schedule_ticks.c.tick_at))]
     assert left == [now - 60]
     assert not any_store.claim_tick("reconcile:shop1", now - 60, "b")
+
+
+# --- a restarted process --------------------------------------------------------------------
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.xfail(strict=True, reason="review F: a predecessor with this pid counts as alive")
+def test_a_restart_with_the_predecessors_pid_takes_its_lease_at_once(store_url: str) -> None:
+    """A container restarted gives its entry point the pid (and host name) its predecessor
+    had: the predecessor counted as alive, and its lease held every destination until it
+    lapsed (up to LEASE_SECONDS; its claims up to CLAIM_SECONDS)."""
+    store = open_store(store_url)
+    now = time.time()
+    lease = f"deliver:{DISPENSARY}/{DEST}"
+    try:
+        with store.transaction() as conn:
+            conn.execute(
+                insert(processes).values(
+                    id="predecessor",
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    started_at=now - 3600,  # before this process started
+                    heartbeat_at=now - 1,
+                )
+            )
+            conn.execute(
+                insert(locks).values(name=lease, holder="predecessor", expires_at=now + 19)
+            )
+        store.register_process()
+        assert store.acquire(lease, store.process_id, 20.0)
+    finally:
+        store.close()
