@@ -210,7 +210,6 @@ def test_purge_forgets_scheduled_ticks_long_past(any_store: Store) -> None:
 
 
 @pytest.mark.sqlite_only
-@pytest.mark.xfail(strict=True, reason="review F: a predecessor with this pid counts as alive")
 def test_a_restart_with_the_predecessors_pid_takes_its_lease_at_once(store_url: str) -> None:
     """A container restarted gives its entry point the pid (and host name) its predecessor
     had: the predecessor counted as alive, and its lease held every destination until it
