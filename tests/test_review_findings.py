@@ -235,3 +235,30 @@ def test_a_restart_with_the_predecessors_pid_takes_its_lease_at_once(store_url: 
         assert store.acquire(lease, store.process_id, 20.0)
     finally:
         store.close()
+
+
+# --- NOTIFY ---------------------------------------------------------------------------------
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.xfail(strict=True, reason="review G: a NOTIFY payload past 8000 bytes")
+def test_a_batch_touching_many_destinations_still_commits_and_wakes_them(store_url: str) -> None:
+    """A planned batch names every destination it queued for in its NOTIFY, and PostgreSQL
+    refuses a payload of 8000 bytes or more: a batch of events from a few hundred
+    dispensaries' destinations failed to commit, again at every try, and planning stopped.
+    Such a batch wakes every worker instead (an empty payload)."""
+    store = open_store(store_url, listen=True)
+    heard: list[str] = []
+    try:
+        store.on_commit("outbox", heard.append)
+        from connector.store.postgres import wait_until
+
+        assert wait_until(lambda: store.listening, 10.0)
+        heard.clear()
+        touched = " ".join(f"dispensary{n:04}/klaviyo" for n in range(400))
+        with store.transaction(durable=False) as conn:
+            store._notify(conn, "outbox", touched)  # as a planned batch's commit does
+        assert wait_until(lambda: bool(heard), 10.0)
+        assert heard == [""]
+    finally:
+        store.close()
