@@ -241,7 +241,6 @@ def test_a_restart_with_the_predecessors_pid_takes_its_lease_at_once(store_url: 
 
 
 @pytest.mark.postgresql_only
-@pytest.mark.xfail(strict=True, reason="review G: a NOTIFY payload past 8000 bytes")
 def test_a_batch_touching_many_destinations_still_commits_and_wakes_them(store_url: str) -> None:
     """A planned batch names every destination it queued for in its NOTIFY, and PostgreSQL
     refuses a payload of 8000 bytes or more: a batch of events from a few hundred

@@ -45,6 +45,8 @@ STOP_POLL_SECONDS = 0.1  # the listener thread checks for stop() so often
 CLOCK_TOLERANCE_SECONDS = 1.0
 _DATABASE_TIME = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
 CHANNELS = {"inbox": "connector_inbox", "outbox": "connector_outbox"}
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (the transaction fails with it)
+NOTIFY_PAYLOAD_LIMIT = 7999
 
 
 def customer_key(dispensary: str, customer_id: str) -> int:
@@ -109,6 +111,10 @@ class PostgresStore(AdminSql):
 
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         # delivered at commit, once per transaction for the same payload
+        if len(payload.encode()) > NOTIFY_PAYLOAD_LIMIT:
+            # a batch over a few hundred destinations: it would fail to commit, at every
+            # try, and planning would stop; an empty payload wakes every worker instead
+            payload = ""
         conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNELS[channel], "p": payload})
 
     def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
