@@ -17,8 +17,8 @@ from sqlalchemy import insert, select, update
 
 from connector.cli import main
 from connector.config import display_url
-from connector.store import CLAIM_SECONDS, Store, open_store
-from connector.store.schema import locks, outbox, processes, schedule_ticks
+from connector.store import CLAIM_SECONDS, NewEvent, Rejected, Store, open_store
+from connector.store.schema import inbox, locks, outbox, processes, quarantine, schedule_ticks
 
 DISPENSARY = "shop1"
 DEST = "aiq"
@@ -261,3 +261,23 @@ def test_a_batch_touching_many_destinations_still_commits_and_wakes_them(store_u
         assert heard == [""]
     finally:
         store.close()
+
+
+# --- column lengths PostgreSQL enforces (SQLite does not) -----------------------------------
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.xfail(strict=True, reason="review H: PostgreSQL enforces VARCHAR(255)")
+def test_a_refused_body_with_a_long_content_type_is_quarantined(any_store: Store) -> None:
+    """A request's Content-Type, as sent, goes to quarantine.content_type, VARCHAR(255): on
+    PostgreSQL a longer one failed the group commit it was in (every other request of the
+    batch answered 503), and the refused body was never kept."""
+    content_type = "text/plain; " + "x" * 400
+    any_store.add_events(
+        [NewEvent(DISPENSARY, "webhook", "CUSTOMER", "c1", 1, "{}")],
+        [Rejected(DISPENSARY, 415, "content type must be application/json", content_type, b"x")],
+    )
+    kept = any_store.query(select(quarantine.c.content_type))
+    assert len(kept) == 1
+    assert content_type.startswith(kept[0].content_type)
+    assert len(any_store.query(select(inbox.c.id))) == 1
