@@ -266,8 +266,6 @@ def test_a_batch_touching_many_destinations_still_commits_and_wakes_them(store_u
 # --- column lengths PostgreSQL enforces (SQLite does not) -----------------------------------
 
 
-@pytest.mark.postgresql_only
-@pytest.mark.xfail(strict=True, reason="review H: PostgreSQL enforces VARCHAR(255)")
 def test_a_refused_body_with_a_long_content_type_is_quarantined(any_store: Store) -> None:
     """A request's Content-Type, as sent, goes to quarantine.content_type, VARCHAR(255): on
     PostgreSQL a longer one failed the group commit it was in (every other request of the
