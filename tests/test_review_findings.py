@@ -279,3 +279,35 @@ def test_a_refused_body_with_a_long_content_type_is_quarantined(any_store: Store
     assert len(kept) == 1
     assert content_type.startswith(kept[0].content_type)
     assert len(any_store.query(select(inbox.c.id))) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="review I: names longer than the store's columns")
+@pytest.mark.parametrize(
+    ("dispensary", "destination"),
+    [("d" * 129, "sink"), ("shop1", "s" * 129), ("d" * 80, "s" * 80)],
+)
+def test_names_longer_than_the_store_takes_are_refused(
+    tmp_path: Path, dispensary: str, destination: str
+) -> None:
+    """Dispensary and destination names are stored in VARCHAR(128) columns and the delivery
+    lease ``deliver:DISPENSARY/DESTINATION`` in a VARCHAR(160) one. PostgreSQL enforces them
+    (SQLite does not): with longer names every webhook of the dispensary, or every lease
+    taken for the destination, failed (so nothing was delivered). The configuration refuses
+    them."""
+    from connector.config import load_config
+    from connector.errors import ConfigError
+
+    (tmp_path / "mappings").mkdir()
+    shutil.copy(Path(__file__).parent.parent / "mappings" / "http.yaml", tmp_path / "mappings")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "dispensaries:\n"
+        f"  {dispensary}:\n"
+        "    webhook_token: a-real-token\n"
+        "    destinations:\n"
+        f"      - {{name: {destination}, type: jsonl, path: o.jsonl,"
+        " mapping: mappings/http.yaml}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match="characters"):
+        load_config(path)
