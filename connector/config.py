@@ -48,6 +48,9 @@ DEV_WEBHOOK_TOKEN = "dev-only-token-change-me"  # noqa: S105 - the documented de
 DEFAULT_SCHEDULE = "15 * * * *"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# the store keeps names in VARCHAR(128) columns and the delivery lease of a destination as
+# "deliver:DISPENSARY/DESTINATION" in a VARCHAR(160) one, which PostgreSQL enforces
+NAME_LENGTH = 64
 _RATE = re.compile(
     r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hour|hours)\s*$"
 )
@@ -210,6 +213,8 @@ class _Destination(_Model):
             raise ValueError(
                 "must start with a letter or digit and hold only letters, digits, _ . -"
             )
+        if len(value) > NAME_LENGTH:
+            raise ValueError(f"must be at most {NAME_LENGTH} characters, not {len(value)}")
         return value
 
     @field_validator("mapping")
@@ -435,6 +440,11 @@ class Config(_Model):
         if bad:
             raise ValueError(
                 f"dispensary names are Treez short names (letters, digits, _ . -): {', '.join(bad)}"
+            )
+        long = [name for name in value if len(name) > NAME_LENGTH]
+        if long:
+            raise ValueError(
+                f"dispensary names are at most {NAME_LENGTH} characters: {', '.join(long)}"
             )
         return value
 

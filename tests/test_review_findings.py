@@ -281,7 +281,6 @@ def test_a_refused_body_with_a_long_content_type_is_quarantined(any_store: Store
     assert len(any_store.query(select(inbox.c.id))) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="review I: names longer than the store's columns")
 @pytest.mark.parametrize(
     ("dispensary", "destination"),
     [("d" * 129, "sink"), ("shop1", "s" * 129), ("d" * 80, "s" * 80)],
