@@ -310,3 +310,26 @@ def test_names_longer_than_the_store_takes_are_refused(
     )
     with pytest.raises(ConfigError, match="characters"):
         load_config(path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "review J, not fixed (connector/treez.py is outside this review's files): a customer "
+        "id longer than the store's VARCHAR(128) is accepted; on PostgreSQL its insert fails "
+        "the whole group commit (every request of the batch answers 503) at each of Treez's "
+        "retries. The receiver should refuse it (422, quarantined)"
+    ),
+)
+def test_a_customer_id_longer_than_the_store_takes_is_refused_by_the_receiver() -> None:
+    import json
+
+    from connector.errors import EventValidationError
+    from connector.treez import check_event_json
+
+    body = {
+        "event_type": "CUSTOMER",
+        "data": {"customer_id": "c" * 129, "last_update": "2026-05-01T10:00:00.000-07:00"},
+    }
+    with pytest.raises(EventValidationError):
+        check_event_json(json.dumps(body))
