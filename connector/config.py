@@ -48,6 +48,9 @@ DEV_WEBHOOK_TOKEN = "dev-only-token-change-me"  # noqa: S105 - the documented de
 DEFAULT_SCHEDULE = "15 * * * *"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# the store keeps names in VARCHAR(128) columns and the delivery lease of a destination as
+# "deliver:DISPENSARY/DESTINATION" in a VARCHAR(160) one, which PostgreSQL enforces
+NAME_LENGTH = 64
 _RATE = re.compile(
     r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hour|hours)\s*$"
 )
@@ -210,6 +213,8 @@ class _Destination(_Model):
             raise ValueError(
                 "must start with a letter or digit and hold only letters, digits, _ . -"
             )
+        if len(value) > NAME_LENGTH:
+            raise ValueError(f"must be at most {NAME_LENGTH} characters, not {len(value)}")
         return value
 
     @field_validator("mapping")
@@ -436,6 +441,11 @@ class Config(_Model):
             raise ValueError(
                 f"dispensary names are Treez short names (letters, digits, _ . -): {', '.join(bad)}"
             )
+        long = [name for name in value if len(name) > NAME_LENGTH]
+        if long:
+            raise ValueError(
+                f"dispensary names are at most {NAME_LENGTH} characters: {', '.join(long)}"
+            )
         return value
 
     @property
@@ -454,14 +464,31 @@ class Config(_Model):
         return display_url(self.store)
 
 
+# libpq's parameters that hold a secret, which a URL's query may carry as well as its user part
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def display_url(url: str) -> str:
-    """A store URL with any password replaced by ``***``."""
+    """A store URL with any password (in its user part or its query) replaced by ``***``;
+    a URL without one as it is."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if parts.password is not None:
+        user = unquote(parts.username or "")
+        host = parts.netloc.rpartition("@")[2]
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if not parts.query:
         return url
-    user = unquote(parts.username or "")
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    pairs = [pair.partition("=") for pair in parts.query.split("&")]
+    secret = [bool(eq) and unquote(name).lower() in _SECRET_PARAMETERS for name, eq, _ in pairs]
+    if not any(secret):
+        return url
+    query = "&".join(
+        f"{name}=***" if hide else name + eq + value
+        for (name, eq, value), hide in zip(pairs, secret, strict=True)
+    )
+    head, _, tail = url.partition("?")
+    fragment = tail.partition("#")[1:]
+    return f"{head}?{query}{''.join(fragment)}"
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -1098,7 +1098,13 @@ def test_register_process_releases_ops_of_a_dead_process(store: Store, store_url
         for (pid_id, pid_host, pid, beat), customer in zip(ghosts, "ABC", strict=True):
             conn.execute(
                 insert(processes).values(
-                    id=pid_id, host=pid_host, pid=pid, started_at=now - 60, heartbeat_at=beat
+                    # registered when it last beat: "alive" (this test's pid) registered
+                    # after this process started, not a predecessor that had its pid
+                    id=pid_id,
+                    host=pid_host,
+                    pid=pid,
+                    started_at=beat,
+                    heartbeat_at=beat,
                 )
             )
             conn.execute(

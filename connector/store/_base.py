@@ -3,6 +3,7 @@ a dialect changes how a statement locks or inserts (SQLite and PostgreSQL overri
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ class SqlBase:
         self.timeout = timeout
         self.process_id = uuid.uuid4().hex  # this process, for its claims and leases
         self._listeners: dict[str, list[Callable[[str], None]]] = {}
+        # the store's clock minus this host's (see _now); 0 where one host shares the store
+        self._clock_offset = 0.0
 
     def open(self) -> None:
         """Bring the schema up to date (nothing when it is current)."""
@@ -39,6 +42,18 @@ class SqlBase:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # --- the cluster's clock ---
+
+    def _now(self) -> float:
+        """The time by which leases, claims, heartbeats and due times are written and judged:
+        one process writes them and another judges them, so all of the cluster must read one
+        clock. This host's clock, corrected by what :meth:`_sync_clock` measured."""
+        return time.time() + self._clock_offset
+
+    def _sync_clock(self, conn: Connection) -> None:
+        """Measure this host's clock against the store's (a dialect whose processes may run on
+        several hosts does; SQLite's share one host and its clock)."""
 
     # --- hooks a dialect overrides ---
 

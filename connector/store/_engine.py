@@ -123,7 +123,30 @@ def psycopg_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
-def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
+def connection_settings(timeout: float) -> dict[str, Any]:
+    """libpq's settings for every connection of a store: the pool's and the listener's."""
+    return {
+        "connect_timeout": max(1, round(timeout)),
+        "application_name": "treez-connector",
+        # a dead peer (a cut network) is noticed in seconds, not hours
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        # data sent and not acknowledged (a network dropping packets): given up after
+        # this many ms, where the kernel's retransmissions would wait a quarter of an hour
+        "tcp_user_timeout": int(max(10.0, 2 * timeout) * 1000),
+    }
+
+
+def postgres_engine(url: str, *, timeout: float = 5.0, pooled: bool = False) -> Engine:
+    """An engine for a PostgreSQL store. ``pooled``: a pooler in transaction mode (PgBouncer)
+    may stand between, so each transaction may land on another server session: nothing is
+    set once per session (the lock timeout is set in every transaction) and nothing is
+    prepared (psycopg prepares a statement run five times, on one session)."""
+    settings = connection_settings(timeout)
+    if pooled:
+        settings["prepare_threshold"] = None
     engine = create_engine(
         psycopg_url(url),
         pool_size=POOL_SIZE,
@@ -131,28 +154,26 @@ def postgres_engine(url: str, *, timeout: float = 5.0) -> Engine:
         pool_timeout=timeout,
         pool_pre_ping=True,  # a connection the server dropped is replaced, not used
         pool_recycle=1800,
-        connect_args={
-            "connect_timeout": max(1, round(timeout)),
-            "application_name": "treez-connector",
-            # a dead peer (a cut network) is noticed in seconds, not hours
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 3,
-            # data sent and not acknowledged (a network dropping packets): given up after
-            # this many ms, where the kernel's retransmissions would wait a quarter of an hour
-            "tcp_user_timeout": int(max(10.0, 2 * timeout) * 1000),
-        },
+        connect_args=settings,
     )
-    lock_timeout = f"SET lock_timeout = {max(1, round(timeout * 1000))}"
+    # as SQLite's busy timeout: a statement waiting for a lock (a table another session
+    # locked, a customer's advisory lock) fails after ``timeout`` (StoreUnavailable: the
+    # receiver answers 503) instead of holding a webhook's request without end
+    milliseconds = max(1, round(timeout * 1000))
+    if pooled:
+        set_local = f"SET LOCAL lock_timeout = {milliseconds}"
 
-    @event.listens_for(engine, "connect")
-    def _wait_no_longer_than_the_timeout(dbapi_connection: Any, _record: Any) -> None:
-        # as SQLite's busy timeout: a statement waiting for a lock (a table another session
-        # locked, a customer's advisory lock) fails after ``timeout`` (StoreUnavailable: the
-        # receiver answers 503) instead of holding a webhook's request without end
-        dbapi_connection.execute(lock_timeout)
-        dbapi_connection.commit()  # a SET in a rolled-back transaction would be undone
+        @event.listens_for(engine, "begin")
+        def _wait_no_longer_in_this_transaction(connection: Any) -> None:
+            connection.exec_driver_sql(set_local)
+
+    else:
+        lock_timeout = f"SET lock_timeout = {milliseconds}"
+
+        @event.listens_for(engine, "connect")
+        def _wait_no_longer_than_the_timeout(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.execute(lock_timeout)
+            dbapi_connection.commit()  # a SET in a rolled-back transaction would be undone
 
     # the pool's check of a connection before lending it, bounded: on a connection whose
     # server stopped answering (frozen, or behind a network that holds the bytes) the

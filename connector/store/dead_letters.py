@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from sqlalchemy import (
@@ -110,7 +109,7 @@ class DeadLettersSql(RunsSql):
             letters = conn.execute(query).all()
         replayed = superseded = unreplayable = 0
         for start in range(0, len(letters), REPLAY_CHUNK):
-            now = time.time()
+            now = self._now()  # due now by the clock claims read
             with self.transaction() as conn:
                 for row in letters[start : start + REPLAY_CHUNK]:
                     if row.outbox_id is None:

@@ -31,6 +31,8 @@ from connector.store.schema import (
     quarantine,
 )
 
+CONTENT_TYPE_LENGTH = 255  # quarantine.content_type: VARCHAR(255)
+
 
 class InboxSql(SqlBase):
     def add_events(self, events: Sequence[NewEvent], rejected: Sequence[Rejected] = ()) -> None:
@@ -53,7 +55,10 @@ class InboxSql(SqlBase):
                         "received_at": now,
                         "status_code": r.status_code,
                         "reason": r.reason,
-                        "content_type": r.content_type,
+                        # as the request sent it, cut to its column (PostgreSQL refuses more)
+                        "content_type": r.content_type[:CONTENT_TYPE_LENGTH]
+                        if r.content_type is not None
+                        else None,
                         "body": r.body,
                     }
                     for r in rejected

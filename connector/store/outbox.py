@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -54,7 +53,7 @@ class OutboxSql(PlanSql):
         is still pending, waiting for a retry, or in flight: a customer's operations go one at
         a time and in order, and a retry's wait holds up only that customer.
         """
-        now = time.time() if now is None else now
+        now = self._now() if now is None else now
         key = {"dispensary": dispensary, "destination": destination, "now": now}
         with self.transaction(durable=False) as conn:
             self._lock_queue(conn, dispensary, destination)
@@ -63,6 +62,7 @@ class OutboxSql(PlanSql):
                 rows += conn.execute(self._claim_due, {**key, "limit": limit - len(rows)})
             if not rows:
                 return []
+            offset = self._clock_offset
             conn.execute(
                 _CLAIM_MARK,
                 {"ids": [r.id for r in rows], "claimed_by": self.process_id,
@@ -78,7 +78,8 @@ class OutboxSql(PlanSql):
                 json.loads(r.payload),
                 r.idempotency_key,
                 r.attempts,
-                r.first_attempt_at if r.first_attempt_at is not None else now,
+                # in this host's time, as the worker reads it
+                (r.first_attempt_at if r.first_attempt_at is not None else now) - offset,
             )
             for r in rows
         ]
@@ -197,7 +198,8 @@ class OutboxSql(PlanSql):
 
         ``replaced``: by outbox id, the contact id a success's returned id replaces (the
         destination said it is gone: merged away on its side, deleted)."""
-        now = time.time()
+        now = self._now()
+        offset = self._clock_offset  # a retry's time is this host's; stored in the store's
         written = {
             str(row.body.get("into_customer_id") or row.customer_id)
             if row.op == "merge"
@@ -233,7 +235,7 @@ class OutboxSql(PlanSql):
             for row, at, error in retry:
                 _settle(
                     conn, (outbox.c.id == row.id) & mine, "pending",
-                    next_attempt_at=at, last_error=error[:2000],
+                    next_attempt_at=at + offset, last_error=error[:2000],
                 )  # fmt: skip
             for row, reason, status_code, response in dead:
                 mine_now = (outbox.c.id == row.id) & mine
@@ -399,7 +401,7 @@ class OutboxSql(PlanSql):
         operation of their customer do not count: they are not claimable when due)."""
         found = self._read(
             self._next_due,
-            {"dispensary": dispensary, "destination": destination, "now": time.time()},
+            {"dispensary": dispensary, "destination": destination, "now": self._now()},
         )
         value = found[0][0] if found else None
-        return None if value is None else float(value)
+        return None if value is None else float(value) - self._clock_offset  # this host's time

@@ -138,7 +138,7 @@ class PlanSql(InboxSql):
         """Add operations; one whose idempotency key is already queued is skipped."""
         if not operations:
             return 0
-        now = time.time()
+        now = self._now()  # due now by the clock claims read
         keys = [op.idempotency_key for op in operations]
         taken = {
             (row.destination, row.idempotency_key)

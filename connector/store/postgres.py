@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import Connection, bindparam, select, text
 
-from connector.store._engine import postgres_engine
+from connector.store._engine import connection_settings, postgres_engine
 from connector.store._statements import _PENDING_EVENTS, claim_statements, first_of_customer
 from connector.store.abc import InboxRow
 from connector.store.admin import AdminSql
@@ -40,7 +40,13 @@ from connector.store.schema import inbox, outbox
 log = logging.getLogger("connector.store.postgres")
 
 STOP_POLL_SECONDS = 0.1  # the listener thread checks for stop() so often
+# a host's clock within this of the database's is used as it is: leases and claims have 15 s
+# and more to spare, and a correction measured across a network's round trip is no better
+CLOCK_TOLERANCE_SECONDS = 1.0
+_DATABASE_TIME = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
 CHANNELS = {"inbox": "connector_inbox", "outbox": "connector_outbox"}
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (the transaction fails with it)
+NOTIFY_PAYLOAD_LIMIT = 7999
 
 
 def customer_key(dispensary: str, customer_id: str) -> int:
@@ -79,14 +85,28 @@ class PostgresStore(AdminSql):
     _next_due = _NEXT_DUE_PG
 
     def __init__(self, url: str, *, timeout: float = 5.0, listen: bool = True) -> None:
-        super().__init__(url, postgres_engine(url, timeout=timeout), timeout=timeout)
+        # polling only is how the store runs behind PgBouncer in transaction mode (README)
+        engine = postgres_engine(url, timeout=timeout, pooled=not listen)
+        super().__init__(url, engine, timeout=timeout)
         self.listen = listen
         self._listener: _Listener | None = None
         try:
             self.open()
+            with self.snapshot() as conn:
+                self._sync_clock(conn)
         except BaseException:
             self.engine.dispose()  # a refused store (a newer schema) keeps no server connection
             raise
+
+    def _sync_clock(self, conn: Connection) -> None:
+        # replicas on several hosts: a lease or claim one writes by its clock, another judges
+        # by its own; with a clock a minute ahead a replica took live leases and claims. All
+        # of them read the database's clock instead (measured at open and every heartbeat)
+        before = time.time()
+        database = float(conn.exec_driver_sql(_DATABASE_TIME).scalar_one())
+        after = time.time()
+        offset = database - (before + after) / 2
+        self._clock_offset = offset if abs(offset) >= CLOCK_TOLERANCE_SECONDS else 0.0
 
     def _started_write(self, conn: Connection, durable: bool) -> None:
         if not durable:
@@ -97,12 +117,16 @@ class PostgresStore(AdminSql):
 
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         # delivered at commit, once per transaction for the same payload
+        if len(payload.encode()) > NOTIFY_PAYLOAD_LIMIT:
+            # a batch over a few hundred destinations: it would fail to commit, at every
+            # try, and planning would stop; an empty payload wakes every worker instead
+            payload = ""
         conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNELS[channel], "p": payload})
 
     def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
         super().on_commit(channel, callback)
         if self.listen and self._listener is None:
-            self._listener = _Listener(self.engine.url, self._listeners)
+            self._listener = _Listener(self.engine.url, self._listeners, self.timeout)
             self._listener.start()
 
     def close(self) -> None:
@@ -151,8 +175,13 @@ class _Listener:
     """A thread with its own connection that ``LISTEN``\\s on the store's channels and calls
     the callbacks registered for them; reconnects with a backoff when the database goes."""
 
-    def __init__(self, url: Any, callbacks: dict[str, list[Callable[[str], None]]]) -> None:
+    def __init__(
+        self, url: Any, callbacks: dict[str, list[Callable[[str], None]]], timeout: float = 5.0
+    ) -> None:
         self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # the pool's keepalives and TCP timeout: a connection that only ever reads, on a
+        # network that drops it silently, would otherwise wait for notifications for good
+        self.settings = connection_settings(timeout)
         self.callbacks = callbacks
         self.connected = False
         self._stop = threading.Event()
@@ -170,7 +199,7 @@ class _Listener:
         delay = 0.5
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(self.dsn, autocommit=True, **self.settings) as conn:
                     for channel in CHANNELS.values():
                         conn.execute(f"LISTEN {channel}")
                     self.connected, delay = True, 0.5

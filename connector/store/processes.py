@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from typing import Any
 
 from sqlalchemy import (
@@ -34,9 +33,10 @@ class ProcessesSql(DeadLettersSql):
         Gone: a process on this host whose pid no longer runs (released at once), or any
         process whose heartbeat is older than a claim's lifetime. Returns operations released.
         """
-        now = time.time()
         host = socket.gethostname()
         with self.transaction(durable=False) as conn:
+            self._sync_clock(conn)
+            now = self._now()
             gone = []
             for row in conn.execute(select(processes)):
                 stale = row.heartbeat_at < now - CLAIM_SECONDS
@@ -61,8 +61,9 @@ class ProcessesSql(DeadLettersSql):
 
     def heartbeat(self) -> None:
         """Keep this process known and renew the claims and leases it holds."""
-        now = time.time()
         with self.transaction(durable=False) as conn:
+            self._sync_clock(conn)
+            now = self._now()
             conn.execute(
                 update(processes).where(processes.c.id == self.process_id).values(heartbeat_at=now)
             )
@@ -93,7 +94,7 @@ class ProcessesSql(DeadLettersSql):
     def acquire(self, name: str, holder: str, ttl: float) -> bool:
         """Take ``name`` for ``holder`` until ``ttl`` seconds from now, unless another holder
         has it and has renewed it in time."""
-        now = time.time()
+        now = self._now()
         try:
             with self.transaction(durable=False) as conn:
                 taken = conn.execute(
@@ -119,7 +120,7 @@ class ProcessesSql(DeadLettersSql):
                 conn.execute(
                     update(locks)
                     .where(locks.c.name == name, locks.c.holder == holder)
-                    .values(expires_at=time.time() + ttl)
+                    .values(expires_at=self._now() + ttl)
                 ).rowcount
             )
 

@@ -52,7 +52,12 @@ class SqliteStore(AdminSql):
     def _gone_here(self, row: Any, host: str) -> bool:
         import socket
 
-        return bool(row.host == host == socket.gethostname() and not _pid_alive(row.pid))
+        if not row.host == host == socket.gethostname():
+            return False
+        # its pid runs no more, or runs a process started after it registered: a container
+        # restarted gives its entry point the pid (and host name) its predecessor had, which
+        # held the destinations' leases until they lapsed
+        return not _pid_alive(row.pid) or _pid_started_after(row.pid, float(row.started_at))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -70,6 +75,24 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc (macOS): trust the signal
     return state != ["Z"]
+
+
+PID_START_SLACK = 2.0  # /proc gives a start time within a second or so (boot time in seconds)
+
+
+def _pid_started_after(pid: int, moment: float) -> bool:
+    """Whether the process running as ``pid`` started after ``moment`` (seconds since the
+    epoch): a process registered at ``moment`` with that pid is another one, gone (the pid
+    was used again). False when it cannot be told (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        with open("/proc/stat", encoding="ascii", errors="replace") as system:
+            boot = next(float(line.split()[1]) for line in system if line.startswith("btime "))
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return started > moment + PID_START_SLACK
 
 
 def _inbox_row(event: NewEvent, now: float) -> tuple[Any, ...]:
