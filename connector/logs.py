@@ -170,10 +170,18 @@ MAX_VALUE_CHARS: Final = 300
 TRUSTED_STDLIB_LOGGERS: Final[tuple[str, ...]] = ("uvicorn", "apscheduler")
 """Stdlib loggers (and their children) whose ``%`` arguments are kept in the message."""
 
-_QUIET_LOGGERS: Final[tuple[str, ...]] = ("uvicorn.access", "httpx", "httpcore", "sqlalchemy")
+_QUIET_LOGGERS: Final[tuple[str, ...]] = (
+    "uvicorn.access",
+    "httpx",
+    "httpcore",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+)
 """Loggers held at warning or above: uvicorn.access is replaced by our own request line;
 httpx logs whole URLs (a webhook URL's path or query is often a secret); SQLAlchemy logs
-every statement and its parameters at INFO whenever the root logger is at INFO."""
+every statement and its parameters at INFO whenever the root logger is at INFO; Alembic
+logs "setup plugin" lines at every start."""
 
 _UVICORN_LOGGERS: Final[tuple[str, ...]] = ("uvicorn", "uvicorn.error", "uvicorn.access")
 _HANDLER_MARK: Final = "_connector_logs_handler"

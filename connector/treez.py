@@ -91,14 +91,22 @@ def _opt_out(value: Any) -> bool | None:
     raise ValueError('must be true or false (a boolean, or the text "true" or "false")')
 
 
+MAX_ID_CHARS = 128  # the store keeps ids in columns of this width (PostgreSQL enforces it)
+
+
 def _id(value: Any) -> str:
     if isinstance(value, str):
         text = value.strip()
-        if text:
-            return text
-        raise ValueError("must not be empty")
+        if not text:
+            raise ValueError("must not be empty")
+        if len(text) > MAX_ID_CHARS:
+            raise ValueError(f"must be an id of at most {MAX_ID_CHARS} characters")
+        return text
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        text = str(value)
+        if len(text) > MAX_ID_CHARS:
+            raise ValueError(f"must be an id of at most {MAX_ID_CHARS} characters")
+        return text
     raise ValueError("must be an id (text or a whole number)")
 
 

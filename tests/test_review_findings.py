@@ -312,15 +312,6 @@ def test_names_longer_than_the_store_takes_are_refused(
         load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review J, not fixed (connector/treez.py is outside this review's files): a customer "
-        "id longer than the store's VARCHAR(128) is accepted; on PostgreSQL its insert fails "
-        "the whole group commit (every request of the batch answers 503) at each of Treez's "
-        "retries. The receiver should refuse it (422, quarantined)"
-    ),
-)
 def test_a_customer_id_longer_than_the_store_takes_is_refused_by_the_receiver() -> None:
     import json
 
