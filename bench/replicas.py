@@ -53,9 +53,7 @@ from bench._common import (
 from bench.pipeline import AttemptsTail
 
 DISPENSARY = "partnersandbox3"
-POSTGRES = os.environ.get(
-    "CONNECTOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+POSTGRES = os.environ.get("CONNECTOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @dataclass(slots=True)

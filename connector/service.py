@@ -209,10 +209,9 @@ class Service:
         # default 5 ms switch interval the event loop would wait up to 5 ms for it behind the
         # CPU-bound planning thread (a convoy); 0.5 ms keeps the receiver responsive. The
         # receiver alone goes further: its commit thread takes the lock back from a busy
-        # event loop once a commit (InboxWriter), and waits up to an interval for it. At
-        # 0.5 ms and above the webhooks' p99 rose from 9 to 45 ms; at 0.1 ms the forced
-        # switches cost the loop 10-15 us of CPU a request (bench/ingest.py, durable route:
-        # 12,300 req/s at 0.05 ms, 13,100 at 0.2 ms, 13,000 at 0.3 ms, 12,600 at 0.5 ms).
+        # event loop once a commit (InboxWriter), and waits up to an interval for it: a
+        # longer interval raised the webhooks' p99, a shorter one cost the loop CPU in forced
+        # switches (bench/ingest.py measures both).
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(RECEIVER_SWITCH_SECONDS if self.role == "receiver" else 0.0005)
         store = self.astore.store

@@ -117,11 +117,10 @@ def _other(kind: str) -> str:
     return "postgresql" if kind == "sqlite" else "sqlite"
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh database ``connector_test_<random>`` on the local server for this session,
-    dropped at its end: its URL. (A server that is down at collection is handled in
-    :func:`pytest_collection_modifyitems`; one that goes away later fails, with CI, or skips.)"""
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A fresh database ``<prefix>_<random>`` on the test server (:data:`PG_SERVER`), dropped
+    after: its URL. An unreachable server skips the test, or fails it when ``CI`` is set."""
     try:
         admin = psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=3)
     except psycopg.Error as exc:
@@ -129,13 +128,22 @@ def pg_database() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(f"CI is set and there is {reason}")
         pytest.skip(reason)
-    name = f"connector_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
             yield f"{PG_SERVER}/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh database ``connector_test_<random>`` on the local server for this session,
+    dropped at its end: its URL. (A server that is down at collection is handled in
+    :func:`pytest_collection_modifyitems`; one that goes away later fails, with CI, or skips.)"""
+    with fresh_database("connector_test") as url:
+        yield url
 
 
 @pytest.fixture

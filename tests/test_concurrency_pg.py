@@ -14,8 +14,8 @@ raced from threads, each replica a :class:`PostgresStore` of its own (its own en
 - Claims of two stores never hold one operation twice nor two of one customer at once.
 - Leases: at most one holder; an expired holder loses it; ``release_claims`` frees it.
 
-PostgreSQL only: ``CONCUR_PG_URL`` (default the local server's ``postgres`` database) names a
-server where a fresh database is created for the session and dropped after. Skipped when the
+PostgreSQL only: on the test server (``CONNECTOR_TEST_PG``, conftest) a fresh database is
+created for the module and dropped after. Skipped when the
 server is unreachable, unless ``CI`` is set. ``CONCUR_EXAMPLES`` (default 25) sets how many
 histories the planning property tries: raise it for a longer hunt.
 """
@@ -28,7 +28,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import fresh_database
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_alpineiq import API_KEY, UID
@@ -64,7 +64,6 @@ from connector.store.sqlite import SqliteStore
 
 psycopg = pytest.importorskip("psycopg")
 
-ADMIN_URL = os.environ.get("CONCUR_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 EXAMPLES = int(os.environ.get("CONCUR_EXAMPLES", "25"))
 DESTINATIONS = ("aiq", "kl")
 SECOND = "zz-second"  # a second dispensary, after the seed's in name order
@@ -79,19 +78,8 @@ REPLANS: Counter[str] = Counter()
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
     """A fresh database on the server, dropped after the module."""
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL unreachable at CONCUR_PG_URL ({exc.__class__.__name__})")
-    name = f"h_concur_{uuid.uuid4().hex[:10]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield str(sa.make_url(ADMIN_URL).set(database=name))
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("h_concur") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,7 +3,7 @@ hangs and restores. The receiver answers 503 with ``Retry-After`` (never a 500, 
 without a commit), ``/readyz`` says why, the loops back off, and everything resumes without a
 restart when the database comes back.
 
-PostgreSQL only (127.0.0.1:5432, or ``OUTAGE_PG_URL``): skipped when it is unreachable, unless
+PostgreSQL only (127.0.0.1:5432, or ``CONNECTOR_TEST_PG``): skipped when it is unreachable, unless
 ``CI`` is set. Each test works in a fresh database of its own, dropped after.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import PG_SERVER
 from fakes.http_sink import read_record, unique_ops
 from fakes.treez_api import TreezFake
 from proxy import TcpProxy
@@ -52,7 +53,7 @@ from connector.store import AsyncStore, NewEvent, open_store
 
 psycopg = pytest.importorskip("psycopg")
 
-ADMIN_URL = os.environ.get("OUTAGE_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = f"{PG_SERVER}/postgres"
 STORE_TIMEOUT = 2.0
 __all__ = ["procs"]  # the fixture, imported for its tests
 

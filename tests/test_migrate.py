@@ -4,13 +4,11 @@ and ``connector migrate`` applies or prints the upgrade."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from click.testing import CliRunner, Result
+from conftest import fresh_database
 from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from connector.cli import main
@@ -27,27 +26,13 @@ from connector.store import NewEvent, open_store
 from connector.store._engine import postgres_engine as pg_engine
 from connector.store._engine import sqlite_engine
 from connector.store.migrate import Migrated, ensure_current, head
+from connector.store.migrations.versions.r0001_baseline import TABLES
 from connector.store.schema import metadata
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 AB3E061_STORE = DATA / "store_ab3e061.sqlite"  # made by data/make_store_ab3e061.py
 V1_DDL = DATA / "schema_v1_sqlite.sql"
-PG_SERVER = os.environ.get("CONNECTOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
-TABLES = (
-    "connector_meta",
-    "inbox",
-    "quarantine",
-    "customers",
-    "contacts",
-    "conflicts",
-    "outbox",
-    "dead_letters",
-    "processes",
-    "reconcile_runs",
-    "checkpoints",
-    "locks",
-)
 
 
 def counts(path: Path) -> dict[str, int]:
@@ -322,22 +307,8 @@ def test_migrate_errors_are_one_line(tmp_path: Path) -> None:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A new empty database on the test server, dropped afterwards."""
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    name = f"h_alembic_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name}"))
-    except Exception as exc:
-        admin.dispose()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no PostgreSQL server at {PG_SERVER} ({exc.__class__.__name__})")
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    with fresh_database("h_alembic") as url:
+        yield url
 
 
 def test_an_empty_postgresql_database_gets_the_schema(pg_url: str) -> None:

@@ -6,7 +6,7 @@ nothing may rely on process ids being unique on one host (both receivers are pid
 otherwise in its own session. ``kill -9`` of a replica kills its whole process tree (the
 receiver and its pipeline process), as a lost host would.
 
-PostgreSQL only: the tests skip when the server (``CONNECTOR_TEST_POSTGRES``, default the
+PostgreSQL only: the tests skip when the server (``CONNECTOR_TEST_PG``, default the
 local one) is unreachable, unless ``CI`` is set. Each test uses a fresh database, dropped after.
 """
 
@@ -25,17 +25,16 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import yaml
+from conftest import fresh_database
 from fakes.http_sink import Attempt, HttpSink
 from fakes.treez_api import TreezFake, serve
 
@@ -48,9 +47,6 @@ DISPENSARY = "partnersandbox3"
 TOKEN = "replicas-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 LEASE = f"deliver:{DISPENSARY}/sink"
-ADMIN_URL = os.environ.get(
-    "CONNECTOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 BASE = datetime(2026, 4, 24, 18, 0, 0, tzinfo=UTC)
 
 
@@ -60,19 +56,8 @@ BASE = datetime(2026, 4, 24, 18, 0, 0, tzinfo=UTC)
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh database on the test server, dropped after the test."""
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL unreachable at {urlsplit(ADMIN_URL).netloc}: {exc}".strip())
-    name = f"h_replicas_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield urlsplit(ADMIN_URL)._replace(path=f"/{name}").geturl()
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("h_replicas") as url:
+        yield url
 
 
 def query(url: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -7,7 +7,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -146,7 +146,7 @@ def test_the_listener_connects_with_the_pools_keepalives(
     monkeypatch.setattr(postgres.psycopg, "connect", connect)
     try:
         store.on_commit("inbox", lambda _payload: None)
-        assert postgres.wait_until(lambda: bool(seen), 10.0)
+        assert wait_until(lambda: bool(seen), 10.0)
     finally:
         store.close()
     assert seen[0].get("keepalives") == 1
@@ -250,7 +250,6 @@ def test_a_batch_touching_many_destinations_still_commits_and_wakes_them(store_u
     heard: list[str] = []
     try:
         store.on_commit("outbox", heard.append)
-        from connector.store.postgres import wait_until
 
         assert wait_until(lambda: store.listening, 10.0)
         heard.clear()
@@ -324,3 +323,12 @@ def test_a_customer_id_longer_than_the_store_takes_is_refused_by_the_receiver() 
     }
     with pytest.raises(EventValidationError):
         check_event_json(json.dumps(body))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

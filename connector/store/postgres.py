@@ -222,12 +222,3 @@ class _Listener:
             for callback in callbacks:
                 with contextlib.suppress(Exception):
                     callback("")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
