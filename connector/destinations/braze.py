@@ -1,0 +1,514 @@
+"""The ``braze`` destination: Braze's REST API (``Authorization: Bearer``, one REST endpoint
+per instance, such as ``https://rest.iad-01.braze.com``).
+
+The contact id is Braze's ``external_id``, which is ours: the mapping's ``external_id``
+(``treez-{dispensary}-{customer_id}``). The identity map records it; once recorded it keys
+every call (a changed template never re-keys a profile).
+
+- **upsert**: ``POST /users/track``, one attributes object per operation, all the operations
+  of a batch in one call (``objects_per_request``, 75 by default, 50 on newer plans). The
+  mapped attributes go as they are, less what only the connector may say (``email_subscribe``,
+  ``subscription_groups``, ``push_subscribe``, identifiers other than ``external_id``).
+  Braze answers 201 ``success`` with non-fatal ``errors[]`` naming refused objects by index:
+  each is that operation's failure (dead-lettered), the others succeed.
+- **consent**: Braze creates a profile ``email_subscribe: subscribed``. An upsert whose mapped
+  ``opt_out_attribute`` (``treez_opt_out``, the planner's consent view) is true carries
+  ``email_subscribe: unsubscribed`` in the same object, so a customer opted out when first
+  sent is never subscribed for a moment; otherwise Braze's default stands and the connector
+  never sends ``opted_in``. **unsubscribe**: ``email_subscribe: unsubscribed`` through
+  ``/users/track`` (which creates the profile unsubscribed if it does not exist yet), then
+  ``POST /v2/subscription/status/set`` ``unsubscribed`` for the configured SMS (and e-mail)
+  subscription groups, by external id (SMS has no global state in Braze). **subscribe**
+  (planned only under ``resubscribe: on_source_opt_in``): ``email_subscribe: subscribed``
+  (Braze's default state, never ``opted_in``) and the configured groups joined; it never
+  creates a profile.
+- **merge**: ``POST /users/merge`` (up to 50 a request): the absorbed customer's external id
+  into the final survivor's (the worker resolves it). Braze applies merges later, in no
+  guaranteed order; afterwards the absorbed external id names no profile, and a track call
+  with it would create a new one. So every operation for a contact the identity map now
+  gives to another customer (the customer was merged away: a late or replayed operation)
+  goes ``_update_existing_only``: it updates the profile while the merge has not landed, and
+  creates nothing once it has.
+- **deactivate**: the custom attribute ``status_attribute`` (``treez_status``) set to
+  ``DEACTIVATED``, update-only (a deactivation never creates a profile); the next upsert maps
+  it again.
+- **backfill**: ``/users/track`` in batches of ``objects_per_request``.
+- **pacing**: ``/users/track`` 3,000 requests per 3 s; ``/users/merge`` (with delete,
+  identify, alias) 20,000 per minute; subscription status 5,000 per minute, counted for
+  every sink of one API key. A 429 carries ``X-RateLimit-Reset`` (epoch seconds) and no
+  ``Retry-After``: the call raises :class:`~connector.errors.QuotaPause` until that time (the
+  worker pauses the destination and counts no attempt).
+
+Error messages name Braze's status, the refused object's index and Braze's error text only
+when it cannot echo what was sent (no ``@``, no run of digits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
+
+from connector.config_base import DestinationConfig, Rate, secret_set
+from connector.delivery._http import json_or_none
+from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+from connector.delivery.ratelimit import SlidingWindowLimiter
+from connector.destinations._vendor import VendorClient, host_of
+from connector.errors import DeliveryError, FatalDelivery, QuotaPause, RetriableDelivery
+
+OBJECTS_PER_REQUEST = 75  # /users/track: 75 attributes objects (50 combined on newer plans)
+MERGES_PER_REQUEST = 50
+IDS_PER_GROUP_ENTRY = 50  # /v2/subscription/status/set: external_ids per entry
+TRACK_LIMITS = (Rate(3_000, 3.0),)
+USERS_LIMITS = (Rate(20_000, 60.0),)  # merge, delete, identify, alias: shared
+SUBSCRIPTION_LIMITS = (Rate(5_000, 60.0),)
+# what only the connector may say (consent), or that would address another profile
+RESERVED = frozenset(
+    {
+        "external_id",
+        "braze_id",
+        "user_alias",
+        "email_subscribe",
+        "push_subscribe",
+        "subscription_groups",
+        "_update_existing_only",
+        "push_token_import",
+    }
+)
+_UNSAFE = re.compile(r"@|\d{4,}")
+# Braze counts its limits per workspace: every sink of one REST key (several stores of an
+# operator) shares these, keyed by a digest of the key and the endpoint
+_ACCOUNT_LIMITERS: weakref.WeakValueDictionary[tuple[str, str, int], SlidingWindowLimiter] = (
+    weakref.WeakValueDictionary()
+)
+# the identity map's answer, bound by the worker: (contact id, conflict kind) -> the
+# customers of this dispensary linked to that contact (resolved through Treez merges)
+Claims = Callable[[str | None, str | None], Awaitable[tuple[list[str], list[tuple[str, str]]]]]
+
+
+class BrazeDestination(DestinationConfig):
+    """Braze: ``/users/track`` upserts and e-mail consent, subscription groups for SMS,
+    ``/users/merge``; each endpoint paced to its documented limits."""
+
+    type: Literal["braze"]
+    api_key: SecretStr
+    rest_endpoint: HttpUrl  # the instance's REST endpoint, e.g. https://rest.iad-01.braze.com
+    objects_per_request: int = Field(default=OBJECTS_PER_REQUEST, ge=1, le=OBJECTS_PER_REQUEST)
+    sms_subscription_groups: tuple[
+        str, ...
+    ] = ()  # unsubscribed on opt-out (SMS has no global state)
+    email_subscription_groups: tuple[str, ...] = ()  # unsubscribed on opt-out too, when set
+    opt_out_attribute: str = "treez_opt_out"  # the mapped attribute carrying the opt-out
+    status_attribute: str = "treez_status"  # the custom attribute a deactivation sets
+    pace: bool = True  # per-endpoint pacing from Braze's documented limits
+    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+
+    _key = field_validator("api_key")(secret_set)
+
+    @field_validator("sms_subscription_groups", "email_subscription_groups")
+    @classmethod
+    def _groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not group.strip() for group in value):
+            raise ValueError("a subscription group id must not be empty")
+        return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _batch(self) -> BrazeDestination:
+        if "batch_size" in self.model_fields_set and self.batch_size > self.objects_per_request:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must not exceed objects_per_request "
+                f"({self.objects_per_request}): a batch is one /users/track call"
+            )
+        return self
+
+
+def describe_error(data: Any) -> str:
+    """Braze's ``message`` of an error body, when it cannot echo a customer's value."""
+    if not isinstance(data, dict):
+        return ""
+    return _safe(data.get("message"))
+
+
+def _safe(text: Any) -> str:
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    text = text.strip()[:160]
+    return "(text withheld: it may quote what was sent)" if _UNSAFE.search(text) else text
+
+
+@dataclass(slots=True)
+class _Track:
+    """The /users/track objects of one send and the deliveries they stand for."""
+
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # delivery index of each object
+
+
+class BrazeSink:
+    kind = "braze"
+
+    def __init__(
+        self,
+        config: BrazeDestination,
+        client: httpx.AsyncClient | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.capabilities = self.capabilities_for(config)
+        self.rate_limit: tuple[Rate, ...] = config.rate_limit  # the worker's; off by default
+        limits: dict[str, Sequence[Rate]] = (
+            {"track": TRACK_LIMITS, "users": USERS_LIMITS, "subscription": SUBSCRIPTION_LIMITS}
+            if config.pace
+            else {}
+        )
+        secret = config.api_key.get_secret_value()
+        account = hashlib.sha256(f"{secret}\0{config.rest_endpoint}".encode()).hexdigest()[:16]
+        self.api = VendorClient(
+            str(config.rest_endpoint),
+            {
+                "authorization": f"Bearer {secret}",
+                "content-type": "application/json",
+                "accept": "application/json",
+            },
+            timeout=config.timeout_seconds,
+            limits=limits,
+            describe=describe_error,
+            client=client,
+            clock=clock,
+            max_connections=config.concurrency,
+            shared={
+                family: _account_limiter((account, family, id(clock)), tuple(rates), clock)
+                for family, rates in limits.items()
+            },
+        )
+        self._wall = wall
+        self._claims: Claims | None = None
+
+    @staticmethod
+    def capabilities_for(config: BrazeDestination) -> Capabilities:
+        batch = (
+            config.batch_size
+            if "batch_size" in config.model_fields_set
+            else config.objects_per_request
+        )
+        return Capabilities(
+            batch_size=batch,
+            native_merge=True,
+            channels=("email", "sms"),
+            matches_on=("external_id",),
+            consent_needs_fields=True,  # an opt-out before any upsert needs the external id
+            bulk_size=config.objects_per_request,
+            can_lookup=False,
+            bulk_for_backlog=True,  # /users/track answers at once and the ids are ours
+            default_rate_limit=TRACK_LIMITS,
+        )
+
+    def __repr__(self) -> str:
+        return f"BrazeSink(name={self.name!r})"  # never the key
+
+    @property
+    def batch_size(self) -> int:
+        return self.capabilities.batch_size
+
+    def bind_identity_map(self, claims: Claims) -> None:
+        """The identity map's answers (the worker binds them): who a contact belongs to now,
+        so that an operation of a customer merged away never recreates its profile."""
+        self._claims = claims
+
+    # --- the port ---------------------------------------------------------------------------
+
+    async def send(self, deliveries: list[Delivery]) -> list[Result]:
+        """Every track object of the batch in one ``/users/track`` call (the batch is at most
+        ``objects_per_request``), then the subscription groups of the consent changes that
+        went through, then the merges. A 429 anywhere raises :class:`QuotaPause`."""
+        results: list[Result | None] = [None] * len(deliveries)
+        track = _Track()
+        merges: list[int] = []
+        for index, delivery in enumerate(deliveries):
+            try:
+                if delivery.op == "merge":
+                    results[index] = self._merge_shortcut(delivery)
+                    if results[index] is None:
+                        merges.append(index)
+                    continue
+                done, item = await self._object(delivery)
+            except DeliveryError as exc:
+                results[index] = exc
+                continue
+            results[index] = done
+            if item is not None:
+                track.objects.append(item)
+                track.owners.append(index)
+        size = self.config.objects_per_request
+        for start in range(0, len(track.objects), size):
+            await self._track(
+                track.objects[start : start + size], track.owners[start : start + size], results
+            )
+        await self._groups(deliveries, results)
+        for start in range(0, len(merges), MERGES_PER_REQUEST):
+            chunk = merges[start : start + MERGES_PER_REQUEST]
+            await self._merge([deliveries[i] for i in chunk], chunk, results)
+        return [r if r is not None else Sent() for r in results]
+
+    async def backfill(self, deliveries: list[Delivery]) -> list[Result]:
+        """The bulk path is ``/users/track`` itself: ``objects_per_request`` operations a
+        call (a deep backlog hands over more than a batch)."""
+        results: list[Result] = []
+        size = self.config.objects_per_request
+        for start in range(0, len(deliveries), size):
+            results += await self.send(deliveries[start : start + size])
+        return results
+
+    async def lookup(self, contact_id: str) -> dict[str, Any] | None:
+        return None  # can_lookup is False: Braze's export endpoints are not used
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+
+    # --- track objects --------------------------------------------------------------------
+
+    async def _object(self, delivery: Delivery) -> tuple[Result, dict[str, Any] | None]:
+        """The operation's /users/track object (None: nothing to send) and its result should
+        the object be accepted."""
+        op = delivery.op
+        key = delivery.contact_id or _text(delivery.fields.get("external_id"))
+        if key is None:
+            if op == "deactivate":
+                return Sent(), None  # never reached Braze
+            if op == "upsert":
+                raise FatalDelivery(
+                    "upsert: the mapping gives no external_id (Braze's contact id is the "
+                    "mapping's external_id, e.g. {template: 'treez-{dispensary}-{customer_id}'})"
+                )
+            # an opt-out owed before any upsert was delivered, carrying no mapped contact:
+            # wait for the upsert, never drop the opt-out
+            raise RetriableDelivery(
+                f"{op}: the customer's Braze external id is not known yet (its upsert has not "
+                "been delivered); trying again"
+            )
+        gone = await self._merged_away(delivery, key)
+        item: dict[str, Any] = {"external_id": key}
+        if gone or op in ("deactivate", "subscribe"):
+            item["_update_existing_only"] = True  # never create a profile for these
+        fields = delivery.fields
+        if op == "upsert":
+            item.update({k: v for k, v in fields.items() if k not in RESERVED})
+            if fields.get(self.config.opt_out_attribute) is True:
+                item["email_subscribe"] = "unsubscribed"
+        elif op == "unsubscribe":
+            for name in ("email", "phone"):  # a profile this call creates holds them
+                if _text(fields.get(name)) and delivery.contact_id is None:
+                    item[name] = fields[name]
+            if "email" in _channels(delivery):
+                item["email_subscribe"] = "unsubscribed"
+        elif op == "subscribe":
+            if gone:
+                detail = (
+                    f"shared_contact: external id {key} now belongs to another customer "
+                    "(merged away); not subscribed"
+                )
+                return Sent(key, detail), None
+            if "email" in _channels(delivery):
+                item["email_subscribe"] = "subscribed"
+        elif op == "deactivate":
+            item[self.config.status_attribute] = "DEACTIVATED"
+        else:
+            raise FatalDelivery(f"unknown operation {op!r}")
+        if len(item) == 1 + ("_update_existing_only" in item):
+            return Sent(key), None  # nothing to say through track (an SMS-only change)
+        return Sent(key), item
+
+    async def _merged_away(self, delivery: Delivery, key: str) -> bool:
+        """Whether the identity map gives the contact to another customer now: this
+        customer was merged away (the profile is, or will be, merged on Braze's side)."""
+        if self._claims is None or delivery.contact_id is None:
+            return False
+        owners, _ = await self._claims(key, None)
+        return bool(owners) and delivery.customer_id not in owners
+
+    async def _track(
+        self, objects: list[dict[str, Any]], owners: list[int], results: list[Result | None]
+    ) -> None:
+        try:
+            response = await self._post("/users/track", "track", {"attributes": objects})
+        except QuotaPause:
+            raise
+        except DeliveryError as exc:  # the call as a whole: each of its operations
+            for index in owners:
+                results[index] = exc
+            return
+        data = json_or_none(response)
+        errors = data.get("errors") if isinstance(data, dict) else None
+        for error in errors if isinstance(errors, list) else []:
+            if not isinstance(error, dict):
+                continue
+            at = error.get("index")
+            if error.get("input_array") != "attributes" or not isinstance(at, int):
+                continue
+            if 0 <= at < len(owners):
+                what = _safe(error.get("type")) or "refused"
+                results[owners[at]] = FatalDelivery(
+                    f"Braze refused the /users/track object attributes[{at}]: {what}",
+                    status_code=response.status_code,
+                    body=response.text[:4096],
+                )
+
+    async def _groups(self, deliveries: list[Delivery], results: list[Result | None]) -> None:
+        """The configured subscription groups of the consent changes that went through:
+        one ``/v2/subscription/status/set`` call, 50 external ids per group entry."""
+        wanted: dict[tuple[str, str], list[int]] = {}
+        for index, delivery in enumerate(deliveries):
+            result = results[index]
+            if delivery.op not in ("unsubscribe", "subscribe") or not isinstance(result, Sent):
+                continue
+            if result.contact_id is None or (delivery.op == "subscribe" and result.conflict):
+                continue
+            state = "unsubscribed" if delivery.op == "unsubscribe" else "subscribed"
+            channels = _channels(delivery)
+            groups = [
+                *(self.config.sms_subscription_groups if "sms" in channels else ()),
+                *(self.config.email_subscription_groups if "email" in channels else ()),
+            ]
+            for group in groups:
+                wanted.setdefault((group, state), []).append(index)
+        if not wanted:
+            return
+        entries = []
+        involved: set[int] = set()
+        for (group, state), indexes in wanted.items():
+            ids = [str(_sent_id(results[i])) for i in indexes]
+            involved.update(indexes)
+            for start in range(0, len(ids), IDS_PER_GROUP_ENTRY):
+                entries.append(
+                    {
+                        "subscription_group_id": group,
+                        "subscription_state": state,
+                        "external_ids": ids[start : start + IDS_PER_GROUP_ENTRY],
+                    }
+                )
+        try:
+            await self._post(
+                "/v2/subscription/status/set", "subscription", {"subscription_groups": entries}
+            )
+        except QuotaPause:
+            raise
+        except DeliveryError as exc:
+            for index in involved:
+                results[index] = exc
+
+    # --- merges ---------------------------------------------------------------------------
+
+    def _merge_shortcut(self, delivery: Delivery) -> Result | None:
+        """A merge's result when there is nothing to send (None: it goes to Braze)."""
+        source = delivery.body.get("from_contact_id")
+        target = delivery.body.get("into_contact_id")
+        if source is None:  # the absorbed customer never reached Braze: nothing to merge
+            return Sent(None if target is None else str(target))
+        if target is None:
+            return RetriableDelivery(
+                "merge: the survivor's Braze external id is not known yet (its upsert has not "
+                "been delivered); trying again"
+            )
+        if source == target:
+            return Sent(str(target))
+        return None
+
+    async def _merge(
+        self, deliveries: list[Delivery], indexes: list[int], results: list[Result | None]
+    ) -> None:
+        updates = [
+            {
+                "identifier_to_merge": {"external_id": str(d.body["from_contact_id"])},
+                "identifier_to_keep": {"external_id": str(d.body["into_contact_id"])},
+            }
+            for d in deliveries
+        ]
+        try:
+            await self._post("/users/merge", "users", {"merge_updates": updates})
+        except QuotaPause:
+            raise
+        except DeliveryError as exc:
+            for index in indexes:
+                results[index] = exc
+            return
+        # accepted (202): Braze applies it later; the survivor's contact is the result
+        for index, delivery in zip(indexes, deliveries, strict=True):
+            results[index] = Sent(str(delivery.body["into_contact_id"]))
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    async def _post(self, path: str, family: str, body: dict[str, Any]) -> httpx.Response:
+        """POST; a 429 raises :class:`QuotaPause` until ``X-RateLimit-Reset``."""
+        response = await self.api.request(
+            "POST", path, family, body=body, ok_statuses=frozenset({429})
+        )
+        if response.status_code != 429:
+            return response
+        reset = _epoch(response.headers.get("x-ratelimit-reset"))
+        error = self.api.error(response)
+        if reset is None:
+            raise error  # no reset time: an ordinary retriable 429
+        raise QuotaPause(
+            f"HTTP 429 from {self.api.host} ({path}): Braze's rate limit is used up until "
+            f"{reset:.0f} (X-RateLimit-Reset)",
+            until=max(reset, self._wall()),
+            status_code=429,
+            body=response.text[:4096],
+        )
+
+
+def _channels(delivery: Delivery) -> set[str]:
+    return set(delivery.body.get("channels") or ("email", "sms"))
+
+
+def _sent_id(result: Result | None) -> str | None:
+    return result.contact_id if isinstance(result, Sent) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _epoch(value: str | None) -> float | None:
+    try:
+        found = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return found if found is not None and found > 0 else None
+
+
+def _account_limiter(
+    key: tuple[str, str, int], rates: tuple[Rate, ...], clock: Callable[[], float]
+) -> SlidingWindowLimiter:
+    found = _ACCOUNT_LIMITERS.get(key)
+    if found is None:
+        found = _ACCOUNT_LIMITERS[key] = SlidingWindowLimiter(rates, clock)
+    return found
+
+
+def _where(config: BrazeDestination) -> str:
+    groups = len(config.sms_subscription_groups) + len(config.email_subscription_groups)
+    return (
+        f"{host_of(config.rest_endpoint)}, {config.objects_per_request} objects a request, "
+        f"{groups} subscription group(s)"
+    )
+
+
+DESTINATION = DestinationType(
+    tag="braze",
+    config=BrazeDestination,
+    build=BrazeSink,
+    capabilities=BrazeSink.capabilities_for,
+    where=_where,
+    summary="Braze users (users/track, subscription groups, users/merge)",
+)
