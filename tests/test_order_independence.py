@@ -233,7 +233,43 @@ def klaviyo() -> Vendor:
     )
 
 
-VENDORS = {"alpineiq": alpineiq, "klaviyo": klaviyo}
+def braze() -> Vendor:
+    from fakes.braze import BrazeFake
+    from test_braze import BASE as BRAZE_BASE
+    from test_braze import SMS
+    from test_braze import flow_config as braze_config
+
+    from connector.destinations.braze import BrazeSink
+
+    # merges land at the next request or read (Braze applies them a little later)
+    fake = BrazeFake(subscription_groups=[SMS], merge_delay=0.0, rate_limits=False)
+    failing = Failing(fake.app, lambda status: json.dumps({"message": "injected"}).encode())
+
+    def consent(contact: str) -> str | None:
+        if fake.profile(contact) is None:
+            return None
+        states = fake.consent(contact)
+        if states["email"] == "unsubscribed" and states.get(SMS) == "unsubscribed":
+            return "out"
+        if states["email"] == "opted_in" or "subscribed" in (states.get(SMS),):
+            return "in"
+        return None  # Braze's default (subscribed): never told
+
+    return Vendor(
+        "braze",
+        "bz",
+        fake,
+        failing,
+        braze_config(DISPENSARY),
+        BrazeSink,
+        BRAZE_BASE,
+        lambda status, count: failing.pending.extend([status] * count),
+        consent,
+        lambda: fake.subscribes,
+    )
+
+
+VENDORS = {"alpineiq": alpineiq, "klaviyo": klaviyo, "braze": braze}
 
 
 async def run_order(
