@@ -22,6 +22,7 @@ from connector.config import (
     DispensaryConfig,
     load_config,
 )
+from connector.delivery.base import DestinationType
 from connector.destinations import DESTINATION_TYPES, where
 from connector.errors import ConnectorError, MappingError
 from connector.mapping import Mapping, load_mapping
@@ -468,3 +469,44 @@ def dlq_replay(
         f"replayed {done.replayed}, superseded {done.superseded}, "
         f"not replayable {done.unreplayable}"
     )
+
+
+# --- what a destination type needs set up on the vendor's side (`connector TAG setup`) ---
+
+
+def _setup_command(tag: str, kind: DestinationType[Any]) -> click.Group:
+    @click.group(name=tag, help=f"{kind.summary} (type: {tag}).")
+    def group() -> None:
+        pass
+
+    @group.command(name="setup", help=kind.setup_help or f"Prepare {tag} for the first sync.")
+    @config_option
+    @click.option("--dispensary", "-d", help="The dispensary (default: the only one).")
+    @click.option("--destination", "-t", help=f"The {tag} destination (default: the only one).")
+    def setup(config_file: Path, dispensary: str | None, destination: str | None) -> None:
+        import asyncio
+
+        config = _load(config_file)
+        name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
+        disp = config.dispensaries[name]
+        mine = [d.name for d in disp.destinations if d.type == tag]
+        if not mine:
+            _fail(f"dispensary {name} has no destination of type {tag}")
+        dest = disp.destination(_pick(mine, destination, f"{tag} destination", "--destination"))
+        if dest.type != tag:
+            _fail(f"destination {dest.name} is of type {dest.type}, not {tag}")
+        mapping = _load_mapping(dest.mapping)
+        assert kind.setup is not None
+        try:
+            lines = asyncio.run(kind.setup(dest, mapping))
+        except ConnectorError as exc:
+            _fail(f"{tag} setup of {name}/{dest.name} failed: {exc}")
+        for line in lines:
+            click.echo(line)
+
+    return group
+
+
+for _tag, _kind in DESTINATION_TYPES.items():
+    if _kind.setup is not None:
+        main.add_command(_setup_command(_tag, _kind))
