@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -912,5 +914,31 @@ def test_flow_a_profile_deleted_in_braze_comes_back_unsubscribed_when_opted_out(
             assert fake.email_history(me("1001")) == ["unsubscribed"]
             assert flow.contact_ids() == {(DISPENSARY, "bz", "1001"): me("1001")}
             assert fake.subscribes == []
+
+    asyncio.run(go())
+
+
+def test_flow_a_429_pauses_the_destination_until_brazes_reset_with_no_attempt_counted(
+    tmp_path: Path,
+) -> None:
+    """Braze's own 429 (fixed 3 s window of one request here): the worker pauses the whole
+    destination until ``X-RateLimit-Reset`` and then delivers, the pause costing no attempt."""
+    fake = BrazeFake(subscription_groups=[SMS], rate_limits={"track": (1, 3.0)})
+
+    async def go() -> None:
+        async with braze_flow(tmp_path, fake) as flow:
+            while time.time() % 3.0 > 0.2:  # start at the beginning of a window
+                await asyncio.sleep(0.02)
+            await flow.deliver(event_body("1001", 1, **PERSON))
+            await flow.deliver(event_body("1002", 1, email="jules@example.com"), timeout=10.0)
+            statuses = [c.status for c in fake.calls]
+            assert statuses == [201, 429, 201]
+            throttled = fake.calls[1]
+            assert throttled.response == {"message": "Rate Limit Exceeded"}
+            retried = fake.calls[2]
+            assert retried.at >= math.ceil(throttled.at / 3.0) * 3.0  # not before the reset
+            [row] = [r for r in flow.outbox() if r["customer_id"] == "1002"]
+            assert (row["status"], row["attempts"]) == ("done", 1)
+            assert flow.dead_letters() == []
 
     asyncio.run(go())
