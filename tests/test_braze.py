@@ -356,6 +356,18 @@ def test_fatal_and_retriable_answers_fail_every_operation_of_the_call(
     assert all(KEY not in str(r) for r in results)
 
 
+def test_an_auth_error_that_quotes_the_key_never_shows_it(
+    router: respx.MockRouter, mapping_dir: Path
+) -> None:
+    answer = httpx.Response(401, json={"message": f"Invalid API key: {KEY}"})
+    router.post(TRACK).mock(return_value=answer)
+    [result] = send(braze_config(mapping_dir), delivery("upsert", fields=fields_of()))
+    assert isinstance(result, FatalDelivery)
+    assert KEY not in str(result)
+    assert result.body is not None
+    assert KEY not in result.body
+
+
 def test_a_timeout_is_retriable(router: respx.MockRouter, mapping_dir: Path) -> None:
     router.post(TRACK).mock(side_effect=httpx.ReadTimeout("slow"))
     [result] = send(braze_config(mapping_dir), delivery("upsert", fields=fields_of()))

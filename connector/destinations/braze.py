@@ -449,22 +449,34 @@ class BrazeSink:
 
     async def _post(self, path: str, family: str, body: dict[str, Any]) -> httpx.Response:
         """POST; a 429 raises :class:`QuotaPause` until ``X-RateLimit-Reset``."""
-        response = await self.api.request(
-            "POST", path, family, body=body, ok_statuses=frozenset({429})
-        )
+        try:
+            response = await self.api.request(
+                "POST", path, family, body=body, ok_statuses=frozenset({429})
+            )
+        except DeliveryError as exc:
+            raise self._scrubbed(exc) from None
         if response.status_code != 429:
             return response
         reset = _epoch(response.headers.get("x-ratelimit-reset"))
-        error = self.api.error(response)
-        if reset is None:
-            raise error  # no reset time: an ordinary retriable 429
+        if reset is None:  # no reset time: an ordinary retriable 429
+            raise self._scrubbed(self.api.error(response))
         raise QuotaPause(
             f"HTTP 429 from {self.api.host} ({path}): Braze's rate limit is used up until "
             f"{reset:.0f} (X-RateLimit-Reset)",
             until=max(reset, self._wall()),
             status_code=429,
-            body=response.text[:4096],
+            body=self._scrub(response.text[:4096]),
         )
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the REST key (an auth error's body may quote the key sent)."""
+        return text.replace(self.config.api_key.get_secret_value(), "[key withheld]")
+
+    def _scrubbed(self, exc: DeliveryError) -> DeliveryError:
+        exc.args = tuple(self._scrub(a) if isinstance(a, str) else a for a in exc.args)
+        if exc.body is not None:
+            exc.body = self._scrub(exc.body)
+        return exc
 
 
 def _channels(delivery: Delivery) -> set[str]:
