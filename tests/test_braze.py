@@ -954,3 +954,36 @@ def test_flow_a_429_pauses_the_destination_until_brazes_reset_with_no_attempt_co
             assert flow.dead_letters() == []
 
     asyncio.run(go())
+
+
+def test_flow_a_replayed_opt_out_of_a_merged_away_customer_recreates_nothing(
+    tmp_path: Path, fake: BrazeFake
+) -> None:
+    """A gone id: the absorbed customer's opt-out was dead-lettered before the merge and is
+    replayed after Braze applied it. Sent as it was, it would create a new user under the
+    absorbed external id; it goes update-only, so nothing is created (the survivor got the
+    opt-out from the merge itself)."""
+
+    async def go() -> None:
+        async with braze_flow(tmp_path, fake) as flow:
+            await flow.deliver(event_body(ABSORBED, 1, **VINCENT), event_body(SURVIVOR, 1, **VEGA))
+            fake.fail_next(400, 2)
+            await flow.deliver(event_body(ABSORBED, 2, opt_out="true", **VINCENT))
+            assert {d["op"] for d in flow.dead_letters()} >= {"unsubscribe"}
+            for body in merge_pair(ABSORBED, SURVIVOR, 3, **VINCENT):
+                await flow.deliver(body)
+            fake.settle()
+            assert fake.profile(me(ABSORBED)) is None
+            assert fake.consent(me(SURVIVOR)) == {"email": "unsubscribed", SMS: "unsubscribed"}
+
+            replayed = await asyncio.to_thread(flow.store.replay)
+            assert replayed.replayed >= 1
+            await flow.drain()
+            [*_, last] = fake.calls_to(TRACK)
+            assert last.body["attributes"][0]["external_id"] == me(ABSORBED)
+            assert last.body["attributes"][0]["_update_existing_only"] is True
+            assert fake.profile(me(ABSORBED)) is None
+            assert [p["external_id"] for p in fake.profiles] == [me(SURVIVOR)]
+            assert fake.subscribes == []
+
+    asyncio.run(go())
