@@ -504,7 +504,7 @@ def test_destination_errors_have_clean_paths_after_a_disabled_one(
     )
 
 
-@pytest.mark.parametrize("type_line", ["type: braze", "type: ''", "# no type"])
+@pytest.mark.parametrize("type_line", ["type: mailchimp", "type: ''", "# no type"])
 def test_unknown_or_missing_destination_type(folder: Path, type_line: str) -> None:
     path = write(
         folder,
