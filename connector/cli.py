@@ -23,7 +23,7 @@ from connector.config import (
     load_config,
 )
 from connector.delivery.base import DestinationType
-from connector.destinations import DESTINATION_TYPES, where
+from connector.destinations import DESTINATION_TYPES, mapping_problems, where
 from connector.errors import ConnectorError, MappingError
 from connector.mapping import Mapping, load_mapping
 from connector.treez import CustomerEvent, TestPing, parse_stored_event
@@ -119,6 +119,10 @@ def check(config_file: Path, strict: bool) -> None:
                 lines.append(f"  destination {dest.name}: mapping has errors")
                 continue
             warnings.extend(f"{dest.mapping}: {w}" for w in mapping.warnings)
+            errors.extend(
+                f"{dest.mapping}: destination {dest.name} ({dest.type}): {problem}"
+                for problem in mapping_problems(dest, mapping)
+            )
             lines.append(_destination_line(disp, dest, mapping))
     lines.extend(f"disabled: {section}" for section in config.disabled)
     click.echo("\n".join(lines))

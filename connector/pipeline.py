@@ -15,8 +15,8 @@ from connector._pressure import Pressure
 from connector.config import AnyDestination, Config, DispensaryConfig
 from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
-from connector.destinations import build_destination, capabilities
-from connector.errors import EventValidationError, Problem
+from connector.destinations import build_destination, capabilities, mapping_problems
+from connector.errors import EventValidationError, MappingError, Problem
 from connector.logs import get_logger
 from connector.mapping import load_mapping
 from connector.metrics import Metrics
@@ -80,10 +80,15 @@ class Deployment:
             specs = []
             for dest in disp.destinations:
                 can = capabilities(dest)
+                mapping = load_mapping(dest.mapping)
+                problems = mapping_problems(dest, mapping)
+                if problems:
+                    where = f"dispensaries.{name}.destinations ({dest.name}, type {dest.type})"
+                    raise MappingError(str(dest.mapping), [Problem(where, p) for p in problems])
                 specs.append(
                     DestinationSpec(
                         name=dest.name,
-                        mapping=load_mapping(dest.mapping),
+                        mapping=mapping,
                         policy=disp.policy_for(dest.name),
                         native_merge=can.native_merge,
                         channels=can.channels,

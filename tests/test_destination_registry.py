@@ -212,3 +212,59 @@ def test_a_type_with_a_setup_hook_gets_its_own_setup_command(tmp_path: Path) -> 
     assert result.exit_code != 0
     assert "no jsonl destination 'hook'" in result.output
     assert "Prepare it." in runner.invoke(command, ["setup", "--help"]).output
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (None, "maps no 'treez_opt_out'"),
+        ("treez_opt_out: {value: false}", "must map opt_out as a boolean"),
+        ("treez_opt_out: {from: first_name}", "must map opt_out as a boolean"),
+    ],
+)
+def test_a_braze_mapping_without_the_consent_view_is_refused_by_check_and_serve(
+    tmp_path: Path, line: str | None, message: str
+) -> None:
+    """Braze creates a user subscribed: the upsert of a customer opted out when first sent
+    must carry the opt-out, read from the mapped consent view. A mapping that drops it (or
+    maps something else there) is refused, by `check` and at start, not found out later."""
+    from connector.errors import MappingError
+    from connector.pipeline import Deployment
+
+    shipped = (ROOT / "mappings" / "braze.yaml").read_text().splitlines()
+    kept = [row for row in shipped if not row.startswith("treez_opt_out:")]
+    assert len(kept) == len(shipped) - 1
+    (tmp_path / "b.yaml").write_text("\n".join([*kept, *([line] if line else [])]) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent("""\
+            dispensaries:
+              s1:
+                webhook_token: t
+                destinations:
+                  - {name: br, type: braze, api_key: k, mapping: b.yaml,
+                     rest_endpoint: "https://rest.iad-01.braze.com"}
+            """)
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert result.exit_code != 0
+    assert message in result.output
+    with pytest.raises(MappingError, match=message):
+        Deployment.from_config(load_config(config))
+
+
+def test_the_shipped_braze_mapping_carries_the_consent_view(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text((ROOT / "mappings" / "braze.yaml").read_text())
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent("""\
+            dispensaries:
+              s1:
+                webhook_token: t
+                destinations:
+                  - {name: br, type: braze, api_key: k, mapping: b.yaml,
+                     rest_endpoint: "https://rest.iad-01.braze.com"}
+            """)
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert result.exit_code == 0, result.output

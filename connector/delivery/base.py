@@ -129,6 +129,9 @@ class DestinationType(Generic[C]):
     # idempotently, and returns one line per thing it made or found already there
     setup: Callable[[C, Mapping], Coroutine[Any, Any, list[str]]] | None = None
     setup_help: str = ""
+    # what a mapping must hold for this type to keep its promises (Braze reads the consent
+    # view from a mapped field): one message per problem; `check` and `serve` refuse them
+    check_mapping: Callable[[C, Mapping], list[str]] | None = None
 
 
 def unsupported(deliveries: Sequence[Delivery], what: str) -> list[Result]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from connector.config_base import DestinationConfig
 from connector.delivery.base import Capabilities, Destination, DestinationType
+from connector.mapping import Mapping
 
 # the order `check` lists them in: the generic ones first, then the vendors by name
 _FIRST = ("http", "jsonl")
@@ -69,6 +70,12 @@ def build_destination(config: DestinationConfig) -> Destination:
 def capabilities(config: DestinationConfig) -> Capabilities:
     """What a configured destination can do, without building its client."""
     return destination_type(config).capabilities(config)
+
+
+def mapping_problems(config: DestinationConfig, mapping: Mapping) -> list[str]:
+    """What the destination's mapping lacks for the type to keep its promises."""
+    check = destination_type(config).check_mapping
+    return [] if check is None else check(config, mapping)
 
 
 def where(config: DestinationConfig) -> str:

@@ -46,11 +46,13 @@ when it cannot echo what was sent (no ``@``, no run of digits).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal
 
 import httpx
@@ -61,7 +63,15 @@ from connector.delivery._http import json_or_none
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.destinations._vendor import VendorClient, host_of
-from connector.errors import DeliveryError, FatalDelivery, QuotaPause, RetriableDelivery
+from connector.errors import (
+    DeliveryError,
+    FatalDelivery,
+    FieldMappingError,
+    QuotaPause,
+    RetriableDelivery,
+)
+from connector.mapping import Mapping
+from connector.treez import CustomerEvent, parse_event_json
 
 OBJECTS_PER_REQUEST = 75  # /users/track: 75 attributes objects (50 combined on newer plans)
 MERGES_PER_REQUEST = 50
@@ -516,6 +526,36 @@ def _where(config: BrazeDestination) -> str:
     )
 
 
+def _check_mapping(config: BrazeDestination, mapping: Mapping) -> list[str]:
+    """The mapping must carry the consent view in ``opt_out_attribute`` (true for a customer
+    opted out), or a customer opted out when first sent would be created subscribed."""
+    attribute = config.opt_out_attribute
+    if attribute not in mapping.targets:
+        return [
+            f"maps no {attribute!r} (opt_out_attribute): Braze would create a customer "
+            f"opted out when first sent as subscribed; add "
+            f"'{attribute}: {{from: opt_out, transform: [bool]}}'"
+        ]
+    sample = json.loads(resources.files("connector").joinpath("samples/06-seed.json").read_text())
+    sample["data"]["last_update"] = "2026-01-01T00:00:00.000-08:00"  # the demo fills it in
+    seed = parse_event_json(json.dumps(sample))
+    assert isinstance(seed, CustomerEvent)
+    problems = []
+    for opted_out in (True, False):
+        customer = seed.customer.model_copy(update={"opt_out": opted_out})
+        try:
+            value = mapping.apply(customer, seed.dispensary_short_name or "d").get(attribute)
+        except FieldMappingError:
+            value = None
+        if value is not opted_out:
+            problems.append(
+                f"{attribute!r} (opt_out_attribute) must map opt_out as a boolean "
+                f"(true for a customer opted out), as '{{from: opt_out, transform: [bool]}}' does"
+            )
+            break
+    return problems
+
+
 DESTINATION = DestinationType(
     tag="braze",
     config=BrazeDestination,
@@ -523,4 +563,5 @@ DESTINATION = DestinationType(
     capabilities=BrazeSink.capabilities_for,
     where=_where,
     summary="Braze users (users/track, subscription groups, users/merge)",
+    check_mapping=_check_mapping,
 )
