@@ -59,6 +59,7 @@ class VendorClient:
             self._limiters.update(shared)
         self._describe = describe
         self.calls: dict[str, int] = {}  # requests made per endpoint family (bench, tests)
+        self.paths: dict[str, int] = {}  # requests made per path, query left out (bench)
 
     async def request(
         self,
@@ -75,6 +76,8 @@ class VendorClient:
         if limiter is not None:
             await limiter.acquire()
         self.calls[family] = self.calls.get(family, 0) + 1
+        bare = path.partition("?")[0]
+        self.paths[bare] = self.paths.get(bare, 0) + 1
         content = None if body is None else json_body(body)
         try:
             request = self._client.build_request(
