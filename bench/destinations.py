@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvloop
 
 from bench._common import ROOT, event_body, fake_process
-from connector.config import AlpineIQDestination, KlaviyoDestination, load_config
-from connector.delivery.alpineiq import AlpineIQSink
+from connector.config import load_config
 from connector.delivery.base import Delivery, Sent
-from connector.delivery.klaviyo import MAX_JOB_BYTES, KlaviyoSink
 from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
+from connector.destinations.alpineiq import AlpineIQDestination, AlpineIQSink
+from connector.destinations.klaviyo import MAX_JOB_BYTES, KlaviyoDestination, KlaviyoSink
 from connector.pipeline import Deployment, process_batch
 from connector.store import AsyncStore, NewEvent, open_store
 from connector.treez import CustomerEvent, parse_event_json

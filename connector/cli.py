@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import click
 
@@ -18,14 +17,12 @@ from connector import __version__
 from connector.config import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG,
-    AlpineIQDestination,
     AnyDestination,
     Config,
     DispensaryConfig,
-    HttpDestination,
-    KlaviyoDestination,
     load_config,
 )
+from connector.destinations import DESTINATION_TYPES, where
 from connector.errors import ConnectorError, MappingError
 from connector.mapping import Mapping, load_mapping
 from connector.treez import CustomerEvent, TestPing, parse_stored_event
@@ -63,21 +60,6 @@ def main() -> None:
 # --- check ---
 
 
-def _where(dest: AnyDestination) -> str:
-    if isinstance(dest, HttpDestination | AlpineIQDestination | KlaviyoDestination):
-        # host only: a webhook URL's path or query often is a secret (Zapier, Make, n8n)
-        # and never user:password@
-        parts = urlsplit(str(dest.url if isinstance(dest, HttpDestination) else dest.base_url))
-        port = f":{parts.port}" if parts.port else ""
-        where = f"{parts.scheme}://{parts.hostname}{port}"
-        if isinstance(dest, KlaviyoDestination):
-            where += f", revision {dest.revision}"
-        if isinstance(dest, AlpineIQDestination):
-            where += f", uid {dest.uid}"
-        return where
-    return str(dest.path)
-
-
 def _dispensary_line(name: str, disp: DispensaryConfig) -> str:
     tokens = len(disp.webhook_token)
     token = "development token" if disp.uses_dev_token else f"{tokens} token{'s' * (tokens > 1)}"
@@ -97,13 +79,19 @@ def _dispensary_line(name: str, disp: DispensaryConfig) -> str:
 def _destination_line(disp: DispensaryConfig, dest: AnyDestination, mapping: Mapping) -> str:
     rate = ", ".join(str(r) for r in dest.rate_limit) or "off"
     return (
-        f"  destination {dest.name} ({dest.type} → {_where(dest)}): "
+        f"  destination {dest.name} ({dest.type} → {where(dest)}): "
         f"mapping {dest.mapping.name} ({len(mapping.fields)} fields), batch {dest.batch_size}, "
         f"rate limit {rate}, resubscribe {disp.policy_for(dest.name).resubscribe}"
     )
 
 
-@main.command()
+def _types_epilog() -> str:
+    width = max(len(tag) for tag in DESTINATION_TYPES)
+    lines = [f"  {tag:<{width}}  {kind.summary}" for tag, kind in DESTINATION_TYPES.items()]
+    return "\b\nDestination types (a destination block's type):\n" + "\n".join(lines)
+
+
+@main.command(epilog=_types_epilog())
 @config_option
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 def check(config_file: Path, strict: bool) -> None:

@@ -13,20 +13,15 @@ variables it refers to need not be set.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     HttpUrl,
     PrivateAttr,
@@ -39,6 +34,14 @@ from pydantic import (
 
 from connector._env import interpolate
 from connector._yaml import LoadedYaml, Location, YamlProblem, load_yaml
+from connector.config_base import (
+    NAME,
+    NAME_LENGTH,
+    DestinationConfig,
+    Model,
+    PolicyConfig,
+)
+from connector.destinations import DESTINATION_TYPES
 from connector.errors import ConfigError, Problem
 from connector.treez import format_location
 
@@ -47,64 +50,12 @@ CONFIG_ENV_VAR = "CONNECTOR_CONFIG"
 DEV_WEBHOOK_TOKEN = "dev-only-token-change-me"  # noqa: S105 - the documented development token
 DEFAULT_SCHEDULE = "15 * * * *"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# the store keeps names in VARCHAR(128) columns and the delivery lease of a destination as
-# "deliver:DISPENSARY/DESTINATION" in a VARCHAR(160) one, which PostgreSQL enforces
-NAME_LENGTH = 64
-_RATE = re.compile(
-    r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hour|hours)\s*$"
-)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """At most ``count`` requests in any window of ``per_seconds``."""
-
-    count: int
-    per_seconds: float
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.per_seconds:g}s"
-
-
-def _parse_rates(value: Any) -> Any:
-    if value is None:
-        return ()
-    items = value if isinstance(value, list) else [value]
-    rates = []
-    for item in items:
-        match = _RATE.match(item) if isinstance(item, str) else None
-        if match is None:
-            raise ValueError(
-                "must be a rate such as '10/s', '700/min' or '3000/3s', or a list of them"
-            )
-        count, multiple, unit = int(match[1]), int(match[2] or 1), match[3][0]
-        if count < 1 or multiple < 1:
-            raise ValueError("a rate needs a count and a window of at least 1")
-        rates.append(Rate(count, float(multiple * _UNIT_SECONDS[unit])))
-    return tuple(rates)
-
 
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-def _resolve(value: Any, info: ValidationInfo) -> Path:
-    if not isinstance(value, str | Path) or not str(value).strip():
-        raise ValueError("must be a file path")
-    path = Path(str(value)).expanduser()
-    base = info.context.get("base_dir") if info.context else None
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return path
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerConfig(_Model):
+class ServerConfig(Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -119,17 +70,7 @@ class ServerConfig(_Model):
     max_future_skew_seconds: float = Field(default=300.0, ge=0, le=86_400)
 
 
-class PolicyConfig(_Model):
-    """Switches that change what the connector may tell a destination."""
-
-    resubscribe: Literal["never", "on_source_opt_in"] = "never"
-
-
-class PolicyOverride(_Model):
-    resubscribe: Literal["never", "on_source_opt_in"] | None = None
-
-
-class TreezApiConfig(_Model):
+class TreezApiConfig(Model):
     api_url: HttpUrl
     client_id: str = Field(min_length=1)
     api_key: SecretStr
@@ -143,7 +84,7 @@ class TreezApiConfig(_Model):
         return value
 
 
-class ReconcileConfig(_Model):
+class ReconcileConfig(Model):
     enabled: bool = True
     schedule: str = DEFAULT_SCHEDULE
     timezone: str = "UTC"
@@ -186,150 +127,23 @@ class ReconcileConfig(_Model):
         return self
 
 
-class RetryConfig(_Model):
-    """When a failed delivery is tried again, and when it goes to the dead-letter queue:
-    after at least ``min_attempts`` attempts AND ``min_elapsed_seconds`` since the first."""
-
-    initial_seconds: float = Field(default=1.0, gt=0, le=3600)
-    max_seconds: float = Field(default=600.0, gt=0, le=86_400)
-    min_attempts: int = Field(default=8, ge=1, le=1000)
-    min_elapsed_seconds: float = Field(default=1800.0, ge=0, le=30 * 86_400)
-
-
-class _Destination(_Model):
-    name: str
-    mapping: Annotated[Path, BeforeValidator(_resolve)]
-    rate_limit: Annotated[tuple[Rate, ...], BeforeValidator(_parse_rates)] = ()
-    batch_size: int = Field(default=1, ge=1, le=10_000)
-    concurrency: int = Field(default=16, ge=1, le=256)
-    retry: RetryConfig = RetryConfig()
-    policy: PolicyOverride = PolicyOverride()
-    enabled: Literal[True] = True
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "must start with a letter or digit and hold only letters, digits, _ . -"
-            )
-        if len(value) > NAME_LENGTH:
-            raise ValueError(f"must be at most {NAME_LENGTH} characters, not {len(value)}")
-        return value
-
-    @field_validator("mapping")
-    @classmethod
-    def _exists(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"mapping file {value} does not exist")
-        return value
+AnyDestination = DestinationConfig
+"""A destination block: to the type checker, what every type shares; at run time, the type's
+own model (one of the registry's)."""
+if not TYPE_CHECKING:  # the union of every registered type's model, told apart by ``type``
+    AnyDestination = Annotated[
+        Union[tuple(t.config for t in DESTINATION_TYPES.values())],  # noqa: UP007
+        Field(discriminator="type"),
+    ]
 
 
-class HttpDestination(_Destination):
-    """Contract 4 of the design: one POST per operation (or per batch) to ``url``."""
-
-    type: Literal["http"]
-    url: HttpUrl
-    headers: dict[str, SecretStr] = Field(default_factory=dict)
-    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-
-
-class JsonlDestination(_Destination):
-    """A local sink: one JSON line per operation appended to ``path``."""
-
-    type: Literal["jsonl"]
-    path: Annotated[Path, BeforeValidator(_resolve)]
-
-
-def _secret_set(value: SecretStr) -> SecretStr:
-    if not value.get_secret_value().strip():
-        raise ValueError("must not be empty")
-    return value
-
-
-class AlpineIQDestination(_Destination):
-    """Alpine IQ: real-time upserts through ``/api/v2/loyalty``, backfills through
-    ``createUpdateMembers``. Alpine IQ does not publish its request bodies or limits: the
-    paths are settings (defaults from its public endpoint list), the pace a guess."""
-
-    type: Literal["alpineiq"]
-    api_key: SecretStr
-    uid: str = Field(min_length=1)
-    base_url: HttpUrl = HttpUrl("https://lab.alpineiq.com")
-    upsert_path: str = "/api/v2/loyalty"
-    bulk_path: str = "/api/v1.1/createUpdateMembers/{uid}"
-    lookup_path: str = "/api/v2/persona/{contact_id}"
-    bulk_size: int = Field(default=500, ge=1, le=10_000)
-    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
-    # unpublished: a conservative pace until Alpine IQ says otherwise
-    rate_limit: Annotated[tuple[Rate, ...], BeforeValidator(_parse_rates)] = (Rate(20, 1.0),)
-
-    _key = field_validator("api_key")(_secret_set)
-
-    @field_validator("upsert_path", "bulk_path", "lookup_path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("must start with /")
-        if "loyaltycontact" in value.lower():
-            raise ValueError(
-                "must not be /loyaltyContact: that endpoint texts the customer a double "
-                "opt-in at once"
-            )
-        return value
-
-
-KLAVIYO_REVISION = "2026-07-15"  # the revision of vendor-specs/klaviyo/profiles.openapi.json
-_FIRST_KLAVIYO_REVISION = date(2023, 2, 22)  # Klaviyo's first stable revision
-
-
-class KlaviyoDestination(_Destination):
-    """Klaviyo: profile-import upserts, bulk subscription jobs for consent, profile-merge,
-    bulk import jobs for backfills; each endpoint paced to its documented limits."""
-
-    type: Literal["klaviyo"]
-    api_key: SecretStr
-    revision: str = KLAVIYO_REVISION
-    base_url: HttpUrl = HttpUrl("https://a.klaviyo.com")
-    list_id: str | None = None  # a list a resubscribed profile joins (policy on_source_opt_in)
-    pace: bool = True  # per-endpoint pacing from Klaviyo's documented limits
-    bulk_size: int = Field(default=10_000, ge=1, le=10_000)
-    job_poll_seconds: float = Field(default=2.0, gt=0, le=600)
-    job_timeout_seconds: float = Field(default=1800.0, gt=0, le=86_400)
-    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
-
-    _key = field_validator("api_key")(_secret_set)
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, value: str) -> str:
-        try:
-            day = date.fromisoformat(value)
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not a revision date (YYYY-MM-DD, such as {KLAVIYO_REVISION})"
-            ) from None
-        if len(value) != 10 or day < _FIRST_KLAVIYO_REVISION or day > date.today():
-            raise ValueError(
-                f"{value!r} is not a Klaviyo API revision (between "
-                f"{_FIRST_KLAVIYO_REVISION} and today; this connector is built and tested "
-                f"against {KLAVIYO_REVISION})"
-            )
-        return value
-
-
-AnyDestination = HttpDestination | JsonlDestination | AlpineIQDestination | KlaviyoDestination
-Destination = Annotated[AnyDestination, Field(discriminator="type")]
-DESTINATION_TYPES = ("http", "jsonl", "alpineiq", "klaviyo")
-
-
-class DispensaryConfig(_Model):
+class DispensaryConfig(Model):
     enabled: Literal[True] = True
     webhook_token: Annotated[list[SecretStr], BeforeValidator(_as_list)] = Field(min_length=1)
     treez: TreezApiConfig | None = None
     reconcile: ReconcileConfig = ReconcileConfig()
     policy: PolicyConfig = PolicyConfig()
-    destinations: list[Destination] = Field(min_length=1)
+    destinations: list[AnyDestination] = Field(min_length=1)
 
     @field_validator("webhook_token")
     @classmethod
@@ -369,7 +183,7 @@ class DispensaryConfig(_Model):
         raise KeyError(name)
 
 
-class RetentionConfig(_Model):
+class RetentionConfig(Model):
     """How long raw customer payloads and finished work are kept (the payloads hold names,
     birthdays, licences and medical ids: keep them no longer than needed to investigate)."""
 
@@ -377,7 +191,7 @@ class RetentionConfig(_Model):
     delivered_days: float = Field(default=7.0, gt=0, le=3650)
 
 
-class Config(_Model):
+class Config(Model):
     # repr=False: a PostgreSQL URL may carry a password; store_display hides it
     store: str = Field(default="sqlite:///connector.db", validate_default=True, repr=False)
     # how long a write waits for a lock held by another process before the receiver
@@ -436,7 +250,7 @@ class Config(_Model):
     @field_validator("dispensaries")
     @classmethod
     def _names(cls, value: dict[str, DispensaryConfig]) -> dict[str, DispensaryConfig]:
-        bad = [name for name in value if not _NAME.match(name)]
+        bad = [name for name in value if not NAME.match(name)]
         if bad:
             raise ValueError(
                 f"dispensary names are Treez short names (letters, digits, _ . -): {', '.join(bad)}"

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from connector.config import Config, JsonlDestination
+from connector.config import Config
+from connector.destinations.jsonl import JsonlDestination
 from connector.store import Store, open_store
 
 SAMPLE_OFFSET = timezone(timedelta(hours=-7))  # Treez sends store-local time with its offset

@@ -126,3 +126,21 @@ class RetriableDelivery(DeliveryError):
 
 class FatalDelivery(DeliveryError):
     """Will fail again as it is: goes to the dead-letter queue with the response."""
+
+
+class QuotaPause(RetriableDelivery):
+    """The destination's quota is used up until ``until`` (epoch seconds), for every operation
+    of the account, not just the ones sent (a daily cap, a per-window allowance announced
+    with its reset time). The worker pauses the whole destination until then and counts no
+    attempt: waiting out a quota is not a failure of the operations."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        until: float,
+        status_code: int | None = None,
+        body: str | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, body=body)
+        self.until = until

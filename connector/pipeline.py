@@ -12,21 +12,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from connector._pressure import Pressure
-from connector.config import (
-    AlpineIQDestination,
-    AnyDestination,
-    Config,
-    DispensaryConfig,
-    HttpDestination,
-    KlaviyoDestination,
-)
-from connector.delivery.alpineiq import AlpineIQSink
-from connector.delivery.base import Capabilities, Destination
-from connector.delivery.http import HttpSink
-from connector.delivery.jsonl import JsonlSink
-from connector.delivery.klaviyo import KlaviyoSink
+from connector.config import AnyDestination, Config, DispensaryConfig
 from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
+from connector.destinations import build_destination, capabilities
 from connector.errors import EventValidationError, Problem
 from connector.logs import get_logger
 from connector.mapping import load_mapping
@@ -46,17 +35,6 @@ from connector.treez import CustomerEvent, parse_stored_event
 
 log = get_logger("connector.pipeline")
 PROCESSED = ("applied", "tie")  # outcomes that make an event the customer's current version
-
-
-def build_destination(config: AnyDestination) -> Destination:
-    """The adapter of a configured destination (its HTTP client opens on first use)."""
-    if isinstance(config, HttpDestination):
-        return HttpSink(config)
-    if isinstance(config, AlpineIQDestination):
-        return AlpineIQSink(config)
-    if isinstance(config, KlaviyoDestination):
-        return KlaviyoSink(config)
-    return JsonlSink(config)
 
 
 def build_worker(
@@ -79,15 +57,6 @@ def build_worker(
         astore, dispensary, build_destination(config), retry=retry,
         concurrency=config.concurrency, metrics=metrics, idle_poll=idle_poll, pressure=pressure,
     )  # fmt: skip
-
-
-def capabilities(config: AnyDestination) -> Capabilities:
-    """What a configured destination can do, without building its client."""
-    if isinstance(config, AlpineIQDestination):
-        return AlpineIQSink.capabilities_for(config)
-    if isinstance(config, KlaviyoDestination):
-        return KlaviyoSink.capabilities_for(config)
-    return Capabilities(batch_size=config.batch_size, native_merge=True)  # contract 4
 
 
 @dataclass(slots=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from connector.config import PolicyConfig
+from connector.config_base import PolicyConfig
 from connector.errors import FieldMappingError
 from connector.mapping import Mapping as FieldMapping
 from connector.treez import Customer, CustomerStatus

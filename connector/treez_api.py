@@ -13,7 +13,8 @@ What it does, from ``shared/docs/treez.md``:
   (token requests included), with a small margin for the network's jitter.
 - **Errors**: the ``resultCode`` envelope is checked as well as the status; ``FAIL`` answers
   become :class:`TreezApiError` naming the call, the status and Treez's ``resultReason`` code.
-  5xx, 429, timeouts and connection errors are retried with backoff (tenacity); the rest is not.
+  5xx, 408, 425, 429, timeouts and connection errors are retried with backoff (tenacity), as
+  the destinations judge them (:mod:`connector.delivery._http`); the rest is not.
 
 Nothing here logs a customer field: errors name codes and paths, never bodies.
 """
@@ -30,14 +31,15 @@ from urllib.parse import quote
 import httpx
 import tenacity
 
-from connector.config import Rate, TreezApiConfig
+from connector.config import TreezApiConfig
+from connector.config_base import Rate
+from connector.delivery._http import is_retriable, json_or_none
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.errors import ConnectorError
 
 MAX_PAGE_SIZE = 50
 TOKEN_MARGIN_SECONDS = 300.0  # a token is renewed this long before it expires
 PACE_MARGIN_SECONDS = 0.02  # the sliding window is this much wider than a second
-RETRIABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class TreezApiError(ConnectorError):
@@ -170,10 +172,7 @@ class TreezClient:
 
     def _envelope(self, response: httpx.Response, what: str) -> dict[str, Any]:
         status = response.status_code
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
+        data = json_or_none(response)
         code = _code(data)
         suffix = f" ({code})" if code else ""
         if status in (401, 403):
@@ -181,7 +180,7 @@ class TreezClient:
                 f"{what}: {self.host} answered {status}{suffix}: check client_id and api_key",
                 status=status, code=code,
             )  # fmt: skip
-        if status in RETRIABLE_STATUSES:
+        if is_retriable(status):
             raise TreezRetriable(f"{what}: {self.host} answered {status}{suffix}", status=status)
         if not 200 <= status < 300:
             raise TreezApiError(

@@ -1,4 +1,4 @@
-"""The ``alpineiq`` destination (connector/delivery/alpineiq.py): each operation and each
+"""The ``alpineiq`` destination (connector/destinations/alpineiq.py): each operation and each
 documented error against respx, then whole flows (real store, planner and worker) against the
 fake of Alpine IQ (tests/fakes/alpineiq.py) through tests/vendor_flow.py.
 
@@ -21,10 +21,10 @@ from fakes.alpineiq import AlpineIQFake, is_contact_id
 from pydantic import ValidationError
 from vendor_flow import DISPENSARY, FAST_RETRY, Flow, event_body
 
-from connector.config import AlpineIQDestination, Rate
-from connector.delivery.alpineiq import AlpineIQSink
+from connector.config_base import Rate
 from connector.delivery.base import Delivery, Sent
 from connector.delivery.retry import RetryPolicy
+from connector.destinations.alpineiq import AlpineIQDestination, AlpineIQSink
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -377,7 +377,7 @@ async def _subscribe(fake: KlaviyoFake, email: str, phone: str) -> None:
     import httpx
     from test_klaviyo import BASE, FAKE_KEY, SUBSCRIBE
 
-    from connector.config import KLAVIYO_REVISION
+    from connector.destinations.klaviyo import KLAVIYO_REVISION
 
     headers = {
         "authorization": f"Klaviyo-API-Key {FAKE_KEY}",

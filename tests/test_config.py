@@ -13,12 +13,12 @@ from connector.config import (
     CONFIG_ENV_VAR,
     DEFAULT_SCHEDULE,
     DEV_WEBHOOK_TOKEN,
-    HttpDestination,
-    JsonlDestination,
-    Rate,
     config_path,
     load_config,
 )
+from connector.config_base import Rate
+from connector.destinations.http import HttpDestination
+from connector.destinations.jsonl import JsonlDestination
 from connector.errors import ConfigError, Problem
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,9 @@ from fakes.alpineiq import AlpineIQFake
 from test_alpineiq import API_KEY, BASE_URL, config_text
 from vendor_flow import DISPENSARY, Flow, event_body
 
-from connector.config import PolicyConfig, load_config
-from connector.delivery.alpineiq import AlpineIQSink
+from connector.config import load_config
+from connector.config_base import PolicyConfig
+from connector.destinations.alpineiq import AlpineIQSink
 from connector.mapping import compile_mapping_text, load_mapping
 from connector.pipeline import Deployment, process_batch
 from connector.planner import CustomerState, DestinationSpec, Operation, merge_key, plan

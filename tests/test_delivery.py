@@ -30,14 +30,14 @@ from fakes.http_sink import Attempt
 from fakes.http_sink import HttpSink as FakeService
 from sqlalchemy import func, insert, select, update
 
-from connector.config import HttpDestination, JsonlDestination, Rate
+from connector.config_base import Rate
 from connector.delivery import ratelimit
 from connector.delivery.base import Delivery, Result, Sent
-from connector.delivery.http import HttpSink, classify, transport_error
-from connector.delivery.jsonl import JsonlSink
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy, parse_retry_after
 from connector.delivery.worker import DeliveryWorker
+from connector.destinations.http import HttpDestination, HttpSink, classify, transport_error
+from connector.destinations.jsonl import JsonlDestination, JsonlSink
 from connector.errors import FatalDelivery, RetriableDelivery
 from connector.planner import Operation, payload_hash
 from connector.store import CLAIM_SECONDS, AsyncStore, Store, open_store

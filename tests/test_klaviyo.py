@@ -1,4 +1,4 @@
-"""The ``klaviyo`` destination (connector/delivery/klaviyo.py).
+"""The ``klaviyo`` destination (connector/destinations/klaviyo.py).
 
 Two groups:
 
@@ -32,10 +32,14 @@ from fakes.klaviyo import Call, KlaviyoFake
 from test_fake_klaviyo import SPEC_PATH, Spec
 from vendor_flow import DISPENSARY, Flow, event_body
 
-from connector.config import KLAVIYO_REVISION, KlaviyoDestination
 from connector.delivery.base import Delivery, Result, Sent
-from connector.delivery.klaviyo import MAX_JOB_BYTES, KlaviyoSink
 from connector.delivery.worker import CONTRACT_KEYS
+from connector.destinations.klaviyo import (
+    KLAVIYO_REVISION,
+    MAX_JOB_BYTES,
+    KlaviyoDestination,
+    KlaviyoSink,
+)
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 from connector.mapping import load_mapping
 from connector.treez import Customer

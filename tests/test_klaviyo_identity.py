@@ -1,4 +1,4 @@
-"""Whose Klaviyo profile an operation reaches (connector/delivery/klaviyo.py): after a 409
+"""Whose Klaviyo profile an operation reaches (connector/destinations/klaviyo.py): after a 409
 ``duplicate_profile``, and when the profile the identity map holds is gone.
 
 - Defect 1: consent goes to our own profile, addressed by the e-mail and phone that profile
@@ -51,9 +51,8 @@ from test_klaviyo import (
 )
 from vendor_flow import DISPENSARY, event_body
 
-from connector.config import KLAVIYO_REVISION
 from connector.delivery.base import Sent
-from connector.delivery.klaviyo import KlaviyoSink
+from connector.destinations.klaviyo import KLAVIYO_REVISION, KlaviyoSink
 from connector.errors import FatalDelivery, RetriableDelivery
 from connector.store import open_store
 from connector.store.schema import conflicts, contacts, customers

@@ -40,8 +40,8 @@ from test_klaviyo import BASE as KLAVIYO_BASE
 from test_klaviyo import flow_config as klaviyo_config
 from vendor_flow import DISPENSARY, Flow, event_body
 
-from connector.delivery.alpineiq import AlpineIQSink
-from connector.delivery.klaviyo import KlaviyoSink
+from connector.destinations.alpineiq import AlpineIQSink
+from connector.destinations.klaviyo import KlaviyoSink
 from connector.mapping import compile_mapping_text
 from connector.planner import CustomerState, DestinationSpec, Operation, plan
 from connector.treez import Customer, parse_customer

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connector.config import PolicyConfig
+from connector.config_base import PolicyConfig
 from connector.mapping import compile_mapping_text
 from connector.planner import (
     ContactState,

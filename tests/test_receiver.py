@@ -37,7 +37,8 @@ from hypothesis import strategies as st
 from sqlalchemy import Table, insert, select, update
 
 from connector import receiver
-from connector.config import PolicyConfig, load_config
+from connector.config import load_config
+from connector.config_base import PolicyConfig
 from connector.errors import StoreUnavailable
 from connector.logs import configure_logging
 from connector.mapping import load_mapping

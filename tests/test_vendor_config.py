@@ -12,8 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from connector.cli import main
-from connector.config import ConfigError, KlaviyoDestination, load_config
-from connector.pipeline import Deployment, capabilities
+from connector.config import ConfigError, load_config
+from connector.destinations import capabilities
+from connector.destinations.klaviyo import KlaviyoDestination
+from connector.pipeline import Deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = Path(__file__).resolve().parent / "data" / "seed_body.json"

@@ -10,11 +10,11 @@ and not the others.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from connector.config import Rate
+from connector.config_base import DestinationConfig, Rate
 from connector.errors import DeliveryError, FatalDelivery
 
 
@@ -105,6 +105,24 @@ class Destination(Protocol):
     async def lookup(self, contact_id: str) -> dict[str, Any] | None: ...
 
     async def aclose(self) -> None: ...
+
+
+C = TypeVar("C", bound=DestinationConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationType(Generic[C]):
+    """What a destination type declares about itself, once, in its own module under
+    ``connector/destinations/`` (as the module's ``DESTINATION``): everything else (the
+    config file's union of destination blocks, the builders, ``connector check``) derives
+    from it."""
+
+    tag: str  # the block's ``type:`` in config.yaml
+    config: type[C]  # the block's settings (a DestinationConfig with ``type: Literal[tag]``)
+    build: Callable[[C], Destination]  # the adapter; its HTTP client opens on first use
+    capabilities: Callable[[C], Capabilities]  # the one place they are built
+    where: Callable[[C], str]  # where it sends, for `check`: never a secret nor a URL's path
+    summary: str  # one line: what the type is, for `check` and errors
 
 
 def unsupported(deliveries: Sequence[Delivery], what: str) -> list[Result]:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from connector.config import Rate
+from connector.config_base import Rate
 
 _IN_FLIGHT_POLL = 0.005  # seconds between looks while the window waits on an answer
 

@@ -3,17 +3,25 @@ endpoint, transport errors and HTTP statuses turned into retriable or fatal erro
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from connector.config import Rate
-from connector.delivery.http import classify_status, transport_error
+from connector.config_base import Rate
+from connector.delivery._http import classify_status, json_body, json_or_none, transport_error
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.errors import DeliveryError
+
+
+def host_of(url: object) -> str:
+    """``scheme://host[:port]`` of a URL, for ``connector check``: never its user part, path
+    or query (a webhook URL's path often is a secret)."""
+    parts = urlsplit(str(url))
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 class VendorClient:
@@ -67,7 +75,7 @@ class VendorClient:
         if limiter is not None:
             await limiter.acquire()
         self.calls[family] = self.calls.get(family, 0) + 1
-        content = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        content = None if body is None else json_body(body)
         try:
             request = self._client.build_request(
                 method, f"{self.base_url}{path}", content=content, headers=self._headers
@@ -82,11 +90,7 @@ class VendorClient:
 
     def error(self, response: httpx.Response) -> DeliveryError:
         """The error for a non-2xx response (retriable: 408, 425, 429, 5xx)."""
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
-        what = self._describe(data)
+        what = self._describe(json_or_none(response))
         try:
             classify_status(
                 response.status_code,

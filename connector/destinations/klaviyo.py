@@ -52,15 +52,16 @@ import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from datetime import date
+from typing import Any, Literal
 
 import httpx
+from pydantic import Field, HttpUrl, SecretStr, field_validator
 
-from connector.config import KlaviyoDestination as KlaviyoConfig
-from connector.config import Rate
-from connector.delivery._api import VendorClient
-from connector.delivery.base import Capabilities, Delivery, Result, Sent
+from connector.config_base import DestinationConfig, Rate, secret_set
+from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
+from connector.destinations._vendor import VendorClient, host_of
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 
 IMPORT_LIMITS = (Rate(75, 1.0), Rate(700, 60.0))
@@ -119,12 +120,51 @@ def duplicate_profile_id(response: httpx.Response) -> str | None:
     return None
 
 
+KLAVIYO_REVISION = "2026-07-15"  # the revision of vendor-specs/klaviyo/profiles.openapi.json
+_FIRST_KLAVIYO_REVISION = date(2023, 2, 22)  # Klaviyo's first stable revision
+
+
+class KlaviyoDestination(DestinationConfig):
+    """Klaviyo: profile-import upserts, bulk subscription jobs for consent, profile-merge,
+    bulk import jobs for backfills; each endpoint paced to its documented limits."""
+
+    type: Literal["klaviyo"]
+    api_key: SecretStr
+    revision: str = KLAVIYO_REVISION
+    base_url: HttpUrl = HttpUrl("https://a.klaviyo.com")
+    list_id: str | None = None  # a list a resubscribed profile joins (policy on_source_opt_in)
+    pace: bool = True  # per-endpoint pacing from Klaviyo's documented limits
+    bulk_size: int = Field(default=10_000, ge=1, le=10_000)
+    job_poll_seconds: float = Field(default=2.0, gt=0, le=600)
+    job_timeout_seconds: float = Field(default=1800.0, gt=0, le=86_400)
+    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+
+    _key = field_validator("api_key")(secret_set)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a revision date (YYYY-MM-DD, such as {KLAVIYO_REVISION})"
+            ) from None
+        if len(value) != 10 or day < _FIRST_KLAVIYO_REVISION or day > date.today():
+            raise ValueError(
+                f"{value!r} is not a Klaviyo API revision (between "
+                f"{_FIRST_KLAVIYO_REVISION} and today; this connector is built and tested "
+                f"against {KLAVIYO_REVISION})"
+            )
+        return value
+
+
 class KlaviyoSink:
     kind = "klaviyo"
 
     def __init__(
         self,
-        config: KlaviyoConfig,
+        config: KlaviyoDestination,
         client: httpx.AsyncClient | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -168,7 +208,7 @@ class KlaviyoSink:
         self._digest_key = hashlib.sha256(b"treez-connector withheld\0" + secret).digest()
 
     @staticmethod
-    def capabilities_for(config: KlaviyoConfig) -> Capabilities:
+    def capabilities_for(config: KlaviyoDestination) -> Capabilities:
         return Capabilities(
             batch_size=config.batch_size,
             native_merge=True,
@@ -875,3 +915,13 @@ def _replacing(result: Result, gone: str, what: str) -> Result:
     # the store reports the replacement itself (contact_replaced): only another work-around
     # the adapter made (a 409) is reported here, once
     return Sent(result.contact_id, result.conflict, replaces=gone)
+
+
+DESTINATION = DestinationType(
+    tag="klaviyo",
+    config=KlaviyoDestination,
+    build=KlaviyoSink,
+    capabilities=KlaviyoSink.capabilities_for,
+    where=lambda config: f"{host_of(config.base_url)}, revision {config.revision}",
+    summary="Klaviyo profiles (profile-import, bulk jobs, subscription jobs, merges)",
+)

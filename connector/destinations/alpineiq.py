@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import Field, HttpUrl, SecretStr, field_validator
 
-from connector.config import AlpineIQDestination as AlpineIQConfig
-from connector.config import Rate
-from connector.delivery._api import VendorClient
-from connector.delivery.base import Capabilities, Delivery, Result, Sent
+from connector.config_base import DestinationConfig, Rate, Rates, secret_set
+from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+from connector.destinations._vendor import VendorClient, host_of
 from connector.errors import DeliveryError, FatalDelivery
 
 CONSENT_KEYS = ("emailOptIn", "smsOptIn")
@@ -55,12 +55,44 @@ def describe_error(data: Any) -> str:
     return ""
 
 
+class AlpineIQDestination(DestinationConfig):
+    """Alpine IQ: real-time upserts through ``/api/v2/loyalty``, backfills through
+    ``createUpdateMembers``. Alpine IQ does not publish its request bodies or limits: the
+    paths are settings (defaults from its public endpoint list), the pace a guess."""
+
+    type: Literal["alpineiq"]
+    api_key: SecretStr
+    uid: str = Field(min_length=1)
+    base_url: HttpUrl = HttpUrl("https://lab.alpineiq.com")
+    upsert_path: str = "/api/v2/loyalty"
+    bulk_path: str = "/api/v1.1/createUpdateMembers/{uid}"
+    lookup_path: str = "/api/v2/persona/{contact_id}"
+    bulk_size: int = Field(default=500, ge=1, le=10_000)
+    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    # unpublished: a conservative pace until Alpine IQ says otherwise
+    rate_limit: Rates = (Rate(20, 1.0),)
+
+    _key = field_validator("api_key")(secret_set)
+
+    @field_validator("upsert_path", "bulk_path", "lookup_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        if "loyaltycontact" in value.lower():
+            raise ValueError(
+                "must not be /loyaltyContact: that endpoint texts the customer a double "
+                "opt-in at once"
+            )
+        return value
+
+
 class AlpineIQSink:
     kind = "alpineiq"
 
     def __init__(
         self,
-        config: AlpineIQConfig,
+        config: AlpineIQDestination,
         client: httpx.AsyncClient | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -87,7 +119,7 @@ class AlpineIQSink:
         )
 
     @staticmethod
-    def capabilities_for(config: AlpineIQConfig) -> Capabilities:
+    def capabilities_for(config: AlpineIQDestination) -> Capabilities:
         return Capabilities(
             batch_size=config.batch_size,
             native_merge=False,
@@ -249,3 +281,13 @@ def _contact_id(data: Any) -> str | None:
         if isinstance(found, str | int) and not isinstance(found, bool) and str(found):
             return str(found)
     return None
+
+
+DESTINATION = DestinationType(
+    tag="alpineiq",
+    config=AlpineIQDestination,
+    build=AlpineIQSink,
+    capabilities=AlpineIQSink.capabilities_for,
+    where=lambda config: f"{host_of(config.base_url)}, uid {config.uid}",
+    summary="Alpine IQ loyalty members (real-time upserts, bulk backfills)",
+)

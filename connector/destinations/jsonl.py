@@ -5,11 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
-from connector.config import JsonlDestination as JsonlConfig
-from connector.config import Rate
-from connector.delivery.base import Capabilities, Delivery, Result, Sent
+from connector.config_base import DestinationConfig, FilePath, Rate
+from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+
+
+class JsonlDestination(DestinationConfig):
+    """A local sink: one JSON line per operation appended to ``path``."""
+
+    type: Literal["jsonl"]
+    path: FilePath
+
+
+def _capabilities(config: JsonlDestination) -> Capabilities:
+    return Capabilities(batch_size=config.batch_size, native_merge=True)
 
 
 class JsonlSink:
@@ -17,9 +27,9 @@ class JsonlSink:
 
     kind = "jsonl"
 
-    def __init__(self, config: JsonlConfig) -> None:
+    def __init__(self, config: JsonlDestination) -> None:
         self.name = config.name
-        self.capabilities = Capabilities(batch_size=config.batch_size, native_merge=True)
+        self.capabilities = _capabilities(config)
         self.rate_limit: tuple[Rate, ...] = config.rate_limit
         self.path = config.path
         self._lock = asyncio.Lock()
@@ -52,3 +62,13 @@ class JsonlSink:
 
     async def aclose(self) -> None:
         return None
+
+
+DESTINATION = DestinationType(
+    tag="jsonl",
+    config=JsonlDestination,
+    build=JsonlSink,
+    capabilities=_capabilities,
+    where=lambda config: str(config.path),
+    summary="a local file, one JSON line per operation (development, audits)",
+)

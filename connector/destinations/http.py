@@ -1,78 +1,45 @@
-"""The generic ``http`` destination (contract 4) and the one function that classifies an
-HTTP response for every destination.
-"""
+"""The generic ``http`` destination (contract 4 of the design): one POST per operation, or a
+JSON array of ``batch_size`` operations per POST, to the configured URL."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import httpx
+from pydantic import Field, HttpUrl, SecretStr
 
-from connector.config import HttpDestination as HttpConfig
-from connector.config import Rate
-from connector.delivery.base import Capabilities, Delivery, Result, as_results
-from connector.delivery.retry import parse_retry_after
-from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
-
-RETRIABLE_STATUS = frozenset({408, 425, 429})
-_BODY_KEPT = 4096
-
-
-def classify(response: httpx.Response, *, retriable: frozenset[int] = RETRIABLE_STATUS) -> None:
-    """Raise for a response that is not a success.
-
-    429, 408, 425 and every 5xx are retriable (with ``Retry-After`` when given); any other
-    status outside 2xx is fatal. Vendors pass ``retriable`` to add their own codes.
-    """
-    status = response.status_code
-    if 200 <= status < 300:
-        return
-    classify_status(
-        status,
-        response.headers.get("retry-after"),
-        response.text,
-        response.request.url.host,
-        retriable=retriable,
-    )
+from connector.config_base import DestinationConfig, Rate
+from connector.delivery._http import (
+    aiohttp_error,
+    classify,
+    classify_status,
+    json_body,
+    transport_error,
+)
+from connector.delivery.base import (
+    Capabilities,
+    Delivery,
+    DestinationType,
+    Result,
+    as_results,
+)
+from connector.destinations._vendor import host_of
 
 
-def classify_status(
-    status: int,
-    retry_after_header: str | None,
-    text: str,
-    host: str,
-    *,
-    retriable: frozenset[int] = RETRIABLE_STATUS,
-) -> None:
-    """:func:`classify` from the parts of a response, for clients other than httpx."""
-    if 200 <= status < 300:
-        return
-    body = text[:_BODY_KEPT]
-    retry_after = parse_retry_after(retry_after_header, time.time())
-    message = f"HTTP {status} from {host}"
-    if status in retriable or status >= 500:
-        raise RetriableDelivery(message, status_code=status, body=body, retry_after=retry_after)
-    raise FatalDelivery(message, status_code=status, body=body)
+class HttpDestination(DestinationConfig):
+    """Contract 4 of the design: one POST per operation (or per batch) to ``url``."""
+
+    type: Literal["http"]
+    url: HttpUrl
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
 
 
-def transport_error(exc: httpx.HTTPError | httpx.InvalidURL) -> DeliveryError:
-    """Timeouts and connection errors are retriable; other transport errors too (the
-    request may not have arrived), except a malformed URL or request."""
-    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol | httpx.LocalProtocolError):
-        return FatalDelivery(f"request could not be sent ({exc.__class__.__name__})")
-    return RetriableDelivery(f"no response ({exc.__class__.__name__})")
-
-
-def aiohttp_error(exc: BaseException) -> DeliveryError:
-    """:func:`transport_error` for aiohttp: a malformed URL is fatal; timeouts, refused or
-    dropped connections and other client errors are retriable."""
-    if isinstance(exc, aiohttp.InvalidURL):
-        return FatalDelivery(f"request could not be sent ({exc.__class__.__name__})")
-    return RetriableDelivery(f"no response ({exc.__class__.__name__})")
+def _capabilities(config: HttpDestination) -> Capabilities:
+    return Capabilities(batch_size=config.batch_size, native_merge=True)  # contract 4
 
 
 class HttpSink:
@@ -86,9 +53,9 @@ class HttpSink:
 
     kind = "http"
 
-    def __init__(self, config: HttpConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: HttpDestination, client: httpx.AsyncClient | None = None) -> None:
         self.name = config.name
-        self.capabilities = Capabilities(batch_size=config.batch_size, native_merge=True)
+        self.capabilities = _capabilities(config)
         self.rate_limit: tuple[Rate, ...] = config.rate_limit
         self._url = str(config.url)
         self._host = httpx.URL(self._url).host
@@ -123,7 +90,7 @@ class HttpSink:
             joined = "|".join(d.idempotency_key for d in deliveries)
             key = hashlib.sha256(joined.encode()).hexdigest()[:40]
             payload = [d.body for d in deliveries]
-        content = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        content = json_body(payload)
         headers = {**self._headers, "idempotency-key": key}
         if self._client is not None:
             return await self._send_httpx(self._client, content, headers, len(deliveries))
@@ -181,3 +148,13 @@ def _contact_ids_from(raw: bytes, count: int) -> list[str | None]:
         usable = isinstance(found, str | int) and not isinstance(found, bool) and found != ""
         out.append(str(found) if usable else None)
     return out
+
+
+DESTINATION = DestinationType(
+    tag="http",
+    config=HttpDestination,
+    build=HttpSink,
+    capabilities=_capabilities,
+    where=lambda config: host_of(config.url),
+    summary="your own HTTP endpoint (contract 4: one JSON body per operation or batch)",
+)

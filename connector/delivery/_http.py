@@ -1,0 +1,94 @@
+"""What every HTTP client of the connector shares: which answers are worth another try, how a
+response becomes a retriable or fatal delivery error, and JSON bodies in and out.
+
+Used by the destinations (``connector/destinations/``) and by the Treez API client, so a
+status is judged the same way whichever side of the connector met it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+import httpx
+
+from connector.delivery.retry import parse_retry_after
+from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
+
+RETRIABLE_STATUS = frozenset({408, 425, 429})
+"""Statuses below 500 worth another try (timeouts, too early, too many requests); every 5xx
+is too."""
+_BODY_KEPT = 4096
+
+
+def is_retriable(status: int, retriable: frozenset[int] = RETRIABLE_STATUS) -> bool:
+    """408, 425, 429 (or the caller's set) and every 5xx."""
+    return status in retriable or status >= 500
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as a compact UTF-8 JSON request body."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_or_none(response: httpx.Response) -> Any:
+    """A response's JSON body, or None when it has none or it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def classify(response: httpx.Response, *, retriable: frozenset[int] = RETRIABLE_STATUS) -> None:
+    """Raise for a response that is not a success.
+
+    429, 408, 425 and every 5xx are retriable (with ``Retry-After`` when given); any other
+    status outside 2xx is fatal. Vendors pass ``retriable`` to add their own codes.
+    """
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    classify_status(
+        status,
+        response.headers.get("retry-after"),
+        response.text,
+        response.request.url.host,
+        retriable=retriable,
+    )
+
+
+def classify_status(
+    status: int,
+    retry_after_header: str | None,
+    text: str,
+    host: str,
+    *,
+    retriable: frozenset[int] = RETRIABLE_STATUS,
+) -> None:
+    """:func:`classify` from the parts of a response, for clients other than httpx."""
+    if 200 <= status < 300:
+        return
+    body = text[:_BODY_KEPT]
+    retry_after = parse_retry_after(retry_after_header, time.time())
+    message = f"HTTP {status} from {host}"
+    if is_retriable(status, retriable):
+        raise RetriableDelivery(message, status_code=status, body=body, retry_after=retry_after)
+    raise FatalDelivery(message, status_code=status, body=body)
+
+
+def transport_error(exc: httpx.HTTPError | httpx.InvalidURL) -> DeliveryError:
+    """Timeouts and connection errors are retriable; other transport errors too (the
+    request may not have arrived), except a malformed URL or request."""
+    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+        return FatalDelivery(f"request could not be sent ({exc.__class__.__name__})")
+    return RetriableDelivery(f"no response ({exc.__class__.__name__})")
+
+
+def aiohttp_error(exc: BaseException) -> DeliveryError:
+    """:func:`transport_error` for aiohttp: a malformed URL is fatal; timeouts, refused or
+    dropped connections and other client errors are retriable."""
+    if isinstance(exc, aiohttp.InvalidURL):
+        return FatalDelivery(f"request could not be sent ({exc.__class__.__name__})")
+    return RetriableDelivery(f"no response ({exc.__class__.__name__})")
