@@ -468,3 +468,43 @@ def dlq_replay(
         f"replayed {done.replayed}, superseded {done.superseded}, "
         f"not replayable {done.unreplayable}"
     )
+
+
+# --- hubspot ---
+
+
+@main.group()
+def hubspot() -> None:
+    """HubSpot: what a hubspot destination needs in the account before its first sync."""
+
+
+@hubspot.command(name="setup")
+@config_option
+@click.option("--dispensary", "-d", help="The dispensary (default: the only one).")
+@click.option("--destination", "-t", help="The hubspot destination (default: the only one).")
+def hubspot_setup(config_file: Path, dispensary: str | None, destination: str | None) -> None:
+    """Create the unique upsert property and the custom properties the mapping writes.
+
+    Idempotent: what exists is left as it is, and a second run says so.
+    """
+    import asyncio
+
+    from connector.destinations.hubspot import HubSpotDestination, setup
+
+    config = _load(config_file)
+    name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
+    found = [d for d in config.dispensaries[name].destinations if d.type == "hubspot"]
+    if not found:
+        _fail(f"dispensary {name} has no hubspot destination")
+    chosen = _pick([d.name for d in found], destination, "hubspot destination", "--destination")
+    dest = next(d for d in found if d.name == chosen)
+    assert isinstance(dest, HubSpotDestination)
+    mapping = _load_mapping(dest.mapping)
+    try:
+        lines = asyncio.run(setup(dest, mapping))
+    except ConnectorError as exc:
+        _fail(f"hubspot setup {name}/{chosen}: {exc}")
+    for line in lines:
+        click.echo(line)
+    changed = [line for line in lines if ": created" in line]
+    click.echo("done" if changed else "nothing to change: everything is already present")

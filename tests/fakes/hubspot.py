@@ -433,6 +433,10 @@ class HubSpotFake:
         with self._lock:
             return self._contacts.get(contact_id)
 
+    def profile(self, contact_id: str) -> Contact | None:
+        """:meth:`contact` under the name the other fakes use (shared test helpers)."""
+        return self.contact(contact_id)
+
     def contact_by(self, name: str, value: str) -> Contact | None:
         """The contact whose property ``name`` holds ``value`` (e-mail: any case, and the
         additional e-mails of merged contacts)."""
