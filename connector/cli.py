@@ -22,6 +22,7 @@ from connector.config import (
     DispensaryConfig,
     load_config,
 )
+from connector.delivery.base import DestinationType
 from connector.destinations import DESTINATION_TYPES, where
 from connector.errors import ConnectorError, MappingError
 from connector.mapping import Mapping, load_mapping
@@ -470,41 +471,42 @@ def dlq_replay(
     )
 
 
-# --- hubspot ---
+# --- what a destination type needs set up on the vendor's side (`connector TAG setup`) ---
 
 
-@main.group()
-def hubspot() -> None:
-    """HubSpot: what a hubspot destination needs in the account before its first sync."""
+def _setup_command(tag: str, kind: DestinationType[Any]) -> click.Group:
+    @click.group(name=tag, help=f"{kind.summary} (type: {tag}).")
+    def group() -> None:
+        pass
+
+    @group.command(name="setup", help=kind.setup_help or f"Prepare {tag} for the first sync.")
+    @config_option
+    @click.option("--dispensary", "-d", help="The dispensary (default: the only one).")
+    @click.option("--destination", "-t", help=f"The {tag} destination (default: the only one).")
+    def setup(config_file: Path, dispensary: str | None, destination: str | None) -> None:
+        import asyncio
+
+        config = _load(config_file)
+        name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
+        disp = config.dispensaries[name]
+        mine = [d.name for d in disp.destinations if d.type == tag]
+        if not mine:
+            _fail(f"dispensary {name} has no destination of type {tag}")
+        dest = disp.destination(_pick(mine, destination, f"{tag} destination", "--destination"))
+        if dest.type != tag:
+            _fail(f"destination {dest.name} is of type {dest.type}, not {tag}")
+        mapping = _load_mapping(dest.mapping)
+        assert kind.setup is not None
+        try:
+            lines = asyncio.run(kind.setup(dest, mapping))
+        except ConnectorError as exc:
+            _fail(f"{tag} setup of {name}/{dest.name} failed: {exc}")
+        for line in lines:
+            click.echo(line)
+
+    return group
 
 
-@hubspot.command(name="setup")
-@config_option
-@click.option("--dispensary", "-d", help="The dispensary (default: the only one).")
-@click.option("--destination", "-t", help="The hubspot destination (default: the only one).")
-def hubspot_setup(config_file: Path, dispensary: str | None, destination: str | None) -> None:
-    """Create the unique upsert property and the custom properties the mapping writes.
-
-    Idempotent: what exists is left as it is, and a second run says so.
-    """
-    import asyncio
-
-    from connector.destinations.hubspot import HubSpotDestination, setup
-
-    config = _load(config_file)
-    name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
-    found = [d for d in config.dispensaries[name].destinations if d.type == "hubspot"]
-    if not found:
-        _fail(f"dispensary {name} has no hubspot destination")
-    chosen = _pick([d.name for d in found], destination, "hubspot destination", "--destination")
-    dest = next(d for d in found if d.name == chosen)
-    assert isinstance(dest, HubSpotDestination)
-    mapping = _load_mapping(dest.mapping)
-    try:
-        lines = asyncio.run(setup(dest, mapping))
-    except ConnectorError as exc:
-        _fail(f"hubspot setup {name}/{chosen}: {exc}")
-    for line in lines:
-        click.echo(line)
-    changed = [line for line in lines if ": created" in line]
-    click.echo("done" if changed else "nothing to change: everything is already present")
+for _tag, _kind in DESTINATION_TYPES.items():
+    if _kind.setup is not None:
+        main.add_command(_setup_command(_tag, _kind))

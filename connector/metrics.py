@@ -9,7 +9,7 @@ the queue gauges)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -102,6 +102,19 @@ class Metrics:
             ["dispensary", "destination"],
             registry=self.registry,
         )
+        self.paused_until = Gauge(
+            "connector_destination_paused_until_seconds",
+            "Until when (Unix time) the destination is paused for its used-up quota (a daily "
+            "cap, a rate window's reset): nothing is sent to it before; 0 when not paused",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
+        self.quota_pauses = Counter(
+            "connector_quota_pauses_total",
+            "Pauses of a destination for its used-up quota, as this process met them",
+            ["dispensary", "destination"],
+            registry=self.registry,
+        )
         self.oldest_pending = Gauge(
             "connector_oldest_pending_seconds",
             "Age of the oldest operation not yet delivered",
@@ -114,10 +127,12 @@ class Metrics:
         queue_stats: Iterable[dict[str, Any]],
         configured: Iterable[tuple[str, str]] = (),
         extra: Iterable[Metric] = (),
+        paused: Mapping[tuple[str, str], float] | None = None,
     ) -> bytes:
         """The text exposition, with queue gauges read from the store just now; a configured
         destination with nothing queued reads 0 (not its last value). ``extra``: the families
-        of the pipeline process, whose samples join this process's families of the same name."""
+        of the pipeline process, whose samples join this process's families of the same name.
+        ``paused``: the destinations paused now (until when), from the store: the cluster's."""
         now = time.time()
         entries = {(e["dispensary"], e["destination"]): e for e in queue_stats}
         for key in configured:
@@ -132,6 +147,9 @@ class Metrics:
             self.dead_letters.labels(*labels).set(entry["dead"])
             oldest = entry["oldest_pending_at"]
             self.oldest_pending.labels(*labels).set(0.0 if oldest is None else now - oldest)
+        if paused is not None:
+            for key in {*entries, *paused}:
+                self.paused_until.labels(*key).set(paused.get(key, 0.0))
         extra = list(extra)
         if not extra:
             return generate_latest(self.registry)

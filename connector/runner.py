@@ -180,6 +180,7 @@ def status_lines(config: Config, *, now: float | None = None) -> list[str]:
         dead = runs.dead_counts()
         conflicts = runs.conflict_counts()
         leases = {lease.name: lease for lease in store.leases()}
+        paused = {(p.dispensary, p.destination): p for p in store.pauses()}
         registered = store.registered_processes()
     finally:
         store.close()
@@ -207,6 +208,13 @@ def status_lines(config: Config, *, now: float | None = None) -> list[str]:
             )
             lease = leases.get(f"deliver:{name}/{dest.name}")
             lines.append("    " + _lease_line(lease, known, now))
+            pause = paused.get((name, dest.name))
+            if pause is not None:
+                status = "" if pause.status_code is None else f" (HTTP {pause.status_code})"
+                lines.append(
+                    f"    paused until {_when(pause.until)} for its quota{status}, since "
+                    f"{_when(pause.since)}: {pause.reason}"
+                )
         found = {k: v for (d, k), v in conflicts.items() if d == name}
         if found:
             lines.append(

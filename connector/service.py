@@ -358,12 +358,14 @@ class Service:
         from the store just now: every replica shows the cluster's queues."""
         try:
             stats = await self.astore.call(self.astore.store.queue_stats)
+            paused = await self.astore.call(self.astore.store.pauses)
         except StoreUnavailable:
-            stats = []
+            stats, paused = [], []
         return self.metrics.render(
             stats,
             self.destination_keys,
             self.child.status.families if self.child is not None else (),
+            paused={(p.dispensary, p.destination): p.until for p in paused},
         )
 
     @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from click.testing import CliRunner
@@ -169,3 +169,46 @@ def test_treez_and_the_destinations_judge_a_status_alike(status: int) -> None:
     retriable = isinstance(destination.value, RetriableDelivery)
     if status not in (401, 403):
         assert isinstance(treez.value, TreezRetriable) == retriable
+
+
+def test_a_type_with_a_setup_hook_gets_its_own_setup_command(tmp_path: Path) -> None:
+    """``connector TAG setup``: mounted for every type that declares ``setup``, it picks the
+    dispensary and the destination of that type and prints what the hook did."""
+    from dataclasses import replace
+
+    from connector.cli import _setup_command
+    from connector.destinations.jsonl import DESTINATION as JSONL
+
+    seen: list[tuple[str, int]] = []
+
+    async def setup(config: Any, mapping: Any) -> list[str]:
+        seen.append((config.name, len(mapping.fields)))
+        return [f"{config.name}: nothing to do"]
+
+    command = _setup_command("jsonl", replace(JSONL, setup=setup, setup_help="Prepare it."))
+    (tmp_path / "m.yaml").write_text((ROOT / "mappings" / "http.yaml").read_text())
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent("""\
+            dispensaries:
+              s1:
+                webhook_token: t
+                destinations:
+                  - {name: file1, type: jsonl, path: a.jsonl, mapping: m.yaml}
+                  - {name: file2, type: jsonl, path: b.jsonl, mapping: m.yaml}
+                  - {name: hook, type: http, url: "https://example.com/h", mapping: m.yaml}
+            """)
+    )
+    runner = CliRunner()
+    result = runner.invoke(command, ["setup", "--config", str(config), "-t", "file2"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "file2: nothing to do\n"
+    assert seen[0][0] == "file2"
+    assert seen[0][1] > 0
+    result = runner.invoke(command, ["setup", "--config", str(config)])
+    assert result.exit_code != 0
+    assert "several jsonl destinations are configured" in result.output
+    result = runner.invoke(command, ["setup", "--config", str(config), "-t", "hook"])
+    assert result.exit_code != 0
+    assert "no jsonl destination 'hook'" in result.output
+    assert "Prepare it." in runner.invoke(command, ["setup", "--help"]).output

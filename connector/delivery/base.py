@@ -10,12 +10,13 @@ and not the others.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from connector.config_base import DestinationConfig, Rate
 from connector.errors import DeliveryError, FatalDelivery
+from connector.mapping import Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,11 @@ class DestinationType(Generic[C]):
     capabilities: Callable[[C], Capabilities]  # the one place they are built
     where: Callable[[C], str]  # where it sends, for `check`: never a secret nor a URL's path
     summary: str  # one line: what the type is, for `check` and errors
+    # what the vendor needs before the first sync (HubSpot's custom properties), as
+    # ``connector TAG setup -d D --destination NAME``: ``setup(config, mapping)`` does it,
+    # idempotently, and returns one line per thing it made or found already there
+    setup: Callable[[C, Mapping], Coroutine[Any, Any, list[str]]] | None = None
+    setup_help: str = ""
 
 
 def unsupported(deliveries: Sequence[Delivery], what: str) -> list[Result]:

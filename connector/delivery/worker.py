@@ -18,12 +18,13 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from connector._pressure import Pressure
 from connector.delivery.base import Delivery, Destination, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy
-from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
+from connector.errors import DeliveryError, FatalDelivery, QuotaPause, RetriableDelivery
 from connector.logs import get_logger
 from connector.metrics import Metrics
 from connector.store import LEASE_SECONDS, AsyncStore, OutboxRow
@@ -40,6 +41,9 @@ class _Outcome:
     conflicts: list[tuple[str, str, str]]  # customer, kind, detail
     # outbox id -> the contact id the destination said is gone (its returned id replaces it)
     replaced: dict[int, str] = field(default_factory=dict)
+    # operations that met the destination's used-up quota: due again at its reset, no attempt
+    paused: list[tuple[OutboxRow, float, str]] = field(default_factory=list)
+    pause: tuple[float, str, int | None] | None = None  # the longest pause met this round
 
 
 class DeliveryWorker:
@@ -79,6 +83,8 @@ class DeliveryWorker:
         self.lease = f"deliver:{dispensary}/{destination.name}"
         self.leased = False  # whether this process delivers for the destination now
         self._lease_checked = -LEASE_RENEW_SECONDS  # monotonic time of the last take/renew
+        # the destination's quota is used up until then (epoch seconds): nothing is claimed
+        self.paused_until = 0.0
         # a round the store could not record (it went away meanwhile): recorded before
         # anything else once it answers, or its claims, which the heartbeat renews, would
         # stay in flight as long as this process lives
@@ -91,6 +97,11 @@ class DeliveryWorker:
             return self.leased
         store = self.astore.store
         held = await self.astore.call(store.acquire, self.lease, store.process_id, LEASE_SECONDS)
+        if held and not self.leased:
+            # taken (at start, or from a replica that stopped): its pause holds here too
+            pause = await self.astore.call(store.pause_of, self.dispensary, self.destination.name)
+            if pause is not None:
+                self._pause_until(pause.until, pause.reason)
         if held != self.leased:
             log.info(
                 "delivery_lease",
@@ -141,6 +152,12 @@ class DeliveryWorker:
             # could have lapsed (it renews it every few seconds while it lives)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), LEASE_RENEW_SECONDS)
+            return
+        wait = self.paused_until - time.time()
+        if wait > 0:
+            # the quota is used up: claim nothing until it resets (renewing the lease)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), min(wait, LEASE_RENEW_SECONDS))
             return
         rows = await self.astore.call(store.claim, self.dispensary, self.destination.name, limit)
         if bulk and len(rows) >= self.concurrency * self.destination.batch_size:
@@ -256,6 +273,8 @@ class DeliveryWorker:
             outcome.dead,
             outcome.conflicts,
             replaced=outcome.replaced,
+            paused=outcome.paused,
+            pause=outcome.pause,
         )
 
     async def _send(
@@ -274,6 +293,9 @@ class DeliveryWorker:
                     results = await self.destination.backfill(deliveries)
                 else:
                     results = await self.destination.send(deliveries)
+            except QuotaPause as exc:
+                self._paused(batch, exc, outcome)
+                return
             except DeliveryError as exc:
                 self._failed(batch, exc, time.monotonic() - started, outcome)
                 return
@@ -287,6 +309,9 @@ class DeliveryWorker:
             results = [*results, *[Sent() for _ in range(len(batch) - len(results))]]
         debug = log.isEnabledFor(logging.DEBUG)
         for row, result in zip(batch, results[: len(batch)], strict=True):
+            if isinstance(result, QuotaPause):
+                self._paused([row], result, outcome)
+                continue
             if isinstance(result, DeliveryError):
                 self._failed([row], result, duration, outcome)
                 continue
@@ -318,6 +343,30 @@ class DeliveryWorker:
             self.metrics.delivery_seconds.labels(self.dispensary, self.destination.name).observe(
                 duration
             )
+
+    def _paused(self, batch: list[OutboxRow], exc: QuotaPause, outcome: _Outcome) -> None:
+        """The destination's quota is used up until ``exc.until``: these operations wait for
+        it with no attempt counted, and the destination claims nothing meanwhile."""
+        reason = f"quota: {exc}"
+        outcome.paused.extend((row, exc.until, reason) for row in batch)
+        if outcome.pause is None or exc.until > outcome.pause[0]:
+            outcome.pause = (exc.until, reason, exc.status_code)
+        self._pause_until(exc.until, reason)
+
+    def _pause_until(self, until: float, reason: str) -> None:
+        if until <= self.paused_until:
+            return
+        self.paused_until = until
+        log.warning(
+            "destination_paused",
+            dispensary=self.dispensary,
+            destination=self.destination.name,
+            until=datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds"),
+            seconds=round(max(0.0, until - time.time()), 1),
+            reason=reason,
+        )
+        if self.metrics is not None:  # the pause itself is read from the store at a scrape
+            self.metrics.quota_pauses.labels(self.dispensary, self.destination.name).inc()
 
     def _failed(
         self, batch: list[OutboxRow], exc: DeliveryError, duration: float, outcome: _Outcome

@@ -753,6 +753,12 @@ async def setup(
     finally:
         if client is None:
             await sink.aclose()
+    created = sum(1 for line in lines if ": created" in line)
+    lines.append(
+        f"done: {created} created"
+        if created
+        else "nothing to change: everything is already present"
+    )
     return lines
 
 
@@ -767,4 +773,10 @@ DESTINATION = DestinationType(
     capabilities=capabilities_for,
     where=where,
     summary="HubSpot contacts (batch upserts by a unique property, merges, e-mail consent)",
+    setup=setup,
+    setup_help=(
+        "Create the unique upsert property (id_property) and the custom properties the "
+        "mapping writes, through HubSpot's properties API. Idempotent: what exists is left "
+        "as it is, and a second run says so."
+    ),
 )

@@ -102,6 +102,19 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """A destination waiting for its quota to reset: nothing is claimed for it before
+    ``until`` (epoch seconds), and the operations that met the quota count no attempt."""
+
+    dispensary: str
+    destination: str
+    until: float
+    reason: str
+    status_code: int | None
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
 class RegisteredProcess:
     """A process of the cluster that claims work (``serve``'s pipeline, a ``reconcile``)."""
 
@@ -192,7 +205,13 @@ class Outbox(Protocol):
         dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
         conflicts: Sequence[tuple[str, str, str]] = (),
         replaced: Mapping[int, str] | None = None,
+        paused: Sequence[tuple[OutboxRow, float, str]] = (),
+        pause: tuple[float, str, int | None] | None = None,
     ) -> None: ...
+
+    def pause_of(self, dispensary: str, destination: str) -> Pause | None:
+        """The destination's pause, if it has one that has not ended."""
+        ...
 
     def next_due(self, dispensary: str, destination: str) -> float | None: ...
 
@@ -335,6 +354,10 @@ class Admin(Protocol):
 
     def registered_processes(self) -> list[RegisteredProcess]:
         """The processes registered in the cluster, oldest first."""
+        ...
+
+    def pauses(self) -> list[Pause]:
+        """The destinations paused now, by dispensary and destination."""
         ...
 
     def close(self) -> None: ...

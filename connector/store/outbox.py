@@ -8,6 +8,8 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    case,
+    delete,
     func,
     insert,
     select,
@@ -28,6 +30,7 @@ from connector.store._statements import (
 )
 from connector.store.abc import (
     OutboxRow,
+    Pause,
 )
 from connector.store.plans import PlanSql
 from connector.store.schema import conflicts as conflicts_table
@@ -36,6 +39,7 @@ from connector.store.schema import (
     customers,
     dead_letters,
     outbox,
+    pauses,
 )
 
 
@@ -191,13 +195,19 @@ class OutboxSql(PlanSql):
         dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
         conflicts: Sequence[tuple[str, str, str]] = (),
         replaced: Mapping[int, str] | None = None,
+        paused: Sequence[tuple[OutboxRow, float, str]] = (),
+        pause: tuple[float, str, int | None] | None = None,
     ) -> None:
         """Record a round of delivery: successes (with any returned contact id), retries
         (with their next attempt time), dead letters (with the response), and what the
         destination made the adapter work around (customer, kind, detail).
 
         ``replaced``: by outbox id, the contact id a success's returned id replaces (the
-        destination said it is gone: merged away on its side, deleted)."""
+        destination said it is gone: merged away on its side, deleted).
+        ``paused``: operations that met the destination's used-up quota, due again at the
+        given time with no attempt counted (one that had never been tried before keeps no
+        first attempt time either); ``pause``: the destination's pause (until, reason,
+        status), which every process delivering for it honours."""
         now = self._now()
         offset = self._clock_offset  # a retry's time is this host's; stored in the store's
         written = {
@@ -237,6 +247,26 @@ class OutboxSql(PlanSql):
                     conn, (outbox.c.id == row.id) & mine, "pending",
                     next_attempt_at=at + offset, last_error=error[:2000],
                 )  # fmt: skip
+            for row, at, reason in paused:
+                conn.execute(
+                    update(outbox)
+                    .where((outbox.c.id == row.id) & mine)
+                    .values(
+                        status="pending",
+                        claimed_by=None,
+                        claimed_until=None,
+                        next_attempt_at=at + offset,
+                        last_error=reason[:2000],
+                        first_attempt_at=case(
+                            (outbox.c.attempts == 0, None), else_=outbox.c.first_attempt_at
+                        ),
+                    )
+                )
+            if pause is not None:
+                until, reason, status_code = pause
+                self._set_pause(
+                    conn, dispensary, destination, until + offset, reason, status_code, now
+                )
             for row, reason, status_code, response in dead:
                 mine_now = (outbox.c.id == row.id) & mine
                 if not _settle(conn, mine_now, "dead", done_at=now, last_error=reason[:2000]):
@@ -272,6 +302,61 @@ class OutboxSql(PlanSql):
                         )
                         .values(delivered_hash=None, updated_at=now)
                     )
+
+    def _set_pause(
+        self,
+        conn: Connection,
+        dispensary: str,
+        destination: str,
+        until: float,
+        reason: str,
+        status_code: int | None,
+        now: float,
+    ) -> None:
+        key = (pauses.c.dispensary == dispensary) & (pauses.c.destination == destination)
+        held = conn.execute(select(pauses.c.paused_until).where(key)).scalar()
+        if held is not None and held >= until:
+            return  # a longer pause already stands (another batch met the quota first)
+        conn.execute(delete(pauses).where(key))
+        conn.execute(
+            insert(pauses).values(
+                dispensary=dispensary,
+                destination=destination,
+                paused_until=until,
+                reason=reason[:2000],
+                status_code=status_code,
+                paused_at=now,
+            )
+        )
+
+    def pause_of(self, dispensary: str, destination: str) -> Pause | None:
+        """The destination's pause, if it has one that has not ended."""
+        found = self._pauses(
+            (pauses.c.dispensary == dispensary) & (pauses.c.destination == destination)
+        )
+        return found[0] if found else None
+
+    def pauses(self) -> list[Pause]:
+        """The destinations paused now (their pause not yet over), by name."""
+        return self._pauses(None)
+
+    def _pauses(self, where: Any) -> list[Pause]:
+        now, offset = self._now(), self._clock_offset
+        query = select(pauses).where(pauses.c.paused_until > now)
+        if where is not None:
+            query = query.where(where)
+        rows = self._read(query.order_by(pauses.c.dispensary, pauses.c.destination))
+        return [
+            Pause(
+                dispensary=r.dispensary,
+                destination=r.destination,
+                until=float(r.paused_until) - offset,
+                reason=r.reason,
+                status_code=r.status_code,
+                since=float(r.paused_at) - offset,
+            )
+            for r in rows
+        ]
 
     def _record_contacts(
         self,

@@ -225,3 +225,17 @@ schedule_ticks = Table(
     Column("holder", String(64), nullable=False),
     Column("claimed_at", Float, nullable=False),
 )
+
+# Revision 0003: a destination paused until its quota resets (a vendor's daily cap, a window's
+# allowance announced with its reset time): the worker that holds the destination's lease
+# claims nothing before ``paused_until``, and a replica taking the lease over reads it here.
+pauses = Table(
+    "pauses",
+    metadata,
+    Column("dispensary", String(128), primary_key=True),
+    Column("destination", String(128), primary_key=True),
+    Column("paused_until", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("status_code", Integer),
+    Column("paused_at", Float, nullable=False),
+)
