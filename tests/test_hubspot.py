@@ -949,3 +949,29 @@ def test_flow_daily_cap_pauses_the_destination_until_midnight(
             assert pause.until == bare.daily_reset_at()
 
     asyncio.run(go())
+
+
+# ---- check and map -----------------------------------------------------------------------------
+
+
+def test_check_passes_offline_and_map_works_on_the_seed_event(tmp_path: Path) -> None:
+    shutil.copy(MAPPING, tmp_path / "hubspot.yaml")
+    config = tmp_path / "config.yaml"
+    # an unreachable base_url: check must not contact HubSpot
+    config.write_text(
+        flow_config(base_url="http://127.0.0.1:9").replace(
+            "sqlite:///connector.db", f"sqlite:///{tmp_path}/c.db"
+        )
+    )
+    runner = CliRunner()
+    checked = runner.invoke(main, ["check", "--config", str(config)])
+    assert checked.exit_code == 0, checked.output
+    assert "hubspot → http://127.0.0.1:9, idProperty treez_customer_key" in checked.output
+    assert TOKEN not in checked.output
+    seed = ROOT / "tests" / "data" / "seed_body.json"
+    mapped = runner.invoke(main, ["map", "--config", str(config), str(seed)])
+    assert mapped.exit_code == 0, mapped.output
+    fields = json.loads(mapped.output)
+    assert fields[KEY] == f"treez-{DISPENSARY}-3904"
+    assert fields["firstname"] == "Jules"
+    assert fields["treez_groups"] == "SENIOR"
