@@ -430,7 +430,12 @@ def test_unsubscribe_without_a_mapped_email_uses_the_contacts_own(fake: HubSpotF
     [result], _ = send(fake, [op])
     assert result == Sent(contact_of(made))
     assert fake.opted_out("own@example.com")
-    [unknown], _ = send(fake, [delivery("unsubscribe", "1009", fields={KEY: "x"})])
+    # the contact not made yet: retried (never counted as done) until its upsert is delivered
+    [waiting], _ = send(fake, [delivery("unsubscribe", "1009", fields={KEY: "x"})])
+    assert type(waiting) is RetriableDelivery
+    [no_email], _ = send(fake, [upsert("1010", 3)])
+    op = delivery("unsubscribe", "1010", contact_id=contact_of(no_email), fields={KEY: "y"})
+    [unknown], _ = send(fake, [op])
     assert isinstance(unknown, Sent)
     assert unknown.conflict is not None
     assert unknown.conflict.startswith("no_identifier: ")

@@ -535,7 +535,14 @@ class HubSpotSink:
             except DeliveryError as exc:
                 results[index] = exc
                 continue
-            if email is None:
+            if email is None and delivery.contact_id is None:
+                # no e-mail mapped and the contact not made yet (its upsert is queued,
+                # retrying or dead-lettered): wait for it, never count the opt-out as done
+                results[index] = RetriableDelivery(
+                    f"{op}: no e-mail mapped and this customer's HubSpot contact is not known "
+                    "yet; trying again"
+                )
+            elif email is None:
                 results[index] = Sent(
                     delivery.contact_id,
                     f"no_identifier: no e-mail known for this customer's HubSpot contact; the "
