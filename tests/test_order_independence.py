@@ -32,15 +32,20 @@ from typing import Any
 import pytest
 from conftest import fresh_schema
 from fakes.alpineiq import AlpineIQFake
+from fakes.hubspot import HubSpotFake
 from fakes.klaviyo import KlaviyoFake
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_alpineiq import API_KEY, BASE_URL, config_text
+from test_hubspot import BASE as HUBSPOT_BASE
+from test_hubspot import flow_config as hubspot_config
+from test_hubspot import prepared as prepared_hubspot
 from test_klaviyo import BASE as KLAVIYO_BASE
 from test_klaviyo import flow_config as klaviyo_config
 from vendor_flow import DISPENSARY, Flow, event_body
 
 from connector.destinations.alpineiq import AlpineIQSink
+from connector.destinations.hubspot import HubSpotSink
 from connector.destinations.klaviyo import KlaviyoSink
 from connector.mapping import compile_mapping_text
 from connector.planner import CustomerState, DestinationSpec, Operation, plan
@@ -269,7 +274,34 @@ def braze() -> Vendor:
     )
 
 
-VENDORS = {"alpineiq": alpineiq, "klaviyo": klaviyo, "braze": braze}
+def hubspot() -> Vendor:
+    fake = prepared_hubspot(HubSpotFake(rate_limits=False, seed=3))
+
+    def consent(contact: str) -> str | None:
+        found = fake.contact(contact)
+        email = found.properties.get("email") if found is not None else None
+        if email is None:
+            return None
+        if fake.opted_out(email):
+            return "out"
+        subscribed = fake.subscription_status(email, 1001) == "SUBSCRIBED"
+        return "in" if subscribed else None
+
+    return Vendor(
+        "hubspot",
+        "hs",
+        fake,
+        fake.app,
+        hubspot_config(),
+        HubSpotSink,
+        HUBSPOT_BASE,
+        lambda status, count: fake.fail_next(status, count),
+        consent,
+        lambda: [c for c in fake.status_changes if c.status == "SUBSCRIBED"],
+    )
+
+
+VENDORS = {"alpineiq": alpineiq, "klaviyo": klaviyo, "braze": braze, "hubspot": hubspot}
 
 
 async def run_order(
