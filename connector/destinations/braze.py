@@ -18,10 +18,10 @@ every call (a changed template never re-keys a profile).
   never sends ``opted_in``. **unsubscribe**: ``email_subscribe: unsubscribed`` through
   ``/users/track`` (which creates the profile unsubscribed if it does not exist yet), then
   ``POST /v2/subscription/status/set`` ``unsubscribed`` for the configured SMS (and e-mail)
-  subscription groups, by external id (SMS has no global state in Braze). **subscribe**
-  (planned only under ``resubscribe: on_source_opt_in``): ``email_subscribe: subscribed``
-  (Braze's default state, never ``opted_in``) and the configured groups joined; it never
-  creates a profile.
+  subscription groups, by external id (SMS has no global state in Braze), 50 users a call.
+  **subscribe** (planned only under ``resubscribe: on_source_opt_in``): ``email_subscribe:
+  subscribed`` (Braze's default state, never ``opted_in``) and the configured groups joined;
+  it never creates a profile.
 - **merge**: ``POST /users/merge`` (up to 50 a request): the absorbed customer's external id
   into the final survivor's (the worker resolves it). Braze applies merges later, in no
   guaranteed order; afterwards the absorbed external id names no profile, and a track call
@@ -75,7 +75,7 @@ from connector.treez import CustomerEvent, parse_event_json
 
 OBJECTS_PER_REQUEST = 75  # /users/track: 75 attributes objects (50 combined on newer plans)
 MERGES_PER_REQUEST = 50
-IDS_PER_GROUP_ENTRY = 50  # /v2/subscription/status/set: external_ids per entry
+USERS_PER_STATUS_REQUEST = 50  # /v2/subscription/status/set: "up to 50 users" a request
 TRACK_LIMITS = (Rate(3_000, 3.0),)
 USERS_LIMITS = (Rate(20_000, 60.0),)  # merge, delete, identify, alias: shared
 SUBSCRIPTION_LIMITS = (Rate(5_000, 60.0),)
@@ -375,8 +375,10 @@ class BrazeSink:
 
     async def _groups(self, deliveries: list[Delivery], results: list[Result | None]) -> None:
         """The configured subscription groups of the consent changes that went through:
-        one ``/v2/subscription/status/set`` call, 50 external ids per group entry."""
-        wanted: dict[tuple[str, str], list[int]] = {}
+        ``/v2/subscription/status/set`` calls of at most 50 users each (Braze updates "up to
+        50 users" a request, whatever the number of group entries); a failed call fails
+        only the operations of its users."""
+        wanted: list[tuple[int, str, list[str]]] = []  # delivery index, state, groups
         for index, delivery in enumerate(deliveries):
             result = results[index]
             if delivery.op not in ("unsubscribe", "subscribe") or not isinstance(result, Sent):
@@ -389,32 +391,27 @@ class BrazeSink:
                 *(self.config.sms_subscription_groups if "sms" in channels else ()),
                 *(self.config.email_subscription_groups if "email" in channels else ()),
             ]
-            for group in groups:
-                wanted.setdefault((group, state), []).append(index)
-        if not wanted:
-            return
-        entries = []
-        involved: set[int] = set()
-        for (group, state), indexes in wanted.items():
-            ids = [str(_sent_id(results[i])) for i in indexes]
-            involved.update(indexes)
-            for start in range(0, len(ids), IDS_PER_GROUP_ENTRY):
-                entries.append(
-                    {
-                        "subscription_group_id": group,
-                        "subscription_state": state,
-                        "external_ids": ids[start : start + IDS_PER_GROUP_ENTRY],
-                    }
+            if groups:
+                wanted.append((index, state, groups))
+        for start in range(0, len(wanted), USERS_PER_STATUS_REQUEST):
+            chunk = wanted[start : start + USERS_PER_STATUS_REQUEST]
+            by_group: dict[tuple[str, str], list[str]] = {}
+            for index, state, groups in chunk:
+                for group in groups:
+                    by_group.setdefault((group, state), []).append(str(_sent_id(results[index])))
+            entries = [
+                {"subscription_group_id": group, "subscription_state": state, "external_ids": ids}
+                for (group, state), ids in by_group.items()
+            ]
+            try:
+                await self._post(
+                    "/v2/subscription/status/set", "subscription", {"subscription_groups": entries}
                 )
-        try:
-            await self._post(
-                "/v2/subscription/status/set", "subscription", {"subscription_groups": entries}
-            )
-        except QuotaPause:
-            raise
-        except DeliveryError as exc:
-            for index in involved:
-                results[index] = exc
+            except QuotaPause:
+                raise
+            except DeliveryError as exc:
+                for index, _, _ in chunk:
+                    results[index] = exc
 
     # --- merges ---------------------------------------------------------------------------
 

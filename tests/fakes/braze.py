@@ -21,7 +21,8 @@ the user attributes object and the subscription group endpoints):
   ``events`` and ``purchases`` of a track request, or combined when ``combined_limit`` (the
   newer plans' 50 updates "combined across attribute, event, or purchase objects"): more is
   a fatal 400 ``Max Input Length Exceeded``. At most 50 merge updates, 50 ids to delete, 50
-  ids per subscription group entry (fatal 400 with Braze's documented messages).
+  ids per subscription group entry and 50 distinct users per status request, all entries
+  together ("up to 50 users"; fatal 400 with Braze's documented messages).
 - **Profiles** are upserted by ``external_id`` (or found by ``braze_id``; an object keyed by
   ``email`` or ``phone`` updates the most recently updated profile holding it, else creates
   one). A profile is created with ``email_subscribe: subscribed`` (Braze's default);
@@ -747,6 +748,7 @@ class BrazeFake:
         if not isinstance(entries, list) or not entries:
             raise ApiError(400, "'subscription_groups' must be a non-empty array of objects")
         plan: list[tuple[str, str, list[Profile]]] = []
+        users: set[tuple[str, str]] = set()  # the distinct users the request names
         for entry in entries:
             if not isinstance(entry, dict):
                 raise ApiError(400, "'subscription_groups' must be an array of objects")
@@ -775,6 +777,13 @@ class BrazeFake:
                     )
                 targets += self._targets(kind, values)
             plan.append((group, state, targets))
+            users.update((kind, v) for kind in given for v in _listed(entry[kind]))
+        if len(users) > MAX_IDS:
+            # "batch update the subscription state of up to 50 users": the request as a
+            # whole, whatever the number of group entries
+            raise ApiError(
+                400, "The max number of external_ids and aliases per request was exceeded"
+            )
         for group, state, targets in plan:
             for profile in targets:
                 self._set_group(profile, group, state, at, "/v2/subscription/status/set")
@@ -810,6 +819,10 @@ class _Injected(ApiError):
 
     def body(self) -> Any:
         return self.injected
+
+
+def _listed(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _identifier_kind(value: Any) -> str | None:
