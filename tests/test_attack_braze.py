@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fakes.braze import BrazeFake
 from fakes.clock import HandClock
@@ -30,6 +32,7 @@ from test_braze import (
     BASE,
     FAKE_KEY,
     FINAL,
+    MAPPING,
     MERGE,
     PERSON,
     SMS,
@@ -38,6 +41,8 @@ from test_braze import (
     TRACK,
     VEGA,
     VINCENT,
+    braze_config,
+    delivery,
     flow_config,
     me,
     merge_pair,
@@ -45,6 +50,7 @@ from test_braze import (
 from vendor_flow import DISPENSARY, Flow, event_body
 
 from connector.destinations.braze import BrazeSink
+from connector.errors import QuotaPause
 
 
 class PathFailing:
@@ -53,20 +59,28 @@ class PathFailing:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.pending: dict[str, list[tuple[int, Any]]] = {}
+        self.pending: dict[str, list[tuple[int, Any, list[tuple[bytes, bytes]]]]] = {}
 
-    def fail(self, path: str, status: int, body: Any = None, count: int = 1) -> None:
+    def fail(
+        self,
+        path: str,
+        status: int,
+        body: Any = None,
+        count: int = 1,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         answer = body if body is not None else {"message": "injected"}
-        self.pending.setdefault(path, []).extend([(status, answer)] * count)
+        more = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.pending.setdefault(path, []).extend([(status, answer, more)] * count)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         queue = self.pending.get(scope.get("path", ""), [])
         if scope["type"] == "http" and queue:
-            status, body = queue.pop(0)
+            status, body, more = queue.pop(0)
             while (await receive()).get("more_body"):
                 pass
             payload = json.dumps(body).encode()
-            headers = [(b"content-type", b"application/json")]
+            headers = [(b"content-type", b"application/json"), *more]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": payload})
             return
@@ -557,5 +571,64 @@ def test_refused_objects_fail_exactly_their_operations_in_a_mixed_batch(
                 assert out(fake, str(7000 + i)) == OPTED_OUT
             for i in (1, 3, 5):
                 assert out(fake, str(7000 + i)) == {"email": "subscribed"}
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"type": "injected"},  # no index
+        {"type": "injected", "index": 0},  # no input_array
+        {"type": "injected", "input_array": "attributes", "index": 7},  # no such object
+    ],
+    ids=["no-index", "no-array", "out-of-range"],
+)
+def test_a_non_fatal_error_naming_no_object_never_passes_an_opt_out_as_delivered(
+    tmp_path: Path, fake: BrazeFake, error: dict[str, Any]
+) -> None:
+    """Braze documents the non-fatal errors only as ``<minor error message>``: one the
+    adapter cannot tie to an object may be the unsubscribe's. Counting it delivered would
+    lose the opt-out for good; failing it keeps it owed (dead, then replayed)."""
+    app = PathFailing(fake.app)
+
+    async def go() -> None:
+        async with flow_of(tmp_path, app) as flow:
+            await flow.deliver(event_body("1001", 1, **PERSON))
+            refused = {"message": "success", "attributes_processed": 0, "errors": [error]}
+            app.fail(TRACK, 201, refused, count=2)
+            await flow.deliver(event_body("1001", 2, opt_out="true", **PERSON))
+            assert "unsubscribe" in {d["op"] for d in flow.dead_letters()}
+            await replay_all(flow)
+            assert out(fake, "1001") == OPTED_OUT
+
+    asyncio.run(go())
+
+
+# ---- 5. 429 ------------------------------------------------------------------------------------
+
+
+def test_a_429_whose_reset_has_passed_still_pauses(tmp_path: Path, clock: HandClock) -> None:
+    """Braze's ``X-RateLimit-Reset`` read on a host whose clock runs ahead of Braze's is in
+    the past: a pause of nothing would send again at once, as fast as the loop turns, with
+    no attempt counted, until Braze's window really ends."""
+    fake = BrazeFake(clock=clock, subscription_groups=[SMS])
+    app = PathFailing(fake.app)
+    shutil.copy(MAPPING, tmp_path / "braze.yaml")
+    config = braze_config(tmp_path, api_key=FAKE_KEY)
+
+    async def go() -> None:
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+        sink = BrazeSink(config, client, wall=clock)
+        headers_body = {"message": "Rate Limit Exceeded"}
+        app.fail(TRACK, 429, headers_body, headers={"x-ratelimit-reset": str(int(clock()) - 2)})
+        try:
+            with pytest.raises(QuotaPause) as info:
+                await sink.send(
+                    [delivery("upsert", "1", fields={"external_id": me("1"), "first_name": "Mia"})]
+                )
+            assert info.value.until >= clock() + 1.0
+        finally:
+            await sink.aclose()
 
     asyncio.run(go())

@@ -10,7 +10,8 @@ every call (a changed template never re-keys a profile).
   mapped attributes go as they are, less what only the connector may say (``email_subscribe``,
   ``subscription_groups``, ``push_subscribe``, identifiers other than ``external_id``).
   Braze answers 201 ``success`` with non-fatal ``errors[]`` naming refused objects by index:
-  each is that operation's failure (dead-lettered), the others succeed.
+  each is that operation's failure (dead-lettered), the others succeed; an error that names
+  no object of the call fails them all (it may be an opt-out's).
 - **consent**: Braze creates a profile ``email_subscribe: subscribed``. An upsert whose mapped
   ``opt_out_attribute`` (``treez_opt_out``, the planner's consent view) is true carries
   ``email_subscribe: unsubscribed`` in the same object, so a customer opted out when first
@@ -36,8 +37,8 @@ every call (a changed template never re-keys a profile).
 - **pacing**: ``/users/track`` 3,000 requests per 3 s; ``/users/merge`` (with delete,
   identify, alias) 20,000 per minute; subscription status 5,000 per minute, counted for
   every sink of one API key. A 429 carries ``X-RateLimit-Reset`` (epoch seconds) and no
-  ``Retry-After``: the call raises :class:`~connector.errors.QuotaPause` until that time (the
-  worker pauses the destination and counts no attempt).
+  ``Retry-After``: the call raises :class:`~connector.errors.QuotaPause` until that time, a
+  second at least (the worker pauses the destination and counts no attempt).
 
 Error messages name Braze's status, the refused object's index and Braze's error text only
 when it cannot echo what was sent (no ``@``, no run of digits).
@@ -79,6 +80,7 @@ USERS_PER_STATUS_REQUEST = 50  # /v2/subscription/status/set: "up to 50 users" a
 TRACK_LIMITS = (Rate(3_000, 3.0),)
 USERS_LIMITS = (Rate(20_000, 60.0),)  # merge, delete, identify, alias: shared
 SUBSCRIPTION_LIMITS = (Rate(5_000, 60.0),)
+MIN_PAUSE_SECONDS = 1.0  # the shortest pause a 429 with X-RateLimit-Reset causes
 # what only the connector may say (consent), or that would address another profile
 RESERVED = frozenset(
     {
@@ -359,19 +361,30 @@ class BrazeSink:
             return
         data = json_or_none(response)
         errors = data.get("errors") if isinstance(data, dict) else None
+        unplaced: list[str] = []  # errors that name no object of this call
         for error in errors if isinstance(errors, list) else []:
-            if not isinstance(error, dict):
+            found = error if isinstance(error, dict) else {}
+            what = _safe(found.get("type")) or "refused"
+            at = _index(found, len(owners))
+            if at is None:
+                unplaced.append(what)
                 continue
-            at = error.get("index")
-            if error.get("input_array") != "attributes" or not isinstance(at, int):
-                continue
-            if 0 <= at < len(owners):
-                what = _safe(error.get("type")) or "refused"
-                results[owners[at]] = FatalDelivery(
-                    f"Braze refused the /users/track object attributes[{at}]: {what}",
-                    status_code=response.status_code,
-                    body=response.text[:4096],
-                )
+            results[owners[at]] = FatalDelivery(
+                f"Braze refused the /users/track object attributes[{at}]: {what}",
+                status_code=response.status_code,
+                body=response.text[:4096],
+            )
+        if unplaced:
+            # an error naming no object may be any object's (an opt-out's): none of them
+            # counts as delivered (dead-lettered, a replay sends them again)
+            for index in owners:
+                if not isinstance(results[index], DeliveryError):
+                    results[index] = FatalDelivery(
+                        "Braze reported a /users/track error naming no object of the call "
+                        f"({unplaced[0]}): every object of the call counts as refused",
+                        status_code=response.status_code,
+                        body=response.text[:4096],
+                    )
 
     async def _groups(self, deliveries: list[Delivery], results: list[Result | None]) -> None:
         """The configured subscription groups of the consent changes that went through:
@@ -470,7 +483,9 @@ class BrazeSink:
         raise QuotaPause(
             f"HTTP 429 from {self.api.host} ({path}): Braze's rate limit is used up until "
             f"{reset:.0f} (X-RateLimit-Reset)",
-            until=max(reset, self._wall()),
+            # at least a moment: a reset already past (this host's clock ahead of Braze's)
+            # would send again at once, as fast as the loop turns, with no attempt counted
+            until=max(reset, self._wall() + MIN_PAUSE_SECONDS),
             status_code=429,
             body=self._scrub(response.text[:4096]),
         )
@@ -488,6 +503,15 @@ class BrazeSink:
 
 def _channels(delivery: Delivery) -> set[str]:
     return set(delivery.body.get("channels") or ("email", "sms"))
+
+
+def _index(error: dict[str, Any], size: int) -> int | None:
+    """The index of the attributes object a non-fatal error names, None when it names
+    none of the ``size`` objects sent."""
+    at = error.get("index")
+    if error.get("input_array") != "attributes" or type(at) is not int:
+        return None
+    return at if 0 <= at < size else None
 
 
 def _sent_id(result: Result | None) -> str | None:
