@@ -725,3 +725,22 @@ def test_any_order_leaves_one_profile_per_person_never_resubscribed(
             await flow.close()
 
     asyncio.run(go())
+
+
+def test_a_profile_deleted_in_braze_comes_back_out_of_every_group(
+    tmp_path: Path, fake: BrazeFake
+) -> None:
+    """A marketer deletes an opted-out customer's profile; the next upsert (a new version,
+    or a reconciliation's resend) recreates it: unsubscribed from e-mail and from every
+    configured SMS group, in the same call (the unsubscribe was delivered once and is not
+    planned again)."""
+
+    async def go() -> None:
+        async with flow_of(tmp_path, fake.app) as flow:
+            await flow.deliver(event_body("1001", 1, opt_out="true", **PERSON))
+            assert fake.delete(me("1001"))
+            await flow.deliver(event_body("1001", 2, opt_out="true", first_name="Mo", **PERSON))
+            assert out(fake, "1001") == OPTED_OUT
+            assert fake.email_history(me("1001")) == ["unsubscribed"]
+
+    asyncio.run(go())
