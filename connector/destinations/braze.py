@@ -14,11 +14,13 @@ every call (a changed template never re-keys a profile).
   no object of the call fails them all (it may be an opt-out's).
 - **consent**: Braze creates a profile ``email_subscribe: subscribed``. An upsert whose mapped
   ``opt_out_attribute`` (``treez_opt_out``, the planner's consent view) is true carries
-  ``email_subscribe: unsubscribed`` in the same object, so a customer opted out when first
-  sent is never subscribed for a moment; otherwise Braze's default stands and the connector
-  never sends ``opted_in``. **unsubscribe**: ``email_subscribe: unsubscribed`` through
-  ``/users/track`` (which creates the profile unsubscribed if it does not exist yet), then
-  ``POST /v2/subscription/status/set`` ``unsubscribed`` for the configured SMS (and e-mail)
+  ``email_subscribe: unsubscribed`` and the configured subscription groups ``unsubscribed``
+  in the same object, so a customer opted out when first sent (or whose profile was deleted
+  in Braze and comes back) is never subscribed for a moment nor left outside a group;
+  otherwise Braze's default stands and the connector never sends ``opted_in``.
+  **unsubscribe**: ``email_subscribe: unsubscribed`` through ``/users/track`` (which creates
+  the profile unsubscribed if it does not exist yet), then ``POST
+  /v2/subscription/status/set`` ``unsubscribed`` for the configured SMS (and e-mail)
   subscription groups, by external id (SMS has no global state in Braze), 50 users a call.
   **subscribe** (planned only under ``resubscribe: on_source_opt_in``): ``email_subscribe:
   subscribed`` (Braze's default state, never ``opted_in``) and the configured groups joined;
@@ -317,6 +319,14 @@ class BrazeSink:
             item.update({k: v for k, v in fields.items() if k not in RESERVED})
             if fields.get(self.config.opt_out_attribute) is True:
                 item["email_subscribe"] = "unsubscribed"
+                # and out of every configured group in the same call: a profile this call
+                # (re)creates, after a deletion in Braze, is never left outside them
+                groups = self._configured_groups()
+                if groups:
+                    item["subscription_groups"] = [
+                        {"subscription_group_id": group, "subscription_state": "unsubscribed"}
+                        for group in groups
+                    ]
         elif op == "unsubscribe":
             for name in ("email", "phone"):  # a profile this call creates holds them
                 if _text(fields.get(name)) and delivery.contact_id is None:
@@ -339,6 +349,12 @@ class BrazeSink:
         if len(item) == 1 + ("_update_existing_only" in item):
             return Sent(key), None  # nothing to say through track (an SMS-only change)
         return Sent(key), item
+
+    def _configured_groups(self) -> list[str]:
+        config = self.config
+        return list(
+            dict.fromkeys((*config.sms_subscription_groups, *config.email_subscription_groups))
+        )
 
     async def _merged_away(self, delivery: Delivery, key: str) -> bool:
         """Whether the identity map gives the contact to another customer now: this
