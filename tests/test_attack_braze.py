@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -228,15 +229,47 @@ def test_a_refused_unsubscribe_object_is_dead_and_its_replay_unsubscribes(
 def test_a_failed_group_call_after_the_email_went_through_is_retried(
     tmp_path: Path, fake: BrazeFake, status: int
 ) -> None:
+    """The unsubscribe's track call went through, its group call did not: the operation is
+    tried again (a 429 with Braze's reset pauses it, no attempt counted) until the group
+    call is answered."""
     app = PathFailing(fake.app)
 
     async def go() -> None:
         async with flow_of(tmp_path, app) as flow:
             await flow.deliver(event_body("1001", 1, **PERSON))
-            app.fail(STATUS, status)
+            reset = {"x-ratelimit-reset": str(int(time.time()) + 1)} if status == 429 else {}
+            app.fail(STATUS, status, headers=reset)
             await flow.deliver(event_body("1001", 2, opt_out="true", **PERSON))
             assert out(fake, "1001") == OPTED_OUT
             assert flow.dead_letters() == []
+            assert len(fake.calls_to(STATUS)) == 1  # the one after the failure
+            [row] = [r for r in flow.outbox() if r["op"] == "unsubscribe"]
+            assert (row["status"], row["attempts"]) == ("done", 1 if status == 429 else 2)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("how", ["refused", "503"])
+def test_a_first_sight_opt_out_whose_create_failed_is_never_subscribed(
+    tmp_path: Path, fake: BrazeFake, how: str
+) -> None:
+    app = PathFailing(fake.app)
+    refused = {
+        "message": "success",
+        "errors": [{"type": "injected", "input_array": "attributes", "index": 0}],
+    }
+
+    async def go() -> None:
+        async with flow_of(tmp_path, app) as flow:
+            if how == "refused":
+                app.fail(TRACK, 201, refused)
+            else:
+                app.fail(TRACK, 503)
+            await flow.deliver(event_body("1001", 1, opt_out="true", **PERSON))
+            await replay_all(flow)
+            assert fake.email_history(me("1001")) == ["unsubscribed"]
+            assert out(fake, "1001") == OPTED_OUT
+            assert fake.subscribes == []
 
     asyncio.run(go())
 
