@@ -449,6 +449,45 @@ def test_a_merge_refused_then_replayed_after_the_chain_moved_on(
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_chain_planned_at_once_is_merged_into_the_final_survivor_in_any_applied_order(
+    tmp_path: Path, clock: HandClock, seed: int
+) -> None:
+    """Both payloads of A into B and of B into C arrive before anything is delivered: the
+    two merges may share one /users/merge request, whose updates Braze applies in no
+    guaranteed order; neither may target a profile the other merges away."""
+    fake = BrazeFake(
+        clock=clock, subscription_groups=[SMS], merge_delay=5.0, seed=seed, shuffle_merges=True
+    )
+
+    async def go() -> None:
+        async with flow_of(tmp_path, fake.app) as flow:
+            await flow.deliver(
+                event_body(ABSORBED, 1, **VINCENT),
+                event_body(SURVIVOR, 1, **VEGA),
+                event_body(FINAL, 1, email="final@example.com"),
+            )
+            # the absorbed customers' payloads only: each plans nothing but its merge, so
+            # both merges are claimed together
+            await flow.deliver(
+                merge_pair(ABSORBED, SURVIVOR, 2, **VINCENT)[1],
+                merge_pair(SURVIVOR, FINAL, 3)[1],
+            )
+            [call] = fake.calls_to(MERGE)  # one request for both
+            assert [u["identifier_to_keep"]["external_id"] for u in call.body["merge_updates"]] == [
+                me(FINAL),
+                me(FINAL),
+            ]
+            fake.settle()
+            assert fake.merge_failures == []
+            assert [p["external_id"] for p in fake.profiles] == [me(FINAL)]
+            kept = fake.profile(me(FINAL))
+            assert kept is not None
+            assert kept["phone"] == "+13105551234"  # B's, through the chain
+
+    asyncio.run(go())
+
+
 # ---- deactivation ------------------------------------------------------------------------------
 
 
@@ -722,6 +761,7 @@ def test_any_order_leaves_one_profile_per_person_never_resubscribed(
     profile, and no call exceeds Braze's limits or names one profile twice."""
     events, merges, first, _ = case
     vendor = order_vendor()
+    vendor.fake.shuffle_merges = True  # one request's merges in no guaranteed order
     work = tmp_path_factory.mktemp("attack")
 
     async def go() -> None:

@@ -37,9 +37,11 @@ the user attributes object and the subscription group endpoints):
   from its creation (a profile created unsubscribed in one call never was ``subscribed``).
 - **Merges** are asynchronous: a merge update is accepted (202) and applied ``merge_delay``
   seconds later on the fake's clock (at the next request or read after that), or at once by
-  :meth:`BrazeFake.settle`. Applied: the fields found only on the absorbed profile (standard
-  ones and custom attributes) go to the kept one, and the absorbed profile and its
-  ``external_id`` are gone (a later track call with it creates a new profile, as in Braze).
+  :meth:`BrazeFake.settle`; with ``shuffle_merges`` the updates of one request are applied in
+  a shuffled order (Braze does not guarantee their sequence), else in the request's order.
+  Applied: the fields found only on the absorbed profile (standard ones and custom
+  attributes) go to the kept one, and the absorbed profile and its ``external_id`` are gone
+  (a later track call with it creates a new profile, as in Braze).
   A merge naming a profile that does not exist (yet, or any more) fails silently when it is
   applied (:attr:`BrazeFake.merge_failures`).
 - **Rate limits** (``rate_limits=True``): fixed windows per family, as documented:
@@ -249,7 +251,8 @@ class BrazeFake:
     hand clock to test windows and merges without sleeping. ``rate_limits``: True for Braze's
     documented limits, False for none, or a mapping family -> (requests, seconds) overriding
     some. ``subscription_groups``: the known group ids (None: any id is known).
-    ``merge_delay``: seconds between a merge's 202 and its effect. ``seed``: braze ids.
+    ``merge_delay``: seconds between a merge's 202 and its effect. ``seed``: braze ids (and
+    the order ``shuffle_merges`` applies one request's merge updates in).
     Thread-safe: records may be read from another thread while a server runs the app.
     """
 
@@ -264,6 +267,7 @@ class BrazeFake:
         subscription_groups: Iterable[str] | None = None,
         merge_delay: float = 1.0,
         seed: int = 0,
+        shuffle_merges: bool = False,
     ) -> None:
         if objects_per_request < 1:
             raise ValueError("objects_per_request must be at least 1")
@@ -283,6 +287,7 @@ class BrazeFake:
             None if subscription_groups is None else frozenset(subscription_groups)
         )
         self.merge_delay = merge_delay
+        self.shuffle_merges = shuffle_merges
         self.seed = seed
         self._lock = threading.RLock()
         self._reset_state()
@@ -694,6 +699,9 @@ class BrazeFake:
             if kinds != {"external_id"}:
                 raise ApiError(400, "this fake merges by external_id only")
             accepted.append(Merge(merged["external_id"], kept["external_id"], at))
+        if self.shuffle_merges:
+            # Braze does not guarantee the sequence of one request's merge updates
+            self._rng.shuffle(accepted)
         for merge in accepted:
             self._pending.append((at + self.merge_delay, merge))
         return 202, {"message": "success"}
