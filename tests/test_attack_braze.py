@@ -564,8 +564,13 @@ def test_two_dispensaries_never_write_each_others_profiles(tmp_path: Path, fake:
                 event_body("1001", 1, dispensary="shopy", first_name="Yolanda", **y),
                 event_body("1002", 1, dispensary="shopx", email="x2@example.com"),
                 event_body("1002", 1, dispensary="shopy", email="y2@example.com"),
+                event_body("1003", 1, dispensary="shopx", email="x3@example.com"),
+                event_body("1003", 1, dispensary="shopy", email="y3@example.com"),
             )
-            await flow.deliver(event_body("1001", 2, dispensary="shopx", opt_out="true", **PERSON))
+            await flow.deliver(
+                event_body("1001", 2, dispensary="shopx", opt_out="true", **PERSON),
+                event_body("1003", 2, dispensary="shopx", status="DEACTIVATED"),
+            )
             survivor = event_body(
                 "1002", 3, dispensary="shopx", merged_customer_ids=["1001"], email="x2@example.com"
             )
@@ -578,9 +583,13 @@ def test_two_dispensaries_never_write_each_others_profiles(tmp_path: Path, fake:
             other = fake.profile("treez-shopy-1001")
             assert other is not None
             assert other["first_name"] == "Yolanda"
-            assert "treez_status" not in other or other["treez_status"] == "ACTIVE"
+            assert other["treez_status"] == "ACTIVE"
             assert fake.consent("treez-shopy-1001") == {"email": "subscribed"}
             assert fake.profile("treez-shopy-1002") is not None
+            third = fake.profile("treez-shopy-1003")
+            assert third is not None
+            assert third["treez_status"] == "ACTIVE"
+            assert (fake.profile("treez-shopx-1003") or {}).get("treez_status") == "DEACTIVATED"
             assert out(fake, "1002", "shopx") == OPTED_OUT
             assert [c for c in fake.consent_log if "shopy" in str(c.external_id)] == []
             assert {m.merged for m in fake.merges} == {"treez-shopx-1001"}
