@@ -574,10 +574,8 @@ def test_two_dispensaries_never_write_each_others_profiles(tmp_path: Path, fake:
             survivor = event_body(
                 "1002", 3, dispensary="shopx", merged_customer_ids=["1001"], email="x2@example.com"
             )
-            absorbed = event_body(
-                "1001", 3, dispensary="shopx", status="DEACTIVATED",
-                merged_into_customer_id="1002", **PERSON,
-            )  # fmt: skip
+            gone = {"status": "DEACTIVATED", "merged_into_customer_id": "1002", **PERSON}
+            absorbed = event_body("1001", 3, dispensary="shopx", **gone)
             await flow.deliver(survivor, absorbed)
             fake.settle()
             other = fake.profile("treez-shopy-1001")
