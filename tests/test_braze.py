@@ -284,9 +284,18 @@ def test_an_opted_out_upsert_carries_unsubscribed_in_the_same_object(
     router: respx.MockRouter, mapping_dir: Path
 ) -> None:
     router.post(TRACK).mock(return_value=success())
-    send(braze_config(mapping_dir), delivery("upsert", fields=fields_of(treez_opt_out=True)))
-    [(_, body)] = sent(router)
-    assert body["attributes"][0]["email_subscribe"] == "unsubscribed"
+    config = braze_config(mapping_dir, email_subscription_groups=[EMAIL_GROUP])
+    send(config, delivery("upsert", fields=fields_of(treez_opt_out=True)))
+    send(config, delivery("upsert", fields=fields_of(treez_opt_out=False)))
+    [(_, opted_out), (_, opted_in)] = sent(router)
+    assert opted_out["attributes"][0]["email_subscribe"] == "unsubscribed"
+    # and out of every configured group in the same object (a recreated profile too)
+    assert opted_out["attributes"][0]["subscription_groups"] == [
+        {"subscription_group_id": SMS, "subscription_state": "unsubscribed"},
+        {"subscription_group_id": EMAIL_GROUP, "subscription_state": "unsubscribed"},
+    ]
+    assert "email_subscribe" not in opted_in["attributes"][0]
+    assert "subscription_groups" not in opted_in["attributes"][0]
 
 
 def test_a_batch_goes_in_one_call_and_a_non_fatal_error_fails_only_its_operation(

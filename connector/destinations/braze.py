@@ -10,18 +10,21 @@ every call (a changed template never re-keys a profile).
   mapped attributes go as they are, less what only the connector may say (``email_subscribe``,
   ``subscription_groups``, ``push_subscribe``, identifiers other than ``external_id``).
   Braze answers 201 ``success`` with non-fatal ``errors[]`` naming refused objects by index:
-  each is that operation's failure (dead-lettered), the others succeed.
+  each is that operation's failure (dead-lettered), the others succeed; an error that names
+  no object of the call fails them all (it may be an opt-out's).
 - **consent**: Braze creates a profile ``email_subscribe: subscribed``. An upsert whose mapped
   ``opt_out_attribute`` (``treez_opt_out``, the planner's consent view) is true carries
-  ``email_subscribe: unsubscribed`` in the same object, so a customer opted out when first
-  sent is never subscribed for a moment; otherwise Braze's default stands and the connector
-  never sends ``opted_in``. **unsubscribe**: ``email_subscribe: unsubscribed`` through
-  ``/users/track`` (which creates the profile unsubscribed if it does not exist yet), then
-  ``POST /v2/subscription/status/set`` ``unsubscribed`` for the configured SMS (and e-mail)
-  subscription groups, by external id (SMS has no global state in Braze). **subscribe**
-  (planned only under ``resubscribe: on_source_opt_in``): ``email_subscribe: subscribed``
-  (Braze's default state, never ``opted_in``) and the configured groups joined; it never
-  creates a profile.
+  ``email_subscribe: unsubscribed`` and the configured subscription groups ``unsubscribed``
+  in the same object, so a customer opted out when first sent (or whose profile was deleted
+  in Braze and comes back) is never subscribed for a moment nor left outside a group;
+  otherwise Braze's default stands and the connector never sends ``opted_in``.
+  **unsubscribe**: ``email_subscribe: unsubscribed`` through ``/users/track`` (which creates
+  the profile unsubscribed if it does not exist yet), then ``POST
+  /v2/subscription/status/set`` ``unsubscribed`` for the configured SMS (and e-mail)
+  subscription groups, by external id (SMS has no global state in Braze), 50 users a call.
+  **subscribe** (planned only under ``resubscribe: on_source_opt_in``): ``email_subscribe:
+  subscribed`` (Braze's default state, never ``opted_in``) and the configured groups joined;
+  it never creates a profile.
 - **merge**: ``POST /users/merge`` (up to 50 a request): the absorbed customer's external id
   into the final survivor's (the worker resolves it). Braze applies merges later, in no
   guaranteed order; afterwards the absorbed external id names no profile, and a track call
@@ -36,8 +39,8 @@ every call (a changed template never re-keys a profile).
 - **pacing**: ``/users/track`` 3,000 requests per 3 s; ``/users/merge`` (with delete,
   identify, alias) 20,000 per minute; subscription status 5,000 per minute, counted for
   every sink of one API key. A 429 carries ``X-RateLimit-Reset`` (epoch seconds) and no
-  ``Retry-After``: the call raises :class:`~connector.errors.QuotaPause` until that time (the
-  worker pauses the destination and counts no attempt).
+  ``Retry-After``: the call raises :class:`~connector.errors.QuotaPause` until that time, a
+  second at least (the worker pauses the destination and counts no attempt).
 
 Error messages name Braze's status, the refused object's index and Braze's error text only
 when it cannot echo what was sent (no ``@``, no run of digits).
@@ -75,10 +78,11 @@ from connector.treez import CustomerEvent, parse_event_json
 
 OBJECTS_PER_REQUEST = 75  # /users/track: 75 attributes objects (50 combined on newer plans)
 MERGES_PER_REQUEST = 50
-IDS_PER_GROUP_ENTRY = 50  # /v2/subscription/status/set: external_ids per entry
+USERS_PER_STATUS_REQUEST = 50  # /v2/subscription/status/set: "up to 50 users" a request
 TRACK_LIMITS = (Rate(3_000, 3.0),)
 USERS_LIMITS = (Rate(20_000, 60.0),)  # merge, delete, identify, alias: shared
 SUBSCRIPTION_LIMITS = (Rate(5_000, 60.0),)
+MIN_PAUSE_SECONDS = 1.0  # the shortest pause a 429 with X-RateLimit-Reset causes
 # what only the connector may say (consent), or that would address another profile
 RESERVED = frozenset(
     {
@@ -315,6 +319,14 @@ class BrazeSink:
             item.update({k: v for k, v in fields.items() if k not in RESERVED})
             if fields.get(self.config.opt_out_attribute) is True:
                 item["email_subscribe"] = "unsubscribed"
+                # and out of every configured group in the same call: a profile this call
+                # (re)creates, after a deletion in Braze, is never left outside them
+                groups = self._configured_groups()
+                if groups:
+                    item["subscription_groups"] = [
+                        {"subscription_group_id": group, "subscription_state": "unsubscribed"}
+                        for group in groups
+                    ]
         elif op == "unsubscribe":
             for name in ("email", "phone"):  # a profile this call creates holds them
                 if _text(fields.get(name)) and delivery.contact_id is None:
@@ -338,6 +350,12 @@ class BrazeSink:
             return Sent(key), None  # nothing to say through track (an SMS-only change)
         return Sent(key), item
 
+    def _configured_groups(self) -> list[str]:
+        config = self.config
+        return list(
+            dict.fromkeys((*config.sms_subscription_groups, *config.email_subscription_groups))
+        )
+
     async def _merged_away(self, delivery: Delivery, key: str) -> bool:
         """Whether the identity map gives the contact to another customer now: this
         customer was merged away (the profile is, or will be, merged on Braze's side)."""
@@ -359,24 +377,37 @@ class BrazeSink:
             return
         data = json_or_none(response)
         errors = data.get("errors") if isinstance(data, dict) else None
+        unplaced: list[str] = []  # errors that name no object of this call
         for error in errors if isinstance(errors, list) else []:
-            if not isinstance(error, dict):
+            found = error if isinstance(error, dict) else {}
+            what = _safe(found.get("type")) or "refused"
+            at = _index(found, len(owners))
+            if at is None:
+                unplaced.append(what)
                 continue
-            at = error.get("index")
-            if error.get("input_array") != "attributes" or not isinstance(at, int):
-                continue
-            if 0 <= at < len(owners):
-                what = _safe(error.get("type")) or "refused"
-                results[owners[at]] = FatalDelivery(
-                    f"Braze refused the /users/track object attributes[{at}]: {what}",
-                    status_code=response.status_code,
-                    body=response.text[:4096],
-                )
+            results[owners[at]] = FatalDelivery(
+                f"Braze refused the /users/track object attributes[{at}]: {what}",
+                status_code=response.status_code,
+                body=response.text[:4096],
+            )
+        if unplaced:
+            # an error naming no object may be any object's (an opt-out's): none of them
+            # counts as delivered (dead-lettered, a replay sends them again)
+            for index in owners:
+                if not isinstance(results[index], DeliveryError):
+                    results[index] = FatalDelivery(
+                        "Braze reported a /users/track error naming no object of the call "
+                        f"({unplaced[0]}): every object of the call counts as refused",
+                        status_code=response.status_code,
+                        body=response.text[:4096],
+                    )
 
     async def _groups(self, deliveries: list[Delivery], results: list[Result | None]) -> None:
         """The configured subscription groups of the consent changes that went through:
-        one ``/v2/subscription/status/set`` call, 50 external ids per group entry."""
-        wanted: dict[tuple[str, str], list[int]] = {}
+        ``/v2/subscription/status/set`` calls of at most 50 users each (Braze updates "up to
+        50 users" a request, whatever the number of group entries); a failed call fails
+        only the operations of its users."""
+        wanted: list[tuple[int, str, list[str]]] = []  # delivery index, state, groups
         for index, delivery in enumerate(deliveries):
             result = results[index]
             if delivery.op not in ("unsubscribe", "subscribe") or not isinstance(result, Sent):
@@ -389,32 +420,27 @@ class BrazeSink:
                 *(self.config.sms_subscription_groups if "sms" in channels else ()),
                 *(self.config.email_subscription_groups if "email" in channels else ()),
             ]
-            for group in groups:
-                wanted.setdefault((group, state), []).append(index)
-        if not wanted:
-            return
-        entries = []
-        involved: set[int] = set()
-        for (group, state), indexes in wanted.items():
-            ids = [str(_sent_id(results[i])) for i in indexes]
-            involved.update(indexes)
-            for start in range(0, len(ids), IDS_PER_GROUP_ENTRY):
-                entries.append(
-                    {
-                        "subscription_group_id": group,
-                        "subscription_state": state,
-                        "external_ids": ids[start : start + IDS_PER_GROUP_ENTRY],
-                    }
+            if groups:
+                wanted.append((index, state, groups))
+        for start in range(0, len(wanted), USERS_PER_STATUS_REQUEST):
+            chunk = wanted[start : start + USERS_PER_STATUS_REQUEST]
+            by_group: dict[tuple[str, str], list[str]] = {}
+            for index, state, groups in chunk:
+                for group in groups:
+                    by_group.setdefault((group, state), []).append(str(_sent_id(results[index])))
+            entries = [
+                {"subscription_group_id": group, "subscription_state": state, "external_ids": ids}
+                for (group, state), ids in by_group.items()
+            ]
+            try:
+                await self._post(
+                    "/v2/subscription/status/set", "subscription", {"subscription_groups": entries}
                 )
-        try:
-            await self._post(
-                "/v2/subscription/status/set", "subscription", {"subscription_groups": entries}
-            )
-        except QuotaPause:
-            raise
-        except DeliveryError as exc:
-            for index in involved:
-                results[index] = exc
+            except QuotaPause:
+                raise
+            except DeliveryError as exc:
+                for index, _, _ in chunk:
+                    results[index] = exc
 
     # --- merges ---------------------------------------------------------------------------
 
@@ -473,7 +499,9 @@ class BrazeSink:
         raise QuotaPause(
             f"HTTP 429 from {self.api.host} ({path}): Braze's rate limit is used up until "
             f"{reset:.0f} (X-RateLimit-Reset)",
-            until=max(reset, self._wall()),
+            # at least a moment: a reset already past (this host's clock ahead of Braze's)
+            # would send again at once, as fast as the loop turns, with no attempt counted
+            until=max(reset, self._wall() + MIN_PAUSE_SECONDS),
             status_code=429,
             body=self._scrub(response.text[:4096]),
         )
@@ -491,6 +519,15 @@ class BrazeSink:
 
 def _channels(delivery: Delivery) -> set[str]:
     return set(delivery.body.get("channels") or ("email", "sms"))
+
+
+def _index(error: dict[str, Any], size: int) -> int | None:
+    """The index of the attributes object a non-fatal error names, None when it names
+    none of the ``size`` objects sent."""
+    at = error.get("index")
+    if error.get("input_array") != "attributes" or type(at) is not int:
+        return None
+    return at if 0 <= at < size else None
 
 
 def _sent_id(result: Result | None) -> str | None:

@@ -21,7 +21,8 @@ the user attributes object and the subscription group endpoints):
   ``events`` and ``purchases`` of a track request, or combined when ``combined_limit`` (the
   newer plans' 50 updates "combined across attribute, event, or purchase objects"): more is
   a fatal 400 ``Max Input Length Exceeded``. At most 50 merge updates, 50 ids to delete, 50
-  ids per subscription group entry (fatal 400 with Braze's documented messages).
+  ids per subscription group entry and 50 distinct users per status request, all entries
+  together ("up to 50 users"; fatal 400 with Braze's documented messages).
 - **Profiles** are upserted by ``external_id`` (or found by ``braze_id``; an object keyed by
   ``email`` or ``phone`` updates the most recently updated profile holding it, else creates
   one). A profile is created with ``email_subscribe: subscribed`` (Braze's default);
@@ -36,9 +37,11 @@ the user attributes object and the subscription group endpoints):
   from its creation (a profile created unsubscribed in one call never was ``subscribed``).
 - **Merges** are asynchronous: a merge update is accepted (202) and applied ``merge_delay``
   seconds later on the fake's clock (at the next request or read after that), or at once by
-  :meth:`BrazeFake.settle`. Applied: the fields found only on the absorbed profile (standard
-  ones and custom attributes) go to the kept one, and the absorbed profile and its
-  ``external_id`` are gone (a later track call with it creates a new profile, as in Braze).
+  :meth:`BrazeFake.settle`; with ``shuffle_merges`` the updates of one request are applied in
+  a shuffled order (Braze does not guarantee their sequence), else in the request's order.
+  Applied: the fields found only on the absorbed profile (standard ones and custom
+  attributes) go to the kept one, and the absorbed profile and its ``external_id`` are gone
+  (a later track call with it creates a new profile, as in Braze).
   A merge naming a profile that does not exist (yet, or any more) fails silently when it is
   applied (:attr:`BrazeFake.merge_failures`).
 - **Rate limits** (``rate_limits=True``): fixed windows per family, as documented:
@@ -248,7 +251,8 @@ class BrazeFake:
     hand clock to test windows and merges without sleeping. ``rate_limits``: True for Braze's
     documented limits, False for none, or a mapping family -> (requests, seconds) overriding
     some. ``subscription_groups``: the known group ids (None: any id is known).
-    ``merge_delay``: seconds between a merge's 202 and its effect. ``seed``: braze ids.
+    ``merge_delay``: seconds between a merge's 202 and its effect. ``seed``: braze ids (and
+    the order ``shuffle_merges`` applies one request's merge updates in).
     Thread-safe: records may be read from another thread while a server runs the app.
     """
 
@@ -263,6 +267,7 @@ class BrazeFake:
         subscription_groups: Iterable[str] | None = None,
         merge_delay: float = 1.0,
         seed: int = 0,
+        shuffle_merges: bool = False,
     ) -> None:
         if objects_per_request < 1:
             raise ValueError("objects_per_request must be at least 1")
@@ -282,6 +287,7 @@ class BrazeFake:
             None if subscription_groups is None else frozenset(subscription_groups)
         )
         self.merge_delay = merge_delay
+        self.shuffle_merges = shuffle_merges
         self.seed = seed
         self._lock = threading.RLock()
         self._reset_state()
@@ -693,6 +699,9 @@ class BrazeFake:
             if kinds != {"external_id"}:
                 raise ApiError(400, "this fake merges by external_id only")
             accepted.append(Merge(merged["external_id"], kept["external_id"], at))
+        if self.shuffle_merges:
+            # Braze does not guarantee the sequence of one request's merge updates
+            self._rng.shuffle(accepted)
         for merge in accepted:
             self._pending.append((at + self.merge_delay, merge))
         return 202, {"message": "success"}
@@ -747,6 +756,7 @@ class BrazeFake:
         if not isinstance(entries, list) or not entries:
             raise ApiError(400, "'subscription_groups' must be a non-empty array of objects")
         plan: list[tuple[str, str, list[Profile]]] = []
+        users: set[tuple[str, str]] = set()  # the distinct users the request names
         for entry in entries:
             if not isinstance(entry, dict):
                 raise ApiError(400, "'subscription_groups' must be an array of objects")
@@ -775,6 +785,13 @@ class BrazeFake:
                     )
                 targets += self._targets(kind, values)
             plan.append((group, state, targets))
+            users.update((kind, v) for kind in given for v in _listed(entry[kind]))
+        if len(users) > MAX_IDS:
+            # "batch update the subscription state of up to 50 users": the request as a
+            # whole, whatever the number of group entries
+            raise ApiError(
+                400, "The max number of external_ids and aliases per request was exceeded"
+            )
         for group, state, targets in plan:
             for profile in targets:
                 self._set_group(profile, group, state, at, "/v2/subscription/status/set")
@@ -810,6 +827,10 @@ class _Injected(ApiError):
 
     def body(self) -> Any:
         return self.injected
+
+
+def _listed(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _identifier_kind(value: Any) -> str | None:
