@@ -94,6 +94,7 @@ class Deployment:
                         channels=can.channels,
                         external_id_key=can.external_id_key,
                         consent_fields=can.consent_needs_fields,
+                        coalesce_upserts=can.coalesce_upserts,
                     )
                 )
             out.dispensaries[name] = DispensaryRuntime(name, disp, specs)

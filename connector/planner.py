@@ -61,6 +61,7 @@ class DestinationSpec:
     channels: tuple[str, ...] = MARKETING_CHANNELS
     external_id_key: str | None = None  # a key of Treez's external_ids naming this contact
     consent_fields: bool = False  # unsubscribe/subscribe carry the mapped contact (e-mail...)
+    coalesce_upserts: bool = False  # a newer upsert replaces one still waiting before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,10 @@ class Operation:
     op: OpKind
     body: dict[str, Any]  # contract 4's body, less the ids resolved at delivery
     idempotency_key: str
+    # an upsert that replaces the customer's upsert still waiting right before it in the
+    # queue (a destination that keeps state, not a feed of every change: see
+    # Capabilities.coalesce_upserts)
+    replaces_waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +250,10 @@ def plan(
                 digest_fields = payload_hash(fields)
                 if resend or digest_fields != contact.delivered_hash or contact.deactivated:
                     body = {**_body("upsert", dispensary, cid), "fields": fields}
-                    ops.append(_op(dest.name, cid, "upsert", body, version, digest_fields, contact))
+                    upsert = _op(dest.name, cid, "upsert", body, version, digest_fields, contact)
+                    if dest.coalesce_upserts:
+                        upsert = replace(upsert, replaces_waiting=True)
+                    ops.append(upsert)
                     contact = replace(
                         contact,
                         delivered_hash=digest_fields,

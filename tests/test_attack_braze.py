@@ -140,18 +140,13 @@ OPTED_OUT = {"email": "unsubscribed", SMS: "unsubscribed"}
 # ---- 1. never subscribed for a moment ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the planner queued v1's upsert with the consent view of v1 (treez_opt_out false) "
-    "and the worker sends it as planned after v2's opt-out was planned: the create carries "
-    "no unsubscribe and Braze's default (subscribed) stands until the unsubscribe lands; "
-    "the adapter is not told the customer's consent at send time (planner/worker fix)",
-)
 def test_a_create_and_an_opt_out_queued_together_never_subscribe_for_a_moment(
     tmp_path: Path, fake: BrazeFake
 ) -> None:
     """v1 (opted in) and v2 (opted out) both wait in the outbox (a burst, a paused
-    destination): when v1's create is delivered the connector already knows of the opt-out."""
+    destination): when v1's create would go the connector already knows of the opt-out, and
+    v2's upsert replaces it in the queue (the store's enqueue), so the profile is created
+    unsubscribed."""
 
     async def go() -> None:
         async with flow_of(tmp_path, fake.app) as flow:

@@ -89,6 +89,12 @@ def test_builders_and_capabilities_come_from_the_declaration(tmp_path: Path) -> 
         assert sink.kind == dest.type
         assert sink.capabilities == capabilities(dest)
     assert capabilities(config.dispensaries["s1"].destination("h")).batch_size == 7
+    # vendors keep a profile's state: a newer upsert replaces one still waiting; http and
+    # jsonl are feeds of every change
+    coalescing = {
+        d.type for d in config.dispensaries["s1"].destinations if capabilities(d).coalesce_upserts
+    }
+    assert coalescing == {"alpineiq", "klaviyo"}
 
 
 def test_a_public_module_without_a_declaration_is_an_error(

@@ -77,6 +77,11 @@ class Capabilities:
     # a deep backlog may go through backfill(): only where the bulk path answers at once
     # with every contact's id (Alpine IQ), not where it is an asynchronous job (Klaviyo)
     bulk_for_backlog: bool = False
+    # a newer upsert of a customer replaces its upsert still waiting right before it in the
+    # queue: right for a destination that keeps the customer's state (a vendor profile), where
+    # sending a state already past only delays the current one (and, in Braze, creates an
+    # opted-out customer subscribed for a moment); not for a feed of every change (http, jsonl)
+    coalesce_upserts: bool = False
     default_rate_limit: tuple[Rate, ...] = field(default=())
 
 

@@ -121,6 +121,7 @@ class AlpineIQSink:
     @staticmethod
     def capabilities_for(config: AlpineIQDestination) -> Capabilities:
         return Capabilities(
+            coalesce_upserts=True,  # a profile keeps state: only the newest upsert matters
             batch_size=config.batch_size,
             native_merge=False,
             channels=("email", "sms"),

@@ -216,6 +216,7 @@ class BrazeSink:
             else config.objects_per_request
         )
         return Capabilities(
+            coalesce_upserts=True,  # a profile keeps state: only the newest upsert matters
             batch_size=batch,
             native_merge=True,
             channels=("email", "sms"),

@@ -154,6 +154,7 @@ def describe_error(data: Any) -> str:
 
 def capabilities_for(config: HubSpotDestination) -> Capabilities:
     return Capabilities(
+        coalesce_upserts=True,  # a profile keeps state: only the newest upsert matters
         batch_size=config.batch_size,
         native_merge=True,
         channels=("email", "sms"),  # SMS is told to us so that it is reported, not dropped

@@ -210,6 +210,7 @@ class KlaviyoSink:
     @staticmethod
     def capabilities_for(config: KlaviyoDestination) -> Capabilities:
         return Capabilities(
+            coalesce_upserts=True,  # a profile keeps state: only the newest upsert matters
             batch_size=config.batch_size,
             native_merge=True,
             channels=("email", "sms"),

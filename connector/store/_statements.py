@@ -216,6 +216,32 @@ _QUEUED_KEYS = select(outbox.c.destination, outbox.c.idempotency_key).where(
     outbox.c.dispensary == bindparam("dispensary"),
     outbox.c.idempotency_key.in_(bindparam("keys", expanding=True)),
 )
+# per (destination, order key) of a dispensary, its last operation not yet settled
+_OPEN = outbox.c.status.in_(("pending", "inflight"))
+_last = (
+    select(func.max(outbox.c.id))
+    .where(
+        outbox.c.dispensary == bindparam("dispensary"),
+        outbox.c.order_key.in_(bindparam("keys", expanding=True)),
+        _OPEN,
+    )
+    .group_by(outbox.c.destination, outbox.c.order_key)
+)
+_LAST_OPEN = select(
+    outbox.c.id,
+    outbox.c.destination,
+    outbox.c.order_key,
+    outbox.c.customer_id,
+    outbox.c.op,
+    outbox.c.status,
+).where(outbox.c.id.in_(_last))
+_SUPERSEDE = (
+    update(outbox)
+    .where(outbox.c.id.in_(bindparam("ids", expanding=True)), outbox.c.status == "pending")
+    .values(
+        status="superseded", done_at=bindparam("now"), last_error="superseded by a newer upsert"
+    )
+)
 _INSERT_INBOX = insert(inbox)
 _INSERT_CUSTOMERS = insert(customers)
 _INSERT_CONTACTS = insert(contacts)

@@ -99,7 +99,9 @@ class AdminSql(ProcessesSql):
                 .values(body=None)
             ).rowcount
             delivered = conn.execute(
-                delete(outbox).where(outbox.c.status == "done", outbox.c.done_at < delivered_before)
+                delete(outbox).where(
+                    outbox.c.status.in_(("done", "superseded")), outbox.c.done_at < delivered_before
+                )
             ).rowcount
             # a tick is claimed within the scheduler's misfire grace or never: its row is
             # needed minutes, not for good (one a minute is half a million rows a year)

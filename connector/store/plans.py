@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -16,11 +17,13 @@ from connector.store._statements import (
     _INSERT_CONTACTS,
     _INSERT_CUSTOMERS,
     _INSERT_OUTBOX,
+    _LAST_OPEN,
     _LOAD_CONTACTS,
     _LOAD_CUSTOMERS,
     _QUEUED_KEYS,
     _STORED_CONTACTS,
     _STORED_CUSTOMERS,
+    _SUPERSEDE,
     _UPDATE_CONTACT,
     _UPDATE_CUSTOMER,
 )
@@ -144,11 +147,23 @@ class PlanSql(InboxSql):
             (row.destination, row.idempotency_key)
             for row in conn.execute(_QUEUED_KEYS, {"dispensary": dispensary, "keys": keys})
         }
-        rows = []
+        rows: list[dict[str, Any] | None] = []
+        last: dict[tuple[str, str], int] = {}  # (destination, order key) -> index in rows
+        replacing: set[int] = set()  # the rows (by id()) of upserts that replace a waiting one
         for op in operations:
             if (op.destination, op.idempotency_key) in taken:
                 continue
             taken.add((op.destination, op.idempotency_key))
+            order = (op.destination, op.order_key)
+            before = rows[last[order]] if order in last else None
+            if (
+                op.replaces_waiting
+                and before is not None
+                and before["op"] == "upsert"
+                and before["customer_id"] == op.customer_id
+            ):
+                rows[last[order]] = None  # replaced by this newer one (see _supersede)
+            last[order] = len(rows)
             rows.append(
                 {
                     "dispensary": dispensary,
@@ -164,9 +179,55 @@ class PlanSql(InboxSql):
                     "next_attempt_at": now,
                 }
             )
-        if rows:
-            conn.execute(_INSERT_OUTBOX, rows)
-        return len(rows)
+            if op.replaces_waiting:
+                replacing.add(id(rows[-1]))
+        kept = [row for row in rows if row is not None]
+        if kept:
+            self._supersede(conn, dispensary, kept, replacing, now)
+            conn.execute(_INSERT_OUTBOX, kept)
+        return len(kept)
+
+    def _supersede(
+        self,
+        conn: Connection,
+        dispensary: str,
+        rows: Sequence[dict[str, Any]],
+        replacing: set[int],
+        now: float,
+    ) -> None:
+        """An upsert in ``replacing`` (the ids of its row; planned for a destination that
+        coalesces upserts) replaces its customer's upsert still waiting in the queue right
+        before it (nothing of that order queued between, not claimed yet; in one call, one
+        planned right before it is never written): the newer one carries the whole mapped
+        customer, so sending both only puts a destination through a state already past. It
+        matters for consent: a customer created opted in and opted out before the create
+        went (a burst, a paused or failing destination) is created unsubscribed (Braze would
+        create it subscribed, and a campaign could fire in between), not created subscribed
+        and unsubscribed after."""
+        firsts: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in rows:  # only a new row first of its order in this call can replace one
+            firsts.setdefault((row["destination"], row["order_key"]), row)
+        wanted = [r for r in firsts.values() if id(r) in replacing]
+        if not wanted:
+            return
+        last = {
+            (r.destination, r.order_key): r
+            for r in conn.execute(
+                _LAST_OPEN,
+                {"dispensary": dispensary, "keys": sorted({r["order_key"] for r in wanted})},
+            )
+        }
+        older = [
+            found.id
+            for row in wanted
+            if (found := last.get((row["destination"], row["order_key"]))) is not None
+            and found.status == "pending"
+            and found.op == "upsert"
+            and found.customer_id == row["customer_id"]
+        ]
+        if older:
+            # a claim taken meanwhile (another process) leaves it in flight: both are sent
+            conn.execute(_SUPERSEDE, {"ids": older, "now": now})
 
     def add_conflicts(
         self, conn: Connection, dispensary: str, found: Sequence[tuple[str, str, str, str]]

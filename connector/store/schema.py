@@ -130,7 +130,7 @@ outbox = Table(
     Column("op", String(16), nullable=False),
     Column("payload", Text, nullable=False),
     Column("idempotency_key", String(64), nullable=False),
-    Column("status", String(16), nullable=False),  # pending | inflight | done | dead
+    Column("status", String(16), nullable=False),  # pending|inflight|done|dead|superseded
     Column("attempts", Integer, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
     Column("first_attempt_at", Float),
