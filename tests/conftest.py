@@ -171,6 +171,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
                 conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+@pytest.fixture
+def store(store_url: str) -> Iterator[Any]:
+    """A fresh store, SQLite or PostgreSQL (the test runs on both), registered as a process
+    of the cluster (as a worker's store is); closed after."""
+    from connector.store import open_store
+
+    opened = open_store(store_url)
+    opened.register_process()
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
 @contextlib.contextmanager
 def fresh_schema(database: str) -> Iterator[str]:
     """A store URL on a schema of its own in ``database`` (see :func:`store_url`), dropped

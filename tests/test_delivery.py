@@ -163,17 +163,6 @@ async def drain(store: Store, destination: Any, **options: Any) -> None:
         await wait_until(lambda: open_ops(store) == 0, task)
 
 
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    """A fresh store, SQLite or PostgreSQL (the test runs on both: tests/conftest.py)."""
-    s = open_store(store_url)
-    s.register_process()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @pytest.fixture(scope="module")
 def shared_service() -> Iterator[FakeService]:
     with FakeService() as service:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,16 +70,6 @@ class QuotaSink:
 
     async def aclose(self) -> None:
         return None
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    s = open_store(store_url)
-    s.register_process()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_the_destination_waits_for_the_reset_and_no_attempt_is_counted(store: Store) -> None:

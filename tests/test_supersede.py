@@ -4,25 +4,13 @@ with another operation of its order between them, never another customer's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from sqlalchemy import select
 from test_delivery import DEST, DISPENSARY, enqueue, make_op
 
 from connector.planner import Operation
-from connector.store import Store, open_store
+from connector.store import Store
 from connector.store.schema import outbox
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    s = open_store(store_url)
-    s.register_process()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def statuses(store: Store) -> list[tuple[str, str, str]]:
