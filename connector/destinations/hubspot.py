@@ -8,7 +8,11 @@ with a private app's token (``Authorization: Bearer``).
   The answer's results are matched to the inputs by the ``objectWriteTraceId`` each input
   carries (its index), never by position. A 207 fails only the inputs its errors name (by
   ``objectWriteTraceId``, else by the idProperty value in ``context.ids``); an input neither
-  answered nor named is retried. Consent never travels with an upsert.
+  answered nor named is retried. Consent is never written as a contact property; but an
+  upsert whose mapping carries ``hs_email_optout`` (the planner's consent state: true once
+  the customer opted out) also unsubscribes the e-mail it writes, and is done only once that
+  is, so an address changed or added after an opt-out is opted out too. ``setup`` never
+  creates ``hs_email_optout`` (HubSpot's own).
 - **one bad input fails a whole batch** (400 or 409): the batch is split in halves,
   recursively, until the bad input stands alone; the rest is delivered. An input that still
   fails alone is that operation's failure (``FatalDelivery`` naming the status and HubSpot's
@@ -26,6 +30,11 @@ with a private app's token (``Authorization: Bearer``).
   ``POST /communication-preferences/v4/statuses/batch/write`` ``SUBSCRIBED`` for the
   subscription type ``subscription_id`` (with ``legal_basis`` when set); without a
   ``subscription_id`` it is reported (``no_subscription_type``) and nothing is written.
+  Consent operations of one send go in runs, in the order planned (a subscribe and a later
+  unsubscribe of one shared address end unsubscribed). An answer listing ``errors`` leaves
+  each address without a result undone (failed when an error names it, else retried). One
+  conflict a result: with SMS in the channels the kind is always ``sms_consent_unsupported``,
+  and what happened to the e-mail (``no_identifier``...) goes in its detail.
 - **merge**: ``POST /crm/v3/objects/contacts/merge`` with ``primaryObjectId`` the final
   survivor's contact and ``objectIdToMerge`` the absorbed one's. An absorbed contact that is
   gone already (merged on HubSpot's side) is nothing to merge.
@@ -241,7 +250,9 @@ class HubSpotSink:
     async def send(self, deliveries: list[Delivery]) -> list[Result]:
         results: list[Result | None] = [None] * len(deliveries)
         inputs: list[_Input] = []
-        consent: dict[str, list[int]] = {"unsubscribe": [], "subscribe": []}
+        # consent in runs of one operation, in the order planned: a subscribe and a later
+        # unsubscribe of one address (two customers sharing it) end as the later one says
+        consent: list[tuple[str, list[int]]] = []
         for index, delivery in enumerate(deliveries):
             op = delivery.op
             if op in ("upsert", "deactivate"):
@@ -250,8 +261,11 @@ class HubSpotSink:
                     inputs.append(found)
                 else:
                     results[index] = found
-            elif op in consent:
-                consent[op].append(index)
+            elif op in ("unsubscribe", "subscribe"):
+                if consent and consent[-1][0] == op:
+                    consent[-1][1].append(index)
+                else:
+                    consent.append((op, [index]))
             elif op != "merge":
                 results[index] = FatalDelivery(f"unknown operation {op!r}")
         for round_ in _rounds(inputs):
@@ -260,11 +274,11 @@ class HubSpotSink:
                 chunk = round_[start : start + step]
                 for item, result in zip(chunk, await self._upsert(chunk), strict=True):
                     results[item.index] = self._upsert_result(deliveries[item.index], result)
-        for op, indexes in consent.items():
-            if indexes:
-                done = await self._consent(op, [deliveries[i] for i in indexes])
-                for i, result in zip(indexes, done, strict=True):
-                    results[i] = result
+        await self._opt_out_upserted(inputs, deliveries, results)
+        for op, indexes in consent:
+            done = await self._consent(op, [deliveries[i] for i in indexes])
+            for i, result in zip(indexes, done, strict=True):
+                results[i] = result
         for index, delivery in enumerate(deliveries):
             if delivery.op == "merge":
                 try:
@@ -499,6 +513,29 @@ class HubSpotSink:
             "its contact was written without it",
         )
 
+    async def _opt_out_upserted(
+        self, inputs: list[_Input], deliveries: list[Delivery], results: list[Result | None]
+    ) -> None:
+        """An upsert whose mapping says the customer opted out (``hs_email_optout`` true, as
+        the planner computes it from the connector's consent state) unsubscribes the e-mail
+        it carries: HubSpot's consent is per address, so a new address after an opt-out
+        would otherwise be open to marketing. Until that is written the upsert is not done."""
+        owed: dict[str, list[int]] = {}
+        for item in inputs:
+            done = isinstance(results[item.index], Sent)
+            if item.email and done and _opted_out(deliveries[item.index].fields):
+                owed.setdefault(item.email, []).append(item.index)
+        addresses = list(owed)
+        step = self.config.inputs_per_request
+        for start in range(0, len(addresses), step):
+            part = addresses[start : start + step]
+            for email, outcome in zip(
+                part, await self._consent_call("unsubscribe", part), strict=True
+            ):
+                if outcome is not None:
+                    for index in owed[email]:
+                        results[index] = outcome
+
     def _upsert_result(self, delivery: Delivery, result: Result) -> Result:
         held = delivery.contact_id
         if isinstance(result, Sent) and held and result.contact_id and result.contact_id != held:
@@ -543,14 +580,18 @@ class HubSpotSink:
                     "yet; trying again"
                 )
             elif email is None:
-                results[index] = Sent(
-                    delivery.contact_id,
+                results[index] = self._consent_sent(
+                    delivery,
+                    channels,
+                    op,
                     f"no_identifier: no e-mail known for this customer's HubSpot contact; the "
                     f"{op} was not sent",
                 )
             elif op == "subscribe" and self.config.subscription_id is None:
-                results[index] = Sent(
-                    delivery.contact_id,
+                results[index] = self._consent_sent(
+                    delivery,
+                    channels,
+                    op,
                     "no_subscription_type: subscription_id is not set; the subscribe was not sent",
                 )
             else:
@@ -572,15 +613,21 @@ class HubSpotSink:
         ]
 
     @staticmethod
-    def _consent_sent(delivery: Delivery, channels: set[str], op: str) -> Sent:
+    def _consent_sent(
+        delivery: Delivery, channels: set[str], op: str, email_note: str | None = None
+    ) -> Sent:
+        """Done; an SMS opt-out (or opt-in) is always reported as sms_consent_unsupported
+        (one conflict a result: what happened to the e-mail goes in its detail)."""
         if "sms" not in channels:
-            return Sent(delivery.contact_id)
+            return Sent(delivery.contact_id, email_note)
         what = "opt-out" if op == "unsubscribe" else "opt-in"
-        return Sent(
-            delivery.contact_id,
+        detail = (
             f"sms_consent_unsupported: HubSpot's public API has no SMS consent; this "
-            f"customer's SMS {what} was not sent and must be recorded in HubSpot by hand",
+            f"customer's SMS {what} was not sent and must be recorded in HubSpot by hand"
         )
+        if email_note is not None:
+            detail += f" (e-mail: {email_note})"
+        return Sent(delivery.contact_id, detail)
 
     async def _consent_call(self, op: str, emails: list[str]) -> list[Result | None]:
         """None for each address written; a whole-call 400 splits the call like upserts."""
@@ -616,7 +663,47 @@ class HubSpotSink:
                     *await self._consent_call(op, emails[half:]),
                 ]
             return [self._fatal(response)]
-        return [None] * len(emails)
+        return self._consent_answers(emails, response)
+
+    def _consent_answers(self, emails: list[str], response: httpx.Response) -> list[Result | None]:
+        """None for each address written. An answer that lists ``errors`` (HubSpot's batch
+        answers may, next to ``results``) leaves undone every address without a result: a
+        failure (its category) when an error names it, else tried again."""
+        data = _json(response)
+        errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
+        if not errors and not data.get("numErrors"):
+            return [None] * len(emails)
+        answered = {
+            str(r.get("subscriberIdString") or "").lower()
+            for r in data.get("results") or []
+            if isinstance(r, dict)
+        }
+        named: dict[str, str] = {}
+        for error in errors:
+            for values in _dict(error.get("context")).values():
+                for value in values if isinstance(values, list) else [values]:
+                    named.setdefault(str(value).lower(), describe_error(error) or "error")
+        status = response.status_code
+        outcomes: list[Result | None] = []
+        for email in emails:
+            if email in answered:
+                outcomes.append(None)
+            elif email in named:
+                outcomes.append(
+                    FatalDelivery(
+                        f"HTTP {status} from {self.api.host}: {named[email]} (this address)",
+                        status_code=status,
+                        body=None,
+                    )
+                )
+            else:
+                outcomes.append(
+                    RetriableDelivery(
+                        f"HTTP {status} from {self.api.host}: no result for this address; "
+                        "trying again"
+                    )
+                )
+        return outcomes
 
     # --- merges -----------------------------------------------------------------------------
 
@@ -663,6 +750,15 @@ def _rounds(inputs: list[_Input]) -> list[list[_Input]]:
         if item.email is not None:
             seen[n].add(item.email)
     return rounds
+
+
+def _opted_out(fields: dict[str, Any]) -> bool:
+    """Whether the mapped consent field (``hs_email_optout``) says the customer opted out."""
+    for name in CONSENT_FIELDS:
+        value = fields.get(name)
+        if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+            return True
+    return False
 
 
 def _property_value(value: Any) -> str:
@@ -726,7 +822,9 @@ async def setup(
         else:
             lines.append(f"property group {group}: already present")
         wanted = [config.id_property, config.status_property]
-        wanted += [t for t in mapping.targets if t not in DEFAULT_PROPERTIES]
+        wanted += [
+            t for t in mapping.targets if t not in DEFAULT_PROPERTIES and t not in CONSENT_FIELDS
+        ]
         for name in dict.fromkeys(wanted):
             if not _PROPERTY_NAME.match(name):
                 lines.append(f"property {name}: skipped, not a HubSpot property name")
