@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -34,7 +35,7 @@ from test_hubspot import (
 from vendor_flow import DISPENSARY, Flow, event_body
 
 from connector.delivery.base import Sent
-from connector.destinations.hubspot import HubSpotDestination, HubSpotSink, setup
+from connector.destinations.hubspot import HubSpotDestination, HubSpotSink, next_midnight, setup
 from connector.errors import FatalDelivery, RetriableDelivery
 from connector.mapping import load_mapping
 
@@ -655,3 +656,142 @@ def test_setup_leaves_hubspots_consent_property_to_hubspot(tmp_path: Path) -> No
     lines = asyncio.run(run())
     assert "hs_email_optout" not in fake.properties
     assert not any("hs_email_optout" in line and "created" in line for line in lines)
+
+
+# ---- 5. the daily cap ------------------------------------------------------------------------
+
+
+def test_daily_429_pauses_without_counting_attempts_and_resumes_after_the_reset(
+    tmp_path: Path,
+) -> None:
+    """held: the account's day ends 1.5 s after the first request (a wall clock behind the
+    real one, so the store's pause is over at once and the worker keeps meeting the cap):
+    every try before the reset is a pause, never an attempt (three would dead-letter it),
+    and the upsert and the opt-out are delivered once the day has turned."""
+    real = time.time()
+    midnight = next_midnight(real - 86_400, "America/New_York")
+    offset = midnight - 1.5 - real
+    fake = HubSpotFake(seed=4, rate_limits=True, wall=lambda: time.time() + offset)
+
+    async def go() -> None:
+        from test_hubspot import flow_config
+
+        flow = Flow(
+            tmp_path,
+            flow_config(),
+            app=fake.app,
+            sink_factory=HubSpotSink,
+            base_url=BASE,
+            sink_options={"wall": lambda: time.time() + offset},
+        )
+        try:
+            await set_up(flow, fake)
+            fake.use_up_daily()
+            await flow.deliver(event_body("1001", 1, **MIA), timeout=30.0)
+            await flow.deliver(event_body("1001", 2, opt_out="true", **MIA), timeout=30.0)
+            assert 429 in fake.statuses()
+            assert flow.dead_letters() == []
+            assert [r["status"] for r in flow.outbox()] == ["done", "done"]
+            assert [r["attempts"] for r in flow.outbox()] == [1, 1]
+            assert len(fake.contacts) == 1
+            assert fake.opted_out(MIA["email"])
+        finally:
+            await flow.close()
+
+    asyncio.run(go())
+
+
+# ---- more identity and consent attacks -------------------------------------------------------
+
+
+def test_stray_opt_out_of_the_absorbed_after_its_merge_unsubscribes_the_survivor(
+    tmp_path: Path, bare: HubSpotFake
+) -> None:
+    """held: A merged into B, then a payload of A says opt_out: B's e-mail is unsubscribed."""
+
+    async def go() -> None:
+        async with hubspot_flow(tmp_path, bare) as flow:
+            await set_up(flow, bare)
+            await flow.deliver(
+                event_body("2001", 1, email="a@example.com"),
+                event_body("2002", 1, email="b@example.com"),
+            )
+            await flow.deliver(
+                event_body("2002", 2, merged_customer_ids=["2001"], email="b@example.com")
+            )
+            await flow.deliver(event_body("2001", 3, opt_out="true", email="a@example.com"))
+            assert bare.opted_out("b@example.com")
+            assert list(bare.contacts) == [contact_of(flow, "2002")]
+            assert flow.dead_letters() == []
+
+    asyncio.run(go())
+
+
+def test_two_customers_swapping_emails_never_keep_each_others(
+    tmp_path: Path, bare: HubSpotFake
+) -> None:
+    """broke (fixed): X and Y swap addresses (one batch). Each one's new address is held by
+    the other's contact (409), so each was written *without* the e-mail and kept its old
+    one, which is now the other customer's: X's contact went on carrying Y's address. The
+    409 resend now clears the contact's e-mail (the customer's old address is not theirs
+    any more); the second one then writes its new address."""
+
+    async def go() -> None:
+        async with hubspot_flow(tmp_path, bare) as flow:
+            await set_up(flow, bare)
+            await flow.deliver(
+                event_body("1001", 1, email="a@example.com"),
+                event_body("1002", 1, email="b@example.com"),
+            )
+            await flow.deliver(
+                event_body("1001", 2, email="b@example.com"),
+                event_body("1002", 2, email="a@example.com"),
+            )
+            x = bare.contact(contact_of(flow, "1001"))
+            y = bare.contact(contact_of(flow, "1002"))
+            assert x is not None
+            assert y is not None
+            assert x.properties.get("email") != "a@example.com"
+            assert y.properties.get("email") != "b@example.com"
+            assert len(bare.contacts) == 2
+            assert flow.dead_letters() == []
+
+    asyncio.run(go())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the survivor's contact was merged away in HubSpot; the adapter cannot find "
+    "where it went (the fake answers 404 for a merged id and drops its unique key, as "
+    "assumed; real HubSpot may resolve it, not settled by the spec collection), so the "
+    "merge waits for B's next update and is dead-lettered if none comes",
+)
+def test_merge_into_a_survivor_merged_away_on_hubspots_side(
+    tmp_path: Path, bare: HubSpotFake
+) -> None:
+    """A marketer merged the survivor's contact into another in HubSpot; then Treez merges A
+    into B. The merge can only wait for B's next update (the fake drops the absorbed
+    contact's unique values, so B's key finds nothing): reported as what happens."""
+
+    async def go() -> None:
+        async with hubspot_flow(tmp_path, bare) as flow:
+            await set_up(flow, bare)
+            await flow.deliver(
+                event_body("2001", 1, email="a@example.com"),
+                event_body("2002", 1, email="b@example.com"),
+                event_body("2003", 1, email="z@example.com"),
+            )
+            ids = flow.contact_ids()
+            bare.merge_on_hubspot(ids[(DISPENSARY, "hs", "2003")], ids[(DISPENSARY, "hs", "2002")])
+            await flow.deliver(
+                event_body("2002", 2, merged_customer_ids=["2001"], email="b@example.com"),
+                timeout=30.0,
+            )
+            survivors = {flow.contact_ids()[(DISPENSARY, "hs", c)] for c in ("2001", "2002")}
+            # A's contact must end merged into the contact that now holds B
+            assert ids[(DISPENSARY, "hs", "2001")] not in bare.contacts, (
+                survivors,
+                [d["op"] for d in flow.dead_letters()],
+            )
+
+    asyncio.run(go())

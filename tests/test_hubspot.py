@@ -284,7 +284,7 @@ def test_an_email_of_another_contact_writes_ours_without_it(fake: HubSpotFake) -
     assert isinstance(ours, Sent)
     assert ours.conflict == (
         f"duplicate_email: this customer's e-mail belongs to HubSpot contact {other}; its "
-        "contact was written without it"
+        "contact was written with no e-mail"
     )
     mine = fake.contact(contact_of(ours))
     assert mine is not None

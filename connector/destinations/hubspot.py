@@ -17,8 +17,9 @@ with a private app's token (``Authorization: Bearer``).
   recursively, until the bad input stands alone; the rest is delivered. An input that still
   fails alone is that operation's failure (``FatalDelivery`` naming the status and HubSpot's
   category, never HubSpot's message, which can quote an e-mail). A lone 409 because another
-  HubSpot contact holds the e-mail is sent again without the e-mail and reported
-  (``duplicate_email``): the other person's contact is never written.
+  HubSpot contact holds the e-mail is sent again with the e-mail cleared (``""``: an old
+  address it held may be another customer's now) and reported (``duplicate_email``): the
+  other person's contact is never written.
 - **one e-mail twice in one batch** is a 409 for the whole batch in HubSpot: a batch never
   holds two inputs with the same e-mail; the second holder goes in a later request (nothing
   is dropped).
@@ -414,10 +415,10 @@ class HubSpotSink:
                     "idProperty": self.config.id_property,
                     "id": item.key,
                     "objectWriteTraceId": str(item.index),
+                    # without its e-mail: cleared, never left as it was (an old address
+                    # of this customer's can be another customer's now: two swapped them)
                     "properties": (
-                        {k: v for k, v in item.properties.items() if k != "email"}
-                        if without_email
-                        else item.properties
+                        {**item.properties, "email": ""} if without_email else item.properties
                     ),
                 }
                 for item in chunk
@@ -484,8 +485,9 @@ class HubSpotSink:
         ]
 
     async def _without_email(self, item: _Input, refused: httpx.Response) -> Result:
-        """A lone input refused with 409: another contact holds its e-mail. Sent again
-        without the e-mail (the other person's contact is never written) and reported."""
+        """A lone input refused with 409: another contact holds its e-mail. Sent again with
+        the e-mail cleared (the other person's contact is never written; the contact never
+        keeps an old address that may be someone else's now) and reported."""
         data = _json(refused)
         context = _dict(data.get("context"))
         ids = context.get("id") or []
@@ -510,7 +512,7 @@ class HubSpotSink:
         return Sent(
             result.contact_id,
             f"duplicate_email: this customer's e-mail belongs to HubSpot {other}; "
-            "its contact was written without it",
+            "its contact was written with no e-mail",
         )
 
     async def _opt_out_upserted(
