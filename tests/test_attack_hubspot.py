@@ -795,3 +795,55 @@ def test_merge_into_a_survivor_merged_away_on_hubspots_side(
             )
 
     asyncio.run(go())
+
+
+# ---- 1 again, as a property: e-mail changes around an opt-out, in any order ----------------
+
+ADDRESSES = ("one@example.com", "two@example.com", None)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 4), st.sampled_from(ADDRESSES), st.sampled_from(["true", "false", None])
+        ),
+        min_size=1,
+        max_size=5,
+    ).filter(lambda vs: any(v[2] == "true" for v in vs)),
+    st.lists(st.sampled_from([None, 503, 429, 400]), min_size=5, max_size=5),
+)
+def test_an_opted_out_customer_ends_with_every_current_address_unsubscribed(
+    tmp_path_factory: pytest.TempPathFactory,
+    versions: list[tuple[int, str | None, str | None]],
+    failures: list[int | None],
+) -> None:
+    """held (after the fix, with a mapping carrying hs_email_optout; fails with the shipped
+    mapping): whatever the order of versions that change the e-mail around an opt-out,
+    failures, dead letters and replays, the address the customer's contact ends with is
+    unsubscribed and nothing subscribes."""
+    work = tmp_path_factory.mktemp("emails")
+    fake = HubSpotFake(seed=2, rate_limits=False)
+
+    async def go() -> None:
+        async with consent_flow(work, fake) as flow:
+            await set_up(flow, fake)
+            for (version, email, opt_out), failure in zip(versions, failures, strict=False):
+                if failure is not None:
+                    fake.fail_next(failure)
+                await flow.deliver(event_body("1001", version, email=email, opt_out=opt_out))
+            replay_all(flow)
+            await flow.drain()
+            contact_id = flow.contact_ids().get((DISPENSARY, "hs", "1001"))
+            contact = fake.contact(contact_id) if contact_id else None
+            assert [c for c in fake.status_changes if c.status == "SUBSCRIBED"] == []
+            if contact is not None and contact.properties.get("email"):
+                assert fake.opted_out(contact.properties["email"]), [
+                    (r["op"], r["status"]) for r in flow.outbox()
+                ]
+
+    asyncio.run(go())
