@@ -146,10 +146,13 @@ def test_merge_of_an_opted_out_customer_unsubscribes_the_survivors_email(
             merge = (
                 event_body("2002", 3, merged_customer_ids=["2001"], email="b@example.com"),
                 event_body(
-                    "2001", 3, status="DEACTIVATED", merged_into_customer_id="2002",
+                    "2001",
+                    3,
+                    status="DEACTIVATED",
+                    merged_into_customer_id="2002",
                     email="a@example.com",
                 ),
-            )  # fmt: skip
+            )
             steps = [(opt_out,), merge] if absorbed_first else [merge, (opt_out,)]
             for step in steps:
                 await flow.deliver(*step)
@@ -295,13 +298,19 @@ def test_subscribe_and_unsubscribe_of_one_address_in_one_send_keep_their_order(
     prepared(bare)
     shared = "family@example.com"
     older = delivery(
-        "subscribe", "1001", fields={KEY: "k1", "email": shared}, outbox_id=1,
+        "subscribe",
+        "1001",
+        fields={KEY: "k1", "email": shared},
+        outbox_id=1,
         channels=["email"],
-    )  # fmt: skip
+    )
     newer = delivery(
-        "unsubscribe", "1002", fields={KEY: "k2", "email": shared}, outbox_id=2,
+        "unsubscribe",
+        "1002",
+        fields={KEY: "k2", "email": shared},
+        outbox_id=2,
         channels=["email"],
-    )  # fmt: skip
+    )
 
     async def go() -> list[Any]:
         sink = HubSpotSink(hubspot_config(subscription_id=1001), client_for(bare))
@@ -445,9 +454,12 @@ def test_two_dispensaries_on_one_account_never_collide(tmp_path: Path, bare: Hub
 
     async def go() -> None:
         flow = Flow(
-            tmp_path, "\n".join(lines) + "\n", app=bare.app, sink_factory=HubSpotSink,
+            tmp_path,
+            "\n".join(lines) + "\n",
+            app=bare.app,
+            sink_factory=HubSpotSink,
             base_url=BASE,
-        )  # fmt: skip
+        )
         try:
             await set_up(flow, bare)
             await flow.deliver(
@@ -489,11 +501,21 @@ def test_merge_repeated_and_stray_upsert_of_the_absorbed_never_resurrects(
             )
             survivor = contact_of(flow, "2002")
             pair = (
-                event_body("2002", 2, first_name="vega", merged_customer_ids=["2001"],
-                           email="b@example.com"),
-                event_body("2001", 2, status="DEACTIVATED", merged_into_customer_id="2002",
-                           email="a@example.com"),
-            )  # fmt: skip
+                event_body(
+                    "2002",
+                    2,
+                    first_name="vega",
+                    merged_customer_ids=["2001"],
+                    email="b@example.com",
+                ),
+                event_body(
+                    "2001",
+                    2,
+                    status="DEACTIVATED",
+                    merged_into_customer_id="2002",
+                    email="a@example.com",
+                ),
+            )
             await flow.deliver(*pair)
             await flow.deliver(*pair)
             await flow.deliver(event_body("2001", 5, first_name="zed", email="z@example.com"))
