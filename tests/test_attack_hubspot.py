@@ -605,6 +605,8 @@ def test_batching_isolates_exactly_the_bad_inputs(
 
     results = asyncio.run(go())
     for call in fake.calls[mark:]:
+        if call.path != "/crm/v3/objects/contacts/batch/upsert":
+            continue
         inputs = call.body["inputs"]
         assert len(inputs) <= per_request
         emails = [i["properties"]["email"].lower() for i in inputs if "email" in i["properties"]]
@@ -867,5 +869,50 @@ def test_an_opted_out_customer_ends_with_every_current_address_unsubscribed(
                 assert fake.opted_out(contact.properties["email"]), [
                     (r["op"], r["status"]) for r in flow.outbox()
                 ]
+
+    asyncio.run(go())
+
+
+def _edit_in_hubspot(fake: HubSpotFake, contact_id: str, **properties: str) -> None:
+    """A HubSpot user edits a contact (through the API, by its id)."""
+
+    async def go() -> None:
+        async with client_for(fake) as client:
+            body = {
+                "inputs": [
+                    {"id": contact_id, "idProperty": "hs_object_id", "properties": properties}
+                ]
+            }
+            answer = await client.post(
+                f"{BASE}/crm/v3/objects/contacts/batch/upsert",
+                json=body,
+                headers={"authorization": f"Bearer {TOKEN}"},
+            )
+            assert answer.status_code == 200, answer.text
+
+    asyncio.run(go())
+
+
+def test_a_held_contact_that_still_exists_is_never_replaced(
+    tmp_path: Path, bare: HubSpotFake
+) -> None:
+    """broke (fixed): a HubSpot user cleared the key on the customer's contact; the next
+    upsert made a second contact and the adapter said the held one was gone (``replaces``)
+    without asking, so the map moved off the contact that still holds the customer's
+    e-mail. The design: a different id while the held one lives is ``contact_id_changed``
+    and the map is kept."""
+
+    async def go() -> None:
+        async with hubspot_flow(tmp_path, bare) as flow:
+            await set_up(flow, bare)
+            await flow.deliver(event_body("1001", 1, **MIA))
+            held = contact_of(flow, "1001")
+            await asyncio.to_thread(_edit_in_hubspot, bare, held, **{KEY: ""})
+            await flow.deliver(event_body("1001", 2, first_name="mimi", **MIA))
+            kinds = [c["kind"] for c in flow.conflicts()]
+            assert contact_of(flow, "1001") == held
+            assert "contact_replaced" not in kinds
+            assert "contact_id_changed" in kinds
+            assert flow.dead_letters() == []
 
     asyncio.run(go())

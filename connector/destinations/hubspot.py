@@ -42,7 +42,8 @@ with a private app's token (``Authorization: Bearer``).
 - **deactivate**: an upsert of ``treez_status: DEACTIVATED`` (``status_property``) alone.
 - **a gone contact** (merged or deleted on HubSpot's side): the upsert by ``id_property``
   finds or makes the right contact and its id replaces the gone one in the identity map
-  (``Sent.replaces``; the store reports ``contact_replaced``).
+  (``Sent.replaces``; the store reports ``contact_replaced``), once a read of the held id
+  says it is gone; a held contact that still exists is kept (``contact_id_changed``).
 - **pacing**: every request takes a slot of ``rate_limit`` (190 per 10 s by default; 100 per
   10 s for Free and Starter accounts), counted across every sink of one token (HubSpot counts
   per app). A 429 is read by its ``policyName``: the ten-second policy is an ordinary retry
@@ -275,6 +276,10 @@ class HubSpotSink:
                 chunk = round_[start : start + step]
                 for item, result in zip(chunk, await self._upsert(chunk), strict=True):
                     results[item.index] = self._upsert_result(deliveries[item.index], result)
+        for item in inputs:
+            upserted = results[item.index]
+            if isinstance(upserted, Sent) and upserted.replaces is not None:
+                results[item.index] = await self._replaced(upserted)
         await self._opt_out_upserted(inputs, deliveries, results)
         for op, indexes in consent:
             done = await self._consent(op, [deliveries[i] for i in indexes])
@@ -537,6 +542,18 @@ class HubSpotSink:
                 if outcome is not None:
                     for index in owed[email]:
                         results[index] = outcome
+
+    async def _replaced(self, result: Sent) -> Sent:
+        """``result`` names another contact than the one held: it replaces the held one only
+        if that one is gone (merged or deleted in HubSpot). A held contact that still exists
+        (its key edited in HubSpot, say) is kept; the store reports contact_id_changed."""
+        try:
+            alive = await self.lookup(str(result.replaces)) is not None
+        except QuotaPause:
+            raise
+        except DeliveryError:
+            alive = True  # not known to be gone: never moved on a guess
+        return Sent(result.contact_id, result.conflict) if alive else result
 
     def _upsert_result(self, delivery: Delivery, result: Result) -> Result:
         held = delivery.contact_id
