@@ -916,3 +916,23 @@ def test_a_held_contact_that_still_exists_is_never_replaced(
             assert flow.dead_letters() == []
 
     asyncio.run(go())
+
+
+def test_opt_out_with_an_invalid_new_email_unsubscribes_the_contacts_own(
+    tmp_path: Path, bare: HubSpotFake
+) -> None:
+    """broke (fixed): the opt-out version carries an e-mail HubSpot refuses (its upsert is
+    dead-lettered, the contact keeps the valid one). The unsubscribe sent the invalid one:
+    a 400, dead-lettered, and every replay the same; the contact's real address stayed
+    subscribed. An address that is not one is now replaced by the contact's own."""
+
+    async def go() -> None:
+        async with hubspot_flow(tmp_path, bare) as flow:
+            await set_up(flow, bare)
+            await flow.deliver(event_body("1001", 1, **MIA))
+            await flow.deliver(event_body("1001", 2, opt_out="true", email="mia@@example"))
+            assert bare.opted_out(MIA["email"])
+            assert [d["op"] for d in flow.dead_letters()] == ["upsert"]
+            assert "sms_consent_unsupported" in [c["kind"] for c in flow.conflicts()]
+
+    asyncio.run(go())

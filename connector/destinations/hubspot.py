@@ -24,7 +24,8 @@ with a private app's token (``Authorization: Bearer``).
   holds two inputs with the same e-mail; the second holder goes in a later request (nothing
   is dropped).
 - **unsubscribe**: ``POST /communication-preferences/v4/statuses/batch/unsubscribe-all
-  ?channel=EMAIL`` with the e-mail (the mapped one, else the contact's own, read back). The
+  ?channel=EMAIL`` with the e-mail (the mapped one, else the contact's own, read back; a
+  mapped one that is not shaped like an address counts as none). The
   public API has no SMS consent: an SMS opt-out is reported on the operation
   (``sms_consent_unsupported``: a conflict row and the conflicts metric), never dropped
   silently. **subscribe** (planned only under ``resubscribe: on_source_opt_in``):
@@ -107,6 +108,7 @@ LEGAL_BASES = Literal[
 ]
 _PROPERTY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _EXISTING_ID = re.compile(r"Existing ID: ?(\d+)")
+_ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")  # the shape of an e-mail address, no more
 # HubSpot counts its ten-second limit per app (token): every sink of one token shares it
 _APP_LIMITERS: weakref.WeakValueDictionary[tuple[str, int], SlidingWindowLimiter] = (
     weakref.WeakValueDictionary()
@@ -566,8 +568,10 @@ class HubSpotSink:
     # --- consent ----------------------------------------------------------------------------
 
     async def _email_of(self, delivery: Delivery) -> str | None:
+        """The mapped e-mail; else (none mapped, or not an address at all: HubSpot refused
+        its upsert, so the contact holds another) the contact's own."""
         email = _text(delivery.fields.get("email"))
-        if email:
+        if email and _ADDRESS.fullmatch(email):
             return email.lower()
         if delivery.contact_id is None:
             return None
