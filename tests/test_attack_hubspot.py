@@ -936,3 +936,26 @@ def test_opt_out_with_an_invalid_new_email_unsubscribes_the_contacts_own(
             assert "sms_consent_unsupported" in [c["kind"] for c in flow.conflicts()]
 
     asyncio.run(go())
+
+
+def test_a_409_naming_no_holder_never_clears_the_contacts_email(bare: HubSpotFake) -> None:
+    """held (guards the swap fix): a lone 409 that names no other contact is resent with
+    the e-mail left out, so the contact keeps the address it has."""
+    prepared(bare)
+    first = delivery("upsert", "1001", fields={KEY: "k1", "firstname": "Mia", **MIA})
+    second = delivery("upsert", "1001", fields={KEY: "k1", "firstname": "Mimi", **MIA})
+
+    async def go() -> None:
+        async with client_for(bare) as client:
+            sink = HubSpotSink(hubspot_config(), client)
+            [made] = await sink.send([first])
+            assert isinstance(made, Sent)
+            bare.fail_next(409)
+            [again] = await sink.send([second])
+            assert isinstance(again, Sent)
+            contact = bare.contact(str(made.contact_id))
+            assert contact is not None
+            assert contact.properties["firstname"] == "Mimi"
+            assert contact.properties["email"] == MIA["email"]
+
+    asyncio.run(go())

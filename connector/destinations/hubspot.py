@@ -17,9 +17,9 @@ with a private app's token (``Authorization: Bearer``).
   recursively, until the bad input stands alone; the rest is delivered. An input that still
   fails alone is that operation's failure (``FatalDelivery`` naming the status and HubSpot's
   category, never HubSpot's message, which can quote an e-mail). A lone 409 because another
-  HubSpot contact holds the e-mail is sent again with the e-mail cleared (``""``: an old
-  address it held may be another customer's now) and reported (``duplicate_email``): the
-  other person's contact is never written.
+  HubSpot contact holds the e-mail is sent again without it, cleared (``""``: an old
+  address it held may be another customer's now) when HubSpot names the holder, and reported
+  (``duplicate_email``): the other person's contact is never written.
 - **one e-mail twice in one batch** is a 409 for the whole batch in HubSpot: a batch never
   holds two inputs with the same e-mail; the second holder goes in a later request (nothing
   is dropped).
@@ -415,18 +415,23 @@ class HubSpotSink:
         email = _text(properties.get("email"))
         return _Input(index, key, properties, email.lower() if email else None)
 
-    def _body(self, chunk: Sequence[_Input], *, without_email: bool = False) -> dict[str, Any]:
+    def _body(self, chunk: Sequence[_Input], *, email: str | None = None) -> dict[str, Any]:
+        """The batch upsert's body; ``email`` given: every input's e-mail replaced by it
+        (``""`` clears it), or left out when it is ``"omit"``."""
+
+        def properties(item: _Input) -> dict[str, str]:
+            if email is None:
+                return item.properties
+            rest = {k: v for k, v in item.properties.items() if k != "email"}
+            return rest if email == "omit" else {**rest, "email": email}
+
         return {
             "inputs": [
                 {
                     "idProperty": self.config.id_property,
                     "id": item.key,
                     "objectWriteTraceId": str(item.index),
-                    # without its e-mail: cleared, never left as it was (an old address
-                    # of this customer's can be another customer's now: two swapped them)
-                    "properties": (
-                        {**item.properties, "email": ""} if without_email else item.properties
-                    ),
+                    "properties": properties(item),
                 }
                 for item in chunk
             ]
@@ -492,9 +497,10 @@ class HubSpotSink:
         ]
 
     async def _without_email(self, item: _Input, refused: httpx.Response) -> Result:
-        """A lone input refused with 409: another contact holds its e-mail. Sent again with
-        the e-mail cleared (the other person's contact is never written; the contact never
-        keeps an old address that may be someone else's now) and reported."""
+        """A lone input refused with 409: another contact holds its e-mail. Sent again
+        without it (the other person's contact is never written) and reported. When HubSpot
+        names that other contact, the e-mail is cleared rather than left out: the contact
+        never keeps an old address that is someone else's now (two customers swapped)."""
         data = _json(refused)
         context = _dict(data.get("context"))
         ids = context.get("id") or []
@@ -502,10 +508,9 @@ class HubSpotSink:
         if holder is None:
             match = _EXISTING_ID.search(str(data.get("message") or ""))
             holder = match[1] if match else None
+        body = self._body([item], email="omit" if holder is None else "")
         try:
-            response = await self._request(
-                "POST", UPSERT, body=self._body([item], without_email=True), ok=(400, 409)
-            )
+            response = await self._request("POST", UPSERT, body=body, ok=(400, 409))
         except QuotaPause:
             raise
         except DeliveryError as exc:
