@@ -115,6 +115,19 @@ _APP_LIMITERS: weakref.WeakValueDictionary[tuple[str, int], SlidingWindowLimiter
 )
 
 
+class _Daily:
+    """One app's day: the requests counted against ``daily_limit``."""
+
+    __slots__ = ("__weakref__", "day", "requests")
+
+    def __init__(self) -> None:
+        self.day: dt.date | None = None
+        self.requests = 0
+
+
+_APP_DAYS: weakref.WeakValueDictionary[tuple[str, int, str], _Daily] = weakref.WeakValueDictionary()
+
+
 class HubSpotDestination(DestinationConfig):
     """HubSpot: batch upserts keyed by a unique custom property, Communication Preferences v4
     for e-mail consent, contact merges; paced to the app's ten-second limit and daily cap."""
@@ -238,9 +251,15 @@ class HubSpotSink:
             shared=shared,
         )
         self._wall = wall
+        # HubSpot's daily cap is the app's: the requests counted against daily_limit are
+        # shared by every sink of one token (one per dispensary), as the ten-second limiter
+        # is; each sink learns of a 429 DAILY on its own (a refused request costs nothing)
+        day_key = (app, id(wall), config.daily_reset_time_zone)
+        daily = _APP_DAYS.get(day_key)
+        if daily is None:
+            daily = _APP_DAYS[day_key] = _Daily()
+        self._daily = daily
         self._paused_until: float | None = None
-        self._day: dt.date | None = None
-        self._day_requests = 0
 
     def __repr__(self) -> str:
         return f"HubSpotSink(name={self.name!r})"  # never the token
@@ -343,12 +362,12 @@ class HubSpotSink:
         limit = self.config.daily_limit
         if limit is not None:
             today = self._today()
-            if today != self._day:
-                self._day, self._day_requests = today, 0
-            if self._day_requests >= limit:
+            if today != self._daily.day:
+                self._daily.day, self._daily.requests = today, 0
+            if self._daily.requests >= limit:
                 self._paused_until = next_midnight(now, self.config.daily_reset_time_zone)
                 raise self._pause(f"daily_limit ({limit} requests) reached")
-            self._day_requests += 1
+            self._daily.requests += 1
 
     def _count_daily(self, response: httpx.Response) -> None:
         left = response.headers.get("x-hubspot-ratelimit-daily-remaining")
