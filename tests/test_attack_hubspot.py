@@ -987,3 +987,48 @@ def test_daily_limit_counts_every_sink_of_one_token(bare: HubSpotFake) -> None:
 
     asyncio.run(go())
     assert len(bare.calls) == 3
+
+
+async def _resend(flow: Flow, body: bytes) -> None:
+    """A reconciliation's resend of one pulled record (change detection ignored)."""
+    from vendor_flow import _instant
+
+    from connector.pipeline import process_batch
+    from connector.store import NewEvent
+
+    data = json.loads(body)["data"]
+    event = NewEvent(
+        DISPENSARY,
+        "resend",
+        "CUSTOMER",
+        str(data["customer_id"]),
+        _instant(data["last_update"]),
+        body.decode(),
+    )
+    flow.store.add_events([event])
+    while (await flow.astore.call(process_batch, flow.store, flow.deployment, 256)).events:
+        pass
+    await flow.drain()
+
+
+def test_reconciliation_resend_after_an_opt_out_reasserts_it(
+    tmp_path: Path, bare: HubSpotFake
+) -> None:
+    """held: a pulled record saying nothing of consent (opt_out null), with a new address,
+    resent after the opt-out: the upsert says opted out, the new address is unsubscribed
+    and nothing subscribes."""
+
+    async def go() -> None:
+        async with consent_flow(tmp_path, bare) as flow:
+            await set_up(flow, bare)
+            flow.start()
+            await flow.deliver(event_body("1001", 1, **MIA))
+            await flow.deliver(event_body("1001", 2, opt_out="true", **MIA))
+            await _resend(flow, event_body("1001", 3, opt_out=None, **NEW))
+            await _resend(flow, event_body("1001", 3, opt_out=None, **NEW))
+            assert bare.opted_out(NEW["email"])
+            assert [c for c in bare.status_changes if c.status == "SUBSCRIBED"] == []
+            ups = [c for c in bare.calls if c.path.endswith("/batch/upsert")]
+            assert ups[-1].body["inputs"][0]["properties"]["email"] == NEW["email"]
+
+    asyncio.run(go())
