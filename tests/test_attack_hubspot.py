@@ -1032,3 +1032,33 @@ def test_reconciliation_resend_after_an_opt_out_reasserts_it(
             assert ups[-1].body["inputs"][0]["properties"]["email"] == NEW["email"]
 
     asyncio.run(go())
+
+
+def test_dead_opt_out_of_the_first_absorbed_replayed_after_a_merge_chain(
+    tmp_path: Path, bare: HubSpotFake
+) -> None:
+    """held: A's unsubscribe dead-lettered, then A into B and B into C, then the replay:
+    A's and C's addresses end unsubscribed, nothing subscribes, one contact is left."""
+
+    async def go() -> None:
+        async with hubspot_flow(tmp_path, bare) as flow:
+            await set_up(flow, bare)
+            await flow.deliver(
+                *(event_body(c, 1, email=f"c{c}@example.com") for c in ("2001", "2002", "2003"))
+            )
+            bare.fail_next(400)
+            await flow.deliver(event_body("2001", 2, opt_out="true", email="c2001@example.com"))
+            assert [d["op"] for d in flow.dead_letters()] == ["unsubscribe"]
+            await flow.deliver(
+                event_body("2002", 3, merged_customer_ids=["2001"], email="c2002@example.com")
+            )
+            await flow.deliver(
+                event_body("2003", 4, merged_customer_ids=["2002"], email="c2003@example.com")
+            )
+            await replay_all(flow)
+            assert list(bare.contacts) == [contact_of(flow, "2003")]
+            assert bare.opted_out("c2001@example.com")
+            assert bare.opted_out("c2003@example.com")
+            assert bare.resubscriptions() == []
+
+    asyncio.run(go())
