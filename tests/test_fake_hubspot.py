@@ -257,6 +257,51 @@ def test_merge_keeps_the_primary_and_the_absorbed_id_is_gone(fake: HubSpotFake) 
     assert [(m.primary, m.absorbed) for m in fake.merges] == [(ids["k1"], ids["k2"])]
 
 
+def test_lookups_by_email_and_unique_values_stay_right_through_writes_and_merges(
+    fake: HubSpotFake,
+) -> None:
+    """The fake's index (no scan of every contact per lookup) agrees with a scan after
+    e-mails changed, cleared and moved by merges, and a unique property added later."""
+    import random
+
+    rng = random.Random(5)
+    emails = [f"p{n}@example.com" for n in range(6)]
+    fake.add_property("code")
+    for step in range(120):
+        key = f"k{rng.randrange(8)}"
+        if rng.random() < 0.15 and len(fake.contacts) > 1:
+            primary, absorbed = rng.sample(sorted(fake.contacts), 2)
+            merge = {"primaryObjectId": primary, "objectIdToMerge": absorbed}
+            assert request(fake, "POST", MERGE, merge).status_code == 200
+        else:
+            email = rng.choice([*emails, ""])
+            upsert(fake, item(key, email=email, code=f"code-{key}"))
+        if step == 60:
+            fake.add_property("code", unique=True)  # unique from now on: indexed too
+        for contact in fake.contacts.values():
+            props = contact.properties
+            held = [props.get("email", ""), *props.get("hs_additional_emails", "").split(";")]
+            for email in filter(None, held):
+                assert fake.contact_by("email", email.upper()) is contact
+            if KEY in props:
+                assert fake.contact_by(KEY, props[KEY]) is contact
+            if step > 60 and props.get("code"):
+                assert fake.contact_by("code", props["code"]) is contact
+        scanned = {c.properties.get(KEY) for c in fake.contacts.values()} - {None}
+        for n in range(8):
+            found = fake.contact_by(KEY, f"k{n}")
+            assert (found is not None) == (f"k{n}" in scanned)
+        for email in emails:
+            found = fake.contact_by("email", email)
+            holders = []
+            for c in fake.contacts.values():
+                extra = c.properties.get("hs_additional_emails", "").split(";")
+                if email in (c.properties.get("email"), *extra):
+                    holders.append(c)
+            assert holders == ([] if found is None else [found])
+    assert fake.merges  # the walk did merge contacts (their e-mails moved)
+
+
 def test_merge_with_itself_is_a_400(fake: HubSpotFake) -> None:
     contact_id = ids_by_key(upsert(fake, item("k1")))["k1"]
     same = {"primaryObjectId": contact_id, "objectIdToMerge": contact_id}

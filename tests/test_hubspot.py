@@ -284,7 +284,7 @@ def test_an_email_of_another_contact_writes_ours_without_it(fake: HubSpotFake) -
     assert isinstance(ours, Sent)
     assert ours.conflict == (
         f"duplicate_email: this customer's e-mail belongs to HubSpot contact {other}; its "
-        "contact was written without it"
+        "contact was written with no e-mail"
     )
     mine = fake.contact(contact_of(ours))
     assert mine is not None
@@ -438,7 +438,14 @@ def test_unsubscribe_without_a_mapped_email_uses_the_contacts_own(fake: HubSpotF
     [unknown], _ = send(fake, [op])
     assert isinstance(unknown, Sent)
     assert unknown.conflict is not None
-    assert unknown.conflict.startswith("no_identifier: ")
+    # one conflict a result: the SMS opt-out is the kind, the missing e-mail in its detail
+    assert unknown.conflict.startswith("sms_consent_unsupported: ")
+    assert "no_identifier" in unknown.conflict
+    op.body["channels"] = ["email"]
+    [email_only], _ = send(fake, [op])
+    assert isinstance(email_only, Sent)
+    assert email_only.conflict is not None
+    assert email_only.conflict.startswith("no_identifier: ")
 
 
 def test_unsubscribes_go_in_one_call_per_hundred_addresses(fake: HubSpotFake) -> None:
@@ -462,7 +469,14 @@ def test_subscribe_needs_a_subscription_type(fake: HubSpotFake) -> None:
     [result], _ = send(fake, [op])
     assert isinstance(result, Sent)
     assert result.conflict is not None
-    assert result.conflict.startswith("no_subscription_type: ")
+    assert result.conflict.startswith("sms_consent_unsupported: ")
+    assert "no_subscription_type" in result.conflict
+    [email_only], _ = send(
+        fake, [delivery("subscribe", "1001", channels=["email"], fields=op.fields)]
+    )
+    assert isinstance(email_only, Sent)
+    assert email_only.conflict is not None
+    assert email_only.conflict.startswith("no_subscription_type: ")
     assert fake.calls == []
     [result], _ = send(fake, [op], subscription_id=1001, legal_basis="CONSENT_WITH_NOTICE")
     [call] = fake.calls

@@ -8,31 +8,43 @@ with a private app's token (``Authorization: Bearer``).
   The answer's results are matched to the inputs by the ``objectWriteTraceId`` each input
   carries (its index), never by position. A 207 fails only the inputs its errors name (by
   ``objectWriteTraceId``, else by the idProperty value in ``context.ids``); an input neither
-  answered nor named is retried. Consent never travels with an upsert.
+  answered nor named is retried. Consent is never written as a contact property; but an
+  upsert whose mapping carries ``hs_email_optout`` (the planner's consent state: true once
+  the customer opted out) also unsubscribes the e-mail it writes, and is done only once that
+  is, so an address changed or added after an opt-out is opted out too. ``setup`` never
+  creates ``hs_email_optout`` (HubSpot's own).
 - **one bad input fails a whole batch** (400 or 409): the batch is split in halves,
   recursively, until the bad input stands alone; the rest is delivered. An input that still
   fails alone is that operation's failure (``FatalDelivery`` naming the status and HubSpot's
   category, never HubSpot's message, which can quote an e-mail). A lone 409 because another
-  HubSpot contact holds the e-mail is sent again without the e-mail and reported
+  HubSpot contact holds the e-mail is sent again without it, cleared (``""``: an old
+  address it held may be another customer's now) when HubSpot names the holder, and reported
   (``duplicate_email``): the other person's contact is never written.
 - **one e-mail twice in one batch** is a 409 for the whole batch in HubSpot: a batch never
   holds two inputs with the same e-mail; the second holder goes in a later request (nothing
   is dropped).
 - **unsubscribe**: ``POST /communication-preferences/v4/statuses/batch/unsubscribe-all
-  ?channel=EMAIL`` with the e-mail (the mapped one, else the contact's own, read back). The
+  ?channel=EMAIL`` with the e-mail (the mapped one, else the contact's own, read back; a
+  mapped one that is not shaped like an address counts as none). The
   public API has no SMS consent: an SMS opt-out is reported on the operation
   (``sms_consent_unsupported``: a conflict row and the conflicts metric), never dropped
   silently. **subscribe** (planned only under ``resubscribe: on_source_opt_in``):
   ``POST /communication-preferences/v4/statuses/batch/write`` ``SUBSCRIBED`` for the
   subscription type ``subscription_id`` (with ``legal_basis`` when set); without a
   ``subscription_id`` it is reported (``no_subscription_type``) and nothing is written.
+  Consent operations of one send go in runs, in the order planned (a subscribe and a later
+  unsubscribe of one shared address end unsubscribed). An answer listing ``errors`` leaves
+  each address without a result undone (failed when an error names it, else retried). One
+  conflict a result: with SMS in the channels the kind is always ``sms_consent_unsupported``,
+  and what happened to the e-mail (``no_identifier``...) goes in its detail.
 - **merge**: ``POST /crm/v3/objects/contacts/merge`` with ``primaryObjectId`` the final
   survivor's contact and ``objectIdToMerge`` the absorbed one's. An absorbed contact that is
   gone already (merged on HubSpot's side) is nothing to merge.
 - **deactivate**: an upsert of ``treez_status: DEACTIVATED`` (``status_property``) alone.
 - **a gone contact** (merged or deleted on HubSpot's side): the upsert by ``id_property``
   finds or makes the right contact and its id replaces the gone one in the identity map
-  (``Sent.replaces``; the store reports ``contact_replaced``).
+  (``Sent.replaces``; the store reports ``contact_replaced``), once a read of the held id
+  says it is gone; a held contact that still exists is kept (``contact_id_changed``).
 - **pacing**: every request takes a slot of ``rate_limit`` (190 per 10 s by default; 100 per
   10 s for Free and Starter accounts), counted across every sink of one token (HubSpot counts
   per app). A 429 is read by its ``policyName``: the ten-second policy is an ordinary retry
@@ -96,10 +108,24 @@ LEGAL_BASES = Literal[
 ]
 _PROPERTY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _EXISTING_ID = re.compile(r"Existing ID: ?(\d+)")
+_ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")  # the shape of an e-mail address, no more
 # HubSpot counts its ten-second limit per app (token): every sink of one token shares it
 _APP_LIMITERS: weakref.WeakValueDictionary[tuple[str, int], SlidingWindowLimiter] = (
     weakref.WeakValueDictionary()
 )
+
+
+class _Daily:
+    """One app's day: the requests counted against ``daily_limit``."""
+
+    __slots__ = ("__weakref__", "day", "requests")
+
+    def __init__(self) -> None:
+        self.day: dt.date | None = None
+        self.requests = 0
+
+
+_APP_DAYS: weakref.WeakValueDictionary[tuple[str, int, str], _Daily] = weakref.WeakValueDictionary()
 
 
 class HubSpotDestination(DestinationConfig):
@@ -226,9 +252,15 @@ class HubSpotSink:
             shared=shared,
         )
         self._wall = wall
+        # HubSpot's daily cap is the app's: the requests counted against daily_limit are
+        # shared by every sink of one token (one per dispensary), as the ten-second limiter
+        # is; each sink learns of a 429 DAILY on its own (a refused request costs nothing)
+        day_key = (app, id(wall), config.daily_reset_time_zone)
+        daily = _APP_DAYS.get(day_key)
+        if daily is None:
+            daily = _APP_DAYS[day_key] = _Daily()
+        self._daily = daily
         self._paused_until: float | None = None
-        self._day: dt.date | None = None
-        self._day_requests = 0
 
     def __repr__(self) -> str:
         return f"HubSpotSink(name={self.name!r})"  # never the token
@@ -242,7 +274,9 @@ class HubSpotSink:
     async def send(self, deliveries: list[Delivery]) -> list[Result]:
         results: list[Result | None] = [None] * len(deliveries)
         inputs: list[_Input] = []
-        consent: dict[str, list[int]] = {"unsubscribe": [], "subscribe": []}
+        # consent in runs of one operation, in the order planned: a subscribe and a later
+        # unsubscribe of one address (two customers sharing it) end as the later one says
+        consent: list[tuple[str, list[int]]] = []
         for index, delivery in enumerate(deliveries):
             op = delivery.op
             if op in ("upsert", "deactivate"):
@@ -251,8 +285,11 @@ class HubSpotSink:
                     inputs.append(found)
                 else:
                     results[index] = found
-            elif op in consent:
-                consent[op].append(index)
+            elif op in ("unsubscribe", "subscribe"):
+                if consent and consent[-1][0] == op:
+                    consent[-1][1].append(index)
+                else:
+                    consent.append((op, [index]))
             elif op != "merge":
                 results[index] = FatalDelivery(f"unknown operation {op!r}")
         for round_ in _rounds(inputs):
@@ -261,11 +298,15 @@ class HubSpotSink:
                 chunk = round_[start : start + step]
                 for item, result in zip(chunk, await self._upsert(chunk), strict=True):
                     results[item.index] = self._upsert_result(deliveries[item.index], result)
-        for op, indexes in consent.items():
-            if indexes:
-                done = await self._consent(op, [deliveries[i] for i in indexes])
-                for i, result in zip(indexes, done, strict=True):
-                    results[i] = result
+        for item in inputs:
+            upserted = results[item.index]
+            if isinstance(upserted, Sent) and upserted.replaces is not None:
+                results[item.index] = await self._replaced(upserted)
+        await self._opt_out_upserted(inputs, deliveries, results)
+        for op, indexes in consent:
+            done = await self._consent(op, [deliveries[i] for i in indexes])
+            for i, result in zip(indexes, done, strict=True):
+                results[i] = result
         for index, delivery in enumerate(deliveries):
             if delivery.op == "merge":
                 try:
@@ -322,12 +363,12 @@ class HubSpotSink:
         limit = self.config.daily_limit
         if limit is not None:
             today = self._today()
-            if today != self._day:
-                self._day, self._day_requests = today, 0
-            if self._day_requests >= limit:
+            if today != self._daily.day:
+                self._daily.day, self._daily.requests = today, 0
+            if self._daily.requests >= limit:
                 self._paused_until = next_midnight(now, self.config.daily_reset_time_zone)
                 raise self._pause(f"daily_limit ({limit} requests) reached")
-            self._day_requests += 1
+            self._daily.requests += 1
 
     def _count_daily(self, response: httpx.Response) -> None:
         left = response.headers.get("x-hubspot-ratelimit-daily-remaining")
@@ -394,18 +435,23 @@ class HubSpotSink:
         email = _text(properties.get("email"))
         return _Input(index, key, properties, email.lower() if email else None)
 
-    def _body(self, chunk: Sequence[_Input], *, without_email: bool = False) -> dict[str, Any]:
+    def _body(self, chunk: Sequence[_Input], *, email: str | None = None) -> dict[str, Any]:
+        """The batch upsert's body; ``email`` given: every input's e-mail replaced by it
+        (``""`` clears it), or left out when it is ``"omit"``."""
+
+        def properties(item: _Input) -> dict[str, str]:
+            if email is None:
+                return item.properties
+            rest = {k: v for k, v in item.properties.items() if k != "email"}
+            return rest if email == "omit" else {**rest, "email": email}
+
         return {
             "inputs": [
                 {
                     "idProperty": self.config.id_property,
                     "id": item.key,
                     "objectWriteTraceId": str(item.index),
-                    "properties": (
-                        {k: v for k, v in item.properties.items() if k != "email"}
-                        if without_email
-                        else item.properties
-                    ),
+                    "properties": properties(item),
                 }
                 for item in chunk
             ]
@@ -472,7 +518,9 @@ class HubSpotSink:
 
     async def _without_email(self, item: _Input, refused: httpx.Response) -> Result:
         """A lone input refused with 409: another contact holds its e-mail. Sent again
-        without the e-mail (the other person's contact is never written) and reported."""
+        without it (the other person's contact is never written) and reported. When HubSpot
+        names that other contact, the e-mail is cleared rather than left out: the contact
+        never keeps an old address that is someone else's now (two customers swapped)."""
         data = _json(refused)
         context = _dict(data.get("context"))
         ids = context.get("id") or []
@@ -480,10 +528,9 @@ class HubSpotSink:
         if holder is None:
             match = _EXISTING_ID.search(str(data.get("message") or ""))
             holder = match[1] if match else None
+        body = self._body([item], email="omit" if holder is None else "")
         try:
-            response = await self._request(
-                "POST", UPSERT, body=self._body([item], without_email=True), ok=(400, 409)
-            )
+            response = await self._request("POST", UPSERT, body=body, ok=(400, 409))
         except QuotaPause:
             raise
         except DeliveryError as exc:
@@ -497,8 +544,43 @@ class HubSpotSink:
         return Sent(
             result.contact_id,
             f"duplicate_email: this customer's e-mail belongs to HubSpot {other}; "
-            "its contact was written without it",
+            "its contact was written with no e-mail",
         )
+
+    async def _opt_out_upserted(
+        self, inputs: list[_Input], deliveries: list[Delivery], results: list[Result | None]
+    ) -> None:
+        """An upsert whose mapping says the customer opted out (``hs_email_optout`` true, as
+        the planner computes it from the connector's consent state) unsubscribes the e-mail
+        it carries: HubSpot's consent is per address, so a new address after an opt-out
+        would otherwise be open to marketing. Until that is written the upsert is not done."""
+        owed: dict[str, list[int]] = {}
+        for item in inputs:
+            done = isinstance(results[item.index], Sent)
+            if item.email and done and _opted_out(deliveries[item.index].fields):
+                owed.setdefault(item.email, []).append(item.index)
+        addresses = list(owed)
+        step = self.config.inputs_per_request
+        for start in range(0, len(addresses), step):
+            part = addresses[start : start + step]
+            for email, outcome in zip(
+                part, await self._consent_call("unsubscribe", part), strict=True
+            ):
+                if outcome is not None:
+                    for index in owed[email]:
+                        results[index] = outcome
+
+    async def _replaced(self, result: Sent) -> Sent:
+        """``result`` names another contact than the one held: it replaces the held one only
+        if that one is gone (merged or deleted in HubSpot). A held contact that still exists
+        (its key edited in HubSpot, say) is kept; the store reports contact_id_changed."""
+        try:
+            alive = await self.lookup(str(result.replaces)) is not None
+        except QuotaPause:
+            raise
+        except DeliveryError:
+            alive = True  # not known to be gone: never moved on a guess
+        return Sent(result.contact_id, result.conflict) if alive else result
 
     def _upsert_result(self, delivery: Delivery, result: Result) -> Result:
         held = delivery.contact_id
@@ -511,8 +593,10 @@ class HubSpotSink:
     # --- consent ----------------------------------------------------------------------------
 
     async def _email_of(self, delivery: Delivery) -> str | None:
+        """The mapped e-mail; else (none mapped, or not an address at all: HubSpot refused
+        its upsert, so the contact holds another) the contact's own."""
         email = _text(delivery.fields.get("email"))
-        if email:
+        if email and _ADDRESS.fullmatch(email):
             return email.lower()
         if delivery.contact_id is None:
             return None
@@ -544,14 +628,18 @@ class HubSpotSink:
                     "yet; trying again"
                 )
             elif email is None:
-                results[index] = Sent(
-                    delivery.contact_id,
+                results[index] = self._consent_sent(
+                    delivery,
+                    channels,
+                    op,
                     f"no_identifier: no e-mail known for this customer's HubSpot contact; the "
                     f"{op} was not sent",
                 )
             elif op == "subscribe" and self.config.subscription_id is None:
-                results[index] = Sent(
-                    delivery.contact_id,
+                results[index] = self._consent_sent(
+                    delivery,
+                    channels,
+                    op,
                     "no_subscription_type: subscription_id is not set; the subscribe was not sent",
                 )
             else:
@@ -573,15 +661,21 @@ class HubSpotSink:
         ]
 
     @staticmethod
-    def _consent_sent(delivery: Delivery, channels: set[str], op: str) -> Sent:
+    def _consent_sent(
+        delivery: Delivery, channels: set[str], op: str, email_note: str | None = None
+    ) -> Sent:
+        """Done; an SMS opt-out (or opt-in) is always reported as sms_consent_unsupported
+        (one conflict a result: what happened to the e-mail goes in its detail)."""
         if "sms" not in channels:
-            return Sent(delivery.contact_id)
+            return Sent(delivery.contact_id, email_note)
         what = "opt-out" if op == "unsubscribe" else "opt-in"
-        return Sent(
-            delivery.contact_id,
+        detail = (
             f"sms_consent_unsupported: HubSpot's public API has no SMS consent; this "
-            f"customer's SMS {what} was not sent and must be recorded in HubSpot by hand",
+            f"customer's SMS {what} was not sent and must be recorded in HubSpot by hand"
         )
+        if email_note is not None:
+            detail += f" (e-mail: {email_note})"
+        return Sent(delivery.contact_id, detail)
 
     async def _consent_call(self, op: str, emails: list[str]) -> list[Result | None]:
         """None for each address written; a whole-call 400 splits the call like upserts."""
@@ -617,7 +711,47 @@ class HubSpotSink:
                     *await self._consent_call(op, emails[half:]),
                 ]
             return [self._fatal(response)]
-        return [None] * len(emails)
+        return self._consent_answers(emails, response)
+
+    def _consent_answers(self, emails: list[str], response: httpx.Response) -> list[Result | None]:
+        """None for each address written. An answer that lists ``errors`` (HubSpot's batch
+        answers may, next to ``results``) leaves undone every address without a result: a
+        failure (its category) when an error names it, else tried again."""
+        data = _json(response)
+        errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
+        if not errors and not data.get("numErrors"):
+            return [None] * len(emails)
+        answered = {
+            str(r.get("subscriberIdString") or "").lower()
+            for r in data.get("results") or []
+            if isinstance(r, dict)
+        }
+        named: dict[str, str] = {}
+        for error in errors:
+            for values in _dict(error.get("context")).values():
+                for value in values if isinstance(values, list) else [values]:
+                    named.setdefault(str(value).lower(), describe_error(error) or "error")
+        status = response.status_code
+        outcomes: list[Result | None] = []
+        for email in emails:
+            if email in answered:
+                outcomes.append(None)
+            elif email in named:
+                outcomes.append(
+                    FatalDelivery(
+                        f"HTTP {status} from {self.api.host}: {named[email]} (this address)",
+                        status_code=status,
+                        body=None,
+                    )
+                )
+            else:
+                outcomes.append(
+                    RetriableDelivery(
+                        f"HTTP {status} from {self.api.host}: no result for this address; "
+                        "trying again"
+                    )
+                )
+        return outcomes
 
     # --- merges -----------------------------------------------------------------------------
 
@@ -664,6 +798,15 @@ def _rounds(inputs: list[_Input]) -> list[list[_Input]]:
         if item.email is not None:
             seen[n].add(item.email)
     return rounds
+
+
+def _opted_out(fields: dict[str, Any]) -> bool:
+    """Whether the mapped consent field (``hs_email_optout``) says the customer opted out."""
+    for name in CONSENT_FIELDS:
+        value = fields.get(name)
+        if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+            return True
+    return False
 
 
 def _property_value(value: Any) -> str:
@@ -727,7 +870,9 @@ async def setup(
         else:
             lines.append(f"property group {group}: already present")
         wanted = [config.id_property, config.status_property]
-        wanted += [t for t in mapping.targets if t not in DEFAULT_PROPERTIES]
+        wanted += [
+            t for t in mapping.targets if t not in DEFAULT_PROPERTIES and t not in CONSENT_FIELDS
+        ]
         for name in dict.fromkeys(wanted):
             if not _PROPERTY_NAME.match(name):
                 lines.append(f"property {name}: skipped, not a HubSpot property name")

@@ -362,6 +362,10 @@ class HubSpotFake:
         self._rng = random.Random(self.seed)
         self._next_id = 101
         self._contacts: dict[str, Contact] = {}
+        # (property, value) -> contact id, for e-mails (primary and additional, any case) and
+        # unique properties: kept in step by every write (upsert, merge), rebuilt when a
+        # property is added (it may be unique), so a lookup never scans every contact
+        self._index: dict[tuple[str, str], str] = {}
         self._gone: dict[str, str] = {}  # absorbed id -> the id it was merged into
         self._groups: dict[str, dict[str, Any]] = {
             DEFAULT_GROUP: {
@@ -476,6 +480,7 @@ class HubSpotFake:
                 },
                 custom=True,
             )
+            self._reindex()
 
     def opted_out(self, email: str) -> bool:
         """Whether the address unsubscribed from all e-mail."""
@@ -673,20 +678,38 @@ class HubSpotFake:
         return bool(prop and prop.get("hasUniqueValue"))
 
     def _holder(self, name: str, value: str) -> Contact | None:
-        if name == "email":
-            key = _email_key(value)
-            for contact in self._contacts.values():
-                emails = [contact.properties.get("email", "")]
-                emails += contact.properties.get("hs_additional_emails", "").split(";")
-                if key in {_email_key(e) for e in emails if e}:
-                    return contact
-            return None
         if name == "hs_object_id":
             return self._contacts.get(value)
-        for contact in self._contacts.values():
+        if name == "email" or self._unique(name):
+            key = _email_key(value) if name == "email" else value
+            found = self._index.get((name, key))
+            return None if found is None else self._contacts.get(found)
+        for contact in self._contacts.values():  # not unique: the first holder
             if contact.properties.get(name) == value:
                 return contact
         return None
+
+    def _keys(self, contact: Contact) -> list[tuple[str, str]]:
+        """The index entries of ``contact``: its e-mails and its unique values."""
+        props = contact.properties
+        emails = [props.get("email", ""), *props.get("hs_additional_emails", "").split(";")]
+        keys = [("email", _email_key(e)) for e in emails if e]
+        keys += [(n, v) for n, v in props.items() if n != "email" and v != "" and self._unique(n)]
+        return keys
+
+    def _unindex(self, contact: Contact) -> None:
+        for key in self._keys(contact):
+            if self._index.get(key) == contact.id:
+                del self._index[key]
+
+    def _add_index(self, contact: Contact) -> None:
+        for key in self._keys(contact):
+            self._index.setdefault(key, contact.id)
+
+    def _reindex(self) -> None:
+        self._index = {}
+        for contact in self._contacts.values():
+            self._add_index(contact)
 
     def _contact_resource(self, contact: Contact, names: Sequence[str] | None = None) -> Any:
         shown = names if names is not None else list(contact.properties)
@@ -856,11 +879,13 @@ class HubSpotFake:
                 self._contacts[target.id] = target
                 if id_property != "hs_object_id":
                     target.properties[id_property] = id_value
+            self._unindex(target)
             for name, value in values.items():
                 if value == "":
                     target.properties.pop(name, None)
                 else:
                     target.properties[name] = value
+            self._add_index(target)
             target.updated = stamp
             result = self._contact_resource(target)
             result["new"] = new
@@ -910,6 +935,8 @@ class HubSpotFake:
 
     def _do_merge(self, primary: str, absorbed: str, now: float) -> None:
         keep, gone = self._contacts[primary], self._contacts.pop(absorbed)
+        self._unindex(gone)
+        self._unindex(keep)
         for name, value in gone.properties.items():
             if name == "email" or name == "hs_additional_emails":
                 continue
@@ -923,6 +950,7 @@ class HubSpotFake:
             keep.properties["email"] = extra.pop(0)
         if extra:
             keep.properties["hs_additional_emails"] = ";".join(dict.fromkeys(extra))
+        self._add_index(keep)
         keep.updated = _iso(self.wall())
         self._gone[absorbed] = primary
         for old, into in list(self._gone.items()):
@@ -994,6 +1022,7 @@ class HubSpotFake:
             )
         prop = self._property_resource(body, custom=True)
         self._properties[name] = prop
+        self._reindex()
         return 201, copy.deepcopy(prop)
 
     def _get_group(self, request: _Request) -> tuple[int, Any]:
