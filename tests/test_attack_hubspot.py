@@ -44,8 +44,8 @@ MAPPING = ROOT / "mappings" / "hubspot.yaml"
 MIA = {"email": "mia@example.com"}
 NEW = {"email": "mia.new@example.com"}
 OTHER_SHOP = "shop2"
-# the shipped mapping plus the consent field HubSpot knows (hs_email_optout): the planner
-# computes it from the connector's consent state (true once opted out, under `never`)
+# the consent field HubSpot knows (hs_email_optout), which the shipped mapping carries: the
+# planner computes it from the connector's consent state (true once opted out, under `never`)
 CONSENT_LINE = "hs_email_optout: {from: opt_out, transform: [bool]}\n"
 
 
@@ -55,7 +55,9 @@ def bare() -> HubSpotFake:
 
 
 def consent_mapping(work: Path) -> str:
-    (work / "hubspot_consent.yaml").write_text(MAPPING.read_text() + CONSENT_LINE)
+    text = MAPPING.read_text()
+    assert CONSENT_LINE.strip() in text  # the shipped mapping carries it
+    (work / "hubspot_consent.yaml").write_text(text)
     return "hubspot_consent.yaml"
 
 
@@ -100,7 +102,7 @@ def test_opt_out_dead_lettered_then_replayed_ends_unsubscribed(
     """held: a whole-call 400 dead-letters the lone unsubscribe; the replay delivers it."""
 
     async def go() -> None:
-        async with hubspot_flow(tmp_path, bare) as flow:
+        async with hubspot_flow(tmp_path, bare, plain=True) as flow:
             await set_up(flow, bare)
             await flow.deliver(event_body("1001", 1, **MIA))
             bare.fail_next(400)
@@ -192,14 +194,9 @@ def test_merge_chain_with_the_first_absorbed_opted_out(tmp_path: Path, bare: Hub
     asyncio.run(go())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped mappings/hubspot.yaml does not map hs_email_optout, so an upsert "
-    "carries no consent: a new address after an opt-out is never unsubscribed (needs the "
-    "mapping line, outside this branch's files)",
-)
 def test_email_change_after_opt_out_shipped_mapping(tmp_path: Path, bare: HubSpotFake) -> None:
-    """broke: with the shipped mapping, the new address after an opt-out stays subscribable."""
+    """broke, then fixed: the shipped mapping maps hs_email_optout, so a new address after an
+    opt-out is unsubscribed too."""
 
     async def go() -> None:
         async with hubspot_flow(tmp_path, bare) as flow:
@@ -700,11 +697,11 @@ def test_daily_429_pauses_without_counting_attempts_and_resumes_after_the_reset(
     fake = HubSpotFake(seed=4, rate_limits=True, wall=lambda: time.time() + offset)
 
     async def go() -> None:
-        from test_hubspot import flow_config
+        from test_hubspot import flow_config, plain_mapping
 
         flow = Flow(
             tmp_path,
-            flow_config(),
+            flow_config().replace("hubspot.yaml", plain_mapping(tmp_path)),
             app=fake.app,
             sink_factory=HubSpotSink,
             base_url=BASE,
@@ -1041,7 +1038,7 @@ def test_dead_opt_out_of_the_first_absorbed_replayed_after_a_merge_chain(
     A's and C's addresses end unsubscribed, nothing subscribes, one contact is left."""
 
     async def go() -> None:
-        async with hubspot_flow(tmp_path, bare) as flow:
+        async with hubspot_flow(tmp_path, bare, plain=True) as flow:
             await set_up(flow, bare)
             await flow.deliver(
                 *(event_body(c, 1, email=f"c{c}@example.com") for c in ("2001", "2002", "2003"))

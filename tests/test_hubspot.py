@@ -689,6 +689,17 @@ def test_setup_through_the_cli_against_the_fake_as_a_process(tmp_path: Path) -> 
 # ---- whole flows through the fake --------------------------------------------------------------
 
 
+def plain_mapping(work: Path) -> str:
+    """The shipped mapping without ``hs_email_optout``: upserts then carry no consent view,
+    so a test sees the unsubscribe operation's own path (the shipped mapping also
+    unsubscribes an opted-out customer's address through its upserts)."""
+    lines = (ROOT / "mappings" / "hubspot.yaml").read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith("hs_email_optout:")]
+    assert len(kept) == len(lines) - 1
+    (work / "hubspot_plain.yaml").write_text("".join(kept))
+    return "hubspot_plain.yaml"
+
+
 def flow_config(*, policy: str | None = None, **extra: Any) -> str:
     lines = [
         "store: sqlite:///connector.db",
@@ -712,11 +723,21 @@ def flow_config(*, policy: str | None = None, **extra: Any) -> str:
 
 @asynccontextmanager
 async def hubspot_flow(
-    work: Path, fake: HubSpotFake, *, policy: str | None = None, **extra: Any
+    work: Path,
+    fake: HubSpotFake,
+    *,
+    policy: str | None = None,
+    plain: bool = False,
+    **extra: Any,
 ) -> AsyncIterator[Flow]:
+    """A flow through the fake with the shipped mapping (``plain``: without its consent
+    field, see :func:`plain_mapping`)."""
+    text = flow_config(policy=policy, **extra)
+    if plain:
+        text = text.replace("mapping: hubspot.yaml", f"mapping: {plain_mapping(work)}")
     flow = Flow(
         work,
-        flow_config(policy=policy, **extra),
+        text,
         app=fake.app,
         sink_factory=HubSpotSink,
         base_url=BASE,
@@ -791,7 +812,8 @@ def test_flow_opt_out_email_and_sms_reports_sms_and_never_resubscribes(
             assert bare.calls_to(WRITE) == []
             assert bare.resubscriptions() == []
             assert bare.opted_out("mia@example.com")
-            assert flow.ops() == ["upsert", "unsubscribe", "upsert"]
+            # the opt-out's upsert carries the consent view (hs_email_optout, never sent)
+            assert flow.ops() == ["upsert", "upsert", "unsubscribe", "upsert"]
             assert flow.dead_letters() == []
 
     asyncio.run(go())
@@ -805,7 +827,7 @@ def test_flow_opt_in_resubscribes_only_under_the_policy(tmp_path: Path, bare: Hu
             await set_up(flow, bare)
             await flow.deliver(event_body("1001", 1, opt_out="true", **PERSON))
             await flow.deliver(event_body("1001", 2, opt_out="false", **PERSON))
-            assert flow.ops() == ["upsert", "unsubscribe", "subscribe"]
+            assert flow.ops() == ["upsert", "unsubscribe", "upsert", "subscribe"]
             [write] = bare.calls_to(WRITE)
             assert write.body["inputs"][0]["statusState"] == "SUBSCRIBED"
             assert [c.email for c in bare.resubscriptions()] == ["mia@example.com"]
