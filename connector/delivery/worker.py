@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,9 @@ from connector.store import LEASE_SECONDS, AsyncStore, OutboxRow
 
 log = get_logger("connector.delivery")
 LEASE_RENEW_SECONDS = 5.0
+# the longest quota pause honoured: a daily cap resets within 25 hours (a day that ends daylight
+# saving time); a reset time beyond it (a bad or misread header) pauses this long, not for good
+MAX_PAUSE_SECONDS = 26 * 3600.0
 
 
 @dataclass(slots=True)
@@ -101,7 +105,7 @@ class DeliveryWorker:
             # taken (at start, or from a replica that stopped): its pause holds here too
             pause = await self.astore.call(store.pause_of, self.dispensary, self.destination.name)
             if pause is not None:
-                self._pause_until(pause.until, pause.reason)
+                self._pause_until(_bounded(pause.until), pause.reason)
         if held != self.leased:
             log.info(
                 "delivery_lease",
@@ -348,10 +352,11 @@ class DeliveryWorker:
         """The destination's quota is used up until ``exc.until``: these operations wait for
         it with no attempt counted, and the destination claims nothing meanwhile."""
         reason = f"quota: {exc}"
-        outcome.paused.extend((row, exc.until, reason) for row in batch)
-        if outcome.pause is None or exc.until > outcome.pause[0]:
-            outcome.pause = (exc.until, reason, exc.status_code)
-        self._pause_until(exc.until, reason)
+        until = _bounded(exc.until)
+        outcome.paused.extend((row, until, reason) for row in batch)
+        if outcome.pause is None or until > outcome.pause[0]:
+            outcome.pause = (until, reason, exc.status_code)
+        self._pause_until(until, reason)
 
     def _pause_until(self, until: float, reason: str) -> None:
         if until <= self.paused_until:
@@ -402,6 +407,12 @@ class DeliveryWorker:
             self.metrics.operations.labels(
                 self.dispensary, self.destination.name, row.op, result
             ).inc()
+
+
+def _bounded(until: float) -> float:
+    """A pause's end, at most :data:`MAX_PAUSE_SECONDS` ahead (never infinite)."""
+    latest = time.time() + MAX_PAUSE_SECONDS
+    return until if math.isfinite(until) and until < latest else latest
 
 
 CONTRACT_KEYS = (
