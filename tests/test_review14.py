@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import respx
 from test_delivery import (
     DEST,
     DISPENSARY,
@@ -20,9 +25,12 @@ from test_delivery import (
 )
 
 from connector.delivery.base import Capabilities, Delivery, Result, Sent
-from connector.delivery.worker import MAX_PAUSE_SECONDS
+from connector.delivery.worker import CONTRACT_KEYS, MAX_PAUSE_SECONDS
+from connector.destinations.braze import BrazeDestination, BrazeSink
 from connector.errors import QuotaPause
 from connector.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ---- a quota pause is bounded --------------------------------------------------------------
 
@@ -88,3 +96,50 @@ def test_a_pause_far_ahead_is_capped_and_loses_nothing(store: Store, ahead: floa
     assert row.attempts == 0
     assert row.next_attempt_at <= time.time() + MAX_PAUSE_SECONDS + 5
     assert open_ops(store) == 1
+
+
+BRAZE = "https://rest.iad-01.braze.com"
+
+
+def braze_sink(tmp_path: Path, wall: Callable[[], float]) -> BrazeSink:
+    shutil.copy(ROOT / "mappings" / "braze.yaml", tmp_path / "braze.yaml")
+    config = BrazeDestination.model_validate(
+        {
+            "name": "bz",
+            "type": "braze",
+            "api_key": "braze-rest-review14-key",
+            "rest_endpoint": BRAZE,
+            "mapping": "braze.yaml",
+            "pace": False,
+        },
+        context={"base_dir": tmp_path},
+    )
+    return BrazeSink(config, httpx.AsyncClient(), wall=wall)
+
+
+@pytest.mark.parametrize("reset", ["1900000003", "1796543880000", "inf", "1e400"])
+def test_a_braze_reset_far_ahead_pauses_an_hour_at_most(tmp_path: Path, reset: str) -> None:
+    """Braze's windows of the endpoints used are seconds to an hour long: a reset header
+    further ahead (a misread unit, a bad value) is not a reason to stop for longer."""
+    now = 1_796_543_000.0
+    fields = {"external_id": "treez-shop1-1001", "treez_opt_out": False}
+    body: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
+    body.update(op="upsert", dispensary="shop1", customer_id="1001", fields=fields)
+    headers = {"x-ratelimit-remaining": "0", "x-ratelimit-reset": reset}
+
+    async def go() -> QuotaPause:
+        sink = braze_sink(tmp_path, lambda: now)
+        try:
+            with respx.mock(base_url=BRAZE, using="httpx") as router:
+                router.post("/users/track").mock(
+                    return_value=httpx.Response(429, json={"message": "x"}, headers=headers)
+                )
+                with pytest.raises(QuotaPause) as info:
+                    await sink.send([Delivery(1, "k-1", body)])
+            return info.value
+        finally:
+            await sink.aclose()
+
+    pause = asyncio.run(go())
+    assert math.isfinite(pause.until)
+    assert now + 1 <= pause.until <= now + 3600

@@ -40,7 +40,8 @@ every call (a changed template never re-keys a profile).
   identify, alias) 20,000 per minute; subscription status 5,000 per minute, counted for
   every sink of one API key. A 429 carries ``X-RateLimit-Reset`` (epoch seconds) and no
   ``Retry-After``: the call raises :class:`~connector.errors.QuotaPause` until that time, a
-  second at least (the worker pauses the destination and counts no attempt).
+  second at least and an hour at most (the longest window of these endpoints: a reset
+  further ahead is a bad header), and the worker pauses the destination, counting no attempt.
 
 Error messages name Braze's status, the refused object's index and Braze's error text only
 when it cannot echo what was sent (no ``@``, no run of digits).
@@ -83,6 +84,7 @@ TRACK_LIMITS = (Rate(3_000, 3.0),)
 USERS_LIMITS = (Rate(20_000, 60.0),)  # merge, delete, identify, alias: shared
 SUBSCRIPTION_LIMITS = (Rate(5_000, 60.0),)
 MIN_PAUSE_SECONDS = 1.0  # the shortest pause a 429 with X-RateLimit-Reset causes
+MAX_PAUSE_SECONDS = 3600.0  # the longest: Braze's windows are seconds to an hour long
 # what only the connector may say (consent), or that would address another profile
 RESERVED = frozenset(
     {
@@ -502,7 +504,11 @@ class BrazeSink:
             f"{reset:.0f} (X-RateLimit-Reset)",
             # at least a moment: a reset already past (this host's clock ahead of Braze's)
             # would send again at once, as fast as the loop turns, with no attempt counted
-            until=max(reset, self._wall() + MIN_PAUSE_SECONDS),
+            # and at most an hour: a reset further ahead (milliseconds, a bad value) is not
+            # a window of Braze's, and would stop the destination for as long
+            until=min(
+                max(reset, self._wall() + MIN_PAUSE_SECONDS), self._wall() + MAX_PAUSE_SECONDS
+            ),
             status_code=429,
             body=self._scrub(response.text[:4096]),
         )
