@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import respx
+from sqlalchemy import event
 from test_delivery import (
     DEST,
     DISPENSARY,
@@ -28,6 +31,7 @@ from connector.delivery.base import Capabilities, Delivery, Result, Sent
 from connector.delivery.worker import CONTRACT_KEYS, MAX_PAUSE_SECONDS
 from connector.destinations.braze import BrazeDestination, BrazeSink
 from connector.errors import QuotaPause
+from connector.planner import Operation
 from connector.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,3 +147,65 @@ def test_a_braze_reset_far_ahead_pauses_an_hour_at_most(tmp_path: Path, reset: s
     pause = asyncio.run(go())
     assert math.isfinite(pause.until)
     assert now + 1 <= pause.until <= now + 3600
+
+
+# ---- superseding a waiting upsert, against a claim in another process (PostgreSQL) ---------
+
+
+def _upsert(customer: str, n: int) -> Operation:
+    return replace(make_op(customer, n), replaces_waiting=True)
+
+
+def _claim_during(store: Store, marker: str) -> tuple[list[list[str]], Callable[[], None]]:
+    """Claims made from another connection (another process's worker) right after the
+    planner's transaction runs the statement whose SQL or parameters hold ``marker``."""
+    claimed: list[list[str]] = []
+
+    def claim() -> None:
+        rows = store.claim(DISPENSARY, DEST, 10)
+        claimed.append([r.idempotency_key for r in rows])
+
+    def after(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if marker in f"{statement} {parameters}" and not claimed:
+            thread = threading.Thread(target=claim)
+            thread.start()
+            thread.join(10)
+            assert not thread.is_alive(), "the claim waited for the planner's transaction"
+
+    event.listen(store.engine, "after_cursor_execute", after)
+    return claimed, lambda: event.remove(store.engine, "after_cursor_execute", after)
+
+
+@pytest.mark.postgresql_only
+def test_a_claim_between_the_planners_read_and_its_supersede_keeps_both(store: Store) -> None:
+    """READ COMMITTED: the planner read the older upsert as pending, then a worker claimed
+    it and committed before the UPDATE: the UPDATE's ``status = 'pending'`` is evaluated
+    again on the row as committed (in flight), so the operation being sent is not marked
+    superseded, and the newer upsert waits behind it."""
+    enqueue(store, [_upsert("c1", 1)])
+    claimed, stop = _claim_during(store, "max(outbox.id)")
+    try:
+        enqueue(store, [_upsert("c1", 2)])
+    finally:
+        stop()
+    assert claimed == [["k-c1-1"]]
+    rows = outbox_rows(store)
+    assert rows["k-c1-1"].status == "inflight"
+    assert rows["k-c1-2"].status == "pending"
+    assert store.claim(DISPENSARY, DEST, 10) == []  # behind the one in flight
+
+
+@pytest.mark.postgresql_only
+def test_a_claim_after_the_supersede_skips_the_superseded_upsert(store: Store) -> None:
+    """The planner's UPDATE holds the older row until it commits: a claim meanwhile skips
+    it (SKIP LOCKED) and never sends an operation the commit marks superseded."""
+    enqueue(store, [_upsert("c1", 1)])
+    claimed, stop = _claim_during(store, "superseded")
+    try:
+        enqueue(store, [_upsert("c1", 2)])
+    finally:
+        stop()
+    assert claimed == [[]]
+    rows = outbox_rows(store)
+    assert rows["k-c1-1"].status == "superseded"
+    assert [r.idempotency_key for r in store.claim(DISPENSARY, DEST, 10)] == ["k-c1-2"]
