@@ -3,7 +3,9 @@ endpoint, transport errors and HTTP statuses turned into retriable or fatal erro
 
 from __future__ import annotations
 
+import hashlib
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +16,43 @@ from connector.config_base import Rate
 from connector.delivery._http import classify_status, json_body, json_or_none, transport_error
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.errors import DeliveryError
+
+# a vendor counts its limits per account (an API key, an app's token): every sink of one
+# account (several stores of an operator) shares the account's limiters, so that together
+# they keep to the limits; keyed by vendor, a digest of the account, endpoint family, clock
+_ACCOUNT_LIMITERS: weakref.WeakValueDictionary[tuple[str, str, str, int], SlidingWindowLimiter] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def account_digest(*parts: str) -> str:
+    """A short digest naming a vendor account (its key, and its endpoint where one key may
+    serve several): a key for shared state, never the secret itself."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def account_limiters(
+    vendor: str,
+    account: str,
+    limits: Mapping[str, Sequence[Rate]],
+    clock: Callable[[], float],
+) -> dict[str, SlidingWindowLimiter]:
+    """The limiters of ``account`` (an :func:`account_digest`) by endpoint family, shared by
+    every client of that account on this clock (made on first use)."""
+    found: dict[str, SlidingWindowLimiter] = {}
+    for family, rates in limits.items():
+        key = (vendor, account, family, id(clock))
+        limiter = _ACCOUNT_LIMITERS.get(key)
+        if limiter is None:
+            limiter = _ACCOUNT_LIMITERS[key] = SlidingWindowLimiter(tuple(rates), clock)
+        found[family] = limiter
+    return found
+
+
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """A response's JSON body when it is an object, else an empty one."""
+    data = json_or_none(response)
+    return data if isinstance(data, dict) else {}
 
 
 def host_of(url: object) -> str:

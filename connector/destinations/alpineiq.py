@@ -38,6 +38,7 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator
 from connector.config_base import DestinationConfig, Rate, Rates, secret_set
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._vendor import VendorClient, host_of
+from connector.destinations._vendor import json_object as _json
 from connector.errors import DeliveryError, FatalDelivery
 
 CONSENT_KEYS = ("emailOptIn", "smsOptIn")
@@ -266,14 +267,6 @@ _NO_SUBSCRIBE_BY_IDENTIFIERS = (
     "by phone or e-mail (it could opt in another person sharing them); the customer stays "
     "unsubscribed in Alpine IQ"
 )
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _contact_id(data: Any) -> str | None:

@@ -49,11 +49,9 @@ when it cannot echo what was sent (no ``@``, no run of digits).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -65,8 +63,12 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 from connector.config_base import DestinationConfig, Rate, secret_set
 from connector.delivery._http import json_or_none
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
-from connector.delivery.ratelimit import SlidingWindowLimiter
-from connector.destinations._vendor import VendorClient, host_of
+from connector.destinations._vendor import (
+    VendorClient,
+    account_digest,
+    account_limiters,
+    host_of,
+)
 from connector.errors import (
     DeliveryError,
     FatalDelivery,
@@ -99,11 +101,6 @@ RESERVED = frozenset(
     }
 )
 _UNSAFE = re.compile(r"@|\d{4,}")
-# Braze counts its limits per workspace: every sink of one REST key (several stores of an
-# operator) shares these, keyed by a digest of the key and the endpoint
-_ACCOUNT_LIMITERS: weakref.WeakValueDictionary[tuple[str, str, int], SlidingWindowLimiter] = (
-    weakref.WeakValueDictionary()
-)
 # the identity map's answer, bound by the worker: (contact id, conflict kind) -> the
 # customers of this dispensary linked to that contact (resolved through Treez merges)
 Claims = Callable[[str | None, str | None], Awaitable[tuple[list[str], list[tuple[str, str]]]]]
@@ -188,7 +185,9 @@ class BrazeSink:
             else {}
         )
         secret = config.api_key.get_secret_value()
-        account = hashlib.sha256(f"{secret}\0{config.rest_endpoint}".encode()).hexdigest()[:16]
+        # Braze counts its limits per workspace: every sink of one REST key (several stores
+        # of an operator) shares them
+        account = account_digest(secret, str(config.rest_endpoint))
         self.api = VendorClient(
             str(config.rest_endpoint),
             {
@@ -202,10 +201,7 @@ class BrazeSink:
             client=client,
             clock=clock,
             max_connections=config.concurrency,
-            shared={
-                family: _account_limiter((account, family, id(clock)), tuple(rates), clock)
-                for family, rates in limits.items()
-            },
+            shared=account_limiters("braze", account, limits, clock),
         )
         self._wall = wall
         self._claims: Claims | None = None
@@ -551,15 +547,6 @@ def _epoch(value: str | None) -> float | None:
     except ValueError:
         return None
     return found if found is not None and found > 0 else None
-
-
-def _account_limiter(
-    key: tuple[str, str, int], rates: tuple[Rate, ...], clock: Callable[[], float]
-) -> SlidingWindowLimiter:
-    found = _ACCOUNT_LIMITERS.get(key)
-    if found is None:
-        found = _ACCOUNT_LIMITERS[key] = SlidingWindowLimiter(rates, clock)
-    return found
 
 
 def _where(config: BrazeDestination) -> str:

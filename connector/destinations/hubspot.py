@@ -61,7 +61,6 @@ and changes nothing that exists.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 import time
 import weakref
@@ -74,8 +73,8 @@ from pydantic import BeforeValidator, Field, HttpUrl, SecretStr, field_validator
 
 from connector.config_base import DestinationConfig, Rate, parse_rates, secret_set
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
-from connector.delivery.ratelimit import SlidingWindowLimiter
-from connector.destinations._vendor import VendorClient, host_of
+from connector.destinations._vendor import VendorClient, account_digest, account_limiters, host_of
+from connector.destinations._vendor import json_object as _json
 from connector.errors import DeliveryError, FatalDelivery, QuotaPause, RetriableDelivery
 from connector.mapping import Mapping
 
@@ -109,10 +108,6 @@ LEGAL_BASES = Literal[
 _PROPERTY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _EXISTING_ID = re.compile(r"Existing ID: ?(\d+)")
 _ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")  # the shape of an e-mail address, no more
-# HubSpot counts its ten-second limit per app (token): every sink of one token shares it
-_APP_LIMITERS: weakref.WeakValueDictionary[tuple[str, int], SlidingWindowLimiter] = (
-    weakref.WeakValueDictionary()
-)
 
 
 class _Daily:
@@ -227,15 +222,10 @@ class HubSpotSink:
         self.capabilities = capabilities_for(config)
         self.rate_limit: tuple[Rate, ...] = ()  # every request is paced here, not per batch
         token = config.token.get_secret_value()
-        app = hashlib.sha256(token.encode()).hexdigest()[:16]
+        app = account_digest(token)
         limits = {"*": config.rate_limit} if config.rate_limit else {}
-        shared = {}
-        if config.rate_limit:
-            key = (app, id(clock))
-            found = _APP_LIMITERS.get(key)
-            if found is None:
-                found = _APP_LIMITERS[key] = SlidingWindowLimiter(config.rate_limit, clock)
-            shared["*"] = found
+        # HubSpot counts its ten-second limit per app (token): every sink of one token shares it
+        shared = account_limiters("hubspot", app, limits, clock)
         self.api = VendorClient(
             str(config.base_url),
             {
@@ -832,14 +822,6 @@ def _text(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # --- setup ----------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ import hmac
 import json
 import re
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any, Literal
@@ -60,18 +59,18 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator
 
 from connector.config_base import DestinationConfig, Rate, secret_set
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
-from connector.delivery.ratelimit import SlidingWindowLimiter
-from connector.destinations._vendor import VendorClient, host_of
+from connector.destinations._vendor import (
+    VendorClient,
+    account_digest,
+    account_limiters,
+    host_of,
+)
+from connector.destinations._vendor import json_object as _json
 from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 
 IMPORT_LIMITS = (Rate(75, 1.0), Rate(700, 60.0))
 MERGE_LIMITS = (Rate(10, 1.0), Rate(150, 60.0))
 JOB_LIMITS = (Rate(10, 1.0), Rate(150, 60.0))  # bulk import jobs and their status (the spec)
-# Klaviyo counts its limits per account: every sink of one private key (several stores of an
-# operator) shares these, keyed by a digest of the key, so together they keep to the limits.
-_ACCOUNT_LIMITERS: weakref.WeakValueDictionary[tuple[str, str, int], SlidingWindowLimiter] = (
-    weakref.WeakValueDictionary()
-)
 SUBSCRIPTION_BATCH = 100  # profiles per subscription job
 MAX_JOB_BYTES = 5 * 1024 * 1024
 CONSENT_KEYS = ("subscriptions",)  # never sent with an upsert
@@ -180,7 +179,9 @@ class KlaviyoSink:
             if config.pace
             else {}
         )  # fmt: skip
-        account = hashlib.sha256(config.api_key.get_secret_value().encode()).hexdigest()[:16]
+        # Klaviyo counts its limits per account: every sink of one private key (several
+        # stores of an operator) shares them, so together they keep to the limits
+        account = account_digest(config.api_key.get_secret_value())
         self.api = VendorClient(
             str(config.base_url),
             {
@@ -195,10 +196,7 @@ class KlaviyoSink:
             client=client,
             clock=clock,
             max_connections=config.concurrency,
-            shared={
-                family: _account_limiter((account, family, id(clock)), rates, clock)
-                for family, rates in limits.items()
-            },
+            shared=account_limiters("klaviyo", account, limits, clock),
         )
         self._sleep = sleep
         self._claims: Claims | None = None
@@ -829,23 +827,6 @@ def _pointer_index(source: Any) -> int | None:
     pointer = source.get("pointer") if isinstance(source, dict) else None
     found = re.search(r"/profiles/data/(\d+)", pointer) if isinstance(pointer, str) else None
     return int(found.group(1)) if found else None
-
-
-def _account_limiter(
-    key: tuple[str, str, int], rates: tuple[Rate, ...], clock: Callable[[], float]
-) -> SlidingWindowLimiter:
-    found = _ACCOUNT_LIMITERS.get(key)
-    if found is None:
-        found = _ACCOUNT_LIMITERS[key] = SlidingWindowLimiter(rates, clock)
-    return found
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _profile_id(response: httpx.Response) -> str | None:
