@@ -209,3 +209,28 @@ def test_a_claim_after_the_supersede_skips_the_superseded_upsert(store: Store) -
     rows = outbox_rows(store)
     assert rows["k-c1-1"].status == "superseded"
     assert [r.idempotency_key for r in store.claim(DISPENSARY, DEST, 10)] == ["k-c1-2"]
+
+
+# ---- superseding: only an upsert replaces, only the one planned to ---------------------------
+
+
+def _unsubscribe(customer: str) -> Operation:
+    body = {"op": "unsubscribe", "dispensary": DISPENSARY, "customer_id": customer}
+    return Operation(DEST, customer, customer, "unsubscribe", body, f"u-{customer}")
+
+
+def test_an_operation_after_an_upsert_replaced_in_the_same_call_replaces_nothing(
+    store: Store,
+) -> None:
+    """Two upserts of one customer in one call (a burst planned at once): the first is
+    replaced, never written. The operation planned after them, of another customer, must
+    not be taken for an upsert that replaces one (the replaced row's identity was a Python
+    ``id()``, which the next row made may reuse): c2's waiting upsert stays queued, or c2
+    is never created and only its opt-out goes."""
+    enqueue(store, [_upsert("c2", 1)])
+    enqueue(store, [_upsert("c1", 1), _upsert("c1", 2), _unsubscribe("c2")])
+    rows = outbox_rows(store)
+    assert rows["k-c2-1"].status == "pending"
+    assert rows["u-c2"].status == "pending"
+    assert "k-c1-1" not in rows  # replaced in the call, never written
+    assert rows["k-c1-2"].status == "pending"

@@ -149,7 +149,9 @@ class PlanSql(InboxSql):
         }
         rows: list[dict[str, Any] | None] = []
         last: dict[tuple[str, str], int] = {}  # (destination, order key) -> index in rows
-        replacing: set[int] = set()  # the rows (by id()) of upserts that replace a waiting one
+        # the upserts that replace a waiting one, by index in rows (not by id() of the row:
+        # a replaced row is dropped, and the next row made may reuse its id)
+        replacing: set[int] = set()
         for op in operations:
             if (op.destination, op.idempotency_key) in taken:
                 continue
@@ -180,10 +182,10 @@ class PlanSql(InboxSql):
                 }
             )
             if op.replaces_waiting:
-                replacing.add(id(rows[-1]))
+                replacing.add(len(rows) - 1)
         kept = [row for row in rows if row is not None]
         if kept:
-            self._supersede(conn, dispensary, kept, replacing, now)
+            self._supersede(conn, dispensary, rows, replacing, now)
             conn.execute(_INSERT_OUTBOX, kept)
         return len(kept)
 
@@ -191,23 +193,24 @@ class PlanSql(InboxSql):
         self,
         conn: Connection,
         dispensary: str,
-        rows: Sequence[dict[str, Any]],
+        rows: Sequence[dict[str, Any] | None],
         replacing: set[int],
         now: float,
     ) -> None:
-        """An upsert in ``replacing`` (the ids of its row; planned for a destination that
-        coalesces upserts) replaces its customer's upsert still waiting in the queue right
-        before it (nothing of that order queued between, not claimed yet; in one call, one
+        """An upsert in ``replacing`` (its index in ``rows``, where a row replaced in this
+        call is None; planned for a destination that coalesces upserts) replaces its
+        customer's upsert still waiting in the queue right before it (nothing of that order queued between, not claimed yet; in one call, one
         planned right before it is never written): the newer one carries the whole mapped
         customer, so sending both only puts a destination through a state already past. It
         matters for consent: a customer created opted in and opted out before the create
         went (a burst, a paused or failing destination) is created unsubscribed (Braze would
         create it subscribed, and a campaign could fire in between), not created subscribed
         and unsubscribed after."""
-        firsts: dict[tuple[str, str], dict[str, Any]] = {}
-        for row in rows:  # only a new row first of its order in this call can replace one
-            firsts.setdefault((row["destination"], row["order_key"]), row)
-        wanted = [r for r in firsts.values() if id(r) in replacing]
+        firsts: dict[tuple[str, str], int] = {}
+        for index, row in enumerate(rows):  # only a row first of its order in this call
+            if row is not None:  # can replace one
+                firsts.setdefault((row["destination"], row["order_key"]), index)
+        wanted = [row for i in firsts.values() if i in replacing and (row := rows[i]) is not None]
         if not wanted:
             return
         last = {
