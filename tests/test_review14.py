@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from click.testing import CliRunner
 from sqlalchemy import event
+from test_braze import write_config
 from test_delivery import (
     DEST,
     DISPENSARY,
@@ -27,8 +29,11 @@ from test_delivery import (
     wait_until,
 )
 
+from connector.cli import main
+from connector.config import load_config
 from connector.delivery.base import Capabilities, Delivery, Result, Sent
 from connector.delivery.worker import CONTRACT_KEYS, MAX_PAUSE_SECONDS
+from connector.destinations import capabilities
 from connector.destinations.braze import BrazeDestination, BrazeSink
 from connector.errors import QuotaPause
 from connector.planner import Operation
@@ -234,3 +239,19 @@ def test_an_operation_after_an_upsert_replaced_in_the_same_call_replaces_nothing
     assert rows["u-c2"].status == "pending"
     assert "k-c1-1" not in rows  # replaced in the call, never written
     assert rows["k-c1-2"].status == "pending"
+
+
+# ---- connector check says the batch Braze sends -----------------------------------------------
+
+
+def test_check_shows_brazes_batch_as_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: ``batch_size`` defaults to ``objects_per_request`` (75). ``connector check``
+    read the generic default (1) and said ``batch 1`` for a destination sending 75 a call."""
+    path = write_config(tmp_path)
+    monkeypatch.setenv("BRAZE_API_KEY", "braze-rest-review14-key")
+    checked = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert checked.exit_code == 0, checked.output
+    assert "batch 75," in checked.output
+    config = load_config(path)
+    [dest] = config.dispensaries["shop1"].destinations
+    assert dest.batch_size == capabilities(dest).batch_size == 75

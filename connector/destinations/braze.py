@@ -132,9 +132,18 @@ class BrazeDestination(DestinationConfig):
             raise ValueError("a subscription group id must not be empty")
         return tuple(dict.fromkeys(value))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_default(cls, data: Any) -> Any:
+        # a batch is one /users/track call: unset, it is objects_per_request, so that the
+        # settings say what is sent (`connector check` reads batch_size), not the generic 1
+        if isinstance(data, dict) and "batch_size" not in data:
+            return {**data, "batch_size": data.get("objects_per_request", OBJECTS_PER_REQUEST)}
+        return data
+
     @model_validator(mode="after")
     def _batch(self) -> BrazeDestination:
-        if "batch_size" in self.model_fields_set and self.batch_size > self.objects_per_request:
+        if self.batch_size > self.objects_per_request:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must not exceed objects_per_request "
                 f"({self.objects_per_request}): a batch is one /users/track call"
@@ -208,14 +217,9 @@ class BrazeSink:
 
     @staticmethod
     def capabilities_for(config: BrazeDestination) -> Capabilities:
-        batch = (
-            config.batch_size
-            if "batch_size" in config.model_fields_set
-            else config.objects_per_request
-        )
         return Capabilities(
             coalesce_upserts=True,  # a profile keeps state: only the newest upsert matters
-            batch_size=batch,
+            batch_size=config.batch_size,  # objects_per_request unless set
             native_merge=True,
             channels=("email", "sms"),
             matches_on=("external_id",),
