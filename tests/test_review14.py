@@ -255,3 +255,48 @@ def test_check_shows_brazes_batch_as_sent(tmp_path: Path, monkeypatch: pytest.Mo
     config = load_config(path)
     [dest] = config.dispensaries["shop1"].destinations
     assert dest.batch_size == capabilities(dest).batch_size == 75
+
+
+# ---- a Braze SMS opt-out with no SMS subscription group is reported, not dropped ---------------
+
+
+def test_a_braze_sms_opt_out_with_no_sms_group_is_reported(tmp_path: Path) -> None:
+    """SMS has no global state in Braze: only the configured groups carry it. With none set
+    (the default), an SMS opt-out reaches nothing; it must say so on the operation (a
+    conflict row and the conflicts metric), as HubSpot's does, not count as silently done."""
+    now = 1_796_543_000.0
+    fields = {"external_id": "treez-shop1-1001", "treez_opt_out": True}
+
+    def unsubscribe(customer: str, channels: list[str]) -> Delivery:
+        body: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
+        body.update(
+            op="unsubscribe",
+            dispensary="shop1",
+            customer_id=customer,
+            contact_id=f"treez-shop1-{customer}",
+            fields=fields,
+            channels=channels,
+        )
+        return Delivery(int(customer), f"u-{customer}", body)
+
+    async def go() -> list[Result]:
+        sink = braze_sink(tmp_path, lambda: now)
+        try:
+            with respx.mock(base_url=BRAZE, using="httpx") as router:
+                router.post("/users/track").mock(
+                    return_value=httpx.Response(201, json={"message": "success"})
+                )
+                return await sink.send(
+                    [unsubscribe("1", ["email", "sms"]), unsubscribe("2", ["sms"])]
+                )
+        finally:
+            await sink.aclose()
+
+    both, sms = asyncio.run(go())
+    for result in (both, sms):
+        assert isinstance(result, Sent)
+        assert result.conflict is not None
+        kind, _, detail = result.conflict.partition(": ")
+        assert kind == "sms_consent_unsupported"
+        assert "sms_subscription_groups" in detail
+        assert "@" not in detail

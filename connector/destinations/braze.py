@@ -21,7 +21,8 @@ every call (a changed template never re-keys a profile).
   **unsubscribe**: ``email_subscribe: unsubscribed`` through ``/users/track`` (which creates
   the profile unsubscribed if it does not exist yet), then ``POST
   /v2/subscription/status/set`` ``unsubscribed`` for the configured SMS (and e-mail)
-  subscription groups, by external id (SMS has no global state in Braze), 50 users a call.
+  subscription groups, by external id (SMS has no global state in Braze), 50 users a call;
+  with no SMS group set, an SMS opt-out is reported (``sms_consent_unsupported``).
   **subscribe** (planned only under ``resubscribe: on_source_opt_in``): ``email_subscribe:
   subscribed`` (Braze's default state, never ``opted_in``) and the configured groups joined;
   it never creates a profile.
@@ -318,6 +319,7 @@ class BrazeSink:
         if gone or op in ("deactivate", "subscribe"):
             item["_update_existing_only"] = True  # never create a profile for these
         fields = delivery.fields
+        note: str | None = None  # what the operation could not do (a conflict row)
         if op == "upsert":
             item.update({k: v for k, v in fields.items() if k not in RESERVED})
             if fields.get(self.config.opt_out_attribute) is True:
@@ -336,6 +338,14 @@ class BrazeSink:
                     item[name] = fields[name]
             if "email" in _channels(delivery):
                 item["email_subscribe"] = "unsubscribed"
+            if "sms" in _channels(delivery) and not self.config.sms_subscription_groups:
+                # SMS has no global state in Braze: with no group set, the opt-out reaches
+                # nothing, and says so (never silently done)
+                note = (
+                    "sms_consent_unsupported: no sms_subscription_groups set; this "
+                    "customer's SMS opt-out was not sent to Braze and must be recorded there "
+                    "by hand"
+                )
         elif op == "subscribe":
             if gone:
                 detail = (
@@ -350,8 +360,8 @@ class BrazeSink:
         else:
             raise FatalDelivery(f"unknown operation {op!r}")
         if len(item) == 1 + ("_update_existing_only" in item):
-            return Sent(key), None  # nothing to say through track (an SMS-only change)
-        return Sent(key), item
+            return Sent(key, note), None  # nothing to say through track (an SMS-only change)
+        return Sent(key, note), item
 
     def _configured_groups(self) -> list[str]:
         config = self.config
