@@ -199,9 +199,10 @@ class PlanSql(InboxSql):
     ) -> None:
         """An upsert in ``replacing`` (its index in ``rows``, where a row replaced in this
         call is None; planned for a destination that coalesces upserts) replaces its
-        customer's upsert still waiting in the queue right before it (nothing of that order queued between, not claimed yet; in one call, one
-        planned right before it is never written): the newer one carries the whole mapped
-        customer, so sending both only puts a destination through a state already past. It
+        customer's upsert still waiting in the queue right before it (nothing of that order
+        queued between, not claimed yet; in one call, one planned right before it is never
+        written): the newer one carries the whole mapped customer, so sending both only puts
+        a destination through a state already past. It
         matters for consent: a customer created opted in and opted out before the create
         went (a burst, a paused or failing destination) is created unsubscribed (Braze would
         create it subscribed, and a campaign could fire in between), not created subscribed
