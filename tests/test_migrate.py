@@ -25,7 +25,7 @@ from connector.errors import StoreError
 from connector.store import NewEvent, open_store
 from connector.store._engine import postgres_engine as pg_engine
 from connector.store._engine import sqlite_engine
-from connector.store.migrate import Migrated, ensure_current, head
+from connector.store.migrate import Migrated, ensure_current, head, migrate_url
 from connector.store.migrations.versions.r0001_baseline import TABLES
 from connector.store.schema import metadata
 
@@ -381,3 +381,29 @@ def test_migrate_sql_of_a_store_from_before_alembic_says_what_to_do(
         "`connector migrate` (without --sql), which runs its old steps first"
     ]
     assert counts(old_store) == counts(AB3E061_STORE)
+
+
+def test_a_sqlite_migration_waits_for_another_longer_than_the_store_timeout(
+    tmp_path: Path,
+) -> None:
+    """Another process's migration holding the write lock longer than the store's busy
+    timeout (a loaded machine: CI saw 'database is locked') is waited for, as on
+    PostgreSQL, not refused."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "store.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode=WAL")  # as the first process's store set it
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE busy (x)")
+    released = threading.Timer(1.5, lambda: holder.execute("ROLLBACK"))
+    released.start()
+    started = time.monotonic()
+    try:
+        done = migrate_url(f"sqlite:///{path}", timeout=0.3)
+    finally:
+        released.join()
+        holder.close()
+    assert done == Migrated(None, head())
+    assert time.monotonic() - started >= 1.0

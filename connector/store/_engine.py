@@ -104,7 +104,8 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
         raw = connection.connection.dbapi_connection
         raw.execute("PRAGMA busy_timeout=0")
         try:
-            begin_immediate_sa(connection, raw, timeout)
+            # a migration waits for another process's as long as it takes (info "wait")
+            begin_immediate_sa(connection, raw, connection.info.get("wait", timeout))
         finally:
             raw.execute(f"PRAGMA busy_timeout={busy_ms}")
 

@@ -37,6 +37,7 @@ from connector.store.migrations import legacy
 from connector.store.schema import meta, metadata
 
 MIGRATION_WAIT = "15min"  # the longest a process waits for another's migration
+MIGRATION_WAIT_SECONDS = 15 * 60.0
 MIGRATION_LOCK = 7224130  # PostgreSQL advisory lock key: one migrating process at a time
 MIGRATIONS = Path(__file__).parent / "migrations"
 _CURRENT = text("SELECT version_num FROM alembic_version")
@@ -89,6 +90,9 @@ def ensure_current(engine: Engine) -> Migrated | None:
     sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
         conn.info["immediate"] = sqlite  # see connector.store._engine.sqlite_engine
+        # SQLite: wait as long as another process's migration takes, not the store's busy
+        # timeout (a loaded machine creating the schema took longer than 5 s)
+        conn.info["wait"] = MIGRATION_WAIT_SECONDS
         try:
             with conn.begin():
                 if not sqlite:
@@ -101,6 +105,7 @@ def ensure_current(engine: Engine) -> Migrated | None:
                 return _upgrade_in(conn)
         finally:
             conn.info.pop("immediate", None)
+            conn.info.pop("wait", None)
 
 
 def _check_known(revisions: list[str]) -> None:
