@@ -497,8 +497,6 @@ def _setup_command(tag: str, kind: DestinationType[Any]) -> click.Group:
         if not mine:
             _fail(f"dispensary {name} has no destination of type {tag}")
         dest = disp.destination(_pick(mine, destination, f"{tag} destination", "--destination"))
-        if dest.type != tag:
-            _fail(f"destination {dest.name} is of type {dest.type}, not {tag}")
         mapping = _load_mapping(dest.mapping)
         assert kind.setup is not None
         try:

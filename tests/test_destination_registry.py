@@ -220,6 +220,22 @@ def test_a_type_with_a_setup_hook_gets_its_own_setup_command(tmp_path: Path) -> 
     assert "Prepare it." in runner.invoke(command, ["setup", "--help"]).output
 
 
+def braze_config(folder: Path) -> Path:
+    """A config with one Braze destination whose mapping is ``folder/b.yaml``."""
+    config = folder / "config.yaml"
+    config.write_text(
+        textwrap.dedent("""\
+            dispensaries:
+              s1:
+                webhook_token: t
+                destinations:
+                  - {name: br, type: braze, api_key: k, mapping: b.yaml,
+                     rest_endpoint: "https://rest.iad-01.braze.com"}
+            """)
+    )
+    return config
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -241,17 +257,7 @@ def test_a_braze_mapping_without_the_consent_view_is_refused_by_check_and_serve(
     kept = [row for row in shipped if not row.startswith("treez_opt_out:")]
     assert len(kept) == len(shipped) - 1
     (tmp_path / "b.yaml").write_text("\n".join([*kept, *([line] if line else [])]) + "\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        textwrap.dedent("""\
-            dispensaries:
-              s1:
-                webhook_token: t
-                destinations:
-                  - {name: br, type: braze, api_key: k, mapping: b.yaml,
-                     rest_endpoint: "https://rest.iad-01.braze.com"}
-            """)
-    )
+    config = braze_config(tmp_path)
     result = CliRunner().invoke(main, ["check", "--config", str(config)])
     assert result.exit_code != 0
     assert message in result.output
@@ -261,16 +267,6 @@ def test_a_braze_mapping_without_the_consent_view_is_refused_by_check_and_serve(
 
 def test_the_shipped_braze_mapping_carries_the_consent_view(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text((ROOT / "mappings" / "braze.yaml").read_text())
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        textwrap.dedent("""\
-            dispensaries:
-              s1:
-                webhook_token: t
-                destinations:
-                  - {name: br, type: braze, api_key: k, mapping: b.yaml,
-                     rest_endpoint: "https://rest.iad-01.braze.com"}
-            """)
-    )
+    config = braze_config(tmp_path)
     result = CliRunner().invoke(main, ["check", "--config", str(config)])
     assert result.exit_code == 0, result.output
