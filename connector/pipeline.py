@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -174,6 +175,19 @@ def summary(planned: Plan, *, known: bool) -> str:
     return " ".join(words)[:96]
 
 
+def decisions(planned: Plan) -> str:
+    """What planning one event decided per destination, as ``inbox.decisions`` keeps it:
+    ``[[destination, kind, detail], ...]``, kind an operation (detail: its idempotency key,
+    which finds it in the outbox), ``failed`` (the mapping refused the customer) or
+    ``conflict`` (detail: the conflict's kind). No customer value is written."""
+    found: list[list[str]] = [
+        [op.destination, op.op, op.idempotency_key] for op in planned.operations
+    ]
+    found += [[f.destination, "failed", "mapping"] for f in planned.failures]
+    found += [[c.destination, "conflict", c.kind] for c in planned.conflicts]
+    return json.dumps(found, separators=(",", ":"))
+
+
 def _plan_rows(
     rows: list[InboxRow],
     deployment: Deployment,
@@ -230,6 +244,7 @@ def _plan_rows(
             continue
         if row.run_id is not None:
             plans.planned[event_id] = summary(planned, known=known)
+        plans.decisions[event_id] = decisions(planned)
         for changed_id, after in planned.states.items():
             earlier = states.get(changed_id)
             is_current = changed_id == customer.customer_id and planned.outcome in PROCESSED

@@ -8,6 +8,7 @@ status is judged the same way whichever side of the connector met it.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -92,3 +93,38 @@ def aiohttp_error(exc: BaseException) -> DeliveryError:
     if isinstance(exc, aiohttp.InvalidURL):
         return FatalDelivery(f"request could not be sent ({exc.__class__.__name__})")
     return RetriableDelivery(f"no response ({exc.__class__.__name__})")
+
+
+_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
+# where vendors put a machine-readable error code in a JSON error body, most specific first:
+# JSON:API (Klaviyo) errors[].code; HubSpot subCategory and category; Braze errors[].type;
+# generic services code, error_code, error (when it is a code, not a sentence)
+_CODE_KEYS = ("code", "subCategory", "category", "type", "error_code", "errorCode", "error")
+
+
+def vendor_code(body: str | None) -> str | None:
+    """The vendor's error code in an error answer's JSON body, if it names one: an
+    identifier (``duplicate_profile``, ``VALIDATION_ERROR``), never free text, which may
+    quote what was sent (a customer's e-mail address)."""
+    if not body:
+        return None
+    try:
+        found = json.loads(body)
+    except ValueError:
+        return None
+    candidates: list[Any] = []
+    if isinstance(found, dict):
+        errors = found.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            candidates.append(errors[0])
+        candidates.append(found)
+    elif isinstance(found, list) and found and isinstance(found[0], dict):
+        candidates.append(found[0])
+    for candidate in candidates:
+        for key in _CODE_KEYS:
+            value = candidate.get(key)
+            if isinstance(value, str) and _CODE.fullmatch(value):
+                return value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
+    return None

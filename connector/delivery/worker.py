@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from connector._pressure import Pressure
+from connector.delivery._http import vendor_code
 from connector.delivery.base import Delivery, Destination, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy
@@ -48,6 +49,8 @@ class _Outcome:
     # operations that met the destination's used-up quota: due again at its reset, no attempt
     paused: list[tuple[OutboxRow, float, str]] = field(default_factory=list)
     pause: tuple[float, str, int | None] | None = None  # the longest pause met this round
+    # outbox id -> the failed attempt's answer: status code and the vendor's error code
+    answers: dict[int, tuple[int | None, str | None]] = field(default_factory=dict)
 
 
 class DeliveryWorker:
@@ -279,6 +282,7 @@ class DeliveryWorker:
             replaced=outcome.replaced,
             paused=outcome.paused,
             pause=outcome.pause,
+            answers=outcome.answers,
         )
 
     async def _send(
@@ -354,6 +358,8 @@ class DeliveryWorker:
         reason = f"quota: {exc}"
         until = _bounded(exc.until)
         outcome.paused.extend((row, until, reason) for row in batch)
+        answer = (exc.status_code, vendor_code(exc.body))
+        outcome.answers.update((row.id, answer) for row in batch)
         if outcome.pause is None or until > outcome.pause[0]:
             outcome.pause = (until, reason, exc.status_code)
         self._pause_until(until, reason)
@@ -377,7 +383,9 @@ class DeliveryWorker:
         self, batch: list[OutboxRow], exc: DeliveryError, duration: float, outcome: _Outcome
     ) -> None:
         now = time.time()
+        answer = (exc.status_code, vendor_code(exc.body))
         for row in batch:
+            outcome.answers[row.id] = answer
             attempts = row.attempts + 1
             first = row.first_attempt_at if row.first_attempt_at is not None else now
             delay = None

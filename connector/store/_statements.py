@@ -195,6 +195,11 @@ _STILL_PENDING = select(inbox.c.id).where(inbox.c.id.in_(_IDS), inbox.c.status =
 _MARK_PLANNED = (
     update(inbox).where(inbox.c.id == bindparam("eid")).values(planned=bindparam("planned"))
 )
+_MARK_DECIDED = (
+    update(inbox)
+    .where(inbox.c.id == bindparam("eid"))
+    .values(status=bindparam("status"), processed_at=bindparam("now"), decisions=bindparam("d"))
+)
 _MARK_EVENTS = (
     update(inbox)
     .where(inbox.c.id.in_(_IDS))

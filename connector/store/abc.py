@@ -86,6 +86,145 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetterDetail:
+    """One dead letter with what it carried: the operation's body (customer values: shown
+    only on an explicit reveal) and the destination's answer."""
+
+    letter: DeadLetter
+    code: str | None  # the vendor's error code in the answer, when it names one
+    response_body: str | None
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A refused body, without the body (:meth:`Operator.quarantined_body` reads it)."""
+
+    id: int
+    dispensary: str
+    received_at: float
+    status_code: int
+    reason: str
+    content_type: str | None
+    size: int | None  # bytes kept (None: purged past retention)
+    replayed_at: float | None
+    replayed_event_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineReplay:
+    moved: list[tuple[int, int]]  # (quarantine id, inbox event id): now in the inbox
+    refused: list[tuple[int, str]]  # (quarantine id, why it still does not pass)
+    skipped: int  # already replayed (by another replay meanwhile) or body gone
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRecord:
+    id: int
+    dispensary: str
+    customer_id: str
+    destination: str
+    kind: str
+    detail: str
+    created_at: float
+    acked_at: float | None
+    acked_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: float
+    who: str
+    action: str
+    target: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A failed (or quota-paused) attempt of an operation and the answer it got."""
+
+    at: float
+    result: str  # retry | dead | paused
+    status_code: int | None
+    code: str | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event of a customer's story, as the inbox holds it."""
+
+    id: int
+    source: str
+    event_type: str
+    received_at: float
+    last_update_us: int | None
+    status: str
+    processed_at: float | None
+    run_id: int | None
+    decisions: list[tuple[str, str, str]] | None  # None: planned before they were kept
+    body: str | None  # None once past retention
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOperation:
+    id: int
+    destination: str
+    op: str
+    status: str
+    attempts: int
+    created_at: float
+    first_attempt_at: float | None
+    next_attempt_at: float
+    done_at: float | None
+    last_error: str | None
+    idempotency_key: str
+    payload: dict[str, Any]
+    failures: list[Attempt]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredContact:
+    destination: str
+    contact_id: str | None
+    unsubscribed: bool
+    deactivated: bool
+    delivered: bool  # a mapped payload is recorded as planned for it
+    ops_planned: int
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRecord:
+    """What the store holds of one customer: the material of ``connector explain``."""
+
+    dispensary: str
+    customer_id: str
+    state: dict[str, Any] | None  # customers row; None when never applied
+    contacts: list[StoredContact]
+    events: list[StoredEvent]
+    operations: list[StoredOperation]
+    dead_letters: list[DeadLetter]
+    conflicts: list[ConflictRecord]
+    absorbed: list[str]  # customers merged into this one
+    quarantined: list[Quarantined]  # refused bodies that name this customer
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationOverview:
+    dispensary: str
+    destination: str
+    pending: int
+    inflight: int
+    oldest_pending_at: float | None
+    delivered_last_hour: int
+    dead: int
+    open_conflicts: int
+    paused_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Replayed:
     replayed: int  # back in the outbox, pending
     superseded: int  # a later operation of the same kind for that contact exists: not resent
@@ -141,6 +280,8 @@ class PlannedBatch:
     conflicts: dict[str, list[tuple[str, str, str, str]]]  # customer, destination, kind, detail
     failures: list[tuple[str, str, str, str]]  # dispensary, destination, customer, message
     planned: dict[int, str] = field(default_factory=dict)  # of reconciliation events
+    # by event id, what planning decided per destination (JSON, inbox.decisions)
+    decisions: dict[int, str] = field(default_factory=dict)
     rejected: list[Rejected] = field(default_factory=list)  # refused when planned: quarantine
     # customers whose current version must be planned again (an opt-out seen late)
     refresh: dict[str, set[str]] = field(default_factory=dict)
@@ -207,6 +348,7 @@ class Outbox(Protocol):
         replaced: Mapping[int, str] | None = None,
         paused: Sequence[tuple[OutboxRow, float, str]] = (),
         pause: tuple[float, str, int | None] | None = None,
+        answers: Mapping[int, tuple[int | None, str | None]] | None = None,
     ) -> None: ...
 
     def pause_of(self, dispensary: str, destination: str) -> Pause | None:
@@ -297,6 +439,9 @@ class DeadLetters(Protocol):
         customer: str | None = None,
         include_replayed: bool = False,
         limit: int = 100,
+        op: str | None = None,
+        status_code: int | None = None,
+        ids: Sequence[int] | None = None,
     ) -> list[DeadLetter]: ...
 
     def replay(
@@ -307,6 +452,9 @@ class DeadLetters(Protocol):
         customer: str | None = None,
         older_than: float | None = None,
         limit: int | None = None,
+        op: str | None = None,
+        status_code: int | None = None,
+        ids: Sequence[int] | None = None,
     ) -> Replayed: ...
 
     def dead_counts(self) -> dict[tuple[str, str], int]: ...
@@ -363,7 +511,82 @@ class Admin(Protocol):
     def close(self) -> None: ...
 
 
-class Store(Inbox, PlanCommit, Outbox, Runs, DeadLetters, Processes, Admin, Protocol):
+class Operator(Protocol):
+    """What people ask through ``connector explain``, ``quarantine``, ``conflicts`` and the
+    console: read the whole cluster's store, and act on it (every action audited by the
+    caller through :meth:`audit`)."""
+
+    def customer_record(
+        self, dispensary: str, customer_id: str, destinations: Iterable[str] = ()
+    ) -> CustomerRecord:
+        """Everything kept about one customer (``destinations``: configured ones, looked up
+        besides those the store names for it)."""
+        ...
+
+    def customer_dispensaries(self, customer_id: str) -> list[str]:
+        """The dispensaries whose store knows this customer id."""
+        ...
+
+    def dead_letter_detail(self, letter_id: int) -> DeadLetterDetail | None: ...
+
+    def dead_letter_codes(self, letters: Sequence[DeadLetter]) -> dict[int, str | None]:
+        """The vendor's error code of each dead letter's stored answer."""
+        ...
+
+    def quarantined(
+        self,
+        *,
+        dispensary: str | None = None,
+        include_replayed: bool = False,
+        ids: Sequence[int] | None = None,
+        limit: int = 100,
+    ) -> list[Quarantined]: ...
+
+    def quarantined_body(self, quarantine_id: int) -> bytes | None: ...
+
+    def replay_quarantined(
+        self,
+        judge: Callable[[Quarantined, bytes], NewEvent | str],
+        *,
+        dispensary: str | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> QuarantineReplay:
+        """Judge each open refused body again (``judge``: the event to store, or why it is
+        still refused) and move those that pass into the inbox, each once."""
+        ...
+
+    def conflict_records(
+        self,
+        *,
+        dispensary: str | None = None,
+        destination: str | None = None,
+        kind: str | None = None,
+        customer: str | None = None,
+        include_acked: bool = False,
+        ids: Sequence[int] | None = None,
+        limit: int = 100,
+    ) -> list[ConflictRecord]: ...
+
+    def ack_conflicts(self, ids: Sequence[int], by: str) -> int:
+        """Acknowledge open conflicts; the number acknowledged now (not before)."""
+        ...
+
+    def audit(self, who: str, action: str, target: str, detail: str = "") -> None: ...
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]: ...
+
+    def overview(self) -> list[DestinationOverview]:
+        """Per dispensary and destination: the queue, what was delivered in the last hour,
+        dead letters, open conflicts and any quota pause."""
+        ...
+
+    def throughput(self, since: float, bucket_seconds: int) -> list[tuple[float, int]]:
+        """Operations delivered since ``since``, counted per bucket (bucket start, count),
+        from the delivered operations still kept."""
+        ...
+
+
+class Store(Inbox, PlanCommit, Outbox, Runs, DeadLetters, Processes, Admin, Operator, Protocol):
     """Every port: what :func:`connector.store.open_store` returns."""
 
     def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -33,8 +34,17 @@ class DeadLettersSql(RunsSql):
         customer: str | None,
         older_than: float | None,
         include_replayed: bool,
+        op: str | None = None,
+        status_code: int | None = None,
+        ids: Sequence[int] | None = None,
     ) -> Any:
         query = select(dead_letters).order_by(dead_letters.c.id)
+        if op is not None:
+            query = query.where(dead_letters.c.op == op)
+        if status_code is not None:
+            query = query.where(dead_letters.c.status_code == status_code)
+        if ids is not None:
+            query = query.where(dead_letters.c.id.in_(list(ids)))
         if not include_replayed:
             query = query.where(dead_letters.c.replayed_at.is_(None))
         if dispensary is not None:
@@ -55,8 +65,13 @@ class DeadLettersSql(RunsSql):
         customer: str | None = None,
         include_replayed: bool = False,
         limit: int = 100,
+        op: str | None = None,
+        status_code: int | None = None,
+        ids: Sequence[int] | None = None,
     ) -> list[DeadLetter]:
-        query = self._dead_query(dispensary, destination, customer, None, include_replayed)
+        query = self._dead_query(
+            dispensary, destination, customer, None, include_replayed, op, status_code, ids
+        )
         with self.snapshot() as conn:
             return [
                 DeadLetter(
@@ -83,6 +98,9 @@ class DeadLettersSql(RunsSql):
         customer: str | None = None,
         older_than: float | None = None,
         limit: int | None = None,
+        op: str | None = None,
+        status_code: int | None = None,
+        ids: Sequence[int] | None = None,
     ) -> Replayed:
         """Put dead operations back in the outbox (pending, attempts from zero), oldest first,
         in transactions of :data:`REPLAY_CHUNK` so the write lock is never held for long.
@@ -102,7 +120,9 @@ class DeadLettersSql(RunsSql):
         planned after it, so consent is sent without stale data. Mapping failures have no
         operation to resend: they stay open for ``reconcile --resend``.
         """
-        query = self._dead_query(dispensary, destination, customer, older_than, False)
+        query = self._dead_query(
+            dispensary, destination, customer, older_than, False, op, status_code, ids
+        )
         if limit is not None:
             query = query.limit(limit)
         with self.snapshot() as conn:

@@ -15,6 +15,7 @@ from sqlalchemy import (
 from connector.store._base import SqlBase
 from connector.store._statements import (
     _INSERT_INBOX,
+    _MARK_DECIDED,
     _MARK_EVENTS,
     _MARK_PLANNED,
     _PENDING_EVENTS,
@@ -141,13 +142,22 @@ class InboxSql(SqlBase):
         conn: Connection,
         outcomes: Mapping[int, str],
         planned: Mapping[int, str] | None = None,
+        decisions: Mapping[int, str] | None = None,
     ) -> None:
         """Record each event's outcome; ``planned`` (events of reconciliation runs only) what
-        its planning gave, for the run's counts."""
+        its planning gave, for the run's counts; ``decisions`` what it decided per
+        destination (``connector explain``)."""
         now = time.time()
         by_status: dict[str, list[int]] = {}
+        decided = []
         for event_id, status in outcomes.items():
-            by_status.setdefault(status, []).append(event_id)
+            found = decisions.get(event_id) if decisions else None
+            if found is None:
+                by_status.setdefault(status, []).append(event_id)
+            else:
+                decided.append({"eid": event_id, "status": status, "now": now, "d": found})
+        if decided:
+            conn.execute(_MARK_DECIDED, decided)
         for status, ids in by_status.items():
             conn.execute(_MARK_EVENTS, {"ids": ids, "status": status, "now": now})
         if planned:

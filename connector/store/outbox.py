@@ -33,14 +33,15 @@ from connector.store.abc import (
     Pause,
 )
 from connector.store.plans import PlanSql
-from connector.store.schema import conflicts as conflicts_table
 from connector.store.schema import (
+    attempts,
     contacts,
     customers,
     dead_letters,
     outbox,
     pauses,
 )
+from connector.store.schema import conflicts as conflicts_table
 
 
 class OutboxSql(PlanSql):
@@ -197,6 +198,7 @@ class OutboxSql(PlanSql):
         replaced: Mapping[int, str] | None = None,
         paused: Sequence[tuple[OutboxRow, float, str]] = (),
         pause: tuple[float, str, int | None] | None = None,
+        answers: Mapping[int, tuple[int | None, str | None]] | None = None,
     ) -> None:
         """Record a round of delivery: successes (with any returned contact id), retries
         (with their next attempt time), dead letters (with the response), and what the
@@ -207,7 +209,8 @@ class OutboxSql(PlanSql):
         ``paused``: operations that met the destination's used-up quota, due again at the
         given time with no attempt counted (one that had never been tried before keeps no
         first attempt time either); ``pause``: the destination's pause (until, reason,
-        status), which every process delivering for it honours."""
+        status), which every process delivering for it honours. ``answers``: by outbox
+        id, the status and vendor code of a failed or paused attempt, kept in ``attempts``."""
         now = self._now()
         offset = self._clock_offset  # a retry's time is this host's; stored in the store's
         written = {
@@ -261,6 +264,27 @@ class OutboxSql(PlanSql):
                             (outbox.c.attempts == 0, None), else_=outbox.c.first_attempt_at
                         ),
                     )
+                )
+            failed = (
+                [(row, "retry", error) for row, _, error in retry]
+                + [(row, "dead", reason) for row, reason, *_ in dead]
+                + [(row, "paused", reason) for row, _, reason in paused]
+            )
+            if failed:
+                known = answers or {}
+                conn.execute(
+                    insert(attempts),
+                    [
+                        {
+                            "outbox_id": row.id,
+                            "at": now,
+                            "result": result,
+                            "status_code": known.get(row.id, (None, None))[0],
+                            "code": known.get(row.id, (None, None))[1],
+                            "error": error[:500],
+                        }
+                        for row, result, error in failed
+                    ],
                 )
             if pause is not None:
                 until, reason, status_code = pause

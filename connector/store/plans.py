@@ -357,7 +357,7 @@ class PlanSql(InboxSql):
             )
         if planned.rejected:
             self.insert_events(conn, [], planned.rejected)
-        self.mark_events(conn, planned.outcomes, planned.planned)
+        self.mark_events(conn, planned.outcomes, planned.planned, planned.decisions)
         refreshed = 0
         for dispensary, customer_ids in planned.refresh.items():
             refreshed += self.refresh_events(conn, dispensary, customer_ids)

@@ -34,7 +34,7 @@ from sqlalchemy import Connection, bindparam, select, text
 from connector.store._engine import connection_settings, postgres_engine
 from connector.store._statements import _PENDING_EVENTS, claim_statements, first_of_customer
 from connector.store.abc import InboxRow
-from connector.store.admin import AdminSql
+from connector.store.operator import OperatorSql
 from connector.store.schema import inbox, outbox
 
 log = logging.getLogger("connector.store.postgres")
@@ -78,7 +78,7 @@ _CLAIM_EXPIRED_LOCKED = _CLAIM_EXPIRED_PG.with_for_update(skip_locked=True, of=o
 _CLAIM_DUE_LOCKED = _CLAIM_DUE_PG.with_for_update(skip_locked=True, of=outbox)
 
 
-class PostgresStore(AdminSql):
+class PostgresStore(OperatorSql):
     dialect = "postgresql"
     _claim_expired = _CLAIM_EXPIRED_LOCKED
     _claim_due = _CLAIM_DUE_LOCKED

@@ -53,6 +53,10 @@ inbox = Table(
     # ("new " when the customer was unknown, then the operation kinds, "conflict", "merged")
     Column("run_id", Integer),
     Column("planned", String(96)),
+    # revision 0004: what planning decided for each destination (JSON: [[destination, kind,
+    # detail], ...], kind an operation with its idempotency key as detail, or "failed" or
+    # "conflict"): the first half of a customer's story (``connector explain``)
+    Column("decisions", Text),
     Index("ix_inbox_pending", "status", "id"),
     Index("ix_inbox_customer", "dispensary", "customer_id"),
     Index("ix_inbox_run", "run_id"),
@@ -69,6 +73,9 @@ quarantine = Table(
     Column("reason", Text, nullable=False),
     Column("content_type", String(255)),
     Column("body", LargeBinary),
+    # revision 0004: moved into the inbox by ``quarantine replay`` (once: never twice)
+    Column("replayed_at", Float),
+    Column("replayed_event_id", Integer),
 )
 
 # What the connector knows of each Treez customer.
@@ -116,6 +123,10 @@ conflicts = Table(
     Column("kind", String(64), nullable=False),
     Column("detail", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    # revision 0004: acknowledged by an operator (``conflicts ack``, the console)
+    Column("acked_at", Float),
+    Column("acked_by", String(255)),
+    Index("ix_conflicts_customer", "dispensary", "customer_id"),
 )
 
 # One row per operation per destination, delivered in id order per (destination, order_key).
@@ -238,4 +249,34 @@ pauses = Table(
     Column("reason", Text, nullable=False),
     Column("status_code", Integer),
     Column("paused_at", Float, nullable=False),
+)
+
+
+# Revision 0004: the failed attempts of each operation (a success is the operation's done_at):
+# status and vendor code of each answer, for ``connector explain`` and the console. Written
+# only when an attempt fails, so a healthy destination adds nothing to its commits.
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("outbox_id", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("result", String(16), nullable=False),  # retry | dead | paused
+    Column("status_code", Integer),
+    Column("code", String(64)),  # the vendor's error code, when its answer names one
+    Column("error", Text, nullable=False),  # what the connector made of it (no body)
+    Index("ix_attempts_outbox", "outbox_id", "id"),
+)
+
+# Revision 0004: what operators did (console and command line): who (a console session's
+# id and address, or the command line's user and host), what, on what, when.
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("who", String(255), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("detail", Text, nullable=False),
 )

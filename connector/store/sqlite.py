@@ -20,10 +20,10 @@ from sqlalchemy import Connection
 from connector.errors import StoreUnavailable
 from connector.store._engine import begin_immediate, sqlite_engine, when_unlocked
 from connector.store.abc import NewEvent, Rejected
-from connector.store.admin import AdminSql
+from connector.store.operator import OperatorSql
 
 
-class SqliteStore(AdminSql):
+class SqliteStore(OperatorSql):
     dialect = "sqlite"
 
     def __init__(self, url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
