@@ -291,7 +291,10 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
 @click.option("--dispensary", "-d", help="The dispensary to post as (default: the first).")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for delivery.")  # fmt: skip
-def demo(config_file: Path, url: str | None, dispensary: str | None, timeout: float) -> None:
+@click.option("--show-values", is_flag=True, help="Print what the file destinations received.")
+def demo(
+    config_file: Path, url: str | None, dispensary: str | None, timeout: float, show_values: bool
+) -> None:
     """Post the bundled sample events and show what each destination received.
 
     Uses the running server when one answers, else starts one in this process on a free port.
@@ -303,7 +306,14 @@ def demo(config_file: Path, url: str | None, dispensary: str | None, timeout: fl
     configure_logging(level="warning", json=False)
     name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
     try:
-        finished = run_demo(config, dispensary=name, url=url, timeout=timeout, echo=click.echo)
+        finished = run_demo(
+            config,
+            dispensary=name,
+            url=url,
+            timeout=timeout,
+            echo=click.echo,
+            show_values=show_values,
+        )
     except ConnectorError as exc:
         _fail(str(exc))
     if not finished:
