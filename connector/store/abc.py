@@ -575,8 +575,9 @@ class Operator(Protocol):
 
     def audit_log(self, limit: int = 100) -> list[AuditEntry]: ...
 
-    def overview(self) -> list[DestinationOverview]:
-        """Per dispensary and destination: the queue, what was delivered in the last hour,
+    def overview(self, destinations: Iterable[tuple[str, str]] = ()) -> list[DestinationOverview]:
+        """Per dispensary and destination (those the store names, and ``destinations``, the
+        configured ones, even when idle): the queue, what was delivered in the last hour,
         dead letters, open conflicts and any quota pause."""
         ...
 

@@ -497,7 +497,7 @@ class OperatorSql(AdminSql):
 
     # --- overview ---
 
-    def overview(self) -> list[DestinationOverview]:
+    def overview(self, destinations: Iterable[tuple[str, str]] = ()) -> list[DestinationOverview]:
         now = self._now()
         with self.snapshot() as conn:
             queue = conn.execute(
@@ -547,6 +547,8 @@ class OperatorSql(AdminSql):
                 },
             )
 
+        for dispensary, destination in destinations:
+            entry(dispensary, destination)
         for dispensary, destination, status, count, oldest in queue:
             found = entry(dispensary, destination)
             found[status] = int(count)
