@@ -175,6 +175,13 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                         if op is not None:
                             op_ids.append(op.id)
                             event_of[op.id] = event.id
+                        elif kind == "upsert":
+                            rules[-1] += (
+                                " (replaced before it was queued by a newer upsert planned"
+                                " with it, or no longer kept)"
+                            )
+                        else:
+                            rules[-1] += " (no longer kept: delivered past retention)"
                 if not rules:
                     rules.append(_NOTHING.get(event.status, "nothing to send"))
                 decisions.append(
