@@ -183,18 +183,22 @@ def _pick(options: list[str], given: str | None, what: str, flag: str) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Use this mapping file instead of the configured one (no config needed).",
 )
+@click.option("--show-values", is_flag=True, help="Print the mapped values, not only their kind.")
 @click.argument("event_file", metavar="EVENT_FILE")
 def map_command(
     config_file: Path,
     dispensary: str | None,
     destination: str | None,
     mapping_file: Path | None,
+    show_values: bool,
     event_file: str,
 ) -> None:
     """Show what a Treez event becomes for a destination, without sending anything.
 
     EVENT_FILE is a webhook body, or a whole captured delivery with the body under "body";
-    "-" reads standard input.
+    "-" reads standard input. Each mapped field is printed with the kind of its value (text
+    and its length, number, list...); --show-values prints the contact as JSON, values and
+    all.
     """
     try:
         # as the pipeline reads a stored event: a wrong field outside the rules is left out
@@ -237,7 +241,29 @@ def map_command(
         contact = mapping.apply(event.customer, name)
     except ConnectorError as exc:
         _fail(f"{event_file}: {exc}")
-    click.echo(json.dumps(contact, indent=2, ensure_ascii=False))
+    if show_values:
+        click.echo(json.dumps(contact, indent=2, ensure_ascii=False))
+        return
+    for field, value in contact.items():
+        click.echo(f"{field}: {_value_kind(value)}")
+    click.echo("(kinds only: --show-values prints the values)")
+
+
+def _value_kind(value: Any) -> str:
+    """What a mapped value is, without the value: a dry run's output may be shared."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return f"text ({len(value)} characters)"
+    if isinstance(value, list):
+        return f"list of {len(value)}"
+    if isinstance(value, dict):
+        return f"object ({', '.join(sorted(map(str, value)))})"
+    return type(value).__name__
 
 
 def _load_mapping(path: Path) -> Mapping:
