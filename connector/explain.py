@@ -9,6 +9,7 @@ customer's payload carries names, birthdays, licences and medical ids.
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -163,29 +164,34 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             for destination in story.destinations:
                 found = decided.get(destination, [])
                 ops = [ops_by_key.get((destination, key)) for kind, key in found]
-                rules = []
-                op_ids = []
+                items: list[dict[str, Any]] = []
                 for (kind, detail), op in zip(found, ops, strict=True):
                     if kind == "failed":
-                        rules.append("the mapping refused the customer (a dead letter)")
+                        rule = "the mapping refused the customer (a dead letter)"
                     elif kind == "conflict":
-                        rules.append(f"identity conflict ({detail}): the identity map is kept")
+                        rule = f"identity conflict ({detail}): the identity map is kept"
                     else:
-                        rules.append(f"{kind}: {_rule(kind, event)}")
+                        rule = f"{kind}: {_rule(kind, event)}"
                         if op is not None:
-                            op_ids.append(op.id)
                             event_of[op.id] = event.id
                         elif kind == "upsert":
-                            rules[-1] += (
+                            rule += (
                                 " (replaced before it was queued by a newer upsert planned"
                                 " with it, or no longer kept)"
                             )
                         else:
-                            rules[-1] += " (no longer kept: delivered past retention)"
-                if not rules:
-                    rules.append(_NOTHING.get(event.status, "nothing to send"))
+                            rule += " (no longer kept: delivered past retention)"
+                    items.append({"kind": kind, "rule": rule, "operation": op.id if op else None})
+                if not items:
+                    rule = _NOTHING.get(event.status, "nothing to send")
+                    items.append({"kind": "nothing", "rule": rule, "operation": None})
                 decisions.append(
-                    {"destination": destination, "rule": "; ".join(rules), "operations": op_ids}
+                    {
+                        "destination": destination,
+                        "rule": "; ".join(item["rule"] for item in items),
+                        "operations": [i["operation"] for i in items if i["operation"]],
+                        "items": items,
+                    }
                 )
         entry: dict[str, Any] = {
             "id": event.id,
@@ -306,8 +312,16 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
     }
 
 
-def _names(names: list[str]) -> str:
-    return ", ".join(names) if names else "none"
+def _wrapped_text(head: str, text: str) -> list[str]:
+    indent = " " * (len(head) - len(head.lstrip()) + 2)
+    return textwrap.wrap(head + text, width=100, subsequent_indent=indent)
+
+
+def _wrapped(head: str, names: list[str]) -> list[str]:
+    """``head`` and the names, wrapped at 100 columns under the first name."""
+    text = ", ".join(names) if names else "none"
+    indent = " " * (len(head) - len(head.lstrip()) + 2)
+    return textwrap.wrap(head + text, width=100, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def _value(value: Any) -> str:
@@ -352,25 +366,31 @@ def story_lines(story: Story, show_values: bool = False, now: float | None = Non
         lines.append("")
         run = f" run {event['run_id']}" if event["run_id"] else ""
         lines.append(
-            f"event #{event['id']} {event['received_at']} {event['source_text']}{run} "
-            f"{event['event_type']}, last_update {event['last_update'] or '?'}: "
+            f"event #{event['id']}, {event['source_text']}{run} {event['received_at']}: "
             f"{event['outcome_text']}"
         )
+        lines.append(f"  {event['event_type']}, last_update {event['last_update'] or '?'}")
         if event.get("values") is not None:
             lines.append(f"  values: {_value(event['values'])}")
         elif event["changed"] is not None:
-            lines.append(f"  changed since the event before: {_names(event['changed'])}")
+            lines += _wrapped("  changed since the event before: ", event["changed"])
         elif event["fields"] is not None:
-            lines.append(f"  fields: {_names(event['fields'])}")
+            lines += _wrapped("  fields: ", event["fields"])
         else:
             lines.append("  body no longer kept (past retention)")
         if not event["decisions_kept"] and event["outcome"] not in ("pending", "ignored"):
             lines.append("  (planned before decisions were recorded)")
         for decision in event["decisions"]:
-            lines.append(f"  {decision['destination']}: {decision['rule']}")
-            for op_id in decision["operations"]:
-                told.add(op_id)
-                lines += _op_lines(ops[op_id], "    ")
+            items = decision["items"]
+            if len(items) == 1 and items[0]["operation"] is None:
+                lines += _wrapped_text(f"  {decision['destination']}: ", items[0]["rule"])
+                continue
+            lines.append(f"  {decision['destination']}:")
+            for item in items:
+                lines += _wrapped_text("    ", item["rule"])
+                if item["operation"] is not None:
+                    told.add(item["operation"])
+                    lines += _op_lines(ops[item["operation"]], "      ")
     rest = [o for o in data["operations"] if o["id"] not in told]
     if rest:
         lines += [
@@ -390,18 +410,20 @@ def story_lines(story: Story, show_values: bool = False, now: float | None = Non
         ]
     if data["conflicts"]:
         lines += ["", "conflicts:"]
-        lines += [
-            f"  #{c['id']} {c['created_at']} {c['destination']} {c['kind']}: {c['detail']}"
-            + (f" (acknowledged {c['acked_at']} by {c['acked_by']})" if c["acked_at"] else "")
-            for c in data["conflicts"]
-        ]
+        for c in data["conflicts"]:
+            acked = f" (acknowledged {c['acked_at']} by {c['acked_by']})" if c["acked_at"] else ""
+            lines += _wrapped_text(
+                f"  #{c['id']} {c['created_at']} {c['destination']} {c['kind']}: ",
+                c["detail"] + acked,
+            )
     if data["quarantined"]:
         lines += ["", "refused bodies naming this customer (quarantine):"]
-        lines += [
-            f"  #{q['id']} {q['received_at']} {q['status_code']}: {q['reason']}"
-            + (f" (replayed as event #{q['replayed_event_id']})" if q["replayed_event_id"] else "")
-            for q in data["quarantined"]
-        ]
+        for q in data["quarantined"]:
+            replayed = q["replayed_event_id"]
+            lines += _wrapped_text(
+                f"  #{q['id']} {q['received_at']} {q['status_code']}: ",
+                q["reason"] + (f" (replayed as event #{replayed})" if replayed else ""),
+            )
     return lines
 
 
@@ -412,9 +434,9 @@ def _op_lines(op: dict[str, Any], indent: str) -> list[str]:
     if op.get("values") is not None:
         lines.append(f"{indent}   values: {_value(op['values'])}")
     elif op["changed"] is not None:
-        lines.append(f"{indent}   changed since the upsert before: {_names(op['changed'])}")
+        lines += _wrapped(f"{indent}   changed since the upsert before: ", op["changed"])
     elif op["fields"]:
-        lines.append(f"{indent}   fields: {_names(op['fields'])}")
+        lines += _wrapped(f"{indent}   fields: ", op["fields"])
     for answer in op["answers"]:
         status = f"HTTP {answer['status_code']}" if answer["status_code"] else "no response"
         code = f" {answer['code']}" if answer["code"] else ""
