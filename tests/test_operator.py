@@ -458,3 +458,41 @@ def test_a_new_event_is_stored_with_no_decisions_until_planned(tmp_path: Path) -
         event = store.customer_record(DISPENSARY, "9").events[0]
     assert event.decisions is None
     assert event.status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (
+            '{"errors": [{"id": "x", "status": 409, "code": "duplicate_profile"}]}',
+            "duplicate_profile",
+        ),
+        (
+            '{"status": "error", "category": "VALIDATION_ERROR", "message": "Property x"}',
+            "VALIDATION_ERROR",
+        ),
+        ('{"message": "x", "errors": [{"type": "invalid_phone", "index": 0}]}', "invalid_phone"),
+        ('{"error": "injected"}', "injected"),
+        ('{"error": "Bad request: jules@example.com is taken"}', None),
+        ('{"code": 4012}', "4012"),
+        ("not json", None),
+        ("", None),
+        ("[]", None),
+    ],
+)
+def test_vendor_code_reads_an_identifier_never_text(body: str, code: str | None) -> None:
+    from connector.delivery._http import vendor_code
+
+    assert vendor_code(body) == code
+
+
+def test_vendor_code_is_never_an_echo_of_what_was_sent() -> None:
+    """A service answering {"error": "<the customer's last name>"} names no code: a value
+    of the customer must not reach explain or the console as one."""
+    from connector.delivery._http import vendor_code
+
+    sent = [{"op": "upsert", "fields": {"last_name": "Winnfield", "tags": ["VIP"]}}]
+    assert vendor_code('{"error": "Winnfield"}', sent) is None
+    assert vendor_code('{"error": "winnfield"}', sent) is None
+    assert vendor_code('{"code": "vip"}', sent) is None
+    assert vendor_code('{"error": "duplicate"}', sent) == "duplicate"

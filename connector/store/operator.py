@@ -322,8 +322,9 @@ class OperatorSql(AdminSql):
             r = conn.execute(select(dead_letters).where(dead_letters.c.id == letter_id)).first()
         if r is None:
             return None
+        payload = json.loads(r.payload)
         return DeadLetterDetail(
-            _letter(r), vendor_code(r.response_body), r.response_body, json.loads(r.payload)
+            _letter(r), vendor_code(r.response_body, [payload]), r.response_body, payload
         )
 
     def dead_letter_codes(self, letters: Sequence[DeadLetter]) -> dict[int, str | None]:
@@ -332,11 +333,11 @@ class OperatorSql(AdminSql):
         with self.snapshot() as conn:
             for start in range(0, len(ids), 500):
                 for r in conn.execute(
-                    select(dead_letters.c.id, dead_letters.c.response_body).where(
-                        dead_letters.c.id.in_(ids[start : start + 500])
-                    )
+                    select(
+                        dead_letters.c.id, dead_letters.c.response_body, dead_letters.c.payload
+                    ).where(dead_letters.c.id.in_(ids[start : start + 500]))
                 ):
-                    codes[r.id] = vendor_code(r.response_body)
+                    codes[r.id] = vendor_code(r.response_body, [json.loads(r.payload)])
         return codes
 
     # --- quarantine ---
