@@ -117,10 +117,11 @@ class AdminSql(ProcessesSql):
         return list(rows)
 
     def conflict_counts(self, since: float = 0.0) -> dict[tuple[str, str], int]:
+        """Open conflicts (not acknowledged) by dispensary and kind."""
         with self.snapshot() as conn:
             rows = conn.execute(
                 select(conflicts.c.dispensary, conflicts.c.kind, func.count())
-                .where(conflicts.c.created_at >= since)
+                .where(conflicts.c.created_at >= since, conflicts.c.acked_at.is_(None))
                 .group_by(conflicts.c.dispensary, conflicts.c.kind)
             ).all()
         return {(r[0], r[1]): int(r[2]) for r in rows}
