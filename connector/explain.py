@@ -202,7 +202,11 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             "last_update": _iso_us(event.last_update_us),
             "run_id": event.run_id,
             "outcome": event.status,
-            "outcome_text": _OUTCOMES.get(event.status, event.status),
+            "outcome_text": (
+                "planned again: a late opt-out changed what the contact must say"
+                if event.source == "refresh" and event.status in ("applied", "tie")
+                else _OUTCOMES.get(event.status, event.status)
+            ),
             "fields": sorted(data) if data is not None else None,
             "changed": changed,
             "decisions": decisions,

@@ -376,7 +376,11 @@ def test_quarantine_replay_command_is_audited(tmp_path: Path) -> None:
     assert "moved 0" in result.output
     with opened(config.store) as store:
         actions = [(a.action, a.target) for a in store.audit_log()]
-    assert actions == [("quarantine_replay", "all"), ("quarantine_replay", "#1")]
+    assert actions == [
+        ("quarantine_replay_asked", "all"),
+        ("quarantine_replay", "quarantine #1"),
+        ("quarantine_replay_asked", "#1"),
+    ]
 
 
 # --- conflicts ---

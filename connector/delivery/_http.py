@@ -103,6 +103,30 @@ _CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 _CODE_KEYS = ("code", "subCategory", "category", "type", "error_code", "errorCode", "error")
 
 
+_UNSAFE = re.compile(r"@|\d{4,}")
+
+
+def safe_text(text: Any) -> str:
+    """A vendor's short error text, withheld when it may quote what was sent (an e-mail
+    address, a phone number or another long number)."""
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    text = text.strip()[:160]
+    return "(text withheld: it may quote what was sent)" if _UNSAFE.search(text) else text
+
+
+def identifier(value: Any) -> str | None:
+    """``value`` when it reads as an error code (``INVALID``, ``duplicate_profile``, 4012),
+    else None: free text may quote what was sent (a customer's e-mail address)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and _CODE.fullmatch(value):
+        return value
+    return None
+
+
 def _texts(value: Any, found: set[str]) -> None:
     if isinstance(value, str):
         found.add(value.casefold())
@@ -146,9 +170,7 @@ def _vendor_code(body: str | None) -> str | None:
         candidates.append(found[0])
     for candidate in candidates:
         for key in _CODE_KEYS:
-            value = candidate.get(key)
-            if isinstance(value, str) and _CODE.fullmatch(value):
-                return value
-            if isinstance(value, int) and not isinstance(value, bool):
-                return str(value)
+            code = identifier(candidate.get(key))
+            if code is not None:
+                return code
     return None

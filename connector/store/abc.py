@@ -550,9 +550,11 @@ class Operator(Protocol):
         *,
         dispensary: str | None = None,
         ids: Sequence[int] | None = None,
+        who: str | None = None,
     ) -> QuarantineReplay:
         """Judge each open refused body again (``judge``: the event to store, or why it is
-        still refused) and move those that pass into the inbox, each once."""
+        still refused) and move those that pass into the inbox, each once (with ``who``,
+        each move audited in its own transaction)."""
         ...
 
     def conflict_records(

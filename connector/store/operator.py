@@ -5,6 +5,7 @@ the overview the console and ``connector explain`` show. Reads see the whole clu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -101,7 +102,9 @@ def _names_customer(body: bytes | None, customer_id: str) -> bool:
     try:
         found = json.loads(body)
     except ValueError:
-        return True  # not JSON, yet it holds the id: shown, as it may be the customer's
+        # not JSON: only a customer_id key naming it (as text or a number) makes it theirs
+        pattern = rb'"customer_id"\s*:\s*"?' + re.escape(customer_id.encode()) + rb'["\s,}]'
+        return re.search(pattern, body) is not None
     data = found.get("data") if isinstance(found, dict) else None
     return isinstance(data, dict) and str(data.get("customer_id")) == customer_id
 
@@ -373,10 +376,13 @@ class OperatorSql(AdminSql):
         *,
         dispensary: str | None = None,
         ids: Sequence[int] | None = None,
+        who: str | None = None,
     ) -> QuarantineReplay:
         """Each open refused body is judged again outside any transaction; one that passes
         is marked replayed and stored as an inbox event in one transaction, on the condition
-        that no one marked it meanwhile (two replays at once move it once)."""
+        that no one marked it meanwhile (two replays at once move it once). With ``who``,
+        the same transaction records the move in the audit table: a replay stopped half-way
+        leaves a row for every body it moved."""
         query = (
             select(*_QUARANTINE_COLUMNS, quarantine.c.body)
             .where(quarantine.c.replayed_at.is_(None))
@@ -427,6 +433,16 @@ class OperatorSql(AdminSql):
                     .where(quarantine.c.id == row.id)
                     .values(replayed_event_id=event_id)
                 )
+                if who is not None:
+                    conn.execute(
+                        insert(audit).values(
+                            at=now,
+                            who=who[:255],
+                            action="quarantine_replay",
+                            target=f"quarantine #{row.id}",
+                            detail=f"moved to the inbox as event #{event_id}",
+                        )
+                    )
                 self._notify(conn, "inbox")
             moved.append((row.id, int(event_id)))
         return QuarantineReplay(moved, refused, skipped)
