@@ -1,0 +1,71 @@
+"""Attacks on the operator's command-line view (issue #15, items 1-2): ``explain``,
+``quarantine list/show/replay``, ``conflicts list/ack`` and what the store keeps for them.
+
+Each test marked ``xfail(strict=True)`` shows a defect (its reason says what is wrong); the
+others are attacks that held and stay as guards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fakes.echo_sink import EchoSink
+from test_operator import DISPENSARY, VALUES, _post_all, leaked, opened, write_config
+
+from connector.cli import main
+from connector.demo import load_samples
+from connector.store import Store, open_store
+
+
+def cli(config_path: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [*args, "--config", str(config_path)])
+    return result.exit_code, result.output
+
+
+def deliver_samples(tmp_path: Path, store_url: str, sink: EchoSink) -> Path:
+    """The demo's samples through the real service to ``sink``; the config's path."""
+    path = write_config(tmp_path, store_url, sink.url)
+    with opened(store_url) as store:
+        bodies = [body for _, _, body in load_samples(DISPENSARY)]
+        asyncio.run(_post_all(path, bodies, lambda: store.pending_work() == 0))
+    return path
+
+
+# --- privacy: a vendor's answer quoting the customer ---
+
+
+def _last_name_refused(status: int, key: str) -> Any:
+    """A sink that refuses 5001's first upsert with ``{key: <its last name>}``."""
+    answered: set[str] = set()
+
+    def answer(op: dict[str, Any]) -> tuple[int, Any] | None:
+        if op.get("customer_id") != "5001" or op.get("op") != "upsert" or answered:
+            return None
+        answered.add("once")
+        return status, {key: op["fields"]["last_name"]}
+
+    return answer
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="vendor_code takes any identifier-shaped string under code/error/type/... as the "
+    "vendor's error code: a sink answering {'error': 'Vega'} (the customer's last name) has "
+    "it kept in attempts.code and printed by `connector explain` without --show-values",
+)
+@pytest.mark.parametrize(("status", "key"), [(400, "error"), (503, "code")])
+def test_explain_never_prints_a_last_name_a_sink_answered(
+    tmp_path: Path, store_url: str, status: int, key: str
+) -> None:
+    with EchoSink(_last_name_refused(status, key)) as sink:
+        path = deliver_samples(tmp_path, store_url, sink)
+    assert "Vega" in VALUES
+    for args in (("explain", "5001"), ("explain", "5001", "--json"), ("dlq", "list", "--all")):
+        code, out = cli(path, *args)
+        assert code == 0, out
+        assert leaked(out) == [], args
