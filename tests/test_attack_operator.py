@@ -109,3 +109,30 @@ def test_a_braze_error_quoting_a_first_name_stays_out_of_the_message(tmp_path: P
     [result] = asyncio.run(go())
     assert isinstance(result, DeliveryError)
     assert "Vincent" not in str(result)
+
+
+# --- audit ---
+
+
+def _refuse(customer: str, op: str = "upsert", status: int = 400) -> Any:
+    def answer(sent: dict[str, Any]) -> tuple[int, Any] | None:
+        if sent.get("customer_id") == customer and sent.get("op") == op:
+            return status, {"error": "refused"}
+        return None
+
+    return answer
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`connector dlq replay` is an operator action (the console's replay is audited) "
+    "but the command writes no audit row",
+)
+def test_dlq_replay_from_the_command_line_is_audited(tmp_path: Path, store_url: str) -> None:
+    with EchoSink(_refuse("3904")) as sink:
+        path = deliver_samples(tmp_path, store_url, sink)
+    code, out = cli(path, "dlq", "replay", "--all")
+    assert code == 0, out
+    assert "replayed 1" in out
+    with opened(store_url) as store:
+        assert [a.action for a in store.audit_log()] != []
