@@ -200,3 +200,45 @@ def test_a_story_cut_at_the_limit_says_so(
     assert code == 0, out
     assert "another customer's event" not in out
     assert "left out" in out or "older" in out.split("\n\n", 1)[0]
+
+
+# --- a store from revision 0003 ---
+
+
+def test_explain_works_on_rows_written_at_revision_0003(tmp_path: Path, store_url: str) -> None:
+    """The samples delivered (with a dead letter and a retry), the store taken down to 0003
+    (no decisions, no attempts, no audit), then opened by this code (upgraded to 0004): every
+    command tells the old rows, and says the decisions were not recorded."""
+    from alembic import command
+
+    from connector.store._engine import engine_for
+    from connector.store.migrate import alembic_config, head
+
+    with EchoSink(_refuse("3904")) as sink:
+        path = deliver_samples(tmp_path, store_url, sink)
+    engine = engine_for(store_url, timeout=5.0)
+    try:
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(connection=conn), "0003")
+    finally:
+        engine.dispose()
+    for customer in ("5001", "5002", "5003", "3904"):
+        code, out = cli(path, "explain", customer)
+        assert code == 0, out
+        assert "(planned before decisions were recorded)" in out, customer
+        assert leaked(out) == []
+        code, out = cli(path, "explain", customer, "--json")
+        assert code == 0, out
+        told = json.loads(out)
+        assert all(not e["decisions_kept"] for e in told["events"])
+        assert told["operations"], customer
+    for args in (("quarantine", "list", "--all"), ("conflicts", "list", "--all")):
+        code, out = cli(path, *args)
+        assert code == 0, out
+    with opened(store_url) as store:
+        dead = store.customer_record(DISPENSARY, "3904", ["crm"]).operations
+        assert [o.status for o in dead if o.op == "upsert"] == ["dead"]
+        from sqlalchemy import text
+
+        with store.snapshot() as conn:  # type: ignore[attr-defined]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head()
