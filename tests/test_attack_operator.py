@@ -242,3 +242,81 @@ def test_explain_works_on_rows_written_at_revision_0003(tmp_path: Path, store_ur
 
         with store.snapshot() as conn:  # type: ignore[attr-defined]
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head()
+
+
+# --- quarantine replay ---
+
+
+def _valid_body(customer_id: str) -> bytes:
+    _, _, body = load_samples(DISPENSARY)[0]
+    data = json.loads(body)
+    data["data"]["customer_id"] = customer_id
+    return json.dumps(data).encode()
+
+
+_REPLAY = """
+import sys
+from connector.config import load_config
+from connector.quarantine import judge
+from connector.store import open_store
+config = load_config(sys.argv[1])
+store = open_store(config.store, listen=False)
+done = store.replay_quarantined(judge(config))
+print(len(done.moved), done.skipped)
+store.close()
+"""
+
+
+def test_replays_in_several_processes_move_each_body_once(tmp_path: Path, store_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from connector.store.abc import Rejected
+
+    path = write_config(tmp_path, store_url, "http://127.0.0.1:9/ops")
+    bodies = 20
+    with opened(store_url) as store:
+        store.add_events(
+            [],
+            [
+                Rejected(DISPENSARY, 422, "an older rule", "application/json", _valid_body(f"8{i}"))
+                for i in range(bodies)
+            ],
+        )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REPLAY, str(path)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(4)
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    moved = sum(int(out.split()[0]) for out in outputs)
+    assert moved == bodies, outputs
+    with opened(store_url) as store:
+        replayed = store.quarantined(include_replayed=True, limit=1000)
+        assert len({q.replayed_event_id for q in replayed}) == bodies
+        for i in range(bodies):
+            assert len(store.customer_record(DISPENSARY, f"8{i}").events) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`quarantine replay ID` says nothing about an id that does not exist or was "
+    "replayed already: it prints 'moved 0, still refused 0, skipped 0' (and audits it), so "
+    "an operator cannot tell a typo or a second replay from a body that was judged",
+)
+def test_replaying_an_unknown_or_replayed_id_says_so(tmp_path: Path) -> None:
+    from connector.store.abc import Rejected
+
+    path = write_config(tmp_path, f"sqlite:///{tmp_path / 's.db'}", "http://127.0.0.1:9/ops")
+    with opened(f"sqlite:///{tmp_path / 's.db'}") as store:
+        store.add_events(
+            [], [Rejected(DISPENSARY, 422, "old", "application/json", _valid_body("7"))]
+        )
+    assert "moved 1" in cli(path, "quarantine", "replay", "1")[1]
+    for wanted in ("1", "999"):
+        code, out = cli(path, "quarantine", "replay", wanted)
+        assert f"#{wanted}" in out, out
