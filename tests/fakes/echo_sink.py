@@ -9,7 +9,7 @@ In-process use::
         ... sink.url ...
 
 An answer of ``None`` from the function accepts the operation (200, ``{"contact_id":
-"c-<customer_id>"}``).
+"c-<customer_id>"}``, or the id ``contact(op)`` makes: a service keyed by e-mail).
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ class EchoSink:
     """``POST /ops``: each operation is answered by ``answer(op)`` (a batch by its first
     refused operation's answer)."""
 
-    def __init__(self, answer: Answerer) -> None:
+    def __init__(
+        self, answer: Answerer, contact: Callable[[dict[str, Any]], Any] | None = None
+    ) -> None:
         self.answer = answer
+        self.contact = contact or (lambda op: f"c-{op.get('customer_id')}")
         self.received: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stack = ExitStack()
@@ -56,7 +59,7 @@ class EchoSink:
                 status, payload = found
                 break
         if payload is None and status == 200:
-            results = [{"contact_id": f"c-{op.get('customer_id')}"} for op in ops]
+            results = [{"contact_id": self.contact(op)} for op in ops]
             payload = results if isinstance(decoded, list) else results[0]
         data = json.dumps(payload).encode()
         headers = [
