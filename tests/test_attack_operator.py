@@ -339,3 +339,59 @@ def test_explain_never_prints_an_e_mail_used_as_the_contact_id(
     code, out = cli(path, "explain", "5001")
     assert code == 0, out
     assert leaked(out) == []
+
+
+def _told_once(story: dict[str, Any]) -> None:
+    """Each operation of the story is told under exactly one event, the one it names."""
+    named: dict[int, list[int]] = {}
+    for event in story["events"]:
+        for decision in event["decisions"]:
+            for op in decision["operations"]:
+                named.setdefault(op, []).append(event["id"])
+    for op in story["operations"]:
+        assert named.get(op["id"], [op["event"]]) == [op["event"]], (op["id"], named)
+
+
+def test_explain_after_reconcile_full_and_resend_tells_each_operation_once(
+    tmp_path: Path,
+) -> None:
+    from fakes.treez_api import TreezFake
+    from test_reconcile import run
+    from test_reconcile import write_config as reconcile_config
+
+    from connector.config import load_config
+    from connector.reconcile import RunOptions
+
+    fake = TreezFake.generate(30, seed=11, history_days=0.5, rate_limit=None)
+    path = reconcile_config(tmp_path, fake.base_url)
+    config = load_config(path)
+    run(config, fake)
+    run(config, fake, RunOptions(full=True))
+    run(config, fake, RunOptions(full=True, resend=True))
+    with opened(config.store) as store:
+        ids = sorted(_customers(store))
+    assert ids
+    for customer in ids:
+        code, out = cli(path, "explain", customer, "--json")
+        assert code == 0, out
+        story = json.loads(out)
+        assert {e["source"] for e in story["events"]} <= {"reconcile", "resend"}
+        assert all(e["run_id"] for e in story["events"])
+        _told_once(story)
+        code, text = cli(path, "explain", customer)
+        person = fake.customer(customer) or {}
+        values = [
+            str(person.get(k))
+            for k in ("first_name", "last_name", "email", "phone", "birthday")
+            if person.get(k) and len(str(person.get(k))) >= 4
+        ]
+        assert [v for v in values if v in text] == [], customer
+
+
+def _customers(store: Store) -> list[str]:
+    from sqlalchemy import select
+
+    from connector.store.schema import customers
+
+    with store.snapshot() as conn:  # type: ignore[attr-defined]
+        return [str(c) for c in conn.execute(select(customers.c.customer_id)).scalars()]
