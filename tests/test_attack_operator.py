@@ -439,3 +439,36 @@ def test_a_replay_stopped_half_way_leaves_an_audit_row(
     with opened(url) as store:
         assert len(store.quarantined(include_replayed=True)) - len(store.quarantined()) == 1
         assert [a.action for a in store.audit_log()] == ["quarantine_replay"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="alpineiq.describe_error passes Alpine IQ's error.code into the delivery error "
+    "unchecked (Braze's text goes through _safe, the vendor code through an identifier "
+    "pattern): a code quoting the e-mail sent lands in attempts.error and the dead letter's "
+    "reason, printed by `explain` and `dlq list`",
+)
+def test_an_alpine_iq_error_code_quoting_the_e_mail_stays_out_of_the_message() -> None:
+    import httpx
+    from test_alpineiq import FIELDS, aiq_config, delivery
+
+    from connector.destinations.alpineiq import AlpineIQSink
+    from connector.errors import DeliveryError
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent = request.content.decode()
+        email = str(FIELDS["email"])
+        code = f"duplicate member {email}" if email in sent else "INVALID"
+        return httpx.Response(409, json={"success": False, "error": {"code": code}})
+
+    async def go() -> list[Any]:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        sink = AlpineIQSink(aiq_config(), client)
+        try:
+            return list(await sink.send([delivery("upsert", fields=dict(FIELDS))]))
+        finally:
+            await sink.aclose()
+
+    [result] = asyncio.run(go())
+    assert isinstance(result, DeliveryError)
+    assert str(FIELDS["email"]) not in str(result)
