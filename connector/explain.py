@@ -9,6 +9,7 @@ customer's payload carries names, birthdays, licences and medical ids.
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import time
 from collections.abc import Iterable
@@ -16,7 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from connector.store.abc import CustomerRecord, StoredEvent, StoredOperation
+from connector.store.abc import (
+    STORY_LIMIT,
+    CustomerRecord,
+    DeadLetter,
+    StoredEvent,
+    StoredOperation,
+)
 
 # why an event planned nothing for a destination, by the event's outcome
 _NOTHING = {
@@ -124,30 +131,99 @@ def _changed(before: dict[str, Any] | None, after: dict[str, Any] | None) -> lis
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-def _standing(op: StoredOperation, dead_letter: int | None, now: float) -> str:
+def _standing(op: StoredOperation, letters: list[DeadLetter], now: float) -> str:
+    """Where an operation stands now, and the dead letters it went through (a dead letter
+    replayed puts the operation back with its attempts counted from zero)."""
     tries = f"{op.attempts} attempt{'s' * (op.attempts != 1)}"
+    replayed = [d for d in letters if d.replayed_at is not None]
+    since = " since the replay" if replayed else ""
+    history = "".join(
+        f"; dead letter #{d.id} ({_iso(d.created_at)}) replayed {_iso(d.replayed_at)}"
+        for d in replayed
+    )
     if op.status == "done":
-        return f"delivered {_iso(op.done_at)} after {tries}"
+        return f"delivered {_iso(op.done_at)} after {tries}{since}{history}"
     if op.status == "dead":
-        where = f" (dead letter #{dead_letter})" if dead_letter is not None else ""
-        return f"dead {_iso(op.done_at)} after {tries}{where}"
+        open_letter = next((d for d in reversed(letters) if d.replayed_at is None), None)
+        where = f" (dead letter #{open_letter.id})" if open_letter is not None else ""
+        return f"dead {_iso(op.done_at)} after {tries}{since}{where}{history}"
     if op.status == "superseded":
-        return f"superseded {_iso(op.done_at)} by a newer upsert before it was sent"
+        return f"superseded {_iso(op.done_at)} by a newer upsert before it was sent{history}"
     if op.status == "inflight":
-        return f"being delivered now ({tries} before this one)"
+        return f"being delivered ({tries}{since} before this one){history}"
     if op.attempts or (op.failures and op.failures[-1].result == "paused"):
         late = "due now" if op.next_attempt_at <= now else f"until {_iso(op.next_attempt_at)}"
-        return f"retrying, {late} ({tries} so far)"
+        return f"retrying, {late} ({tries}{since} so far){history}"
+    if replayed:
+        return f"pending since the replay {_iso(replayed[-1].replayed_at)}{history}"
     return f"pending since {_iso(op.created_at)}"
+
+
+def _values_of(record: CustomerRecord) -> set[str]:
+    """The customer's text values the story holds (events' bodies, operations' fields),
+    casefolded: what must not be told as an id, a detail or an error without a reveal."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            if len(value.strip()) >= 3:
+                found.add(value.strip().casefold())
+        elif isinstance(value, dict):
+            for inner in value.values():
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    for event in record.events:
+        data = _customer_of(event.body)
+        if data is not None:
+            walk({k: v for k, v in data.items() if k != "customer_id"})
+    for op in record.operations:
+        walk(op.payload.get("fields"))
+    found.discard(record.customer_id.casefold())
+    found.discard(record.dispensary.casefold())
+    return found
+
+
+class _Mask:
+    """Withholds the customer's values from ids and texts (unless values are shown)."""
+
+    WITHHELD = "[withheld: a customer value]"
+
+    def __init__(self, values: set[str], show: bool) -> None:
+        self.values = set() if show else values
+        self._pattern = (
+            re.compile(
+                "|".join(re.escape(v) for v in sorted(self.values, key=len, reverse=True)),
+                re.IGNORECASE,
+            )
+            if self.values
+            else None
+        )
+
+    def id(self, value: str | None) -> str | None:
+        if value is None or not self.values:
+            return value
+        return self.WITHHELD if value.strip().casefold() in self.values else self.text(value)
+
+    def text(self, value: str | None) -> str | None:
+        if value is None or self._pattern is None:
+            return value
+        return self._pattern.sub(self.WITHHELD, value)
 
 
 def story_json(story: Story, show_values: bool = False, now: float | None = None) -> dict[str, Any]:
     """The story as data (``explain --json``, the console's customer page)."""
     now = time.time() if now is None else now
     record = story.record
-    letters = {d.outbox_id: d for d in record.dead_letters if d.outbox_id is not None}
+    letters: dict[int, list[DeadLetter]] = {}
+    for dead in record.dead_letters:
+        if dead.outbox_id is not None:
+            letters.setdefault(dead.outbox_id, []).append(dead)
+    mask = _Mask(_values_of(record), show_values)
     ops_by_key = {(o.destination, o.idempotency_key): o for o in record.operations}
-    contact_of = {c.destination: c.contact_id for c in record.contacts}
+    contact_of = {c.destination: mask.id(c.contact_id) for c in record.contacts}
     event_of: dict[int, int] = {}
     events = []
     previous: dict[str, Any] | None = None
@@ -218,7 +294,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
     operations = []
     sent: dict[str, dict[str, Any]] = {}
     for op in record.operations:
-        letter = letters.get(op.id)
+        found_letters = letters.get(op.id, [])
+        letter = found_letters[-1] if found_letters else None
         fields = op.payload.get("fields")
         changed = None
         if isinstance(fields, dict) and op.op == "upsert":
@@ -229,7 +306,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             "destination": op.destination,
             "op": op.op,
             "status": op.status,
-            "standing": _standing(op, letter.id if letter else None, now),
+            "standing": _standing(op, found_letters, now),
             "created_at": _iso(op.created_at),
             "done_at": _iso(op.done_at),
             "attempts": op.attempts,
@@ -238,8 +315,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                     "at": _iso(a.at),
                     "result": a.result,
                     "status_code": a.status_code,
-                    "code": a.code,
-                    "error": a.error,
+                    "error": mask.text(a.error),
+                    "code": mask.id(a.code),
                 }
                 for a in op.failures
             ],
@@ -258,6 +335,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
         "dispensary": record.dispensary,
         "customer_id": record.customer_id,
         "values_shown": show_values,
+        "events_cut": record.events_cut,
+        "operations_cut": record.operations_cut,
         "state": {
             "known": state is not None,
             "last_update": _iso_us(state["last_update_us"]) if state else None,
@@ -269,7 +348,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
         "contacts": [
             {
                 "destination": c.destination,
-                "contact_id": c.contact_id,
+                "contact_id": mask.id(c.contact_id),
                 "unsubscribed": c.unsubscribed,
                 "deactivated": c.deactivated,
                 "operations_planned": c.ops_planned,
@@ -283,7 +362,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                 "id": d.id,
                 "destination": d.destination,
                 "op": d.op,
-                "reason": d.reason,
+                "reason": mask.text(d.reason),
                 "status_code": d.status_code,
                 "created_at": _iso(d.created_at),
                 "replayed_at": _iso(d.replayed_at),
@@ -296,7 +375,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                 "id": c.id,
                 "destination": c.destination,
                 "kind": c.kind,
-                "detail": c.detail,
+                "detail": mask.text(c.detail),
                 "created_at": _iso(c.created_at),
                 "acked_at": _iso(c.acked_at),
                 "acked_by": c.acked_by,
@@ -366,6 +445,10 @@ def story_lines(story: Story, show_values: bool = False, now: float | None = Non
         )
     ops = {o["id"]: o for o in data["operations"]}
     told: set[int] = set()
+    if data["events_cut"] or data["operations_cut"]:
+        lines.append(
+            f"(a long history: only the newest {STORY_LIMIT:,} events and operations are told)"
+        )
     for event in data["events"]:
         lines.append("")
         run = f" run {event['run_id']}" if event["run_id"] else ""
@@ -397,11 +480,12 @@ def story_lines(story: Story, show_values: bool = False, now: float | None = Non
                     lines += _op_lines(ops[item["operation"]], "      ")
     rest = [o for o in data["operations"] if o["id"] not in told]
     if rest:
-        lines += [
-            "",
-            "operations planned by another customer's event (a merge), or before "
-            "decisions were recorded:",
-        ]
+        why = (
+            "a merge planned by another customer's event, or planned before decisions were recorded"
+        )
+        if data["events_cut"]:
+            why += ", or by an event older than those told"
+        lines += ["", f"operations not told under an event here ({why}):"]
         for op in rest:
             lines += _op_lines(op, "  ")
     open_letters = [d for d in data["dead_letters"] if d["operation"] is None]

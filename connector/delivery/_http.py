@@ -103,12 +103,13 @@ _CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 _CODE_KEYS = ("code", "subCategory", "category", "type", "error_code", "errorCode", "error")
 
 
-_UNSAFE = re.compile(r"@|\d{4,}")
+# an e-mail address, a long number (phone, licence), or quoted text (what was sent, quoted)
+_UNSAFE = re.compile(r"@|\d{4,}|['\"\u2018\u2019\u201c\u201d`]")
 
 
 def safe_text(text: Any) -> str:
     """A vendor's short error text, withheld when it may quote what was sent (an e-mail
-    address, a phone number or another long number)."""
+    address, a phone number or another long number, anything in quotes)."""
     if not isinstance(text, str) or not text.strip():
         return ""
     text = text.strip()[:160]

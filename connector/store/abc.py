@@ -22,6 +22,9 @@ from typing import Any, Protocol, TypeVar
 
 from connector.planner import CustomerState, Operation
 
+# events and operations of one customer a record holds (the newest; the record says so)
+STORY_LIMIT = 1000
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -116,6 +119,7 @@ class QuarantineReplay:
     moved: list[tuple[int, int]]  # (quarantine id, inbox event id): now in the inbox
     refused: list[tuple[int, str]]  # (quarantine id, why it still does not pass)
     skipped: int  # already replayed (by another replay meanwhile) or body gone
+    missing: list[int] = field(default_factory=list)  # ids asked for that are not open
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +213,9 @@ class CustomerRecord:
     conflicts: list[ConflictRecord]
     absorbed: list[str]  # customers merged into this one
     quarantined: list[Quarantined]  # refused bodies that name this customer
+    # the newest events and operations only: older ones were left out (a very long history)
+    events_cut: bool = False
+    operations_cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,7 +577,8 @@ class Operator(Protocol):
     ) -> list[ConflictRecord]: ...
 
     def ack_conflicts(self, ids: Sequence[int], by: str) -> int:
-        """Acknowledge open conflicts; the number acknowledged now (not before)."""
+        """Acknowledge open conflicts, audited as ``by`` in the same transaction; the number
+        acknowledged now (not before)."""
         ...
 
     def audit(self, who: str, action: str, target: str, detail: str = "") -> None: ...

@@ -13,6 +13,7 @@ from sqlalchemy import Integer, cast, func, insert, select, update
 
 from connector.delivery._http import vendor_code
 from connector.store.abc import (
+    STORY_LIMIT,
     Attempt,
     AuditEntry,
     ConflictRecord,
@@ -41,7 +42,6 @@ from connector.store.schema import (
     quarantine,
 )
 
-STORY_LIMIT = 1000  # events and operations of one customer shown, the newest kept
 QUARANTINE_SCAN = 5000  # refused bodies of a dispensary searched for a customer's id
 
 
@@ -186,8 +186,10 @@ class OperatorSql(AdminSql):
                 )
                 .where(inbox.c.dispensary == dispensary, inbox.c.customer_id == customer_id)
                 .order_by(inbox.c.id.desc())
-                .limit(STORY_LIMIT)
+                .limit(STORY_LIMIT + 1)
             ).all()
+            events_cut = len(event_rows) > STORY_LIMIT
+            event_rows = event_rows[:STORY_LIMIT]
             events = [
                 StoredEvent(
                     r.id,
@@ -212,11 +214,13 @@ class OperatorSql(AdminSql):
                         outbox.c.customer_id == customer_id,
                     )
                     .order_by(outbox.c.id.desc())
-                    .limit(STORY_LIMIT)
+                    .limit(STORY_LIMIT + 1)
                 )
                 if names
                 else []
             )
+            operations_cut = len(op_rows) > STORY_LIMIT
+            op_rows = op_rows[:STORY_LIMIT]
             # operations this customer's events planned under another customer's id (a
             # merge of the customers it absorbed), found by the keys its decisions name
             have = {r.idempotency_key for r in op_rows}
@@ -316,6 +320,8 @@ class OperatorSql(AdminSql):
             found_conflicts,
             absorbed,
             quarantined,
+            events_cut,
+            operations_cut,
         )
 
     # --- dead letters ---
@@ -445,7 +451,8 @@ class OperatorSql(AdminSql):
                     )
                 self._notify(conn, "inbox")
             moved.append((row.id, int(event_id)))
-        return QuarantineReplay(moved, refused, skipped)
+        missing = sorted(set(ids or ()) - {row.id for row in rows})
+        return QuarantineReplay(moved, refused, skipped, missing)
 
     # --- conflicts ---
 
@@ -477,8 +484,9 @@ class OperatorSql(AdminSql):
             return [_conflict(r) for r in conn.execute(query.limit(limit))]
 
     def ack_conflicts(self, ids: Sequence[int], by: str) -> int:
+        """Acknowledge, and audit in the same transaction (``by`` is who)."""
         done = 0
-        with self.transaction(durable=False) as conn:
+        with self.transaction() as conn:
             now = self._now()
             for start in range(0, len(ids), 500):
                 done += conn.execute(
@@ -489,6 +497,16 @@ class OperatorSql(AdminSql):
                     )
                     .values(acked_at=now, acked_by=by[:255])
                 ).rowcount
+            shown = ", ".join(f"#{i}" for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
+            conn.execute(
+                insert(audit).values(
+                    at=now,
+                    who=by[:255],
+                    action="conflicts_ack",
+                    target=shown or "none",
+                    detail=f"acknowledged {done} of {len(ids)}",
+                )
+            )
         return done
 
     # --- audit ---
