@@ -307,6 +307,7 @@ class DeadLetters(Protocol):
         customer: str | None = None,
         older_than: float | None = None,
         limit: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Replayed: ...
 
     def dead_counts(self) -> dict[tuple[str, str], int]: ...
