@@ -390,7 +390,7 @@ def reconcile(
 
     from connector.logs import configure_logging
     from connector.reconcile import RunOptions
-    from connector.runner import ProgressLine, reconcile_now
+    from connector.runner import CommandProgress, reconcile_now
 
     config = _load(config_file)
     configure_logging(level="warning", json=False)
@@ -401,7 +401,7 @@ def reconcile(
     try:
         asyncio.run(
             reconcile_now(config, name, options, wait=not no_wait, timeout=timeout,
-                          echo=click.echo, progress=ProgressLine())
+                          echo=click.echo, progress=CommandProgress())
         )  # fmt: skip
     except ConnectorError as exc:
         _fail(f"reconcile {name}: {exc}")
@@ -496,6 +496,7 @@ def dlq_replay(
 
     An operation superseded by a later one of the same kind for that contact is not resent.
     """
+    from connector.runner import CommandProgress, replay_dead_letters
     from connector.store import open_store
 
     if not (everything or dispensary or destination or customer):
@@ -503,7 +504,13 @@ def dlq_replay(
     config = _load(config_file)
     store = open_store(config.store, listen=False)
     try:
-        done = store.replay(dispensary=dispensary, destination=destination, customer=customer)
+        done = replay_dead_letters(
+            store,
+            dispensary=dispensary,
+            destination=destination,
+            customer=customer,
+            progress=CommandProgress(),
+        )
     finally:
         store.close()
     click.echo(

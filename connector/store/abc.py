@@ -462,6 +462,7 @@ class DeadLetters(Protocol):
         op: str | None = None,
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Replayed: ...
 
     def dead_counts(self) -> dict[tuple[str, str], int]: ...
