@@ -496,20 +496,39 @@ def dlq_replay(
 
     An operation superseded by a later one of the same kind for that contact is not resent.
     """
+    from connector import cli_operator as _operator
     from connector.runner import CommandProgress, replay_dead_letters
     from connector.store import open_store
 
     if not (everything or dispensary or destination or customer):
         _fail("say which dead letters: --destination, --customer, --dispensary, or --all")
     config = _load(config_file)
+    asked = ", ".join(
+        f"{name} {value}"
+        for name, value in (
+            ("dispensary", dispensary),
+            ("destination", destination),
+            ("customer", customer),
+        )
+        if value
+    )
     store = open_store(config.store, listen=False)
     try:
+        # what was asked is audited before anything moves, what it did after
+        store.audit(_operator.who(), "dlq_replay_asked", asked or "all")
         done = replay_dead_letters(
             store,
             dispensary=dispensary,
             destination=destination,
             customer=customer,
             progress=CommandProgress(),
+        )
+        store.audit(
+            _operator.who(),
+            "dlq_replay",
+            asked or "all",
+            f"replayed {done.replayed}, superseded {done.superseded}, "
+            f"not replayable {done.unreplayable}",
         )
     finally:
         store.close()

@@ -480,11 +480,13 @@ def story_lines(story: Story, show_values: bool = False, now: float | None = Non
                     lines += _op_lines(ops[item["operation"]], "      ")
     rest = [o for o in data["operations"] if o["id"] not in told]
     if rest:
-        why = (
-            "a merge planned by another customer's event, or planned before decisions were recorded"
-        )
         if data["events_cut"]:
-            why += ", or by an event older than those told"
+            why = "planned by events older than those told here"
+        else:
+            why = (
+                "a merge planned by another customer's event, or planned before decisions "
+                "were recorded"
+            )
         lines += ["", f"operations not told under an event here ({why}):"]
         for op in rest:
             lines += _op_lines(op, "  ")

@@ -79,6 +79,8 @@ def check_story(events: list[Any], merges: set[tuple[str, str]], flow: Flow) -> 
                     kinds_told[key] = kind
                 if kind == "upsert":
                     last_upsert[customer] = key
+        named = [i for e in story["events"] for d in e["decisions"] for i in d["operations"]]
+        assert len(named) == len(set(named)), named  # each operation told once
         mine = [r for r in outbox if r["customer_id"] == customer]
         story_ops = {o["id"] for o in story["operations"]}
         assert {r["id"] for r in mine} <= story_ops

@@ -410,10 +410,10 @@ def test_conflicts_list_and_ack(tmp_path: Path, store_url: str) -> None:
     with opened(store_url) as store:
         assert [c.id for c in store.conflict_records()] == [3]
         log = store.audit_log()
-        assert [(a.action, a.target) for a in log] == [
-            ("conflicts_ack", "all matching"),
-            ("conflicts_ack", "#2"),
-            ("conflicts_ack", "#2"),
+        assert [(a.action, a.target, a.detail) for a in log] == [
+            ("conflicts_ack", "#1", "acknowledged 1 of 1"),
+            ("conflicts_ack", "#2", "acknowledged 0 of 1"),
+            ("conflicts_ack", "#2", "acknowledged 1 of 1"),
         ]
         counts = {
             (o.dispensary, o.destination): o.open_conflicts
