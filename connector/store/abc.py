@@ -362,6 +362,15 @@ class Admin(Protocol):
 
     def close(self) -> None: ...
 
+    def last_webhook_times(self) -> dict[str, float]:
+        """Per dispensary, when (Unix time) its latest webhook event was stored."""
+        ...
+
+    def reconcile_times(self) -> dict[str, dict[str, Any]]:
+        """Per dispensary with a finished reconciliation run: ``outcome`` and ``ended_at`` of
+        the latest, ``succeeded_at`` of the latest success (None when none succeeded)."""
+        ...
+
 
 class Store(Inbox, PlanCommit, Outbox, Runs, DeadLetters, Processes, Admin, Protocol):
     """Every port: what :func:`connector.store.open_store` returns."""
