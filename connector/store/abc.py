@@ -518,6 +518,15 @@ class Admin(Protocol):
 
     def close(self) -> None: ...
 
+    def last_webhook_times(self) -> dict[str, float]:
+        """Per dispensary, when (Unix time) its latest webhook event was stored."""
+        ...
+
+    def reconcile_times(self) -> dict[str, dict[str, Any]]:
+        """Per dispensary with a finished reconciliation run: ``outcome`` and ``ended_at`` of
+        the latest, ``succeeded_at`` of the latest success (None when none succeeded)."""
+        ...
+
 
 class Operator(Protocol):
     """What people ask through ``connector explain``, ``quarantine``, ``conflicts`` and the
