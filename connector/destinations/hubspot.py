@@ -583,18 +583,27 @@ class HubSpotSink:
 
     # --- consent ----------------------------------------------------------------------------
 
-    async def _email_of(self, delivery: Delivery) -> str | None:
-        """The mapped e-mail; else (none mapped, or not an address at all: HubSpot refused
-        its upsert, so the contact holds another) the contact's own."""
-        email = _text(delivery.fields.get("email"))
-        if email and _ADDRESS.fullmatch(email):
-            return email.lower()
+    async def _held_email(self, delivery: Delivery) -> str | None:
+        """The e-mail the customer's HubSpot contact holds now (None when it is not known)."""
         if delivery.contact_id is None:
             return None
         contact = await self.lookup(delivery.contact_id)
         props = contact.get("properties") if contact else None
         held = _text(props.get("email")) if isinstance(props, dict) else None
         return held.lower() if held else None
+
+    async def _emails_of(self, delivery: Delivery, op: str) -> list[str]:
+        """The addresses a consent call is for: the mapped e-mail; for an unsubscribe, the
+        contact's own as well when it holds another (a version without an e-mail leaves the
+        one before it in HubSpot, and a stale opt-out maps the address of its own time:
+        every address the contact may be mailed at is unsubscribed). A subscribe goes to
+        the mapped address only, or the contact's when none is mapped."""
+        email = _text(delivery.fields.get("email"))
+        mapped = email.lower() if email and _ADDRESS.fullmatch(email) else None
+        if mapped is not None and op != "unsubscribe":
+            return [mapped]
+        held = await self._held_email(delivery)
+        return list(dict.fromkeys(e for e in (mapped, held) if e))
 
     async def _consent(self, op: str, deliveries: list[Delivery]) -> list[Result]:
         results: list[Result | None] = [None] * len(deliveries)
@@ -605,12 +614,13 @@ class HubSpotSink:
                 results[index] = self._consent_sent(delivery, channels, op)
                 continue
             try:
-                email = await self._email_of(delivery)
+                found = await self._emails_of(delivery, op)
             except QuotaPause:
                 raise
             except DeliveryError as exc:
                 results[index] = exc
                 continue
+            email = found[0] if found else None
             if email is None and delivery.contact_id is None:
                 # no e-mail mapped and the contact not made yet (its upsert is queued,
                 # retrying or dead-lettered): wait for it, never count the opt-out as done
@@ -634,13 +644,16 @@ class HubSpotSink:
                     "no_subscription_type: subscription_id is not set; the subscribe was not sent",
                 )
             else:
-                emails.setdefault(email, []).append(index)
+                for address in found:
+                    emails.setdefault(address, []).append(index)
         addresses = list(emails)
         step = self.config.inputs_per_request
         for start in range(0, len(addresses), step):
             part = addresses[start : start + step]
             for email, outcome in zip(part, await self._consent_call(op, part), strict=True):
                 for index in emails[email]:
+                    if isinstance(results[index], DeliveryError):
+                        continue  # another of its addresses failed: the call is owed again
                     delivery = deliveries[index]
                     channels = set(delivery.body.get("channels") or ("email", "sms"))
                     results[index] = (
