@@ -675,8 +675,10 @@ def test_the_watch_measures_the_event_loop_and_the_arrivals() -> None:
         return pressure
 
     pressure = asyncio.run(scenario())
-    assert pressure.rate > 100
-    assert pressure.load > 0.3
+    # loose bounds: that the watch sees arrivals and a busy loop at all (a loaded machine
+    # starves this loop of its core, and the figures drop with it)
+    assert pressure.rate > 10
+    assert pressure.load > 0.05
     assert pressure.inflight == 0
 
 
