@@ -86,6 +86,15 @@ def _destination_line(disp: DispensaryConfig, dest: AnyDestination, mapping: Map
     )
 
 
+def _console_line(config: Config) -> str:
+    """Never the token: only whether the console listens, and where."""
+    if config.console is None:
+        return "console: off (no console section)"
+    if not config.console.enabled:
+        return "console: off (console.token is empty)"
+    return f"console: on at {config.console.url}"
+
+
 def _types_epilog() -> str:
     width = max(len(tag) for tag in DESTINATION_TYPES)
     lines = [f"  {tag:<{width}}  {kind.summary}" for tag, kind in DESTINATION_TYPES.items()]
@@ -125,6 +134,13 @@ def check(config_file: Path, strict: bool) -> None:
             )
             lines.append(_destination_line(disp, dest, mapping))
     lines.extend(f"disabled: {section}" for section in config.disabled)
+    lines.append(_console_line(config))
+    if config.console_on and config.console is not None and not config.console.loopback:
+        warnings.append(
+            f"console.host: {config.console.host} is not a loopback address: anyone who can "
+            "reach it is one token away from the dead letters; keep 127.0.0.1 and use an "
+            "SSH tunnel or a TLS proxy that restricts who connects"
+        )
     click.echo("\n".join(lines))
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
