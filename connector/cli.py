@@ -6,6 +6,7 @@ Errors go to stderr with exit code 1; what a command produces goes to stdout.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -528,3 +529,8 @@ def _setup_command(tag: str, kind: DestinationType[Any]) -> click.Group:
 for _tag, _kind in DESTINATION_TYPES.items():
     if _kind.setup is not None:
         main.add_command(_setup_command(_tag, _kind))
+
+
+# The operator's commands (explain, quarantine, conflicts) live in their own module and
+# register themselves on `main` when it is imported.
+_OPERATOR_COMMANDS = importlib.import_module("connector.cli_operator")

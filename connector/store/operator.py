@@ -200,7 +200,7 @@ class OperatorSql(AdminSql):
                 )
                 for r in reversed(event_rows)
             ]
-            op_rows = (
+            op_rows: list[Any] = list(
                 conn.execute(
                     select(outbox)
                     .where(
@@ -210,10 +210,29 @@ class OperatorSql(AdminSql):
                     )
                     .order_by(outbox.c.id.desc())
                     .limit(STORY_LIMIT)
-                ).all()
+                )
                 if names
                 else []
             )
+            # operations this customer's events planned under another customer's id (a
+            # merge of the customers it absorbed), found by the keys its decisions name
+            have = {r.idempotency_key for r in op_rows}
+            keys = sorted(
+                {
+                    key
+                    for event in events
+                    for _, kind, key in event.decisions or ()
+                    if kind not in ("failed", "conflict") and key not in have
+                }
+            )
+            for start in range(0, len(keys), 500):
+                op_rows += conn.execute(
+                    select(outbox).where(
+                        outbox.c.dispensary == dispensary,
+                        outbox.c.idempotency_key.in_(keys[start : start + 500]),
+                    )
+                ).all()
+            op_rows.sort(key=lambda r: -r.id)
             failures: dict[int, list[Attempt]] = {}
             ids = [r.id for r in op_rows]
             for start in range(0, len(ids), 500):
