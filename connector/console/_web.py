@@ -54,10 +54,13 @@ def span(seconds: float) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
-def when(moment: float | None) -> Markup:
-    """A time as UTC ISO and how long ago (or ahead) it is."""
-    if moment is None:
+def when(moment: float | str | None) -> Markup:
+    """A time (epoch seconds, or ISO as ``connector explain`` gives it) as UTC ISO and how
+    long ago (or ahead) it is."""
+    if moment is None or moment == "":
         return Markup("")
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment.replace("Z", "+00:00")).timestamp()
     delta = time.time() - moment
     relative = f"{span(delta)} ago" if delta >= 0 else f"in {span(-delta)}"
     return Markup('<time datetime="{0}">{0}</time> <span class="ago">{1}</span>').format(

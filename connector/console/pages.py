@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from connector.console._story import customer_story
 from connector.console._web import Form, Web, first, ids, page
 from connector.console.auth import Session
 from connector.console.chart import throughput_svg
+from connector.explain import build_story, story_json
 from connector.quarantine import judge
 from connector.store.abc import DeadLetter
 
@@ -340,7 +340,7 @@ def routes(web: Web) -> list[BaseRoute]:
             await web.audit(
                 session.who, "reveal", f"customer {dispensary}/{customer_id}", "story values"
             )
-        story = customer_story(record, web.config, dispensary, show_values=reveal)
+        story = story_json(build_story(record, names), show_values=reveal)
         return web.render(
             request,
             "customer.html",
