@@ -64,7 +64,7 @@ def routes(web: Web) -> list[BaseRoute]:
         return {k: source.get(k, "").strip() for k in LETTER_KEYS}
 
     async def matching_letters(
-        filters: dict[str, str], limit: int
+        filters: dict[str, str], limit: int, *, everything: bool = False
     ) -> tuple[list[DeadLetter], dict[int, str | None]]:
         code = filters["code"]
         status = int(code) if code.isdigit() else None
@@ -74,6 +74,7 @@ def routes(web: Web) -> list[BaseRoute]:
             destination=filters["destination"] or None,
             op=filters["op"] or None,
             status_code=status,
+            include_replayed=everything,
             limit=limit if status is not None or not code else MATCH_LIMIT,
         )
         codes = await web.call(store.dead_letter_codes, letters)
@@ -84,11 +85,14 @@ def routes(web: Web) -> list[BaseRoute]:
     @page(web)
     async def dead_letters(request: Request, session: Session) -> Response:
         filters = letter_filters(dict(request.query_params))
-        letters, codes = await matching_letters(filters, LIST_LIMIT)
+        everything = request.query_params.get("all") == "1"
+        letters, codes = await matching_letters(filters, LIST_LIMIT, everything=everything)
         return web.render(
             request,
             "dead_letters.html",
             session,
+            everything=everything,
+            open_count=sum(1 for x in letters if x.replayed_at is None),
             letters=letters,
             codes=codes,
             filters=filters,
