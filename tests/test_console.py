@@ -579,3 +579,35 @@ def test_the_console_needs_its_token(tmp_path: Path, store_url: str, store: Stor
 
     with pytest.raises(ValueError, match="console is off"):
         create_console_app(store, config)
+
+
+# --- served by connector serve, never on the webhook port ---
+
+
+@pytest.mark.sqlite_only
+def test_the_webhook_app_has_no_console_route(config: Config) -> None:
+    from types import SimpleNamespace
+
+    from connector.metrics import Metrics
+    from connector.receiver import create_app
+
+    ports = SimpleNamespace(config=config, metrics=Metrics(), lifespan=None)
+    client = TestClient(create_app(ports), follow_redirects=False)  # type: ignore[arg-type]
+
+    for path in ("/login", "/dead-letters", "/audit", "/static/console.css"):
+        assert client.get(path).status_code == 404, path
+    assert client.post("/login", data={"token": TOKEN}).status_code in (404, 405)
+
+
+@pytest.mark.sqlite_only
+def test_serve_refuses_a_console_on_the_webhook_listener(config: Config) -> None:
+    from click.testing import CliRunner
+
+    from connector.cli import main
+
+    assert config.path is not None
+    result = CliRunner().invoke(main, ["serve", "--config", str(config.path), "--port", "8081"])
+
+    assert result.exit_code == 1
+    assert "console.port 8081 is the webhook listener's (127.0.0.1:8081)" in result.stderr
+    assert TOKEN not in result.output
