@@ -25,8 +25,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from connector.config import Config
-from connector.console._web import Web
-from connector.console.auth import SESSION_COOKIE, Sessions, same_origin, token_matches, who
+from connector.console._web import Form, Web, action
+from connector.console.auth import (
+    SESSION_COOKIE,
+    Session,
+    Sessions,
+    same_origin,
+    token_matches,
+    who,
+)
 from connector.console.pages import routes
 from connector.store.abc import Store
 
@@ -101,12 +108,8 @@ def create_console_app(
         )
         return signed_in
 
-    async def logout(request: Request) -> Response:
-        session = web.session(request)
-        form = await web.form(request)
-        refused = web.refused(request, session, form)
-        if refused is not None or session is None:
-            return refused or RedirectResponse("/login", status_code=303)
+    @action(web)
+    async def logout(request: Request, session: Session, form: Form) -> Response:
         web.sessions.end(session.id)
         await web.audit(session.who, "sign-out", "console")
         response = RedirectResponse("/login", status_code=303)

@@ -180,6 +180,32 @@ def page(
     return wrap
 
 
+def action(
+    web: Web,
+) -> Callable[
+    [Callable[[Request, Session, Form], Awaitable[Response]]],
+    Callable[[Request], Awaitable[Response]],
+]:
+    """A POST handler: signed in, sent from a console page with the session's CSRF token
+    (:meth:`Web.refused`); it gets the posted form."""
+
+    def wrap(
+        handler: Callable[[Request, Session, Form], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            session = web.session(request)
+            form = await web.form(request)
+            refused = web.refused(request, session, form)
+            if refused is not None:
+                return refused
+            assert session is not None  # refused() answers a request without one
+            return await handler(request, session, form)
+
+        return handle
+
+    return wrap
+
+
 def first(form: Form, name: str) -> str:
     return (form.get(name) or [""])[0].strip()
 

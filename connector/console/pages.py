@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from connector.console._web import Form, Web, first, ids, page
+from connector.console._web import Form, Web, action, first, ids, page
 from connector.console.auth import Session
 from connector.console.chart import throughput_svg
 from connector.explain import build_story, story_json
@@ -100,12 +100,8 @@ def routes(web: Web) -> list[BaseRoute]:
             limit=LIST_LIMIT,
         )
 
-    async def replay_letters(request: Request) -> Response:
-        session = web.session(request)
-        form = await web.form(request)
-        refused = web.refused(request, session, form)
-        if refused is not None or session is None:
-            return refused or RedirectResponse("/login", status_code=303)
+    @action(web)
+    async def replay_letters(request: Request, session: Session, form: Form) -> Response:
         filters = letter_filters({k: first(form, k) for k in LETTER_KEYS})
         back = _back("/dead-letters", form, LETTER_KEYS)
         code = filters["code"]
@@ -140,19 +136,15 @@ def routes(web: Web) -> list[BaseRoute]:
             f"not replayable {done.unreplayable}"
         )
         await web.audit(session.who, "dead-letter replay", target, result)
-        session.flash.append(f"{target.capitalize()}: {result}.")
+        session.flash.append(f"{_sentence(target)}: {result}.")
         return back
 
     @page(web)
     async def dead_letter(request: Request, session: Session) -> Response:
         return await show_letter(request, session, reveal=False)
 
-    async def reveal_letter(request: Request) -> Response:
-        session = web.session(request)
-        form = await web.form(request)
-        refused = web.refused(request, session, form)
-        if refused is not None or session is None:
-            return refused or RedirectResponse("/login", status_code=303)
+    @action(web)
+    async def reveal_letter(request: Request, session: Session, form: Form) -> Response:
         return await show_letter(request, session, reveal=True)
 
     async def show_letter(request: Request, session: Session, *, reveal: bool) -> Response:
@@ -203,12 +195,8 @@ def routes(web: Web) -> list[BaseRoute]:
             limit=LIST_LIMIT,
         )
 
-    async def reveal_quarantined(request: Request) -> Response:
-        session = web.session(request)
-        form = await web.form(request)
-        refused = web.refused(request, session, form)
-        if refused is not None or session is None:
-            return refused or RedirectResponse("/login", status_code=303)
+    @action(web)
+    async def reveal_quarantined(request: Request, session: Session, form: Form) -> Response:
         item_id = int(request.path_params["item_id"])
         found = await web.call(store.quarantined, ids=[item_id], include_replayed=True, limit=1)
         if not found:
@@ -217,12 +205,8 @@ def routes(web: Web) -> list[BaseRoute]:
         await web.audit(session.who, "reveal", f"quarantined body {item_id}", "body")
         return web.render(request, "quarantined.html", session, item=found[0], body=_pretty(body))
 
-    async def replay_quarantine(request: Request) -> Response:
-        session = web.session(request)
-        form = await web.form(request)
-        refused = web.refused(request, session, form)
-        if refused is not None or session is None:
-            return refused or RedirectResponse("/login", status_code=303)
+    @action(web)
+    async def replay_quarantine(request: Request, session: Session, form: Form) -> Response:
         back = _back("/quarantine", form, ("dispensary",))
         dispensary = first(form, "dispensary") or None
         if first(form, "scope") == "all":
@@ -243,7 +227,7 @@ def routes(web: Web) -> list[BaseRoute]:
             f"moved {len(done.moved)}, still refused {len(done.refused)}, skipped {done.skipped}"
         )
         await web.audit(session.who, "quarantine replay", target, result)
-        session.flash.append(f"{target.capitalize()}: {result}.")
+        session.flash.append(f"{_sentence(target)}: {result}.")
         session.flash.extend(
             f"Quarantined {qid} still refused: {why}" for qid, why in done.refused[:20]
         )
@@ -276,12 +260,8 @@ def routes(web: Web) -> list[BaseRoute]:
             limit=LIST_LIMIT,
         )
 
-    async def ack(request: Request) -> Response:
-        session = web.session(request)
-        form = await web.form(request)
-        refused = web.refused(request, session, form)
-        if refused is not None or session is None:
-            return refused or RedirectResponse("/login", status_code=303)
+    @action(web)
+    async def ack(request: Request, session: Session, form: Form) -> Response:
         filters = conflict_filters(
             {k: first(form, k) for k in ("dispensary", "destination", "kind")}
         )
@@ -304,7 +284,7 @@ def routes(web: Web) -> list[BaseRoute]:
             return back
         done = await web.call(store.ack_conflicts, chosen, session.who)
         await web.audit(session.who, "conflict ack", target, f"acknowledged {done}")
-        session.flash.append(f"{target.capitalize()}: acknowledged {done}.")
+        session.flash.append(f"{_sentence(target)}: acknowledged {done}.")
         return back
 
     # --- customers ---
@@ -326,12 +306,8 @@ def routes(web: Web) -> list[BaseRoute]:
     async def customer(request: Request, session: Session) -> Response:
         return await show_customer(request, session, reveal=False)
 
-    async def reveal_customer(request: Request) -> Response:
-        session = web.session(request)
-        form = await web.form(request)
-        refused = web.refused(request, session, form)
-        if refused is not None or session is None:
-            return refused or RedirectResponse("/login", status_code=303)
+    @action(web)
+    async def reveal_customer(request: Request, session: Session, form: Form) -> Response:
         return await show_customer(request, session, reveal=True)
 
     async def show_customer(request: Request, session: Session, *, reveal: bool) -> Response:
@@ -379,6 +355,10 @@ def routes(web: Web) -> list[BaseRoute]:
         Route("/customers/{dispensary}/{customer_id}/reveal", reveal_customer, methods=["POST"]),
         Route("/audit", audit_log),
     ]
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _customer_url(dispensary: str, customer_id: str) -> str:
