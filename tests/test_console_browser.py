@@ -159,13 +159,12 @@ def test_a_dead_letter_replayed_from_the_browser_is_delivered(
     running: Running, browser: Browser
 ) -> None:
     values = sample_values()
-    _, _, body = load_samples(DISPENSARY)[0]  # a new customer: one upsert
-    posted = httpx.post(
-        f"{running.webhook}/webhooks/treez/{DISPENSARY}",
-        content=body,
-        headers={"authorization": f"Bearer {WEBHOOK_TOKEN}", "content-type": "application/json"},
-    )
-    assert posted.status_code == 202
+    samples = {name: body for name, _, body in load_samples(DISPENSARY)}
+    headers = {"authorization": f"Bearer {WEBHOOK_TOKEN}", "content-type": "application/json"}
+    url = f"{running.webhook}/webhooks/treez/{DISPENSARY}"
+    # a new customer (one upsert), and a malformed body (quarantined)
+    assert httpx.post(url, content=samples["01-create"], headers=headers).status_code == 202
+    assert httpx.post(url, content=samples["09-malformed"], headers=headers).status_code == 422
     assert httpx.get(f"{running.webhook}/login").status_code == 404  # never on the webhook port
     (letter,) = wait_until(running.store.dead_letters, 30, "the refused delivery's dead letter")
     customer = letter.customer_id
@@ -232,6 +231,8 @@ def test_a_dead_letter_replayed_from_the_browser_is_delivered(
         page.goto(f"{running.console}/{name}")
         assert_discreet(page, values)
         shoot(page, name)
+        if name == "quarantine":
+            assert page.locator("tbody tr").count() == 1
     audit = page.locator("tbody").inner_text()
     assert "dead-letter replay" in audit
     assert "sign-in" in audit
