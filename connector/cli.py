@@ -200,18 +200,22 @@ def _pick(options: list[str], given: str | None, what: str, flag: str) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Use this mapping file instead of the configured one (no config needed).",
 )
+@click.option("--show-values", is_flag=True, help="Print the mapped values, not only their kind.")
 @click.argument("event_file", metavar="EVENT_FILE")
 def map_command(
     config_file: Path,
     dispensary: str | None,
     destination: str | None,
     mapping_file: Path | None,
+    show_values: bool,
     event_file: str,
 ) -> None:
     """Show what a Treez event becomes for a destination, without sending anything.
 
     EVENT_FILE is a webhook body, or a whole captured delivery with the body under "body";
-    "-" reads standard input.
+    "-" reads standard input. Each mapped field is printed with the kind of its value (text
+    and its length, number, list...); --show-values prints the contact as JSON, values and
+    all.
     """
     try:
         # as the pipeline reads a stored event: a wrong field outside the rules is left out
@@ -254,7 +258,29 @@ def map_command(
         contact = mapping.apply(event.customer, name)
     except ConnectorError as exc:
         _fail(f"{event_file}: {exc}")
-    click.echo(json.dumps(contact, indent=2, ensure_ascii=False))
+    if show_values:
+        click.echo(json.dumps(contact, indent=2, ensure_ascii=False))
+        return
+    for field, value in contact.items():
+        click.echo(f"{field}: {_value_kind(value)}")
+    click.echo("(kinds only: --show-values prints the values)")
+
+
+def _value_kind(value: Any) -> str:
+    """What a mapped value is, without the value: a dry run's output may be shared."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return f"text ({len(value)} characters)"
+    if isinstance(value, list):
+        return f"list of {len(value)}"
+    if isinstance(value, dict):
+        return f"object ({', '.join(sorted(map(str, value)))})"
+    return type(value).__name__
 
 
 def _load_mapping(path: Path) -> Mapping:
@@ -339,7 +365,10 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
 @click.option("--dispensary", "-d", help="The dispensary to post as (default: the first).")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for delivery.")  # fmt: skip
-def demo(config_file: Path, url: str | None, dispensary: str | None, timeout: float) -> None:
+@click.option("--show-values", is_flag=True, help="Print what the file destinations received.")
+def demo(
+    config_file: Path, url: str | None, dispensary: str | None, timeout: float, show_values: bool
+) -> None:
     """Post the bundled sample events and show what each destination received.
 
     Uses the running server when one answers, else starts one in this process on a free port.
@@ -351,7 +380,14 @@ def demo(config_file: Path, url: str | None, dispensary: str | None, timeout: fl
     configure_logging(level="warning", json=False)
     name = _pick(list(config.dispensaries), dispensary, "dispensary", "--dispensary")
     try:
-        finished = run_demo(config, dispensary=name, url=url, timeout=timeout, echo=click.echo)
+        finished = run_demo(
+            config,
+            dispensary=name,
+            url=url,
+            timeout=timeout,
+            echo=click.echo,
+            show_values=show_values,
+        )
     except ConnectorError as exc:
         _fail(str(exc))
     if not finished:
@@ -402,7 +438,7 @@ def reconcile(
 
     from connector.logs import configure_logging
     from connector.reconcile import RunOptions
-    from connector.runner import ProgressLine, reconcile_now
+    from connector.runner import CommandProgress, reconcile_now
 
     config = _load(config_file)
     configure_logging(level="warning", json=False)
@@ -413,7 +449,7 @@ def reconcile(
     try:
         asyncio.run(
             reconcile_now(config, name, options, wait=not no_wait, timeout=timeout,
-                          echo=click.echo, progress=ProgressLine())
+                          echo=click.echo, progress=CommandProgress())
         )  # fmt: skip
     except ConnectorError as exc:
         _fail(f"reconcile {name}: {exc}")
@@ -508,14 +544,40 @@ def dlq_replay(
 
     An operation superseded by a later one of the same kind for that contact is not resent.
     """
+    from connector import cli_operator as _operator
+    from connector.runner import CommandProgress, replay_dead_letters
     from connector.store import open_store
 
     if not (everything or dispensary or destination or customer):
         _fail("say which dead letters: --destination, --customer, --dispensary, or --all")
     config = _load(config_file)
+    asked = ", ".join(
+        f"{name} {value}"
+        for name, value in (
+            ("dispensary", dispensary),
+            ("destination", destination),
+            ("customer", customer),
+        )
+        if value
+    )
     store = open_store(config.store, listen=False)
     try:
-        done = store.replay(dispensary=dispensary, destination=destination, customer=customer)
+        # what was asked is audited before anything moves, what it did after
+        store.audit(_operator.who(), "dlq_replay_asked", asked or "all")
+        done = replay_dead_letters(
+            store,
+            dispensary=dispensary,
+            destination=destination,
+            customer=customer,
+            progress=CommandProgress(),
+        )
+        store.audit(
+            _operator.who(),
+            "dlq_replay",
+            asked or "all",
+            f"replayed {done.replayed}, superseded {done.superseded}, "
+            f"not replayable {done.unreplayable}",
+        )
     finally:
         store.close()
     click.echo(

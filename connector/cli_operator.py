@@ -195,17 +195,16 @@ def quarantine_replay(
         _fail("say which bodies: their ids, --dispensary, or --all")
     config = _load(config_file)
     ids = list(quarantine_ids) or None
+    target = ", ".join(f"#{i}" for i in quarantine_ids) or (
+        f"dispensary {dispensary}" if dispensary else "all"
+    )
     with _store(config) as store:
-        done = store.replay_quarantined(judge(config), dispensary=dispensary, ids=ids)
-        target = ", ".join(f"#{i}" for i in quarantine_ids) or (
-            f"dispensary {dispensary}" if dispensary else "all"
-        )
-        store.audit(
-            who(),
-            "quarantine_replay",
-            target,
-            f"moved {len(done.moved)}, still refused {len(done.refused)}",
-        )
+        # what was asked is recorded first, each move with it: a replay stopped half-way
+        # leaves a row for every body it moved
+        store.audit(who(), "quarantine_replay_asked", target)
+        done = store.replay_quarantined(judge(config), dispensary=dispensary, ids=ids, who=who())
+    for quarantine_id in done.missing:
+        click.echo(f"#{quarantine_id}: no such open body (unknown, or replayed already)")
     for quarantine_id, event_id in done.moved:
         click.echo(f"#{quarantine_id}: moved to the inbox as event #{event_id}")
     for quarantine_id, reason in done.refused:
@@ -292,6 +291,8 @@ def conflicts_ack(
     filtered = any((dispensary, destination, kind, customer))
     if not (conflict_ids or everything):
         _fail("say which conflicts: their ids, or --all (with filters to narrow it)")
+    if conflict_ids and (filtered or everything):
+        _fail("give conflict ids, or --all with filters: not both")
     config = _load(config_file)
     with _store(config) as store:
         if conflict_ids:
@@ -308,6 +309,4 @@ def conflicts_ack(
                 )
             ]
         done = store.ack_conflicts(ids, who())
-        target = ", ".join(f"#{i}" for i in conflict_ids) or ("all matching" if filtered else "all")
-        store.audit(who(), "conflicts_ack", target, f"acknowledged {done}")
     click.echo(f"acknowledged {done}")

@@ -85,6 +85,20 @@ def embedded_server(config: Config) -> Iterator[str]:
         sock.close()
 
 
+def _line_shape(line: str) -> str:
+    """One received line told without its values: the operation, the customer and the names
+    of the fields it carried."""
+    try:
+        op = json.loads(line)
+    except ValueError:
+        return "(not JSON)"
+    if not isinstance(op, dict):
+        return "(not an operation)"
+    fields = op.get("fields")
+    names = ", ".join(sorted(fields)) if isinstance(fields, dict) else "no fields"
+    return f"{op.get('op')} customer {op.get('customer_id')}: {names}"
+
+
 def run_demo(
     config: Config,
     *,
@@ -92,8 +106,10 @@ def run_demo(
     url: str | None,
     timeout: float,
     echo: Callable[[str], None],
+    show_values: bool = False,
 ) -> bool:
-    """Post the samples, wait for delivery, print what each destination received."""
+    """Post the samples, wait for delivery, print what each destination received (the
+    field names of what a file destination got; its lines with ``show_values``)."""
     disp = config.dispensaries[dispensary]
     token = disp.webhook_token[0].get_secret_value()
     base = url or f"http://{config.server.host}:{config.server.port}"
@@ -108,7 +124,7 @@ def run_demo(
         with _server(config, base, echo) as server_url:
             _post_all(server_url, dispensary, token, echo)
             finished = _wait(store, timeout)
-        return _report(store, config, dispensary, start_id, offsets, finished, echo)
+        return _report(store, config, dispensary, start_id, offsets, finished, echo, show_values)
     finally:
         store.close()
 
@@ -163,6 +179,7 @@ def _report(
     offsets: dict[str, int],
     finished: bool,
     echo: Callable[[str], None],
+    show_values: bool = False,
 ) -> bool:
     if not finished:
         echo("warning: some operations are still pending (see `connector status` later)")
@@ -179,5 +196,10 @@ def _report(
                 received = handle.read().decode("utf-8").splitlines()
             echo(f"  {dest.path} received {len(received)} lines; the first of them:")
             for line in received[:3]:
-                echo(f"    {line[:160]}{'…' if len(line) > 160 else ''}")
+                if show_values:
+                    echo(f"    {line[:160]}{'…' if len(line) > 160 else ''}")
+                else:
+                    echo(f"    {_line_shape(line)}")
+            if received and not show_values:
+                echo("  (field names only: --show-values prints the lines)")
     return finished

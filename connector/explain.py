@@ -9,13 +9,21 @@ customer's payload carries names, birthdays, licences and medical ids.
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from connector.store.abc import CustomerRecord, StoredEvent, StoredOperation
+from connector.store.abc import (
+    STORY_LIMIT,
+    CustomerRecord,
+    DeadLetter,
+    StoredEvent,
+    StoredOperation,
+)
 
 # why an event planned nothing for a destination, by the event's outcome
 _NOTHING = {
@@ -123,30 +131,99 @@ def _changed(before: dict[str, Any] | None, after: dict[str, Any] | None) -> lis
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-def _standing(op: StoredOperation, dead_letter: int | None, now: float) -> str:
+def _standing(op: StoredOperation, letters: list[DeadLetter], now: float) -> str:
+    """Where an operation stands now, and the dead letters it went through (a dead letter
+    replayed puts the operation back with its attempts counted from zero)."""
     tries = f"{op.attempts} attempt{'s' * (op.attempts != 1)}"
+    replayed = [d for d in letters if d.replayed_at is not None]
+    since = " since the replay" if replayed else ""
+    history = "".join(
+        f"; dead letter #{d.id} ({_iso(d.created_at)}) replayed {_iso(d.replayed_at)}"
+        for d in replayed
+    )
     if op.status == "done":
-        return f"delivered {_iso(op.done_at)} after {tries}"
+        return f"delivered {_iso(op.done_at)} after {tries}{since}{history}"
     if op.status == "dead":
-        where = f" (dead letter #{dead_letter})" if dead_letter is not None else ""
-        return f"dead {_iso(op.done_at)} after {tries}{where}"
+        open_letter = next((d for d in reversed(letters) if d.replayed_at is None), None)
+        where = f" (dead letter #{open_letter.id})" if open_letter is not None else ""
+        return f"dead {_iso(op.done_at)} after {tries}{since}{where}{history}"
     if op.status == "superseded":
-        return f"superseded {_iso(op.done_at)} by a newer upsert before it was sent"
+        return f"superseded {_iso(op.done_at)} by a newer upsert before it was sent{history}"
     if op.status == "inflight":
-        return f"being delivered now ({tries} before this one)"
+        return f"being delivered ({tries}{since} before this one){history}"
     if op.attempts or (op.failures and op.failures[-1].result == "paused"):
         late = "due now" if op.next_attempt_at <= now else f"until {_iso(op.next_attempt_at)}"
-        return f"retrying, {late} ({tries} so far)"
+        return f"retrying, {late} ({tries}{since} so far){history}"
+    if replayed:
+        return f"pending since the replay {_iso(replayed[-1].replayed_at)}{history}"
     return f"pending since {_iso(op.created_at)}"
+
+
+def _values_of(record: CustomerRecord) -> set[str]:
+    """The customer's text values the story holds (events' bodies, operations' fields),
+    casefolded: what must not be told as an id, a detail or an error without a reveal."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            if len(value.strip()) >= 3:
+                found.add(value.strip().casefold())
+        elif isinstance(value, dict):
+            for inner in value.values():
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    for event in record.events:
+        data = _customer_of(event.body)
+        if data is not None:
+            walk({k: v for k, v in data.items() if k != "customer_id"})
+    for op in record.operations:
+        walk(op.payload.get("fields"))
+    found.discard(record.customer_id.casefold())
+    found.discard(record.dispensary.casefold())
+    return found
+
+
+class _Mask:
+    """Withholds the customer's values from ids and texts (unless values are shown)."""
+
+    WITHHELD = "[withheld: a customer value]"
+
+    def __init__(self, values: set[str], show: bool) -> None:
+        self.values = set() if show else values
+        self._pattern = (
+            re.compile(
+                "|".join(re.escape(v) for v in sorted(self.values, key=len, reverse=True)),
+                re.IGNORECASE,
+            )
+            if self.values
+            else None
+        )
+
+    def id(self, value: str | None) -> str | None:
+        if value is None or not self.values:
+            return value
+        return self.WITHHELD if value.strip().casefold() in self.values else self.text(value)
+
+    def text(self, value: str | None) -> str | None:
+        if value is None or self._pattern is None:
+            return value
+        return self._pattern.sub(self.WITHHELD, value)
 
 
 def story_json(story: Story, show_values: bool = False, now: float | None = None) -> dict[str, Any]:
     """The story as data (``explain --json``, the console's customer page)."""
     now = time.time() if now is None else now
     record = story.record
-    letters = {d.outbox_id: d for d in record.dead_letters if d.outbox_id is not None}
+    letters: dict[int, list[DeadLetter]] = {}
+    for dead in record.dead_letters:
+        if dead.outbox_id is not None:
+            letters.setdefault(dead.outbox_id, []).append(dead)
+    mask = _Mask(_values_of(record), show_values)
     ops_by_key = {(o.destination, o.idempotency_key): o for o in record.operations}
-    contact_of = {c.destination: c.contact_id for c in record.contacts}
+    contact_of = {c.destination: mask.id(c.contact_id) for c in record.contacts}
     event_of: dict[int, int] = {}
     events = []
     previous: dict[str, Any] | None = None
@@ -163,22 +240,34 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             for destination in story.destinations:
                 found = decided.get(destination, [])
                 ops = [ops_by_key.get((destination, key)) for kind, key in found]
-                rules = []
-                op_ids = []
+                items: list[dict[str, Any]] = []
                 for (kind, detail), op in zip(found, ops, strict=True):
                     if kind == "failed":
-                        rules.append("the mapping refused the customer (a dead letter)")
+                        rule = "the mapping refused the customer (a dead letter)"
                     elif kind == "conflict":
-                        rules.append(f"identity conflict ({detail}): the identity map is kept")
+                        rule = f"identity conflict ({detail}): the identity map is kept"
                     else:
-                        rules.append(f"{kind}: {_rule(kind, event)}")
+                        rule = f"{kind}: {_rule(kind, event)}"
                         if op is not None:
-                            op_ids.append(op.id)
                             event_of[op.id] = event.id
-                if not rules:
-                    rules.append(_NOTHING.get(event.status, "nothing to send"))
+                        elif kind == "upsert":
+                            rule += (
+                                " (replaced before it was queued by a newer upsert planned"
+                                " with it, or no longer kept)"
+                            )
+                        else:
+                            rule += " (no longer kept: delivered past retention)"
+                    items.append({"kind": kind, "rule": rule, "operation": op.id if op else None})
+                if not items:
+                    rule = _NOTHING.get(event.status, "nothing to send")
+                    items.append({"kind": "nothing", "rule": rule, "operation": None})
                 decisions.append(
-                    {"destination": destination, "rule": "; ".join(rules), "operations": op_ids}
+                    {
+                        "destination": destination,
+                        "rule": "; ".join(item["rule"] for item in items),
+                        "operations": [i["operation"] for i in items if i["operation"]],
+                        "items": items,
+                    }
                 )
         entry: dict[str, Any] = {
             "id": event.id,
@@ -189,7 +278,11 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             "last_update": _iso_us(event.last_update_us),
             "run_id": event.run_id,
             "outcome": event.status,
-            "outcome_text": _OUTCOMES.get(event.status, event.status),
+            "outcome_text": (
+                "planned again: a late opt-out changed what the contact must say"
+                if event.source == "refresh" and event.status in ("applied", "tie")
+                else _OUTCOMES.get(event.status, event.status)
+            ),
             "fields": sorted(data) if data is not None else None,
             "changed": changed,
             "decisions": decisions,
@@ -201,7 +294,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
     operations = []
     sent: dict[str, dict[str, Any]] = {}
     for op in record.operations:
-        letter = letters.get(op.id)
+        found_letters = letters.get(op.id, [])
+        letter = found_letters[-1] if found_letters else None
         fields = op.payload.get("fields")
         changed = None
         if isinstance(fields, dict) and op.op == "upsert":
@@ -212,7 +306,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             "destination": op.destination,
             "op": op.op,
             "status": op.status,
-            "standing": _standing(op, letter.id if letter else None, now),
+            "standing": _standing(op, found_letters, now),
             "created_at": _iso(op.created_at),
             "done_at": _iso(op.done_at),
             "attempts": op.attempts,
@@ -221,8 +315,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                     "at": _iso(a.at),
                     "result": a.result,
                     "status_code": a.status_code,
-                    "code": a.code,
-                    "error": a.error,
+                    "error": mask.text(a.error),
+                    "code": mask.id(a.code),
                 }
                 for a in op.failures
             ],
@@ -241,6 +335,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
         "dispensary": record.dispensary,
         "customer_id": record.customer_id,
         "values_shown": show_values,
+        "events_cut": record.events_cut,
+        "operations_cut": record.operations_cut,
         "state": {
             "known": state is not None,
             "last_update": _iso_us(state["last_update_us"]) if state else None,
@@ -252,7 +348,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
         "contacts": [
             {
                 "destination": c.destination,
-                "contact_id": c.contact_id,
+                "contact_id": mask.id(c.contact_id),
                 "unsubscribed": c.unsubscribed,
                 "deactivated": c.deactivated,
                 "operations_planned": c.ops_planned,
@@ -266,7 +362,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                 "id": d.id,
                 "destination": d.destination,
                 "op": d.op,
-                "reason": d.reason,
+                "reason": mask.text(d.reason),
                 "status_code": d.status_code,
                 "created_at": _iso(d.created_at),
                 "replayed_at": _iso(d.replayed_at),
@@ -279,7 +375,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                 "id": c.id,
                 "destination": c.destination,
                 "kind": c.kind,
-                "detail": c.detail,
+                "detail": mask.text(c.detail),
                 "created_at": _iso(c.created_at),
                 "acked_at": _iso(c.acked_at),
                 "acked_by": c.acked_by,
@@ -299,8 +395,16 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
     }
 
 
-def _names(names: list[str]) -> str:
-    return ", ".join(names) if names else "none"
+def _wrapped_text(head: str, text: str) -> list[str]:
+    indent = " " * (len(head) - len(head.lstrip()) + 2)
+    return textwrap.wrap(head + text, width=100, subsequent_indent=indent)
+
+
+def _wrapped(head: str, names: list[str]) -> list[str]:
+    """``head`` and the names, wrapped at 100 columns under the first name."""
+    text = ", ".join(names) if names else "none"
+    indent = " " * (len(head) - len(head.lstrip()) + 2)
+    return textwrap.wrap(head + text, width=100, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def _value(value: Any) -> str:
@@ -341,36 +445,49 @@ def story_lines(story: Story, show_values: bool = False, now: float | None = Non
         )
     ops = {o["id"]: o for o in data["operations"]}
     told: set[int] = set()
+    if data["events_cut"] or data["operations_cut"]:
+        lines.append(
+            f"(a long history: only the newest {STORY_LIMIT:,} events and operations are told)"
+        )
     for event in data["events"]:
         lines.append("")
         run = f" run {event['run_id']}" if event["run_id"] else ""
         lines.append(
-            f"event #{event['id']} {event['received_at']} {event['source_text']}{run} "
-            f"{event['event_type']}, last_update {event['last_update'] or '?'}: "
+            f"event #{event['id']}, {event['source_text']}{run} {event['received_at']}: "
             f"{event['outcome_text']}"
         )
+        lines.append(f"  {event['event_type']}, last_update {event['last_update'] or '?'}")
         if event.get("values") is not None:
             lines.append(f"  values: {_value(event['values'])}")
         elif event["changed"] is not None:
-            lines.append(f"  changed since the event before: {_names(event['changed'])}")
+            lines += _wrapped("  changed since the event before: ", event["changed"])
         elif event["fields"] is not None:
-            lines.append(f"  fields: {_names(event['fields'])}")
+            lines += _wrapped("  fields: ", event["fields"])
         else:
             lines.append("  body no longer kept (past retention)")
         if not event["decisions_kept"] and event["outcome"] not in ("pending", "ignored"):
             lines.append("  (planned before decisions were recorded)")
         for decision in event["decisions"]:
-            lines.append(f"  {decision['destination']}: {decision['rule']}")
-            for op_id in decision["operations"]:
-                told.add(op_id)
-                lines += _op_lines(ops[op_id], "    ")
+            items = decision["items"]
+            if len(items) == 1 and items[0]["operation"] is None:
+                lines += _wrapped_text(f"  {decision['destination']}: ", items[0]["rule"])
+                continue
+            lines.append(f"  {decision['destination']}:")
+            for item in items:
+                lines += _wrapped_text("    ", item["rule"])
+                if item["operation"] is not None:
+                    told.add(item["operation"])
+                    lines += _op_lines(ops[item["operation"]], "      ")
     rest = [o for o in data["operations"] if o["id"] not in told]
     if rest:
-        lines += [
-            "",
-            "operations planned by another customer's event (a merge), or before "
-            "decisions were recorded:",
-        ]
+        if data["events_cut"]:
+            why = "planned by events older than those told here"
+        else:
+            why = (
+                "a merge planned by another customer's event, or planned before decisions "
+                "were recorded"
+            )
+        lines += ["", f"operations not told under an event here ({why}):"]
         for op in rest:
             lines += _op_lines(op, "  ")
     open_letters = [d for d in data["dead_letters"] if d["operation"] is None]
@@ -383,18 +500,20 @@ def story_lines(story: Story, show_values: bool = False, now: float | None = Non
         ]
     if data["conflicts"]:
         lines += ["", "conflicts:"]
-        lines += [
-            f"  #{c['id']} {c['created_at']} {c['destination']} {c['kind']}: {c['detail']}"
-            + (f" (acknowledged {c['acked_at']} by {c['acked_by']})" if c["acked_at"] else "")
-            for c in data["conflicts"]
-        ]
+        for c in data["conflicts"]:
+            acked = f" (acknowledged {c['acked_at']} by {c['acked_by']})" if c["acked_at"] else ""
+            lines += _wrapped_text(
+                f"  #{c['id']} {c['created_at']} {c['destination']} {c['kind']}: ",
+                c["detail"] + acked,
+            )
     if data["quarantined"]:
         lines += ["", "refused bodies naming this customer (quarantine):"]
-        lines += [
-            f"  #{q['id']} {q['received_at']} {q['status_code']}: {q['reason']}"
-            + (f" (replayed as event #{q['replayed_event_id']})" if q["replayed_event_id"] else "")
-            for q in data["quarantined"]
-        ]
+        for q in data["quarantined"]:
+            replayed = q["replayed_event_id"]
+            lines += _wrapped_text(
+                f"  #{q['id']} {q['received_at']} {q['status_code']}: ",
+                q["reason"] + (f" (replayed as event #{replayed})" if replayed else ""),
+            )
     return lines
 
 
@@ -405,9 +524,9 @@ def _op_lines(op: dict[str, Any], indent: str) -> list[str]:
     if op.get("values") is not None:
         lines.append(f"{indent}   values: {_value(op['values'])}")
     elif op["changed"] is not None:
-        lines.append(f"{indent}   changed since the upsert before: {_names(op['changed'])}")
+        lines += _wrapped(f"{indent}   changed since the upsert before: ", op["changed"])
     elif op["fields"]:
-        lines.append(f"{indent}   fields: {_names(op['fields'])}")
+        lines += _wrapped(f"{indent}   fields: ", op["fields"])
     for answer in op["answers"]:
         status = f"HTTP {answer['status_code']}" if answer["status_code"] else "no response"
         code = f" {answer['code']}" if answer["code"] else ""

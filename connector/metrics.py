@@ -4,7 +4,9 @@ With several replicas on one store, each serves its own ``/metrics``: counters a
 are this process's (and its pipeline process's), told apart by ``connector_replica_info``
 (the replica id that ``connector status`` shows); the queue gauges are read from the store at
 each scrape, so every replica shows the cluster's queues (sum counters across replicas, never
-the queue gauges)."""
+the queue gauges). The last reconciliation's times are read from the store at each scrape too
+(the cluster's); the last webhook's time is this process's, seeded from the store once, so an
+alert takes its ``max by (dispensary)`` over the replicas."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 REPLICA_ID_CHARS = 8
 
@@ -121,6 +123,35 @@ class Metrics:
             ["dispensary", "destination"],
             registry=self.registry,
         )
+        self.last_reconcile = Gauge(
+            "connector_last_reconcile_timestamp_seconds",
+            "When (Unix time) the dispensary's last finished reconciliation run ended, labelled "
+            "with its outcome (succeeded, failed, interrupted): one series per dispensary, "
+            "read from the store (the cluster's)",
+            ["dispensary", "outcome"],
+            registry=self.registry,
+        )
+        self.last_reconcile_success = Gauge(
+            "connector_last_reconcile_success_timestamp_seconds",
+            "When (Unix time) the dispensary's last successful reconciliation run ended, read "
+            "from the store (the cluster's)",
+            ["dispensary"],
+            registry=self.registry,
+        )
+        self.webhook_seen: dict[str, float] = {}
+        """Dispensary -> when (Unix time) this process last stored a webhook of it. The
+        receiver writes one float here per stored webhook: a plain dict, no lock, for a
+        Gauge's ``set`` takes one on the hot path; it is read at each scrape."""
+        self.webhook_times_loaded = False
+        self.registry.register(_LastWebhook(self.webhook_seen))
+
+    def remember_webhooks(self, times: Mapping[str, float]) -> None:
+        """Seed the last webhook times with the store's (read once, after a start): a restart
+        must not make a dispensary look silent. A later time this process saw itself wins."""
+        for dispensary, at in times.items():
+            if at > self.webhook_seen.get(dispensary, 0.0):
+                self.webhook_seen[dispensary] = at
+        self.webhook_times_loaded = True
 
     def render(
         self,
@@ -128,11 +159,14 @@ class Metrics:
         configured: Iterable[tuple[str, str]] = (),
         extra: Iterable[Metric] = (),
         paused: Mapping[tuple[str, str], float] | None = None,
+        reconciled: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> bytes:
         """The text exposition, with queue gauges read from the store just now; a configured
         destination with nothing queued reads 0 (not its last value). ``extra``: the families
         of the pipeline process, whose samples join this process's families of the same name.
-        ``paused``: the destinations paused now (until when), from the store: the cluster's."""
+        ``paused``: the destinations paused now (until when), from the store: the cluster's.
+        ``reconciled``: per dispensary, its last finished run (``outcome``, ``ended_at``) and
+        its last success (``succeeded_at``), from the store; None keeps the values shown."""
         now = time.time()
         entries = {(e["dispensary"], e["destination"]): e for e in queue_stats}
         for key in configured:
@@ -150,6 +184,8 @@ class Metrics:
         if paused is not None:
             for key in {*entries, *paused}:
                 self.paused_until.labels(*key).set(paused.get(key, 0.0))
+        if reconciled is not None:
+            self._set_reconciled(reconciled)
         extra = list(extra)
         if not extra:
             return generate_latest(self.registry)
@@ -163,6 +199,36 @@ class Metrics:
             else:
                 known.samples.extend(family.samples)
         return generate_latest(_Families(list(merged.values())))
+
+    def _set_reconciled(self, reconciled: Mapping[str, Mapping[str, Any]]) -> None:
+        # the last run's outcome is a label: a run that ends otherwise replaces the series
+        # (cleared first, so a dispensary never shows two outcomes at once)
+        self.last_reconcile.clear()
+        self.last_reconcile_success.clear()
+        for dispensary, times in reconciled.items():
+            if times.get("outcome") is not None and times.get("ended_at") is not None:
+                self.last_reconcile.labels(dispensary, times["outcome"]).set(times["ended_at"])
+            if times.get("succeeded_at") is not None:
+                self.last_reconcile_success.labels(dispensary).set(times["succeeded_at"])
+
+
+class _LastWebhook:
+    """``connector_last_webhook_timestamp_seconds`` from the dict the receiver writes."""
+
+    def __init__(self, seen: dict[str, float]) -> None:
+        self.seen = seen
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "connector_last_webhook_timestamp_seconds",
+            "When (Unix time) the last webhook of the dispensary was stored (an event, not a "
+            "refused body nor a ping), as this replica saw it, seeded from the store at its "
+            "first scrape: take the max over replicas",
+            labels=["dispensary"],
+        )
+        for dispensary, at in list(self.seen.items()):
+            family.add_metric([dispensary], at)
+        yield family
 
 
 class _Families:

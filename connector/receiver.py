@@ -196,6 +196,7 @@ def create_app(service: ReceiverPorts) -> FastAPI:
     }
     limit = config.server.max_body_bytes
     counters: dict[tuple[str, str], Any] = {}
+    webhook_seen = metrics.webhook_seen
 
     def count(dispensary: str, outcome: str) -> None:
         # the labelled child, found once: labels() costs more than the rest of the count
@@ -345,6 +346,7 @@ def create_app(service: ReceiverPorts) -> FastAPI:
                 customer_id, "unavailable",
             )  # fmt: skip
         count(dispensary, outcome)
+        webhook_seen[dispensary] = time.time()  # connector_last_webhook_timestamp_seconds
         return _Answer(outcome), customer_id, outcome
 
     app.add_middleware(WebhookFastPath, handler=receive_webhook)

@@ -12,8 +12,22 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from connector.config import Config
 from connector.delivery.worker import DeliveryWorker
@@ -21,31 +35,126 @@ from connector.metrics import replica_id
 from connector.pipeline import Deployment, build_worker, process_batch
 from connector.reconcile import Reconciler, RunOptions, RunReport, iso
 from connector.store import COUNT_KEYS, AsyncStore, Store, open_store
-from connector.store.abc import Lease, RegisteredProcess
+from connector.store.abc import Lease, RegisteredProcess, Replayed
 
 Echo = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
 
 
-class ProgressLine:
-    """``pages 12  customers 600`` rewritten in place on a terminal; silent elsewhere."""
+PLAIN_EVERY_SECONDS = 5.0  # a line this often when stderr is a log, not a terminal
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self._last = 0.0
 
-    def __call__(self, pages: int, customers: int) -> None:
+@dataclass(slots=True)
+class _Step:
+    what: str
+    unit: str
+    total: int | None
+    started: float
+    done: int = 0
+    more: dict[str, int] = field(default_factory=dict)
+    printed: float = 0.0
+
+
+class CommandProgress:
+    """How far a long command has got, on stderr, in counts only: never a customer's value.
+
+    On a terminal, a rich bar (a spinner while the total is unknown) with the count, the rate
+    and the time taken. Elsewhere (a cron job's log) a plain line every ``every`` seconds and
+    one when a step ends: a log keeps no carriage return or escape sequence readable.
+    A command runs its steps one after the other: :meth:`start` ends the step before.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, every: float = PLAIN_EVERY_SECONDS) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.every = every
+        console = Console(file=self.stream)
+        # isatty first: FORCE_COLOR or TTY_COMPATIBLE would make rich draw into a pipe
+        self._console = console if self.stream.isatty() and console.is_interactive else None
+        self._step: _Step | None = None
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def start(self, what: str, unit: str, total: int | None = None) -> None:
+        """Begin a step counting ``unit`` (``total`` of them, when it is known)."""
+        self.done()
+        self._step = _Step(what, unit, total, started=time.monotonic())
+        if self._console is not None:
+            self._bar = Progress(
+                _BarOrSpinner(),
+                TextColumn("{task.description}"),
+                _CountColumn(),
+                _RateColumn(),
+                TimeElapsedColumn(),
+                console=self._console,
+            )
+            self._task = self._bar.add_task(what, total=total, unit=unit, more={})
+            self._bar.start()
+
+    def update(self, done: int, **more: int) -> None:
+        """``done`` units so far; ``more``: other counts to show beside it (``pages=12``)."""
+        step = self._step
+        if step is None:
+            return
+        step.done, step.more = done, more
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=done, more=more)
+            return
         now = time.monotonic()
-        if self.enabled and now - self._last >= 0.1:
-            self._last = now
-            self.stream.write(f"\rpages {pages:,}  customers {customers:,}")
-            self.stream.flush()
+        if now - max(step.printed, step.started) >= self.every:
+            step.printed = now
+            self._print(step, now)
 
     def done(self) -> None:
-        if self.enabled and self._last:
-            self.stream.write("\n")
-            self.stream.flush()
+        """End the step: the bar stays drawn with its last counts, or a last plain line."""
+        step, self._step = self._step, None
+        if step is None:
+            return
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = self._task = None
+            return
+        self._print(step, time.monotonic())
+
+    def _print(self, step: _Step, now: float) -> None:
+        seconds = now - step.started
+        rate = step.done / seconds if seconds > 0 else 0.0
+        count = _count(step.done, step.total, step.unit, step.more)
+        self.stream.write(f"{step.what}: {count} ({rate:,.1f}/s, {seconds:.1f} s)\n")
+        self.stream.flush()
+
+
+def _count(done: int, total: int | None, unit: str, more: dict[str, int]) -> str:
+    text = f"{done:,} {unit}" if total is None else f"{done:,}/{total:,} {unit}"
+    return ", ".join([text, *(f"{n:,} {name}" for name, n in more.items())])
+
+
+class _BarOrSpinner(ProgressColumn):
+    """A bar once the total is known; until then, a spinner (a bar would only pulse)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bar = BarColumn(bar_width=30)
+        self._spinner = SpinnerColumn()
+
+    def render(self, task: Task) -> RenderableType:
+        return self._spinner.render(task) if task.total is None else self._bar.render(task)
+
+
+class _CountColumn(ProgressColumn):
+    def render(self, task: Task) -> RenderableType:
+        total = None if task.total is None else int(task.total)
+        return Text(_count(int(task.completed), total, task.fields["unit"], task.fields["more"]))
+
+
+class _RateColumn(ProgressColumn):
+    """Units a second: rich's estimate over its recent samples, else the mean so far."""
+
+    def render(self, task: Task) -> RenderableType:
+        rate = task.finished_speed or task.speed
+        if rate is None:
+            elapsed = task.elapsed
+            rate = task.completed / elapsed if elapsed else 0.0
+        return Text(f"{rate:,.1f}/s")
 
 
 def _counts_line(counts: dict[str, Any]) -> str:
@@ -62,7 +171,7 @@ async def reconcile_now(
     wait: bool,
     timeout: float,
     echo: Echo,
-    progress: ProgressLine | None = None,
+    progress: CommandProgress | None = None,
     reconciler_options: dict[str, Any] | None = None,
 ) -> RunReport:
     store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
@@ -98,21 +207,21 @@ async def reconcile_now(
     started = time.monotonic()
     if deliver:
         tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))
+    pulled = None
+    if progress is not None:
+        progress.start("pulling from Treez", "customers")
+        pulled = _pull_progress(progress)
     try:
-        report = await reconciler.run(dispensary, options, progress)
+        report = await reconciler.run(dispensary, options, pulled)
         if progress is not None:
             progress.done()
         if deliver:
-            runs = store
-            deadline = time.monotonic() + timeout
-            while await astore.call(runs.open_operations, dispensary, report.high_water):
-                if time.monotonic() > deadline:
-                    echo(f"delivery still going after {timeout:.0f} s: serve will finish it")
-                    break
-                await asyncio.sleep(0.1)
+            await _wait_for_delivery(astore, dispensary, report.high_water, timeout, echo, progress)
         _print_report(report, time.monotonic() - started, echo, deliver=deliver, wait=wait)
         return report
     finally:
+        if progress is not None:
+            progress.done()
         await reconciler.aclose()
         stopping.set()
         if tasks:
@@ -122,6 +231,46 @@ async def reconcile_now(
         for worker in workers.values():
             await worker.destination.aclose()
         astore.close()
+
+
+def _pull_progress(progress: CommandProgress) -> Callable[[int, int], None]:
+    def pulled(pages: int, customers: int) -> None:
+        progress.update(customers, pages=pages)
+
+    return pulled
+
+
+async def _wait_for_delivery(
+    astore: AsyncStore,
+    dispensary: str,
+    high_water: int,
+    timeout: float,
+    echo: Echo,
+    progress: CommandProgress | None,
+) -> None:
+    """Wait until the operations up to the run's ``high_water`` are delivered or dead.
+
+    The bar's total is what is still open when the pull ends: the workers deliver while the
+    run pulls, and the store counts only open operations, not a run's delivered ones.
+    """
+    store = astore.store
+    deadline = time.monotonic() + timeout
+    total = await astore.call(store.open_operations, dispensary, high_water)
+    if progress is not None and total:
+        progress.start("delivering", "operations", total)
+    still_open = total
+    while still_open:
+        if time.monotonic() > deadline:
+            if progress is not None:
+                progress.done()
+            echo(f"delivery still going after {timeout:.0f} s: serve will finish it")
+            break
+        await asyncio.sleep(0.1)
+        still_open = await astore.call(store.open_operations, dispensary, high_water)
+        if progress is not None:
+            progress.update(max(0, total - still_open))
+    if progress is not None:
+        progress.done()
 
 
 async def _heartbeat(astore: AsyncStore, stopping: asyncio.Event) -> None:
@@ -261,3 +410,45 @@ def dlq_lines(store: Store, **filters: Any) -> list[str]:
             f"{d.op}  attempts {d.attempts}  status {status}{replayed}\n        {d.reason[:300]}"
         )
     return lines
+
+
+def replay_dead_letters(
+    store: Store,
+    *,
+    dispensary: str | None = None,
+    destination: str | None = None,
+    customer: str | None = None,
+    progress: CommandProgress | None = None,
+) -> Replayed:
+    """What ``connector dlq replay`` does: the matching dead letters back in the queue,
+    counted first so the bar has a total."""
+    total = _dead_letter_total(store, dispensary, destination, customer)
+    if progress is None or not total:
+        return store.replay(dispensary=dispensary, destination=destination, customer=customer)
+    progress.start("replaying", "dead letters", total)
+    try:
+        return store.replay(
+            dispensary=dispensary,
+            destination=destination,
+            customer=customer,
+            progress=progress.update,
+        )
+    finally:
+        progress.done()
+
+
+def _dead_letter_total(
+    store: Store, dispensary: str | None, destination: str | None, customer: str | None
+) -> int:
+    """How many dead letters ``replay`` will go through with these filters (as it does: not
+    replayed yet, any age). The store counts per destination; one customer's are few."""
+    if customer is None:
+        return sum(
+            n
+            for (d, t), n in store.dead_counts().items()
+            if dispensary in (None, d) and destination in (None, t)
+        )
+    found = store.dead_letters(
+        dispensary=dispensary, destination=destination, customer=customer, limit=2**31 - 1
+    )
+    return len(found)

@@ -355,17 +355,24 @@ class Service:
 
     async def metrics_text(self) -> bytes:
         """This process's series (and its pipeline process's), with the queue gauges read
-        from the store just now: every replica shows the cluster's queues."""
+        from the store just now: every replica shows the cluster's queues. The last webhook
+        times start from the store's at the first scrape that reaches it."""
+        store = self.astore.store
+        reconciled: dict[str, dict[str, Any]] | None
         try:
-            stats = await self.astore.call(self.astore.store.queue_stats)
-            paused = await self.astore.call(self.astore.store.pauses)
+            if not self.metrics.webhook_times_loaded:
+                self.metrics.remember_webhooks(await self.astore.call(store.last_webhook_times))
+            stats = await self.astore.call(store.queue_stats)
+            paused = await self.astore.call(store.pauses)
+            reconciled = await self.astore.call(store.reconcile_times)
         except StoreUnavailable:
-            stats, paused = [], []
+            stats, paused, reconciled = [], [], None
         return self.metrics.render(
             stats,
             self.destination_keys,
             self.child.status.families if self.child is not None else (),
             paused={(p.dispensary, p.destination): p.until for p in paused},
+            reconciled=reconciled,
         )
 
     @contextlib.asynccontextmanager

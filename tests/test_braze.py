@@ -155,7 +155,9 @@ def test_check_and_map_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monke
     assert checked.exit_code == 0, checked.output
     assert f"braze → {BASE}" in checked.output
     assert KEY not in checked.output
-    mapped = runner.invoke(main, ["map", str(SEED), "--config", str(path), "--destination", "bz"])
+    mapped = runner.invoke(
+        main, ["map", "--show-values", str(SEED), "--config", str(path), "--destination", "bz"]
+    )
     assert mapped.exit_code == 0, mapped.output
     contact = json.loads(mapped.stdout)
     assert contact["external_id"] == "treez-shop1-3904"

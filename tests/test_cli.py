@@ -348,7 +348,7 @@ def test_check_defaults_to_config_yaml_in_the_working_directory(
 
 @pytest.mark.parametrize("event_file", [SEED_DELIVERY, SEED_BODY], ids=["delivery", "body"])
 def test_map_seed_event(event_file: Path) -> None:
-    result = run("map", "--config", SHIPPED_CONFIG, event_file)
+    result = run("map", "--show-values", "--config", SHIPPED_CONFIG, event_file)
 
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
@@ -371,7 +371,9 @@ def test_map_seed_event(event_file: Path) -> None:
 
 
 def test_map_reads_standard_input() -> None:
-    result = run("map", "--config", SHIPPED_CONFIG, "-", input=SEED_BODY.read_bytes())
+    result = run(
+        "map", "--show-values", "--config", SHIPPED_CONFIG, "-", input=SEED_BODY.read_bytes()
+    )
 
     assert result.exit_code == 0, result.output
     contact = json.loads(result.stdout)
@@ -384,7 +386,7 @@ def test_map_with_a_mapping_file_needs_no_config(
     monkeypatch.chdir(tmp_path)  # no config.yaml here
     assert not (tmp_path / "config.yaml").exists()
 
-    result = run("map", "--mapping", HTTP_MAPPING, SEED_DELIVERY)
+    result = run("map", "--show-values", "--mapping", HTTP_MAPPING, SEED_DELIVERY)
 
     assert result.exit_code == 0, result.output
     contact = json.loads(result.stdout)
@@ -397,7 +399,9 @@ def test_map_with_a_mapping_file_and_another_dispensary_warns(
 ) -> None:
     monkeypatch.chdir(tmp_path)
 
-    result = run("map", "--mapping", HTTP_MAPPING, "--dispensary", "othershop", SEED_BODY)
+    result = run(
+        "map", "--show-values", "--mapping", HTTP_MAPPING, "--dispensary", "othershop", SEED_BODY
+    )
 
     assert result.exit_code == 0, result.output
     contact = json.loads(result.stdout)
@@ -410,7 +414,7 @@ def test_map_with_a_mapping_file_and_another_dispensary_warns(
 def test_map_with_a_broken_mapping_file(deploy: Path) -> None:
     broken = deploy / "mappings" / "broken.yaml"
 
-    result = run("map", "--mapping", broken, SEED_BODY)
+    result = run("map", "--show-values", "--mapping", broken, SEED_BODY)
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -433,7 +437,7 @@ def test_map_with_a_broken_mapping_file(deploy: Path) -> None:
     ],
 )
 def test_map_events_with_nothing_to_map(body: dict[str, Any], message: str) -> None:
-    result = run("map", "--config", SHIPPED_CONFIG, "-", input=json.dumps(body))
+    result = run("map", "--show-values", "--config", SHIPPED_CONFIG, "-", input=json.dumps(body))
 
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
@@ -444,7 +448,7 @@ def test_map_invalid_event_names_every_field(tmp_path: Path) -> None:
     event = tmp_path / "event.json"
     event.write_text(json.dumps(seed_with(opt_out="maybe", last_update=...)), encoding="utf-8")
 
-    result = run("map", "--config", SHIPPED_CONFIG, event)
+    result = run("map", "--show-values", "--config", SHIPPED_CONFIG, event)
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -464,7 +468,14 @@ def test_map_invalid_event_names_every_field(tmp_path: Path) -> None:
     ],
 )
 def test_map_invalid_event_from_stdin(changes: dict[str, Any], field: str) -> None:
-    result = run("map", "--config", SHIPPED_CONFIG, "-", input=json.dumps(seed_with(**changes)))
+    result = run(
+        "map",
+        "--show-values",
+        "--config",
+        SHIPPED_CONFIG,
+        "-",
+        input=json.dumps(seed_with(**changes)),
+    )
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -484,7 +495,7 @@ def test_map_bad_files(tmp_path: Path, text: str, message: str) -> None:
     event = tmp_path / "event.json"
     event.write_text(text, encoding="utf-8")
 
-    result = run("map", "--config", SHIPPED_CONFIG, event)
+    result = run("map", "--show-values", "--config", SHIPPED_CONFIG, event)
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -495,14 +506,16 @@ def test_map_bad_files(tmp_path: Path, text: str, message: str) -> None:
 def test_map_missing_event_file(tmp_path: Path) -> None:
     event = tmp_path / "nowhere.json"
 
-    result = run("map", "--config", SHIPPED_CONFIG, event)
+    result = run("map", "--show-values", "--config", SHIPPED_CONFIG, event)
 
     assert result.exit_code == 1
     assert f"{event}: cannot be read" in result.stderr
 
 
 def test_map_unknown_dispensary_lists_the_choices() -> None:
-    result = run("map", "--config", SHIPPED_CONFIG, "--dispensary", "nope", SEED_BODY)
+    result = run(
+        "map", "--show-values", "--config", SHIPPED_CONFIG, "--dispensary", "nope", SEED_BODY
+    )
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -513,7 +526,7 @@ def test_map_unknown_dispensary_lists_the_choices() -> None:
 def test_map_with_two_destinations_needs_one_chosen(deploy: Path) -> None:
     path = write_config(deploy, TWO_DESTINATIONS)
 
-    result = run("map", "--config", path, SEED_BODY)
+    result = run("map", "--show-values", "--config", path, SEED_BODY)
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -524,8 +537,8 @@ def test_map_with_two_destinations_needs_one_chosen(deploy: Path) -> None:
 def test_map_with_two_destinations_and_one_chosen(deploy: Path) -> None:
     path = write_config(deploy, TWO_DESTINATIONS)
 
-    chosen = run("map", "--config", path, "--destination", "second", SEED_BODY)
-    unknown = run("map", "--config", path, "--destination", "third", SEED_BODY)
+    chosen = run("map", "--show-values", "--config", path, "--destination", "second", SEED_BODY)
+    unknown = run("map", "--show-values", "--config", path, "--destination", "third", SEED_BODY)
 
     assert chosen.exit_code == 0, chosen.output
     assert json.loads(chosen.stdout)["first_name"] == "Jules"
@@ -537,7 +550,9 @@ def test_map_with_two_destinations_and_one_chosen(deploy: Path) -> None:
 def test_map_uses_connector_config_variable(deploy: Path) -> None:
     path = write_config(deploy, TWO_DESTINATIONS)
 
-    result = run("map", "--destination", "first", SEED_BODY, CONNECTOR_CONFIG=str(path))
+    result = run(
+        "map", "--show-values", "--destination", "first", SEED_BODY, CONNECTOR_CONFIG=str(path)
+    )
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["treez_customer_id"] == "3904"
@@ -546,7 +561,7 @@ def test_map_uses_connector_config_variable(deploy: Path) -> None:
 def test_map_with_a_broken_config(deploy: Path) -> None:
     path = write_config(deploy, "dispensaries: {}\n")
 
-    result = run("map", "--config", path, SEED_BODY)
+    result = run("map", "--show-values", "--config", path, SEED_BODY)
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -593,7 +608,7 @@ def test_console_script_check(tmp_path: Path) -> None:
 
 def test_console_script_map_from_stdin(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [*_console_script(), "map", "--config", str(SHIPPED_CONFIG), "-"],
+        [*_console_script(), "map", "--show-values", "--config", str(SHIPPED_CONFIG), "-"],
         cwd=tmp_path,
         env=_subprocess_env(),
         input=SEED_DELIVERY.read_text(encoding="utf-8"),
@@ -616,7 +631,7 @@ def test_console_script_fails_with_exit_code_1(tmp_path: Path) -> None:
     event.write_text(json.dumps(seed_with(opt_out="maybe")), encoding="utf-8")
 
     proc = subprocess.run(
-        [*_console_script(), "map", "--config", str(SHIPPED_CONFIG), str(event)],
+        [*_console_script(), "map", "--show-values", "--config", str(SHIPPED_CONFIG), str(event)],
         cwd=tmp_path,
         env=_subprocess_env(),
         capture_output=True,
@@ -734,3 +749,18 @@ def test_replicas_share_one_config_with_serve_host_and_port(tmp_path: Path) -> N
                 replica.send_signal(signal.SIGTERM)
         codes = [replica.wait(30) for replica in replicas]
     assert codes == [0, 0]
+
+
+def test_map_prints_kinds_never_values_unless_asked() -> None:
+    """Contract 5: a customer's values only with --show-values; the dry run says what each
+    mapped field holds by kind (text and its length, number, list...)."""
+    result = run("map", "--config", SHIPPED_CONFIG, SEED_BODY)
+    assert result.exit_code == 0, result.stderr
+    assert "first_name: text (5 characters)" in result.stdout
+    assert "(kinds only: --show-values prints the values)" in result.stdout
+    seed = json.loads(SEED_BODY.read_text())["data"]
+    for value in (seed["first_name"], seed["last_name"], seed["birthday"], seed["email"]):
+        if value:
+            assert str(value) not in result.stdout
+    shown = run("map", "--show-values", "--config", SHIPPED_CONFIG, SEED_BODY)
+    assert json.loads(shown.stdout)["first_name"] == seed["first_name"]

@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -720,9 +719,8 @@ def test_generation_is_reproducible(clock: HandClock) -> None:
     assert list(generate_customers(300, seed=21, now=START)) == [one.customer(i) for i in ids]
 
 
-def test_a_population_of_100_000_pages_completely_and_fast() -> None:
+def test_a_population_of_100_000_pages_completely() -> None:
     fake = TreezFake.generate(100_000, seed=1, rate_limit=None, now=START)
-    started = time.perf_counter()
 
     async def scenario(client: Client) -> None:
         headers = await login(client, fake)
@@ -739,9 +737,7 @@ def test_a_population_of_100_000_pages_completely_and_fast() -> None:
         assert order == sorted(order)
 
     run(fake, scenario)
-    elapsed = time.perf_counter() - started
     assert fake.counters["pages"] == 2_001  # 2,000 full pages and an empty one
-    assert elapsed < 12.0, f"paging 100,000 customers took {elapsed:.1f} s"
 
 
 def test_a_population_of_100_000_takes_little_memory() -> None:

@@ -1010,7 +1010,7 @@ def test_check_passes_offline_and_map_works_on_the_seed_event(tmp_path: Path) ->
     assert "hubspot → http://127.0.0.1:9, idProperty treez_customer_key" in checked.output
     assert TOKEN not in checked.output
     seed = ROOT / "tests" / "data" / "seed_body.json"
-    mapped = runner.invoke(main, ["map", "--config", str(config), str(seed)])
+    mapped = runner.invoke(main, ["map", "--show-values", "--config", str(config), str(seed)])
     assert mapped.exit_code == 0, mapped.output
     fields = json.loads(mapped.output)
     assert fields[KEY] == f"treez-{DISPENSARY}-3904"

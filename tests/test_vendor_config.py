@@ -122,7 +122,7 @@ def test_check_and_map_through_the_cli(folder: Path, monkeypatch: pytest.MonkeyP
     assert "pk_secret_123" not in checked.output
     for name, expected in (("kl", "external_id"), ("aiq", "favoriteStore")):
         mapped = runner.invoke(
-            main, ["map", str(SEED), "--config", str(path), "--destination", name]
+            main, ["map", "--show-values", str(SEED), "--config", str(path), "--destination", name]
         )
         assert mapped.exit_code == 0, mapped.output
         contact = json.loads(mapped.stdout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -102,10 +103,58 @@ _CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 _CODE_KEYS = ("code", "subCategory", "category", "type", "error_code", "errorCode", "error")
 
 
-def vendor_code(body: str | None) -> str | None:
+# an e-mail address, a long number (phone, licence), or quoted text (what was sent, quoted)
+_UNSAFE = re.compile(r"@|\d{4,}|['\"\u2018\u2019\u201c\u201d`]")
+
+
+def safe_text(text: Any) -> str:
+    """A vendor's short error text, withheld when it may quote what was sent (an e-mail
+    address, a phone number or another long number, anything in quotes)."""
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    text = text.strip()[:160]
+    return "(text withheld: it may quote what was sent)" if _UNSAFE.search(text) else text
+
+
+def identifier(value: Any) -> str | None:
+    """``value`` when it reads as an error code (``INVALID``, ``duplicate_profile``, 4012),
+    else None: free text may quote what was sent (a customer's e-mail address)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and _CODE.fullmatch(value):
+        return value
+    return None
+
+
+def _texts(value: Any, found: set[str]) -> None:
+    if isinstance(value, str):
+        found.add(value.casefold())
+    elif isinstance(value, dict):
+        for inner in value.values():
+            _texts(inner, found)
+    elif isinstance(value, list):
+        for inner in value:
+            _texts(inner, found)
+
+
+def vendor_code(body: str | None, sent: Iterable[Any] = ()) -> str | None:
     """The vendor's error code in an error answer's JSON body, if it names one: an
     identifier (``duplicate_profile``, ``VALIDATION_ERROR``), never free text, which may
-    quote what was sent (a customer's e-mail address)."""
+    quote what was sent (a customer's e-mail address). ``sent``: what the request carried
+    (operation bodies): a "code" equal to any text in it is an echo of a customer's value
+    (a service answering ``{"error": "<the last name>"}``), never a code."""
+    code = _vendor_code(body)
+    if code is None:
+        return None
+    texts: set[str] = set()
+    for payload in sent:
+        _texts(payload, texts)
+    return None if code.casefold() in texts else code
+
+
+def _vendor_code(body: str | None) -> str | None:
     if not body:
         return None
     try:
@@ -122,9 +171,7 @@ def vendor_code(body: str | None) -> str | None:
         candidates.append(found[0])
     for candidate in candidates:
         for key in _CODE_KEYS:
-            value = candidate.get(key)
-            if isinstance(value, str) and _CODE.fullmatch(value):
-                return value
-            if isinstance(value, int) and not isinstance(value, bool):
-                return str(value)
+            code = identifier(candidate.get(key))
+            if code is not None:
+                return code
     return None

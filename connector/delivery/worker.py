@@ -358,7 +358,7 @@ class DeliveryWorker:
         reason = f"quota: {exc}"
         until = _bounded(exc.until)
         outcome.paused.extend((row, until, reason) for row in batch)
-        answer = (exc.status_code, vendor_code(exc.body))
+        answer = (exc.status_code, vendor_code(exc.body, [row.body for row in batch]))
         outcome.answers.update((row.id, answer) for row in batch)
         if outcome.pause is None or until > outcome.pause[0]:
             outcome.pause = (until, reason, exc.status_code)
@@ -383,7 +383,7 @@ class DeliveryWorker:
         self, batch: list[OutboxRow], exc: DeliveryError, duration: float, outcome: _Outcome
     ) -> None:
         now = time.time()
-        answer = (exc.status_code, vendor_code(exc.body))
+        answer = (exc.status_code, vendor_code(exc.body, [row.body for row in batch]))
         for row in batch:
             outcome.answers[row.id] = answer
             attempts = row.attempts + 1

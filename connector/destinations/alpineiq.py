@@ -36,6 +36,7 @@ import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
 from connector.config_base import DestinationConfig, Rate, Rates, secret_set
+from connector.delivery._http import identifier
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._vendor import VendorClient, host_of
 from connector.destinations._vendor import json_object as _json
@@ -48,11 +49,12 @@ MATCH_KEYS = ("mobilePhone", "email")
 
 
 def describe_error(data: Any) -> str:
-    """``code`` of an Alpine IQ error body (its message may quote what was sent)."""
+    """``code`` of an Alpine IQ error body when it reads as a code (its message, and a code
+    that is text, may quote what was sent: it goes to logs, dead letters and ``explain``)."""
     if isinstance(data, dict):
         error = data.get("error")
-        if isinstance(error, dict) and error.get("code"):
-            return str(error["code"])
+        if isinstance(error, dict):
+            return identifier(error.get("code")) or ""
     return ""
 
 

@@ -51,7 +51,6 @@ when it cannot echo what was sent (no ``@``, no run of digits).
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 
 from connector.config_base import DestinationConfig, Rate, secret_set
-from connector.delivery._http import json_or_none
+from connector.delivery._http import json_or_none, safe_text
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._vendor import (
     VendorClient,
@@ -101,7 +100,6 @@ RESERVED = frozenset(
         "push_token_import",
     }
 )
-_UNSAFE = re.compile(r"@|\d{4,}")
 # the identity map's answer, bound by the worker: (contact id, conflict kind) -> the
 # customers of this dispensary linked to that contact (resolved through Treez merges)
 Claims = Callable[[str | None, str | None], Awaitable[tuple[list[str], list[tuple[str, str]]]]]
@@ -156,14 +154,7 @@ def describe_error(data: Any) -> str:
     """Braze's ``message`` of an error body, when it cannot echo a customer's value."""
     if not isinstance(data, dict):
         return ""
-    return _safe(data.get("message"))
-
-
-def _safe(text: Any) -> str:
-    if not isinstance(text, str) or not text.strip():
-        return ""
-    text = text.strip()[:160]
-    return "(text withheld: it may quote what was sent)" if _UNSAFE.search(text) else text
+    return safe_text(data.get("message"))
 
 
 @dataclass(slots=True)
@@ -393,7 +384,7 @@ class BrazeSink:
         unplaced: list[str] = []  # errors that name no object of this call
         for error in errors if isinstance(errors, list) else []:
             found = error if isinstance(error, dict) else {}
-            what = _safe(found.get("type")) or "refused"
+            what = safe_text(found.get("type")) or "refused"
             at = _index(found, len(owners))
             if at is None:
                 unplaced.append(what)

@@ -72,6 +72,7 @@ import httpx
 from pydantic import BeforeValidator, Field, HttpUrl, SecretStr, field_validator
 
 from connector.config_base import DestinationConfig, Rate, parse_rates, secret_set
+from connector.delivery._http import identifier
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._vendor import VendorClient, account_digest, account_limiters, host_of
 from connector.destinations._vendor import json_object as _json
@@ -169,8 +170,8 @@ def describe_error(data: Any) -> str:
     its ``message``, which can quote an e-mail that was sent."""
     if not isinstance(data, dict):
         return ""
-    parts = [str(data[k]) for k in ("category", "subCategory", "policyName") if data.get(k)]
-    return "/".join(parts)
+    parts = [identifier(data.get(k)) for k in ("category", "subCategory", "policyName")]
+    return "/".join(p for p in parts if p)
 
 
 def capabilities_for(config: HubSpotDestination) -> Capabilities:

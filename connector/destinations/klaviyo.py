@@ -58,6 +58,7 @@ import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
 from connector.config_base import DestinationConfig, Rate, secret_set
+from connector.delivery._http import identifier, safe_text
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._vendor import (
     VendorClient,
@@ -95,7 +96,8 @@ def describe_errors(data: Any) -> str:
     for error in data["errors"][:3]:
         if not isinstance(error, dict):
             continue
-        text = f"{error.get('code') or 'error'}: {error.get('title') or ''}".strip()
+        code = identifier(error.get("code")) or "error"
+        text = f"{code}: {safe_text(error.get('title'))}".strip()
         source = error.get("source")
         pointer = source.get("pointer") if isinstance(source, dict) else None
         if pointer:

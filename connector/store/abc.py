@@ -22,6 +22,9 @@ from typing import Any, Protocol, TypeVar
 
 from connector.planner import CustomerState, Operation
 
+# events and operations of one customer a record holds (the newest; the record says so)
+STORY_LIMIT = 1000
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -116,6 +119,7 @@ class QuarantineReplay:
     moved: list[tuple[int, int]]  # (quarantine id, inbox event id): now in the inbox
     refused: list[tuple[int, str]]  # (quarantine id, why it still does not pass)
     skipped: int  # already replayed (by another replay meanwhile) or body gone
+    missing: list[int] = field(default_factory=list)  # ids asked for that are not open
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +213,9 @@ class CustomerRecord:
     conflicts: list[ConflictRecord]
     absorbed: list[str]  # customers merged into this one
     quarantined: list[Quarantined]  # refused bodies that name this customer
+    # the newest events and operations only: older ones were left out (a very long history)
+    events_cut: bool = False
+    operations_cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +462,7 @@ class DeadLetters(Protocol):
         op: str | None = None,
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Replayed: ...
 
     def dead_counts(self) -> dict[tuple[str, str], int]: ...
@@ -510,6 +518,15 @@ class Admin(Protocol):
 
     def close(self) -> None: ...
 
+    def last_webhook_times(self) -> dict[str, float]:
+        """Per dispensary, when (Unix time) its latest webhook event was stored."""
+        ...
+
+    def reconcile_times(self) -> dict[str, dict[str, Any]]:
+        """Per dispensary with a finished reconciliation run: ``outcome`` and ``ended_at`` of
+        the latest, ``succeeded_at`` of the latest success (None when none succeeded)."""
+        ...
+
 
 class Operator(Protocol):
     """What people ask through ``connector explain``, ``quarantine``, ``conflicts`` and the
@@ -550,9 +567,11 @@ class Operator(Protocol):
         *,
         dispensary: str | None = None,
         ids: Sequence[int] | None = None,
+        who: str | None = None,
     ) -> QuarantineReplay:
         """Judge each open refused body again (``judge``: the event to store, or why it is
-        still refused) and move those that pass into the inbox, each once."""
+        still refused) and move those that pass into the inbox, each once (with ``who``,
+        each move audited in its own transaction)."""
         ...
 
     def conflict_records(
@@ -568,15 +587,17 @@ class Operator(Protocol):
     ) -> list[ConflictRecord]: ...
 
     def ack_conflicts(self, ids: Sequence[int], by: str) -> int:
-        """Acknowledge open conflicts; the number acknowledged now (not before)."""
+        """Acknowledge open conflicts, audited as ``by`` in the same transaction; the number
+        acknowledged now (not before)."""
         ...
 
     def audit(self, who: str, action: str, target: str, detail: str = "") -> None: ...
 
     def audit_log(self, limit: int = 100) -> list[AuditEntry]: ...
 
-    def overview(self) -> list[DestinationOverview]:
-        """Per dispensary and destination: the queue, what was delivered in the last hour,
+    def overview(self, destinations: Iterable[tuple[str, str]] = ()) -> list[DestinationOverview]:
+        """Per dispensary and destination (those the store names, and ``destinations``, the
+        configured ones, even when idle): the queue, what was delivered in the last hour,
         dead letters, open conflicts and any quota pause."""
         ...
 

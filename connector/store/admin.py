@@ -20,6 +20,7 @@ from connector.store.schema import (
     outbox,
     processes,
     quarantine,
+    reconcile_runs,
     schedule_ticks,
 )
 
@@ -117,10 +118,11 @@ class AdminSql(ProcessesSql):
         return list(rows)
 
     def conflict_counts(self, since: float = 0.0) -> dict[tuple[str, str], int]:
+        """Open conflicts (not acknowledged) by dispensary and kind."""
         with self.snapshot() as conn:
             rows = conn.execute(
                 select(conflicts.c.dispensary, conflicts.c.kind, func.count())
-                .where(conflicts.c.created_at >= since)
+                .where(conflicts.c.created_at >= since, conflicts.c.acked_at.is_(None))
                 .group_by(conflicts.c.dispensary, conflicts.c.kind)
             ).all()
         return {(r[0], r[1]): int(r[2]) for r in rows}
@@ -165,3 +167,51 @@ class AdminSql(ProcessesSql):
 
     def maintain(self) -> None:
         """Nothing for SQLite (its planner needs no statistics for these queries)."""
+
+    def last_webhook_times(self) -> dict[str, float]:
+        """Per dispensary, when (Unix time) its latest webhook event was stored: what
+        ``connector_last_webhook_timestamp_seconds`` starts from after a restart. Read once
+        per process (it reads every webhook row of the inbox)."""
+        rows = self._read(
+            select(inbox.c.dispensary, func.max(inbox.c.received_at))
+            .where(inbox.c.source == "webhook")
+            .group_by(inbox.c.dispensary)
+        )
+        return {r[0]: float(r[1]) for r in rows if r[1] is not None}
+
+    def reconcile_times(self) -> dict[str, dict[str, Any]]:
+        """Per dispensary with a finished reconciliation run: ``outcome`` and ``ended_at`` of
+        the latest one, ``succeeded_at`` of the latest success (None when none succeeded).
+        A run still going is left out; an interrupted one, closed without an end, counts as
+        ended when it started."""
+        finished = reconcile_runs.c.outcome != "running"
+        latest = (
+            select(func.max(reconcile_runs.c.id))
+            .where(finished)
+            .group_by(reconcile_runs.c.dispensary)
+            .scalar_subquery()
+        )
+        with self.snapshot() as conn:  # one snapshot: a run ending between reads shows once
+            last = conn.execute(
+                select(
+                    reconcile_runs.c.dispensary,
+                    reconcile_runs.c.outcome,
+                    func.coalesce(reconcile_runs.c.ended_at, reconcile_runs.c.started_at),
+                ).where(reconcile_runs.c.id.in_(latest))
+            ).all()
+            succeeded = dict(
+                conn.execute(
+                    select(reconcile_runs.c.dispensary, func.max(reconcile_runs.c.ended_at))
+                    .where(reconcile_runs.c.outcome == "succeeded")
+                    .group_by(reconcile_runs.c.dispensary)
+                ).all()
+            )
+        times: dict[str, dict[str, Any]] = {}
+        for dispensary, outcome, ended_at in last:
+            at = succeeded.get(dispensary)
+            times[dispensary] = {
+                "outcome": outcome,
+                "ended_at": float(ended_at),
+                "succeeded_at": None if at is None else float(at),
+            }
+        return times

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -101,6 +101,7 @@ class DeadLettersSql(RunsSql):
         op: str | None = None,
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Replayed:
         """Put dead operations back in the outbox (pending, attempts from zero), oldest first,
         in transactions of :data:`REPLAY_CHUNK` so the write lock is never held for long.
@@ -119,6 +120,8 @@ class DeadLettersSql(RunsSql):
         A resent ``unsubscribe`` (or ``subscribe``) loses its mapped fields when an upsert was
         planned after it, so consent is sent without stale data. Mapping failures have no
         operation to resend: they stay open for ``reconcile --resend``.
+
+        ``progress``: called after each chunk's transaction with how many are done so far.
         """
         query = self._dead_query(
             dispensary, destination, customer, older_than, False, op, status_code, ids
@@ -147,6 +150,8 @@ class DeadLettersSql(RunsSql):
                         .where(dead_letters.c.id == row.id)
                         .values(replayed_at=now)
                     )
+            if progress is not None:
+                progress(min(start + REPLAY_CHUNK, len(letters)))
         return Replayed(replayed, superseded, unreplayable)
 
     def _replay_one(self, conn: Any, row: Any, now: float) -> str:

@@ -5,6 +5,7 @@ the overview the console and ``connector explain`` show. Reads see the whole clu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import Integer, cast, func, insert, select, update
 
 from connector.delivery._http import vendor_code
 from connector.store.abc import (
+    STORY_LIMIT,
     Attempt,
     AuditEntry,
     ConflictRecord,
@@ -40,7 +42,6 @@ from connector.store.schema import (
     quarantine,
 )
 
-STORY_LIMIT = 1000  # events and operations of one customer shown, the newest kept
 QUARANTINE_SCAN = 5000  # refused bodies of a dispensary searched for a customer's id
 
 
@@ -101,7 +102,9 @@ def _names_customer(body: bytes | None, customer_id: str) -> bool:
     try:
         found = json.loads(body)
     except ValueError:
-        return True  # not JSON, yet it holds the id: shown, as it may be the customer's
+        # not JSON: only a customer_id key naming it (as text or a number) makes it theirs
+        pattern = rb'"customer_id"\s*:\s*"?' + re.escape(customer_id.encode()) + rb'["\s,}]'
+        return re.search(pattern, body) is not None
     data = found.get("data") if isinstance(found, dict) else None
     return isinstance(data, dict) and str(data.get("customer_id")) == customer_id
 
@@ -183,8 +186,10 @@ class OperatorSql(AdminSql):
                 )
                 .where(inbox.c.dispensary == dispensary, inbox.c.customer_id == customer_id)
                 .order_by(inbox.c.id.desc())
-                .limit(STORY_LIMIT)
+                .limit(STORY_LIMIT + 1)
             ).all()
+            events_cut = len(event_rows) > STORY_LIMIT
+            event_rows = event_rows[:STORY_LIMIT]
             events = [
                 StoredEvent(
                     r.id,
@@ -209,11 +214,13 @@ class OperatorSql(AdminSql):
                         outbox.c.customer_id == customer_id,
                     )
                     .order_by(outbox.c.id.desc())
-                    .limit(STORY_LIMIT)
+                    .limit(STORY_LIMIT + 1)
                 )
                 if names
                 else []
             )
+            operations_cut = len(op_rows) > STORY_LIMIT
+            op_rows = op_rows[:STORY_LIMIT]
             # operations this customer's events planned under another customer's id (a
             # merge of the customers it absorbed), found by the keys its decisions name
             have = {r.idempotency_key for r in op_rows}
@@ -313,6 +320,8 @@ class OperatorSql(AdminSql):
             found_conflicts,
             absorbed,
             quarantined,
+            events_cut,
+            operations_cut,
         )
 
     # --- dead letters ---
@@ -322,8 +331,9 @@ class OperatorSql(AdminSql):
             r = conn.execute(select(dead_letters).where(dead_letters.c.id == letter_id)).first()
         if r is None:
             return None
+        payload = json.loads(r.payload)
         return DeadLetterDetail(
-            _letter(r), vendor_code(r.response_body), r.response_body, json.loads(r.payload)
+            _letter(r), vendor_code(r.response_body, [payload]), r.response_body, payload
         )
 
     def dead_letter_codes(self, letters: Sequence[DeadLetter]) -> dict[int, str | None]:
@@ -332,11 +342,11 @@ class OperatorSql(AdminSql):
         with self.snapshot() as conn:
             for start in range(0, len(ids), 500):
                 for r in conn.execute(
-                    select(dead_letters.c.id, dead_letters.c.response_body).where(
-                        dead_letters.c.id.in_(ids[start : start + 500])
-                    )
+                    select(
+                        dead_letters.c.id, dead_letters.c.response_body, dead_letters.c.payload
+                    ).where(dead_letters.c.id.in_(ids[start : start + 500]))
                 ):
-                    codes[r.id] = vendor_code(r.response_body)
+                    codes[r.id] = vendor_code(r.response_body, [json.loads(r.payload)])
         return codes
 
     # --- quarantine ---
@@ -372,10 +382,13 @@ class OperatorSql(AdminSql):
         *,
         dispensary: str | None = None,
         ids: Sequence[int] | None = None,
+        who: str | None = None,
     ) -> QuarantineReplay:
         """Each open refused body is judged again outside any transaction; one that passes
         is marked replayed and stored as an inbox event in one transaction, on the condition
-        that no one marked it meanwhile (two replays at once move it once)."""
+        that no one marked it meanwhile (two replays at once move it once). With ``who``,
+        the same transaction records the move in the audit table: a replay stopped half-way
+        leaves a row for every body it moved."""
         query = (
             select(*_QUARANTINE_COLUMNS, quarantine.c.body)
             .where(quarantine.c.replayed_at.is_(None))
@@ -426,9 +439,20 @@ class OperatorSql(AdminSql):
                     .where(quarantine.c.id == row.id)
                     .values(replayed_event_id=event_id)
                 )
+                if who is not None:
+                    conn.execute(
+                        insert(audit).values(
+                            at=now,
+                            who=who[:255],
+                            action="quarantine_replay",
+                            target=f"quarantine #{row.id}",
+                            detail=f"moved to the inbox as event #{event_id}",
+                        )
+                    )
                 self._notify(conn, "inbox")
             moved.append((row.id, int(event_id)))
-        return QuarantineReplay(moved, refused, skipped)
+        missing = sorted(set(ids or ()) - {row.id for row in rows})
+        return QuarantineReplay(moved, refused, skipped, missing)
 
     # --- conflicts ---
 
@@ -460,8 +484,9 @@ class OperatorSql(AdminSql):
             return [_conflict(r) for r in conn.execute(query.limit(limit))]
 
     def ack_conflicts(self, ids: Sequence[int], by: str) -> int:
+        """Acknowledge, and audit in the same transaction (``by`` is who)."""
         done = 0
-        with self.transaction(durable=False) as conn:
+        with self.transaction() as conn:
             now = self._now()
             for start in range(0, len(ids), 500):
                 done += conn.execute(
@@ -472,6 +497,16 @@ class OperatorSql(AdminSql):
                     )
                     .values(acked_at=now, acked_by=by[:255])
                 ).rowcount
+            shown = ", ".join(f"#{i}" for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
+            conn.execute(
+                insert(audit).values(
+                    at=now,
+                    who=by[:255],
+                    action="conflicts_ack",
+                    target=shown or "none",
+                    detail=f"acknowledged {done} of {len(ids)}",
+                )
+            )
         return done
 
     # --- audit ---
@@ -497,7 +532,7 @@ class OperatorSql(AdminSql):
 
     # --- overview ---
 
-    def overview(self) -> list[DestinationOverview]:
+    def overview(self, destinations: Iterable[tuple[str, str]] = ()) -> list[DestinationOverview]:
         now = self._now()
         with self.snapshot() as conn:
             queue = conn.execute(
@@ -547,6 +582,8 @@ class OperatorSql(AdminSql):
                 },
             )
 
+        for dispensary, destination in destinations:
+            entry(dispensary, destination)
         for dispensary, destination, status, count, oldest in queue:
             found = entry(dispensary, destination)
             found[status] = int(count)

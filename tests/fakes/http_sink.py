@@ -256,6 +256,7 @@ class SinkApp:
         self._changed = threading.Condition(self._lock)
         self._attempts: list[Attempt] = []
         self._script: collections.deque[Answer] = collections.deque()
+        self._by_customer: dict[tuple[str, str], collections.deque[Answer]] = {}
         self._record: IO[str] | None = None
         self._attempts_log: IO[str] | None = None
         if record is not None:
@@ -272,6 +273,13 @@ class SinkApp:
         parsed = [Answer.parse(a, self.retry_after) for a in answers]
         with self._lock:
             self._script.extend(parsed)
+
+    def script_for(self, customer_id: str, op: str, answers: Iterable[str | int]) -> None:
+        """Force the next answers to operations ``op`` of one customer (whatever else is
+        in flight meanwhile), before the shared script and any random injection."""
+        parsed = [Answer.parse(a, self.retry_after) for a in answers]
+        with self._lock:
+            self._by_customer.setdefault((customer_id, op), collections.deque()).extend(parsed)
 
     def pending_script(self) -> int:
         with self._lock:
@@ -411,7 +419,7 @@ class SinkApp:
                 if error is not None:
                     answer = Answer(400)
             if answer is None:
-                answer = self._decide()
+                answer = self._decide(ops)
                 if answer.status >= 400:
                     error = "injected"
 
@@ -451,8 +459,12 @@ class SinkApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
-    def _decide(self) -> Answer:
+    def _decide(self, ops: Sequence[dict[str, Any]] = ()) -> Answer:
         with self._lock:
+            for op in ops:  # a customer's own script first (several customers in flight)
+                scripted = self._by_customer.get((str(op.get("customer_id")), str(op.get("op"))))
+                if scripted:
+                    return scripted.popleft()
             if self._script:
                 return self._script.popleft()
             draw = self._rng.random()
@@ -602,6 +614,9 @@ class HttpSink:
 
     def script(self, answers: Iterable[str | int]) -> None:
         self.app.script(answers)
+
+    def script_for(self, customer_id: str, op: str, answers: Iterable[str | int]) -> None:
+        self.app.script_for(customer_id, op, answers)
 
     def pending_script(self) -> int:
         return self.app.pending_script()
