@@ -235,7 +235,7 @@ def test_a_wrong_token_is_refused_and_audited(client: TestClient, store: Store) 
     assert SESSION_COOKIE not in answer.cookies
     assert client.get("/").status_code == 303
     assert audit_actions(store) == [
-        ("no session from testclient", "sign-in", "console", "refused: wrong token")
+        ("no session from testclient", "sign_in", "console", "refused: wrong token")
     ]
     assert "not-the-console-token" not in json.dumps(audit_actions(store))
 
@@ -279,8 +279,8 @@ def test_sign_in_and_out_are_audited_by_session_hash(client: TestClient, store: 
     assert client.get("/").status_code == 303
     name = who(session_id, "testclient")
     assert audit_actions(store) == [
-        (name, "sign-in", "console", "ok"),
-        (name, "sign-out", "console", ""),
+        (name, "sign_in", "console", "ok"),
+        (name, "sign_out", "console", ""),
     ]
     assert session_id not in json.dumps(audit_actions(store))
 
@@ -373,9 +373,10 @@ def test_replay_one(client: TestClient, filled: Store) -> None:
 
     assert answer.status_code == 303
     assert [x.id for x in filled.dead_letters()] == letters[1:]
-    _, action, target, detail = audit_actions(filled)[-1]
-    assert (action, target) == ("dead-letter replay", f"dead letter {letters[0]}")
-    assert detail.startswith("replayed ")
+    asked, done = audit_actions(filled)[-2:]
+    assert asked[1:] == ("dlq_replay_asked", f"dead letter {letters[0]}", "")
+    assert done[1:3] == ("dlq_replay", f"dead letter {letters[0]}")
+    assert done[3].startswith("replayed ")
     flash = client.get(answer.headers["location"]).text
     assert f"Dead letter {letters[0]}: replayed" in flash
 
@@ -391,7 +392,7 @@ def test_replay_selected(client: TestClient, filled: Store) -> None:
 
     assert [x.id for x in filled.dead_letters()] == letters[2:]
     assert audit_actions(filled)[-1][1:3] == (
-        "dead-letter replay",
+        "dlq_replay",
         f"dead letters {letters[0]}, {letters[1]}",
     )
 
@@ -419,7 +420,7 @@ def test_replay_all_matching_the_filter(client: TestClient, filled: Store, code:
     assert left
     assert all(x.op != "upsert" for x in left)
     assert audit_actions(filled)[-1][1:3] == (
-        "dead-letter replay",
+        "dlq_replay",
         f"all dead letters matching destination=crm op=upsert code={code}",
     )
 
@@ -451,9 +452,11 @@ def test_acknowledge_selected_then_all_matching(client: TestClient, filled: Stor
     assert filled.conflict_records() == []
     acked = filled.conflict_records(include_acked=True)
     assert {c.acked_by for c in acked} == {who(client.cookies[SESSION_COOKIE], "testclient")}
-    assert [a[1:] for a in audit_actions(filled)[-2:]] == [
-        ("conflict ack", f"conflicts {first}", "acknowledged 1"),
-        ("conflict ack", "all open conflicts matching destination=crm", "acknowledged 1"),
+    assert [a[1:] for a in audit_actions(filled)[-4:]] == [
+        ("conflicts_ack_asked", f"conflicts {first}", ""),
+        ("conflicts_ack", f"#{first}", "acknowledged 1 of 1"),
+        ("conflicts_ack_asked", "all open conflicts matching destination=crm", ""),
+        ("conflicts_ack", f"#{second}", "acknowledged 1 of 1"),
     ]
     assert second not in {c.id for c in filled.conflict_records()}
 
@@ -466,10 +469,12 @@ def test_quarantine_replay_judges_again_and_is_audited(client: TestClient, fille
 
     assert filled.quarantined()[0].id == item.id  # the malformed body is still malformed
     assert audit_actions(filled)[-1][1:] == (
-        "quarantine replay",
+        "quarantine_replay_asked",
         "all open quarantined bodies matching no filter",
-        "moved 0, still refused 1, skipped 0",
+        "",
     )
+    flash = client.get("/quarantine").text
+    assert "moved 0, still refused 1, skipped 0" in flash
 
 
 # --- privacy ---

@@ -78,7 +78,7 @@ def create_console_app(
             )
         wait = web.brake.wait_for(client)
         if wait > 0:
-            await web.audit(who(None, client), "sign-in", "console", "refused: too many failures")
+            await web.audit(who(None, client), "sign_in", "console", "refused: too many failures")
             response = web.render(
                 request,
                 "login.html",
@@ -91,12 +91,12 @@ def create_console_app(
         given = (form.get("token") or [""])[0]
         if not given or not token_matches(given, token):
             web.brake.failed(client)
-            await web.audit(who(None, client), "sign-in", "console", "refused: wrong token")
+            await web.audit(who(None, client), "sign_in", "console", "refused: wrong token")
             await asyncio.sleep(failed_sign_in_delay)
             return web.render(request, "login.html", None, 403, error="That token is not right.")
         web.brake.succeeded(client)
         session = web.sessions.create(client)
-        await web.audit(session.who, "sign-in", "console", "ok")
+        await web.audit(session.who, "sign_in", "console", "ok")
         signed_in = RedirectResponse("/", status_code=303)
         signed_in.set_cookie(
             SESSION_COOKIE,
@@ -111,7 +111,7 @@ def create_console_app(
     @action(web)
     async def logout(request: Request, session: Session, form: Form) -> Response:
         web.sessions.end(session.id)
-        await web.audit(session.who, "sign-out", "console")
+        await web.audit(session.who, "sign_out", "console")
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return response

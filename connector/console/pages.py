@@ -121,6 +121,8 @@ def routes(web: Web) -> list[BaseRoute]:
         if chosen is not None and not chosen:
             session.flash.append("No dead letter was selected or matches that filter.")
             return back
+        # as the command line does: what was asked is audited before anything moves
+        await web.audit(session.who, "dlq_replay_asked", target)
         if chosen is None:
             done = await web.call(
                 store.replay,
@@ -135,7 +137,7 @@ def routes(web: Web) -> list[BaseRoute]:
             f"replayed {done.replayed}, superseded {done.superseded}, "
             f"not replayable {done.unreplayable}"
         )
-        await web.audit(session.who, "dead-letter replay", target, result)
+        await web.audit(session.who, "dlq_replay", target, result)
         session.flash.append(f"{_sentence(target)}: {result}.")
         return back
 
@@ -220,13 +222,18 @@ def routes(web: Web) -> list[BaseRoute]:
                 session.flash.append("Nothing was selected: tick the bodies to replay.")
                 return back
             target = f"quarantined bodies {', '.join(map(str, chosen))}"
+        # what was asked first; the store records each move with it, in the move's transaction
+        await web.audit(session.who, "quarantine_replay_asked", target)
         done = await web.call(
-            store.replay_quarantined, judge(web.config), dispensary=dispensary, ids=chosen
+            store.replay_quarantined,
+            judge(web.config),
+            dispensary=dispensary,
+            ids=chosen,
+            who=session.who,
         )
         result = (
             f"moved {len(done.moved)}, still refused {len(done.refused)}, skipped {done.skipped}"
         )
-        await web.audit(session.who, "quarantine replay", target, result)
         session.flash.append(f"{_sentence(target)}: {result}.")
         session.flash.extend(
             f"Quarantined {qid} still refused: {why}" for qid, why in done.refused[:20]
@@ -282,8 +289,9 @@ def routes(web: Web) -> list[BaseRoute]:
         if not chosen:
             session.flash.append("No open conflict was selected or matches that filter.")
             return back
+        # the filter is audited here; the store records the ids it acknowledged (conflicts_ack)
+        await web.audit(session.who, "conflicts_ack_asked", target)
         done = await web.call(store.ack_conflicts, chosen, session.who)
-        await web.audit(session.who, "conflict ack", target, f"acknowledged {done}")
         session.flash.append(f"{_sentence(target)}: acknowledged {done}.")
         return back
 
