@@ -22,6 +22,7 @@ from connector.config import (
     Config,
     DispensaryConfig,
     load_config,
+    same_listener,
 )
 from connector.delivery.base import DestinationType
 from connector.destinations import DESTINATION_TYPES, mapping_problems, where
@@ -87,6 +88,15 @@ def _destination_line(disp: DispensaryConfig, dest: AnyDestination, mapping: Map
     )
 
 
+def _console_line(config: Config) -> str:
+    """Never the token: only whether the console listens, and where."""
+    if config.console is None:
+        return "console: off (no console section)"
+    if not config.console.enabled:
+        return "console: off (console.token is empty)"
+    return f"console: on at {config.console.url}"
+
+
 def _types_epilog() -> str:
     width = max(len(tag) for tag in DESTINATION_TYPES)
     lines = [f"  {tag:<{width}}  {kind.summary}" for tag, kind in DESTINATION_TYPES.items()]
@@ -126,6 +136,13 @@ def check(config_file: Path, strict: bool) -> None:
             )
             lines.append(_destination_line(disp, dest, mapping))
     lines.extend(f"disabled: {section}" for section in config.disabled)
+    lines.append(_console_line(config))
+    if config.console_on and config.console is not None and not config.console.loopback:
+        warnings.append(
+            f"console.host: {config.console.host} is not a loopback address: anyone who can "
+            "reach it is one token away from the dead letters; keep 127.0.0.1 and use an "
+            "SSH tunnel or a TLS proxy that restricts who connects"
+        )
     click.echo("\n".join(lines))
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -287,25 +304,56 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
     """Run the webhook receiver, the planner and the delivery workers.
 
     The planner and the workers run in a child process unless server.pipeline_process is
-    false (then all in this one); the child stops with this process.
+    false (then all in this one); the child stops with this process. With a console token
+    set, the operator's console listens on console.host:console.port as well (never on the
+    webhook port).
 
     Stops on SIGTERM or Ctrl-C: accepts nothing more, finishes or releases the work in
     hand within server.shutdown_grace_seconds, and exits 0.
     """
     from connector.logs import configure_logging
     from connector.receiver import create_app
-    from connector.server import ConnectorServer, uvicorn_config
+    from connector.server import (
+        CompanionServer,
+        ConnectorServer,
+        bind,
+        console_config,
+        run_with_companion,
+        uvicorn_config,
+    )
     from connector.service import Service
 
     config = _load(config_file)
     server = config.server
     configure_logging(level=server.log_level, json=server.log_format == "json")
+    console = config.console if config.console_on else None
+    console_socket = None
+    if console is not None:
+        webhook_host = host or server.host
+        webhook_port = server.port if port is None else port
+        if same_listener(console.host, console.port, webhook_host, webhook_port):
+            _fail(
+                f"console.port {console.port} is the webhook listener's ({webhook_host}:"
+                f"{webhook_port}): the console never shares it; choose another port"
+            )
+        try:
+            console_socket = bind(console.host, console.port)
+        except OSError as exc:
+            _fail(f"console: cannot listen on {console.host}:{console.port} ({exc.strerror})")
     try:
         service = Service(config, role="receiver" if server.pipeline_process else "all")
     except ConnectorError as exc:
         _fail(str(exc))
-    app = create_app(service)
-    ConnectorServer(uvicorn_config(app, config, host=host, port=port)).run()
+    webhook = ConnectorServer(uvicorn_config(create_app(service), config, host=host, port=port))
+    if console is None or console_socket is None:
+        webhook.run()
+        return
+    from connector.console import create_console_app
+
+    # the receiver process's store (in either role): it reads the whole cluster's
+    app = create_console_app(service.astore.store, config)
+    companion = CompanionServer(console_config(app, console, config))
+    run_with_companion(webhook, companion, console_socket)
 
 
 # --- demo ---

@@ -12,6 +12,7 @@ variables it refers to need not be set.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -191,6 +192,59 @@ class RetentionConfig(Model):
     delivered_days: float = Field(default=7.0, gt=0, le=3650)
 
 
+CONSOLE_TOKEN_LENGTH = 16
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared against, not bound
+
+
+class ConsoleConfig(Model):
+    """The operator's web console (:mod:`connector.console`): its own listener, never the
+    webhook port, which faces Treez over the internet. Off while the token is empty."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, ge=1, le=65535)
+    # one shared sign-in token: whoever holds it sees dead letters and can reveal customer
+    # values (every reveal is audited), so it must not be guessable
+    token: SecretStr = SecretStr("")
+    session_idle_hours: float = Field(default=8.0, gt=0, le=24 * 7)
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        secret = value.get_secret_value()
+        if secret and len(secret.strip()) < CONSOLE_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {CONSOLE_TOKEN_LENGTH} characters "
+                "(or empty, which turns the console off)"
+            )
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token.get_secret_value().strip())
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the console."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def same_listener(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:
+    """Whether two listeners would take the same address (a wildcard host takes them all)."""
+    if port_a != port_b:
+        return False
+    return host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+
+
 class Config(Model):
     # repr=False: a PostgreSQL URL may carry a password; store_display hides it
     store: str = Field(default="sqlite:///connector.db", validate_default=True, repr=False)
@@ -202,6 +256,8 @@ class Config(Model):
     store_listen: bool = True
     server: ServerConfig = ServerConfig()
     retention: RetentionConfig = RetentionConfig()
+    # absent: no console (and none either while its token is empty)
+    console: ConsoleConfig | None = None
     dispensaries: dict[str, DispensaryConfig] = Field(min_length=1)
 
     _path: Path | None = PrivateAttr(default=None)
@@ -271,6 +327,22 @@ class Config(Model):
     def disabled(self) -> tuple[str, ...]:
         """Key paths of the sections switched off with ``enabled: false``."""
         return self._disabled
+
+    @property
+    def console_on(self) -> bool:
+        return self.console is not None and self.console.enabled
+
+    def console_clash(self) -> str | None:
+        """Why the console cannot listen beside the webhook receiver, or None."""
+        console, server = self.console, self.server
+        if console is None or not console.enabled:
+            return None
+        if same_listener(console.host, console.port, server.host, server.port):
+            return (
+                f"must differ from server.port ({server.port}) on the same host: the console "
+                "never shares the webhook listener"
+            )
+        return None
 
     @property
     def store_display(self) -> str:
@@ -345,6 +417,9 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except ValidationError as exc:
         problems.extend(_problems(exc, loaded, index_maps, missing_locs))
         raise ConfigError(source, _dedupe(problems)) from None
+    clash = config.console_clash()
+    if clash is not None:
+        problems.append(Problem("console.port", clash, loaded.line_of(("console", "port"))))
     if problems:
         raise ConfigError(source, problems)
     config._path = path

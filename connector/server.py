@@ -1,15 +1,21 @@
-"""How ``connector serve`` runs uvicorn, in one place (the benchmarks use the same settings)."""
+"""How ``connector serve`` runs uvicorn, in one place (the benchmarks use the same settings):
+the webhook listener and, when the console is on, the console's own listener beside it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import Generator
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from connector.config import Config
+from connector.config import Config, ConsoleConfig
+from connector.logs import get_logger
+
+log = get_logger("connector.server")
 
 
 class ConnectorServer(uvicorn.Server):
@@ -19,6 +25,8 @@ class ConnectorServer(uvicorn.Server):
     kills the process with status -15: a supervisor would count every clean stop as a crash.
     """
 
+    companions: tuple[uvicorn.Server, ...] = ()  # listeners stopped with this one
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():
@@ -26,6 +34,57 @@ class ConnectorServer(uvicorn.Server):
                 yield
             finally:
                 self._captured_signals.clear()  # handled: the shutdown was graceful
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        for companion in self.companions:
+            companion.should_exit = True
+        super().handle_exit(sig, frame)
+
+
+class CompanionServer(uvicorn.Server):
+    """A second listener of the process (the console). It takes no signals: the webhook
+    server's handler stops it (one process-wide handler per signal; a second server's would
+    replace the first's)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def console_config(app: Any, console: ConsoleConfig, config: Config) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=console.host,
+        port=console.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",  # the webhook server's lifespan starts and stops the store it reads
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(config.server.shutdown_grace_seconds)),
+    )
+
+
+def run_with_companion(
+    main: ConnectorServer, companion: CompanionServer, companion_socket: socket.socket
+) -> None:
+    """Serve both in one event loop until a signal stops the webhook server; the companion
+    stops first, so the store it reads is still open while its last requests finish."""
+    main.companions = (companion,)
+
+    async def both() -> None:
+        beside = asyncio.create_task(companion.serve(sockets=[companion_socket]))
+        try:
+            await main.serve()
+        finally:
+            companion.should_exit = True
+            try:
+                await beside
+            except Exception as exc:  # the console failing never hides the webhook's end
+                log.error("console_failed", error=exc)
+
+    with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:
+        runner.run(both())
 
 
 def uvicorn_config(

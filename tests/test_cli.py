@@ -105,8 +105,9 @@ def test_check_shipped_config() -> None:
         f"  destination sink (jsonl → {ROOT / 'out' / 'partnersandbox3.jsonl'}): "
         f"mapping http.yaml ({HTTP_FIELDS} fields), batch 1, rate limit off, resubscribe never"
     )
+    assert out[3] == "console: off (no console section)"
     assert out[-1] == "OK"
-    assert len(out) == 4
+    assert len(out) == 5
     assert DEV_TOKEN_WARNING in result.stderr
     assert "set TREEZ_WEBHOOK_TOKEN" in result.stderr
     assert DEV_TOKEN_WARNING not in result.stdout
