@@ -544,7 +544,7 @@ def dlq_replay(
 
     An operation superseded by a later one of the same kind for that contact is not resent.
     """
-    from connector import cli_operator as _operator
+    from connector._who import who
     from connector.runner import CommandProgress, replay_dead_letters
     from connector.store import open_store
 
@@ -563,7 +563,7 @@ def dlq_replay(
     store = open_store(config.store, listen=False)
     try:
         # what was asked is audited before anything moves, what it did after
-        store.audit(_operator.who(), "dlq_replay_asked", asked or "all")
+        store.audit(who(), "dlq_replay_asked", asked or "all")
         done = replay_dead_letters(
             store,
             dispensary=dispensary,
@@ -572,7 +572,7 @@ def dlq_replay(
             progress=CommandProgress(),
         )
         store.audit(
-            _operator.who(),
+            who(),
             "dlq_replay",
             asked or "all",
             f"replayed {done.replayed}, superseded {done.superseded}, "

@@ -8,9 +8,7 @@ customer values (``--show-values``).
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,19 +17,11 @@ from typing import Any
 
 import click
 
+from connector._who import who
 from connector.cli import _fail, _load, config_option, main
 from connector.config import Config
 from connector.errors import ConnectorError
 from connector.store import Store, open_store
-
-
-def who() -> str:
-    """The command line's "who" in the audit table."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"cli {user}@{socket.gethostname()}"
 
 
 def _iso(moment: float | None) -> str:
