@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes.http_sink import HttpSink
+from test_console import DISPENSARY, TOKEN, sample_values
 
 from connector.demo import load_samples
 from connector.store import Store, open_store
-from tests.fakes.http_sink import HttpSink
-from tests.test_console import DISPENSARY, TOKEN, sample_values
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
