@@ -340,6 +340,13 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
             console_socket = bind(console.host, console.port)
         except OSError as exc:
             _fail(f"console: cannot listen on {console.host}:{console.port} ({exc.strerror})")
+        if not console.loopback:
+            click.echo(
+                f"warning: console.host: {console.host} is not a loopback address: anyone who "
+                "can reach it may try the token, and over plain http it crosses the network "
+                "in clear (prefer 127.0.0.1 and an SSH tunnel, or a TLS proxy)",
+                err=True,
+            )
     try:
         service = Service(config, role="receiver" if server.pipeline_process else "all")
     except ConnectorError as exc:

@@ -344,6 +344,21 @@ class Config(Model):
             )
         return None
 
+    def console_token_reused(self) -> str | None:
+        """Why the console's token cannot be what it is (a dispensary's webhook token, which
+        Treez holds, would open the console), or None."""
+        console = self.console
+        if console is None or not console.enabled:
+            return None
+        secret = console.token.get_secret_value()
+        for name, disp in self.dispensaries.items():
+            if any(secret == t.get_secret_value() for t in disp.webhook_token):
+                return (
+                    f"must not be a webhook token (it is dispensary {name}'s, which Treez "
+                    "holds): give the console a token of its own"
+                )
+        return None
+
     @property
     def store_display(self) -> str:
         """The store URL with any password hidden, for logs and summaries."""
@@ -420,6 +435,9 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     clash = config.console_clash()
     if clash is not None:
         problems.append(Problem("console.port", clash, loaded.line_of(("console", "port"))))
+    reused = config.console_token_reused()
+    if reused is not None:
+        problems.append(Problem("console.token", reused, loaded.line_of(("console", "token"))))
     if problems:
         raise ConfigError(source, problems)
     config._path = path

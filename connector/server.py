@@ -61,6 +61,11 @@ def console_config(app: Any, console: ConsoleConfig, config: Config) -> uvicorn.
         lifespan="off",  # the webhook server's lifespan starts and stops the store it reads
         log_config=None,
         access_log=False,
+        # the client's address is the socket's: never X-Forwarded-For (uvicorn trusts it
+        # from 127.0.0.1 by default, and the console listens there: any local client could
+        # name itself anew for each guess past the sign-in brake, or forge the audit's
+        # address)
+        proxy_headers=False,
         timeout_graceful_shutdown=max(1, int(config.server.shutdown_grace_seconds)),
     )
 

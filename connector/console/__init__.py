@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,7 +36,11 @@ from connector.console.auth import (
     who,
 )
 from connector.console.pages import routes
+from connector.errors import StoreError
+from connector.logs import get_logger
 from connector.store.abc import Store
+
+log = get_logger("connector.console")
 
 FAILED_SIGN_IN_DELAY = 1.0  # seconds every refused sign-in waits before its answer
 
@@ -76,9 +81,14 @@ def create_console_app(
                 403,
                 error="Refused: not sent from this console's sign-in page.",
             )
+        given = (form.get("token") or [""])[0]
+        right = bool(given) and token_matches(given, token)
         wait = web.brake.wait_for(client)
-        if wait > 0:
-            await web.audit(who(None, client), "sign_in", "console", "refused: too many failures")
+        if wait > 0 and not right:
+            # the right token always signs in (a stranger's guesses must not lock the
+            # operator out); a wrong one waits, unchecked against the audit log (a flood of
+            # refusals must not push the operator's actions off its page): a log line
+            log.warning("console_sign_in_braked", client=client, wait_s=round(wait, 1))
             response = web.render(
                 request,
                 "login.html",
@@ -88,8 +98,7 @@ def create_console_app(
             )
             response.headers["retry-after"] = str(max(1, round(wait)))
             return response
-        given = (form.get("token") or [""])[0]
-        if not given or not token_matches(given, token):
+        if not right:
             web.brake.failed(client)
             await web.audit(who(None, client), "sign_in", "console", "refused: wrong token")
             await asyncio.sleep(failed_sign_in_delay)
@@ -122,10 +131,29 @@ def create_console_app(
             return RedirectResponse("/login", status_code=303)
         return web.render(request, "missing.html", session, 404, what=request.url.path)
 
+    async def failed(request: Request, exc: Exception) -> Response:
+        """Never a traceback: what failed, by its kind (a store that cannot be read, most
+        likely), with no value of any row."""
+        log.error("console_error", path=request.url.path, error=exc.__class__.__name__)
+        store_down = isinstance(exc, StoreError | SQLAlchemyError)
+        text = (
+            "The store cannot be read right now; the connector's log says why. Try again."
+            if store_down
+            else "Something went wrong; the connector's log says what."
+        )
+        return HTMLResponse(
+            f"<!doctype html><title>Console</title><p>{text}</p>",
+            status_code=503 if store_down else 500,
+            headers={"cache-control": "no-store", **dict(_TEXT_HEADERS)},
+        )
+
     static = StaticFiles(directory=Path(__file__).parent / "static")
     return Starlette(
-        exception_handlers={404: not_found},
-        middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={404: not_found, Exception: failed},
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(LoopbackHost, loopback=console.loopback),
+        ],
         routes=[
             Route("/login", login_page),
             Route("/login", login, methods=["POST"]),
@@ -165,3 +193,36 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+_TEXT_HEADERS = [(k.decode(), v.decode()) for k, v in _HEADERS]
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+class LoopbackHost:
+    """On a loopback listener, only loopback names in ``Host``: a web page whose own name
+    resolves to 127.0.0.1 (DNS rebinding) sends its name, and is refused before anything,
+    sign-in included, sees the request."""
+
+    def __init__(self, app: ASGIApp, *, loopback: bool) -> None:
+        self.app = app
+        self.loopback = loopback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.loopback:
+            host = ""
+            for name, value in scope.get("headers", []):
+                if name == b"host":
+                    host = value.decode("latin-1").strip().lower()
+                    break
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in _LOOPBACK_NAMES:
+                response = HTMLResponse(
+                    "<!doctype html><title>Console</title><p>Refused: this console answers "
+                    "only to localhost, 127.0.0.1 or [::1] (the Host header).</p>",
+                    status_code=421,
+                    headers=dict(_TEXT_HEADERS),
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

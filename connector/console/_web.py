@@ -210,6 +210,19 @@ def first(form: Form, name: str) -> str:
     return (form.get(name) or [""])[0].strip()
 
 
+MAX_ID = 2**63 - 1  # what a database integer column holds
+
+
+def as_id(value: str) -> int | None:
+    """A row id or HTTP status from a form or a URL: plain ASCII digits within a database
+    integer, else None (``'²'`` passes ``isdigit`` and fails ``int``; ``10**30`` overflows)."""
+    value = value.strip()
+    if not value or not value.isascii() or not value.isdecimal():
+        return None
+    number = int(value)
+    return number if 0 < number <= MAX_ID else None
+
+
 def ids(form: Form, name: str = "id") -> list[int]:
-    """The ticked ids of a form (a value that is not a number is ignored)."""
-    return [int(v) for v in form.get(name, []) if v.strip().isdigit()]
+    """The ticked ids of a form (a value that is not an id is ignored)."""
+    return [i for i in (as_id(v) for v in form.get(name, [])) if i is not None]

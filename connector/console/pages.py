@@ -13,12 +13,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from connector.console._web import Form, Web, action, first, ids, page
+from connector.console._web import MAX_ID, Form, Web, action, as_id, first, ids, page
 from connector.console.auth import Session
 from connector.console.chart import throughput_svg
 from connector.explain import build_story, story_json
 from connector.quarantine import judge
-from connector.store.abc import DeadLetter
+from connector.store.abc import DeadLetter, Replayed
 
 LIST_LIMIT = 500  # rows a list shows; "all matching" acts on every match, not only these
 MATCH_LIMIT = 100_000  # dead letters or conflicts one "all matching" action may touch
@@ -67,7 +67,9 @@ def routes(web: Web) -> list[BaseRoute]:
         filters: dict[str, str], limit: int, *, everything: bool = False
     ) -> tuple[list[DeadLetter], dict[int, str | None]]:
         code = filters["code"]
-        status = int(code) if code.isdigit() else None
+        status = as_id(code) if code.isascii() and code.isdecimal() else None
+        if code and code.isdecimal() and status is None:
+            return [], {}  # a number no stored status can be
         letters = await web.call(
             store.dead_letters,
             dispensary=filters["dispensary"] or None,
@@ -105,16 +107,13 @@ def routes(web: Web) -> list[BaseRoute]:
         filters = letter_filters({k: first(form, k) for k in LETTER_KEYS})
         back = _back("/dead-letters", form, LETTER_KEYS)
         code = filters["code"]
-        vendor = bool(code) and not code.isdigit()
+        vendor = bool(code) and not (code.isascii() and code.isdecimal())
         if first(form, "one"):
-            chosen, target = ids(form, "one"), f"dead letter {first(form, 'one')}"
+            chosen = ids(form, "one")
+            target = ", ".join(f"dead letter {i}" for i in chosen) or "no dead letter"
         elif first(form, "scope") == "all":
             target = f"all dead letters matching {_filter_text(filters)}"
-            if vendor:  # the store filters by HTTP status only: the ids of the matches
-                letters, _ = await matching_letters(filters, MATCH_LIMIT)
-                chosen = [x.id for x in letters]
-            else:
-                chosen = None
+            chosen = None
         else:
             chosen = ids(form)
             target = f"dead letters {', '.join(map(str, chosen))}"
@@ -123,13 +122,27 @@ def routes(web: Web) -> list[BaseRoute]:
             return back
         # as the command line does: what was asked is audited before anything moves
         await web.audit(session.who, "dlq_replay_asked", target)
-        if chosen is None:
+        if chosen is None and vendor:
+            # the store filters by HTTP status only: the matches' ids, MATCH_LIMIT at a time
+            # (a replayed letter no longer matches), until none is left
+            done = Replayed(0, 0, 0)
+            while True:
+                letters, _ = await matching_letters(filters, MATCH_LIMIT)
+                if not letters:
+                    break
+                part = await web.call(store.replay, ids=[x.id for x in letters])
+                done = Replayed(
+                    done.replayed + part.replayed,
+                    done.superseded + part.superseded,
+                    done.unreplayable + part.unreplayable,
+                )
+        elif chosen is None:
             done = await web.call(
                 store.replay,
                 dispensary=filters["dispensary"] or None,
                 destination=filters["destination"] or None,
                 op=filters["op"] or None,
-                status_code=int(code) if code else None,
+                status_code=as_id(code) if code else None,
             )
         else:
             done = await web.call(store.replay, ids=chosen)
@@ -150,7 +163,9 @@ def routes(web: Web) -> list[BaseRoute]:
         return await show_letter(request, session, reveal=True)
 
     async def show_letter(request: Request, session: Session, *, reveal: bool) -> Response:
-        letter_id = int(request.path_params["letter_id"])
+        letter_id = request.path_params["letter_id"]
+        if letter_id > MAX_ID:
+            return web.render(request, "missing.html", session, 404, what=request.url.path)
         detail = await web.call(store.dead_letter_detail, letter_id)
         if detail is None:
             return web.render(
@@ -199,7 +214,9 @@ def routes(web: Web) -> list[BaseRoute]:
 
     @action(web)
     async def reveal_quarantined(request: Request, session: Session, form: Form) -> Response:
-        item_id = int(request.path_params["item_id"])
+        item_id = request.path_params["item_id"]
+        if item_id > MAX_ID:
+            return web.render(request, "missing.html", session, 404, what=request.url.path)
         found = await web.call(store.quarantined, ids=[item_id], include_replayed=True, limit=1)
         if not found:
             return web.render(request, "missing.html", session, 404, what=f"quarantined {item_id}")
@@ -273,7 +290,9 @@ def routes(web: Web) -> list[BaseRoute]:
             {k: first(form, k) for k in ("dispensary", "destination", "kind")}
         )
         back = _back("/conflicts", form, ("dispensary", "destination", "kind"))
-        if first(form, "scope") == "all":
+        everything = first(form, "scope") == "all"
+
+        async def open_matching() -> list[int]:
             rows = await web.call(
                 store.conflict_records,
                 dispensary=filters["dispensary"] or None,
@@ -281,7 +300,10 @@ def routes(web: Web) -> list[BaseRoute]:
                 kind=filters["kind"] or None,
                 limit=MATCH_LIMIT,
             )
-            chosen = [r.id for r in rows]
+            return [r.id for r in rows]
+
+        if everything:
+            chosen = await open_matching()
             target = f"all open conflicts matching {_filter_text(filters)}"
         else:
             chosen = ids(form)
@@ -292,6 +314,11 @@ def routes(web: Web) -> list[BaseRoute]:
         # the filter is audited here; the store records the ids it acknowledged (conflicts_ack)
         await web.audit(session.who, "conflicts_ack_asked", target)
         done = await web.call(store.ack_conflicts, chosen, session.who)
+        while everything and len(chosen) >= MATCH_LIMIT:  # MATCH_LIMIT at a time, to the end
+            chosen = await open_matching()
+            if not chosen:
+                break
+            done += await web.call(store.ack_conflicts, chosen, session.who)
         session.flash.append(f"{_sentence(target)}: acknowledged {done}.")
         return back
 
@@ -359,8 +386,10 @@ def routes(web: Web) -> list[BaseRoute]:
         Route("/conflicts", conflicts),
         Route("/conflicts/ack", ack, methods=["POST"]),
         Route("/customers", find_customer),
-        Route("/customers/{dispensary}/{customer_id}", customer),
-        Route("/customers/{dispensary}/{customer_id}/reveal", reveal_customer, methods=["POST"]),
+        Route(
+            "/customers/{dispensary}/{customer_id:path}/reveal", reveal_customer, methods=["POST"]
+        ),
+        Route("/customers/{dispensary}/{customer_id:path}", customer),
         Route("/audit", audit_log),
     ]
 
