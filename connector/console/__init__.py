@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -36,8 +35,8 @@ from connector.console.auth import (
     who,
 )
 from connector.console.pages import routes
-from connector.errors import StoreError
 from connector.logs import get_logger
+from connector.store import is_store_failure
 from connector.store.abc import Store
 
 log = get_logger("connector.console")
@@ -135,7 +134,7 @@ def create_console_app(
         """Never a traceback: what failed, by its kind (a store that cannot be read, most
         likely), with no value of any row."""
         log.error("console_error", path=request.url.path, error=exc.__class__.__name__)
-        store_down = isinstance(exc, StoreError | SQLAlchemyError)
+        store_down = is_store_failure(exc)
         text = (
             "The store cannot be read right now; the connector's log says why. Try again."
             if store_down

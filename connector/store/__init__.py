@@ -36,6 +36,17 @@ def open_store(
     return PostgresStore(url, timeout=timeout, listen=listen)
 
 
+def is_store_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store could not be read or written (a database error, a
+    file that is not a database, a server gone): for callers that answer people, who must
+    not be shown a traceback, and must not import a database library to tell."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from connector.errors import StoreError
+
+    return isinstance(exc, StoreError | SQLAlchemyError)
+
+
 __all__ = [
     "CLAIM_SECONDS",
     "COUNT_KEYS",
@@ -50,5 +61,6 @@ __all__ = [
     "Replayed",
     "StateReader",
     "Store",
+    "is_store_failure",
     "open_store",
 ]
