@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,12 @@ from connector._who import who
 from connector.cli import _fail, _load, config_option, main
 from connector.config import Config
 from connector.errors import ConnectorError
+from connector.explain import iso
 from connector.store import Store, open_store
 
 
 def _iso(moment: float | None) -> str:
-    if moment is None:
-        return "-"
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return iso(moment) or "-"
 
 
 @contextmanager

@@ -53,7 +53,7 @@ _SOURCES = {
 }
 
 
-def _iso(moment: float | None) -> str | None:
+def iso(moment: float | None) -> str | None:
     if moment is None:
         return None
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -138,25 +138,25 @@ def _standing(op: StoredOperation, letters: list[DeadLetter], now: float) -> str
     replayed = [d for d in letters if d.replayed_at is not None]
     since = " since the replay" if replayed else ""
     history = "".join(
-        f"; dead letter #{d.id} ({_iso(d.created_at)}) replayed {_iso(d.replayed_at)}"
+        f"; dead letter #{d.id} ({iso(d.created_at)}) replayed {iso(d.replayed_at)}"
         for d in replayed
     )
     if op.status == "done":
-        return f"delivered {_iso(op.done_at)} after {tries}{since}{history}"
+        return f"delivered {iso(op.done_at)} after {tries}{since}{history}"
     if op.status == "dead":
         open_letter = next((d for d in reversed(letters) if d.replayed_at is None), None)
         where = f" (dead letter #{open_letter.id})" if open_letter is not None else ""
-        return f"dead {_iso(op.done_at)} after {tries}{since}{where}{history}"
+        return f"dead {iso(op.done_at)} after {tries}{since}{where}{history}"
     if op.status == "superseded":
-        return f"superseded {_iso(op.done_at)} by a newer upsert before it was sent{history}"
+        return f"superseded {iso(op.done_at)} by a newer upsert before it was sent{history}"
     if op.status == "inflight":
         return f"being delivered ({tries}{since} before this one){history}"
     if op.attempts or (op.failures and op.failures[-1].result == "paused"):
-        late = "due now" if op.next_attempt_at <= now else f"until {_iso(op.next_attempt_at)}"
+        late = "due now" if op.next_attempt_at <= now else f"until {iso(op.next_attempt_at)}"
         return f"retrying, {late} ({tries}{since} so far){history}"
     if replayed:
-        return f"pending since the replay {_iso(replayed[-1].replayed_at)}{history}"
-    return f"pending since {_iso(op.created_at)}"
+        return f"pending since the replay {iso(replayed[-1].replayed_at)}{history}"
+    return f"pending since {iso(op.created_at)}"
 
 
 def _values_of(record: CustomerRecord) -> set[str]:
@@ -274,7 +274,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             "source": event.source,
             "source_text": _SOURCES.get(event.source, event.source),
             "event_type": event.event_type,
-            "received_at": _iso(event.received_at),
+            "received_at": iso(event.received_at),
             "last_update": _iso_us(event.last_update_us),
             "run_id": event.run_id,
             "outcome": event.status,
@@ -307,12 +307,12 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
             "op": op.op,
             "status": op.status,
             "standing": _standing(op, found_letters, now),
-            "created_at": _iso(op.created_at),
-            "done_at": _iso(op.done_at),
+            "created_at": iso(op.created_at),
+            "done_at": iso(op.done_at),
             "attempts": op.attempts,
             "answers": [
                 {
-                    "at": _iso(a.at),
+                    "at": iso(a.at),
                     "result": a.result,
                     "status_code": a.status_code,
                     "error": mask.text(a.error),
@@ -364,8 +364,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                 "op": d.op,
                 "reason": mask.text(d.reason),
                 "status_code": d.status_code,
-                "created_at": _iso(d.created_at),
-                "replayed_at": _iso(d.replayed_at),
+                "created_at": iso(d.created_at),
+                "replayed_at": iso(d.replayed_at),
                 "operation": d.outbox_id,
             }
             for d in record.dead_letters
@@ -376,8 +376,8 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
                 "destination": c.destination,
                 "kind": c.kind,
                 "detail": mask.text(c.detail),
-                "created_at": _iso(c.created_at),
-                "acked_at": _iso(c.acked_at),
+                "created_at": iso(c.created_at),
+                "acked_at": iso(c.acked_at),
                 "acked_by": c.acked_by,
             }
             for c in record.conflicts
@@ -385,7 +385,7 @@ def story_json(story: Story, show_values: bool = False, now: float | None = None
         "quarantined": [
             {
                 "id": q.id,
-                "received_at": _iso(q.received_at),
+                "received_at": iso(q.received_at),
                 "status_code": q.status_code,
                 "reason": q.reason,
                 "replayed_event_id": q.replayed_event_id,

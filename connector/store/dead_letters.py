@@ -26,6 +26,23 @@ from connector.store.schema import (
 )
 
 
+def dead_letter_of(r: Any) -> DeadLetter:
+    """A ``dead_letters`` row as the record callers get."""
+    return DeadLetter(
+        r.id,
+        r.outbox_id,
+        r.dispensary,
+        r.destination,
+        r.customer_id,
+        r.op,
+        r.attempts,
+        r.reason,
+        r.status_code,
+        r.created_at,
+        r.replayed_at,
+    )
+
+
 class DeadLettersSql(RunsSql):
     def _dead_query(
         self,
@@ -73,22 +90,7 @@ class DeadLettersSql(RunsSql):
             dispensary, destination, customer, None, include_replayed, op, status_code, ids
         )
         with self.snapshot() as conn:
-            return [
-                DeadLetter(
-                    r.id,
-                    r.outbox_id,
-                    r.dispensary,
-                    r.destination,
-                    r.customer_id,
-                    r.op,
-                    r.attempts,
-                    r.reason,
-                    r.status_code,
-                    r.created_at,
-                    r.replayed_at,
-                )
-                for r in conn.execute(query.limit(limit))
-            ]
+            return [dead_letter_of(r) for r in conn.execute(query.limit(limit))]
 
     def replay(
         self,

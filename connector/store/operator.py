@@ -29,6 +29,7 @@ from connector.store.abc import (
     StoredOperation,
 )
 from connector.store.admin import AdminSql
+from connector.store.dead_letters import dead_letter_of
 from connector.store.schema import (
     attempts,
     audit,
@@ -43,22 +44,6 @@ from connector.store.schema import (
 )
 
 QUARANTINE_SCAN = 5000  # refused bodies of a dispensary searched for a customer's id
-
-
-def _letter(r: Any) -> DeadLetter:
-    return DeadLetter(
-        r.id,
-        r.outbox_id,
-        r.dispensary,
-        r.destination,
-        r.customer_id,
-        r.op,
-        r.attempts,
-        r.reason,
-        r.status_code,
-        r.created_at,
-        r.replayed_at,
-    )
 
 
 def _quarantined(r: Any) -> Quarantined:
@@ -270,7 +255,7 @@ class OperatorSql(AdminSql):
                 for r in reversed(op_rows)
             ]
             letters = [
-                _letter(r)
+                dead_letter_of(r)
                 for r in conn.execute(
                     select(dead_letters)
                     .where(
@@ -333,7 +318,7 @@ class OperatorSql(AdminSql):
             return None
         payload = json.loads(r.payload)
         return DeadLetterDetail(
-            _letter(r), vendor_code(r.response_body, [payload]), r.response_body, payload
+            dead_letter_of(r), vendor_code(r.response_body, [payload]), r.response_body, payload
         )
 
     def dead_letter_codes(self, letters: Sequence[DeadLetter]) -> dict[int, str | None]:
