@@ -146,6 +146,32 @@ async def _read_limited(request: Request, limit: int) -> tuple[bytes, bool]:
 WEBHOOK_PREFIX = "/webhooks/treez/"
 
 
+class WebhookTokens:
+    """Each dispensary's accepted webhook tokens, encoded once. ``replace`` swaps the whole
+    table in one assignment (a configuration reload): a request sees the old table or the
+    new one, never a mix. Its repr names dispensaries and counts, never a token."""
+
+    def __init__(self, config: Config) -> None:
+        self._table = self._of(config)
+
+    @staticmethod
+    def _of(config: Config) -> dict[str, list[bytes]]:
+        return {
+            name: [t.get_secret_value().encode() for t in disp.webhook_token]
+            for name, disp in config.dispensaries.items()
+        }
+
+    def replace(self, config: Config) -> None:
+        self._table = self._of(config)
+
+    def get(self, dispensary: str) -> list[bytes] | None:
+        return self._table.get(dispensary)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{name}: {len(ts)}" for name, ts in sorted(self._table.items()))
+        return f"WebhookTokens({counts})"
+
+
 class WebhookFastPath:
     """``POST /webhooks/treez/{dispensary}`` straight to its handler, past FastAPI's router,
     exception middleware and dependency solving: a sixth of the receiver's CPU per request
@@ -190,10 +216,8 @@ def create_app(service: ReceiverPorts) -> FastAPI:
     )
     config = service.config
     metrics = service.metrics
-    tokens = {
-        name: [t.get_secret_value().encode() for t in disp.webhook_token]
-        for name, disp in config.dispensaries.items()
-    }
+    # the webhook tokens, replaceable while serving (app.state.webhook_tokens.replace)
+    tokens = app.state.webhook_tokens = WebhookTokens(config)
     limit = config.server.max_body_bytes
     counters: dict[tuple[str, str], Any] = {}
     webhook_seen = metrics.webhook_seen
