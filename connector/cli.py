@@ -309,8 +309,10 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
     webhook port).
 
     Stops on SIGTERM or Ctrl-C: accepts nothing more, finishes or releases the work in
-    hand within server.shutdown_grace_seconds, and exits 0.
+    hand within server.shutdown_grace_seconds, and exits 0. On SIGHUP, reads the
+    configuration file again and applies its webhook tokens (nothing else) if it is valid.
     """
+    from connector import reload
     from connector.logs import configure_logging
     from connector.receiver import create_app
     from connector.server import (
@@ -351,7 +353,9 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
         service = Service(config, role="receiver" if server.pipeline_process else "all")
     except ConnectorError as exc:
         _fail(str(exc))
-    webhook = ConnectorServer(uvicorn_config(create_app(service), config, host=host, port=port))
+    receiver = create_app(service)
+    reload.install(receiver, config_file, config)  # SIGHUP: the webhook tokens read again
+    webhook = ConnectorServer(uvicorn_config(receiver, config, host=host, port=port))
     if console is None or console_socket is None:
         webhook.run()
         return
