@@ -106,8 +106,19 @@ def _types_epilog() -> str:
 @main.command(epilog=_types_epilog())
 @config_option
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
-def check(config_file: Path, strict: bool) -> None:
-    """Validate the configuration and every mapping it names."""
+@click.option(
+    "--online",
+    is_flag=True,
+    help="Also ask Treez and each destination, with a harmless authenticated read, whether "
+    "they answer and take the credentials (without it, nothing leaves this machine).",
+)
+def check(config_file: Path, strict: bool, online: bool) -> None:
+    """Validate the configuration and every mapping it names.
+
+    With --online, each destination and Treez get one harmless read carrying the
+    credentials and no customer data; one that refuses them or cannot be reached is an
+    error (exit 1), one with no such read is "not checked", which is not.
+    """
     config = _load(config_file)
     lines = [
         f"{config_file}: store {config.store_display}, "
@@ -143,6 +154,16 @@ def check(config_file: Path, strict: bool) -> None:
             "reach it is one token away from the dead letters; keep 127.0.0.1 and use an "
             "SSH tunnel or a TLS proxy that restricts who connects"
         )
+    if online:
+        import asyncio
+
+        from connector.preflight import preflight
+
+        checked = asyncio.run(preflight(config))
+        lines.extend(str(c) for c in checked)
+        failed = [c for c in checked if c.probe.failed]
+        if failed:
+            errors.append(f"{len(failed)} of {len(checked)} online check(s) failed")
     click.echo("\n".join(lines))
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
