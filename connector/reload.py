@@ -75,6 +75,18 @@ def reload_tokens(path: Path, running: Config, replace: Callable[[Config], None]
         )
         return False
     applied = with_tokens_of(running, new)
+    # the console keeps the token it started with: no webhook token may become it
+    if applied.console_token_reused() is not None:
+        log.error(
+            "config_reload_failed",
+            config=str(path),
+            errors=[
+                f"{path}: a webhook token is the running console's token (console.token): "
+                "give one of them another value"
+            ],
+            reason="the previous webhook tokens stay in use",
+        )
+        return False
     replace(applied)
     log.info(
         "config_reloaded",

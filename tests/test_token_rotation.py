@@ -356,3 +356,22 @@ def test_reprs_and_strs_hold_no_secret(tmp_path: Path, monkeypatch: pytest.Monke
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_reload_never_makes_the_console_token_a_webhook_token(tmp_path: Path) -> None:
+    """The console keeps the token it started with (a reload does not touch it): a file whose
+    webhook tokens would include it is refused, even when its own console token differs."""
+    from connector.config import load_config
+    from connector.reload import changed_keys, reload_tokens
+
+    console = "console-token-0123456789"
+    path = write(tmp_path, [OLD], console={"token": console, "port": 18081})
+    running = load_config(path)
+    replaced: list[Any] = []
+    write(tmp_path, [OLD, console], console={"token": "another-console-token-99", "port": 18081})
+    assert reload_tokens(path, running, replaced.append) is False
+    assert replaced == []
+    write(tmp_path, [OLD, NEW], console={"token": console, "port": 18081})
+    assert reload_tokens(path, running, replaced.append) is True
+    assert [len(c.dispensaries[DISPENSARY].webhook_token) for c in replaced] == [2]
+    assert changed_keys(running, load_config(path)) == []
