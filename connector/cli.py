@@ -106,8 +106,19 @@ def _types_epilog() -> str:
 @main.command(epilog=_types_epilog())
 @config_option
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
-def check(config_file: Path, strict: bool) -> None:
-    """Validate the configuration and every mapping it names."""
+@click.option(
+    "--online",
+    is_flag=True,
+    help="Also ask Treez and each destination, with a harmless authenticated read, whether "
+    "they answer and take the credentials (without it, nothing leaves this machine).",
+)
+def check(config_file: Path, strict: bool, online: bool) -> None:
+    """Validate the configuration and every mapping it names.
+
+    With --online, each destination and Treez get one harmless read carrying the
+    credentials and no customer data; one that refuses them or cannot be reached is an
+    error (exit 1), one with no such read is "not checked", which is not.
+    """
     config = _load(config_file)
     lines = [
         f"{config_file}: store {config.store_display}, "
@@ -143,6 +154,16 @@ def check(config_file: Path, strict: bool) -> None:
             "reach it is one token away from the dead letters; keep 127.0.0.1 and use an "
             "SSH tunnel or a TLS proxy that restricts who connects"
         )
+    if online:
+        import asyncio
+
+        from connector.preflight import preflight
+
+        checked = asyncio.run(preflight(config))
+        lines.extend(str(c) for c in checked)
+        failed = [c for c in checked if c.probe.failed]
+        if failed:
+            errors.append(f"{len(failed)} of {len(checked)} online check(s) failed")
     click.echo("\n".join(lines))
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -309,8 +330,10 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
     webhook port).
 
     Stops on SIGTERM or Ctrl-C: accepts nothing more, finishes or releases the work in
-    hand within server.shutdown_grace_seconds, and exits 0.
+    hand within server.shutdown_grace_seconds, and exits 0. On SIGHUP, reads the
+    configuration file again and applies its webhook tokens (nothing else) if it is valid.
     """
+    from connector import reload
     from connector.logs import configure_logging
     from connector.receiver import create_app
     from connector.server import (
@@ -351,7 +374,9 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
         service = Service(config, role="receiver" if server.pipeline_process else "all")
     except ConnectorError as exc:
         _fail(str(exc))
-    webhook = ConnectorServer(uvicorn_config(create_app(service), config, host=host, port=port))
+    receiver = create_app(service)
+    reload.install(receiver, config_file, config)  # SIGHUP: the webhook tokens read again
+    webhook = ConnectorServer(uvicorn_config(receiver, config, host=host, port=port))
     if console is None or console_socket is None:
         webhook.run()
         return

@@ -146,6 +146,12 @@ class TreezClient:
         self._token = token
         self._expires_at = self._clock() + lifetime
 
+    async def probe(self) -> None:
+        """One token request, nothing else (a preflight's harmless read: it proves the
+        address, ``client_id`` and ``api_key`` and reads no customer). Raises as
+        :meth:`page` does, without retrying."""
+        await self._fetch_token()
+
     def forget_token(self) -> None:
         self._token = None
 

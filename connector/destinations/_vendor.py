@@ -15,6 +15,12 @@ import httpx
 from connector.config_base import Rate
 from connector.delivery._http import classify_status, json_body, json_or_none, transport_error
 from connector.delivery.ratelimit import SlidingWindowLimiter
+from connector.destinations._probe import (
+    PROBE_TIMEOUT_SECONDS,
+    Probe,
+    answered,
+    failed_to_connect,
+)
 from connector.errors import DeliveryError
 
 # a vendor counts its limits per account (an API key, an app's token): every sink of one
@@ -145,6 +151,18 @@ class VendorClient:
                 exc.args = (f"{exc.args[0]}: {what}",)
             return exc
         raise AssertionError("classify_status accepted a non-2xx status")  # pragma: no cover
+
+    async def probe(self, path: str, notes: dict[int, str] | None = None) -> Probe:
+        """One GET of ``path`` with the credentials, unpaced and unretried (a preflight's
+        harmless read): what its answer says of the address and the key."""
+        try:
+            request = self._client.build_request(
+                "GET", f"{self.base_url}{path}", headers=self._headers
+            )
+            response = await self._client.send(request)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return failed_to_connect(exc, self._client.timeout.read or PROBE_TIMEOUT_SECONDS)
+        return answered(response, notes)
 
     async def aclose(self) -> None:
         await self._client.aclose()

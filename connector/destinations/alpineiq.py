@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator
@@ -38,6 +39,7 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator
 from connector.config_base import DestinationConfig, Rate, Rates, secret_set
 from connector.delivery._http import identifier
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+from connector.destinations._probe import Probe
 from connector.destinations._vendor import VendorClient, host_of
 from connector.destinations._vendor import json_object as _json
 from connector.errors import DeliveryError, FatalDelivery
@@ -193,6 +195,11 @@ class AlpineIQSink:
             for index, result in zip(chunk, outcome, strict=True):
                 results[index] = result
         return [r if r is not None else Sent() for r in results]
+
+    async def probe(self) -> Probe:
+        """The account's store locations (``GET /api/v1.1/stores/{uid}``, Alpine IQ's store
+        locations API): the key and the uid together; no persona is read or written."""
+        return await self.api.probe(f"/api/v1.1/stores/{quote(self.config.uid, safe='')}")
 
     async def aclose(self) -> None:
         await self.api.aclose()

@@ -63,6 +63,7 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 from connector.config_base import DestinationConfig, Rate, secret_set
 from connector.delivery._http import json_or_none, safe_text
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+from connector.destinations._probe import Probe, not_checked
 from connector.destinations._vendor import (
     VendorClient,
     account_digest,
@@ -280,6 +281,14 @@ class BrazeSink:
 
     async def lookup(self, contact_id: str) -> dict[str, Any] | None:
         return None  # can_lookup is False: Braze's export endpoints are not used
+
+    async def probe(self) -> Probe:
+        """Braze has no read a REST key can make without naming a user or being granted an
+        export permission the connector does not need, so nothing is sent."""
+        return not_checked(
+            "Braze has no read that proves a REST key without naming a user; a refused key "
+            "shows at the first delivery"
+        )
 
     async def aclose(self) -> None:
         await self.api.aclose()

@@ -26,6 +26,7 @@ from connector.delivery.base import (
     Result,
     as_results,
 )
+from connector.destinations._probe import Probe, not_checked
 from connector.destinations._vendor import host_of
 
 
@@ -125,6 +126,11 @@ class HttpSink:
             raise transport_error(exc) from None
         classify(response)
         return as_results(_contact_ids_from(response.content, count))
+
+    async def probe(self) -> Probe:
+        """Contract 4 defines POSTs of operations only: any request to ``url`` could be
+        taken for one (a Zapier hook runs on a GET), so nothing is sent."""
+        return not_checked("contract 4 defines no harmless read; the first delivery tells")
 
     async def aclose(self) -> None:
         if self._session is not None:

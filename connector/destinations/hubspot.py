@@ -67,6 +67,7 @@ import weakref
 import zoneinfo
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import httpx
 from pydantic import BeforeValidator, Field, HttpUrl, SecretStr, field_validator
@@ -74,6 +75,7 @@ from pydantic import BeforeValidator, Field, HttpUrl, SecretStr, field_validator
 from connector.config_base import DestinationConfig, Rate, parse_rates, secret_set
 from connector.delivery._http import identifier
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+from connector.destinations._probe import Probe
 from connector.destinations._vendor import VendorClient, account_digest, account_limiters, host_of
 from connector.destinations._vendor import json_object as _json
 from connector.errors import DeliveryError, FatalDelivery, QuotaPause, RetriableDelivery
@@ -320,6 +322,16 @@ class HubSpotSink:
             return None
         data = _json(response)
         return data if data.get("id") else None
+
+    async def probe(self) -> Probe:
+        """The definition of the ``id_property`` (``GET /crm/v3/properties/contacts/{name}``):
+        the token and its schema scope, and whether setup made the property; no contact is
+        read or written. A 404 is a reachable portal without the property yet."""
+        name = self.config.id_property
+        return await self.api.probe(
+            f"/crm/v3/properties/contacts/{quote(name, safe='')}",
+            {404: f"but the property {name} is missing: run connector hubspot setup"},
+        )
 
     async def aclose(self) -> None:
         await self.api.aclose()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from connector.config_base import DestinationConfig, FilePath, Rate
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+from connector.destinations._probe import Probe
 
 
 class JsonlDestination(DestinationConfig):
@@ -59,6 +60,19 @@ class JsonlSink:
 
     async def lookup(self, contact_id: str) -> dict[str, Any] | None:
         return None  # a file cannot be asked
+
+    async def probe(self) -> Probe:
+        """Local: whether the file can be appended to (or made), without writing to it."""
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the first existing folder: the rest is made at once
+        if self.path.exists():
+            ok = self.path.is_file() and os.access(self.path, os.W_OK)
+        else:
+            ok = folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+        if ok:
+            return Probe("reachable", "local file, writable")
+        return Probe("unreachable", f"{self.path} cannot be written")
 
     async def aclose(self) -> None:
         return None

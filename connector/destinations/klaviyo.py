@@ -60,6 +60,7 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator
 from connector.config_base import DestinationConfig, Rate, secret_set
 from connector.delivery._http import identifier, safe_text
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
+from connector.destinations._probe import Probe
 from connector.destinations._vendor import (
     VendorClient,
     account_digest,
@@ -268,6 +269,11 @@ class KlaviyoSink:
             return None
         data = response.json().get("data")
         return data if isinstance(data, dict) else None
+
+    async def probe(self) -> Probe:
+        """The account of the key (``GET /api/accounts/``, scope ``accounts:read``): no
+        profile is read or written."""
+        return await self.api.probe("/api/accounts/")
 
     async def aclose(self) -> None:
         await self.api.aclose()

@@ -17,6 +17,8 @@ assumption** of what the adapter sends (shared/docs/destinations.md, Alpine IQ c
   opt-in in real life: accepted (200) and recorded in :attr:`AlpineIQFake.texted` so that tests
   can assert a sync never calls it;
 - ``GET /api/v2/persona/{contactID}`` answers the persona or 404 ``not_found``;
+- ``GET /api/v1.1/stores/{uid}`` answers the account's store locations as Alpine IQ's store
+  locations API documents them, ``{"data": {"stores": [...]}}`` (a preflight's read);
 - a sliding one-second rate limit over all endpoints (``rate_limit_per_second``, assumed: none
   is published) answers 429 ``rate_limited`` with ``Retry-After: 1``.
 
@@ -109,6 +111,20 @@ MEMBER_FIELDS = frozenset(
     }
 )
 
+# the one store location of the fake's account (the shape of Alpine IQ's documented example)
+STORE: dict[str, Any] = {
+    "id": 16,
+    "name": "Fake Dispensary - Main St",
+    "nickname": "Main St",
+    "avatar": "https://lab.alpineiq.com/avatar/1",
+    "addr": {"city": "los angeles", "country": "US", "zipCode": "90012", "state": "CA",
+             "street": "1 main st", "lat": 34.05, "long": -118.24},
+    "reviewLinks": {},
+    "sourceMapping": {"treez": "partnersandbox3"},
+    "onlineShopURL": "https://dispensary.example.com/shop",
+    "phone": "5550000000",
+}  # fmt: skip
+
 _E164 = re.compile(r"\+[1-9]\d{7,14}")
 _TEN_DIGITS = re.compile(r"\d{10}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -118,6 +134,7 @@ _LOYALTY = re.compile(r"/api/v2/loyalty")
 _BULK = re.compile(r"/api/v1\.1/createUpdateMembers/(?P<uid>[^/]+)")
 _CONTACT = re.compile(r"/api/(?:v2|v1\.1)/loyaltyContact/(?P<uid>[^/]+)")
 _PERSONA = re.compile(r"/api/v2/persona/(?P<id>[^/]+)")
+_STORES = re.compile(r"/api/v1\.1/stores/(?P<uid>[^/]+)")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -466,7 +483,8 @@ class AlpineIQFake:
                 if status == 429:
                     headers.append((b"retry-after", str(self._retry_after).encode()))
                 elif status == 405:
-                    headers.append((b"allow", b"GET" if _PERSONA.fullmatch(path) else b"POST"))
+                    reads = _PERSONA.fullmatch(path) or _STORES.fullmatch(path)
+                    headers.append((b"allow", b"GET" if reads else b"POST"))
             call = Call(method, path, status, body, at, response)
             self._calls.append(call)
             if status == 200 and _CONTACT.fullmatch(path):
@@ -493,6 +511,10 @@ class AlpineIQFake:
         if match := _PERSONA.fullmatch(path):
             self._require(method, "GET")
             return self._get_persona(match["id"])
+        if match := _STORES.fullmatch(path):
+            self._require(method, "GET")
+            self._check_uid(match["uid"])
+            return {"data": {"stores": [dict(STORE, userID=self.uid)]}}
         route = None
         for pattern in (_LOYALTY, _BULK, _CONTACT):
             if match := pattern.fullmatch(path):

@@ -19,6 +19,7 @@ guide. Every request needs ``Authorization: Klaviyo-API-Key <key>`` (absent or a
 ``POST /api/profile-bulk-import-jobs``               202, the job (<= 10,000 profiles, 5 MB)
 ``GET  /api/profile-bulk-import-jobs/{job_id}``      200, the job
 ``GET  /api/profile-bulk-import-jobs/{id}/import-errors``  200, the job's failures
+``GET  /api/accounts``                               200, the key's account (preflight)
 ==================================================  ========================================
 
 A trailing slash is accepted. Other paths: 404; another method on a known path: 405.
@@ -170,6 +171,8 @@ class RateLimit:
 # The ``x-klaviyo-ratelimit`` of each operation in the OpenAPI document (revision 2026-07-15).
 # shared/docs/destinations.md quotes 700/min for profile-import (the guide's "L" tier); the
 # operation itself says 750/m. The bulk import job endpoints are 10/s and 150/m (tier "M").
+ACCOUNT_ID = "FaKe01"  # the account's id, which is also its public API key (site id)
+
 RATE_LIMITS: dict[str, RateLimit] = {
     "profile-import": RateLimit(75, 750),
     "get-profile": RateLimit(75, 750),
@@ -179,6 +182,8 @@ RATE_LIMITS: dict[str, RateLimit] = {
     "bulk-import": RateLimit(10, 150),
     "get-bulk-import-job": RateLimit(10, 150),
     "get-import-errors": RateLimit(10, 150),
+    # Get Accounts: tier XS of Klaviyo's guide (1/s burst, 15/m steady)
+    "get-accounts": RateLimit(1, 15),
 }
 
 
@@ -462,6 +467,7 @@ _Handler = Callable[[_Request], tuple[int, Any]]
 # (pattern, method, endpoint name: the rate-limit bucket and the handler)
 _ROUTES: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (re.compile(r"/api/profile-import"), "POST", "profile-import"),
+    (re.compile(r"/api/accounts"), "GET", "get-accounts"),
     (re.compile(r"/api/profiles/(?P<id>[^/]+)"), "GET", "get-profile"),
     (re.compile(r"/api/profile-merge"), "POST", "profile-merge"),
     (re.compile(r"/api/profile-subscription-bulk-create-jobs"), "POST", "subscribe"),
@@ -528,6 +534,7 @@ class KlaviyoFake:
             "bulk-import": self._bulk_import,
             "get-bulk-import-job": self._get_bulk_import_job,
             "get-import-errors": self._get_import_errors,
+            "get-accounts": self._get_accounts,
         }
         self._reset_state()
 
@@ -1064,6 +1071,37 @@ class KlaviyoFake:
             profile, request.base, subscriptions=self._wants_subscriptions(request.query)
         )
         return 200, {"data": resource, "links": {"self": resource["links"]["self"]}}
+
+    # ---- account ----------------------------------------------------------------------------
+
+    def _get_accounts(self, request: _Request) -> tuple[int, Any]:
+        """The one account a private key belongs to (Get Accounts: a list of one)."""
+        account_id = ACCOUNT_ID
+        resource = {
+            "type": "account",
+            "id": account_id,
+            "attributes": {
+                "test_account": True,
+                "contact_information": {
+                    "default_sender_name": "Fake Dispensary",
+                    "default_sender_email": "marketing@example.com",
+                    "website_url": "https://dispensary.example.com",
+                    "organization_name": "Fake Dispensary",
+                    "street_address": {
+                        "address1": "1 Main St", "address2": None, "city": "Los Angeles",
+                        "region": "CA", "country": "US", "zip": "90012",
+                    },
+                },
+                "industry": "Retail",
+                "timezone": "America/Los_Angeles",
+                "preferred_currency": "USD",
+                "public_api_key": account_id,
+                "locale": "en-US",
+            },
+            "links": {"self": f"{request.base}/api/accounts/{account_id}/"},
+        }  # fmt: skip
+        links = {"self": f"{request.base}/api/accounts/", "next": None, "prev": None}
+        return 200, {"data": [resource], "links": links}
 
     # ---- merge ------------------------------------------------------------------------------
 
