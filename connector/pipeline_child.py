@@ -41,8 +41,11 @@ async def _child(sock: socket.socket) -> None:
     service = Service(config, role="pipeline")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    # Ctrl-C reaches the whole process group: the parent decides when the child stops.
+    # Ctrl-C reaches the whole process group: the parent decides when the child stops. A
+    # SIGHUP (a reload, or a hangup of the group) is the parent's too: the child holds no
+    # webhook token, and a restarted child would otherwise die of the default action.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def commands() -> None:

@@ -32,6 +32,7 @@ from test_e2e import (
     Procs,
     Server,
     connector_command,
+    pipeline_child,
     procs,  # noqa: F401 - a fixture
     query,
     sigterm,
@@ -178,6 +179,38 @@ def test_a_restart_applies_the_new_tokens(tmp_path: Path, procs: Procs) -> None:
     assert post(second, OLD, "3") == 403
     assert post(second, NEW, "4") == 202
     assert inbox_count(tmp_path) == 3
+
+
+def test_sighup_stops_neither_a_restarted_pipeline_process_nor_the_receiver(
+    tmp_path: Path,
+    procs: Procs,  # noqa: F811
+) -> None:
+    """A pipeline process restarted after a crash starts with SIGHUP's default action (die)
+    unless it sets its own: a hangup of the process group would kill it each time."""
+    config = write(tmp_path, [OLD, NEW])
+    server = start_server(procs, config, "serve")
+    first = pipeline_child(server)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30.0
+    second = first
+    while second == first:
+        assert time.monotonic() < deadline, f"no new pipeline process\n{server.proc.tail()}"
+        time.sleep(0.2)
+        try:
+            second = pipeline_child(server)
+        except (AssertionError, OSError):
+            continue
+    wait_for_line(server.proc, "started", count=3)  # the receiver, then each pipeline process
+    # as a terminal's hangup reaches the group (the test's own group: each one by name)
+    os.kill(second, signal.SIGHUP)
+    server.proc.popen.send_signal(signal.SIGHUP)
+    wait_for_line(server.proc, "config_reloaded")
+    time.sleep(1.0)  # long enough for a dying child to be seen and restarted
+    assert server.proc.running()
+    assert pipeline_child(server) == second, "the restarted pipeline process died of SIGHUP"
+    exited = [x for x in server.proc.log_lines() if x.get("event") == "pipeline_process_exited"]
+    assert len(exited) == 1, exited
+    assert post(server, NEW, "1") == 202
 
 
 # --- secrets never in output ---
