@@ -303,6 +303,36 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
     },
 }
+# Treez's event types are read case-insensitively, surrounding spaces ignored (treez.parse_event)
+_CUSTOMER_TYPE = r"^\s*[Cc][Uu][Ss][Tt][Oo][Mm][Ee][Rr]\s*$"
+
+
+def _body_schemas() -> dict[str, Any]:
+    """What a webhook body may be: a CUSTOMER event (its customer as the model reads it), an
+    event of another type (stored as ignored), or the portal's test ping (any object with a
+    ``test`` key; answered 200)."""
+    customer = webhook_body_schema()
+    schemas: dict[str, Any] = customer.pop("$defs", {})
+    customer["properties"]["event_type"] = {"type": "string", "pattern": _CUSTOMER_TYPE}
+    customer["title"] = "CustomerEvent"
+    schemas["CustomerEvent"] = customer
+    schemas["OtherEvent"] = {
+        "type": "object",
+        "title": "OtherEvent",
+        "properties": {
+            "event_type": {"type": "string", "minLength": 1, "not": {"pattern": _CUSTOMER_TYPE}},
+            "dispensary_short_name": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "required": ["event_type"],
+    }
+    schemas["TestPing"] = {
+        "type": "object",
+        "title": "TestPing",
+        "required": ["test"],
+    }
+    return schemas
+
+
 _SECURITY = {"webhookToken": {"type": "http", "scheme": "bearer"}}
 
 _WEBHOOK_RESPONSES: dict[str, dict[str, Any]] = {
@@ -416,8 +446,8 @@ def create_app(service: ReceiverPorts) -> FastAPI:
             child = counters[(dispensary, outcome)] = metrics.events.labels(dispensary, outcome)
         child.inc()
 
-    body_schema = webhook_body_schema()
-    schemas = body_schema.pop("$defs", {})
+    schemas = _body_schemas()
+    body_schema = {"anyOf": [_ref("CustomerEvent"), _ref("OtherEvent"), _ref("TestPing")]}
 
     async def quarantine(
         dispensary: str, status: int, reason: str, content_type: str | None, body: bytes
