@@ -9,6 +9,7 @@ metrics text. :class:`connector.service.Service` provides them; this module neve
 
 from __future__ import annotations
 
+import copy
 import hmac
 import logging
 import time
@@ -105,7 +106,7 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-def _auth_and_type(request: Request) -> tuple[str | None, str | None, list[str]]:
+def _webhook_headers(request: Request) -> tuple[str | None, str | None, list[str]]:
     """The bearer token, the content type and the codings the receiver does not decode, in
     one pass over the raw headers (ASGI servers give their names in lower case); the first
     token and content type count, as in Starlette. A coding is a ``Content-Encoding`` other
@@ -393,14 +394,13 @@ def _document(app: FastAPI, body_schemas: dict[str, Any]) -> dict[str, Any]:
     document = get_openapi(title=app.title, version=app.version, routes=app.routes)
     paths = document["paths"]
     webhook = paths["/webhooks/treez/{dispensary}"]["post"]
-    webhook["responses"] = _WEBHOOK_RESPONSES
+    webhook["responses"] = copy.deepcopy(_WEBHOOK_RESPONSES)
     webhook["security"] = [{"webhookToken": []}]
     for path, responses in _GET_RESPONSES.items():
-        paths[path]["get"]["responses"] = responses
-    document["components"] = {
-        "schemas": {**body_schemas, **_SCHEMAS},
-        "securitySchemes": _SECURITY,
-    }
+        paths[path]["get"]["responses"] = copy.deepcopy(responses)
+    document["components"] = copy.deepcopy(
+        {"schemas": {**body_schemas, **_SCHEMAS}, "securitySchemes": _SECURITY}
+    )
     return document
 
 
@@ -497,7 +497,7 @@ def create_app(service: ReceiverPorts) -> FastAPI:
                 None,
                 "unknown",
             )
-        token, content_type, codings = _auth_and_type(request)
+        token, content_type, codings = _webhook_headers(request)
         if token is None:
             count(dispensary, "rejected_401")
             return (
