@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import json
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connector.errors import EventValidationError
 from connector.treez import (
@@ -546,3 +549,70 @@ def test_a_repeated_name_is_read_by_its_last_copy_everywhere(
         assert expected[1] == str(data["customer_id"])
         if "opt_out" in members:
             assert expected[2] is (data["opt_out"] in (True, "true"))
+
+
+SEED_DATA: dict[str, Any] = json.loads(
+    (Path(__file__).parent / "data" / "seed_body.json").read_bytes()
+)["data"]
+_VALUES = {
+    "customer_id": st.sampled_from(["1", "2", 3, "", " 4 ", None, [], "x" * 200]),
+    "opt_out": st.sampled_from([True, False, "true", "FALSE", "", "yes", 1, None]),
+    "status": st.sampled_from(["ACTIVE", "DEACTIVATED", None, 5]),
+    "last_update": st.sampled_from(
+        ["2026-04-24T11:38:21.000-07:00", "2026-05-01T00:00:00Z", "1700000000", None]
+    ),
+    "merged_into_customer_id": st.sampled_from([None, "7", "", {}]),
+    "first_name": st.sampled_from(["Jules", None, {"given": "x"}]),
+}
+
+
+@given(
+    members=st.lists(
+        st.sampled_from(sorted(_VALUES)).flatmap(
+            lambda name: st.tuples(st.just(name), _VALUES[name])
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    event_types=st.lists(st.sampled_from(["CUSTOMER", "PRODUCT", "customer"]), max_size=2),
+)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_repeated_names_the_receiver_and_the_planner_agree(
+    members: list[tuple[str, Any]], event_types: list[str]
+) -> None:
+    """Generated bodies repeating rule fields (and the event type) with sound and wrong
+    values: whatever the receiver accepts, the planner reads as the same customer, with the
+    last copy's consent; whatever it refuses, the planner refuses too, and so it would the
+    body written without the repeats (the last copies)."""
+    data = copy.deepcopy(SEED_DATA)
+    for name, _ in members:
+        data.pop(name, None)
+    head = json.dumps(data)[:-1]  # the seed's customer without the names drawn, left open
+    text = head + "".join(f", {json.dumps(n)}: {json.dumps(v)}" for n, v in members) + "}"
+    types = "".join(f'"event_type": {json.dumps(t)}, ' for t in event_types)
+    raw = '{"event_type": "CUSTOMER", ' + types + '"data": ' + text + "}"
+    decoded = json.loads(raw)
+    try:
+        checked = check_event_json(raw)
+    except EventValidationError:
+        with pytest.raises(EventValidationError):
+            parse_stored_event(raw)
+        with pytest.raises(EventValidationError):  # refused for a value, not for a repeat
+            check_event_json(json.dumps(decoded))
+        return
+    event, _ = parse_stored_event(raw)
+    if isinstance(checked, OtherEvent):
+        assert isinstance(event, OtherEvent)
+        assert event.event_type == decoded["event_type"].upper()
+        return
+    assert isinstance(event, CustomerEvent)
+    assert not isinstance(checked, TestPing)
+    assert (
+        checked.customer_id
+        == event.customer.customer_id
+        == str(decoded["data"]["customer_id"]).strip()
+    )
+    last_opt_out = decoded["data"].get("opt_out")
+    assert event.customer.opt_out is (
+        None if last_opt_out in (None, "") else str(last_opt_out).lower() == "true"
+    )
