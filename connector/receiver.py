@@ -9,6 +9,7 @@ metrics text. :class:`connector.service.Service` provides them; this module neve
 
 from __future__ import annotations
 
+import copy
 import hmac
 import logging
 import time
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -104,17 +106,36 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-def _auth_and_type(request: Request) -> tuple[str | None, str | None]:
-    """The bearer token and the content type, in one pass over the raw headers (ASGI
-    servers give their names in lower case); the first of each counts, as in Starlette."""
+def _webhook_headers(request: Request) -> tuple[str | None, str | None, list[str]]:
+    """The bearer token, the content type and the codings the receiver does not decode, in
+    one pass over the raw headers (ASGI servers give their names in lower case); the first
+    token and content type count, as in Starlette. A coding is a ``Content-Encoding`` other
+    than identity, or a ``Transfer-Encoding`` other than chunked (the server has undone
+    chunked; nothing here undoes gzip or any other)."""
     authorization = content_type = None
+    codings: list[str] = []
     for name, value in request.scope["headers"]:
         if name == b"authorization":
             if authorization is None:
                 authorization = value.decode("latin-1")
-        elif name == b"content-type" and content_type is None:
-            content_type = value.decode("latin-1")
-    return _bearer(authorization), content_type
+        elif name == b"content-type":
+            if content_type is None:
+                content_type = value.decode("latin-1")
+        elif name == b"content-encoding":
+            codings += _codings(value, b"identity")
+        elif name == b"transfer-encoding":
+            codings += _codings(value, b"chunked")
+    return _bearer(authorization), content_type, codings
+
+
+def _codings(value: bytes, understood: bytes) -> list[str]:
+    """The codings listed in a header ``value`` other than ``understood``, each cut short and
+    in ASCII (they are repeated in the answer and the quarantine)."""
+    return [
+        coding[:40].decode("ascii", "replace")
+        for part in value.split(b",")
+        if (coding := part.strip().lower()) and coding != understood
+    ]
 
 
 def _bearer(header: str | None) -> str | None:
@@ -173,7 +194,8 @@ class WebhookTokens:
 
 
 class WebhookFastPath:
-    """``POST /webhooks/treez/{dispensary}`` straight to its handler, past FastAPI's router,
+    """``POST /webhooks/treez/{dispensary}`` (or ``.../{dispensary}/``: the app makes no
+    redirects) straight to its handler, past FastAPI's router,
     exception middleware and dependency solving: a sixth of the receiver's CPU per request
     (py-spy, bench/pipeline.py). The route stays declared in FastAPI for the OpenAPI
     document, and every other request goes through FastAPI; Starlette's outermost error
@@ -193,12 +215,204 @@ class WebhookFastPath:
         if scope["type"] == "http" and scope["method"] == "POST":
             path: str = scope["path"]
             if path.startswith(self.prefix):
-                dispensary = path[len(self.prefix) :]
+                # one trailing slash is the same path: answered alike, never redirected
+                dispensary = path[len(self.prefix) :].removesuffix("/")
                 if dispensary and "/" not in dispensary:
                     response = await self.handler(dispensary, Request(scope, receive))
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+# --- the OpenAPI document: every answer, its media type and body (contract 1) ---
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description: str, schema: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(schema)}},
+        **extra,
+    }
+
+
+def _text(*names: str) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, **({"enum": list(names)} if names else {})}
+
+
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {
+        "type": "object",
+        "description": "Every refusal: a code for programs, a sentence for people",
+        "properties": {"error": _text(), "detail": {"type": "string"}},
+        "required": ["error", "detail"],
+        "additionalProperties": False,
+    },
+    "InvalidEvent": {
+        "type": "object",
+        "properties": {
+            "error": _text("invalid_event"),
+            "detail": {"type": "string"},
+            "problems": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "properties": {"field": {"type": "string"}, "problem": {"type": "string"}},
+                    "required": ["field", "problem"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "required": ["error", "detail", "problems"],
+        "additionalProperties": False,
+    },
+    "Stored": {
+        "type": "object",
+        "properties": {"status": _text("accepted", "ignored")},
+        "required": ["status"],
+        "additionalProperties": False,
+    },
+    "Ping": {
+        "type": "object",
+        "properties": {"status": _text("ok"), "test": {"type": "boolean", "enum": [True]}},
+        "required": ["status", "test"],
+        "additionalProperties": False,
+    },
+    "Healthy": {
+        "type": "object",
+        "properties": {"status": _text("ok")},
+        "required": ["status"],
+        "additionalProperties": False,
+    },
+    "Ready": {
+        "type": "object",
+        "properties": {"status": _text("ready")},
+        "required": ["status"],
+        "additionalProperties": False,
+    },
+    "NotReady": {
+        "type": "object",
+        "properties": {
+            "status": _text("not_ready"),
+            "problems": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        },
+        "required": ["status", "problems"],
+        "additionalProperties": False,
+    },
+}
+# Treez's event types are read case-insensitively, surrounding spaces ignored (treez.parse_event)
+_CUSTOMER_TYPE = r"^\s*[Cc][Uu][Ss][Tt][Oo][Mm][Ee][Rr]\s*$"
+
+
+def _body_schemas() -> dict[str, Any]:
+    """What a webhook body may be: a CUSTOMER event (its customer as the model reads it), an
+    event of another type (stored as ignored), or the portal's test ping (any object with a
+    ``test`` key; answered 200)."""
+    customer = webhook_body_schema()
+    schemas: dict[str, Any] = customer.pop("$defs", {})
+    customer["properties"]["event_type"] = {"type": "string", "pattern": _CUSTOMER_TYPE}
+    customer["title"] = "CustomerEvent"
+    schemas["CustomerEvent"] = customer
+    schemas["OtherEvent"] = {
+        "type": "object",
+        "title": "OtherEvent",
+        "properties": {
+            "event_type": {"type": "string", "minLength": 1, "not": {"pattern": _CUSTOMER_TYPE}},
+            "dispensary_short_name": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "required": ["event_type"],
+    }
+    schemas["TestPing"] = {
+        "type": "object",
+        "title": "TestPing",
+        "required": ["test"],
+    }
+    return schemas
+
+
+_SECURITY = {"webhookToken": {"type": "http", "scheme": "bearer"}}
+
+_WEBHOOK_RESPONSES: dict[str, dict[str, Any]] = {
+    "200": _json("Treez's test ping (a body with a `test` key): not stored", "Ping"),
+    "202": _json("Stored durably (`accepted`; another event type: `ignored`)", "Stored"),
+    "400": _json("Not JSON (not UTF-8 text, or not JSON we read): quarantined", "Error"),
+    "401": _json(
+        "No bearer token",
+        "Error",
+        headers={"WWW-Authenticate": {"schema": {"type": "string", "enum": ["Bearer"]}}},
+    ),
+    "403": _json(
+        "A token that is not this dispensary's, or a body naming another dispensary (quarantined)",
+        "Error",
+    ),
+    "404": _json("No such dispensary is configured", "Error"),
+    "413": _json("The body is larger than `server.max_body_bytes`: quarantined", "Error"),
+    "415": _json(
+        "Not `application/json`, or sent with a coding the receiver does not decode"
+        " (a `Content-Encoding` other than identity, a `Transfer-Encoding` other than"
+        " chunked): quarantined",
+        "Error",
+    ),
+    "422": _json(
+        "JSON, but not an event of the expected shape (each problem named): quarantined",
+        "InvalidEvent",
+    ),
+    "503": _json(
+        "The store cannot take the event now: retry after the seconds said",
+        "Error",
+        headers={
+            "Retry-After": {
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
+}
+_GET_RESPONSES: dict[str, dict[str, dict[str, Any]]] = {
+    "/healthz": {"200": _json("The process answers", "Healthy")},
+    "/readyz": {
+        "200": _json("This replica takes webhooks", "Ready"),
+        "503": _json("What keeps this replica from taking webhooks", "NotReady"),
+    },
+    "/metrics": {
+        "200": {
+            "description": "The Prometheus text exposition of this replica",
+            "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+        }
+    },
+}
+
+
+def _document(app: FastAPI, body_schemas: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document: FastAPI's paths, with each operation's answers as this module
+    gives them (FastAPI would declare a validation error no request here can get, and
+    JSON for the Prometheus text)."""
+    document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    paths = document["paths"]
+    webhook = paths["/webhooks/treez/{dispensary}"]["post"]
+    webhook["responses"] = copy.deepcopy(_WEBHOOK_RESPONSES)
+    webhook["security"] = [{"webhookToken": []}]
+    for path, responses in _GET_RESPONSES.items():
+        paths[path]["get"]["responses"] = copy.deepcopy(responses)
+    document["components"] = copy.deepcopy(
+        {"schemas": {**body_schemas, **_SCHEMAS}, "securitySchemes": _SECURITY}
+    )
+    return document
+
+
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's own refusals (an unknown path, a method a path does not take) in the JSON
+    error body of every other refusal, their headers (``Allow``) kept."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_ERRORS.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
 
 def create_app(service: ReceiverPorts) -> FastAPI:
@@ -209,6 +423,9 @@ def create_app(service: ReceiverPorts) -> FastAPI:
         lifespan=service.lifespan,
         docs_url=None,
         redoc_url=None,
+        # no redirects: ".../{dispensary}/" is answered as the path without the slash (the
+        # fast path), any other path with a slash added or taken away is a 404
+        redirect_slashes=False,
         # FastAPI's own OpenTelemetry hooks: off. /metrics is the connector's account, and
         # their exception logs could carry what a customer sent. Off, each request skips
         # three provider look-ups in os.environ (6% of the receiver's CPU, py-spy).
@@ -229,8 +446,8 @@ def create_app(service: ReceiverPorts) -> FastAPI:
             child = counters[(dispensary, outcome)] = metrics.events.labels(dispensary, outcome)
         child.inc()
 
-    body_schema = webhook_body_schema()
-    schemas = body_schema.pop("$defs", {})
+    schemas = _body_schemas()
+    body_schema = {"anyOf": [_ref("CustomerEvent"), _ref("OtherEvent"), _ref("TestPing")]}
 
     async def quarantine(
         dispensary: str, status: int, reason: str, content_type: str | None, body: bytes
@@ -249,18 +466,6 @@ def create_app(service: ReceiverPorts) -> FastAPI:
                 "required": True,
                 "content": {"application/json": {"schema": body_schema}},
             },
-        },
-        responses={
-            200: {"description": "Treez's test ping"},
-            202: {"description": "Stored; it will be applied"},
-            400: {"description": "Not JSON"},
-            401: {"description": "No bearer token"},
-            403: {"description": "Wrong token, or a body naming another dispensary"},
-            404: {"description": "Unknown dispensary"},
-            413: {"description": "Body too large"},
-            415: {"description": "Not application/json"},
-            422: {"description": "Not a CUSTOMER event of the expected shape (quarantined)"},
-            503: {"description": "The store cannot take the event now; retry"},
         },
     )
     async def receive_webhook(dispensary: str, request: Request) -> Response:
@@ -292,7 +497,7 @@ def create_app(service: ReceiverPorts) -> FastAPI:
                 None,
                 "unknown",
             )
-        token, content_type = _auth_and_type(request)
+        token, content_type, codings = _webhook_headers(request)
         if token is None:
             count(dispensary, "rejected_401")
             return (
@@ -312,6 +517,14 @@ def create_app(service: ReceiverPorts) -> FastAPI:
             reason = f"body larger than {limit} bytes (the first {limit} are kept)"
             await quarantine(dispensary, 413, reason, content_type, body)
             return _error(413, "too_large", reason), None, "rejected"
+        if codings:
+            reason = (
+                f"the body is sent with coding {', '.join(codings)}, which the receiver does"
+                " not decode: send it unencoded (Content-Encoding identity, Transfer-Encoding"
+                " chunked or none)"
+            )
+            await quarantine(dispensary, 415, reason, content_type, body)
+            return _error(415, "unsupported_encoding", reason), None, "rejected"
         media = (content_type or "").split(";", 1)[0].strip().lower()
         if media != "application/json":
             reason = f"content type must be application/json, not {media or 'missing'}"
@@ -374,12 +587,11 @@ def create_app(service: ReceiverPorts) -> FastAPI:
         return _Answer(outcome), customer_id, outcome
 
     app.add_middleware(WebhookFastPath, handler=receive_webhook)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            document.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
-            app.openapi_schema = document
+            app.openapi_schema = _document(app, schemas)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

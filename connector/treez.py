@@ -548,59 +548,11 @@ def _rule_hazards(customer: Mapping[str, Any], prefix: str) -> list[Problem]:
     ]
 
 
-# Names whose value decides what is done with an event: a JSON object may repeat a name, and
-# every parser here keeps the last copy, so {"opt_out": "true", "opt_out": "false"} would be
-# read as opted in without a word (and a repeated event_type could hide an opt-out).
-# Such a body is refused instead. The other rule fields (ids, status, merges) are read by
-# the same last-copy rule in the receiver and the planner, so they agree.
-_DECIDING = ("opt_out", "event_type")  # a repeated "data" repeats opt_out, or says nothing
-
-
-def _refuse_repeated_names(raw: bytes | str, source: str) -> None:
-    """Refuse a body in which an object repeats ``opt_out`` or ``event_type``.
-    Cheap on the common body (a few substring counts on the bytes as received): the parse
-    that finds the repeats runs only when such a name occurs twice, or when an escape
-    (``\\u``) could spell one differently."""
-    # a backslash at all is tested first (one character is a memchr, "\\u" a slower search);
-    # the counts are unrolled: this runs before every webhook is answered
-    if isinstance(raw, bytes):
-        if (
-            raw.count(b'"opt_out"') < 2
-            and raw.count(b'"event_type"') < 2
-            and not (b"\\" in raw and b"\\u" in raw)
-        ):
-            return
-    elif (
-        raw.count('"opt_out"') < 2
-        and raw.count('"event_type"') < 2
-        and not ("\\" in raw and "\\u" in raw)
-    ):
-        return
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    repeated: set[str] = set()
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for name, _ in items:
-            if name in seen:
-                repeated.add(name)
-            seen.add(name)
-        return dict(items)
-
-    try:
-        json.loads(text, object_pairs_hook=pairs)
-    except (ValueError, RecursionError):
-        return  # not JSON: refused as such by the parse that follows
-    deciding = sorted(repeated.intersection(_DECIDING))
-    if deciding:
-        problems = [
-            Problem(
-                f"data.{name}" if name == "opt_out" else name,
-                "appears more than once in one object (which copy counts is not guessed)",
-            )
-            for name in deciding
-        ]
-        raise EventValidationError(source, problems)
+# A JSON object may repeat a name. Every parser here reads it as Python's json does, the last
+# copy wins: json.loads, pydantic's JSON parser and msgspec's decoder (into a Struct too), the
+# name spelled with escapes ("opt\u005fout") included. The receiver, the planner, the
+# reconciliation and the quarantine's replay all read one body alike, so what is stored
+# (the inbox row's customer_id) and what is planned agree; tests/test_treez.py holds them to it.
 
 
 def check_event_json(
@@ -614,7 +566,6 @@ def check_event_json(
     it is not sure of, refusals included, is decided by the pydantic rule model
     (:func:`_check_with_model`), which stays the one authority.
     """
-    _refuse_repeated_names(raw, source)
     return _quick_check(raw) or _check_with_model(raw, source)
 
 
@@ -788,7 +739,6 @@ def parse_stored_event(
     refusing the whole event with its consent; in a list (``addresses``), only the elements
     refused are; likewise what no serializer takes (:func:`_screen`). Raises
     :class:`EventValidationError` when anything else is wrong."""
-    _refuse_repeated_names(raw, source)
     if _suspect(raw):
         body = _json_body(raw, source)
         screened = _screen(body, source) if _is_customer_body(body) else []

@@ -72,37 +72,50 @@ async def _outcome(rx: Running, raw: bytes) -> tuple[int, list[str], list[str], 
     return 202, [r.status for r in rows], reasons, [line["op"] for line in await rx.sink()]
 
 
-# --- BREAK 1: duplicate opt_out keys: consent decided by "last one wins" ---------------------
+# --- BREAK 1 (contract changed, issue #16): a repeated name is read by its last copy -----
 
 
 @pytest.mark.parametrize(
-    "members",
+    ("members", "statuses", "ops"),
     [
-        # the customer said true; the body would be read as false
-        '"opt_out": "true", "opt_out": "false"',
-        '"opt_out": "yes", "opt_out": "false"',  # a value refused on its own, hidden by a later one
-        '"event_type": "CUSTOMER", "event_type": "PRODUCT"',  # the opt_out "true" event is ignored
+        # the last copy says opted in: no unsubscribe (Python's json reads it so)
+        ('"opt_out": "true", "opt_out": "false"', ["applied"], ["upsert"]),
+        ('"opt_out": "yes", "opt_out": "false"', ["applied"], ["upsert"]),  # the first not judged
+        ('"opt_out": "false", "opt_out": "true"', ["applied"], ["upsert", "unsubscribe"]),
+        ('"event_type": "CUSTOMER", "event_type": "PRODUCT"', ["ignored"], []),
     ],
-    ids=["true-then-false", "yes-then-false", "event_type-customer-then-product"],
+    ids=["true-then-false", "yes-then-false", "false-then-true", "customer-then-product"],
 )
-def test_duplicate_opt_out_keys_are_refused_or_honoured_never_last_one_wins(
-    tmp_path: Path, members: str
+def test_a_repeated_name_is_accepted_and_read_by_its_last_copy(
+    tmp_path: Path, members: str, statuses: list[str], ops: list[str]
 ) -> None:
-    """A body stating two consents for one customer: every parser on the way (msgspec's quick
-    check, pydantic's JSON parser, json.loads) keeps the last, so the receiver answers 202 and
-    the opt-out is silently dropped. Consent is never guessed: refuse it (422) or honour it."""
+    """A body repeating a name is not refused for it: the receiver stores it (202) and the
+    planner reads it as Python's json does, the last copy winning (the receiver's check
+    agrees with it: a refusal would be 422 here)."""
     raw = _raw_body({}, members, drop=("opt_out",))
     if members.startswith('"event_type"'):
         raw = _raw_body({}).replace(b'"event_type": "CUSTOMER"', members.encode())
 
     async def scenario(rx: Running) -> None:
-        status, statuses, _reasons, ops = await _outcome(rx, raw)
-        if status == 422:
-            return
-        assert status == 202
-        assert "unsubscribe" in ops, (
-            f"202 to a body saying opt_out {members!r}: planned as {statuses}, sent {ops}"
-        )
+        status, stored, reasons, sent = await _outcome(rx, raw)
+        assert (status, stored, reasons) == (202, statuses, [])
+        assert sorted(sent) == sorted(ops)
+
+    run(tmp_path, scenario)
+
+
+def test_a_repeated_customer_id_is_the_last_in_the_inbox_and_the_plan(tmp_path: Path) -> None:
+    """``{"customer_id": 1, ..., "customer_id": 2}`` is customer 2 in the inbox row, in the
+    outbox and in what is delivered."""
+    raw = _raw_body({}, '"customer_id": 1, "customer_id": 2', drop=("customer_id",))
+
+    async def scenario(rx: Running) -> None:
+        status, stored, _reasons, sent = await _outcome(rx, raw)
+        assert (status, stored) == (202, ["applied"])
+        assert [r.customer_id for r in await rx.rows(inbox)] == ["2"]
+        assert {r.customer_id for r in await rx.rows(outbox)} == {"2"}
+        assert {line["customer_id"] for line in await rx.sink()} == {"2"}
+        assert sent
 
     run(tmp_path, scenario)
 

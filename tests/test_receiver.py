@@ -1294,13 +1294,20 @@ def test_the_openapi_document_describes_the_webhook_body(tmp_path: Path, store_u
         assert "components" not in operation, "components belong at the document's top level"
         body = operation["requestBody"]
         assert body["required"] is True
-        schema = _resolve(document, body["content"]["application/json"]["schema"])
+        kinds = body["content"]["application/json"]["schema"]["anyOf"]
+        schema = _resolve(document, kinds[0])
+        assert schema["title"] == "CustomerEvent"
+        assert [_resolve(document, kind)["title"] for kind in kinds[1:]] == [
+            "OtherEvent",
+            "TestPing",
+        ]
         assert {"event_type", "data"} <= set(schema["properties"])
         assert {"event_type", "data"} <= set(schema["required"])
         data = _resolve(document, schema["properties"]["data"])
         assert {"customer_id", "last_update", "opt_out"} <= set(data["properties"])
         assert {"customer_id", "last_update"} <= set(data["required"])
         assert {"202", "401", "403", "413", "415", "422", "503"} <= set(operation["responses"])
+        assert operation["responses"]["202"]["content"]["application/json"]["schema"]
 
     run(tmp_path, scenario, store=store_url)
 

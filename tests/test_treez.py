@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import json
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connector.errors import EventValidationError
 from connector.treez import (
@@ -460,3 +463,156 @@ def test_defect_11_how_deep_a_body_may_nest_does_not_depend_on_the_stack(
         for read in (check_event_json, parse_stored_event)
     }
     assert seen == {"is not JSON we read (nested past 512 levels)"}
+
+
+# --- a repeated name: the last copy wins, alike wherever a body is read ---
+
+
+def _with_members(seed_body: dict[str, Any], where: str, members: str) -> str:
+    """The seed's JSON text with the raw ``members`` (repeated names) opening the envelope
+    (``where`` "envelope") or its ``data`` object (``where`` "data")."""
+    body = copy.deepcopy(seed_body)
+    for name in ("customer_id", "opt_out", "status"):
+        if where == "data" and name in members:
+            del body["data"][name]
+    text = json.dumps(body)
+    if where == "envelope":
+        if "event_type" in members:
+            body.pop("event_type")
+            text = json.dumps(body)
+        return "{" + members + ", " + text[1:]
+    head, tail = text.split('"data": {', 1)
+    return head + '"data": {' + members + ", " + tail
+
+
+_REPEATS = {
+    "customer_id": ("data", '"customer_id": "1", "customer_id": "2"'),
+    "customer_id-escaped": ("data", '"customer_id": "1", "customer\\u005fid": "2"'),
+    "customer_id-first-wrong": ("data", '"customer_id": {"x": 1}, "customer_id": 2'),
+    "customer_id-last-wrong": ("data", '"customer_id": 2, "customer_id": ""'),
+    "opt_out-true-then-false": ("data", '"opt_out": "true", "opt_out": "false"'),
+    "opt_out-yes-then-false": ("data", '"opt_out": "yes", "opt_out": "false"'),
+    "opt_out-false-then-true": ("data", '"opt_out": false, "opt_out": "true"'),
+    "status": ("data", '"status": "ACTIVE", "status": "DEACTIVATED"'),
+    "event_type-customer-then-product": (
+        "envelope",
+        '"event_type": "CUSTOMER", "event_type": "PRODUCT"',
+    ),
+    "event_type-product-then-customer": (
+        "envelope",
+        '"event_type": "PRODUCT", "event_type": "CUSTOMER"',
+    ),
+    "data-twice": ("envelope", '"data": {"customer_id": "9"}'),
+}
+
+
+@pytest.mark.parametrize("name", list(_REPEATS))
+def test_a_repeated_name_is_read_by_its_last_copy_everywhere(
+    seed_body: dict[str, Any], name: str
+) -> None:
+    """A body repeating a name is neither refused for it nor read two ways: the receiver's
+    check (its quick path and the model behind it), the planner's parse and json.loads with
+    parse_event all take the last copy (the inbox row's customer_id is the planned one)."""
+    from connector.treez import _check_with_model, _quick_check
+
+    where, members = _REPEATS[name]
+    raw = _with_members(seed_body, where, members)
+    decoded = json.loads(raw)  # Python's json: the last copy wins
+    if name == "data-twice":  # the envelope's first "data" is replaced by the seed's
+        assert decoded["data"]["customer_id"] == seed_body["data"]["customer_id"]
+
+    def outcome(read: Any) -> Any:
+        try:
+            event = read()
+        except EventValidationError as exc:
+            return ("refused", sorted(p.where for p in exc.problems))
+        if isinstance(event, tuple):  # parse_stored_event: (event, fields left out)
+            event = event[0]
+        if isinstance(event, CustomerEvent):
+            return ("customer", event.customer.customer_id, event.customer.opt_out)
+        if isinstance(event, OtherEvent):
+            return ("other", event.event_type)
+        return ("customer", event.customer_id, None)
+
+    expected = outcome(lambda: parse_event(decoded))
+    stored = outcome(lambda: parse_stored_event(raw))
+    checked = outcome(lambda: check_event_json(raw))
+    by_model = outcome(lambda: _check_with_model(raw, "body"))
+    assert stored == expected
+    # the receiver's check names only the id; the opt-out is the planner's to read
+    assert checked[:2] == by_model[:2] == expected[:2]
+    quick = _quick_check(raw)
+    if quick is not None:
+        assert ("customer", quick.customer_id) == expected[:2]
+    if expected[0] == "customer":
+        data = decoded["data"]
+        assert expected[1] == str(data["customer_id"])
+        if "opt_out" in members:
+            assert expected[2] is (data["opt_out"] in (True, "true"))
+
+
+SEED_DATA: dict[str, Any] = json.loads(
+    (Path(__file__).parent / "data" / "seed_body.json").read_bytes()
+)["data"]
+_VALUES = {
+    "customer_id": st.sampled_from(["1", "2", 3, "", " 4 ", None, [], "x" * 200]),
+    "opt_out": st.sampled_from([True, False, "true", "FALSE", "", "yes", 1, None]),
+    "status": st.sampled_from(["ACTIVE", "DEACTIVATED", None, 5]),
+    "last_update": st.sampled_from(
+        ["2026-04-24T11:38:21.000-07:00", "2026-05-01T00:00:00Z", "1700000000", None]
+    ),
+    "merged_into_customer_id": st.sampled_from([None, "7", "", {}]),
+    "first_name": st.sampled_from(["Jules", None, {"given": "x"}]),
+}
+
+
+@given(
+    members=st.lists(
+        st.sampled_from(sorted(_VALUES)).flatmap(
+            lambda name: st.tuples(st.just(name), _VALUES[name])
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    event_types=st.lists(st.sampled_from(["CUSTOMER", "PRODUCT", "customer"]), max_size=2),
+)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_repeated_names_the_receiver_and_the_planner_agree(
+    members: list[tuple[str, Any]], event_types: list[str]
+) -> None:
+    """Generated bodies repeating rule fields (and the event type) with sound and wrong
+    values: whatever the receiver accepts, the planner reads as the same customer, with the
+    last copy's consent; whatever it refuses, the planner refuses too, and so it would the
+    body written without the repeats (the last copies)."""
+    data = copy.deepcopy(SEED_DATA)
+    for name, _ in members:
+        data.pop(name, None)
+    head = json.dumps(data)[:-1]  # the seed's customer without the names drawn, left open
+    text = head + "".join(f", {json.dumps(n)}: {json.dumps(v)}" for n, v in members) + "}"
+    types = "".join(f'"event_type": {json.dumps(t)}, ' for t in event_types)
+    raw = '{"event_type": "CUSTOMER", ' + types + '"data": ' + text + "}"
+    decoded = json.loads(raw)
+    try:
+        checked = check_event_json(raw)
+    except EventValidationError:
+        with pytest.raises(EventValidationError):
+            parse_stored_event(raw)
+        with pytest.raises(EventValidationError):  # refused for a value, not for a repeat
+            check_event_json(json.dumps(decoded))
+        return
+    event, _ = parse_stored_event(raw)
+    if isinstance(checked, OtherEvent):
+        assert isinstance(event, OtherEvent)
+        assert event.event_type == decoded["event_type"].upper()
+        return
+    assert isinstance(event, CustomerEvent)
+    assert not isinstance(checked, TestPing)
+    assert (
+        checked.customer_id
+        == event.customer.customer_id
+        == str(decoded["data"]["customer_id"]).strip()
+    )
+    last_opt_out = decoded["data"].get("opt_out")
+    assert event.customer.opt_out is (
+        None if last_opt_out in (None, "") else str(last_opt_out).lower() == "true"
+    )
