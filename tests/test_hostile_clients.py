@@ -205,7 +205,8 @@ def refused(answer: Answer, status: int, error: str) -> None:
     assert answer.headers.get("content-type") == "application/json", answer
     document = answer.json()
     assert document["error"] == error, document
-    assert isinstance(document["detail"], str) and document["detail"], document
+    assert isinstance(document["detail"], str), document
+    assert document["detail"], document
 
 
 # --- the cases --------------------------------------------------------------------------------
