@@ -39,6 +39,10 @@ from test_e2e import (
     write_config,
 )
 
+from connector.config import load_config
+from connector.http_protocol import ClientLimits, LimitedHttpProtocol
+from connector.server import uvicorn_config
+
 LIMITS = {
     "max_header_bytes": 16 * 1024,
     "max_headers": 100,
@@ -350,3 +354,21 @@ def test_past_max_connections_the_answer_is_a_json_503(procs: Procs, sink_url: s
     refused(answer, 503, "overloaded")
     assert answer.headers.get("retry-after") == "5"
     assert normal_webhook(crowded) == 202  # once they are gone
+
+
+def test_the_listener_takes_its_limits_from_the_config(tmp_path: Path) -> None:
+    """The ``server:`` settings reach uvicorn and the protocol; no request-count restarts
+    (memory is bounded by the limits, not by recycling the process)."""
+    config_path = write_config(tmp_path, "http://127.0.0.1:9/ops", "sqlite:///store.db")
+    document = yaml.safe_load(config_path.read_text())
+    document["server"].update(LIMITS, max_connections=123)
+    config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+    config = load_config(config_path)
+    settings = uvicorn_config(object(), config, host=None, port=0)
+    assert settings.limit_max_requests is None
+    assert settings.timeout_keep_alive == LIMITS["keep_alive_seconds"]
+    assert settings.limit_concurrency == 123
+    assert isinstance(settings.http, type)
+    assert issubclass(settings.http, LimitedHttpProtocol)
+    assert settings.http.limits == ClientLimits.of(config.server)
+    assert settings.http.limits.header_timeout_seconds == LIMITS["header_timeout_seconds"]
