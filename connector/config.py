@@ -69,6 +69,14 @@ class ServerConfig(Model):
     # how far past its receipt an event's last_update may order it: a clock set wrong at
     # the till (a 2099 date) must not make every later event of that customer stale
     max_future_skew_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    # limits on clients (README, "Limits on clients"; connector/http_protocol.py): what one
+    # connection may hold of the listener's time and memory, and its answer past each
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)  # 413
+    max_headers: int = Field(default=100, ge=10, le=10_000)  # 413
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)  # 400
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)  # 400
+    keep_alive_seconds: int = Field(default=5, ge=1, le=600)  # closed, no answer
+    max_connections: int = Field(default=1000, ge=10, le=100_000)  # 503
 
 
 class TreezApiConfig(Model):

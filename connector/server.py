@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 
 from connector.config import Config, ConsoleConfig
+from connector.http_protocol import ClientLimits, protocol_class
 from connector.logs import get_logger
 
 log = get_logger("connector.server")
@@ -101,10 +102,18 @@ def uvicorn_config(
         host=host or server.host,
         port=server.port if port is None else port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with limits on what one client may hold and JSON answers for what it
+        # refuses (connector/http_protocol.py; README, "Limits on clients")
+        http=protocol_class(ClientLimits.of(server)),
+        ws="none",  # no WebSocket route: an upgrade is never taken
         lifespan="on",
         log_config=None,  # connector.logs owns logging
         access_log=False,  # the receiver logs one line per request itself
+        timeout_keep_alive=server.keep_alive_seconds,
+        # past it (connections, idle ones included, or requests in hand): a JSON 503
+        limit_concurrency=server.max_connections,
+        # never recycled by request count: memory per connection is bounded by the limits
+        limit_max_requests=None,
         timeout_graceful_shutdown=max(1, int(server.shutdown_grace_seconds)),
     )
 

@@ -1,0 +1,317 @@
+"""The webhook listener's HTTP/1.1 protocol: uvicorn's httptools protocol with a bound on what
+one client may hold of the listener, and contract-1 answers for whatever it refuses.
+
+uvicorn (0.55) on httptools bounds neither the size nor the number of a request's headers,
+nor how long a client may take to send them or its body (``h11_max_incomplete_event_size``
+is h11's alone); a connection that never sends a byte is never closed either (its keep-alive
+timer is armed only after a response). And what it refuses itself is a plain-text page. Here
+(README, "Limits on clients"; the figures are ``server:`` settings, :class:`ClientLimits`):
+
+==============================================  ==============================================
+a request head (request line and headers)       413 ``headers_too_large``
+  past ``max_header_bytes``
+more than ``max_headers`` headers               413 ``too_many_headers``
+a head not complete ``header_timeout_seconds``  400 ``header_timeout``
+  after its first byte
+a body not complete ``body_timeout_seconds``    400 ``body_timeout``
+  after its head
+a request httptools cannot parse (a broken      400 ``bad_request``, llhttp's reason as detail
+  chunk size, a bad header line)
+no request ``keep_alive_seconds`` after the     closed without an answer
+  connection opens or the last answer
+``max_connections`` connections or requests     503 ``overloaded`` with ``Retry-After``
+  in hand
+==============================================  ==============================================
+
+Each refusal is the JSON error body of the receiver (``{"error": ..., "detail": ...}``), then
+the connection closes (after at most :data:`LINGER_SECONDS` of reading what the client still
+sends); it is logged as one warning line (``http_refused``), no traceback. A
+client that hangs up in the middle of its body is one warning line too (``http_client_gone``),
+not the ``ClientDisconnect`` traceback the app's read would otherwise end in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httptools
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from connector.logs import get_logger
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+    from uvicorn.config import Config as UvicornConfig
+    from uvicorn.server import ServerState
+
+    from connector.config import ServerConfig
+
+log = get_logger("connector.http")
+RETRY_AFTER_SECONDS = 5
+LINGER_SECONDS = 2.0
+"""How long a refused connection's late bytes are read and dropped before it is closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What one client may hold (the ``server:`` settings of the same names)."""
+
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> ClientLimits:
+        return cls(
+            max_header_bytes=server.max_header_bytes,
+            max_headers=server.max_headers,
+            header_timeout_seconds=server.header_timeout_seconds,
+            body_timeout_seconds=server.body_timeout_seconds,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    status: int
+    error: str
+    detail: str
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing (httptools re-raises it wrapped in an
+    ``HttpParserCallbackError``); the refusal itself is kept on the protocol."""
+
+
+def _json_answer(error: str, detail: str) -> bytes:
+    return json.dumps({"error": error, "detail": detail}).encode()
+
+
+async def _overloaded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """uvicorn's answer past ``limit_concurrency`` (a plain-text 503), as the receiver's."""
+    body = _json_answer("overloaded", "too many connections or requests in hand; retry")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """One connection of the webhook listener. ``limits`` is set per listener by
+    :func:`protocol_class` (uvicorn builds the protocol itself, from a class)."""
+
+    limits: ClassVar[ClientLimits] = ClientLimits()
+
+    def __init__(
+        self,
+        config: UvicornConfig,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._reading_head = False
+        self._head_bytes = 0  # as the callbacks saw it: the URL and the complete headers
+        self._raw_head_bytes = 0  # as it came in, while the head is incomplete
+        self._header_count = 0
+        self._refusal: _Refusal | None = None
+        self._refused = False
+
+    # --- connection ---
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # a connection that never sends a request is closed like an idle keep-alive one
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._unset_keepalive_if_required()
+        head_before = self._reading_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # no upgrade is offered (ws="none"): the request was served as plain HTTP
+            self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            refusal = self._refusal
+            if refusal is None:
+                refusal = _Refusal(400, "bad_request", _reason(exc))
+            self._refuse(refusal)
+            return
+        if self._reading_head:
+            # a head still incomplete: count its bytes as they come, for httptools keeps a
+            # header it has not finished without a callback (the first chunk may hold the end
+            # of the previous request too: an upper bound)
+            self._raw_head_bytes = (self._raw_head_bytes if head_before else 0) + len(data)
+            if self._raw_head_bytes > self.limits.max_header_bytes:
+                self._refuse(self._head_too_large())
+
+    # --- parser callbacks ---
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._head_bytes = self._raw_head_bytes = self._header_count = 0
+        self._arm(self.limits.header_timeout_seconds, "header_timeout")
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._stop(self._head_too_large())
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            self._stop(
+                _Refusal(413, "too_many_headers", f"more than {self.limits.max_headers} headers")
+            )
+        self._head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._stop(self._head_too_large())
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_headers_complete()
+        self._reading_head = False  # after: a head uvicorn fails on is answered as a head
+        self._arm(self.limits.body_timeout_seconds, "body_timeout")
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_message_complete()
+
+    # --- the app ---
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if app is service_unavailable:
+            app = _overloaded
+        super()._start_asgi_task(cycle, self._guarded(cycle, app))
+
+    def _guarded(self, cycle: RequestResponseCycle, app: ASGI3Application) -> ASGI3Application:
+        """``app``, except that a read cut short by the client (or by a refusal here) ends
+        in one warning line, not uvicorn's error traceback."""
+
+        async def guarded(
+            scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+        ) -> None:
+            try:
+                await app(scope, receive, send)
+            except ClientDisconnect:
+                if not cycle.disconnected:
+                    raise
+                if not self._refused:
+                    log.warning("http_client_gone", reason="disconnected before the body ended")
+
+        return guarded
+
+    # --- refusals ---
+
+    def _head_too_large(self) -> _Refusal:
+        limit = self.limits.max_header_bytes
+        return _Refusal(413, "headers_too_large", f"request line and headers past {limit} bytes")
+
+    def _stop(self, refusal: _Refusal) -> None:
+        self._refusal = refusal
+        raise _Refused
+
+    def _arm(self, seconds: float, error: str) -> None:
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(seconds, self._expired, seconds, error)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, seconds: float, error: str) -> None:
+        self._deadline = None
+        part = "headers" if error == "header_timeout" else "body"
+        self._refuse(_Refusal(400, error, f"the {part} did not arrive within {seconds:g} s"))
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        """Answer ``refusal`` where no answer is on the wire yet, and close."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self._cancel_deadline()
+        log.warning(
+            "http_refused", status_code=refusal.status, error=refusal.error, reason=refusal.detail
+        )
+        cycle = self.cycle
+        if self._reading_head:  # this request has no cycle yet: self.cycle is the one before
+            free = cycle is None or cycle.response_complete
+        else:  # this request's cycle; pipelined behind another, its answer cannot go first
+            free = cycle is not None and not cycle.response_started and not self.pipeline
+        if free:
+            self._write_answer(refusal)
+        if cycle is not None and not cycle.response_complete:
+            # the app's next read is a disconnect, and anything it answers is dropped
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # a lingering close: the answer and a FIN, then what the client still sends is read
+        # and dropped for a while. Closed at once, a socket with unread bytes is reset, and a
+        # reset may destroy the answer before the client reads it (RFC 9112, 9.6).
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._deadline = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def _write_answer(self, refusal: _Refusal) -> None:
+        body = _json_answer(refusal.error, refusal.detail)
+        content = [STATUS_LINE[refusal.status]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.append(b"content-type: application/json\r\n")
+        content.append(b"content-length: %d\r\n" % len(body))
+        content.append(b"connection: close\r\n\r\n")
+        content.append(body)
+        self.transport.write(b"".join(content))
+
+
+def _reason(exc: httptools.HttpParserError) -> str:
+    """llhttp's reason ("Invalid character in chunk size"): a fixed text of the parser, never
+    what the client sent. A callback's failure (a path that is not ASCII) has none."""
+    if isinstance(exc, httptools.HttpParserCallbackError) or not str(exc):
+        return "malformed HTTP request"
+    return f"malformed HTTP request: {str(exc)[:200]}"
+
+
+def protocol_class(limits: ClientLimits) -> type[LimitedHttpProtocol]:
+    """The protocol class of one listener, bound to its limits (uvicorn's ``http=``)."""
+    bound = limits
+
+    class Limited(LimitedHttpProtocol):
+        limits = bound
+
+    return Limited
