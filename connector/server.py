@@ -58,7 +58,13 @@ def console_config(app: Any, console: ConsoleConfig, config: Config) -> uvicorn.
         host=console.host,
         port=console.port,
         loop="uvloop",
-        http="httptools",
+        # the webhook listener's limits on clients (README, "Limits on clients"): a console
+        # on a non-loopback address meets the same slow and hostile clients
+        http=protocol_class(ClientLimits.of(config.server)),
+        ws="none",
+        timeout_keep_alive=config.server.keep_alive_seconds,
+        limit_concurrency=config.server.max_connections,
+        limit_max_requests=None,
         lifespan="off",  # the webhook server's lifespan starts and stops the store it reads
         log_config=None,
         access_log=False,

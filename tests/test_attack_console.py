@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from fastapi import FastAPI
 from test_console import (
     DISPENSARY,
     HTTP_MAPPING,
@@ -206,7 +207,7 @@ def test_serve_warns_when_the_console_is_not_on_loopback(
     monkeypatch.setattr(
         service, "Service", lambda *a, **k: SimpleNamespace(astore=SimpleNamespace(store=None))
     )
-    monkeypatch.setattr(receiver, "create_app", lambda _service: None)
+    monkeypatch.setattr(receiver, "create_app", lambda _service: FastAPI())
     monkeypatch.setattr(console, "create_console_app", lambda _store, _config: None)
     path = tmp_path / "config.yaml"
     path.write_text(
