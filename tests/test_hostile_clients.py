@@ -41,7 +41,7 @@ from test_e2e import (
 
 from connector.config import load_config
 from connector.http_protocol import ClientLimits, LimitedHttpProtocol
-from connector.server import uvicorn_config
+from connector.server import console_config, uvicorn_config
 
 LIMITS = {
     "max_header_bytes": 16 * 1024,
@@ -372,3 +372,23 @@ def test_the_listener_takes_its_limits_from_the_config(tmp_path: Path) -> None:
     assert issubclass(settings.http, LimitedHttpProtocol)
     assert settings.http.limits == ClientLimits.of(config.server)
     assert settings.http.limits.header_timeout_seconds == LIMITS["header_timeout_seconds"]
+
+
+def test_the_console_listener_has_the_same_limits(tmp_path: Path) -> None:
+    """The console's own listener meets the same clients when it is not on loopback."""
+    config_path = write_config(tmp_path, "http://127.0.0.1:9/ops", "sqlite:///store.db")
+    document = yaml.safe_load(config_path.read_text())
+    document["server"].update(LIMITS, max_connections=77)
+    document["console"] = {"token": "console-token-0123456789"}
+    config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+    config = load_config(config_path)
+    assert config.console is not None
+    settings = console_config(object(), config.console, config)
+    assert settings.limit_max_requests is None
+    assert settings.limit_concurrency == 77
+    assert settings.timeout_keep_alive == LIMITS["keep_alive_seconds"]
+    assert settings.ws == "none"
+    assert isinstance(settings.http, type)
+    assert issubclass(settings.http, LimitedHttpProtocol)
+    assert settings.http.limits == ClientLimits.of(config.server)
+    assert settings.proxy_headers is False
