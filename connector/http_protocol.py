@@ -135,6 +135,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._refusal: _Refusal | None = None
         self._refused = False
+        self._running: RequestResponseCycle | None = None  # the cycle whose app runs now
+        self._deferred: _Refusal | None = None  # written once the answers before it are out
 
     # --- connection ---
 
@@ -152,7 +154,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._unset_keepalive_if_required()
+        # The idle timer is not stopped by bytes as such (uvicorn's way), only by a request
+        # that begins (on_message_begin): a lone CRLF, which llhttp skips before a request
+        # line, would otherwise hold the connection with no timer at all.
         head_before = self._reading_head
         try:
             self.parser.feed_data(data)
@@ -167,10 +171,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._refuse(refusal)
             return
         if self._reading_head:
-            # a head still incomplete: count its bytes as they come, for httptools keeps a
-            # header it has not finished without a callback (the first chunk may hold the end
-            # of the previous request too: an upper bound)
-            self._raw_head_bytes = (self._raw_head_bytes if head_before else 0) + len(data)
+            # A head still incomplete: count its bytes as they come, for httptools keeps a
+            # header it has not finished without a callback. In the chunk where the head
+            # began, only what the callbacks saw counts (the chunk may also hold the end of
+            # the request before: its body is not this head's); a partial header held from
+            # that chunk is at most one read of the transport, and is counted by on_header
+            # when it completes.
+            if head_before:
+                self._raw_head_bytes += len(data)
+            else:
+                self._raw_head_bytes = self._head_bytes
             if self._raw_head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._head_too_large())
 
@@ -178,6 +188,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._unset_keepalive_if_required()  # a request began: the header deadline governs
         self._reading_head = True
         self._head_bytes = self._raw_head_bytes = self._header_count = 0
         self._arm(self.limits.header_timeout_seconds, "header_timeout")
@@ -214,7 +225,27 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         if app is service_unavailable:
             app = _overloaded
+        self._running = cycle
         super()._start_asgi_task(cycle, self._guarded(cycle, app))
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next pipelined request, or the idle timer
+        if self.transport.is_closing():
+            return
+        if self._reading_head:
+            # the next request's head is arriving: its deadline governs, not the idle timer
+            self._unset_keepalive_if_required()
+        if self._deferred is not None and not self._answers_pending():
+            refusal, self._deferred = self._deferred, None
+            self._unset_keepalive_if_required()
+            self._write_answer(refusal)
+            self._close_lingering()
+
+    def _answers_pending(self) -> bool:
+        """Whether a request before the refused one still owes its answer."""
+        running = self._running
+        busy = running is not None and not running.response_complete and not running.disconnected
+        return busy or bool(self.pipeline)
 
     def _guarded(self, cycle: RequestResponseCycle, app: ASGI3Application) -> ASGI3Application:
         """``app``, except that a read cut short by the client (or by a refusal here) ends
@@ -266,17 +297,34 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         log.warning(
             "http_refused", status_code=refusal.status, error=refusal.error, reason=refusal.detail
         )
-        cycle = self.cycle
-        if self._reading_head:  # this request has no cycle yet: self.cycle is the one before
-            free = cycle is None or cycle.response_complete
-        else:  # this request's cycle; pipelined behind another, its answer cannot go first
-            free = cycle is not None and not cycle.response_started and not self.pipeline
-        if free:
-            self._write_answer(refusal)
-        if cycle is not None and not cycle.response_complete:
-            # the app's next read is a disconnect, and anything it answers is dropped
-            cycle.disconnected = True
-            cycle.message_event.set()
+        # The refused request's own cycle, when its head was complete (a body refused): its
+        # app's next read is a disconnect and anything it answers is dropped; if it waits in
+        # the pipeline, it leaves it. A request whose head was refused has no cycle.
+        refused = None if self._reading_head else self.cycle
+        if refused is not None and refused.response_started:
+            # answered already (before its body ended): no second answer, only the close
+            if not refused.response_complete:
+                refused.disconnected = True
+                refused.message_event.set()
+            self._close_lingering()
+            return
+        if refused is not None:
+            refused.disconnected = True
+            refused.message_event.set()
+            for item in list(self.pipeline):
+                if item[0] is refused:
+                    self.pipeline.remove(item)
+            if self._running is refused:
+                self._running = None
+        if self._answers_pending():
+            # requests before it (pipelined in the same write) are answered first, in order;
+            # the refusal follows the last of them (on_response_complete)
+            self._deferred = refusal
+            return
+        self._write_answer(refusal)
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
         if not self.transport.can_write_eof():
             self.transport.close()
             return

@@ -106,14 +106,19 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-def _webhook_headers(request: Request) -> tuple[str | None, str | None, list[str]]:
+def _webhook_headers(
+    request: Request,
+) -> tuple[str | None, str | None, list[str], int | None]:
     """The bearer token, the content type and the codings the receiver does not decode, in
     one pass over the raw headers (ASGI servers give their names in lower case); the first
     token and content type count, as in Starlette. A coding is a ``Content-Encoding`` other
     than identity, or a ``Transfer-Encoding`` other than chunked (the server has undone
-    chunked; nothing here undoes gzip or any other)."""
+    chunked; nothing here undoes gzip or any other). Last, the declared Content-Length of a
+    request that waits for ``100 Continue`` before it sends its body (else None)."""
     authorization = content_type = None
     codings: list[str] = []
+    expects_continue = False
+    length = b""
     for name, value in request.scope["headers"]:
         if name == b"authorization":
             if authorization is None:
@@ -125,7 +130,12 @@ def _webhook_headers(request: Request) -> tuple[str | None, str | None, list[str
             codings += _codings(value, b"identity")
         elif name == b"transfer-encoding":
             codings += _codings(value, b"chunked")
-    return _bearer(authorization), content_type, codings
+        elif name == b"expect":
+            expects_continue = value.strip().lower() == b"100-continue"
+        elif name == b"content-length":
+            length = value
+    declared = int(length) if expects_continue and length.strip().isdigit() else None
+    return _bearer(authorization), content_type, codings, declared
 
 
 def _codings(value: bytes, understood: bytes) -> list[str]:
@@ -497,7 +507,7 @@ def create_app(service: ReceiverPorts) -> FastAPI:
                 None,
                 "unknown",
             )
-        token, content_type, codings = _webhook_headers(request)
+        token, content_type, codings, declared = _webhook_headers(request)
         if token is None:
             count(dispensary, "rejected_401")
             return (
@@ -512,6 +522,16 @@ def create_app(service: ReceiverPorts) -> FastAPI:
         else:
             count(dispensary, "rejected_403")
             return _error(403, "forbidden", "the token is not this dispensary's"), None, "forbidden"
+        if declared is not None and declared > limit:
+            # refused before the body is asked for: the server sends "100 Continue" at the
+            # first read, which would invite the whole oversized body. The connection closes:
+            # the body the head announced never comes.
+            reason = (
+                f"body declared as {declared} bytes (Content-Length, Expect: 100-continue), "
+                f"larger than {limit}: not read"
+            )
+            await quarantine(dispensary, 413, reason, content_type, b"")
+            return (_error(413, "too_large", reason, {"connection": "close"}), None, "rejected")
         body, too_large = await _read_limited(request, limit)
         if too_large:
             reason = f"body larger than {limit} bytes (the first {limit} are kept)"

@@ -65,14 +65,28 @@ def format_after(moment: datetime) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}+00:00"
 
 
-def _code(data: Any) -> str | None:
+def _code(data: Any, secrets: tuple[str, ...] = ()) -> str | None:
+    """Treez's error code in an answer: an identifier (``INVALID_TOKEN``), else "error" (free
+    text may quote what was sent). A code that holds a secret of the request (the API key, the
+    client id, the token), or is a piece of one, is an echo and never shown: "error"."""
     if isinstance(data, dict):
         for key in ("resultReason", "resultCode", "error", "code"):
             value = data.get(key)
             if isinstance(value, str) and value and value not in ("FAIL", "SUCCESS"):
-                # codes are upper-case identifiers; keep them short and free of customer text
-                return value[:80] if value.replace("_", "").isalnum() else "error"
+                return _shown(value, secrets)
     return None
+
+
+def _shown(value: str, secrets: tuple[str, ...]) -> str:
+    # codes are upper-case identifiers; keep them short and free of customer text
+    if len(value) > 80 or not value.replace("_", "").isalnum():
+        return "error"
+    folded = value.casefold()
+    for secret in secrets:
+        secret = secret.casefold()
+        if secret and (secret in folded or (len(folded) >= 4 and folded in secret)):
+            return "error"
+    return value
 
 
 def customers_of(data: Any) -> list[dict[str, Any]]:
@@ -179,7 +193,8 @@ class TreezClient:
     def _envelope(self, response: httpx.Response, what: str) -> dict[str, Any]:
         status = response.status_code
         data = json_or_none(response)
-        code = _code(data)
+        secrets = (self._api_key.get_secret_value(), self._client_id, self._token or "")
+        code = _code(data, secrets)
         suffix = f" ({code})" if code else ""
         if status in (401, 403):
             raise TreezAuthError(
@@ -194,9 +209,11 @@ class TreezClient:
             )
         if not isinstance(data, dict):
             raise TreezApiError(f"{what}: {self.host} answered {status} without a JSON object")
-        if data.get("resultCode") not in (None, "SUCCESS"):
+        result = data.get("resultCode")
+        if result not in (None, "SUCCESS"):
+            shown = _shown(result, secrets) if isinstance(result, str) else "error"
             raise TreezApiError(
-                f"{what}: {self.host} answered resultCode {data.get('resultCode')}{suffix}",
+                f"{what}: {self.host} answered resultCode {shown}{suffix}",
                 status=status, code=code,
             )  # fmt: skip
         return data

@@ -301,12 +301,6 @@ def test_a_client_trickling_after_a_refusal_is_closed(server: Server) -> None:
 # --- idle connections: a CRLF disarms every timer ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lone CRLF (which llhttp skips before a request line) cancels the idle timer in "
-    "data_received and never starts a request, so no header deadline is armed: the "
-    "connection is held forever",
-)
 def test_a_connection_sending_only_crlf_is_closed(server: Server) -> None:
     with connect(server) as fresh, connect(server) as reused:
         fresh.sendall(b"\r\n")
@@ -319,11 +313,6 @@ def test_a_connection_sending_only_crlf_is_closed(server: Server) -> None:
         assert read_until_closed(reused, bound) is not None, "a kept-alive one stayed open"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_connections connections that each sent one CRLF are never closed: every "
-    "webhook is answered 503 overloaded for as long as the client likes",
-)
 def test_crlf_only_connections_cannot_shut_out_webhooks(procs: Procs, sink_url: str) -> None:
     crowded, _ = _serve(procs, sink_url, "crowded", **{**LIMITS, "max_connections": 10})
     with contextlib.ExitStack() as stack:
@@ -342,12 +331,6 @@ def test_crlf_only_connections_cannot_shut_out_webhooks(procs: Procs, sink_url: 
 # --- pipelining -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a malformed request pipelined behind a good one in the same write: _refuse marks "
-    "the good one's cycle disconnected before its task runs, so neither gets an answer (no "
-    "202, no JSON 400; the good event is not stored either)",
-)
 def test_a_good_request_pipelined_before_a_malformed_one_is_answered(
     served: tuple[Server, Path],
 ) -> None:
@@ -363,12 +346,6 @@ def test_a_good_request_pipelined_before_a_malformed_one_is_answered(
     assert in_inbox(store, cid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the raw head count starts at the whole chunk that begins the next head, the end "
-    "of the previous request's body included: a pipelined request after a body of more than "
-    "max_header_bytes is refused 413 headers_too_large, and the first answer is lost with it",
-)
 def test_a_request_pipelined_after_a_large_body_is_served(served: tuple[Server, Path]) -> None:
     server, store = served
     first, second = customer(), customer()
@@ -398,12 +375,6 @@ def test_header_limits_are_counted_per_request_on_a_kept_alive_connection(
     assert [status for status, _ in answers(data)] == [202, 202, 202, 200], data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Expect: 100-continue with a Content-Length past max_body_bytes gets '100 "
-    "Continue' (the token is checked, then the body read): the client is invited to send "
-    "the whole oversized body before the 413",
-)
 def test_an_oversized_expect_100_continue_is_refused_before_the_body(server: Server) -> None:
     head = (
         f"POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
@@ -463,22 +434,11 @@ def _probe_text(status: int, document: dict[str, Any]) -> str:
     return f"{probe} {probe!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="treez_api._code keeps an alphanumeric error code verbatim: a 401 whose body "
-    "echoes the API key ({'error': key}) prints the key in 'auth refused (HTTP 401 <key>)'",
-)
 def test_a_treez_401_echoing_the_key_does_not_show_it() -> None:
     text = _probe_text(401, {"error": _ECHOED_KEY})
     assert _ECHOED_KEY not in text, text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 200 with a resultCode other than SUCCESS is quoted raw in the TreezApiError "
-    "(_envelope), unlike the code it sanitises: whatever the vendor writes there (the key, "
-    "a customer's data, any length) is printed by check --online",
-)
 def test_a_treez_result_code_echoing_the_key_does_not_show_it() -> None:
     text = _probe_text(200, {"resultCode": f"bad key {_ECHOED_KEY} for client-1"})
     assert _ECHOED_KEY not in text, text
