@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from connector import __version__
+from connector import __version__, _sighup
 from connector.config import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG,
@@ -56,8 +57,13 @@ def _load(config_file: Path) -> Config:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="connector")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Keep a dispensary's marketing and loyalty tools in step with Treez."""
+    if ctx.invoked_subcommand != "serve" and _sighup.previous is not None:
+        # the entry point ignored SIGHUP while loading, for serve's sake: the others take
+        # back what they were started with (the default, or nohup's SIG_IGN)
+        signal.signal(signal.SIGHUP, _sighup.previous)
 
 
 # --- check ---
