@@ -4,13 +4,14 @@ write lock taken without its busy handler's long sleeps, and a driver error in o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -60,11 +61,45 @@ def when_unlocked(write: Callable[[], object], timeout: float) -> bool:
         delay = min(delay * 1.5, 0.002)
 
 
+TEST_MAX_PAGES_ENV = "CONNECTOR_TEST_SQLITE_MAX_PAGES"
+
+
+def _test_max_pages() -> int | None:
+    """For tests only (tests/test_store_faults.py): ``CONNECTOR_TEST_SQLITE_MAX_PAGES`` caps
+    every SQLite connection of the process at that many pages (``PRAGMA max_page_count``),
+    a full disk without filling one. Unset in every deployment; not a setting."""
+    value = os.environ.get(TEST_MAX_PAGES_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
+
 def reason_of(exc: BaseException) -> str:
     """The driver's first line, never a statement or its parameters (customer values)."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
     return (text[0][:160] if text else "") or orig.__class__.__name__
+
+
+_OPENING_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "opening_wait", default=None
+)
+
+
+@contextlib.contextmanager
+def opening(seconds: float) -> Iterator[None]:
+    """While opening a store: a SQLite connection made meanwhile waits up to ``seconds``
+    (not the store timeout) for its first lock, the one ``PRAGMA journal_mode=WAL`` takes.
+
+    Another process opening the same new file (its switch to WAL) or closing the last
+    connection to it (the checkpoint that folds the WAL back) holds the file exclusively
+    across an fsync; on a loaded machine that outlasted the store timeout, and a process
+    starting next to another failed "database is locked" before it reached the migration
+    lock, which waits as long as a migration takes.
+    """
+    token = _OPENING_WAIT.set(seconds)
+    try:
+        yield
+    finally:
+        _OPENING_WAIT.reset(token)
 
 
 def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> Engine:
@@ -83,17 +118,25 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
         pool_reset_on_return=None,
     )
 
+    busy_ms = int(timeout * 1000)
+    max_pages = _test_max_pages()
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    busy_ms = int(timeout * 1000)
+        try:
+            wait = _OPENING_WAIT.get()
+            if wait is not None:
+                cursor.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            if max_pages is not None:
+                cursor.execute(f"PRAGMA max_page_count={max_pages}")
+        finally:
+            cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:

@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
 from connector.errors import StoreError
-from connector.store._engine import engine_for, postgres_engine, reason_of
+from connector.store._engine import engine_for, opening, postgres_engine, reason_of
 from connector.store.migrations import legacy
 from connector.store.schema import meta, metadata
 
@@ -79,6 +79,11 @@ def head() -> str:
 
 def ensure_current(engine: Engine) -> Migrated | None:
     """Bring the store at ``engine`` to head; None when it already was (one read)."""
+    with opening(MIGRATION_WAIT_SECONDS):  # see connector.store._engine.opening
+        return _ensure_current(engine)
+
+
+def _ensure_current(engine: Engine) -> Migrated | None:
     with engine.connect() as conn:
         try:
             current = list(conn.execute(_CURRENT).scalars())
