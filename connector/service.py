@@ -342,8 +342,15 @@ class Service:
             await asyncio.wait_for(self.astore.call(self.astore.store.ping), timeout)
         except TimeoutError:
             problems.append(f"store unreachable: no answer within {timeout:g} s")
-        except Exception:  # its reason names hosts and ports: the logs have it, not /readyz
+        except StoreUnavailable as exc:  # a few words; the reason (hosts, ports) is logged
+            problems.append(
+                exc.reason if exc.reason != "store unavailable" else "store unreachable"
+            )
+        except Exception:
             problems.append("store unreachable")
+        fault = self.committer.fault  # the receiver's last commit failed: read-only, full...
+        if fault is not None:
+            problems.append(f"{fault.reason}: the last webhook could not be stored ({fault})")
         for name, task in self._tasks.items():
             if task.done():
                 problems.append(f"{name} stopped")

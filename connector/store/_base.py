@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from connector.errors import StoreError, StoreUnavailable
-from connector.store._engine import reason_of
+from connector.store._engine import STALE_FAULTS, fault_of, reason_of
 
 
 class SqlBase:
@@ -35,10 +35,24 @@ class SqlBase:
         """Bring the schema up to date (nothing when it is current)."""
         from connector.store.migrate import ensure_current
 
+        where = self.where
         try:
             ensure_current(self.engine)
-        except OperationalError as exc:
-            raise StoreError(f"the store cannot be opened ({reason_of(exc)})") from None
+        except StoreError as exc:  # a schema it must not touch: newer, foreign, half-made
+            raise StoreError(f"{where}: {exc}") from None
+        except DBAPIError as exc:  # one line naming the store, never a traceback
+            fault = fault_of(exc)
+            why = f"{fault}: {reason_of(exc)}" if fault else reason_of(exc)
+            raise StoreError(f"{where}: the store cannot be opened ({why})") from None
+
+    @property
+    def where(self) -> str:
+        """The store, for a message: a SQLite file's path, a PostgreSQL URL without its
+        password."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite":
+            return url.database or ":memory:"
+        return url.render_as_string(hide_password=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -88,29 +102,35 @@ class SqlBase:
                     with conn.begin():
                         self._started_write(conn, durable)
                         yield conn
+                except DBAPIError as exc:
+                    _drop_if_stale(conn, exc)
+                    raise
                 finally:
                     conn.info.pop("immediate", None)
         except (OperationalError, _Gone, PoolTimeout) as exc:
-            raise StoreUnavailable(f"the store cannot take the write ({reason_of(exc)})") from None
+            raise _unavailable("the store cannot take the write", exc) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StoreUnavailable(
-                    f"the store cannot take the write ({reason_of(exc)})"
-                ) from None
+            if exc.connection_invalidated or fault_of(exc) is not None:
+                raise _unavailable("the store cannot take the write", exc) from None
             raise
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
         """A read transaction: one consistent view of the store, and no write lock taken."""
         try:
-            with self.engine.connect() as conn, conn.begin():
-                yield conn
+            with self.engine.connect() as conn:
+                try:
+                    with conn.begin():
+                        yield conn
+                except DBAPIError as exc:
+                    _drop_if_stale(conn, exc)
+                    raise
         except (OperationalError, PoolTimeout) as exc:
             # PoolTimeout: every connection of the pool is busy (or stuck) past the timeout
-            raise StoreUnavailable(f"the store cannot be read ({reason_of(exc)})") from None
+            raise _unavailable("the store cannot be read", exc) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StoreUnavailable(f"the store cannot be read ({reason_of(exc)})") from None
+            if exc.connection_invalidated or fault_of(exc) is not None:
+                raise _unavailable("the store cannot be read", exc) from None
             raise
 
     def _read(self, statement: Any, params: Any = None) -> list[Any]:
@@ -120,6 +140,18 @@ class SqlBase:
     def query(self, statement: Any) -> list[Any]:
         """Run a read-only statement (tests)."""
         return self._read(statement)
+
+
+def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
+    fault = fault_of(exc) or "store unreachable"
+    return StoreUnavailable(f"{what} ({reason_of(exc)})", reason=fault)
+
+
+def _drop_if_stale(conn: Connection, exc: BaseException) -> None:
+    """A connection that failed on its files is closed rather than pooled (see STALE_FAULTS):
+    the next one opens them afresh, once the cause is gone."""
+    if fault_of(exc) in STALE_FAULTS and not conn.invalidated:
+        conn.invalidate()
 
 
 class _Gone(Exception):

@@ -72,6 +72,42 @@ def _test_max_pages() -> int | None:
     return int(value) if value.isdigit() else None
 
 
+_FAULTS = (
+    ("SQLITE_FULL", "store full"),
+    ("SQLITE_READONLY", "store read-only"),
+    ("SQLITE_BUSY", "store locked"),
+    ("SQLITE_LOCKED", "store locked"),
+    ("SQLITE_CORRUPT", "store corrupt"),
+    ("SQLITE_NOTADB", "store corrupt"),
+    ("SQLITE_CANTOPEN", "store cannot be opened"),
+    ("SQLITE_IOERR", "store I/O error"),
+    ("SQLITE_PERM", "store read-only"),
+    ("SQLITE_AUTH", "store read-only"),
+)
+STALE_FAULTS = frozenset(
+    {"store read-only", "store corrupt", "store cannot be opened", "store I/O error"}
+)
+"""Faults after which a SQLite connection is not used again: one opened read-only stays
+read-only, and one that failed on its files may hold a stale view of them."""
+
+
+def fault_of(exc: BaseException) -> str | None:
+    """What a SQLite error says about the store, in a few words (for ``/readyz`` and the log);
+    None for any other error. By the driver's extended result code (SQLITE_FULL,
+    SQLITE_READONLY_*, SQLITE_BUSY_*...), or, for the "database is locked" this module raises
+    itself when the time is up, by its text."""
+    orig = getattr(exc, "orig", None) or exc
+    if not isinstance(orig, sqlite3.Error):
+        return None
+    name = getattr(orig, "sqlite_errorname", None) or ""
+    for prefix, fault in _FAULTS:
+        if name == prefix or name.startswith(prefix + "_"):
+            return fault
+    if not name and ("locked" in str(orig) or "busy" in str(orig)):
+        return "store locked"
+    return None
+
+
 def reason_of(exc: BaseException) -> str:
     """The driver's first line, never a statement or its parameters (customer values)."""
     orig = getattr(exc, "orig", None) or exc

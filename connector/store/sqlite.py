@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from connector.errors import StoreUnavailable
-from connector.store._engine import begin_immediate, sqlite_engine, when_unlocked
+from connector.errors import StoreError, StoreUnavailable
+from connector.store._engine import begin_immediate, fault_of, sqlite_engine, when_unlocked
 from connector.store.abc import NewEvent, Rejected
 from connector.store.operator import OperatorSql
 
@@ -31,6 +31,12 @@ class SqliteStore(OperatorSql):
                          timeout=timeout)  # fmt: skip
         self._synchronous = synchronous
         self._sync_levels: dict[int, str] = {}  # per driver connection: what it is set to
+        from connector.store.migrate import store_problem
+
+        # a file that is not ours is refused before a connection switches it to WAL
+        problem = store_problem(url)
+        if problem is not None:
+            raise StoreError(problem)
         self.open()
 
     def _begin_write(self, conn: Connection, durable: bool) -> None:
@@ -145,7 +151,10 @@ class InboxWriter:
             self.close()  # a fresh connection for the next batch
             # the driver's text only, never the statement's parameters (customer values)
             reason = str(exc).splitlines()[0][:120] or exc.__class__.__name__
-            raise StoreUnavailable(f"the store cannot take the write ({reason})") from None
+            raise StoreUnavailable(
+                f"the store cannot take the write ({reason})",
+                reason=fault_of(exc) or "store unavailable",
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         raw = self._raw
