@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from connector.errors import StoreError, StoreUnavailable
@@ -30,6 +30,10 @@ class SqlBase:
         self._listeners: dict[str, list[Callable[[str], None]]] = {}
         # the store's clock minus this host's (see _now); 0 where one host shares the store
         self._clock_offset = 0.0
+        self.stale = False  # a write failed on the files: reopen them all (fresh_files)
+        self._generation = 0  # of the pool's connections; fresh_files starts a new one
+        event.listen(engine, "connect", self._born)
+        event.listen(engine, "checkout", self._lent)
 
     def open(self) -> None:
         """Bring the schema up to date (nothing when it is current)."""
@@ -95,6 +99,7 @@ class SqlBase:
         plans are all redone from what is durable (a lost "done" means one more delivery,
         which idempotency keys make harmless). Received events always commit durably.
         """
+        self.fresh_files()
         try:
             with self.engine.connect() as conn:
                 self._begin_write(conn, durable)
@@ -103,7 +108,7 @@ class SqlBase:
                         self._started_write(conn, durable)
                         yield conn
                 except DBAPIError as exc:
-                    _drop_if_stale(conn, exc)
+                    self._drop_if_stale(conn, exc)
                     raise
                 finally:
                     conn.info.pop("immediate", None)
@@ -123,7 +128,7 @@ class SqlBase:
                     with conn.begin():
                         yield conn
                 except DBAPIError as exc:
-                    _drop_if_stale(conn, exc)
+                    self._drop_if_stale(conn, exc)
                     raise
         except (OperationalError, PoolTimeout) as exc:
             # PoolTimeout: every connection of the pool is busy (or stuck) past the timeout
@@ -132,6 +137,32 @@ class SqlBase:
             if exc.connection_invalidated or fault_of(exc) is not None:
                 raise _unavailable("the store cannot be read", exc) from None
             raise
+
+    def _drop_if_stale(self, conn: Connection, exc: BaseException) -> None:
+        """After a fault on the store's files (see STALE_FAULTS) the connection is dropped,
+        and the next write reopens every other one (:meth:`fresh_files`)."""
+        if fault_of(exc) in STALE_FAULTS:
+            if not conn.invalidated:
+                conn.invalidate()
+            self.stale = True
+
+    def fresh_files(self) -> None:
+        """Before a write, after one failed on the store's files: no connection of the pool
+        opened before is used again (the idle ones are closed now, the others when next
+        lent), so that the next ones open the files afresh. All of them, the readers' too:
+        SQLite shares a file's state among a process's connections, and one opened while the
+        folder was read-only keeps every new one read-only until it closes."""
+        if self.stale:
+            self.stale = False
+            self._generation += 1
+            self.engine.pool.dispose()
+
+    def _born(self, _dbapi_connection: Any, record: Any) -> None:
+        record.info["generation"] = self._generation
+
+    def _lent(self, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get("generation", self._generation) != self._generation:
+            raise DisconnectionError("opened before the store's files were reopened")
 
     def _read(self, statement: Any, params: Any = None) -> list[Any]:
         with self.snapshot() as conn:
@@ -145,13 +176,6 @@ class SqlBase:
 def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
     fault = fault_of(exc) or "store unreachable"
     return StoreUnavailable(f"{what} ({reason_of(exc)})", reason=fault)
-
-
-def _drop_if_stale(conn: Connection, exc: BaseException) -> None:
-    """A connection that failed on its files is closed rather than pooled (see STALE_FAULTS):
-    the next one opens them afresh, once the cause is gone."""
-    if fault_of(exc) in STALE_FAULTS and not conn.invalidated:
-        conn.invalidate()
 
 
 class _Gone(Exception):

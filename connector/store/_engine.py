@@ -64,7 +64,7 @@ def when_unlocked(write: Callable[[], object], timeout: float) -> bool:
 TEST_MAX_PAGES_ENV = "CONNECTOR_TEST_SQLITE_MAX_PAGES"
 
 
-def _test_max_pages() -> int | None:
+def max_pages_for_tests() -> int | None:
     """For tests only (tests/test_store_faults.py): ``CONNECTOR_TEST_SQLITE_MAX_PAGES`` caps
     every SQLite connection of the process at that many pages (``PRAGMA max_page_count``),
     a full disk without filling one. Unset in every deployment; not a setting."""
@@ -155,7 +155,7 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
     )
 
     busy_ms = int(timeout * 1000)
-    max_pages = _test_max_pages()
+    max_pages = max_pages_for_tests()
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
