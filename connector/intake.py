@@ -206,6 +206,12 @@ class GroupCommitter:
         elif error is None and before is not None:
             log.info("store_recovered", reason=before.reason)
 
+    def clear_fault(self) -> None:
+        """The store takes writes again (readiness probed it): forget the last fault."""
+        before, self.fault = self.fault, None
+        if before is not None:
+            log.info("store_recovered", reason=before.reason)
+
     def _settle(
         self,
         batch: list[tuple[NewEvent | Rejected, asyncio.Future[None]]],

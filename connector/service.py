@@ -360,6 +360,18 @@ class Service:
         except Exception:
             problems.append("store unreachable")
         fault = self.committer.fault  # the receiver's last commit failed: read-only, full...
+        if fault is not None and fault.reason != "store full":
+            # gone once the store takes a write again, webhooks or not (a balancer that
+            # stops sending them while /readyz is 503 would otherwise keep it 503 for ever);
+            # a full disk stays until a commit succeeds: a probe allocates nothing
+            try:
+                await asyncio.wait_for(self.astore.call(self.astore.store.probe_write), timeout)
+                self.committer.clear_fault()
+                fault = None
+            except StoreUnavailable as exc:
+                fault = exc
+            except Exception as exc:  # no answer in time: the commit's fault stands
+                log.debug("write_probe_failed", error=exc)
         if fault is not None:
             problems.append(f"{fault.reason}: the last webhook could not be stored ({fault})")
         for name, task in self._tasks.items():
