@@ -187,6 +187,10 @@ def run_fault(
         faults = [line for line in logged if line.get("event") == "store_fault"]
         assert [line.get("reason") for line in faults] == [fault], faults
         remedy()
+        if fault != "store full":  # said without a webhook: readiness probes the store
+            assert wait_for(lambda: ready(client, server).status_code == 200, 15), ready(
+                client, server
+            ).text
         for event in after:
             response = post(client, server, event)
             assert response.status_code == 202, response.text  # the very next one

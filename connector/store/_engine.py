@@ -82,7 +82,6 @@ _FAULTS = (
     ("SQLITE_CANTOPEN", "store cannot be opened"),
     ("SQLITE_IOERR", "store I/O error"),
     ("SQLITE_PERM", "store read-only"),
-    ("SQLITE_AUTH", "store read-only"),
 )
 STALE_FAULTS = frozenset(
     {"store read-only", "store corrupt", "store cannot be opened", "store I/O error"}
