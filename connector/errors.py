@@ -96,7 +96,16 @@ class StoreError(ConnectorError):
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot take a write right now; the caller should answer 503 and retry."""
+    """The store cannot take a write right now; the caller should answer 503 and retry.
+
+    ``reason`` is the fault in a few words ("store full", "store read-only", "store locked",
+    "store corrupt", "store cannot be opened", "store I/O error", "store unreachable"), for
+    ``/readyz`` and the log line; the message adds the driver's first line.
+    """
+
+    def __init__(self, message: str, *, reason: str = "store unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DeliveryError(ConnectorError):

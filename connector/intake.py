@@ -49,6 +49,9 @@ class GroupCommitter:
         # no error) must not hold requests for minutes (_watch)
         self.timeout = timeout
         self._stuck = False
+        # the fault of the last commit, None once one succeeds: /readyz says it, and the log
+        # has one line when it starts (or changes) and one when it ends, not one per request
+        self.fault: StoreUnavailable | None = None
         self._batch_started: float | None = None  # monotonic, while the writer commits
         self.on_commit: list[Callable[[], None]] = []  # run after each commit of events
         self._queue: deque[tuple[NewEvent | Rejected, asyncio.Future[None]]] = deque()
@@ -65,7 +68,9 @@ class GroupCommitter:
         if loop is None or self._closing:
             raise StoreUnavailable("the receiver is not running")
         if self._stuck:
-            raise StoreUnavailable(f"the store has not answered for {self.timeout} s")
+            raise StoreUnavailable(
+                f"the store has not answered for {self.timeout} s", reason="store not answering"
+            )
         future: asyncio.Future[None] = loop.create_future()
         self._queue.append((item, future))
         if self._idle:  # else the writer takes it with what it finds after its commit
@@ -116,7 +121,9 @@ class GroupCommitter:
         """While a commit takes longer than ``timeout``, answer its callers and everyone
         queued behind it 503, and new callers at once; the writer skips what was answered
         (a 503 for an event the commit stores after all is harmless: Treez sends it again)."""
-        error = StoreUnavailable(f"the store has not answered for {timeout} s")
+        error = StoreUnavailable(
+            f"the store has not answered for {timeout} s", reason="store not answering"
+        )
         while True:
             await asyncio.sleep(min(0.25, timeout / 4))
             started = self._batch_started
@@ -180,6 +187,7 @@ class GroupCommitter:
                     error = StoreUnavailable(f"the store failed ({exc.__class__.__name__})")
                 finally:
                     self._batch_started = None
+                self._note(error)
                 try:
                     loop.call_soon_threadsafe(self._settle, batch, error, bool(events))
                 except RuntimeError:  # the loop is closed: nobody waits any more
@@ -187,6 +195,22 @@ class GroupCommitter:
                 self._inflight = []
             if self._closing and not self._queue:
                 return
+
+    def _note(self, error: StoreUnavailable | None) -> None:
+        """Remember the outcome of a commit; log when a fault starts, changes or ends."""
+        before = self.fault
+        self.fault = error
+        if error is not None and (before is None or before.reason != error.reason):
+            # the driver's first line and the fault: never a statement or a value
+            log.error("store_fault", reason=error.reason, error=str(error))
+        elif error is None and before is not None:
+            log.info("store_recovered", reason=before.reason)
+
+    def clear_fault(self) -> None:
+        """The store takes writes again (readiness probed it): forget the last fault."""
+        before, self.fault = self.fault, None
+        if before is not None:
+            log.info("store_recovered", reason=before.reason)
 
     def _settle(
         self,

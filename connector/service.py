@@ -119,6 +119,7 @@ class Service:
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._switch_interval = sys.getswitchinterval()
+        self._registered = False  # in the store's processes (register_process)
 
     def webhook_started(self) -> None:
         """A webhook request is being answered: counted, so that planning and delivery step
@@ -225,7 +226,11 @@ class Service:
             if not await self.child.wait_started():
                 log.error("pipeline_process_slow", reason="no status within its start time")
         elif self.processor is not None:
-            released = await self.astore.call(store.register_process)
+            try:
+                released = await self.astore.call(store.register_process)
+                self._registered = True
+            except StoreUnavailable as exc:  # read-only, full, locked: the heartbeat retries
+                log.warning("register_deferred", reason=exc.reason)
             self._listen(asyncio.get_running_loop())
             self._tasks["processor"] = asyncio.create_task(self.processor.run(self._stopping))
             for (dispensary, name), worker in self.workers.items():
@@ -276,6 +281,10 @@ class Service:
                 await asyncio.wait_for(self._stopping.wait(), HEARTBEAT_SECONDS)
             if not self._stopping.is_set():
                 try:
+                    if not self._registered:  # the store refused it at start
+                        released = await self.astore.call(store.register_process)
+                        self._registered = True
+                        log.info("registered", released=released)
                     await self.astore.call(store.heartbeat)
                     await self.astore.call(store.maintain)
                 except Exception as exc:  # the store is away: one line, not a traceback
@@ -322,6 +331,8 @@ class Service:
         if self.child is None:
             try:
                 released = await self.astore.call(self.astore.store.release_claims)
+            except StoreUnavailable as exc:  # the claims lapse instead: one line
+                log.warning("release_failed", reason=exc.reason, error=exc)
             except Exception:
                 log.exception("release_failed")
         if self.reconciler is not None:
@@ -342,8 +353,27 @@ class Service:
             await asyncio.wait_for(self.astore.call(self.astore.store.ping), timeout)
         except TimeoutError:
             problems.append(f"store unreachable: no answer within {timeout:g} s")
-        except Exception:  # its reason names hosts and ports: the logs have it, not /readyz
+        except StoreUnavailable as exc:  # a few words; the reason (hosts, ports) is logged
+            problems.append(
+                exc.reason if exc.reason != "store unavailable" else "store unreachable"
+            )
+        except Exception:
             problems.append("store unreachable")
+        fault = self.committer.fault  # the receiver's last commit failed: read-only, full...
+        if fault is not None and fault.reason != "store full":
+            # gone once the store takes a write again, webhooks or not (a balancer that
+            # stops sending them while /readyz is 503 would otherwise keep it 503 for ever);
+            # a full disk stays until a commit succeeds: a probe allocates nothing
+            try:
+                await asyncio.wait_for(self.astore.call(self.astore.store.probe_write), timeout)
+                self.committer.clear_fault()
+                fault = None
+            except StoreUnavailable as exc:
+                fault = exc
+            except Exception as exc:  # no answer in time: the commit's fault stands
+                log.debug("write_probe_failed", error=exc)
+        if fault is not None:
+            problems.append(f"{fault.reason}: the last webhook could not be stored ({fault})")
         for name, task in self._tasks.items():
             if task.done():
                 problems.append(f"{name} stopped")

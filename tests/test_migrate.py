@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,6 +200,25 @@ def test_a_revision_newer_than_this_code_is_refused(tmp_path: Path) -> None:
 def test_two_processes_creating_one_sqlite_store_make_it_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     assert racing(url) == [str(Migrated(None, head())), "None"]
+
+
+def test_opening_waits_for_another_process_holding_the_file_past_the_store_timeout(
+    tmp_path: Path,
+) -> None:
+    """Another process switching the new file to WAL, or closing the last connection to it
+    (its checkpoint), holds the file exclusively across an fsync: a process opening the store
+    meanwhile waits as long as for a migration, not the store timeout (it failed "database
+    is locked" on a loaded machine, before it reached the migration lock)."""
+    path = tmp_path / "store.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # a new file, rollback mode: nobody may even read
+    release = threading.Timer(1.0, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        assert migrate_url(f"sqlite:///{path}", timeout=0.05) == Migrated(None, head())
+    finally:
+        release.join()
+        holder.close()
 
 
 RACER = """

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from connector.errors import StoreError, StoreUnavailable
-from connector.store._engine import reason_of
+from connector.store._engine import STALE_FAULTS, fault_of, reason_of
 
 
 class SqlBase:
@@ -30,15 +30,33 @@ class SqlBase:
         self._listeners: dict[str, list[Callable[[str], None]]] = {}
         # the store's clock minus this host's (see _now); 0 where one host shares the store
         self._clock_offset = 0.0
+        self.stale = False  # a write failed on the files: reopen them all (fresh_files)
+        self._generation = 0  # of the pool's connections; fresh_files starts a new one
+        event.listen(engine, "connect", self._born)
+        event.listen(engine, "checkout", self._lent)
 
     def open(self) -> None:
         """Bring the schema up to date (nothing when it is current)."""
         from connector.store.migrate import ensure_current
 
+        where = self.where
         try:
             ensure_current(self.engine)
-        except OperationalError as exc:
-            raise StoreError(f"the store cannot be opened ({reason_of(exc)})") from None
+        except StoreError as exc:  # a schema it must not touch: newer, foreign, half-made
+            raise StoreError(f"{where}: {exc}") from None
+        except DBAPIError as exc:  # one line naming the store, never a traceback
+            fault = fault_of(exc)
+            why = f"{fault}: {reason_of(exc)}" if fault else reason_of(exc)
+            raise StoreError(f"{where}: the store cannot be opened ({why})") from None
+
+    @property
+    def where(self) -> str:
+        """The store, for a message: a SQLite file's path, a PostgreSQL URL without its
+        password."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite":
+            return url.database or ":memory:"
+        return url.render_as_string(hide_password=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -81,6 +99,7 @@ class SqlBase:
         plans are all redone from what is durable (a lost "done" means one more delivery,
         which idempotency keys make harmless). Received events always commit durably.
         """
+        self.fresh_files()
         try:
             with self.engine.connect() as conn:
                 self._begin_write(conn, durable)
@@ -88,30 +107,62 @@ class SqlBase:
                     with conn.begin():
                         self._started_write(conn, durable)
                         yield conn
+                except DBAPIError as exc:
+                    self._drop_if_stale(conn, exc)
+                    raise
                 finally:
                     conn.info.pop("immediate", None)
         except (OperationalError, _Gone, PoolTimeout) as exc:
-            raise StoreUnavailable(f"the store cannot take the write ({reason_of(exc)})") from None
+            raise _unavailable("the store cannot take the write", exc) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StoreUnavailable(
-                    f"the store cannot take the write ({reason_of(exc)})"
-                ) from None
+            if exc.connection_invalidated or fault_of(exc) is not None:
+                raise _unavailable("the store cannot take the write", exc) from None
             raise
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
         """A read transaction: one consistent view of the store, and no write lock taken."""
         try:
-            with self.engine.connect() as conn, conn.begin():
-                yield conn
+            with self.engine.connect() as conn:
+                try:
+                    with conn.begin():
+                        yield conn
+                except DBAPIError as exc:
+                    self._drop_if_stale(conn, exc)
+                    raise
         except (OperationalError, PoolTimeout) as exc:
             # PoolTimeout: every connection of the pool is busy (or stuck) past the timeout
-            raise StoreUnavailable(f"the store cannot be read ({reason_of(exc)})") from None
+            raise _unavailable("the store cannot be read", exc) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StoreUnavailable(f"the store cannot be read ({reason_of(exc)})") from None
+            if exc.connection_invalidated or fault_of(exc) is not None:
+                raise _unavailable("the store cannot be read", exc) from None
             raise
+
+    def _drop_if_stale(self, conn: Connection, exc: BaseException) -> None:
+        """After a fault on the store's files (see STALE_FAULTS) the connection is dropped,
+        and the next write reopens every other one (:meth:`fresh_files`)."""
+        if fault_of(exc) in STALE_FAULTS:
+            if not conn.invalidated:
+                conn.invalidate()
+            self.stale = True
+
+    def fresh_files(self) -> None:
+        """Before a write, after one failed on the store's files: no connection of the pool
+        opened before is used again (the idle ones are closed now, the others when next
+        lent), so that the next ones open the files afresh. All of them, the readers' too:
+        SQLite shares a file's state among a process's connections, and one opened while the
+        folder was read-only keeps every new one read-only until it closes."""
+        if self.stale:
+            self.stale = False
+            self._generation += 1
+            self.engine.pool.dispose()
+
+    def _born(self, _dbapi_connection: Any, record: Any) -> None:
+        record.info["generation"] = self._generation
+
+    def _lent(self, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get("generation", self._generation) != self._generation:
+            raise DisconnectionError("opened before the store's files were reopened")
 
     def _read(self, statement: Any, params: Any = None) -> list[Any]:
         with self.snapshot() as conn:
@@ -120,6 +171,11 @@ class SqlBase:
     def query(self, statement: Any) -> list[Any]:
         """Run a read-only statement (tests)."""
         return self._read(statement)
+
+
+def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
+    fault = fault_of(exc) or "store unreachable"
+    return StoreUnavailable(f"{what} ({reason_of(exc)})", reason=fault)
 
 
 class _Gone(Exception):

@@ -4,13 +4,14 @@ write lock taken without its busy handler's long sleeps, and a driver error in o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -60,11 +61,80 @@ def when_unlocked(write: Callable[[], object], timeout: float) -> bool:
         delay = min(delay * 1.5, 0.002)
 
 
+TEST_MAX_PAGES_ENV = "CONNECTOR_TEST_SQLITE_MAX_PAGES"
+
+
+def max_pages_for_tests() -> int | None:
+    """For tests only (tests/test_store_faults.py): ``CONNECTOR_TEST_SQLITE_MAX_PAGES`` caps
+    every SQLite connection of the process at that many pages (``PRAGMA max_page_count``),
+    a full disk without filling one. Unset in every deployment; not a setting."""
+    value = os.environ.get(TEST_MAX_PAGES_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+_FAULTS = (
+    ("SQLITE_FULL", "store full"),
+    ("SQLITE_READONLY", "store read-only"),
+    ("SQLITE_BUSY", "store locked"),
+    ("SQLITE_LOCKED", "store locked"),
+    ("SQLITE_CORRUPT", "store corrupt"),
+    ("SQLITE_NOTADB", "store corrupt"),
+    ("SQLITE_CANTOPEN", "store cannot be opened"),
+    ("SQLITE_IOERR", "store I/O error"),
+    ("SQLITE_PERM", "store read-only"),
+)
+STALE_FAULTS = frozenset(
+    {"store read-only", "store corrupt", "store cannot be opened", "store I/O error"}
+)
+"""Faults after which a SQLite connection is not used again: one opened read-only stays
+read-only, and one that failed on its files may hold a stale view of them."""
+
+
+def fault_of(exc: BaseException) -> str | None:
+    """What a SQLite error says about the store, in a few words (for ``/readyz`` and the log);
+    None for any other error. By the driver's extended result code (SQLITE_FULL,
+    SQLITE_READONLY_*, SQLITE_BUSY_*...), or, for the "database is locked" this module raises
+    itself when the time is up, by its text."""
+    orig = getattr(exc, "orig", None) or exc
+    if not isinstance(orig, sqlite3.Error):
+        return None
+    name = getattr(orig, "sqlite_errorname", None) or ""
+    for prefix, fault in _FAULTS:
+        if name == prefix or name.startswith(prefix + "_"):
+            return fault
+    if not name and ("locked" in str(orig) or "busy" in str(orig)):
+        return "store locked"
+    return None
+
+
 def reason_of(exc: BaseException) -> str:
     """The driver's first line, never a statement or its parameters (customer values)."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
     return (text[0][:160] if text else "") or orig.__class__.__name__
+
+
+_OPENING_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "opening_wait", default=None
+)
+
+
+@contextlib.contextmanager
+def opening(seconds: float) -> Iterator[None]:
+    """While opening a store: a SQLite connection made meanwhile waits up to ``seconds``
+    (not the store timeout) for its first lock, the one ``PRAGMA journal_mode=WAL`` takes.
+
+    Another process opening the same new file (its switch to WAL) or closing the last
+    connection to it (the checkpoint that folds the WAL back) holds the file exclusively
+    across an fsync; on a loaded machine that outlasted the store timeout, and a process
+    starting next to another failed "database is locked" before it reached the migration
+    lock, which waits as long as a migration takes.
+    """
+    token = _OPENING_WAIT.set(seconds)
+    try:
+        yield
+    finally:
+        _OPENING_WAIT.reset(token)
 
 
 def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> Engine:
@@ -83,17 +153,25 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
         pool_reset_on_return=None,
     )
 
+    busy_ms = int(timeout * 1000)
+    max_pages = max_pages_for_tests()
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    busy_ms = int(timeout * 1000)
+        try:
+            wait = _OPENING_WAIT.get()
+            if wait is not None:
+                cursor.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            if max_pages is not None:
+                cursor.execute(f"PRAGMA max_page_count={max_pages}")
+        finally:
+            cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:

@@ -30,6 +30,14 @@ class AdminSql(ProcessesSql):
         with self.snapshot() as conn:
             conn.exec_driver_sql("SELECT 1")
 
+    def probe_write(self) -> None:
+        """Whether the store takes a write now, changing nothing: the write lock (SQLite's
+        ``BEGIN IMMEDIATE``, within the store timeout) and a write statement, which a
+        read-only store refuses even when it matches no row. StoreUnavailable if not. A full
+        disk is not seen this way (nothing is allocated)."""
+        with self.transaction(durable=False) as conn:
+            conn.execute(update(processes).where(processes.c.id == "").values(heartbeat_at=0.0))
+
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per (dispensary, destination): pending, inflight and dead counts, oldest pending."""
         with self.snapshot() as conn:

@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector.errors import StoreUnavailable
+from connector.store._engine import fault_of
 from connector.store.abc import Store
 
 P = ParamSpec("P")
@@ -37,7 +38,10 @@ class AsyncStore:
         try:
             return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"the store failed ({exc.__class__.__name__})") from None
+            raise StoreUnavailable(
+                f"the store failed ({exc.__class__.__name__})",
+                reason=fault_of(exc) or "store unavailable",
+            ) from None
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -17,6 +17,7 @@ that one transaction, it looks again (another process may have upgraded meanwhil
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import sqlite3
@@ -32,7 +33,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
 from connector.errors import StoreError
-from connector.store._engine import engine_for, postgres_engine, reason_of
+from connector.store._engine import engine_for, opening, postgres_engine, reason_of
 from connector.store.migrations import legacy
 from connector.store.schema import meta, metadata
 
@@ -79,6 +80,11 @@ def head() -> str:
 
 def ensure_current(engine: Engine) -> Migrated | None:
     """Bring the store at ``engine`` to head; None when it already was (one read)."""
+    with opening(MIGRATION_WAIT_SECONDS):  # see connector.store._engine.opening
+        return _ensure_current(engine)
+
+
+def _ensure_current(engine: Engine) -> Migrated | None:
     with engine.connect() as conn:
         try:
             current = list(conn.execute(_CURRENT).scalars())
@@ -142,6 +148,7 @@ def _upgrade_in(conn: Connection) -> Migrated | None:
             "a connector (use an empty database)"
         )
     else:
+        _refuse_foreign(conn.dialect.name, tables)
         before = None
     config = alembic_config(connection=conn)
     if stamp is not None:
@@ -204,6 +211,55 @@ def _current_pg(url: str, timeout: float) -> str | None:
         return None
     finally:
         engine.dispose()
+
+
+def _refuse_foreign(dialect: str, tables: set[str]) -> None:
+    """A SQLite file with tables and no connector schema is another application's database:
+    refused, never migrated into (a store path that points at the wrong file). A PostgreSQL
+    database may be shared with other applications' tables, so it is not judged so."""
+    foreign = sorted(t for t in tables if not t.startswith("sqlite_"))
+    if dialect == "sqlite" and foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise StoreError(
+            f"the file is a SQLite database of another application (tables {shown}; no "
+            "connector schema): refused, not migrated into; point store at a new file"
+        )
+
+
+def store_problem(url: str) -> str | None:
+    """What keeps the SQLite store at ``url`` from opening, read without writing anything
+    (``connector check``): a file that is not a SQLite database, or another application's
+    database; None when it would open (or does not exist yet: ``serve`` creates it), and for
+    PostgreSQL (nothing leaves the machine here)."""
+    if not url.startswith("sqlite"):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:" or not Path(database).exists():
+        return None
+    path = Path(database)
+    try:
+        with path.open("rb") as file:
+            header = file.read(16)
+        if header and header != b"SQLite format 3\x00":
+            return f"{path}: the store is not a SQLite database (file is not a database)"
+        if not header:
+            return None  # empty: created at the first start
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            if "alembic_version" in names:
+                current = [str(r[0]) for r in db.execute("SELECT version_num FROM alembic_version")]
+                _check_known(current)
+            elif meta.name not in names:
+                if names & set(metadata.tables):
+                    raise StoreError("the database has connector tables but no schema version")
+                _refuse_foreign("sqlite", names)
+    except StoreError as exc:
+        return f"{path}: {exc}"
+    except (OSError, sqlite3.Error) as exc:
+        return f"{path}: the store cannot be opened ({reason_of(exc)})"
+    return None
 
 
 def _refuse_legacy(names: set[str]) -> None:

@@ -17,8 +17,15 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from connector.errors import StoreUnavailable
-from connector.store._engine import begin_immediate, sqlite_engine, when_unlocked
+from connector.errors import StoreError, StoreUnavailable
+from connector.store._engine import (
+    STALE_FAULTS,
+    begin_immediate,
+    fault_of,
+    max_pages_for_tests,
+    sqlite_engine,
+    when_unlocked,
+)
 from connector.store.abc import NewEvent, Rejected
 from connector.store.operator import OperatorSql
 
@@ -31,6 +38,12 @@ class SqliteStore(OperatorSql):
                          timeout=timeout)  # fmt: skip
         self._synchronous = synchronous
         self._sync_levels: dict[int, str] = {}  # per driver connection: what it is set to
+        from connector.store.migrate import store_problem
+
+        # a file that is not ours is refused before a connection switches it to WAL
+        problem = store_problem(url)
+        if problem is not None:
+            raise StoreError(problem)
         self.open()
 
     def _begin_write(self, conn: Connection, durable: bool) -> None:
@@ -143,19 +156,27 @@ class InboxWriter:
             self._add(events)
         except sqlite3.Error as exc:
             self.close()  # a fresh connection for the next batch
+            if fault_of(exc) in STALE_FAULTS:  # and the pool's reopened (fresh_files)
+                self.store.stale = True
             # the driver's text only, never the statement's parameters (customer values)
             reason = str(exc).splitlines()[0][:120] or exc.__class__.__name__
-            raise StoreUnavailable(f"the store cannot take the write ({reason})") from None
+            raise StoreUnavailable(
+                f"the store cannot take the write ({reason})",
+                reason=fault_of(exc) or "store unavailable",
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         raw = self._raw
         if raw is None:
             assert self._path is not None
+            self.store.fresh_files()
             raw = sqlite3.connect(
                 self._path, timeout=0, isolation_level=None, check_same_thread=False
             )
             try:
                 raw.execute(f"PRAGMA synchronous={self.store._synchronous}")
+                if (pages := max_pages_for_tests()) is not None:
+                    raw.execute(f"PRAGMA max_page_count={pages}")
                 self._variables = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
             except BaseException:
                 raw.close()
