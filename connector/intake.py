@@ -206,6 +206,10 @@ class GroupCommitter:
         elif error is None and before is not None:
             log.info("store_recovered", reason=before.reason)
 
+    def note_fault(self, error: StoreUnavailable) -> None:
+        """A write refused outside a commit (the start's probe): said like a commit's."""
+        self._note(error)
+
     def clear_fault(self) -> None:
         """The store takes writes again (readiness probed it): forget the last fault."""
         before, self.fault = self.fault, None

@@ -219,6 +219,12 @@ class Service:
         self._stopping.clear()
         released = 0
         if self.role != "pipeline":
+            # a store that takes no write (read-only files, a held lock) is said by /readyz
+            # from the start, not only once a webhook fails on it; readiness probes it again
+            try:
+                await self.astore.call(store.probe_write)
+            except StoreUnavailable as exc:
+                self.committer.note_fault(exc)
             self._tasks["committer"] = asyncio.create_task(self.committer.run(self._stopping))
             self._tasks["load"] = asyncio.create_task(self.pressure.watch(self._stopping))
         if self.child is not None:

@@ -163,6 +163,12 @@ def run_fault(
         for event in before:
             assert post(client, server, event).status_code == 202
         lines_before = len(server.proc.log_lines())
+        if faulty_from_start:
+            # said from the start, before any webhook fails on it (the start's write probe)
+            answer = ready(client, server)
+            assert answer.status_code == 503, answer.text
+            assert any(p.startswith(fault) for p in answer.json()["problems"]), answer.text
+            lines_before = 0
         cause()
         acked_during = []
         refused = 0  # in a row
