@@ -106,6 +106,48 @@ def reload_tokens(path: Path, running: Config, replace: Callable[[Config], None]
     return True
 
 
+class _Reloads:
+    """SIGHUP's handler while serving. The file is read and checked in a thread (the event
+    loop keeps answering webhooks meanwhile), one reload at a time: signals that arrive
+    during a reload make one more reload after it, however many they are (a storm of
+    signals costs at most two reads of the file)."""
+
+    def __init__(self, path: Path, config: Config, replace: Callable[[Config], None]) -> None:
+        self.path = path
+        self.config = config
+        self.replace = replace
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def signalled(self) -> None:
+        if self.task is not None:
+            self.again = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self.again = False
+                replaced: list[Config] = []
+                await asyncio.to_thread(reload_tokens, self.path, self.config, replaced.append)
+                for new in replaced:  # swapped on the loop's thread, between two requests
+                    self.replace(new)
+                if not self.again:
+                    return
+        except Exception as exc:  # a reload never stops the server
+            log.error("config_reload_failed", config=str(self.path), error=exc)
+        finally:
+            self.task = None
+
+    async def stop(self) -> None:
+        task = self.task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def install(app: Any, path: Path, config: Config) -> None:
     """Reload ``app``'s webhook tokens from ``path`` on SIGHUP while ``app`` runs (from its
     lifespan on). Before and after, SIGHUP is ignored rather than fatal; the pipeline process
@@ -117,13 +159,13 @@ def install(app: Any, path: Path, config: Config) -> None:
     async def lifespan(started: Any) -> AsyncIterator[Any]:
         async with inner(started) as state:
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(
-                signal.SIGHUP, reload_tokens, path, config, app.state.webhook_tokens.replace
-            )
+            reloads = _Reloads(path, config, app.state.webhook_tokens.replace)
+            loop.add_signal_handler(signal.SIGHUP, reloads.signalled)
             try:
                 yield state
             finally:
                 loop.remove_signal_handler(signal.SIGHUP)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                await reloads.stop()
 
     app.router.lifespan_context = lifespan

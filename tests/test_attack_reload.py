@@ -8,6 +8,7 @@ are attacks that held. Real ``connector serve`` processes; waits bounded, no tim
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -22,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -229,3 +231,39 @@ def test_a_reload_adding_a_dispensary_and_an_unset_variable(procs: Procs) -> Non
     output = server.proc.out_path.read_text() + server.proc.err_path.read_text()
     assert TOKEN not in output
     assert "added-token-000" not in output
+
+
+def test_a_storm_of_sighups_reads_the_file_at_most_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signals that arrive while a reload reads the file make one more reload after it, not
+    one each; the reading runs off the event loop, which stays free meanwhile."""
+    from connector import reload
+
+    reads: list[float] = []
+    replaced: list[object] = []
+    release = threading.Event()
+
+    def slow_reload(path: Path, running: object, replace: Any) -> bool:
+        reads.append(time.monotonic())
+        release.wait(5.0)  # the file being read
+        replace(running)
+        return True
+
+    monkeypatch.setattr(reload, "reload_tokens", slow_reload)
+
+    async def storm() -> int:
+        reloads = reload._Reloads(tmp_path / "config.yaml", object(), replaced.append)  # type: ignore[arg-type]
+        ticks = 0
+        for _ in range(200):
+            reloads.signalled()
+            await asyncio.sleep(0)
+            ticks += 1  # the loop runs between signals: no reload holds it
+        release.set()
+        while reloads.task is not None:
+            await asyncio.sleep(0.01)
+        return ticks
+
+    assert asyncio.run(storm()) == 200
+    assert len(reads) == 2, reads
+    assert len(replaced) == 2
