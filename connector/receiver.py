@@ -627,6 +627,11 @@ def create_app(service: ReceiverPorts) -> FastAPI:
             return JSONResponse({"status": "not_ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    # HEAD, as some load balancers check health: the same status, no body (the server sends
+    # none for HEAD). Left out of the OpenAPI document, which describes the GETs.
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(await service.metrics_text(), media_type="text/plain; version=0.0.4")

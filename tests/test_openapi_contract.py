@@ -332,6 +332,21 @@ def test_fastapis_own_refusals_are_json_errors_and_nothing_redirects(app: App) -
     assert [r.customer_id for r in app.rows(inbox)] == ["3904"]
 
 
+def test_health_and_readiness_answer_head(app: App) -> None:
+    """Load balancers that check with HEAD get the GET's status and no body; the document
+    describes the GETs only."""
+
+    def call(method: str, path: str) -> httpx.Response:
+        return app.loop.run_until_complete(app.client.request(method, path))
+
+    for path in ("/healthz", "/readyz"):
+        got, head = call("GET", path), call("HEAD", path)
+        assert head.status_code == got.status_code, path
+        assert head.content == b"", path
+        assert call("POST", path).status_code == 405
+        assert list(app.app.openapi()["paths"][path]) == ["get"], path
+
+
 @pytest.mark.parametrize(
     "headers",
     [
