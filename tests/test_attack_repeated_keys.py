@@ -18,8 +18,9 @@ value normalised as the contract says) rather than any reader of the connector:
   consent, one contact per customer, an opt-out owed exactly when a last copy says true, and
   nothing ever sent about a customer id that only a discarded copy names.
 
-``ATTACK_KEYS_EXAMPLES`` (default 60) and ``ATTACK_KEYS_HISTORIES`` (default 12) set how
-many examples each property draws, for a longer hunt.
+``ATTACK_KEYS_EXAMPLES`` (default 60; the readers' property draws five times as many) and
+``ATTACK_KEYS_HISTORIES`` (default 12 per vendor, a quarter of it on PostgreSQL) set how many
+examples the properties draw, for a longer hunt.
 """
 
 from __future__ import annotations
