@@ -81,17 +81,26 @@ def _decisions(text: str | None) -> list[tuple[str, str, str]] | None:
 
 
 def _names_customer(body: bytes | None, customer_id: str) -> bool:
-    """Whether a refused body is about ``customer_id`` (its ``data.customer_id``)."""
-    if not body or customer_id.encode() not in body:
+    """Whether a refused body is about ``customer_id`` (its ``data.customer_id``, read as the
+    receiver reads it: the last copy of a repeated name, escapes decoded, spaces around a
+    text id dropped)."""
+    if not body:
         return False
+    if b"\\" not in body and customer_id.encode() not in body:
+        return False  # the id's own bytes are absent and nothing is escaped: not theirs
     try:
         found = json.loads(body)
     except ValueError:
         # not JSON: only a customer_id key naming it (as text or a number) makes it theirs
-        pattern = rb'"customer_id"\s*:\s*"?' + re.escape(customer_id.encode()) + rb'["\s,}]'
+        pattern = rb'"customer_id"\s*:\s*"?\s*' + re.escape(customer_id.encode()) + rb'["\s,}]'
         return re.search(pattern, body) is not None
     data = found.get("data") if isinstance(found, dict) else None
-    return isinstance(data, dict) and str(data.get("customer_id")) == customer_id
+    if not isinstance(data, dict):
+        return False
+    named = data.get("customer_id")
+    if isinstance(named, str):
+        return named.strip() == customer_id
+    return isinstance(named, int) and not isinstance(named, bool) and str(named) == customer_id
 
 
 _QUARANTINE_COLUMNS = (
