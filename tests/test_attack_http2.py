@@ -324,7 +324,7 @@ def test_a_thousand_heads_just_under_the_limit_stay_within_bounds(server: Server
 @pytest.mark.xfail(
     strict=True,
     reason="every request of a read is parsed and queued at once (about 10,000 per 250 KB "
-    "read, a RequestResponseCycle each): 8 clients' pipelines cost the server far more than "
+    "read, a RequestResponseCycle each): 6 clients' pipelines cost the server far more than "
     "their heads and 64 KiB of body each",
 )
 def test_pipelined_requests_cost_a_bounded_memory_per_connection(
@@ -335,7 +335,7 @@ def test_pipelined_requests_cost_a_bounded_memory_per_connection(
     before = status_of(pid, "VmHWM")
     burst = HEALTHZ * (250_000 // len(HEALTHZ))
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(connect(port_of(fresh))) for _ in range(8)]
+        socks = [stack.enter_context(connect(port_of(fresh))) for _ in range(6)]
         for sock in socks:
             sock.sendall(burst)
         for sock in socks:
@@ -508,7 +508,7 @@ def test_console_client_that_never_reads_is_closed(console_port: int) -> None:
     with connect(console_port, receive_buffer=4096) as sock:
         sock.sendall(css * 2000)
         assert sock.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"
-        time.sleep(BOUND)
+        time.sleep(BOUND - 2)  # the webhook listener's test waits the whole bound
         sock.setblocking(False)
         closed = False
         with contextlib.suppress(BlockingIOError):  # drain: a close shows as EOF or a reset
