@@ -59,6 +59,10 @@ log = get_logger("connector.http")
 RETRY_AFTER_SECONDS = 5
 LINGER_SECONDS = 2.0
 """How long a refused connection's late bytes are read and dropped before it is closed."""
+MAX_PIPELINED = 16
+"""Requests one connection may send ahead of their answers (parsed and queued); the next is
+refused (400 ``too_many_pipelined``) after the answers before it. Without a bound, one read
+of the transport queues thousands."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._running: RequestResponseCycle | None = None  # the cycle whose app runs now
         self._deferred: _Refusal | None = None  # written once the answers before it are out
+        self._heads = 0  # heads begun on this connection (which head a read's bytes are of)
+        self._ended_in_read = False  # a request ended in the read being parsed
+        self._clean_start = False  # the head being read began a read, no request before it
+        self._write_deadline: asyncio.TimerHandle | None = None
 
     # --- connection ---
 
@@ -149,7 +157,40 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._cancel_write_deadline()
+        # every request in hand reads a disconnect and sends nothing more: the running one and
+        # those queued behind it, not only the last parsed (uvicorn's), which would leave the
+        # running app writing to a closed transport (an error traceback)
+        for cycle in [self._running, *(item[0] for item in self.pipeline)]:
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # the client reads its answers slower than they are written: past the body timeout
+        # without draining, the connection is cut (its app stops waiting on the drain)
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(
+                self.limits.body_timeout_seconds, self._write_expired
+            )
+
+    def resume_writing(self) -> None:
+        self._cancel_write_deadline()
+        super().resume_writing()
+
+    def _cancel_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_expired(self) -> None:
+        self._write_deadline = None
+        seconds = self.limits.body_timeout_seconds
+        reason = f"the client read no answer for {seconds:g} s"
+        log.warning("http_refused", status_code=None, error="write_timeout", reason=reason)
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -157,7 +198,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # The idle timer is not stopped by bytes as such (uvicorn's way), only by a request
         # that begins (on_message_begin): a lone CRLF, which llhttp skips before a request
         # line, would otherwise hold the connection with no timer at all.
-        head_before = self._reading_head
+        head_before = self._heads if self._reading_head else None
+        self._ended_in_read = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -172,14 +214,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         if self._reading_head:
             # A head still incomplete: count its bytes as they come, for httptools keeps a
-            # header it has not finished without a callback. In the chunk where the head
-            # began, only what the callbacks saw counts (the chunk may also hold the end of
-            # the request before: its body is not this head's); a partial header held from
-            # that chunk is at most one read of the transport, and is counted by on_header
-            # when it completes.
-            if head_before:
+            # header it has not finished without a callback. A read that began with this
+            # head counts whole; one where the head began behind other requests counts what
+            # the callbacks saw of it (the rest of the read is theirs): there, a partial
+            # header may be held uncounted, at most one read of the transport, and only
+            # behind requests already in the queue (MAX_PIPELINED bounds them).
+            if head_before == self._heads:  # the same head, incomplete before and after
                 self._raw_head_bytes += len(data)
-            else:
+            elif self._clean_start:  # the read is this head's (and at most a few CRLFs)
+                self._raw_head_bytes = len(data)
+            else:  # behind other requests of the read, which it must not be charged with
                 self._raw_head_bytes = self._head_bytes
             if self._raw_head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._head_too_large())
@@ -189,6 +233,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._unset_keepalive_if_required()  # a request began: the header deadline governs
+        self._heads += 1
+        self._clean_start = not self._ended_in_read
         self._reading_head = True
         self._head_bytes = self._raw_head_bytes = self._header_count = 0
         self._arm(self.limits.header_timeout_seconds, "header_timeout")
@@ -211,12 +257,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if len(self.pipeline) >= MAX_PIPELINED:
+            detail = f"more than {MAX_PIPELINED} requests sent ahead of their answers"
+            self._stop(_Refusal(400, "too_many_pipelined", detail))
+        if self.parser.get_http_version() != "1.1":
+            # no interim answer to an HTTP/1.0 client (RFC 9110, 10.1.1)
+            self.expect_100_continue = False
         self._cancel_deadline()
         super().on_headers_complete()
         self._reading_head = False  # after: a head uvicorn fails on is answered as a head
-        self._arm(self.limits.body_timeout_seconds, "body_timeout")
+        if not self._queued(self.cycle):
+            self._arm(self.limits.body_timeout_seconds, "body_timeout")
+        # else: queued behind another request, with reading paused by the server: its body
+        # deadline starts when it does (_start_asgi_task)
+
+    def _queued(self, cycle: RequestResponseCycle | None) -> bool:
+        return any(item[0] is cycle for item in self.pipeline)
 
     def on_message_complete(self) -> None:
+        self._ended_in_read = True
         self._cancel_deadline()
         super().on_message_complete()
 
@@ -226,6 +285,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if app is service_unavailable:
             app = _overloaded
         self._running = cycle
+        if cycle is self.cycle and cycle.more_body and not self._reading_head:
+            # a queued request whose body is still to come: its deadline from now on
+            self._arm(self.limits.body_timeout_seconds, "body_timeout")
         super()._start_asgi_task(cycle, self._guarded(cycle, app))
 
     def on_response_complete(self) -> None:
@@ -233,8 +295,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._reading_head:
-            # the next request's head is arriving: its deadline governs, not the idle timer
+            # the next request's head is arriving: its deadline governs, not the idle timer,
+            # and counts again from now (reading was paused while requests were queued)
             self._unset_keepalive_if_required()
+            if self._deferred is None:
+                self._arm(self.limits.header_timeout_seconds, "header_timeout")
         if self._deferred is not None and not self._answers_pending():
             refusal, self._deferred = self._deferred, None
             self._unset_keepalive_if_required()
@@ -333,7 +398,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # reset may destroy the answer before the client reads it (RFC 9112, 9.6).
         self.transport.write_eof()
         self.flow.resume_reading()
-        self._deadline = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self._deadline = self.loop.call_later(LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self) -> None:
+        # an answer the client has not taken by now (it reads nothing) is not waited for
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def _write_answer(self, refusal: _Refusal) -> None:
         body = _json_answer(refusal.error, refusal.detail)

@@ -131,7 +131,8 @@ def _webhook_headers(
         elif name == b"transfer-encoding":
             codings += _codings(value, b"chunked")
         elif name == b"expect":
-            expects_continue = value.strip().lower() == b"100-continue"
+            # any Expect header asking for it counts, as the server answers any of them
+            expects_continue = expects_continue or value.strip().lower() == b"100-continue"
         elif name == b"content-length":
             length = value
     declared = int(length) if expects_continue and length.strip().isdigit() else None

@@ -36,6 +36,8 @@ from test_e2e import (
     write_config,
 )
 
+from connector.http_protocol import MAX_PIPELINED
+
 LIMITS = {
     "max_header_bytes": 16 * 1024,
     "max_headers": 100,
@@ -226,42 +228,50 @@ def test_a_refusal_deferred_behind_a_request_held_by_a_locked_store_is_bounded(
 def test_a_refusal_behind_an_answer_the_client_is_slow_to_read_comes_after_it_whole(
     server: Server,
 ) -> None:
-    """Held: the client reads nothing for longer than every limit while answers back up;
-    once it reads, every answer comes whole and in order, then the refusal, then the close."""
-    count = 100
+    """Held: the client reads nothing for a while (within the body timeout, which also bounds
+    how long the server waits on a client that reads nothing) while answers back up; once it
+    reads, every answer comes whole and in order, then the refusal, then the close."""
+    count = MAX_PIPELINED - 1
     with connect(port_of(server), receive_buffer=4096) as sock:
         sock.sendall(OPENAPI * count + MALFORMED)
-        time.sleep(2 * LIMITS["header_timeout_seconds"] + 1)
+        time.sleep(LIMITS["body_timeout_seconds"] * 0.6)
         data = read_until_closed(sock, bound=60)
     got = statuses(data)
     assert got == [200] * count + [400], got[-5:]
 
 
+def test_more_requests_ahead_of_their_answers_than_the_bound_are_refused_after_them(
+    server: Server,
+) -> None:
+    """Past MAX_PIPELINED requests queued ahead of their answers the next one is refused
+    400 too_many_pipelined, after the answers before it (the bound on what one read of the
+    transport may queue)."""
+    with connect(port_of(server)) as sock:
+        sock.sendall(HEALTHZ * 600)
+        data = read_until_closed(sock)
+    got = statuses(data)
+    assert got == [200] * (MAX_PIPELINED + 1) + [400], (len(got), got[-3:])
+    assert b"too_many_pipelined" in data
+
+
 # --- the raw head count -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the raw head count adds the whole chunk when the head before was incomplete at its "
-    "start: a small head pipelined behind requests that fill the chunk is refused 413",
-)
 def test_small_pipelined_requests_are_never_refused_as_a_large_head(server: Server) -> None:
+    padded = HEALTHZ[:-2] + b"X-Pad: " + b"p" * 1500 + b"\r\n\r\n"
+    count = MAX_PIPELINED - 2
     with connect(port_of(server)) as sock:
         sock.sendall(HEALTHZ[:10])
         time.sleep(0.2)  # the first head is incomplete at the end of this read
-        sock.sendall(HEALTHZ[10:] + HEALTHZ * 600 + HEALTHZ[:10])  # 20 KiB of whole requests
+        # over 20 KiB of whole requests in one read, each head well under the limit
+        sock.sendall(HEALTHZ[10:] + padded * count + HEALTHZ[:10])
         time.sleep(0.2)
         sock.sendall(HEALTHZ[10:-2] + b"Connection: close\r\n\r\n")
         data = read_until_closed(sock)
     got = statuses(data)
-    assert got == [200] * 602, got[-3:]
+    assert got == [200] * (count + 2), got[-3:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a webhook whose head arrived in two reads, then its 20 KiB body and the start of "
-    "the next webhook: the body is counted as the next head's bytes (413 headers_too_large)",
-)
 def test_a_webhook_after_a_large_body_whose_head_came_in_pieces_is_served(
     served: tuple[Server, Path],
 ) -> None:
@@ -279,11 +289,6 @@ def test_a_webhook_after_a_large_body_whose_head_came_in_pieces_is_served(
     assert in_inbox(store, second)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an unfinished header in the read where the head began is not counted: a 40 KiB "
-    "head (past the 16 KiB limit) is held until the header timeout, then 400, not 413",
-)
 def test_a_head_past_the_limit_in_one_read_is_refused_413(server: Server) -> None:
     with connect(port_of(server)) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)
@@ -321,12 +326,6 @@ def test_a_thousand_heads_just_under_the_limit_stay_within_bounds(server: Server
         json_error(got[0][1], "header_timeout")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every request of a read is parsed and queued at once (about 10,000 per 250 KB "
-    "read, a RequestResponseCycle each): 6 clients' pipelines cost the server far more than "
-    "their heads and 64 KiB of body each",
-)
 def test_pipelined_requests_cost_a_bounded_memory_per_connection(
     procs: Procs, sink_url: str
 ) -> None:
@@ -344,11 +343,6 @@ def test_pipelined_requests_cost_a_bounded_memory_per_connection(
     assert grown < RSS_BOUND, f"the server's peak RSS grew by {grown // 1024} KiB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no write timeout: a client that never reads its answers holds its connection "
-    "(and a task) forever; max_connections of them answer every webhook 503 until they go",
-)
 def test_clients_that_never_read_cannot_shut_out_webhooks(procs: Procs, sink_url: str) -> None:
     crowded, _ = _serve(procs, sink_url, "crowded", max_connections=10)
     with contextlib.ExitStack() as stack:
@@ -367,12 +361,6 @@ def test_clients_that_never_read_cannot_shut_out_webhooks(procs: Procs, sink_url
     assert status == 202
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client hanging up while a pipelined request waits behind a running one: only the "
-    "last cycle is marked disconnected, the running app writes to the closed transport, and "
-    "uvicorn logs an error-level 'Exception in ASGI application' traceback",
-)
 def test_a_pipelining_client_hanging_up_is_no_error(server: Server) -> None:
     mark = len(server.proc.log_lines())
     with connect(port_of(server), receive_buffer=4096) as sock:
@@ -385,12 +373,6 @@ def test_a_pipelining_client_hanging_up_is_no_error(server: Server) -> None:
     assert errors_since(server, mark) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the server stops reading while a request is queued behind one held in the store, "
-    "and counts that time against the queued request: its body, sent at once, is refused "
-    "400 body_timeout",
-)
 def test_a_queued_request_is_not_refused_for_a_body_the_server_did_not_read(
     served: tuple[Server, Path],
 ) -> None:
@@ -432,11 +414,6 @@ def test_an_oversized_expect_is_quarantined_with_an_empty_body_and_closed(
     assert "50000000" in row[2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with a second Expect header the receiver reads the last one (no early 413) while "
-    "uvicorn takes any: it sends 100 Continue and invites the 50 MB body",
-)
 def test_a_second_expect_header_does_not_invite_an_oversized_body(server: Server) -> None:
     with connect(port_of(server)) as sock:
         sock.sendall(expect_head(50_000_000, "Expect: x-other"))
@@ -462,11 +439,6 @@ def test_an_expect_413_to_a_client_already_sending_is_not_a_reset(server: Server
     assert statuses(data) == [413], data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an HTTP/1.0 request with Expect gets an interim 'HTTP/1.1 100 Continue' (RFC 9110 "
-    "15.2: no 1xx to an HTTP/1.0 client; 10.1.1: its expectation is ignored)",
-)
 def test_http_1_0_with_expect_gets_no_100_continue(server: Server) -> None:
     body = Event(customer(), 1).body
     with connect(port_of(server)) as sock:
@@ -480,29 +452,21 @@ def test_http_1_0_with_expect_gets_no_100_continue(server: Server) -> None:
 # --- the console listener ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the console's listener has the same raw head count: pipelined sign-in page "
-    "requests are refused 413 headers_too_large",
-)
 def test_console_pipelined_requests_are_never_refused_as_a_large_head(console_port: int) -> None:
     page = b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    padded = page[:-2] + b"X-Pad: " + b"p" * 1500 + b"\r\n\r\n"
+    count = MAX_PIPELINED - 2
     with connect(console_port) as sock:
         sock.sendall(page[:10])
         time.sleep(0.2)
-        sock.sendall(page[10:] + page * 600 + page[:10])
+        sock.sendall(page[10:] + padded * count + page[:10])
         time.sleep(0.2)
         sock.sendall(page[10:-2] + b"Connection: close\r\n\r\n")
         data = read_until_closed(sock, bound=60)
     got = statuses(data)
-    assert got == [200] * 602, got[-3:]
+    assert got == [200] * (count + 2), got[-3:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no write timeout on the console either: a client that never reads holds its "
-    "console connection past every limit",
-)
 def test_console_client_that_never_reads_is_closed(console_port: int) -> None:
     css = b"GET /static/console.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with connect(console_port, receive_buffer=4096) as sock:
