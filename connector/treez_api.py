@@ -84,7 +84,13 @@ def _shown(value: str, secrets: tuple[str, ...]) -> str:
     folded = value.casefold()
     for secret in secrets:
         secret = secret.casefold()
-        if secret and (secret in folded or (len(folded) >= 4 and folded in secret)):
+        if not secret:
+            continue
+        # the whole secret, or a piece of one long enough to tell (a one-letter client id
+        # inside MODEL_VALIDATION_FAIL is no echo)
+        if folded == secret or (len(secret) >= 6 and secret in folded):
+            return "error"
+        if len(folded) >= 6 and folded in secret:
             return "error"
     return value
 

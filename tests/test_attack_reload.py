@@ -148,8 +148,10 @@ def test_other_commands_keep_sighups_default() -> None:
         "    pass\n"
         "print(signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)\n"
     )
+    # started with the default (a CI runner may hand its children an ignored SIGHUP)
+    default = "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
     normal = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        [sys.executable, "-c", default + probe], capture_output=True, text=True, check=True
     )
     assert normal.stdout.strip().endswith("True"), normal.stdout
     ignoring = "import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
