@@ -1,0 +1,207 @@
+"""Adversary for the SQLite store faults (issue 16, item 3): what tests/test_store_faults.py
+does not try. Each break found is a strict xfail (the reason says what and where); attacks
+that held stay as ordinary tests.
+
+Found:
+
+- a delivery round whose result cannot be written while the store is locked (or full, or
+  read-only: any fault that leaves reads working) is dropped after one retry, and its
+  operations stay ``inflight``, renewed by the heartbeat, until the process ends: the
+  customer's later operations wait behind them for good;
+- a fault on the inbox alone (a corrupt page of the inbox table): ``/readyz`` probes another
+  table, says 200 while every webhook is 503, and the log says ``store_fault`` and
+  ``store_recovered`` again at every probe;
+- a refused body while the store takes no write is answered its 4xx (Treez will not send it
+  again) and never stored, with an error line per request;
+- a store on a read-only folder after a clean stop (no ``-wal``/``-shm`` left): ``serve``
+  exits 1 "cannot be opened (unable to open database file)" instead of serving 503 with
+  ``/readyz`` naming "store read-only" and recovering;
+- a SQLite database of another application that has its own ``alembic_version`` table is
+  called "newer than this connector knows: upgrade the connector".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from test_e2e import (
+    DISPENSARY,
+    HEADERS,
+    Event,
+    Procs,
+    connector_command,
+    procs,
+    start_server,
+    start_sink,
+)
+from test_store_faults import (
+    delivered,
+    mount,
+    mounted_or_skip,
+    post,
+    ready,
+    unmount,
+    wait_for,
+    write_config,
+)
+
+from connector.store import open_store
+
+__all__ = ["procs"]  # the fixture, imported for its tests
+
+
+def ro_db(store: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def outbox_statuses(store: Path, customer_id: str) -> list[str]:
+    with contextlib.closing(ro_db(store)) as db:
+        rows = db.execute(
+            "SELECT status FROM outbox WHERE customer_id = ? ORDER BY id", (customer_id,)
+        )
+        return [str(r[0]) for r in rows]
+
+
+# --- a delivery round whose result cannot be written ----------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="worker._record_unrecorded drops a round whose result the store refused twice "
+    "when a ping (a read) succeeds: with the store locked (also full, read-only) reads work, "
+    "so the round is dropped after one back-off and its operations stay inflight, renewed by "
+    "the heartbeat, until the process ends; the customer's next operation never goes",
+)
+def test_a_round_finished_while_the_store_is_locked_is_not_stranded(
+    tmp_path: Path, procs: Procs
+) -> None:
+    store = tmp_path / "store.sqlite"
+    sink = start_sink(procs, "sink", "--delay", "2")
+    server = start_server(procs, write_config(tmp_path, store, sink.url), "serve")
+    holder = sqlite3.connect(store, isolation_level=None, check_same_thread=False)
+    try:
+        with httpx.Client(timeout=20) as client:
+            assert wait_for(lambda: ready(client, server).status_code == 200, 30)
+            assert post(client, server, Event("900", 1)).status_code == 202
+            # claimed and sent: the sink holds the request for 2 s
+            assert wait_for(lambda: outbox_statuses(store, "900") == ["inflight"], 20)
+            holder.execute("BEGIN EXCLUSIVE")  # another program's long write transaction
+            # the sink answers; the result cannot be written, the worker backs off and tries
+            # again (its back-off is 2 s after one failure): long enough for both
+            lines = len(server.proc.log_lines())
+            assert wait_for(
+                lambda: any(
+                    line.get("event") == "delivery_loop_failed"
+                    for line in server.proc.log_lines()[lines:]
+                ),
+                20,
+            ), server.proc.tail()
+            time.sleep(5.0)
+            holder.execute("COMMIT")
+            # the store is writable again: a newer version of the same customer
+            assert post(client, server, Event("900", 2)).status_code == 202
+            assert wait_for(lambda: "inflight" not in outbox_statuses(store, "900"), 40), (
+                outbox_statuses(store, "900"),
+                [
+                    line
+                    for line in server.proc.log_lines()
+                    if line.get("event", "").startswith("delivery")
+                ],
+            )
+            assert wait_for(lambda: outbox_statuses(store, "900") == ["done", "done"], 20)
+    finally:
+        holder.close()
+
+
+# --- a fault on the inbox alone: readiness probes another table ------------------------------
+
+
+def corrupt_table(store: Path, table: str) -> None:
+    """Overwrite the root page of ``table`` with bytes that are no b-tree page (a closed
+    store: no WAL left)."""
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        root = int(
+            db.execute(
+                "SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+            ).fetchone()[0]
+        )
+    assert root > 1
+    with store.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Service.readiness clears the committer's fault when probe_write succeeds, and "
+    "probe_write writes the processes table: with the inbox corrupt every webhook is 503 "
+    "'store corrupt' while /readyz says 200, and each probe logs store_recovered (then the "
+    "next webhook store_fault again): the log flaps, a balancer keeps sending",
+)
+def test_a_corrupt_inbox_keeps_readyz_503_and_one_fault_line(tmp_path: Path, procs: Procs) -> None:
+    store = tmp_path / "store.sqlite"
+    open_store(f"sqlite:///{store}").close()
+    corrupt_table(store, "inbox")
+    sink = start_sink(procs, "sink")
+    server = start_server(procs, write_config(tmp_path, store, sink.url), "serve")
+    answers, readiness = [], []
+    with httpx.Client(timeout=20) as client:
+        for n in range(3):
+            response = post(client, server, Event(str(800 + n), 1))
+            answers.append(response.status_code)
+            readiness.append(ready(client, server).status_code)
+    assert answers == [503, 503, 503]  # held: refused, never a 2xx or a 500
+    lines = server.proc.log_lines()
+    faults = [line.get("reason") for line in lines if line.get("event") == "store_fault"]
+    assert faults[:1] == ["store corrupt"], faults
+    assert readiness == [503, 503, 503], readiness
+    assert len(faults) == 1, faults
+
+
+# --- a refused body while the store takes no write ----------------------------------------------
+
+
+def quarantined(store: Path) -> int:
+    with contextlib.closing(ro_db(store)) as db:
+        return int(db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="receiver.quarantine swallows StoreUnavailable: a refused body is answered its 4xx "
+    "(Treez does not send it again) and is never kept in quarantine, against 'every refused "
+    "body except auth failures is kept'; and each one logs its own quarantine_failed error "
+    "line. A 503 with Retry-After would have it sent again and kept",
+)
+def test_a_refused_body_during_a_fault_is_kept_or_answered_503(
+    tmp_path: Path, procs: Procs
+) -> None:
+    store = tmp_path / "store.sqlite"
+    sink = start_sink(procs, "sink")
+    server = start_server(procs, write_config(tmp_path, store, sink.url), "serve")
+    holder = sqlite3.connect(store, isolation_level=None, check_same_thread=False)
+    owed = 0
+    try:
+        with httpx.Client(timeout=20) as client:
+            assert wait_for(lambda: ready(client, server).status_code == 200, 30)
+            lines = len(server.proc.log_lines())
+            holder.execute("BEGIN EXCLUSIVE")
+            for n in range(3):
+                response = client.post(server.webhook, content=b"{not json %d" % n, headers=HEADERS)
+                assert response.status_code in (400, 503), response.text
+                owed += response.status_code == 400
+            holder.execute("COMMIT")
+            logged = server.proc.log_lines()[lines:]
+    finally:
+        holder.close()
+    errors = [line for line in logged if line.get("level") in ("error", "critical")]
+    assert quarantined(store) >= owed, (owed, quarantined(store))
+    assert len(errors) <= 1, errors
