@@ -42,6 +42,7 @@ from test_e2e import (
     start_sink,
 )
 from test_store_faults import (
+    bind_mount,
     delivered,
     mount,
     mounted_or_skip,
@@ -54,7 +55,7 @@ from test_store_faults import (
 
 from connector.store import open_store
 
-__all__ = ["procs"]  # the fixture, imported for its tests
+__all__ = ["bind_mount", "procs"]  # the fixtures, imported for its tests
 
 
 def ro_db(store: Path) -> sqlite3.Connection:
@@ -205,3 +206,88 @@ def test_a_refused_body_during_a_fault_is_kept_or_answered_503(
     errors = [line for line in logged if line.get("level") in ("error", "critical")]
     assert quarantined(store) >= owed, (owed, quarantined(store))
     assert len(errors) <= 1, errors
+
+
+# --- a read-only store after a clean stop ---------------------------------------------------------
+
+
+def read_only_after_a_clean_stop(folder: Path) -> Path:
+    """A store made and closed cleanly (no -wal, no -shm left), its folder then read-only."""
+    store = folder / "store.sqlite"
+    open_store(f"sqlite:///{store}").close()
+    assert not Path(f"{store}-wal").exists()
+    mount("-o", "remount,bind,ro", str(folder))
+    return store
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a read-only store without -wal/-shm (a clean stop before) cannot even be read in WAL "
+    "mode (SQLite must create -shm): open_store fails, `serve` exits 1 'the store cannot be "
+    "opened (unable to open database file)' instead of serving 503 with /readyz naming "
+    "'store read-only' and recovering once writable (what it does when a crash left -shm)",
+)
+def test_a_read_only_store_after_a_clean_stop_is_served_503_and_recovers(
+    bind_mount: Path, tmp_path: Path, procs: Procs
+) -> None:
+    store = read_only_after_a_clean_stop(bind_mount)
+    sink = start_sink(procs, "sink")
+    server = start_server(procs, write_config(tmp_path, store, sink.url), "serve")
+    with httpx.Client(timeout=20) as client:
+        answer = ready(client, server)
+        assert answer.status_code == 503, answer.text
+        assert any(p.startswith("store read-only") for p in answer.json()["problems"])
+        assert post(client, server, Event("700", 1)).status_code == 503
+        mount("-o", "remount,bind,rw", str(bind_mount))
+        assert wait_for(lambda: ready(client, server).status_code == 200, 15)
+        assert post(client, server, Event("701", 1)).status_code == 202
+        assert wait_for(lambda: "701" in delivered(sink.record), 30)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`connector check` on a read-only store without -shm says 'the store cannot be "
+    "opened (unable to open database file)': nothing says the folder or file is read-only",
+)
+def test_check_on_a_read_only_store_says_read_only(bind_mount: Path, tmp_path: Path) -> None:
+    store = read_only_after_a_clean_stop(bind_mount)
+    config = write_config(tmp_path, store, "http://127.0.0.1:9/")
+    done = subprocess.run(
+        [*connector_command(), "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stdout + done.stderr  # held
+    said = [line for line in done.stderr.splitlines() if str(store) in line]
+    assert len(said) == 1, done.stderr  # held: one line naming the file
+    assert "read-only" in said[0], said
+
+
+# --- another application's database with an alembic_version table of its own ------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="migrate.store_problem/_check_known: a SQLite file of another application that "
+    "uses Alembic too is told 'newer than this connector knows: upgrade the connector', "
+    "advice that would not help (and could lead an operator to run a newer connector on it)",
+)
+def test_a_foreign_alembic_database_is_called_foreign(tmp_path: Path) -> None:
+    store = tmp_path / "store.sqlite"
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        db.execute("INSERT INTO alembic_version VALUES ('ae1027a6acf')")
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        db.commit()
+    original = store.read_bytes()
+    config = write_config(tmp_path, store, "http://127.0.0.1:9/")
+    done = subprocess.run(
+        [*connector_command(), "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1  # held: refused
+    assert store.read_bytes() == original  # held: untouched
+    said = [line for line in done.stderr.splitlines() if str(store) in line]
+    assert len(said) == 1, done.stderr
+    assert "another application" in said[0], said
+    assert "upgrade the connector" not in said[0], said
+
