@@ -17,7 +17,12 @@ Found:
   exits 1 "cannot be opened (unable to open database file)" instead of serving 503 with
   ``/readyz`` naming "store read-only" and recovering;
 - a SQLite database of another application that has its own ``alembic_version`` table is
-  called "newer than this connector knows: upgrade the connector".
+  called "newer than this connector knows: upgrade the connector";
+- a full store freed while no webhook comes stays 503 on ``/readyz`` (a full store is never
+  probed): behind a balancer that sends only to ready replicas it never comes back.
+
+Held: a lock in the middle of a stream of concurrent webhooks (every 202 has its row, one
+``store_fault`` and one ``store_recovered`` line, no customer value or token in the output).
 """
 
 from __future__ import annotations
