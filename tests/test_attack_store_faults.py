@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -347,30 +348,41 @@ def test_a_freed_store_is_ready_again_without_a_webhook(
 def test_no_202_without_its_row_when_the_store_locks_mid_stream(
     tmp_path: Path, procs: Procs
 ) -> None:
-    """Forty concurrent webhooks, the store locked by another program while they arrive and
-    freed before they end: every answer is 202 or 503 (never a 500), every 202 has its row,
-    and the sink gets each acknowledged event. Held."""
+    """Ten clients posting webhooks without pause, the store locked by another program while
+    they post and freed before they stop: every answer is 202 or 503 (never a 500), every
+    202 has its row, and the sink gets each acknowledged event. Held."""
     store = tmp_path / "store.sqlite"
     sink = start_sink(procs, "sink")
     server = start_server(procs, write_config(tmp_path, store, sink.url), "serve")
     holder = sqlite3.connect(store, isolation_level=None, check_same_thread=False)
     answers: dict[str, int] = {}
+    stop = threading.Event()
 
     def send(n: int) -> None:
         with httpx.Client(timeout=20) as client:
-            for k in range(4):
-                event = Event(str(300 + 10 * n + k), 1)
+            for k in range(1000):
+                if stop.is_set():
+                    return
+                event = Event(str(100_000 + 1000 * n + k), 1)
                 answers[event.customer_id] = post(client, server, event).status_code
+
+    def count(status: int) -> int:
+        return list(answers.values()).count(status)
 
     try:
         with httpx.Client(timeout=20) as client:
             assert wait_for(lambda: ready(client, server).status_code == 200, 30)
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             sent = [pool.submit(send, n) for n in range(10)]
-            assert wait_for(lambda: len(answers) >= 8, 20)
-            holder.execute("BEGIN EXCLUSIVE")
-            assert wait_for(lambda: 503 in answers.values(), 20)
-            holder.execute("COMMIT")
+            try:
+                assert wait_for(lambda: count(202) >= 20, 20)
+                holder.execute("BEGIN EXCLUSIVE")
+                assert wait_for(lambda: count(503) >= 10, 20)
+                holder.execute("COMMIT")
+                after = count(202)
+                assert wait_for(lambda: count(202) >= after + 20, 20)
+            finally:
+                stop.set()
             for future in sent:
                 future.result()
     finally:
