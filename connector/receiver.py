@@ -106,6 +106,11 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+def _unavailable() -> Response:
+    retry = {"retry-after": str(RETRY_AFTER_SECONDS)}
+    return _error(503, "store_unavailable", "the event could not be stored; retry", retry)
+
+
 def _webhook_headers(
     request: Request,
 ) -> tuple[str | None, str | None, list[str], int | None]:
@@ -463,11 +468,12 @@ def create_app(service: ReceiverPorts) -> FastAPI:
     async def quarantine(
         dispensary: str, status: int, reason: str, content_type: str | None, body: bytes
     ) -> None:
+        # A refused body that cannot be kept is not refused yet: StoreUnavailable reaches
+        # receive_webhook, which answers 503 with Retry-After, so Treez sends it again (a
+        # 4xx would end its retries, and the body would be lost). The committer logs the
+        # store's fault once, not once per body.
+        await service.committer.submit(Rejected(dispensary, status, reason, content_type, body))
         count(dispensary, f"rejected_{status}")
-        try:
-            await service.committer.submit(Rejected(dispensary, status, reason, content_type, body))
-        except StoreUnavailable:
-            log.error("quarantine_failed", dispensary=dispensary, status_code=status)
 
     @app.post(
         "/webhooks/treez/{dispensary}",
@@ -485,6 +491,9 @@ def create_app(service: ReceiverPorts) -> FastAPI:
         service.webhook_started()
         try:
             response, customer_id, outcome = await _receive(dispensary, request)
+        except StoreUnavailable:  # a refused body could not be kept in quarantine
+            count(dispensary, "unavailable")
+            response, customer_id, outcome = _unavailable(), None, "unavailable"
         finally:
             service.webhook_finished()
         # An accepted event is recorded in the inbox (with its arrival time) and counted in
@@ -598,11 +607,7 @@ def create_app(service: ReceiverPorts) -> FastAPI:
             await service.committer.submit(item)
         except StoreUnavailable:
             count(dispensary, "unavailable")
-            return (
-                _error(503, "store_unavailable", "the event could not be stored; retry",
-                       {"retry-after": str(RETRY_AFTER_SECONDS)}),
-                customer_id, "unavailable",
-            )  # fmt: skip
+            return _unavailable(), customer_id, "unavailable"
         count(dispensary, outcome)
         webhook_seen[dispensary] = time.time()  # connector_last_webhook_timestamp_seconds
         return _Answer(outcome), customer_id, outcome

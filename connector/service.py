@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -366,12 +367,16 @@ class Service:
         except Exception:
             problems.append("store unreachable")
         fault = self.committer.fault  # the receiver's last commit failed: read-only, full...
-        if fault is not None and fault.reason != "store full":
+        if fault is not None and fault.reason != "store corrupt":
             # gone once the store takes a write again, webhooks or not (a balancer that
             # stops sending them while /readyz is 503 would otherwise keep it 503 for ever);
-            # a full disk stays until a commit succeeds: a probe allocates nothing
+            # a full store is probed with a write that needs room (rolled back). A corrupt
+            # one stays until a commit succeeds: a probe's write may not touch the damage.
+            probe = functools.partial(
+                self.astore.store.probe_write, allocate=fault.reason == "store full"
+            )
             try:
-                await asyncio.wait_for(self.astore.call(self.astore.store.probe_write), timeout)
+                await asyncio.wait_for(self.astore.call(probe), timeout)
                 self.committer.clear_fault()
                 fault = None
             except StoreUnavailable as exc:

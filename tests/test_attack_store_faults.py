@@ -79,13 +79,6 @@ def outbox_statuses(store: Path, customer_id: str) -> list[str]:
 # --- a delivery round whose result cannot be written ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker._record_unrecorded drops a round whose result the store refused twice "
-    "when a ping (a read) succeeds: with the store locked (also full, read-only) reads work, "
-    "so the round is dropped after one back-off and its operations stay inflight, renewed by "
-    "the heartbeat, until the process ends; the customer's next operation never goes",
-)
 def test_a_round_finished_while_the_store_is_locked_is_not_stranded(
     tmp_path: Path, procs: Procs
 ) -> None:
@@ -146,13 +139,6 @@ def corrupt_table(store: Path, table: str) -> None:
         file.write(b"\xff" * page_size)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Service.readiness clears the committer's fault when probe_write succeeds, and "
-    "probe_write writes the processes table: with the inbox corrupt every webhook is 503 "
-    "'store corrupt' while /readyz says 200, and each probe logs store_recovered (then the "
-    "next webhook store_fault again): the log flaps, a balancer keeps sending",
-)
 def test_a_corrupt_inbox_keeps_readyz_503_and_one_fault_line(tmp_path: Path, procs: Procs) -> None:
     store = tmp_path / "store.sqlite"
     open_store(f"sqlite:///{store}").close()
@@ -181,13 +167,6 @@ def quarantined(store: Path) -> int:
         return int(db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="receiver.quarantine swallows StoreUnavailable: a refused body is answered its 4xx "
-    "(Treez does not send it again) and is never kept in quarantine, against 'every refused "
-    "body except auth failures is kept'; and each one logs its own quarantine_failed error "
-    "line. A 503 with Retry-After would have it sent again and kept",
-)
 def test_a_refused_body_during_a_fault_is_kept_or_answered_503(
     tmp_path: Path, procs: Procs
 ) -> None:
@@ -228,10 +207,10 @@ def read_only_after_a_clean_stop(folder: Path) -> Path:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a read-only store without -wal/-shm (a clean stop before) cannot even be read in WAL "
-    "mode (SQLite must create -shm): open_store fails, `serve` exits 1 'the store cannot be "
-    "opened (unable to open database file)' instead of serving 503 with /readyz naming "
-    "'store read-only' and recovering once writable (what it does when a crash left -shm)",
+    reason="left for later: a read-only store without -wal/-shm (a clean stop before) cannot "
+    "even be read in WAL mode (SQLite must create -shm): `serve` exits 1 naming the file "
+    "and 'store read-only' (a supervisor's restart recovers once it is writable) instead of "
+    "serving 503 and recovering in place (what it does when a crash left -shm)",
 )
 def test_a_read_only_store_after_a_clean_stop_is_served_503_and_recovers(
     bind_mount: Path, tmp_path: Path, procs: Procs
@@ -250,11 +229,6 @@ def test_a_read_only_store_after_a_clean_stop_is_served_503_and_recovers(
         assert wait_for(lambda: "701" in delivered(sink.record), 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`connector check` on a read-only store without -shm says 'the store cannot be "
-    "opened (unable to open database file)': nothing says the folder or file is read-only",
-)
 def test_check_on_a_read_only_store_says_read_only(bind_mount: Path, tmp_path: Path) -> None:
     store = read_only_after_a_clean_stop(bind_mount)
     config = write_config(tmp_path, store, "http://127.0.0.1:9/")
@@ -271,12 +245,6 @@ def test_check_on_a_read_only_store_says_read_only(bind_mount: Path, tmp_path: P
 # --- another application's database with an alembic_version table of its own ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="migrate.store_problem/_check_known: a SQLite file of another application that "
-    "uses Alembic too is told 'newer than this connector knows: upgrade the connector', "
-    "advice that would not help (and could lead an operator to run a newer connector on it)",
-)
 def test_a_foreign_alembic_database_is_called_foreign(tmp_path: Path) -> None:
     store = tmp_path / "store.sqlite"
     with contextlib.closing(sqlite3.connect(store)) as db:
@@ -312,13 +280,6 @@ def full_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, i
     return store, limit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Service.readiness never probes a 'store full' fault (a probe allocates nothing): "
-    "/readyz stays 503 until a webhook commits, and a balancer or Kubernetes Service that "
-    "sends webhooks only to ready replicas sends none, so the replica stays out for good "
-    "after the disk is freed (README: 'a full disk shows only when a commit succeeds')",
-)
 def test_a_freed_store_is_ready_again_without_a_webhook(
     tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,7 +26,13 @@ from connector.delivery._http import vendor_code
 from connector.delivery.base import Delivery, Destination, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy
-from connector.errors import DeliveryError, FatalDelivery, QuotaPause, RetriableDelivery
+from connector.errors import (
+    DeliveryError,
+    FatalDelivery,
+    QuotaPause,
+    RetriableDelivery,
+    StoreUnavailable,
+)
 from connector.logs import get_logger
 from connector.metrics import Metrics
 from connector.store import LEASE_SECONDS, AsyncStore, OutboxRow
@@ -254,12 +260,16 @@ class DeliveryWorker:
         assert outcome is not None
         try:
             await self._record(outcome)
+        except StoreUnavailable:
+            raise  # an outage (locked, full, read-only, gone): the round is kept for later
         except Exception:
             with contextlib.suppress(Exception):
-                # the store answers and still refuses the round: not an outage but a bug,
-                # which must not hold up the destination for good. The round is dropped,
-                # its claims left in flight until this process ends (as before it was kept)
-                await self.astore.call(store.ping)
+                # the store takes writes and still refuses the round: not an outage but a
+                # bug, which must not hold up the destination for good. The round is
+                # dropped, its claims left in flight until this process ends (as before it
+                # was kept). A read (ping) would not do: a locked, full or read-only SQLite
+                # store still answers reads.
+                await self.astore.call(store.probe_write)
                 self._unrecorded = None
                 log.error(
                     "delivery_unrecorded",

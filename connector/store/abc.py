@@ -489,8 +489,10 @@ class Admin(Protocol):
 
     def ping(self) -> None: ...
 
-    def probe_write(self) -> None:
-        """Raise StoreUnavailable unless the store takes a write now; writes nothing."""
+    def probe_write(self, *, allocate: bool = False) -> None:
+        """Raise StoreUnavailable unless the store takes a write now; writes nothing.
+        ``allocate``: also a write that needs new pages (and, on SQLite, room on the disk),
+        rolled back: whether a full store has room again."""
         ...
 
     def queue_stats(self) -> list[dict[str, Any]]: ...

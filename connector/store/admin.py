@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import (
     delete,
     func,
+    insert,
     select,
     update,
 )
@@ -14,6 +15,7 @@ from sqlalchemy import (
 from connector.store.abc import Lease, RegisteredProcess
 from connector.store.processes import ProcessesSql
 from connector.store.schema import (
+    audit,
     conflicts,
     inbox,
     locks,
@@ -24,19 +26,34 @@ from connector.store.schema import (
     schedule_ticks,
 )
 
+PROBE_BYTES = 16 * 1024
+"""The row an allocating write probe inserts and rolls back: a few pages."""
+
+
+class _RolledBack(Exception):
+    """Ends a probe's transaction in a rollback."""
+
 
 class AdminSql(ProcessesSql):
     def ping(self) -> None:
         with self.snapshot() as conn:
             conn.exec_driver_sql("SELECT 1")
 
-    def probe_write(self) -> None:
+    def probe_write(self, *, allocate: bool = False) -> None:
         """Whether the store takes a write now, changing nothing: the write lock (SQLite's
         ``BEGIN IMMEDIATE``, within the store timeout) and a write statement, which a
-        read-only store refuses even when it matches no row. StoreUnavailable if not. A full
-        disk is not seen this way (nothing is allocated)."""
-        with self.transaction(durable=False) as conn:
-            conn.execute(update(processes).where(processes.c.id == "").values(heartbeat_at=0.0))
+        read-only store refuses even when it matches no row. StoreUnavailable if not.
+        ``allocate``: also a row of a few pages, rolled back (a database at its page cap
+        refuses it); a full disk is the adapter's to see (the row never reaches the WAL)."""
+        try:
+            with self.transaction(durable=False) as conn:
+                conn.execute(update(processes).where(processes.c.id == "").values(heartbeat_at=0.0))
+                if allocate:
+                    row = {"at": 0.0, "who": "probe", "action": "probe", "target": ""}
+                    conn.execute(insert(audit).values(**row, detail="x" * PROBE_BYTES))
+                    raise _RolledBack
+        except _RolledBack:
+            pass
 
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per (dispensary, destination): pending, inflight and dead counts, oldest pending."""

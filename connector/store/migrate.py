@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,9 @@ def store_problem(url: str) -> str | None:
             sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         ) as db:
             names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            if "alembic_version" in names and not names & set(metadata.tables):
+                # Alembic's table alone, none of ours: another application's schema
+                _refuse_foreign("sqlite", names - {"alembic_version"})
             if "alembic_version" in names:
                 current = [str(r[0]) for r in db.execute("SELECT version_num FROM alembic_version")]
                 _check_known(current)
@@ -258,8 +262,26 @@ def store_problem(url: str) -> str | None:
     except StoreError as exc:
         return f"{path}: {exc}"
     except (OSError, sqlite3.Error) as exc:
+        if _read_only(path):
+            return (
+                f"{path}: store read-only: its folder is not writable (a read-only file "
+                f"system or permissions), and a store in WAL mode cannot even be read without "
+                f"writing beside it ({reason_of(exc)})"
+            )
         return f"{path}: the store cannot be opened ({reason_of(exc)})"
-    return None
+    return None  # a read-only store that opens is served, answering 503 until writable
+
+
+def _read_only(path: Path) -> bool:
+    """Whether the store file or its folder cannot be written (a read-only mount, or
+    permissions; root passes permission checks, not a read-only mount)."""
+    folder = path.resolve().parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        return False
+    return not (os.access(folder, os.W_OK) and os.access(path, os.W_OK))
 
 
 def _refuse_legacy(names: set[str]) -> None:

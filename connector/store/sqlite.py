@@ -29,6 +29,9 @@ from connector.store._engine import (
 from connector.store.abc import NewEvent, Rejected
 from connector.store.operator import OperatorSql
 
+DISK_ROOM_BYTES = 1024 * 1024
+"""Free space on the store's file system that an allocating write probe asks for."""
+
 
 class SqliteStore(OperatorSql):
     dialect = "sqlite"
@@ -45,6 +48,24 @@ class SqliteStore(OperatorSql):
         if problem is not None:
             raise StoreError(problem)
         self.open()
+
+    def probe_write(self, *, allocate: bool = False) -> None:
+        if allocate:
+            # the probe's row is rolled back before it reaches the WAL: room on the disk is
+            # told by the file system (enough for a commit's pages and its WAL frames)
+            database = self.engine.url.database
+            if database and database != ":memory:":
+                folder = os.path.dirname(os.path.abspath(database))
+                try:
+                    stat = os.statvfs(folder)
+                except OSError:
+                    stat = None
+                if stat is not None and stat.f_bavail * stat.f_frsize < DISK_ROOM_BYTES:
+                    raise StoreUnavailable(
+                        f"the store's file system has less than {DISK_ROOM_BYTES} bytes free",
+                        reason="store full",
+                    )
+        super().probe_write(allocate=allocate)
 
     def _begin_write(self, conn: Connection, durable: bool) -> None:
         level = self._synchronous if durable else "NORMAL"
