@@ -121,6 +121,7 @@ class Service:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._switch_interval = sys.getswitchinterval()
         self._registered = False  # in the store's processes (register_process)
+        self._readiness: asyncio.Future[list[str]] | None = None  # the check running now
 
     def webhook_started(self) -> None:
         """A webhook request is being answered: counted, so that planning and delivery step
@@ -354,6 +355,15 @@ class Service:
         log.info("stopped", role=self.role, released=released)
 
     async def readiness(self) -> list[str]:
+        """What keeps this replica from taking webhooks. Checks asked for while one runs
+        share its answer: on a locked store each takes up to the store timeout, and queued
+        one behind another on the store's thread they would take many times that."""
+        running = self._readiness
+        if running is None or running.done():
+            running = self._readiness = asyncio.ensure_future(self._check_readiness())
+        return list(await asyncio.shield(running))
+
+    async def _check_readiness(self) -> list[str]:
         problems = []
         timeout = self.config.store_timeout_seconds + STORE_MARGIN_SECONDS
         try:

@@ -27,6 +27,7 @@ Held: a lock in the middle of a stream of concurrent webhooks (every 202 has its
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import sqlite3
@@ -369,3 +370,48 @@ def test_no_202_without_its_row_when_the_store_locks_mid_stream(
     output = server.proc.out_path.read_text() + server.proc.err_path.read_text()
     assert "@example.com" not in output
     assert TOKEN not in output
+
+
+def test_readiness_checks_asked_at_once_share_one_check() -> None:
+    """On a locked store one check takes up to the store timeout; checks asked for while it
+    runs wait for its answer rather than queueing their own behind it on the store's thread."""
+    from types import SimpleNamespace
+
+    from connector.service import Service
+
+    calls = 0
+    release = asyncio.Event()
+
+    async def check() -> list[str]:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return [f"store locked (check {calls})"]
+
+    async def many() -> list[list[str]]:
+        stub = SimpleNamespace(_readiness=None, _check_readiness=check)
+        asked = [asyncio.ensure_future(Service.readiness(stub)) for _ in range(8)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        release.set()
+        answers = await asyncio.gather(*asked)
+        answers.append(await Service.readiness(stub))  # type: ignore[arg-type]  # a new check
+        return answers
+
+    answers = asyncio.run(many())
+    assert answers[:8] == [["store locked (check 1)"]] * 8
+    assert answers[8] == ["store locked (check 2)"]
+    assert calls == 2
+
+
+def test_sqlite_connections_cap_the_wal_after_a_checkpoint(tmp_path: Path) -> None:
+    """A WAL grown behind a long reader is cut back after its next checkpoint (SQLite keeps a
+    grown WAL at its size unless journal_size_limit is set)."""
+    from connector.store._engine import WAL_SIZE_LIMIT_BYTES
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        with store.engine.connect() as conn:
+            limit = conn.exec_driver_sql("PRAGMA journal_size_limit").scalar()
+        assert limit == WAL_SIZE_LIMIT_BYTES
+    finally:
+        store.close()

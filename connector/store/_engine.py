@@ -137,6 +137,10 @@ def opening(seconds: float) -> Iterator[None]:
         _OPENING_WAIT.reset(token)
 
 
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+"""What the WAL file is truncated to after a checkpoint that reset it."""
+
+
 def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> Engine:
     """An engine for ``url``.
 
@@ -168,6 +172,9 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.execute("PRAGMA foreign_keys=ON")
+            # a WAL that a long reader let grow is cut back to this after its next checkpoint
+            # (SQLite keeps a grown WAL file at its size otherwise)
+            cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
             if max_pages is not None:
                 cursor.execute(f"PRAGMA max_page_count={max_pages}")
         finally:
