@@ -118,6 +118,37 @@ async def _overloaded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISend
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class _CycleTransport:
+    """The transport as one request's cycle sees it: a close after an answer given before
+    the request's body was read (a 413 to an oversized ``Expect: 100-continue``, an early
+    refusal that closes) lingers like the protocol's own refusals, so the client still
+    sending its body gets the answer rather than a reset (RFC 9112, 9.6)."""
+
+    __slots__ = ("_cycle", "_protocol", "_transport")
+
+    def __init__(
+        self, protocol: LimitedHttpProtocol, transport: asyncio.Transport, cycle: Any
+    ) -> None:
+        self._protocol = protocol
+        self._transport = transport
+        self._cycle = cycle
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._cycle.response_complete and self._cycle.more_body:
+            self._protocol.linger_after_answer()
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
     """One connection of the webhook listener. ``limits`` is set per listener by
     :func:`protocol_class` (uvicorn builds the protocol itself, from a class)."""
@@ -265,6 +296,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.expect_100_continue = False
         self._cancel_deadline()
         super().on_headers_complete()
+        cycle: Any = self.cycle
+        cycle.transport = _CycleTransport(self, self.transport, cycle)
         self._reading_head = False  # after: a head uvicorn fails on is answered as a head
         if not self._queued(self.cycle):
             self._arm(self.limits.body_timeout_seconds, "body_timeout")
@@ -387,6 +420,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._deferred = refusal
             return
         self._write_answer(refusal)
+        self._close_lingering()
+
+    def linger_after_answer(self) -> None:
+        """The app answered and closes before the request's body was read: what the client
+        still sends is read and dropped for a while, then the connection closes."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self._cancel_deadline()
         self._close_lingering()
 
     def _close_lingering(self) -> None:

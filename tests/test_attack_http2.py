@@ -421,11 +421,6 @@ def test_a_second_expect_header_does_not_invite_an_oversized_body(server: Server
     assert first.startswith(b"HTTP/1.1 413 "), first
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the early 413 closes the connection at once (Connection: close), not lingering: "
-    "the body the client was already sending is answered with a reset (RFC 9112, 9.6)",
-)
 def test_an_expect_413_to_a_client_already_sending_is_not_a_reset(server: Server) -> None:
     reset = False
     with connect(port_of(server)) as sock:
