@@ -152,10 +152,12 @@ def check(config_file: Path, strict: bool, online: bool) -> None:
                 for problem in mapping_problems(dest, mapping)
             )
             lines.append(_destination_line(disp, dest, mapping))
-    from connector.store.migrate import store_problem  # reads the file, writes nothing
+    from connector.store.migrate import store_problem, store_warning  # writes nothing
 
     if (store := store_problem(config.store)) is not None:
         errors.append(store)
+    elif (store := store_warning(config.store)) is not None:
+        warnings.append(store)
     lines.extend(f"disabled: {section}" for section in config.disabled)
     lines.append(_console_line(config))
     if config.console_on and config.console is not None and not config.console.loopback:

@@ -415,3 +415,18 @@ def test_sqlite_connections_cap_the_wal_after_a_checkpoint(tmp_path: Path) -> No
         assert limit == WAL_SIZE_LIMIT_BYTES
     finally:
         store.close()
+
+
+def test_check_warns_of_a_store_folder_it_cannot_write(bind_mount: Path, tmp_path: Path) -> None:
+    """A store still to be created in a read-only folder: `check` warns, naming it (serve
+    would answer every webhook 503); --strict makes the warning an error."""
+    mount("-o", "remount,bind,ro", str(bind_mount))
+    store = bind_mount / "new.sqlite"
+    config = write_config(tmp_path, store, "http://127.0.0.1:9/")
+    for strict, code in (([], 0), (["--strict"], 1)):
+        command = [*connector_command(), "check", "--config", str(config), *strict]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        lines = (done.stdout + done.stderr).splitlines()
+        said = [line for line in lines if str(store) in line and "read-only" in line]
+        assert len(said) == 1, done.stdout + done.stderr
+        assert done.returncode == code, done.stdout + done.stderr

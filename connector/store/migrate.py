@@ -272,16 +272,38 @@ def store_problem(url: str) -> str | None:
     return None  # a read-only store that opens is served, answering 503 until writable
 
 
-def _read_only(path: Path) -> bool:
-    """Whether the store file or its folder cannot be written (a read-only mount, or
-    permissions; root passes permission checks, not a read-only mount)."""
-    folder = path.resolve().parent
+def store_warning(url: str) -> str | None:
+    """What ``connector check`` warns of in a SQLite store that opens: a file or folder that
+    cannot be written (served, but every webhook is answered 503 until it can)."""
+    if not url.startswith("sqlite"):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    path = Path(database)
+    if not path.exists():
+        path = path.resolve().parent  # created at the first start: its folder must take it
+        if path.exists() and _read_only_folder(path):
+            return f"{database}: store read-only: the folder cannot be written"
+        return None
+    if _read_only(path):
+        return f"{path}: store read-only: webhooks are answered 503 until it can be written"
+    return None
+
+
+def _read_only_folder(folder: Path) -> bool:
     try:
         if os.statvfs(folder).f_flag & os.ST_RDONLY:
             return True
     except OSError:
         return False
-    return not (os.access(folder, os.W_OK) and os.access(path, os.W_OK))
+    return not os.access(folder, os.W_OK)
+
+
+def _read_only(path: Path) -> bool:
+    """Whether the store file or its folder cannot be written (a read-only mount, or
+    permissions; root passes permission checks, not a read-only mount)."""
+    return _read_only_folder(path.resolve().parent) or not os.access(path, os.W_OK)
 
 
 def _refuse_legacy(names: set[str]) -> None:
