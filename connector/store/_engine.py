@@ -159,6 +159,7 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
 
     busy_ms = int(timeout * 1000)
     max_pages = max_pages_for_tests()
+    busy_now: dict[int, int] = {}  # per driver connection: the busy timeout it has now
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -171,6 +172,7 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            busy_now[id(dbapi_connection)] = busy_ms
             cursor.execute("PRAGMA foreign_keys=ON")
             # a WAL that a long reader let grow is cut back to this after its next checkpoint
             # (SQLite keeps a grown WAL file at its size otherwise)
@@ -179,6 +181,17 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
                 cursor.execute(f"PRAGMA max_page_count={max_pages}")
         finally:
             cursor.close()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # while a store is being opened every statement waits as long as a migration (the
+        # first read of the schema's version meets the same exclusive holds as the WAL
+        # switch); after, the store timeout again. Set only when it changes.
+        wait = _OPENING_WAIT.get()
+        want = busy_ms if wait is None else int(wait * 1000)
+        if busy_now.get(id(dbapi_connection)) != want:
+            dbapi_connection.execute(f"PRAGMA busy_timeout={want}")
+            busy_now[id(dbapi_connection)] = want
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -192,7 +205,7 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
             # a migration waits for another process's as long as it takes (info "wait")
             begin_immediate_sa(connection, raw, connection.info.get("wait", timeout))
         finally:
-            raw.execute(f"PRAGMA busy_timeout={busy_ms}")
+            raw.execute(f"PRAGMA busy_timeout={busy_now.get(id(raw), busy_ms)}")
 
     return engine
 
