@@ -33,6 +33,7 @@ from test_e2e import (
     Event,
     Procs,
     Server,
+    procs_in,
     start_server,
     start_sink,
     write_config,
@@ -55,13 +56,8 @@ _customers = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Procs]:
-    registry = Procs(tmp_path_factory.mktemp("attack-http"))
-    try:
+    with procs_in(tmp_path_factory.mktemp("attack-http")) as registry:
         yield registry
-    finally:
-        for proc in registry.all:
-            proc.close()
-        print(registry.tails())  # shown by pytest only when a test failed
 
 
 @pytest.fixture(scope="module")

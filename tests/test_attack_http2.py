@@ -31,6 +31,7 @@ from test_e2e import (
     Procs,
     Server,
     free_port,
+    procs_in,
     start_server,
     start_sink,
     write_config,
@@ -59,13 +60,8 @@ _customers = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Procs]:
-    registry = Procs(tmp_path_factory.mktemp("attack-http2"))
-    try:
+    with procs_in(tmp_path_factory.mktemp("attack-http2")) as registry:
         yield registry
-    finally:
-        for proc in registry.all:
-            proc.close()
-        print(registry.tails())  # shown by pytest only when a test failed
 
 
 @pytest.fixture(scope="module")

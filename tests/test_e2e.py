@@ -314,16 +314,23 @@ class Procs:
         return "\n".join(p.tail() for p in self.all)
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    registry = Procs(tmp_path)
+@contextlib.contextmanager
+def procs_in(folder: Path) -> Iterator[Procs]:
+    """The processes a test (or a module of tests) starts, closed when it ends; their
+    output tails are printed, which pytest shows only when a test failed."""
+    registry = Procs(folder)
     try:
         yield registry
     finally:
         for proc in registry.all:
             proc.close()
-        # shown by pytest only when the test failed
         print(registry.tails())
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    with procs_in(tmp_path) as registry:
+        yield registry
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from test_e2e import (
     Event,
     Procs,
     Server,
+    procs_in,
     start_server,
     start_sink,
     write_config,
@@ -58,13 +59,8 @@ _customers = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Procs]:
-    registry = Procs(tmp_path_factory.mktemp("hostile"))
-    try:
+    with procs_in(tmp_path_factory.mktemp("hostile")) as registry:
         yield registry
-    finally:
-        for proc in registry.all:
-            proc.close()
-        print(registry.tails())  # shown by pytest only when a test failed
 
 
 @pytest.fixture(scope="module")
