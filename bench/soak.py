@@ -311,23 +311,21 @@ def open_files(pid: int) -> int:
 
 
 def pipeline_child(server_pid: int) -> int:
-    """The pid of the server's pipeline process (``connector.pipeline_child``), 0 if none."""
-    try:
-        tasks = os.listdir(f"/proc/{server_pid}/task")
-    except OSError:
-        return 0
-    for task in tasks:
-        try:
-            children = Path(f"/proc/{server_pid}/task/{task}/children").read_text().split()
-        except OSError:
+    """The pid of the server's pipeline process (``connector.pipeline_child``), 0 if none.
+    Read from every process's parent pid: /proc/PID/task/TID/children is not reliable while
+    the processes run (proc(5))."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
-        for child in children:
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"connector.pipeline_child" in cmdline:
-                return int(child)
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if (
+                parent == server_pid
+                and b"connector.pipeline_child" in Path(f"/proc/{entry}/cmdline").read_bytes()
+            ):
+                return int(entry)
+        except (OSError, IndexError, ValueError):
+            continue
     return 0
 
 
