@@ -25,10 +25,10 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from connector.config import Config, DispensaryConfig
 from connector.delivery.base import Destination
@@ -41,6 +41,7 @@ from connector.treez import MAX_DEPTH, check_customer, leave_out_deep, readable_
 from connector.treez_api import TreezClient
 
 log = get_logger("connector.reconcile")
+T = TypeVar("T")
 
 LOCK_TTL_SECONDS = 60.0
 TREEZ_WINDOW_SECONDS = 1.0  # Treez's limit counts requests in any one second
@@ -56,6 +57,7 @@ PAGING_NOTE = (
 
 Trigger = Literal["schedule", "command"]
 Progress = Callable[[int, int], None]  # pages, customers
+Checked = tuple[str, int] | EventValidationError  # (customer id, last_update in us), or why not
 
 
 class ReconcileBusy(ConnectorError):
@@ -253,9 +255,13 @@ class Reconciler:
         try:
             pulled = 0
             paging = Paging()
-            pages = self._pages(client, disp, start_us, report, paging)
-            async for records, page_checkpoint in pages:
-                events, rejected, versions = self._events(dispensary, records, source, run_id)
+            # the next page is fetched while this one is stored and planned (the client's
+            # pace holds whatever the overlap)
+            pages = _ahead(self._pages(client, disp, start_us, report, paging))
+            async for records, page_checkpoint, checks in pages:
+                events, rejected, versions = self._events(
+                    dispensary, records, source, run_id, checks
+                )
                 paging.note_changes(versions, started_us)
                 # a last_update in the future (a clock gone wrong at the store) must not
                 # carry the checkpoint past changes still to come
@@ -327,8 +333,9 @@ class Reconciler:
         start_us: int,
         report: RunReport,
         paging: Paging,
-    ) -> AsyncIterator[tuple[list[dict[str, Any]], int | None]]:
-        """Yield each page of the window with the checkpoint it makes safe, if any.
+    ) -> AsyncGenerator[tuple[list[dict[str, Any]], int | None, list[Checked]], None]:
+        """Yield each page of the window with the checkpoint it makes safe, if any, and its
+        customers checked (:func:`_check`, for :meth:`_events`).
 
         Anchored paging (``anchored``; ``auto`` once pages 1 and 2 of the first query came in
         last_update order and continue each other): after each full page, a new query from
@@ -358,13 +365,16 @@ class Reconciler:
             if number == 1:
                 query_answered = _now_us()
             full = len(records) >= size
-            versions = [_last_update_us(r) for r in records]
+            checks = [_check(r) for r in records]
+            versions = [c[1] if isinstance(c, tuple) else None for c in checks]
             if ties:
                 kept = [
-                    (r, v) for r, v in zip(records, versions, strict=True)
+                    i for i, (r, v) in enumerate(zip(records, versions, strict=True))
                     if str(r.get("customer_id")) not in ties or v != after_us + ONE_MS_US
                 ]  # fmt: skip
-                records, versions = [r for r, _ in kept], [v for _, v in kept]
+                records = [records[i] for i in kept]
+                checks = [checks[i] for i in kept]
+                versions = [versions[i] for i in kept]
             known = [v for v in versions if v is not None]
             if ordered and known and known != sorted(known):
                 ordered = verified = False  # not in last_update order: numbered from here on
@@ -379,7 +389,7 @@ class Reconciler:
                 # window when this is the last page
                 checkpoint = paging.bound(last - ONE_MS_US if full else max(known))
             if records:
-                yield records, checkpoint
+                yield records, checkpoint, checks
             if not full:
                 return
             previous_last = last
@@ -431,23 +441,27 @@ class Reconciler:
 
     @staticmethod
     def _events(
-        dispensary: str, records: list[dict[str, Any]], source: str, run_id: int | None
+        dispensary: str,
+        records: list[dict[str, Any]],
+        source: str,
+        run_id: int | None,
+        checks: list[Checked] | None = None,
     ) -> tuple[list[NewEvent], list[Rejected], list[int]]:
+        """The page's events and refusals, and the versions of its events; ``checks``: the
+        records already checked (:func:`_check`), else they are checked here."""
         events: list[NewEvent] = []
         rejected: list[Rejected] = []
         versions: list[int] = []
-        for record in records:
-            try:
-                # the rules' fields, as for a webhook: a wrong field outside them is dropped
-                # when planned rather than refusing the customer (and a missed opt-out)
-                customer_id, last_update = check_customer(record, source="pulled customer")
-            except EventValidationError as exc:
+        if checks is None:
+            checks = [_check(r) for r in records]
+        for record, checked in zip(records, checks, strict=True):
+            if isinstance(checked, EventValidationError):
                 rejected.append(
-                    Rejected(dispensary, 422, str(exc)[:2000], "application/json",
+                    Rejected(dispensary, 422, str(checked)[:2000], "application/json",
                              json.dumps(record).encode())
                 )  # fmt: skip
                 continue
-            us = instant_us(last_update)
+            customer_id, us = checked
             versions.append(us)
             if removed := leave_out_deep(record):
                 # names only, never a value (customer data)
@@ -520,8 +534,9 @@ class Reconciler:
         source = "resend" if options.resend else "reconcile"
         outcomes: Counter[str] = Counter()
         pulled = 0
-        async for records, _ in self._pages(client, disp, start_us, report, Paging()):
-            events, rejected, _ = self._events(dispensary, records, source, None)
+        pages = _ahead(self._pages(client, disp, start_us, report, Paging()))
+        async for records, _, checks in pages:
+            events, rejected, _ = self._events(dispensary, records, source, None, checks)
             rows = [
                 InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
                 for i, e in enumerate(events)
@@ -581,6 +596,35 @@ class Paging:
         ]  # fmt: skip
 
 
+async def _ahead(items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """``items``, the next one already being fetched while the caller handles the one just
+    yielded: one ahead, never more (memory stays one page). An error of ``items`` is raised
+    where its item would have been yielded; leaving early cancels the fetch under way."""
+
+    async def following() -> tuple[bool, T | None]:
+        try:
+            return True, await anext(items)
+        except StopAsyncIteration:
+            return False, None
+
+    fetching = asyncio.create_task(following())
+    try:
+        while True:
+            more, item = await fetching
+            if not more:
+                return
+            fetching = asyncio.create_task(following())
+            yield cast(T, item)  # more: an item of ``items``, None included
+    finally:
+        fetching.cancel()
+        try:
+            await asyncio.wait([fetching])
+        finally:
+            if fetching.done() and not fetching.cancelled():
+                fetching.exception()  # seen: what ends the run is the error raised here
+            await items.aclose()
+
+
 def _now_us() -> int:
     return instant_us(datetime.now(UTC))
 
@@ -592,11 +636,15 @@ def _describe(op: Operation) -> str:
     return f"{op.destination}: {op.op} customer {op.customer_id}{names}"
 
 
-def _last_update_us(record: dict[str, Any]) -> int | None:
+def _check(record: dict[str, Any]) -> Checked:
+    """A pulled customer checked once: the rules' fields, as for a webhook (a wrong field
+    outside them is dropped when planned rather than refusing the customer, and a missed
+    opt-out)."""
     try:
-        return instant_us(check_customer(record)[1])
-    except EventValidationError:
-        return None
+        customer_id, last_update = check_customer(record, source="pulled customer")
+    except EventValidationError as exc:
+        return exc
+    return customer_id, instant_us(last_update)
 
 
 def _default_client(dispensary: str, disp: DispensaryConfig) -> TreezClient:
