@@ -257,27 +257,29 @@ class Reconciler:
             paging = Paging()
             # the next page is fetched while this one is stored and planned (the client's
             # pace holds whatever the overlap)
-            pages = _ahead(self._pages(client, disp, start_us, report, paging))
-            async for records, page_checkpoint, checks in pages:
-                events, rejected, versions = self._events(
-                    dispensary, records, source, run_id, checks
-                )
-                paging.note_changes(versions, started_us)
-                # a last_update in the future (a clock gone wrong at the store) must not
-                # carry the checkpoint past changes still to come
-                future = [v for v in versions if v > started_us + FUTURE_SLACK_US]
-                report.future += len(future)
-                if len(future) < len(versions):
-                    newest = max(newest, max(v for v in versions if v not in future))
-                # a --since window is someone's choice: it never moves the checkpoint
-                checkpoint = None if options.since else page_checkpoint
-                await self.astore.call(
-                    self.runs.add_pulled, dispensary, events, rejected, checkpoint
-                )
-                await self._plan()
-                pulled += len(records)
-                if progress is not None:
-                    progress(report.pages, pulled)
+            async with contextlib.aclosing(
+                _ahead(self._pages(client, disp, start_us, report, paging))
+            ) as pages:
+                async for records, page_checkpoint, checks in pages:
+                    events, rejected, versions = self._events(
+                        dispensary, records, source, run_id, checks
+                    )
+                    paging.note_changes(versions, started_us)
+                    # a last_update in the future (a clock gone wrong at the store) must not
+                    # carry the checkpoint past changes still to come
+                    future = [v for v in versions if v > started_us + FUTURE_SLACK_US]
+                    report.future += len(future)
+                    if len(future) < len(versions):
+                        newest = max(newest, max(v for v in versions if v not in future))
+                    # a --since window is someone's choice: it never moves the checkpoint
+                    checkpoint = None if options.since else page_checkpoint
+                    await self.astore.call(
+                        self.runs.add_pulled, dispensary, events, rejected, checkpoint
+                    )
+                    await self._plan()
+                    pulled += len(records)
+                    if progress is not None:
+                        progress(report.pages, pulled)
             unresolved = await self._reread(
                 client, disp, dispensary, source, run_id, paging, report, started_us
             )
@@ -534,25 +536,27 @@ class Reconciler:
         source = "resend" if options.resend else "reconcile"
         outcomes: Counter[str] = Counter()
         pulled = 0
-        pages = _ahead(self._pages(client, disp, start_us, report, Paging()))
-        async for records, _, checks in pages:
-            events, rejected, _ = self._events(dispensary, records, source, None, checks)
-            rows = [
-                InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
-                for i, e in enumerate(events)
-            ]
-            found, operations = await self.astore.call(
-                plan_without_writing, self.astore.store, self.deployment, rows
-            )
-            outcomes.update(found.values())
-            outcomes["failed"] += len(rejected)
-            for op in operations.get(dispensary, []):
-                report.planned_ops[(op.destination, op.op)] += 1
-                if len(report.examples) < 20:
-                    report.examples.append(_describe(op))
-            pulled += len(records)
-            if progress is not None:
-                progress(report.pages, pulled)
+        async with contextlib.aclosing(
+            _ahead(self._pages(client, disp, start_us, report, Paging()))
+        ) as pages:
+            async for records, _, checks in pages:
+                events, rejected, _ = self._events(dispensary, records, source, None, checks)
+                rows = [
+                    InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
+                    for i, e in enumerate(events)
+                ]
+                found, operations = await self.astore.call(
+                    plan_without_writing, self.astore.store, self.deployment, rows
+                )
+                outcomes.update(found.values())
+                outcomes["failed"] += len(rejected)
+                for op in operations.get(dispensary, []):
+                    report.planned_ops[(op.destination, op.op)] += 1
+                    if len(report.examples) < 20:
+                        report.examples.append(_describe(op))
+                pulled += len(records)
+                if progress is not None:
+                    progress(report.pages, pulled)
         report.counts = {"pulled": pulled, **dict(outcomes)}
         return report
 

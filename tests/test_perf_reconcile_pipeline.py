@@ -5,6 +5,7 @@ overlapping; planning in its own lane still fails the run when it fails."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -90,17 +91,17 @@ def test_a_failure_of_the_source_is_raised_where_its_item_would_come() -> None:
 
 
 def test_leaving_early_cancels_the_fetch_under_way() -> None:
-    async def scenario() -> Source:
+    async def scenario() -> None:
         source = Source(3)
         source.release[0].set()  # the second item never comes
-        async for _ in _ahead(source.items()):
-            await asyncio.wait_for(source.started_event[1].wait(), WAIT)
-            break
-        return source
+        async with contextlib.aclosing(_ahead(source.items())) as items:
+            async for _ in items:
+                await asyncio.wait_for(source.started_event[1].wait(), WAIT)
+                break
+        assert source.cancelled == [1]
+        assert source.closed
 
-    source = asyncio.run(scenario())
-    assert source.cancelled == [1]
-    assert source.closed
+    asyncio.run(scenario())
 
 
 def most_in_window(arrivals: list[float], window: float = 1.0) -> int:
