@@ -12,6 +12,14 @@ Every run is a fresh ``connector reconcile`` process (its peak RSS read from ``w
 a fresh store; the fake and the sink run in their own processes. A run exits when its
 operations are delivered, so the figures are pull + plan + delivery.
 
+"Limit off" means the client's pace too: the Treez client never makes more than 10 requests a
+second (``requests_per_second`` is at most 10), which alone caps a run near 500 customers/s
+whatever the fake allows. So the runs with the limit off are this file started again as the
+child (``--unpaced CONFIG``): what ``connector reconcile --full`` does (the same
+``reconcile_now``, progress and report), its Treez client built with ``pace=False``; they
+measure the connector's own pull, planning and delivery. The run with the limit on is the
+command itself.
+
     .venv/bin/python bench/reconcile.py [--sizes 1000,10000,100000] [--limited 10000]
 """
 
@@ -63,11 +71,16 @@ dispensaries:
     return path
 
 
-def reconcile(config: Path, cwd: Path) -> tuple[float, float, str]:
-    """Run ``connector reconcile --full``; (seconds, peak RSS in MiB, its output)."""
+def reconcile(config: Path, cwd: Path, *, paced: bool = True) -> tuple[float, float, str]:
+    """Run ``connector reconcile --full`` (``paced``: the command, else this file's
+    ``--unpaced`` child); (seconds, peak RSS in MiB, its output)."""
     started = time.perf_counter()
+    if paced:
+        command = [sys.executable, "-m", "connector", "reconcile", "--full", "--config"]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--unpaced"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "connector", "reconcile", "--full", "--config", str(config)],
+        [*command, str(config)],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -101,7 +114,8 @@ def one(customers: int, *, limited: bool) -> tuple[float, float, str, list[tuple
             ) as treez_port,
             fake_process("tests.fakes.http_sink") as sink_port,
         ):
-            seconds, peak, output = reconcile(write_config(work, treez_port, sink_port), work)
+            config = write_config(work, treez_port, sink_port)
+            seconds, peak, output = reconcile(config, work, paced=limited)
         calls = [
             (float(at), status)
             for at, status in (line.split() for line in calls_log.read_text().splitlines())
@@ -124,13 +138,55 @@ def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
+def unpaced(config_file: str) -> int:
+    """The child of a run with the limit off: ``connector reconcile --full`` as the command
+    runs it, the Treez client's pace off. ``connector`` is imported as the command imports
+    it (``PYTHONPATH`` first), not from this checkout."""
+    sys.path.remove(str(ROOT))
+    import asyncio
+
+    import click
+
+    from connector.config import DispensaryConfig, load_config
+    from connector.logs import configure_logging
+    from connector.reconcile import RunOptions
+    from connector.runner import CommandProgress, reconcile_now
+    from connector.treez_api import TreezClient
+
+    def client_for(_: str, disp: DispensaryConfig) -> TreezClient:
+        assert disp.treez is not None
+        return TreezClient(disp.treez, pace=False)
+
+    config = load_config(Path(config_file))
+    configure_logging(level="warning", json=False)
+    asyncio.run(
+        reconcile_now(
+            config,
+            DISPENSARY,
+            RunOptions(full=True),
+            wait=True,
+            timeout=3600.0,
+            echo=click.echo,
+            progress=CommandProgress(),
+            reconciler_options={"client_for": client_for},
+        )
+    )
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--limited", type=int, default=10_000, help="0: skip the limited run")
+    parser.add_argument("--unpaced", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.unpaced:
+        sys.exit(unpaced(args.unpaced))
     sizes = [int(s) for s in args.sizes.split(",")]
-    print("connector reconcile --full into the http sink (batch_size 50); fake limit off")
+    print(
+        "connector reconcile --full into the http sink (batch_size 50); limit off (the "
+        "fake's, and the client's pace)"
+    )
     print(
         f"{'customers':>10} {'seconds':>8} {'customers/s':>12} {'vs first':>9} "
         f"{'peak MiB':>9} {'vs first':>9}"
