@@ -44,6 +44,7 @@ log = get_logger("connector.reconcile")
 T = TypeVar("T")
 
 LOCK_TTL_SECONDS = 60.0
+FIRST_POLL_SECONDS = 0.01  # the first wait for the run's last events to be planned
 TREEZ_WINDOW_SECONDS = 1.0  # Treez's limit counts requests in any one second
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 ONE_MS_US = 1000
@@ -283,9 +284,13 @@ class Reconciler:
             unresolved = await self._reread(
                 client, disp, dispensary, source, run_id, paging, report, started_us
             )
+            # the last pages are planned by now or soon: look again at once, then less
+            # often (each look counts the run's events), up to poll_seconds apart
+            wait = FIRST_POLL_SECONDS
             while await self.astore.call(self.runs.pending_in_run, run_id):
                 await self._plan()
-                await asyncio.sleep(self.poll_seconds)
+                await asyncio.sleep(min(wait, self.poll_seconds))
+                wait *= 2
             report.high_water = await self.astore.call(self.runs.outbox_high_water, dispensary)
             if not options.since:
                 # a --since run pulled a window of someone's choosing: it moves nothing

@@ -41,8 +41,9 @@ Echo = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
 PLAN_LIMIT = 256  # events a planning batch takes at most
 PLAN_LINGER_SECONDS = 0.05  # after a wake-up, the planner waits this long for more pages
-SETTLE_POLL_SECONDS = 0.01  # how often the end of a run looks whether all is planned
-DELIVERY_POLL_SECONDS = 0.02  # how often the wait for delivery looks at the queue
+# the wait for delivery looks at the queue after the first of these, then each 1.5 times
+# longer up to the last (each look counts the dispensary's operations)
+DELIVERY_POLL_SECONDS = (0.02, 0.1)
 
 
 PLAIN_EVERY_SECONDS = 5.0  # a line this often when stderr is a log, not a terminal
@@ -199,7 +200,7 @@ async def reconcile_now(
     reconciler = Reconciler(
         config, astore, deployment, plan=planner.plan,
         destinations={key: w.destination for key, w in workers.items()},
-        **{"poll_seconds": SETTLE_POLL_SECONDS, **(reconciler_options or {})},
+        **(reconciler_options or {}),
     )  # fmt: skip
     started = time.monotonic()
     if deliver:
@@ -314,13 +315,15 @@ async def _wait_for_delivery(
     if progress is not None and total:
         progress.start("delivering", "operations", total)
     still_open = total
+    wait = DELIVERY_POLL_SECONDS[0]
     while still_open:
         if time.monotonic() > deadline:
             if progress is not None:
                 progress.done()
             echo(f"delivery still going after {timeout:.0f} s: serve will finish it")
             break
-        await asyncio.sleep(DELIVERY_POLL_SECONDS)
+        await asyncio.sleep(wait)
+        wait = min(wait * 1.5, DELIVERY_POLL_SECONDS[1])
         still_open = await astore.call(store.open_operations, dispensary, high_water)
         if progress is not None:
             progress.update(max(0, total - still_open))
