@@ -25,10 +25,10 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from connector.config import Config, DispensaryConfig
 from connector.delivery.base import Destination
@@ -41,8 +41,10 @@ from connector.treez import MAX_DEPTH, check_customer, leave_out_deep, readable_
 from connector.treez_api import TreezClient
 
 log = get_logger("connector.reconcile")
+T = TypeVar("T")
 
 LOCK_TTL_SECONDS = 60.0
+FIRST_POLL_SECONDS = 0.01  # the first wait for the run's last events to be planned
 TREEZ_WINDOW_SECONDS = 1.0  # Treez's limit counts requests in any one second
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 ONE_MS_US = 1000
@@ -56,6 +58,7 @@ PAGING_NOTE = (
 
 Trigger = Literal["schedule", "command"]
 Progress = Callable[[int, int], None]  # pages, customers
+Checked = tuple[str, int] | EventValidationError  # (customer id, last_update in us), or why not
 
 
 class ReconcileBusy(ConnectorError):
@@ -253,31 +256,41 @@ class Reconciler:
         try:
             pulled = 0
             paging = Paging()
-            pages = self._pages(client, disp, start_us, report, paging)
-            async for records, page_checkpoint in pages:
-                events, rejected, versions = self._events(dispensary, records, source, run_id)
-                paging.note_changes(versions, started_us)
-                # a last_update in the future (a clock gone wrong at the store) must not
-                # carry the checkpoint past changes still to come
-                future = [v for v in versions if v > started_us + FUTURE_SLACK_US]
-                report.future += len(future)
-                if len(future) < len(versions):
-                    newest = max(newest, max(v for v in versions if v not in future))
-                # a --since window is someone's choice: it never moves the checkpoint
-                checkpoint = None if options.since else page_checkpoint
-                await self.astore.call(
-                    self.runs.add_pulled, dispensary, events, rejected, checkpoint
-                )
-                await self._plan()
-                pulled += len(records)
-                if progress is not None:
-                    progress(report.pages, pulled)
+            # the next page is fetched while this one is stored and planned (the client's
+            # pace holds whatever the overlap)
+            async with contextlib.aclosing(
+                _ahead(self._pages(client, disp, start_us, report, paging))
+            ) as pages:
+                async for records, page_checkpoint, checks in pages:
+                    events, rejected, versions = self._events(
+                        dispensary, records, source, run_id, checks
+                    )
+                    paging.note_changes(versions, started_us)
+                    # a last_update in the future (a clock gone wrong at the store) must not
+                    # carry the checkpoint past changes still to come
+                    future = [v for v in versions if v > started_us + FUTURE_SLACK_US]
+                    report.future += len(future)
+                    if len(future) < len(versions):
+                        newest = max(newest, max(v for v in versions if v not in future))
+                    # a --since window is someone's choice: it never moves the checkpoint
+                    checkpoint = None if options.since else page_checkpoint
+                    await self.astore.call(
+                        self.runs.add_pulled, dispensary, events, rejected, checkpoint
+                    )
+                    await self._plan()
+                    pulled += len(records)
+                    if progress is not None:
+                        progress(report.pages, pulled)
             unresolved = await self._reread(
                 client, disp, dispensary, source, run_id, paging, report, started_us
             )
+            # the last pages are planned by now or soon: look again at once, then less
+            # often (each look counts the run's events), up to poll_seconds apart
+            wait = FIRST_POLL_SECONDS
             while await self.astore.call(self.runs.pending_in_run, run_id):
                 await self._plan()
-                await asyncio.sleep(self.poll_seconds)
+                await asyncio.sleep(min(wait, self.poll_seconds))
+                wait *= 2
             report.high_water = await self.astore.call(self.runs.outbox_high_water, dispensary)
             if not options.since:
                 # a --since run pulled a window of someone's choosing: it moves nothing
@@ -327,8 +340,9 @@ class Reconciler:
         start_us: int,
         report: RunReport,
         paging: Paging,
-    ) -> AsyncIterator[tuple[list[dict[str, Any]], int | None]]:
-        """Yield each page of the window with the checkpoint it makes safe, if any.
+    ) -> AsyncGenerator[tuple[list[dict[str, Any]], int | None, list[Checked]], None]:
+        """Yield each page of the window with the checkpoint it makes safe, if any, and its
+        customers checked (:func:`_check`, for :meth:`_events`).
 
         Anchored paging (``anchored``; ``auto`` once pages 1 and 2 of the first query came in
         last_update order and continue each other): after each full page, a new query from
@@ -358,13 +372,16 @@ class Reconciler:
             if number == 1:
                 query_answered = _now_us()
             full = len(records) >= size
-            versions = [_last_update_us(r) for r in records]
+            checks = [_check(r) for r in records]
+            versions = [c[1] if isinstance(c, tuple) else None for c in checks]
             if ties:
                 kept = [
-                    (r, v) for r, v in zip(records, versions, strict=True)
+                    i for i, (r, v) in enumerate(zip(records, versions, strict=True))
                     if str(r.get("customer_id")) not in ties or v != after_us + ONE_MS_US
                 ]  # fmt: skip
-                records, versions = [r for r, _ in kept], [v for _, v in kept]
+                records = [records[i] for i in kept]
+                checks = [checks[i] for i in kept]
+                versions = [versions[i] for i in kept]
             known = [v for v in versions if v is not None]
             if ordered and known and known != sorted(known):
                 ordered = verified = False  # not in last_update order: numbered from here on
@@ -379,7 +396,7 @@ class Reconciler:
                 # window when this is the last page
                 checkpoint = paging.bound(last - ONE_MS_US if full else max(known))
             if records:
-                yield records, checkpoint
+                yield records, checkpoint, checks
             if not full:
                 return
             previous_last = last
@@ -431,23 +448,27 @@ class Reconciler:
 
     @staticmethod
     def _events(
-        dispensary: str, records: list[dict[str, Any]], source: str, run_id: int | None
+        dispensary: str,
+        records: list[dict[str, Any]],
+        source: str,
+        run_id: int | None,
+        checks: list[Checked] | None = None,
     ) -> tuple[list[NewEvent], list[Rejected], list[int]]:
+        """The page's events and refusals, and the versions of its events; ``checks``: the
+        records already checked (:func:`_check`), else they are checked here."""
         events: list[NewEvent] = []
         rejected: list[Rejected] = []
         versions: list[int] = []
-        for record in records:
-            try:
-                # the rules' fields, as for a webhook: a wrong field outside them is dropped
-                # when planned rather than refusing the customer (and a missed opt-out)
-                customer_id, last_update = check_customer(record, source="pulled customer")
-            except EventValidationError as exc:
+        if checks is None:
+            checks = [_check(r) for r in records]
+        for record, checked in zip(records, checks, strict=True):
+            if isinstance(checked, EventValidationError):
                 rejected.append(
-                    Rejected(dispensary, 422, str(exc)[:2000], "application/json",
+                    Rejected(dispensary, 422, str(checked)[:2000], "application/json",
                              json.dumps(record).encode())
                 )  # fmt: skip
                 continue
-            us = instant_us(last_update)
+            customer_id, us = checked
             versions.append(us)
             if removed := leave_out_deep(record):
                 # names only, never a value (customer data)
@@ -520,24 +541,27 @@ class Reconciler:
         source = "resend" if options.resend else "reconcile"
         outcomes: Counter[str] = Counter()
         pulled = 0
-        async for records, _ in self._pages(client, disp, start_us, report, Paging()):
-            events, rejected, _ = self._events(dispensary, records, source, None)
-            rows = [
-                InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
-                for i, e in enumerate(events)
-            ]
-            found, operations = await self.astore.call(
-                plan_without_writing, self.astore.store, self.deployment, rows
-            )
-            outcomes.update(found.values())
-            outcomes["failed"] += len(rejected)
-            for op in operations.get(dispensary, []):
-                report.planned_ops[(op.destination, op.op)] += 1
-                if len(report.examples) < 20:
-                    report.examples.append(_describe(op))
-            pulled += len(records)
-            if progress is not None:
-                progress(report.pages, pulled)
+        async with contextlib.aclosing(
+            _ahead(self._pages(client, disp, start_us, report, Paging()))
+        ) as pages:
+            async for records, _, checks in pages:
+                events, rejected, _ = self._events(dispensary, records, source, None, checks)
+                rows = [
+                    InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
+                    for i, e in enumerate(events)
+                ]
+                found, operations = await self.astore.call(
+                    plan_without_writing, self.astore.store, self.deployment, rows
+                )
+                outcomes.update(found.values())
+                outcomes["failed"] += len(rejected)
+                for op in operations.get(dispensary, []):
+                    report.planned_ops[(op.destination, op.op)] += 1
+                    if len(report.examples) < 20:
+                        report.examples.append(_describe(op))
+                pulled += len(records)
+                if progress is not None:
+                    progress(report.pages, pulled)
         report.counts = {"pulled": pulled, **dict(outcomes)}
         return report
 
@@ -581,6 +605,35 @@ class Paging:
         ]  # fmt: skip
 
 
+async def _ahead(items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """``items``, the next one already being fetched while the caller handles the one just
+    yielded: one ahead, never more (memory stays one page). An error of ``items`` is raised
+    where its item would have been yielded; leaving early cancels the fetch under way."""
+
+    async def following() -> tuple[bool, T | None]:
+        try:
+            return True, await anext(items)
+        except StopAsyncIteration:
+            return False, None
+
+    fetching = asyncio.create_task(following())
+    try:
+        while True:
+            more, item = await fetching
+            if not more:
+                return
+            fetching = asyncio.create_task(following())
+            yield cast(T, item)  # more: an item of ``items``, None included
+    finally:
+        fetching.cancel()
+        try:
+            await asyncio.wait([fetching])
+        finally:
+            if fetching.done() and not fetching.cancelled():
+                fetching.exception()  # seen: what ends the run is the error raised here
+            await items.aclose()
+
+
 def _now_us() -> int:
     return instant_us(datetime.now(UTC))
 
@@ -592,11 +645,15 @@ def _describe(op: Operation) -> str:
     return f"{op.destination}: {op.op} customer {op.customer_id}{names}"
 
 
-def _last_update_us(record: dict[str, Any]) -> int | None:
+def _check(record: dict[str, Any]) -> Checked:
+    """A pulled customer checked once: the rules' fields, as for a webhook (a wrong field
+    outside them is dropped when planned rather than refusing the customer, and a missed
+    opt-out)."""
     try:
-        return instant_us(check_customer(record)[1])
-    except EventValidationError:
-        return None
+        customer_id, last_update = check_customer(record, source="pulled customer")
+    except EventValidationError as exc:
+        return exc
+    return customer_id, instant_us(last_update)
 
 
 def _default_client(dispensary: str, disp: DispensaryConfig) -> TreezClient:

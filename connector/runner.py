@@ -39,6 +39,11 @@ from connector.store.abc import Lease, RegisteredProcess, Replayed
 
 Echo = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
+PLAN_LIMIT = 256  # events a planning batch takes at most
+PLAN_LINGER_SECONDS = 0.05  # after a wake-up, the planner waits this long for more pages
+# the wait for delivery looks at the queue after the first of these, then each 1.5 times
+# longer up to the last (each look counts the dispensary's operations)
+DELIVERY_POLL_SECONDS = (0.02, 0.1)
 
 
 PLAIN_EVERY_SECONDS = 5.0  # a line this often when stderr is a log, not a terminal
@@ -189,18 +194,11 @@ async def reconcile_now(
             )
         tasks = [asyncio.create_task(w.run(stopping)) for w in workers.values()]
 
-    async def plan() -> None:
-        """Plan what is pending (this run's events, and any webhook's) and wake the workers."""
-        while True:
-            result = await astore.call(process_batch, store, deployment, 256)
-            for key in result.touched:
-                if key in workers:
-                    workers[key].wake.set()
-            if not result.events:
-                return
+    planner = _Planner(astore, deployment, workers)
+    tasks.append(asyncio.create_task(planner.run(stopping)))
 
     reconciler = Reconciler(
-        config, astore, deployment, plan=plan,
+        config, astore, deployment, plan=planner.plan,
         destinations={key: w.destination for key, w in workers.items()},
         **(reconciler_options or {}),
     )  # fmt: skip
@@ -230,7 +228,65 @@ async def reconcile_now(
             await astore.call(store.release_claims)
         for worker in workers.values():
             await worker.destination.aclose()
+        planner.lane.close()
         astore.close()
+
+
+class _Planner:
+    """Plans the pending events (this run's, and any webhook's) in a store lane of its own,
+    woken after each committed page, and wakes the workers it fed: the run stores the next
+    page meanwhile, and a batch carries whatever came in since the last (up to
+    :data:`PLAN_LIMIT` events, gathered for :data:`PLAN_LINGER_SECONDS`). A planning failure
+    fails the run at its next page."""
+
+    def __init__(
+        self,
+        astore: AsyncStore,
+        deployment: Deployment,
+        workers: dict[tuple[str, str], DeliveryWorker],
+    ) -> None:
+        self.lane = astore.lane("planner")
+        self.deployment = deployment
+        self.workers = workers
+        self.wake = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def plan(self) -> None:
+        """What the reconciler awaits after each page: a wake-up, or the planner's failure."""
+        if self.error is not None:
+            raise self.error
+        self.wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while True:
+            waits = [
+                asyncio.ensure_future(self.wake.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if stopping.is_set():
+                return
+            # a moment for more pages to come in: a batch costs a dozen statements whatever
+            # its size (the run's end waits for it no longer than this)
+            await asyncio.sleep(PLAN_LINGER_SECONDS)
+            self.wake.clear()
+            try:
+                while True:
+                    result = await self.lane.call(
+                        process_batch, self.lane.store, self.deployment, PLAN_LIMIT
+                    )
+                    for key in result.touched:
+                        if key in self.workers:
+                            self.workers[key].wake.set()
+                    # fewer than asked: all that was pending is planned (a page committed
+                    # since has woken this loop again)
+                    if result.events < PLAN_LIMIT:
+                        break
+            except Exception as exc:
+                self.error = exc
+                return
 
 
 def _pull_progress(progress: CommandProgress) -> Callable[[int, int], None]:
@@ -259,13 +315,15 @@ async def _wait_for_delivery(
     if progress is not None and total:
         progress.start("delivering", "operations", total)
     still_open = total
+    wait = DELIVERY_POLL_SECONDS[0]
     while still_open:
         if time.monotonic() > deadline:
             if progress is not None:
                 progress.done()
             echo(f"delivery still going after {timeout:.0f} s: serve will finish it")
             break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(wait)
+        wait = min(wait * 1.5, DELIVERY_POLL_SECONDS[1])
         still_open = await astore.call(store.open_operations, dispensary, high_water)
         if progress is not None:
             progress.update(max(0, total - still_open))

@@ -267,14 +267,15 @@ dispensaries:
 def test_a_reconciliation_cut_mid_run_resumes_from_its_checkpoint(
     tmp_path: Path, store_url: str, proxy: TcpProxy
 ) -> None:
-    """As in ``serve``: one reconciler and its workers; the store is cut on the third page,
-    the run fails with the store's error, and the next run, once it is back, picks up from
-    the checkpoint the first one left."""
+    """As in ``serve``: one reconciler and its workers; the store is cut on the fourth page
+    request (the run asks for each page while the one before is stored: by then the second
+    page and its checkpoint are committed), the run fails with the store's error, and the
+    next run, once it is back, picks up from the checkpoint the first one left."""
     fake = TreezFake.generate(230, seed=7, history_days=0.5, rate_limit=None)
     config = load_config(reconcile_config(tmp_path, store_url, fake.base_url))
 
-    def cut_on_third(_faked: TreezFake, request: Any) -> None:
-        if request.number == 3:
+    def cut_on_fourth(_faked: TreezFake, request: Any) -> None:
+        if request.number == 4:
             proxy.cut()
 
     async def runs() -> tuple[RunReport, int | None]:
@@ -303,7 +304,7 @@ def test_a_reconciliation_cut_mid_run_resumes_from_its_checkpoint(
             destinations=destinations,
         )
         try:
-            fake.on_page(cut_on_third)
+            fake.on_page(cut_on_fourth)
             with pytest.raises(StoreUnavailable):
                 await reconciler.run(DISPENSARY)
             fake.clear_hooks()

@@ -91,7 +91,11 @@ dispensary). As a process (prints ``LISTENING <port>`` once ready, runs until SI
 exits 0)::
 
     python -m tests.fakes.treez_api --port 0 --customers N [--no-rate-limit]
-        [--client-id X --api-key Y] [--seed S] [--dispensary D]
+        [--client-id X --api-key Y] [--seed S] [--dispensary D] [--calls-log FILE]
+
+``--calls-log``: on exit, one line per request received, ``<arrival seconds> <status>`` (the
+fake's monotonic clock; ``-`` for a scripted timeout), for a bench to count requests per
+window; no path, no value.
 """
 
 from __future__ import annotations
@@ -1293,6 +1297,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-lifetime", type=float, default=TOKEN_LIFETIME, help="seconds")
     parser.add_argument("--hide-deactivated", action="store_true")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default=DEFAULT_LOOP)
+    parser.add_argument("--calls-log", help="on exit, each request's arrival time and status")
     return parser
 
 
@@ -1313,7 +1318,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sock = bind_socket(args.host, args.port)
-    return serve_until_signalled(make_server(fake, args.loop, quiet=False), sock)
+    try:
+        return serve_until_signalled(make_server(fake, args.loop, quiet=False), sock)
+    finally:
+        if args.calls_log:
+            write_calls_log(fake, args.calls_log)
+
+
+def write_calls_log(fake: TreezFake, path: str) -> None:
+    """Each request's arrival (the fake's clock, seconds) and status, in arrival order."""
+    lines = [f"{c.at:.6f} {'-' if c.status is None else c.status}\n" for c in fake.calls]
+    with open(path, "w", encoding="ascii") as out:
+        out.writelines(lines)
 
 
 if __name__ == "__main__":
