@@ -29,13 +29,20 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, bindparam, select, text
+from sqlalchemy import Connection, text
 
 from connector.store._engine import connection_settings, postgres_engine
-from connector.store._statements import _PENDING_EVENTS, claim_statements, first_of_customer
+from connector.store._statements import (
+    RAW_PENDING_EVENTS,
+    RAW_STILL_PENDING,
+    Raw,
+    claim_statements,
+    first_of_customer,
+    in_list,
+)
 from connector.store.abc import InboxRow
 from connector.store.operator import OperatorSql
-from connector.store.schema import inbox, outbox
+from connector.store.schema import outbox
 
 log = logging.getLogger("connector.store.postgres")
 
@@ -67,12 +74,8 @@ _STALE_STATISTICS = text(
     " AND relname IN ('inbox', 'outbox', 'customers', 'contacts')"
     " AND n_mod_since_analyze > GREATEST(200, 0.1 * n_live_tup)"
 )
-_LOCK_EVENTS = (
-    select(inbox.c.id)
-    .where(inbox.c.id.in_(bindparam("ids", expanding=True)), inbox.c.status == "pending")
-    .with_for_update(skip_locked=True)
-)
-_PENDING_LOCKED = _PENDING_EVENTS.with_for_update(skip_locked=True)
+_SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+_PENDING_LOCKED = RAW_PENDING_EVENTS + _SKIP_LOCKED
 _CLAIM_EXPIRED_PG, _CLAIM_DUE_PG, _NEXT_DUE_PG = claim_statements(first_of_customer())
 _CLAIM_EXPIRED_LOCKED = _CLAIM_EXPIRED_PG.with_for_update(skip_locked=True, of=outbox)
 _CLAIM_DUE_LOCKED = _CLAIM_DUE_PG.with_for_update(skip_locked=True, of=outbox)
@@ -136,14 +139,13 @@ class PostgresStore(OperatorSql):
         super().close()
 
     def _lock_events(self, conn: Connection, ids: Sequence[int]) -> set[int]:
-        return set(conn.execute(_LOCK_EVENTS, {"ids": list(ids)}).scalars())
+        if not ids:
+            return set()
+        sql = RAW_STILL_PENDING + in_list(len(ids)) + _SKIP_LOCKED
+        return {r[0] for r in Raw(conn).rows(sql, list(ids))}
 
     def _pending_locked(self, conn: Connection, limit: int) -> list[InboxRow]:
-        rows = conn.execute(_PENDING_LOCKED, {"limit": limit})
-        return [
-            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id, r.received_at)
-            for r in rows
-        ]
+        return [InboxRow(*r) for r in Raw(conn).rows(_PENDING_LOCKED, (limit,))]
 
     def _lock_queue(self, conn: Connection, dispensary: str, destination: str) -> None:
         digest = hashlib.blake2b(f"{dispensary}\0{destination}".encode(), digest_size=4).digest()
