@@ -11,39 +11,18 @@ from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, s
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import BindParameter
 
-from connector.store.schema import contacts, customers, inbox, outbox
+from connector.store.schema import contacts, inbox, outbox
 
 CLAIM_SECONDS = 25.0  # a claim never outlives this without renewal (heartbeat: every 5 s)
 LEASE_SECONDS = 20.0  # a destination's delivery lease, renewed by its holder every 5 s
 
 
 # executemany statements, built once (SQLAlchemy caches their compiled form)
-_UPDATE_CUSTOMER = (
-    update(customers)
-    .where(
-        customers.c.dispensary == bindparam("k_dispensary"),
-        customers.c.customer_id == bindparam("k_customer"),
-    )
-    .values(
-        {c: bindparam(c) for c in
-         ("last_update_us", "content_hash", "opt_out", "merged_into", "merges", "updated_at",
-          "opt_out_seen")}
-    )
-)  # fmt: skip
 _CONTACT_KEY = (
     contacts.c.dispensary == bindparam("k_dispensary"),
     contacts.c.customer_id == bindparam("k_customer"),
     contacts.c.destination == bindparam("k_destination"),
 )
-_UPDATE_CONTACT = (
-    update(contacts)
-    .where(*_CONTACT_KEY)
-    .values(
-        {c: bindparam(c) for c in
-         ("contact_id", "delivered_hash", "unsubscribed", "deactivated", "ops_planned",
-          "updated_at")}
-    )
-)  # fmt: skip
 _FILL_CONTACT_ID = (
     update(contacts)
     .where(*_CONTACT_KEY)
@@ -179,49 +158,10 @@ _SETTLE_DONE = (
 )
 # the planner's statements, likewise
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
-_PENDING_EVENTS = (
-    select(
-        inbox.c.id,
-        inbox.c.dispensary,
-        inbox.c.source,
-        inbox.c.customer_id,
-        inbox.c.body,
-        inbox.c.run_id,
-        inbox.c.received_at,
-    )
-    .where(inbox.c.status == "pending")
-    .order_by(inbox.c.id)
-    .limit(bindparam("limit"))
-)
-_STILL_PENDING = select(inbox.c.id).where(inbox.c.id.in_(_IDS), inbox.c.status == "pending")
-_MARK_PLANNED = (
-    update(inbox).where(inbox.c.id == bindparam("eid")).values(planned=bindparam("planned"))
-)
-_MARK_DECIDED = (
-    update(inbox)
-    .where(inbox.c.id == bindparam("eid"))
-    .values(status=bindparam("status"), processed_at=bindparam("now"), decisions=bindparam("d"))
-)
 _MARK_EVENTS = (
     update(inbox)
     .where(inbox.c.id.in_(_IDS))
     .values(status=bindparam("status"), processed_at=bindparam("now"))
-)
-_LOAD_CONTACTS = select(contacts).where(
-    contacts.c.dispensary == bindparam("dispensary"), contacts.c.customer_id.in_(_IDS)
-)
-_LOAD_CUSTOMERS = select(customers).where(
-    customers.c.dispensary == bindparam("dispensary"), customers.c.customer_id.in_(_IDS)
-)
-_STORED_CUSTOMERS = select(customers.c.customer_id).where(
-    customers.c.dispensary == bindparam("dispensary"), customers.c.customer_id.in_(_IDS)
-)
-_STORED_CONTACTS = select(contacts.c.customer_id, contacts.c.destination).where(
-    contacts.c.dispensary == bindparam("dispensary"), contacts.c.customer_id.in_(_IDS)
-)
-_QUEUED_KEYS = select(outbox.c.destination, outbox.c.idempotency_key).where(
-    outbox.c.dispensary == bindparam("dispensary"),
-    outbox.c.idempotency_key.in_(bindparam("keys", expanding=True)),
 )
 # per (destination, order key) of a dispensary, its last operation not yet settled
 _OPEN = outbox.c.status.in_(("pending", "inflight"))
@@ -250,9 +190,6 @@ _SUPERSEDE = (
     )
 )
 _INSERT_INBOX = insert(inbox)
-_INSERT_CUSTOMERS = insert(customers)
-_INSERT_CONTACTS = insert(contacts)
-_INSERT_OUTBOX = insert(outbox)
 _CONTACT_IDS = select(contacts.c.customer_id, contacts.c.contact_id).where(
     contacts.c.dispensary == bindparam("dispensary"),
     contacts.c.destination == bindparam("destination"),
@@ -290,18 +227,6 @@ class Raw:
             self._conn._handle_dbapi_exception(exc, text, None, cursor, None)
         cursor.close()
         return found
-
-    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run one statement; the rows it changed."""
-        text = _for_psycopg(sql) if self._pg else sql
-        cursor = self._driver.cursor()
-        try:
-            cursor.execute(text, params)
-            count: int = cursor.rowcount
-        except self._error as exc:
-            self._conn._handle_dbapi_exception(exc, text, None, cursor, None)
-        cursor.close()
-        return count
 
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """Run one statement for each of ``params``."""
