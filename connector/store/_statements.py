@@ -228,6 +228,16 @@ class Raw:
         cursor.close()
         return found
 
+    def run(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Run one statement that returns no rows."""
+        text = _for_psycopg(sql) if self._pg else sql
+        cursor = self._driver.cursor()
+        try:
+            cursor.execute(text, params)
+        except self._error as exc:
+            self._conn._handle_dbapi_exception(exc, text, None, cursor, None)
+        cursor.close()
+
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """Run one statement for each of ``params``."""
         if not params:

@@ -62,9 +62,9 @@ def customer_key(dispensary: str, customer_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-_LOCK_KEYS = text(
+_LOCK_KEYS = (
     "SELECT pg_advisory_xact_lock(k)"
-    " FROM unnest(CAST(:keys AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
+    " FROM unnest(CAST(? AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
 )
 _LOCK_QUEUE = text("SELECT pg_advisory_xact_lock(:space, :key)")
 QUEUE_LOCKS = 0x636C  # the two-key advisory lock space of claims ("cl"), apart from customers'
@@ -116,7 +116,7 @@ class PostgresStore(OperatorSql):
             # as SQLite's synchronous=NORMAL for these: claims, plans and delivery results are
             # redone from what is durable if a crash loses them; received events always wait
             # for the WAL flush (202 only after it)
-            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            Raw(conn).run("SET LOCAL synchronous_commit = off")
 
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         # delivered at commit, once per transaction for the same payload
@@ -124,7 +124,7 @@ class PostgresStore(OperatorSql):
             # a batch over a few hundred destinations: it would fail to commit, at every
             # try, and planning would stop; an empty payload wakes every worker instead
             payload = ""
-        conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNELS[channel], "p": payload})
+        Raw(conn).rows("SELECT pg_notify(?, ?)", (CHANNELS[channel], payload))
 
     def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
         super().on_commit(channel, callback)
@@ -155,7 +155,7 @@ class PostgresStore(OperatorSql):
     def _lock_customers(self, conn: Connection, dispensary: str, ids: Iterable[str]) -> None:
         keys = sorted({customer_key(dispensary, c) for c in ids})
         if keys:
-            conn.execute(_LOCK_KEYS, {"keys": keys})
+            Raw(conn).rows(_LOCK_KEYS, (keys,))
 
     def maintain(self) -> None:
         """``ANALYZE`` the busy tables whose statistics fell behind (or never were): without
