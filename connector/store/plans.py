@@ -34,8 +34,17 @@ from connector.store.abc import (
 from connector.store.inbox import InboxSql
 from connector.store.schema import conflicts, dead_letters
 
+# a batch of at most this many events is a trickle: the next one is planned under the lock
+TRICKLE_EVENTS = 2
+
 
 class PlanSql(InboxSql):
+    # the last batch was a trickle (see plan_batch)
+    _trickle = False
+    # a write transaction locks the whole store (SQLite's BEGIN IMMEDIATE): nothing it reads
+    # can change before it commits
+    _locks_store = True
+
     def load_states(
         self, conn: Connection, dispensary: str, customer_ids: Iterable[str]
     ) -> dict[str, CustomerState]:
@@ -295,7 +304,20 @@ class PlanSql(InboxSql):
         operations and the events' outcomes commit together: a crash at any point leaves all
         of a batch's effects or none. How events and customers are locked is the dialect's
         (:meth:`_lock_events`, :meth:`_lock_customers`).
+
+        At a trickle (the last batch had at most :data:`TRICKLE_EVENTS` events) the batch is
+        read and planned under the lock at once: planning one or two events holds the lock
+        for less than the read, the re-check and the second transaction would cost.
         """
+        if self._trickle:
+            with self.transaction(durable=False) as conn:
+                rows = self._pending_locked(conn, limit)
+                if not rows:
+                    return None
+                planned = self._plan_locked(conn, rows, plan)
+                self._write_batch(conn, planned)
+            self._trickle = len(rows) <= TRICKLE_EVENTS
+            return planned
         with self.snapshot() as conn:
             rows = self.pending_events(conn, limit)
             if not rows:
@@ -319,6 +341,7 @@ class PlanSql(InboxSql):
                     return None
                 planned = self._plan_locked(conn, rows, plan)
             self._write_batch(conn, planned)
+        self._trickle = len(rows) <= TRICKLE_EVENTS
         return planned
 
     def plan_readonly(self, rows: list[InboxRow], plan: Plan[B]) -> B:
@@ -331,6 +354,8 @@ class PlanSql(InboxSql):
         once known and the state re-read; planned again if it changed before the lock."""
         locked: dict[str, set[str]] = {}
         planned = plan(rows, _Reader(self, conn))
+        if self._locks_store:
+            return planned
         while True:
             wanted = {d: ids - locked.get(d, set()) for d, ids in planned.related.items()}
             if not any(wanted.values()):

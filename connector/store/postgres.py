@@ -83,6 +83,7 @@ _CLAIM_DUE_LOCKED = _CLAIM_DUE_PG.with_for_update(skip_locked=True, of=outbox)
 
 class PostgresStore(OperatorSql):
     dialect = "postgresql"
+    _locks_store = False  # rows are locked one by one (events) and by key (customers)
     _claim_expired = _CLAIM_EXPIRED_LOCKED
     _claim_due = _CLAIM_DUE_LOCKED
     _next_due = _NEXT_DUE_PG
