@@ -4,16 +4,22 @@ loop at a trickle: what issue 17's planning changes must keep."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from test_delivery import make_op
 
-from connector.pipeline import BatchResult, Deployment, Processor
+from connector.config import load_config
+from connector.pipeline import BatchResult, Deployment, Processor, process_batch
 from connector.planner import ContactState, CustomerState
 from connector.store import Store
 from connector.store._statements import Raw, in_list
+from connector.store.abc import NewEvent
+from connector.store.schema import outbox
 
 
 def test_a_driver_error_is_raised_as_sqlalchemy_raises_it_without_its_values(
@@ -128,3 +134,53 @@ def test_a_batch_that_queued_events_again_is_followed_by_another() -> None:
         await asyncio.wait_for(task, 5)
 
     asyncio.run(main())
+
+
+def _deployment(work: Path, store_url: str) -> Deployment:
+    root = Path(__file__).resolve().parent.parent
+    (work / "http.yaml").write_text((root / "mappings" / "http.yaml").read_text())
+    (work / "config.yaml").write_text(
+        f"store: '{store_url}'\n"
+        "dispensaries:\n  d1:\n    webhook_token: tok\n    destinations:\n"
+        f"      - {{name: crm, type: http, url: 'http://127.0.0.1:9/ops', "
+        f"mapping: '{work / 'http.yaml'}'}}\n"
+    )
+    return Deployment.from_config(load_config(work / "config.yaml"))
+
+
+def _events(store: Store, first: int, count: int) -> None:
+    seed = json.loads((Path(__file__).parent / "data" / "seed_body.json").read_text())
+    events = []
+    for n in range(first, first + count):
+        body = json.loads(json.dumps(seed))
+        body["data"]["customer_id"] = str(n)
+        events.append(NewEvent("d1", "webhook", "CUSTOMER", str(n), None, json.dumps(body)))
+    store.add_events(events)
+
+
+def test_a_burst_after_a_trickle_is_planned_whole_and_alike(
+    store: Store, store_url: str, tmp_path: Path
+) -> None:
+    """After a batch of one event the next is planned under the lock at once; a burst met
+    that way is planned in one batch, as the optimistic path would, and the batches after it
+    are optimistic again."""
+    deployment = _deployment(tmp_path, store_url)
+    _events(store, 100, 1)
+    assert process_batch(store, deployment).outcomes == {"applied": 1}
+    assert store._trickle  # type: ignore[attr-defined]
+    _events(store, 200, 5)
+    result = process_batch(store, deployment)
+    assert result.events == 5
+    assert result.outcomes == {"applied": 5}
+    assert not store._trickle  # type: ignore[attr-defined]
+    ops = store.query(sa.select(outbox.c.customer_id, outbox.c.op).order_by(outbox.c.id))
+    by_customer: dict[str, list[str]] = {}
+    for customer, op in ops:
+        by_customer.setdefault(customer, []).append(op)
+    # every customer of the burst planned as the one of the trickle was
+    assert sorted(by_customer) == ["100", "200", "201", "202", "203", "204"]
+    assert all(kinds == by_customer["100"] for kinds in by_customer.values())
+    assert "upsert" in by_customer["100"]
+    with store.snapshot() as conn:  # type: ignore[attr-defined]
+        states = store.load_states(conn, "d1", ["100", "204"])  # type: ignore[attr-defined]
+    assert set(states) == {"100", "204"}
