@@ -198,10 +198,11 @@ _CONTACT_IDS = select(contacts.c.customer_id, contacts.c.contact_id).where(
 
 
 class Raw:
-    """The planner's hot statements on the driver's own connection, inside the transaction
-    of a SQLAlchemy connection: SQLAlchemy's execution (compiled cache lookup, parameter
-    processing, result wrapping) costs several times what either database takes to run
-    these short statements, and a batch runs a dozen of them whatever its size.
+    """Hot statements (a planned batch's, PostgreSQL's per-transaction ones) on the driver's
+    own connection, inside the transaction of a SQLAlchemy connection: SQLAlchemy's
+    execution (compiled cache lookup, parameter processing, result wrapping) costs several
+    times what either database takes to run these short statements, and a batch runs a
+    dozen of them whatever its size.
 
     Statements are plain SQL that both dialects read alike, written with ``?`` placeholders
     (PostgreSQL's driver is given ``%s``); a list of values is :func:`in_list`. A driver
