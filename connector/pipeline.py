@@ -109,6 +109,8 @@ class BatchResult:
     by_dispensary: Counter[tuple[str, str]] = field(default_factory=Counter)
     touched: set[tuple[str, str]] = field(default_factory=set)  # (dispensary, destination)
     dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (dispensary, field)
+    # customers whose current version the batch queued again (``refresh``): more is pending
+    requeued: int = 0
 
 
 @dataclass
@@ -330,7 +332,11 @@ def process_batch(store: PlanCommit, deployment: Deployment, limit: int = 256) -
     plans = store.plan_batch(limit, _plan_with(deployment))
     if plans is None:
         return BatchResult()
-    result = BatchResult(events=len(plans.rows), touched=plans.touched)
+    result = BatchResult(
+        events=len(plans.rows),
+        touched=plans.touched,
+        requeued=sum(len(ids) for ids in plans.refresh.values()),
+    )
     for row, dropped in plans.dropped:
         # field paths and what is wrong with them: never a value (customer data)
         log.warning("fields_dropped", dispensary=row.dispensary, source=row.source,
@@ -400,11 +406,15 @@ class Processor:
                     for (dispensary, name), count in result.dropped.items():
                         self.metrics.fields_dropped.labels(dispensary, name).inc(count)
                 await self.pressure.yield_after(time.monotonic() - started)
-                if result.events < limit // 4:
-                    # a trickle: wait a moment so the next batch carries more events (each
-                    # batch costs a dozen statements whatever its size)
-                    await _rest(stopping, self.linger)
-                continue
+                if result.events >= limit // 4 or result.requeued:
+                    continue
+                # a trickle: wait a moment so the next batch carries more events (each
+                # batch has a fixed cost, a few statements whatever its size)
+                await _rest(stopping, self.linger)
+                if self.wake.is_set():
+                    continue
+                # nothing was committed since this batch read the inbox (a commit sets
+                # ``wake``): no event is pending, and polling for none has its cost too
             waits = [
                 asyncio.ensure_future(self.wake.wait()),
                 asyncio.ensure_future(stopping.wait()),

@@ -196,10 +196,13 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         # writes lock up front; reads (status, metrics, readiness) never block a writer
-        if not connection.info.get("immediate"):
-            connection.exec_driver_sql("BEGIN")
-            return
         raw = connection.connection.dbapi_connection
+        if not connection.info.get("immediate"):
+            try:
+                raw.execute("BEGIN")  # the driver's own: SQLAlchemy's execution costs more
+            except sqlite3.Error:
+                connection.exec_driver_sql("BEGIN")  # once more: success, or the wrapped error
+            return
         raw.execute("PRAGMA busy_timeout=0")
         try:
             # a migration waits for another process's as long as it takes (info "wait")

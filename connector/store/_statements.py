@@ -3,45 +3,26 @@ far more than the database takes to run it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import BindParameter
 
-from connector.store.schema import contacts, customers, inbox, outbox
+from connector.store.schema import contacts, inbox, outbox
 
 CLAIM_SECONDS = 25.0  # a claim never outlives this without renewal (heartbeat: every 5 s)
 LEASE_SECONDS = 20.0  # a destination's delivery lease, renewed by its holder every 5 s
 
 
 # executemany statements, built once (SQLAlchemy caches their compiled form)
-_UPDATE_CUSTOMER = (
-    update(customers)
-    .where(
-        customers.c.dispensary == bindparam("k_dispensary"),
-        customers.c.customer_id == bindparam("k_customer"),
-    )
-    .values(
-        {c: bindparam(c) for c in
-         ("last_update_us", "content_hash", "opt_out", "merged_into", "merges", "updated_at",
-          "opt_out_seen")}
-    )
-)  # fmt: skip
 _CONTACT_KEY = (
     contacts.c.dispensary == bindparam("k_dispensary"),
     contacts.c.customer_id == bindparam("k_customer"),
     contacts.c.destination == bindparam("k_destination"),
 )
-_UPDATE_CONTACT = (
-    update(contacts)
-    .where(*_CONTACT_KEY)
-    .values(
-        {c: bindparam(c) for c in
-         ("contact_id", "delivered_hash", "unsubscribed", "deactivated", "ops_planned",
-          "updated_at")}
-    )
-)  # fmt: skip
 _FILL_CONTACT_ID = (
     update(contacts)
     .where(*_CONTACT_KEY)
@@ -177,49 +158,10 @@ _SETTLE_DONE = (
 )
 # the planner's statements, likewise
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
-_PENDING_EVENTS = (
-    select(
-        inbox.c.id,
-        inbox.c.dispensary,
-        inbox.c.source,
-        inbox.c.customer_id,
-        inbox.c.body,
-        inbox.c.run_id,
-        inbox.c.received_at,
-    )
-    .where(inbox.c.status == "pending")
-    .order_by(inbox.c.id)
-    .limit(bindparam("limit"))
-)
-_STILL_PENDING = select(inbox.c.id).where(inbox.c.id.in_(_IDS), inbox.c.status == "pending")
-_MARK_PLANNED = (
-    update(inbox).where(inbox.c.id == bindparam("eid")).values(planned=bindparam("planned"))
-)
-_MARK_DECIDED = (
-    update(inbox)
-    .where(inbox.c.id == bindparam("eid"))
-    .values(status=bindparam("status"), processed_at=bindparam("now"), decisions=bindparam("d"))
-)
 _MARK_EVENTS = (
     update(inbox)
     .where(inbox.c.id.in_(_IDS))
     .values(status=bindparam("status"), processed_at=bindparam("now"))
-)
-_LOAD_CONTACTS = select(contacts).where(
-    contacts.c.dispensary == bindparam("dispensary"), contacts.c.customer_id.in_(_IDS)
-)
-_LOAD_CUSTOMERS = select(customers).where(
-    customers.c.dispensary == bindparam("dispensary"), customers.c.customer_id.in_(_IDS)
-)
-_STORED_CUSTOMERS = select(customers.c.customer_id).where(
-    customers.c.dispensary == bindparam("dispensary"), customers.c.customer_id.in_(_IDS)
-)
-_STORED_CONTACTS = select(contacts.c.customer_id, contacts.c.destination).where(
-    contacts.c.dispensary == bindparam("dispensary"), contacts.c.customer_id.in_(_IDS)
-)
-_QUEUED_KEYS = select(outbox.c.destination, outbox.c.idempotency_key).where(
-    outbox.c.dispensary == bindparam("dispensary"),
-    outbox.c.idempotency_key.in_(bindparam("keys", expanding=True)),
 )
 # per (destination, order key) of a dispensary, its last operation not yet settled
 _OPEN = outbox.c.status.in_(("pending", "inflight"))
@@ -248,11 +190,117 @@ _SUPERSEDE = (
     )
 )
 _INSERT_INBOX = insert(inbox)
-_INSERT_CUSTOMERS = insert(customers)
-_INSERT_CONTACTS = insert(contacts)
-_INSERT_OUTBOX = insert(outbox)
 _CONTACT_IDS = select(contacts.c.customer_id, contacts.c.contact_id).where(
     contacts.c.dispensary == bindparam("dispensary"),
     contacts.c.destination == bindparam("destination"),
     contacts.c.customer_id.in_(bindparam("ids", expanding=True)),
+)
+
+
+class Raw:
+    """Hot statements (a planned batch's, PostgreSQL's per-transaction ones) on the driver's
+    own connection, inside the transaction of a SQLAlchemy connection: SQLAlchemy's
+    execution (compiled cache lookup, parameter processing, result wrapping) costs several
+    times what either database takes to run these short statements, and a batch runs a
+    dozen of them whatever its size.
+
+    Statements are plain SQL that both dialects read alike, written with ``?`` placeholders
+    (PostgreSQL's driver is given ``%s``); a list of values is :func:`in_list`. A driver
+    error is raised as SQLAlchemy raises it (wrapped, a lost connection invalidated), never
+    with its parameters (customer values)."""
+
+    __slots__ = ("_conn", "_driver", "_error", "_pg")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._driver: Any = conn.connection.dbapi_connection
+        self._error: Any = conn.dialect.loaded_dbapi.Error
+        self._pg = conn.dialect.name == "postgresql"
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows ``sql`` selects, as tuples."""
+        text = _for_psycopg(sql) if self._pg else sql
+        cursor = self._driver.cursor()
+        try:
+            cursor.execute(text, params)
+            found: list[Any] = cursor.fetchall()
+        except self._error as exc:
+            self._conn._handle_dbapi_exception(exc, text, None, cursor, None)
+        cursor.close()
+        return found
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Run one statement that returns no rows."""
+        text = _for_psycopg(sql) if self._pg else sql
+        cursor = self._driver.cursor()
+        try:
+            cursor.execute(text, params)
+        except self._error as exc:
+            self._conn._handle_dbapi_exception(exc, text, None, cursor, None)
+        cursor.close()
+
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each of ``params``."""
+        if not params:
+            return
+        text = _for_psycopg(sql) if self._pg else sql
+        cursor = self._driver.cursor()
+        try:
+            cursor.executemany(text, params)
+        except self._error as exc:
+            self._conn._handle_dbapi_exception(exc, text, None, cursor, None)
+        cursor.close()
+
+
+@lru_cache(maxsize=256)
+def _for_psycopg(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+@lru_cache(maxsize=1024)
+def in_list(count: int) -> str:
+    """``(?,?,...)``: ``count`` placeholders for ``IN``; ``count`` at least 1."""
+    return "(" + ",".join("?" * count) + ")"
+
+
+RAW_PENDING_EVENTS = (
+    "SELECT id, dispensary, source, customer_id, body, run_id, received_at FROM inbox"
+    " WHERE status = 'pending' ORDER BY id LIMIT ?"
+)
+RAW_STILL_PENDING = "SELECT id FROM inbox WHERE status = 'pending' AND id IN "
+RAW_MARK_DECIDED = "UPDATE inbox SET status = ?, processed_at = ?, decisions = ? WHERE id = ?"
+RAW_MARK_PLANNED = "UPDATE inbox SET planned = ? WHERE id = ?"
+RAW_LOAD_CONTACTS = (
+    "SELECT customer_id, destination, contact_id, delivered_hash, unsubscribed, deactivated,"
+    " ops_planned FROM contacts WHERE dispensary = ? AND customer_id IN "
+)
+RAW_LOAD_CUSTOMERS = (
+    "SELECT customer_id, last_update_us, content_hash, opt_out, merged_into, merges,"
+    " opt_out_seen FROM customers WHERE dispensary = ? AND customer_id IN "
+)
+# a changed state is written whether its row exists or not: one statement, no read first
+RAW_SAVE_CUSTOMERS = (
+    "INSERT INTO customers (dispensary, customer_id, last_update_us, content_hash, opt_out,"
+    " merged_into, merges, updated_at, opt_out_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (dispensary, customer_id) DO UPDATE SET"
+    " last_update_us = excluded.last_update_us, content_hash = excluded.content_hash,"
+    " opt_out = excluded.opt_out, merged_into = excluded.merged_into,"
+    " merges = excluded.merges, updated_at = excluded.updated_at,"
+    " opt_out_seen = excluded.opt_out_seen"
+)
+RAW_SAVE_CONTACTS = (
+    "INSERT INTO contacts (dispensary, customer_id, destination, contact_id, delivered_hash,"
+    " unsubscribed, deactivated, ops_planned, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (dispensary, customer_id, destination) DO UPDATE SET"
+    " contact_id = excluded.contact_id, delivered_hash = excluded.delivered_hash,"
+    " unsubscribed = excluded.unsubscribed, deactivated = excluded.deactivated,"
+    " ops_planned = excluded.ops_planned, updated_at = excluded.updated_at"
+)
+RAW_QUEUED_KEYS = (
+    "SELECT destination, idempotency_key FROM outbox WHERE dispensary = ? AND idempotency_key IN "
+)
+RAW_INSERT_OUTBOX = (
+    "INSERT INTO outbox (dispensary, destination, order_key, customer_id, op, payload,"
+    " idempotency_key, status, attempts, created_at, next_attempt_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
 )

@@ -15,11 +15,13 @@ from sqlalchemy import (
 from connector.store._base import SqlBase
 from connector.store._statements import (
     _INSERT_INBOX,
-    _MARK_DECIDED,
     _MARK_EVENTS,
-    _MARK_PLANNED,
-    _PENDING_EVENTS,
-    _STILL_PENDING,
+    RAW_MARK_DECIDED,
+    RAW_MARK_PLANNED,
+    RAW_PENDING_EVENTS,
+    RAW_STILL_PENDING,
+    Raw,
+    in_list,
 )
 from connector.store.abc import (
     InboxRow,
@@ -123,18 +125,15 @@ class InboxSql(SqlBase):
         return len(rows)
 
     def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
-        rows = conn.execute(_PENDING_EVENTS, {"limit": limit})
-        return [
-            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id, r.received_at)
-            for r in rows
-        ]
+        return [InboxRow(*r) for r in Raw(conn).rows(RAW_PENDING_EVENTS, (limit,))]
 
     def still_pending(self, conn: Connection, ids: Sequence[int]) -> set[int]:
         """Those of ``ids`` that no one has planned yet."""
         found: set[int] = set()
+        raw = Raw(conn)
         for chunk in range(0, len(ids), 500):
             part = ids[chunk : chunk + 500]
-            found.update(conn.execute(_STILL_PENDING, {"ids": part}).scalars())
+            found.update(r[0] for r in raw.rows(RAW_STILL_PENDING + in_list(len(part)), part))
         return found
 
     def mark_events(
@@ -155,13 +154,13 @@ class InboxSql(SqlBase):
             if found is None:
                 by_status.setdefault(status, []).append(event_id)
             else:
-                decided.append({"eid": event_id, "status": status, "now": now, "d": found})
-        if decided:
-            conn.execute(_MARK_DECIDED, decided)
+                decided.append((status, now, found, event_id))
+        raw = Raw(conn)
+        raw.many(RAW_MARK_DECIDED, decided)
         for status, ids in by_status.items():
             conn.execute(_MARK_EVENTS, {"ids": ids, "status": status, "now": now})
         if planned:
-            conn.execute(_MARK_PLANNED, [{"eid": i, "planned": p} for i, p in planned.items()])
+            raw.many(RAW_MARK_PLANNED, [(p, i) for i, p in planned.items()])
 
     def _insert_inbox(self, conn: Connection, events: Sequence[NewEvent], now: float) -> None:
         """Insert received events (a dialect may take a faster path)."""

@@ -14,18 +14,16 @@ from sqlalchemy import (
 
 from connector.planner import ContactState, CustomerState, Operation
 from connector.store._statements import (
-    _INSERT_CONTACTS,
-    _INSERT_CUSTOMERS,
-    _INSERT_OUTBOX,
     _LAST_OPEN,
-    _LOAD_CONTACTS,
-    _LOAD_CUSTOMERS,
-    _QUEUED_KEYS,
-    _STORED_CONTACTS,
-    _STORED_CUSTOMERS,
     _SUPERSEDE,
-    _UPDATE_CONTACT,
-    _UPDATE_CUSTOMER,
+    RAW_INSERT_OUTBOX,
+    RAW_LOAD_CONTACTS,
+    RAW_LOAD_CUSTOMERS,
+    RAW_QUEUED_KEYS,
+    RAW_SAVE_CONTACTS,
+    RAW_SAVE_CUSTOMERS,
+    Raw,
+    in_list,
 )
 from connector.store.abc import (
     B,
@@ -36,8 +34,17 @@ from connector.store.abc import (
 from connector.store.inbox import InboxSql
 from connector.store.schema import conflicts, dead_letters
 
+# a batch of at most this many events is a trickle: the next one is planned under the lock
+TRICKLE_EVENTS = 2
+
 
 class PlanSql(InboxSql):
+    # the last batch was a trickle (see plan_batch)
+    _trickle = False
+    # a write transaction locks the whole store (SQLite's BEGIN IMMEDIATE): nothing it reads
+    # can change before it commits
+    _locks_store = True
+
     def load_states(
         self, conn: Connection, dispensary: str, customer_ids: Iterable[str]
     ) -> dict[str, CustomerState]:
@@ -45,26 +52,28 @@ class PlanSql(InboxSql):
         if not ids:
             return {}
         found: dict[str, dict[str, ContactState]] = {cid: {} for cid in ids}
-        key = {"dispensary": dispensary, "ids": ids}
-        for row in conn.execute(_LOAD_CONTACTS, key):
-            found[row.customer_id][row.destination] = ContactState(
-                row.contact_id,
-                row.delivered_hash,
-                bool(row.unsubscribed),
-                bool(row.deactivated),
-                row.ops_planned,
+        raw = Raw(conn)
+        key = (dispensary, *ids)
+        where = in_list(len(ids))
+        for cid, destination, contact_id, delivered, unsub, deactivated, ops in raw.rows(
+            RAW_LOAD_CONTACTS + where, key
+        ):
+            found[cid][destination] = ContactState(
+                contact_id, delivered, bool(unsub), bool(deactivated), ops
             )
         states = {}
-        for row in conn.execute(_LOAD_CUSTOMERS, key):
-            states[row.customer_id] = CustomerState(
-                row.customer_id,
-                row.last_update_us,
-                row.content_hash,
-                row.opt_out,
-                row.merged_into,
-                frozenset((d, s) for d, s in json.loads(row.merges)),
-                found[row.customer_id],
-                bool(row.opt_out_seen),
+        for cid, last, digest, opt_out, merged_into, merges, seen in raw.rows(
+            RAW_LOAD_CUSTOMERS + where, key
+        ):
+            states[cid] = CustomerState(
+                cid,
+                last,
+                digest,
+                None if opt_out is None else bool(opt_out),
+                merged_into,
+                frozenset((d, s) for d, s in json.loads(merges)),
+                found[cid],
+                bool(seen),
             )
         for cid, known in found.items():
             if cid not in states and known:
@@ -84,69 +93,55 @@ class PlanSql(InboxSql):
         if not changed:
             return
         now = time.time()
-        ids = list(changed)
-        key = {"dispensary": dispensary, "ids": ids}
-        stored = set(conn.execute(_STORED_CUSTOMERS, key).scalars())
-        stored_contacts = {
-            (r.customer_id, r.destination) for r in conn.execute(_STORED_CONTACTS, key)
-        }
-        new_rows, updates, new_contacts, contact_updates = [], [], [], []
+        rows, contact_rows = [], []
         for cid, state in changed.items():
-            values = {
-                "last_update_us": state.last_update_us,
-                "content_hash": state.content_hash,
-                "opt_out": state.opt_out,
-                "merged_into": state.merged_into,
-                "merges": json.dumps(sorted(state.merges)),
-                "updated_at": now,
-                "opt_out_seen": state.opt_out_seen,
-            }
-            if cid in stored:
-                updates.append({"k_dispensary": dispensary, "k_customer": cid, **values})
-            else:
-                new_rows.append({"dispensary": dispensary, "customer_id": cid, **values})
+            rows.append(
+                (
+                    dispensary,
+                    cid,
+                    state.last_update_us,
+                    state.content_hash,
+                    state.opt_out,
+                    state.merged_into,
+                    json.dumps(sorted(state.merges)),
+                    now,
+                    state.opt_out_seen,
+                )
+            )
             old = before.get(cid)
             old_contacts = old.contacts if old is not None else {}
             for destination, contact in state.contacts.items():
                 if old_contacts.get(destination) == contact:
                     continue
-                values = {
-                    "contact_id": contact.contact_id,
-                    "delivered_hash": contact.delivered_hash,
-                    "unsubscribed": contact.unsubscribed,
-                    "deactivated": contact.deactivated,
-                    "ops_planned": contact.planned,
-                    "updated_at": now,
-                }
-                if (cid, destination) in stored_contacts:
-                    contact_updates.append(
-                        {"k_dispensary": dispensary, "k_customer": cid,
-                         "k_destination": destination, **values}
-                    )  # fmt: skip
-                else:
-                    new_contacts.append(
-                        {"dispensary": dispensary, "customer_id": cid,
-                         "destination": destination, **values}
-                    )  # fmt: skip
-        if new_rows:
-            conn.execute(_INSERT_CUSTOMERS, new_rows)
-        if updates:
-            conn.execute(_UPDATE_CUSTOMER, updates)
-        if new_contacts:
-            conn.execute(_INSERT_CONTACTS, new_contacts)
-        if contact_updates:
-            conn.execute(_UPDATE_CONTACT, contact_updates)
+                contact_rows.append(
+                    (
+                        dispensary,
+                        cid,
+                        destination,
+                        contact.contact_id,
+                        contact.delivered_hash,
+                        contact.unsubscribed,
+                        contact.deactivated,
+                        contact.planned,
+                        now,
+                    )
+                )
+        raw = Raw(conn)
+        raw.many(RAW_SAVE_CUSTOMERS, rows)
+        raw.many(RAW_SAVE_CONTACTS, contact_rows)
 
     def enqueue(self, conn: Connection, dispensary: str, operations: Sequence[Operation]) -> int:
         """Add operations; one whose idempotency key is already queued is skipped."""
         if not operations:
             return 0
         now = self._now()  # due now by the clock claims read
-        keys = [op.idempotency_key for op in operations]
-        taken = {
-            (row.destination, row.idempotency_key)
-            for row in conn.execute(_QUEUED_KEYS, {"dispensary": dispensary, "keys": keys})
-        }
+        raw = Raw(conn)
+        keys = list(dict.fromkeys(op.idempotency_key for op in operations))
+        taken: set[tuple[str, str]] = set()
+        for chunk in range(0, len(keys), 500):
+            part = keys[chunk : chunk + 500]
+            found = raw.rows(RAW_QUEUED_KEYS + in_list(len(part)), (dispensary, *part))
+            taken.update((destination, key) for destination, key in found)
         rows: list[dict[str, Any] | None] = []
         last: dict[tuple[str, str], int] = {}  # (destination, order key) -> index in rows
         # the upserts that replace a waiting one, by index in rows (not by id() of the row:
@@ -186,7 +181,23 @@ class PlanSql(InboxSql):
         kept = [row for row in rows if row is not None]
         if kept:
             self._supersede(conn, dispensary, rows, replacing, now)
-            conn.execute(_INSERT_OUTBOX, kept)
+            raw.many(
+                RAW_INSERT_OUTBOX,
+                [
+                    (
+                        dispensary,
+                        r["destination"],
+                        r["order_key"],
+                        r["customer_id"],
+                        r["op"],
+                        r["payload"],
+                        r["idempotency_key"],
+                        now,
+                        now,
+                    )
+                    for r in kept
+                ],
+            )
         return len(kept)
 
     def _supersede(
@@ -293,7 +304,20 @@ class PlanSql(InboxSql):
         operations and the events' outcomes commit together: a crash at any point leaves all
         of a batch's effects or none. How events and customers are locked is the dialect's
         (:meth:`_lock_events`, :meth:`_lock_customers`).
+
+        At a trickle (the last batch had at most :data:`TRICKLE_EVENTS` events) the batch is
+        read and planned under the lock at once: planning one or two events holds the lock
+        for less than the read, the re-check and the second transaction would cost.
         """
+        if self._trickle:
+            with self.transaction(durable=False) as conn:
+                rows = self._pending_locked(conn, limit)
+                if not rows:
+                    return None
+                planned = self._plan_locked(conn, rows, plan)
+                self._write_batch(conn, planned)
+            self._trickle = len(rows) <= TRICKLE_EVENTS
+            return planned
         with self.snapshot() as conn:
             rows = self.pending_events(conn, limit)
             if not rows:
@@ -317,6 +341,7 @@ class PlanSql(InboxSql):
                     return None
                 planned = self._plan_locked(conn, rows, plan)
             self._write_batch(conn, planned)
+        self._trickle = len(rows) <= TRICKLE_EVENTS
         return planned
 
     def plan_readonly(self, rows: list[InboxRow], plan: Plan[B]) -> B:
@@ -329,6 +354,8 @@ class PlanSql(InboxSql):
         once known and the state re-read; planned again if it changed before the lock."""
         locked: dict[str, set[str]] = {}
         planned = plan(rows, _Reader(self, conn))
+        if self._locks_store:
+            return planned
         while True:
             wanted = {d: ids - locked.get(d, set()) for d, ids in planned.related.items()}
             if not any(wanted.values()):

@@ -29,13 +29,20 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, bindparam, select, text
+from sqlalchemy import Connection, text
 
 from connector.store._engine import connection_settings, postgres_engine
-from connector.store._statements import _PENDING_EVENTS, claim_statements, first_of_customer
+from connector.store._statements import (
+    RAW_PENDING_EVENTS,
+    RAW_STILL_PENDING,
+    Raw,
+    claim_statements,
+    first_of_customer,
+    in_list,
+)
 from connector.store.abc import InboxRow
 from connector.store.operator import OperatorSql
-from connector.store.schema import inbox, outbox
+from connector.store.schema import outbox
 
 log = logging.getLogger("connector.store.postgres")
 
@@ -55,9 +62,9 @@ def customer_key(dispensary: str, customer_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-_LOCK_KEYS = text(
+_LOCK_KEYS = (
     "SELECT pg_advisory_xact_lock(k)"
-    " FROM unnest(CAST(:keys AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
+    " FROM unnest(CAST(? AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
 )
 _LOCK_QUEUE = text("SELECT pg_advisory_xact_lock(:space, :key)")
 QUEUE_LOCKS = 0x636C  # the two-key advisory lock space of claims ("cl"), apart from customers'
@@ -67,12 +74,8 @@ _STALE_STATISTICS = text(
     " AND relname IN ('inbox', 'outbox', 'customers', 'contacts')"
     " AND n_mod_since_analyze > GREATEST(200, 0.1 * n_live_tup)"
 )
-_LOCK_EVENTS = (
-    select(inbox.c.id)
-    .where(inbox.c.id.in_(bindparam("ids", expanding=True)), inbox.c.status == "pending")
-    .with_for_update(skip_locked=True)
-)
-_PENDING_LOCKED = _PENDING_EVENTS.with_for_update(skip_locked=True)
+_SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+_PENDING_LOCKED = RAW_PENDING_EVENTS + _SKIP_LOCKED
 _CLAIM_EXPIRED_PG, _CLAIM_DUE_PG, _NEXT_DUE_PG = claim_statements(first_of_customer())
 _CLAIM_EXPIRED_LOCKED = _CLAIM_EXPIRED_PG.with_for_update(skip_locked=True, of=outbox)
 _CLAIM_DUE_LOCKED = _CLAIM_DUE_PG.with_for_update(skip_locked=True, of=outbox)
@@ -80,6 +83,7 @@ _CLAIM_DUE_LOCKED = _CLAIM_DUE_PG.with_for_update(skip_locked=True, of=outbox)
 
 class PostgresStore(OperatorSql):
     dialect = "postgresql"
+    _locks_store = False  # rows are locked one by one (events) and by key (customers)
     _claim_expired = _CLAIM_EXPIRED_LOCKED
     _claim_due = _CLAIM_DUE_LOCKED
     _next_due = _NEXT_DUE_PG
@@ -113,7 +117,7 @@ class PostgresStore(OperatorSql):
             # as SQLite's synchronous=NORMAL for these: claims, plans and delivery results are
             # redone from what is durable if a crash loses them; received events always wait
             # for the WAL flush (202 only after it)
-            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            Raw(conn).run("SET LOCAL synchronous_commit = off")
 
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         # delivered at commit, once per transaction for the same payload
@@ -121,7 +125,7 @@ class PostgresStore(OperatorSql):
             # a batch over a few hundred destinations: it would fail to commit, at every
             # try, and planning would stop; an empty payload wakes every worker instead
             payload = ""
-        conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNELS[channel], "p": payload})
+        Raw(conn).rows("SELECT pg_notify(?, ?)", (CHANNELS[channel], payload))
 
     def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
         super().on_commit(channel, callback)
@@ -136,14 +140,13 @@ class PostgresStore(OperatorSql):
         super().close()
 
     def _lock_events(self, conn: Connection, ids: Sequence[int]) -> set[int]:
-        return set(conn.execute(_LOCK_EVENTS, {"ids": list(ids)}).scalars())
+        if not ids:
+            return set()
+        sql = RAW_STILL_PENDING + in_list(len(ids)) + _SKIP_LOCKED
+        return {r[0] for r in Raw(conn).rows(sql, list(ids))}
 
     def _pending_locked(self, conn: Connection, limit: int) -> list[InboxRow]:
-        rows = conn.execute(_PENDING_LOCKED, {"limit": limit})
-        return [
-            InboxRow(r.id, r.dispensary, r.source, r.customer_id, r.body, r.run_id, r.received_at)
-            for r in rows
-        ]
+        return [InboxRow(*r) for r in Raw(conn).rows(_PENDING_LOCKED, (limit,))]
 
     def _lock_queue(self, conn: Connection, dispensary: str, destination: str) -> None:
         digest = hashlib.blake2b(f"{dispensary}\0{destination}".encode(), digest_size=4).digest()
@@ -153,7 +156,7 @@ class PostgresStore(OperatorSql):
     def _lock_customers(self, conn: Connection, dispensary: str, ids: Iterable[str]) -> None:
         keys = sorted({customer_key(dispensary, c) for c in ids})
         if keys:
-            conn.execute(_LOCK_KEYS, {"keys": keys})
+            Raw(conn).rows(_LOCK_KEYS, (keys,))
 
     def maintain(self) -> None:
         """``ANALYZE`` the busy tables whose statistics fell behind (or never were): without
