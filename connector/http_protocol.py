@@ -33,6 +33,7 @@ not the ``ClientDisconnect`` traceback the app's read would otherwise end in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -119,12 +120,21 @@ async def _overloaded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISend
 
 
 class _CycleTransport:
-    """The transport as one request's cycle sees it: a close after an answer given before
-    the request's body was read (a 413 to an oversized ``Expect: 100-continue``, an early
-    refusal that closes) lingers like the protocol's own refusals, so the client still
-    sending its body gets the answer rather than a reset (RFC 9112, 9.6)."""
+    """The transport as one request's cycle sees it.
 
-    __slots__ = ("_cycle", "_protocol", "_transport")
+    An answer's head and body go out in one write: uvicorn writes the head when the app
+    sends ``http.response.start`` and the body at ``http.response.body``, two sends to the
+    socket (and two segments to the client) where one does. A head that announces a body
+    (a ``Content-Length`` above 0, not a HEAD request) is held until the body's first write;
+    it goes out alone at the loop's next turn if the body has not come by then (an app that
+    waits between the two), or at a close.
+
+    A close after an answer given before the request's body was read (a 413 to an oversized
+    ``Expect: 100-continue``, an early refusal that closes) lingers like the protocol's own
+    refusals, so the client still sending its body gets the answer rather than a reset
+    (RFC 9112, 9.6)."""
+
+    __slots__ = ("_cycle", "_head", "_held", "_protocol", "_transport")
 
     def __init__(
         self, protocol: LimitedHttpProtocol, transport: asyncio.Transport, cycle: Any
@@ -132,14 +142,44 @@ class _CycleTransport:
         self._protocol = protocol
         self._transport = transport
         self._cycle = cycle
+        self._held: bytes | None = None  # the head, waiting for the body's first write
+        self._head = True  # the answer's head is still to be written
 
     def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+            return
+        if self._head:
+            cycle = self._cycle
+            if cycle.response_started:  # this is the head (a 100 Continue comes before it)
+                self._head = False
+                if (
+                    cycle.expected_content_length > 0
+                    and cycle.chunked_encoding is False
+                    and cycle.scope["method"] != "HEAD"
+                ):
+                    self._held = data
+                    self._protocol.loop.call_soon(self.flush)
+                    return
         self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write a held head now (the body did not follow it at once)."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            # not on a connection being refused meanwhile (closed, or its end written)
+            with contextlib.suppress(RuntimeError):
+                if not self._transport.is_closing():
+                    self._transport.write(held)
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
     def close(self) -> None:
+        self.flush()
         if self._cycle.response_complete and self._cycle.more_body:
             self._protocol.linger_after_answer()
         else:
