@@ -58,7 +58,11 @@ class GroupCommitter:
         self._batch_started: float | None = None  # monotonic, while the writer commits
         self.on_commit: list[Callable[[], None]] = []  # run after each commit of events
         self._queue: deque[tuple[NewEvent | Rejected, asyncio.Future[None]]] = deque()
-        self._signal = threading.Event()
+        # released to wake the writer waiting to acquire it (a bare lock: threading.Event's
+        # condition costs the loop a dozen Python calls at each wake-up); only the loop's
+        # thread releases it, the writer only acquires it
+        self._wake = threading.Lock()
+        self._wake.acquire()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -87,7 +91,11 @@ class GroupCommitter:
 
     def _kick(self) -> None:
         self._kicked = False
-        self._signal.set()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._wake.locked():  # else a wake-up is pending, not taken yet
+            self._wake.release()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Commit until ``stopping`` is set, then commit what is queued and return. Ends
@@ -119,7 +127,7 @@ class GroupCommitter:
                 raise RuntimeError("the receiver's commit thread stopped")
         finally:
             self._closing = True
-            self._signal.set()
+            self._wake_writer()
             await asyncio.to_thread(thread.join)
             if self._thread is thread:
                 self._thread = None
@@ -174,12 +182,12 @@ class GroupCommitter:
         assert loop is not None
         while True:
             # idle, then look once more: an item queued before this flag was set is seen
-            # below, one queued after it sets the signal (the interpreter lock orders both)
+            # below, one queued after it wakes the writer (the interpreter lock orders both).
+            # A wake-up not waited for is taken at the next wait: one more look, no harm.
             self._idle = True
             if not self._queue:
-                self._signal.wait()
+                self._wake.acquire()
             self._idle = False
-            self._signal.clear()
             while self._queue:
                 size = min(len(self._queue), self.max_batch)
                 # not what _watch answered 503 meanwhile
