@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,6 +61,8 @@ log = get_logger("connector.http")
 RETRY_AFTER_SECONDS = 5
 LINGER_SECONDS = 2.0
 """How long a refused connection's late bytes are read and dropped before it is closed."""
+DUE_SLACK = 0.001
+"""A deadline's timer that fires this close before it (the loop's clock resolution) counts."""
 MAX_PIPELINED = 16
 """Requests one connection may send ahead of their answers (parsed and queued); the next is
 refused (400 ``too_many_pipelined``) after the answers before it. Without a bound, one read
@@ -203,7 +206,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._deadline: asyncio.TimerHandle | None = None
+        # the deadline of the phase the connection is in (a head, a body, a lingering close):
+        # when, and what runs then. One timer serves them all, and is moved only when a
+        # deadline comes before it (_set_due): a request arms and clears two deadlines, each
+        # once a timer of the loop made and cancelled
+        self._due: float | None = None
+        self._due_call: tuple[Callable[..., None], tuple[Any, ...]] = (_nothing, ())
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._reading_head = False
         self._head_bytes = 0  # as the callbacks saw it: the URL and the complete headers
         self._raw_head_bytes = 0  # as it came in, while the head is incomplete
@@ -228,6 +238,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._cancel_write_deadline()
         # every request in hand reads a disconnect and sends nothing more: the running one and
         # those queued behind it, not only the last parsed (uvicorn's), which would leave the
@@ -317,13 +330,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._stop(
-                _Refusal(413, "too_many_headers", f"more than {self.limits.max_headers} headers")
-            )
-        self._head_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        if self._head_bytes > self.limits.max_header_bytes:
+        limits = self.limits
+        count = self._header_count = self._header_count + 1
+        if count > limits.max_headers:
+            self._stop(_Refusal(413, "too_many_headers", f"more than {limits.max_headers} headers"))
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4  # ": ", CRLF
+        if size > limits.max_header_bytes:
             self._stop(self._head_too_large())
         super().on_header(name, value)
 
@@ -345,7 +357,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # deadline starts when it does (_start_asgi_task)
 
     def _queued(self, cycle: RequestResponseCycle | None) -> bool:
-        return any(item[0] is cycle for item in self.pipeline)
+        pipeline = self.pipeline
+        return bool(pipeline) and any(item[0] is cycle for item in pipeline)
 
     def on_message_complete(self) -> None:
         self._ended_in_read = True
@@ -413,16 +426,38 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         raise _Refused
 
     def _arm(self, seconds: float, error: str) -> None:
-        self._cancel_deadline()
-        self._deadline = self.loop.call_later(seconds, self._expired, seconds, error)
+        self._set_due(seconds, self._expired, (seconds, error))
+
+    def _set_due(self, seconds: float, call: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """``call(*args)`` in ``seconds``, in place of the deadline armed before (if any)."""
+        loop = self.loop
+        due = loop.time() + seconds
+        self._due = due
+        self._due_call = (call, args)
+        timer = self._timer
+        if timer is None or self._timer_at > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(due, self._tick)
+            self._timer_at = due
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._due = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        due = self._due
+        if due is None:
+            return
+        if self.loop.time() < due - DUE_SLACK:  # armed again since: wait for that deadline
+            self._timer = self.loop.call_at(due, self._tick)
+            self._timer_at = due
+            return
+        self._due = None
+        call, args = self._due_call
+        call(*args)
 
     def _expired(self, seconds: float, error: str) -> None:
-        self._deadline = None
         part = "headers" if error == "header_timeout" else "body"
         self._refuse(_Refusal(400, error, f"the {part} did not arrive within {seconds:g} s"))
 
@@ -480,7 +515,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # reset may destroy the answer before the client reads it (RFC 9112, 9.6).
         self.transport.write_eof()
         self.flow.resume_reading()
-        self._deadline = self.loop.call_later(LINGER_SECONDS, self._end_linger)
+        self._set_due(LINGER_SECONDS, self._end_linger, ())
 
     def _end_linger(self) -> None:
         # an answer the client has not taken by now (it reads nothing) is not waited for
@@ -499,6 +534,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         content.append(b"connection: close\r\n\r\n")
         content.append(body)
         self.transport.write(b"".join(content))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _reason(exc: httptools.HttpParserError) -> str:
