@@ -33,7 +33,9 @@ not the ``ClientDisconnect`` traceback the app's read would otherwise end in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,6 +61,8 @@ log = get_logger("connector.http")
 RETRY_AFTER_SECONDS = 5
 LINGER_SECONDS = 2.0
 """How long a refused connection's late bytes are read and dropped before it is closed."""
+DUE_SLACK = 0.001
+"""A deadline's timer that fires this close before it (the loop's clock resolution) counts."""
 MAX_PIPELINED = 16
 """Requests one connection may send ahead of their answers (parsed and queued); the next is
 refused (400 ``too_many_pipelined``) after the answers before it. Without a bound, one read
@@ -119,12 +123,21 @@ async def _overloaded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISend
 
 
 class _CycleTransport:
-    """The transport as one request's cycle sees it: a close after an answer given before
-    the request's body was read (a 413 to an oversized ``Expect: 100-continue``, an early
-    refusal that closes) lingers like the protocol's own refusals, so the client still
-    sending its body gets the answer rather than a reset (RFC 9112, 9.6)."""
+    """The transport as one request's cycle sees it.
 
-    __slots__ = ("_cycle", "_protocol", "_transport")
+    An answer's head and body go out in one write: uvicorn writes the head when the app
+    sends ``http.response.start`` and the body at ``http.response.body``, two sends to the
+    socket (and two segments to the client) where one does. A head that announces a body
+    (a ``Content-Length`` above 0, not a HEAD request) is held until the body's first write;
+    it goes out alone at the loop's next turn if the body has not come by then (an app that
+    waits between the two), or at a close.
+
+    A close after an answer given before the request's body was read (a 413 to an oversized
+    ``Expect: 100-continue``, an early refusal that closes) lingers like the protocol's own
+    refusals, so the client still sending its body gets the answer rather than a reset
+    (RFC 9112, 9.6)."""
+
+    __slots__ = ("_cycle", "_head", "_held", "_protocol", "_transport")
 
     def __init__(
         self, protocol: LimitedHttpProtocol, transport: asyncio.Transport, cycle: Any
@@ -132,14 +145,44 @@ class _CycleTransport:
         self._protocol = protocol
         self._transport = transport
         self._cycle = cycle
+        self._held: bytes | None = None  # the head, waiting for the body's first write
+        self._head = True  # the answer's head is still to be written
 
     def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+            return
+        if self._head:
+            cycle = self._cycle
+            if cycle.response_started:  # this is the head (a 100 Continue comes before it)
+                self._head = False
+                if (
+                    cycle.expected_content_length > 0
+                    and cycle.chunked_encoding is False
+                    and cycle.scope["method"] != "HEAD"
+                ):
+                    self._held = data
+                    self._protocol.loop.call_soon(self.flush)
+                    return
         self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write a held head now (the body did not follow it at once)."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            # not on a connection being refused meanwhile (closed, or its end written)
+            with contextlib.suppress(RuntimeError):
+                if not self._transport.is_closing():
+                    self._transport.write(held)
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
     def close(self) -> None:
+        self.flush()
         if self._cycle.response_complete and self._cycle.more_body:
             self._protocol.linger_after_answer()
         else:
@@ -163,7 +206,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._deadline: asyncio.TimerHandle | None = None
+        # the deadline of the phase the connection is in (a head, a body, a lingering close):
+        # when, and what runs then. One timer serves them all, and is moved only when a
+        # deadline comes before it (_set_due): a request arms and clears two deadlines, each
+        # once a timer of the loop made and cancelled
+        self._due: float | None = None
+        self._due_call: tuple[Callable[..., None], tuple[Any, ...]] = (_nothing, ())
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._reading_head = False
         self._head_bytes = 0  # as the callbacks saw it: the URL and the complete headers
         self._raw_head_bytes = 0  # as it came in, while the head is incomplete
@@ -188,6 +238,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._cancel_write_deadline()
         # every request in hand reads a disconnect and sends nothing more: the running one and
         # those queued behind it, not only the last parsed (uvicorn's), which would leave the
@@ -277,13 +330,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._stop(
-                _Refusal(413, "too_many_headers", f"more than {self.limits.max_headers} headers")
-            )
-        self._head_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        if self._head_bytes > self.limits.max_header_bytes:
+        limits = self.limits
+        count = self._header_count = self._header_count + 1
+        if count > limits.max_headers:
+            self._stop(_Refusal(413, "too_many_headers", f"more than {limits.max_headers} headers"))
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4  # ": ", CRLF
+        if size > limits.max_header_bytes:
             self._stop(self._head_too_large())
         super().on_header(name, value)
 
@@ -305,7 +357,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # deadline starts when it does (_start_asgi_task)
 
     def _queued(self, cycle: RequestResponseCycle | None) -> bool:
-        return any(item[0] is cycle for item in self.pipeline)
+        pipeline = self.pipeline
+        return bool(pipeline) and any(item[0] is cycle for item in pipeline)
 
     def on_message_complete(self) -> None:
         self._ended_in_read = True
@@ -373,16 +426,38 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         raise _Refused
 
     def _arm(self, seconds: float, error: str) -> None:
-        self._cancel_deadline()
-        self._deadline = self.loop.call_later(seconds, self._expired, seconds, error)
+        self._set_due(seconds, self._expired, (seconds, error))
+
+    def _set_due(self, seconds: float, call: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """``call(*args)`` in ``seconds``, in place of the deadline armed before (if any)."""
+        loop = self.loop
+        due = loop.time() + seconds
+        self._due = due
+        self._due_call = (call, args)
+        timer = self._timer
+        if timer is None or self._timer_at > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(due, self._tick)
+            self._timer_at = due
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._due = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        due = self._due
+        if due is None:
+            return
+        if self.loop.time() < due - DUE_SLACK:  # armed again since: wait for that deadline
+            self._timer = self.loop.call_at(due, self._tick)
+            self._timer_at = due
+            return
+        self._due = None
+        call, args = self._due_call
+        call(*args)
 
     def _expired(self, seconds: float, error: str) -> None:
-        self._deadline = None
         part = "headers" if error == "header_timeout" else "body"
         self._refuse(_Refusal(400, error, f"the {part} did not arrive within {seconds:g} s"))
 
@@ -440,7 +515,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # reset may destroy the answer before the client reads it (RFC 9112, 9.6).
         self.transport.write_eof()
         self.flow.resume_reading()
-        self._deadline = self.loop.call_later(LINGER_SECONDS, self._end_linger)
+        self._set_due(LINGER_SECONDS, self._end_linger, ())
 
     def _end_linger(self) -> None:
         # an answer the client has not taken by now (it reads nothing) is not waited for
@@ -459,6 +534,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         content.append(b"connection: close\r\n\r\n")
         content.append(body)
         self.transport.write(b"".join(content))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _reason(exc: httptools.HttpParserError) -> str:

@@ -38,7 +38,10 @@ class GroupCommitter:
     A writer thread of its own takes whatever has arrived, commits it in one transaction,
     hands the outcome to the event loop and at once takes what arrived meanwhile: the next
     batch never waits for the event loop to come round (with the loop busy answering the
-    previous batch, that wait cost two thirds of each commit cycle: bench/ingest.py).
+    previous batch, that wait cost two thirds of each commit cycle: bench/ingest.py). An
+    idle writer is woken by the loop once it has run what was ready with the first new
+    submission: the requests of one read of the sockets share a commit, where a writer woken
+    by the first took it alone (and its fsync) while the others were still being read.
     """
 
     def __init__(self, store: Inbox, *, max_batch: int = 512, timeout: float | None = None) -> None:
@@ -55,11 +58,16 @@ class GroupCommitter:
         self._batch_started: float | None = None  # monotonic, while the writer commits
         self.on_commit: list[Callable[[], None]] = []  # run after each commit of events
         self._queue: deque[tuple[NewEvent | Rejected, asyncio.Future[None]]] = deque()
-        self._signal = threading.Event()
+        # released to wake the writer waiting to acquire it (a bare lock: threading.Event's
+        # condition costs the loop a dozen Python calls at each wake-up); only the loop's
+        # thread releases it, the writer only acquires it
+        self._wake = threading.Lock()
+        self._wake.acquire()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
         self._idle = False  # the writer waits for the signal (read by submit)
+        self._kicked = False  # the loop will wake the idle writer when it has run what is ready
         self._inflight: list[tuple[NewEvent | Rejected, asyncio.Future[None]]] = []
 
     async def submit(self, item: NewEvent | Rejected) -> None:
@@ -73,9 +81,21 @@ class GroupCommitter:
             )
         future: asyncio.Future[None] = loop.create_future()
         self._queue.append((item, future))
-        if self._idle:  # else the writer takes it with what it finds after its commit
-            self._signal.set()
+        if self._idle and not self._kicked:  # else it takes it with what it finds after its commit
+            # the idle writer is woken once the loop has run what is ready now: the other
+            # requests of the same read reach this point first and share the commit, where
+            # a writer woken at once would take the first alone
+            self._kicked = True
+            loop.call_soon(self._kick)
         await future
+
+    def _kick(self) -> None:
+        self._kicked = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._wake.locked():  # else a wake-up is pending, not taken yet
+            self._wake.release()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Commit until ``stopping`` is set, then commit what is queued and return. Ends
@@ -107,7 +127,7 @@ class GroupCommitter:
                 raise RuntimeError("the receiver's commit thread stopped")
         finally:
             self._closing = True
-            self._signal.set()
+            self._wake_writer()
             await asyncio.to_thread(thread.join)
             if self._thread is thread:
                 self._thread = None
@@ -162,12 +182,12 @@ class GroupCommitter:
         assert loop is not None
         while True:
             # idle, then look once more: an item queued before this flag was set is seen
-            # below, one queued after it sets the signal (the interpreter lock orders both)
+            # below, one queued after it wakes the writer (the interpreter lock orders both).
+            # A wake-up not waited for is taken at the next wait: one more look, no harm.
             self._idle = True
             if not self._queue:
-                self._signal.wait()
+                self._wake.acquire()
             self._idle = False
-            self._signal.clear()
             while self._queue:
                 size = min(len(self._queue), self.max_batch)
                 # not what _watch answered 503 meanwhile

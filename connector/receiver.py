@@ -211,11 +211,14 @@ class WebhookTokens:
 
 class WebhookFastPath:
     """``POST /webhooks/treez/{dispensary}`` (or ``.../{dispensary}/``: the app makes no
-    redirects) straight to its handler, past FastAPI's router,
-    exception middleware and dependency solving: a sixth of the receiver's CPU per request
-    (py-spy, bench/pipeline.py). The route stays declared in FastAPI for the OpenAPI
-    document, and every other request goes through FastAPI; Starlette's outermost error
-    middleware still turns an exception into a 500."""
+    redirects) straight to its handler, in front of the app's whole middleware stack
+    (:func:`add_fast_path`): past Starlette's error, telemetry and body-limit middleware,
+    FastAPI's router, exception middleware and dependency solving. Each layer costs its call
+    and, while the handler waits for its commit, the suspension and resumption of its frame.
+    The route stays declared in FastAPI for the OpenAPI document, and every other request
+    goes through FastAPI. An exception from the handler reaches the server, which answers
+    500 (or closes, once an answer began) and logs it: what Starlette's error middleware
+    would do before raising it again to the server."""
 
     def __init__(
         self,
@@ -238,6 +241,22 @@ class WebhookFastPath:
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+def add_fast_path(
+    app: FastAPI,
+    handler: Callable[[str, Request], Awaitable[Response]],
+    prefix: str = WEBHOOK_PREFIX,
+) -> None:
+    """Put a :class:`WebhookFastPath` for ``prefix`` in front of ``app``'s middleware stack,
+    outside every middleware (``add_middleware`` would put it inside Starlette's own)."""
+    build = app.build_middleware_stack
+
+    def build_with_fast_path() -> ASGIApp:
+        return WebhookFastPath(build(), handler=handler, prefix=prefix)
+
+    app.build_middleware_stack = build_with_fast_path  # type: ignore[method-assign]
+    app.middleware_stack = None  # built again at the next request
 
 
 # --- the OpenAPI document: every answer, its media type and body (contract 1) ---
@@ -612,7 +631,7 @@ def create_app(service: ReceiverPorts) -> FastAPI:
         webhook_seen[dispensary] = time.time()  # connector_last_webhook_timestamp_seconds
         return _Answer(outcome), customer_id, outcome
 
-    app.add_middleware(WebhookFastPath, handler=receive_webhook)
+    add_fast_path(app, receive_webhook)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
     def openapi() -> dict[str, Any]:

@@ -302,12 +302,15 @@ def test_no_submission_is_left_waiting_whatever_the_timing(store: Store) -> None
 
 def test_the_writer_thread_commits_while_the_event_loop_is_busy(store: Store) -> None:
     """A batch is taken by the writer as soon as the previous commit ends, not when the event
-    loop comes round: with the loop blocked, queued events still reach the database."""
+    loop comes round: with the loop blocked, queued events still reach the database. (An
+    idle writer is woken by the loop, once, after the turn that queued the first events: see
+    tests/test_perf_ingest_group_commit.py.)"""
 
     async def scenario() -> None:
         committer, stopping, task = await _committing(store)
         waiting = [asyncio.create_task(committer.submit(e)) for e in events(5)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the submissions
+        await asyncio.sleep(0)  # the loop's wake-up of the idle writer
         deadline = time.monotonic() + 5
         while len(inbox_rows(store)) < 5 and time.monotonic() < deadline:
             time.sleep(0.005)  # the event loop does nothing meanwhile
