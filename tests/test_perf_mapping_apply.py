@@ -39,6 +39,8 @@ quoted_city: {from: "addresses[primary='true'].city", on_null: send}
 null_city: {from: "addresses[street2=null].city", on_null: send}
 opted: {from: opt_out, transform: [bool], on_error: null}
 constant: {value: [1, 2]}
+store: {from: dispensary, transform: [upper]}
+not_a_number: {from: first_name, transform: [strip, int], on_error: null, default: 0}
 """,
     name="odd",
 )
@@ -104,6 +106,8 @@ def test_odd_mapping_on_the_seed() -> None:
         "null_city": None,
         "opted": True,
         "constant": [1, 2],
+        "store": "STORE-1",
+        "not_a_number": 0,
     }
 
 
@@ -168,3 +172,20 @@ def test_lists_of_text_lose_their_placeholders_others_are_made_json() -> None:
     assert run(Context(customer(x=[]), "s")) == []
     assert run(Context(customer(x=["A", 1, None, "N/A", [" "]]), "s")) == ["A", 1, []]
     assert run(Context(customer(x={"a": "N/A"}), "s")) == {"a": "N/A"}
+
+
+@pytest.mark.parametrize(
+    ("text", "step"),
+    [
+        ("x: {from: first_name, transform: [strip, int]}", "int"),
+        ("x: {from: first_name, transform: [int]}", "int"),
+        ("x: {from: first_name, transform: [strip, lower, float, str]}", "float"),
+        ("x: {from: customer_groups, transform: [join, int]}", "int"),
+    ],
+)
+def test_a_failing_transform_is_named_as_by_the_fields_run(text: str, step: str) -> None:
+    mapping = compile_mapping_text(text, name="failing")
+    got = outcome(mapping.apply, customer(), "s")
+    assert got == outcome(reference, mapping, customer(), "s")
+    assert got[0] == "failed"
+    assert f"transform '{step}' failed" in got[1]

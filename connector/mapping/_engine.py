@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from connector._yaml import LoadedYaml, YamlProblem, load_yaml, parse_yaml
 from connector.errors import FieldMappingError, MappingError, Problem
 from connector.mapping._paths import (
+    ROOT_DISPENSARY,
     Attr,
     Context,
     Getter,
@@ -87,6 +88,18 @@ class CompiledField:
     direct: str | None = None
     placeholders: frozenset[str] = frozenset()
     default: Any = None
+    # what run() is made of, for apply() to write it inline (see _generate_apply)
+    parts: _Parts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    read: str | None  # the source as an expression of apply()'s locals; None: call source
+    source: Callable[[Context], Any]
+    transforms: tuple[tuple[str, Callable[[Any, Context], Any]], ...]
+    swallow: bool
+    settle: Callable[[Any], Any]
+    clean: Callable[[Any], Any]
 
 
 class Mapping:
@@ -141,7 +154,11 @@ def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, st
     """Write :meth:`Mapping.apply` for ``fields`` as one function of straight-line code: no
     loop over the fields, and a field reading one declared customer field as it is (``direct``)
     read inline, its common values (text, numbers, null) settled without a call."""
-    env: dict[str, Any] = {"Context": Context}
+    env: dict[str, Any] = {
+        "Context": Context,
+        "TransformFailed": TransformFailed,
+        "FieldMappingError": FieldMappingError,
+    }
     lines = [
         "def apply(customer, dispensary):",
         "    ctx = Context(customer, dispensary)",
@@ -150,7 +167,9 @@ def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, st
     ]
     for i, field in enumerate(fields):
         env[f"run{i}"] = field.run
-        if field.direct is None:
+        if field.direct is None and field.parts is not None:
+            lines += _inline_run(i, field, field.parts, env)
+        elif field.direct is None:
             lines.append(f"    value = run{i}(ctx)")
         else:
             env[f"placeholders{i}"] = field.placeholders
@@ -178,6 +197,60 @@ def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, st
     exec(compile("\n".join(lines), "<mapping apply>", "exec"), env)  # noqa: S102 - our own text
     apply: Callable[[Customer, str], dict[str, Any]] = env["apply"]
     return apply
+
+
+def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]) -> list[str]:
+    """The lines of ``field.run`` written into apply(): the same steps, leaving ``value``."""
+    env.update(
+        {
+            f"source{i}": parts.source,
+            f"placeholders{i}": field.placeholders,
+            f"default{i}": field.default,
+            f"settle{i}": parts.settle,
+            f"clean{i}": parts.clean,
+        }
+    )
+    lines = [f"    value = {parts.read or f'source{i}(ctx)'}"]
+    if not parts.transforms:
+        return [
+            *lines,
+            "    if value.__class__ is str:",
+            f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
+            f"            value = default{i}",
+            "    else:",
+            f"        value = settle{i}(value)",
+        ]
+    lines += [
+        "    cls = value.__class__",
+        "    if cls is str:",
+        f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
+        "            value = None",
+        "    elif cls is list:",
+        f"        value = clean{i}(value)",
+        "    try:",
+    ]
+    for n, (name, transform) in enumerate(parts.transforms):
+        env[f"transform{i}_{n}"] = transform
+        if len(parts.transforms) > 1:
+            lines.append(f"        step = {name!r}")
+        lines.append(f"        value = transform{i}_{n}(value, ctx)")
+    lines.append("    except TransformFailed as exc:")
+    if parts.swallow:
+        lines.append(f"        value = default{i}")
+    else:
+        step = "step" if len(parts.transforms) > 1 else repr(parts.transforms[0][0])
+        lines.append(
+            f"        raise FieldMappingError({field.target!r}, {step}, str(exc)) from None"
+        )
+    return [
+        *lines,
+        "    else:",
+        f"        if value.__class__ is str and value not in placeholders{i}:",
+        f"            if value.strip() in placeholders{i}:",
+        f"                value = default{i}",
+        "        else:",
+        f"            value = settle{i}(value)",
+    ]
 
 
 # --- compiling ---
@@ -354,11 +427,17 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
 
     warnings.extend(f"field {target!r}: {w}" for w in env.warnings)
     direct = None
-    if spec.from_ is not None and not transforms:
+    read = None
+    if spec.from_ is not None:
         steps = parse_path(spec.from_)
         first = steps[0]
-        if len(steps) == 1 and isinstance(first, Attr) and first.name in Customer.model_fields:
-            direct = first.name
+        if len(steps) == 1 and isinstance(first, Attr):
+            if first.name == ROOT_DISPENSARY:
+                read = "dispensary"  # as compile_path reads it
+            elif first.name in Customer.model_fields:
+                read = f"fields[{first.name!r}]"
+                direct = None if transforms else first.name
+    parts = _Parts(read, source, tuple(transforms), swallow, settle, clean)
     return CompiledField(
         target,
         tuple(target.split(".")),
@@ -367,6 +446,7 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
         direct,
         placeholders,
         default,
+        parts,
     )
 
 
