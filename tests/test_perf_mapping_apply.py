@@ -41,6 +41,10 @@ opted: {from: opt_out, transform: [bool], on_error: null}
 constant: {value: [1, 2]}
 store: {from: dispensary, transform: [upper]}
 not_a_number: {from: first_name, transform: [strip, int], on_error: null, default: 0}
+reason: "verification_reasons[0].verification_reason"
+last_city: {from: "addresses[-1].city", transform: [lower]}
+aiq: {from: external_ids.aiq_contact_id, on_null: send}
+unknown: {from: loyalty_tier.level, on_null: send}
 """,
     name="odd",
 )
@@ -108,7 +112,25 @@ def test_odd_mapping_on_the_seed() -> None:
         "constant": [1, 2],
         "store": "STORE-1",
         "not_a_number": 0,
+        "reason": "NEW",
+        "last_city": "inglewood",
+        "aiq": None,
+        "unknown": None,
     }
+
+
+def test_paths_read_extras_and_plain_objects() -> None:
+    mapped = ODD.apply(
+        customer(
+            loyalty_tier={"level": "gold"},
+            verification_reasons=[{"verification_reason": " N/A "}],
+            external_ids={"aiq_contact_id": 42},
+        ),
+        "s",
+    )
+    assert mapped["unknown"] == "gold"
+    assert "reason" not in mapped  # a placeholder
+    assert mapped["aiq"] == "42"
 
 
 def test_selectors_by_boolean_text_and_null() -> None:

@@ -32,11 +32,15 @@ from connector.mapping._paths import (
     Context,
     Getter,
     PathError,
+    Step,
+    _attr,
+    _compile_step,
     check_path,
     compile_path,
     parse_path,
 )
 from connector.mapping._transforms import (
+    TEXT_OPS,
     BuildEnv,
     TransformFailed,
     TransformSpecError,
@@ -95,6 +99,7 @@ class CompiledField:
 @dataclass(frozen=True, slots=True)
 class _Parts:
     read: str | None  # the source as an expression of apply()'s locals; None: call source
+    path: tuple[Step, ...]  # a path from a declared field, to write inline; () if not
     source: Callable[[Context], Any]
     transforms: tuple[tuple[str, Callable[[Any, Context], Any]], ...]
     swallow: bool
@@ -210,7 +215,7 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
             f"clean{i}": parts.clean,
         }
     )
-    lines = [f"    value = {parts.read or f'source{i}(ctx)'}"]
+    lines = _inline_path(i, parts.path, env) or [f"    value = {parts.read or f'source{i}(ctx)'}"]
     if not parts.transforms:
         return [
             *lines,
@@ -233,7 +238,17 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
         env[f"transform{i}_{n}"] = transform
         if len(parts.transforms) > 1:
             lines.append(f"        step = {name!r}")
-        lines.append(f"        value = transform{i}_{n}(value, ctx)")
+        ops = name.split(", ")
+        if all(op in TEXT_OPS for op in ops):  # text's own methods, for text (_text_op)
+            calls = "".join(f".{op}()" for op in ops)
+            lines += [
+                "        if value.__class__ is str:",
+                f"            value = value{calls}",
+                "        else:",
+                f"            value = transform{i}_{n}(value, ctx)",
+            ]
+        else:
+            lines.append(f"        value = transform{i}_{n}(value, ctx)")
     lines.append("    except TransformFailed as exc:")
     if parts.swallow:
         lines.append(f"        value = default{i}")
@@ -251,6 +266,32 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
         "        else:",
         f"            value = settle{i}(value)",
     ]
+
+
+def _inline_path(i: int, path: tuple[Step, ...], env: dict[str, Any]) -> list[str]:
+    """The lines of compile_path's getter for ``path`` (its first step a declared field of
+    the customer), leaving ``value``: each step read while the value is not null."""
+    if not path:
+        return []
+    first = path[0]
+    assert isinstance(first, Attr)
+    env["_attr"] = _attr
+    lines = [f"    value = fields[{first.name!r}]"]
+    indent = "    "
+    for k, step in enumerate(path[1:], 1):
+        lines.append(f"{indent}if value is not None:")
+        indent += "    "
+        if isinstance(step, Attr):
+            lines += [
+                f"{indent}try:",
+                f"{indent}    value = value.__dict__[{step.name!r}]",
+                f"{indent}except (AttributeError, KeyError):",
+                f"{indent}    value = _attr(value, {step.name!r})",
+            ]
+        else:
+            env[f"step{i}_{k}"] = _compile_step(step)
+            lines.append(f"{indent}value = step{i}_{k}(value)")
+    return lines
 
 
 # --- compiling ---
@@ -428,6 +469,7 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
     warnings.extend(f"field {target!r}: {w}" for w in env.warnings)
     direct = None
     read = None
+    path: tuple[Step, ...] = ()
     if spec.from_ is not None:
         steps = parse_path(spec.from_)
         first = steps[0]
@@ -437,7 +479,9 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
             elif first.name in Customer.model_fields:
                 read = f"fields[{first.name!r}]"
                 direct = None if transforms else first.name
-    parts = _Parts(read, source, tuple(transforms), swallow, settle, clean)
+        elif isinstance(first, Attr) and first.name in Customer.model_fields:
+            path = steps
+    parts = _Parts(read, path, source, tuple(transforms), swallow, settle, clean)
     return CompiledField(
         target,
         tuple(target.split(".")),
