@@ -38,10 +38,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    GetPydanticSchema,
     PlainValidator,
     ValidationError,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 from connector.errors import EventValidationError, Problem
 
@@ -139,18 +144,39 @@ def _object_or_empty(value: Any) -> Any:
     return {} if value is None else value
 
 
+def _null_first(source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    """The type's schema behind a null check in pydantic's core: a null is taken as it is,
+    without calling the type's Python validator (or its Before one) at all."""
+    return core_schema.nullable_schema(handler(source))
+
+
+def _schema_as_declared(
+    schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+) -> JsonSchemaValue:
+    """The JSON Schema of the type behind :func:`_null_first`'s check, as before it."""
+    assert schema["type"] == "nullable"
+    return handler(schema["schema"])
+
+
+# A null taken in the core, the rest as the type says. In Customer, a null list becomes empty
+# in its after-validator (one call, not one a field); the JSON Schema stays the type's own.
+NullFirst = GetPydanticSchema(_null_first)
+NullAsEmpty = GetPydanticSchema(_null_first, _schema_as_declared)
+
 Id = Annotated[str, PlainValidator(_id, json_schema_input_type=str | int)]
 OptionalId = Annotated[
-    str | None, PlainValidator(_optional_id, json_schema_input_type=str | int | None)
+    str | None,
+    PlainValidator(_optional_id, json_schema_input_type=str | int | None),
+    NullFirst,
 ]
 # Dates parse in pydantic's core; text it cannot read as a date is kept as sent (a bad permit
 # date must not block a customer's consent change), and placeholders become None below.
 LenientDate = Annotated[date | str | None, Field(union_mode="left_to_right")]
 LenientDatetime = Annotated[datetime | str | None, Field(union_mode="left_to_right")]
-OptOut = Annotated[bool | None, PlainValidator(_opt_out, json_schema_input_type=bool | str | None)]
+OptOut = Annotated[
+    bool | None, PlainValidator(_opt_out, json_schema_input_type=bool | str | None), NullFirst
+]
 IdList = Annotated[list[Id], BeforeValidator(_list_or_empty)]
-TextList = Annotated[list[str], BeforeValidator(_list_or_empty)]
-AnyList = Annotated[list[Any], BeforeValidator(_list_or_empty)]
 
 _LENIENT = ConfigDict(extra="allow", coerce_numbers_to_str=True, frozen=True)
 
@@ -192,7 +218,7 @@ class Customer(BaseModel):
     last_update: Annotated[AwareDatetime, BeforeValidator(_timestamp)]
     status: str | None = None
     verification_status: str | None = None
-    verification_reasons: AnyList = Field(default_factory=list)
+    verification_reasons: Annotated[list[Any], NullAsEmpty] = Field(default_factory=list)
     first_name: str | None = None
     middle_name: str | None = None
     nickname: str | None = None
@@ -216,7 +242,7 @@ class Customer(BaseModel):
     caregiver_license_number: str | None = None
     caregiver_name_1: str | None = None
     caregiver_name_2: str | None = None
-    caregiver_details: AnyList = Field(default_factory=list)
+    caregiver_details: Annotated[list[Any], NullAsEmpty] = Field(default_factory=list)
     rewards_balance: int | float | None = None
     rewards_type: str | None = None
     signup_date: LenientDatetime = None
@@ -226,13 +252,11 @@ class Customer(BaseModel):
     banned: bool | None = None
     warning_1: bool | None = None
     warning_2: bool | None = None
-    addresses: Annotated[list[Address], BeforeValidator(_list_or_empty)] = Field(
-        default_factory=list
-    )
-    merged_customer_ids: IdList = Field(default_factory=list)
+    addresses: Annotated[list[Address], NullAsEmpty] = Field(default_factory=list)
+    merged_customer_ids: Annotated[list[Id], NullAsEmpty] = Field(default_factory=list)
     merged_into_customer_id: OptionalId = None
-    customer_groups: TextList = Field(default_factory=list)
-    imageList: AnyList = Field(default_factory=list)  # Treez's own spelling
+    customer_groups: Annotated[list[str], NullAsEmpty] = Field(default_factory=list)
+    imageList: Annotated[list[Any], NullAsEmpty] = Field(default_factory=list)  # Treez's spelling
     external_ids: Annotated[ExternalIds, BeforeValidator(_object_or_empty)] = Field(
         default_factory=ExternalIds
     )
@@ -241,6 +265,9 @@ class Customer(BaseModel):
     def _placeholders_and_sentinels(self) -> Customer:
         # One pass over the few fields whose raw form needs care (cheaper than a validator each).
         fields = self.__dict__
+        for name in _NULL_AS_EMPTY:
+            if fields[name] is None:  # null, taken as such in the core (NullAsEmpty)
+                fields[name] = []
         for name in _DATE_FIELDS:
             value = fields[name]
             if value.__class__ is str and value.strip() in PLACEHOLDERS:
@@ -269,6 +296,11 @@ class Customer(BaseModel):
             if address.primary:
                 return address
         return self.addresses[0] if self.addresses else None
+
+
+_NULL_AS_EMPTY = tuple(
+    name for name, field in Customer.model_fields.items() if NullAsEmpty in field.metadata
+)
 
 
 class _CustomerEnvelope(BaseModel):

@@ -3,11 +3,12 @@ endpoint, transport errors and HTTP statuses turned into retriable or fatal erro
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,6 +27,7 @@ from connector.errors import DeliveryError
 # a vendor counts its limits per account (an API key, an app's token): every sink of one
 # account (several stores of an operator) shares the account's limiters, so that together
 # they keep to the limits; keyed by vendor, a digest of the account, endpoint family, clock
+_R = TypeVar("_R")
 _ACCOUNT_LIMITERS: weakref.WeakValueDictionary[tuple[str, str, str, int], SlidingWindowLimiter] = (
     weakref.WeakValueDictionary()
 )
@@ -114,16 +116,18 @@ class VendorClient:
         *,
         body: Any = None,
         ok_statuses: frozenset[int] = frozenset(),
+        encoded: bytes | None = None,
     ) -> httpx.Response:
         """Send one request; raise :class:`DeliveryError` unless it is a 2xx or in
-        ``ok_statuses`` (a status the caller handles itself, such as a 404 or a 409)."""
+        ``ok_statuses`` (a status the caller handles itself, such as a 404 or a 409).
+        ``encoded``: the body already as :func:`json_body` writes it (instead of ``body``)."""
         limiter = self._limiters.get(family) or self._limiters.get("*")
         if limiter is not None:
             await limiter.acquire()
         self.calls[family] = self.calls.get(family, 0) + 1
         bare = path.partition("?")[0]
         self.paths[bare] = self.paths.get(bare, 0) + 1
-        content = None if body is None else json_body(body)
+        content = encoded if body is None else json_body(body)
         try:
             request = self._client.build_request(
                 method, f"{self.base_url}{path}", content=content, headers=self._headers
@@ -166,3 +170,35 @@ class VendorClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def in_pipeline(
+    chunks: Sequence[Sequence[int]],
+    keys: Callable[[int], Iterable[str]],
+    run: Callable[[Sequence[int]], Awaitable[_R]],
+    *,
+    depth: int = 2,
+) -> list[_R]:
+    """``run`` each chunk (of a backfill's bulk calls), in order, up to ``depth`` at once, so
+    one call is built and read while the vendor answers another; a chunk sharing a key
+    (customer id, phone, e-mail) with one under way waits until that one ended, so whatever
+    one customer (or one person the vendor matches by phone or e-mail) is sent keeps its
+    order, as when the chunks went one by one. The results in the chunks' order."""
+    results: dict[int, _R] = {}
+    running: list[tuple[int, set[str], asyncio.Future[_R]]] = []
+    try:
+        for n, chunk in enumerate(chunks):
+            mine = {key for index in chunk for key in keys(index)}
+            while running and (
+                len(running) >= depth or any(not mine.isdisjoint(k) for _, k, _ in running)
+            ):
+                done, _, task = running.pop(0)
+                results[done] = await task
+            running.append((n, mine, asyncio.ensure_future(run(chunk))))
+        while running:
+            done, _, task = running.pop(0)
+            results[done] = await task
+    finally:
+        for _, _, task in running:
+            task.cancel()
+    return [results[n] for n in range(len(chunks))]

@@ -29,7 +29,7 @@ follows its public endpoint list, and every path is a setting (README, "Alpine I
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -40,7 +40,7 @@ from connector.config_base import DestinationConfig, Rate, Rates, secret_set
 from connector.delivery._http import identifier
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._probe import Probe
-from connector.destinations._vendor import VendorClient, host_of
+from connector.destinations._vendor import VendorClient, host_of, in_pipeline
 from connector.destinations._vendor import json_object as _json
 from connector.errors import DeliveryError, FatalDelivery
 
@@ -173,15 +173,15 @@ class AlpineIQSink:
             if delivery.op != "upsert":
                 results[index] = (await self.send([delivery]))[0]
         path = self.config.bulk_path.format(uid=self.config.uid)
-        for start in range(0, len(upserts), self.config.bulk_size):
-            chunk = upserts[start : start + self.config.bulk_size]
+
+        async def bulk(chunk: Sequence[int]) -> list[Result]:
             members = [self._member(deliveries[i], with_uid=False) for i in chunk]
             try:
                 response = await self.api.request("POST", path, "bulk", body=members)
                 data = _json(response).get("data")
                 found = data.get("results") if isinstance(data, dict) else None
                 ids = [_contact_id(r) for r in found] if isinstance(found, list) else []
-                outcome: list[Result] = [
+                return [
                     Sent(ids[n] if n < len(ids) and ids[n] else deliveries[i].contact_id)
                     for n, i in enumerate(chunk)
                 ]
@@ -189,9 +189,28 @@ class AlpineIQSink:
                 # one member refused (a stale contactID is a 404 for the whole call, a bad
                 # field a 400): the real-time path, member by member, with its fallbacks,
                 # so one bad member never dead-letters the others
-                outcome = await self.send([deliveries[i] for i in chunk])
+                return await self.send([deliveries[i] for i in chunk])
             except DeliveryError as exc:
-                outcome = [exc] * len(chunk)
+                return [exc] * len(chunk)
+
+        def keys(index: int) -> list[str]:
+            """Who a member is to Alpine IQ: the customer, its persona, and the phone and
+            e-mail it matches members by."""
+            delivery = deliveries[index]
+            fields = delivery.fields
+            found = [f"customer:{delivery.customer_id}"]
+            if delivery.contact_id is not None:
+                found.append(f"persona:{delivery.contact_id}")
+            found += [
+                f"{name}:{str(fields[name]).lower()}"
+                for name in MATCH_KEYS
+                if fields.get(name) is not None
+            ]
+            return found
+
+        size = self.config.bulk_size
+        chunks = [upserts[start : start + size] for start in range(0, len(upserts), size)]
+        for chunk, outcome in zip(chunks, await in_pipeline(chunks, keys, bulk), strict=True):
             for index, result in zip(chunk, outcome, strict=True):
                 results[index] = result
         return [r if r is not None else Sent() for r in results]

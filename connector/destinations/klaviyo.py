@@ -58,7 +58,7 @@ import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
 from connector.config_base import DestinationConfig, Rate, secret_set
-from connector.delivery._http import identifier, safe_text
+from connector.delivery._http import identifier, json_body, safe_text
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._probe import Probe
 from connector.destinations._vendor import (
@@ -714,9 +714,11 @@ class KlaviyoSink:
             others, await self.send([deliveries[i] for i in others]), strict=True
         ):
             results[index] = result
-        for chunk in self._jobs(deliveries, upserts):
+        # one job at a time: each is complete before the next is created
+        for job in self._jobs(deliveries, upserts):
+            chunk = list(job)
             try:
-                refused = await self._run_job([deliveries[i] for i in chunk])
+                refused = await self._run_job([deliveries[i] for i in chunk], list(job.values()))
                 outcome: list[Result] = [Sent(deliveries[i].contact_id) for i in chunk]
                 if refused:
                     # what the job refused (a duplicate_profile, a bad field) goes through
@@ -744,32 +746,46 @@ class KlaviyoSink:
             profile["id"] = delivery.contact_id
         return profile
 
-    def _jobs(self, deliveries: list[Delivery], indexes: list[int]) -> list[list[int]]:
-        """Split into jobs of at most ``bulk_size`` profiles and under 5 MB of body."""
-        jobs: list[list[int]] = []
-        current: list[int] = []
+    def _jobs(self, deliveries: list[Delivery], indexes: list[int]) -> list[dict[int, bytes]]:
+        """Split into jobs of at most ``bulk_size`` profiles and under 5 MB of body (counted
+        as ASCII JSON); each profile encoded once, as the job's body carries it."""
+        jobs: list[dict[int, bytes]] = []
+        current: dict[int, bytes] = {}
         size = 0
         for index in indexes:
-            length = len(json.dumps(self.bulk_profile(deliveries[index]), separators=(",", ":")))
+            profile = self.bulk_profile(deliveries[index])
+            part = json_body(profile)
+            # the length of the profile in ASCII JSON (non-ASCII text as \u escapes)
+            length = (
+                len(part) if part.isascii() else len(json.dumps(profile, separators=(",", ":")))
+            )
             if current and (
                 len(current) >= self.config.bulk_size or size + length > MAX_JOB_BYTES - 4096
             ):
                 jobs.append(current)
-                current, size = [], 0
-            current.append(index)
+                current, size = {}, 0
+            current[index] = part
             size += length + 1
         if current:
             jobs.append(current)
         return jobs
 
-    async def _run_job(self, deliveries: list[Delivery]) -> dict[int, DeliveryError]:
-        """Run one bulk import job to its end; the profiles it refused, by their index."""
-        data = {
-            "type": "profile-bulk-import-job",
-            "attributes": {"profiles": {"data": [self.bulk_profile(d) for d in deliveries]}},
-        }
+    async def _run_job(
+        self, deliveries: list[Delivery], parts: list[bytes]
+    ) -> dict[int, DeliveryError]:
+        """Run one bulk import job (its profiles encoded in ``parts``) to its end; the
+        profiles it refused, by their index."""
+        # the body json_body writes for {"data": {"type": ..., "attributes": {"profiles":
+        # {"data": [profile, ...]}}}}, put together from the profiles' own encodings
+        body = b"".join(
+            (
+                b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":[',
+                b",".join(parts),
+                b"]}}}}",
+            )
+        )
         response = await self.api.request(
-            "POST", "/api/profile-bulk-import-jobs", "bulk", body={"data": data}
+            "POST", "/api/profile-bulk-import-jobs", "bulk", encoded=body
         )
         job_id = (_json(response).get("data") or {}).get("id")
         if not isinstance(job_id, str):

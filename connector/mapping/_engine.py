@@ -27,15 +27,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from connector._yaml import LoadedYaml, YamlProblem, load_yaml, parse_yaml
 from connector.errors import FieldMappingError, MappingError, Problem
 from connector.mapping._paths import (
+    ROOT_DISPENSARY,
     Attr,
     Context,
     Getter,
     PathError,
+    Step,
+    _attr,
+    _compile_step,
     check_path,
     compile_path,
     parse_path,
 )
 from connector.mapping._transforms import (
+    TEXT_OPS,
     BuildEnv,
     TransformFailed,
     TransformSpecError,
@@ -87,58 +92,42 @@ class CompiledField:
     direct: str | None = None
     placeholders: frozenset[str] = frozenset()
     default: Any = None
+    # what run() is made of, for apply() to write it inline (see _generate_apply)
+    parts: _Parts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    read: str | None  # the source as an expression of apply()'s locals; None: call source
+    path: tuple[Step, ...]  # a path from a declared field, to write inline; () if not
+    source: Callable[[Context], Any]
+    transforms: tuple[tuple[str, Callable[[Any, Context], Any]], ...]
+    swallow: bool
+    settle: Callable[[Any], Any]
+    clean: Callable[[Any], Any]
 
 
 class Mapping:
-    """A compiled mapping: call :meth:`apply` with a customer and the event's dispensary."""
+    """A compiled mapping: call :meth:`apply` with a customer and the event's dispensary.
+
+    ``apply(customer, dispensary)`` maps one customer, and raises :class:`FieldMappingError`
+    for a value that cannot be mapped. Deterministic: the same customer and dispensary always
+    give the same dict, with keys in the order of the mapping file: each field's ``run`` in
+    turn, a null result left out unless the field sends nulls, a dotted target nested. It is
+    a function written for the mapping's fields (:func:`_generate_apply`).
+    """
+
+    apply: Callable[[Customer, str], dict[str, Any]]
 
     def __init__(self, name: str, fields: tuple[CompiledField, ...], warnings: tuple[str, ...]):
         self.name = name
         self.fields = fields
         self.warnings = warnings
-        self._flat = all(len(f.keys) == 1 for f in fields)
-        self._plan = tuple(
-            (f.target, f.keys, f.run, f.send_null, f.direct, f.placeholders, f.default)
-            for f in fields
-        )
+        self.apply = _generate_apply(fields)
 
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(f.target for f in self.fields)
-
-    def apply(self, customer: Customer, dispensary: str) -> dict[str, Any]:
-        """Map one customer; raises :class:`FieldMappingError` for a value that cannot be mapped.
-
-        Deterministic: the same customer and dispensary always give the same dict, with
-        keys in the order of the mapping file.
-        """
-        ctx = Context(customer, dispensary)
-        fields = customer.__dict__
-        out: dict[str, Any] = {}
-        flat = self._flat
-        for target, keys, run, send_null, direct, placeholders, default in self._plan:
-            if direct is None:
-                value = run(ctx)
-            else:  # inline fast path of run() for a plain field read
-                value = fields[direct]
-                cls = value.__class__
-                if cls is str:
-                    if value in placeholders or value.strip() in placeholders:
-                        value = default
-                elif value is None:
-                    value = default
-                elif cls is not int and cls is not bool and cls is not float:
-                    value = run(ctx)
-            if value is None and not send_null:
-                continue
-            if flat:
-                out[target] = value
-                continue
-            node = out
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-            node[keys[-1]] = value
-        return out
 
     def apply_partial(self, customer: Customer, dispensary: str) -> dict[str, Any]:
         """Map what can be mapped: a field whose value cannot be mapped is left out instead
@@ -166,6 +155,145 @@ class Mapping:
         return f"<Mapping {self.name} ({len(self.fields)} fields)>"
 
 
+def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, str], dict[str, Any]]:
+    """Write :meth:`Mapping.apply` for ``fields`` as one function of straight-line code: no
+    loop over the fields, and a field reading one declared customer field as it is (``direct``)
+    read inline, its common values (text, numbers, null) settled without a call."""
+    env: dict[str, Any] = {
+        "Context": Context,
+        "TransformFailed": TransformFailed,
+        "FieldMappingError": FieldMappingError,
+    }
+    lines = [
+        "def apply(customer, dispensary):",
+        "    ctx = Context(customer, dispensary)",
+        "    fields = customer.__dict__",
+        "    out = {}",
+    ]
+    for i, field in enumerate(fields):
+        env[f"run{i}"] = field.run
+        if field.direct is None and field.parts is not None:
+            lines += _inline_run(i, field, field.parts, env)
+        elif field.direct is None:
+            lines.append(f"    value = run{i}(ctx)")
+        else:
+            env[f"placeholders{i}"] = field.placeholders
+            env[f"default{i}"] = field.default
+            lines += [
+                f"    value = fields[{field.direct!r}]",
+                "    cls = value.__class__",
+                "    if cls is str:",
+                f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
+                f"            value = default{i}",
+                "    elif value is None:",
+                f"        value = default{i}",
+                "    elif cls is not int and cls is not bool and cls is not float:",
+                f"        value = run{i}(ctx)",
+            ]
+        indent = "    "
+        if not field.send_null:
+            lines.append("    if value is not None:")
+            indent = "        "
+        node = "out"
+        for key in field.keys[:-1]:
+            node = f"{node}.setdefault({key!r}, {{}})"
+        lines.append(f"{indent}{node}[{field.keys[-1]!r}] = value")
+    lines.append("    return out")
+    exec(compile("\n".join(lines), "<mapping apply>", "exec"), env)  # noqa: S102 - our own text
+    apply: Callable[[Customer, str], dict[str, Any]] = env["apply"]
+    return apply
+
+
+def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]) -> list[str]:
+    """The lines of ``field.run`` written into apply(): the same steps, leaving ``value``."""
+    env.update(
+        {
+            f"source{i}": parts.source,
+            f"placeholders{i}": field.placeholders,
+            f"default{i}": field.default,
+            f"settle{i}": parts.settle,
+            f"clean{i}": parts.clean,
+        }
+    )
+    lines = _inline_path(i, parts.path, env) or [f"    value = {parts.read or f'source{i}(ctx)'}"]
+    if not parts.transforms:
+        return [
+            *lines,
+            "    if value.__class__ is str:",
+            f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
+            f"            value = default{i}",
+            "    else:",
+            f"        value = settle{i}(value)",
+        ]
+    lines += [
+        "    cls = value.__class__",
+        "    if cls is str:",
+        f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
+        "            value = None",
+        "    elif cls is list:",
+        f"        value = clean{i}(value)",
+        "    try:",
+    ]
+    for n, (name, transform) in enumerate(parts.transforms):
+        env[f"transform{i}_{n}"] = transform
+        if len(parts.transforms) > 1:
+            lines.append(f"        step = {name!r}")
+        ops = name.split(", ")
+        if all(op in TEXT_OPS for op in ops):  # text's own methods, for text (_text_op)
+            calls = "".join(f".{op}()" for op in ops)
+            lines += [
+                "        if value.__class__ is str:",
+                f"            value = value{calls}",
+                "        else:",
+                f"            value = transform{i}_{n}(value, ctx)",
+            ]
+        else:
+            lines.append(f"        value = transform{i}_{n}(value, ctx)")
+    lines.append("    except TransformFailed as exc:")
+    if parts.swallow:
+        lines.append(f"        value = default{i}")
+    else:
+        step = "step" if len(parts.transforms) > 1 else repr(parts.transforms[0][0])
+        lines.append(
+            f"        raise FieldMappingError({field.target!r}, {step}, str(exc)) from None"
+        )
+    return [
+        *lines,
+        "    else:",
+        f"        if value.__class__ is str and value not in placeholders{i}:",
+        f"            if value.strip() in placeholders{i}:",
+        f"                value = default{i}",
+        "        else:",
+        f"            value = settle{i}(value)",
+    ]
+
+
+def _inline_path(i: int, path: tuple[Step, ...], env: dict[str, Any]) -> list[str]:
+    """The lines of compile_path's getter for ``path`` (its first step a declared field of
+    the customer), leaving ``value``: each step read while the value is not null."""
+    if not path:
+        return []
+    first = path[0]
+    assert isinstance(first, Attr)
+    env["_attr"] = _attr
+    lines = [f"    value = fields[{first.name!r}]"]
+    indent = "    "
+    for k, step in enumerate(path[1:], 1):
+        lines.append(f"{indent}if value is not None:")
+        indent += "    "
+        if isinstance(step, Attr):
+            lines += [
+                f"{indent}try:",
+                f"{indent}    value = value.__dict__[{step.name!r}]",
+                f"{indent}except (AttributeError, KeyError):",
+                f"{indent}    value = _attr(value, {step.name!r})",
+            ]
+        else:
+            env[f"step{i}_{k}"] = _compile_step(step)
+            lines.append(f"{indent}value = step{i}_{k}(value)")
+    return lines
+
+
 # --- compiling ---
 
 
@@ -182,6 +310,17 @@ def _cleaner(placeholders: frozenset[str]) -> Callable[[Any], Any]:
         return value
 
     return clean
+
+
+def _clean_texts(values: list[Any], placeholders: frozenset[str]) -> list[str] | None:
+    """A list of texts without its placeholders, in one pass; None when not all are text."""
+    out = []
+    for value in values:
+        if value.__class__ is not str:
+            return None
+        if value not in placeholders and value.strip() not in placeholders:
+            out.append(value)
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -288,9 +427,11 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
             return default
         if cls is int or cls is float or cls is bool:
             return value
-        if cls is not list or not all(v.__class__ is str for v in value):
-            value = _jsonable(value)
-        value = clean(value)
+        if cls is list:
+            texts = _clean_texts(value, placeholders)  # the usual list: groups, tags
+            if texts is not None:
+                return texts
+        value = clean(_jsonable(value))
         return default if value is None else value
 
     run: Callable[[Context], Any]
@@ -327,11 +468,20 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
 
     warnings.extend(f"field {target!r}: {w}" for w in env.warnings)
     direct = None
-    if spec.from_ is not None and not transforms:
+    read = None
+    path: tuple[Step, ...] = ()
+    if spec.from_ is not None:
         steps = parse_path(spec.from_)
         first = steps[0]
-        if len(steps) == 1 and isinstance(first, Attr) and first.name in Customer.model_fields:
-            direct = first.name
+        if len(steps) == 1 and isinstance(first, Attr):
+            if first.name == ROOT_DISPENSARY:
+                read = "dispensary"  # as compile_path reads it
+            elif first.name in Customer.model_fields:
+                read = f"fields[{first.name!r}]"
+                direct = None if transforms else first.name
+        elif isinstance(first, Attr) and first.name in Customer.model_fields:
+            path = steps
+    parts = _Parts(read, path, source, tuple(transforms), swallow, settle, clean)
     return CompiledField(
         target,
         tuple(target.split(".")),
@@ -340,6 +490,7 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
         direct,
         placeholders,
         default,
+        parts,
     )
 
 

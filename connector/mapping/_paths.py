@@ -273,6 +273,8 @@ def _compile_step(step: Step) -> Callable[[Any], Any]:
 
         return element
     key, literal, quoted = step.key, step.literal, step.quoted
+    # the boolean an unquoted true/false matches ([primary=true]), decided here once
+    flag = None if quoted or literal.lower() not in ("true", "false") else literal.lower() == "true"
 
     def select(value: Any) -> Any:
         if value.__class__ is not list:
@@ -282,7 +284,10 @@ def _compile_step(step: Step) -> Callable[[Any], Any]:
                 found = item.__dict__[key]
             except (AttributeError, KeyError):
                 found = _attr(item, key)
-            if found.__class__ is str:
+            if flag is not None and found.__class__ is bool:
+                if found is flag:
+                    return item
+            elif found.__class__ is str:
                 if found == literal:
                     return item
             elif _matches(found, literal, quoted):

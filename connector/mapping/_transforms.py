@@ -249,16 +249,30 @@ def _date(arg: Any, _env: BuildEnv) -> Transform:
             raise TransformSpecError(f"transform 'date': bad strftime format {fmt!r}") from None
 
     iso_date = fmt == "%Y-%m-%d"
+    iso = fmt == "iso"
 
     def one(value: Any) -> str:
         parsed = _parse_date(value, parse_format)
-        if parsed.__class__ is date and iso_date:
+        if parsed.__class__ is date and (iso_date or iso):
             return parsed.isoformat()  # same text as strftime("%Y-%m-%d"), several times faster
         if tz is not None and isinstance(parsed, datetime) and parsed.tzinfo is not None:
             parsed = parsed.astimezone(tz)
-        return parsed.isoformat() if fmt == "iso" else parsed.strftime(fmt)
+        return parsed.isoformat() if iso else parsed.strftime(fmt)
 
-    return _each(one)
+    def apply(value: Any, _ctx: Context) -> Any:
+        # the model's dates and timestamps (the usual values) without a call; as _each(one)
+        cls = value.__class__
+        if cls is date and (iso_date or iso):
+            return value.isoformat()
+        if cls is datetime and iso and tz is None:
+            return value.isoformat()
+        if value is None:
+            return None
+        if cls is list or isinstance(value, list):
+            return [one(v) for v in value if v is not None]
+        return one(value)
+
+    return apply
 
 
 _TRUE = frozenset({"true", "yes", "y", "1", "t", "on"})
