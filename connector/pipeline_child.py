@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -73,6 +74,9 @@ async def _child(sock: socket.socket) -> None:
                 return
 
     await service.start()
+    # as the receiver does once it listens (connector/server.py): what start-up made is kept
+    # out of the cyclic collector's walks, objects made from here on are collected as before
+    gc.freeze()
     tasks = [asyncio.create_task(commands()), asyncio.create_task(report())]
     try:
         await stop.wait()
