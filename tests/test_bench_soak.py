@@ -14,6 +14,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from fakes.http_sink import Attempt
+
+# the benches are scripts run from the checkout, not part of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._plot import PALETTE, Canvas, Chart, encode_png, nice_ticks
 from bench.pipeline import AttemptsTail
@@ -29,7 +33,6 @@ from bench.soak import (
     rss_growth,
     rss_mib,
 )
-from tests.fakes.http_sink import Attempt
 
 
 def decode_png(data: bytes) -> tuple[int, int, bytes]:

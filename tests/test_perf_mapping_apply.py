@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from test_properties import SEED, mutated_seed
 
 from connector.errors import EventValidationError, FieldMappingError
 from connector.mapping import Mapping, compile_mapping_text, load_mapping
 from connector.mapping._paths import Context
 from connector.treez import Customer, CustomerEvent, parse_event
-from tests.test_properties import SEED, mutated_seed
 
 ROOT = Path(__file__).parent.parent
 SHIPPED = [load_mapping(path) for path in sorted((ROOT / "mappings").glob("*.yaml"))]

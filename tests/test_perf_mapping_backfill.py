@@ -13,16 +13,16 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from test_alpineiq import BASE_URL, BULK, aiq_config
+from test_alpineiq import delivery as aiq_delivery
+from test_klaviyo import delivery as klaviyo_delivery
+from test_klaviyo import klaviyo_config, mapping_dir  # noqa: F401 - a fixture
 
 from connector.delivery._http import json_body
 from connector.delivery.base import Delivery, Sent
 from connector.destinations._vendor import in_pipeline
 from connector.destinations.alpineiq import AlpineIQSink
 from connector.destinations.klaviyo import MAX_JOB_BYTES, KlaviyoSink
-from tests.test_alpineiq import BASE_URL, BULK, aiq_config
-from tests.test_alpineiq import delivery as aiq_delivery
-from tests.test_klaviyo import delivery as klaviyo_delivery
-from tests.test_klaviyo import klaviyo_config, mapping_dir  # noqa: F401 - a fixture
 
 
 def test_pipeline_keeps_order_depth_and_keys() -> None:
