@@ -139,6 +139,7 @@ class DeliveryWorker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._finished = _Outcome([], [], [], [])
         self._progress = asyncio.Event()  # enough slots came free to claim again
+        self._all_free = asyncio.Event()  # no call in flight
         self._more = True  # a claim may find something: woken, a result recorded, a full claim
 
     async def _hold_lease(self) -> bool:
@@ -246,6 +247,12 @@ class DeliveryWorker:
             self._progress.clear()
             await self._wait(stopping, self.idle_poll, wake=False)
             return
+        if self._inflight and _size(self._finished):
+            # some calls ended, others are still out: give those a moment (the linger) to
+            # end too, so that one trip records and refills them all; a slow one is then
+            # left alone in its slot
+            await self._wait_all_free(stopping)
+            free = self.concurrency - len(self._inflight)
         outcome = self._take_finished()
         if outcome is None and not self._more:
             # nothing ended, nothing new: wait for either (or look again, for a retry due)
@@ -281,6 +288,7 @@ class DeliveryWorker:
             size = self.destination.batch_size
             for i in range(0, len(rows), size):
                 task = asyncio.create_task(self._send(rows[i : i + size], trip.contacts, None))
+                self._all_free.clear()
                 self._inflight.add(task)
                 task.add_done_callback(self._ended)
         await self.pressure.yield_after(time.monotonic() - started)
@@ -315,6 +323,8 @@ class DeliveryWorker:
                       error=task.exception())  # fmt: skip
         if 2 * (self.concurrency - len(self._inflight)) >= self.concurrency:
             self._progress.set()
+        if not self._inflight:
+            self._all_free.set()
 
     def _take_finished(self) -> _Outcome | None:
         """The results of the calls that ended since the last record, if any."""
@@ -336,6 +346,20 @@ class DeliveryWorker:
             self._unrecorded = outcome
             raise
         self._log_recorded(outcome)
+
+    async def _wait_all_free(self, stopping: asyncio.Event) -> None:
+        """Until no call is in flight, ``stopping``, or :attr:`linger` has passed."""
+        if self._all_free.is_set() or stopping.is_set():
+            return
+        waits = [
+            asyncio.ensure_future(self._all_free.wait()),
+            asyncio.ensure_future(stopping.wait()),
+        ]
+        _, pending = await asyncio.wait(
+            waits, timeout=self.linger, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
 
     async def _wait(self, stopping: asyncio.Event, timeout: float, *, wake: bool) -> None:
         """Until enough calls end (:meth:`_ended`), ``stopping``, ``timeout``, or when
