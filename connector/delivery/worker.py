@@ -57,6 +57,38 @@ class _Outcome:
     pause: tuple[float, str, int | None] | None = None  # the longest pause met this round
     # outbox id -> the failed attempt's answer: status code and the vendor's error code
     answers: dict[int, tuple[int | None, str | None]] = field(default_factory=dict)
+    requests: int = 0  # the calls that gave these results
+
+
+def _size(outcome: _Outcome) -> int:
+    return len(outcome.done) + len(outcome.retry) + len(outcome.dead) + len(outcome.paused)
+
+
+def _merge(into: _Outcome, other: _Outcome) -> _Outcome:
+    """``other``'s results added to ``into`` (returned)."""
+    into.done += other.done
+    into.retry += other.retry
+    into.dead += other.dead
+    into.conflicts += other.conflicts
+    into.replaced.update(other.replaced)
+    into.paused += other.paused
+    if other.pause is not None and (into.pause is None or other.pause[0] > into.pause[0]):
+        into.pause = other.pause
+    into.answers.update(other.answers)
+    into.requests += other.requests
+    return into
+
+
+@dataclass(slots=True)
+class _Trip:
+    """One trip to the store's thread (:meth:`DeliveryWorker._trip`): what it took there
+    and what it brought back."""
+
+    outcome: _Outcome | None  # results to record first
+    recorded: bool = False
+    rows: list[OutboxRow] = field(default_factory=list)
+    contacts: dict[str, str] = field(default_factory=dict)
+    next_due: float | None = None
 
 
 class DeliveryWorker:
@@ -102,6 +134,13 @@ class DeliveryWorker:
         # anything else once it answers, or its claims, which the heartbeat renews, would
         # stay in flight as long as this process lives
         self._unrecorded: _Outcome | None = None
+        # the continuous pipeline (destinations without a bulk path for a backlog): batches
+        # in flight, each a task; their results wait in ``_finished`` for the next record
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._finished = _Outcome([], [], [], [])
+        self._progress = asyncio.Event()  # enough slots came free to claim again
+        self._all_free = asyncio.Event()  # no call in flight
+        self._more = True  # a claim may find something: woken, a result recorded, a full claim
 
     async def _hold_lease(self) -> bool:
         """Take or renew the destination's lease when due; whether this process holds it."""
@@ -126,19 +165,43 @@ class DeliveryWorker:
         return held
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Deliver until ``stopping`` is set; the round in progress is finished first."""
+        """Deliver until ``stopping`` is set; the calls in flight are finished and their
+        results recorded first."""
         failures = 0
-        while not stopping.is_set():
-            try:
-                await self._step(stopping)
-                failures = 0
-            except Exception as exc:  # a locked store, a bug: claims expire, nothing is lost
-                failures += 1
-                log.warning(
-                    "delivery_loop_failed", destination=self.destination.name, error=exc,
-                    attempt=failures,
-                )  # fmt: skip
-                await self._back_off(stopping, min(30.0, self.idle_poll * 2**failures))
+        try:
+            while not stopping.is_set():
+                try:
+                    await self._step(stopping)
+                    failures = 0
+                except Exception as exc:  # a locked store, a bug: claims expire, nothing lost
+                    failures += 1
+                    log.warning(
+                        "delivery_loop_failed", destination=self.destination.name, error=exc,
+                        attempt=failures,
+                    )  # fmt: skip
+                    await self._back_off(stopping, min(30.0, self.idle_poll * 2**failures))
+            await self._drain()
+        finally:
+            for task in self._inflight:  # cancelled (not stopped): their claims expire
+                task.cancel()
+
+    async def _drain(self) -> None:
+        """Let the calls in flight end and record their results (and any left unrecorded)."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        outcome = self._take_finished()
+        if self._unrecorded is not None:
+            if outcome is not None:
+                _merge(self._unrecorded, outcome)
+            outcome = self._unrecorded
+        if outcome is None:
+            return
+        try:
+            await self._record(outcome)
+        except Exception as exc:  # the claims expire and another worker redoes them
+            log.warning("delivery_unrecorded_at_stop", destination=self.destination.name,
+                        error=exc, count=_size(outcome))  # fmt: skip
+        self._unrecorded = None
 
     async def _back_off(self, stopping: asyncio.Event, seconds: float) -> None:
         """Wait ``seconds`` after a failure, or until woken: a wake-up during the wait (the
@@ -151,6 +214,169 @@ class DeliveryWorker:
             task.cancel()
 
     async def _step(self, stopping: asyncio.Event) -> None:
+        """Keep up to ``concurrency`` calls in flight: claim as slots come free (at least
+        half of them, or all of them when nothing is in flight), and record the results of
+        the calls that ended in the same trip to the store, before the claim (a customer's
+        next operation is claimable once its last one is recorded). A slow call holds up
+        only its own slot, and a trickle costs one trip when it arrives and one when its
+        call ends, with no wait for more to gather."""
+        capabilities = self.destination.capabilities
+        if capabilities.bulk_for_backlog and capabilities.bulk_size:
+            await self._step_rounds(stopping)
+            return
+        if self.wake.is_set():
+            self._more = True
+        self.wake.clear()  # before looking: a wake-up from here on is not lost
+        if self._unrecorded is not None:
+            await self._record_unrecorded()
+        if not await self._hold_lease():
+            # another process delivers for this destination: what is in flight here ends
+            # and is recorded; look again when the other's lease could have lapsed
+            await self._settle_only()
+            await self._wait(stopping, LEASE_RENEW_SECONDS, wake=False)
+            return
+        wait = self.paused_until - time.time()
+        if wait > 0:
+            # the quota is used up: claim nothing until it resets (renewing the lease)
+            await self._settle_only()
+            await self._wait(stopping, min(wait, LEASE_RENEW_SECONDS), wake=False)
+            return
+        free = self.concurrency - len(self._inflight)
+        if self._inflight and 2 * free < self.concurrency:
+            # most slots busy: wait for more to come free (recorded and refilled together)
+            self._progress.clear()
+            await self._wait(stopping, self.idle_poll, wake=False)
+            return
+        if self._inflight and _size(self._finished):
+            # some calls ended, others are still out: give those a moment (the linger) to
+            # end too, so that one trip records and refills them all; a slow one is then
+            # left alone in its slot
+            await self._wait_all_free(stopping)
+            free = self.concurrency - len(self._inflight)
+        outcome = self._take_finished()
+        if outcome is None and not self._more:
+            # nothing ended, nothing new: wait for either (or look again, for a retry due)
+            await self._wait(stopping, self.idle_poll, wake=True)
+            self._more = self._more or not self._progress.is_set()
+            return
+        started = time.monotonic()
+        trip = _Trip(outcome)
+        # nothing in flight and no sign of new work: what was recorded is all there was,
+        # unless a customer of it has a next operation (due now: the next due time says so)
+        claim = self._more or bool(self._inflight)
+        self._more = False
+        limit = free * self.destination.batch_size
+        try:
+            await self.astore.call(self._trip, trip, limit if claim else 0, not self._inflight)
+        except Exception as exc:
+            left = trip.outcome if trip.outcome is not None and not trip.recorded else None
+            if trip.rows:  # claimed, never sent, and the store failed: back, due now
+                now = time.time()
+                error = f"not sent: the store failed ({exc.__class__.__name__})"
+                back = _Outcome([], [(row, now, error) for row in trip.rows], [], [])
+                left = back if left is None else _merge(left, back)
+            if left is not None:
+                self._unrecorded = left
+            self._more = True
+            raise
+        if trip.outcome is not None:
+            self._log_recorded(trip.outcome)
+        rows = trip.rows
+        if claim and len(rows) >= limit:
+            self._more = True  # a full claim: more may be waiting
+        if rows:
+            size = self.destination.batch_size
+            for i in range(0, len(rows), size):
+                task = asyncio.create_task(self._send(rows[i : i + size], trip.contacts, None))
+                self._all_free.clear()
+                self._inflight.add(task)
+                task.add_done_callback(self._ended)
+        await self.pressure.yield_after(time.monotonic() - started)
+        if self._inflight or self._more:
+            return  # the next step waits for calls to end, or claims again
+        due = trip.next_due
+        timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
+        if timeout > 0:
+            await self._wait(stopping, timeout, wake=True)
+        self._more = True  # the wait is over: due, woken, or time to look again
+
+    def _trip(self, trip: _Trip, limit: int, idle: bool) -> None:
+        """In the store's thread: record what ended, claim up to ``limit`` (none when 0),
+        and read what the claim needs (the contact ids), or when it finds nothing and
+        nothing is in flight (``idle``), when the next operation falls due: one hand-over
+        to the thread instead of three or four."""
+        store = self.astore.store
+        if trip.outcome is not None:
+            self._record_sync(trip.outcome)
+            trip.recorded = True
+        rows = store.claim(self.dispensary, self.destination.name, limit) if limit else []
+        trip.rows = rows
+        if rows:
+            trip.contacts = self._contacts_sync(rows)
+        elif idle:
+            trip.next_due = store.next_due(self.dispensary, self.destination.name)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # _send catches all
+            log.error("delivery_task_failed", destination=self.destination.name,
+                      error=task.exception())  # fmt: skip
+        if 2 * (self.concurrency - len(self._inflight)) >= self.concurrency:
+            self._progress.set()
+        if not self._inflight:
+            self._all_free.set()
+
+    def _take_finished(self) -> _Outcome | None:
+        """The results of the calls that ended since the last record, if any."""
+        self._progress.clear()
+        outcome = self._finished
+        if not _size(outcome) and not outcome.conflicts and outcome.pause is None:
+            return None
+        self._finished = _Outcome([], [], [], [])
+        return outcome
+
+    async def _settle_only(self) -> None:
+        """Record what ended, claiming nothing (the lease is elsewhere, or a pause)."""
+        outcome = self._take_finished()
+        if outcome is None:
+            return
+        try:
+            await self._record(outcome)
+        except Exception:
+            self._unrecorded = outcome
+            raise
+        self._log_recorded(outcome)
+
+    async def _wait_all_free(self, stopping: asyncio.Event) -> None:
+        """Until no call is in flight, ``stopping``, or :attr:`linger` has passed."""
+        if self._all_free.is_set() or stopping.is_set():
+            return
+        waits = [
+            asyncio.ensure_future(self._all_free.wait()),
+            asyncio.ensure_future(stopping.wait()),
+        ]
+        _, pending = await asyncio.wait(
+            waits, timeout=self.linger, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+
+    async def _wait(self, stopping: asyncio.Event, timeout: float, *, wake: bool) -> None:
+        """Until enough calls end (:meth:`_ended`), ``stopping``, ``timeout``, or when
+        ``wake``, a wake-up."""
+        events = [stopping, self._progress, self.wake] if wake else [stopping, self._progress]
+        if any(event.is_set() for event in events):
+            return
+        waits = [asyncio.ensure_future(event.wait()) for event in events]
+        _, pending = await asyncio.wait(
+            waits, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+
+    async def _step_rounds(self, stopping: asyncio.Event) -> None:
+        """A round at a time, for a destination with a bulk path for a backlog: claim, send
+        every batch (or all through the bulk path), record, claim again."""
         store = self.astore.store
         limit = self.concurrency * self.destination.batch_size
         capabilities = self.destination.capabilities
@@ -212,20 +438,8 @@ class DeliveryWorker:
     async def _round(self, rows: list[OutboxRow], *, bulk: bool = False) -> None:
         """Deliver claimed operations (at most one per customer): in batches of the
         destination's ``batch_size``, or all at once through its bulk path (``bulk``)."""
-        store = self.astore.store
-        wanted = {r.customer_id for r in rows}
         try:
-            contacts = await self.astore.call(
-                store.contact_ids, self.dispensary, self.destination.name, wanted
-            )
-            survivors = {str(r.body["into_customer_id"]) for r in rows if r.op == "merge"}
-            if survivors:
-                # a merge goes into the final survivor: if the survivor was itself merged
-                # away since this merge was planned (B into C after A into B), into C's
-                resolved = await self.astore.call(
-                    store.resolve_contact_ids, self.dispensary, self.destination.name, survivors
-                )
-                contacts.update({f"into:{cid}": contact for cid, contact in resolved.items()})
+            contacts = await self.astore.call(self._contacts_sync, rows)
         except Exception as exc:
             self._give_back(rows, exc)
             raise
@@ -248,6 +462,26 @@ class DeliveryWorker:
         except Exception:
             self._unrecorded = outcome
             raise
+
+    def _contacts_sync(self, rows: list[OutboxRow]) -> dict[str, str]:
+        """In the store's thread: the contact ids claimed operations are sent with."""
+        store, name = self.astore.store, self.destination.name
+        contacts = store.contact_ids(self.dispensary, name, {r.customer_id for r in rows})
+        survivors = {str(r.body["into_customer_id"]) for r in rows if r.op == "merge"}
+        if survivors:
+            # a merge goes into the final survivor: if the survivor was itself merged
+            # away since this merge was planned (B into C after A into B), into C's
+            resolved = store.resolve_contact_ids(self.dispensary, name, survivors)
+            contacts.update({f"into:{cid}": contact for cid, contact in resolved.items()})
+        return contacts
+
+    def _log_recorded(self, outcome: _Outcome) -> None:
+        if outcome.done:
+            ops = collections.Counter(row.op for row, _ in outcome.done)
+            log.info(
+                "delivered", dispensary=self.dispensary, destination=self.destination.name,
+                count=len(outcome.done), counts=dict(ops), requests=outcome.requests,
+            )  # fmt: skip
 
     def _give_back(self, rows: list[OutboxRow], exc: Exception) -> None:
         """Claimed, nothing sent, and the store failed: the claims go back, due now."""
@@ -281,8 +515,10 @@ class DeliveryWorker:
         self._unrecorded = None
 
     async def _record(self, outcome: _Outcome) -> None:
-        await self.astore.call(
-            self.astore.store.finish,
+        await self.astore.call(self._record_sync, outcome)
+
+    def _record_sync(self, outcome: _Outcome) -> None:
+        self.astore.store.finish(
             self.dispensary,
             self.destination.name,
             outcome.done,
@@ -299,10 +535,12 @@ class DeliveryWorker:
         self,
         batch: list[OutboxRow],
         contacts: dict[str, str],
-        outcome: _Outcome,
+        into: _Outcome | None,
         *,
         bulk: bool = False,
     ) -> None:
+        """Send one batch; its results go to ``into``, or when None, to the results
+        waiting for the next record (:attr:`_finished`, as it is when the call ends)."""
         deliveries = [_delivery(row, contacts) for row in batch]
         async with self._slots, self.limiter.slot():
             started = time.monotonic()
@@ -312,16 +550,17 @@ class DeliveryWorker:
                 else:
                     results = await self.destination.send(deliveries)
             except QuotaPause as exc:
-                self._paused(batch, exc, outcome)
+                self._paused(batch, exc, self._results_of(into))
                 return
             except DeliveryError as exc:
-                self._failed(batch, exc, time.monotonic() - started, outcome)
+                self._failed(batch, exc, time.monotonic() - started, self._results_of(into))
                 return
             except Exception as exc:  # a bug in an adapter must not lose the operations
                 log.exception("delivery_crashed", destination=self.destination.name)
                 error = RetriableDelivery(f"unexpected {exc.__class__.__name__}")
-                self._failed(batch, error, time.monotonic() - started, outcome)
+                self._failed(batch, error, time.monotonic() - started, self._results_of(into))
                 return
+        outcome = self._results_of(into)
         duration = time.monotonic() - started
         if len(results) < len(batch):  # an adapter that says less: the rest was accepted
             results = [*results, *[Sent() for _ in range(len(batch) - len(results))]]
@@ -361,6 +600,12 @@ class DeliveryWorker:
             self.metrics.delivery_seconds.labels(self.dispensary, self.destination.name).observe(
                 duration
             )
+
+    def _results_of(self, into: _Outcome | None) -> _Outcome:
+        if into is not None:
+            return into
+        self._finished.requests += 1
+        return self._finished
 
     def _paused(self, batch: list[OutboxRow], exc: QuotaPause, outcome: _Outcome) -> None:
         """The destination's quota is used up until ``exc.until``: these operations wait for
