@@ -13,6 +13,7 @@ import asyncio
 import collections
 import itertools
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fakes.http_sink import HttpSink as FakeService
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_delivery import (
+    DEST,
     FAST,
     dead_rows,
     enqueue,
@@ -33,9 +35,10 @@ from test_delivery import (
     wait_until,
 )
 
+from connector.delivery.base import Capabilities, Delivery, Result, Sent
 from connector.delivery.worker import DeliveryWorker
 from connector.destinations.http import HttpSink
-from connector.errors import StoreUnavailable
+from connector.errors import QuotaPause, StoreUnavailable
 from connector.store import AsyncStore, Store, open_store
 
 DISPENSARY = "d"
@@ -242,3 +245,73 @@ def test_a_store_failing_mid_record_loses_nothing(
     for customer in CUSTOMERS:
         # a result recorded late is never sent again behind a later operation
         assert accepted[customer] == [1, 2, 3], (customer, accepted[customer])
+
+
+class QuotaSink:
+    """In-process destination: every call takes a moment; the first call for ``A`` meets a
+    used-up quota (QuotaPause ``pause`` seconds ahead). Records each call's start and end."""
+
+    kind = "quota"
+    rate_limit = ()
+
+    def __init__(self, pause: float) -> None:
+        self.name = DEST
+        self.capabilities = Capabilities(batch_size=1)
+        self.pause = pause
+        self.paused_at: float | None = None
+        self.until = 0.0
+        self.calls: list[tuple[float, float, str, int, bool]] = []  # start, end, who, n, ok
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    async def send(self, deliveries: list[Delivery]) -> list[Result]:
+        [delivery] = deliveries
+        start = time.time()
+        await asyncio.sleep(0.02)
+        who, n = delivery.customer_id, delivery.body["fields"]["n"]
+        if who == "A" and self.paused_at is None:
+            self.paused_at = time.time()
+            self.until = self.paused_at + self.pause
+            self.calls.append((start, time.time(), who, n, False))
+            raise QuotaPause("cap", until=self.until, status_code=429)
+        self.calls.append((start, time.time(), who, n, True))
+        return [Sent(contact_id=f"c-{who}")]
+
+    async def backfill(self, deliveries: list[Delivery]) -> list[Result]:
+        return await self.send(deliveries)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_quota_pause_mid_flight_stops_new_calls_and_counts_no_attempt() -> None:
+    """A's call meets a used-up quota while B's and C's are in flight: no call starts until
+    the quota resets, A's operation counts no attempt, and every customer's operations are
+    then sent, in order."""
+    ops = [make_op(c, n) for n in (1, 2, 3) for c in ("A", "B", "C")]
+    sink = QuotaSink(pause=0.6)
+    with tempfile.TemporaryDirectory() as folder:
+        store = new_store(folder)
+        try:
+            enqueue(store, ops)
+
+            async def go() -> None:
+                async with running_worker(store, sink, concurrency=3) as (_, task):
+                    await wait_until(lambda: open_ops(store) == 0, task)
+
+            asyncio.run(go())
+            rows = outbox_rows(store)
+        finally:
+            store.close()
+    assert sink.paused_at is not None
+    started_in_pause = [
+        (who, n) for start, _, who, n, _ in sink.calls if sink.paused_at < start < sink.until
+    ]
+    assert started_in_pause == []
+    assert {r.status for r in rows.values()} == {"done"}
+    assert rows["k-A-1"].attempts == 1  # the paused call is not an attempt
+    for customer in ("A", "B", "C"):
+        sent = [n for _, _, who, n, ok in sorted(sink.calls) if who == customer and ok]
+        assert sent == [1, 2, 3], (customer, sent)
