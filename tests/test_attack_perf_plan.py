@@ -22,6 +22,7 @@ from test_perf_plan_raw import _deployment
 from connector.errors import StoreUnavailable
 from connector.pipeline import Deployment, process_batch
 from connector.store import Store, open_store
+from connector.store._statements import RAW_INSERT_OUTBOX
 from connector.store.abc import NewEvent
 from connector.store.schema import contacts, customers, inbox, outbox
 
@@ -62,7 +63,7 @@ def run_planner(store: Store, deployment: Deployment, sizes: list[int]) -> None:
         idle = idle + 1 if result.events == 0 else 0
 
 
-def outcome(store: Store) -> dict[str, Any]:
+def outcome(store: Any) -> dict[str, Any]:
     """What planning left: each customer's state (without the count of operations planned,
     which depends on how events fell into batches), and per customer and kind of operation the
     payload of its last one, and whether an event is still pending."""
@@ -82,7 +83,7 @@ def outcome(store: Store) -> dict[str, Any]:
     return {"states": states, "contacts": held, "last": last, "pending": pending}
 
 
-def consent_ops_in_order(store: Store) -> None:
+def consent_ops_in_order(store: Any) -> None:
     """Per customer, its operations in queue order: the consent operations alternate (never
     two unsubscribes, or two subscribes, in a row: a duplicate or a reordered consent)."""
     kinds: dict[str, list[str]] = {}
@@ -93,15 +94,12 @@ def consent_ops_in_order(store: Store) -> None:
         assert all(a != b for a, b in itertools.pairwise(ops)), (customer, ops)
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_two_planners_at_once_plan_as_one(store_url: str, tmp_path: Path, seed: int) -> None:
     events = history(seed)
     # one planner alone, over the same inbox in its own store
-    alone_url = (
-        f"sqlite:///{tmp_path / 'alone.db'}" if store_url.startswith("sqlite") else store_url
-    )
-    if not store_url.startswith("sqlite"):
-        pytest.skip("the reference run needs a second store; PostgreSQL is run below")
+    alone_url = f"sqlite:///{tmp_path / 'alone.db'}"
     alone = open_store(alone_url)
     try:
         alone.add_events(events)
@@ -205,7 +203,7 @@ def test_two_replicas_planning_at_once_on_postgresql(
 
 @pytest.mark.parametrize("trickle", [True, False])
 def test_a_driver_error_mid_batch_writes_nothing_and_names_no_value(
-    store: Store, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trickle: bool
+    store: Any, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trickle: bool
 ) -> None:
     """The outbox insert (after the states were saved) fails in the driver: the batch leaves
     no state, no operation and its events pending; the error carries no customer value; the
@@ -214,11 +212,9 @@ def test_a_driver_error_mid_batch_writes_nothing_and_names_no_value(
     body = json.loads(json.dumps(SEED))
     body["data"].update(customer_id="c9", email=SECRET, opt_out="false")
     store.add_events([NewEvent("d1", "webhook", "CUSTOMER", "c9", None, json.dumps(body))])
-    store._trickle = trickle  # type: ignore[attr-defined]
-    import connector.store.plans as plans
-
-    broken = plans.RAW_INSERT_OUTBOX.replace("idempotency_key,", "no_such_column,", 1)
-    monkeypatch.setattr(plans, "RAW_INSERT_OUTBOX", broken)
+    store._trickle = trickle
+    broken = RAW_INSERT_OUTBOX.replace("idempotency_key,", "no_such_column,", 1)
+    monkeypatch.setattr("connector.store.plans.RAW_INSERT_OUTBOX", broken)
     with pytest.raises((DBAPIError, StoreUnavailable)) as caught:
         process_batch(store, deployment)
     chain: list[BaseException] = []
@@ -235,7 +231,7 @@ def test_a_driver_error_mid_batch_writes_nothing_and_names_no_value(
     assert store.query(sa.select(sa.func.count()).select_from(outbox))[0][0] == 0
     assert [r.status for r in store.query(sa.select(inbox))] == ["pending"]
     monkeypatch.undo()
-    store._trickle = trickle  # type: ignore[attr-defined]
+    store._trickle = trickle
     assert process_batch(store, deployment).outcomes == {"applied": 1}
     assert store.query(sa.select(sa.func.count()).select_from(customers))[0][0] == 1
     ops = [r.op for r in store.query(sa.select(outbox))]
