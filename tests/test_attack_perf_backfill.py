@@ -156,13 +156,6 @@ def test_one_customers_upsert_and_unsubscribe_in_different_chunks_keep_their_ord
     assert all(not (a & b) for a, b in overlaps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in_pipeline's keys are the mapped text lower-cased: a phone as ten digits and "
-    "as E.164, or an e-mail with spaces, are one person to Alpine IQ (the fake's phone_key, "
-    "_email_key) but two keys, so their bulk calls run at once and that person's order is "
-    "lost; only the shipped mapping (e164, strip/lower) hides it",
-)
 @pytest.mark.parametrize(
     ("first", "second"),
     [
@@ -181,13 +174,6 @@ def test_two_forms_of_one_phone_or_email_never_run_at_once(
     assert all(not (a & b) for a, b in overlaps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keys see only what the backfill sends: two customers whose members match one "
-    "persona the vendor already holds (one by its phone, the other by its e-mail) are "
-    "disjoint to in_pipeline and run at once, so the persona's last write is a race "
-    "(before d96a0e5 the second chunk always won); per-customer order itself holds",
-)
 def test_two_customers_matching_one_held_persona_never_run_at_once() -> None:
     deliveries = [
         aiq_delivery("upsert", "c0", fields={"mobilePhone": "+12135550100"}, outbox_id=0),

@@ -1,4 +1,4 @@
-"""The backfill bulk paths: Alpine IQ's bulk calls two at a time, never two at once for one
+"""The backfill bulk paths: Alpine IQ's bulk calls one at a time, so never two at once for one
 customer (or one phone or e-mail); Klaviyo's jobs built from each profile encoded once, the
 same bytes and the same splits as before."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,54 +19,8 @@ from test_klaviyo import klaviyo_config, mapping_dir  # noqa: F401 - a fixture
 
 from connector.delivery._http import json_body
 from connector.delivery.base import Delivery, Sent
-from connector.destinations._vendor import in_pipeline
 from connector.destinations.alpineiq import AlpineIQSink
 from connector.destinations.klaviyo import MAX_JOB_BYTES, KlaviyoSink
-
-
-def test_pipeline_keeps_order_depth_and_keys() -> None:
-    started: list[int] = []
-    running: set[int] = set()
-    overlaps: list[tuple[int, ...]] = []
-    keys = {0: ["a"], 1: ["b"], 2: ["c"], 3: ["a"], 4: ["d"], 5: ["e"]}
-
-    async def run(chunk: Sequence[int]) -> list[int]:
-        [n] = chunk
-        started.append(n)
-        running.add(n)
-        overlaps.append(tuple(sorted(running)))
-        await asyncio.sleep(0.01 * (3 - n % 3))
-        running.discard(n)
-        return [n * 10]
-
-    chunks = [[n] for n in range(6)]
-    results = asyncio.run(in_pipeline(chunks, lambda i: keys[i], run))
-
-    assert results == [[n * 10] for n in range(6)]
-    assert started == list(range(6))
-    assert max(len(o) for o in overlaps) == 2  # two at once, never more
-    assert all(not {0, 3} <= set(o) for o in overlaps)  # key "a": never together
-    assert any(len(o) == 2 for o in overlaps)
-
-
-def test_pipeline_failure_cancels_the_chunk_under_way() -> None:
-    cancelled: list[int] = []
-
-    async def run(chunk: Sequence[int]) -> int:
-        [n] = chunk
-        if n == 0:
-            await asyncio.sleep(0.01)
-            raise RuntimeError("boom")
-        try:
-            await asyncio.sleep(1)
-        except asyncio.CancelledError:
-            cancelled.append(n)
-            raise
-        return n
-
-    with pytest.raises(RuntimeError, match="boom"):
-        asyncio.run(in_pipeline([[0], [1], [2]], lambda i: [str(i)], run))
-    assert cancelled == [1]
 
 
 def aiq_backfill(deliveries: list[Delivery], bulk_size: int) -> tuple[list[Any], list[Any]]:
@@ -98,16 +51,6 @@ def aiq_backfill(deliveries: list[Delivery], bulk_size: int) -> tuple[list[Any],
         results = asyncio.run(go())
         assert route.call_count == -(-sum(d.op == "upsert" for d in deliveries) // bulk_size)
     return results, under_way
-
-
-def test_alpineiq_backfill_runs_two_bulk_calls_at_once() -> None:
-    deliveries = [
-        aiq_delivery("upsert", str(n), fields={"email": f"c{n}@example.com"}, outbox_id=n)
-        for n in range(6)
-    ]
-    results, under_way = aiq_backfill(deliveries, bulk_size=2)
-    assert results == [Sent(f"p-{n}") for n in range(6)]
-    assert ["0", "1", "2", "3"] in under_way  # the first two calls at once
 
 
 @pytest.mark.parametrize(

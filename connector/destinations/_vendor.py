@@ -3,12 +3,11 @@ endpoint, transport errors and HTTP statuses turned into retriable or fatal erro
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -27,7 +26,6 @@ from connector.errors import DeliveryError
 # a vendor counts its limits per account (an API key, an app's token): every sink of one
 # account (several stores of an operator) shares the account's limiters, so that together
 # they keep to the limits; keyed by vendor, a digest of the account, endpoint family, clock
-_R = TypeVar("_R")
 _ACCOUNT_LIMITERS: weakref.WeakValueDictionary[tuple[str, str, str, int], SlidingWindowLimiter] = (
     weakref.WeakValueDictionary()
 )
@@ -170,35 +168,3 @@ class VendorClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-async def in_pipeline(
-    chunks: Sequence[Sequence[int]],
-    keys: Callable[[int], Iterable[str]],
-    run: Callable[[Sequence[int]], Awaitable[_R]],
-    *,
-    depth: int = 2,
-) -> list[_R]:
-    """``run`` each chunk (of a backfill's bulk calls), in order, up to ``depth`` at once, so
-    one call is built and read while the vendor answers another; a chunk sharing a key
-    (customer id, phone, e-mail) with one under way waits until that one ended, so whatever
-    one customer (or one person the vendor matches by phone or e-mail) is sent keeps its
-    order, as when the chunks went one by one. The results in the chunks' order."""
-    results: dict[int, _R] = {}
-    running: list[tuple[int, set[str], asyncio.Future[_R]]] = []
-    try:
-        for n, chunk in enumerate(chunks):
-            mine = {key for index in chunk for key in keys(index)}
-            while running and (
-                len(running) >= depth or any(not mine.isdisjoint(k) for _, k, _ in running)
-            ):
-                done, _, task = running.pop(0)
-                results[done] = await task
-            running.append((n, mine, asyncio.ensure_future(run(chunk))))
-        while running:
-            done, _, task = running.pop(0)
-            results[done] = await task
-    finally:
-        for _, _, task in running:
-            task.cancel()
-    return [results[n] for n in range(len(chunks))]

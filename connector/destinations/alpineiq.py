@@ -40,7 +40,7 @@ from connector.config_base import DestinationConfig, Rate, Rates, secret_set
 from connector.delivery._http import identifier
 from connector.delivery.base import Capabilities, Delivery, DestinationType, Result, Sent
 from connector.destinations._probe import Probe
-from connector.destinations._vendor import VendorClient, host_of, in_pipeline
+from connector.destinations._vendor import VendorClient, host_of
 from connector.destinations._vendor import json_object as _json
 from connector.errors import DeliveryError, FatalDelivery
 
@@ -193,24 +193,13 @@ class AlpineIQSink:
             except DeliveryError as exc:
                 return [exc] * len(chunk)
 
-        def keys(index: int) -> list[str]:
-            """Who a member is to Alpine IQ: the customer, its persona, and the phone and
-            e-mail it matches members by."""
-            delivery = deliveries[index]
-            fields = delivery.fields
-            found = [f"customer:{delivery.customer_id}"]
-            if delivery.contact_id is not None:
-                found.append(f"persona:{delivery.contact_id}")
-            found += [
-                f"{name}:{str(fields[name]).lower()}"
-                for name in MATCH_KEYS
-                if fields.get(name) is not None
-            ]
-            return found
-
         size = self.config.bulk_size
         chunks = [upserts[start : start + size] for start in range(0, len(upserts), size)]
-        for chunk, outcome in zip(chunks, await in_pipeline(chunks, keys, bulk), strict=True):
+        # one call at a time: Alpine IQ matches members to personas it already holds by
+        # phone or e-mail (two customers can be one persona there, unseen from here), so
+        # only calls in sequence keep each persona's writes in the order they were sent
+        for chunk in chunks:
+            outcome = await bulk(chunk)
             for index, result in zip(chunk, outcome, strict=True):
                 results[index] = result
         return [r if r is not None else Sent() for r in results]
