@@ -136,6 +136,7 @@ PROFILE_FIELDS = (
 )
 IMPORT_ATTRIBUTES = frozenset({*PROFILE_FIELDS, "_kx", "location", "properties"})
 _STRING_ATTRIBUTES = frozenset({*PROFILE_FIELDS, "_kx"})  # a string or null each
+_PROFILE_FIELD_NAMES = frozenset(PROFILE_FIELDS)
 LOCATION_FIELDS = (
     "address1",
     "address2",
@@ -530,6 +531,9 @@ def _copy_json(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+_SLICE = 64  # profiles of a bulk job whose size is checked with one encoding
+
+
 class KlaviyoFake:
     """Klaviyo's profiles API: state, records and the ASGI app (:attr:`app`). Thread-safe:
     a server thread may run the app while a test reads the records."""
@@ -874,19 +878,25 @@ class KlaviyoFake:
         # 26 characters of 5 bits, two at a time
         return "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
+    def _keys(self, attributes: Mapping[str, Any]) -> tuple[tuple[dict[str, str], Any], ...]:
+        """(index, key) of each identifier (email, phone_number, external_id); the e-mail's
+        key is lower-cased; a key may be None or empty (not indexed)."""
+        by = self._by
+        return (
+            (by["email"], _key(attributes.get("email"))),
+            (by["phone_number"], attributes.get("phone_number")),
+            (by["external_id"], attributes.get("external_id")),
+        )
+
     def _index(self, profile: Profile) -> None:
-        for field in IDENTIFIERS:
-            value = profile.attributes.get(field)
-            key = _key(value) if field == "email" else value
+        for index, key in self._keys(profile.attributes):
             if key:
-                self._by[field][key] = profile.id
+                index[key] = profile.id
 
     def _unindex(self, profile: Profile) -> None:
-        for field in IDENTIFIERS:
-            value = profile.attributes.get(field)
-            key = _key(value) if field == "email" else value
-            if key and self._by[field].get(key) == profile.id:
-                del self._by[field][key]
+        for index, key in self._keys(profile.attributes):
+            if key and index.get(key) == profile.id:
+                del index[key]
 
     def _holder(self, field: str, value: str | None) -> str | None:
         key = _key(value) if field == "email" else value
@@ -1014,10 +1024,8 @@ class KlaviyoFake:
 
     def _match(self, given: _ProfileInput) -> Profile | None:
         attributes = given.attributes
-        held = [
-            self._holder(field, attributes.get(field))
-            for field in IDENTIFIERS  # email, then phone, then external_id
-        ]
+        # email, then phone, then external_id
+        held = [index.get(key) if key else None for index, key in self._keys(attributes)]
         if given.id is not None:
             target = self._profiles.get(given.id)
             if target is None:
@@ -1076,9 +1084,10 @@ class KlaviyoFake:
 
     @staticmethod
     def _apply(profile: Profile, attributes: dict[str, Any], meta: dict[str, Any]) -> None:
-        for name in PROFILE_FIELDS:
-            if name in attributes:  # null clears the field (the spec's words)
-                profile.attributes[name] = attributes[name]
+        stored = profile.attributes  # holds every name of PROFILE_FIELDS, in their order
+        for name, value in attributes.items():
+            if name in _PROFILE_FIELD_NAMES:  # null clears the field (the spec's words)
+                stored[name] = value
         if "location" in attributes:
             location = attributes["location"]
             if location is None:
@@ -1087,7 +1096,9 @@ class KlaviyoFake:
                 profile.location.update(location)
         properties = attributes.get("properties")
         if properties:
-            profile.properties.update(_copy_json(properties))
+            kept = profile.properties
+            for key, value in properties.items():
+                kept[key] = value if type(value) in _ATOMIC else _copy_json(value)
         patch = meta.get("patch_properties")
         if isinstance(patch, dict):
             for key, value in (patch.get("append") or {}).items():
@@ -1519,10 +1530,15 @@ class KlaviyoFake:
 
     def _run(self, job: BulkImportJob) -> None:
         job.started_at = job.started_at or _iso_now()
+        limit = self.max_import_bytes
+        small = False  # every profile of the current slice is within the limit
         for index, item in enumerate(job.items):
             where = f"/data/attributes/profiles/data/{index}"
+            if index % _SLICE == 0:
+                # a profile's encoding is a part of its slice's: one encoding for the slice
+                small = _encoded_size(job.items[index : index + _SLICE]) <= limit
             try:
-                if _encoded_size(item) > self.max_import_bytes:
+                if not small and _encoded_size(item) > limit:
                     raise _invalid(where, "A profile may not exceed 100 KB.")
                 profile, _ = self._upsert(self._validate_profile(item, where))
             except ApiError as error:
