@@ -162,7 +162,9 @@ _E164 = re.compile(r"\+[1-9][0-9]{7,14}")
 _REVISION = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:\.[A-Za-z0-9_-]+)?")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CROCKFORD_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # by 10-bit value
-_PAIR_SHIFTS = range(120, -1, -10)
+_TIME_SHIFTS = range(40, -1, -10)
+_RANDOM_SHIFTS = range(70, -1, -10)
+_MILLISECOND: tuple[int, str] = (-1, "")  # the last time part of an id, swapped as one
 
 Channel = Literal["email", "sms"]
 
@@ -874,9 +876,17 @@ class KlaviyoFake:
 
     def _new_id(self) -> str:
         """A ULID-like 26-character id, as Klaviyo's (``01GDDKASAP8TKDDA2GRZDSVP4H``)."""
-        value = (int(time.time() * 1000) << 80) | self._rng.getrandbits(80)
-        # 26 characters of 5 bits, two at a time
-        return "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
+        # 26 characters of 5 bits, two at a time: 10 of the time in milliseconds (the same
+        # for a millisecond), 16 of 80 random bits
+        global _MILLISECOND
+        millis = int(time.time() * 1000)
+        random_bits = self._rng.getrandbits(80)
+        millisecond = _MILLISECOND
+        if millisecond[0] != millis:
+            text = "".join([_CROCKFORD_PAIRS[(millis >> s) & 1023] for s in _TIME_SHIFTS])
+            millisecond = _MILLISECOND = (millis, text)
+        pairs = _CROCKFORD_PAIRS
+        return millisecond[1] + "".join([pairs[(random_bits >> s) & 1023] for s in _RANDOM_SHIFTS])
 
     def _keys(self, attributes: Mapping[str, Any]) -> tuple[tuple[dict[str, str], Any], ...]:
         """(index, key) of each identifier (email, phone_number, external_id); the e-mail's
