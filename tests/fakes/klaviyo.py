@@ -83,6 +83,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as dt
+import gc
 import json
 import math
 import random
@@ -134,6 +135,8 @@ PROFILE_FIELDS = (
     "image",
 )
 IMPORT_ATTRIBUTES = frozenset({*PROFILE_FIELDS, "_kx", "location", "properties"})
+_STRING_ATTRIBUTES = frozenset({*PROFILE_FIELDS, "_kx"})  # a string or null each
+_PROFILE_FIELD_NAMES = frozenset(PROFILE_FIELDS)
 LOCATION_FIELDS = (
     "address1",
     "address2",
@@ -158,6 +161,10 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _E164 = re.compile(r"\+[1-9][0-9]{7,14}")
 _REVISION = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:\.[A-Za-z0-9_-]+)?")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_CROCKFORD_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # by 10-bit value
+_TIME_SHIFTS = range(40, -1, -10)
+_RANDOM_SHIFTS = range(70, -1, -10)
+_MILLISECOND: tuple[int, str] = (-1, "")  # the last time part of an id, swapped as one
 
 Channel = Literal["email", "sms"]
 
@@ -482,12 +489,51 @@ _ROUTES: tuple[tuple[re.Pattern[str], str, str], ...] = (
 )
 
 
+# The last second _iso_now formatted and its text ("YYYY-MM-DDTHH:MM:SS"), swapped as one.
+_SECOND: tuple[int, str] = (-1, "")
+
+
 def _iso_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+    """``datetime.now(UTC).isoformat(timespec="microseconds")``, the same clock and rounding
+    (down to the microsecond), its date and time formatted once a second."""
+    global _SECOND
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    second = _SECOND
+    if second[0] != seconds:
+        when = dt.datetime.fromtimestamp(seconds, dt.UTC).replace(tzinfo=None)
+        second = _SECOND = (seconds, when.isoformat(timespec="seconds"))
+    return f"{second[1]}.{micros:06d}+00:00"
+
+
+# What json.dumps(value, separators=(",", ":")) builds, without a new encoder at each call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_ATOMIC = frozenset({str, int, float, bool, type(None)})
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _ENCODER.encode(value).encode()
+
+
+def _encoded_size(value: Any) -> int:
+    """``len(_dumps(value))``: the encoder escapes every non-ASCII character, so its string
+    has one character per byte."""
+    return len(_ENCODER.encode(value))
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of a value parsed from JSON (dicts, lists and scalars); anything else goes
+    to :func:`copy.deepcopy`."""
+    kind = type(value)
+    if kind in _ATOMIC:
+        return value
+    if kind is dict:
+        return {k: v if type(v) in _ATOMIC else _copy_json(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _ATOMIC else _copy_json(v) for v in value]
+    return copy.deepcopy(value)
+
+
+_SLICE = 64  # profiles of a bulk job whose size is checked with one encoding
 
 
 class KlaviyoFake:
@@ -505,6 +551,7 @@ class KlaviyoFake:
         unsubscribe_creates_profiles: bool = True,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        freeze_state: bool = False,
     ) -> None:
         if job_polls_until_complete < 0:
             raise ValueError("job_polls_until_complete must not be negative")
@@ -519,6 +566,7 @@ class KlaviyoFake:
         self.unsubscribe_creates_profiles = unsubscribe_creates_profiles
         self.clock = clock
         self.seed = seed
+        self.freeze_state = freeze_state
         self.max_import_bytes = MAX_IMPORT_BYTES
         self.max_bulk_bytes = MAX_BULK_BYTES
         self.max_bulk_profiles = MAX_BULK_PROFILES
@@ -679,7 +727,8 @@ class KlaviyoFake:
         body: Any = None
         if raw:
             try:
-                body = json.loads(raw)
+                with self._keeping(len(raw) > MAX_IMPORT_BYTES):
+                    body = json.loads(raw)
             except ValueError:
                 body = None
 
@@ -827,22 +876,37 @@ class KlaviyoFake:
 
     def _new_id(self) -> str:
         """A ULID-like 26-character id, as Klaviyo's (``01GDDKASAP8TKDDA2GRZDSVP4H``)."""
-        value = (int(time.time() * 1000) << 80) | self._rng.getrandbits(80)
-        return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in range(25, -1, -1))
+        # 26 characters of 5 bits, two at a time: 10 of the time in milliseconds (the same
+        # for a millisecond), 16 of 80 random bits
+        global _MILLISECOND
+        millis = int(time.time() * 1000)
+        random_bits = self._rng.getrandbits(80)
+        millisecond = _MILLISECOND
+        if millisecond[0] != millis:
+            text = "".join([_CROCKFORD_PAIRS[(millis >> s) & 1023] for s in _TIME_SHIFTS])
+            millisecond = _MILLISECOND = (millis, text)
+        pairs = _CROCKFORD_PAIRS
+        return millisecond[1] + "".join([pairs[(random_bits >> s) & 1023] for s in _RANDOM_SHIFTS])
+
+    def _keys(self, attributes: Mapping[str, Any]) -> tuple[tuple[dict[str, str], Any], ...]:
+        """(index, key) of each identifier (email, phone_number, external_id); the e-mail's
+        key is lower-cased; a key may be None or empty (not indexed)."""
+        by = self._by
+        return (
+            (by["email"], _key(attributes.get("email"))),
+            (by["phone_number"], attributes.get("phone_number")),
+            (by["external_id"], attributes.get("external_id")),
+        )
 
     def _index(self, profile: Profile) -> None:
-        for field in IDENTIFIERS:
-            value = profile.attributes.get(field)
-            key = _key(value) if field == "email" else value
+        for index, key in self._keys(profile.attributes):
             if key:
-                self._by[field][key] = profile.id
+                index[key] = profile.id
 
     def _unindex(self, profile: Profile) -> None:
-        for field in IDENTIFIERS:
-            value = profile.attributes.get(field)
-            key = _key(value) if field == "email" else value
-            if key and self._by[field].get(key) == profile.id:
-                del self._by[field][key]
+        for index, key in self._keys(profile.attributes):
+            if key and index.get(key) == profile.id:
+                del index[key]
 
     def _holder(self, field: str, value: str | None) -> str | None:
         key = _key(value) if field == "email" else value
@@ -905,12 +969,22 @@ class KlaviyoFake:
         return any("subscriptions" in v.split(",") for v in values)
 
     def _validate_profile(self, data: Any, where: str) -> _ProfileInput:
-        data = _object(data, where, "data")
+        # The pointers of the errors are built only when a check fails.
+        if type(data) is not dict:
+            _object(data, where, "data")
         if data.get("type") != "profile":
             raise _invalid(f"{where}/type", "`type` must be 'profile'.")
-        profile_id = _optional_string(data.get("id"), f"{where}/id", "id")
-        attributes = _object(data.get("attributes"), f"{where}/attributes", "attributes")
+        profile_id = data.get("id")
+        if profile_id is not None and not isinstance(profile_id, str):
+            _optional_string(profile_id, f"{where}/id", "id")
+        attributes = data.get("attributes")
+        if type(attributes) is not dict:
+            attributes = _object(attributes, f"{where}/attributes", "attributes")
         for name, value in attributes.items():
+            if name in _STRING_ATTRIBUTES:
+                if value is not None and not isinstance(value, str):
+                    _optional_string(value, f"{where}/attributes/{name}", name)
+                continue
             pointer = f"{where}/attributes/{name}"
             if name not in IMPORT_ATTRIBUTES:
                 raise _invalid(
@@ -924,16 +998,25 @@ class KlaviyoFake:
                     _object(value, pointer, name)
             else:
                 _optional_string(value, pointer, name)
-        if not profile_id and not any(attributes.get(k) for k in IDENTIFIERS):
+        if not profile_id and not (
+            attributes.get("email")
+            or attributes.get("phone_number")
+            or attributes.get("external_id")
+        ):
             raise _invalid(
                 f"{where}/attributes",
                 "One of `id`, `email`, `phone_number` or `external_id` is required to "
                 "identify a profile.",
             )
-        _check_email(attributes.get("email"), f"{where}/attributes/email")
-        _check_phone(attributes.get("phone_number"), f"{where}/attributes/phone_number")
+        email = attributes.get("email")
+        if email is not None and not _EMAIL.fullmatch(email):
+            _check_email(email, f"{where}/attributes/email")
+        phone = attributes.get("phone_number")
+        if phone is not None and not _E164.fullmatch(phone):
+            _check_phone(phone, f"{where}/attributes/phone_number")
         meta = data.get("meta") or {}
-        _object(meta, f"{where}/meta", "meta")
+        if type(meta) is not dict:
+            _object(meta, f"{where}/meta", "meta")
         return _ProfileInput(profile_id or None, attributes, meta, where)
 
     @staticmethod
@@ -946,15 +1029,13 @@ class KlaviyoFake:
                     isinstance(value, bool) or not isinstance(value, str | int | float)
                 ):
                     raise _invalid(f"{pointer}/{name}", f"`{name}` must be a string or number.")
-            else:
+            elif value is not None and not isinstance(value, str):
                 _optional_string(value, f"{pointer}/{name}", name)
 
     def _match(self, given: _ProfileInput) -> Profile | None:
         attributes = given.attributes
-        held = [
-            self._holder(field, attributes.get(field))
-            for field in IDENTIFIERS  # email, then phone, then external_id
-        ]
+        # email, then phone, then external_id
+        held = [index.get(key) if key else None for index, key in self._keys(attributes)]
         if given.id is not None:
             target = self._profiles.get(given.id)
             if target is None:
@@ -1013,9 +1094,10 @@ class KlaviyoFake:
 
     @staticmethod
     def _apply(profile: Profile, attributes: dict[str, Any], meta: dict[str, Any]) -> None:
-        for name in PROFILE_FIELDS:
-            if name in attributes:  # null clears the field (the spec's words)
-                profile.attributes[name] = attributes[name]
+        stored = profile.attributes  # holds every name of PROFILE_FIELDS, in their order
+        for name, value in attributes.items():
+            if name in _PROFILE_FIELD_NAMES:  # null clears the field (the spec's words)
+                stored[name] = value
         if "location" in attributes:
             location = attributes["location"]
             if location is None:
@@ -1024,7 +1106,9 @@ class KlaviyoFake:
                 profile.location.update(location)
         properties = attributes.get("properties")
         if properties:
-            profile.properties.update(copy.deepcopy(properties))
+            kept = profile.properties
+            for key, value in properties.items():
+                kept[key] = value if type(value) in _ATOMIC else _copy_json(value)
         patch = meta.get("patch_properties")
         if isinstance(patch, dict):
             for key, value in (patch.get("append") or {}).items():
@@ -1431,12 +1515,40 @@ class KlaviyoFake:
         resource = self._job_resource(job, request.base)
         return 200, {"data": resource, "links": {"self": resource["links"]["self"]}}
 
+    # ---- the cyclic collector, in process mode ------------------------------------------------
+
+    @contextmanager
+    def _keeping(self, large: bool = True) -> Iterator[None]:
+        """With ``freeze_state`` (process mode), around the building of a large state kept for
+        good, without cycles (the parsed body of a bulk job, in the job and the call records;
+        the job's stored profiles): the cyclic collector does not run meanwhile (a full
+        collection walks the whole heap, again and again as it grows), and the heap is frozen
+        afterwards (:func:`gc.freeze`) so that later collections leave it alone."""
+        if not (large and self.freeze_state and gc.isenabled()):
+            yield
+            return
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.freeze()
+            gc.enable()
+
     def _complete(self, job: BulkImportJob) -> None:
+        with self._keeping():
+            self._run(job)
+
+    def _run(self, job: BulkImportJob) -> None:
         job.started_at = job.started_at or _iso_now()
+        limit = self.max_import_bytes
+        small = False  # every profile of the current slice is within the limit
         for index, item in enumerate(job.items):
             where = f"/data/attributes/profiles/data/{index}"
+            if index % _SLICE == 0:
+                # a profile's encoding is a part of its slice's: one encoding for the slice
+                small = _encoded_size(job.items[index : index + _SLICE]) <= limit
             try:
-                if len(_dumps(item)) > self.max_import_bytes:
+                if not small and _encoded_size(item) > limit:
                     raise _invalid(where, "A profile may not exceed 100 KB.")
                 profile, _ = self._upsert(self._validate_profile(item, where))
             except ApiError as error:
@@ -1555,6 +1667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_window=args.rate_window,
             job_polls_until_complete=args.job_polls,
             seed=args.seed,
+            freeze_state=True,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
