@@ -310,11 +310,12 @@ class SinkApp:
                 self.strict = strict
 
     def reset(self, seed: int | None = None) -> None:
-        """Forget the attempts and the script; restart the random injection from ``seed``
-        (default: the constructor's)."""
+        """Forget the attempts and the scripts (the sink's and each customer's); restart the
+        random injection from ``seed`` (default: the constructor's)."""
         with self._lock:
             self._attempts.clear()
             self._script.clear()
+            self._by_customer.clear()
             if seed is not None:
                 self.seed = seed
             self._rng = random.Random(self.seed)
