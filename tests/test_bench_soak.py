@@ -144,7 +144,15 @@ def test_open_files_must_not_pass_the_plateau() -> None:
     assert fds_flat(flat, "fds_server") == (25, 22, True)
     leak = [sample(t, fds_server=20 + t // 10) for t in range(0, 200, 10)]
     plateau, last, ok = fds_flat(leak, "fds_server")
-    assert (plateau, last, ok) == (31, 39, False)
+    assert (plateau, last, ok) == (32, 39, False)  # the plateau: up to t=120
+
+
+def test_one_step_in_the_first_half_is_not_growth() -> None:
+    # a pool's connection opened at the first reconciliation (t=130), then flat to the end
+    step = [sample(t, fds_pipeline=38 if t < 130 else 39) for t in range(0, 250, 10)]
+    assert fds_flat(step, "fds_pipeline") == (39, 39, True)
+    late = [sample(t, fds_pipeline=38 if t < 200 else 39) for t in range(0, 250, 10)]
+    assert fds_flat(late, "fds_pipeline") == (38, 39, False)
 
 
 def test_lost_counts_the_latest_value_in_sink_or_dead_letters() -> None:
