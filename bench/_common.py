@@ -200,3 +200,15 @@ class RawPoster:
         if length:
             await reader.readexactly(length)
         return status
+
+
+def webhook_poster(base: str, dispensary: str = "partnersandbox3") -> RawPoster:
+    """A :class:`RawPoster` of CUSTOMER webhooks to the server at ``base`` (``http://host:port``)
+    for ``dispensary``, with the benchmarks' token."""
+    host, port = base.removeprefix("http://").split(":")
+    return RawPoster(
+        host,
+        int(port),
+        f"/webhooks/treez/{dispensary}",
+        {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
+    )

@@ -34,7 +34,14 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import TOKEN, RawPoster, event_body, server_process, sink_process, write_config
+from bench._common import (
+    TOKEN,
+    event_body,
+    server_process,
+    sink_process,
+    webhook_poster,
+    write_config,
+)
 
 PATH = "/webhooks/treez/partnersandbox3"
 HEAD = (
@@ -53,13 +60,7 @@ async def steady(
 ) -> list[float]:
     """Normal webhooks at ``rate`` per second over ``clients`` keep-alive connections; the
     latency of each, POST to answer."""
-    host, port = base.removeprefix("http://").split(":")
-    poster = RawPoster(
-        host,
-        int(port),
-        PATH,
-        {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
-    )
+    poster = webhook_poster(base)
     total = int(rate * seconds)
     latencies: list[float] = []
     start = time.monotonic()

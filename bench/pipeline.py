@@ -36,12 +36,11 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (
-    TOKEN,
-    RawPoster,
     event_body,
     process_cpu_seconds,
     server_process,
     sink_process,
+    webhook_poster,
     write_config,
 )
 from tests.fakes.http_sink import Attempt
@@ -52,11 +51,7 @@ async def post_all(
 ) -> dict[int, float]:
     """POST every event over ``clients`` keep-alive connections, paced to ``rate`` per
     second; returns the wall time each was sent."""
-    host, port = base.removeprefix("http://").split(":")
-    poster = RawPoster(
-        host, int(port), "/webhooks/treez/partnersandbox3",
-        {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
-    )  # fmt: skip
+    poster = webhook_poster(base)
     sent: dict[int, float] = {}
     pending = list(reversed(events))
     start = time.monotonic()

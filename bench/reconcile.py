@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, fake_process
+from tests.fakes.treez_api import most_in_window
 
 DISPENSARY = "partnersandbox3"
 TARGET_RATE = 2_000  # customers/s, limit off
@@ -121,17 +122,6 @@ def one(customers: int, *, limited: bool) -> tuple[float, float, str, list[tuple
             for at, status in (line.split() for line in calls_log.read_text().splitlines())
         ]
     return seconds, peak, output, calls
-
-
-def most_in_window(arrivals: list[float], window: float = 1.0) -> int:
-    """The most requests within any ``window`` seconds (a sliding window, as Treez counts)."""
-    times = sorted(arrivals)
-    most, start = 0, 0
-    for end, at in enumerate(times):
-        while at - times[start] >= window:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
 
 
 def verdict(ok: bool) -> str:

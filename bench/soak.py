@@ -51,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import (
     ROOT,
     TOKEN,
-    RawPoster,
     event_body,
     fake_process,
     server_process,
     sink_process,
+    webhook_poster,
 )
 from bench._plot import Chart
 from bench.pipeline import AttemptsTail
@@ -169,13 +169,7 @@ class Load:
             self.error = exc
 
     async def _post(self) -> None:
-        host, port = self.base.removeprefix("http://").split(":")
-        poster = RawPoster(
-            host,
-            int(port),
-            f"/webhooks/treez/{DISPENSARY}",
-            {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
-        )
+        poster = webhook_poster(self.base, DISPENSARY)
         start = time.monotonic()
         count = 0
 

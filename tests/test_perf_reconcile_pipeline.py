@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.treez_api import TreezFake
+from fakes.treez_api import TreezFake, most_in_window
 from test_reconcile import DISPENSARY, in_process, run, store_rows, write_config
 
 from connector import runner
@@ -102,16 +102,6 @@ def test_leaving_early_cancels_the_fetch_under_way() -> None:
         assert source.closed
 
     asyncio.run(scenario())
-
-
-def most_in_window(arrivals: list[float], window: float = 1.0) -> int:
-    times = sorted(arrivals)
-    most, start = 0, 0
-    for end, at in enumerate(times):
-        while at - times[start] >= window:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
 
 
 def test_with_the_fetch_ahead_the_limit_still_holds(tmp_path: Path) -> None:

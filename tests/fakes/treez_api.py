@@ -1332,5 +1332,16 @@ def write_calls_log(fake: TreezFake, path: str) -> None:
         out.writelines(lines)
 
 
+def most_in_window(arrivals: list[float], window: float = 1.0) -> int:
+    """The most requests within any ``window`` seconds (a sliding window, as Treez counts)."""
+    times = sorted(arrivals)
+    most, start = 0, 0
+    for end, at in enumerate(times):
+        while at - times[start] >= window:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
 if __name__ == "__main__":
     sys.exit(main())
