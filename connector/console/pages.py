@@ -18,7 +18,7 @@ from connector.console.auth import Session
 from connector.console.chart import throughput_svg
 from connector.explain import build_story, story_json
 from connector.quarantine import judge
-from connector.store.abc import DeadLetter, Replayed
+from connector.store.abc import DeadLetter
 
 LIST_LIMIT = 500  # rows a list shows; "all matching" acts on every match, not only these
 MATCH_LIMIT = 100_000  # dead letters or conflicts one "all matching" action may touch
@@ -76,12 +76,11 @@ def routes(web: Web) -> list[BaseRoute]:
             destination=filters["destination"] or None,
             op=filters["op"] or None,
             status_code=status,
+            code=code if code and status is None else None,  # a vendor's code
             include_replayed=everything,
-            limit=limit if status is not None or not code else MATCH_LIMIT,
+            limit=limit,
         )
         codes = await web.call(store.dead_letter_codes, letters)
-        if code and status is None:  # a vendor's code: the store filters by status only
-            letters = [x for x in letters if (codes.get(x.id) or "") == code][:limit]
         return letters, codes
 
     @page(web)
@@ -117,32 +116,21 @@ def routes(web: Web) -> list[BaseRoute]:
         else:
             chosen = ids(form)
             target = f"dead letters {', '.join(map(str, chosen))}"
+        if chosen is None and code and not vendor and as_id(code) is None:
+            chosen = []  # a number no stored status can be: nothing matches, not everything
         if chosen is not None and not chosen:
             session.flash.append("No dead letter was selected or matches that filter.")
             return back
         # as the command line does: what was asked is audited before anything moves
         await web.audit(session.who, "dlq_replay_asked", target)
-        if chosen is None and vendor:
-            # the store filters by HTTP status only: the matches' ids, MATCH_LIMIT at a time
-            # (a replayed letter no longer matches), until none is left
-            done = Replayed(0, 0, 0)
-            while True:
-                letters, _ = await matching_letters(filters, MATCH_LIMIT)
-                if not letters:
-                    break
-                part = await web.call(store.replay, ids=[x.id for x in letters])
-                done = Replayed(
-                    done.replayed + part.replayed,
-                    done.superseded + part.superseded,
-                    done.unreplayable + part.unreplayable,
-                )
-        elif chosen is None:
+        if chosen is None:
             done = await web.call(
                 store.replay,
                 dispensary=filters["dispensary"] or None,
                 destination=filters["destination"] or None,
                 op=filters["op"] or None,
-                status_code=as_id(code) if code else None,
+                status_code=as_id(code) if code and not vendor else None,
+                code=code if vendor else None,
             )
         else:
             done = await web.call(store.replay, ids=chosen)

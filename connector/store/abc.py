@@ -449,6 +449,7 @@ class DeadLetters(Protocol):
         op: str | None = None,
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
+        code: str | None = None,
     ) -> list[DeadLetter]: ...
 
     def replay(
@@ -463,6 +464,7 @@ class DeadLetters(Protocol):
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
         progress: Callable[[int], None] | None = None,
+        code: str | None = None,
     ) -> Replayed: ...
 
     def dead_counts(self) -> dict[tuple[str, str], int]: ...
@@ -553,7 +555,8 @@ class Operator(Protocol):
     def dead_letter_detail(self, letter_id: int) -> DeadLetterDetail | None: ...
 
     def dead_letter_codes(self, letters: Sequence[DeadLetter]) -> dict[int, str | None]:
-        """The vendor's error code of each dead letter's stored answer."""
+        """The vendor's error code of each dead letter's stored answer (kept when the letter
+        was written; ``code`` filters :meth:`dead_letters` and :meth:`replay` by it)."""
         ...
 
     def quarantined(

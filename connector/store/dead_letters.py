@@ -54,12 +54,15 @@ class DeadLettersSql(RunsSql):
         op: str | None = None,
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
+        code: str | None = None,
     ) -> Any:
         query = select(dead_letters).order_by(dead_letters.c.id)
         if op is not None:
             query = query.where(dead_letters.c.op == op)
         if status_code is not None:
             query = query.where(dead_letters.c.status_code == status_code)
+        if code is not None:
+            query = query.where(dead_letters.c.code == code)
         if ids is not None:
             query = query.where(dead_letters.c.id.in_(list(ids)))
         if not include_replayed:
@@ -85,9 +88,10 @@ class DeadLettersSql(RunsSql):
         op: str | None = None,
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
+        code: str | None = None,
     ) -> list[DeadLetter]:
         query = self._dead_query(
-            dispensary, destination, customer, None, include_replayed, op, status_code, ids
+            dispensary, destination, customer, None, include_replayed, op, status_code, ids, code
         )
         with self.snapshot() as conn:
             return [dead_letter_of(r) for r in conn.execute(query.limit(limit))]
@@ -104,6 +108,7 @@ class DeadLettersSql(RunsSql):
         status_code: int | None = None,
         ids: Sequence[int] | None = None,
         progress: Callable[[int], None] | None = None,
+        code: str | None = None,
     ) -> Replayed:
         """Put dead operations back in the outbox (pending, attempts from zero), oldest first,
         in transactions of :data:`REPLAY_CHUNK` so the write lock is never held for long.
@@ -126,7 +131,7 @@ class DeadLettersSql(RunsSql):
         ``progress``: called after each chunk's transaction with how many are done so far.
         """
         query = self._dead_query(
-            dispensary, destination, customer, older_than, False, op, status_code, ids
+            dispensary, destination, customer, older_than, False, op, status_code, ids, code
         )
         if limit is not None:
             query = query.limit(limit)

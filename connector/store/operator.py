@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import Integer, cast, func, insert, select, update
 
-from connector.delivery._http import vendor_code
 from connector.store.abc import (
     STORY_LIMIT,
     Attempt,
@@ -326,9 +325,7 @@ class OperatorSql(AdminSql):
         if r is None:
             return None
         payload = json.loads(r.payload)
-        return DeadLetterDetail(
-            dead_letter_of(r), vendor_code(r.response_body, [payload]), r.response_body, payload
-        )
+        return DeadLetterDetail(dead_letter_of(r), r.code, r.response_body, payload)
 
     def dead_letter_codes(self, letters: Sequence[DeadLetter]) -> dict[int, str | None]:
         ids = [letter.id for letter in letters]
@@ -336,11 +333,11 @@ class OperatorSql(AdminSql):
         with self.snapshot() as conn:
             for start in range(0, len(ids), 500):
                 for r in conn.execute(
-                    select(
-                        dead_letters.c.id, dead_letters.c.response_body, dead_letters.c.payload
-                    ).where(dead_letters.c.id.in_(ids[start : start + 500]))
+                    select(dead_letters.c.id, dead_letters.c.code).where(
+                        dead_letters.c.id.in_(ids[start : start + 500])
+                    )
                 ):
-                    codes[r.id] = vendor_code(r.response_body, [json.loads(r.payload)])
+                    codes[r.id] = r.code
         return codes
 
     # --- quarantine ---

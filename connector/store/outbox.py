@@ -16,6 +16,7 @@ from sqlalchemy import (
     update,
 )
 
+from connector.delivery._http import vendor_code
 from connector.planner import payload_hash
 from connector.store._statements import (
     _CLAIM_DUE,
@@ -309,6 +310,7 @@ class OutboxSql(PlanSql):
                         status_code=status_code,
                         response_body=(response or "")[:8192] or None,
                         created_at=now,
+                        code=vendor_code(response, [row.body]),
                     )
                 )
                 fields = row.body.get("fields")

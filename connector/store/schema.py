@@ -176,7 +176,9 @@ dead_letters = Table(
     Column("response_body", Text),
     Column("created_at", Float, nullable=False),
     Column("replayed_at", Float),
+    Column("code", String(64)),  # the vendor's error code in the answer, if it names one
     Index("ix_dead_letters_open", "dispensary", "destination", "replayed_at"),
+    Index("ix_dead_letters_code", "code"),
 )
 
 # Processes that hold claims; a claim of a process that is gone is released.
