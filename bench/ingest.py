@@ -7,9 +7,10 @@ core 1, where the sink also runs, with distinct customer events (every request a
 version, so each is a real insert). Rounds alternate no-op / durable so machine noise hits
 both alike, and both routes count as webhooks: while either saturates the receiver, planning
 and delivery step aside alike (connector/_pressure.py). Besides the rates it prints the
-receiver's CPU per request and how busy the pipeline process was, per route. Needs wrk
-(`apt-get install wrk`). Target (issue 17): the durable route at least 0.8 of the no-op's
-throughput.
+receiver's CPU per request (and the part of it its event loop's thread took: the rest is the
+commit thread's, SQLite's work and its fsync included) and how busy the pipeline process was,
+per route. Needs wrk (`apt-get install wrk`). Target (issue 17): the durable route at least
+0.8 of the no-op's throughput.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ TARGET = 0.8  # the durable route's throughput over the no-op's (issue 17)
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def own_cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` alone, not its children (Linux /proc; 0 elsewhere)."""
+def own_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU of ``pid`` alone, not its children, or of its thread ``tid`` alone
+    (Linux /proc; 0 elsewhere)."""
+    stat = Path(f"/proc/{pid}/stat") if tid is None else Path(f"/proc/{pid}/task/{tid}/stat")
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK
@@ -129,12 +132,16 @@ def main() -> None:
                 results: dict[str, list[dict[str, float]]] = {"noop": [], "durable": []}
                 for _ in range(args.rounds):
                     for name in ("noop", "durable"):
-                        before = own_cpu_seconds(server), own_cpu_seconds(pipeline or 0)
+                        before = (own_cpu_seconds(server), own_cpu_seconds(pipeline or 0),
+                                  own_cpu_seconds(server, server))  # fmt: skip
                         result = wrk(urls[name], scripts[name], args.seconds, args.connections)
+                        requests = max(1.0, result["rate"] * args.seconds)
                         result["receiver_us"] = (
-                            (own_cpu_seconds(server) - before[0])
-                            / max(1.0, result["rate"] * args.seconds)
-                            * 1e6
+                            (own_cpu_seconds(server) - before[0]) / requests * 1e6
+                        )
+                        # the main thread runs the event loop (uvicorn's)
+                        result["loop_us"] = (
+                            (own_cpu_seconds(server, server) - before[2]) / requests * 1e6
                         )
                         result["pipeline_cores"] = ((own_cpu_seconds(pipeline or 0) - before[1])
                                                     / args.seconds)  # fmt: skip
@@ -146,7 +153,7 @@ def main() -> None:
         "pipeline process unpinned"
     )
     print(f"{'route':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}"
-          f" {'receiver CPU us/req':>20} {'pipeline cores':>15}")  # fmt: skip
+          f" {'receiver CPU us/req':>20} {'of it loop':>11} {'pipeline cores':>15}")  # fmt: skip
     medians = {}
     for name, rounds in results.items():
         medians[name] = statistics.median(r["rate"] for r in rounds)
@@ -157,7 +164,7 @@ def main() -> None:
         print(
             f"{name:10} {medians[name]:9,.0f} {median('p50'):8.2f} {median('p99'):8.2f} "
             f"{sum(r['errors'] for r in rounds):8.0f} {median('receiver_us'):20.0f} "
-            f"{median('pipeline_cores'):15.2f}"
+            f"{median('loop_us'):11.0f} {median('pipeline_cores'):15.2f}"
         )
     ratio = medians["durable"] / medians["noop"]
     verdict = "meets" if ratio >= TARGET else "MISSES"
