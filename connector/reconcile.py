@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
@@ -37,7 +37,14 @@ from connector.logs import get_logger
 from connector.pipeline import Deployment, plan_without_writing
 from connector.planner import Operation, instant_us
 from connector.store import AsyncStore, InboxRow, NewEvent, Rejected, Replayed
-from connector.treez import MAX_DEPTH, check_customer, leave_out_deep, readable_name
+from connector.treez import (
+    MAX_DEPTH,
+    ReceivedCustomer,
+    check_customer,
+    check_event_json,
+    leave_out_deep,
+    readable_name,
+)
 from connector.treez_api import TreezClient
 
 log = get_logger("connector.reconcile")
@@ -67,6 +74,20 @@ class ReconcileBusy(ConnectorError):
 
 class ReconcileNotConfigured(ConnectorError):
     """The dispensary has no ``treez`` section, or reconciliation is off."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """A pulled customer, checked once (:func:`_pulled`): its event's ``body`` built from the
+    JSON text Treez sent, or its ``record`` (decoded, the careful path) to build it from."""
+
+    checked: Checked
+    body: str | None = None
+    record: dict[str, Any] | None = None
+
+    @property
+    def version(self) -> int | None:
+        return self.checked[1] if isinstance(self.checked, tuple) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,12 +280,10 @@ class Reconciler:
             # the next page is fetched while this one is stored and planned (the client's
             # pace holds whatever the overlap)
             async with contextlib.aclosing(
-                _ahead(self._pages(client, disp, start_us, report, paging))
+                _ahead(self._pages(client, disp, dispensary, start_us, report, paging))
             ) as pages:
-                async for records, page_checkpoint, checks in pages:
-                    events, rejected, versions = self._events(
-                        dispensary, records, source, run_id, checks
-                    )
+                async for customers, page_checkpoint in pages:
+                    events, rejected, versions = self._events(dispensary, customers, source, run_id)
                     paging.note_changes(versions, started_us)
                     # a last_update in the future (a clock gone wrong at the store) must not
                     # carry the checkpoint past changes still to come
@@ -278,7 +297,7 @@ class Reconciler:
                         self.runs.add_pulled, dispensary, events, rejected, checkpoint
                     )
                     await self._plan()
-                    pulled += len(records)
+                    pulled += len(customers)
                     if progress is not None:
                         progress(report.pages, pulled)
             unresolved = await self._reread(
@@ -337,12 +356,13 @@ class Reconciler:
         self,
         client: TreezClient,
         disp: DispensaryConfig,
+        dispensary: str,
         start_us: int,
         report: RunReport,
         paging: Paging,
-    ) -> AsyncGenerator[tuple[list[dict[str, Any]], int | None, list[Checked]], None]:
-        """Yield each page of the window with the checkpoint it makes safe, if any, and its
-        customers checked (:func:`_check`, for :meth:`_events`).
+    ) -> AsyncGenerator[tuple[list[Pulled], int | None], None]:
+        """Yield each page of the window, its customers checked (:func:`_pulled`, for
+        :meth:`_events`), with the checkpoint it makes safe, if any.
 
         Anchored paging (``anchored``; ``auto`` once pages 1 and 2 of the first query came in
         last_update order and continue each other): after each full page, a new query from
@@ -367,21 +387,19 @@ class Reconciler:
         while True:
             if number >= 2:
                 paging.numbered(after_us, query_answered, _now_us(), number)
-            records = await client.page(_moment(after_us), number, size)
+            customers = _pulled(dispensary, await _page(client, after_us, number, size))
             report.pages += 1
             if number == 1:
                 query_answered = _now_us()
-            full = len(records) >= size
-            checks = [_check(r) for r in records]
-            versions = [c[1] if isinstance(c, tuple) else None for c in checks]
+            full = len(customers) >= size
             if ties:
-                kept = [
-                    i for i, (r, v) in enumerate(zip(records, versions, strict=True))
-                    if str(r.get("customer_id")) not in ties or v != after_us + ONE_MS_US
+                tie_us = after_us + ONE_MS_US
+                customers = [
+                    c for c in customers
+                    if not (isinstance(c.checked, tuple) and c.checked[1] == tie_us
+                            and c.checked[0] in ties)
                 ]  # fmt: skip
-                records = [records[i] for i in kept]
-                checks = [checks[i] for i in kept]
-                versions = [versions[i] for i in kept]
+            versions = [c.version for c in customers]
             known = [v for v in versions if v is not None]
             if ordered and known and known != sorted(known):
                 ordered = verified = False  # not in last_update order: numbered from here on
@@ -395,15 +413,15 @@ class Reconciler:
                 # done: everything up to the last customer (less its ties), or the whole
                 # window when this is the last page
                 checkpoint = paging.bound(last - ONE_MS_US if full else max(known))
-            if records:
-                yield records, checkpoint, checks
+            if customers:
+                yield customers, checkpoint
             if not full:
                 return
             previous_last = last
             if ordered and verified and last is not None and last - ONE_MS_US > after_us:
                 ties = {
-                    str(r.get("customer_id"))
-                    for r, v in zip(records, versions, strict=True) if v == last
+                    c.checked[0] for c in customers
+                    if isinstance(c.checked, tuple) and c.checked[1] == last
                 }  # fmt: skip
                 after_us, number = last - ONE_MS_US, 1
             else:
@@ -432,13 +450,13 @@ class Reconciler:
             for number in range(1, pages + 2):
                 if number >= 2:
                     again.numbered(anchor, answered, _now_us(), number)
-                records = await client.page(_moment(anchor), number, size)
+                customers = _pulled(dispensary, await _page(client, anchor, number, size))
                 report.pages += 1
-                events, rejected, versions = self._events(dispensary, records, source, run_id)
+                events, rejected, versions = self._events(dispensary, customers, source, run_id)
                 again.note_changes(versions, started_us)
                 await self.astore.call(self.runs.add_pulled, dispensary, events, rejected, None)
                 await self._plan()
-                if len(records) < size:
+                if len(customers) < size:
                     break
             log.info("reconcile_reread", dispensary=dispensary, pages=pages + 1,
                      reason="a customer changed while pages were read by number")  # fmt: skip
@@ -449,19 +467,27 @@ class Reconciler:
     @staticmethod
     def _events(
         dispensary: str,
-        records: list[dict[str, Any]],
+        customers: Sequence[Pulled | dict[str, Any]],
         source: str,
         run_id: int | None,
-        checks: list[Checked] | None = None,
     ) -> tuple[list[NewEvent], list[Rejected], list[int]]:
-        """The page's events and refusals, and the versions of its events; ``checks``: the
-        records already checked (:func:`_check`), else they are checked here."""
+        """The page's events and refusals, and the versions of its events; a record not yet
+        checked (a dict) is checked here."""
         events: list[NewEvent] = []
         rejected: list[Rejected] = []
         versions: list[int] = []
-        if checks is None:
-            checks = [_check(r) for r in records]
-        for record, checked in zip(records, checks, strict=True):
+        for item in customers:
+            customer = item if isinstance(item, Pulled) else Pulled(_check(item), record=item)
+            checked, record = customer.checked, customer.record
+            if customer.body is not None and isinstance(checked, tuple):
+                # the quick path: checked from Treez's text, nothing nested too deep
+                versions.append(checked[1])
+                events.append(
+                    NewEvent(dispensary, source, "CUSTOMER", checked[0], checked[1],
+                             customer.body, run_id=run_id)
+                )  # fmt: skip
+                continue
+            assert record is not None
             if isinstance(checked, EventValidationError):
                 rejected.append(
                     Rejected(dispensary, 422, str(checked)[:2000], "application/json",
@@ -542,10 +568,10 @@ class Reconciler:
         outcomes: Counter[str] = Counter()
         pulled = 0
         async with contextlib.aclosing(
-            _ahead(self._pages(client, disp, start_us, report, Paging()))
+            _ahead(self._pages(client, disp, dispensary, start_us, report, Paging()))
         ) as pages:
-            async for records, _, checks in pages:
-                events, rejected, _ = self._events(dispensary, records, source, None, checks)
+            async for customers, _ in pages:
+                events, rejected, _ = self._events(dispensary, customers, source, None)
                 rows = [
                     InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
                     for i, e in enumerate(events)
@@ -559,7 +585,7 @@ class Reconciler:
                     report.planned_ops[(op.destination, op.op)] += 1
                     if len(report.examples) < 20:
                         report.examples.append(_describe(op))
-                pulled += len(records)
+                pulled += len(customers)
                 if progress is not None:
                     progress(report.pages, pulled)
         report.counts = {"pulled": pulled, **dict(outcomes)}
@@ -634,6 +660,17 @@ async def _ahead(items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
             await items.aclose()
 
 
+async def _page(
+    client: TreezClient, after_us: int, number: int, size: int
+) -> list[str] | list[dict[str, Any]]:
+    """A page of customers as :meth:`TreezClient.page_texts` gives it; from a client without
+    it (a test's stand-in), as its ``page`` gives it."""
+    texts = getattr(client, "page_texts", None)
+    if texts is None:
+        return await client.page(_moment(after_us), number, size)
+    return cast(list[str] | list[dict[str, Any]], await texts(_moment(after_us), number, size))
+
+
 def _now_us() -> int:
     return instant_us(datetime.now(UTC))
 
@@ -643,6 +680,41 @@ def _describe(op: Operation) -> str:
     fields = op.body.get("fields")
     names = f" fields: {', '.join(sorted(fields))}" if isinstance(fields, dict) else ""
     return f"{op.destination}: {op.op} customer {op.customer_id}{names}"
+
+
+# the most "{" and "[" a customer's text may hold for its quick path: then no field can nest
+# deeper than leave_out_deep allows (the event wraps the customer in two levels)
+_QUICK_OPENERS = MAX_DEPTH - 2
+
+
+def _pulled(dispensary: str, page: list[str] | list[dict[str, Any]]) -> list[Pulled]:
+    """A page's customers, each checked once. A customer's JSON text (see
+    :meth:`TreezClient.page_texts`) becomes its event's body as it is, wrapped in the
+    envelope, when the receiver's check of that body (:func:`check_event_json`) accepts it
+    and nothing in it can nest too deep; anything else (a refusal included) is decoded and
+    checked as a record (:func:`_check`), as it always was."""
+    prefix = (
+        '{"event_type":"CUSTOMER","dispensary_short_name":'
+        + json.dumps(dispensary) + ',"data":'
+    )  # fmt: skip
+    pulled = []
+    for item in page:
+        if isinstance(item, str):
+            if item.count("{") + item.count("[") <= _QUICK_OPENERS:
+                body = f"{prefix}{item}}}"
+                try:
+                    received = check_event_json(body, source="pulled customer")
+                except EventValidationError:
+                    received = None
+                if isinstance(received, ReceivedCustomer):
+                    checked = (received.customer_id, instant_us(received.last_update))
+                    pulled.append(Pulled(checked, body=body))
+                    continue
+            record = json.loads(item)
+        else:
+            record = item
+        pulled.append(Pulled(_check(record), record=record))
+    return pulled
 
 
 def _check(record: dict[str, Any]) -> Checked:
