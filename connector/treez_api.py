@@ -112,7 +112,7 @@ class _PageEnvelope(msgspec.Struct):
     """A pull's answer as :meth:`TreezClient.page_texts` reads it: each customer left as the
     JSON text Treez sent."""
 
-    resultCode: str | None = None  # noqa: N815 (Treez's name)
+    resultCode: str | None = None  # Treez's name
     data: list[msgspec.Raw] | None = None
 
 
