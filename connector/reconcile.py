@@ -51,6 +51,7 @@ log = get_logger("connector.reconcile")
 T = TypeVar("T")
 
 LOCK_TTL_SECONDS = 60.0
+AHEAD_PAGES = 10  # pages fetched ahead of the one being stored: a second's worth at most
 FIRST_POLL_SECONDS = 0.01  # the first wait for the run's last events to be planned
 TREEZ_WINDOW_SECONDS = 1.0  # Treez's limit counts requests in any one second
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
@@ -277,10 +278,14 @@ class Reconciler:
         try:
             pulled = 0
             paging = Paging()
-            # the next page is fetched while this one is stored and planned (the client's
-            # pace holds whatever the overlap)
+            # the next pages are fetched while this one is stored and planned (the client's
+            # pace holds whatever the overlap): a page late in being stored never idles the
+            # window Treez allows, nor does the burst a fresh window allows wait on storing
             async with contextlib.aclosing(
-                _ahead(self._pages(client, disp, dispensary, start_us, report, paging))
+                _ahead(
+                    self._pages(client, disp, dispensary, start_us, report, paging),
+                    AHEAD_PAGES,
+                )
             ) as pages:
                 async for customers, page_checkpoint in pages:
                     events, rejected, versions = self._events(dispensary, customers, source, run_id)
@@ -631,32 +636,42 @@ class Paging:
         ]  # fmt: skip
 
 
-async def _ahead(items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
-    """``items``, the next one already being fetched while the caller handles the one just
-    yielded: one ahead, never more (memory stays one page). An error of ``items`` is raised
-    where its item would have been yielded; leaving early cancels the fetch under way."""
+async def _ahead(items: AsyncGenerator[T, None], most: int = 1) -> AsyncGenerator[T, None]:
+    """``items``, the next ones already being fetched while the caller handles the one just
+    yielded: at most ``most`` ahead, never more (memory stays that many pages). An error of
+    ``items`` is raised where its item would have been yielded; leaving early cancels the
+    fetch under way."""
+    arrived: asyncio.Queue[tuple[Literal["item", "end", "error"], Any]] = asyncio.Queue()
+    room = asyncio.Semaphore(most)  # a fetch starts when the caller has taken an earlier item
 
-    async def following() -> tuple[bool, T | None]:
-        try:
-            return True, await anext(items)
-        except StopAsyncIteration:
-            return False, None
+    async def fetch() -> None:
+        while True:
+            await room.acquire()
+            try:
+                item = await anext(items)
+            except StopAsyncIteration:
+                arrived.put_nowait(("end", None))
+                return
+            except Exception as exc:
+                arrived.put_nowait(("error", exc))
+                return
+            arrived.put_nowait(("item", item))
 
-    fetching = asyncio.create_task(following())
+    fetching = asyncio.create_task(fetch())
     try:
         while True:
-            more, item = await fetching
-            if not more:
+            kind, item = await arrived.get()
+            if kind == "end":
                 return
-            fetching = asyncio.create_task(following())
-            yield cast(T, item)  # more: an item of ``items``, None included
+            if kind == "error":
+                raise item
+            room.release()
+            yield cast(T, item)
     finally:
         fetching.cancel()
         try:
             await asyncio.wait([fetching])
         finally:
-            if fetching.done() and not fetching.cancelled():
-                fetching.exception()  # seen: what ends the run is the error raised here
             await items.aclose()
 
 
