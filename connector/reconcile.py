@@ -80,11 +80,13 @@ class ReconcileNotConfigured(ConnectorError):
 @dataclass(frozen=True, slots=True)
 class Pulled:
     """A pulled customer, checked once (:func:`_pulled`): its event's ``body`` built from the
-    JSON text Treez sent, or its ``record`` (decoded, the careful path) to build it from."""
+    JSON text Treez sent, or its ``record`` (decoded, the careful path) to build it from, or,
+    refused, its ``text`` when ``json`` cannot decode it."""
 
     checked: Checked
     body: str | None = None
     record: dict[str, Any] | None = None
+    text: str | None = None
 
     @property
     def version(self) -> int | None:
@@ -492,13 +494,14 @@ class Reconciler:
                              customer.body, run_id=run_id)
                 )  # fmt: skip
                 continue
-            assert record is not None
             if isinstance(checked, EventValidationError):
+                raw = json.dumps(record) if record is not None else customer.text or ""
                 rejected.append(
                     Rejected(dispensary, 422, str(checked)[:2000], "application/json",
-                             json.dumps(record).encode())
+                             raw.encode())
                 )  # fmt: skip
                 continue
+            assert record is not None
             customer_id, us = checked
             versions.append(us)
             if removed := leave_out_deep(record):
@@ -715,17 +718,29 @@ def _pulled(dispensary: str, page: list[str] | list[dict[str, Any]]) -> list[Pul
     pulled = []
     for item in page:
         if isinstance(item, str):
-            if item.count("{") + item.count("[") <= _QUICK_OPENERS:
-                body = f"{prefix}{item}}}"
-                try:
-                    received = check_event_json(body, source="pulled customer")
-                except EventValidationError:
-                    received = None
-                if isinstance(received, ReceivedCustomer):
-                    checked = (received.customer_id, instant_us(received.last_update))
-                    pulled.append(Pulled(checked, body=body))
-                    continue
-            record = json.loads(item)
+            body = f"{prefix}{item}}}"
+            refusal = None
+            try:
+                received = check_event_json(body, source="pulled customer")
+            except EventValidationError as exc:
+                received, refusal = None, exc
+            if (
+                isinstance(received, ReceivedCustomer)
+                and item.count("{") + item.count("[") <= _QUICK_OPENERS
+            ):
+                checked = (received.customer_id, instant_us(received.last_update))
+                pulled.append(Pulled(checked, body=body))
+                continue
+            try:
+                record = json.loads(item)
+            except (ValueError, RecursionError):
+                # what json cannot read (a number of more than 4,300 digits, nesting past
+                # its depth), which failed the whole page when json read it: refused, as
+                # the receiver refuses such a body
+                if refusal is None:
+                    raise
+                pulled.append(Pulled(refusal, text=item))
+                continue
         else:
             record = item
         pulled.append(Pulled(_check(record), record=record))

@@ -155,6 +155,29 @@ def test_a_deep_field_is_left_out_on_either_path(levels: int) -> None:
     _compare([json.dumps(record)])
 
 
+@pytest.mark.parametrize(
+    "unread", ['"notes": ' + "1" * 5000, '"notes": ' + "[" * 1500 + "]" * 1500]
+)
+def test_a_customer_json_cannot_read_is_refused_alone(unread: str) -> None:
+    """json refused the whole page before (the run failed); msgspec reads the page, and the
+    customer json cannot read is refused as the receiver refuses it, with its text."""
+    sound = json.dumps(SEED)
+    odd = sound[:-1] + ", " + unread + "}"
+    with pytest.raises((ValueError, RecursionError)):
+        json.loads(odd)
+    page = b'{"resultCode":"SUCCESS","data":[%s,%s]}' % (sound.encode(), odd.encode())
+    texts = customer_texts(page)
+    if texts is None:  # msgspec refuses it too (its own depth limit): read as before
+        return
+    assert texts == [sound, odd]
+    events, rejected, versions = Reconciler._events(
+        DISPENSARY, _pulled(DISPENSARY, texts), "reconcile", 7
+    )
+    assert [e.customer_id for e in events] == ["3904"]
+    assert len(versions) == 1
+    assert [r.body for r in rejected] == [odd.encode()]
+
+
 _PAGES = [
     b'{"resultCode":"SUCCESS","resultReason":null,"resultDetail":null,"data":[%s]}',
     b'{"data":[%s]}',
