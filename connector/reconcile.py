@@ -51,7 +51,7 @@ log = get_logger("connector.reconcile")
 T = TypeVar("T")
 
 LOCK_TTL_SECONDS = 60.0
-AHEAD_PAGES = 10  # pages fetched ahead of the one being stored: a second's worth at most
+AHEAD_PAGES = 10  # pages fetched ahead of the one stored, paced: a second's worth at most
 FIRST_POLL_SECONDS = 0.01  # the first wait for the run's last events to be planned
 TREEZ_WINDOW_SECONDS = 1.0  # Treez's limit counts requests in any one second
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
@@ -280,14 +280,13 @@ class Reconciler:
         try:
             pulled = 0
             paging = Paging()
-            # the next pages are fetched while this one is stored and planned (the client's
-            # pace holds whatever the overlap): a page late in being stored never idles the
-            # window Treez allows, nor does the burst a fresh window allows wait on storing
+            # the next page is fetched while this one is stored and planned (the client's
+            # pace holds whatever the overlap); paced, the next pages: a page late in being
+            # stored never idles the window Treez allows, nor does the burst a fresh window
+            # allows wait on storing
+            ahead = AHEAD_PAGES if getattr(client, "paced", False) else 1
             async with contextlib.aclosing(
-                _ahead(
-                    self._pages(client, disp, dispensary, start_us, report, paging),
-                    AHEAD_PAGES,
-                )
+                _ahead(self._pages(client, disp, dispensary, start_us, report, paging), ahead)
             ) as pages:
                 async for customers, page_checkpoint in pages:
                     events, rejected, versions = self._events(dispensary, customers, source, run_id)
@@ -658,6 +657,9 @@ async def _ahead(items: AsyncGenerator[T, None], most: int = 1) -> AsyncGenerato
             except Exception as exc:
                 arrived.put_nowait(("error", exc))
                 return
+            except BaseException as exc:  # cancelled: never leave the caller waiting
+                arrived.put_nowait(("error", exc))
+                raise
             arrived.put_nowait(("item", item))
 
     fetching = asyncio.create_task(fetch())

@@ -173,6 +173,11 @@ class TreezClient:
     def __repr__(self) -> str:
         return f"TreezClient(base_url={self.base_url!r})"  # never the key nor the token
 
+    @property
+    def paced(self) -> bool:
+        """Whether calls wait for Treez's limit (see :data:`PACE_MARGIN_SECONDS`)."""
+        return self._limiter.enabled
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
