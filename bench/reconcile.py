@@ -8,9 +8,11 @@ Targets (issue 17): limit off, at least 2,000 customers/s at every size; memory 
 within 20 % of the smallest run's); limit on, at least 96 % of the 500/s allowed, and never
 more than 10 requests in any one-second window. Each prints "meets" or "MISSES".
 
-Every run is a fresh ``connector reconcile`` process (its peak RSS read from ``wait4``) against
-a fresh store; the fake and the sink run in their own processes. A run exits when its
-operations are delivered, so the figures are pull + plan + delivery.
+Every run is a fresh ``connector reconcile`` process (its peak RSS and CPU time read from
+``wait4``; "CPU us/customer" is user + system time per customer, the interpreter's start
+included: on a shared machine it is steadier than the wall clock) against a fresh store;
+the fake and the sink run in their own processes. A run exits when its operations are
+delivered, so the figures are pull + plan + delivery.
 
 "Limit off" means the client's pace too: the Treez client never makes more than 10 requests a
 second (``requests_per_second`` is at most 10), which alone caps a run near 500 customers/s

@@ -8,7 +8,8 @@ What it does, from ``shared/docs/treez.md``:
   fetches a new token once and repeats the call.
 - **Pull**: ``GET {api_url}/customer/lastUpdated/after/{date}/page/{n}/pagesize/{size}``, the
   date as ``yyyy-MM-ddTHH:mm:ss.SSSXXX`` (URL-encoded), pages from 1, at most 50 a page, no
-  total: a short or empty page is the last.
+  total: a short or empty page is the last. :meth:`TreezClient.page_texts` reads a page once
+  (msgspec) and leaves each customer as the JSON text Treez sent, for the reconciliation.
 - **Pace**: no sliding one-second window holds more than ``requests_per_second`` requests
   (token requests included), with a small margin for the network's jitter.
 - **Errors**: the ``resultCode`` envelope is checked as well as the status; ``FAIL`` answers
