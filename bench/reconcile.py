@@ -8,9 +8,11 @@ Targets (issue 17): limit off, at least 2,000 customers/s at every size; memory 
 within 20 % of the smallest run's); limit on, at least 96 % of the 500/s allowed, and never
 more than 10 requests in any one-second window. Each prints "meets" or "MISSES".
 
-Every run is a fresh ``connector reconcile`` process (its peak RSS read from ``wait4``) against
-a fresh store; the fake and the sink run in their own processes. A run exits when its
-operations are delivered, so the figures are pull + plan + delivery.
+Every run is a fresh ``connector reconcile`` process (its peak RSS and CPU time read from
+``wait4``; "CPU us/customer" is user + system time per customer, the interpreter's start
+included: on a shared machine it is steadier than the wall clock) against a fresh store;
+the fake and the sink run in their own processes. A run exits when its operations are
+delivered, so the figures are pull + plan + delivery.
 
 "Limit off" means the client's pace too: the Treez client never makes more than 10 requests a
 second (``requests_per_second`` is at most 10), which alone caps a run near 500 customers/s
@@ -72,9 +74,9 @@ dispensaries:
     return path
 
 
-def reconcile(config: Path, cwd: Path, *, paced: bool = True) -> tuple[float, float, str]:
+def reconcile(config: Path, cwd: Path, *, paced: bool = True) -> tuple[float, float, str, float]:
     """Run ``connector reconcile --full`` (``paced``: the command, else this file's
-    ``--unpaced`` child); (seconds, peak RSS in MiB, its output)."""
+    ``--unpaced`` child); (seconds, peak RSS in MiB, its output, its CPU seconds)."""
     started = time.perf_counter()
     if paced:
         command = [sys.executable, "-m", "connector", "reconcile", "--full", "--config"]
@@ -93,11 +95,15 @@ def reconcile(config: Path, cwd: Path, *, paced: bool = True) -> tuple[float, fl
         raise RuntimeError(f"reconcile failed ({proc.returncode}):\n{output}")
     # the command's own figure: the run and its delivery, without the interpreter's start
     found = re.search(r"succeeded in ([0-9.]+) s", output)
-    return float(found.group(1)) if found else seconds, usage.ru_maxrss / 1024, output
+    cpu = usage.ru_utime + usage.ru_stime
+    return float(found.group(1)) if found else seconds, usage.ru_maxrss / 1024, output, cpu
 
 
-def one(customers: int, *, limited: bool) -> tuple[float, float, str, list[tuple[float, str]]]:
-    """One run: (seconds, peak MiB, its output, the fake's requests as (arrival, status))."""
+def one(
+    customers: int, *, limited: bool
+) -> tuple[float, float, str, list[tuple[float, str]], float]:
+    """One run: (seconds, peak MiB, its output, the fake's requests as (arrival, status), the
+    command's CPU seconds)."""
     flags = [] if limited else ["--no-rate-limit"]
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmp:
         work = Path(tmp)
@@ -116,12 +122,12 @@ def one(customers: int, *, limited: bool) -> tuple[float, float, str, list[tuple
             fake_process("tests.fakes.http_sink") as sink_port,
         ):
             config = write_config(work, treez_port, sink_port)
-            seconds, peak, output = reconcile(config, work, paced=limited)
+            seconds, peak, output, cpu = reconcile(config, work, paced=limited)
         calls = [
             (float(at), status)
             for at, status in (line.split() for line in calls_log.read_text().splitlines())
         ]
-    return seconds, peak, output, calls
+    return seconds, peak, output, calls, cpu
 
 
 def verdict(ok: bool) -> str:
@@ -179,12 +185,12 @@ def main() -> None:
     )
     print(
         f"{'customers':>10} {'seconds':>8} {'customers/s':>12} {'vs first':>9} "
-        f"{'peak MiB':>9} {'vs first':>9}"
+        f"{'peak MiB':>9} {'vs first':>9} {'CPU us/customer':>16}"
     )
     first: tuple[float, float] | None = None
     rates, peaks = [], []
     for size in sizes:
-        seconds, peak, output, _ = one(size, limited=False)
+        seconds, peak, output, _, cpu = one(size, limited=False)
         if f"pulled {size:,}" not in output:
             raise RuntimeError(f"the run did not pull {size:,} customers:\n{output}")
         rate = size / seconds
@@ -193,7 +199,7 @@ def main() -> None:
         peaks.append(peak / first[1])
         print(
             f"{size:>10,} {seconds:>8.1f} {rate:>12,.0f} {rate / first[0]:>9.2f} "
-            f"{peak:>9.1f} {peak / first[1]:>9.2f}"
+            f"{peak:>9.1f} {peak / first[1]:>9.2f} {cpu / size * 1e6:>16,.0f}"
         )
     print(
         f"target: limit off, at least {TARGET_RATE:,} customers/s at every size "
@@ -204,7 +210,7 @@ def main() -> None:
         f"(largest {max(peaks):.2f}x): {verdict(max(peaks) <= 1.2)}"
     )
     if args.limited:
-        seconds, peak, output, calls = one(args.limited, limited=True)
+        seconds, peak, output, calls, cpu = one(args.limited, limited=True)
         if f"pulled {args.limited:,}" not in output:
             raise RuntimeError(f"the run did not pull {args.limited:,} customers:\n{output}")
         rate = args.limited / seconds

@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
@@ -37,13 +37,21 @@ from connector.logs import get_logger
 from connector.pipeline import Deployment, plan_without_writing
 from connector.planner import Operation, instant_us
 from connector.store import AsyncStore, InboxRow, NewEvent, Rejected, Replayed
-from connector.treez import MAX_DEPTH, check_customer, leave_out_deep, readable_name
+from connector.treez import (
+    MAX_DEPTH,
+    ReceivedCustomer,
+    check_customer,
+    check_event_json,
+    leave_out_deep,
+    readable_name,
+)
 from connector.treez_api import TreezClient
 
 log = get_logger("connector.reconcile")
 T = TypeVar("T")
 
 LOCK_TTL_SECONDS = 60.0
+AHEAD_PAGES = 10  # pages fetched ahead of the one stored, paced: a second's worth at most
 FIRST_POLL_SECONDS = 0.01  # the first wait for the run's last events to be planned
 TREEZ_WINDOW_SECONDS = 1.0  # Treez's limit counts requests in any one second
 FULL_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
@@ -67,6 +75,22 @@ class ReconcileBusy(ConnectorError):
 
 class ReconcileNotConfigured(ConnectorError):
     """The dispensary has no ``treez`` section, or reconciliation is off."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """A pulled customer, checked once (:func:`_pulled`): its event's ``body`` built from the
+    JSON text Treez sent, or its ``record`` (decoded, the careful path) to build it from, or,
+    refused, its ``text`` when ``json`` cannot decode it."""
+
+    checked: Checked
+    body: str | None = None
+    record: dict[str, Any] | None = None
+    text: str | None = None
+
+    @property
+    def version(self) -> int | None:
+        return self.checked[1] if isinstance(self.checked, tuple) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,14 +281,15 @@ class Reconciler:
             pulled = 0
             paging = Paging()
             # the next page is fetched while this one is stored and planned (the client's
-            # pace holds whatever the overlap)
+            # pace holds whatever the overlap); paced, the next pages: a page late in being
+            # stored never idles the window Treez allows, nor does the burst a fresh window
+            # allows wait on storing
+            ahead = AHEAD_PAGES if getattr(client, "paced", False) else 1
             async with contextlib.aclosing(
-                _ahead(self._pages(client, disp, start_us, report, paging))
+                _ahead(self._pages(client, disp, dispensary, start_us, report, paging), ahead)
             ) as pages:
-                async for records, page_checkpoint, checks in pages:
-                    events, rejected, versions = self._events(
-                        dispensary, records, source, run_id, checks
-                    )
+                async for customers, page_checkpoint in pages:
+                    events, rejected, versions = self._events(dispensary, customers, source, run_id)
                     paging.note_changes(versions, started_us)
                     # a last_update in the future (a clock gone wrong at the store) must not
                     # carry the checkpoint past changes still to come
@@ -278,7 +303,7 @@ class Reconciler:
                         self.runs.add_pulled, dispensary, events, rejected, checkpoint
                     )
                     await self._plan()
-                    pulled += len(records)
+                    pulled += len(customers)
                     if progress is not None:
                         progress(report.pages, pulled)
             unresolved = await self._reread(
@@ -337,12 +362,13 @@ class Reconciler:
         self,
         client: TreezClient,
         disp: DispensaryConfig,
+        dispensary: str,
         start_us: int,
         report: RunReport,
         paging: Paging,
-    ) -> AsyncGenerator[tuple[list[dict[str, Any]], int | None, list[Checked]], None]:
-        """Yield each page of the window with the checkpoint it makes safe, if any, and its
-        customers checked (:func:`_check`, for :meth:`_events`).
+    ) -> AsyncGenerator[tuple[list[Pulled], int | None], None]:
+        """Yield each page of the window, its customers checked (:func:`_pulled`, for
+        :meth:`_events`), with the checkpoint it makes safe, if any.
 
         Anchored paging (``anchored``; ``auto`` once pages 1 and 2 of the first query came in
         last_update order and continue each other): after each full page, a new query from
@@ -367,21 +393,19 @@ class Reconciler:
         while True:
             if number >= 2:
                 paging.numbered(after_us, query_answered, _now_us(), number)
-            records = await client.page(_moment(after_us), number, size)
+            customers = _pulled(dispensary, await _page(client, after_us, number, size))
             report.pages += 1
             if number == 1:
                 query_answered = _now_us()
-            full = len(records) >= size
-            checks = [_check(r) for r in records]
-            versions = [c[1] if isinstance(c, tuple) else None for c in checks]
+            full = len(customers) >= size
             if ties:
-                kept = [
-                    i for i, (r, v) in enumerate(zip(records, versions, strict=True))
-                    if str(r.get("customer_id")) not in ties or v != after_us + ONE_MS_US
+                tie_us = after_us + ONE_MS_US
+                customers = [
+                    c for c in customers
+                    if not (isinstance(c.checked, tuple) and c.checked[1] == tie_us
+                            and c.checked[0] in ties)
                 ]  # fmt: skip
-                records = [records[i] for i in kept]
-                checks = [checks[i] for i in kept]
-                versions = [versions[i] for i in kept]
+            versions = [c.version for c in customers]
             known = [v for v in versions if v is not None]
             if ordered and known and known != sorted(known):
                 ordered = verified = False  # not in last_update order: numbered from here on
@@ -395,15 +419,15 @@ class Reconciler:
                 # done: everything up to the last customer (less its ties), or the whole
                 # window when this is the last page
                 checkpoint = paging.bound(last - ONE_MS_US if full else max(known))
-            if records:
-                yield records, checkpoint, checks
+            if customers:
+                yield customers, checkpoint
             if not full:
                 return
             previous_last = last
             if ordered and verified and last is not None and last - ONE_MS_US > after_us:
                 ties = {
-                    str(r.get("customer_id"))
-                    for r, v in zip(records, versions, strict=True) if v == last
+                    c.checked[0] for c in customers
+                    if isinstance(c.checked, tuple) and c.checked[1] == last
                 }  # fmt: skip
                 after_us, number = last - ONE_MS_US, 1
             else:
@@ -432,13 +456,13 @@ class Reconciler:
             for number in range(1, pages + 2):
                 if number >= 2:
                     again.numbered(anchor, answered, _now_us(), number)
-                records = await client.page(_moment(anchor), number, size)
+                customers = _pulled(dispensary, await _page(client, anchor, number, size))
                 report.pages += 1
-                events, rejected, versions = self._events(dispensary, records, source, run_id)
+                events, rejected, versions = self._events(dispensary, customers, source, run_id)
                 again.note_changes(versions, started_us)
                 await self.astore.call(self.runs.add_pulled, dispensary, events, rejected, None)
                 await self._plan()
-                if len(records) < size:
+                if len(customers) < size:
                     break
             log.info("reconcile_reread", dispensary=dispensary, pages=pages + 1,
                      reason="a customer changed while pages were read by number")  # fmt: skip
@@ -449,25 +473,34 @@ class Reconciler:
     @staticmethod
     def _events(
         dispensary: str,
-        records: list[dict[str, Any]],
+        customers: Sequence[Pulled | dict[str, Any]],
         source: str,
         run_id: int | None,
-        checks: list[Checked] | None = None,
     ) -> tuple[list[NewEvent], list[Rejected], list[int]]:
-        """The page's events and refusals, and the versions of its events; ``checks``: the
-        records already checked (:func:`_check`), else they are checked here."""
+        """The page's events and refusals, and the versions of its events; a record not yet
+        checked (a dict) is checked here."""
         events: list[NewEvent] = []
         rejected: list[Rejected] = []
         versions: list[int] = []
-        if checks is None:
-            checks = [_check(r) for r in records]
-        for record, checked in zip(records, checks, strict=True):
-            if isinstance(checked, EventValidationError):
-                rejected.append(
-                    Rejected(dispensary, 422, str(checked)[:2000], "application/json",
-                             json.dumps(record).encode())
+        for item in customers:
+            customer = item if isinstance(item, Pulled) else Pulled(_check(item), record=item)
+            checked, record = customer.checked, customer.record
+            if customer.body is not None and isinstance(checked, tuple):
+                # the quick path: checked from Treez's text, nothing nested too deep
+                versions.append(checked[1])
+                events.append(
+                    NewEvent(dispensary, source, "CUSTOMER", checked[0], checked[1],
+                             customer.body, run_id=run_id)
                 )  # fmt: skip
                 continue
+            if isinstance(checked, EventValidationError):
+                raw = json.dumps(record) if record is not None else customer.text or ""
+                rejected.append(
+                    Rejected(dispensary, 422, str(checked)[:2000], "application/json",
+                             raw.encode())
+                )  # fmt: skip
+                continue
+            assert record is not None
             customer_id, us = checked
             versions.append(us)
             if removed := leave_out_deep(record):
@@ -542,10 +575,10 @@ class Reconciler:
         outcomes: Counter[str] = Counter()
         pulled = 0
         async with contextlib.aclosing(
-            _ahead(self._pages(client, disp, start_us, report, Paging()))
+            _ahead(self._pages(client, disp, dispensary, start_us, report, Paging()))
         ) as pages:
-            async for records, _, checks in pages:
-                events, rejected, _ = self._events(dispensary, records, source, None, checks)
+            async for customers, _ in pages:
+                events, rejected, _ = self._events(dispensary, customers, source, None)
                 rows = [
                     InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
                     for i, e in enumerate(events)
@@ -559,7 +592,7 @@ class Reconciler:
                     report.planned_ops[(op.destination, op.op)] += 1
                     if len(report.examples) < 20:
                         report.examples.append(_describe(op))
-                pulled += len(records)
+                pulled += len(customers)
                 if progress is not None:
                     progress(report.pages, pulled)
         report.counts = {"pulled": pulled, **dict(outcomes)}
@@ -605,33 +638,57 @@ class Paging:
         ]  # fmt: skip
 
 
-async def _ahead(items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
-    """``items``, the next one already being fetched while the caller handles the one just
-    yielded: one ahead, never more (memory stays one page). An error of ``items`` is raised
-    where its item would have been yielded; leaving early cancels the fetch under way."""
+async def _ahead(items: AsyncGenerator[T, None], most: int = 1) -> AsyncGenerator[T, None]:
+    """``items``, the next ones already being fetched while the caller handles the one just
+    yielded: at most ``most`` ahead, never more (memory stays that many pages). An error of
+    ``items`` is raised where its item would have been yielded; leaving early cancels the
+    fetch under way."""
+    arrived: asyncio.Queue[tuple[Literal["item", "end", "error"], Any]] = asyncio.Queue()
+    room = asyncio.Semaphore(most)  # a fetch starts when the caller has taken an earlier item
 
-    async def following() -> tuple[bool, T | None]:
-        try:
-            return True, await anext(items)
-        except StopAsyncIteration:
-            return False, None
+    async def fetch() -> None:
+        while True:
+            await room.acquire()
+            try:
+                item = await anext(items)
+            except StopAsyncIteration:
+                arrived.put_nowait(("end", None))
+                return
+            except Exception as exc:
+                arrived.put_nowait(("error", exc))
+                return
+            except BaseException as exc:  # cancelled: never leave the caller waiting
+                arrived.put_nowait(("error", exc))
+                raise
+            arrived.put_nowait(("item", item))
 
-    fetching = asyncio.create_task(following())
+    fetching = asyncio.create_task(fetch())
     try:
         while True:
-            more, item = await fetching
-            if not more:
+            kind, item = await arrived.get()
+            if kind == "end":
                 return
-            fetching = asyncio.create_task(following())
-            yield cast(T, item)  # more: an item of ``items``, None included
+            if kind == "error":
+                raise item
+            room.release()
+            yield cast(T, item)
     finally:
         fetching.cancel()
         try:
             await asyncio.wait([fetching])
         finally:
-            if fetching.done() and not fetching.cancelled():
-                fetching.exception()  # seen: what ends the run is the error raised here
             await items.aclose()
+
+
+async def _page(
+    client: TreezClient, after_us: int, number: int, size: int
+) -> list[str] | list[dict[str, Any]]:
+    """A page of customers as :meth:`TreezClient.page_texts` gives it; from a client without
+    it (a test's stand-in), as its ``page`` gives it."""
+    texts = getattr(client, "page_texts", None)
+    if texts is None:
+        return await client.page(_moment(after_us), number, size)
+    return cast(list[str] | list[dict[str, Any]], await texts(_moment(after_us), number, size))
 
 
 def _now_us() -> int:
@@ -643,6 +700,53 @@ def _describe(op: Operation) -> str:
     fields = op.body.get("fields")
     names = f" fields: {', '.join(sorted(fields))}" if isinstance(fields, dict) else ""
     return f"{op.destination}: {op.op} customer {op.customer_id}{names}"
+
+
+# the most "{" and "[" a customer's text may hold for its quick path: then no field can nest
+# deeper than leave_out_deep allows (the event wraps the customer in two levels)
+_QUICK_OPENERS = MAX_DEPTH - 2
+
+
+def _pulled(dispensary: str, page: list[str] | list[dict[str, Any]]) -> list[Pulled]:
+    """A page's customers, each checked once. A customer's JSON text (see
+    :meth:`TreezClient.page_texts`) becomes its event's body as it is, wrapped in the
+    envelope, when the receiver's check of that body (:func:`check_event_json`) accepts it
+    and nothing in it can nest too deep; anything else (a refusal included) is decoded and
+    checked as a record (:func:`_check`), as it always was."""
+    prefix = (
+        '{"event_type":"CUSTOMER","dispensary_short_name":'
+        + json.dumps(dispensary) + ',"data":'
+    )  # fmt: skip
+    pulled = []
+    for item in page:
+        if isinstance(item, str):
+            body = f"{prefix}{item}}}"
+            refusal = None
+            try:
+                received = check_event_json(body, source="pulled customer")
+            except EventValidationError as exc:
+                received, refusal = None, exc
+            if (
+                isinstance(received, ReceivedCustomer)
+                and item.count("{") + item.count("[") <= _QUICK_OPENERS
+            ):
+                checked = (received.customer_id, instant_us(received.last_update))
+                pulled.append(Pulled(checked, body=body))
+                continue
+            try:
+                record = json.loads(item)
+            except (ValueError, RecursionError):
+                # what json cannot read (a number of more than 4,300 digits, nesting past
+                # its depth), which failed the whole page when json read it: refused, as
+                # the receiver refuses such a body
+                if refusal is None:
+                    raise
+                pulled.append(Pulled(refusal, text=item))
+                continue
+        else:
+            record = item
+        pulled.append(Pulled(_check(record), record=record))
+    return pulled
 
 
 def _check(record: dict[str, Any]) -> Checked:

@@ -8,7 +8,8 @@ What it does, from ``shared/docs/treez.md``:
   fetches a new token once and repeats the call.
 - **Pull**: ``GET {api_url}/customer/lastUpdated/after/{date}/page/{n}/pagesize/{size}``, the
   date as ``yyyy-MM-ddTHH:mm:ss.SSSXXX`` (URL-encoded), pages from 1, at most 50 a page, no
-  total: a short or empty page is the last.
+  total: a short or empty page is the last. :meth:`TreezClient.page_texts` reads a page once
+  (msgspec) and leaves each customer as the JSON text Treez sent, for the reconciliation.
 - **Pace**: no sliding one-second window holds more than ``requests_per_second`` requests
   (token requests included), with a small margin for the network's jitter.
 - **Errors**: the ``resultCode`` envelope is checked as well as the status; ``FAIL`` answers
@@ -25,10 +26,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import msgspec
 import tenacity
 
 from connector.config import TreezApiConfig
@@ -40,6 +42,7 @@ from connector.errors import ConnectorError
 MAX_PAGE_SIZE = 50
 TOKEN_MARGIN_SECONDS = 300.0  # a token is renewed this long before it expires
 PACE_MARGIN_SECONDS = 0.02  # the sliding window is this much wider than a second
+T = TypeVar("T")
 
 
 class TreezApiError(ConnectorError):
@@ -106,6 +109,38 @@ def customers_of(data: Any) -> list[dict[str, Any]]:
     return []
 
 
+class _PageEnvelope(msgspec.Struct):
+    """A pull's answer as :meth:`TreezClient.page_texts` reads it: each customer left as the
+    JSON text Treez sent."""
+
+    resultCode: str | None = None  # Treez's name
+    data: list[msgspec.Raw] | None = None
+
+
+_PAGE = msgspec.json.Decoder(_PageEnvelope)
+
+
+def customer_texts(content: bytes) -> list[str] | None:
+    """The customers of a successful pull's body, each as its JSON text (as Treez sent it,
+    without its surroundings), or None when the body is anything else than a JSON object
+    whose ``resultCode`` is absent, null or ``SUCCESS`` and whose ``data`` is a list, or when
+    msgspec and ``json`` might read it differently (strict UTF-8 only; msgspec refuses the
+    ``NaN`` and lone surrogates that ``json`` takes): the caller then reads it as before."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    try:
+        page = _PAGE.decode(text)
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
+        return None
+    if page.resultCode not in (None, "SUCCESS") or page.data is None:
+        return None
+    # what customers_of keeps: the objects of the list
+    texts = [bytes(item).decode("utf-8") for item in page.data]
+    return [t for t in texts if t.startswith("{")]
+
+
 class TreezClient:
     """One store's Treez API. ``client`` and ``clock`` may be given (tests)."""
 
@@ -138,6 +173,11 @@ class TreezClient:
 
     def __repr__(self) -> str:
         return f"TreezClient(base_url={self.base_url!r})"  # never the key nor the token
+
+    @property
+    def paced(self) -> bool:
+        """Whether calls wait for Treez's limit (see :data:`PACE_MARGIN_SECONDS`)."""
+        return self._limiter.enabled
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -226,6 +266,10 @@ class TreezClient:
 
     async def _get(self, path: str, what: str) -> dict[str, Any]:
         """An authenticated GET with retries; a 401 renews the token once."""
+        return await self._call(path, what, self._envelope)
+
+    async def _call(self, path: str, what: str, read: Callable[[httpx.Response, str], T]) -> T:
+        """:meth:`_get`, its answer read by ``read`` (which raises as :meth:`_envelope`)."""
         renewed = False
         async for attempt in tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(TreezRetriable),
@@ -242,7 +286,7 @@ class TreezClient:
                         renewed = True
                         self.forget_token()
                         continue
-                    return self._envelope(response, what)
+                    return read(response, what)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def page(
@@ -257,6 +301,27 @@ class TreezClient:
         path = f"/customer/lastUpdated/after/{date}/page/{number}/pagesize/{size}"
         data = await self._get(path, f"the pull of page {number}")
         return customers_of(data.get("data"))
+
+    async def page_texts(
+        self, after: datetime, number: int, size: int = MAX_PAGE_SIZE
+    ) -> list[str] | list[dict[str, Any]]:
+        """:meth:`page`, each customer as the JSON text Treez sent (read once, never decoded
+        into objects here) when the answer is a plain success (:func:`customer_texts`), else
+        as :meth:`page` gives them (errors raised alike)."""
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page size must be 1 to {MAX_PAGE_SIZE}, got {size}")
+        if number < 1:
+            raise ValueError(f"pages start at 1, got {number}")
+        date = quote(format_after(after), safe="")
+        path = f"/customer/lastUpdated/after/{date}/page/{number}/pagesize/{size}"
+        return await self._call(path, f"the pull of page {number}", self._texts)
+
+    def _texts(self, response: httpx.Response, what: str) -> list[str] | list[dict[str, Any]]:
+        if 200 <= response.status_code < 300:
+            texts = customer_texts(response.content)
+            if texts is not None:
+                return texts
+        return customers_of(self._envelope(response, what).get("data"))
 
     async def pages(
         self, after: datetime, size: int = MAX_PAGE_SIZE
