@@ -60,19 +60,21 @@ async def _child(sock: socket.socket) -> None:
                 service.wake_processor()
             if BUSY in chunk:
                 service.pressure.saturated_elsewhere(BUSY_LEASE_SECONDS)
-            if METRICS in chunk or STATUS in chunk:
+            if METRICS in chunk:  # from memory: answered at once
+                writer.write(frame({"families": list(service.metrics.registry.collect())}))
+            if STATUS in chunk:
                 # answered in a task of its own: the readiness check waits for the store,
                 # and a wake-up read meanwhile must not wait for it
-                answer = asyncio.create_task(report(families=METRICS in chunk))
+                answer = asyncio.create_task(report())
                 answers.add(answer)
                 answer.add_done_callback(answers.discard)
             if STOP in chunk:
                 break
         stop.set()
 
-    async def report(*, families: bool) -> None:
-        """The status the parent asked for: sent when asked (and once at start), never on
-        a timer, so an idle child sends nothing."""
+    async def report(*, families: bool = False) -> None:
+        """The problems the parent asked for (and the families, at start): sent when asked,
+        never on a timer, so an idle child sends nothing."""
         message: dict[str, object] = {"problems": await service.readiness()}
         if families:
             message["families"] = list(service.metrics.registry.collect())

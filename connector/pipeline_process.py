@@ -17,11 +17,12 @@ The two talk over a socket pair (the child's end is passed as a file descriptor)
   On Linux the child is killed with its parent (``PR_SET_PDEATHSIG``), so ``kill -9`` of
   ``connector serve`` ends both at once, as for one process; elsewhere, end of file on the
   socket tells the child that its parent is gone, and it stops.
-* child to parent: a frame at start and one in answer to each ``q`` or ``m``, with the
-  child's readiness problems and, for ``m``, its metric families, which the receiver's
-  ``/metrics`` serves with its own. The parent asks when it needs them (a ``/readyz`` or a
-  ``/metrics``), so an idle pair of processes sends nothing, and a child that does not answer
-  within :data:`STATUS_STALE_SECONDS` is "not reporting".
+* child to parent: a frame at start with the child's readiness problems and its metric
+  families, then one in answer to each ``q`` (the problems) or ``m`` (the families, which the
+  receiver's ``/metrics`` serves with its own; answered at once, without the store). The
+  parent asks when it needs them (a ``/readyz``, a ``/metrics``), so an idle pair of
+  processes sends nothing; a child that has answered nothing for
+  :data:`STATUS_STALE_SECONDS` since it was asked is "not reporting".
 
 A frame is a 4-byte big-endian length and a pickle: both ends are this package, started by
 each other, so nothing untrusted is ever unpickled.
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 log = get_logger("connector.pipeline_process")
 
-STATUS_STALE_SECONDS = 5.0  # a child that has not answered a question by then is not reporting
+STATUS_STALE_SECONDS = 5.0  # a child silent this long since it was asked is not reporting
 METRICS_WAIT_SECONDS = 2.0  # /metrics waits this long for the child's families, then serves
 # the last ones it has
 START_WAIT_SECONDS = 30.0
@@ -93,7 +94,8 @@ class PipelineProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._busy_sent = 0.0
         self._arrived = asyncio.Event()  # a status came (set by each, cleared by waiters)
-        self._unanswered = False  # the last question went unanswered in time
+        # when the child was first asked something it has not answered (None: it answered)
+        self._unanswered_since: float | None = None
 
     # -- called by the receiver's service -------------------------------------------------
 
@@ -123,9 +125,9 @@ class PipelineProcess:
     async def refresh(
         self, *, families: bool = False, timeout: float = STATUS_STALE_SECONDS
     ) -> bool:
-        """Ask the child for its status (and its metric families, ``families``) and wait up
+        """Ask the child for its problems (or its metric families, ``families``) and wait up
         to ``timeout`` for the answer; whether it came. Questions asked together share the
-        answers: each waits for the first status that came after it asked."""
+        answers: each waits for the first answer of its kind that came after it asked."""
         writer = self._writer
         if writer is None or writer.is_closing():
             return False
@@ -144,15 +146,16 @@ class PipelineProcess:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), left)
         found = answered()
-        if found or self._writer is writer:
-            self._unanswered = not found
+        if not found and self._writer is writer and self._unanswered_since is None:
+            self._unanswered_since = asked
         return found
 
     def problems(self) -> list[str]:
         """The child's problems as its last answer said them (:meth:`refresh` asks)."""
         if self._process is None or self._process.returncode is not None:
             return ["pipeline process not running"]
-        if self._unanswered:
+        silent = self._unanswered_since
+        if silent is not None and time.monotonic() - silent >= STATUS_STALE_SECONDS:
             return ["pipeline process not reporting"]
         return list(self.status.problems)
 
@@ -214,21 +217,21 @@ class PipelineProcess:
             self._writer = None
             writer.close()
             self.status = ChildStatus(problems=["pipeline process not running"])
-            self._unanswered = False
+            self._unanswered_since = None
             self._arrived.set()  # whoever waits for an answer of this child: none will come
 
     async def _read_statuses(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 message = await read_frame(reader)
-                now = time.monotonic()
-                families = message.get("families")
+                now, last = time.monotonic(), self.status
+                problems, families = message.get("problems"), message.get("families")
                 self.status = ChildStatus(
-                    problems=list(message["problems"]),
-                    families=self.status.families if families is None else list(families),
-                    at=now,
-                    families_at=self.status.families_at if families is None else now,
+                    problems=last.problems if problems is None else list(problems),
+                    families=last.families if families is None else list(families),
+                    at=last.at if problems is None else now,
+                    families_at=last.families_at if families is None else now,
                 )
-                self._unanswered = False
+                self._unanswered_since = None
                 self._arrived.set()
                 self._first_status.set()

@@ -410,10 +410,16 @@ class Service:
 
     async def _check_readiness(self) -> list[str]:
         problems = []
-        # the pipeline process answers when asked (it sends nothing unasked): asked first,
-        # its answer awaited after this process's own checks
-        asking = None if self.child is None else asyncio.ensure_future(self.child.refresh())
         timeout = self.config.store_timeout_seconds + STORE_MARGIN_SECONDS
+        # the pipeline process answers when asked (it sends nothing unasked): asked first,
+        # its answer awaited after this process's own checks, as long as they may take (a
+        # slow answer leaves its last one standing, until its silence makes it "not
+        # reporting")
+        asking = (
+            None
+            if self.child is None
+            else asyncio.ensure_future(self.child.refresh(timeout=timeout))
+        )
         try:
             await asyncio.wait_for(self.astore.call(self.astore.store.ping), timeout)
         except TimeoutError:
@@ -460,6 +466,15 @@ class Service:
         times start from the store's at the first scrape that reaches it."""
         store = self.astore.store
         reconciled: dict[str, dict[str, Any]] | None
+        # the pipeline process's families, asked for now and awaited after the store's reads
+        # (the last ones it sent, if it is slow)
+        asking = (
+            None
+            if self.child is None
+            else asyncio.ensure_future(
+                self.child.refresh(families=True, timeout=METRICS_WAIT_SECONDS)
+            )
+        )
         try:
             if not self.metrics.webhook_times_loaded:
                 self.metrics.remember_webhooks(await self.astore.call(store.last_webhook_times))
@@ -468,8 +483,8 @@ class Service:
             reconciled = await self.astore.call(store.reconcile_times)
         except StoreUnavailable:
             stats, paused, reconciled = [], [], None
-        if self.child is not None:  # its families now (the last ones it sent, if it is slow)
-            await self.child.refresh(families=True, timeout=METRICS_WAIT_SECONDS)
+        if asking is not None:
+            await asking
         return self.metrics.render(
             stats,
             self.destination_keys,
