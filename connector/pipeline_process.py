@@ -11,8 +11,8 @@ The two talk over a socket pair (the child's end is passed as a file descriptor)
 
 * parent to child: first one frame holding the configuration, then single bytes: ``w``
   (events were committed: plan now), ``b`` (the receiver is saturated: planning and delivery
-  step aside for a moment, as they do in one process), ``q`` (send your status), ``m`` (send
-  your status and your metric families) and ``s`` (stop: finish or release the work in
+  step aside for a moment, as they do in one process), ``q`` (send your readiness problems),
+  ``m`` (send your metric families) and ``s`` (stop: finish or release the work in
   hand).
   On Linux the child is killed with its parent (``PR_SET_PDEATHSIG``), so ``kill -9`` of
   ``connector serve`` ends both at once, as for one process; elsewhere, end of file on the
