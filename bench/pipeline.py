@@ -9,7 +9,8 @@ rate. One server goes through the phases in turn: idle (no events), then each tr
 ``--rates`` (1, 10 and 100 events/s by default), then saturation (``--events`` offered at
 ``--rate``). Each phase ends when the sink has every event of it; its CPU is that of both
 connector processes from the phase's first POST to its last delivery (the idle phase: over
-``--idle-seconds``).
+``--idle-seconds``); ``recv ms/ev`` is the receiver's process alone (the rest of the CPU is its
+pipeline process's).
 
 Targets (issue 17): at saturation at least 3,000 events/s delivered with nothing missing
 (about 0.3 ms of connector CPU per event, printed beside it, with the load generator and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -103,6 +105,7 @@ class Phase:
     seconds: float
     cpu: float
     latencies: list[float]
+    receiver_cpu: float = 0.0  # of the cpu: the receiver's process alone (the rest: its child)
 
     @property
     def cpu_per_event(self) -> float:
@@ -124,7 +127,7 @@ def run_phase(
     clients: int,
 ) -> Phase:
     """Post ``events`` at ``rate`` and wait for the sink to have all of them."""
-    cpu_before = connector_cpu(pids)
+    cpu_before, receiver_before = connector_cpu(pids), receiver_cpu(pids)
     # uvloop: the load generator's CPU is taken from the machine under test
     sent = uvloop.run(post_all(base, events, rate, min(clients, len(events))))
     deadline = time.monotonic() + 120
@@ -138,14 +141,25 @@ def run_phase(
                 for op in attempt.ops:
                     received.setdefault(int(op["customer_id"]), attempt.wall)
     cpu = connector_cpu(pids) - cpu_before
+    receiver = receiver_cpu(pids) - receiver_before
     first = min(sent.values())
     last = max(received.values(), default=first)
     latencies = sorted(received[c] - sent[c] for c in received if c in sent)
-    return Phase(name, len(sent), len(received), last - first, cpu, latencies)
+    return Phase(name, len(sent), len(received), last - first, cpu, latencies, receiver)
 
 
 def connector_cpu(pids: list[int]) -> float:
     return process_cpu_seconds(pids[0])
+
+
+def receiver_cpu(pids: list[int]) -> float:
+    """The CPU of ``connector serve``'s own process, without its pipeline process."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / tick
 
 
 def main() -> None:
@@ -174,7 +188,7 @@ def main() -> None:
         return made
 
     phases: list[Phase] = []
-    idle_share = None
+    idle_share = idle_receiver = None
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         with sink_process(work, cpu=None) as (sink_url, attempts_log):
@@ -188,9 +202,10 @@ def main() -> None:
                 run_phase("warm-up", base, tail, pids, new_events(20), 20, 4)
                 if args.idle_seconds > 0:
                     time.sleep(2)  # the warm-up's lingering ends
-                    before = connector_cpu(pids)
+                    before, receiver_before = connector_cpu(pids), receiver_cpu(pids)
                     time.sleep(args.idle_seconds)
                     idle_share = (connector_cpu(pids) - before) / args.idle_seconds
+                    idle_receiver = (receiver_cpu(pids) - receiver_before) / args.idle_seconds
                 for rate in rates:
                     count = max(5, round(rate * args.trickle_seconds))
                     clients = 1 if rate <= 10 else 4
@@ -207,7 +222,7 @@ def main() -> None:
     )
     print(
         f"{'phase':<10} {'events':>7} {'delivered':>9} {'events/s':>9} {'CPU ms/ev':>9} "
-        f"{'vs sat.':>7} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'vs sat.':>7} {'p50 ms':>7} {'p99 ms':>7} {'recv ms/ev':>10}"
     )
     for phase in [*phases, saturated]:
         ratio = phase.cpu_per_event / saturated.cpu_per_event
@@ -215,7 +230,8 @@ def main() -> None:
             f"{phase.name:<10} {phase.events:>7} {phase.delivered:>9} "
             f"{phase.delivered / max(phase.seconds, 1e-9):>9,.0f} "
             f"{phase.cpu_per_event * 1e3:>9.3f} {ratio:>6.2f}x "
-            f"{phase.percentile(0.5) * 1e3:>7.1f} {phase.percentile(0.99) * 1e3:>7.1f}"
+            f"{phase.percentile(0.5) * 1e3:>7.1f} {phase.percentile(0.99) * 1e3:>7.1f} "
+            f"{phase.receiver_cpu / max(1, phase.events) * 1e3:>10.3f}"
         )
     throughput = saturated.delivered / max(saturated.seconds, 1e-9)
     missing = sum(p.events - p.delivered for p in [*phases, saturated])
@@ -224,7 +240,11 @@ def main() -> None:
         f"{saturated.cpu / saturated.seconds:.2f} cores of connector CPU busy"
     )
     if idle_share is not None:
-        print(f"idle: {idle_share * 100:.2f}% of a core over {args.idle_seconds:g} s")
+        print(
+            f"idle: {idle_share * 100:.2f}% of a core over {args.idle_seconds:g} s "
+            f"(the receiver's process {(idle_receiver or 0.0) * 100:.2f}%, the rest its "
+            f"pipeline process)"
+        )
     verdicts = [
         (
             throughput >= 3000 and missing == 0,

@@ -373,7 +373,8 @@ class Processor:
         self.pressure = pressure or Pressure()
         self.on_enqueued = on_enqueued
         self.metrics = metrics
-        self.idle_poll = idle_poll
+        self.idle_poll = idle_poll  # the service may lengthen it while wake-ups are heard
+        self.backoff = idle_poll  # the first wait after a failure
         self.wake = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -392,7 +393,7 @@ class Processor:
                 log.warning("planning_failed", error=exc, attempt=failures)
                 # a wake-up (a commit, the store's listener reconnecting) ends the back-off
                 self.wake.clear()
-                await _rest(stopping, min(30.0, self.idle_poll * 2**failures), self.wake)
+                await _rest(stopping, min(30.0, self.backoff * 2**failures), self.wake)
                 continue
             failures = 0
             if result.touched:

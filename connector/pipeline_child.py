@@ -21,7 +21,8 @@ from connector.logs import configure_logging, get_logger
 from connector.pipeline_process import (
     BUSY,
     BUSY_LEASE_SECONDS,
-    STATUS_SECONDS,
+    METRICS,
+    STATUS,
     STOP,
     WAKE,
     frame,
@@ -59,32 +60,41 @@ async def _child(sock: socket.socket) -> None:
                 service.wake_processor()
             if BUSY in chunk:
                 service.pressure.saturated_elsewhere(BUSY_LEASE_SECONDS)
+            if METRICS in chunk:  # from memory: answered at once
+                writer.write(frame({"families": list(service.metrics.registry.collect())}))
+            if STATUS in chunk:
+                # answered in a task of its own: the readiness check waits for the store,
+                # and a wake-up read meanwhile must not wait for it
+                answer = asyncio.create_task(report())
+                answers.add(answer)
+                answer.add_done_callback(answers.discard)
             if STOP in chunk:
                 break
         stop.set()
 
-    async def report() -> None:
-        while True:
-            problems = await service.readiness()
-            families = list(service.metrics.registry.collect())
-            writer.write(frame({"problems": problems, "families": families}))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), STATUS_SECONDS)
-            if stop.is_set():
-                return
+    async def report(*, families: bool = False) -> None:
+        """The problems the parent asked for (and the families, at start): sent when asked,
+        never on a timer, so an idle child sends nothing."""
+        message: dict[str, object] = {"problems": await service.readiness()}
+        if families:
+            message["families"] = list(service.metrics.registry.collect())
+        if not writer.is_closing():
+            writer.write(frame(message))
 
+    answers: set[asyncio.Task[None]] = set()
     await service.start()
     # as the receiver does once it listens (connector/server.py): what start-up made is kept
     # out of the cyclic collector's walks, objects made from here on are collected as before
     gc.freeze()
-    tasks = [asyncio.create_task(commands()), asyncio.create_task(report())]
+    await report(families=True)  # the first status: the parent waits for it at start
+    tasks = [asyncio.create_task(commands())]
     try:
         await stop.wait()
     finally:
         await service.stop()
-        for task in tasks:
+        for task in [*tasks, *answers]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *answers, return_exceptions=True)
         writer.close()
 
 

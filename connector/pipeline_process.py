@@ -11,13 +11,18 @@ The two talk over a socket pair (the child's end is passed as a file descriptor)
 
 * parent to child: first one frame holding the configuration, then single bytes: ``w``
   (events were committed: plan now), ``b`` (the receiver is saturated: planning and delivery
-  step aside for a moment, as they do in one process) and ``s`` (stop: finish or release the
-  work in hand).
+  step aside for a moment, as they do in one process), ``q`` (send your readiness problems),
+  ``m`` (send your metric families) and ``s`` (stop: finish or release the work in
+  hand).
   On Linux the child is killed with its parent (``PR_SET_PDEATHSIG``), so ``kill -9`` of
   ``connector serve`` ends both at once, as for one process; elsewhere, end of file on the
   socket tells the child that its parent is gone, and it stops.
-* child to parent: a frame every second (and at start) with the child's readiness problems
-  and its metric families, which the receiver's ``/metrics`` serves with its own.
+* child to parent: a frame at start with the child's readiness problems and its metric
+  families, then one in answer to each ``q`` (the problems) or ``m`` (the families, which the
+  receiver's ``/metrics`` serves with its own; answered at once, without the store). The
+  parent asks when it needs them (a ``/readyz``, a ``/metrics``), so an idle pair of
+  processes sends nothing; a child that has answered nothing for
+  :data:`STATUS_STALE_SECONDS` since it was asked is "not reporting".
 
 A frame is a 4-byte big-endian length and a pickle: both ends are this package, started by
 each other, so nothing untrusted is ever unpickled.
@@ -45,11 +50,12 @@ if TYPE_CHECKING:
 
 log = get_logger("connector.pipeline_process")
 
-STATUS_SECONDS = 1.0
-STATUS_STALE_SECONDS = 5.0
+STATUS_STALE_SECONDS = 5.0  # a child silent this long since it was asked is not reporting
+METRICS_WAIT_SECONDS = 2.0  # /metrics waits this long for the child's families, then serves
+# the last ones it has
 START_WAIT_SECONDS = 30.0
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
-WAKE, STOP, BUSY = b"w", b"s", b"b"
+WAKE, STOP, BUSY, STATUS, METRICS = b"w", b"s", b"b", b"q", b"m"
 # the receiver says "saturated" at most this often; the child counts as busy for BUSY_LEASE
 BUSY_EVERY_SECONDS, BUSY_LEASE_SECONDS = 0.05, 0.25
 _LENGTH = struct.Struct(">I")
@@ -70,7 +76,8 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
 class ChildStatus:
     problems: list[str] = field(default_factory=lambda: ["pipeline process starting"])
     families: list[Metric] = field(default_factory=list)
-    at: float = 0.0
+    at: float = 0.0  # monotonic time the problems came
+    families_at: float = 0.0  # and the families
 
 
 class PipelineProcess:
@@ -86,6 +93,9 @@ class PipelineProcess:
         self._stopping = False
         self._process: asyncio.subprocess.Process | None = None
         self._busy_sent = 0.0
+        self._arrived = asyncio.Event()  # a status came (set by each, cleared by waiters)
+        # when the child was first asked something it has not answered (None: it answered)
+        self._unanswered_since: float | None = None
 
     # -- called by the receiver's service -------------------------------------------------
 
@@ -112,10 +122,40 @@ class PipelineProcess:
             await asyncio.wait_for(self._first_status.wait(), timeout)
         return self._first_status.is_set()
 
+    async def refresh(
+        self, *, families: bool = False, timeout: float = STATUS_STALE_SECONDS
+    ) -> bool:
+        """Ask the child for its problems (or its metric families, ``families``) and wait up
+        to ``timeout`` for the answer; whether it came. Questions asked together share the
+        answers: each waits for the first answer of its kind that came after it asked."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return False
+        asked = time.monotonic()
+        writer.write(METRICS if families else STATUS)
+
+        def answered() -> bool:
+            return (self.status.families_at if families else self.status.at) >= asked
+
+        deadline = asked + timeout
+        while not answered():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._writer is not writer:  # out of time, or the child went
+                break
+            self._arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+        found = answered()
+        if not found and self._writer is writer and self._unanswered_since is None:
+            self._unanswered_since = asked
+        return found
+
     def problems(self) -> list[str]:
+        """The child's problems as its last answer said them (:meth:`refresh` asks)."""
         if self._process is None or self._process.returncode is not None:
             return ["pipeline process not running"]
-        if self.status.at and time.monotonic() - self.status.at > STATUS_STALE_SECONDS:
+        silent = self._unanswered_since
+        if silent is not None and time.monotonic() - silent >= STATUS_STALE_SECONDS:
             return ["pipeline process not reporting"]
         return list(self.status.problems)
 
@@ -177,14 +217,21 @@ class PipelineProcess:
             self._writer = None
             writer.close()
             self.status = ChildStatus(problems=["pipeline process not running"])
+            self._unanswered_since = None
+            self._arrived.set()  # whoever waits for an answer of this child: none will come
 
     async def _read_statuses(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 message = await read_frame(reader)
+                now, last = time.monotonic(), self.status
+                problems, families = message.get("problems"), message.get("families")
                 self.status = ChildStatus(
-                    problems=list(message["problems"]),
-                    families=list(message["families"]),
-                    at=time.monotonic(),
+                    problems=last.problems if problems is None else list(problems),
+                    families=last.families if families is None else list(families),
+                    at=last.at if problems is None else now,
+                    families_at=last.families_at if families is None else now,
                 )
+                self._unanswered_since = None
+                self._arrived.set()
                 self._first_status.set()

@@ -20,7 +20,50 @@ from connector.logs import get_logger
 log = get_logger("connector.server")
 
 
-class ConnectorServer(uvicorn.Server):
+# how often an idle server wakes: the Date header uvicorn sends is refreshed this often (as
+# uvicorn does), and nothing else is due; a stop is heard at once (QuietServer)
+TICK_SECONDS = 1.0
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn's server, woken once a second instead of ten times while it waits to stop.
+
+    uvicorn's main loop sleeps 0.1 s at a time to look at ``should_exit``, refreshing its
+    Date header every tenth look: an idle receiver woke ten times a second for nothing. Here
+    it waits for ``should_exit`` itself (set by a signal or another task: the setter wakes
+    the loop) or the next second's Date header, whichever comes first.
+    """
+
+    _exit_now: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def should_exit(self) -> bool:
+        return bool(self.__dict__.get("_should_exit", False))
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self.__dict__["_should_exit"] = value
+        loop, event = self._loop, self._exit_now
+        if value and loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(event.set)
+
+    async def main_loop(self) -> None:
+        self._loop, self._exit_now = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            if self.should_exit:  # set before the event existed
+                self._exit_now.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exit_now.wait(), TICK_SECONDS)
+            # a multiple of ten: uvicorn refreshes the Date header at each of them
+            counter = (counter + 10) % 864000
+            should_exit = await self.on_tick(counter)
+
+
+class ConnectorServer(QuietServer):
     """uvicorn's server, except that a SIGTERM or Ctrl-C ends in exit status 0.
 
     uvicorn (0.30 and later) shuts down gracefully and then raises the signal again, which
@@ -51,7 +94,7 @@ class ConnectorServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-class CompanionServer(uvicorn.Server):
+class CompanionServer(QuietServer):
     """A second listener of the process (the console). It takes no signals: the webhook
     server's handler stops it (one process-wide handler per signal; a second server's would
     replace the first's)."""

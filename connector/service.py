@@ -26,12 +26,21 @@ from connector.intake import GroupCommitter
 from connector.logs import get_logger
 from connector.metrics import Metrics, replica_id
 from connector.pipeline import Deployment, Processor, build_worker
-from connector.pipeline_process import PipelineProcess
+from connector.pipeline_process import METRICS_WAIT_SECONDS, PipelineProcess
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
-from connector.store import AsyncStore, open_store
+from connector.store import AsyncStore, Store, open_store
 
 log = get_logger("connector.service")
 HEARTBEAT_SECONDS = 5.0
+# How often the planner and the workers look at the store with nothing to wake them. Every
+# commit that gives them work wakes them (this process's receiver, the receiver's wake-up
+# byte to the pipeline process, PostgreSQL's NOTIFY from the other replicas): the look is a
+# fallback, for a notification lost while the listener reconnects, events a replica left
+# behind when it died, or a command of the CLI writing to a SQLite store. Once a second where
+# no notification can come (PostgreSQL with store_listen false, or its listener away),
+# otherwise every QUIET_POLL_SECONDS: an idle connector then costs next to nothing.
+POLL_SECONDS = 1.0
+QUIET_POLL_SECONDS = 5.0
 RETENTION_SECONDS = 3600.0
 MISFIRE_GRACE = timedelta(seconds=600)
 # past the store's own timeout, how long a commit or a readiness check waits before calling
@@ -47,13 +56,26 @@ def _lease_held(worker: DeliveryWorker) -> Callable[[], float]:
     return lambda: float(worker.leased)
 
 
+def _beat(store: Store) -> None:
+    """The heartbeat, then the store's upkeep: one trip to the store's thread for both."""
+    store.heartbeat()
+    store.maintain()
+
+
 class Service:
     """``role`` says which half runs here: ``all`` (one process: receiver, planner and
     workers), ``receiver`` (the committer, with the planner and workers in a child process,
     :mod:`connector.pipeline_child`) or ``pipeline`` (that child: planner and workers)."""
 
-    def __init__(self, config: Config, *, idle_poll: float = 1.0, role: Role = "all") -> None:
+    def __init__(
+        self, config: Config, *, idle_poll: float | None = None, role: Role = "all"
+    ) -> None:
+        """``idle_poll``: the planner's and the workers' look at the store with nothing to
+        wake them, fixed; None (the default) adapts it to the wake-ups (QUIET_POLL_SECONDS)."""
         self.config = config
+        self._fixed_poll = idle_poll
+        if idle_poll is None:
+            idle_poll = POLL_SECONDS
         self.role = role
         self.metrics = Metrics()
         self.pressure = Pressure()
@@ -201,6 +223,22 @@ class Service:
             fire = job.trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
         return None if found is None else float(found.timestamp())
 
+    def _idle_poll(self) -> float:
+        """The look at the store now (see QUIET_POLL_SECONDS)."""
+        if self._fixed_poll is not None:
+            return self._fixed_poll
+        store = self.astore.store
+        if getattr(type(store), "listening", None) is None:  # no listener: SQLite, one host
+            return QUIET_POLL_SECONDS
+        return QUIET_POLL_SECONDS if getattr(store, "listening", False) else POLL_SECONDS
+
+    def _apply_idle_poll(self) -> None:
+        poll = self._idle_poll()
+        if self.processor is not None:
+            self.processor.idle_poll = poll
+        for worker in self.workers.values():
+            worker.idle_poll = poll
+
     def _wake_workers(self, touched: Iterable[tuple[str, str]]) -> None:
         for key in touched:
             worker = self.workers.get(key)
@@ -228,7 +266,7 @@ class Service:
             except StoreUnavailable as exc:
                 self.committer.note_fault(exc)
             self._tasks["committer"] = asyncio.create_task(self.committer.run(self._stopping))
-            self._tasks["load"] = asyncio.create_task(self.pressure.watch(self._stopping))
+            # the receiver's load is measured as webhooks arrive (Pressure.enter): no timer
         if self.child is not None:
             self._tasks["pipeline_process"] = asyncio.create_task(self.child.run(self._stopping))
             if not await self.child.wait_started():
@@ -240,6 +278,7 @@ class Service:
             except StoreUnavailable as exc:  # read-only, full, locked: the heartbeat retries
                 log.warning("register_deferred", reason=exc.reason)
             self._listen(asyncio.get_running_loop())
+            self._apply_idle_poll()
             self._tasks["processor"] = asyncio.create_task(self.processor.run(self._stopping))
             for (dispensary, name), worker in self.workers.items():
                 self._tasks[f"worker:{dispensary}/{name}"] = asyncio.create_task(
@@ -270,7 +309,13 @@ class Service:
             return called
 
         store = self.astore.store
-        store.on_commit("inbox", wake(lambda _payload: self.wake_processor()))
+
+        def inbox(_payload: str) -> None:
+            # the listener (re)connected, or a replica committed: its wake-ups are heard
+            self._apply_idle_poll()
+            self.wake_processor()
+
+        store.on_commit("inbox", wake(inbox))
         store.on_commit("outbox", wake(self._wake_named))
 
     def _wake_named(self, payload: str) -> None:
@@ -288,13 +333,13 @@ class Service:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), HEARTBEAT_SECONDS)
             if not self._stopping.is_set():
+                self._apply_idle_poll()  # the listener may have gone: poll as often as before
                 try:
                     if not self._registered:  # the store refused it at start
                         released = await self.astore.call(store.register_process)
                         self._registered = True
                         log.info("registered", released=released)
-                    await self.astore.call(store.heartbeat)
-                    await self.astore.call(store.maintain)
+                    await self.astore.call(_beat, store)
                 except Exception as exc:  # the store is away: one line, not a traceback
                     log.warning("heartbeat_failed", error=exc)
 
@@ -366,6 +411,15 @@ class Service:
     async def _check_readiness(self) -> list[str]:
         problems = []
         timeout = self.config.store_timeout_seconds + STORE_MARGIN_SECONDS
+        # the pipeline process answers when asked (it sends nothing unasked): asked first,
+        # its answer awaited after this process's own checks, as long as they may take (a
+        # slow answer leaves its last one standing, until its silence makes it "not
+        # reporting")
+        asking = (
+            None
+            if self.child is None
+            else asyncio.ensure_future(self.child.refresh(timeout=timeout))
+        )
         try:
             await asyncio.wait_for(self.astore.call(self.astore.store.ping), timeout)
         except TimeoutError:
@@ -399,6 +453,8 @@ class Service:
             if task.done():
                 problems.append(f"{name} stopped")
         if self.child is not None:
+            assert asking is not None
+            await asking
             problems.extend(self.child.problems())
         if not self._tasks:
             problems.append("not started")
@@ -410,6 +466,15 @@ class Service:
         times start from the store's at the first scrape that reaches it."""
         store = self.astore.store
         reconciled: dict[str, dict[str, Any]] | None
+        # the pipeline process's families, asked for now and awaited after the store's reads
+        # (the last ones it sent, if it is slow)
+        asking = (
+            None
+            if self.child is None
+            else asyncio.ensure_future(
+                self.child.refresh(families=True, timeout=METRICS_WAIT_SECONDS)
+            )
+        )
         try:
             if not self.metrics.webhook_times_loaded:
                 self.metrics.remember_webhooks(await self.astore.call(store.last_webhook_times))
@@ -418,6 +483,8 @@ class Service:
             reconciled = await self.astore.call(store.reconcile_times)
         except StoreUnavailable:
             stats, paused, reconciled = [], [], None
+        if asking is not None:
+            await asking
         return self.metrics.render(
             stats,
             self.destination_keys,
