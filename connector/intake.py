@@ -69,6 +69,10 @@ class GroupCommitter:
         self._idle = False  # the writer waits for the signal (read by submit)
         self._kicked = False  # the loop will wake the idle writer when it has run what is ready
         self._inflight: list[tuple[NewEvent | Rejected, asyncio.Future[None]]] = []
+        # callers waiting for a commit; while there are none, _watch sleeps until one comes
+        # (a commit can only hang with a caller waiting) instead of looking 4 times a second
+        self._waiting = 0
+        self._watch_wake: asyncio.Event | None = None
 
     async def submit(self, item: NewEvent | Rejected) -> None:
         """Return once ``item`` is committed; :class:`StoreUnavailable` if it was not."""
@@ -87,7 +91,15 @@ class GroupCommitter:
             # a writer woken at once would take the first alone
             self._kicked = True
             loop.call_soon(self._kick)
-        await future
+        self._waiting += 1
+        wake = self._watch_wake
+        if wake is not None:
+            self._watch_wake = None
+            wake.set()
+        try:
+            await future
+        finally:
+            self._waiting -= 1
 
     def _kick(self) -> None:
         self._kicked = False
@@ -145,6 +157,11 @@ class GroupCommitter:
             f"the store has not answered for {timeout} s", reason="store not answering"
         )
         while True:
+            if not self._waiting and not self._stuck:
+                # nobody waits, and no commit hangs: none can until somebody submits (while
+                # one hangs, new callers are refused before they wait: keep looking)
+                wake = self._watch_wake = asyncio.Event()
+                await wake.wait()
             await asyncio.sleep(min(0.25, timeout / 4))
             started = self._batch_started
             self._stuck = started is not None and time.monotonic() - started > timeout
