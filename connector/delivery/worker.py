@@ -304,17 +304,26 @@ class DeliveryWorker:
         """In the store's thread: record what ended, claim up to ``limit`` (none when 0),
         and read what the claim needs (the contact ids), or when it finds nothing and
         nothing is in flight (``idle``), when the next operation falls due: one hand-over
-        to the thread instead of three or four."""
-        store = self.astore.store
-        if trip.outcome is not None:
-            self._record_sync(trip.outcome)
+        to the thread and one write transaction."""
+        outcome = trip.outcome
+        if outcome is None:
+            claimed = self.astore.store.record_and_claim(
+                self.dispensary, self.destination.name, limit, due_if_none=idle
+            )
+        else:
+            claimed = self.astore.store.record_and_claim(
+                self.dispensary, self.destination.name, limit, outcome.done, outcome.retry,
+                outcome.dead, outcome.conflicts, outcome.replaced, outcome.paused,
+                outcome.pause, outcome.answers, due_if_none=idle,
+            )  # fmt: skip
             trip.recorded = True
-        rows = store.claim(self.dispensary, self.destination.name, limit) if limit else []
-        trip.rows = rows
-        if rows:
-            trip.contacts = self._contacts_sync(rows)
-        elif idle:
-            trip.next_due = store.next_due(self.dispensary, self.destination.name)
+        trip.rows = claimed.rows
+        if claimed.rows:
+            trip.contacts = claimed.contacts
+            trip.contacts.update(
+                {f"into:{cid}": contact for cid, contact in claimed.survivors.items()}
+            )
+        trip.next_due = claimed.next_due
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
