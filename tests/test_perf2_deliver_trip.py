@@ -169,6 +169,19 @@ def dump(store: Any) -> dict[str, Any]:
     return found
 
 
+def sqlalchemy_claim(store: Any, limit: int) -> list[int]:
+    """The ids the claim's SQLAlchemy statements select (the store's own before they went to
+    the driver's connection), in a transaction rolled back."""
+    key = {"dispensary": DISPENSARY, "destination": DEST, "now": NOW, "limit": limit}
+    with store.engine.connect() as conn, conn.begin() as transaction:
+        ids = [r.id for r in conn.execute(store._claim_expired, key)]
+        if len(ids) < limit:
+            key["limit"] = limit - len(ids)
+            ids += [r.id for r in conn.execute(store._claim_due, key)]
+        transaction.rollback()
+    return ids
+
+
 @settings(
     max_examples=30,
     deadline=None,
@@ -186,7 +199,9 @@ def test_record_and_claim_is_finish_then_claim(store: Store, state: dict[str, An
     finished, _ = results(held, state["conflict"])
     limit = state["limit"]
     store.finish(DISPENSARY, DEST, **finished)
+    expected = sqlalchemy_claim(real, limit) if limit else []
     rows = store.claim(DISPENSARY, DEST, limit) if limit else []
+    assert [r.id for r in rows] == expected
     customers_of = {r.customer_id for r in rows}
     contacts_before = store.contact_ids(DISPENSARY, DEST, customers_of) if rows else {}
     survivors = {str(r.body["into_customer_id"]) for r in rows if r.op == "merge"}

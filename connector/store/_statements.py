@@ -17,19 +17,6 @@ CLAIM_SECONDS = 25.0  # a claim never outlives this without renewal (heartbeat: 
 LEASE_SECONDS = 20.0  # a destination's delivery lease, renewed by its holder every 5 s
 
 
-# executemany statements, built once (SQLAlchemy caches their compiled form)
-_CONTACT_KEY = (
-    contacts.c.dispensary == bindparam("k_dispensary"),
-    contacts.c.customer_id == bindparam("k_customer"),
-    contacts.c.destination == bindparam("k_destination"),
-)
-_FILL_CONTACT_ID = (
-    update(contacts)
-    .where(*_CONTACT_KEY)
-    .values(contact_id=bindparam("contact_id"), updated_at=bindparam("updated_at"))
-)
-
-
 def _settle(conn: Connection, where: Any, status: str, **values: Any) -> int:
     """End an attempt: count it, give back the claim, set the new status. Returns the
     operations settled."""
@@ -130,32 +117,6 @@ def claim_statements(claimable: Any) -> tuple[Any, Any, Any]:
 
 
 _CLAIM_EXPIRED, _CLAIM_DUE, _NEXT_DUE = claim_statements(~_blocked())
-_CLAIM_MARK = (
-    update(outbox)
-    .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        status="inflight",
-        claimed_by=bindparam("claimed_by"),
-        claimed_until=bindparam("claimed_until"),
-        first_attempt_at=func.coalesce(outbox.c.first_attempt_at, bindparam("now")),
-    )
-)
-_SETTLE_DONE = (
-    update(outbox)
-    .where(
-        outbox.c.id.in_(bindparam("ids", expanding=True)),
-        outbox.c.status == "inflight",
-        outbox.c.claimed_by == bindparam("by"),
-    )
-    .values(
-        status="done",
-        attempts=outbox.c.attempts + 1,
-        claimed_by=None,
-        claimed_until=None,
-        done_at=bindparam("now"),
-        last_error=None,
-    )
-)
 # the planner's statements, likewise
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
 _MARK_EVENTS = (
