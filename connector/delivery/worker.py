@@ -42,6 +42,11 @@ LEASE_RENEW_SECONDS = 5.0
 # the longest quota pause honoured: a daily cap resets within 25 hours (a day that ends daylight
 # saving time); a reset time beyond it (a bad or misread header) pauses this long, not for good
 MAX_PAUSE_SECONDS = 26 * 3600.0
+# an idle worker that is not woken looks again after ``idle_poll``, then twice, then up to
+# this many times as long: new work wakes it (the planner's enqueue, the store's
+# notifications), a retry's due time ends its wait, and the polls are for what nothing
+# announces (an operator's replay from another process on SQLite, a dead replica's claims)
+IDLE_BACKOFF = 4
 
 
 @dataclass(slots=True)
@@ -141,6 +146,7 @@ class DeliveryWorker:
         self._progress = asyncio.Event()  # enough slots came free to claim again
         self._all_free = asyncio.Event()  # no call in flight
         self._more = True  # a claim may find something: woken, a result recorded, a full claim
+        self._idle_backoff = 1  # the next idle wait, in idle polls (up to IDLE_BACKOFF)
 
     async def _hold_lease(self) -> bool:
         """Take or renew the destination's lease when due; whether this process holds it."""
@@ -226,6 +232,7 @@ class DeliveryWorker:
             return
         if self.wake.is_set():
             self._more = True
+            self._idle_backoff = 1
         self.wake.clear()  # before looking: a wake-up from here on is not lost
         if self._unrecorded is not None:
             await self._record_unrecorded()
@@ -294,8 +301,17 @@ class DeliveryWorker:
         await self.pressure.yield_after(time.monotonic() - started)
         if self._inflight or self._more:
             return  # the next step waits for calls to end, or claims again
+        # idle: nothing claimed, nothing in flight. Each look that finds nothing spaces out
+        # the next (IDLE_BACKOFF); a wake-up or work found brings it back to idle_poll
+        if trip.outcome is not None:
+            self._idle_backoff = 1
+        poll = self.idle_poll * self._idle_backoff
+        self._idle_backoff = min(2 * self._idle_backoff, IDLE_BACKOFF)
         due = trip.next_due
-        timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
+        timeout = poll if due is None else min(poll, due - time.time())
+        # never past the lease's renewal (the next step renews it)
+        renewal = self._lease_checked + LEASE_RENEW_SECONDS - time.monotonic()
+        timeout = min(timeout, renewal)
         if timeout > 0:
             await self._wait(stopping, timeout, wake=True)
         self._more = True  # the wait is over: due, woken, or time to look again
@@ -304,17 +320,26 @@ class DeliveryWorker:
         """In the store's thread: record what ended, claim up to ``limit`` (none when 0),
         and read what the claim needs (the contact ids), or when it finds nothing and
         nothing is in flight (``idle``), when the next operation falls due: one hand-over
-        to the thread instead of three or four."""
-        store = self.astore.store
-        if trip.outcome is not None:
-            self._record_sync(trip.outcome)
+        to the thread and one write transaction."""
+        outcome = trip.outcome
+        if outcome is None:
+            claimed = self.astore.store.record_and_claim(
+                self.dispensary, self.destination.name, limit, due_if_none=idle
+            )
+        else:
+            claimed = self.astore.store.record_and_claim(
+                self.dispensary, self.destination.name, limit, outcome.done, outcome.retry,
+                outcome.dead, outcome.conflicts, outcome.replaced, outcome.paused,
+                outcome.pause, outcome.answers, due_if_none=idle,
+            )  # fmt: skip
             trip.recorded = True
-        rows = store.claim(self.dispensary, self.destination.name, limit) if limit else []
-        trip.rows = rows
-        if rows:
-            trip.contacts = self._contacts_sync(rows)
-        elif idle:
-            trip.next_due = store.next_due(self.dispensary, self.destination.name)
+        trip.rows = claimed.rows
+        if claimed.rows:
+            trip.contacts = claimed.contacts
+            trip.contacts.update(
+                {f"into:{cid}": contact for cid, contact in claimed.survivors.items()}
+            )
+        trip.next_due = claimed.next_due
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

@@ -17,19 +17,6 @@ CLAIM_SECONDS = 25.0  # a claim never outlives this without renewal (heartbeat: 
 LEASE_SECONDS = 20.0  # a destination's delivery lease, renewed by its holder every 5 s
 
 
-# executemany statements, built once (SQLAlchemy caches their compiled form)
-_CONTACT_KEY = (
-    contacts.c.dispensary == bindparam("k_dispensary"),
-    contacts.c.customer_id == bindparam("k_customer"),
-    contacts.c.destination == bindparam("k_destination"),
-)
-_FILL_CONTACT_ID = (
-    update(contacts)
-    .where(*_CONTACT_KEY)
-    .values(contact_id=bindparam("contact_id"), updated_at=bindparam("updated_at"))
-)
-
-
 def _settle(conn: Connection, where: Any, status: str, **values: Any) -> int:
     """End an attempt: count it, give back the claim, set the new status. Returns the
     operations settled."""
@@ -130,32 +117,6 @@ def claim_statements(claimable: Any) -> tuple[Any, Any, Any]:
 
 
 _CLAIM_EXPIRED, _CLAIM_DUE, _NEXT_DUE = claim_statements(~_blocked())
-_CLAIM_MARK = (
-    update(outbox)
-    .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        status="inflight",
-        claimed_by=bindparam("claimed_by"),
-        claimed_until=bindparam("claimed_until"),
-        first_attempt_at=func.coalesce(outbox.c.first_attempt_at, bindparam("now")),
-    )
-)
-_SETTLE_DONE = (
-    update(outbox)
-    .where(
-        outbox.c.id.in_(bindparam("ids", expanding=True)),
-        outbox.c.status == "inflight",
-        outbox.c.claimed_by == bindparam("by"),
-    )
-    .values(
-        status="done",
-        attempts=outbox.c.attempts + 1,
-        claimed_by=None,
-        claimed_until=None,
-        done_at=bindparam("now"),
-        last_error=None,
-    )
-)
 # the planner's statements, likewise
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
 _MARK_EVENTS = (
@@ -303,4 +264,62 @@ RAW_INSERT_OUTBOX = (
     "INSERT INTO outbox (dispensary, destination, order_key, customer_id, op, payload,"
     " idempotency_key, status, attempts, created_at, next_attempt_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
+)
+
+# the delivery loop's claims and results (connector/store/outbox.py), likewise
+_CLAIMED_COLUMNS = (
+    "SELECT id, dispensary, destination, customer_id, op, payload, idempotency_key, attempts,"
+    " first_attempt_at FROM outbox"
+)
+# no other operation of the same customer goes first (_going_first): an earlier one pending
+# or in flight, or any one in flight whose claim has not expired (the parameter: now)
+_OTHER_FIRST = (
+    " FROM outbox AS o2 WHERE o2.dispensary = outbox.dispensary"
+    " AND o2.destination = outbox.destination AND o2.order_key = outbox.order_key"
+    " AND o2.id != outbox.id AND (o2.id < outbox.id AND o2.status IN"
+    " ('pending', 'inflight') OR o2.status = 'inflight' AND o2.claimed_until >= ?)"
+)
+_FIRST_SQLITE = " AND NOT EXISTS (SELECT 1" + _OTHER_FIRST + ")"
+# PostgreSQL: a scalar subquery probed once per candidate row (see first_of_customer)
+_FIRST_PG = " AND (SELECT o2.id" + _OTHER_FIRST + " LIMIT 1) IS NULL"
+_EXPIRED_WHERE = (
+    " WHERE dispensary = ? AND destination = ? AND status = 'inflight' AND claimed_until < ?"
+)
+_DUE_WHERE = (
+    " WHERE dispensary = ? AND destination = ? AND status = 'pending' AND next_attempt_at <= ?"
+)
+_IN_ID_ORDER = " ORDER BY id LIMIT ?"
+_LOCKED = " FOR UPDATE OF outbox SKIP LOCKED"
+# parameters: dispensary, destination, now, now, limit
+RAW_CLAIM_EXPIRED = _CLAIMED_COLUMNS + _EXPIRED_WHERE + _FIRST_SQLITE + _IN_ID_ORDER
+RAW_CLAIM_DUE = _CLAIMED_COLUMNS + _DUE_WHERE + _FIRST_SQLITE + _IN_ID_ORDER
+RAW_CLAIM_EXPIRED_PG = _CLAIMED_COLUMNS + _EXPIRED_WHERE + _FIRST_PG + _IN_ID_ORDER + _LOCKED
+RAW_CLAIM_DUE_PG = _CLAIMED_COLUMNS + _DUE_WHERE + _FIRST_PG + _IN_ID_ORDER + _LOCKED
+# parameters: claimed_by, claimed_until, now, then the ids (in_list)
+RAW_CLAIM_MARK = (
+    "UPDATE outbox SET status = 'inflight', claimed_by = ?, claimed_until = ?,"
+    " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE id IN "
+)
+# parameters: now, this process, then the ids: only what this process still holds
+RAW_SETTLE_DONE = (
+    "UPDATE outbox SET status = 'done', attempts = attempts + 1, claimed_by = NULL,"
+    " claimed_until = NULL, done_at = ?, last_error = NULL"
+    " WHERE status = 'inflight' AND claimed_by = ? AND id IN "
+)
+# parameters: dispensary, destination, then the customer ids (or contact ids)
+RAW_CONTACT_IDS = (
+    "SELECT customer_id, contact_id FROM contacts"
+    " WHERE dispensary = ? AND destination = ? AND customer_id IN "
+)
+RAW_CONTACT_HOLDERS = (
+    "SELECT customer_id, contact_id FROM contacts"
+    " WHERE dispensary = ? AND destination = ? AND contact_id IN "
+)
+RAW_FILL_CONTACT_ID = (
+    "UPDATE contacts SET contact_id = ?, updated_at = ?"
+    " WHERE dispensary = ? AND customer_id = ? AND destination = ?"
+)
+RAW_NEW_CONTACT = (
+    "INSERT INTO contacts (dispensary, customer_id, destination, contact_id, delivered_hash,"
+    " unsubscribed, deactivated, ops_planned, updated_at) VALUES (?, ?, ?, ?, NULL, ?, ?, 0, ?)"
 )

@@ -73,6 +73,19 @@ class OutboxRow:
     first_attempt_at: float | None
 
 
+@dataclass(slots=True)
+class Claimed:
+    """What :meth:`Outbox.record_and_claim` claimed, and what sending it needs."""
+
+    rows: list[OutboxRow]
+    # the destination's contact id of each claimed operation's customer that has one
+    contacts: dict[str, str]
+    # for a merge, its survivor's contact (followed through later merges), by survivor
+    survivors: dict[str, str]
+    # when nothing was claimed and it was asked for: when the next operation falls due
+    next_due: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     id: int
@@ -357,6 +370,27 @@ class Outbox(Protocol):
         pause: tuple[float, str, int | None] | None = None,
         answers: Mapping[int, tuple[int | None, str | None]] | None = None,
     ) -> None: ...
+
+    def record_and_claim(
+        self,
+        dispensary: str,
+        destination: str,
+        limit: int,
+        done: Sequence[tuple[OutboxRow, str | None]] = (),
+        retry: Sequence[tuple[OutboxRow, float, str]] = (),
+        dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
+        conflicts: Sequence[tuple[str, str, str]] = (),
+        replaced: Mapping[int, str] | None = None,
+        paused: Sequence[tuple[OutboxRow, float, str]] = (),
+        pause: tuple[float, str, int | None] | None = None,
+        answers: Mapping[int, tuple[int | None, str | None]] | None = None,
+        *,
+        due_if_none: bool = False,
+    ) -> Claimed:
+        """:meth:`finish` then :meth:`claim` (up to ``limit``, none when 0) in one write
+        transaction, with the contact ids the claimed operations are sent with; when
+        nothing is claimed and ``due_if_none``, :meth:`next_due` too."""
+        ...
 
     def pause_of(self, dispensary: str, destination: str) -> Pause | None:
         """The destination's pause, if it has one that has not ended."""

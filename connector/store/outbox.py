@@ -21,15 +21,25 @@ from connector.planner import payload_hash
 from connector.store._statements import (
     _CLAIM_DUE,
     _CLAIM_EXPIRED,
-    _CLAIM_MARK,
     _CONTACT_IDS,
-    _FILL_CONTACT_ID,
     _NEXT_DUE,
-    _SETTLE_DONE,
     CLAIM_SECONDS,
+    RAW_CLAIM_DUE,
+    RAW_CLAIM_DUE_PG,
+    RAW_CLAIM_EXPIRED,
+    RAW_CLAIM_EXPIRED_PG,
+    RAW_CLAIM_MARK,
+    RAW_CONTACT_HOLDERS,
+    RAW_CONTACT_IDS,
+    RAW_FILL_CONTACT_ID,
+    RAW_NEW_CONTACT,
+    RAW_SETTLE_DONE,
+    Raw,
     _settle,
+    in_list,
 )
 from connector.store.abc import (
+    Claimed,
     OutboxRow,
     Pause,
 )
@@ -60,35 +70,110 @@ class OutboxSql(PlanSql):
         a time and in order, and a retry's wait holds up only that customer.
         """
         now = self._now() if now is None else now
-        key = {"dispensary": dispensary, "destination": destination, "now": now}
         with self.transaction(durable=False) as conn:
-            self._lock_queue(conn, dispensary, destination)
-            rows = list(conn.execute(self._claim_expired, {**key, "limit": limit}))
-            if len(rows) < limit:
-                rows += conn.execute(self._claim_due, {**key, "limit": limit - len(rows)})
-            if not rows:
-                return []
-            offset = self._clock_offset
-            conn.execute(
-                _CLAIM_MARK,
-                {"ids": [r.id for r in rows], "claimed_by": self.process_id,
-                 "claimed_until": now + CLAIM_SECONDS, "now": now},
-            )  # fmt: skip
+            return self._claim_in(conn, Raw(conn), dispensary, destination, limit, now)
+
+    def _claim_in(
+        self, conn: Connection, raw: Raw, dispensary: str, destination: str, limit: int,
+        now: float,
+    ) -> list[OutboxRow]:  # fmt: skip
+        """:meth:`claim` in a write transaction (``raw``: its driver connection)."""
+        self._lock_queue(conn, dispensary, destination)
+        if self.dialect == "postgresql":
+            expired, due = RAW_CLAIM_EXPIRED_PG, RAW_CLAIM_DUE_PG
+        else:
+            expired, due = RAW_CLAIM_EXPIRED, RAW_CLAIM_DUE
+        key = (dispensary, destination, now, now)
+        rows = raw.rows(expired, (*key, limit))
+        if len(rows) < limit:
+            rows += raw.rows(due, (*key, limit - len(rows)))
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        raw.run(
+            RAW_CLAIM_MARK + in_list(len(ids)),
+            (self.process_id, now + CLAIM_SECONDS, now, *ids),
+        )
+        offset = self._clock_offset
+        loads = json.loads
+        # in this host's time, as the worker reads it
         return [
             OutboxRow(
-                r.id,
-                r.dispensary,
-                r.destination,
-                r.customer_id,
-                r.op,
-                json.loads(r.payload),
-                r.idempotency_key,
-                r.attempts,
-                # in this host's time, as the worker reads it
-                (r.first_attempt_at if r.first_attempt_at is not None else now) - offset,
+                id_,
+                dispensary_,
+                destination_,
+                customer,
+                op,
+                loads(payload),
+                key_,
+                attempts,
+                (first if first is not None else now) - offset,
             )
-            for r in rows
+            for (
+                id_,
+                dispensary_,
+                destination_,
+                customer,
+                op,
+                payload,
+                key_,
+                attempts,
+                first,
+            ) in rows
         ]
+
+    def record_and_claim(
+        self,
+        dispensary: str,
+        destination: str,
+        limit: int,
+        done: Sequence[tuple[OutboxRow, str | None]] = (),
+        retry: Sequence[tuple[OutboxRow, float, str]] = (),
+        dead: Sequence[tuple[OutboxRow, str, int | None, str | None]] = (),
+        conflicts: Sequence[tuple[str, str, str]] = (),
+        replaced: Mapping[int, str] | None = None,
+        paused: Sequence[tuple[OutboxRow, float, str]] = (),
+        pause: tuple[float, str, int | None] | None = None,
+        answers: Mapping[int, tuple[int | None, str | None]] | None = None,
+        *,
+        due_if_none: bool = False,
+    ) -> Claimed:
+        """:meth:`finish` then :meth:`claim` in one write transaction (a customer's next
+        operation is claimable once its last one is recorded, which the claim sees), with
+        the contact ids the claimed operations are sent with; when nothing is claimed and
+        ``due_if_none``, when the next operation falls due. Either all of it commits or
+        none of it."""
+        recording = bool(done or retry or dead or conflicts or paused or pause is not None)
+        claimed = Claimed([], {}, {})
+        with self.transaction(durable=False) as conn:
+            raw = Raw(conn)
+            now = self._now()
+            if recording:
+                self._finish_in(conn, raw, dispensary, destination, done, retry, dead,
+                                conflicts, replaced, paused, pause, answers, now)  # fmt: skip
+            rows = self._claim_in(conn, raw, dispensary, destination, limit, now) if limit else []
+            claimed.rows = rows
+            if rows:
+                claimed.contacts = self._contact_ids_raw(
+                    raw, dispensary, destination, list(dict.fromkeys(r.customer_id for r in rows))
+                )
+                survivors = {str(r.body["into_customer_id"]) for r in rows if r.op == "merge"}
+                for customer_id in survivors:
+                    # a merge goes into the final survivor: if the survivor was itself merged
+                    # away since this merge was planned (B into C after A into B), into C's
+                    current = self._final_in(conn, dispensary, customer_id)
+                    own = self._contact_ids_raw(raw, dispensary, destination, [current])
+                    if current in own:
+                        claimed.survivors[customer_id] = own[current]
+            elif due_if_none:
+                found = conn.execute(
+                    self._next_due,
+                    {"dispensary": dispensary, "destination": destination, "now": now},
+                ).all()
+                value = found[0][0] if found else None
+                if value is not None:
+                    claimed.next_due = float(value) - self._clock_offset  # this host's time
+        return claimed
 
     def _lock_queue(self, conn: Connection, dispensary: str, destination: str) -> None:
         """Hold a destination's claims until the transaction ends: each claim then sees every
@@ -116,10 +201,15 @@ class OutboxSql(PlanSql):
         if not ids:
             return {}
         with self.snapshot() as conn:
-            rows = conn.execute(
-                _CONTACT_IDS, {"dispensary": dispensary, "destination": destination, "ids": ids}
-            ).all()
-        return {r.customer_id: r.contact_id for r in rows if r.contact_id is not None}
+            return self._contact_ids_raw(Raw(conn), dispensary, destination, ids)
+
+    @staticmethod
+    def _contact_ids_raw(
+        raw: Raw, dispensary: str, destination: str, ids: list[str]
+    ) -> dict[str, str]:
+        """:meth:`contact_ids` of distinct ``ids`` (not empty), in a transaction."""
+        rows = raw.rows(RAW_CONTACT_IDS + in_list(len(ids)), (dispensary, destination, *ids))
+        return {customer: contact for customer, contact in rows if contact is not None}
 
     def resolve_contact_ids(
         self, dispensary: str, destination: str, customer_ids: Iterable[str]
@@ -212,7 +302,27 @@ class OutboxSql(PlanSql):
         first attempt time either); ``pause``: the destination's pause (until, reason,
         status), which every process delivering for it honours. ``answers``: by outbox
         id, the status and vendor code of a failed or paused attempt, kept in ``attempts``."""
-        now = self._now()
+        with self.transaction(durable=False) as conn:
+            self._finish_in(conn, Raw(conn), dispensary, destination, done, retry, dead,
+                            conflicts, replaced, paused, pause, answers, self._now())  # fmt: skip
+
+    def _finish_in(
+        self,
+        conn: Connection,
+        raw: Raw,
+        dispensary: str,
+        destination: str,
+        done: Sequence[tuple[OutboxRow, str | None]],
+        retry: Sequence[tuple[OutboxRow, float, str]],
+        dead: Sequence[tuple[OutboxRow, str, int | None, str | None]],
+        conflicts: Sequence[tuple[str, str, str]],
+        replaced: Mapping[int, str] | None,
+        paused: Sequence[tuple[OutboxRow, float, str]],
+        pause: tuple[float, str, int | None] | None,
+        answers: Mapping[int, tuple[int | None, str | None]] | None,
+        now: float,
+    ) -> None:
+        """:meth:`finish` in a write transaction (``raw``: its driver connection)."""
         offset = self._clock_offset  # a retry's time is this host's; stored in the store's
         written = {
             str(row.body.get("into_customer_id") or row.customer_id)
@@ -224,110 +334,107 @@ class OutboxSql(PlanSql):
         # only what this process still holds is settled: a claim that expired (this process
         # stalled past it) may be another's now, and a late result must not put it back or
         # end it under the new holder; a late success still records the contact it returned
-        mine = (outbox.c.status == "inflight") & (outbox.c.claimed_by == self.process_id)
-        with self.transaction(durable=False) as conn:
-            # the contacts written here are customer state a planner may be writing too
-            self._lock_customers(conn, dispensary, written)
-            if conflicts:
-                self.add_conflicts(
-                    conn, dispensary, [(c, destination, k, d) for c, k, d in conflicts]
+        mine: Any = None
+        if retry or paused or dead:
+            mine = (outbox.c.status == "inflight") & (outbox.c.claimed_by == self.process_id)
+        # the contacts written here are customer state a planner may be writing too
+        self._lock_customers(conn, dispensary, written)
+        if conflicts:
+            self.add_conflicts(conn, dispensary, [(c, destination, k, d) for c, k, d in conflicts])
+        if done:
+            ids = [row.id for row, _ in done]
+            raw.run(RAW_SETTLE_DONE + in_list(len(ids)), (now, self.process_id, *ids))
+            returned: dict[str, str] = {}
+            gone: dict[str, str] = {}
+            for row, contact_id in done:
+                if contact_id:
+                    target = row.body.get("into_customer_id") if row.op == "merge" else None
+                    customer = str(target or row.customer_id)
+                    returned[customer] = contact_id
+                    if replaced and row.id in replaced:
+                        gone[customer] = replaced[row.id]
+            if returned:
+                self._record_contacts(conn, dispensary, destination, returned, now, gone, raw=raw)
+        for row, at, error in retry:
+            _settle(
+                conn, (outbox.c.id == row.id) & mine, "pending",
+                next_attempt_at=at + offset, last_error=error[:2000],
+            )  # fmt: skip
+        for row, at, reason in paused:
+            conn.execute(
+                update(outbox)
+                .where((outbox.c.id == row.id) & mine)
+                .values(
+                    status="pending",
+                    claimed_by=None,
+                    claimed_until=None,
+                    next_attempt_at=at + offset,
+                    last_error=reason[:2000],
+                    first_attempt_at=case(
+                        (outbox.c.attempts == 0, None), else_=outbox.c.first_attempt_at
+                    ),
                 )
-            if done:
-                ids = [row.id for row, _ in done]
-                conn.execute(_SETTLE_DONE, {"ids": ids, "now": now, "by": self.process_id})
-                returned: dict[str, str] = {}
-                gone: dict[str, str] = {}
-                for row, contact_id in done:
-                    if contact_id:
-                        target = row.body.get("into_customer_id") if row.op == "merge" else None
-                        customer = str(target or row.customer_id)
-                        returned[customer] = contact_id
-                        if replaced and row.id in replaced:
-                            gone[customer] = replaced[row.id]
-                if returned:
-                    self._record_contacts(conn, dispensary, destination, returned, now, gone)
-            for row, at, error in retry:
-                _settle(
-                    conn, (outbox.c.id == row.id) & mine, "pending",
-                    next_attempt_at=at + offset, last_error=error[:2000],
-                )  # fmt: skip
-            for row, at, reason in paused:
-                conn.execute(
-                    update(outbox)
-                    .where((outbox.c.id == row.id) & mine)
-                    .values(
-                        status="pending",
-                        claimed_by=None,
-                        claimed_until=None,
-                        next_attempt_at=at + offset,
-                        last_error=reason[:2000],
-                        first_attempt_at=case(
-                            (outbox.c.attempts == 0, None), else_=outbox.c.first_attempt_at
-                        ),
-                    )
-                )
-            failed = (
-                [(row, "retry", error) for row, _, error in retry]
-                + [(row, "dead", reason) for row, reason, *_ in dead]
-                + [(row, "paused", reason) for row, _, reason in paused]
             )
-            if failed:
-                known = answers or {}
+        failed = (
+            [(row, "retry", error) for row, _, error in retry]
+            + [(row, "dead", reason) for row, reason, *_ in dead]
+            + [(row, "paused", reason) for row, _, reason in paused]
+        )
+        if failed:
+            known = answers or {}
+            conn.execute(
+                insert(attempts),
+                [
+                    {
+                        "outbox_id": row.id,
+                        "at": now,
+                        "result": result,
+                        "status_code": known.get(row.id, (None, None))[0],
+                        "code": known.get(row.id, (None, None))[1],
+                        "error": error[:500],
+                    }
+                    for row, result, error in failed
+                ],
+            )
+        if pause is not None:
+            until, reason, status_code = pause
+            self._set_pause(conn, dispensary, destination, until + offset, reason, status_code, now)
+        for row, reason, status_code, response in dead:
+            mine_now = (outbox.c.id == row.id) & mine
+            if not _settle(conn, mine_now, "dead", done_at=now, last_error=reason[:2000]):
+                continue
+            conn.execute(
+                insert(dead_letters).values(
+                    outbox_id=row.id,
+                    dispensary=dispensary,
+                    destination=destination,
+                    customer_id=row.customer_id,
+                    op=row.op,
+                    payload=json.dumps(row.body, separators=(",", ":")),
+                    idempotency_key=row.idempotency_key,
+                    attempts=row.attempts + 1,
+                    reason=reason[:2000],
+                    status_code=status_code,
+                    response_body=(response or "")[:8192] or None,
+                    created_at=now,
+                    code=vendor_code(response, [row.body]),
+                )
+            )
+            fields = row.body.get("fields")
+            if row.op == "upsert" and isinstance(fields, dict):
+                # what was planned last did not arrive: forget its hash so the next event
+                # resends. Only if it is still the last one planned: a newer upsert's
+                # hash must stay, or a replay would take this older one for the newest
                 conn.execute(
-                    insert(attempts),
-                    [
-                        {
-                            "outbox_id": row.id,
-                            "at": now,
-                            "result": result,
-                            "status_code": known.get(row.id, (None, None))[0],
-                            "code": known.get(row.id, (None, None))[1],
-                            "error": error[:500],
-                        }
-                        for row, result, error in failed
-                    ],
-                )
-            if pause is not None:
-                until, reason, status_code = pause
-                self._set_pause(
-                    conn, dispensary, destination, until + offset, reason, status_code, now
-                )
-            for row, reason, status_code, response in dead:
-                mine_now = (outbox.c.id == row.id) & mine
-                if not _settle(conn, mine_now, "dead", done_at=now, last_error=reason[:2000]):
-                    continue
-                conn.execute(
-                    insert(dead_letters).values(
-                        outbox_id=row.id,
-                        dispensary=dispensary,
-                        destination=destination,
-                        customer_id=row.customer_id,
-                        op=row.op,
-                        payload=json.dumps(row.body, separators=(",", ":")),
-                        idempotency_key=row.idempotency_key,
-                        attempts=row.attempts + 1,
-                        reason=reason[:2000],
-                        status_code=status_code,
-                        response_body=(response or "")[:8192] or None,
-                        created_at=now,
-                        code=vendor_code(response, [row.body]),
+                    update(contacts)
+                    .where(
+                        contacts.c.dispensary == dispensary,
+                        contacts.c.destination == destination,
+                        contacts.c.customer_id == row.customer_id,
+                        contacts.c.delivered_hash == payload_hash(fields),
                     )
+                    .values(delivered_hash=None, updated_at=now)
                 )
-                fields = row.body.get("fields")
-                if row.op == "upsert" and isinstance(fields, dict):
-                    # what was planned last did not arrive: forget its hash so the next event
-                    # resends. Only if it is still the last one planned: a newer upsert's
-                    # hash must stay, or a replay would take this older one for the newest
-                    conn.execute(
-                        update(contacts)
-                        .where(
-                            contacts.c.dispensary == dispensary,
-                            contacts.c.destination == destination,
-                            contacts.c.customer_id == row.customer_id,
-                            contacts.c.delivered_hash == payload_hash(fields),
-                        )
-                        .values(delivered_hash=None, updated_at=now)
-                    )
 
     def _set_pause(
         self,
@@ -392,6 +499,8 @@ class OutboxSql(PlanSql):
         returned: Mapping[str, str],
         now: float,
         gone: Mapping[str, str] | None = None,
+        *,
+        raw: Raw | None = None,
     ) -> None:
         """Record contact ids a destination returned.
 
@@ -401,19 +510,19 @@ class OutboxSql(PlanSql):
         every later operation would name the gone contact again (a 404, a second call to find
         the contact, and a deactivation that never lands), and the replacement is reported.
         """
-        known = {
-            r.customer_id: r.contact_id
-            for r in conn.execute(
-                _CONTACT_IDS,
-                {"dispensary": dispensary, "destination": destination, "ids": list(returned)},
-            )
-        }
-        new, fill, clash = [], [], []
-        moved: list[tuple[str, str, str]] = []  # customer, gone id, its replacement
+        raw = Raw(conn) if raw is None else raw
+        ids = list(returned)
+        known: dict[str, str | None] = dict(
+            raw.rows(RAW_CONTACT_IDS + in_list(len(ids)), (dispensary, destination, *ids))
+        )
+        new: list[tuple[Any, ...]] = []
+        fill: list[tuple[Any, ...]] = []
+        clash: list[dict[str, Any]] = []
+        moved: list[tuple[str, str | None, str]] = []  # customer, gone id, its replacement
         # only an id the map does not hold already can be another customer's: the common
         # round (the same ids again) costs no query
         changed = {c: k for c, k in returned.items() if known.get(c) != k}
-        held = self._held_by_others(conn, dispensary, destination, changed) if changed else {}
+        held = self._held_by_others(conn, raw, dispensary, destination, changed) if changed else {}
         for cid, contact_id in returned.items():
             if cid in held and known.get(cid) != contact_id:
                 detail = (
@@ -425,15 +534,9 @@ class OutboxSql(PlanSql):
                 clash.append({**row, "kind": "shared_contact", "detail": detail, "created_at": now})
                 continue
             if cid not in known:
-                new.append({"dispensary": dispensary, "customer_id": cid,
-                            "destination": destination, "contact_id": contact_id,
-                            "delivered_hash": None, "unsubscribed": False,
-                            "deactivated": False, "ops_planned": 0,
-                            "updated_at": now})  # fmt: skip
+                new.append((dispensary, cid, destination, contact_id, False, False, now))
             elif known[cid] is None:
-                fill.append({"k_dispensary": dispensary, "k_customer": cid,
-                             "k_destination": destination, "contact_id": contact_id,
-                             "updated_at": now})  # fmt: skip
+                fill.append((contact_id, now, dispensary, cid, destination))
             elif known[cid] == contact_id:
                 continue
             elif gone and gone.get(cid) == known[cid]:
@@ -445,8 +548,7 @@ class OutboxSql(PlanSql):
                               "the identity map holds; the map is kept",
                               "created_at": now})  # fmt: skip
         for cid, old, contact_id in moved:
-            key = {"k_dispensary": dispensary, "k_customer": cid, "k_destination": destination}
-            fill.append({**key, "contact_id": contact_id, "updated_at": now})
+            fill.append((contact_id, now, dispensary, cid, destination))
             detail = f"contact {old} is gone at the destination; the map now holds {contact_id}"
             clash.append(
                 {
@@ -458,29 +560,29 @@ class OutboxSql(PlanSql):
                     "created_at": now,
                 }
             )
-        if new:
-            conn.execute(insert(contacts), new)
-        if fill:
-            conn.execute(_FILL_CONTACT_ID, fill)
+        raw.many(RAW_NEW_CONTACT, new)
+        raw.many(RAW_FILL_CONTACT_ID, fill)
         if clash:
             conn.execute(insert(conflicts_table), clash)
 
     def _held_by_others(
-        self, conn: Connection, dispensary: str, destination: str, returned: Mapping[str, str]
+        self,
+        conn: Connection,
+        raw: Raw,
+        dispensary: str,
+        destination: str,
+        returned: Mapping[str, str],
     ) -> dict[str, str]:
         """Of the customers in ``returned``, those whose returned contact the identity map
         gives to another customer of the dispensary, not of the same merge (two people: a
         family sharing a phone the destination matches on); by customer, that other one."""
-        rows = conn.execute(
-            select(contacts.c.customer_id, contacts.c.contact_id).where(
-                contacts.c.dispensary == dispensary,
-                contacts.c.destination == destination,
-                contacts.c.contact_id.in_(sorted(set(returned.values()))),
-            )
-        ).all()
+        wanted = sorted(set(returned.values()))
+        rows = raw.rows(
+            RAW_CONTACT_HOLDERS + in_list(len(wanted)), (dispensary, destination, *wanted)
+        )
         holders: dict[str, set[str]] = {}
-        for row in rows:
-            holders.setdefault(row.contact_id, set()).add(row.customer_id)
+        for customer_id, contact_id in rows:
+            holders.setdefault(contact_id, set()).add(customer_id)
         found = {}
         for cid, contact_id in returned.items():
             others = holders.get(contact_id, set()) - {cid}
