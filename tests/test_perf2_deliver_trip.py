@@ -32,7 +32,6 @@ from test_attack_perf_worker import (
 )
 from test_attack_perf_worker import mapping_dir as mapping_dir
 from test_delivery import DEST, enqueue, http_config
-from test_perf_deliver_pipeline import HeldSink
 
 from connector.delivery.worker import DeliveryWorker
 from connector.destinations.http import HttpSink
@@ -231,39 +230,6 @@ def test_a_trip_records_and_claims_in_one_transaction(store: Store) -> None:
     third = store.record_and_claim(DISPENSARY, DEST, 5, [(second.rows[0], "c-x")], due_if_none=True)
     assert third.rows == []
     assert third.next_due is None
-    assert open_ops(store) == 0
-
-
-def test_an_idle_worker_spaces_out_its_polls_and_a_wake_up_resets_them(store: Store) -> None:
-    """Looks that find nothing wait one idle poll, then two, then four (IDLE_BACKOFF) at
-    most; a wake-up brings the wait back to one; work enqueued unannounced is still found."""
-    astore = AsyncStore(store)
-    sink = HeldSink(set())
-    worker = DeliveryWorker(astore, DISPENSARY, sink, retry=FAST, idle_poll=0.05)
-    waits: list[float] = []
-
-    async def wait(stopping: asyncio.Event, timeout: float, *, wake: bool) -> None:
-        waits.append(timeout / worker.idle_poll)
-
-    worker._wait = wait  # type: ignore[method-assign]
-
-    async def go() -> None:
-        stopping = asyncio.Event()
-        for _ in range(4):
-            await worker._step(stopping)
-        worker.wake.set()
-        for _ in range(2):
-            await worker._step(stopping)
-        enqueue(store, [make_op("quiet", 1)])  # nothing wakes the worker
-        await worker._step(stopping)
-        await worker._drain()
-
-    try:
-        asyncio.run(go())
-    finally:
-        astore.close()
-    assert waits == pytest.approx([1, 2, 4, 4, 1, 2])
-    assert sink.sent == ["k-quiet-1"]
     assert open_ops(store) == 0
 
 

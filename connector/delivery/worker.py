@@ -42,11 +42,6 @@ LEASE_RENEW_SECONDS = 5.0
 # the longest quota pause honoured: a daily cap resets within 25 hours (a day that ends daylight
 # saving time); a reset time beyond it (a bad or misread header) pauses this long, not for good
 MAX_PAUSE_SECONDS = 26 * 3600.0
-# an idle worker that is not woken looks again after ``idle_poll``, then twice, then up to
-# this many times as long: new work wakes it (the planner's enqueue, the store's
-# notifications), a retry's due time ends its wait, and the polls are for what nothing
-# announces (an operator's replay from another process on SQLite, a dead replica's claims)
-IDLE_BACKOFF = 4
 
 
 @dataclass(slots=True)
@@ -146,7 +141,6 @@ class DeliveryWorker:
         self._progress = asyncio.Event()  # enough slots came free to claim again
         self._all_free = asyncio.Event()  # no call in flight
         self._more = True  # a claim may find something: woken, a result recorded, a full claim
-        self._idle_backoff = 1  # the next idle wait, in idle polls (up to IDLE_BACKOFF)
 
     async def _hold_lease(self) -> bool:
         """Take or renew the destination's lease when due; whether this process holds it."""
@@ -232,7 +226,6 @@ class DeliveryWorker:
             return
         if self.wake.is_set():
             self._more = True
-            self._idle_backoff = 1
         self.wake.clear()  # before looking: a wake-up from here on is not lost
         if self._unrecorded is not None:
             await self._record_unrecorded()
@@ -301,17 +294,8 @@ class DeliveryWorker:
         await self.pressure.yield_after(time.monotonic() - started)
         if self._inflight or self._more:
             return  # the next step waits for calls to end, or claims again
-        # idle: nothing claimed, nothing in flight. Each look that finds nothing spaces out
-        # the next (IDLE_BACKOFF); a wake-up or work found brings it back to idle_poll
-        if trip.outcome is not None:
-            self._idle_backoff = 1
-        poll = self.idle_poll * self._idle_backoff
-        self._idle_backoff = min(2 * self._idle_backoff, IDLE_BACKOFF)
         due = trip.next_due
-        timeout = poll if due is None else min(poll, due - time.time())
-        # never past the lease's renewal (the next step renews it)
-        renewal = self._lease_checked + LEASE_RENEW_SECONDS - time.monotonic()
-        timeout = min(timeout, renewal)
+        timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
         if timeout > 0:
             await self._wait(stopping, timeout, wake=True)
         self._more = True  # the wait is over: due, woken, or time to look again
