@@ -80,6 +80,8 @@ _STALE_STATISTICS = text(
     " AND n_mod_since_analyze > GREATEST(200, 0.1 * n_live_tup)"
 )
 _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+# pipeline mode needs libpq 14 or later (the binary package bundles one)
+_PIPELINE = psycopg.Pipeline.is_supported()
 
 
 # The planner's executemany statements as one statement over arrays of their columns (one
@@ -184,6 +186,9 @@ class PostgresStore(OperatorSql):
         connection invalidated), never with parameters (customer values)."""
         driver = conn.connection.dbapi_connection
         assert driver is not None
+        if not _PIPELINE:
+            yield None
+            return
         try:
             with driver.pipeline():
                 yield None
@@ -210,6 +215,8 @@ class PostgresStore(OperatorSql):
         self, conn: Connection, queries: Sequence[tuple[str, Sequence[Any]]]
     ) -> list[list[Any]]:
         """The rows of each of ``queries``, all sent in one round trip."""
+        if not _PIPELINE:
+            return super()._read_together(conn, queries)
         if not queries:
             return []
         driver = conn.connection.dbapi_connection
