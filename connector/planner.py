@@ -140,9 +140,12 @@ def content_hash(customer: Customer) -> str:
     return hashlib.sha256(customer.model_dump_json().encode()).hexdigest()
 
 
+# json.dumps with these arguments, without making an encoder per call
+_SORTED_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def payload_hash(fields: Mapping[str, Any]) -> str:
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_SORTED_JSON(fields).encode()).hexdigest()
 
 
 def _key(*parts: object) -> str:
@@ -194,11 +197,16 @@ def plan(
         if same and not (resend or refresh):
             return Plan("duplicate", {}, [])
     tie = state.last_update_us == version
-    seen = replace(
-        state,
-        last_update_us=version,
-        content_hash=digest,
-        opt_out_seen=state.opt_out_seen or opted_out,
+    # replace() of the hot path, written out (dataclasses.replace costs several times this)
+    seen = CustomerState(
+        state.customer_id,
+        version,
+        digest,
+        state.opt_out,
+        state.merged_into,
+        state.merges,
+        state.contacts,
+        state.opt_out_seen or opted_out,
     )
 
     survivor = customer.merged_into_customer_id
@@ -254,11 +262,12 @@ def plan(
                     if dest.coalesce_upserts:
                         upsert = replace(upsert, replaces_waiting=True)
                     ops.append(upsert)
-                    contact = replace(
-                        contact,
-                        delivered_hash=digest_fields,
-                        deactivated=False,
-                        planned=contact.planned + 1,
+                    contact = ContactState(
+                        contact.contact_id,
+                        digest_fields,
+                        contact.unsubscribed,
+                        False,
+                        contact.planned + 1,
                     )
         if owed and not contact.unsubscribed:
             body = {**_body("unsubscribe", dispensary, cid), "channels": list(dest.channels)}
@@ -282,7 +291,16 @@ def plan(
 
     # A null opt_out (some API reads) says nothing new: keep the last known value.
     known_opt_out = opt_out if opt_out is not None else state.opt_out
-    changed[cid] = replace(seen, opt_out=known_opt_out, contacts=contacts)
+    changed[cid] = CustomerState(
+        seen.customer_id,
+        seen.last_update_us,
+        seen.content_hash,
+        known_opt_out,
+        seen.merged_into,
+        seen.merges,
+        contacts,
+        seen.opt_out_seen,
+    )
     return Plan("tie" if tie else "applied", changed, operations, conflicts, failures)
 
 

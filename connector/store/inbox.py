@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -125,7 +127,9 @@ class InboxSql(SqlBase):
         return len(rows)
 
     def pending_events(self, conn: Connection, limit: int) -> list[InboxRow]:
-        return [InboxRow(*r) for r in Raw(conn).rows(RAW_PENDING_EVENTS, (limit,))]
+        # through _read_together: a transaction's first statement goes with its BEGIN
+        (found,) = self._read_together(conn, [(RAW_PENDING_EVENTS, (limit,))])
+        return [InboxRow(*r) for r in found]
 
     def still_pending(self, conn: Connection, ids: Sequence[int]) -> set[int]:
         """Those of ``ids`` that no one has planned yet."""
@@ -146,6 +150,18 @@ class InboxSql(SqlBase):
         """Record each event's outcome; ``planned`` (events of reconciliation runs only) what
         its planning gave, for the run's counts; ``decisions`` what it decided per
         destination (``connector explain``)."""
+        self._mark_events(conn, outcomes, planned, decisions)()
+
+    def _mark_events(
+        self,
+        conn: Connection,
+        outcomes: Mapping[int, str],
+        planned: Mapping[int, str] | None = None,
+        decisions: Mapping[int, str] | None = None,
+    ) -> Callable[[], None]:
+        """:meth:`mark_events` in two: its SQLAlchemy statements (events with no decisions,
+        ignored or failed) run now; the driver's statements it returns to run later, in the
+        same transaction (in a :meth:`_together` block)."""
         now = time.time()
         by_status: dict[str, list[int]] = {}
         decided = []
@@ -155,12 +171,15 @@ class InboxSql(SqlBase):
                 by_status.setdefault(status, []).append(event_id)
             else:
                 decided.append((status, now, found, event_id))
-        raw = Raw(conn)
-        raw.many(RAW_MARK_DECIDED, decided)
         for status, ids in by_status.items():
             conn.execute(_MARK_EVENTS, {"ids": ids, "status": status, "now": now})
-        if planned:
-            raw.many(RAW_MARK_PLANNED, [(p, i) for i, p in planned.items()])
+        summaries = [(p, i) for i, p in planned.items()] if planned else []
+
+        def write() -> None:
+            self._many(conn, RAW_MARK_DECIDED, decided)
+            self._many(conn, RAW_MARK_PLANNED, summaries)
+
+        return write
 
     def _insert_inbox(self, conn: Connection, events: Sequence[NewEvent], now: float) -> None:
         """Insert received events (a dialect may take a faster path)."""
@@ -183,6 +202,25 @@ class InboxSql(SqlBase):
             ],
         )
         self._notify(conn, "inbox")
+
+    def _read_together(
+        self, conn: Connection, queries: Sequence[tuple[str, Sequence[Any]]]
+    ) -> list[list[Any]]:
+        """The rows of each of ``queries`` (as :meth:`Raw.rows`), run in this order. A
+        dialect that talks to a server sends them at once (one round trip)."""
+        raw = Raw(conn)
+        return [raw.rows(sql, params) for sql, params in queries]
+
+    def _many(self, conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """``Raw.many``: ``sql`` (one of the statements in ``_statements``) for each of
+        ``rows``; a dialect may run it as one statement over all of them."""
+        Raw(conn).many(sql, rows)
+
+    def _together(self, conn: Connection) -> AbstractContextManager[object]:
+        """Statements run in this block whose results are not read in it (``Raw.many``,
+        ``Raw.run``) may be sent to the database together, and their errors raised at the
+        end of the block (PostgreSQL's pipeline mode). No SQLAlchemy statement in it."""
+        return nullcontext()
 
     def inbox_writer(self) -> InboxWriterPort:
         """A writer for the receiver's batches, for one thread."""

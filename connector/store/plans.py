@@ -22,7 +22,6 @@ from connector.store._statements import (
     RAW_QUEUED_KEYS,
     RAW_SAVE_CONTACTS,
     RAW_SAVE_CUSTOMERS,
-    Raw,
     in_list,
 )
 from connector.store.abc import (
@@ -34,6 +33,8 @@ from connector.store.abc import (
 from connector.store.inbox import InboxSql
 from connector.store.schema import conflicts, dead_letters
 
+# json.dumps(..., separators=(",", ":"), ensure_ascii=False), without an encoder per call
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # a batch of at most this many events is a trickle: the next one is planned under the lock
 TRICKLE_EVENTS = 2
 
@@ -51,34 +52,8 @@ class PlanSql(InboxSql):
         ids = list(dict.fromkeys(customer_ids))
         if not ids:
             return {}
-        found: dict[str, dict[str, ContactState]] = {cid: {} for cid in ids}
-        raw = Raw(conn)
-        key = (dispensary, *ids)
-        where = in_list(len(ids))
-        for cid, destination, contact_id, delivered, unsub, deactivated, ops in raw.rows(
-            RAW_LOAD_CONTACTS + where, key
-        ):
-            found[cid][destination] = ContactState(
-                contact_id, delivered, bool(unsub), bool(deactivated), ops
-            )
-        states = {}
-        for cid, last, digest, opt_out, merged_into, merges, seen in raw.rows(
-            RAW_LOAD_CUSTOMERS + where, key
-        ):
-            states[cid] = CustomerState(
-                cid,
-                last,
-                digest,
-                None if opt_out is None else bool(opt_out),
-                merged_into,
-                frozenset((d, s) for d, s in json.loads(merges)),
-                found[cid],
-                bool(seen),
-            )
-        for cid, known in found.items():
-            if cid not in states and known:
-                states[cid] = CustomerState(cid, contacts=known)
-        return states
+        contact_rows, customer_rows = self._read_together(conn, _state_queries(dispensary, ids))
+        return _states_from(ids, contact_rows, customer_rows)
 
     def save_states(
         self,
@@ -103,7 +78,7 @@ class PlanSql(InboxSql):
                     state.content_hash,
                     state.opt_out,
                     state.merged_into,
-                    json.dumps(sorted(state.merges)),
+                    json.dumps(sorted(state.merges)) if state.merges else "[]",
                     now,
                     state.opt_out_seen,
                 )
@@ -126,22 +101,45 @@ class PlanSql(InboxSql):
                         now,
                     )
                 )
-        raw = Raw(conn)
-        raw.many(RAW_SAVE_CUSTOMERS, rows)
-        raw.many(RAW_SAVE_CONTACTS, contact_rows)
+        self._many(conn, RAW_SAVE_CUSTOMERS, rows)
+        self._many(conn, RAW_SAVE_CONTACTS, contact_rows)
 
-    def enqueue(self, conn: Connection, dispensary: str, operations: Sequence[Operation]) -> int:
-        """Add operations; one whose idempotency key is already queued is skipped."""
+    def enqueue(
+        self,
+        conn: Connection,
+        dispensary: str,
+        operations: Sequence[Operation],
+        queued: set[tuple[str, str]] | None = None,
+    ) -> int:
+        """Add operations; one whose idempotency key is already queued is skipped.
+        ``queued``: those of their (destination, key) pairs already queued, when read before
+        (:func:`_queued_queries`)."""
+        rows = self._outbox_rows(conn, dispensary, operations, queued)
+        self._many(conn, RAW_INSERT_OUTBOX, rows)
+        return len(rows)
+
+    def _queued_keys(
+        self, conn: Connection, dispensary: str, operations: Sequence[Operation]
+    ) -> set[tuple[str, str]]:
+        found = self._read_together(conn, _queued_queries(dispensary, operations))
+        return {(destination, key) for part in found for destination, key in part}
+
+    def _outbox_rows(
+        self,
+        conn: Connection,
+        dispensary: str,
+        operations: Sequence[Operation],
+        queued: set[tuple[str, str]] | None,
+    ) -> list[tuple[Any, ...]]:
+        """The outbox rows of ``operations`` to insert (:data:`RAW_INSERT_OUTBOX`): one whose
+        idempotency key is already queued is left out, and an older upsert it replaces is
+        superseded now (:meth:`_supersede`, before the new rows are inserted)."""
         if not operations:
-            return 0
+            return []
         now = self._now()  # due now by the clock claims read
-        raw = Raw(conn)
-        keys = list(dict.fromkeys(op.idempotency_key for op in operations))
-        taken: set[tuple[str, str]] = set()
-        for chunk in range(0, len(keys), 500):
-            part = keys[chunk : chunk + 500]
-            found = raw.rows(RAW_QUEUED_KEYS + in_list(len(part)), (dispensary, *part))
-            taken.update((destination, key) for destination, key in found)
+        if queued is None:
+            queued = self._queued_keys(conn, dispensary, operations)
+        taken = set(queued)
         rows: list[dict[str, Any] | None] = []
         last: dict[tuple[str, str], int] = {}  # (destination, order key) -> index in rows
         # the upserts that replace a waiting one, by index in rows (not by id() of the row:
@@ -163,42 +161,35 @@ class PlanSql(InboxSql):
             last[order] = len(rows)
             rows.append(
                 {
-                    "dispensary": dispensary,
                     "destination": op.destination,
                     "order_key": op.order_key,
                     "customer_id": op.customer_id,
                     "op": op.op,
-                    "payload": json.dumps(op.body, separators=(",", ":"), ensure_ascii=False),
+                    "payload": _COMPACT_JSON(op.body),
                     "idempotency_key": op.idempotency_key,
-                    "status": "pending",
-                    "attempts": 0,
-                    "created_at": now,
-                    "next_attempt_at": now,
                 }
             )
             if op.replaces_waiting:
                 replacing.add(len(rows) - 1)
         kept = [row for row in rows if row is not None]
-        if kept:
+        if not kept:
+            return []
+        if replacing:
             self._supersede(conn, dispensary, rows, replacing, now)
-            raw.many(
-                RAW_INSERT_OUTBOX,
-                [
-                    (
-                        dispensary,
-                        r["destination"],
-                        r["order_key"],
-                        r["customer_id"],
-                        r["op"],
-                        r["payload"],
-                        r["idempotency_key"],
-                        now,
-                        now,
-                    )
-                    for r in kept
-                ],
+        return [
+            (
+                dispensary,
+                r["destination"],
+                r["order_key"],
+                r["customer_id"],
+                r["op"],
+                r["payload"],
+                r["idempotency_key"],
+                now,
+                now,
             )
-        return len(kept)
+            for r in kept
+        ]
 
     def _supersede(
         self,
@@ -326,23 +317,54 @@ class PlanSql(InboxSql):
         with self.transaction(durable=False) as conn:  # redone from the durable inbox if lost
             ids = [row.id for row in rows]
             unchanged = self._lock_events(conn, ids) == set(ids)
+            queued = None
             if unchanged:
-                # in one order for every batch (by dispensary, then key): two batches over
-                # the same dispensaries never hold what the other waits for
-                for dispensary, related in sorted(planned.related.items()):
-                    self._lock_customers(conn, dispensary, related)
-                unchanged = all(
-                    self.load_states(conn, d, related) == planned.loaded[d]
-                    for d, related in planned.related.items()
-                )
+                unchanged, queued = self._recheck(conn, planned)
             if not unchanged:
                 rows = self._pending_locked(conn, limit)
                 if not rows:
                     return None
                 planned = self._plan_locked(conn, rows, plan)
-            self._write_batch(conn, planned)
+                queued = None
+            self._write_batch(conn, planned, queued)
         self._trickle = len(rows) <= TRICKLE_EVENTS
         return planned
+
+    def _recheck(
+        self, conn: Connection, planned: PlannedBatch
+    ) -> tuple[bool, dict[str, set[tuple[str, str]]] | None]:
+        """Lock the customers ``planned`` read and tell whether their state is still what it
+        was planned from; with it, the idempotency keys of its operations already queued (by
+        dispensary), read in the same go: the locks, the states and the keys are sent at
+        once (one round trip where the dialect can)."""
+        queries: list[tuple[str, Sequence[Any]]] = []
+        # in one order for every batch (by dispensary, then key): two batches over the same
+        # dispensaries never hold what the other waits for
+        locks = 0
+        for dispensary, related in sorted(planned.related.items()):
+            found = self._lock_queries(dispensary, related)
+            queries += found
+            locks += len(found)
+        loads: list[tuple[str, list[str]]] = []
+        for dispensary, related in planned.related.items():
+            ids = list(dict.fromkeys(related))
+            if ids:
+                loads.append((dispensary, ids))
+                queries += _state_queries(dispensary, ids)
+        keys: list[tuple[str, int]] = []
+        for dispensary, operations in planned.operations.items():
+            found = _queued_queries(dispensary, operations)
+            keys.append((dispensary, len(found)))
+            queries += found
+        results = iter(self._read_together(conn, queries)[locks:])
+        loaded = {d: _states_from(ids, next(results), next(results)) for d, ids in loads}
+        unchanged = all(loaded.get(d, {}) == planned.loaded[d] for d in planned.related)
+        queued: dict[str, set[tuple[str, str]]] = {}
+        for dispensary, count in keys:
+            queued[dispensary] = {
+                (destination, key) for _ in range(count) for destination, key in next(results)
+            }
+        return unchanged, queued
 
     def plan_readonly(self, rows: list[InboxRow], plan: Plan[B]) -> B:
         with self.snapshot() as conn:
@@ -369,27 +391,41 @@ class PlanSql(InboxSql):
             ):
                 planned = plan(rows, _Reader(self, conn))
 
-    def _write_batch(self, conn: Connection, planned: PlannedBatch) -> None:
+    def _write_batch(
+        self,
+        conn: Connection,
+        planned: PlannedBatch,
+        queued: Mapping[str, set[tuple[str, str]]] | None = None,
+    ) -> None:
+        """Write a planned batch. ``queued``: the idempotency keys of its operations already
+        queued, by dispensary, when read before (:meth:`_recheck`). The statements that need
+        SQLAlchemy or a result come first; the hot ones, whose results nothing reads, are
+        then sent together (:meth:`_together`)."""
         for dispensary, destination, customer_id, message in planned.failures:
             self.dead_letter_direct(
                 conn, dispensary, destination, customer_id, "upsert", f"mapping failed: {message}"
             )
         touched: set[str] = set()
-        for dispensary, states in planned.current.items():
-            self.save_states(conn, dispensary, planned.loaded[dispensary], states)
-            self.enqueue(conn, dispensary, planned.operations[dispensary])
+        outbox_rows: list[tuple[Any, ...]] = []
+        for dispensary in planned.current:
+            operations = planned.operations[dispensary]
+            known = queued.get(dispensary) if queued is not None else None
+            outbox_rows += self._outbox_rows(conn, dispensary, operations, known)
             self.add_conflicts(conn, dispensary, planned.conflicts[dispensary])
-            touched.update(
-                f"{dispensary}/{op.destination}" for op in planned.operations[dispensary]
-            )
+            touched.update(f"{dispensary}/{op.destination}" for op in operations)
         if planned.rejected:
             self.insert_events(conn, [], planned.rejected)
-        self.mark_events(conn, planned.outcomes, planned.planned, planned.decisions)
+        marks = self._mark_events(conn, planned.outcomes, planned.planned, planned.decisions)
+        with self._together(conn):
+            for dispensary, states in planned.current.items():
+                self.save_states(conn, dispensary, planned.loaded[dispensary], states)
+            self._many(conn, RAW_INSERT_OUTBOX, outbox_rows)
+            marks()
+            if touched:
+                self._notify(conn, "outbox", " ".join(sorted(touched)))
         refreshed = 0
         for dispensary, customer_ids in planned.refresh.items():
             refreshed += self.refresh_events(conn, dispensary, customer_ids)
-        if touched:
-            self._notify(conn, "outbox", " ".join(sorted(touched)))
         if refreshed:
             self._notify(conn, "inbox")
 
@@ -404,6 +440,11 @@ class PlanSql(InboxSql):
 
     def _lock_customers(self, conn: Connection, dispensary: str, ids: Iterable[str]) -> None:
         """Hold the state of these customers until the transaction ends (SQLite: held)."""
+        self._read_together(conn, self._lock_queries(dispensary, ids))
+
+    def _lock_queries(self, dispensary: str, ids: Iterable[str]) -> list[tuple[str, Sequence[Any]]]:
+        """The statements of :meth:`_lock_customers` (none where the store is locked whole)."""
+        return []
 
 
 class _Reader:
@@ -422,3 +463,51 @@ class _Reader:
         self, dispensary: str, customer_id: str, last_update_us: int
     ) -> float | None:
         return self._store.first_received(self._conn, dispensary, customer_id, last_update_us)
+
+
+def _queued_queries(
+    dispensary: str, operations: Sequence[Operation]
+) -> list[tuple[str, Sequence[Any]]]:
+    """The reads of which of ``operations``' idempotency keys are queued already (rows of
+    destination and key), a few hundred keys a statement."""
+    keys = list(dict.fromkeys(op.idempotency_key for op in operations))
+    return [
+        (RAW_QUEUED_KEYS + in_list(len(part)), (dispensary, *part))
+        for chunk in range(0, len(keys), 500)
+        if (part := keys[chunk : chunk + 500])
+    ]
+
+
+def _state_queries(dispensary: str, ids: Sequence[str]) -> list[tuple[str, Sequence[Any]]]:
+    """The two reads of :meth:`PlanSql.load_states`: the customers' contacts, then their
+    rows."""
+    key = (dispensary, *ids)
+    where = in_list(len(ids))
+    return [(RAW_LOAD_CONTACTS + where, key), (RAW_LOAD_CUSTOMERS + where, key)]
+
+
+def _states_from(
+    ids: Sequence[str], contact_rows: Iterable[Any], customer_rows: Iterable[Any]
+) -> dict[str, CustomerState]:
+    """The states :func:`_state_queries`' rows give for ``ids``."""
+    found: dict[str, dict[str, ContactState]] = {cid: {} for cid in ids}
+    for cid, destination, contact_id, delivered, unsub, deactivated, ops in contact_rows:
+        found[cid][destination] = ContactState(
+            contact_id, delivered, bool(unsub), bool(deactivated), ops
+        )
+    states = {}
+    for cid, last, digest, opt_out, merged_into, merges, seen in customer_rows:
+        states[cid] = CustomerState(
+            cid,
+            last,
+            digest,
+            None if opt_out is None else bool(opt_out),
+            merged_into,
+            frozenset((d, s) for d, s in json.loads(merges)) if merges != "[]" else frozenset(),
+            found[cid],
+            bool(seen),
+        )
+    for cid, known in found.items():
+        if cid not in states and known:
+            states[cid] = CustomerState(cid, contacts=known)
+    return states

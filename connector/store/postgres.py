@@ -25,7 +25,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -33,7 +33,12 @@ from sqlalchemy import Connection, text
 
 from connector.store._engine import connection_settings, postgres_engine
 from connector.store._statements import (
+    RAW_INSERT_OUTBOX,
+    RAW_MARK_DECIDED,
+    RAW_MARK_PLANNED,
     RAW_PENDING_EVENTS,
+    RAW_SAVE_CONTACTS,
+    RAW_SAVE_CUSTOMERS,
     RAW_STILL_PENDING,
     Raw,
     claim_statements,
@@ -75,6 +80,59 @@ _STALE_STATISTICS = text(
     " AND n_mod_since_analyze > GREATEST(200, 0.1 * n_live_tup)"
 )
 _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+# pipeline mode needs libpq 14 or later (the binary package bundles one)
+_PIPELINE = psycopg.Pipeline.is_supported()
+
+
+# The planner's executemany statements as one statement over arrays of their columns (one
+# array a column, in the order of the executemany's values): psycopg sends an executemany
+# as one statement per row, and its Python per row costs more than the database's work.
+# Each writes what its executemany form writes, rows in the same order (outbox ids, which
+# order a customer's operations, follow the order of the rows; see
+# tests/test_perf2_plan_pg.py).
+_UNNEST = {
+    RAW_SAVE_CUSTOMERS: (
+        "INSERT INTO customers (dispensary, customer_id, last_update_us, content_hash, opt_out,"
+        " merged_into, merges, updated_at, opt_out_seen) SELECT * FROM unnest("
+        "CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS bigint[]), CAST(%b AS text[]),"
+        " CAST(%b AS boolean[]), CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS float8[]),"
+        " CAST(%b AS boolean[]))"
+        " ON CONFLICT (dispensary, customer_id) DO UPDATE SET"
+        " last_update_us = excluded.last_update_us, content_hash = excluded.content_hash,"
+        " opt_out = excluded.opt_out, merged_into = excluded.merged_into,"
+        " merges = excluded.merges, updated_at = excluded.updated_at,"
+        " opt_out_seen = excluded.opt_out_seen"
+    ),
+    RAW_SAVE_CONTACTS: (
+        "INSERT INTO contacts (dispensary, customer_id, destination, contact_id, delivered_hash,"
+        " unsubscribed, deactivated, ops_planned, updated_at) SELECT * FROM unnest("
+        "CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]),"
+        " CAST(%b AS text[]), CAST(%b AS boolean[]), CAST(%b AS boolean[]), CAST(%b AS int[]),"
+        " CAST(%b AS float8[]))"
+        " ON CONFLICT (dispensary, customer_id, destination) DO UPDATE SET"
+        " contact_id = excluded.contact_id, delivered_hash = excluded.delivered_hash,"
+        " unsubscribed = excluded.unsubscribed, deactivated = excluded.deactivated,"
+        " ops_planned = excluded.ops_planned, updated_at = excluded.updated_at"
+    ),
+    RAW_INSERT_OUTBOX: (
+        "INSERT INTO outbox (dispensary, destination, order_key, customer_id, op, payload,"
+        " idempotency_key, status, attempts, created_at, next_attempt_at)"
+        " SELECT d, t, o, c, op, p, k, 'pending', 0, ca, na FROM unnest("
+        "CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]),"
+        " CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS float8[]),"
+        " CAST(%b AS float8[])) WITH ORDINALITY AS v(d, t, o, c, op, p, k, ca, na, n)"
+        " ORDER BY n"
+    ),
+    RAW_MARK_DECIDED: (
+        "UPDATE inbox SET status = v.s, processed_at = v.a, decisions = v.d FROM unnest("
+        "CAST(%b AS text[]), CAST(%b AS float8[]), CAST(%b AS text[]), CAST(%b AS bigint[]))"
+        " AS v(s, a, d, i) WHERE inbox.id = v.i"
+    ),
+    RAW_MARK_PLANNED: (
+        "UPDATE inbox SET planned = v.p FROM unnest(CAST(%b AS text[]), CAST(%b AS bigint[]))"
+        " AS v(p, i) WHERE inbox.id = v.i"
+    ),
+}
 _PENDING_LOCKED = RAW_PENDING_EVENTS + _SKIP_LOCKED
 _CLAIM_EXPIRED_PG, _CLAIM_DUE_PG, _NEXT_DUE_PG = claim_statements(first_of_customer())
 _CLAIM_EXPIRED_LOCKED = _CLAIM_EXPIRED_PG.with_for_update(skip_locked=True, of=outbox)
@@ -116,8 +174,69 @@ class PostgresStore(OperatorSql):
         if not durable:
             # as SQLite's synchronous=NORMAL for these: claims, plans and delivery results are
             # redone from what is durable if a crash loses them; received events always wait
-            # for the WAL flush (202 only after it)
-            Raw(conn).run("SET LOCAL synchronous_commit = off")
+            # for the WAL flush (202 only after it). Sent with the BEGIN (one round trip)
+            with self._together(conn):
+                Raw(conn).run("SET LOCAL synchronous_commit = off")
+
+    @contextlib.contextmanager
+    def _together(self, conn: Connection) -> Iterator[object]:
+        """psycopg's pipeline mode: what the block sends goes in one round trip at its end
+        (or at the first result read), a transaction's BEGIN with it. An error of the
+        database is raised at the end of the block as SQLAlchemy raises it (wrapped, a lost
+        connection invalidated), never with parameters (customer values)."""
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        if not _PIPELINE:
+            yield None
+            return
+        try:
+            with driver.pipeline():
+                yield None
+        except psycopg.Error as exc:
+            conn._handle_dbapi_exception(exc, "(pipeline)", None, None, None)
+
+    def _many(self, conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement over arrays of the rows' columns (:data:`_UNNEST`), where ``sql``
+        has that form; otherwise ``Raw.many``."""
+        unnest = _UNNEST.get(sql)
+        if unnest is None or len(rows) < 2:
+            Raw(conn).many(sql, rows)
+            return
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        cursor = driver.cursor()
+        try:
+            cursor.execute(unnest, [list(column) for column in zip(*rows, strict=True)])
+        except psycopg.Error as exc:
+            conn._handle_dbapi_exception(exc, unnest, None, cursor, None)
+        cursor.close()
+
+    def _read_together(
+        self, conn: Connection, queries: Sequence[tuple[str, Sequence[Any]]]
+    ) -> list[list[Any]]:
+        """The rows of each of ``queries``, all sent in one round trip."""
+        if not _PIPELINE:
+            return super()._read_together(conn, queries)
+        if not queries:
+            return []
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        cursors = []
+        text = ""
+        try:
+            with driver.pipeline():
+                for sql, params in queries:
+                    text = sql.replace("?", "%s")
+                    cursor = driver.cursor()
+                    cursor.execute(text, params)
+                    cursors.append(cursor)
+                found: list[Any] = []
+                for cursor in cursors:
+                    found.append(cursor.fetchall())
+                    cursor.close()
+        except psycopg.Error as exc:
+            conn._handle_dbapi_exception(exc, text, None, None, None)
+        return found
 
     def _notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         # delivered at commit, once per transaction for the same payload
@@ -125,7 +244,8 @@ class PostgresStore(OperatorSql):
             # a batch over a few hundred destinations: it would fail to commit, at every
             # try, and planning would stop; an empty payload wakes every worker instead
             payload = ""
-        Raw(conn).rows("SELECT pg_notify(?, ?)", (CHANNELS[channel], payload))
+        # no result read: sent with the batch's writes (see _together)
+        Raw(conn).run("SELECT pg_notify(?, ?)", (CHANNELS[channel], payload))
 
     def on_commit(self, channel: str, callback: Callable[[str], None]) -> None:
         super().on_commit(channel, callback)
@@ -153,10 +273,9 @@ class PostgresStore(OperatorSql):
         key = int.from_bytes(digest, "big", signed=True)
         conn.execute(_LOCK_QUEUE, {"space": QUEUE_LOCKS, "key": key})
 
-    def _lock_customers(self, conn: Connection, dispensary: str, ids: Iterable[str]) -> None:
+    def _lock_queries(self, dispensary: str, ids: Iterable[str]) -> list[tuple[str, Sequence[Any]]]:
         keys = sorted({customer_key(dispensary, c) for c in ids})
-        if keys:
-            Raw(conn).rows(_LOCK_KEYS, (keys,))
+        return [(_LOCK_KEYS, (keys,))] if keys else []
 
     def maintain(self) -> None:
         """``ANALYZE`` the busy tables whose statistics fell behind (or never were): without
