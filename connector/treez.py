@@ -706,13 +706,12 @@ def _quick_check(raw: bytes | str) -> ReceivedCustomer | None:
 # Structs whose fields take only the JSON shapes the models keep as they are (text or null
 # for text, true/false/null for booleans...) and refuses any other; the few values the models
 # change (ids, consent, timestamps, dates, null lists) are converted by the models' own
-# functions or, for timestamps and dates, only in a strict form that pydantic's parser and
-# datetime.fromisoformat read alike; the models are then built as their validation builds
-# them (the same __dict__, fields set and extras). It only ever says yes: a body with an
-# unknown or a missing field, a value of another shape (a number as text, "yes" as a
-# boolean), a date it cannot place, is left to the models, which decide with their paths and
-# messages. tests/test_perf2_parse_fast.py holds the two to the same results over generated
-# bodies.
+# functions, and timestamps and dates by pydantic's own parser; the models are then built as
+# their validation builds them (the same __dict__, fields set and extras). It only ever says
+# yes: a body with an unknown or a missing field, a value of another shape (a number as
+# text, "yes" as a boolean, a fraction among any values), a refused id or timestamp, is left
+# to the models, which decide with their paths and messages. tests/test_perf2_parse_fast.py
+# holds the two to the same results over generated bodies.
 
 
 # What the fast path takes in a list of any values (verification_reasons...): text, whole
@@ -808,7 +807,11 @@ _FAST_FIELDS = frozenset(Customer.model_fields)
 _FAST_ADDRESS_FIELDS = frozenset(Address.model_fields)
 _as_dict = msgspec.structs.asdict
 _new_object = object.__new__
-_set_slot = object.__setattr__
+# a model's slots, set as its validation sets them (a frozen model refuses setattr)
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 # the text of timestamps and dates is read by pydantic's own parser, as in the models:
 # Customer.last_update (AwareDatetime) and the datetime or date first in LenientDatetime
 # and LenientDate
@@ -833,10 +836,10 @@ _Model = TypeVar("_Model", bound=BaseModel)
 def _built(cls: type[_Model], fields: dict[str, Any], fields_set: set[str]) -> _Model:
     """An instance of ``cls`` as its validation builds it, without extras."""
     model = _new_object(cls)
-    _set_slot(model, "__dict__", fields)
-    _set_slot(model, "__pydantic_fields_set__", fields_set)
-    _set_slot(model, "__pydantic_extra__", {})
-    _set_slot(model, "__pydantic_private__", None)
+    _set_dict(model, fields)
+    _set_fields_set(model, fields_set)
+    _set_extra(model, {})
+    _set_private(model, None)
     return model
 
 
