@@ -276,9 +276,27 @@ def _inline_path(i: int, path: tuple[Step, ...], env: dict[str, Any]) -> list[st
     first = path[0]
     assert isinstance(first, Attr)
     env["_attr"] = _attr
+    start = 1
     lines = [f"    value = fields[{first.name!r}]"]
+    if len(path) > 1 and not isinstance(path[1], Attr):
+        # an element picked from a list (addresses[primary=true]) is picked once, by the
+        # first field that reads it, for the fields after it: the customer does not change
+        picked: dict[tuple[str, Step], str] = env.setdefault("_picked", {})
+        name = picked.get((first.name, path[1]))
+        if name is None:
+            name = picked[(first.name, path[1])] = f"picked{i}"
+            env[f"step{i}_1"] = _compile_step(path[1])
+            lines = [
+                f"    {name} = fields[{first.name!r}]",
+                f"    if {name} is not None:",
+                f"        {name} = step{i}_1({name})",
+            ]
+        else:
+            lines = []
+        lines.append(f"    value = {name}")
+        start = 2
     indent = "    "
-    for k, step in enumerate(path[1:], 1):
+    for k, step in enumerate(path[start:], start):
         lines.append(f"{indent}if value is not None:")
         indent += "    "
         if isinstance(step, Attr):
