@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import delete, select
 from sqlalchemy.exc import DBAPIError
 from test_attack_perf_worker import DISPENSARY
 from test_delivery import DEST
@@ -20,6 +21,7 @@ from connector.errors import StoreUnavailable
 from connector.store import Store
 from connector.store import outbox as outbox_module
 from connector.store._statements import Raw
+from connector.store.schema import pauses
 
 
 class Injected(Exception):
@@ -54,14 +56,36 @@ def _inject(store: Any, monkeypatch: pytest.MonkeyPatch, point: str) -> None:
         monkeypatch.setattr(store, "_contact_ids_raw", refused)
 
 
+def _paused(finished: dict[str, Any]) -> dict[str, Any]:
+    """The retries met a used-up quota instead: paused, and the destination with them."""
+    return {
+        **finished,
+        "retry": [],
+        "paused": [(row, NOW + 30, "quota") for row, _, _ in finished["retry"]],
+        "pause": (NOW + 60, "quota used up", 429),
+    }
+
+
+def _unpause(store: Any) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(delete(pauses))
+
+
+def _everything(store: Any) -> Any:
+    """Every table the trip writes, the destinations' pauses with them."""
+    with store.engine.connect() as conn:
+        paused = sorted(tuple(r) for r in conn.execute(select(pauses)))
+    return dump(store), paused
+
+
 @settings(
-    max_examples=25,
+    max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(state=states, point=st.sampled_from(POINTS))
+@given(state=states, point=st.sampled_from(POINTS), quota=st.booleans())
 def test_a_trip_failing_inside_leaves_nothing_and_is_taken_again(
-    store: Store, state: dict[str, Any], point: str
+    store: Store, state: dict[str, Any], point: str, quota: bool
 ) -> None:
     real: Any = store
     real._now = lambda: NOW
@@ -69,12 +93,16 @@ def test_a_trip_failing_inside_leaves_nothing_and_is_taken_again(
     # the reference: the trip taken without a failure
     held = load(real, state)
     finished, _ = results(held, state["conflict"])
+    finished = _paused(finished) if quota else finished
+    _unpause(real)
     reference = store.record_and_claim(DISPENSARY, DEST, state["limit"], **finished)
-    after = dump(real)
+    after = _everything(real)
 
     held = load(real, state)
-    before = dump(real)
+    _unpause(real)
+    before = _everything(real)
     finished, _ = results(held, state["conflict"])
+    finished = _paused(finished) if quota else finished
     with pytest.MonkeyPatch.context() as patch:
         _inject(real, patch, point)
         try:
@@ -85,13 +113,47 @@ def test_a_trip_failing_inside_leaves_nothing_and_is_taken_again(
             failed = False  # the injection point was not on this trip's way
     event(f"{point}: {'failed' if failed else 'not reached'}")
     if failed:
-        assert dump(real) == before, point
+        assert _everything(real) == before, point
     else:
-        assert dump(real) == after, point
+        assert _everything(real) == after, point
         return
     # the same trip again, on the same store (its pooled connection is sound)
     again = store.record_and_claim(DISPENSARY, DEST, state["limit"], **finished)
     assert [r.id for r in again.rows] == [r.id for r in reference.rows]
     assert again.contacts == reference.contacts
     assert again.survivors == reference.survivors
-    assert dump(real) == after
+    assert _everything(real) == after
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_trip_with_every_kind_of_result_failing_inside_leaves_nothing(
+    store: Store, point: str
+) -> None:
+    """Every kind of result in one trip (a success with its contact, a quota pause, a dead
+    letter with its answer, a conflict), the trip failing at ``point``: nothing of it stays,
+    and it is taken again whole."""
+    from test_delivery import DISPENSARY as DISP
+    from test_delivery import enqueue, make_op
+
+    real: Any = store
+    enqueue(store, [make_op(c, n) for n in (1, 2) for c in ("a", "b", "c")])
+    rows = {r.customer_id: r for r in store.record_and_claim(DISP, DEST, 5).rows}
+    assert sorted(rows) == ["a", "b", "c"]
+    results: dict[str, Any] = {
+        "done": [(rows["a"], "k-a")],
+        "paused": [(rows["b"], 10**10, "quota")],
+        "pause": (10**10, "quota used up", 429),
+        "dead": [(rows["c"], "HTTP 400", 400, '{"code":"E1"}')],
+        "conflicts": [("a", "shared_contact", "detail")],
+        "answers": {rows["b"].id: (429, None), rows["c"].id: (400, "E1")},
+    }
+    before = _everything(real)
+    with pytest.MonkeyPatch.context() as patch:
+        _inject(real, patch, point)
+        with pytest.raises((Injected, DBAPIError, StoreUnavailable)):
+            store.record_and_claim(DISP, DEST, 5, **results)
+    assert _everything(real) == before, point
+    again = store.record_and_claim(DISP, DEST, 5, **results)
+    assert [(r.customer_id, r.body["fields"]["n"]) for r in again.rows] == [("a", 2)]
+    assert again.contacts == {"a": "k-a"}
+    assert _everything(real) != before
