@@ -125,7 +125,8 @@ def test_a_trip_failing_inside_leaves_nothing_and_is_taken_again(
     assert _everything(real) == after
 
 
-@pytest.mark.parametrize("point", POINTS)
+# (no merge among them: the survivors' read is not on this trip's way)
+@pytest.mark.parametrize("point", [p for p in POINTS if p != "final_in"])
 def test_a_trip_with_every_kind_of_result_failing_inside_leaves_nothing(
     store: Store, point: str
 ) -> None:
@@ -154,6 +155,8 @@ def test_a_trip_with_every_kind_of_result_failing_inside_leaves_nothing(
             store.record_and_claim(DISP, DEST, 5, **results)
     assert _everything(real) == before, point
     again = store.record_and_claim(DISP, DEST, 5, **results)
-    assert [(r.customer_id, r.body["fields"]["n"]) for r in again.rows] == [("a", 2)]
+    # a's and c's next ones (b's waits behind its paused one; the store's claim does not
+    # read the pause: the worker claims nothing while it is paused)
+    assert [(r.customer_id, r.body["fields"]["n"]) for r in again.rows] == [("a", 2), ("c", 2)]
     assert again.contacts == {"a": "k-a"}
     assert _everything(real) != before
