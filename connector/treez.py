@@ -99,6 +99,9 @@ def _opt_out(value: Any) -> bool | None:
 MAX_ID_CHARS = 128  # the store keeps ids in columns of this width (PostgreSQL enforces it)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no id holds these; PostgreSQL's text takes no NUL
+
+
 def _id(value: Any) -> str:
     if isinstance(value, str):
         text = value.strip()
@@ -106,6 +109,8 @@ def _id(value: Any) -> str:
             raise ValueError("must not be empty")
         if len(text) > MAX_ID_CHARS:
             raise ValueError(f"must be an id of at most {MAX_ID_CHARS} characters")
+        if _CONTROL.search(text):
+            raise ValueError("must be an id without control characters")
         return text
     if isinstance(value, int) and not isinstance(value, bool):
         text = str(value)

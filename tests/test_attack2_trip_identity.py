@@ -32,16 +32,7 @@ def test_a_contact_returned_for_two_customers_in_two_trips_is_mapped_once(store:
     assert kinds == ["shared_contact"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OutboxSql._record_contacts (called by record_and_claim/_finish_in) checks a "
-    "returned contact only against holders already stored (_held_by_others reads the "
-    "contacts table), not against the other customers of the same trip: two unmerged "
-    "customers whose calls end in one trip and return the same contact are both mapped to "
-    "it, with no shared_contact conflict (in two trips the second is refused). Predates "
-    "this session (the same logic in finish), but every trip that records several "
-    "results at once (the worker's linger) is exposed.",
-)
+# held since one trip records its contacts in rounds, as one trip per call would
 def test_a_contact_returned_for_two_customers_in_one_trip_is_mapped_once(store: Store) -> None:
     enqueue(store, [make_op("A", 1), make_op("B", 1)])
     rows = store.record_and_claim(DISPENSARY, DEST, 5).rows
@@ -69,15 +60,7 @@ def test_two_contacts_returned_for_a_survivor_in_two_trips_are_reported(store: S
     assert kinds == ["contact_id_changed"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OutboxSql._finish_in builds `returned` as a dict by customer: a merge into B "
-    "(order key A) and B's own upsert (order key B) can end in one trip, and the second "
-    "contact id returned for B silently replaces the first before _record_contacts sees "
-    "it: the destination holds two contacts for one person and no contact_id_changed "
-    "conflict is reported (in two trips the map keeps the first and reports it). "
-    "Predates this session (the same dict in finish).",
-)
+# held since one trip records its contacts in rounds, as one trip per call would
 def test_two_contacts_returned_for_a_survivor_in_one_trip_are_reported(store: Store) -> None:
     store.record_and_claim(DISPENSARY, DEST, 5, done=_merge_and_upsert(store))
     kinds = [k for (k,) in store.query(select(conflicts.c.kind))]

@@ -752,6 +752,8 @@ def test_defect_11_a_lone_surrogate_outside_the_rules_is_left_out_and_the_opt_ou
     ("field", "raw_json", "where"),
     [
         ("customer_id", '"39\\ud80004"', "data.customer_id"),
+        ("customer_id", '"39\\u00004"', "data.customer_id"),  # PostgreSQL's text takes no NUL
+        ("merged_into_customer_id", '"a\\u001fb"', "data.merged_into_customer_id"),
         ("status", '"ACTIVE\\udc00"', "data.status"),
         ("opt_out", '"true\\ud800"', "data.opt_out"),
         ("merged_customer_ids", '["1", "\\ud800"]', "data.merged_customer_ids[1]"),

@@ -344,16 +344,29 @@ class OutboxSql(PlanSql):
         if done:
             ids = [row.id for row, _ in done]
             raw.run(RAW_SETTLE_DONE + in_list(len(ids)), (now, self.process_id, *ids))
-            returned: dict[str, str] = {}
-            gone: dict[str, str] = {}
+            # recorded as one trip per call would record them: a customer returned twice (a
+            # merge into a survivor and the survivor's own upsert), or a contact returned for
+            # two customers, goes to a later round, which sees the earlier one's writes (a
+            # second id for a customer, a contact another customer holds: conflicts)
+            rounds: list[tuple[dict[str, str], dict[str, str]]] = []
+            customer_round: dict[str, int] = {}
+            contact_round: dict[str, int] = {}
             for row, contact_id in done:
                 if contact_id:
                     target = row.body.get("into_customer_id") if row.op == "merge" else None
                     customer = str(target or row.customer_id)
+                    slot = customer_round.get(customer, -1)
+                    if slot >= 0 and rounds[slot][0][customer] == contact_id:
+                        continue  # the same answer again
+                    slot = max(slot, contact_round.get(contact_id, -1)) + 1
+                    if slot == len(rounds):
+                        rounds.append(({}, {}))
+                    returned, gone = rounds[slot]
                     returned[customer] = contact_id
+                    customer_round[customer] = contact_round[contact_id] = slot
                     if replaced and row.id in replaced:
                         gone[customer] = replaced[row.id]
-            if returned:
+            for returned, gone in rounds:
                 self._record_contacts(conn, dispensary, destination, returned, now, gone, raw=raw)
         for row, at, error in retry:
             _settle(
