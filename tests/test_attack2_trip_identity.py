@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 from test_delivery import DEST, DISPENSARY, enqueue, make_op
 
