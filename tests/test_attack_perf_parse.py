@@ -77,8 +77,12 @@ ODD: st.SearchStrategy[Any] = st.sampled_from(
         "2026-01-01",
     ]
 )
-ID = st.one_of(ODD, st.integers(-5, 10**12), st.text(max_size=6))
-LIST_ITEM = st.one_of(ODD, st.text(max_size=4), st.integers(-3, 300))
+# ids with a control character are refused since the receiver's check was made to (PostgreSQL's
+# text takes no NUL; tests/test_receiver.py holds the refusal): "as before" holds without them
+CONTROL = [chr(c) for c in range(32)] + ["\x7f"]
+TEXT = st.characters(exclude_characters=CONTROL)
+ID = st.one_of(ODD, st.integers(-5, 10**12), st.text(TEXT, max_size=6))
+LIST_ITEM = st.one_of(ODD, st.text(TEXT, max_size=4), st.integers(-3, 300))
 LISTS = (
     "verification_reasons",
     "caregiver_details",

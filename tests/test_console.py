@@ -145,7 +145,8 @@ def refuse_and_deliver(store: Store) -> list[int]:
                 )
                 dead.append((row, "HTTP 400: the destination refused the operation", 400, answer))
             else:
-                done.append((row, f"c-{row.customer_id}"))
+                # a merge answers with the survivor's contact, as destinations do
+                done.append((row, f"c-{row.body.get('into_customer_id') or row.customer_id}"))
         store.finish(DISPENSARY, "crm", done=done, dead=dead)
     return [x.id for x in store.dead_letters(dispensary=DISPENSARY)]
 
