@@ -2,41 +2,27 @@
 results of the calls that ended recorded, then the next claim and its contact ids, on the
 driver's connection (``Raw``). It must leave the store exactly as recording (``finish``),
 then claiming (``claim``) and reading the contact ids (``contact_ids``,
-``resolve_contact_ids``) one after the other did, on both stores; and a store failing in it
-loses nothing."""
+``resolve_contact_ids``) one after the other did, on both stores. A store failing in a trip losing nothing is
+tests/test_attack_perf_worker.py's ``test_a_store_failing_mid_record_loses_nothing``."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, insert, select
 from test_attack_perf_worker import (
-    CUSTOMERS,
     DISPENSARY,
-    FAST,
-    check_order,
-    fresh,
     make_op,
-    new_store,
     open_ops,
-    outbox_rows,
     service,  # noqa: F401 (a fixture)
-    wait_until,
 )
 from test_attack_perf_worker import mapping_dir as mapping_dir
-from test_delivery import DEST, enqueue, http_config
+from test_delivery import DEST, enqueue
 
-from connector.delivery.worker import DeliveryWorker
-from connector.destinations.http import HttpSink
-from connector.errors import StoreUnavailable
-from connector.store import AsyncStore, OutboxRow, Store
+from connector.store import OutboxRow, Store
 from connector.store.schema import attempts, conflicts, contacts, customers, dead_letters, outbox
 
 OTHER = "someone-else"
@@ -231,59 +217,3 @@ def test_a_trip_records_and_claims_in_one_transaction(store: Store) -> None:
     assert third.rows == []
     assert third.next_due is None
     assert open_ops(store) == 0
-
-
-@pytest.mark.parametrize("failing", [1, 2, 3])
-def test_a_store_failing_in_a_trip_loses_nothing(
-    service: Any,  # noqa: F811
-    mapping_dir: Path,
-    failing: int,
-) -> None:
-    """The store refuses the ``failing``-th trip that records results (an outage) while other
-    calls are in flight: nothing of it is committed, the results are recorded later, nothing
-    stays in flight, and each customer's operations are accepted once each and in order."""
-    fresh(service, delay=0.02)
-    counts = dict.fromkeys(CUSTOMERS, 3)
-    ops = [make_op(c, n) for n in (1, 2, 3) for c in CUSTOMERS]
-    with tempfile.TemporaryDirectory() as folder:
-        store = new_store(folder)
-        real_trip = store.record_and_claim
-        calls = {"n": 0}
-
-        def record_and_claim(*args: Any, **kwargs: Any) -> Any:
-            if len(args) > 3 or kwargs.keys() - {"due_if_none"}:  # results to record
-                calls["n"] += 1
-                if calls["n"] == failing:
-                    raise StoreUnavailable("injected outage", reason="store locked")
-            return real_trip(*args, **kwargs)
-
-        store.record_and_claim = record_and_claim  # type: ignore[method-assign]
-        try:
-            enqueue(store, ops)
-
-            async def go() -> None:
-                astore = AsyncStore(store)
-                sink = HttpSink(http_config(mapping_dir, url=service.url))
-                worker = DeliveryWorker(
-                    astore, DISPENSARY, sink, retry=FAST, idle_poll=0.05, concurrency=3
-                )
-                worker.wake.set()
-                stopping = asyncio.Event()
-                task = asyncio.create_task(worker.run(stopping))
-                try:
-                    await wait_until(lambda: open_ops(store) == 0, task, timeout=30)
-                finally:
-                    stopping.set()
-                    await asyncio.wait_for(task, 10)
-                    await sink.aclose()
-                    astore.close()
-
-            asyncio.run(go())
-            rows = outbox_rows(store)
-        finally:
-            store.close()
-    assert calls["n"] > failing
-    assert {r.status for r in rows.values()} == {"done"}
-    accepted = check_order(service, counts)
-    for customer in CUSTOMERS:
-        assert accepted[customer] == [1, 2, 3], (customer, accepted[customer])
