@@ -2,8 +2,9 @@
 results of the calls that ended recorded, then the next claim and its contact ids, on the
 driver's connection (``Raw``). It must leave the store exactly as recording (``finish``),
 then claiming (``claim``) and reading the contact ids (``contact_ids``,
-``resolve_contact_ids``) one after the other did, on both stores. A store failing in a trip losing nothing is
-tests/test_attack_perf_worker.py's ``test_a_store_failing_mid_record_loses_nothing``."""
+``resolve_contact_ids``) one after the other did, on both stores. A store failing in a trip
+losing nothing is tests/test_attack_perf_worker.py's
+``test_a_store_failing_mid_record_loses_nothing``."""
 
 from __future__ import annotations
 
