@@ -43,6 +43,8 @@ import httptools
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
     STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
@@ -190,6 +192,112 @@ class _CycleTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+_Head = tuple[bytes, int]
+_HEADS_MAX = 64
+"""Rendered answer heads kept (:class:`_Heads`): the handful of answers the receiver gives."""
+
+
+class _Heads:
+    """Answer heads rendered once per set of default headers (the Date header: a new list
+    each second) rather than once per answer: uvicorn renders each header of each answer
+    anew (two regular expressions, a lower-casing and three comparisons a header). Only
+    heads uvicorn renders plainly are kept: a ``Content-Length``, no ``Transfer-Encoding`` or
+    ``Connection``, every name and value valid; any other start goes to uvicorn."""
+
+    def __init__(self) -> None:
+        self._defaults: list[tuple[bytes, bytes]] | None = None
+        self._heads: dict[tuple[Any, ...], _Head | None] = {}
+
+    def get(self, defaults: list[tuple[bytes, bytes]], status: Any, headers: Any) -> _Head | None:
+        """The head and its ``Content-Length`` for an answer, or None: uvicorn's to render."""
+        if defaults is not self._defaults or len(self._heads) >= _HEADS_MAX:
+            self._defaults = defaults  # held, so no later list can take its id
+            self._heads = {}
+        try:
+            key = (status, *headers)
+            return self._heads[key]
+        except KeyError:
+            head = self._heads[key] = _render_head(defaults, status, headers)
+            return head
+        except TypeError:  # unhashable: a header given as a list, a status that is not a number
+            return None
+
+
+def _render_head(defaults: list[tuple[bytes, bytes]], status: Any, headers: Any) -> _Head | None:
+    """What uvicorn's ``send`` writes for this start, and its ``Content-Length``; None for a
+    head it renders otherwise (or refuses)."""
+    line = STATUS_LINE.get(status) if isinstance(status, int) else None
+    if line is None:
+        return None
+    content = [line]
+    length: int | None = None
+    for name, value in [*defaults, *headers]:
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            return None
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            return None
+        name = name.lower()
+        if name == b"content-length":
+            if length is None:
+                if not value.strip().isdigit():
+                    return None
+                length = int(value)
+        elif name in (b"transfer-encoding", b"connection"):
+            return None
+        content.extend([name, b": ", value, b"\r\n"])
+    if length is None:
+        return None
+    content.append(b"\r\n")
+    return b"".join(content), length
+
+
+_heads = _Heads()
+
+
+class _Cycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, its plain answers written without uvicorn's
+    rendering of each header (:class:`_Heads`) and their bodies in one step: a start with a
+    ``Content-Length`` on a kept-alive connection, then a body of that length in one message.
+    Anything else (a HEAD, chunked bodies, a connection that closes, a paused or lost client,
+    an access log) is uvicorn's ``send``, unchanged."""
+
+    async def send(self, message: Any) -> None:
+        if self.disconnected or self.flow.write_paused or self.access_log:
+            await super().send(message)
+            return
+        kind = message["type"]
+        if not self.response_started:
+            if kind == "http.response.start" and self.keep_alive and self.scope["method"] != "HEAD":
+                head = _heads.get(
+                    self.default_headers, message["status"], message.get("headers", ())
+                )
+                if head is not None:
+                    self.response_started = True
+                    self.waiting_for_100_continue = False
+                    self.expected_content_length = head[1]
+                    self.chunked_encoding = False
+                    self.transport.write(head[0])
+                    return
+        elif (
+            kind == "http.response.body"
+            and not self.response_complete
+            and self.chunked_encoding is False
+            and self.scope["method"] != "HEAD"
+            and not message.get("more_body", False)
+        ):
+            body = message.get("body", b"")
+            if len(body) == self.expected_content_length:
+                self.expected_content_length = 0
+                self.transport.write(body)
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
+                return
+        await super().send(message)
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -349,6 +457,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         super().on_headers_complete()
         cycle: Any = self.cycle
+        if type(cycle) is RequestResponseCycle:  # not yet started: its send is looked up then
+            cycle.__class__ = _Cycle
         cycle.transport = _CycleTransport(self, self.transport, cycle)
         self._reading_head = False  # after: a head uvicorn fails on is answered as a head
         if not self._queued(self.cycle):

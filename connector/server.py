@@ -172,6 +172,10 @@ def uvicorn_config(
         limit_concurrency=server.max_connections,
         # never recycled by request count: memory per connection is bounded by the limits
         limit_max_requests=None,
+        # the client's address is the socket's, as on the console's listener: nothing here
+        # reads it (no log line, no route), and uvicorn's X-Forwarded-For middleware cost
+        # every request a layer of its own (its call, and its frame resumed with each await)
+        proxy_headers=False,
         timeout_graceful_shutdown=max(1, int(server.shutdown_grace_seconds)),
     )
 
