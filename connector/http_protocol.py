@@ -170,6 +170,16 @@ class _CycleTransport:
                     return
         self._transport.write(data)
 
+    def hold(self, head: bytes) -> None:
+        """Hold ``head`` for the body's first write, without a turn of the loop to flush
+        it: :class:`_Cycle` gives it, when its body follows at once or the app ends (where
+        :meth:`LimitedHttpProtocol._guarded` flushes it), or at a close."""
+        if self._head and self._held is None:
+            self._head = False
+            self._held = head
+        else:
+            self.write(head)
+
     def flush(self) -> None:
         """Write a held head now (the body did not follow it at once)."""
         held = self._held
@@ -278,7 +288,11 @@ class _Cycle(RequestResponseCycle):
                     self.waiting_for_100_continue = False
                     self.expected_content_length = head[1]
                     self.chunked_encoding = False
-                    self.transport.write(head[0])
+                    transport: Any = self.transport
+                    if type(transport) is _CycleTransport and head[1] > 0:
+                        transport.hold(head[0])  # written with the body, in one send
+                    else:
+                        transport.write(head[0])
                     return
         elif (
             kind == "http.response.body"
@@ -445,7 +459,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4  # ": ", CRLF
         if size > limits.max_header_bytes:
             self._stop(self._head_too_large())
-        super().on_header(name, value)
+        # uvicorn's on_header (0.55), here rather than called: a call less for each header
+        name = name.lower()
+        # llhttp keeps trailing whitespace, which RFC 9110 (5.5) leaves out of the value
+        value = value.rstrip(b" \t")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if len(self.pipeline) >= MAX_PIPELINED:
@@ -522,6 +542,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                     raise
                 if not self._refused:
                     log.warning("http_client_gone", reason="disconnected before the body ended")
+            finally:
+                # a head held for a body that never came (an app that ended, or failed,
+                # after its start): out now, before uvicorn closes or answers 500
+                transport: Any = cycle.transport
+                if type(transport) is _CycleTransport:
+                    transport.flush()
 
         return guarded
 

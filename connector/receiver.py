@@ -249,7 +249,8 @@ def add_fast_path(
     prefix: str = WEBHOOK_PREFIX,
 ) -> None:
     """Put a :class:`WebhookFastPath` for ``prefix`` in front of ``app``'s middleware stack,
-    outside every middleware (``add_middleware`` would put it inside Starlette's own)."""
+    outside every middleware (``add_middleware`` would put it inside Starlette's own); and
+    note it for :func:`serving_app`, which puts it in front of the app itself."""
     build = app.build_middleware_stack
 
     def build_with_fast_path() -> ASGIApp:
@@ -257,6 +258,20 @@ def add_fast_path(
 
     app.build_middleware_stack = build_with_fast_path  # type: ignore[method-assign]
     app.middleware_stack = None  # built again at the next request
+    app.state.fast_paths = [*getattr(app.state, "fast_paths", ()), (prefix, handler)]
+
+
+def serving_app(app: Any) -> Any:
+    """What the server runs for ``app``: its fast paths (:func:`add_fast_path`) in front of
+    the app itself, so that a webhook also skips FastAPI's and Starlette's own calls (each a
+    frame, resumed again at each await: what they do, the app's root path and
+    ``scope["app"]``, no fast path reads). Every other request, and the lifespan, goes to
+    ``app`` as before; an app without fast paths is returned as it is."""
+    state = getattr(app, "state", None)
+    served = app
+    for prefix, handler in getattr(state, "fast_paths", ()):
+        served = WebhookFastPath(served, handler=handler, prefix=prefix)
+    return served
 
 
 # --- the OpenAPI document: every answer, its media type and body (contract 1) ---

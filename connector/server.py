@@ -16,6 +16,7 @@ import uvicorn
 from connector.config import Config, ConsoleConfig
 from connector.http_protocol import ClientLimits, protocol_class
 from connector.logs import get_logger
+from connector.receiver import serving_app
 
 log = get_logger("connector.server")
 
@@ -156,7 +157,7 @@ def uvicorn_config(
 ) -> uvicorn.Config:
     server = config.server
     return uvicorn.Config(
-        app,
+        serving_app(app),  # the webhook's fast path in front of the app's own call
         host=host or server.host,
         port=server.port if port is None else port,
         loop="uvloop",
