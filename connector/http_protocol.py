@@ -132,7 +132,9 @@ class _CycleTransport:
     socket (and two segments to the client) where one does. A head that announces a body
     (a ``Content-Length`` above 0, not a HEAD request) is held until the body's first write;
     it goes out alone at the loop's next turn if the body has not come by then (an app that
-    waits between the two), or at a close.
+    waits between the two), or at a close. A head :class:`_Cycle` rendered itself is held
+    without that turn of the loop (:meth:`hold`): it goes out with the body, when the app
+    ends without one, or at a close.
 
     A close after an answer given before the request's body was read (a 413 to an oversized
     ``Expect: 100-continue``, an early refusal that closes) lingers like the protocol's own
