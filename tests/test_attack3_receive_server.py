@@ -659,3 +659,36 @@ def test_a_slow_reader_of_large_pipelined_answers_gets_each_once_in_order(
     assert len(documents[0]) > 8192
     assert all(d == documents[0] for d in documents)
     assert paused  # the transport was paused: the slow path was taken
+
+
+def _framing(body: bytes) -> dict[str, bytes]:
+    start = (
+        f"POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN_A}\r\n"
+        "Content-Type: application/json\r\n"
+    ).encode()
+    chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    return {
+        "cl+te": start + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+        "two-cl": start + b"Content-Length: %d\r\nContent-Length: 3\r\n\r\n" % len(body) + body,
+        "te-space": start + b"Transfer-Encoding : chunked\r\n\r\n" + chunked,
+        "te-xchunked": start + b"Transfer-Encoding: xchunked\r\n\r\n" + body,
+        "lf-only": start.replace(b"\r\n", b"\n") + b"Content-Length: %d\n\n" % len(body) + body,
+        "obs-fold": start.replace(b"Bearer ", b"Bearer\r\n ")
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body,
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["cl+te", "two-cl", "te-space", "te-xchunked", "lf-only", "obs-fold"]
+)
+def test_ambiguous_framing_is_refused_before_the_fast_path(served: Served, case: str) -> None:
+    before = len(served.ports.items)
+    with connect(served) as sock:
+        sock.sendall(_framing(fresh())[case])
+        reader = Reader(sock)
+        status, headers, body = reader.answer()
+        assert (status, json.loads(body)["error"]) == (400, "bad_request")
+        assert headers["connection"] == "close"
+        assert reader.closed()
+    assert len(served.ports.items) == before
