@@ -224,6 +224,8 @@ class _Heads:
 
     def get(self, defaults: list[tuple[bytes, bytes]], status: Any, headers: Any) -> _Head | None:
         """The head and its ``Content-Length`` for an answer, or None: uvicorn's to render."""
+        if type(headers) is not list and type(headers) is not tuple:
+            return None  # any other iterable (a generator) is uvicorn's: a key would use it up
         if defaults is not self._defaults or len(self._heads) >= _HEADS_MAX:
             self._defaults = defaults  # held, so no later list can take its id
             self._heads = {}
@@ -291,9 +293,11 @@ class _Cycle(RequestResponseCycle):
                     self.expected_content_length = head[1]
                     self.chunked_encoding = False
                     transport: Any = self.transport
-                    if type(transport) is _CycleTransport and head[1] > 0:
-                        transport.hold(head[0])  # written with the body, in one send
-                    else:
+                    if type(transport) is _CycleTransport and head[1] > 0 and not self.more_body:
+                        # the request's body all read: the answer's body follows, written
+                        # with it in one send
+                        transport.hold(head[0])
+                    else:  # an answer before the body was read: out by the next turn at latest
                         transport.write(head[0])
                     return
         elif (

@@ -196,8 +196,8 @@ def test_a_date_change_between_pipelined_answers_follows_each_cycles_defaults() 
         await receive()
         if scope["path"] == "/slow":
             await gate.setdefault("slow", asyncio.Event()).wait()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
     def release(protocol: Any, transport: Any, state: ServerState) -> None:
@@ -334,12 +334,6 @@ def _gen() -> Iterator[tuple[bytes, bytes]]:
     yield (b"content-length", b"5")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http_protocol._Heads.get builds its key with (status, *headers), consuming a "
-    "headers iterator (ASGI: any iterable); the head then renders without the app's "
-    "headers (no Content-Length: chunked framing, a lost Content-Type), unlike uvicorn",
-)
 def test_headers_given_as_a_generator_are_written_as_uvicorn_writes_them() -> None:
     ours, theirs = both(_headers_app(_gen), [feed(_request("GET", "/"))])
     assert b"content-length: 5" in b"".join(theirs.writes)
@@ -379,22 +373,14 @@ def test_http_1_0_and_connection_close_match_uvicorn() -> None:
         assert theirs.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http_protocol._Cycle.send holds a head it rendered (_CycleTransport.hold) with no "
-    "flush at the loop's next turn: an app that sends its answer's start and then waits on "
-    "the request body (Expect: 100-continue: no 100 Continue is sent once the answer began) "
-    "leaves the client with nothing on the wire until the body comes; uvicorn, and the "
-    "transport's own write() path, send the head at once",
-)
 def test_a_head_sent_before_the_app_reads_the_body_reaches_the_client_at_once() -> None:
     seen: dict[str, list[bytes]] = {}
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-length", b"2")]})
         while (await receive()).get("more_body"):
             pass
         await send({"type": "http.response.body", "body": b"ok"})
