@@ -114,11 +114,23 @@ def server_process(
     ``pids``, when given, receives the server's pid (for :func:`process_cpu_seconds`)."""
     port = free_port()
     if bench_server:
-        command = [sys.executable, str(ROOT / "bench" / "_server.py"), "--config", str(config),
-                   "--port", str(port)]  # fmt: skip
+        command = [
+            sys.executable,
+            str(ROOT / "bench" / "_server.py"),
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ]
     else:
-        command = [str(Path(sys.executable).parent / "connector"), "serve", "--config",
-                   str(config), "--port", str(port)]  # fmt: skip
+        command = [
+            str(Path(sys.executable).parent / "connector"),
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ]
         if os.environ.get("BENCH_SERVE_WRAPPER"):  # profiling by hand: a script taking serve's args
             command = [sys.executable, os.environ["BENCH_SERVE_WRAPPER"], *command[2:]]
     log = (config.parent / "server.log").open("ab")

@@ -70,28 +70,40 @@ class Vendor:
 
 VENDORS = {
     "alpineiq": Vendor(
-        "--api-key", "aiq_bench_key", ("--no-rate-limit",),
+        "--api-key",
+        "aiq_bench_key",
+        ("--no-rate-limit",),
         "api_key: {key}\n        uid: '1234'\n        base_url: {base}\n        rate_limit: []\n"
         "        bulk_size: {bulk}",
-        500, None,
+        500,
+        None,
     ),
     "klaviyo": Vendor(
-        "--api-key", "pk_bench_key", ("--no-rate-limits",),
+        "--api-key",
+        "pk_bench_key",
+        ("--no-rate-limits",),
         "api_key: {key}\n        base_url: {base}\n        pace: false\n"
         "        job_poll_seconds: 0.05\n        bulk_size: {bulk}",
-        10_000, None,
+        10_000,
+        None,
     ),
     "braze": Vendor(
-        "--api-key", "braze-bench-key", ("--no-rate-limits",),
+        "--api-key",
+        "braze-bench-key",
+        ("--no-rate-limits",),
         "api_key: {key}\n        rest_endpoint: {base}\n        pace: false",
-        75, "/users/track",
+        75,
+        "/users/track",
     ),
     "hubspot": Vendor(
-        "--token", "pat-bench-token", ("--no-rate-limits",),
+        "--token",
+        "pat-bench-token",
+        ("--no-rate-limits",),
         "token: {key}\n        base_url: {base}\n        rate_limit: []",
-        100, "/crm/v3/objects/contacts/batch/upsert",
+        100,
+        "/crm/v3/objects/contacts/batch/upsert",
     ),
-}  # fmt: skip
+}
 
 
 @contextmanager
@@ -128,11 +140,14 @@ def bodies(count: int) -> list[bytes]:
     """Distinct customers, each with an e-mail and a valid phone (so vendors can match)."""
     return [
         event_body(
-            900_000 + i, 1, email=f"shopper{i}@example.com", phone=f"213{2_000_000 + i}",
+            900_000 + i,
+            1,
+            email=f"shopper{i}@example.com",
+            phone=f"213{2_000_000 + i}",
             opt_out="false",
         )
         for i in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def destination(config_path: Path) -> Any:
@@ -163,9 +178,11 @@ async def live(config_path: Path, vendor: str, events: list[bytes]) -> tuple[flo
     store.register_process()
     deployment = Deployment.from_config(config)
     store.add_events(
-        [NewEvent(DISPENSARY, "webhook", "CUSTOMER", str(900_000 + i), None, b.decode())
-         for i, b in enumerate(events)]
-    )  # fmt: skip
+        [
+            NewEvent(DISPENSARY, "webhook", "CUSTOMER", str(900_000 + i), None, b.decode())
+            for i, b in enumerate(events)
+        ]
+    )
     sink = build_destination(destination(config_path))
     astore = AsyncStore(store)
     worker = DeliveryWorker(astore, DISPENSARY, sink, retry=RetryPolicy(), concurrency=16)
@@ -206,10 +223,18 @@ async def backfill(
         assert isinstance(event, CustomerEvent)
         fields = mapping.apply(event.customer, DISPENSARY)
         deliveries.append(
-            Delivery(i, f"k{i}", {"op": "upsert", "dispensary": DISPENSARY,
-                                  "customer_id": event.customer.customer_id,
-                                  "contact_id": None, "fields": fields})
-        )  # fmt: skip
+            Delivery(
+                i,
+                f"k{i}",
+                {
+                    "op": "upsert",
+                    "dispensary": DISPENSARY,
+                    "customer_id": event.customer.customer_id,
+                    "contact_id": None,
+                    "fields": fields,
+                },
+            )
+        )
     sink = build_destination(destination(config_path))
     if isinstance(sink, KlaviyoSink):  # jobs are capped at 5 MB as well as at bulk_size
         profiles = [sink.bulk_profile(d) for d in deliveries]

@@ -84,8 +84,17 @@ end
 
 
 def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
-    command = [*pinned(1), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-               "-s", str(script), url]  # fmt: skip
+    command = [
+        *pinned(1),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -96,8 +105,12 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, flo
         value, unit = float(match.group(1)), match.group(2)
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
-    return {"rate": rate, "p50": latency("50"), "p99": latency("99"),
-            "errors": float(errors.group(1)) if errors else 0.0}  # fmt: skip
+    return {
+        "rate": rate,
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 def main() -> None:
@@ -132,8 +145,11 @@ def main() -> None:
                 results: dict[str, list[dict[str, float]]] = {"noop": [], "durable": []}
                 for _ in range(args.rounds):
                     for name in ("noop", "durable"):
-                        before = (own_cpu_seconds(server), own_cpu_seconds(pipeline or 0),
-                                  own_cpu_seconds(server, server))  # fmt: skip
+                        before = (
+                            own_cpu_seconds(server),
+                            own_cpu_seconds(pipeline or 0),
+                            own_cpu_seconds(server, server),
+                        )
                         result = wrk(urls[name], scripts[name], args.seconds, args.connections)
                         requests = max(1.0, result["rate"] * args.seconds)
                         result["receiver_us"] = (
@@ -143,8 +159,9 @@ def main() -> None:
                         result["loop_us"] = (
                             (own_cpu_seconds(server, server) - before[2]) / requests * 1e6
                         )
-                        result["pipeline_cores"] = ((own_cpu_seconds(pipeline or 0) - before[1])
-                                                    / args.seconds)  # fmt: skip
+                        result["pipeline_cores"] = (
+                            own_cpu_seconds(pipeline or 0) - before[1]
+                        ) / args.seconds
                         results[name].append(result)
                 metrics = _queue(base)
     print(
@@ -152,8 +169,10 @@ def main() -> None:
         f"{args.seconds} s per route; wrk and the sink on core 1, the server and its "
         "pipeline process unpinned"
     )
-    print(f"{'route':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}"
-          f" {'receiver CPU us/req':>20} {'of it loop':>11} {'pipeline cores':>15}")  # fmt: skip
+    print(
+        f"{'route':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}"
+        f" {'receiver CPU us/req':>20} {'of it loop':>11} {'pipeline cores':>15}"
+    )
     medians = {}
     for name, rounds in results.items():
         medians[name] = statistics.median(r["rate"] for r in rounds)

@@ -119,9 +119,18 @@ def count_instructions(mapping: str, number: int = 2000) -> None:
 
     def collected(case: str, n: int) -> int:
         command = [
-            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-            sys.executable, __file__, "--mapping", mapping, "--only", case, "--number", str(n),
-        ]  # fmt: skip
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--mapping",
+            mapping,
+            "--only",
+            case,
+            "--number",
+            str(n),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         match = re.search(r"Collected : (\d+)", done.stderr)
         assert match is not None, done.stderr[-500:]

@@ -84,8 +84,11 @@ def reconcile(config: Path, cwd: Path, *, paced: bool = True) -> tuple[float, fl
         command = [sys.executable, str(Path(__file__).resolve()), "--unpaced"]
     proc = subprocess.Popen(
         [*command, str(config)],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)

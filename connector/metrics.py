@@ -172,9 +172,15 @@ class Metrics:
         for key in configured:
             entries.setdefault(
                 key,
-                {"dispensary": key[0], "destination": key[1], "pending": 0, "inflight": 0,
-                 "dead": 0, "oldest_pending_at": None},
-            )  # fmt: skip
+                {
+                    "dispensary": key[0],
+                    "destination": key[1],
+                    "pending": 0,
+                    "inflight": 0,
+                    "dead": 0,
+                    "oldest_pending_at": None,
+                },
+            )
         for entry in entries.values():
             labels = (entry["dispensary"], entry["destination"])
             self.queue_depth.labels(*labels).set(entry["pending"] + entry["inflight"])

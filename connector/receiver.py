@@ -536,10 +536,14 @@ def create_app(service: ReceiverPorts) -> FastAPI:
         level = logging.DEBUG if response.status_code == 202 else logging.INFO
         if _levels.isEnabledFor(level):
             log.log(
-                level, "webhook", dispensary=dispensary, status_code=response.status_code,
-                outcome=outcome, customer_id=customer_id,
+                level,
+                "webhook",
+                dispensary=dispensary,
+                status_code=response.status_code,
+                outcome=outcome,
+                customer_id=customer_id,
                 duration_ms=round((time.perf_counter() - started) * 1e3, 2),
-            )  # fmt: skip
+            )
         return response
 
     async def _receive(dispensary: str, request: Request) -> tuple[Response, str | None, str]:
@@ -555,10 +559,15 @@ def create_app(service: ReceiverPorts) -> FastAPI:
         if token is None:
             count(dispensary, "rejected_401")
             return (
-                _error(401, "unauthorized", "send the webhook token as Authorization: Bearer",
-                       {"www-authenticate": "Bearer"}),
-                None, "unauthorized",
-            )  # fmt: skip
+                _error(
+                    401,
+                    "unauthorized",
+                    "send the webhook token as Authorization: Bearer",
+                    {"www-authenticate": "Bearer"},
+                ),
+                None,
+                "unauthorized",
+            )
         given = token.encode()
         for candidate in known:  # each compared in constant time
             if hmac.compare_digest(given, candidate):
@@ -613,12 +622,16 @@ def create_app(service: ReceiverPorts) -> FastAPI:
             await quarantine(dispensary, 422, reason, content_type, body)
             return (
                 JSONResponse(
-                    {"error": "invalid_event", "detail": reason,
-                     "problems": [{"field": p.where, "problem": p.what} for p in exc.problems]},
+                    {
+                        "error": "invalid_event",
+                        "detail": reason,
+                        "problems": [{"field": p.where, "problem": p.what} for p in exc.problems],
+                    },
                     status_code=422,
                 ),
-                None, "rejected",
-            )  # fmt: skip
+                None,
+                "rejected",
+            )
         named = event.dispensary_short_name
         if named is not None and named != dispensary:
             reason = f"the body names dispensary {named!r}, not {dispensary!r}"

@@ -213,8 +213,11 @@ def test_unsubscribe_without_mapped_fields_still_names_the_customer(
     route = api.post(LOYALTY).mock(return_value=ok("p9"))
     assert send_one(delivery("unsubscribe", fields=None, channels=["email", "sms"])) == Sent("p9")
     assert sent_json(route) == {
-        "uid": UID, "srcID": "1001", "emailOptIn": False, "smsOptIn": False,
-    }  # fmt: skip
+        "uid": UID,
+        "srcID": "1001",
+        "emailOptIn": False,
+        "smsOptIn": False,
+    }
 
 
 def test_subscribe_sets_opt_ins_true(api: respx.MockRouter) -> None:
@@ -233,9 +236,11 @@ def test_deactivate_marks_the_known_persona_and_sends_nothing_else(api: respx.Mo
     result = send_one(delivery("deactivate", contact_id="p1", fields=FIELDS))
     assert result == Sent("p1")
     assert sent_json(route) == {
-        "uid": UID, "contactID": "p1", "srcID": "1001",
+        "uid": UID,
+        "contactID": "p1",
+        "srcID": "1001",
         "customAttributes": {"treezStatus": "DEACTIVATED"},
-    }  # fmt: skip
+    }
 
 
 def test_deactivate_of_a_customer_alpine_iq_never_saw_makes_no_call(
@@ -320,9 +325,13 @@ def test_a_gone_persona_whose_match_answers_no_id_is_reported_and_replaces_nothi
 
 def test_merge_makes_no_http_call_and_names_the_survivor_persona(api: respx.MockRouter) -> None:
     merge = delivery(
-        "merge", "200", from_customer_id="200", into_customer_id="100",
-        from_contact_id="absorbed-p", into_contact_id="survivor-p",
-    )  # fmt: skip
+        "merge",
+        "200",
+        from_customer_id="200",
+        into_customer_id="100",
+        from_contact_id="absorbed-p",
+        into_contact_id="survivor-p",
+    )
     assert send_one(merge) == Sent("survivor-p")
     assert api.calls.call_count == 0
 
@@ -390,10 +399,11 @@ def test_backfill_upserts_in_chunks_of_bulk_size_with_results_in_order(
     bulk = api.post(BULK).mock(side_effect=answer)
     loyalty = api.post(LOYALTY).mock(return_value=ok("p-unsub"))
     deliveries = [
-        delivery("upsert", str(n), fields={"email": f"c{n}@example.com", "emailOptIn": True},
-                 outbox_id=n)
+        delivery(
+            "upsert", str(n), fields={"email": f"c{n}@example.com", "emailOptIn": True}, outbox_id=n
+        )
         for n in range(7)
-    ]  # fmt: skip
+    ]
     deliveries.insert(3, delivery("unsubscribe", "u1", channels=["email", "sms"], outbox_id=99))
 
     async def scenario(sink: AlpineIQSink) -> list[Any]:
@@ -406,9 +416,15 @@ def test_backfill_upserts_in_chunks_of_bulk_size_with_results_in_order(
     assert all("uid" not in m and not CONSENT_KEYS & m.keys() for m in sent)
     assert loyalty.call_count == 1  # the other operations go one by one
     assert results == [
-        Sent("p-0"), Sent("p-1"), Sent("p-2"), Sent("p-unsub"),
-        Sent("p-3"), Sent("p-4"), Sent("p-5"), Sent("p-6"),
-    ]  # fmt: skip
+        Sent("p-0"),
+        Sent("p-1"),
+        Sent("p-2"),
+        Sent("p-unsub"),
+        Sent("p-3"),
+        Sent("p-4"),
+        Sent("p-5"),
+        Sent("p-6"),
+    ]
 
 
 def test_backfill_failure_of_one_chunk_fails_only_its_members(api: respx.MockRouter) -> None:
@@ -596,9 +612,13 @@ def run_flow(
 
     async def go() -> None:
         flow = Flow(
-            tmp_path, config or config_text(), app=fake.app, sink_factory=AlpineIQSink,
-            base_url=BASE_URL, retry=retry,
-        )  # fmt: skip
+            tmp_path,
+            config or config_text(),
+            app=fake.app,
+            sink_factory=AlpineIQSink,
+            base_url=BASE_URL,
+            retry=retry,
+        )
         try:
             await scenario(flow, fake)
         finally:
@@ -625,9 +645,10 @@ def resolved_of(flow: Flow, customer: str) -> str | None:
 
 def loyalty_calls(fake: AlpineIQFake, customer: str | None = None) -> list[Any]:
     return [
-        c for c in fake.calls_to(LOYALTY)
+        c
+        for c in fake.calls_to(LOYALTY)
         if customer is None or (isinstance(c.body, dict) and c.body.get("srcID") == customer)
-    ]  # fmt: skip
+    ]
 
 
 def assert_all_done(flow: Flow) -> None:
@@ -652,11 +673,15 @@ def test_create_sends_one_upsert_and_records_the_persona(tmp_path: Path) -> None
         persona = fake.persona(contact)
         assert persona is not None
         assert (persona["srcID"], persona["email"], persona["mobilePhone"]) == (
-            "1001", "c1001@example.com", "+13105550001",
-        )  # fmt: skip
+            "1001",
+            "c1001@example.com",
+            "+13105550001",
+        )
         assert (persona["firstName"], persona["city"], persona["tags"]) == (
-            "Jules", "Inglewood", ["SENIOR"],
-        )  # fmt: skip
+            "Jules",
+            "Inglewood",
+            ["SENIOR"],
+        )
         assert fake.consent(contact) == {"email": None, "sms": None}  # loyalty is not consent
 
     run_flow(tmp_path, scenario)
@@ -667,9 +692,15 @@ def test_update_names_the_persona_and_changes_it_in_place(tmp_path: Path) -> Non
         await flow.deliver(event_body("1001", 1, **person("1001", 1)))
         contact = contact_of(flow, "1001")
         await flow.deliver(
-            event_body("1001", 2, email="new@example.com", phone="3105550001",
-                       first_name="jimmie", rewards_balance=120)
-        )  # fmt: skip
+            event_body(
+                "1001",
+                2,
+                email="new@example.com",
+                phone="3105550001",
+                first_name="jimmie",
+                rewards_balance=120,
+            )
+        )
         assert flow.ops() == ["upsert", "upsert"]
         assert_all_done(flow)
         update = fake.calls[-1]
@@ -679,8 +710,10 @@ def test_update_names_the_persona_and_changes_it_in_place(tmp_path: Path) -> Non
         persona = fake.persona(str(contact))
         assert persona is not None
         assert (persona["email"], persona["firstName"], persona["loyaltyPoints"]) == (
-            "new@example.com", "Jimmie", 120,
-        )  # fmt: skip
+            "new@example.com",
+            "Jimmie",
+            120,
+        )
         assert contact_of(flow, "1001") == contact
 
     run_flow(tmp_path, scenario)
@@ -696,9 +729,10 @@ def test_no_op_updates_send_nothing(tmp_path: Path) -> None:
         assert len(fake.calls) == 1
         # newer, but nothing Alpine IQ is sent changes (notes, licence are not mapped)
         await flow.deliver(
-            event_body("1001", 2, notes="likes sativa", drivers_license="D1234567",
-                       **person("1001", 1))
-        )  # fmt: skip
+            event_body(
+                "1001", 2, notes="likes sativa", drivers_license="D1234567", **person("1001", 1)
+            )
+        )
         await flow.deliver(event_body("1001", 3, **person("1001", 1)))
         assert len(fake.calls) == 1
         assert flow.ops() == ["upsert"]
@@ -757,8 +791,10 @@ def test_an_opt_out_still_reaches_alpine_iq_when_the_mapping_fails(tmp_path: Pat
         # the fields that can be mapped go with it (to find the person by phone and
         # e-mail should the persona id be gone); the one that cannot is left out
         assert {k: unsubscribe.body[k] for k in ("uid", "srcID", "contactID")} == {
-            "uid": UID, "srcID": "1001", "contactID": contact,
-        }  # fmt: skip
+            "uid": UID,
+            "srcID": "1001",
+            "contactID": contact,
+        }
         assert (unsubscribe.body["emailOptIn"], unsubscribe.body["smsOptIn"]) == (False, False)
         assert "birthday" not in unsubscribe.body
         assert unsubscribe.body["email"] == "c1001@example.com"
@@ -816,8 +852,9 @@ def test_resubscribe_policy_opts_email_back_in_but_alpine_iq_refuses_sms(
         # so the connector cannot tell (nothing dead-lettered, no conflict)
         assert fake.consent(contact) == {"email": True, "sms": False}
         assert [(c.channel, c.action) for c in fake.consent_log][-2:] == [
-            ("email", "opt_in"), ("sms", "reopt_refused"),
-        ]  # fmt: skip
+            ("email", "opt_in"),
+            ("sms", "reopt_refused"),
+        ]
         assert flow.conflicts() == []
         # one flip, one subscribe: a repeated false sends nothing more
         await flow.deliver(event_body("1001", 4, opt_out="false", **person("1001", 1)))
@@ -852,10 +889,13 @@ MERGE_ORDERS = {
     "absorbed-first": lambda: [[absorbed_event(5)], [survivor_event(5)]],
     "one-batch": lambda: [[absorbed_event(5), survivor_event(5)]],
     "repeated": lambda: [
-        [absorbed_event(5)], [survivor_event(5)], [absorbed_event(5), survivor_event(5)],
-        [absorbed_event(6)], [survivor_event(6)],
+        [absorbed_event(5)],
+        [survivor_event(5)],
+        [absorbed_event(5), survivor_event(5)],
+        [absorbed_event(6)],
+        [survivor_event(6)],
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("order", list(MERGE_ORDERS))
@@ -887,9 +927,15 @@ def test_merge_of_two_known_customers_resolves_the_absorbed_id_to_the_survivor(
         # opt-out is owed to the survivor's persona and, Alpine IQ having no merge, to B's
         # own persona, which lives on (the same person opted out in one of their records)
         await flow.deliver(
-            event_body(ABSORBED, 9, status="ACTIVE", opt_out="true", first_name="Stray",
-                       **person(ABSORBED, 200))
-        )  # fmt: skip
+            event_body(
+                ABSORBED,
+                9,
+                status="ACTIVE",
+                opt_out="true",
+                first_name="Stray",
+                **person(ABSORBED, 200),
+            )
+        )
         sent = fake.calls[calls:]
         assert sorted(c.body["contactID"] for c in sent) == sorted([survivor, absorbed])
         assert all(c.body.get("emailOptIn") is False for c in sent), [c.body for c in sent]
@@ -939,8 +985,10 @@ def test_an_absorbed_customers_queued_upsert_never_reaches_the_survivor_persona(
         persona = fake.persona(survivor)
         assert persona is not None
         assert (persona["srcID"], persona["email"], persona["firstName"]) == (
-            SURVIVOR, f"c{SURVIVOR}@example.com", "Jules",
-        )  # fmt: skip
+            SURVIVOR,
+            f"c{SURVIVOR}@example.com",
+            "Jules",
+        )
         assert all(c.body.get("contactID") != survivor for c in loyalty_calls(fake, ABSORBED))
 
     run_flow(tmp_path, scenario)
@@ -956,9 +1004,11 @@ def test_deactivation_marks_the_persona_once(tmp_path: Path) -> None:
         assert_all_done(flow)
         deactivate = fake.calls[-1]
         assert deactivate.body == {
-            "uid": UID, "contactID": contact, "srcID": "1001",
+            "uid": UID,
+            "contactID": contact,
+            "srcID": "1001",
             "customAttributes": {"treezStatus": "DEACTIVATED"},
-        }  # fmt: skip
+        }
         persona = fake.persona(contact)
         assert persona is not None
         assert persona["customAttributes"]["treezStatus"] == "DEACTIVATED"
@@ -1001,9 +1051,10 @@ def test_treez_external_id_of_an_existing_persona_is_used_to_match(tmp_path: Pat
         transport = httpx.ASGITransport(app=fake.app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
             answer = await client.post(
-                LOYALTY, headers={"X-APIKEY": API_KEY},
+                LOYALTY,
+                headers={"X-APIKEY": API_KEY},
                 json={"uid": UID, "email": "old@example.com", "firstName": "Old"},
-            )  # fmt: skip
+            )
         existing = answer.json()["data"]["contactID"]
         await flow.deliver(external("1001", 1, existing))
         assert_all_done(flow)
@@ -1034,8 +1085,10 @@ def test_treez_external_id_disagreeing_with_the_map_is_a_conflict_and_the_map_wi
         assert all(c.body.get("contactID") != other for c in fake.calls)
         (conflict,) = flow.conflicts()
         assert (conflict["customer_id"], conflict["destination"], conflict["kind"]) == (
-            "1001", "aiq", "external_id_mismatch",
-        )  # fmt: skip
+            "1001",
+            "aiq",
+            "external_id_mismatch",
+        )
         assert other not in conflict["detail"]
 
     run_flow(tmp_path, scenario)

@@ -31,17 +31,22 @@ def test_a_dead_letter_recorded_in_a_trip_keeps_its_answer_and_code(
     enqueue(store, [make_op("x", 1), make_op("x", 2)])
     [row] = store.record_and_claim(DISPENSARY, DEST, 5).rows
     trip = store.record_and_claim(
-        DISPENSARY, DEST, 5,
+        DISPENSARY,
+        DEST,
+        5,
         dead=[(row, "HTTP 400", 400, answer)],
         answers={row.id: (400, code)},
-    )  # fmt: skip
+    )
     assert [r.body["fields"]["n"] for r in trip.rows] == [2]
     letters = store.query(
         select(
-            dead_letters.c.outbox_id, dead_letters.c.status_code,
-            dead_letters.c.response_body, dead_letters.c.code, dead_letters.c.attempts,
+            dead_letters.c.outbox_id,
+            dead_letters.c.status_code,
+            dead_letters.c.response_body,
+            dead_letters.c.code,
+            dead_letters.c.attempts,
         )
-    )  # fmt: skip
+    )
     assert letters == [(row.id, 400, answer, code, 1)]
     tried = store.query(select(attempts.c.outbox_id, attempts.c.status_code, attempts.c.code))
     assert tried == [(row.id, 400, code)]

@@ -68,9 +68,14 @@ async def _turns(n: int = 60) -> None:
 
 async def _drive(app: Any, http: Any, steps: list[Step], transport: FakeTransport) -> None:
     config = uvicorn.Config(
-        app, http=http, ws="none", lifespan="off", log_config=None, access_log=False,
+        app,
+        http=http,
+        ws="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
         proxy_headers=False,
-    )  # fmt: skip
+    )
     config.load()
     state = ServerState()
     state.default_headers = [DATE_1, SERVER]
@@ -173,8 +178,13 @@ def test_a_request_arriving_while_the_first_is_answered_keeps_the_order() -> Non
             event = gate.setdefault("slow", asyncio.Event())
             await event.wait()
         body = scope["path"].encode()
-        await send({"type": "http.response.start", "status": 202,
-                    "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [(b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def release(protocol: Any, transport: Any, state: ServerState) -> None:
@@ -267,8 +277,13 @@ def test_a_hundred_varied_answers_each_get_their_own_head() -> None:
         n = int(scope["path"].strip("/"))
         body = b"x" * (n % 7)
         headers = [(b"x-n", str(n % 70).encode()), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": (200, 201, 202, 409)[n % 4],
-                    "headers": headers})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": (200, 201, 202, 409)[n % 4],
+                "headers": headers,
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     steps = [feed(_request("GET", f"/{n}")) for n in range(140)]
@@ -284,8 +299,14 @@ def test_two_listeners_sharing_the_cache_keep_their_own_defaults() -> None:
 
     async def run() -> tuple[bytes, bytes]:
         app = _echo_app()
-        config = uvicorn.Config(app, http=protocol_class(ClientLimits()), ws="none",
-                                lifespan="off", log_config=None, access_log=False)  # fmt: skip
+        config = uvicorn.Config(
+            app,
+            http=protocol_class(ClientLimits()),
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+        )
         config.load()
         loop = asyncio.get_running_loop()
         one, two = ServerState(), ServerState()
@@ -322,8 +343,7 @@ def _headers_app(make_headers: Callable[[], Any], status: Any = 200) -> Any:
         if scope["type"] != "http":
             return
         await receive()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": make_headers()})  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": make_headers()})
         await send({"type": "http.response.body", "body": b"hello"})
 
     return app

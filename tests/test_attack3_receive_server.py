@@ -117,8 +117,14 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level,
-                 logging.getLogger(n).propagate) for n in _LOGGERS}  # fmt: skip
+    saved = {
+        n: (
+            list(logging.getLogger(n).handlers),
+            logging.getLogger(n).level,
+            logging.getLogger(n).propagate,
+        )
+        for n in _LOGGERS
+    }
     stream = io.StringIO()
     configure_logging(stream=stream, level="debug")
     folder = tmp_path_factory.mktemp("attack3")
@@ -507,8 +513,9 @@ def test_nothing_logged_carries_a_customer_value_or_the_token(served: Served) ->
 def test_zz_lifespan_stops(tmp_path: Path) -> None:
     ports = Ports(load_config(write_config(tmp_path)))
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(create_app(ports), ports.config,
-                                           host="127.0.0.1", port=port))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn_config(create_app(ports), ports.config, host="127.0.0.1", port=port)
+    )
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
@@ -524,8 +531,9 @@ def test_zz_lifespan_stops(tmp_path: Path) -> None:
 def test_a_shutdown_while_the_commit_hangs_answers_then_closes(tmp_path: Path) -> None:
     ports = Ports(load_config(write_config(tmp_path)))
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(create_app(ports), ports.config,
-                                           host="127.0.0.1", port=port))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn_config(create_app(ports), ports.config, host="127.0.0.1", port=port)
+    )
 
     async def main() -> bytes:
         task = asyncio.create_task(server.serve())

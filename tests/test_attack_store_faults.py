@@ -235,8 +235,11 @@ def test_check_on_a_read_only_store_says_read_only(bind_mount: Path, tmp_path: P
     config = write_config(tmp_path, store, "http://127.0.0.1:9/")
     done = subprocess.run(
         [*connector_command(), "check", "--config", str(config)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "Traceback" not in done.stdout + done.stderr  # held
     said = [line for line in done.stderr.splitlines() if str(store) in line]
     assert len(said) == 1, done.stderr  # held: one line naming the file
@@ -257,8 +260,11 @@ def test_a_foreign_alembic_database_is_called_foreign(tmp_path: Path) -> None:
     config = write_config(tmp_path, store, "http://127.0.0.1:9/")
     done = subprocess.run(
         [*connector_command(), "check", "--config", str(config)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 1  # held: refused
     assert store.read_bytes() == original  # held: untouched
     said = [line for line in done.stderr.splitlines() if str(store) in line]

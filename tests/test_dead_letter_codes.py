@@ -21,14 +21,17 @@ from connector.store.migrate import alembic_config, ensure_current, head
 
 # (payload, answer, the code the letter should get)
 LETTERS = [
-    ({"fields": {"email": "a@example.com"}}, '{"errors":[{"code":"duplicate_profile"}]}',
-     "duplicate_profile"),
+    (
+        {"fields": {"email": "a@example.com"}},
+        '{"errors":[{"code":"duplicate_profile"}]}',
+        "duplicate_profile",
+    ),
     ({"fields": {"last_name": "Vega"}}, '{"error":"Vega"}', None),  # an echo, not a code
     ({"fields": {}}, '{"code": 4012}', "4012"),
     ({"fields": {}}, "<html>bad gateway</html>", None),
     ({"fields": {}}, None, None),
     ({"fields": {}}, '{"errors":[{"detail":"free text, no code"}]}', None),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

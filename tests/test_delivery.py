@@ -738,11 +738,16 @@ def test_worker_dead_letters_a_400_with_the_response(
     with store.transaction() as conn:  # what the planner recorded when it planned the upsert
         conn.execute(
             insert(contacts).values(
-                dispensary=DISPENSARY, customer_id="c1", destination=DEST, contact_id="c-c1",
+                dispensary=DISPENSARY,
+                customer_id="c1",
+                destination=DEST,
+                contact_id="c-c1",
                 delivered_hash=payload_hash(make_op("c1").body["fields"]),
-                unsubscribed=False, deactivated=False, updated_at=time.time(),
+                unsubscribed=False,
+                deactivated=False,
+                updated_at=time.time(),
             )
-        )  # fmt: skip
+        )
     service.script(["400"])
     enqueue(store, [make_op("c1")])
     asyncio.run(drain(store, HttpSink(http_config(mapping_dir, url=service.url))))

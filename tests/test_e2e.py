@@ -723,8 +723,9 @@ def test_serve_delivers_every_event_through_500s_and_429s(
     world = scenario()
     events = world.events
     assert 250 <= len(events) <= 400, len(events)
-    sink = start_sink(procs, "sink", "--fail-500", "0.1", "--fail-429", "0.1",
-                      "--retry-after", "1", "--seed", "7")  # fmt: skip
+    sink = start_sink(
+        procs, "sink", "--fail-500", "0.1", "--fail-429", "0.1", "--retry-after", "1", "--seed", "7"
+    )
     config = write_config(tmp_path, sink.url, store_url)
     server = start_server(procs, config, "serve")
     db = store_url
@@ -751,8 +752,9 @@ def test_serve_delivers_every_event_through_500s_and_429s(
 def test_kill_9_mid_posting_loses_nothing(tmp_path: Path, store_url: str, procs: Procs) -> None:
     world = scenario(seed=23)
     events = world.events
-    sink = start_sink(procs, "sink", "--fail-500", "0.1", "--fail-429", "0.1",
-                      "--retry-after", "1", "--seed", "8")  # fmt: skip
+    sink = start_sink(
+        procs, "sink", "--fail-500", "0.1", "--fail-429", "0.1", "--retry-after", "1", "--seed", "8"
+    )
     config = write_config(tmp_path, sink.url, store_url)
     first = start_server(procs, config, "serve-1")
     db = store_url
@@ -814,8 +816,10 @@ def test_kill_9_mid_posting_loses_nothing(tmp_path: Path, store_url: str, procs:
     check_retries(checks, sink)
     check_metrics(checks, second)
     received = read_record(sink.record)
-    print(f"sink: {len(received)} accepted, {len(unique_ops(received))} unique; {inflight} "
-          f"in flight at the kill; {len(before.unanswered)} posts unanswered")  # fmt: skip
+    print(
+        f"sink: {len(received)} accepted, {len(unique_ops(received))} unique; {inflight} "
+        f"in flight at the kill; {len(before.unanswered)} posts unanswered"
+    )
 
     code, took = sigterm(second)
     checks.expect(code == 0, f"SIGTERM: serve exited with {code} after {took:.1f} s, not 0")

@@ -250,8 +250,11 @@ def test_the_validator_rejects_wrong_shapes(spec: Spec) -> None:
     with pytest.raises(AssertionError, match="expected string"):
         spec.check(profile(email=5), "ProfileUpsertQuery")
     with pytest.raises(AssertionError, match="not in the schema"):
-        spec.check({"data": {"type": "profile", "id": "x", "links": {"self": "https://x"},
-                             "surprise": 1}}, "PostProfileMergeResponse", closed=True)  # fmt: skip
+        spec.check(
+            {"data": {"type": "profile", "id": "x", "links": {"self": "https://x"}, "surprise": 1}},
+            "PostProfileMergeResponse",
+            closed=True,
+        )
     spec.check(profile(email="a@b.co", location={"latitude": 1.5}), "ProfileUpsertQuery")
 
 
@@ -403,8 +406,10 @@ def test_routing_trailing_slash_404_and_405(fake: KlaviyoFake) -> None:
         assert wrong.headers["allow"] == "POST"
 
     run(fake, scenario)
-    assert [c.path for c in fake.calls][:2] == ["/api/profile-import", "/api/profiles/" + next(
-        iter(fake.profiles))]  # fmt: skip
+    assert [c.path for c in fake.calls][:2] == [
+        "/api/profile-import",
+        "/api/profiles/" + next(iter(fake.profiles)),
+    ]
 
 
 # ---- profile-import ----------------------------------------------------------------------------
@@ -697,8 +702,11 @@ def test_merge_moves_missing_data_into_the_destination_and_deletes_the_source(
             location={"city": "Boulder"},
             properties={"store": "boulder", "points": 5},
         )
-        await post(client, "/api/profile-subscription-bulk-delete-jobs",
-                   unsubscribe({"phone_number": "+13035550101"}))  # fmt: skip
+        await post(
+            client,
+            "/api/profile-subscription-bulk-delete-jobs",
+            unsubscribe({"phone_number": "+13035550101"}),
+        )
         body = merge(keep, gone)
         spec.check(body, "ProfileMergeQuery")
         response = await post(client, "/api/profile-merge", body)

@@ -48,9 +48,15 @@ from connector.treez import (
 SEED_BYTES = (Path(__file__).resolve().parent / "data" / "seed_body.json").read_bytes()
 SEED: dict[str, Any] = json.loads(SEED_BYTES)
 INBOX_COLUMNS = (
-    "dispensary", "source", "event_type", "customer_id", "last_update_us", "body", "status",
+    "dispensary",
+    "source",
+    "event_type",
+    "customer_id",
+    "last_update_us",
+    "body",
+    "status",
     "run_id",
-)  # fmt: skip
+)
 
 
 @pytest.fixture
@@ -71,10 +77,17 @@ def writer(store: Store) -> Iterator[InboxWriter]:
 
 def events(count: int, *, start: int = 0, status: str = "pending") -> list[NewEvent]:
     return [
-        NewEvent("d", "webhook", "CUSTOMER", str(start + i), 1_000 + i,
-                 json.dumps({"n": start + i, "name": "Ünïcode ✓"}), status)
+        NewEvent(
+            "d",
+            "webhook",
+            "CUSTOMER",
+            str(start + i),
+            1_000 + i,
+            json.dumps({"n": start + i, "name": "Ünïcode ✓"}),
+            status,
+        )
         for i in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def inbox_rows(store: Store) -> list[tuple[Any, ...]]:
@@ -394,8 +407,11 @@ def test_not_json_is_told_apart() -> None:
 
 def test_only_the_wrong_elements_of_a_list_are_dropped() -> None:
     good = dict(SEED["data"]["addresses"][0])
-    body = _seed(addresses=[{"city": ["x"], "primary": False}, good, "nowhere"],
-                 customer_groups=["SENIOR", {"no": 1}], first_name={"a": 1})  # fmt: skip
+    body = _seed(
+        addresses=[{"city": ["x"], "primary": False}, good, "nowhere"],
+        customer_groups=["SENIOR", {"no": 1}],
+        first_name={"a": 1},
+    )
     event, dropped = parse_stored_event(body)
     assert isinstance(event, CustomerEvent)
     customer = event.customer
@@ -404,8 +420,10 @@ def test_only_the_wrong_elements_of_a_list_are_dropped() -> None:
     assert customer.customer_groups == ["SENIOR"]
     assert customer.first_name is None
     assert {p.where.split("[")[0].split(".")[1] for p in dropped} == {
-        "addresses", "customer_groups", "first_name",
-    }  # fmt: skip
+        "addresses",
+        "customer_groups",
+        "first_name",
+    }
 
 
 def test_a_wrong_field_outside_the_rules_is_dropped_when_planned() -> None:
@@ -425,17 +443,43 @@ def test_a_wrong_field_outside_the_rules_is_dropped_when_planned() -> None:
 
 
 _values = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 10**12), st.text(max_size=12),
-    st.sampled_from(["true", "false", "N/A", "", "2026-04-24T11:38:21.000-07:00",
-                     "2026-04-24T11:38:21Z", "2026-02-30T00:00:00+00:00", "3904", "ACTIVE"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**12),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "true",
+            "false",
+            "N/A",
+            "",
+            "2026-04-24T11:38:21.000-07:00",
+            "2026-04-24T11:38:21Z",
+            "2026-02-30T00:00:00+00:00",
+            "3904",
+            "ACTIVE",
+        ]
+    ),
     st.lists(st.one_of(st.integers(0, 9), st.text(max_size=2)), max_size=2),
     st.dictionaries(st.sampled_from(["aiq_contact_id", "city", "x"]), st.none()),
-)  # fmt: skip
+)
 _fields = st.sampled_from(
-    ["customer_id", "last_update", "opt_out", "first_name", "status", "merged_customer_ids",
-     "merged_into_customer_id", "external_ids", "addresses", "rewards_balance", "birthday",
-     "banned", "customer_groups"]
-)  # fmt: skip
+    [
+        "customer_id",
+        "last_update",
+        "opt_out",
+        "first_name",
+        "status",
+        "merged_customer_ids",
+        "merged_into_customer_id",
+        "external_ids",
+        "addresses",
+        "rewards_balance",
+        "birthday",
+        "banned",
+        "customer_groups",
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -524,10 +568,26 @@ def test_the_quick_check_takes_what_treez_sends(changes: dict[str, Any]) -> None
 
 @pytest.mark.parametrize(
     "token",
-    ["NaN", "-Infinity", '"\\ud800"', "-0", "1E+2", "123456789012345678901234567890",
-     "1.5e999", '"\\u0000"', "01", "[1,]", '"\\x41"', "7" * 4300, "7" * 4301, "-" + "7" * 4301,
-     "[" * 150 + "]" * 150, "[" * 995 + "]" * 995, "[" * 2000 + "]" * 2000],
-)  # fmt: skip
+    [
+        "NaN",
+        "-Infinity",
+        '"\\ud800"',
+        "-0",
+        "1E+2",
+        "123456789012345678901234567890",
+        "1.5e999",
+        '"\\u0000"',
+        "01",
+        "[1,]",
+        '"\\x41"',
+        "7" * 4300,
+        "7" * 4301,
+        "-" + "7" * 4301,
+        "[" * 150 + "]" * 150,
+        "[" * 995 + "]" * 995,
+        "[" * 2000 + "]" * 2000,
+    ],
+)
 def test_the_quick_check_is_never_more_lenient_about_json(token: str) -> None:
     raw = SEED_BYTES.rstrip()[:-1] + b', "extra": ' + token.encode() + b"}"
     quick = _quick_check(raw)
@@ -555,42 +615,87 @@ def test_the_quick_check_leaves_what_is_not_clean_unicode_to_the_model(raw: byte
 _timestamps = st.one_of(
     st.builds(
         "{:04d}-{:02d}-{:02d}{}{:02d}:{:02d}:{:02d}{}{}".format,
-        st.integers(0, 9999), st.integers(0, 13), st.integers(0, 32), st.sampled_from("Tt "),
-        st.integers(0, 25), st.integers(0, 61), st.integers(0, 61),
+        st.integers(0, 9999),
+        st.integers(0, 13),
+        st.integers(0, 32),
+        st.sampled_from("Tt "),
+        st.integers(0, 25),
+        st.integers(0, 61),
+        st.integers(0, 61),
         st.sampled_from(["", ".5", ".123", ".123456", ".1234567", "."]),
-        st.sampled_from(["Z", "z", "+00:00", "-07:00", "+23:59", "+24:00", "-00:60", "+05:30",
-                         "", "+0700", "-07", "+99:99"]),
+        st.sampled_from(
+            [
+                "Z",
+                "z",
+                "+00:00",
+                "-07:00",
+                "+23:59",
+                "+24:00",
+                "-00:60",
+                "+05:30",
+                "",
+                "+0700",
+                "-07",
+                "+99:99",
+            ]
+        ),
     ),
     st.builds(
         "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}{}{}".format,
-        st.integers(1, 9999), st.integers(1, 12), st.integers(1, 31), st.integers(0, 23),
-        st.integers(0, 59), st.integers(0, 59), st.sampled_from(["", ".000", ".5", ".999999"]),
+        st.integers(1, 9999),
+        st.integers(1, 12),
+        st.integers(1, 31),
+        st.integers(0, 23),
+        st.integers(0, 59),
+        st.integers(0, 59),
+        st.sampled_from(["", ".000", ".5", ".999999"]),
         st.sampled_from(["Z", "+00:00", "-07:00", "+14:00", "-23:59"]),
     ),
     st.sampled_from(["2026-04-24T11:38:21.000-07:00", "\uff12026-04-24T11:38:21Z"]),
-    st.text(max_size=12), st.integers(), st.none(),
-)  # fmt: skip
+    st.text(max_size=12),
+    st.integers(),
+    st.none(),
+)
 _ids = st.one_of(
-    st.text(max_size=4), st.sampled_from(["N/A", "", " ", " 12 "]), st.integers(-9, 10**20),
-    st.booleans(), st.none(), st.floats(allow_infinity=False),
-)  # fmt: skip
+    st.text(max_size=4),
+    st.sampled_from(["N/A", "", " ", " 12 "]),
+    st.integers(-9, 10**20),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_infinity=False),
+)
 _rule_values: dict[str, st.SearchStrategy[Any]] = {
     "customer_id": _ids,
     "last_update": _timestamps,
     "opt_out": st.one_of(
-        st.booleans(), st.none(), st.integers(-1, 2), st.floats(0, 1),
+        st.booleans(),
+        st.none(),
+        st.integers(-1, 2),
+        st.floats(0, 1),
         st.sampled_from(["true", " TRUE ", "false", "0", "1", "yes", "n", "", "maybe", "N/A"]),
     ),
     "status": st.one_of(st.none(), st.text(max_size=8), st.integers(), st.lists(st.none())),
-    "merged_customer_ids": st.one_of(st.none(), st.lists(_ids, max_size=3), st.text(max_size=2),
-                                     st.dictionaries(st.text(max_size=2), st.none())),
+    "merged_customer_ids": st.one_of(
+        st.none(),
+        st.lists(_ids, max_size=3),
+        st.text(max_size=2),
+        st.dictionaries(st.text(max_size=2), st.none()),
+    ),
     "merged_into_customer_id": st.one_of(_ids, st.lists(st.none(), max_size=1)),
     "external_ids": st.one_of(
-        st.none(), st.lists(st.integers(), max_size=1), st.text(max_size=2),
-        st.fixed_dictionaries({}, optional={"aiq_contact_id": _ids, "sticky_cards_contact_id": _ids,
-                                            "other": st.integers()}),
+        st.none(),
+        st.lists(st.integers(), max_size=1),
+        st.text(max_size=2),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "aiq_contact_id": _ids,
+                "sticky_cards_contact_id": _ids,
+                "other": st.integers(),
+            },
+        ),
     ),
-}  # fmt: skip
+}
 
 
 _changes = st.fixed_dictionaries(
@@ -603,7 +708,7 @@ _envelopes = st.fixed_dictionaries(
         "dispensary_short_name": st.one_of(st.text(max_size=3), st.none(), st.integers()),
         "test": st.one_of(st.none(), st.booleans()),
     },
-)  # fmt: skip
+)
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -84,9 +84,14 @@ def mapping_dir(tmp_path: Path) -> Path:
 
 def klaviyo_config(base: Path, **extra: Any) -> KlaviyoDestination:
     data = {
-        "name": "kl", "type": "klaviyo", "api_key": KEY, "mapping": "klaviyo.yaml",
-        "revision": REVISION, "pace": False, **extra,
-    }  # fmt: skip
+        "name": "kl",
+        "type": "klaviyo",
+        "api_key": KEY,
+        "mapping": "klaviyo.yaml",
+        "revision": REVISION,
+        "pace": False,
+        **extra,
+    }
     return KlaviyoDestination.model_validate(data, context={"base_dir": base})
 
 
@@ -110,8 +115,14 @@ def delivery(
     """An operation as the worker hands it over (contract 4's fixed shape)."""
     key = f"k-{op}-{customer}-{outbox_id}"
     body: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
-    body.update(op=op, dispensary=SHOP, customer_id=customer, contact_id=contact_id,
-                fields=fields, idempotency_key=key)  # fmt: skip
+    body.update(
+        op=op,
+        dispensary=SHOP,
+        customer_id=customer,
+        contact_id=contact_id,
+        fields=fields,
+        idempotency_key=key,
+    )
     if op in ("unsubscribe", "subscribe"):
         body["channels"] = ["email", "sms"]
     body.update(extra)
@@ -135,10 +146,15 @@ def error_answer(
 ) -> httpx.Response:
     """Klaviyo's error document: ``{"errors": [one JSON:API error object]}``."""
     error = {
-        "id": "2f6c1c4e-55c5-4b0e-9f0a-5a3b9c1d2e7f", "status": status, "code": code,
-        "title": title, "detail": detail, "source": {"pointer": pointer}, "links": {},
+        "id": "2f6c1c4e-55c5-4b0e-9f0a-5a3b9c1d2e7f",
+        "status": status,
+        "code": code,
+        "title": title,
+        "detail": detail,
+        "source": {"pointer": pointer},
+        "links": {},
         "meta": meta or {},
-    }  # fmt: skip
+    }
     return httpx.Response(
         status, json={"errors": [error]}, headers={"content-type": JSONAPI, **(headers or {})}
     )
@@ -261,10 +277,13 @@ def test_a_409_duplicate_profile_updates_that_profile_without_identifiers_as_a_c
     router: respx.MockRouter, mapping_dir: Path, make_customer: CustomerFactory, spec: Spec
 ) -> None:
     duplicate = error_answer(
-        409, "duplicate_profile", "Conflict.",
+        409,
+        "duplicate_profile",
+        "Conflict.",
         "A profile already exists with one of these identifiers: mia@example.com.",
-        pointer="/data/attributes", meta={"duplicate_profile_id": "01DUPLICATE"},
-    )  # fmt: skip
+        pointer="/data/attributes",
+        meta={"duplicate_profile_id": "01DUPLICATE"},
+    )
     route = router.post(IMPORT).mock(side_effect=[duplicate, profile_answer("01DUPLICATE")])
     # the same person, made by another integration: no customer of this store's
     read = held_profiles(
@@ -351,12 +370,15 @@ def test_unsubscribes_go_in_one_bulk_delete_job_for_email_and_sms(
     assert body["data"]["type"] == "profile-subscription-bulk-delete-job"
     unsubscribed = {"marketing": {"consent": "UNSUBSCRIBED"}}
     assert [p["attributes"] for p in body["data"]["attributes"]["profiles"]["data"]] == [
-        {"email": "mia@example.com", "phone_number": "+12135550142",
-         "subscriptions": {"email": unsubscribed, "sms": unsubscribed}},
+        {
+            "email": "mia@example.com",
+            "phone_number": "+12135550142",
+            "subscriptions": {"email": unsubscribed, "sms": unsubscribed},
+        },
         {"email": "vince@example.com", "subscriptions": {"email": unsubscribed}},
         {"phone_number": "+13105551234", "subscriptions": {"sms": unsubscribed}},
         {"email": "mia@example.com", "subscriptions": {"email": unsubscribed}},
-    ]  # fmt: skip
+    ]
     assert route.call_count == 1
 
 
@@ -454,9 +476,14 @@ def test_merge_posts_profile_merge_of_the_absorbed_profile_into_the_survivor(
         return_value=httpx.Response(201, json={"data": {"type": "profile", "id": "01SURVIVOR"}})
     )
     merge = delivery(
-        "merge", "2001", contact_id="01ABSORBED", from_customer_id="2001",
-        into_customer_id="2002", from_contact_id="01ABSORBED", into_contact_id="01SURVIVOR",
-    )  # fmt: skip
+        "merge",
+        "2001",
+        contact_id="01ABSORBED",
+        from_customer_id="2001",
+        into_customer_id="2002",
+        from_contact_id="01ABSORBED",
+        into_contact_id="01SURVIVOR",
+    )
 
     assert send(klaviyo_config(mapping_dir), merge) == [Sent("01SURVIVOR")]
 
@@ -568,8 +595,11 @@ class Jobs:
 
     def create(self, request: httpx.Request) -> httpx.Response:
         self.bodies.append(sent_json(request))
-        job = {"type": "profile-bulk-import-job", "id": f"job{len(self.bodies)}",
-               "attributes": {"status": "queued"}}  # fmt: skip
+        job = {
+            "type": "profile-bulk-import-job",
+            "id": f"job{len(self.bodies)}",
+            "attributes": {"status": "queued"},
+        }
         return httpx.Response(202, json={"data": job}, headers={"content-type": JSONAPI})
 
     def poll(self, request: httpx.Request, job_id: str) -> httpx.Response:
@@ -596,11 +626,15 @@ def test_backfill_runs_jobs_of_at_most_bulk_size_each_polled_until_complete(
     jobs.install(router)
     router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
     upserts = [
-        delivery("upsert", f"c{i}", fields={"external_id": f"treez-{SHOP}-c{i}",
-                                            "email": f"c{i}@example.com"},
-                 contact_id="01K3" if i == 3 else None, outbox_id=i)
+        delivery(
+            "upsert",
+            f"c{i}",
+            fields={"external_id": f"treez-{SHOP}-c{i}", "email": f"c{i}@example.com"},
+            contact_id="01K3" if i == 3 else None,
+            outbox_id=i,
+        )
         for i in range(1, 6)
-    ]  # fmt: skip
+    ]
     unsubscribe = delivery("unsubscribe", "c9", fields={"email": "c9@example.com"}, outbox_id=9)
     # never reached Klaviyo: found (or made) by its identifiers before it is addressed
     router.post(IMPORT).mock(return_value=profile_answer("01C9", 201, email="c9@example.com"))
@@ -610,8 +644,9 @@ def test_backfill_runs_jobs_of_at_most_bulk_size_each_polled_until_complete(
         slept.append(seconds)
 
     config = klaviyo_config(mapping_dir, bulk_size=2, job_poll_seconds=0.5)
-    results = run(config, lambda sink: sink.backfill([*upserts[:2], unsubscribe, *upserts[2:]]),
-                  sleep=sleep)  # fmt: skip
+    results = run(
+        config, lambda sink: sink.backfill([*upserts[:2], unsubscribe, *upserts[2:]]), sleep=sleep
+    )
 
     assert results == [Sent(None), Sent(None), Sent("01C9"), Sent("01K3"), Sent(None), Sent(None)]
     for body in jobs.bodies:
@@ -621,8 +656,12 @@ def test_backfill_runs_jobs_of_at_most_bulk_size_each_polled_until_complete(
     assert [len(chunk) for chunk in chunks] == [2, 2, 1]
     flat = [profile for chunk in chunks for profile in chunk]
     assert [p["attributes"]["properties"][f"treez_id_{SHOP}"] for p in flat] == [
-        "c1", "c2", "c3", "c4", "c5",
-    ]  # fmt: skip
+        "c1",
+        "c2",
+        "c3",
+        "c4",
+        "c5",
+    ]
     assert flat[2]["id"] == "01K3"
     assert "external_id" not in flat[2]["attributes"]  # a known profile is never re-keyed
     assert flat[0]["attributes"]["external_id"] == f"treez-{SHOP}-c1"
@@ -631,9 +670,14 @@ def test_backfill_runs_jobs_of_at_most_bulk_size_each_polled_until_complete(
     # one job at a time: each is complete before the next is created
     order = [(c.request.method, c.request.url.path) for c in router.calls]
     bulk = [entry for entry in order if entry[1].startswith(BULK)]
-    assert bulk == [("POST", BULK), *[("GET", f"{BULK}/job1")] * 3,
-                    ("POST", BULK), *[("GET", f"{BULK}/job2")] * 3,
-                    ("POST", BULK), *[("GET", f"{BULK}/job3")] * 3]  # fmt: skip
+    assert bulk == [
+        ("POST", BULK),
+        *[("GET", f"{BULK}/job1")] * 3,
+        ("POST", BULK),
+        *[("GET", f"{BULK}/job2")] * 3,
+        ("POST", BULK),
+        *[("GET", f"{BULK}/job3")] * 3,
+    ]
     assert order.count(("POST", UNSUBSCRIBE)) == 1
 
 
@@ -642,11 +686,14 @@ def test_backfill_keeps_every_job_under_5_mb(router: respx.MockRouter, mapping_d
     jobs.install(router)
     # 60 profiles of about 95 KB (under Klaviyo's 100 KB a profile): some 5.6 MB in all
     upserts = [
-        delivery("upsert", f"c{i}", fields={"email": f"c{i}@example.com",
-                                            "properties": {"notes": "x" * 95_000}},
-                 outbox_id=i)
+        delivery(
+            "upsert",
+            f"c{i}",
+            fields={"email": f"c{i}@example.com", "properties": {"notes": "x" * 95_000}},
+            outbox_id=i,
+        )
         for i in range(60)
-    ]  # fmt: skip
+    ]
 
     async def no_sleep(seconds: float) -> None:
         return None
@@ -763,49 +810,69 @@ EMAIL_IN_DETAIL = "Invalid email address: 'mia.wallace@example.com'."
     ("answer", "kind", "message", "retry_after"),
     [
         pytest.param(
-            error_answer(400, "invalid", "Invalid input.", EMAIL_IN_DETAIL,
-                         pointer="/data/attributes/email"),
+            error_answer(
+                400, "invalid", "Invalid input.", EMAIL_IN_DETAIL, pointer="/data/attributes/email"
+            ),
             FatalDelivery,
             "HTTP 400 from a.klaviyo.com: invalid: Invalid input. (at /data/attributes/email)",
-            None, id="400",
+            None,
+            id="400",
         ),
         pytest.param(
-            error_answer(401, "not_authenticated", "Authentication credentials were not provided.",
-                         "Missing or invalid authorization scheme."),
+            error_answer(
+                401,
+                "not_authenticated",
+                "Authentication credentials were not provided.",
+                "Missing or invalid authorization scheme.",
+            ),
             FatalDelivery,
             "HTTP 401 from a.klaviyo.com: not_authenticated: "
             "Authentication credentials were not provided. (at /data/)",
-            None, id="401",
+            None,
+            id="401",
         ),
         pytest.param(
-            error_answer(403, "permission_denied",
-                         "You do not have permission to perform this action.",
-                         "The key lacks the profiles:write scope."),
+            error_answer(
+                403,
+                "permission_denied",
+                "You do not have permission to perform this action.",
+                "The key lacks the profiles:write scope.",
+            ),
             FatalDelivery,
             "HTTP 403 from a.klaviyo.com: permission_denied: "
             "You do not have permission to perform this action. (at /data/)",
-            None, id="403",
+            None,
+            id="403",
         ),
         pytest.param(
-            error_answer(429, "throttled", "Request was throttled.",
-                         "Request was throttled. Expected available in 7 seconds.",
-                         headers={"retry-after": "7"}),
+            error_answer(
+                429,
+                "throttled",
+                "Request was throttled.",
+                "Request was throttled. Expected available in 7 seconds.",
+                headers={"retry-after": "7"},
+            ),
             RetriableDelivery,
             "HTTP 429 from a.klaviyo.com: throttled: Request was throttled. (at /data/)",
-            7.0, id="429",
+            7.0,
+            id="429",
         ),
         pytest.param(
             error_answer(500, "error", "A server error occurred.", "Internal error."),
             RetriableDelivery,
             "HTTP 500 from a.klaviyo.com: error: A server error occurred. (at /data/)",
-            None, id="500",
+            None,
+            id="500",
         ),
         pytest.param(
             httpx.Response(503, text="<html><body>Service Unavailable</body></html>"),
-            RetriableDelivery, "HTTP 503 from a.klaviyo.com", None, id="503-not-json",
+            RetriableDelivery,
+            "HTTP 503 from a.klaviyo.com",
+            None,
+            id="503-not-json",
         ),
     ],
-)  # fmt: skip
+)
 def test_every_operation_classifies_and_describes_an_error_answer(
     router: respx.MockRouter,
     mapping_dir: Path,
@@ -837,10 +904,13 @@ def test_every_operation_classifies_and_describes_an_error_answer(
 
 @pytest.mark.parametrize(
     "failure",
-    [httpx.ConnectError("connection refused"), httpx.ReadTimeout("timed out"),
-     httpx.RemoteProtocolError("server disconnected")],
+    [
+        httpx.ConnectError("connection refused"),
+        httpx.ReadTimeout("timed out"),
+        httpx.RemoteProtocolError("server disconnected"),
+    ],
     ids=["connect", "timeout", "disconnect"],
-)  # fmt: skip
+)
 def test_transport_errors_are_retriable(
     router: respx.MockRouter, mapping_dir: Path, failure: Exception
 ) -> None:
@@ -857,10 +927,13 @@ def test_the_private_key_never_shows_in_a_repr_or_an_error(
     router: respx.MockRouter, mapping_dir: Path
 ) -> None:
     router.post(IMPORT).mock(
-        return_value=error_answer(401, "authentication_failed",
-                                  "Incorrect authentication credentials.",
-                                  "Incorrect authentication credentials.")
-    )  # fmt: skip
+        return_value=error_answer(
+            401,
+            "authentication_failed",
+            "Incorrect authentication credentials.",
+            "Incorrect authentication credentials.",
+        )
+    )
     config = klaviyo_config(mapping_dir)
     seen: list[str] = []
 
@@ -911,9 +984,13 @@ async def klaviyo_flow(
     **options: Any,
 ) -> AsyncIterator[Flow]:
     flow = Flow(
-        work, flow_config(*(dispensaries or (DISPENSARY,)), pace=pace, policy=policy),
-        app=fake.app, sink_factory=KlaviyoSink, base_url=BASE, **options,
-    )  # fmt: skip
+        work,
+        flow_config(*(dispensaries or (DISPENSARY,)), pace=pace, policy=policy),
+        app=fake.app,
+        sink_factory=KlaviyoSink,
+        base_url=BASE,
+        **options,
+    )
     try:
         yield flow
     finally:
@@ -927,8 +1004,11 @@ def fake() -> KlaviyoFake:
 
 async def existing_profile(fake: KlaviyoFake, **attributes: Any) -> str:
     """A profile made in Klaviyo by someone else (another integration, a sign-up form)."""
-    headers = {"authorization": f"Klaviyo-API-Key {FAKE_KEY}", "revision": KLAVIYO_REVISION,
-               "content-type": JSONAPI}  # fmt: skip
+    headers = {
+        "authorization": f"Klaviyo-API-Key {FAKE_KEY}",
+        "revision": KLAVIYO_REVISION,
+        "content-type": JSONAPI,
+    }
     transport = httpx.ASGITransport(app=fake.app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE, headers=headers) as client:
         body = {"data": {"type": "profile", "attributes": attributes}}
@@ -954,21 +1034,30 @@ def test_flow_create_makes_one_profile_keyed_by_the_treez_id(
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake) as flow:
             await flow.deliver(
-                event_body("1001", 1, email=" Mia.Wallace@Example.com ", phone="(213) 555-0142",
-                           first_name="mia")
-            )  # fmt: skip
+                event_body(
+                    "1001",
+                    1,
+                    email=" Mia.Wallace@Example.com ",
+                    phone="(213) 555-0142",
+                    first_name="mia",
+                )
+            )
             [call] = fake.calls
             assert (call.method, call.path, call.status) == ("POST", IMPORT, 201)
             assert call.headers["revision"] == KLAVIYO_REVISION
             [profile] = fake.profiles.values()
             assert profile.external_id == f"treez-{DISPENSARY}-1001"
-            assert (profile.email, profile.phone_number) == ("mia.wallace@example.com",
-                                                             "+12135550142")  # fmt: skip
+            assert (profile.email, profile.phone_number) == (
+                "mia.wallace@example.com",
+                "+12135550142",
+            )
             assert profile.attributes["first_name"] == "Mia"
             assert profile.location["city"] == "Inglewood"
             assert profile.properties[f"treez_id_{DISPENSARY}"] == "1001"
-            assert fake.consent(profile.id) == {"email": "NEVER_SUBSCRIBED",
-                                                "sms": "NEVER_SUBSCRIBED"}  # fmt: skip
+            assert fake.consent(profile.id) == {
+                "email": "NEVER_SUBSCRIBED",
+                "sms": "NEVER_SUBSCRIBED",
+            }
             assert flow.contact_ids() == {(DISPENSARY, "kl", "1001"): profile.id}
             assert [(r["op"], r["status"]) for r in flow.outbox()] == [("upsert", "done")]
 
@@ -983,9 +1072,14 @@ def test_flow_update_goes_to_the_recorded_profile_without_re_keying_it(
             await flow.deliver(event_body("1001", 1, **PERSON))
             [profile_id] = fake.profiles
             await flow.deliver(
-                event_body("1001", 2, email="mia.wallace@example.com", phone=PERSON["phone"],
-                           last_name="Wallace")
-            )  # fmt: skip
+                event_body(
+                    "1001",
+                    2,
+                    email="mia.wallace@example.com",
+                    phone=PERSON["phone"],
+                    last_name="Wallace",
+                )
+            )
             assert [c.status for c in fake.calls] == [201, 200]
             update = data_of(fake.calls[1])
             assert update["id"] == profile_id
@@ -1011,8 +1105,9 @@ def test_flow_an_update_that_maps_to_the_same_profile_sends_nothing(
             assert len(fake.calls) == 1
             await flow.deliver(first)  # Treez delivered it twice
             # a newer version whose changes the mapping does not carry
-            await flow.deliver(event_body("1001", 2, notes="prefers sativa",
-                                          drivers_license="D1234567", **PERSON))  # fmt: skip
+            await flow.deliver(
+                event_body("1001", 2, notes="prefers sativa", drivers_license="D1234567", **PERSON)
+            )
             assert len(fake.calls) == 1
             assert flow.ops() == ["upsert"]
 
@@ -1093,8 +1188,9 @@ VEGA = {"email": "vega@example.com", "phone": "(310) 555-1234"}
 def merge_pair(version: int) -> tuple[bytes, bytes]:
     """Both payloads of one Treez merge: the survivor's and the absorbed one's."""
     survivor = event_body(SURVIVOR, version, merged_customer_ids=[ABSORBED], **VEGA)
-    absorbed = event_body(ABSORBED, version, status="DEACTIVATED",
-                          merged_into_customer_id=SURVIVOR, **VINCENT)  # fmt: skip
+    absorbed = event_body(
+        ABSORBED, version, status="DEACTIVATED", merged_into_customer_id=SURVIVOR, **VINCENT
+    )
     return survivor, absorbed
 
 
@@ -1130,10 +1226,12 @@ def test_flow_merge_calls_profile_merge_once_and_nothing_reaches_the_absorbed_af
 
             mark = len(fake.calls)
             # a stray later payload of the absorbed id, then a change of the survivor
-            await flow.deliver(event_body(ABSORBED, 3, email="vinnie@example.com",
-                                          first_name="Vinnie"))  # fmt: skip
-            await flow.deliver(event_body(SURVIVOR, 3, merged_customer_ids=[ABSORBED],
-                                          first_name="Vic", **VEGA))  # fmt: skip
+            await flow.deliver(
+                event_body(ABSORBED, 3, email="vinnie@example.com", first_name="Vinnie")
+            )
+            await flow.deliver(
+                event_body(SURVIVOR, 3, merged_customer_ids=[ABSORBED], first_name="Vic", **VEGA)
+            )
             later = fake.calls[mark:]
             assert [(c.path, c.status) for c in later] == [(IMPORT, 200)]
             assert data_of(later[0])["id"] == survivor_id
@@ -1201,8 +1299,9 @@ def test_flow_a_409_updates_the_existing_profile_and_reports_a_conflict(
     tmp_path: Path, fake: KlaviyoFake
 ) -> None:
     async def go() -> None:
-        legacy = await existing_profile(fake, email="mia@example.com", external_id="shopify-77",
-                                        first_name="Legacy")  # fmt: skip
+        legacy = await existing_profile(
+            fake, email="mia@example.com", external_id="shopify-77", first_name="Legacy"
+        )
         async with klaviyo_flow(tmp_path, fake) as flow:
             await flow.deliver(event_body("1001", 1, email="Mia@Example.com", first_name="mia"))
             imports = fake.calls_to(IMPORT)[1:]
@@ -1225,8 +1324,11 @@ def test_flow_a_409_updates_the_existing_profile_and_reports_a_conflict(
 
             # from now on the recorded profile is updated directly: no 409 again
             mark = len(fake.calls)
-            await flow.deliver(event_body("1001", 2, email="mia@example.com", first_name="mia",
-                                          last_name="Wallace"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 2, email="mia@example.com", first_name="mia", last_name="Wallace"
+                )
+            )
             assert [(c.status, data_of(c)["id"]) for c in fake.calls[mark:]] == [(200, legacy)]
             assert profile.attributes["last_name"] == "Wallace"
             assert len(flow.conflicts()) == 1
@@ -1238,15 +1340,26 @@ def test_flow_an_email_taken_by_another_profile_never_updates_that_other_profile
     tmp_path: Path, fake: KlaviyoFake
 ) -> None:
     async def go() -> None:
-        other = await existing_profile(fake, email="jules@example.com", first_name="Jules",
-                                       last_name="Other", external_id="shopify-9")  # fmt: skip
+        other = await existing_profile(
+            fake,
+            email="jules@example.com",
+            first_name="Jules",
+            last_name="Other",
+            external_id="shopify-9",
+        )
         async with klaviyo_flow(tmp_path, fake) as flow:
-            await flow.deliver(event_body("1001", 1, email="mia@example.com", first_name="Mia",
-                                          last_name="Wallace"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 1, email="mia@example.com", first_name="Mia", last_name="Wallace"
+                )
+            )
             mine = flow.contact_ids()[(DISPENSARY, "kl", "1001")]
             # Mia gives the till an e-mail that another Klaviyo profile already holds
-            await flow.deliver(event_body("1001", 2, email="jules@example.com", first_name="Mia",
-                                          last_name="Wallace-Vega"))  # fmt: skip
+            await flow.deliver(
+                event_body(
+                    "1001", 2, email="jules@example.com", first_name="Mia", last_name="Wallace-Vega"
+                )
+            )
             assert flow.dead_letters() == []
             theirs = fake.profile(other)
             assert theirs is not None
@@ -1280,8 +1393,9 @@ def test_flow_shared_account_keeps_one_profile_for_one_person_at_two_stores(
                 mark = len(fake.calls)
                 name = f"Wallace{version}"
                 await flow.deliver(event_body("3001", version, last_name=name, **PERSON))
-                await flow.deliver(event_body("9001", version, dispensary=OTHER_SHOP,
-                                              last_name=name, **PERSON))  # fmt: skip
+                await flow.deliver(
+                    event_body("9001", version, dispensary=OTHER_SHOP, last_name=name, **PERSON)
+                )
                 this_round = [(c.path, c.status, data_of(c).get("id")) for c in fake.calls[mark:]]
                 assert this_round == [(IMPORT, 200, profile.id)] * 2, version
                 assert list(fake.profiles) == [profile.id]
@@ -1310,9 +1424,15 @@ def test_flow_shared_account_a_merge_at_one_store_does_not_dead_letter_the_other
             # the second store merges its two records of Mia
             await flow.deliver(
                 event_body("9002", 2, dispensary=OTHER_SHOP, merged_customer_ids=["9001"], **work),
-                event_body("9001", 2, dispensary=OTHER_SHOP, status="DEACTIVATED",
-                           merged_into_customer_id="9002", **PERSON),
-            )  # fmt: skip
+                event_body(
+                    "9001",
+                    2,
+                    dispensary=OTHER_SHOP,
+                    status="DEACTIVATED",
+                    merged_into_customer_id="9002",
+                    **PERSON,
+                ),
+            )
             assert len(fake.calls_to(MERGE)) == 1
             # then the first store updates its own customer
             await flow.deliver(event_body("3001", 2, first_name="Mia", **PERSON))
@@ -1385,8 +1505,9 @@ def test_flow_a_burst_at_two_stores_sharing_an_account_is_paced_as_one_account(
     fake = KlaviyoFake(seed=11, rate_window="sliding")
 
     async def go() -> None:
-        async with klaviyo_flow(tmp_path, fake, DISPENSARY, OTHER_SHOP, pace=True,
-                                concurrency=16) as flow:  # fmt: skip
+        async with klaviyo_flow(
+            tmp_path, fake, DISPENSARY, OTHER_SHOP, pace=True, concurrency=16
+        ) as flow:
             await burst(flow, DISPENSARY, OTHER_SHOP)
 
     asyncio.run(go())
@@ -1420,10 +1541,14 @@ def backfill_sink(
 def test_backfill_through_the_fake_imports_every_profile(mapping_dir: Path) -> None:
     fake = KlaviyoFake(seed=11, job_polls_until_complete=1)
     upserts = [
-        delivery("upsert", f"c{i}", fields={"external_id": f"treez-{SHOP}-c{i}",
-                                            "email": f"c{i}@example.com"}, outbox_id=i)
+        delivery(
+            "upsert",
+            f"c{i}",
+            fields={"external_id": f"treez-{SHOP}-c{i}", "email": f"c{i}@example.com"},
+            outbox_id=i,
+        )
         for i in range(5)
-    ]  # fmt: skip
+    ]
 
     results = backfill_sink(mapping_dir, fake, bulk_size=2, job_poll_seconds=0.001)(upserts)
 
@@ -1444,11 +1569,19 @@ def test_backfill_sends_what_the_job_refused_through_the_real_time_path(mapping_
 
     asyncio.run(make())
     upserts = [
-        delivery("upsert", "c1", fields={"external_id": f"treez-{SHOP}-c1",
-                                         "email": "free@example.com"}, outbox_id=1),
-        delivery("upsert", "c2", fields={"external_id": f"treez-{SHOP}-c2",
-                                         "email": "taken@example.com"}, outbox_id=2),
-    ]  # fmt: skip
+        delivery(
+            "upsert",
+            "c1",
+            fields={"external_id": f"treez-{SHOP}-c1", "email": "free@example.com"},
+            outbox_id=1,
+        ),
+        delivery(
+            "upsert",
+            "c2",
+            fields={"external_id": f"treez-{SHOP}-c2", "email": "taken@example.com"},
+            outbox_id=2,
+        ),
+    ]
 
     results = backfill_sink(mapping_dir, fake, job_poll_seconds=0.001)(upserts)
 

@@ -52,10 +52,12 @@ def test_families_of_the_pipeline_process_join_the_receivers_once_each() -> None
     # one HELP/TYPE per family: a duplicate would make the exposition invalid
     helps = [line for line in text.decode().splitlines() if line.startswith("# HELP ")]
     assert len(helps) == len(set(helps))
-    assert found["connector_events_received_total"] == [({"dispensary": "d",
-                                                          "outcome": "accepted"}, 3.0)]  # fmt: skip
-    assert found["connector_events_planned_total"] == [({"dispensary": "d",
-                                                         "outcome": "applied"}, 2.0)]  # fmt: skip
+    assert found["connector_events_received_total"] == [
+        ({"dispensary": "d", "outcome": "accepted"}, 3.0)
+    ]
+    assert found["connector_events_planned_total"] == [
+        ({"dispensary": "d", "outcome": "applied"}, 2.0)
+    ]
     assert found["connector_operations_total"][0][1] == 2.0
     assert found["connector_delivery_seconds_count"][0][1] == 1.0
     assert found["connector_queue_depth"] == [({"dispensary": "d", "destination": "sink"}, 0.0)]
@@ -65,8 +67,9 @@ def test_without_a_pipeline_process_the_registry_renders_as_is() -> None:
     metrics = Metrics()
     metrics.events.labels("d", "ping").inc()
     found = parse(metrics.render([], []))
-    assert found["connector_events_received_total"] == [({"dispensary": "d",
-                                                          "outcome": "ping"}, 1.0)]  # fmt: skip
+    assert found["connector_events_received_total"] == [
+        ({"dispensary": "d", "outcome": "ping"}, 1.0)
+    ]
 
 
 # --- the times the alerts need, through the real app and store -------------------------------
@@ -80,8 +83,9 @@ def test_last_webhook_time_is_set_by_a_stored_event_not_a_ping_nor_a_refusal(
         assert samples((await rx.client.get("/metrics")).text, LAST_WEBHOOK) == {}
         before = time.time()
         assert (await rx.post()).status_code == 202
-        assert (await rx.post({"event_type": "TICKET", "data": {}}, path=OTHER_URL,
-                              token=OTHER_TOKEN)).status_code == 202  # fmt: skip
+        assert (
+            await rx.post({"event_type": "TICKET", "data": {}}, path=OTHER_URL, token=OTHER_TOKEN)
+        ).status_code == 202
         after = time.time()
         assert (await rx.post({"test": True})).status_code == 200
         assert (await rx.post(b"nope")).status_code == 400
@@ -159,9 +163,10 @@ def test_last_reconciliation_times_and_outcome_are_read_from_the_store(
 
         success = await astore.call(_runs, astore.store, [(DISPENSARY, "succeeded")])
         failure = await astore.call(
-            _runs, astore.store, [(DISPENSARY, "failed"), (DISPENSARY, "running"),
-                                  (OTHER, "failed")]
-        )  # fmt: skip
+            _runs,
+            astore.store,
+            [(DISPENSARY, "failed"), (DISPENSARY, "running"), (OTHER, "failed")],
+        )
         text = (await rx.client.get("/metrics")).text
 
         # the run still going does not hide the failure before it

@@ -75,35 +75,61 @@ def load(store: Any, state: dict[str, Any]) -> list[tuple[OutboxRow, Any]]:
             inflight = row["status"] == "inflight"
             conn.execute(
                 insert(outbox).values(
-                    id=n, dispensary=DISPENSARY, destination=DEST, order_key=row["customer"],
-                    customer_id=row["customer"], op=row["op"], payload=json.dumps(body),
-                    idempotency_key=f"key-{n}", status=row["status"],
-                    attempts=row["attempts"], created_at=NOW - 100,
-                    first_attempt_at=row["tried"], next_attempt_at=row["due"],
+                    id=n,
+                    dispensary=DISPENSARY,
+                    destination=DEST,
+                    order_key=row["customer"],
+                    customer_id=row["customer"],
+                    op=row["op"],
+                    payload=json.dumps(body),
+                    idempotency_key=f"key-{n}",
+                    status=row["status"],
+                    attempts=row["attempts"],
+                    created_at=NOW - 100,
+                    first_attempt_at=row["tried"],
+                    next_attempt_at=row["due"],
                     claimed_by=(store.process_id if row["mine"] else OTHER) if inflight else None,
                     claimed_until=row["claim_ends"] if inflight else None,
                 )
-            )  # fmt: skip
+            )
             if inflight:
-                held = OutboxRow(n, DISPENSARY, DEST, row["customer"], row["op"], body,
-                                 f"key-{n}", row["attempts"], row["tried"])  # fmt: skip
+                held = OutboxRow(
+                    n,
+                    DISPENSARY,
+                    DEST,
+                    row["customer"],
+                    row["op"],
+                    body,
+                    f"key-{n}",
+                    row["attempts"],
+                    row["tried"],
+                )
                 mine.append((held, row))
         for person, entry in state["map"].items():
             if entry != "none":
                 conn.execute(
                     insert(contacts).values(
-                        dispensary=DISPENSARY, customer_id=person, destination=DEST,
-                        contact_id=None if entry == "empty" else entry, delivered_hash=None,
-                        unsubscribed=False, deactivated=False, ops_planned=0, updated_at=NOW,
+                        dispensary=DISPENSARY,
+                        customer_id=person,
+                        destination=DEST,
+                        contact_id=None if entry == "empty" else entry,
+                        delivered_hash=None,
+                        unsubscribed=False,
+                        deactivated=False,
+                        ops_planned=0,
+                        updated_at=NOW,
                     )
-                )  # fmt: skip
+                )
         for person, into in state["merged"].items():
             conn.execute(
                 insert(customers).values(
-                    dispensary=DISPENSARY, customer_id=person, merged_into=into, merges="[]",
+                    dispensary=DISPENSARY,
+                    customer_id=person,
+                    merged_into=into,
+                    merges="[]",
                     updated_at=NOW,
                 )
-            )  # fmt: skip
+            )
     return mine
 
 
@@ -133,9 +159,13 @@ def results(held: list[tuple[OutboxRow, Any]], conflict: bool) -> tuple[dict[str
                 replaced[row.id] = "k1"
     found = [("a", "shared_contact", "detail")] if conflict else []
     return {
-        "done": done, "retry": retry, "dead": dead, "conflicts": found,
-        "replaced": replaced, "answers": answers,
-    }, [r.customer_id for r, _ in held]  # fmt: skip
+        "done": done,
+        "retry": retry,
+        "dead": dead,
+        "conflicts": found,
+        "replaced": replaced,
+        "answers": answers,
+    }, [r.customer_id for r, _ in held]
 
 
 def dump(store: Any) -> dict[str, Any]:

@@ -76,14 +76,37 @@ def test_states_written_at_once_read_back_as_written_one_by_one(
             merges = json.dumps(sorted(s.merges))
             raw.many(
                 RAW_SAVE_CUSTOMERS,
-                [(dispensary, cid, s.last_update_us, s.content_hash, s.opt_out,
-                  s.merged_into, merges, 1.0, s.opt_out_seen)],
-            )  # fmt: skip
+                [
+                    (
+                        dispensary,
+                        cid,
+                        s.last_update_us,
+                        s.content_hash,
+                        s.opt_out,
+                        s.merged_into,
+                        merges,
+                        1.0,
+                        s.opt_out_seen,
+                    )
+                ],
+            )
             raw.many(
                 RAW_SAVE_CONTACTS,
-                [(dispensary, cid, d, c.contact_id, c.delivered_hash, c.unsubscribed,
-                  c.deactivated, c.planned, 1.0) for d, c in s.contacts.items()],
-            )  # fmt: skip
+                [
+                    (
+                        dispensary,
+                        cid,
+                        d,
+                        c.contact_id,
+                        c.delivered_hash,
+                        c.unsubscribed,
+                        c.deactivated,
+                        c.planned,
+                        1.0,
+                    )
+                    for d, c in s.contacts.items()
+                ],
+            )
 
     before, after = states(first), states({**first, **second})
     tag = str(next(_examples))  # the store is the same for every example

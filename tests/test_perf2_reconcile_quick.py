@@ -119,11 +119,16 @@ def _compare(texts: list[str]) -> list[Pulled]:
     assert len(events) == len(old_events)
     for new, old in zip(events, old_events, strict=True):
         assert (new.dispensary, new.source, new.event_type, new.customer_id) == (
-            old.dispensary, old.source, old.event_type, old.customer_id,
-        )  # fmt: skip
+            old.dispensary,
+            old.source,
+            old.event_type,
+            old.customer_id,
+        )
         assert (new.last_update_us, new.status, new.run_id) == (
-            old.last_update_us, old.status, old.run_id,
-        )  # fmt: skip
+            old.last_update_us,
+            old.status,
+            old.run_id,
+        )
         assert json.loads(new.body) == json.loads(old.body)
     return quick
 

@@ -31,10 +31,15 @@ def _run(work: Path, store_url: str, fake: TreezFake, paging: str) -> Any:
     config = load_config(path)
     return asyncio.run(
         reconcile_now(
-            config, DISPENSARY, RunOptions(full=True), wait=True, timeout=60,
-            echo=lambda _: None, reconciler_options={"client_for": in_process(fake)},
+            config,
+            DISPENSARY,
+            RunOptions(full=True),
+            wait=True,
+            timeout=60,
+            echo=lambda _: None,
+            reconciler_options={"client_for": in_process(fake)},
         )
-    )  # fmt: skip
+    )
 
 
 def _stored(store_url: str) -> tuple[list[Any], list[Any], Any]:

@@ -64,9 +64,14 @@ class FakeTransport(asyncio.Transport):
 
 async def _exchange(app: Any, request: bytes, http: Any) -> FakeTransport:
     config = uvicorn.Config(
-        app, http=http, ws="none", lifespan="off", log_config=None, access_log=False,
+        app,
+        http=http,
+        ws="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
         proxy_headers=False,
-    )  # fmt: skip
+    )
     config.load()
     state = ServerState()
     state.default_headers = list(DEFAULTS)
@@ -167,8 +172,9 @@ def test_a_second_answer_reuses_the_rendered_head_and_follows_new_defaults() -> 
 
 def test_a_head_without_its_body_goes_out_when_the_app_ends() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"5")]})  # fmt: skip
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]}
+        )
 
     ours, theirs = exchange(app, _request("GET", "/"))
     assert b"".join(ours.writes) == b"".join(theirs.writes)
@@ -179,8 +185,9 @@ def test_a_head_without_its_body_goes_out_when_the_app_ends() -> None:
 
 def test_a_head_the_app_waits_after_is_held_for_its_body() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
         await asyncio.sleep(0)
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -190,9 +197,11 @@ def test_a_head_the_app_waits_after_is_held_for_its_body() -> None:
 
 
 def test_invalid_answers_fail_as_in_uvicorn() -> None:
-    for headers in ([(b"bad name", b"x"), (b"content-length", b"0")],
-                    [(b"x", b"a\nb"), (b"content-length", b"0")],
-                    [(b"content-length", b"nope")]):  # fmt: skip
+    for headers in (
+        [(b"bad name", b"x"), (b"content-length", b"0")],
+        [(b"x", b"a\nb"), (b"content-length", b"0")],
+        [(b"content-length", b"nope")],
+    ):
 
         async def app(scope: Any, receive: Any, send: Any, headers: Any = headers) -> None:
             await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -93,25 +93,53 @@ def write_config(folder: Path, urls: dict[str, str], *, jsonl: str = "out/sink.j
         "dispensaries": {
             DISPENSARY: {
                 "webhook_token": "a-webhook-token-of-ours",
-                "treez": {"api_url": urls["treez"], "client_id": CLIENT_ID,
-                          "api_key": "${TREEZ_KEY}"},
+                "treez": {
+                    "api_url": urls["treez"],
+                    "client_id": CLIENT_ID,
+                    "api_key": "${TREEZ_KEY}",
+                },
                 "destinations": [
-                    {"name": "kl", "type": "klaviyo", "api_key": "${KLAVIYO_KEY}",
-                     "mapping": "klaviyo.yaml", "base_url": urls["klaviyo"]},
-                    {"name": "hs", "type": "hubspot", "token": "${HUBSPOT_TOKEN}",
-                     "mapping": "hubspot.yaml", "base_url": urls["hubspot"]},
-                    {"name": "aiq", "type": "alpineiq", "api_key": "${AIQ_KEY}", "uid": "1234",
-                     "mapping": "alpineiq.yaml", "base_url": urls["alpineiq"]},
-                    {"name": "bz", "type": "braze", "api_key": "${BRAZE_KEY}",
-                     "mapping": "braze.yaml", "rest_endpoint": urls["braze"]},
-                    {"name": "hook", "type": "http", "url": "http://127.0.0.1:9/ops",
-                     "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"},
-                     "mapping": "http.yaml"},
+                    {
+                        "name": "kl",
+                        "type": "klaviyo",
+                        "api_key": "${KLAVIYO_KEY}",
+                        "mapping": "klaviyo.yaml",
+                        "base_url": urls["klaviyo"],
+                    },
+                    {
+                        "name": "hs",
+                        "type": "hubspot",
+                        "token": "${HUBSPOT_TOKEN}",
+                        "mapping": "hubspot.yaml",
+                        "base_url": urls["hubspot"],
+                    },
+                    {
+                        "name": "aiq",
+                        "type": "alpineiq",
+                        "api_key": "${AIQ_KEY}",
+                        "uid": "1234",
+                        "mapping": "alpineiq.yaml",
+                        "base_url": urls["alpineiq"],
+                    },
+                    {
+                        "name": "bz",
+                        "type": "braze",
+                        "api_key": "${BRAZE_KEY}",
+                        "mapping": "braze.yaml",
+                        "rest_endpoint": urls["braze"],
+                    },
+                    {
+                        "name": "hook",
+                        "type": "http",
+                        "url": "http://127.0.0.1:9/ops",
+                        "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"},
+                        "mapping": "http.yaml",
+                    },
                     {"name": "file", "type": "jsonl", "path": jsonl, "mapping": "http.yaml"},
                 ],
             }
         },
-    }  # fmt: skip
+    }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -1017,8 +1017,10 @@ def test_json_the_parsers_refuse_in_an_ignored_field_is_400_not_202(
     # msgspec (the quick check) would skip both; Python's parsers refuse a number past 4,300
     # digits and nesting past the recursion limit, so planning could never read the event
     seed = SEED_BYTES.rstrip()[:-1]
-    bodies = [seed + b', "extra": ' + b"7" * 4301 + b"}",
-              seed + b', "extra": ' + b"[" * 2000 + b"]" * 2000 + b"}"]  # fmt: skip
+    bodies = [
+        seed + b', "extra": ' + b"7" * 4301 + b"}",
+        seed + b', "extra": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+    ]
 
     async def scenario(rx: Running) -> None:
         for raw in bodies:
@@ -1153,11 +1155,19 @@ def test_metrics_queue_depth_follows_the_store(tmp_path: Path, store_url: str) -
         with store.transaction() as conn:
             conn.execute(
                 insert(outbox).values(
-                    dispensary=OTHER, destination="sink", order_key="c-1", customer_id="c-1",
-                    op="upsert", payload="{}", idempotency_key="k-1", status="pending",
-                    attempts=0, created_at=now, next_attempt_at=now + 3600,
+                    dispensary=OTHER,
+                    destination="sink",
+                    order_key="c-1",
+                    customer_id="c-1",
+                    op="upsert",
+                    payload="{}",
+                    idempotency_key="k-1",
+                    status="pending",
+                    attempts=0,
+                    created_at=now,
+                    next_attempt_at=now + 3600,
                 )
-            )  # fmt: skip
+            )
 
     def finish_it(store: Any) -> None:
         with store.transaction() as conn:

@@ -75,9 +75,12 @@ def in_process(fake: TreezFake) -> Callable[[str, DispensaryConfig], TreezClient
         assert disp.treez is not None
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app))
         return TreezClient(
-            disp.treez, client=client, retry_wait=tenacity.wait_none(), attempts=3,
+            disp.treez,
+            client=client,
+            retry_wait=tenacity.wait_none(),
+            attempts=3,
             pace=fake.rate_limit is not None,
-        )  # fmt: skip
+        )
 
     return build
 
@@ -91,11 +94,15 @@ def run(
 ) -> Any:
     return asyncio.run(
         reconcile_now(
-            config, DISPENSARY, options or RunOptions(), wait=True, timeout=30,
+            config,
+            DISPENSARY,
+            options or RunOptions(),
+            wait=True,
+            timeout=30,
             echo=echo or (lambda _: None),
             reconciler_options={"client_for": in_process(fake)},
         )
-    )  # fmt: skip
+    )
 
 
 def store_rows(work: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -380,9 +387,15 @@ def test_counts_from_event_outcomes() -> None:
         ]
     )
     assert counts == {
-        "pulled": 28, "unchanged": 13, "created": 7, "updated": 6, "opted_out": 2,
-        "merged": 3, "conflicts": 1, "errors": 2,
-    }  # fmt: skip
+        "pulled": 28,
+        "unchanged": 13,
+        "created": 7,
+        "updated": 6,
+        "opted_out": 2,
+        "merged": 3,
+        "conflicts": 1,
+        "errors": 2,
+    }
 
 
 def test_dead_letters_are_replayed_unless_superseded(tmp_path: Path) -> None:
@@ -421,9 +434,9 @@ def test_dead_letters_are_replayed_unless_superseded(tmp_path: Path) -> None:
     done = runs.replay(older_than=now - 3600)
     assert (done.replayed, done.superseded, done.unreplayable) == (1, 1, 0)
     statuses = {
-        r[0]: r[1] for r in store.query(__import__("sqlalchemy").text(
-            "select id, status from outbox"))
-    }  # fmt: skip
+        r[0]: r[1]
+        for r in store.query(__import__("sqlalchemy").text("select id, status from outbox"))
+    }
     assert statuses == {1: "pending", 2: "dead", 3: "done", 4: "pending"}
     assert runs.replay(customer="e").unreplayable == 1
     # a mapping failure stays open: it needs the mapping fixed and reconcile --resend
@@ -497,8 +510,15 @@ def test_client_turns_fail_envelopes_and_statuses_into_clear_errors() -> None:
         200, json={"resultCode": "SUCCESS", "access_token": "t", "expires_in": "7200"}
     )
     page = respx.get(url__startswith=f"{base}/customer/lastUpdated/after/")
-    page.respond(200, json={"resultCode": "FAIL", "resultReason": "MODEL_VALIDATION_FAIL",
-                            "resultDetail": "jane@example.com is bad", "data": None})  # fmt: skip
+    page.respond(
+        200,
+        json={
+            "resultCode": "FAIL",
+            "resultReason": "MODEL_VALIDATION_FAIL",
+            "resultDetail": "jane@example.com is bad",
+            "data": None,
+        },
+    )
 
     async def go() -> str:
         client = TreezClient(config, retry_wait=tenacity.wait_none(), attempts=2)
@@ -598,9 +618,13 @@ def test_contacts_a_destination_no_longer_has_are_reported(tmp_path: Path, fake:
                 pass
 
         reconciler = Reconciler(
-            config, astore, deployment, plan=plan, client_for=in_process(fake),
+            config,
+            astore,
+            deployment,
+            plan=plan,
+            client_for=in_process(fake),
             destinations={(DISPENSARY, "file"): Lookup()},  # type: ignore[dict-item]
-        )  # fmt: skip
+        )
         try:
             return await reconciler.run(DISPENSARY, RunOptions(full=True))
         finally:
@@ -646,9 +670,13 @@ def test_replay_never_resends_what_the_customers_state_has_overtaken(tmp_path: P
                 (oid, customer, op, f"k{oid}", now),
             )
         for customer, opt_out, merged_into in [
-            ("optout", True, None), ("absorbed", False, "survivor"), ("stale", False, None),
-            ("consent", True, None), ("current", False, None), ("deactivated", False, None),
-        ]:  # fmt: skip
+            ("optout", True, None),
+            ("absorbed", False, "survivor"),
+            ("stale", False, None),
+            ("consent", True, None),
+            ("current", False, None),
+            ("deactivated", False, None),
+        ]:
             conn.exec_driver_sql(
                 "insert into customers (dispensary, customer_id, opt_out, merged_into, merges,"
                 " updated_at) values ('d', ?, ?, ?, '[]', ?)",
@@ -698,9 +726,10 @@ def test_auto_paging_on_a_listing_in_id_order_skips_no_one(tmp_path: Path) -> No
     class IdOrdered:
         async def page(self, after: datetime, number: int, size: int) -> list[dict[str, Any]]:
             listed = [
-                r for _, r in sorted(records.items(), key=lambda kv: int(kv[0]))
+                r
+                for _, r in sorted(records.items(), key=lambda kv: int(kv[0]))
                 if datetime.fromisoformat(r["last_update"]) > after
-            ]  # fmt: skip
+            ]
             return listed[(number - 1) * size : number * size]
 
         async def aclose(self) -> None:
@@ -718,9 +747,12 @@ def test_auto_paging_on_a_listing_in_id_order_skips_no_one(tmp_path: Path) -> No
                 pass
 
         reconciler = Reconciler(
-            config, astore, deployment, plan=plan,
+            config,
+            astore,
+            deployment,
+            plan=plan,
             client_for=lambda _d, _c: IdOrdered(),  # type: ignore[arg-type,return-value]
-        )  # fmt: skip
+        )
         await reconciler.run(DISPENSARY, RunOptions())
         astore.close()
 

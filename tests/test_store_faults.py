@@ -227,8 +227,14 @@ def test_a_store_locked_past_the_timeout(tmp_path: Path, procs: Procs) -> None:
         holder.execute("BEGIN EXCLUSIVE")
 
     try:
-        run_fault(server, store, sink.record, cause=lock,
-                  remedy=lambda: holder.execute("COMMIT"), fault="store locked")  # fmt: skip
+        run_fault(
+            server,
+            store,
+            sink.record,
+            cause=lock,
+            remedy=lambda: holder.execute("COMMIT"),
+            fault="store locked",
+        )
     finally:
         holder.close()
 
@@ -260,9 +266,15 @@ def test_a_full_database_max_page_count(
     filler.execute(f"PRAGMA max_page_count={limit}")
 
     try:
-        run_fault(server, store, sink.record, cause=lambda: fill(filler),
-                  remedy=lambda: filler.execute("DELETE FROM filler"),
-                  fault="store full", room_left=True)  # fmt: skip
+        run_fault(
+            server,
+            store,
+            sink.record,
+            cause=lambda: fill(filler),
+            remedy=lambda: filler.execute("DELETE FROM filler"),
+            fault="store full",
+            room_left=True,
+        )
     finally:
         filler.close()
 
@@ -295,8 +307,15 @@ def test_a_full_disk_tmpfs(tmpfs: Path, tmp_path: Path, procs: Procs) -> None:
                 file.write(b"\0" * 65536)
                 file.flush()
 
-    run_fault(server, store, sink.record, cause=fill_disk, remedy=ballast.unlink,
-              fault="store full", room_left=True)  # fmt: skip
+    run_fault(
+        server,
+        store,
+        sink.record,
+        cause=fill_disk,
+        remedy=ballast.unlink,
+        fault="store full",
+        room_left=True,
+    )
 
 
 # --- b. read-only ------------------------------------------------------------------------------
@@ -340,9 +359,15 @@ def test_a_read_only_store(bind_mount: Path, tmp_path: Path, procs: Procs) -> No
     # kernel answers EBUSY
     assert wait_for(lambda: _remounted_read_only(bind_mount), 10)
     server = start_server(procs, config, "serve")
-    run_fault(server, store, sink.record, cause=lambda: None,
-              remedy=lambda: mount("-o", "remount,bind,rw", str(bind_mount)),
-              fault="store read-only", faulty_from_start=True)  # fmt: skip
+    run_fault(
+        server,
+        store,
+        sink.record,
+        cause=lambda: None,
+        remedy=lambda: mount("-o", "remount,bind,rw", str(bind_mount)),
+        fault="store read-only",
+        faulty_from_start=True,
+    )
     assert {e.customer_id for e in acked} <= delivered(sink.record)
 
 
@@ -415,10 +440,18 @@ def test_a_corrupt_or_foreign_file_at_start(
     config = write_config(tmp_path, store, "http://127.0.0.1:9/")
     for command in ("check", "serve"):
         done = subprocess.run(
-            [*connector_command(), command, "--config", str(config), *(
-                ["--port", "0"] if command == "serve" else [])],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            [
+                *connector_command(),
+                command,
+                "--config",
+                str(config),
+                *(["--port", "0"] if command == "serve" else []),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert done.returncode == 1, (command, done.stdout, done.stderr)
         errors = [line for line in done.stderr.splitlines() if str(store) in line]
         assert len(errors) == 1, (command, done.stderr)

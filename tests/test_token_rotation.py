@@ -222,9 +222,14 @@ def run_connector(*args: str, env: dict[str, str] | None = None, cwd: Path) -> t
     environ = {**os.environ, **(env or {})}
     environ.pop("CONNECTOR_CONFIG", None)
     done = subprocess.run(
-        [*connector_command(), *args], capture_output=True, text=True, env=environ, cwd=cwd,
-        timeout=60, check=False,
-    )  # fmt: skip
+        [*connector_command(), *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
     return done.returncode, done.stdout + done.stderr
 
 
@@ -277,9 +282,15 @@ def test_a_refused_api_key_is_never_shown(
     config = write(tmp_path, [OLD])
     data = yaml.safe_load(config.read_text())
     data["dispensaries"][DISPENSARY]["destinations"] = [
-        {"name": "k", "type": "klaviyo", "api_key": "${KLAVIYO_KEY}", "mapping": "klaviyo.yaml",
-         "base_url": base, "pace": False}
-    ]  # fmt: skip
+        {
+            "name": "k",
+            "type": "klaviyo",
+            "api_key": "${KLAVIYO_KEY}",
+            "mapping": "klaviyo.yaml",
+            "base_url": base,
+            "pace": False,
+        }
+    ]
     config.write_text(yaml.safe_dump(data))
     server = start_server(procs, config, "serve")
     assert post(server, OLD, "1") == 202
@@ -346,14 +357,29 @@ def test_reprs_and_strs_hold_no_secret(tmp_path: Path, monkeypatch: pytest.Monke
     destinations = [
         {"name": "k", "type": "klaviyo", "api_key": "${S_1}", "mapping": "klaviyo.yaml"},
         {"name": "h", "type": "hubspot", "token": "${S_2}", "mapping": "hubspot.yaml"},
-        {"name": "b", "type": "braze", "api_key": "${S_3}", "mapping": "braze.yaml",
-         "rest_endpoint": "https://rest.iad-01.braze.com"},
-        {"name": "a", "type": "alpineiq", "api_key": "${S_4}", "mapping": "alpineiq.yaml",
-         "uid": "1234"},
-        {"name": "w", "type": "http", "url": "https://crm.example.com/ops", "mapping": "http.yaml",
-         "headers": {"Authorization": "Bearer ${S_5}"}},
+        {
+            "name": "b",
+            "type": "braze",
+            "api_key": "${S_3}",
+            "mapping": "braze.yaml",
+            "rest_endpoint": "https://rest.iad-01.braze.com",
+        },
+        {
+            "name": "a",
+            "type": "alpineiq",
+            "api_key": "${S_4}",
+            "mapping": "alpineiq.yaml",
+            "uid": "1234",
+        },
+        {
+            "name": "w",
+            "type": "http",
+            "url": "https://crm.example.com/ops",
+            "mapping": "http.yaml",
+            "headers": {"Authorization": "Bearer ${S_5}"},
+        },
         {"name": "j", "type": "jsonl", "path": "out.jsonl", "mapping": "jsonl.yaml"},
-    ]  # fmt: skip
+    ]
     config_path = tmp_path / "config.yaml"
     config_path.write_text(
         yaml.safe_dump(
@@ -379,8 +405,13 @@ def test_reprs_and_strs_hold_no_secret(tmp_path: Path, monkeypatch: pytest.Monke
     objects: list[Any] = [config, disp, disp.treez, config.console, WebhookTokens(config)]
     objects.extend(disp.destinations)
     assert {d.type for d in disp.destinations} == {
-        "klaviyo", "hubspot", "braze", "alpineiq", "http", "jsonl"
-    }  # fmt: skip
+        "klaviyo",
+        "hubspot",
+        "braze",
+        "alpineiq",
+        "http",
+        "jsonl",
+    }
     for item in objects:
         for text in (repr(item), str(item)):
             for secret in (*secrets.values(), NEW):

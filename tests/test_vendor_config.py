@@ -66,8 +66,10 @@ def test_both_vendors_load_with_their_defaults_and_capabilities(folder: Path) ->
     kl, aiq = config.dispensaries["shop1"].destinations
     assert isinstance(kl, KlaviyoDestination)
     assert (kl.revision, str(kl.base_url), kl.bulk_size) == (
-        "2026-07-15", "https://a.klaviyo.com/", 10_000,
-    )  # fmt: skip
+        "2026-07-15",
+        "https://a.klaviyo.com/",
+        10_000,
+    )
     assert [(r.count, r.per_seconds) for r in aiq.rate_limit] == [(20, 1.0)]  # a guess
     assert "pk_secret_123" not in repr(config)
     assert "aiq-secret-456" not in repr(config)
@@ -76,8 +78,9 @@ def test_both_vendors_load_with_their_defaults_and_capabilities(folder: Path) ->
     assert capabilities(aiq).external_id_key == "aiq_contact_id"
     specs = Deployment.from_config(config).dispensaries["shop1"].specs
     assert [(s.name, s.native_merge, s.consent_fields) for s in specs] == [
-        ("kl", True, True), ("aiq", False, True),
-    ]  # fmt: skip
+        ("kl", True, True),
+        ("aiq", False, True),
+    ]
 
 
 def test_a_missing_key_names_the_variable_and_the_key(folder: Path) -> None:

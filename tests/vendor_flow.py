@@ -44,9 +44,12 @@ DISPENSARY = SEED["dispensary_short_name"]
 # Fast retries for tests: a retriable answer is tried again within ~20 ms, twice at most; a
 # Retry-After is honoured up to max_seconds (the fakes' 1 s is).
 FAST_RETRY = RetryPolicy(
-    initial_seconds=0.01, max_seconds=2.0, jitter_seconds=0.0, min_attempts=3,
+    initial_seconds=0.01,
+    max_seconds=2.0,
+    jitter_seconds=0.0,
+    min_attempts=3,
     min_elapsed_seconds=0.0,
-)  # fmt: skip
+)
 
 
 def event_body(
@@ -115,10 +118,14 @@ class Flow:
                 self.sinks[(dispensary, dest.name)] = sink
                 self.workers.append(
                     DeliveryWorker(
-                        self.astore, dispensary, sink, retry=retry, concurrency=concurrency,
+                        self.astore,
+                        dispensary,
+                        sink,
+                        retry=retry,
+                        concurrency=concurrency,
                         idle_poll=0.02,
                     )
-                )  # fmt: skip
+                )
         self._seq = 0
 
     def sink(self, dispensary: str = DISPENSARY, name: str | None = None) -> Destination:
@@ -138,10 +145,15 @@ class Flow:
             data = json.loads(body)
             self._seq += 1
             events.append(
-                NewEvent(data["dispensary_short_name"], "webhook", "CUSTOMER",
-                         str(data["data"].get("customer_id")),
-                         _instant(data["data"].get("last_update")), body.decode())
-            )  # fmt: skip
+                NewEvent(
+                    data["dispensary_short_name"],
+                    "webhook",
+                    "CUSTOMER",
+                    str(data["data"].get("customer_id")),
+                    _instant(data["data"].get("last_update")),
+                    body.decode(),
+                )
+            )
         self.store.add_events(events)
         while (await self.astore.call(process_batch, self.store, self.deployment, 256)).events:
             pass
@@ -178,9 +190,10 @@ class Flow:
     def ops(self, customer_id: str | None = None) -> list[str]:
         """The operations planned, oldest first (of one customer, or all)."""
         return [
-            row["op"] for row in self.outbox()
+            row["op"]
+            for row in self.outbox()
             if customer_id is None or row["customer_id"] == customer_id
-        ]  # fmt: skip
+        ]
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return self._rows(sa.select(dead_letters))

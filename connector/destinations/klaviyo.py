@@ -177,11 +177,17 @@ class KlaviyoSink:
         self.capabilities = self.capabilities_for(config)
         self.rate_limit: tuple[Rate, ...] = config.rate_limit  # the worker's; off by default
         limits = (
-            {"import": IMPORT_LIMITS, "merge": MERGE_LIMITS, "subscriptions": IMPORT_LIMITS,
-             "bulk": JOB_LIMITS, "jobs": JOB_LIMITS, "profiles": IMPORT_LIMITS}
+            {
+                "import": IMPORT_LIMITS,
+                "merge": MERGE_LIMITS,
+                "subscriptions": IMPORT_LIMITS,
+                "bulk": JOB_LIMITS,
+                "jobs": JOB_LIMITS,
+                "profiles": IMPORT_LIMITS,
+            }
             if config.pace
             else {}
-        )  # fmt: skip
+        )
         # Klaviyo counts its limits per account: every sink of one private key (several
         # stores of an operator) shares them, so together they keep to the limits
         account = account_digest(config.api_key.get_secret_value())
@@ -835,10 +841,13 @@ class KlaviyoSink:
                     original = attributes.get("original_payload") or {}
                     found = (original.get("attributes") or {}) if isinstance(original, dict) else {}
                     at = next(
-                        (keys[(n, found[n].lower())] for n in IDENTIFIERS
-                         if isinstance(found.get(n), str) and (n, found[n].lower()) in keys),
+                        (
+                            keys[(n, found[n].lower())]
+                            for n in IDENTIFIERS
+                            if isinstance(found.get(n), str) and (n, found[n].lower()) in keys
+                        ),
                         None,
-                    )  # fmt: skip
+                    )
                 if at is not None and 0 <= at < len(deliveries):
                     what = describe_errors({"errors": [attributes]})
                     refused[at] = FatalDelivery(f"bulk import job {job_id} refused it: {what}")

@@ -117,13 +117,20 @@ STORE: dict[str, Any] = {
     "name": "Fake Dispensary - Main St",
     "nickname": "Main St",
     "avatar": "https://lab.alpineiq.com/avatar/1",
-    "addr": {"city": "los angeles", "country": "US", "zipCode": "90012", "state": "CA",
-             "street": "1 main st", "lat": 34.05, "long": -118.24},
+    "addr": {
+        "city": "los angeles",
+        "country": "US",
+        "zipCode": "90012",
+        "state": "CA",
+        "street": "1 main st",
+        "lat": 34.05,
+        "long": -118.24,
+    },
     "reviewLinks": {},
     "sourceMapping": {"treez": "partnersandbox3"},
     "onlineShopURL": "https://dispensary.example.com/shop",
     "phone": "5550000000",
-}  # fmt: skip
+}
 
 _E164 = re.compile(r"\+[1-9]\d{7,14}")
 _TEN_DIGITS = re.compile(r"\d{10}")
@@ -606,9 +613,11 @@ class AlpineIQFake:
         return min((self._personas[i] for i in ids), key=lambda p: p["_seq"])
 
     def _reindex(
-        self, persona: dict[str, Any], before: Sequence[tuple[str, str]],
+        self,
+        persona: dict[str, Any],
+        before: Sequence[tuple[str, str]],
         after: Sequence[tuple[str, str]],
-    ) -> None:  # fmt: skip
+    ) -> None:
         contact_id = persona["contactID"]
         for key in before:
             if key not in after:

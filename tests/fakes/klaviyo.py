@@ -1172,8 +1172,12 @@ class KlaviyoFake:
                     "website_url": "https://dispensary.example.com",
                     "organization_name": "Fake Dispensary",
                     "street_address": {
-                        "address1": "1 Main St", "address2": None, "city": "Los Angeles",
-                        "region": "CA", "country": "US", "zip": "90012",
+                        "address1": "1 Main St",
+                        "address2": None,
+                        "city": "Los Angeles",
+                        "region": "CA",
+                        "country": "US",
+                        "zip": "90012",
                     },
                 },
                 "industry": "Retail",
@@ -1183,7 +1187,7 @@ class KlaviyoFake:
                 "locale": "en-US",
             },
             "links": {"self": f"{request.base}/api/accounts/{account_id}/"},
-        }  # fmt: skip
+        }
         links = {"self": f"{request.base}/api/accounts/", "next": None, "prev": None}
         return 200, {"data": [resource], "links": links}
 
@@ -1635,8 +1639,9 @@ def serve(
     fake: KlaviyoFake, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 10.0
 ) -> Iterator[str]:
     """Serve ``fake`` over HTTP from a background thread; yields its base url."""
-    with serve_in_thread(fake, host=host, port=port, name="klaviyo-fake",
-                         start_timeout=start_timeout) as bound:  # fmt: skip
+    with serve_in_thread(
+        fake, host=host, port=port, name="klaviyo-fake", start_timeout=start_timeout
+    ) as bound:
         yield f"http://{host}:{bound}"
 
 
