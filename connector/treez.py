@@ -961,7 +961,20 @@ def _fast_customer_event(raw: bytes | str) -> CustomerEvent | None:
             fields["customer_groups"] = []
         if data.imageList is None:
             fields["imageList"] = []
-        fields["external_ids"] = _fast_external_ids(data.external_ids)
+        external = data.external_ids
+        if (
+            external is None
+            or external.aiq_contact_id is not None
+            or external.sticky_cards_contact_id is not None
+        ):
+            fields["external_ids"] = _fast_external_ids(external)
+        else:  # both given as null (the usual): as _fast_external_ids makes them
+            ids_model = _new_object(ExternalIds)
+            _set_dict(ids_model, {"aiq_contact_id": None, "sticky_cards_contact_id": None})
+            _set_fields_set(ids_model, _EXTERNAL_IDS_FIELDS.copy())
+            _set_extra(ids_model, {})
+            _set_private(ids_model, None)
+            fields["external_ids"] = ids_model
     except ValueError:  # pydantic's ValidationError included
         return None
     customer = _new_object(Customer)
