@@ -241,7 +241,8 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
     lines += [
         "    cls = value.__class__",
         "    if cls is str:",
-        f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
+        "        stripped = value.strip()",
+        f"        if value in placeholders{i} or stripped in placeholders{i}:",
         "            value = None",
         "    elif cls is list:",
         f"        value = clean{i}(value)",
@@ -251,7 +252,8 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
         env[f"transform{i}_{n}"] = transform
         if len(parts.transforms) > 1:
             lines.append(f"        step = {name!r}")
-        lines += _inline_transform(f"{i}_{n}", name, transform, env)
+        # text still at the first transform is the field's own: its strip is known
+        lines += _inline_transform(f"{i}_{n}", name, transform, env, stripped=n == 0)
     lines.append("    except TransformFailed as exc:")
     if parts.swallow:
         lines.append(f"        value = default{i}")
@@ -264,19 +266,29 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
 
 
 def _inline_transform(
-    tag: str, name: str, transform: Callable[[Any, Context], Any], env: dict[str, Any]
+    tag: str,
+    name: str,
+    transform: Callable[[Any, Context], Any],
+    env: dict[str, Any],
+    *,
+    stripped: bool = False,
 ) -> list[str]:
     """The lines of one transform, inside apply()'s try: what its :class:`Shortcut` says it
-    does to some classes of values written inline, a call for the rest."""
+    does to some classes of values written inline, a call for the rest. ``stripped``: text
+    here has its strip in the local ``stripped``."""
     call = _with_ctx("            ", f"value = transform{tag}(value, ctx)")
     ops = name.split(", ")
     shortcut = SHORTCUTS.get(transform)
     if all(op in TEXT_OPS for op in ops):  # text's own methods, for text (_text_op)
         # (which returns null as it is)
         calls = "".join(f".{op}()" for op in ops)
+        if stripped and ops[0] == "strip":
+            calls = "stripped" + calls.removeprefix(".strip()")
+        else:
+            calls = "value" + calls
         return [
             "        if value.__class__ is str:",
-            f"            value = value{calls}",
+            f"            value = {calls}",
             "        elif value is not None:",
             *call,
         ]
