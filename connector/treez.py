@@ -935,7 +935,9 @@ def _fast_customer_event(raw: bytes | str) -> CustomerEvent | None:
             ):
                 fields["last_visit_date"] = None  # as Customer._placeholders_and_sentinels
         value = data.opt_out
-        if value is not None and value.__class__ is not bool:
+        if value == "true":  # as Treez writes it, and as _opt_out reads it
+            fields["opt_out"] = True
+        elif value is not None and value.__class__ is not bool:
             fields["opt_out"] = _opt_out(value)
         addresses = data.addresses
         if addresses is None:
