@@ -899,9 +899,10 @@ def _fast_customer_event(raw: bytes | str) -> CustomerEvent | None:
     if envelope.event_type != "CUSTOMER":
         return None
     data = envelope.data
-    # The values the models change, each as they change it; a null is left as decoded where
-    # the model keeps it. The checks before the calls only spare calls that would return the
-    # value as it is (an id of letters and digits, a null, consent as a boolean).
+    # The values the models change, each as they change it; a null (or an empty list) is left
+    # as decoded where the model keeps it. The checks before the calls only spare calls that
+    # would return the value as it is (an id of letters and digits, a null, consent as a
+    # boolean) or as the check says ("true").
     value: Any
     try:
         fields = _as_dict(data)
