@@ -808,8 +808,11 @@ assert _FastExternalIds.__struct_fields__ == tuple(ExternalIds.model_fields)
 
 
 _FAST = msgspec.json.Decoder(_FastEnvelope)
-_FAST_FIELDS = frozenset(Customer.model_fields)
-_FAST_ADDRESS_FIELDS = frozenset(Address.model_fields)
+# the fields set of a model with every field given (a copy for each model: pydantic's own
+# model_copy(update=...) adds to it)
+_FAST_FIELDS = set(Customer.model_fields)
+_FAST_ADDRESS_FIELDS = set(Address.model_fields)
+_EXTERNAL_IDS_FIELDS = set(ExternalIds.model_fields)
 _as_dict = msgspec.structs.asdict
 _new_object = object.__new__
 # a model's slots, set as its validation sets them (a frozen model refuses setattr)
@@ -817,6 +820,12 @@ _set_dict = BaseModel.__dict__["__dict__"].__set__
 _set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+# and a CustomerEvent's, as its __init__ sets them (a frozen dataclass's __init__ sets each
+# through object.__setattr__, twice as slow)
+_set_event_customer = CustomerEvent.__dict__["customer"].__set__
+_set_event_dispensary = CustomerEvent.__dict__["dispensary_short_name"].__set__
+_set_event_kind = CustomerEvent.__dict__["kind"].__set__
+assert CustomerEvent.__slots__ == ("customer", "dispensary_short_name", "kind")
 # the text of timestamps and dates is read by pydantic's own parser, as in the models:
 # Customer.last_update (AwareDatetime) and the datetime or date first in LenientDatetime
 # and LenientDate
@@ -825,9 +834,10 @@ _DATETIME = SchemaValidator(core_schema.datetime_schema())
 _DATE = SchemaValidator(core_schema.date_schema())
 
 
-def _fast_lenient(text: str | None, parser: SchemaValidator) -> Any:
-    """A :data:`LenientDate` or :data:`LenientDatetime` as the model leaves it."""
-    if text is None or text.strip() in PLACEHOLDERS:
+def _fast_lenient(text: str, parser: SchemaValidator) -> Any:
+    """A :data:`LenientDate` or :data:`LenientDatetime` given as text, as the model leaves it
+    (null stays null: the callers leave it where it is)."""
+    if text.strip() in PLACEHOLDERS:
         return None  # no date nor time: the model keeps the text, then nulls it
     try:
         return parser.validate_python(text)
@@ -857,7 +867,7 @@ def _fast_external_ids(ids: _FastExternalIds | None) -> ExternalIds:
         "sticky_cards_contact_id": None if sticky is msgspec.UNSET else _optional_id(sticky),
     }
     if aiq is not msgspec.UNSET and sticky is not msgspec.UNSET:
-        return _built(ExternalIds, fields, {"aiq_contact_id", "sticky_cards_contact_id"})
+        return _built(ExternalIds, fields, _EXTERNAL_IDS_FIELDS.copy())
     fields_set = set()
     if aiq is not msgspec.UNSET:
         fields_set.add("aiq_contact_id")
@@ -889,47 +899,97 @@ def _fast_customer_event(raw: bytes | str) -> CustomerEvent | None:
     if envelope.event_type != "CUSTOMER":
         return None
     data = envelope.data
+    # The values the models change, each as they change it; a null (or an empty list) is left
+    # as decoded where the model keeps it. The checks before the calls only spare calls that
+    # would return the value as it is (an id of letters and digits, a null, consent as a
+    # boolean) or as the check says ("true").
+    value: Any
     try:
         fields = _as_dict(data)
-        fields["customer_id"] = _id(data.customer_id)
-        fields["last_update"] = _AWARE_DATETIME.validate_python(_timestamp(data.last_update))
+        value = data.customer_id
+        if not (value.__class__ is str and value.isascii() and value.isalnum()):
+            fields["customer_id"] = _id(value)  # isalnum: not empty, no space nor control
+        elif len(value) > MAX_ID_CHARS:
+            return None
+        value = data.last_update
+        if _DATE_TIME.match(value) is None:  # as _timestamp: str is all the Struct takes
+            return None
+        fields["last_update"] = _AWARE_DATETIME.validate_python(value)
         if data.verification_reasons is None:
             fields["verification_reasons"] = []
-        fields["birthday"] = _fast_lenient(data.birthday, _DATE)
-        fields["drivers_license_expiration"] = _fast_lenient(data.drivers_license_expiration, _DATE)
-        fields["permit_expiration"] = _fast_lenient(data.permit_expiration, _DATE)
+        if (value := data.birthday) is not None:
+            fields["birthday"] = _fast_lenient(value, _DATE)
+        if (value := data.drivers_license_expiration) is not None:
+            fields["drivers_license_expiration"] = _fast_lenient(value, _DATE)
+        if (value := data.permit_expiration) is not None:
+            fields["permit_expiration"] = _fast_lenient(value, _DATE)
         if data.caregiver_details is None:
             fields["caregiver_details"] = []
-        fields["signup_date"] = _fast_lenient(data.signup_date, _DATETIME)
-        visit = fields["last_visit_date"] = _fast_lenient(data.last_visit_date, _DATETIME)
-        if (
-            visit.__class__ is datetime
-            and visit.date() == _NEVER_VISITED
-            and visit.time() == _MIDNIGHT
-        ):
-            fields["last_visit_date"] = None  # as Customer._placeholders_and_sentinels
-        fields["opt_out"] = _opt_out(data.opt_out)
-        fields["addresses"] = (
-            []
-            if data.addresses is None
-            else [
-                _built(Address, _as_dict(address), set(_FAST_ADDRESS_FIELDS))
-                for address in data.addresses
-            ]
-        )
-        fields["merged_customer_ids"] = (
-            [] if data.merged_customer_ids is None else [_id(id) for id in data.merged_customer_ids]
-        )
-        fields["merged_into_customer_id"] = _optional_id(data.merged_into_customer_id)
+        if (value := data.signup_date) is not None:
+            fields["signup_date"] = _fast_lenient(value, _DATETIME)
+        if (value := data.last_visit_date) is not None:
+            visit = fields["last_visit_date"] = _fast_lenient(value, _DATETIME)
+            if (
+                visit.__class__ is datetime
+                and visit.date() == _NEVER_VISITED
+                and visit.time() == _MIDNIGHT
+            ):
+                fields["last_visit_date"] = None  # as Customer._placeholders_and_sentinels
+        value = data.opt_out
+        if value == "true":  # as Treez writes it, and as _opt_out reads it
+            fields["opt_out"] = True
+        elif value is not None and value.__class__ is not bool:
+            fields["opt_out"] = _opt_out(value)
+        addresses = data.addresses
+        if addresses is None:
+            fields["addresses"] = []
+        elif addresses:
+            built = []
+            for address in addresses:
+                model = _new_object(Address)
+                _set_dict(model, _as_dict(address))
+                _set_fields_set(model, _FAST_ADDRESS_FIELDS.copy())
+                _set_extra(model, {})
+                _set_private(model, None)
+                built.append(model)
+            fields["addresses"] = built
+        ids = data.merged_customer_ids
+        if ids is None:
+            fields["merged_customer_ids"] = []
+        elif ids:
+            fields["merged_customer_ids"] = [_id(id) for id in ids]
+        if (value := data.merged_into_customer_id) is not None:
+            fields["merged_into_customer_id"] = _optional_id(value)
         if data.customer_groups is None:
             fields["customer_groups"] = []
         if data.imageList is None:
             fields["imageList"] = []
-        fields["external_ids"] = _fast_external_ids(data.external_ids)
+        external = data.external_ids
+        if (
+            external is None
+            or external.aiq_contact_id is not None
+            or external.sticky_cards_contact_id is not None
+        ):
+            fields["external_ids"] = _fast_external_ids(external)
+        else:  # both given as null (the usual): as _fast_external_ids makes them
+            ids_model = _new_object(ExternalIds)
+            _set_dict(ids_model, {"aiq_contact_id": None, "sticky_cards_contact_id": None})
+            _set_fields_set(ids_model, _EXTERNAL_IDS_FIELDS.copy())
+            _set_extra(ids_model, {})
+            _set_private(ids_model, None)
+            fields["external_ids"] = ids_model
     except ValueError:  # pydantic's ValidationError included
         return None
-    customer = _built(Customer, fields, set(_FAST_FIELDS))
-    return CustomerEvent(customer, envelope.dispensary_short_name)
+    customer = _new_object(Customer)
+    _set_dict(customer, fields)
+    _set_fields_set(customer, _FAST_FIELDS.copy())
+    _set_extra(customer, {})
+    _set_private(customer, None)
+    event = _new_object(CustomerEvent)
+    _set_event_customer(event, customer)
+    _set_event_dispensary(event, envelope.dispensary_short_name)
+    _set_event_kind(event, "customer")
+    return event
 
 
 def _check_with_model(raw: bytes | str, source: str) -> ReceivedCustomer | OtherEvent | TestPing:

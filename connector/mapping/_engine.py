@@ -40,6 +40,7 @@ from connector.mapping._paths import (
     parse_path,
 )
 from connector.mapping._transforms import (
+    SHORTCUTS,
     TEXT_OPS,
     BuildEnv,
     TransformFailed,
@@ -96,11 +97,15 @@ class CompiledField:
     parts: _Parts | None = None
 
 
+_Template = tuple[str | tuple[Step, ...], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class _Parts:
     read: str | None  # the source as an expression of apply()'s locals; None: call source
     path: tuple[Step, ...]  # a path from a declared field, to write inline; () if not
     source: Callable[[Context], Any]
+    template: _Template | None  # a template's literals and paths, to write inline
     transforms: tuple[tuple[str, Callable[[Any, Context], Any]], ...]
     swallow: bool
     settle: Callable[[Any], Any]
@@ -158,7 +163,8 @@ class Mapping:
 def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, str], dict[str, Any]]:
     """Write :meth:`Mapping.apply` for ``fields`` as one function of straight-line code: no
     loop over the fields, and a field reading one declared customer field as it is (``direct``)
-    read inline, its common values (text, numbers, null) settled without a call."""
+    read inline, its common values (text, numbers, null) settled without a call. The
+    :class:`Context` the fields' functions take is made the first time one is called."""
     env: dict[str, Any] = {
         "Context": Context,
         "TransformFailed": TransformFailed,
@@ -166,30 +172,22 @@ def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, st
     }
     lines = [
         "def apply(customer, dispensary):",
-        "    ctx = Context(customer, dispensary)",
+        "    ctx = None",
         "    fields = customer.__dict__",
         "    out = {}",
     ]
     for i, field in enumerate(fields):
         env[f"run{i}"] = field.run
+        env[f"placeholders{i}"] = field.placeholders
+        env[f"default{i}"] = field.default
         if field.direct is None and field.parts is not None:
             lines += _inline_run(i, field, field.parts, env)
-        elif field.direct is None:
-            lines.append(f"    value = run{i}(ctx)")
+        elif field.direct is None or field.parts is None:
+            lines += _with_ctx("    ", f"value = run{i}(ctx)")
         else:
-            env[f"placeholders{i}"] = field.placeholders
-            env[f"default{i}"] = field.default
-            lines += [
-                f"    value = fields[{field.direct!r}]",
-                "    cls = value.__class__",
-                "    if cls is str:",
-                f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
-                f"            value = default{i}",
-                "    elif value is None:",
-                f"        value = default{i}",
-                "    elif cls is not int and cls is not bool and cls is not float:",
-                f"        value = run{i}(ctx)",
-            ]
+            # run() reads the field (this value) and settles it
+            env[f"settle{i}"] = field.parts.settle
+            lines += [f"    value = fields[{field.direct!r}]", *_settled(i, "    ")]
         indent = "    "
         if not field.send_null:
             lines.append("    if value is not None:")
@@ -204,31 +202,47 @@ def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, st
     return apply
 
 
+def _with_ctx(indent: str, statement: str) -> list[str]:
+    """``statement`` (which reads ``ctx``), the context made first if it is not yet."""
+    return [
+        f"{indent}if ctx is None:",
+        f"{indent}    ctx = Context(customer, dispensary)",
+        f"{indent}{statement}",
+    ]
+
+
+def _settled(i: int, indent: str) -> list[str]:
+    """The lines of ``settle{i}(value)``, its common values (text, null, numbers) inline."""
+    return [
+        f"{indent}cls = value.__class__",
+        f"{indent}if cls is str:",
+        f"{indent}    if value in placeholders{i} or value.strip() in placeholders{i}:",
+        f"{indent}        value = default{i}",
+        f"{indent}elif value is None:",
+        f"{indent}    value = default{i}",
+        f"{indent}elif cls is not int and cls is not bool and cls is not float:",
+        f"{indent}    value = settle{i}(value)",
+    ]
+
+
 def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]) -> list[str]:
     """The lines of ``field.run`` written into apply(): the same steps, leaving ``value``."""
-    env.update(
-        {
-            f"source{i}": parts.source,
-            f"placeholders{i}": field.placeholders,
-            f"default{i}": field.default,
-            f"settle{i}": parts.settle,
-            f"clean{i}": parts.clean,
-        }
-    )
-    lines = _inline_path(i, parts.path, env) or [f"    value = {parts.read or f'source{i}(ctx)'}"]
+    env.update({f"source{i}": parts.source, f"settle{i}": parts.settle, f"clean{i}": parts.clean})
+    if parts.template is not None:
+        lines = _inline_template(i, parts.template, env)
+    elif parts.path:
+        lines = _inline_path(i, parts.path, env)
+    elif parts.read is not None:
+        lines = [f"    value = {parts.read}"]
+    else:
+        lines = _with_ctx("    ", f"value = source{i}(ctx)")
     if not parts.transforms:
-        return [
-            *lines,
-            "    if value.__class__ is str:",
-            f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
-            f"            value = default{i}",
-            "    else:",
-            f"        value = settle{i}(value)",
-        ]
+        return [*lines, *_settled(i, "    ")]
     lines += [
         "    cls = value.__class__",
         "    if cls is str:",
-        f"        if value in placeholders{i} or value.strip() in placeholders{i}:",
+        "        stripped = value.strip()",
+        f"        if value in placeholders{i} or stripped in placeholders{i}:",
         "            value = None",
         "    elif cls is list:",
         f"        value = clean{i}(value)",
@@ -238,17 +252,8 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
         env[f"transform{i}_{n}"] = transform
         if len(parts.transforms) > 1:
             lines.append(f"        step = {name!r}")
-        ops = name.split(", ")
-        if all(op in TEXT_OPS for op in ops):  # text's own methods, for text (_text_op)
-            calls = "".join(f".{op}()" for op in ops)
-            lines += [
-                "        if value.__class__ is str:",
-                f"            value = value{calls}",
-                "        else:",
-                f"            value = transform{i}_{n}(value, ctx)",
-            ]
-        else:
-            lines.append(f"        value = transform{i}_{n}(value, ctx)")
+        # text still at the first transform is the field's own: its strip is known
+        lines += _inline_transform(f"{i}_{n}", name, transform, env, stripped=n == 0)
     lines.append("    except TransformFailed as exc:")
     if parts.swallow:
         lines.append(f"        value = default{i}")
@@ -257,15 +262,105 @@ def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]
         lines.append(
             f"        raise FieldMappingError({field.target!r}, {step}, str(exc)) from None"
         )
-    return [
-        *lines,
-        "    else:",
-        f"        if value.__class__ is str and value not in placeholders{i}:",
-        f"            if value.strip() in placeholders{i}:",
-        f"                value = default{i}",
-        "        else:",
-        f"            value = settle{i}(value)",
-    ]
+    return [*lines, "    else:", *_settled(i, "        ")]
+
+
+def _inline_transform(
+    tag: str,
+    name: str,
+    transform: Callable[[Any, Context], Any],
+    env: dict[str, Any],
+    *,
+    stripped: bool = False,
+) -> list[str]:
+    """The lines of one transform, inside apply()'s try: what its :class:`Shortcut` says it
+    does to some classes of values written inline, a call for the rest. ``stripped``: text
+    here has its strip in the local ``stripped``."""
+    call = _with_ctx("            ", f"value = transform{tag}(value, ctx)")
+    ops = name.split(", ")
+    shortcut = SHORTCUTS.get(transform)
+    if all(op in TEXT_OPS for op in ops):  # text's own methods, for text (_text_op)
+        # (which returns null as it is)
+        calls = "".join(f".{op}()" for op in ops)
+        if stripped and ops[0] == "strip":
+            calls = "stripped" + calls.removeprefix(".strip()")
+        else:
+            calls = "value" + calls
+        return [
+            "        if value.__class__ is str:",
+            f"            value = {calls}",
+            "        elif value is not None:",
+            *call,
+        ]
+    if shortcut is None:
+        return [line[4:] for line in call]
+    lines = ["        cls = value.__class__"]
+    branch = "if"
+    if shortcut.keep:
+        tests = []
+        for k, kept in enumerate(shortcut.keep):
+            if kept is type(None):
+                tests.append("value is None")
+            else:
+                env[f"kept{tag}_{k}"] = kept
+                tests.append(f"cls is kept{tag}_{k}")
+        lines += [f"        if {' or '.join(tests)}:", "            pass"]
+        branch = "elif"
+    for k, (cls, method) in enumerate(shortcut.call):
+        env[f"called{tag}_{k}"] = cls
+        lines += [
+            f"        {branch} cls is called{tag}_{k}:",
+            f"            value = value.{method}()",
+        ]
+        branch = "elif"
+    if shortcut.table is not None:
+        env[f"table{tag}"] = shortcut.table
+        env[f"miss{tag}"] = shortcut.miss
+        miss = "value" if shortcut.keep_miss else f"miss{tag}"
+        lines += [
+            f"        {branch} cls is str:",
+            f"            value = table{tag}.get(value, {miss})",
+        ]
+        branch = "elif"
+    if branch == "if":
+        return [line[4:] for line in call]
+    return [*lines, "        else:", *call]
+
+
+def _inline_template(
+    i: int, template: tuple[str | tuple[Step, ...], ...], env: dict[str, Any]
+) -> list[str]:
+    """The lines of a template's render (:func:`_compile_template`), leaving ``value``: each
+    path read in turn while none is null."""
+    env["_template_text"] = _template_text
+    lines = ["    value = None"]
+    indent = "    "
+    joined = []
+    for k, part in enumerate(template):
+        if isinstance(part, str):
+            joined.append(repr(part))
+            continue
+        name = f"part{k}"
+        first = part[0]
+        if isinstance(first, Attr) and first.name == ROOT_DISPENSARY:
+            lines.append(f"{indent}{name} = dispensary")  # as compile_path reads it
+        elif len(part) == 1 and isinstance(first, Attr) and first.name in Customer.model_fields:
+            lines.append(f"{indent}{name} = fields[{first.name!r}]")
+        else:
+            env[f"get{i}_{k}"] = compile_path(part)
+            lines += _with_ctx(indent, f"{name} = get{i}_{k}(ctx)")
+        lines += [
+            f"{indent}if (",
+            f"{indent}    {name}.__class__ is not str",
+            f"{indent}    or {name} in placeholders{i}",
+            f"{indent}    or {name}.strip() in placeholders{i}",
+            f"{indent}):",
+            f"{indent}    {name} = _template_text({name}, placeholders{i})",
+            f"{indent}if {name} is not None:",
+        ]
+        indent += "    "
+        joined.append(name)
+    return [*lines, f"{indent}value = ''.join(({''.join(j + ', ' for j in joined)}))"]
 
 
 def _inline_path(i: int, path: tuple[Step, ...], env: dict[str, Any]) -> list[str]:
@@ -358,9 +453,9 @@ def _jsonable(value: Any) -> Any:
 _TEMPLATE_PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 
-def _compile_template(text: str, env: BuildEnv) -> Getter:
-    """``"treez-{dispensary}-{customer_id}"``: any null part makes the whole result null."""
-    parts: list[str | Getter] = []
+def _template_parts(text: str, env: BuildEnv) -> _Template:
+    """``"treez-{dispensary}-{customer_id}"``: its literal texts and the paths in braces."""
+    parts: list[str | tuple[Step, ...]] = []
     literal = ""
     pos = 0
     for match in _TEMPLATE_PART.finditer(text):
@@ -383,12 +478,30 @@ def _compile_template(text: str, env: BuildEnv) -> Getter:
         if literal:
             parts.append(literal)
             literal = ""
-        parts.append(compile_path(steps))
+        parts.append(steps)
     literal += text[pos:]
     if literal:
         parts.append(literal)
-    placeholders = env.placeholders
-    getters = [(part, None) if isinstance(part, str) else ("", part) for part in parts]
+    return tuple(parts)
+
+
+def _template_text(value: Any, placeholders: frozenset[str]) -> str | None:
+    """A path's value as a template writes it, or None when it makes the whole result null
+    (null, a placeholder, a list or an object)."""
+    cls = value.__class__
+    if cls is str:
+        return None if value in placeholders or value.strip() in placeholders else value
+    if value is None or cls is list or cls is dict or isinstance(value, BaseModel):
+        return None
+    result: str = to_str(value)  # true/false as JSON writes them, dates as ISO
+    return result
+
+
+def _compile_template(template: _Template, placeholders: frozenset[str]) -> Getter:
+    """A template's render: any null part makes the whole result null."""
+    getters = [
+        (part, None) if isinstance(part, str) else ("", compile_path(part)) for part in template
+    ]
 
     def render(ctx: Context) -> Any:
         out = []
@@ -397,15 +510,11 @@ def _compile_template(text: str, env: BuildEnv) -> Getter:
                 out.append(literal)
                 continue
             value = get(ctx)
-            cls = value.__class__
-            if cls is str:
-                if value in placeholders or value.strip() in placeholders:
+            if value.__class__ is not str or value in placeholders or value.strip() in placeholders:
+                value = _template_text(value, placeholders)
+                if value is None:
                     return None
-                out.append(value)
-            elif value is None or cls is list or cls is dict or isinstance(value, BaseModel):
-                return None
-            else:
-                out.append(to_str(value))  # true/false as JSON writes them, dates as ISO
+            out.append(value)
         return "".join(out)
 
     return render
@@ -416,12 +525,14 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
     env = BuildEnv(frozenset(spec.placeholders))
     clean = _cleaner(env.placeholders)
     source: Getter
+    template = None
     if spec.from_ is not None:
         steps = parse_path(spec.from_)
         env.warnings.extend(check_path(steps, spec.from_))
         source = compile_path(steps)
     elif spec.template is not None:
-        source = _compile_template(spec.template, env)
+        template = _template_parts(spec.template, env)
+        source = _compile_template(template, env.placeholders)
     else:
         constant = _jsonable(spec.value)
 
@@ -499,7 +610,7 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
                 direct = None if transforms else first.name
         elif isinstance(first, Attr) and first.name in Customer.model_fields:
             path = steps
-    parts = _Parts(read, path, source, tuple(transforms), swallow, settle, clean)
+    parts = _Parts(read, path, source, template, tuple(transforms), swallow, settle, clean)
     return CompiledField(
         target,
         tuple(target.split(".")),

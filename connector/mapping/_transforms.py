@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -50,6 +51,30 @@ class BuildEnv:
 
     placeholders: frozenset[str]
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Shortcut:
+    """What a transform returns for a value of exactly one of some classes, for the mapping's
+    written apply to do inline instead of calling it (connector/mapping/_engine.py): the value
+    itself (``keep``), what a method of the value returns, called without arguments
+    (``call``: class and method name), or for text, the entry of ``table``, or when there is
+    none ``miss`` (the value itself if ``keep_miss``). Any other value is the transform's."""
+
+    keep: tuple[type, ...] = (type(None),)
+    call: tuple[tuple[type, str], ...] = ()
+    table: Mapping[str, Any] | None = None
+    miss: Any = None
+    keep_miss: bool = True
+
+
+# the shortcut of each built transform that has one (the function itself is the key)
+SHORTCUTS: weakref.WeakKeyDictionary[Callable[..., Any], Shortcut] = weakref.WeakKeyDictionary()
+
+
+def _shortcut(transform: Transform, shortcut: Shortcut) -> Transform:
+    SHORTCUTS[transform] = shortcut
+    return transform
 
 
 class TransformFailed(ValueError):
@@ -93,7 +118,7 @@ def _text_op(*ops: Callable[[str], str], what: str) -> Transform:
             return [apply(v, _ctx) for v in value]
         raise TransformFailed(f"{what} works on text, got {_type_name(value)}; add 'str' first")
 
-    return apply
+    return _shortcut(apply, Shortcut())
 
 
 TEXT_OPS: Mapping[str, Callable[[str], str]] = {
@@ -104,8 +129,9 @@ TEXT_OPS: Mapping[str, Callable[[str], str]] = {
 }
 
 
-def _each(one: Callable[[Any], Any]) -> Transform:
-    """A transform of single values, applied to each non-null element of a list."""
+def _each(one: Callable[[Any], Any], shortcut: Shortcut | None = None) -> Transform:
+    """A transform of single values, applied to each non-null element of a list;
+    ``shortcut`` says what ``one`` returns for some classes (null passes through)."""
 
     def apply(value: Any, _ctx: Context) -> Any:
         if value is None:
@@ -114,7 +140,7 @@ def _each(one: Callable[[Any], Any]) -> Transform:
             return [one(v) for v in value if v is not None]
         return one(value)
 
-    return apply
+    return _shortcut(apply, shortcut or Shortcut())
 
 
 def _no_arg(name: str, arg: Any) -> None:
@@ -169,7 +195,7 @@ def _null_if(arg: Any, _env: BuildEnv) -> Transform:
             return [v for v in value if v is None or _key(v) not in keys]
         return None if _key(value) in keys else value
 
-    return apply
+    return _shortcut(apply, Shortcut())
 
 
 def _e164(arg: Any, _env: BuildEnv) -> Transform:
@@ -272,7 +298,12 @@ def _date(arg: Any, _env: BuildEnv) -> Transform:
             return [one(v) for v in value if v is not None]
         return one(value)
 
-    return apply
+    call: list[tuple[type, str]] = []
+    if iso_date or iso:
+        call.append((date, "isoformat"))
+    if iso and tz is None:
+        call.append((datetime, "isoformat"))
+    return _shortcut(apply, Shortcut(call=tuple(call)))
 
 
 _TRUE = frozenset({"true", "yes", "y", "1", "t", "on"})
@@ -356,8 +387,13 @@ def _converter(name: str, convert: Callable[[Any], Any]) -> Callable[[Any, Build
         _no_arg(name, arg)
 
         if name == "str":  # str of a list is an error (use join), not a list of texts
-            return lambda value, _ctx: None if value is None else convert(value)
-        return _each(convert)
+            return _shortcut(
+                lambda value, _ctx: None if value is None else convert(value),
+                Shortcut(keep=(type(None), str)),
+            )
+        # int of an int and bool of a bool are the value itself
+        kept = {"int": int, "bool": bool}.get(name)
+        return _each(convert, Shortcut(keep=(type(None), kept)) if kept else None)
 
     return build
 
@@ -384,7 +420,7 @@ def _join(arg: Any, _env: BuildEnv) -> Transform:
         parts = [to_str(v) for v in value if v is not None]
         return sep.join(p for p in parts if p)
 
-    return apply
+    return _shortcut(apply, Shortcut(keep=(type(None), str, int, float, bool)))
 
 
 def _split(arg: Any, _env: BuildEnv) -> Transform:
@@ -399,7 +435,7 @@ def _split(arg: Any, _env: BuildEnv) -> Transform:
             raise TransformFailed(f"split works on text, got {_type_name(value)}")
         return [part.strip() for part in value.split(sep) if part.strip()]
 
-    return apply
+    return _shortcut(apply, Shortcut(keep=(type(None), list)))
 
 
 def _map(arg: Any, _env: BuildEnv) -> Transform:
@@ -423,7 +459,8 @@ def _map(arg: Any, _env: BuildEnv) -> Transform:
             return lookup[key]
         return default if has_default else value
 
-    return _each(one)
+    # text is its own key
+    return _each(one, Shortcut(table=lookup, miss=default, keep_miss=not has_default))
 
 
 def _sha256(arg: Any, _env: BuildEnv) -> Transform:
@@ -473,7 +510,7 @@ def _truncate(arg: Any, _env: BuildEnv) -> Transform:
             return None
         raise TransformFailed(f"truncate works on text and lists, got {_type_name(value)}")
 
-    return apply
+    return _shortcut(apply, Shortcut())
 
 
 BUILDERS: Mapping[str, Callable[[Any, BuildEnv], Transform]] = {
