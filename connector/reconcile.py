@@ -134,7 +134,10 @@ class Reconciler:
     """Runs reconciliations against one store.
 
     ``plan``: awaited after each committed page and until the run's events are planned; the
-    ``reconcile`` command plans them itself, ``serve`` wakes its planner. ``client_for``
+    ``reconcile`` command plans them itself, ``serve`` wakes its planner. ``settle``: once
+    the pages are all committed, awaited with a number of seconds until the run's events are
+    planned: plan what is pending now (no page is coming to batch it with) and wait up to
+    that long for it; by default, ``plan`` and a sleep. ``client_for``
     builds the Treez client of a dispensary (tests give one talking to the fake).
     ``destinations``: adapters to look contacts up with (optional).
     """
@@ -146,6 +149,7 @@ class Reconciler:
         deployment: Deployment,
         *,
         plan: Callable[[], Awaitable[None]],
+        settle: Callable[[float], Awaitable[None]] | None = None,
         client_for: Callable[[str, DispensaryConfig], TreezClient] | None = None,
         destinations: dict[tuple[str, str], Destination] | None = None,
         poll_seconds: float = 0.05,
@@ -155,6 +159,7 @@ class Reconciler:
         self.runs = astore.store
         self.deployment = deployment
         self._plan = plan
+        self._settle = settle or self._plan_and_sleep
         self._client_for = client_for or _default_client
         self.destinations = destinations or {}
         self.poll_seconds = poll_seconds
@@ -162,6 +167,10 @@ class Reconciler:
         # one client per dispensary for the life of this reconciler: its token is reused
         # across runs until it nears expiry (Treez checks this), its pace shared by them
         self._clients: dict[str, TreezClient] = {}
+
+    async def _plan_and_sleep(self, seconds: float) -> None:
+        await self._plan()
+        await asyncio.sleep(seconds)
 
     def client(self, dispensary: str, disp: DispensaryConfig) -> TreezClient:
         found = self._clients.get(dispensary)
@@ -313,8 +322,7 @@ class Reconciler:
             # often (each look counts the run's events), up to poll_seconds apart
             wait = FIRST_POLL_SECONDS
             while await self.astore.call(self.runs.pending_in_run, run_id):
-                await self._plan()
-                await asyncio.sleep(min(wait, self.poll_seconds))
+                await self._settle(min(wait, self.poll_seconds))
                 wait *= 2
             report.high_water = await self.astore.call(self.runs.outbox_high_water, dispensary)
             if not options.since:

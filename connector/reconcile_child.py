@@ -15,11 +15,13 @@ comes first, before the parent opens its store or starts a thread.
 The two talk over a socket pair (frames as :mod:`connector.pipeline_process` makes them):
 
 * parent to child: single bytes, ``w`` (the parent's store is open, the first time; then a
-  page was committed: plan) and ``s`` (stop); end of file (the parent is gone) stops it
+  page was committed: plan), ``f`` (the pages are all in: plan what is pending at once, and
+  from now on without waiting for more) and ``s`` (stop); end of file (the parent is gone) stops it
   too, and on Linux the child is killed with its parent (``PR_SET_PDEATHSIG``), as one
   process would be;
 * child to parent: frames, ``{"touched": [(dispensary, destination), ...]}`` after a batch
-  enqueued operations (the parent wakes those workers), ``{"error": exception}`` when
+  enqueued operations (the parent wakes those workers), ``{"planned": True}`` when all that
+  was pending is planned (the run's end waits for it), ``{"error": exception}`` when
   planning failed (the run fails at its next page, as it does in one process) or the child
   could not start.
 
@@ -58,6 +60,7 @@ STOP_MARGIN_SECONDS = 5.0  # beyond the shutdown grace, then the child is killed
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 Touched = Callable[[Iterable[tuple[str, str]]], None]
+FLUSH = b"f"
 
 
 class PlanningProcessError(ConnectorError):
@@ -72,10 +75,12 @@ class Planner(Protocol):
     wake: asyncio.Event
     error: Exception | None
 
+    def hurry_up(self) -> None: ...
+
     async def run(self, stopping: asyncio.Event) -> None: ...
 
 
-PlannerFactory = Callable[[AsyncStore, Deployment, Touched], Planner]
+PlannerFactory = Callable[[AsyncStore, Deployment, Touched, Callable[[], None]], Planner]
 
 
 class PlanningProcess:
@@ -95,6 +100,7 @@ class PlanningProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._stopping = False
+        self._planned = asyncio.Event()
         self.error: Exception | None = None
 
     def start(self) -> None:
@@ -132,6 +138,18 @@ class PlanningProcess:
         writer = self._writer
         if writer is not None and not writer.is_closing():
             writer.write(WAKE)
+
+    async def settle(self, seconds: float) -> None:
+        """The reconciler's ``settle``: the child plans what is pending at once, from now on
+        without lingering for pages; wait up to ``seconds`` for it to say it has."""
+        self.check()
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            self._planned.clear()
+            writer.write(FLUSH)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._planned.wait(), seconds)
+        self.check()
 
     def check(self) -> None:
         """Raise the child's failure, or its end, if either came."""
@@ -172,14 +190,18 @@ class PlanningProcess:
                 touched = message.get("touched")
                 if touched:
                     self._touched(touched)
+                if message.get("planned"):
+                    self._planned.set()
                 error = message.get("error")
                 if isinstance(error, Exception) and self.error is None:
                     self.error = error
+                    self._planned.set()
         if self.error is None and not self._stopping:
             self.error = PlanningProcessError(
                 "the planning process ended before the run's events were planned; what the "
                 "run stored is kept: serve or the next reconcile plans and delivers it"
             )
+        self._planned.set()
 
 
 def _sendable(exc: BaseException) -> object:
@@ -245,6 +267,9 @@ async def _child(sock: socket.socket, config: Config, make_planner: PlannerFacto
     def touched(keys: Iterable[tuple[str, str]]) -> None:
         tell({"touched": list(keys)})
 
+    def planned() -> None:
+        tell({"planned": True})
+
     async def plan() -> None:
         assert planner is not None
         await planner.run(stopping)
@@ -259,13 +284,15 @@ async def _child(sock: socket.socket, config: Config, make_planner: PlannerFacto
             return ok
         store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
         astore = AsyncStore(store)
-        planner = make_planner(astore, Deployment.from_config(config), touched)
+        planner = make_planner(astore, Deployment.from_config(config), touched, planned)
         planning = asyncio.create_task(plan())
         while True:
             chunk = await reader.read(4096)
             if not chunk or STOP in chunk:
                 break
-            if WAKE in chunk:
+            if FLUSH in chunk:
+                planner.hurry_up()
+            elif WAKE in chunk:
                 planner.wake.set()
     except Exception as exc:
         tell({"error": _sendable(exc)})

@@ -208,13 +208,13 @@ async def reconcile_now(
             tasks = [asyncio.create_task(w.run(stopping)) for w in workers.values()]
         if child is not None:
             await child.connect()
-            plan = child.plan
+            plan, settle = child.plan, child.settle
         else:
             planner = _Planner(astore, deployment, partial(_wake, workers))
             tasks.append(asyncio.create_task(planner.run(stopping)))
-            plan = planner.plan
+            plan, settle = planner.plan, planner.settle
         reconciler = Reconciler(
-            config, astore, deployment, plan=plan,
+            config, astore, deployment, plan=plan, settle=settle,
             destinations={key: w.destination for key, w in workers.items()},
             **(reconciler_options or {}),
         )  # fmt: skip
@@ -268,25 +268,45 @@ class _Planner:
     woken after each committed page, and says which destinations it fed (``touched``: their
     workers are woken): the run stores the next page meanwhile, and a batch carries whatever
     came in since the last (up to :data:`PLAN_LIMIT` events, gathered for
-    :data:`PLAN_LINGER_SECONDS`). A planning failure fails the run at its next page. With
-    delivery, it runs in a process of its own (:mod:`connector.reconcile_child`)."""
+    :data:`PLAN_LINGER_SECONDS` until the run's pages are all in, see :meth:`settle`). It
+    calls ``planned`` each time all that was pending is planned. A planning failure fails
+    the run at its next page. With delivery, it runs in a process of its own
+    (:mod:`connector.reconcile_child`)."""
 
     def __init__(
         self,
         astore: AsyncStore,
         deployment: Deployment,
         touched: Callable[[Iterable[tuple[str, str]]], None],
+        planned: Callable[[], None] = lambda: None,
     ) -> None:
         self.lane = astore.lane("planner")
         self.deployment = deployment
         self.touched = touched
+        self.on_planned = planned
         self.wake = asyncio.Event()
+        self.planned = asyncio.Event()
+        self.hurry = False  # no page is coming to batch with: plan at once
         self.error: Exception | None = None
 
     async def plan(self) -> None:
         """What the reconciler awaits after each page: a wake-up, or the planner's failure."""
         if self.error is not None:
             raise self.error
+        self.wake.set()
+
+    async def settle(self, seconds: float) -> None:
+        """The reconciler's ``settle``: plan what is pending at once, from now on without
+        lingering for pages, and wait up to ``seconds`` for it."""
+        self.hurry_up()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.planned.wait(), seconds)
+        if self.error is not None:
+            raise self.error
+
+    def hurry_up(self) -> None:
+        self.hurry = True
+        self.planned.clear()
         self.wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -300,9 +320,10 @@ class _Planner:
                 task.cancel()
             if stopping.is_set():
                 return
-            # a moment for more pages to come in: a batch costs a dozen statements whatever
-            # its size (the run's end waits for it no longer than this)
-            await asyncio.sleep(PLAN_LINGER_SECONDS)
+            if not self.hurry:
+                # a moment for more pages to come in: a batch costs a dozen statements
+                # whatever its size
+                await asyncio.sleep(PLAN_LINGER_SECONDS)
             self.wake.clear()
             try:
                 while True:
@@ -317,7 +338,10 @@ class _Planner:
                         break
             except Exception as exc:
                 self.error = exc
+                self.planned.set()
                 return
+            self.planned.set()
+            self.on_planned()
 
 
 def _pull_progress(progress: CommandProgress) -> Callable[[int, int], None]:
