@@ -264,23 +264,28 @@ class Reconciler:
         options: RunOptions,
         progress: Progress | None,
     ) -> RunReport:
-        await self.astore.call(self.runs.close_interrupted, dispensary)
-        await self._after_previous_run(dispensary)
-        before_us = await self.astore.call(self.runs.checkpoint, dispensary)
-        start_us = self._start(disp, before_us, options)
-        recorded = {
-            "full": options.full, "resend": options.resend,
-            "since": None if options.since is None else options.since.isoformat(),
-        }  # fmt: skip
-        run_id = await self.astore.call(
-            self.runs.start_run, dispensary, options.trigger, recorded, before_us
-        )
+        # the Treez client is built (its TLS context takes tens of milliseconds) in a thread
+        # while the run is stored; it sends nothing before the pages
+        building = asyncio.ensure_future(asyncio.to_thread(self.client, dispensary, disp))
+        try:
+            await self.astore.call(self.runs.close_interrupted, dispensary)
+            await self._after_previous_run(dispensary)
+            before_us = await self.astore.call(self.runs.checkpoint, dispensary)
+            start_us = self._start(disp, before_us, options)
+            recorded = {
+                "full": options.full, "resend": options.resend,
+                "since": None if options.since is None else options.since.isoformat(),
+            }  # fmt: skip
+            run_id = await self.astore.call(
+                self.runs.start_run, dispensary, options.trigger, recorded, before_us
+            )
+        finally:
+            client = await building
         report = RunReport(
             dispensary, run_id, checkpoint_before_us=before_us, pulled_from=_moment(start_us)
         )
         log.info("reconcile_started", dispensary=dispensary, run_id=run_id, trigger=options.trigger,
                  since=iso(start_us))  # fmt: skip
-        client = self.client(dispensary, disp)
         source = "resend" if options.resend else "reconcile"
         started_us = instant_us(datetime.now(UTC))
         # the checkpoint a successful run leaves: the newest change it pulled, else where it

@@ -188,6 +188,7 @@ async def reconcile_now(
     # forked before this one opens its store or starts a thread
     child = None
     if deliver:
+        _import_store(config.store)
         child = PlanningProcess(config, dispensary, _Planner, partial(_wake, workers))
         child.start()
     stopping = asyncio.Event()
@@ -251,6 +252,17 @@ async def reconcile_now(
             planner.lane.close()
         if astore is not None:
             astore.close()
+
+
+def _import_store(url: str) -> None:
+    """Import the store's modules (and its migrations') before the fork: once, not in each
+    process. Nothing is opened."""
+    import connector.store.migrate
+
+    if url.startswith("sqlite"):
+        import connector.store.sqlite
+    else:
+        import connector.store.postgres  # noqa: F401
 
 
 def _wake(
