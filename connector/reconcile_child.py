@@ -88,11 +88,8 @@ class PlanningProcess:
     event loop), :meth:`plan` (the reconciler's ``plan``), :meth:`check`, :meth:`stop`.
     ``touched`` is called with the destinations each batch fed."""
 
-    def __init__(
-        self, config: Config, dispensary: str, planner: PlannerFactory, touched: Touched
-    ) -> None:
+    def __init__(self, config: Config, planner: PlannerFactory, touched: Touched) -> None:
         self.config = config
-        self.dispensary = dispensary
         self._planner = planner
         self._touched = touched
         self._process: BaseProcess | None = None

@@ -189,7 +189,7 @@ async def reconcile_now(
     child = None
     if deliver:
         _import_store(config.store)
-        child = PlanningProcess(config, dispensary, _Planner, partial(_wake, workers))
+        child = PlanningProcess(config, _Planner, partial(_wake, workers))
         child.start()
     stopping = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
