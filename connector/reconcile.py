@@ -134,7 +134,10 @@ class Reconciler:
     """Runs reconciliations against one store.
 
     ``plan``: awaited after each committed page and until the run's events are planned; the
-    ``reconcile`` command plans them itself, ``serve`` wakes its planner. ``client_for``
+    ``reconcile`` command plans them itself, ``serve`` wakes its planner. ``settle``: once
+    the pages are all committed, awaited with a number of seconds until the run's events are
+    planned: plan what is pending now (no page is coming to batch it with) and wait up to
+    that long for it; by default, ``plan`` and a sleep. ``client_for``
     builds the Treez client of a dispensary (tests give one talking to the fake).
     ``destinations``: adapters to look contacts up with (optional).
     """
@@ -146,6 +149,7 @@ class Reconciler:
         deployment: Deployment,
         *,
         plan: Callable[[], Awaitable[None]],
+        settle: Callable[[float], Awaitable[None]] | None = None,
         client_for: Callable[[str, DispensaryConfig], TreezClient] | None = None,
         destinations: dict[tuple[str, str], Destination] | None = None,
         poll_seconds: float = 0.05,
@@ -155,6 +159,7 @@ class Reconciler:
         self.runs = astore.store
         self.deployment = deployment
         self._plan = plan
+        self._settle = settle or self._plan_and_sleep
         self._client_for = client_for or _default_client
         self.destinations = destinations or {}
         self.poll_seconds = poll_seconds
@@ -162,6 +167,10 @@ class Reconciler:
         # one client per dispensary for the life of this reconciler: its token is reused
         # across runs until it nears expiry (Treez checks this), its pace shared by them
         self._clients: dict[str, TreezClient] = {}
+
+    async def _plan_and_sleep(self, seconds: float) -> None:
+        await self._plan()
+        await asyncio.sleep(seconds)
 
     def client(self, dispensary: str, disp: DispensaryConfig) -> TreezClient:
         found = self._clients.get(dispensary)
@@ -255,23 +264,28 @@ class Reconciler:
         options: RunOptions,
         progress: Progress | None,
     ) -> RunReport:
-        await self.astore.call(self.runs.close_interrupted, dispensary)
-        await self._after_previous_run(dispensary)
-        before_us = await self.astore.call(self.runs.checkpoint, dispensary)
-        start_us = self._start(disp, before_us, options)
-        recorded = {
-            "full": options.full, "resend": options.resend,
-            "since": None if options.since is None else options.since.isoformat(),
-        }  # fmt: skip
-        run_id = await self.astore.call(
-            self.runs.start_run, dispensary, options.trigger, recorded, before_us
-        )
+        # the Treez client is built (its TLS context takes tens of milliseconds) in a thread
+        # while the run is stored; it sends nothing before the pages
+        building = asyncio.ensure_future(asyncio.to_thread(self.client, dispensary, disp))
+        try:
+            await self.astore.call(self.runs.close_interrupted, dispensary)
+            await self._after_previous_run(dispensary)
+            before_us = await self.astore.call(self.runs.checkpoint, dispensary)
+            start_us = self._start(disp, before_us, options)
+            recorded = {
+                "full": options.full, "resend": options.resend,
+                "since": None if options.since is None else options.since.isoformat(),
+            }  # fmt: skip
+            run_id = await self.astore.call(
+                self.runs.start_run, dispensary, options.trigger, recorded, before_us
+            )
+        finally:
+            client = await building
         report = RunReport(
             dispensary, run_id, checkpoint_before_us=before_us, pulled_from=_moment(start_us)
         )
         log.info("reconcile_started", dispensary=dispensary, run_id=run_id, trigger=options.trigger,
                  since=iso(start_us))  # fmt: skip
-        client = self.client(dispensary, disp)
         source = "resend" if options.resend else "reconcile"
         started_us = instant_us(datetime.now(UTC))
         # the checkpoint a successful run leaves: the newest change it pulled, else where it
@@ -313,8 +327,7 @@ class Reconciler:
             # often (each look counts the run's events), up to poll_seconds apart
             wait = FIRST_POLL_SECONDS
             while await self.astore.call(self.runs.pending_in_run, run_id):
-                await self._plan()
-                await asyncio.sleep(min(wait, self.poll_seconds))
+                await self._settle(min(wait, self.poll_seconds))
                 wait *= 2
             report.high_water = await self.astore.call(self.runs.outbox_high_water, dispensary)
             if not options.since:

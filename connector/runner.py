@@ -2,7 +2,8 @@
 
 ``reconcile`` runs one reconciliation now and, unless ``--no-wait``, delivers its operations
 with this process's own claiming workers (alongside ``serve``'s, if it runs: a claim is
-exclusive, so no operation goes out twice, and a customer's operations go in order).
+exclusive, so no operation goes out twice, and a customer's operations go in order), their
+planner in a child process (:mod:`connector.reconcile_child`) while this one pulls.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TextIO
 
 from rich.console import Console, RenderableType
@@ -34,6 +36,7 @@ from connector.delivery.worker import DeliveryWorker
 from connector.metrics import replica_id
 from connector.pipeline import Deployment, build_worker, process_batch
 from connector.reconcile import Reconciler, RunOptions, RunReport, iso
+from connector.reconcile_child import PlanningProcess
 from connector.store import COUNT_KEYS, AsyncStore, Store, open_store
 from connector.store.abc import Lease, RegisteredProcess, Replayed
 
@@ -179,37 +182,50 @@ async def reconcile_now(
     progress: CommandProgress | None = None,
     reconciler_options: dict[str, Any] | None = None,
 ) -> RunReport:
-    store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
-    astore = AsyncStore(store)
-    deployment = Deployment.from_config(config)
     workers: dict[tuple[str, str], DeliveryWorker] = {}
+    deliver = wait and not options.dry_run
+    # with delivery, the planner runs in a process of its own (connector/reconcile_child.py),
+    # forked before this one opens its store or starts a thread
+    child = None
+    if deliver:
+        _import_store(config.store)
+        child = PlanningProcess(config, _Planner, partial(_wake, workers))
+        child.start()
     stopping = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
-    deliver = wait and not options.dry_run
-    if deliver:
-        await astore.call(store.register_process)
-        for dest_config in config.dispensaries[dispensary].destinations:
-            workers[(dispensary, dest_config.name)] = build_worker(
-                astore, dispensary, dest_config, idle_poll=0.2
-            )
-        tasks = [asyncio.create_task(w.run(stopping)) for w in workers.values()]
-
-    planner = _Planner(astore, deployment, workers)
-    tasks.append(asyncio.create_task(planner.run(stopping)))
-
-    reconciler = Reconciler(
-        config, astore, deployment, plan=planner.plan,
-        destinations={key: w.destination for key, w in workers.items()},
-        **(reconciler_options or {}),
-    )  # fmt: skip
-    started = time.monotonic()
-    if deliver:
-        tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))
-    pulled = None
-    if progress is not None:
-        progress.start("pulling from Treez", "customers")
-        pulled = _pull_progress(progress)
+    planner: _Planner | None = None
+    reconciler: Reconciler | None = None
+    astore: AsyncStore | None = None
     try:
+        store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
+        astore = AsyncStore(store)
+        deployment = Deployment.from_config(config)
+        if deliver:
+            await astore.call(store.register_process)
+            for dest_config in config.dispensaries[dispensary].destinations:
+                workers[(dispensary, dest_config.name)] = build_worker(
+                    astore, dispensary, dest_config, idle_poll=0.2
+                )
+            tasks = [asyncio.create_task(w.run(stopping)) for w in workers.values()]
+        if child is not None:
+            await child.connect()
+            plan, settle = child.plan, child.settle
+        else:
+            planner = _Planner(astore, deployment, partial(_wake, workers))
+            tasks.append(asyncio.create_task(planner.run(stopping)))
+            plan, settle = planner.plan, planner.settle
+        reconciler = Reconciler(
+            config, astore, deployment, plan=plan, settle=settle,
+            destinations={key: w.destination for key, w in workers.items()},
+            **(reconciler_options or {}),
+        )  # fmt: skip
+        started = time.monotonic()
+        if deliver:
+            tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))
+        pulled = None
+        if progress is not None:
+            progress.start("pulling from Treez", "customers")
+            pulled = _pull_progress(progress)
         report = await reconciler.run(dispensary, options, pulled)
         if progress is not None:
             progress.done()
@@ -220,41 +236,89 @@ async def reconcile_now(
     finally:
         if progress is not None:
             progress.done()
-        await reconciler.aclose()
+        if reconciler is not None:
+            await reconciler.aclose()
+        if child is not None:
+            await child.stop(config.server.shutdown_grace_seconds)
         stopping.set()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await astore.call(store.release_claims)
+        if astore is not None:
+            with contextlib.suppress(Exception):
+                await astore.call(astore.store.release_claims)
         for worker in workers.values():
             await worker.destination.aclose()
-        planner.lane.close()
-        astore.close()
+        if planner is not None:
+            planner.lane.close()
+        if astore is not None:
+            astore.close()
+
+
+def _import_store(url: str) -> None:
+    """Import the store's modules (and its migrations') before the fork: once, not in each
+    process. Nothing is opened."""
+    import connector.store.migrate
+
+    if url.startswith("sqlite"):
+        import connector.store.sqlite
+    else:
+        import connector.store.postgres  # noqa: F401
+
+
+def _wake(
+    workers: dict[tuple[str, str], DeliveryWorker], touched: Iterable[tuple[str, str]]
+) -> None:
+    """Wake the workers of the destinations a planning batch fed."""
+    for key in touched:
+        worker = workers.get(key)
+        if worker is not None:
+            worker.wake.set()
 
 
 class _Planner:
     """Plans the pending events (this run's, and any webhook's) in a store lane of its own,
-    woken after each committed page, and wakes the workers it fed: the run stores the next
-    page meanwhile, and a batch carries whatever came in since the last (up to
-    :data:`PLAN_LIMIT` events, gathered for :data:`PLAN_LINGER_SECONDS`). A planning failure
-    fails the run at its next page."""
+    woken after each committed page, and says which destinations it fed (``touched``: their
+    workers are woken): the run stores the next page meanwhile, and a batch carries whatever
+    came in since the last (up to :data:`PLAN_LIMIT` events, gathered for
+    :data:`PLAN_LINGER_SECONDS` until the run's pages are all in, see :meth:`settle`). It
+    calls ``planned`` each time all that was pending is planned. A planning failure fails
+    the run at its next page. With delivery, it runs in a process of its own
+    (:mod:`connector.reconcile_child`)."""
 
     def __init__(
         self,
         astore: AsyncStore,
         deployment: Deployment,
-        workers: dict[tuple[str, str], DeliveryWorker],
+        touched: Callable[[Iterable[tuple[str, str]]], None],
+        planned: Callable[[], None] = lambda: None,
     ) -> None:
         self.lane = astore.lane("planner")
         self.deployment = deployment
-        self.workers = workers
+        self.touched = touched
+        self.on_planned = planned
         self.wake = asyncio.Event()
+        self.planned = asyncio.Event()
+        self.hurry = False  # no page is coming to batch with: plan at once
         self.error: Exception | None = None
 
     async def plan(self) -> None:
         """What the reconciler awaits after each page: a wake-up, or the planner's failure."""
         if self.error is not None:
             raise self.error
+        self.wake.set()
+
+    async def settle(self, seconds: float) -> None:
+        """The reconciler's ``settle``: plan what is pending at once, from now on without
+        lingering for pages, and wait up to ``seconds`` for it."""
+        self.hurry_up()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.planned.wait(), seconds)
+        if self.error is not None:
+            raise self.error
+
+    def hurry_up(self) -> None:
+        self.hurry = True
+        self.planned.clear()
         self.wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -268,25 +332,28 @@ class _Planner:
                 task.cancel()
             if stopping.is_set():
                 return
-            # a moment for more pages to come in: a batch costs a dozen statements whatever
-            # its size (the run's end waits for it no longer than this)
-            await asyncio.sleep(PLAN_LINGER_SECONDS)
+            if not self.hurry:
+                # a moment for more pages to come in: a batch costs a dozen statements
+                # whatever its size
+                await asyncio.sleep(PLAN_LINGER_SECONDS)
             self.wake.clear()
             try:
                 while True:
                     result = await self.lane.call(
                         process_batch, self.lane.store, self.deployment, PLAN_LIMIT
                     )
-                    for key in result.touched:
-                        if key in self.workers:
-                            self.workers[key].wake.set()
+                    if result.touched:
+                        self.touched(result.touched)
                     # fewer than asked: all that was pending is planned (a page committed
-                    # since has woken this loop again)
-                    if result.events < PLAN_LIMIT:
+                    # since has woken this loop again); stopping: what is left waits
+                    if result.events < PLAN_LIMIT or stopping.is_set():
                         break
             except Exception as exc:
                 self.error = exc
+                self.planned.set()
                 return
+            self.planned.set()
+            self.on_planned()
 
 
 def _pull_progress(progress: CommandProgress) -> Callable[[int, int], None]:

@@ -41,7 +41,12 @@ from connector.errors import ConnectorError
 
 MAX_PAGE_SIZE = 50
 TOKEN_MARGIN_SECONDS = 300.0  # a token is renewed this long before it expires
-PACE_MARGIN_SECONDS = 0.02  # the sliding window is this much wider than a second
+# the sliding window is this much wider than a second. Each request is counted from when its
+# answer came (restamp in _send), which is after Treez received it, so two requests ten
+# apart arrive more than a second apart whatever the network's delays; the margin only
+# covers Treez's window boundary and the clocks' rates, and each of its milliseconds costs
+# the run one every ten requests
+PACE_MARGIN_SECONDS = 0.005
 T = TypeVar("T")
 
 
