@@ -36,6 +36,13 @@ class Problem:
     what: str
     line: int | None = None
 
+    def __post_init__(self) -> None:
+        # A place may be built from an input's own names (a JSON key holding a NUL, a line
+        # break or a lone surrogate): written out as escapes, so the error stays one line
+        # per problem, and a store that takes no NUL in text (PostgreSQL) keeps its reason.
+        if not self.where.isprintable():
+            object.__setattr__(self, "where", _printable(self.where))
+
     def __str__(self) -> str:
         return f"{self.where}: {self.what}"
 
@@ -153,3 +160,12 @@ class QuotaPause(RetriableDelivery):
     ) -> None:
         super().__init__(message, status_code=status_code, body=body)
         self.until = until
+
+
+def _printable(text: str) -> str:
+    """``text`` with each character that is not printable (controls, separators other than
+    the space, lone surrogates) as its ``\\uXXXX`` escape (``\\UXXXXXXXX`` past the BMP)."""
+    return "".join(
+        c if c.isprintable() else (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        for c in text
+    )
