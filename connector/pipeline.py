@@ -5,15 +5,16 @@ loop that feeds every event (webhook or reconciliation) through the planner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from connector._pressure import Pressure
 from connector.config import AnyDestination, Config, DispensaryConfig
+from connector.delivery._wait import Signal, first_of
 from connector.delivery.retry import RetryPolicy
 from connector.delivery.worker import DeliveryWorker
 from connector.destinations import build_destination, capabilities, mapping_problems
@@ -375,11 +376,22 @@ class Processor:
         self.metrics = metrics
         self.idle_poll = idle_poll  # the service may lengthen it while wake-ups are heard
         self.backoff = idle_poll  # the first wait after a failure
-        self.wake = asyncio.Event()
+        self.wake = Signal()
+        self._planned: dict[tuple[str, str], Any] = {}  # planned events' series, by labels
 
     async def run(self, stopping: asyncio.Event) -> None:
         failures = 0
+        # after a small batch, the next one waits until this (monotonic) time: events that
+        # arrive meanwhile are planned together (each batch has a fixed cost, a few
+        # statements whatever its size)
+        hold_until = 0.0
         while not stopping.is_set():
+            held = hold_until - time.monotonic()
+            if held > 0:
+                # no timer runs after a batch: at a trickle an event is planned at once, and
+                # only one that follows a batch within the linger waits for the rest of it
+                await _rest(stopping, held)
+                continue
             self.wake.clear()
             started = time.monotonic()
             # small batches while webhooks arrive: a batch holds the interpreter lock
@@ -402,41 +414,29 @@ class Processor:
                 counts = dict(result.outcomes)
                 log.info("planned", events=result.events, counts=counts)
                 if self.metrics is not None:
-                    for (dispensary, outcome), count in result.by_dispensary.items():
-                        self.metrics.planned.labels(dispensary, outcome).inc(count)
+                    for key, count in result.by_dispensary.items():
+                        series = self._planned.get(key)
+                        if series is None:  # each looked up once (see DeliveryWorker)
+                            series = self._planned[key] = self.metrics.planned.labels(*key)
+                        series.inc(count)
                     for (dispensary, name), count in result.dropped.items():
                         self.metrics.fields_dropped.labels(dispensary, name).inc(count)
                 await self.pressure.yield_after(time.monotonic() - started)
                 if result.events >= limit // 4 or result.requeued:
                     continue
-                # a trickle: wait a moment so the next batch carries more events (each
-                # batch has a fixed cost, a few statements whatever its size)
-                await _rest(stopping, self.linger)
+                # a trickle: the next batch waits for the linger to pass since this one
+                # (see ``hold_until``), so that it carries more events
+                hold_until = time.monotonic() + self.linger
                 if self.wake.is_set():
                     continue
                 # nothing was committed since this batch read the inbox (a commit sets
                 # ``wake``): no event is pending, and polling for none has its cost too
-            waits = [
-                asyncio.ensure_future(self.wake.wait()),
-                asyncio.ensure_future(stopping.wait()),
-            ]
-            _, pending = await asyncio.wait(
-                waits, timeout=self.idle_poll, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
+            await first_of([self.wake, stopping], self.idle_poll)
 
 
 async def _rest(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
     """Sleep ``seconds``, or less if the service stops (or ``wake`` is set) meanwhile."""
-    if wake is None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopping.wait(), seconds)
-        return
-    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopping.wait())]
-    _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
+    await first_of([stopping] if wake is None else [wake, stopping], seconds)
 
 
 def plan_without_writing(

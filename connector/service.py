@@ -19,6 +19,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from connector._pressure import Pressure
 from connector.config import Config
+from connector.delivery._wait import Signal
 from connector.delivery.base import Destination
 from connector.delivery.worker import DeliveryWorker
 from connector.errors import StoreUnavailable
@@ -139,7 +140,7 @@ class Service:
                 destinations={key: w.destination for key, w in self.workers.items()},
             )
         self.scheduler: AsyncIOScheduler | None = None
-        self._stopping = asyncio.Event()
+        self._stopping = Signal()  # an asyncio.Event the loops wait for cheaply
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._switch_interval = sys.getswitchinterval()
         self._registered = False  # in the store's processes (register_process)

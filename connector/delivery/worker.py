@@ -20,9 +20,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from connector._pressure import Pressure
 from connector.delivery._http import vendor_code
+from connector.delivery._wait import Signal, first_of
 from connector.delivery.base import Delivery, Destination, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy
@@ -120,9 +122,17 @@ class DeliveryWorker:
         self.retry = retry
         self.concurrency = max(1, concurrency)
         self.metrics = metrics
+        # this destination's series, each looked up once: ``labels`` takes a lock and makes
+        # a key at every call (a few tens of microseconds an operation on a cold cache)
+        self._operations: dict[tuple[str, str], Any] = {}
+        self._seconds = (
+            None
+            if metrics is None
+            else metrics.delivery_seconds.labels(dispensary, destination.name)
+        )
         self.idle_poll = idle_poll
         self.limiter = SlidingWindowLimiter(destination.rate_limit)
-        self.wake = asyncio.Event()
+        self.wake = Signal()
         self._slots = asyncio.Semaphore(self.concurrency)
         self._backlog = False  # deep enough for the destination's bulk path
         self.lease = f"deliver:{dispensary}/{destination.name}"
@@ -138,8 +148,8 @@ class DeliveryWorker:
         # in flight, each a task; their results wait in ``_finished`` for the next record
         self._inflight: set[asyncio.Task[None]] = set()
         self._finished = _Outcome([], [], [], [])
-        self._progress = asyncio.Event()  # enough slots came free to claim again
-        self._all_free = asyncio.Event()  # no call in flight
+        self._progress = Signal()  # enough slots came free to claim again
+        self._all_free = Signal()  # no call in flight
         self._more = True  # a claim may find something: woken, a result recorded, a full claim
 
     async def _hold_lease(self) -> bool:
@@ -208,10 +218,7 @@ class DeliveryWorker:
         store's listener reconnected, the planner enqueued) says the store is back, and a
         long outage must not leave delivery waiting out its last, longest back-off."""
         self.wake.clear()
-        waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stopping.wait())]
-        _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
+        await first_of([self.wake, stopping], seconds)
 
     async def _step(self, stopping: asyncio.Event) -> None:
         """Keep up to ``concurrency`` calls in flight: claim as slots come free (at least
@@ -358,30 +365,13 @@ class DeliveryWorker:
 
     async def _wait_all_free(self, stopping: asyncio.Event) -> None:
         """Until no call is in flight, ``stopping``, or :attr:`linger` has passed."""
-        if self._all_free.is_set() or stopping.is_set():
-            return
-        waits = [
-            asyncio.ensure_future(self._all_free.wait()),
-            asyncio.ensure_future(stopping.wait()),
-        ]
-        _, pending = await asyncio.wait(
-            waits, timeout=self.linger, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in pending:
-            task.cancel()
+        await first_of([self._all_free, stopping], self.linger)
 
     async def _wait(self, stopping: asyncio.Event, timeout: float, *, wake: bool) -> None:
         """Until enough calls end (:meth:`_ended`), ``stopping``, ``timeout``, or when
         ``wake``, a wake-up."""
         events = [stopping, self._progress, self.wake] if wake else [stopping, self._progress]
-        if any(event.is_set() for event in events):
-            return
-        waits = [asyncio.ensure_future(event.wait()) for event in events]
-        _, pending = await asyncio.wait(
-            waits, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in pending:
-            task.cancel()
+        await first_of(events, timeout)
 
     async def _step_rounds(self, stopping: asyncio.Event) -> None:
         """A round at a time, for a destination with a bulk path for a backlog: claim, send
@@ -605,10 +595,8 @@ class DeliveryWorker:
                     attempt=row.attempts + 1, duration_ms=round(duration * 1000, 2),
                     status="ok",
                 )  # fmt: skip
-        if self.metrics is not None:
-            self.metrics.delivery_seconds.labels(self.dispensary, self.destination.name).observe(
-                duration
-            )
+        if self._seconds is not None:
+            self._seconds.observe(duration)
 
     def _results_of(self, into: _Outcome | None) -> _Outcome:
         if into is not None:
@@ -676,9 +664,12 @@ class DeliveryWorker:
 
     def _count(self, row: OutboxRow, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.operations.labels(
-                self.dispensary, self.destination.name, row.op, result
-            ).inc()
+            series = self._operations.get((row.op, result))
+            if series is None:
+                series = self._operations[(row.op, result)] = self.metrics.operations.labels(
+                    self.dispensary, self.destination.name, row.op, result
+                )
+            series.inc()
 
 
 def _bounded(until: float) -> float:

@@ -119,6 +119,11 @@ _OPENING_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
+def opening_now() -> bool:
+    """Whether a store is being opened in this context (:func:`opening`)."""
+    return _OPENING_WAIT.get() is not None
+
+
 @contextlib.contextmanager
 def opening(seconds: float) -> Iterator[None]:
     """While opening a store: a SQLite connection made meanwhile waits up to ``seconds``

@@ -22,7 +22,11 @@ class AsyncStore:
 
     def __init__(self, store: Store, *, name: str = "store") -> None:
         self.store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # the thread keeps its connection between calls where the store allows it
+        hold = getattr(store, "hold_connection", None)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name, initializer=hold
+        )
         self._owner = True
 
     def lane(self, name: str) -> AsyncStore:

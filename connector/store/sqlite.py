@@ -35,6 +35,7 @@ DISK_ROOM_BYTES = 1024 * 1024
 
 class SqliteStore(OperatorSql):
     dialect = "sqlite"
+    holds_connections = True  # a PostgreSQL connection is pinged when lent: not kept
 
     def __init__(self, url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
         super().__init__(url, sqlite_engine(url, synchronous=synchronous, timeout=timeout),
