@@ -140,6 +140,7 @@ class DeliveryWorker:
         self._lease_checked = -LEASE_RENEW_SECONDS  # monotonic time of the last take/renew
         # the destination's quota is used up until then (epoch seconds): nothing is claimed
         self.paused_until = 0.0
+        self._pause_reason = ""  # why the destination is paused until paused_until
         # a round the store could not record (it went away meanwhile): recorded before
         # anything else once it answers, or its claims, which the heartbeat renews, would
         # stay in flight as long as this process lives
@@ -542,6 +543,14 @@ class DeliveryWorker:
         waiting for the next record (:attr:`_finished`, as it is when the call ends)."""
         deliveries = [_delivery(row, contacts) for row in batch]
         async with self._slots, self.limiter.slot():
+            if self.paused_until > time.time():
+                # the quota was met since this batch was claimed (by a call ending while the
+                # trip that claimed it was at the store, or while it waited for a slot): it
+                # waits for the pause with no attempt counted, as the call that met it does
+                outcome = self._finished if into is None else into
+                until, reason = self.paused_until, self._pause_reason
+                outcome.paused.extend((row, until, reason) for row in batch)
+                return
             started = time.monotonic()
             try:
                 if bulk:
@@ -619,7 +628,7 @@ class DeliveryWorker:
     def _pause_until(self, until: float, reason: str) -> None:
         if until <= self.paused_until:
             return
-        self.paused_until = until
+        self.paused_until, self._pause_reason = until, reason
         log.warning(
             "destination_paused",
             dispensary=self.dispensary,
