@@ -407,8 +407,9 @@ def serve(config_file: Path, host: str | None, port: int | None) -> None:
 @config_option
 @click.option("--url", help="A running server (default: server.host and server.port).")
 @click.option("--dispensary", "-d", help="The dispensary to post as (default: the first).")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for delivery.")  # fmt: skip
+@click.option(
+    "--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for delivery."
+)
 @click.option("--show-values", is_flag=True, help="Print what the file destinations received.")
 def demo(
     config_file: Path, url: str | None, dispensary: str | None, timeout: float, show_values: bool
@@ -461,8 +462,13 @@ def _since(value: str | None) -> Any:
 @click.option("--resend", is_flag=True, help="Send even unchanged customers (new mapping).")
 @click.option("--dry-run", is_flag=True, help="Print the planned operations; send nothing.")
 @click.option("--no-wait", is_flag=True, help="Leave delivery to a running serve.")
-@click.option("--timeout", type=float, default=3600.0, show_default=True,
-              help="Seconds to wait for delivery before leaving it to serve.")  # fmt: skip
+@click.option(
+    "--timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Seconds to wait for delivery before leaving it to serve.",
+)
 def reconcile(
     config_file: Path,
     dispensary: str | None,
@@ -492,9 +498,16 @@ def reconcile(
     options = RunOptions(since=_since(since), full=full, resend=resend, dry_run=dry_run)
     try:
         asyncio.run(
-            reconcile_now(config, name, options, wait=not no_wait, timeout=timeout,
-                          echo=click.echo, progress=CommandProgress())
-        )  # fmt: skip
+            reconcile_now(
+                config,
+                name,
+                options,
+                wait=not no_wait,
+                timeout=timeout,
+                echo=click.echo,
+                progress=CommandProgress(),
+            )
+        )
     except ConnectorError as exc:
         _fail(f"reconcile {name}: {exc}")
 
@@ -563,9 +576,13 @@ def dlq_list(
     store = open_store(config.store, listen=False)
     try:
         for line in dlq_lines(
-            store, dispensary=dispensary, destination=destination, customer=customer,
-            include_replayed=include_replayed, limit=limit,
-        ):  # fmt: skip
+            store,
+            dispensary=dispensary,
+            destination=destination,
+            customer=customer,
+            include_replayed=include_replayed,
+            limit=limit,
+        ):
             click.echo(line)
     finally:
         store.close()

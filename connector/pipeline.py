@@ -56,9 +56,15 @@ def build_worker(
         min_elapsed_seconds=config.retry.min_elapsed_seconds,
     )
     return DeliveryWorker(
-        astore, dispensary, build_destination(config), retry=retry,
-        concurrency=config.concurrency, metrics=metrics, idle_poll=idle_poll, pressure=pressure,
-    )  # fmt: skip
+        astore,
+        dispensary,
+        build_destination(config),
+        retry=retry,
+        concurrency=config.concurrency,
+        metrics=metrics,
+        idle_poll=idle_poll,
+        pressure=pressure,
+    )
 
 
 @dataclass(slots=True)
@@ -127,13 +133,15 @@ class _Plans(PlannedBatch):
     dropped: list[tuple[InboxRow, list[Problem]]] = field(default_factory=list)
 
 
-def _related(rows: list[InboxRow], deployment: Deployment) -> tuple[
+def _related(
+    rows: list[InboxRow], deployment: Deployment
+) -> tuple[
     dict[int, str],
     list[tuple[InboxRow, CustomerEvent]],
     dict[str, set[str]],
     list[tuple[InboxRow, str]],
     list[tuple[InboxRow, list[Problem]]],
-]:  # fmt: skip
+]:
     """Parse the events; which customers' state each dispensary's batch needs; the events
     refused, with their problems; the fields left out of the others, with theirs."""
     outcomes: dict[int, str] = {}
@@ -340,14 +348,23 @@ def process_batch(store: PlanCommit, deployment: Deployment, limit: int = 256) -
     )
     for row, dropped in plans.dropped:
         # field paths and what is wrong with them: never a value (customer data)
-        log.warning("fields_dropped", dispensary=row.dispensary, source=row.source,
-                    customer_id=row.customer_id,
-                    reason="; ".join(str(p) for p in dropped))  # fmt: skip
+        log.warning(
+            "fields_dropped",
+            dispensary=row.dispensary,
+            source=row.source,
+            customer_id=row.customer_id,
+            reason="; ".join(str(p) for p in dropped),
+        )
         result.dropped.update((row.dispensary, _field_of(p)) for p in dropped)
     for row, problems in plans.invalid:
         # field paths and what is wrong with them: never a value (they are customer data)
-        log.warning("event_refused", dispensary=row.dispensary, source=row.source,
-                    customer_id=row.customer_id, reason=problems)  # fmt: skip
+        log.warning(
+            "event_refused",
+            dispensary=row.dispensary,
+            source=row.source,
+            customer_id=row.customer_id,
+            reason=problems,
+        )
     result.outcomes.update(plans.outcomes.values())
     dispensary_of = {row.id: row.dispensary for row in plans.rows}
     result.by_dispensary.update((dispensary_of[i], o) for i, o in plans.outcomes.items())

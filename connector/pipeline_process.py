@@ -197,10 +197,15 @@ class PipelineProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "connector.pipeline_child", str(theirs.fileno()),
-                str(os.getpid()), pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                sys.executable,
+                "-m",
+                "connector.pipeline_child",
+                str(theirs.fileno()),
+                str(os.getpid()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=False,
-            )  # fmt: skip
+            )
         finally:
             theirs.close()
         self._process = process

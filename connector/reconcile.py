@@ -273,9 +273,10 @@ class Reconciler:
             before_us = await self.astore.call(self.runs.checkpoint, dispensary)
             start_us = self._start(disp, before_us, options)
             recorded = {
-                "full": options.full, "resend": options.resend,
+                "full": options.full,
+                "resend": options.resend,
                 "since": None if options.since is None else options.since.isoformat(),
-            }  # fmt: skip
+            }
             run_id = await self.astore.call(
                 self.runs.start_run, dispensary, options.trigger, recorded, before_us
             )
@@ -284,8 +285,13 @@ class Reconciler:
         report = RunReport(
             dispensary, run_id, checkpoint_before_us=before_us, pulled_from=_moment(start_us)
         )
-        log.info("reconcile_started", dispensary=dispensary, run_id=run_id, trigger=options.trigger,
-                 since=iso(start_us))  # fmt: skip
+        log.info(
+            "reconcile_started",
+            dispensary=dispensary,
+            run_id=run_id,
+            trigger=options.trigger,
+            since=iso(start_us),
+        )
         source = "resend" if options.resend else "reconcile"
         started_us = instant_us(datetime.now(UTC))
         # the checkpoint a successful run leaves: the newest change it pulled, else where it
@@ -347,9 +353,8 @@ class Reconciler:
             report.outcome = "failed"
             # our errors never carry values; another's message might (a class name only)
             report.error = (
-                str(exc) if isinstance(exc, ConnectorError) and str(exc)
-                else exc.__class__.__name__
-            )  # fmt: skip
+                str(exc) if isinstance(exc, ConnectorError) and str(exc) else exc.__class__.__name__
+            )
             with contextlib.suppress(Exception):
                 report.counts = await self.astore.call(self.runs.run_counts, run_id)
                 report.counts["errors"] = report.counts.get("errors", 0) + 1
@@ -361,14 +366,24 @@ class Reconciler:
                 await self.astore.call(
                     self.runs.finish_run, run_id, "failed", report.counts, after, report.error
                 )
-            log.warning("reconcile_failed", dispensary=dispensary, run_id=run_id,
-                        error=report.error, counts=report.counts)  # fmt: skip
+            log.warning(
+                "reconcile_failed",
+                dispensary=dispensary,
+                run_id=run_id,
+                error=report.error,
+                counts=report.counts,
+            )
             raise
         await self.astore.call(
             self.runs.finish_run, run_id, "succeeded", report.counts, report.checkpoint_after_us
         )
-        log.info("reconcile_finished", dispensary=dispensary, run_id=run_id, pages=report.pages,
-                 counts=report.counts)  # fmt: skip
+        log.info(
+            "reconcile_finished",
+            dispensary=dispensary,
+            run_id=run_id,
+            pages=report.pages,
+            counts=report.counts,
+        )
         return report
 
     async def _pages(
@@ -414,10 +429,14 @@ class Reconciler:
             if ties:
                 tie_us = after_us + ONE_MS_US
                 customers = [
-                    c for c in customers
-                    if not (isinstance(c.checked, tuple) and c.checked[1] == tie_us
-                            and c.checked[0] in ties)
-                ]  # fmt: skip
+                    c
+                    for c in customers
+                    if not (
+                        isinstance(c.checked, tuple)
+                        and c.checked[1] == tie_us
+                        and c.checked[0] in ties
+                    )
+                ]
             versions = [c.version for c in customers]
             known = [v for v in versions if v is not None]
             if ordered and known and known != sorted(known):
@@ -439,9 +458,10 @@ class Reconciler:
             previous_last = last
             if ordered and verified and last is not None and last - ONE_MS_US > after_us:
                 ties = {
-                    c.checked[0] for c in customers
+                    c.checked[0]
+                    for c in customers
                     if isinstance(c.checked, tuple) and c.checked[1] == last
-                }  # fmt: skip
+                }
                 after_us, number = last - ONE_MS_US, 1
             else:
                 number += 1
@@ -477,8 +497,12 @@ class Reconciler:
                 await self._plan()
                 if len(customers) < size:
                     break
-            log.info("reconcile_reread", dispensary=dispensary, pages=pages + 1,
-                     reason="a customer changed while pages were read by number")  # fmt: skip
+            log.info(
+                "reconcile_reread",
+                dispensary=dispensary,
+                pages=pages + 1,
+                reason="a customer changed while pages were read by number",
+            )
             if again.risky():
                 unresolved.append(anchor)
         return unresolved
@@ -502,16 +526,22 @@ class Reconciler:
                 # the quick path: checked from Treez's text, nothing nested too deep
                 versions.append(checked[1])
                 events.append(
-                    NewEvent(dispensary, source, "CUSTOMER", checked[0], checked[1],
-                             customer.body, run_id=run_id)
-                )  # fmt: skip
+                    NewEvent(
+                        dispensary,
+                        source,
+                        "CUSTOMER",
+                        checked[0],
+                        checked[1],
+                        customer.body,
+                        run_id=run_id,
+                    )
+                )
                 continue
             if isinstance(checked, EventValidationError):
                 raw = json.dumps(record) if record is not None else customer.text or ""
                 rejected.append(
-                    Rejected(dispensary, 422, str(checked)[:2000], "application/json",
-                             raw.encode())
-                )  # fmt: skip
+                    Rejected(dispensary, 422, str(checked)[:2000], "application/json", raw.encode())
+                )
                 continue
             assert record is not None
             customer_id, us = checked
@@ -528,9 +558,16 @@ class Reconciler:
                 )
             body = {"event_type": "CUSTOMER", "dispensary_short_name": dispensary, "data": record}
             events.append(
-                NewEvent(dispensary, source, "CUSTOMER", customer_id, us,
-                         json.dumps(body, separators=(",", ":")), run_id=run_id)
-            )  # fmt: skip
+                NewEvent(
+                    dispensary,
+                    source,
+                    "CUSTOMER",
+                    customer_id,
+                    us,
+                    json.dumps(body, separators=(",", ":")),
+                    run_id=run_id,
+                )
+            )
         return events, rejected, versions
 
     async def _repair(
@@ -560,15 +597,20 @@ class Reconciler:
                 try:
                     found = await destination.lookup(contact_id)
                 except Exception as exc:
-                    log.warning("lookup_failed", dispensary=dispensary, destination=dest_name,
-                                error=exc)  # fmt: skip
+                    log.warning(
+                        "lookup_failed", dispensary=dispensary, destination=dest_name, error=exc
+                    )
                     break
                 if found is None:
                     report.missing += 1
                     await self.astore.call(
-                        self.runs.add_conflict, dispensary, customer_id, dest_name,
-                        "missing_contact", f"{dest_name} has no contact {contact_id}",
-                    )  # fmt: skip
+                        self.runs.add_conflict,
+                        dispensary,
+                        customer_id,
+                        dest_name,
+                        "missing_contact",
+                        f"{dest_name} has no contact {contact_id}",
+                    )
 
     async def _dry_run(
         self,
@@ -580,9 +622,13 @@ class Reconciler:
         before_us = await self.astore.call(self.runs.checkpoint, dispensary)
         start_us = self._start(disp, before_us, options)
         report = RunReport(
-            dispensary, None, outcome="dry run", checkpoint_before_us=before_us,
-            pulled_from=_moment(start_us), checkpoint_after_us=before_us,
-        )  # fmt: skip
+            dispensary,
+            None,
+            outcome="dry run",
+            checkpoint_before_us=before_us,
+            pulled_from=_moment(start_us),
+            checkpoint_after_us=before_us,
+        )
         client = self.client(dispensary, disp)
         source = "resend" if options.resend else "reconcile"
         outcomes: Counter[str] = Counter()
@@ -644,11 +690,11 @@ class Paging:
         after its first page was answered (less ``slack_us`` for the clocks' difference):
         it may have shifted another past a page."""
         return [
-            (anchor, pages) for anchor, since, until, pages in self.stretches
-            if self.changes_overflow or any(
-                since - slack_us <= v <= until + CLOCK_SLACK_US for v in self.changes
-            )
-        ]  # fmt: skip
+            (anchor, pages)
+            for anchor, since, until, pages in self.stretches
+            if self.changes_overflow
+            or any(since - slack_us <= v <= until + CLOCK_SLACK_US for v in self.changes)
+        ]
 
 
 async def _ahead(items: AsyncGenerator[T, None], most: int = 1) -> AsyncGenerator[T, None]:
@@ -727,9 +773,8 @@ def _pulled(dispensary: str, page: list[str] | list[dict[str, Any]]) -> list[Pul
     and nothing in it can nest too deep; anything else (a refusal included) is decoded and
     checked as a record (:func:`_check`), as it always was."""
     prefix = (
-        '{"event_type":"CUSTOMER","dispensary_short_name":'
-        + json.dumps(dispensary) + ',"data":'
-    )  # fmt: skip
+        '{"event_type":"CUSTOMER","dispensary_short_name":' + json.dumps(dispensary) + ',"data":'
+    )
     pulled = []
     for item in page:
         if isinstance(item, str):

@@ -215,10 +215,14 @@ async def reconcile_now(
             tasks.append(asyncio.create_task(planner.run(stopping)))
             plan, settle = planner.plan, planner.settle
         reconciler = Reconciler(
-            config, astore, deployment, plan=plan, settle=settle,
+            config,
+            astore,
+            deployment,
+            plan=plan,
+            settle=settle,
             destinations={key: w.destination for key, w in workers.items()},
             **(reconciler_options or {}),
-        )  # fmt: skip
+        )
         started = time.monotonic()
         if deliver:
             tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))

@@ -87,9 +87,10 @@ class Service:
             )
         )
         self.destination_keys = [
-            (name, dest.name) for name, disp in config.dispensaries.items()
+            (name, dest.name)
+            for name, disp in config.dispensaries.items()
             for dest in disp.destinations
-        ]  # fmt: skip
+        ]
         self.replica = replica_id(self.astore.store.process_id)
         host, pid = socket.gethostname(), str(os.getpid())
         self.metrics.replica.info({"replica": self.replica, "host": host, "pid": pid, "role": role})
@@ -176,10 +177,14 @@ class Service:
                 disp.reconcile.schedule, timezone=disp.reconcile.timezone
             )
             scheduler.add_job(
-                self.scheduled_reconcile, trigger, args=[name], id=f"reconcile:{name}",
-                coalesce=True, max_instances=1,
+                self.scheduled_reconcile,
+                trigger,
+                args=[name],
+                id=f"reconcile:{name}",
+                coalesce=True,
+                max_instances=1,
                 misfire_grace_time=int(MISFIRE_GRACE.total_seconds()),
-            )  # fmt: skip
+            )
         if scheduler.get_jobs():
             scheduler.start()
             self.scheduler = scheduler
@@ -292,11 +297,17 @@ class Service:
             for name, disp in self.config.dispensaries.items():
                 if disp.uses_dev_token:
                     log.warning(
-                        "development_webhook_token", dispensary=name,
+                        "development_webhook_token",
+                        dispensary=name,
                         reason="set TREEZ_WEBHOOK_TOKEN before Treez can reach this server",
-                    )  # fmt: skip
-        log.info("started", role=self.role, store=self.config.store_display, released=released,
-                 count=len(self.workers))  # fmt: skip
+                    )
+        log.info(
+            "started",
+            role=self.role,
+            store=self.config.store_display,
+            released=released,
+            count=len(self.workers),
+        )
 
     def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake the planner and the workers when another process of the cluster commits

@@ -250,8 +250,9 @@ class TreezClient:
         if status in (401, 403):
             raise TreezAuthError(
                 f"{what}: {self.host} answered {status}{suffix}: check client_id and api_key",
-                status=status, code=code,
-            )  # fmt: skip
+                status=status,
+                code=code,
+            )
         if is_retriable(status):
             raise TreezRetriable(f"{what}: {self.host} answered {status}{suffix}", status=status)
         if not 200 <= status < 300:
@@ -265,8 +266,9 @@ class TreezClient:
             shown = _shown(result, secrets) if isinstance(result, str) else "error"
             raise TreezApiError(
                 f"{what}: {self.host} answered resultCode {shown}{suffix}",
-                status=status, code=code,
-            )  # fmt: skip
+                status=status,
+                code=code,
+            )
         return data
 
     async def _get(self, path: str, what: str) -> dict[str, Any]:

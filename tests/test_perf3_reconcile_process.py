@@ -80,10 +80,15 @@ def test_without_delivery_this_process_plans(tmp_path: Path, planned_in: Path) -
     config = load_config(write_config(tmp_path, fake.base_url))
     report = asyncio.run(
         reconcile_now(
-            config, DISPENSARY, RunOptions(), wait=False, timeout=30, echo=lambda _: None,
+            config,
+            DISPENSARY,
+            RunOptions(),
+            wait=False,
+            timeout=30,
+            echo=lambda _: None,
             reconciler_options={"client_for": in_process(fake)},
         )
-    )  # fmt: skip
+    )
     assert report.outcome == "succeeded"
     assert _pids(planned_in) == {os.getpid()}
     assert not lines(tmp_path)  # delivery left to serve
@@ -146,6 +151,11 @@ def test_a_run_stopped_half_way_stops_its_child_and_the_next_run_delivers_everyt
 
 async def _command(config: Any, fake: TreezFake) -> Any:
     return await reconcile_now(
-        config, DISPENSARY, RunOptions(), wait=True, timeout=30, echo=lambda _: None,
+        config,
+        DISPENSARY,
+        RunOptions(),
+        wait=True,
+        timeout=30,
+        echo=lambda _: None,
         reconciler_options={"client_for": in_process(fake)},
-    )  # fmt: skip
+    )

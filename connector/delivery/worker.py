@@ -187,9 +187,11 @@ class DeliveryWorker:
                 except Exception as exc:  # a locked store, a bug: claims expire, nothing lost
                     failures += 1
                     log.warning(
-                        "delivery_loop_failed", destination=self.destination.name, error=exc,
+                        "delivery_loop_failed",
+                        destination=self.destination.name,
+                        error=exc,
                         attempt=failures,
-                    )  # fmt: skip
+                    )
                     await self._back_off(stopping, min(30.0, self.idle_poll * 2**failures))
             await self._drain()
         finally:
@@ -210,8 +212,12 @@ class DeliveryWorker:
         try:
             await self._record(outcome)
         except Exception as exc:  # the claims expire and another worker redoes them
-            log.warning("delivery_unrecorded_at_stop", destination=self.destination.name,
-                        error=exc, count=_size(outcome))  # fmt: skip
+            log.warning(
+                "delivery_unrecorded_at_stop",
+                destination=self.destination.name,
+                error=exc,
+                count=_size(outcome),
+            )
         self._unrecorded = None
 
     async def _back_off(self, stopping: asyncio.Event, seconds: float) -> None:
@@ -320,10 +326,19 @@ class DeliveryWorker:
             )
         else:
             claimed = self.astore.store.record_and_claim(
-                self.dispensary, self.destination.name, limit, outcome.done, outcome.retry,
-                outcome.dead, outcome.conflicts, outcome.replaced, outcome.paused,
-                outcome.pause, outcome.answers, due_if_none=idle,
-            )  # fmt: skip
+                self.dispensary,
+                self.destination.name,
+                limit,
+                outcome.done,
+                outcome.retry,
+                outcome.dead,
+                outcome.conflicts,
+                outcome.replaced,
+                outcome.paused,
+                outcome.pause,
+                outcome.answers,
+                due_if_none=idle,
+            )
             trip.recorded = True
         trip.rows = claimed.rows
         if claimed.rows:
@@ -336,8 +351,9 @@ class DeliveryWorker:
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         if not task.cancelled() and task.exception() is not None:  # _send catches all
-            log.error("delivery_task_failed", destination=self.destination.name,
-                      error=task.exception())  # fmt: skip
+            log.error(
+                "delivery_task_failed", destination=self.destination.name, error=task.exception()
+            )
         if 2 * (self.concurrency - len(self._inflight)) >= self.concurrency:
             self._progress.set()
         if not self._inflight:
@@ -427,8 +443,10 @@ class DeliveryWorker:
         due = await self.astore.call(store.next_due, self.dispensary, self.destination.name)
         timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
         if timeout > 0:
-            waits = [asyncio.ensure_future(self.wake.wait()),
-                     asyncio.ensure_future(stopping.wait())]  # fmt: skip
+            waits = [
+                asyncio.ensure_future(self.wake.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
             _, pending = await asyncio.wait(
                 waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
@@ -453,10 +471,14 @@ class DeliveryWorker:
         if outcome.done:
             ops = collections.Counter(row.op for row, _ in outcome.done)
             log.info(
-                "delivered", dispensary=self.dispensary, destination=self.destination.name,
-                count=len(outcome.done), counts=dict(ops), requests=len(batches),
+                "delivered",
+                dispensary=self.dispensary,
+                destination=self.destination.name,
+                count=len(outcome.done),
+                counts=dict(ops),
+                requests=len(batches),
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
-            )  # fmt: skip
+            )
         try:
             await self._record(outcome)
         except Exception:
@@ -479,9 +501,13 @@ class DeliveryWorker:
         if outcome.done:
             ops = collections.Counter(row.op for row, _ in outcome.done)
             log.info(
-                "delivered", dispensary=self.dispensary, destination=self.destination.name,
-                count=len(outcome.done), counts=dict(ops), requests=outcome.requests,
-            )  # fmt: skip
+                "delivered",
+                dispensary=self.dispensary,
+                destination=self.destination.name,
+                count=len(outcome.done),
+                counts=dict(ops),
+                requests=outcome.requests,
+            )
 
     def _give_back(self, rows: list[OutboxRow], exc: Exception) -> None:
         """Claimed, nothing sent, and the store failed: the claims go back, due now."""
@@ -599,11 +625,16 @@ class DeliveryWorker:
             self._count(row, "delivered")
             if debug:  # the store keeps every delivery (outbox); info has one line a round
                 log.debug(
-                    "delivered", dispensary=self.dispensary, destination=self.destination.name,
-                    customer_id=row.customer_id, op=row.op, operation_id=row.id,
-                    attempt=row.attempts + 1, duration_ms=round(duration * 1000, 2),
+                    "delivered",
+                    dispensary=self.dispensary,
+                    destination=self.destination.name,
+                    customer_id=row.customer_id,
+                    op=row.op,
+                    operation_id=row.id,
+                    attempt=row.attempts + 1,
+                    duration_ms=round(duration * 1000, 2),
                     status="ok",
-                )  # fmt: skip
+                )
         if self._seconds is not None:
             self._seconds.observe(duration)
 
@@ -664,12 +695,19 @@ class DeliveryWorker:
                     self.metrics.retries.labels(self.dispensary, self.destination.name).inc()
                 result = "retry"
             log.warning(
-                "delivery_failed", dispensary=self.dispensary,
-                destination=self.destination.name, customer_id=row.customer_id, op=row.op,
-                operation_id=row.id, attempt=attempts, status_code=exc.status_code,
-                error=str(exc), outcome=result, duration_ms=round(duration * 1000, 2),
+                "delivery_failed",
+                dispensary=self.dispensary,
+                destination=self.destination.name,
+                customer_id=row.customer_id,
+                op=row.op,
+                operation_id=row.id,
+                attempt=attempts,
+                status_code=exc.status_code,
+                error=str(exc),
+                outcome=result,
+                duration_ms=round(duration * 1000, 2),
                 retry_in_s=None if delay is None else round(delay, 3),
-            )  # fmt: skip
+            )
 
     def _count(self, row: OutboxRow, result: str) -> None:
         if self.metrics is not None:
@@ -688,9 +726,18 @@ def _bounded(until: float) -> float:
 
 
 CONTRACT_KEYS = (
-    "op", "dispensary", "customer_id", "contact_id", "fields", "channels", "from_contact_id",
-    "into_contact_id", "from_customer_id", "into_customer_id", "idempotency_key",
-)  # fmt: skip
+    "op",
+    "dispensary",
+    "customer_id",
+    "contact_id",
+    "fields",
+    "channels",
+    "from_contact_id",
+    "into_contact_id",
+    "from_customer_id",
+    "into_customer_id",
+    "idempotency_key",
+)
 
 
 def _delivery(row: OutboxRow, contacts: dict[str, str]) -> Delivery:

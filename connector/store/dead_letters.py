@@ -228,9 +228,13 @@ class DeadLettersSql(RunsSql):
         ):
             return "superseded"  # never reactivate a customer Treez has deactivated since
         values: dict[str, Any] = {
-            "status": "pending", "attempts": 0, "first_attempt_at": None,
-            "next_attempt_at": now, "claimed_by": None, "claimed_until": None,
-        }  # fmt: skip
+            "status": "pending",
+            "attempts": 0,
+            "first_attempt_at": None,
+            "next_attempt_at": now,
+            "claimed_by": None,
+            "claimed_until": None,
+        }
         stale_fields = isinstance(fields, dict) and (
             "upsert" in later or (planned_hash is not None and payload_hash(fields) != planned_hash)
         )

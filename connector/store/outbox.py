@@ -74,9 +74,14 @@ class OutboxSql(PlanSql):
             return self._claim_in(conn, Raw(conn), dispensary, destination, limit, now)
 
     def _claim_in(
-        self, conn: Connection, raw: Raw, dispensary: str, destination: str, limit: int,
+        self,
+        conn: Connection,
+        raw: Raw,
+        dispensary: str,
+        destination: str,
+        limit: int,
         now: float,
-    ) -> list[OutboxRow]:  # fmt: skip
+    ) -> list[OutboxRow]:
         """:meth:`claim` in a write transaction (``raw``: its driver connection)."""
         self._lock_queue(conn, dispensary, destination)
         if self.dialect == "postgresql":
@@ -149,8 +154,21 @@ class OutboxSql(PlanSql):
             raw = Raw(conn)
             now = self._now()
             if recording:
-                self._finish_in(conn, raw, dispensary, destination, done, retry, dead,
-                                conflicts, replaced, paused, pause, answers, now)  # fmt: skip
+                self._finish_in(
+                    conn,
+                    raw,
+                    dispensary,
+                    destination,
+                    done,
+                    retry,
+                    dead,
+                    conflicts,
+                    replaced,
+                    paused,
+                    pause,
+                    answers,
+                    now,
+                )
             rows = self._claim_in(conn, raw, dispensary, destination, limit, now) if limit else []
             claimed.rows = rows
             if rows:
@@ -303,8 +321,21 @@ class OutboxSql(PlanSql):
         status), which every process delivering for it honours. ``answers``: by outbox
         id, the status and vendor code of a failed or paused attempt, kept in ``attempts``."""
         with self.transaction(durable=False) as conn:
-            self._finish_in(conn, Raw(conn), dispensary, destination, done, retry, dead,
-                            conflicts, replaced, paused, pause, answers, self._now())  # fmt: skip
+            self._finish_in(
+                conn,
+                Raw(conn),
+                dispensary,
+                destination,
+                done,
+                retry,
+                dead,
+                conflicts,
+                replaced,
+                paused,
+                pause,
+                answers,
+                self._now(),
+            )
 
     def _finish_in(
         self,
@@ -370,9 +401,12 @@ class OutboxSql(PlanSql):
                 self._record_contacts(conn, dispensary, destination, returned, now, gone, raw=raw)
         for row, at, error in retry:
             _settle(
-                conn, (outbox.c.id == row.id) & mine, "pending",
-                next_attempt_at=at + offset, last_error=error[:2000],
-            )  # fmt: skip
+                conn,
+                (outbox.c.id == row.id) & mine,
+                "pending",
+                next_attempt_at=at + offset,
+                last_error=error[:2000],
+            )
         for row, at, reason in paused:
             conn.execute(
                 update(outbox)
@@ -555,11 +589,17 @@ class OutboxSql(PlanSql):
             elif gone and gone.get(cid) == known[cid]:
                 moved.append((cid, known[cid], contact_id))
             else:
-                clash.append({"dispensary": dispensary, "customer_id": cid,
-                              "destination": destination, "kind": "contact_id_changed",
-                              "detail": "the destination returned another contact id than "
-                              "the identity map holds; the map is kept",
-                              "created_at": now})  # fmt: skip
+                clash.append(
+                    {
+                        "dispensary": dispensary,
+                        "customer_id": cid,
+                        "destination": destination,
+                        "kind": "contact_id_changed",
+                        "detail": "the destination returned another contact id than "
+                        "the identity map holds; the map is kept",
+                        "created_at": now,
+                    }
+                )
         for cid, old, contact_id in moved:
             fill.append((contact_id, now, dispensary, cid, destination))
             detail = f"contact {old} is gone at the destination; the map now holds {contact_id}"

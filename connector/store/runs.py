@@ -32,8 +32,15 @@ from connector.store.schema import (
 
 REPLAY_CHUNK = 50  # dead letters per transaction
 COUNT_KEYS = (
-    "pulled", "unchanged", "created", "updated", "opted_out", "merged", "conflicts", "errors",
-)  # fmt: skip
+    "pulled",
+    "unchanged",
+    "created",
+    "updated",
+    "opted_out",
+    "merged",
+    "conflicts",
+    "errors",
+)
 
 
 def counts_from(rows: Sequence[tuple[str, str | None, int]]) -> dict[str, int]:

@@ -38,8 +38,9 @@ class SqliteStore(OperatorSql):
     holds_connections = True  # a PostgreSQL connection is pinged when lent: not kept
 
     def __init__(self, url: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
-        super().__init__(url, sqlite_engine(url, synchronous=synchronous, timeout=timeout),
-                         timeout=timeout)  # fmt: skip
+        super().__init__(
+            url, sqlite_engine(url, synchronous=synchronous, timeout=timeout), timeout=timeout
+        )
         self._synchronous = synchronous
         self._sync_levels: dict[int, str] = {}  # per driver connection: what it is set to
         from connector.store.migrate import store_problem
@@ -133,8 +134,18 @@ def _pid_started_after(pid: int, moment: float) -> bool:
 def _inbox_row(event: NewEvent, now: float) -> tuple[Any, ...]:
     """An inbox row in the column order of :data:`_INSERT_INBOX_VALUES`."""
     e = event
-    return (e.dispensary, e.source, e.event_type, e.customer_id, e.last_update_us, now,
-            e.body, e.status, None if e.status == "pending" else now, e.run_id)  # fmt: skip
+    return (
+        e.dispensary,
+        e.source,
+        e.event_type,
+        e.customer_id,
+        e.last_update_us,
+        now,
+        e.body,
+        e.status,
+        None if e.status == "pending" else now,
+        e.run_id,
+    )
 
 
 _INBOX_COLUMNS = 10
