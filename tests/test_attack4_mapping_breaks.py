@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 from test_perf2_parse_fast import SEED_TEXT
+from test_perf_mapping_apply import customer
 
 from connector import treez
-from connector.errors import FieldMappingError
+from connector.errors import FieldMappingError, MappingError
 from connector.mapping import compile_mapping_text
 from connector.mapping._paths import Context
 from connector.planner import DestinationSpec, plan
@@ -131,3 +132,62 @@ def test_an_ordinary_timestamp_plans_the_unsubscribe() -> None:
         event.customer, "store-1", {}, [DestinationSpec("d", _mapping("America/New_York", "null"))]
     )
     assert [operation.op for operation in planned.operations] == ["upsert", "unsubscribe"]
+
+
+# --- the written apply's nesting: one indentation level a template part or a path step ---
+
+
+def _template(parts: int) -> str:
+    return 'x: {template: "' + "-".join(["{first_name}"] * parts) + '"}\n'
+
+
+def _deep_path(steps: int) -> str:
+    return 'x: {from: "verification_reasons[0].' + ".".join(["a"] * steps) + '", on_null: send}\n'
+
+
+def _maps_or_is_refused(text: str) -> None:
+    """A mapping file either compiles into an apply that maps as each field's run, or is
+    refused with a MappingError naming its problem (what load_mapping's callers catch)."""
+    try:
+        mapping = compile_mapping_text(text, name="deep")
+    except MappingError:
+        return
+    who = customer(verification_reasons=[{"a": {"a": None}}])
+    ctx = Context(who, "store-1")
+    assert mapping.apply(who, "store-1") == {f.target: f.run(ctx) for f in mapping.fields}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IndentationError,
+    reason=(
+        "connector/mapping/_engine.py _inline_template: each template part nests the rest one "
+        "indentation level deeper in the written apply; from 99 parts the code passes "
+        "CPython's 100 levels and compile() raises IndentationError (not a MappingError) when "
+        "the mapping is loaded; before the mapping branch a template rendered in a loop"
+    ),
+)
+def test_a_template_of_many_parts_compiles() -> None:
+    _maps_or_is_refused(_template(99))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IndentationError,
+    reason=(
+        "connector/mapping/_engine.py _inline_path: each step of a path nests one level "
+        "deeper; a path of 100 steps under a list of any values (verification_reasons[0].a.a"
+        "...) passes check_path and makes compile() raise IndentationError, not a MappingError"
+        " (already so at 2e6bdbc)"
+    ),
+)
+def test_a_deep_path_compiles_or_is_refused() -> None:
+    _maps_or_is_refused(_deep_path(100))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 50, 98])
+def test_templates_of_up_to_98_parts_map_as_their_run(parts: int) -> None:
+    mapping = compile_mapping_text(_template(parts), name="many")
+    who = customer()
+    assert mapping.apply(who, "s") == {"x": "-".join(["Jules"] * parts)}
+    assert mapping.apply(who, "s") == {"x": mapping.fields[0].run(Context(who, "s"))}
