@@ -254,6 +254,11 @@ def plan(
             except FieldMappingError as exc:
                 failures.append(MappingFailure(dest.name, str(exc)))
                 fields = None
+            except Exception as exc:  # a transform's bug: no upsert, yet consent still goes
+                # out (its text may hold the value: only its class is kept)
+                why = f"the mapping failed unexpectedly ({exc.__class__.__name__})"
+                failures.append(MappingFailure(dest.name, why))
+                fields = None
             if fields is not None:
                 digest_fields = payload_hash(fields)
                 if resend or digest_fields != contact.delivered_hash or contact.deactivated:

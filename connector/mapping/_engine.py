@@ -225,12 +225,19 @@ def _settled(i: int, indent: str) -> list[str]:
     ]
 
 
+_MOST_INLINED = 32
+"""The most parts of a template, or steps of a path, written into apply() (each nests a block;
+Python refuses 100 levels)."""
+
+
 def _inline_run(i: int, field: CompiledField, parts: _Parts, env: dict[str, Any]) -> list[str]:
     """The lines of ``field.run`` written into apply(): the same steps, leaving ``value``."""
     env.update({f"source{i}": parts.source, f"settle{i}": parts.settle, f"clean{i}": parts.clean})
-    if parts.template is not None:
+    # a template of many parts, or a long path, nests a block a part (a step): past
+    # _MOST_INLINED, Python's parser refuses it, and the field's own source reads it
+    if parts.template is not None and len(parts.template) <= _MOST_INLINED:
         lines = _inline_template(i, parts.template, env)
-    elif parts.path:
+    elif parts.template is None and parts.path and len(parts.path) <= _MOST_INLINED:
         lines = _inline_path(i, parts.path, env)
     elif parts.read is not None:
         lines = [f"    value = {parts.read}"]

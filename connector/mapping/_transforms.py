@@ -282,7 +282,10 @@ def _date(arg: Any, _env: BuildEnv) -> Transform:
         if parsed.__class__ is date and (iso_date or iso):
             return parsed.isoformat()  # same text as strftime("%Y-%m-%d"), several times faster
         if tz is not None and isinstance(parsed, datetime) and parsed.tzinfo is not None:
-            parsed = parsed.astimezone(tz)
+            try:
+                parsed = parsed.astimezone(tz)
+            except OverflowError:  # a time near year 1 or 9999 moved past the calendar
+                raise TransformFailed("the time in this zone is outside years 1 to 9999") from None
         return parsed.isoformat() if iso else parsed.strftime(fmt)
 
     def apply(value: Any, _ctx: Context) -> Any:
