@@ -280,8 +280,10 @@ class Reconciler:
             run_id = await self.astore.call(
                 self.runs.start_run, dispensary, options.trigger, recorded, before_us
             )
-        finally:
-            client = await building
+        except BaseException:
+            # no run recorded: the client, once built, is dropped (it has sent nothing)
+            building.add_done_callback(_dropped)
+            raise
         report = RunReport(
             dispensary, run_id, checkpoint_before_us=before_us, pulled_from=_moment(start_us)
         )
@@ -298,6 +300,8 @@ class Reconciler:
         # started (never earlier than the checkpoint it found)
         newest = max(start_us, before_us or start_us)
         try:
+            # awaited here, so that a run stopped or failing while it is built is recorded
+            client = await building
             pulled = 0
             paging = Paging()
             # the next page is fetched while this one is stored and planned (the client's
@@ -821,3 +825,9 @@ def _check(record: dict[str, Any]) -> Checked:
 def _default_client(dispensary: str, disp: DispensaryConfig) -> TreezClient:
     assert disp.treez is not None
     return TreezClient(disp.treez)
+
+
+def _dropped(future: asyncio.Future[Any]) -> None:
+    """Take what a future left behind (its result, or its failure) without a warning."""
+    if not future.cancelled():
+        future.exception()

@@ -39,6 +39,7 @@ import pickle
 import signal
 import socket
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Protocol
@@ -162,6 +163,11 @@ class PlanningProcess:
             writer.write(STOP)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
+        elif self._socket is not None:
+            # never connected (the run failed before its store was open): the end of file
+            # is what stops a child still waiting for its first word
+            self._socket.close()
+            self._socket = None
         if process is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, process.join, grace + STOP_MARGIN_SECONDS)
@@ -205,12 +211,25 @@ def _sendable(exc: BaseException) -> object:
     """``exc`` for the parent to raise as it was; when it cannot cross (it does not pickle
     back), a :class:`PlanningProcessError` saying what it was, as a failed run says it (the
     message only for the connector's own errors, which never carry a value)."""
+    where = _where(exc)
     try:
         pickle.loads(pickle.dumps(exc))  # noqa: S301 (our own object)
-        return exc
     except Exception:
         what = str(exc) if isinstance(exc, ConnectorError) and str(exc) else type(exc).__name__
-        return PlanningProcessError(f"planning failed in the planning process: {what}")
+        exc = PlanningProcessError(f"planning failed in the planning process: {what}")
+    if where:
+        exc.add_note(where)  # a note crosses with the exception (its traceback does not)
+    return exc
+
+
+def _where(exc: BaseException) -> str:
+    """Where ``exc`` was raised in this process, as a traceback's frames: file, line and
+    function (no values, no message), for the parent's traceback to show."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    lines = [f'  File "{f.filename}", line {f.lineno}, in {f.name}' for f in frames]
+    return "\n".join(["raised in the planning process at:", *lines])
 
 
 def _main(

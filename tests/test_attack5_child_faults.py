@@ -37,9 +37,14 @@ def config_for(work: Path, store_url: str, fake: TreezFake, extra: str = "") -> 
 
 async def command(config: Config, fake: TreezFake, *, wait: bool = True) -> Any:
     return await reconcile_now(
-        config, DISPENSARY, RunOptions(), wait=wait, timeout=30, echo=lambda _: None,
+        config,
+        DISPENSARY,
+        RunOptions(),
+        wait=wait,
+        timeout=30,
+        echo=lambda _: None,
         reconciler_options={"client_for": in_process(fake)},
-    )  # fmt: skip
+    )
 
 
 def run(config: Config, fake: TreezFake, *, wait: bool = True) -> Any:
@@ -221,10 +226,15 @@ def test_dry_run_and_no_wait_never_fork(tmp_path: Path, monkeypatch: pytest.Monk
     config = config_for(tmp_path, f"sqlite:///{tmp_path}/c.db", fake)
     dry = asyncio.run(
         reconcile_now(
-            config, DISPENSARY, RunOptions(dry_run=True), wait=True, timeout=30,
-            echo=lambda _: None, reconciler_options={"client_for": in_process(fake)},
+            config,
+            DISPENSARY,
+            RunOptions(dry_run=True),
+            wait=True,
+            timeout=30,
+            echo=lambda _: None,
+            reconciler_options={"client_for": in_process(fake)},
         )
-    )  # fmt: skip
+    )
     assert dry.outcome == "dry run"
     assert not lines(tmp_path)
     assert run(config, fake, wait=False).outcome == "succeeded"
@@ -251,13 +261,6 @@ def _watched(path: Path) -> Any:
 
 
 @pytest.mark.postgresql_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="store/_engine.py _Watchdog is a process-wide singleton whose thread a fork does not "
-    "copy: forked (reconcile_child.PlanningProcess.start) from a process that already used a "
-    "PostgreSQL store (a second reconcile_now in one process), the planning child sees "
-    "_thread set, starts none, and its pool pings are never bounded by the store timeout",
-)
 def test_the_child_of_a_second_run_in_one_process_has_a_store_watchdog(
     tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,13 +308,6 @@ def test_control_in_process_planning_failure_says_where(
     assert _where(caught.value, caplog)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconcile_child._child: a planning failure of a bug (not a ConnectorError) crosses "
-    "as the pickled exception alone and the child logs nothing: the run's error and the "
-    "command's traceback end in PlanningProcess.check, nothing says where planning failed "
-    "(in one process, the traceback did)",
-)
 def test_a_planning_failure_in_the_child_says_where_it_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -122,9 +122,10 @@ def test_a_run_beside_serve_and_webhooks_for_the_same_customers(
                 await asyncio.sleep(0.005)
             for _, body in webhooks:
                 answer = await client.post(
-                    f"{base}/webhooks/treez/{DISPENSARY}", content=body,
+                    f"{base}/webhooks/treez/{DISPENSARY}",
+                    content=body,
                     headers={"authorization": "Bearer tok", "content-type": "application/json"},
-                )  # fmt: skip
+                )
                 assert answer.status_code in (200, 202), answer.text
                 await asyncio.sleep(0.02)
         return await run

@@ -106,8 +106,9 @@ def test_counts_match_the_in_process_planner(tmp_path: Path, store_url: str) -> 
 
     def population() -> TreezFake:
         now = __import__("datetime").datetime.now(__import__("datetime").UTC)
-        fake = TreezFake.generate(310, seed=21, history_days=0.5, rate_limit=None, now=now,
-                                  clock=lambda: 0.0)  # fmt: skip
+        fake = TreezFake.generate(
+            310, seed=21, history_days=0.5, rate_limit=None, now=now, clock=lambda: 0.0
+        )
         fake.update(fake.customer_ids()[3], opt_out={"not": "a consent"})
         return fake
 
@@ -147,12 +148,6 @@ def test_a_run_stopped_while_its_client_is_built_is_recorded_failed_guard_pre(
     assert rows(f"sqlite:///{tmp_path}/c.db", "select outcome from reconcile_runs") == [("failed",)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconcile.Reconciler._run: the Treez client is now built in a thread awaited in a "
-    "finally after start_run and before the try that records a failure; a Ctrl-C landing "
-    "there (a slow TLS context) leaves the run recorded 'running' with no ended_at",
-)
 def test_a_run_stopped_while_its_client_is_built_is_recorded_failed(tmp_path: Path) -> None:
     fake = TreezFake.generate(60, seed=3, history_days=0.5, rate_limit=None)
     url = f"sqlite:///{tmp_path}/c.db"
@@ -166,10 +161,15 @@ def test_a_run_stopped_while_its_client_is_built_is_recorded_failed(tmp_path: Pa
     async def stopped(config: Config) -> None:
         task = asyncio.create_task(
             reconcile_now(
-                config, DISPENSARY, RunOptions(), wait=True, timeout=30, echo=lambda _: None,
+                config,
+                DISPENSARY,
+                RunOptions(),
+                wait=True,
+                timeout=30,
+                echo=lambda _: None,
                 reconciler_options={"client_for": slow},
             )
-        )  # fmt: skip
+        )
         while True:
             await asyncio.sleep(0.01)
             try:
@@ -186,14 +186,6 @@ def test_a_run_stopped_while_its_client_is_built_is_recorded_failed(tmp_path: Pa
     assert rows(url, "select outcome from reconcile_runs") == [("failed",)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconcile_child.PlanningProcess.stop: when the run fails before connect() (the "
-    "store cannot be opened, register_process or a destination's worker fails), stop joins "
-    "the child before closing the socket the child waits on: the child never sees end of "
-    "file, the command hangs shutdown_grace + 5 s (15 s by default) and kills it, logging "
-    "planning_process_killed",
-)
 @pytest.mark.parametrize(
     "url", ["postgresql://postgres@127.0.0.1:1/none", "sqlite:///{work}/no/such/dir/c.db"]
 )

@@ -66,8 +66,10 @@ def client_for(url: str | None, app: Any) -> Any:
         client = httpx.AsyncClient(transport=transport, timeout=10) if transport else None
         return TreezClient(
             disp.treez if not url else disp.treez.model_copy(update={"api_url": url}),
-            client=client, retry_wait=tenacity.wait_none(), attempts=3,
-        )  # fmt: skip
+            client=client,
+            retry_wait=tenacity.wait_none(),
+            attempts=3,
+        )
 
     return build
 
@@ -93,10 +95,15 @@ def test_no_window_holds_more_than_ten_under_load_and_jitter(
     def go(url: str | None) -> Any:
         return asyncio.run(
             reconcile_now(
-                config, DISPENSARY, RunOptions(), wait=True, timeout=60, echo=lambda _: None,
+                config,
+                DISPENSARY,
+                RunOptions(),
+                wait=True,
+                timeout=60,
+                echo=lambda _: None,
                 reconciler_options={"client_for": client_for(url, app)},
             )
-        )  # fmt: skip
+        )
 
     if over == "tcp":
         with serve_in_thread(app, host="127.0.0.1", port=0, name="treez-jitter") as port:

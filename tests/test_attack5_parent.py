@@ -62,9 +62,12 @@ def _start_driver(work: Path, store_url: str) -> tuple[subprocess.Popen[bytes], 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
     with (work / "driver.err").open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, str(script)], env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
+            [sys.executable, str(script)],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         kids = _children(proc.pid)

@@ -321,6 +321,13 @@ class _Watchdog:
     def disarm(self, dbapi_connection: Any) -> None:
         self._armed.pop(id(dbapi_connection), None)
 
+    def forked(self) -> None:
+        """In a forked child: the parent's thread is not here, nor are its connections
+        (the next arm starts a thread of this process's own)."""
+        self._armed = {}
+        self._lock = threading.Lock()
+        self._thread = None
+
     def _watch(self) -> None:
         while True:
             time.sleep(0.1)
@@ -339,6 +346,7 @@ def _sever(dbapi_connection: Any) -> None:
 
 
 _WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.forked)
 
 
 def engine_for(url: str, *, timeout: float = 5.0) -> Engine:
