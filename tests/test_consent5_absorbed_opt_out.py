@@ -210,6 +210,9 @@ def test_property_klaviyo_an_absorbed_opt_out_leaves_no_profile_of_his_subscribe
                 consent = fake.consent(profile.id)
                 assert "SUBSCRIBED" not in consent.values(), consent
             assert len(fake.subscribes) == signed_up  # the connector subscribed nothing
+            if not deleted:  # the merge landed: Vincent's own unsubscribe finds his profile
+                # merged away and goes nowhere, never dead-lettered, never making a profile
+                assert flow.dead_letters() == [], flow.dead_letters()
 
     asyncio.run(go())
 
