@@ -10,7 +10,8 @@ README, "Consent and identity"):
 - **Consent is the connector's.** Under ``resubscribe: never`` an opt-out seen at any version
   (stale, a stray or merge payload of an absorbed customer) is owed: one ``unsubscribe`` per
   customer and destination, keyed by the two alone, to the customer's contact, or once it is
-  merged away to the final survivor's (and to its own where that contact lives on). The
+  merged away to the final survivor's and to its own on every destination (the merge may
+  never land; where it did, the adapter finds the contact merged away and makes none). The
   mapping reads the customer's consent state (:func:`_consent_view`), so no upsert says opted
   in after an opt-out. A later ``false`` subscribes again only under
   ``policy.resubscribe: on_source_opt_in`` and only when the source flips from true to false.
@@ -449,8 +450,7 @@ def _owed_only(
 ) -> Plan:
     """An event that applies nothing (stale, or a stray of a merged-away customer) but whose
     opt-out is owed under ``never``: to the customer's own contact while it is not merged
-    away; once it is, to the final survivor's contact (and to its own where the destination
-    has no native merge, so that contact lives on)."""
+    away; once it is, to the final survivor's contact and to its own (see :func:`_carry`)."""
     if customer.opt_out is not True:
         return Plan(outcome, {state.customer_id: state} if outcome == "absorbed" else {}, [])
     # a stale opt-out is overtaken where the policy lets a newer opt-in stand; a stray of a
@@ -476,15 +476,15 @@ def _carry(
     destinations: Sequence[DestinationSpec],
     version: int,
     outcome: Outcome,
-    *,
-    own_native: bool | None = False,
 ) -> Plan:
     """An opt-out of a merged-away customer: owed to the final survivor's contact, and to
     the contacts of the absorbed customer and of every customer between it and the final
-    survivor where they live on (``own_native``: False, the destinations without a native
-    merge; None, all of them, while the merge is being planned)."""
+    survivor, on every destination, whatever became of the merges: a merge that never
+    lands (the survivor's profile gone, the call dead) leaves the absorbed contact, with the
+    person's e-mail and phone, where it was. Where the merge did land, the adapter finds the
+    absorbed contact gone (merged away) and creates nothing."""
     # no mapped contact goes with these: a merged-away customer's payload is not applied
-    own, ops = _owe_to(dispensary, absorbed, destinations, version, native=own_native)
+    own, ops = _owe_to(dispensary, absorbed, destinations, version, native=None)
     changed = {absorbed.customer_id: own}
     view = {**states, **changed}
     final = final_survivor(view, absorbed.customer_id)
@@ -493,7 +493,7 @@ def _carry(
     while link is not None and link != final and link not in visited:
         visited.add(link)
         between = view.get(link) or CustomerState(link)
-        marked, more = _owe_to(dispensary, between, destinations, version, native=False)
+        marked, more = _owe_to(dispensary, between, destinations, version, native=None)
         changed[link] = marked
         ops += more
         link = between.merged_into
@@ -579,12 +579,11 @@ def _merge(
     if not owing:
         return Plan("applied", {cid: marked}, ops)
     version = instant_us(customer.last_update) if customer is not None else 0
-    # the merge is planned now: the absorbed customer's own contact is unsubscribed too,
-    # before the merge (same order key, so delivered first), on every destination: should
-    # the merge never land (the survivor's contact gone), the absorbed contact is not left
-    # subscribed
-    own_native = None if ops else False  # after the merge, only where the contact lives on
-    carried = _carry(dispensary, marked, states, owing, version, "applied", own_native=own_native)
+    # the absorbed customer's own contact is unsubscribed too, on every destination: before
+    # the merge when it is planned now (same order key, so delivered first), else after the
+    # merge planned earlier (by the survivor's payload): should the merge never land (the
+    # survivor's contact gone), the absorbed contact is not left subscribed
+    carried = _carry(dispensary, marked, states, owing, version, "applied")
     own = [op for op in carried.operations if op.customer_id == cid]
     rest = [op for op in carried.operations if op.customer_id != cid]
     return Plan("applied", carried.states, own + ops + rest)

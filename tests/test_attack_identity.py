@@ -311,16 +311,6 @@ def test_alpineiq_a_second_customer_giving_the_family_phone_never_overwrites_the
 # ---- Klaviyo: a Treez merge into a survivor whose profile a marketer deleted -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the absorbed profile's own unsubscribe is planned only with the merge that absorbs "
-        "it; here the survivor's payload planned the merge first (into a profile a marketer "
-        "deleted) and the opt-out arrived with the absorbed payload. It is owed to the "
-        "survivor, whose unsubscribe waits for its profile to be found again (its next "
-        "update), then replayed"
-    ),
-)
 def test_klaviyo_an_opted_out_absorbed_profile_is_unsubscribed_when_the_survivor_is_gone(
     tmp_path: Path,
 ) -> None:

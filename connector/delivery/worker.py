@@ -119,6 +119,11 @@ class DeliveryWorker:
                     astore.store.contact_claims, dispensary, destination.name, contact_id, kind
                 )
             )
+        merges = getattr(destination, "bind_merges", None)
+        if merges is not None:  # an adapter that must never make a merged-away customer's contact
+            merges(
+                lambda customer_id: astore.call(astore.store.merged_away, dispensary, customer_id)
+            )
         self.retry = retry
         self.concurrency = max(1, concurrency)
         self.metrics = metrics

@@ -32,7 +32,9 @@ every call (a changed template never re-keys a profile).
   with it would create a new one. So every operation for a contact the identity map now
   gives to another customer (the customer was merged away: a late or replayed operation)
   goes ``_update_existing_only``: it updates the profile while the merge has not landed, and
-  creates nothing once it has.
+  creates nothing once it has. So does an opt-out of a merged-away customer whose profile the
+  identity map never got (its create refused, its merge then had nothing to merge): the
+  survivor is owed its own unsubscribe.
 - **deactivate**: the custom attribute ``status_attribute`` (``treez_status``) set to
   ``DEACTIVATED``, update-only (a deactivation never creates a profile); the next upsert maps
   it again.
@@ -104,6 +106,8 @@ RESERVED = frozenset(
 # the identity map's answer, bound by the worker: (contact id, conflict kind) -> the
 # customers of this dispensary linked to that contact (resolved through Treez merges)
 Claims = Callable[[str | None, str | None], Awaitable[tuple[list[str], list[tuple[str, str]]]]]
+# whether Treez merged a customer away (Store.merged_away), bound by the worker
+MergedAway = Callable[[str], Awaitable[bool]]
 
 
 class BrazeDestination(DestinationConfig):
@@ -207,6 +211,7 @@ class BrazeSink:
         )
         self._wall = wall
         self._claims: Claims | None = None
+        self._merged: MergedAway | None = None
 
     @staticmethod
     def capabilities_for(config: BrazeDestination) -> Capabilities:
@@ -234,6 +239,12 @@ class BrazeSink:
         """The identity map's answers (the worker binds them): who a contact belongs to now,
         so that an operation of a customer merged away never recreates its profile."""
         self._claims = claims
+
+    def bind_merges(self, merged_away: MergedAway) -> None:
+        """Whether Treez merged a customer away (the worker binds it): an opt-out of such a
+        customer whose own profile the identity map never got (its create refused) must not
+        create that profile, which no merge would ever absorb."""
+        self._merged = merged_away
 
     # --- the port ---------------------------------------------------------------------------
 
@@ -300,8 +311,17 @@ class BrazeSink:
         the object be accepted."""
         op = delivery.op
         key = delivery.contact_id or _text(delivery.fields.get("external_id"))
+        # an opt-out of a customer merged away whose profile the identity map never got (its
+        # create refused, so its merge had nothing to merge): updated if it exists after all,
+        # never created, and no contact recorded for it (the survivor is owed its own)
+        unknown = (
+            op == "unsubscribe"
+            and delivery.contact_id is None
+            and self._merged is not None
+            and await self._merged(delivery.customer_id)
+        )
         if key is None:
-            if op == "deactivate":
+            if op == "deactivate" or unknown:
                 return Sent(), None  # never reached Braze
             if op == "upsert":
                 raise FatalDelivery(
@@ -314,7 +334,7 @@ class BrazeSink:
                 f"{op}: the customer's Braze external id is not known yet (its upsert has not "
                 "been delivered); trying again"
             )
-        gone = await self._merged_away(delivery, key)
+        gone = unknown or await self._merged_away(delivery, key)
         item: dict[str, Any] = {"external_id": key}
         if gone or op in ("deactivate", "subscribe"):
             item["_update_existing_only"] = True  # never create a profile for these
@@ -359,9 +379,10 @@ class BrazeSink:
             item[self.config.status_attribute] = "DEACTIVATED"
         else:
             raise FatalDelivery(f"unknown operation {op!r}")
+        mine = None if unknown else key
         if len(item) == 1 + ("_update_existing_only" in item):
-            return Sent(key, note), None  # nothing to say through track (an SMS-only change)
-        return Sent(key, note), item
+            return Sent(mine, note), None  # nothing to say through track (an SMS-only change)
+        return Sent(mine, note), item
 
     def _configured_groups(self) -> list[str]:
         config = self.config

@@ -33,7 +33,9 @@
   profile again by the mapped identifiers (a 409 resolved as above), returns it with
   ``Sent.replaces`` naming the gone id, and reports ``unknown_contact``. A merge whose
   absorbed profile is gone has nothing to merge; one whose survivor is gone is retried (the
-  survivor's next update finds its profile again).
+  survivor's next update finds its profile again). A consent change of a customer Treez
+  merged away goes to its own profile while that lives on (its merge not landed), and
+  nowhere once it is gone (or was never made): it never makes a profile.
 - **backfill**: ``POST /api/profile-bulk-import-jobs`` (10,000 profiles, 5 MB a job), then
   the job is polled until it completes.
 
@@ -85,6 +87,8 @@ WITHHELD = re.compile(r"\bwithheld((?: (?:email|phone_number):[0-9a-f]{16})+)")
 # customers of this dispensary linked to that contact, and (customer, detail) of the
 # conflicts of that kind (see Store.contact_claims)
 Claims = Callable[[str | None, str | None], Awaitable[tuple[list[str], list[tuple[str, str]]]]]
+# whether Treez merged a customer away (Store.merged_away), bound by the worker
+MergedAway = Callable[[str], Awaitable[bool]]
 JSONAPI = "application/vnd.api+json"
 
 
@@ -209,6 +213,7 @@ class KlaviyoSink:
         )
         self._sleep = sleep
         self._claims: Claims | None = None
+        self._merged: MergedAway | None = None
         self._withheld: dict[str, set[str]] | None = None  # customer -> marks, once read
         self._withheld_lock = asyncio.Lock()
         secret = config.api_key.get_secret_value().encode()
@@ -498,6 +503,12 @@ class KlaviyoSink:
         self._claims = claims
         self._withheld = None
 
+    def bind_merges(self, merged_away: MergedAway) -> None:
+        """Whether Treez merged a customer away (the worker binds it): a consent change of
+        such a customer whose own profile is gone or was never made goes nowhere else (see
+        :meth:`_consent_target`)."""
+        self._merged = merged_away
+
     def _digest(self, name: str, value: str) -> str:
         """A keyed digest of an identifier: the conflicts table remembers which ones were
         withheld without holding them (a bare hash of a phone number is easily reversed)."""
@@ -609,6 +620,11 @@ class KlaviyoSink:
                 # leaving this customer's e-mail or phone subscribed would not be lawful
                 detail = _shared(contact_id, "unsubscribed all the same")
                 return Sent(contact_id, detail), email, phone
+        if self._merged is not None and await self._merged(delivery.customer_id):
+            # Treez merged this customer away and its own profile is gone (merged into the
+            # survivor's, which is owed its own unsubscribe) or was never made: finding one
+            # by the mapped identifiers could make a profile no merge would ever absorb
+            return Sent(None), None, None
         searched = await self._find(delivery, {})
         if searched is None:
             if contact_id is None:

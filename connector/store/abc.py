@@ -416,6 +416,11 @@ class Outbox(Protocol):
         conflict_kind: str | None = None,
     ) -> tuple[list[str], list[tuple[str, str]]]: ...
 
+    def merged_away(self, dispensary: str, customer_id: str) -> bool:
+        """Whether Treez merged the customer into another (a consent change of its must then
+        never make a contact at a destination: no merge would ever absorb it)."""
+        ...
+
 
 class Runs(Protocol):
     def checkpoint(self, dispensary: str) -> int | None: ...

@@ -296,6 +296,17 @@ class OutboxSql(PlanSql):
                 found = [(r.customer_id, r.detail) for r in rows]
         return owners, found
 
+    def merged_away(self, dispensary: str, customer_id: str) -> bool:
+        """Whether Treez merged the customer into another (its record lives on in the
+        survivor's): asked by an adapter before a consent change could make a contact."""
+        with self.snapshot() as conn:
+            into = conn.execute(
+                select(customers.c.merged_into).where(
+                    customers.c.dispensary == dispensary, customers.c.customer_id == customer_id
+                )
+            ).scalar_one_or_none()
+        return into is not None
+
     def finish(
         self,
         dispensary: str,
