@@ -471,6 +471,31 @@ def _prepare(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> 
 _ENCODER: Final = json.JSONEncoder(default=_json_fallback_handler)
 """What structlog's ``JSONRenderer()`` calls ``json.dumps`` with, made once."""
 
+_encode_c: Final = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        # no circular check: a redacted event is made of new dicts and lists, depth-bound
+        None,
+        _json_fallback_handler,
+        json.encoder.encode_basestring_ascii,
+        None,
+        _ENCODER.key_separator,
+        _ENCODER.item_separator,
+        False,
+        False,
+        True,
+    )
+    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else None
+)
+"""The C encoder that :meth:`json.JSONEncoder.iterencode` makes on each call, made once."""
+
+
+def _encode(event_dict: EventDict) -> str:
+    """``json.dumps(event_dict, default=...)``, byte for byte."""
+    if _encode_c is None:
+        return _ENCODER.encode(event_dict)
+    return "".join(_encode_c(event_dict, 0))
+
 
 _direct: logging.Handler | None = None
 """Our JSON handler, set by :func:`configure_logging` (None for console output): a structlog
@@ -512,7 +537,7 @@ def _write(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> An
     ):
         lock = handler.lock
         if isinstance(handler, logging.StreamHandler) and lock is not None:
-            line = _ENCODER.encode(event_dict) + handler.terminator
+            line = _encode(event_dict) + handler.terminator
             written = False
             with lock:  # Handler.handle's lock: lines from threads never interleave
                 try:
