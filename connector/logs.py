@@ -420,11 +420,11 @@ class _Stamper:
     reads the same clock in whole nanoseconds and floors them to microseconds), with the
     second's text formatted once per second rather than a datetime made on every line."""
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_second",)
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # one tuple, replaced whole: a thread never pairs one second with another's text
+        self._second: tuple[int, str] = (-1, "")
 
     def now(self) -> str:
         return self.format(time.time_ns() // 1000)
@@ -432,12 +432,13 @@ class _Stamper:
     def format(self, microseconds: int) -> str:
         """The ISO text of a UTC time given in microseconds since the epoch."""
         second, micro = divmod(microseconds, 1_000_000)
-        if second != self._second:
-            self._prefix = datetime.fromtimestamp(second, UTC).isoformat()[:-6]  # "+00:00"
-            self._second = second
+        cached = self._second
+        if cached[0] != second:
+            text = datetime.fromtimestamp(second, UTC).isoformat()[:-6]  # less "+00:00"
+            cached = self._second = (second, text)
         if micro:
-            return f"{self._prefix}.{micro:06d}Z"
-        return self._prefix + "Z"
+            return f"{cached[1]}.{micro:06d}Z"
+        return cached[1] + "Z"
 
 
 def _shared_processors() -> list[Processor]:
