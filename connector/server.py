@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import gc
 import socket
+import time
 from collections.abc import Generator
+from email.utils import formatdate
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.server import ServerState
 
 from connector.config import Config, ConsoleConfig
 from connector.http_protocol import ClientLimits, protocol_class
@@ -21,22 +24,60 @@ from connector.receiver import serving_app
 log = get_logger("connector.server")
 
 
-# how often an idle server wakes: the Date header uvicorn sends is refreshed this often (as
-# uvicorn does), and nothing else is due; a stop is heard at once (QuietServer)
+# how often a server wakes while it waits to stop, when uvicorn has something due each second
+# (a request limit to check, a notify callback); otherwise it sleeps until told to stop
 TICK_SECONDS = 1.0
 
 
+class DatedState(ServerState):
+    """uvicorn's state shared by a server's connections, its default headers (the Date
+    header and the configured ones) made when read in a new second rather than by a timer
+    each second: the Date header is read as each request's head completes, so an idle
+    server has nothing to refresh. Within a second the same list is handed out (the answer
+    heads of connector.http_protocol are kept per list)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self._config = config
+        self._second = -1
+        self._headers: list[tuple[bytes, bytes]] = []
+        super().__init__()
+        self._second = -1  # the first read makes them (ServerState's own [] is no Date)
+
+    @property
+    def default_headers(self) -> list[tuple[bytes, bytes]]:
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            config = self._config
+            # as uvicorn's Server.on_tick makes them
+            date = [(b"date", formatdate(now, usegmt=True).encode())] if config.date_header else []
+            self._headers = date + config.encoded_headers
+        return self._headers
+
+    @default_headers.setter
+    def default_headers(self, value: list[tuple[bytes, bytes]]) -> None:
+        # uvicorn's on_tick sets them (the first tick, the last one): kept for this second
+        self._second = int(time.time())
+        self._headers = value
+
+
 class QuietServer(uvicorn.Server):
-    """uvicorn's server, woken once a second instead of ten times while it waits to stop.
+    """uvicorn's server, asleep while it waits to stop instead of waking ten times a second.
 
     uvicorn's main loop sleeps 0.1 s at a time to look at ``should_exit``, refreshing its
     Date header every tenth look: an idle receiver woke ten times a second for nothing. Here
     it waits for ``should_exit`` itself (set by a signal or another task: the setter wakes
-    the loop) or the next second's Date header, whichever comes first.
+    the loop), and the Date header is made when a request reads it in a new second
+    (:class:`DatedState`). Only a server with a request limit or a notify callback still
+    wakes each second, for uvicorn's ``on_tick`` to check them.
     """
 
     _exit_now: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.server_state = DatedState(config)
 
     @property
     def should_exit(self) -> bool:
@@ -52,13 +93,19 @@ class QuietServer(uvicorn.Server):
 
     async def main_loop(self) -> None:
         self._loop, self._exit_now = asyncio.get_running_loop(), asyncio.Event()
+        config = self.config
+        ticking = config.limit_max_requests is not None or config.callback_notify is not None
         counter = 0
         should_exit = await self.on_tick(counter)
         while not should_exit:
             if self.should_exit:  # set before the event existed
                 self._exit_now.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exit_now.wait(), TICK_SECONDS)
+            if ticking:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._exit_now.wait(), TICK_SECONDS)
+            else:
+                await self._exit_now.wait()
+            self._exit_now.clear()  # set again by the next should_exit = True
             # a multiple of ten: uvicorn refreshes the Date header at each of them
             counter = (counter + 10) % 864000
             should_exit = await self.on_tick(counter)
