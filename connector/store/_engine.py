@@ -301,15 +301,19 @@ def postgres_engine(url: str, *, timeout: float = 5.0, pooled: bool = False) -> 
 class _Watchdog:
     """Severs a connection still busy past its deadline: its socket is shut down, so the
     call waiting on it fails at once (the driver sees the connection broken, the pool
-    replaces it). One thread for the process, looking every 0.1 s."""
+    replaces it). One thread for the process, looking every 0.1 s while a call is armed, and
+    asleep while none is (an idle process is not woken ten times a second)."""
 
     def __init__(self) -> None:
         self._armed: dict[int, tuple[float, Any]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._busy = threading.Event()  # set when a call is armed
 
     def arm(self, dbapi_connection: Any, seconds: float) -> None:
         self._armed[id(dbapi_connection)] = (time.monotonic() + seconds, dbapi_connection)
+        if not self._busy.is_set():
+            self._busy.set()
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -327,9 +331,14 @@ class _Watchdog:
         self._armed = {}
         self._lock = threading.Lock()
         self._thread = None
+        self._busy = threading.Event()
 
     def _watch(self) -> None:
         while True:
+            self._busy.clear()
+            if not self._armed:  # armed after the clear: seen here, or its set ends the wait
+                self._busy.wait()
+                continue
             time.sleep(0.1)
             now = time.monotonic()
             for key, (deadline, conn) in list(self._armed.items()):
