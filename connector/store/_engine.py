@@ -124,6 +124,22 @@ def opening_now() -> bool:
     return _OPENING_WAIT.get() is not None
 
 
+def _wal(cursor: Any, seconds: float) -> None:
+    """Switch a connection's file to WAL, waiting up to ``seconds`` for another process: on a
+    new file the switch needs the file to itself, and SQLite answers "database is locked"
+    at once, without its busy timeout, when it meets another connection doing the same (two
+    processes creating one store at once)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 @contextlib.contextmanager
 def opening(seconds: float) -> Iterator[None]:
     """While opening a store: a SQLite connection made meanwhile waits up to ``seconds``
@@ -174,7 +190,7 @@ def sqlite_engine(url: str, *, synchronous: str = "FULL", timeout: float = 5.0) 
             wait = _OPENING_WAIT.get()
             if wait is not None:
                 cursor.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _wal(cursor, timeout if wait is None else wait)
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             busy_now[id(dbapi_connection)] = busy_ms
