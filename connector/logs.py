@@ -110,6 +110,7 @@ ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         "error_type",
         "reason",
         "retry_in_s",
+        "exit_code",  # a process's exit status (negative: the signal that ended it)
         "retry_after_s",
         "next_attempt_at",
         "exc_info",

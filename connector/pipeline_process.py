@@ -170,7 +170,7 @@ class PipelineProcess:
             self.restarts += 1
             failures = 0 if time.monotonic() - started > 60 else failures + 1
             delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
-            log.error("pipeline_process_exited", code=code, restart_in=delay)
+            log.error("pipeline_process_exited", exit_code=code, retry_in_s=delay)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
 

@@ -941,6 +941,13 @@ def test_a_pipeline_process_killed_alone_is_restarted_and_loses_nothing(
     lines = server.proc.log_lines()
     exited = [line for line in lines if line.get("event") == "pipeline_process_exited"]
     checks.expect(len(exited) == 1, f"one exit of the pipeline process logged: {exited}")
+    checks.expect(
+        all(
+            isinstance(line.get("exit_code"), int) and isinstance(line.get("retry_in_s"), float)
+            for line in exited
+        ),
+        f"the exit's code and the restart's delay are logged, not redacted: {exited}",
+    )
     started = [line for line in lines if line.get("event") == "started"]
     checks.expect(
         [line.get("role") for line in started].count("pipeline") == 2,
