@@ -184,3 +184,31 @@ def test_a_burst_after_a_trickle_is_planned_whole_and_alike(
     with store.snapshot() as conn:  # type: ignore[attr-defined]
         states = store.load_states(conn, "d1", ["100", "204"])  # type: ignore[attr-defined]
     assert set(states) == {"100", "204"}
+
+
+def test_queued_keys_are_read_per_destination_through_the_unique_index(store: Store) -> None:
+    """Whether an operation is queued already is read by (dispensary, destination, key): one
+    destination's key does not hide another's operation, and on SQLite the read walks the
+    unique index to each key rather than every operation the dispensary ever queued."""
+    from dataclasses import replace
+
+    from connector.store.plans import _queued_queries
+
+    first = make_op("c1")
+    other = replace(first, destination="other")
+    with store.transaction() as conn:
+        assert store.enqueue(conn, "x", [first]) == 1
+    with store.transaction() as conn:  # same key, another destination: queued too
+        assert store.enqueue(conn, "x", [first, other]) == 1
+    with store.snapshot() as conn:
+        rows = Raw(conn).rows("SELECT destination, idempotency_key FROM outbox ORDER BY id")
+    key = first.idempotency_key
+    assert [tuple(r) for r in rows] == [(first.destination, key), ("other", key)]
+    queries = _queued_queries("x", [first, other, make_op("c2")])
+    assert [params[:2] for _, params in queries] == [("x", first.destination), ("x", "other")]
+    if store.engine.dialect.name != "sqlite":  # type: ignore[attr-defined]
+        return
+    with store.snapshot() as conn:
+        for sql, params in queries:
+            plan = " ".join(str(r[-1]) for r in Raw(conn).rows("EXPLAIN QUERY PLAN " + sql, params))
+            assert "dispensary=? AND destination=? AND idempotency_key=?" in plan, plan

@@ -257,8 +257,11 @@ RAW_SAVE_CONTACTS = (
     " unsubscribed = excluded.unsubscribed, deactivated = excluded.deactivated,"
     " ops_planned = excluded.ops_planned, updated_at = excluded.updated_at"
 )
+# by destination too, so the read walks uq_outbox_key to each key: without it, it scanned
+# every operation the dispensary ever queued, done ones included, once a planned batch
 RAW_QUEUED_KEYS = (
-    "SELECT destination, idempotency_key FROM outbox WHERE dispensary = ? AND idempotency_key IN "
+    "SELECT destination, idempotency_key FROM outbox"
+    " WHERE dispensary = ? AND destination = ? AND idempotency_key IN "
 )
 RAW_INSERT_OUTBOX = (
     "INSERT INTO outbox (dispensary, destination, order_key, customer_id, op, payload,"

@@ -469,13 +469,17 @@ def _queued_queries(
     dispensary: str, operations: Sequence[Operation]
 ) -> list[tuple[str, Sequence[Any]]]:
     """The reads of which of ``operations``' idempotency keys are queued already (rows of
-    destination and key), a few hundred keys a statement."""
-    keys = list(dict.fromkeys(op.idempotency_key for op in operations))
-    return [
-        (RAW_QUEUED_KEYS + in_list(len(part)), (dispensary, *part))
-        for chunk in range(0, len(keys), 500)
-        if (part := keys[chunk : chunk + 500])
-    ]
+    destination and key), a statement per destination and few hundred keys."""
+    by_destination: dict[str, dict[str, None]] = {}
+    for op in operations:
+        by_destination.setdefault(op.destination, {})[op.idempotency_key] = None
+    queries: list[tuple[str, Sequence[Any]]] = []
+    for destination, found in sorted(by_destination.items()):
+        keys = list(found)
+        for chunk in range(0, len(keys), 500):
+            part = keys[chunk : chunk + 500]
+            queries.append((RAW_QUEUED_KEYS + in_list(len(part)), (dispensary, destination, *part)))
+    return queries
 
 
 def _state_queries(dispensary: str, ids: Sequence[str]) -> list[tuple[str, Sequence[Any]]]:
