@@ -10,7 +10,9 @@ rate. One server goes through the phases in turn: idle (no events), then each tr
 ``--rate``). Each phase ends when the sink has every event of it; its CPU is that of both
 connector processes from the phase's first POST to its last delivery (the idle phase: over
 ``--idle-seconds``); ``recv ms/ev`` is the receiver's process alone (the rest of the CPU is its
-pipeline process's).
+pipeline process's). ``--history N`` gives the store a past first: N customers, each with a
+processed event and a delivered operation, as weeks of retention leave them (a fresh store
+hides every cost that grows with the tables).
 
 Targets (issue 17): at saturation at least 3,000 events/s delivered with nothing missing
 (about 0.3 ms of connector CPU per event, printed beside it, with the load generator and the
@@ -19,6 +21,7 @@ figure of the same run; at 100 events/s, p99 POST-to-sink under 100 ms (and no w
 29 ms measured before the issue); idle under 1% of a core.
 
     python bench/pipeline.py [--rate 5000 --events 15000] [--rates 1,10,100] [--one-process]
+                             [--history 200000]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -46,6 +50,41 @@ from bench._common import (
     write_config,
 )
 from tests.fakes.http_sink import Attempt
+
+
+def add_history(database: Path, customers: int, dispensary: str = "partnersandbox3") -> None:
+    """``customers`` past customers in the store: each with a processed event (its body
+    purged, as past retention), its state, its contact at the sink and a delivered upsert;
+    ids below the bench's own, so none is met again."""
+    now = time.time() - 86_400
+    conn = sqlite3.connect(database, timeout=30)
+    with conn:
+        for start in range(0, customers, 10_000):
+            ids = [str(100_000 + i) for i in range(start, min(customers, start + 10_000))]
+            conn.executemany(
+                "INSERT INTO inbox (dispensary, source, event_type, customer_id, last_update_us,"
+                " received_at, body, status, processed_at) VALUES (?, 'webhook', 'CUSTOMER', ?,"
+                " 1, ?, NULL, 'applied', ?)",
+                [(dispensary, cid, now, now) for cid in ids],
+            )
+            conn.executemany(
+                "INSERT INTO customers (dispensary, customer_id, last_update_us, content_hash,"
+                " opt_out, merges, updated_at, opt_out_seen) VALUES (?, ?, 1, ?, 0, '[]', ?, 0)",
+                [(dispensary, cid, f"{int(cid):064x}", now) for cid in ids],
+            )
+            conn.executemany(
+                "INSERT INTO contacts (dispensary, customer_id, destination, contact_id,"
+                " delivered_hash, unsubscribed, deactivated, ops_planned, updated_at)"
+                " VALUES (?, ?, 'sink', ?, ?, 0, 0, 1, ?)",
+                [(dispensary, cid, f"c-{cid}", f"{int(cid):064x}", now) for cid in ids],
+            )
+            conn.executemany(
+                "INSERT INTO outbox (dispensary, destination, order_key, customer_id, op, payload,"
+                " idempotency_key, status, attempts, created_at, next_attempt_at, done_at)"
+                " VALUES (?, 'sink', ?, ?, 'upsert', '{}', ?, 'done', 1, ?, ?, ?)",
+                [(dispensary, cid, cid, f"{int(cid):040x}", now, now, now) for cid in ids],
+            )
+    conn.close()
 
 
 async def post_all(
@@ -170,6 +209,9 @@ def main() -> None:
     parser.add_argument("--trickle-seconds", type=float, default=20.0, help="of each trickle")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="0: no idle phase")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--history", type=int, default=0, help="past customers in the store before the phases"
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="the http destination's")
     parser.add_argument(
         "--one-process",
@@ -198,6 +240,8 @@ def main() -> None:
             pids: list[int] = []
             with server_process(config, cpu=None, bench_server=False, pids=pids) as base:
                 tail = AttemptsTail(attempts_log)
+                if args.history:
+                    add_history(work / "connector.db", args.history)
                 # a first event, not measured: connections, caches and the first batch warm up
                 run_phase("warm-up", base, tail, pids, new_events(20), 20, 4)
                 if args.idle_seconds > 0:
@@ -217,7 +261,8 @@ def main() -> None:
                 )
     mode = "one process" if args.one_process else "receiver + pipeline process"
     print(
-        f"http destination batch_size {args.batch_size}, {mode}; "
+        f"http destination batch_size {args.batch_size}, {mode}, "
+        f"{args.history:,} past customers in the store; "
         f"connector CPU counts both of its processes"
     )
     print(

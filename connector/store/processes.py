@@ -20,6 +20,7 @@ from connector.store._statements import (
 )
 from connector.store.dead_letters import DeadLettersSql
 from connector.store.schema import (
+    INFLIGHT,
     locks,
     outbox,
     processes,
@@ -46,7 +47,7 @@ class ProcessesSql(DeadLettersSql):
             if gone:
                 result = conn.execute(
                     update(outbox)
-                    .where(outbox.c.status == "inflight", outbox.c.claimed_by.in_(gone))
+                    .where(INFLIGHT, outbox.c.claimed_by.in_(gone))
                     .values(status="pending", claimed_by=None, claimed_until=None)
                 )
                 released = result.rowcount or 0
@@ -69,7 +70,7 @@ class ProcessesSql(DeadLettersSql):
             )
             conn.execute(
                 update(outbox)
-                .where(outbox.c.status == "inflight", outbox.c.claimed_by == self.process_id)
+                .where(INFLIGHT, outbox.c.claimed_by == self.process_id)
                 .values(claimed_until=now + CLAIM_SECONDS)
             )
             # this process's leases (a destination's delivery), while they are still its own
@@ -84,7 +85,7 @@ class ProcessesSql(DeadLettersSql):
         with self.transaction(durable=False) as conn:
             result = conn.execute(
                 update(outbox)
-                .where(outbox.c.status == "inflight", outbox.c.claimed_by == self.process_id)
+                .where(INFLIGHT, outbox.c.claimed_by == self.process_id)
                 .values(status="pending", claimed_by=None, claimed_until=None)
             )
             conn.execute(delete(processes).where(processes.c.id == self.process_id))

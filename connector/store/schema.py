@@ -22,6 +22,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    literal_column,
+    text,
 )
 
 metadata = MetaData()
@@ -156,7 +158,21 @@ outbox = Table(
     Index("ix_outbox_order", "dispensary", "destination", "order_key", "id"),
     # version 2: what a dead letter's replay asks (later operations of one contact)
     Index("ix_outbox_contact", "dispensary", "destination", "customer_id", "op", "id"),
+    # revision 0006: a process's claims (its heartbeat renews them, its exit gives them
+    # back), among the few operations in flight, not every operation kept; the queries
+    # name the status as a literal (INFLIGHT), as a partial index needs
+    Index(
+        "ix_outbox_inflight",
+        "claimed_by",
+        sqlite_where=text("status = 'inflight'"),
+        postgresql_where=text("status = 'inflight'"),
+    ),
 )
+
+# "an operation in flight", with the status as a literal: a partial index
+# (ix_outbox_inflight) serves only a query whose own terms imply its condition, and a bound
+# parameter does not
+INFLIGHT = outbox.c.status == literal_column("'inflight'")
 
 # Operations that will not be retried any more, with the last response.
 dead_letters = Table(
