@@ -147,6 +147,7 @@ class Phase:
     cpu: float
     latencies: list[float]
     receiver_cpu: float = 0.0  # of the cpu: the receiver's process alone (the rest: its child)
+    machine_cpu: float = 0.0  # all cores' busy time meanwhile: connector, sink, load, kernel
 
     @property
     def cpu_per_event(self) -> float:
@@ -169,6 +170,7 @@ def run_phase(
 ) -> Phase:
     """Post ``events`` at ``rate`` and wait for the sink to have all of them."""
     cpu_before, receiver_before = connector_cpu(pids), receiver_cpu(pids)
+    machine_before = machine_busy()
     # uvloop: the load generator's CPU is taken from the machine under test
     sent = uvloop.run(post_all(base, events, rate, min(clients, len(events))))
     deadline = time.monotonic() + 120
@@ -183,10 +185,22 @@ def run_phase(
                     received.setdefault(int(op["customer_id"]), attempt.wall)
     cpu = connector_cpu(pids) - cpu_before
     receiver = receiver_cpu(pids) - receiver_before
+    machine = machine_busy() - machine_before
     first = min(sent.values())
     last = max(received.values(), default=first)
     latencies = sorted(received[c] - sent[c] for c in received if c in sent)
-    return Phase(name, len(sent), len(received), last - first, cpu, latencies, receiver)
+    return Phase(name, len(sent), len(received), last - first, cpu, latencies, receiver, machine)
+
+
+def machine_busy() -> float:
+    """Seconds of CPU all cores spent busy so far (Linux /proc/stat: all but idle and
+    iowait; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields[:8]) - fields[3] - fields[4]) / tick
 
 
 def connector_cpu(pids: list[int]) -> float:
@@ -286,6 +300,17 @@ def main() -> None:
         f"saturated: {throughput:,.0f} events/s end to end, "
         f"{saturated.cpu / saturated.seconds:.2f} cores of connector CPU busy"
     )
+    rest = (saturated.machine_cpu - saturated.cpu) / max(1, saturated.delivered)
+    if saturated.machine_cpu > 0:
+        # what the two cores allow: the sink, the load generator and the kernel's share of an
+        # event are the machine's too; were the connector's own 0.3 ms, the most would be...
+        cores = os.cpu_count() or 1
+        print(
+            f"the rest of the machine (sink, load generator, kernel): {rest * 1e3:.3f} ms of "
+            f"CPU per event; {cores} cores allow at most "
+            f"{cores / (saturated.cpu_per_event + rest):,.0f} events/s at this split, "
+            f"{cores / (0.0003 + rest):,.0f}/s were the connector's 0.3 ms"
+        )
     if idle_share is not None:
         print(
             f"idle: {idle_share * 100:.2f}% of a core over {args.idle_seconds:g} s "
