@@ -636,8 +636,9 @@ def test_backfill_runs_jobs_of_at_most_bulk_size_each_polled_until_complete(
         for i in range(1, 6)
     ]
     unsubscribe = delivery("unsubscribe", "c9", fields={"email": "c9@example.com"}, outbox_id=9)
-    # never reached Klaviyo: found (or made) by its identifiers before it is addressed
-    router.post(IMPORT).mock(return_value=profile_answer("01C9", 201, email="c9@example.com"))
+    # never reached Klaviyo: found by its identifiers (a read, never a create) first
+    found = {"type": "profile", "id": "01C9", "attributes": {"email": "c9@example.com"}}
+    router.get("/api/profiles").mock(return_value=httpx.Response(200, json={"data": [found]}))
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:

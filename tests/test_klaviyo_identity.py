@@ -164,10 +164,12 @@ def test_defect_1_a_profile_holding_no_email_and_no_phone_is_reported_not_addres
 def test_defect_1_an_unknown_profile_is_found_by_its_identifiers_before_it_is_addressed(
     router: respx.MockRouter, mapping_dir: Path
 ) -> None:
-    """No profile id: the identifiers are imported first (a 409 resolved as an upsert
-    would), and the job addresses what the profile that answered holds."""
-    imports = router.post(IMPORT).mock(
-        return_value=profile_answer("01NEW", 201, email="vince@example.com", phone_number=None)
+    """No profile id: the profile is looked up by the identifiers first (a read: an
+    opt-out never makes a profile), and the job addresses what the profile found holds."""
+    imports = router.post(IMPORT).mock(return_value=profile_answer("01NEW", 201))
+    found = {"type": "profile", "id": "01NEW", "attributes": {"email": "vince@example.com"}}
+    search = router.get("/api/profiles").mock(
+        return_value=httpx.Response(200, json={"data": [found]})
     )
     job = router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
     fields = {"external_id": f"treez-{SHOP}-2", "email": "vince@example.com", "first_name": "V"}
@@ -175,12 +177,9 @@ def test_defect_1_an_unknown_profile_is_found_by_its_identifiers_before_it_is_ad
     [result] = send(klaviyo_config(mapping_dir), delivery("unsubscribe", "2", fields=fields))
 
     assert result == Sent("01NEW")
-    [call] = imports.calls
-    assert sent_json(call.request)["data"]["attributes"] == {
-        "external_id": f"treez-{SHOP}-2",
-        "email": "vince@example.com",
-        "properties": {f"treez_id_{SHOP}": "2"},
-    }
+    assert imports.call_count == 0
+    [call] = search.calls  # by the external id, which found it
+    assert call.request.url.params["filter"] == f'equals(external_id,"treez-{SHOP}-2")'
     assert job_profiles(job.calls[0].request) == [
         {"email": "vince@example.com", "subscriptions": {"email": UNSUBSCRIBED}}
     ]
@@ -526,6 +525,8 @@ def test_defect_8_a_deactivate_for_a_gone_profile_finds_it_again_and_marks_it(
     imports = router.post(IMPORT).mock(
         side_effect=[not_found("01GONE"), profile_answer("01NOW", 200, **MIA)]
     )
+    found = {"type": "profile", "id": "01NOW", "attributes": MIA}
+    router.get("/api/profiles").mock(return_value=httpx.Response(200, json={"data": [found]}))
     fields = {"external_id": f"treez-{SHOP}-1001", **MIA, "first_name": "Mia"}
 
     [result] = send(
@@ -536,10 +537,8 @@ def test_defect_8_a_deactivate_for_a_gone_profile_finds_it_again_and_marks_it(
     assert (result.contact_id, result.replaces) == ("01NOW", "01GONE")
     assert result.conflict is None  # the store reports the replacement (contact_replaced)
     again = sent_json(imports.calls[1].request)["data"]
-    assert "id" not in again
+    assert again["id"] == "01NOW"  # found by a read, then updated by id: never made
     assert again["attributes"] == {
-        "external_id": f"treez-{SHOP}-1001",
-        **MIA,
         "properties": {f"treez_id_{SHOP}": "1001", "treez_status": "DEACTIVATED"},
     }
 
@@ -576,7 +575,8 @@ def test_defect_8_an_unsubscribe_for_a_gone_profile_finds_it_again_by_its_identi
     router: respx.MockRouter, mapping_dir: Path
 ) -> None:
     held_profiles(router, {})
-    router.post(IMPORT).mock(return_value=profile_answer("01NOW", 200, **MIA))
+    found = {"type": "profile", "id": "01NOW", "attributes": MIA}
+    router.get("/api/profiles").mock(return_value=httpx.Response(200, json={"data": [found]}))
     job = router.post(UNSUBSCRIBE).mock(return_value=httpx.Response(202))
     fields = {"external_id": f"treez-{SHOP}-1001", **MIA}
 
@@ -659,9 +659,13 @@ def test_defect_8_flow_a_deactivation_after_a_marketer_merged_the_profile_away(
     asyncio.run(go())
 
 
-def test_defect_8_flow_an_opt_out_after_the_profile_was_deleted_reaches_the_new_one(
+def test_defect_8_flow_an_opt_out_after_the_profile_was_deleted_makes_no_profile(
     tmp_path: Path, fake: KlaviyoFake
 ) -> None:
+    """Deleted in Klaviyo (by a marketer, for a data-privacy request): the opt-out finds
+    nothing of the customer's and makes nothing (it would bring the e-mail and phone back);
+    that is reported, and the customer's next update makes a profile never subscribed."""
+
     async def go() -> None:
         async with klaviyo_flow(tmp_path, fake) as flow:
             await flow.deliver(
@@ -674,9 +678,9 @@ def test_defect_8_flow_an_opt_out_after_the_profile_was_deleted_reaches_the_new_
                 )
             )
             assert flow.dead_letters() == []
-            [profile] = fake.profiles.values()
-            assert profile.external_id == f"treez-{DISPENSARY}-1001"
-            assert fake.consent(profile.id) == {"email": "UNSUBSCRIBED", "sms": "UNSUBSCRIBED"}
+            assert fake.profiles == {}
+            assert fake.calls_to("/api/profile-subscription-bulk-delete-jobs") == []
+            assert "unknown_contact" in [c["kind"] for c in flow.conflicts()]
 
     asyncio.run(go())
 

@@ -29,13 +29,19 @@
   gave to someone else; a profile holding neither is reported (``no_identifier``).
 - **merge**: ``POST /api/profile-merge`` (the absorbed profile into the survivor's).
 - **deactivate**: no Klaviyo equivalent; the profile gets ``properties.treez_status``.
-- **a gone profile** (404: merged away, deleted): every operation finds the customer's
-  profile again by the mapped identifiers (a 409 resolved as above), returns it with
-  ``Sent.replaces`` naming the gone id, and reports ``unknown_contact``. A merge whose
-  absorbed profile is gone has nothing to merge; one whose survivor is gone is retried (the
-  survivor's next update finds its profile again). A consent change of a customer Treez
-  merged away goes to its own profile while that lives on (its merge not landed), and
-  nowhere once it is gone (or was never made): it never makes a profile.
+- **a gone profile** (404: merged away, deleted by a marketer or a data-privacy request):
+  an upsert imports by the mapped identifiers again, which finds or makes the profile (a
+  409 resolved as above). **No other operation ever makes a profile**: a deactivation or a
+  consent change looks the customer's profile up by external id, e-mail and phone
+  (``GET /api/profiles?filter=``, a read; ``profile-import`` and the subscription jobs
+  make a profile when none matches), skips one that is another customer's of this store
+  (as above), returns the one found with ``Sent.replaces`` naming the gone id, and when
+  none exists marks nothing and reports ``unknown_contact`` (a consent change for a
+  profile not made yet waits for its upsert instead). A merge whose absorbed profile is
+  gone has nothing to merge; one whose survivor is gone is retried (the survivor's next
+  update finds its profile again). A consent change of a customer Treez merged away goes to
+  its own profile while that lives on (its merge not landed), and nowhere once it is gone
+  (or was never made).
 - **backfill**: ``POST /api/profile-bulk-import-jobs`` (10,000 profiles, 5 MB a job), then
   the job is polled until it completes.
 
@@ -55,6 +61,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator
@@ -604,8 +611,8 @@ class KlaviyoSink:
     async def _consent_target(self, delivery: Delivery) -> tuple[Result, str | None, str | None]:
         """The profile a consent change goes to, and the e-mail and phone it holds: our
         profile when its id is known and it exists; else (never reached Klaviyo, or gone) the
-        profile found or made by the mapped identifiers, as an upsert would, so never another
-        customer's."""
+        profile found by the mapped identifiers that is not another customer's. None is ever
+        made: the job then goes nowhere (the profile is gone) or waits (not made yet)."""
         contact_id = delivery.contact_id
         if contact_id is not None:
             found = await self.lookup(contact_id)
@@ -625,8 +632,8 @@ class KlaviyoSink:
             # survivor's, which is owed its own unsubscribe) or was never made: finding one
             # by the mapped identifiers could make a profile no merge would ever absorb
             return Sent(None), None, None
-        searched = await self._find(delivery, {})
-        if searched is None:
+        identifiers = await self._identifiers(delivery)
+        if not identifiers:
             if contact_id is None:
                 # an opt-out owed to a customer whose profile is not made yet (its upsert is
                 # queued, retrying or dead-lettered): wait for it, never drop the opt-out
@@ -647,23 +654,75 @@ class KlaviyoSink:
                 None,
                 None,
             )
-        result, held = searched
+        searched = await self._find(delivery, identifiers)
+        if searched is None:
+            # no profile of this customer's exists. Klaviyo's subscription jobs make a
+            # profile for identifiers no profile holds, so none is sent: a consent change
+            # never makes a profile (one someone deleted, maybe for a data-privacy request,
+            # would come back holding the e-mail and phone)
+            if contact_id is None:
+                # not made yet: its upsert is queued, retrying or dead-lettered; the opt-out
+                # waits for it and is never dropped
+                return (
+                    RetriableDelivery(
+                        f"{delivery.op}: the customer's Klaviyo profile is not made yet (its "
+                        "upsert has not been delivered); trying again"
+                    ),
+                    None,
+                    None,
+                )
+            # gone, and nothing of this customer's left to market to (reported); the
+            # customer's next upsert makes a profile that was never subscribed
+            return _replacing(Sent(None), contact_id, "the consent change"), None, None
+        again, profile = searched
+        result: Result = Sent(again)
         if contact_id is not None:
             result = _replacing(result, contact_id, "the consent change")
-        return result, _text(held.get("email")), _text(held.get("phone_number"))
+        return result, _text(profile.get("email")), _text(profile.get("phone_number"))
+
+    async def _identifiers(self, delivery: Delivery) -> dict[str, str]:
+        """The mapped identifiers of the operation, less those withheld after a 409 (they
+        belong to another customer's profile)."""
+        fields = delivery.fields
+        found: dict[str, Any] = {n: fields[n] for n in IDENTIFIERS if _text(fields.get(n))}
+        self._withhold(found, await self._remembered(delivery.customer_id))
+        return found
 
     async def _find(
-        self, delivery: Delivery, properties: dict[str, Any]
-    ) -> tuple[Result, dict[str, Any]] | None:
-        """Find (or make) this customer's profile by the mapped identifiers alone, with
-        ``properties`` set; None when the operation carries no identifier."""
-        fields = delivery.fields
-        attributes: dict[str, Any] = {n: fields[n] for n in IDENTIFIERS if _text(fields.get(n))}
-        self._withhold(attributes, await self._remembered(delivery.customer_id))
-        if not attributes:
-            return None
-        attributes["properties"] = {_treez_key(delivery): delivery.customer_id, **properties}
-        return await self._import(delivery, attributes)
+        self, delivery: Delivery, identifiers: dict[str, str]
+    ) -> tuple[str, dict[str, Any]] | None:
+        """This customer's profile found by ``identifiers``, read with ``GET /api/profiles``
+        and never made: its id and attributes, or None when none of this customer's exists.
+        A profile the identity map (or its own ``treez_id_<dispensary>``) links to another
+        customer of this store is another person's, never this customer's.
+        ``profile-import`` is no way to look: it makes the profile when none matches, and an
+        operation other than an upsert must never make one (a deactivation or an opt-out
+        would bring back a profile someone deleted, maybe for a data-privacy request)."""
+        seen: set[str] = set()
+        # the external id first: it is this customer's own key, the others may be shared
+        for name in ("external_id", "email", "phone_number"):
+            value = identifiers.get(name)
+            if not isinstance(value, str):
+                continue
+            for profile in await self._search(name, value):
+                found = profile.get("id")
+                if not isinstance(found, str) or not found or found in seen:
+                    continue
+                seen.add(found)
+                if not await self._another_customers(delivery, found, profile):
+                    held = profile.get("attributes")
+                    return found, held if isinstance(held, dict) else {}
+        return None
+
+    async def _search(self, name: str, value: str) -> list[dict[str, Any]]:
+        """The profiles holding ``value`` as ``name`` (``GET /api/profiles?filter=``), a
+        read that makes nothing."""
+        if '"' in value or "\\" in value:
+            return []  # no quoting of these in Klaviyo's filter syntax: nothing to match
+        query = urlencode({"filter": f'equals({name},"{value}")', "page[size]": "10"})
+        response = await self.api.request("GET", f"/api/profiles?{query}", "profiles")
+        data = _json(response).get("data")
+        return [p for p in data if isinstance(p, dict)] if isinstance(data, list) else []
 
     # --- merge and deactivate -------------------------------------------------------------
 
@@ -714,15 +773,33 @@ class KlaviyoSink:
         response = await self._post_profile(data, 404)
         if response.status_code != 404:
             return Sent(contact_id)
-        searched = await self._find(delivery, status)
-        if searched is None:
+        identifiers = await self._identifiers(delivery)
+        if not identifiers:
             return Sent(
                 None,
                 f"unknown_contact: profile {contact_id} is gone and the deactivation carries "
                 "nothing to find it again by; nothing was marked",
             )
-        result, _ = searched
-        return _replacing(result, contact_id, "the deactivation")
+        found = await self._find(delivery, identifiers)
+        if found is None:
+            # deleted (by a marketer, for a data-privacy request) and not made again: a
+            # deactivation never brings a profile back, only the customer's next upsert does
+            return Sent(
+                None,
+                f"unknown_contact: profile {contact_id} is gone and no profile of this "
+                "customer's exists; nothing was marked",
+            )
+        again, _ = found
+        properties = {_treez_key(delivery): delivery.customer_id, **status}
+        data = {"type": "profile", "id": again, "attributes": {"properties": properties}}
+        # by id: an update or a 404, never a create (deleted since it was found)
+        if (await self._post_profile(data, 404)).status_code == 404:
+            return Sent(
+                None,
+                f"unknown_contact: profile {contact_id} is gone, and so is profile {again} "
+                "found by this customer's identifiers; nothing was marked",
+            )
+        return _replacing(Sent(again), contact_id, "the deactivation")
 
     # --- backfill -------------------------------------------------------------------------
 

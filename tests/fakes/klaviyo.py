@@ -13,6 +13,7 @@ guide. Every request needs ``Authorization: Klaviyo-API-Key <key>`` (absent or a
 ==================================================  ========================================
 ``POST /api/profile-import``                         200 updated / 201 created, the profile
 ``GET  /api/profiles/{id}``                          200 the profile / 404
+``GET  /api/profiles?filter=...``                    200, the profiles matching (never creates)
 ``POST /api/profile-merge``                          201 ``{"data": {"type": "profile", ...}}``
 ``POST /api/profile-subscription-bulk-create-jobs``  202, no body (subscribe, <= 1,000)
 ``POST /api/profile-subscription-bulk-delete-jobs``  202, no body (unsubscribe, <= 100)
@@ -62,6 +63,11 @@ Behaviours **assumed** (not settled by the spec or the guide):
   ``unsubscribe_creates_profiles=False``); single opt-in; unsubscribe is always global;
 - merge applies at once; the destination keeps its values and gains the source's missing ones
   (with the consent of an e-mail or phone it gains); unknown ids are 404;
+- ``GET /api/profiles`` filters on ``id``, ``email``, ``phone_number`` and ``external_id``
+  with ``equals(field,"value")`` or ``any(field,["a","b"])`` (quotes single or double), one
+  expression, as the spec's ``filter`` parameter allows for those fields; the e-mail compared
+  case-insensitively, as profile-import matches it; any other filter is a 400 ``invalid``
+  naming the ``filter`` parameter; ``page[size]`` 1 to 100 (default 20), one page, no cursor;
 - error codes ``parse_error``, ``unsupported_media_type``, ``not_found``, ``method_not_allowed``.
 
 In-process::
@@ -183,6 +189,7 @@ ACCOUNT_ID = "FaKe01"  # the account's id, which is also its public API key (sit
 RATE_LIMITS: dict[str, RateLimit] = {
     "profile-import": RateLimit(75, 750),
     "get-profile": RateLimit(75, 750),
+    "get-profiles": RateLimit(75, 750),
     "profile-merge": RateLimit(10, 150),
     "subscribe": RateLimit(75, 750),
     "unsubscribe": RateLimit(75, 750),
@@ -369,6 +376,35 @@ def _key(value: str | None) -> str | None:
     return value.strip().lower() if value else None
 
 
+_FILTERABLE = frozenset({"id", "email", "phone_number", "external_id"})
+_QUOTED = r"(?:\"[^\"]*\"|'[^']*')"
+_FILTER = re.compile(
+    rf"\s*(?P<op>equals|any)\(\s*(?P<field>[a-z_]+)\s*,\s*"
+    rf"(?P<value>{_QUOTED}|\[\s*{_QUOTED}(?:\s*,\s*{_QUOTED})*\s*\])\s*\)\s*"
+)
+
+
+def _bad_filter(detail: str) -> ApiError:
+    return ApiError(400, "invalid", "Invalid input.", detail, pointer=None, parameter="filter")
+
+
+def _parse_filter(text: str) -> tuple[str, list[str]]:
+    """(field, values) of ``equals(field,"v")`` or ``any(field,["a","b"])`` on an
+    identifier; anything else is a 400, as Klaviyo answers a filter it does not allow."""
+    match = _FILTER.fullmatch(text)
+    if match is None:
+        raise _bad_filter('Invalid filter: expected equals(field,"value") or any(field,[...]).')
+    field, value = match["field"], match["value"]
+    if field not in _FILTERABLE:
+        raise _bad_filter(f"Filtering on `{field}` is not supported by this fake.")
+    values = [q[1:-1] for q in re.findall(_QUOTED, value)]
+    if (match["op"] == "equals") != (not value.startswith("[")):
+        raise _bad_filter(
+            f"`{match['op']}` takes {'one value' if match['op'] == 'equals' else 'a list'}."
+        )
+    return field, values
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _ProfileInput:
     id: str | None
@@ -475,6 +511,7 @@ _Handler = Callable[[_Request], tuple[int, Any]]
 _ROUTES: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (re.compile(r"/api/profile-import"), "POST", "profile-import"),
     (re.compile(r"/api/accounts"), "GET", "get-accounts"),
+    (re.compile(r"/api/profiles"), "GET", "get-profiles"),
     (re.compile(r"/api/profiles/(?P<id>[^/]+)"), "GET", "get-profile"),
     (re.compile(r"/api/profile-merge"), "POST", "profile-merge"),
     (re.compile(r"/api/profile-subscription-bulk-create-jobs"), "POST", "subscribe"),
@@ -576,6 +613,7 @@ class KlaviyoFake:
         self._handlers: dict[str, _Handler] = {
             "profile-import": self._profile_import,
             "get-profile": self._get_profile,
+            "get-profiles": self._get_profiles,
             "profile-merge": self._profile_merge,
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
@@ -1155,6 +1193,39 @@ class KlaviyoFake:
             profile, request.base, subscriptions=self._wants_subscriptions(request.query)
         )
         return 200, {"data": resource, "links": {"self": resource["links"]["self"]}}
+
+    def _get_profiles(self, request: _Request) -> tuple[int, Any]:
+        """Get Profiles: the profiles a filter on an identifier matches; a read, never a
+        create (what profile-import would do with the same identifiers)."""
+        raw_size = (request.query.get("page[size]") or ["20"])[0]
+        if not raw_size.isdigit() or not 1 <= int(raw_size) <= 100:
+            raise ApiError(
+                400,
+                "invalid",
+                "Invalid input.",
+                "`page[size]` must be an integer between 1 and 100.",
+                pointer=None,
+                parameter="page[size]",
+            )
+        filters = request.query.get("filter") or []
+        if len(filters) > 1:
+            raise _bad_filter("Only one `filter` parameter may be given.")
+        if filters:
+            field, values = _parse_filter(filters[0])
+            ids: list[str] = []
+            for value in values:
+                found = value if field == "id" else self._holder(field, value)
+                if found is not None and found in self._profiles and found not in ids:
+                    ids.append(found)
+        else:
+            ids = list(self._profiles)
+        wants = self._wants_subscriptions(request.query)
+        data = [
+            self._profile_resource(self._profiles[i], request.base, subscriptions=wants)
+            for i in ids[: int(raw_size)]
+        ]
+        links = {"self": f"{request.base}/api/profiles/", "next": None, "prev": None}
+        return 200, {"data": data, "links": links}
 
     # ---- account ----------------------------------------------------------------------------
 
