@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -139,6 +141,19 @@ def _timestamp(value: Any) -> Any:
 
 _NEVER_VISITED = date(2000, 1, 1)
 _MIDNIGHT = time(0)
+
+
+NOT_FINITE = "is not a finite number (NaN and Infinity are not JSON numbers, RFC 8259)"
+
+
+def _finite(value: Any) -> Any:
+    # A float that is not finite has no JSON form: json.dumps writes NaN (invalid JSON) and
+    # msgspec writes null, so it would reach a destination as garbage or as a silent null.
+    # It comes from text ("NaN") that pydantic reads as a float, or a number past a float's
+    # range (1e400); the literals NaN and Infinity are refused earlier, as not JSON.
+    if value.__class__ is float and not math.isfinite(value):
+        raise ValueError(NOT_FINITE)
+    return value
 
 
 def _list_or_empty(value: Any) -> Any:
@@ -248,7 +263,7 @@ class Customer(BaseModel):
     caregiver_name_1: str | None = None
     caregiver_name_2: str | None = None
     caregiver_details: Annotated[list[Any], NullAsEmpty] = Field(default_factory=list)
-    rewards_balance: int | float | None = None
+    rewards_balance: Annotated[int | float | None, AfterValidator(_finite)] = None
     rewards_type: str | None = None
     signup_date: LenientDatetime = None
     last_visit_date: LenientDatetime = None
@@ -446,15 +461,97 @@ def _parse_event_json_model(raw: bytes | str, source: str = "webhook body") -> T
     """:func:`parse_event_json` by the models: a CUSTOMER event is validated straight from
     the bytes (pydantic's JSON parser, no intermediate dicts); anything else takes the general
     path of :func:`parse_event`."""
-    try:
-        envelope = _CustomerEnvelope.model_validate_json(raw)
-    except ValidationError:
-        pass
-    else:
-        extra = envelope.model_extra
-        if envelope.event_type == "CUSTOMER" and not (extra and "test" in extra):
-            return CustomerEvent(envelope.data, envelope.dispensary_short_name)
+    if not _may_hold_constant(raw):  # pydantic's parser reads NaN as a number
+        try:
+            envelope = _CustomerEnvelope.model_validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            extra = envelope.model_extra
+            if envelope.event_type == "CUSTOMER" and not (extra and "test" in extra):
+                return CustomerEvent(envelope.data, envelope.dispensary_short_name)
     return parse_event(_json_body(raw, source), source=source)
+
+
+# --- NaN and Infinity: not JSON ---
+#
+# Python's json and pydantic's JSON parser read the literals NaN, Infinity and -Infinity as
+# floats, but RFC 8259 has no such numbers and no destination reads them: json.dumps writes
+# them back as they are (invalid JSON) and msgspec as null (a value silently lost). A body
+# holding one is not JSON: refused (400, kept in quarantine), naming each path where one
+# stands and never the value, wherever the body is read: the receiver's check, the planner's
+# parse of a stored event, the quarantine's replay. msgspec's decoder (the quick and fast
+# paths) refuses them already; the model paths keep them from pydantic's parser
+# (:func:`_may_hold_constant`) and read such a body with json (:func:`_json_body`), which
+# marks where they stand. A float past its range (1e400) is JSON, and is refused as a field
+# value (:func:`_finite`), as the model refuses any wrong value.
+
+NOT_JSON_NUMBER = "is not JSON (NaN and Infinity are not JSON numbers, RFC 8259)"
+
+
+class _Constant:
+    """Where json read NaN, Infinity or -Infinity (its ``parse_constant``)."""
+
+    __slots__ = ()
+
+
+_CONSTANT = _Constant()
+
+
+def _constant(_literal: str) -> _Constant:
+    return _CONSTANT
+
+
+def _may_hold_constant(raw: bytes | str) -> bool:
+    """Whether the UTF-8 text ``raw`` may hold NaN or Infinity as a number (never False
+    when it does; a name or a text holding the word is a false alarm, harmless)."""
+    if isinstance(raw, bytes):
+        return b"NaN" in raw or b"Infinity" in raw
+    return "NaN" in raw or "Infinity" in raw
+
+
+def _constants(body: Any) -> list[str]:
+    """The paths in decoded ``body`` where json read NaN or Infinity, in the text's order
+    (iterative: the body may nest as deep as json goes)."""
+    found = []
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        item, path = stack.pop()
+        if item is _CONSTANT:
+            found.append(_shortened(path or "body"))
+        elif isinstance(item, dict):
+            stack.extend(
+                (child, f"{path}.{_readable(name)}" if path else _readable(name))
+                for name, child in reversed(item.items())
+            )
+        elif isinstance(item, list):
+            stack.extend(
+                (item[index], f"{path or 'body'}[{index}]") for index in reversed(range(len(item)))
+            )
+    return found
+
+
+def non_finite(value: Any, where: str) -> list[str]:
+    """The paths in ``value`` (found at ``where``; "" for its top) of the floats that are
+    not finite: what json reads from NaN, Infinity or a number past a float's range, which
+    no JSON writer can write back."""
+    found = []
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if item.__class__ is float:
+            if not math.isfinite(item):
+                found.append(_shortened(path or "body"))
+        elif isinstance(item, dict):
+            stack.extend(
+                (child, f"{path}.{_readable(name)}" if path else _readable(name))
+                for name, child in reversed(item.items())
+            )
+        elif isinstance(item, list):
+            stack.extend(
+                (item[index], f"{path or 'body'}[{index}]") for index in reversed(range(len(item)))
+            )
+    return found
 
 
 # --- what the model takes and no serializer does: lone surrogates, deep nesting ---
@@ -490,6 +587,8 @@ def _suspect(raw: bytes | str) -> bool:
         except UnicodeDecodeError:
             return False  # not JSON: refused as such wherever it is parsed
     if raw.count("{") + raw.count("[") > _MOST_OPENERS:
+        return True
+    if _may_hold_constant(raw):  # not JSON: refused by _json_body, with its paths
         return True
     # substring and ASCII tests first: a regex with an alternation scans the whole body
     # slowly, and almost every body is ASCII without escapes
@@ -1055,6 +1154,12 @@ def check_customer(record: Any, *, source: str = "customer record") -> tuple[str
     (:func:`parse_stored_event`)."""
     if isinstance(record, Mapping) and (refused := _rule_hazards(record, "")):
         raise EventValidationError(source, refused)
+    # json (an API client's) reads NaN and Infinity as floats, as it does numbers past a
+    # float's range: such a record is refused, as the receiver refuses such a body, rather
+    # than planned with a value no destination can be sent (any field: this check sees no
+    # text, so cannot tell a literal, never JSON, from a wrong value)
+    if where := non_finite(record, ""):
+        raise EventValidationError(source, [Problem(path, NOT_FINITE) for path in where])
     try:
         checked = _RuledCustomer.model_validate(record)
     except ValidationError as exc:
@@ -1083,7 +1188,7 @@ def parse_stored_event(
     except EventValidationError as exc:
         if _data_fields(exc.problems) is None:
             raise
-    return _parse_leaving_out(json.loads(raw), source)
+    return _parse_leaving_out(_json_body(raw, source), source)
 
 
 def _parse_leaving_out(body: Any, source: str) -> tuple[TreezEvent, list[Problem]]:
@@ -1157,7 +1262,7 @@ def _json_body(raw: bytes | str, source: str) -> Any:
         problem = Problem("body", f"is not JSON we read (nested past {MAX_JSON_DEPTH} levels)")
         raise NotJsonError(source, [problem])
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_constant=_constant)
     except (ValueError, RecursionError) as exc:
         where = (
             f"line {exc.lineno}, column {exc.colno}"
@@ -1165,6 +1270,10 @@ def _json_body(raw: bytes | str, source: str) -> Any:
             else "body"
         )
         raise NotJsonError(source, [Problem("body", f"is not JSON ({where})")]) from None
+    # text that is not UTF-8 (json reads UTF-16 and UTF-32 too) is looked through as well
+    if (not text or _may_hold_constant(text)) and (found := _constants(body)):
+        raise NotJsonError(source, [Problem(where, NOT_JSON_NUMBER) for where in found])
+    return body
 
 
 def webhook_body_schema() -> dict[str, Any]:
