@@ -143,7 +143,7 @@ _NEVER_VISITED = date(2000, 1, 1)
 _MIDNIGHT = time(0)
 
 
-NOT_FINITE = "is not a finite number (NaN and Infinity are not JSON numbers, RFC 8259)"
+NOT_FINITE = "is not a finite number (NaN, Infinity or past a float's range), which JSON cannot carry"
 
 
 def _finite(value: Any) -> Any:
@@ -607,14 +607,18 @@ def _readable(name: str) -> str:
     return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _hazard(value: Any, where: str, depth: int = 0) -> Problem | None:
+def _hazard(value: Any, where: str, depth: int = 0, *, finite: bool = False) -> Problem | None:
     """The first place in ``value`` (found at ``where``, inside ``depth`` containers) that no
-    serializer takes; nesting too deep is reported at ``where``. Iterative: the value may be
+    serializer takes; nesting too deep is reported at ``where``. With ``finite``, a float
+    that is not finite too (no JSON writer writes it back). Iterative: the value may be
     nested as deep as json.loads goes."""
     stack = [(value, where, depth)]
     while stack:
         item, path, level = stack.pop()
-        if isinstance(item, str):
+        if item.__class__ is float:
+            if finite and not math.isfinite(item):
+                return Problem(_shortened(path), NOT_FINITE)
+        elif isinstance(item, str):
             if _SURROGATE.search(item) is not None:
                 return Problem(_shortened(path), _NOT_TEXT)
         elif isinstance(item, dict):
@@ -669,12 +673,13 @@ def _screen(body: dict[str, Any], source: str) -> list[Problem]:
                 bad = [
                     (index, problem)
                     for index, item in enumerate(value)
-                    if (problem := _hazard(item, f"data.{name}[{index}]", 1)) is not None
+                    if (problem := _hazard(item, f"data.{name}[{index}]", 1, finite=True))
+                    is not None
                 ]
                 for index, _ in reversed(bad):
                     del value[index]
                 dropped += [problem for _, problem in bad]
-            elif (problem := _hazard(value, f"data.{name}")) is not None:
+            elif (problem := _hazard(value, f"data.{name}", finite=True)) is not None:
                 dropped.append(problem)
                 del data[name]
     if refused:
@@ -1154,12 +1159,6 @@ def check_customer(record: Any, *, source: str = "customer record") -> tuple[str
     (:func:`parse_stored_event`)."""
     if isinstance(record, Mapping) and (refused := _rule_hazards(record, "")):
         raise EventValidationError(source, refused)
-    # json (an API client's) reads NaN and Infinity as floats, as it does numbers past a
-    # float's range: such a record is refused, as the receiver refuses such a body, rather
-    # than planned with a value no destination can be sent (any field: this check sees no
-    # text, so cannot tell a literal, never JSON, from a wrong value)
-    if where := non_finite(record, ""):
-        raise EventValidationError(source, [Problem(path, NOT_FINITE) for path in where])
     try:
         checked = _RuledCustomer.model_validate(record)
     except ValidationError as exc:
@@ -1177,7 +1176,11 @@ def parse_stored_event(
     refused are; likewise what no serializer takes (:func:`_screen`). Raises
     :class:`EventValidationError` when anything else is wrong."""
     if _suspect(raw):
-        body = _json_body(raw, source)
+        # NaN and Infinity, refused by the receiver before answering, are left out here, as
+        # any wrong field outside the rules: an event stored is planned (one accepted before
+        # they were refused, or pulled by the reconciliation, which writes a float past its
+        # range as Infinity), and a field no destination can be sent never holds it up
+        body = _json_body(raw, source, constants=True)
         screened = _screen(body, source) if _is_customer_body(body) else []
         event, dropped = _parse_leaving_out(body, source)
         return event, screened + dropped
@@ -1249,9 +1252,11 @@ def _nesting(text: str) -> int:
     return max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)), default=0)
 
 
-def _json_body(raw: bytes | str, source: str) -> Any:
+def _json_body(raw: bytes | str, source: str, *, constants: bool = False) -> Any:
     """``raw`` decoded, the same wherever it is: nesting past :data:`MAX_JSON_DEPTH` is
-    refused as not JSON, as json.loads refuses nesting past the recursion limit."""
+    refused as not JSON, as json.loads refuses nesting past the recursion limit; so are NaN
+    and Infinity (naming their paths), unless ``constants``: then they are read as floats
+    (a stored event's, for :func:`_screen` to leave out)."""
     text = raw
     if isinstance(text, bytes):
         try:
@@ -1262,7 +1267,7 @@ def _json_body(raw: bytes | str, source: str) -> Any:
         problem = Problem("body", f"is not JSON we read (nested past {MAX_JSON_DEPTH} levels)")
         raise NotJsonError(source, [problem])
     try:
-        body = json.loads(raw, parse_constant=_constant)
+        body = json.loads(raw) if constants else json.loads(raw, parse_constant=_constant)
     except (ValueError, RecursionError) as exc:
         where = (
             f"line {exc.lineno}, column {exc.colno}"
@@ -1271,6 +1276,8 @@ def _json_body(raw: bytes | str, source: str) -> Any:
         )
         raise NotJsonError(source, [Problem("body", f"is not JSON ({where})")]) from None
     # text that is not UTF-8 (json reads UTF-16 and UTF-32 too) is looked through as well
+    if constants:
+        return body
     if (not text or _may_hold_constant(text)) and (found := _constants(body)):
         raise NotJsonError(source, [Problem(where, NOT_JSON_NUMBER) for where in found])
     return body
