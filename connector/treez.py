@@ -143,7 +143,7 @@ _NEVER_VISITED = date(2000, 1, 1)
 _MIDNIGHT = time(0)
 
 
-NOT_FINITE = "is not a finite number (NaN, Infinity or past a float's range), which JSON cannot carry"
+NOT_FINITE = "is not a finite number (NaN, Infinity, or past a float's range): JSON has none"
 
 
 def _finite(value: Any) -> Any:
