@@ -26,7 +26,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from enum import StrEnum
@@ -477,14 +477,16 @@ def _parse_event_json_model(raw: bytes | str, source: str = "webhook body") -> T
 #
 # Python's json and pydantic's JSON parser read the literals NaN, Infinity and -Infinity as
 # floats, but RFC 8259 has no such numbers and no destination reads them: json.dumps writes
-# them back as they are (invalid JSON) and msgspec as null (a value silently lost). A body
-# holding one is not JSON: refused (400, kept in quarantine), naming each path where one
-# stands and never the value, wherever the body is read: the receiver's check, the planner's
-# parse of a stored event, the quarantine's replay. msgspec's decoder (the quick and fast
-# paths) refuses them already; the model paths keep them from pydantic's parser
-# (:func:`_may_hold_constant`) and read such a body with json (:func:`_json_body`), which
-# marks where they stand. A float past its range (1e400) is JSON, and is refused as a field
-# value (:func:`_finite`), as the model refuses any wrong value.
+# them back as they are (invalid JSON) and msgspec as null (a value silently lost). Before
+# the receiver answers (check_event_json, and parse_event_json, the quarantine's replay
+# alike), a body holding one is not JSON: 400, kept in quarantine, naming each path where one
+# stands and never the value. msgspec's decoder (the quick and fast paths) refuses them
+# already; the model paths keep them from pydantic's parser (:func:`_may_hold_constant`) and
+# read such a body with json (:func:`_json_body`), which marks where they stand. An event
+# already stored is planned, not refused (parse_stored_event): such a value outside the
+# rules' fields is left out (:func:`_screen`), as any wrong field is. A float past its range
+# (1e400) is JSON: left out of rewards_balance (:func:`_finite`) as a wrong value, and the
+# mapping refuses it anywhere else (connector/mapping/_engine.py).
 
 NOT_JSON_NUMBER = "is not JSON (NaN and Infinity are not JSON numbers, RFC 8259)"
 
@@ -510,14 +512,22 @@ def _may_hold_constant(raw: bytes | str) -> bool:
     return "NaN" in raw or "Infinity" in raw
 
 
-def _constants(body: Any) -> list[str]:
-    """The paths in decoded ``body`` where json read NaN or Infinity, in the text's order
-    (iterative: the body may nest as deep as json goes)."""
+def _is_constant(item: Any) -> bool:
+    return item is _CONSTANT
+
+
+def _is_not_finite(item: Any) -> bool:
+    return item.__class__ is float and not math.isfinite(item)
+
+
+def _places(value: Any, where: str, test: Callable[[Any], bool]) -> list[str]:
+    """The paths in ``value`` (found at ``where``; "" for its top) of the values ``test``
+    holds for, in the text's order (iterative: ``value`` may nest as deep as json goes)."""
     found = []
-    stack: list[tuple[Any, str]] = [(body, "")]
+    stack: list[tuple[Any, str]] = [(value, where)]
     while stack:
         item, path = stack.pop()
-        if item is _CONSTANT:
+        if test(item):
             found.append(_shortened(path or "body"))
         elif isinstance(item, dict):
             stack.extend(
@@ -531,27 +541,11 @@ def _constants(body: Any) -> list[str]:
     return found
 
 
-def non_finite(value: Any, where: str) -> list[str]:
-    """The paths in ``value`` (found at ``where``; "" for its top) of the floats that are
-    not finite: what json reads from NaN, Infinity or a number past a float's range, which
-    no JSON writer can write back."""
-    found = []
-    stack: list[tuple[Any, str]] = [(value, where)]
-    while stack:
-        item, path = stack.pop()
-        if item.__class__ is float:
-            if not math.isfinite(item):
-                found.append(_shortened(path or "body"))
-        elif isinstance(item, dict):
-            stack.extend(
-                (child, f"{path}.{_readable(name)}" if path else _readable(name))
-                for name, child in reversed(item.items())
-            )
-        elif isinstance(item, list):
-            stack.extend(
-                (item[index], f"{path or 'body'}[{index}]") for index in reversed(range(len(item)))
-            )
-    return found
+def non_finite(value: Any, where: str = "") -> list[str]:
+    """The paths in ``value`` (found at ``where``) of the floats that are not finite: what
+    json reads from NaN, Infinity or a number past a float's range, which no JSON writer
+    can write back."""
+    return _places(value, where, _is_not_finite)
 
 
 # --- what the model takes and no serializer does: lone surrogates, deep nesting ---
@@ -1278,7 +1272,7 @@ def _json_body(raw: bytes | str, source: str, *, constants: bool = False) -> Any
     # text that is not UTF-8 (json reads UTF-16 and UTF-32 too) is looked through as well
     if constants:
         return body
-    if (not text or _may_hold_constant(text)) and (found := _constants(body)):
+    if (not text or _may_hold_constant(text)) and (found := _places(body, "", _is_constant)):
         raise NotJsonError(source, [Problem(where, NOT_JSON_NUMBER) for where in found])
     return body
 
