@@ -389,7 +389,11 @@ _SECURITY = {"webhookToken": {"type": "http", "scheme": "bearer"}}
 _WEBHOOK_RESPONSES: dict[str, dict[str, Any]] = {
     "200": _json("Treez's test ping (a body with a `test` key): not stored", "Ping"),
     "202": _json("Stored durably (`accepted`; another event type: `ignored`)", "Stored"),
-    "400": _json("Not JSON (not UTF-8 text, or not JSON we read): quarantined", "Error"),
+    "400": _json(
+        "Not JSON (not UTF-8 text, not JSON we read, or NaN or Infinity as a number; each"
+        " place named): quarantined",
+        "Error",
+    ),
     "401": _json(
         "No bearer token",
         "Error",

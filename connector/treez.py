@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import operator
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from enum import StrEnum
@@ -33,6 +34,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -139,6 +141,19 @@ def _timestamp(value: Any) -> Any:
 
 _NEVER_VISITED = date(2000, 1, 1)
 _MIDNIGHT = time(0)
+
+
+NOT_FINITE = "is not a finite number (NaN, Infinity, or past a float's range): JSON has none"
+
+
+def _finite(value: Any) -> Any:
+    # A float that is not finite has no JSON form: json.dumps writes NaN (invalid JSON) and
+    # msgspec writes null, so it would reach a destination as garbage or as a silent null.
+    # It comes from text ("NaN") that pydantic reads as a float, or a number past a float's
+    # range (1e400); the literals NaN and Infinity are refused earlier, as not JSON.
+    if value.__class__ is float and not math.isfinite(value):
+        raise ValueError(NOT_FINITE)
+    return value
 
 
 def _list_or_empty(value: Any) -> Any:
@@ -248,7 +263,7 @@ class Customer(BaseModel):
     caregiver_name_1: str | None = None
     caregiver_name_2: str | None = None
     caregiver_details: Annotated[list[Any], NullAsEmpty] = Field(default_factory=list)
-    rewards_balance: int | float | None = None
+    rewards_balance: Annotated[int | float | None, AfterValidator(_finite)] = None
     rewards_type: str | None = None
     signup_date: LenientDatetime = None
     last_visit_date: LenientDatetime = None
@@ -446,15 +461,91 @@ def _parse_event_json_model(raw: bytes | str, source: str = "webhook body") -> T
     """:func:`parse_event_json` by the models: a CUSTOMER event is validated straight from
     the bytes (pydantic's JSON parser, no intermediate dicts); anything else takes the general
     path of :func:`parse_event`."""
-    try:
-        envelope = _CustomerEnvelope.model_validate_json(raw)
-    except ValidationError:
-        pass
-    else:
-        extra = envelope.model_extra
-        if envelope.event_type == "CUSTOMER" and not (extra and "test" in extra):
-            return CustomerEvent(envelope.data, envelope.dispensary_short_name)
+    if not _may_hold_constant(raw):  # pydantic's parser reads NaN as a number
+        try:
+            envelope = _CustomerEnvelope.model_validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            extra = envelope.model_extra
+            if envelope.event_type == "CUSTOMER" and not (extra and "test" in extra):
+                return CustomerEvent(envelope.data, envelope.dispensary_short_name)
     return parse_event(_json_body(raw, source), source=source)
+
+
+# --- NaN and Infinity: not JSON ---
+#
+# Python's json and pydantic's JSON parser read the literals NaN, Infinity and -Infinity as
+# floats, but RFC 8259 has no such numbers and no destination reads them: json.dumps writes
+# them back as they are (invalid JSON) and msgspec as null (a value silently lost). Before
+# the receiver answers (check_event_json, and parse_event_json, the quarantine's replay
+# alike), a body holding one is not JSON: 400, kept in quarantine, naming each path where one
+# stands and never the value. msgspec's decoder (the quick and fast paths) refuses them
+# already; the model paths keep them from pydantic's parser (:func:`_may_hold_constant`) and
+# read such a body with json (:func:`_json_body`), which marks where they stand. An event
+# already stored is planned, not refused (parse_stored_event): such a value outside the
+# rules' fields is left out (:func:`_screen`), as any wrong field is. A float past its range
+# (1e400) is JSON: left out of rewards_balance (:func:`_finite`) as a wrong value, and the
+# mapping refuses it anywhere else (connector/mapping/_engine.py).
+
+NOT_JSON_NUMBER = "is not JSON (NaN and Infinity are not JSON numbers, RFC 8259)"
+
+
+class _Constant:
+    """Where json read NaN, Infinity or -Infinity (its ``parse_constant``)."""
+
+    __slots__ = ()
+
+
+_CONSTANT = _Constant()
+
+
+def _constant(_literal: str) -> _Constant:
+    return _CONSTANT
+
+
+def _may_hold_constant(raw: bytes | str) -> bool:
+    """Whether the UTF-8 text ``raw`` may hold NaN or Infinity as a number (never False
+    when it does; a name or a text holding the word is a false alarm, harmless)."""
+    if isinstance(raw, bytes):
+        return b"NaN" in raw or b"Infinity" in raw
+    return "NaN" in raw or "Infinity" in raw
+
+
+def _is_constant(item: Any) -> bool:
+    return item is _CONSTANT
+
+
+def _is_not_finite(item: Any) -> bool:
+    return item.__class__ is float and not math.isfinite(item)
+
+
+def _places(value: Any, where: str, test: Callable[[Any], bool]) -> list[str]:
+    """The paths in ``value`` (found at ``where``; "" for its top) of the values ``test``
+    holds for, in the text's order (iterative: ``value`` may nest as deep as json goes)."""
+    found = []
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if test(item):
+            found.append(_shortened(path or "body"))
+        elif isinstance(item, dict):
+            stack.extend(
+                (child, f"{path}.{_readable(name)}" if path else _readable(name))
+                for name, child in reversed(item.items())
+            )
+        elif isinstance(item, list):
+            stack.extend(
+                (item[index], f"{path or 'body'}[{index}]") for index in reversed(range(len(item)))
+            )
+    return found
+
+
+def non_finite(value: Any, where: str = "") -> list[str]:
+    """The paths in ``value`` (found at ``where``) of the floats that are not finite: what
+    json reads from NaN, Infinity or a number past a float's range, which no JSON writer
+    can write back."""
+    return _places(value, where, _is_not_finite)
 
 
 # --- what the model takes and no serializer does: lone surrogates, deep nesting ---
@@ -491,6 +582,8 @@ def _suspect(raw: bytes | str) -> bool:
             return False  # not JSON: refused as such wherever it is parsed
     if raw.count("{") + raw.count("[") > _MOST_OPENERS:
         return True
+    if _may_hold_constant(raw):  # not JSON: refused by _json_body, with its paths
+        return True
     # substring and ASCII tests first: a regex with an alternation scans the whole body
     # slowly, and almost every body is ASCII without escapes
     if "\\" in raw and _SUSPECT.search(raw) is not None:  # one character: a memchr
@@ -508,14 +601,18 @@ def _readable(name: str) -> str:
     return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _hazard(value: Any, where: str, depth: int = 0) -> Problem | None:
+def _hazard(value: Any, where: str, depth: int = 0, *, finite: bool = False) -> Problem | None:
     """The first place in ``value`` (found at ``where``, inside ``depth`` containers) that no
-    serializer takes; nesting too deep is reported at ``where``. Iterative: the value may be
+    serializer takes; nesting too deep is reported at ``where``. With ``finite``, a float
+    that is not finite too (no JSON writer writes it back). Iterative: the value may be
     nested as deep as json.loads goes."""
     stack = [(value, where, depth)]
     while stack:
         item, path, level = stack.pop()
-        if isinstance(item, str):
+        if item.__class__ is float:
+            if finite and not math.isfinite(item):
+                return Problem(_shortened(path), NOT_FINITE)
+        elif isinstance(item, str):
             if _SURROGATE.search(item) is not None:
                 return Problem(_shortened(path), _NOT_TEXT)
         elif isinstance(item, dict):
@@ -570,12 +667,13 @@ def _screen(body: dict[str, Any], source: str) -> list[Problem]:
                 bad = [
                     (index, problem)
                     for index, item in enumerate(value)
-                    if (problem := _hazard(item, f"data.{name}[{index}]", 1)) is not None
+                    if (problem := _hazard(item, f"data.{name}[{index}]", 1, finite=True))
+                    is not None
                 ]
                 for index, _ in reversed(bad):
                     del value[index]
                 dropped += [problem for _, problem in bad]
-            elif (problem := _hazard(value, f"data.{name}")) is not None:
+            elif (problem := _hazard(value, f"data.{name}", finite=True)) is not None:
                 dropped.append(problem)
                 del data[name]
     if refused:
@@ -1072,7 +1170,11 @@ def parse_stored_event(
     refused are; likewise what no serializer takes (:func:`_screen`). Raises
     :class:`EventValidationError` when anything else is wrong."""
     if _suspect(raw):
-        body = _json_body(raw, source)
+        # NaN and Infinity, refused by the receiver before answering, are left out here, as
+        # any wrong field outside the rules: an event stored is planned (one accepted before
+        # they were refused, or pulled by the reconciliation, which writes a float past its
+        # range as Infinity), and a field no destination can be sent never holds it up
+        body = _json_body(raw, source, constants=True)
         screened = _screen(body, source) if _is_customer_body(body) else []
         event, dropped = _parse_leaving_out(body, source)
         return event, screened + dropped
@@ -1083,7 +1185,7 @@ def parse_stored_event(
     except EventValidationError as exc:
         if _data_fields(exc.problems) is None:
             raise
-    return _parse_leaving_out(json.loads(raw), source)
+    return _parse_leaving_out(_json_body(raw, source), source)
 
 
 def _parse_leaving_out(body: Any, source: str) -> tuple[TreezEvent, list[Problem]]:
@@ -1144,9 +1246,11 @@ def _nesting(text: str) -> int:
     return max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)), default=0)
 
 
-def _json_body(raw: bytes | str, source: str) -> Any:
+def _json_body(raw: bytes | str, source: str, *, constants: bool = False) -> Any:
     """``raw`` decoded, the same wherever it is: nesting past :data:`MAX_JSON_DEPTH` is
-    refused as not JSON, as json.loads refuses nesting past the recursion limit."""
+    refused as not JSON, as json.loads refuses nesting past the recursion limit; so are NaN
+    and Infinity (naming their paths), unless ``constants``: then they are read as floats
+    (a stored event's, for :func:`_screen` to leave out)."""
     text = raw
     if isinstance(text, bytes):
         try:
@@ -1157,7 +1261,7 @@ def _json_body(raw: bytes | str, source: str) -> Any:
         problem = Problem("body", f"is not JSON we read (nested past {MAX_JSON_DEPTH} levels)")
         raise NotJsonError(source, [problem])
     try:
-        return json.loads(raw)
+        body = json.loads(raw) if constants else json.loads(raw, parse_constant=_constant)
     except (ValueError, RecursionError) as exc:
         where = (
             f"line {exc.lineno}, column {exc.colno}"
@@ -1165,6 +1269,12 @@ def _json_body(raw: bytes | str, source: str) -> Any:
             else "body"
         )
         raise NotJsonError(source, [Problem("body", f"is not JSON ({where})")]) from None
+    # text that is not UTF-8 (json reads UTF-16 and UTF-32 too) is looked through as well
+    if constants:
+        return body
+    if (not text or _may_hold_constant(text)) and (found := _places(body, "", _is_constant)):
+        raise NotJsonError(source, [Problem(where, NOT_JSON_NUMBER) for where in found])
+    return body
 
 
 def webhook_body_schema() -> dict[str, Any]:

@@ -15,6 +15,7 @@ with the options ``transform`` (a list), ``default`` (used when the result is nu
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,9 +49,20 @@ from connector.mapping._transforms import (
     build_transforms,
     to_str,
 )
-from connector.treez import Customer, format_location
+from connector.treez import Customer, format_location, non_finite
 
 DEFAULT_PLACEHOLDERS = ("N/A", "")
+# What a field's value may not be: a float that is not finite has no JSON form (json.dumps
+# writes NaN, invalid JSON; msgspec writes null), so it would reach a destination as garbage
+# or as a silent null. The parser refuses NaN and Infinity; this is the last gate before the
+# outbox, for whatever else yields one (a number past a float's range in an unknown field).
+NOT_FINITE = "not a finite number (NaN or Infinity), which JSON cannot carry"
+
+
+def _finite_constant(value: Any) -> Any:
+    if non_finite(value, ""):
+        raise ValueError("must hold finite numbers only (.nan and .inf have no JSON form)")
+    return value
 
 
 class FieldSpec(BaseModel):
@@ -66,6 +78,11 @@ class FieldSpec(BaseModel):
     on_null: Literal["omit", "send"] = "omit"
     on_error: Literal["fail", "null"] = "fail"
     placeholders: list[str] = Field(default_factory=lambda: list(DEFAULT_PLACEHOLDERS))
+
+    @field_validator("value", "default")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        return _finite_constant(value)
 
     @field_validator("on_error", mode="before")
     @classmethod
@@ -169,6 +186,7 @@ def _generate_apply(fields: tuple[CompiledField, ...]) -> Callable[[Customer, st
         "Context": Context,
         "TransformFailed": TransformFailed,
         "FieldMappingError": FieldMappingError,
+        "isfinite": math.isfinite,
     }
     lines = [
         "def apply(customer, dispensary):",
@@ -212,7 +230,8 @@ def _with_ctx(indent: str, statement: str) -> list[str]:
 
 
 def _settled(i: int, indent: str) -> list[str]:
-    """The lines of ``settle{i}(value)``, its common values (text, null, numbers) inline."""
+    """The lines of ``settle{i}(value)``, its common values (text, null, numbers) inline: a
+    float that is not finite goes to settle, which refuses it."""
     return [
         f"{indent}cls = value.__class__",
         f"{indent}if cls is str:",
@@ -220,7 +239,9 @@ def _settled(i: int, indent: str) -> list[str]:
         f"{indent}        value = default{i}",
         f"{indent}elif value is None:",
         f"{indent}    value = default{i}",
-        f"{indent}elif cls is not int and cls is not bool and cls is not float:",
+        f"{indent}elif cls is not int and cls is not bool and (",
+        f"{indent}    cls is not float or not isfinite(value)",
+        f"{indent}):",
         f"{indent}    value = settle{i}(value)",
     ]
 
@@ -550,6 +571,16 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
     default = _jsonable(spec.default)
     swallow = spec.on_error == "null"
     placeholders = env.placeholders
+    # the step a value that is not finite is blamed on: the transform that gave it, or the
+    # source read as it is
+    last_step = transforms[-1][0] if transforms else "from"
+
+    def not_finite() -> Any:
+        # as a transform's failure: the field's default with on_error null, else the field
+        # fails (the contact's upsert for this destination; consent still goes out)
+        if swallow:
+            return default
+        raise FieldMappingError(target, last_step, NOT_FINITE)
 
     # The hot path of every event: one closure per field, the common cases (text, numbers,
     # null) decided by a class check rather than a call.
@@ -561,13 +592,17 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
             return value
         if value is None:
             return default
-        if cls is int or cls is float or cls is bool:
+        if cls is int or cls is bool:
             return value
+        if cls is float:
+            return value if math.isfinite(value) else not_finite()
         if cls is list:
             texts = _clean_texts(value, placeholders)  # the usual list: groups, tags
             if texts is not None:
                 return texts
         value = clean(_jsonable(value))
+        if non_finite(value, ""):  # anywhere in a list or an object
+            return not_finite()
         return default if value is None else value
 
     run: Callable[[Context], Any]

@@ -41,6 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 from connector.mapping._paths import Context, PathError, check_path, compile_path, parse_path
+from connector.treez import non_finite
 
 Transform = Callable[[Any, Context], Any]
 
@@ -455,6 +456,12 @@ def _map(arg: Any, _env: BuildEnv) -> Transform:
     lookup = {_key(k): v for k, v in table.items()}
     has_default = "default" in arg
     default = arg.get("default")
+    # YAML's .nan and .inf: a value no JSON body can carry, refused when the file is loaded
+    if non_finite([*lookup.values(), default], ""):
+        raise TransformSpecError(
+            "transform 'map': values and default must hold finite numbers only"
+            " (.nan and .inf have no JSON form)"
+        )
 
     def one(value: Any) -> Any:
         key = _key(value)
