@@ -81,12 +81,14 @@ class ReconcileBusy(ConnectorError):
 _KINDS = {"schedule": "a scheduled run", "command": "a command run", "dry-run": "a dry run"}
 
 
-def _holder(kind: str) -> str:
-    """The lock holder of one run: unique to it (a token first, so that it stays unique
-    whatever the host's name is cut to), then which run it is and where, for a refused run to
-    name who holds the lock. At most 64 characters (the column)."""
+def _holder(token: str, kind: str) -> str:
+    """The lock holder of a reconciler's runs of one kind: its token first (unique to the
+    reconciler, kept whatever the host's name is cut to), then which run it is and where, for
+    a refused run to name who holds the lock. At most 64 characters (the column). The same
+    for each run of that kind: a lock the reconciler could not release (its store was gone)
+    is its own to take again at its next run, as before."""
     host = socket.gethostname().replace(" ", "_")[:32] or "?"
-    return f"{uuid.uuid4().hex[:12]} {kind} {host} {os.getpid()}"[:64]
+    return f"{token} {kind} {host} {os.getpid()}"[:64]
 
 
 def _who(holder: str) -> str:
@@ -190,6 +192,7 @@ class Reconciler:
         # the dict given, kept (not copied): the command fills it once its run holds the lock
         self.destinations = {} if destinations is None else destinations
         self.poll_seconds = poll_seconds
+        self.token = uuid.uuid4().hex[:12]  # this reconciler's, in its lock holders
         # one client per dispensary for the life of this reconciler: its token is reused
         # across runs until it nears expiry (Treez checks this), its pace shared by them
         self._clients: dict[str, TreezClient] = {}
@@ -230,7 +233,7 @@ class Reconciler:
                 "reconciliation needs the Treez API credentials"
             )
         lock = f"reconcile:{dispensary}"
-        holder = _holder("dry-run" if options.dry_run else options.trigger)
+        holder = _holder(self.token, "dry-run" if options.dry_run else options.trigger)
         if not await self.astore.call(self.runs.acquire, lock, holder, LOCK_TTL_SECONDS):
             raise ReconcileBusy(await self._busy(dispensary, lock))
         running = asyncio.current_task()
