@@ -482,7 +482,9 @@ def reconcile(
     """Pull the customers Treez changed and repair what the destinations missed, now.
 
     Exits when the run's operations are delivered or dead-lettered (0), or when the run
-    fails (1). A run of the same dispensary already going (here or in serve) exits 1.
+    fails (1). A run of the same dispensary already going (here or in serve) exits 1, naming
+    it; so does a dry run, which pulls as a run does and holds the same lock while it pulls:
+    two at once would pass Treez's 10 requests a second.
     """
     import asyncio
 

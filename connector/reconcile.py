@@ -4,7 +4,9 @@ planner as events from source ``reconcile``, so webhooks and pulls can never dis
 A run, for one dispensary:
 
 1. takes the store lock ``reconcile:<dispensary>`` (renewed while it runs; a second run of
-   the same dispensary, in this process or another, is refused with :class:`ReconcileBusy`);
+   the same dispensary, in this process or another, is refused with :class:`ReconcileBusy`
+   naming the run holding it). A dry run takes it too: it pulls as a run does, and Treez
+   allows 10 requests a second per store while each process paces only its own;
 2. pulls pages from the checkpoint minus ``overlap_minutes`` (no checkpoint yet:
    ``initial_lookback_hours`` ago; ``--full``: everything), each page committed to the inbox
    as events of this run and planned (by this process, or by ``serve``'s planner);
@@ -22,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -71,6 +75,30 @@ Checked = tuple[str, int] | EventValidationError  # (customer id, last_update in
 
 class ReconcileBusy(ConnectorError):
     """Another run of the same dispensary holds the lock."""
+
+
+# what a lock's holder says of its run (see :func:`_holder`), as a refusal names it
+_KINDS = {"schedule": "a scheduled run", "command": "a command run", "dry-run": "a dry run"}
+
+
+def _holder(token: str, kind: str) -> str:
+    """The lock holder of a reconciler's runs of one kind: its token first (unique to the
+    reconciler, kept whatever the host's name is cut to), then which run it is and where, for
+    a refused run to name who holds the lock. At most 64 characters (the column). The same
+    for each run of that kind: a lock the reconciler could not release (its store was gone)
+    is its own to take again at its next run, as before."""
+    host = socket.gethostname().replace(" ", "_")[:32] or "?"
+    return f"{token} {kind} {host} {os.getpid()}"[:64]
+
+
+def _who(holder: str) -> str:
+    """A lock's holder as a refusal says it: the run and its process, when the holder is one
+    :func:`_holder` made; otherwise (an older version's token, a test's name) as it is."""
+    parts = holder.split(" ")
+    if len(parts) == 4 and parts[1] in _KINDS:
+        _, kind, host, pid = parts
+        return f"{_KINDS[kind]} on host {host}, pid {pid}"
+    return f"holder {holder!r}"
 
 
 class ReconcileNotConfigured(ConnectorError):
@@ -161,9 +189,10 @@ class Reconciler:
         self._plan = plan
         self._settle = settle or self._plan_and_sleep
         self._client_for = client_for or _default_client
-        self.destinations = destinations or {}
+        # the dict given, kept (not copied): the command fills it once its run holds the lock
+        self.destinations = {} if destinations is None else destinations
         self.poll_seconds = poll_seconds
-        self.holder = uuid.uuid4().hex
+        self.token = uuid.uuid4().hex[:12]  # this reconciler's, in its lock holders
         # one client per dispensary for the life of this reconciler: its token is reused
         # across runs until it nears expiry (Treez checks this), its pace shared by them
         self._clients: dict[str, TreezClient] = {}
@@ -184,8 +213,17 @@ class Reconciler:
             await client.aclose()
 
     async def run(
-        self, dispensary: str, options: RunOptions = RunOptions(), progress: Progress | None = None
+        self,
+        dispensary: str,
+        options: RunOptions = RunOptions(),
+        progress: Progress | None = None,
+        *,
+        locked: Callable[[], Awaitable[None]] | None = None,
     ) -> RunReport:
+        """Run a reconciliation of ``dispensary`` (a dry run too) under its lock.
+        ``locked``: awaited once the lock is held, before anything is pulled or stored (the
+        command starts its delivery there: a run refused starts nothing, takes no delivery
+        lease); a failure of it fails the run, which is then not recorded."""
         disp = self.config.dispensaries.get(dispensary)
         if disp is None:
             raise ReconcileNotConfigured(f"no dispensary {dispensary!r} in the configuration")
@@ -194,15 +232,18 @@ class Reconciler:
                 f"dispensaries.{dispensary}.treez is not set (or reconcile.enabled is false): "
                 "reconciliation needs the Treez API credentials"
             )
-        if options.dry_run:
-            return await self._dry_run(dispensary, disp, options, progress)
         lock = f"reconcile:{dispensary}"
-        if not await self.astore.call(self.runs.acquire, lock, self.holder, LOCK_TTL_SECONDS):
-            raise ReconcileBusy(f"a reconciliation of {dispensary} is already running")
+        holder = _holder(self.token, "dry-run" if options.dry_run else options.trigger)
+        if not await self.astore.call(self.runs.acquire, lock, holder, LOCK_TTL_SECONDS):
+            raise ReconcileBusy(await self._busy(dispensary, lock))
         running = asyncio.current_task()
         assert running is not None
-        renewal = asyncio.create_task(self._renew(lock, running))
+        renewal = asyncio.create_task(self._renew(lock, holder, running))
         try:
+            if locked is not None:
+                await locked()
+            if options.dry_run:
+                return await self._dry_run(dispensary, disp, options, progress)
             return await self._run(dispensary, disp, options, progress)
         except asyncio.CancelledError:
             if renewal.done() and not renewal.cancelled() and renewal.result():
@@ -216,16 +257,29 @@ class Reconciler:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
             with contextlib.suppress(Exception):
-                await self.astore.call(self.runs.release, lock, self.holder)
+                await self.astore.call(self.runs.release, lock, holder)
 
-    async def _renew(self, lock: str, running: asyncio.Task[Any]) -> bool:
+    async def _busy(self, dispensary: str, lock: str) -> str:
+        """Why a run is refused: the dispensary, and who holds its lock (when it can be read:
+        the refusal is what matters)."""
+        why = f"a reconciliation of {dispensary} is already running"
+        try:
+            leases = await self.astore.call(self.runs.leases)
+        except Exception:
+            return f"{why}: try again when it has ended"
+        found = next((lease for lease in leases if lease.name == lock), None)
+        if found is None:  # released since: ended a moment ago
+            return f"{why} (it has just ended): try again"
+        return f"{why}: {_who(found.holder)} holds its lock {lock}; try again when it has ended"
+
+    async def _renew(self, lock: str, holder: str, running: asyncio.Task[Any]) -> bool:
         """Renew the lock every quarter of its lifetime; if it was lost (taken by another
         holder after it expired), cancel the run and return True."""
         renewed_at = time.monotonic()
         while True:
             await asyncio.sleep(LOCK_TTL_SECONDS / 4)
             try:
-                held = await self.astore.call(self.runs.renew, lock, self.holder, LOCK_TTL_SECONDS)
+                held = await self.astore.call(self.runs.renew, lock, holder, LOCK_TTL_SECONDS)
             except Exception as exc:
                 log.warning("reconcile_lock_renewal_failed", error=exc)
                 held = time.monotonic() - renewed_at < LOCK_TTL_SECONDS
@@ -623,6 +677,9 @@ class Reconciler:
         options: RunOptions,
         progress: Progress | None,
     ) -> RunReport:
+        # its pulls count in Treez's limit as a run's do: a second after the previous run
+        # ended (maybe another process's, whose pace this one cannot see)
+        await self._after_previous_run(dispensary)
         before_us = await self.astore.call(self.runs.checkpoint, dispensary)
         start_us = self._start(disp, before_us, options)
         report = RunReport(
@@ -637,27 +694,36 @@ class Reconciler:
         source = "resend" if options.resend else "reconcile"
         outcomes: Counter[str] = Counter()
         pulled = 0
-        async with contextlib.aclosing(
-            _ahead(self._pages(client, disp, dispensary, start_us, report, Paging()))
-        ) as pages:
-            async for customers, _ in pages:
-                events, rejected, _ = self._events(dispensary, customers, source, None)
-                rows = [
-                    InboxRow(i, e.dispensary, e.source, e.customer_id, e.body, None, time.time())
-                    for i, e in enumerate(events)
-                ]
-                found, operations = await self.astore.call(
-                    plan_without_writing, self.astore.store, self.deployment, rows
-                )
-                outcomes.update(found.values())
-                outcomes["failed"] += len(rejected)
-                for op in operations.get(dispensary, []):
-                    report.planned_ops[(op.destination, op.op)] += 1
-                    if len(report.examples) < 20:
-                        report.examples.append(_describe(op))
-                pulled += len(customers)
-                if progress is not None:
-                    progress(report.pages, pulled)
+        try:
+            async with contextlib.aclosing(
+                _ahead(self._pages(client, disp, dispensary, start_us, report, Paging()))
+            ) as pages:
+                async for customers, _ in pages:
+                    events, rejected, _ = self._events(dispensary, customers, source, None)
+                    rows = [
+                        InboxRow(
+                            i, e.dispensary, e.source, e.customer_id, e.body, None, time.time()
+                        )
+                        for i, e in enumerate(events)
+                    ]
+                    found, operations = await self.astore.call(
+                        plan_without_writing, self.astore.store, self.deployment, rows
+                    )
+                    outcomes.update(found.values())
+                    outcomes["failed"] += len(rejected)
+                    for op in operations.get(dispensary, []):
+                        report.planned_ops[(op.destination, op.op)] += 1
+                        if len(report.examples) < 20:
+                            report.examples.append(_describe(op))
+                    pulled += len(customers)
+                    if progress is not None:
+                        progress(report.pages, pulled)
+        except Exception:
+            await _treez_window()
+            raise
+        # a dry run stores no end for the next run to start a second after (a run does,
+        # see _after_previous_run): it keeps the lock that second instead
+        await _treez_window()
         report.counts = {"pulled": pulled, **dict(outcomes)}
         return report
 
@@ -752,6 +818,12 @@ async def _page(
     if texts is None:
         return await client.page(_moment(after_us), number, size)
     return cast(list[str] | list[dict[str, Any]], await texts(_moment(after_us), number, size))
+
+
+async def _treez_window() -> None:
+    """Wait out Treez's window after the last request sent (the lock held meanwhile): the
+    next run, maybe another process's, pacing afresh, must not add its burst to it."""
+    await asyncio.sleep(TREEZ_WINDOW_SECONDS)
 
 
 def _now_us() -> int:

@@ -32,6 +32,7 @@ from rich.progress import (
 from rich.text import Text
 
 from connector.config import Config
+from connector.delivery.base import Destination
 from connector.delivery.worker import DeliveryWorker
 from connector.metrics import replica_id
 from connector.pipeline import Deployment, build_worker, process_batch
@@ -196,41 +197,58 @@ async def reconcile_now(
     planner: _Planner | None = None
     reconciler: Reconciler | None = None
     astore: AsyncStore | None = None
+    destinations: dict[tuple[str, str], Destination] = {}
+    registered = False  # in the store's processes: its claims and leases released at the end
     try:
         store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
         astore = AsyncStore(store)
         deployment = Deployment.from_config(config)
-        if deliver:
-            await astore.call(store.register_process)
-            for dest_config in config.dispensaries[dispensary].destinations:
-                workers[(dispensary, dest_config.name)] = build_worker(
-                    astore, dispensary, dest_config, idle_poll=0.2
-                )
-            tasks = [asyncio.create_task(w.run(stopping)) for w in workers.values()]
-        if child is not None:
-            await child.connect()
-            plan, settle = child.plan, child.settle
-        else:
-            planner = _Planner(astore, deployment, partial(_wake, workers))
-            tasks.append(asyncio.create_task(planner.run(stopping)))
-            plan, settle = planner.plan, planner.settle
+        # the workers, the planner and their heartbeat start once the run holds the
+        # dispensary's lock (``locked``): a run refused (another holds it) has taken no
+        # delivery lease, which would keep the process really delivering from claiming until
+        # it looked again, and has planned nothing
+
+        async def locked() -> None:
+            nonlocal planner, registered
+            assert astore is not None
+            if deliver:
+                registered = True  # released at the end even if registering fails midway
+                await astore.call(store.register_process)
+                for dest_config in config.dispensaries[dispensary].destinations:
+                    worker = build_worker(astore, dispensary, dest_config, idle_poll=0.2)
+                    workers[(dispensary, dest_config.name)] = worker
+                    destinations[(dispensary, dest_config.name)] = worker.destination
+                    tasks.append(asyncio.create_task(worker.run(stopping)))
+                tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))
+            if child is not None:
+                await child.connect()
+            else:
+                planner = _Planner(astore, deployment, partial(_wake, workers))
+                tasks.append(asyncio.create_task(planner.run(stopping)))
+
+        async def plan() -> None:
+            await (child.plan() if child is not None else _planner(planner).plan())
+
+        async def settle(seconds: float) -> None:
+            await (
+                child.settle(seconds) if child is not None else _planner(planner).settle(seconds)
+            )
+
         reconciler = Reconciler(
             config,
             astore,
             deployment,
             plan=plan,
             settle=settle,
-            destinations={key: w.destination for key, w in workers.items()},
+            destinations=destinations,
             **(reconciler_options or {}),
         )
         started = time.monotonic()
-        if deliver:
-            tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))
         pulled = None
         if progress is not None:
             progress.start("pulling from Treez", "customers")
             pulled = _pull_progress(progress)
-        report = await reconciler.run(dispensary, options, pulled)
+        report = await reconciler.run(dispensary, options, pulled, locked=locked)
         if progress is not None:
             progress.done()
         if deliver:
@@ -247,7 +265,7 @@ async def reconcile_now(
         stopping.set()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if astore is not None:
+        if astore is not None and registered:
             with contextlib.suppress(Exception):
                 await astore.call(astore.store.release_claims)
         for worker in workers.values():
@@ -256,6 +274,12 @@ async def reconcile_now(
             planner.lane.close()
         if astore is not None:
             astore.close()
+
+
+def _planner(planner: _Planner | None) -> _Planner:
+    """The planner of this process, started once the run holds its lock."""
+    assert planner is not None, "the run plans only once it holds its lock"
+    return planner
 
 
 def _import_store(url: str) -> None:
