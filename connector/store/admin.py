@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     delete,
     func,
     insert,
@@ -28,6 +29,52 @@ from connector.store.schema import (
 
 PROBE_BYTES = 16 * 1024
 """The row an allocating write probe inserts and rolls back: a few pages."""
+
+
+def outbox_pairs(conn: Connection) -> list[tuple[str, str]]:
+    """The (dispensary, destination) pairs the outbox holds operations of: a seek each along
+    ``ix_outbox_queue`` to the next pair (a loose index scan), not a read of every operation
+    the store keeps."""
+    query = (
+        select(outbox.c.dispensary, outbox.c.destination)
+        .order_by(outbox.c.dispensary, outbox.c.destination)
+        .limit(1)
+    )
+    pairs: list[tuple[str, str]] = []
+    row = conn.execute(query).first()
+    while row is not None:
+        dispensary, destination = row[0], row[1]
+        pairs.append((dispensary, destination))
+        # two seeks, not a row value's (dispensary, destination) > (...): SQLite seeks that
+        # by the dispensary alone and walks its operations to the next destination
+        row = (
+            conn.execute(
+                query.where(outbox.c.dispensary == dispensary, outbox.c.destination > destination)
+            ).first()
+            or conn.execute(query.where(outbox.c.dispensary > dispensary)).first()
+        )
+    return pairs
+
+
+def open_counts(
+    conn: Connection, statuses: tuple[str, ...]
+) -> list[tuple[str, str, str, int, Any]]:
+    """Rows of dispensary, destination, status, count and oldest ``created_at`` of the
+    operations in ``statuses``: per pair (:func:`outbox_pairs`), along ``ix_outbox_queue``,
+    so reading the few operations open costs no read of the many delivered."""
+    found: list[tuple[str, str, str, int, Any]] = []
+    for dispensary, destination in outbox_pairs(conn):
+        for status, count, oldest in conn.execute(
+            select(outbox.c.status, func.count(), func.min(outbox.c.created_at))
+            .where(
+                outbox.c.dispensary == dispensary,
+                outbox.c.destination == destination,
+                outbox.c.status.in_(statuses),
+            )
+            .group_by(outbox.c.status)
+        ):
+            found.append((dispensary, destination, status, int(count), oldest))
+    return found
 
 
 class _RolledBack(Exception):
@@ -58,17 +105,7 @@ class AdminSql(ProcessesSql):
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per (dispensary, destination): pending, inflight and dead counts, oldest pending."""
         with self.snapshot() as conn:
-            rows = conn.execute(
-                select(
-                    outbox.c.dispensary,
-                    outbox.c.destination,
-                    outbox.c.status,
-                    func.count(),
-                    func.min(outbox.c.created_at),
-                )
-                .where(outbox.c.status.in_(("pending", "inflight", "dead")))
-                .group_by(outbox.c.dispensary, outbox.c.destination, outbox.c.status)
-            ).all()
+            rows = open_counts(conn, ("pending", "inflight", "dead"))
         stats: dict[tuple[str, str], dict[str, Any]] = {}
         for dispensary, destination, status, count, oldest in rows:
             entry = stats.setdefault(
@@ -94,12 +131,8 @@ class AdminSql(ProcessesSql):
             events = conn.execute(
                 select(func.count()).select_from(inbox).where(inbox.c.status == "pending")
             ).scalar_one()
-            ops = conn.execute(
-                select(func.count())
-                .select_from(outbox)
-                .where(outbox.c.status.in_(("pending", "inflight")))
-            ).scalar_one()
-        return int(events) + int(ops)
+            ops = sum(int(count) for *_, count, _ in open_counts(conn, ("pending", "inflight")))
+        return int(events) + ops
 
     def purge(self, *, raw_before: float, delivered_before: float) -> dict[str, int]:
         """Forget what is no longer needed: the raw bodies of events planned (or refused)

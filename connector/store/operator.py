@@ -27,7 +27,7 @@ from connector.store.abc import (
     StoredEvent,
     StoredOperation,
 )
-from connector.store.admin import AdminSql
+from connector.store.admin import AdminSql, open_counts
 from connector.store.dead_letters import dead_letter_of
 from connector.store.schema import (
     attempts,
@@ -526,17 +526,7 @@ class OperatorSql(AdminSql):
     def overview(self, destinations: Iterable[tuple[str, str]] = ()) -> list[DestinationOverview]:
         now = self._now()
         with self.snapshot() as conn:
-            queue = conn.execute(
-                select(
-                    outbox.c.dispensary,
-                    outbox.c.destination,
-                    outbox.c.status,
-                    func.count(),
-                    func.min(outbox.c.created_at),
-                )
-                .where(outbox.c.status.in_(("pending", "inflight")))
-                .group_by(outbox.c.dispensary, outbox.c.destination, outbox.c.status)
-            ).all()
+            queue = open_counts(conn, ("pending", "inflight"))
             delivered = conn.execute(
                 select(outbox.c.dispensary, outbox.c.destination, func.count())
                 .where(outbox.c.status == "done", outbox.c.done_at >= now - 3600)
