@@ -9,7 +9,9 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     select,
+    union_all,
     update,
 )
 
@@ -56,23 +58,42 @@ def outbox_pairs(conn: Connection) -> list[tuple[str, str]]:
     return pairs
 
 
+# pairs counted in one statement: SQLite takes at most 500 terms in a compound SELECT
+_PAIRS_A_STATEMENT = 250
+
+
 def open_counts(
     conn: Connection, statuses: tuple[str, ...]
 ) -> list[tuple[str, str, str, int, Any]]:
     """Rows of dispensary, destination, status, count and oldest ``created_at`` of the
     operations in ``statuses``: per pair (:func:`outbox_pairs`), along ``ix_outbox_queue``,
-    so reading the few operations open costs no read of the many delivered."""
+    so reading the few operations open costs no read of the many delivered.
+
+    The counts of every pair are one statement (a ``UNION ALL`` of one ``SELECT`` a pair), so
+    they are of one moment on PostgreSQL too, whose snapshot reads at READ COMMITTED: an
+    operation queued for one pair and another settled for a second pair in one commit are
+    never counted half. A pair whose first operation is queued after the pairs were found
+    is counted by the next call."""
     found: list[tuple[str, str, str, int, Any]] = []
-    for dispensary, destination in outbox_pairs(conn):
-        for status, count, oldest in conn.execute(
-            select(outbox.c.status, func.count(), func.min(outbox.c.created_at))
+    pairs = outbox_pairs(conn)
+    for start in range(0, len(pairs), _PAIRS_A_STATEMENT):
+        arms = [
+            select(
+                literal(dispensary).label("dispensary"),
+                literal(destination).label("destination"),
+                outbox.c.status,
+                func.count().label("n"),
+                func.min(outbox.c.created_at).label("oldest"),
+            )
             .where(
                 outbox.c.dispensary == dispensary,
                 outbox.c.destination == destination,
                 outbox.c.status.in_(statuses),
             )
             .group_by(outbox.c.status)
-        ):
+            for dispensary, destination in pairs[start : start + _PAIRS_A_STATEMENT]
+        ]
+        for dispensary, destination, status, count, oldest in conn.execute(union_all(*arms)):
             found.append((dispensary, destination, status, int(count), oldest))
     return found
 
