@@ -661,8 +661,8 @@ class KlaviyoSink:
             # never makes a profile (one someone deleted, maybe for a data-privacy request,
             # would come back holding the e-mail and phone)
             if contact_id is None:
-                # not made yet: its upsert is queued, retrying or dead-lettered; the opt-out
-                # waits for it and is never dropped
+                # not made yet: its upsert is queued, retrying or dead-lettered (a customer's
+                # operations go in order); the opt-out waits for it and is never dropped
                 return (
                     RetriableDelivery(
                         f"{delivery.op}: the customer's Klaviyo profile is not made yet (its "
@@ -678,7 +678,17 @@ class KlaviyoSink:
         result: Result = Sent(again)
         if contact_id is not None:
             result = _replacing(result, contact_id, "the consent change")
-        return result, _text(profile.get("email")), _text(profile.get("phone_number"))
+        email, phone = _text(profile.get("email")), _text(profile.get("phone_number"))
+        if delivery.op == "subscribe":
+            # found by one identifier (a household's phone), the profile may hold another
+            # person's e-mail: a subscribe goes only to what this customer's own mapped
+            # identifiers say (an opt-out goes to all it holds: the safe side)
+            mapped_email = _text(identifiers.get("email"))
+            if email is None or mapped_email is None or email.casefold() != mapped_email.casefold():
+                email = None
+            if phone != _text(identifiers.get("phone_number")):
+                phone = None
+        return result, email, phone
 
     async def _identifiers(self, delivery: Delivery) -> dict[str, str]:
         """The mapped identifiers of the operation, less those withheld after a 409 (they
@@ -717,9 +727,17 @@ class KlaviyoSink:
     async def _search(self, name: str, value: str) -> list[dict[str, Any]]:
         """The profiles holding ``value`` as ``name`` (``GET /api/profiles?filter=``), a
         read that makes nothing."""
-        if '"' in value or "\\" in value:
-            return []  # no quoting of these in Klaviyo's filter syntax: nothing to match
-        query = urlencode({"filter": f'equals({name},"{value}")', "page[size]": "10"})
+        # Klaviyo's filters quote text in double or single quotes and document no escape:
+        # a value is quoted in the kind it does not hold; one holding both, or a backslash
+        # (whose meaning there is not documented), cannot be looked up, which is no proof
+        # that no profile holds it: the operation fails, to the dead letters, not done
+        quote = '"' if '"' not in value else "'"
+        if quote in value or "\\" in value:
+            raise FatalDelivery(
+                f"the customer's {name} holds quotes or a backslash that Klaviyo's filter "
+                "syntax cannot carry: the profile cannot be looked up"
+            )
+        query = urlencode({"filter": f"equals({name},{quote}{value}{quote})", "page[size]": "10"})
         response = await self.api.request("GET", f"/api/profiles?{query}", "profiles")
         data = _json(response).get("data")
         return [p for p in data if isinstance(p, dict)] if isinstance(data, list) else []
