@@ -193,6 +193,10 @@ class Reconciler:
         self.destinations = {} if destinations is None else destinations
         self.poll_seconds = poll_seconds
         self.token = uuid.uuid4().hex[:12]  # this reconciler's, in its lock holders
+        # the dispensaries this reconciler runs now: its holder is one for all its runs of a
+        # kind (so it takes back a lock it could not release), and the store's acquire
+        # renews a lock for its own holder, so a second run here is refused here
+        self._running: set[str] = set()
         # one client per dispensary for the life of this reconciler: its token is reused
         # across runs until it nears expiry (Treez checks this), its pace shared by them
         self._clients: dict[str, TreezClient] = {}
@@ -234,6 +238,26 @@ class Reconciler:
             )
         lock = f"reconcile:{dispensary}"
         holder = _holder(self.token, "dry-run" if options.dry_run else options.trigger)
+        if dispensary in self._running:
+            raise ReconcileBusy(await self._busy(dispensary, lock))
+        self._running.add(dispensary)
+        try:
+            return await self._run_locked(dispensary, disp, options, progress, locked, holder)
+        finally:
+            self._running.discard(dispensary)
+
+    async def _run_locked(
+        self,
+        dispensary: str,
+        disp: DispensaryConfig,
+        options: RunOptions,
+        progress: Progress | None,
+        locked: Callable[[], Awaitable[None]] | None,
+        holder: str,
+    ) -> RunReport:
+        """:meth:`run` once no other run of this reconciler holds ``dispensary``: its lock
+        taken in the store (or refused), held while it runs, released after."""
+        lock = f"reconcile:{dispensary}"
         if not await self.astore.call(self.runs.acquire, lock, holder, LOCK_TTL_SECONDS):
             raise ReconcileBusy(await self._busy(dispensary, lock))
         running = asyncio.current_task()

@@ -489,6 +489,7 @@ def _parse_event_json_model(raw: bytes | str, source: str = "webhook body") -> T
 # mapping refuses it anywhere else (connector/mapping/_engine.py).
 
 NOT_JSON_NUMBER = "is not JSON (NaN and Infinity are not JSON numbers, RFC 8259)"
+_PLACES_NAMED = 20  # in a refusal; the rest are counted
 
 
 class _Constant:
@@ -682,11 +683,14 @@ def _screen(body: dict[str, Any], source: str) -> list[Problem]:
 
 
 def _rule_hazards(customer: Mapping[str, Any], prefix: str) -> list[Problem]:
-    """What no serializer takes in the fields the rules stand on (never left out)."""
+    """What no serializer takes in the fields the rules stand on (never left out), a float
+    that is not finite included: the models would read it as the text "nan" or "inf" (a
+    status that reads as a reactivation)."""
     return [
         problem
         for name in RULE_FIELDS
-        if name in customer and (problem := _hazard(customer[name], f"{prefix}{name}")) is not None
+        if name in customer
+        and (problem := _hazard(customer[name], f"{prefix}{name}", finite=True)) is not None
     ]
 
 
@@ -1273,7 +1277,11 @@ def _json_body(raw: bytes | str, source: str, *, constants: bool = False) -> Any
     if constants:
         return body
     if (not text or _may_hold_constant(text)) and (found := _places(body, "", _is_constant)):
-        raise NotJsonError(source, [Problem(where, NOT_JSON_NUMBER) for where in found])
+        problems = [Problem(where, NOT_JSON_NUMBER) for where in found[:_PLACES_NAMED]]
+        if len(found) > _PLACES_NAMED:  # the reason stays short, whatever the body holds
+            more = len(found) - _PLACES_NAMED
+            problems.append(Problem("body", f"{more} more places hold NaN or Infinity"))
+        raise NotJsonError(source, problems)
     return body
 
 
