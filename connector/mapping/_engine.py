@@ -515,11 +515,13 @@ def _template_parts(text: str, env: BuildEnv) -> _Template:
 
 def _template_text(value: Any, placeholders: frozenset[str]) -> str | None:
     """A path's value as a template writes it, or None when it makes the whole result null
-    (null, a placeholder, a list or an object)."""
+    (null, a placeholder, a list, an object or a number with no text)."""
     cls = value.__class__
     if cls is str:
         return None if value in placeholders or value.strip() in placeholders else value
     if value is None or cls is list or cls is dict or isinstance(value, BaseModel):
+        return None
+    if cls is float and not math.isfinite(value):  # past a float's range (1e400): no text
         return None
     result: str = to_str(value)  # true/false as JSON writes them, dates as ISO
     return result

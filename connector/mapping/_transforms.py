@@ -379,6 +379,9 @@ def to_str(value: Any) -> str:
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        # a number past a float's range (1e400 is JSON) is no text: "inf" means nothing
+        raise TransformFailed("not a finite number (past a float's range): no text for it")
     if isinstance(value, int | float):
         return str(value)
     if isinstance(value, datetime | date):
