@@ -189,8 +189,7 @@ class Reconciler:
         self._plan = plan
         self._settle = settle or self._plan_and_sleep
         self._client_for = client_for or _default_client
-        # the dict given, kept (not copied): the command fills it once its run holds the lock
-        self.destinations = {} if destinations is None else destinations
+        self.destinations = destinations or {}
         self.poll_seconds = poll_seconds
         self.token = uuid.uuid4().hex[:12]  # this reconciler's, in its lock holders
         # the dispensaries this reconciler runs now: its holder is one for all its runs of a

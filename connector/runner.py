@@ -32,7 +32,6 @@ from rich.progress import (
 from rich.text import Text
 
 from connector.config import Config
-from connector.delivery.base import Destination
 from connector.delivery.worker import DeliveryWorker
 from connector.metrics import replica_id
 from connector.pipeline import Deployment, build_worker, process_batch
@@ -197,7 +196,6 @@ async def reconcile_now(
     planner: _Planner | None = None
     reconciler: Reconciler | None = None
     astore: AsyncStore | None = None
-    destinations: dict[tuple[str, str], Destination] = {}
     registered = False  # in the store's processes: its claims and leases released at the end
     try:
         store = open_store(config.store, timeout=config.store_timeout_seconds, listen=False)
@@ -217,9 +215,10 @@ async def reconcile_now(
                 for dest_config in config.dispensaries[dispensary].destinations:
                     worker = build_worker(astore, dispensary, dest_config, idle_poll=0.2)
                     workers[(dispensary, dest_config.name)] = worker
-                    destinations[(dispensary, dest_config.name)] = worker.destination
                     tasks.append(asyncio.create_task(worker.run(stopping)))
                 tasks.append(asyncio.create_task(_heartbeat(astore, stopping)))
+                assert reconciler is not None  # made before its run calls this
+                reconciler.destinations = {key: w.destination for key, w in workers.items()}
             if child is not None:
                 await child.connect()
             else:
@@ -240,7 +239,6 @@ async def reconcile_now(
             deployment,
             plan=plan,
             settle=settle,
-            destinations=destinations,
             **(reconciler_options or {}),
         )
         started = time.monotonic()

@@ -521,24 +521,35 @@ def _is_not_finite(item: Any) -> bool:
     return item.__class__ is float and not math.isfinite(item)
 
 
-def _places(value: Any, where: str, test: Callable[[Any], bool]) -> list[str]:
+def _places(
+    value: Any, where: str, test: Callable[[Any], bool], *, first: bool = False
+) -> list[str]:
     """The paths in ``value`` (found at ``where``; "" for its top) of the values ``test``
-    holds for, in the text's order (iterative: ``value`` may nest as deep as json goes)."""
+    holds for, in the text's order; with ``first``, the first only (iterative: ``value`` may
+    nest as deep as json goes). A path is spelled only for a container walked into or a
+    value found, not for every value passed."""
     found = []
-    stack: list[tuple[Any, str]] = [(value, where)]
+    # (item, the path of its container, its name or index there: None for the top)
+    stack: list[tuple[Any, str, str | int | None]] = [(value, where, None)]
     while stack:
-        item, path = stack.pop()
-        if test(item):
+        item, parent, step = stack.pop()
+        hit = test(item)
+        if not hit and not isinstance(item, dict | list):
+            continue
+        if step is None:
+            path = parent
+        elif isinstance(step, int):
+            path = f"{parent or 'body'}[{step}]"
+        else:
+            path = f"{parent}.{_readable(step)}" if parent else _readable(step)
+        if hit:
             found.append(_shortened(path or "body"))
+            if first:
+                return found
         elif isinstance(item, dict):
-            stack.extend(
-                (child, f"{path}.{_readable(name)}" if path else _readable(name))
-                for name, child in reversed(item.items())
-            )
-        elif isinstance(item, list):
-            stack.extend(
-                (item[index], f"{path or 'body'}[{index}]") for index in reversed(range(len(item)))
-            )
+            stack.extend((child, path, str(name)) for name, child in reversed(item.items()))
+        else:
+            stack.extend((item[index], path, index) for index in reversed(range(len(item))))
     return found
 
 
@@ -547,6 +558,12 @@ def non_finite(value: Any, where: str = "") -> list[str]:
     json reads from NaN, Infinity or a number past a float's range, which no JSON writer
     can write back."""
     return _places(value, where, _is_not_finite)
+
+
+def has_non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a float that is not finite anywhere (:func:`non_finite`,
+    stopping at the first, no path spelled on the way)."""
+    return bool(_places(value, "", _is_not_finite, first=True))
 
 
 # --- what the model takes and no serializer does: lone surrogates, deep nesting ---

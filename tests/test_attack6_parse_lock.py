@@ -18,6 +18,7 @@ import pytest
 from fakes.treez_api import PageRequest, TreezFake
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_nan_receive import _seed_text as _text
 from test_reconcile import DISPENSARY, write_config
 from test_reconlock_runs import SMALL_PAGES, _close, _fake, _in_window, _reconcilers
 
@@ -35,21 +36,6 @@ from connector.treez import (
     parse_event_json,
     parse_stored_event,
 )
-
-SEED: dict[str, Any] = json.loads(
-    (Path(__file__).resolve().parent / "data" / "seed_body.json").read_bytes()
-)
-
-
-def _text(**raw: str) -> str:
-    """The seed body with customer fields written as the JSON text ``raw``."""
-    body = json.loads(json.dumps(SEED))
-    for name in raw:
-        body["data"][name] = f"@@{name}@@"
-    text = json.dumps(body)
-    for name, value in raw.items():
-        text = text.replace(f'"@@{name}@@"', value)
-    return text
 
 
 def _plain(value: Any) -> bool:

@@ -33,6 +33,7 @@ from test_klaviyo import (
     MAPPING,
     SHOP,
     delivery,
+    existing_profile,
     klaviyo_config,
     klaviyo_flow,
 )
@@ -93,19 +94,7 @@ def send(base: Path, fake: KlaviyoFake, *deliveries: Delivery, **kw: Any) -> lis
     return on_fake(base, fake, lambda sink: sink.send(list(deliveries)), **kw)
 
 
-async def made_elsewhere(fake: KlaviyoFake, **attributes: Any) -> str:
-    """A profile made in Klaviyo by someone else (a sign-up form, another integration)."""
-    headers = {
-        "authorization": f"Klaviyo-API-Key {FAKE_KEY}",
-        "revision": KLAVIYO_REVISION,
-        "content-type": JSONAPI,
-    }
-    transport = httpx.ASGITransport(app=fake.app)
-    async with httpx.AsyncClient(transport=transport, base_url=BASE, headers=headers) as client:
-        body = {"data": {"type": "profile", "attributes": attributes}}
-        answer = await client.post(IMPORT, content=json.dumps(body))
-    assert answer.status_code == 201, answer.text
-    return str(answer.json()["data"]["id"])
+made_elsewhere = existing_profile  # a sign-up form, another integration
 
 
 def upserted(base: Path, fake: KlaviyoFake) -> str:

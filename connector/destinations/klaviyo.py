@@ -633,40 +633,34 @@ class KlaviyoSink:
             # by the mapped identifiers could make a profile no merge would ever absorb
             return Sent(None), None, None
         identifiers = await self._identifiers(delivery)
-        if not identifiers:
+        # never made by a consent change: Klaviyo's subscription jobs make a profile for
+        # identifiers no profile holds, and one someone deleted (maybe for a data-privacy
+        # request) would come back holding the e-mail and phone
+        searched = await self._find(delivery, identifiers) if identifiers else None
+        if searched is None:
             if contact_id is None:
                 # an opt-out owed to a customer whose profile is not made yet (its upsert is
-                # queued, retrying or dead-lettered): wait for it, never drop the opt-out
+                # queued, retrying or dead-lettered: a customer's operations go in order):
+                # wait for it, never drop the opt-out
+                why = (
+                    "is not made yet (its upsert has not been delivered)"
+                    if identifiers
+                    else "is not known yet (its upsert has not been delivered) and this "
+                    "operation carries nothing to find it by"
+                )
                 return (
                     RetriableDelivery(
-                        f"{delivery.op}: the customer's Klaviyo profile is not known yet (its "
-                        "upsert has not been delivered) and this operation carries nothing to "
-                        "find it by; trying again"
+                        f"{delivery.op}: the customer's Klaviyo profile {why}; trying again"
                     ),
                     None,
                     None,
                 )
-            return (
-                FatalDelivery(
-                    f"profile {contact_id} is gone and this operation carries no e-mail, phone or "
-                    "external id to find it again; replay it after the customer's next update"
-                ),
-                None,
-                None,
-            )
-        searched = await self._find(delivery, identifiers)
-        if searched is None:
-            # no profile of this customer's exists. Klaviyo's subscription jobs make a
-            # profile for identifiers no profile holds, so none is sent: a consent change
-            # never makes a profile (one someone deleted, maybe for a data-privacy request,
-            # would come back holding the e-mail and phone)
-            if contact_id is None:
-                # not made yet: its upsert is queued, retrying or dead-lettered (a customer's
-                # operations go in order); the opt-out waits for it and is never dropped
+            if not identifiers:
                 return (
-                    RetriableDelivery(
-                        f"{delivery.op}: the customer's Klaviyo profile is not made yet (its "
-                        "upsert has not been delivered); trying again"
+                    FatalDelivery(
+                        f"profile {contact_id} is gone and this operation carries no e-mail, "
+                        "phone or external id to find it again; replay it after the "
+                        "customer's next update"
                     ),
                     None,
                     None,

@@ -49,7 +49,7 @@ from connector.mapping._transforms import (
     build_transforms,
     to_str,
 )
-from connector.treez import Customer, format_location, non_finite
+from connector.treez import Customer, format_location, has_non_finite
 
 DEFAULT_PLACEHOLDERS = ("N/A", "")
 # What a field's value may not be: a float that is not finite has no JSON form (json.dumps
@@ -60,7 +60,7 @@ NOT_FINITE = "not a finite number (NaN or Infinity), which JSON cannot carry"
 
 
 def _finite_constant(value: Any) -> Any:
-    if non_finite(value, ""):
+    if has_non_finite(value):
         raise ValueError("must hold finite numbers only (.nan and .inf have no JSON form)")
     return value
 
@@ -603,7 +603,7 @@ def _compile_field(target: str, raw: Any, warnings: list[str]) -> CompiledField:
             if texts is not None:
                 return texts
         value = clean(_jsonable(value))
-        if non_finite(value, ""):  # anywhere in a list or an object
+        if has_non_finite(value):  # anywhere in a list or an object
             return not_finite()
         return default if value is None else value
 

@@ -41,7 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 from connector.mapping._paths import Context, PathError, check_path, compile_path, parse_path
-from connector.treez import non_finite
+from connector.treez import has_non_finite
 
 Transform = Callable[[Any, Context], Any]
 
@@ -460,7 +460,7 @@ def _map(arg: Any, _env: BuildEnv) -> Transform:
     has_default = "default" in arg
     default = arg.get("default")
     # YAML's .nan and .inf: a value no JSON body can carry, refused when the file is loaded
-    if non_finite([*lookup.values(), default], ""):
+    if has_non_finite([*lookup.values(), default]):
         raise TransformSpecError(
             "transform 'map': values and default must hold finite numbers only"
             " (.nan and .inf have no JSON form)"

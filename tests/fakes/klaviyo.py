@@ -384,6 +384,21 @@ _FILTER = re.compile(
 )
 
 
+def _page_size(request: _Request) -> int:
+    """``page[size]`` (1 to 100, 20 when not given), or a 400 naming the parameter."""
+    raw_size = (request.query.get("page[size]") or ["20"])[0]
+    if not raw_size.isdigit() or not 1 <= int(raw_size) <= 100:
+        raise ApiError(
+            400,
+            "invalid",
+            "Invalid input.",
+            "`page[size]` must be an integer between 1 and 100.",
+            pointer=None,
+            parameter="page[size]",
+        )
+    return int(raw_size)
+
+
 def _bad_filter(detail: str) -> ApiError:
     return ApiError(400, "invalid", "Invalid input.", detail, pointer=None, parameter="filter")
 
@@ -1197,16 +1212,7 @@ class KlaviyoFake:
     def _get_profiles(self, request: _Request) -> tuple[int, Any]:
         """Get Profiles: the profiles a filter on an identifier matches; a read, never a
         create (what profile-import would do with the same identifiers)."""
-        raw_size = (request.query.get("page[size]") or ["20"])[0]
-        if not raw_size.isdigit() or not 1 <= int(raw_size) <= 100:
-            raise ApiError(
-                400,
-                "invalid",
-                "Invalid input.",
-                "`page[size]` must be an integer between 1 and 100.",
-                pointer=None,
-                parameter="page[size]",
-            )
+        size = _page_size(request)
         filters = request.query.get("filter") or []
         if len(filters) > 1:
             raise _bad_filter("Only one `filter` parameter may be given.")
@@ -1222,7 +1228,7 @@ class KlaviyoFake:
         wants = self._wants_subscriptions(request.query)
         data = [
             self._profile_resource(self._profiles[i], request.base, subscriptions=wants)
-            for i in ids[: int(raw_size)]
+            for i in ids[:size]
         ]
         links = {"self": f"{request.base}/api/profiles/", "next": None, "prev": None}
         return 200, {"data": data, "links": links}
@@ -1683,17 +1689,7 @@ class KlaviyoFake:
 
     def _get_import_errors(self, request: _Request) -> tuple[int, Any]:
         job = self._job(request.params["id"])
-        raw_size = (request.query.get("page[size]") or ["20"])[0]
-        if not raw_size.isdigit() or not 1 <= int(raw_size) <= 100:
-            raise ApiError(
-                400,
-                "invalid",
-                "Invalid input.",
-                "`page[size]` must be an integer between 1 and 100.",
-                pointer=None,
-                parameter="page[size]",
-            )
-        size = int(raw_size)
+        size = _page_size(request)
         cursor = (request.query.get("page[cursor]") or ["0"])[0]
         start = int(cursor) if cursor.isdigit() else 0
         url = f"{request.base}/api/profile-bulk-import-jobs/{job.id}/import-errors/"
