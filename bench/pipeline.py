@@ -20,8 +20,15 @@ sink on the same two cores); at every trickle rate, CPU per event within 2x of t
 figure of the same run; at 100 events/s, p99 POST-to-sink under 100 ms (and no worse than the
 29 ms measured before the issue); idle under 1% of a core.
 
+The floor (``--floor``, on by default): at each trickle rate, what the same stack spends on an
+event's two HTTP legs alone, with no store and no planning: the connector's own server
+answering a no-op route (bench/_server.py, the receiver's process only) and an aiohttp client
+like the http destination's posting one operation to the sink (this process). A trickle's
+CPU per event cannot fall below the floor, so the floor's ratio to the saturated figure says
+how much of the 2x a rate leaves for everything durable.
+
     python bench/pipeline.py [--rate 5000 --events 15000] [--rates 1,10,100] [--one-process]
-                             [--history 200000]
+                             [--history 200000] [--no-floor]
 """
 
 from __future__ import annotations
@@ -37,11 +44,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (
+    RawPoster,
     event_body,
     process_cpu_seconds,
     server_process,
@@ -137,6 +146,12 @@ class AttemptsTail:
         self.offset += end
         return [Attempt(**json.loads(line)) for line in data[:end].splitlines() if line.strip()]
 
+    def read_all(self) -> list[Attempt]:
+        """Every whole line of the log, from its start (the offset is left as it is)."""
+        data = self.path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]
+        return [Attempt(**json.loads(line)) for line in data.splitlines() if line.strip()]
+
 
 @dataclass
 class Phase:
@@ -217,6 +232,86 @@ def receiver_cpu(pids: list[int]) -> float:
     return (int(fields[11]) + int(fields[12])) / tick
 
 
+@dataclass
+class Floor:
+    rate: float
+    receive: float  # CPU seconds per request of the receiver's process, no-op route
+    send: float  # CPU seconds per request of an aiohttp client posting one operation
+
+
+def receive_floor(work: Path, sink_url: str, rates: list[float], seconds: float) -> list[float]:
+    """Per rate: the receiver's CPU per request to the bench server's no-op route, posted
+    alone at that rate (the same server stack and fast path as the webhook route)."""
+    floor_dir = work / "floor"
+    floor_dir.mkdir()
+    config = write_config(floor_dir, sink_url)
+    pids: list[int] = []
+    out = []
+    with server_process(config, cpu=None, bench_server=True, pids=pids) as base:
+        host, port = base.removeprefix("http://").split(":")
+        poster = RawPoster(
+            host, int(port), "/noop/partnersandbox3", {"content-type": "application/json"}
+        )
+        body = event_body(1, 1)
+
+        async def post(count: int, rate: float) -> None:
+            conn = await poster.open()
+            try:
+                start = time.monotonic()
+                for i in range(count):
+                    delay = start + i / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if await poster.post(conn, body) != 202:
+                        raise RuntimeError("the no-op route did not answer 202")
+            finally:
+                conn[1].close()
+
+        uvloop.run(post(20, 20))  # warm-up
+        time.sleep(1)
+        for rate in rates:
+            count = max(5, round(rate * seconds))
+            before = receiver_cpu(pids)
+            uvloop.run(post(count, rate))
+            out.append((receiver_cpu(pids) - before) / count)
+    return out
+
+
+def send_floor(sink_url: str, op: dict[str, object], rate: float, seconds: float) -> float:
+    """This process's CPU per request posting ``op`` alone at ``rate`` to the sink, with an
+    aiohttp session set up as the http destination's (its ``HttpSink``)."""
+    count = max(5, round(rate * seconds))
+
+    async def post() -> float:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=16),
+            timeout=aiohttp.ClientTimeout(total=30),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        ) as session:
+
+            async def one(i: int) -> None:
+                key = f"floor-{rate:g}-{i}"
+                content = json.dumps({**op, "idempotency_key": key}).encode()
+                headers = {"content-type": "application/json", "idempotency-key": key}
+                async with session.post(sink_url, data=content, headers=headers) as response:
+                    await response.read()
+                    if not 200 <= response.status < 300:
+                        raise RuntimeError(f"the sink answered {response.status}")
+
+            for i in range(5):  # warm-up: the connection and the first requests
+                await one(-1 - i)
+            cpu = time.process_time()
+            start = time.monotonic()
+            for i in range(count):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await one(i)
+            return (time.process_time() - cpu) / count
+
+    return uvloop.run(post())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=15000, help="of the saturated phase")
@@ -234,6 +329,12 @@ def main() -> None:
         action="store_true",
         help="server.pipeline_process: false (receiver, planner and workers in one process)",
     )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure each trickle rate's floor: the HTTP legs alone, no store",
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
 
@@ -246,6 +347,7 @@ def main() -> None:
         return made
 
     phases: list[Phase] = []
+    floors: list[Floor] = []
     idle_share = idle_receiver = None
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
@@ -275,6 +377,14 @@ def main() -> None:
                 saturated = run_phase(
                     "saturated", base, tail, pids, new_events(args.events), args.rate, args.clients
                 )
+            if args.floor and rates:
+                # after the connector has stopped: the floor's server and client run alone
+                op = next(a.ops[0] for a in reversed(tail.read_all()) if a.ok and a.ops)
+                receives = receive_floor(work, sink_url, rates, args.trickle_seconds)
+                floors = [
+                    Floor(rate, receive, send_floor(sink_url, op, rate, args.trickle_seconds))
+                    for rate, receive in zip(rates, receives, strict=True)
+                ]
     mode = "one process" if args.one_process else "receiver + pipeline process"
     print(
         f"http destination batch_size {args.batch_size}, {mode}, "
@@ -310,6 +420,13 @@ def main() -> None:
             f"CPU per event; {cores} cores allow at most "
             f"{cores / (saturated.cpu_per_event + rest):,.0f} events/s at this split, "
             f"{cores / (0.0003 + rest):,.0f}/s were the connector's 0.3 ms"
+        )
+    for floor in floors:
+        total = floor.receive + floor.send
+        print(
+            f"floor at {floor.rate:g}/s, the HTTP legs alone: receive {floor.receive * 1e3:.3f} + "
+            f"send {floor.send * 1e3:.3f} = {total * 1e3:.3f} ms/ev, "
+            f"{total / saturated.cpu_per_event:.2f}x saturated"
         )
     if idle_share is not None:
         print(
