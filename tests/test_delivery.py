@@ -526,8 +526,9 @@ def test_transport_errors_are_retriable(error: httpx.HTTPError, mapping_dir: Pat
     asyncio.run(go())
 
 
-def test_refused_connection_is_retriable_through_aiohttp(mapping_dir: Path) -> None:
-    # the default path (aiohttp, no httpx client given) against a port nobody listens on
+def test_refused_connection_is_retriable_through_the_default_client(mapping_dir: Path) -> None:
+    # the default path (connector.delivery._h1, no httpx client given) against a port nobody
+    # listens on
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

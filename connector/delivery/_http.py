@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
 import httpx
 import msgspec
 
@@ -90,14 +89,6 @@ def transport_error(exc: httpx.HTTPError | httpx.InvalidURL) -> DeliveryError:
     """Timeouts and connection errors are retriable; other transport errors too (the
     request may not have arrived), except a malformed URL or request."""
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol | httpx.LocalProtocolError):
-        return FatalDelivery(f"request could not be sent ({exc.__class__.__name__})")
-    return RetriableDelivery(f"no response ({exc.__class__.__name__})")
-
-
-def aiohttp_error(exc: BaseException) -> DeliveryError:
-    """:func:`transport_error` for aiohttp: a malformed URL is fatal; timeouts, refused or
-    dropped connections and other client errors are retriable."""
-    if isinstance(exc, aiohttp.InvalidURL):
         return FatalDelivery(f"request could not be sent ({exc.__class__.__name__})")
     return RetriableDelivery(f"no response ({exc.__class__.__name__})")
 

@@ -7,13 +7,13 @@ import hashlib
 import json
 from typing import Any, Literal
 
-import aiohttp
 import httpx
-from pydantic import Field, HttpUrl, SecretStr
+from pydantic import Field, HttpUrl, SecretStr, field_validator
 
+from connector import __version__
 from connector.config_base import DestinationConfig, Rate
+from connector.delivery._h1 import H1Error, H1Pool
 from connector.delivery._http import (
-    aiohttp_error,
     classify,
     classify_status,
     json_body,
@@ -28,6 +28,9 @@ from connector.delivery.base import (
 )
 from connector.destinations._probe import Probe, not_checked
 from connector.destinations._vendor import host_of
+from connector.errors import FatalDelivery, RetriableDelivery
+
+USER_AGENT = f"treez-connector/{__version__}"
 
 
 class HttpDestination(DestinationConfig):
@@ -38,6 +41,23 @@ class HttpDestination(DestinationConfig):
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     timeout_seconds: float = Field(default=10.0, gt=0, le=300)
 
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, value in headers.items():
+            if not name or any(c in name for c in "\r\n\0:\t ") or not name.isascii():
+                raise ValueError(f"header name {name!r} is not a header name")
+            if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+                raise ValueError(f"header {name!r} is set by the connector, not the config")
+            text = value.get_secret_value()
+            if any(c in text for c in "\r\n\0"):  # the name only: the value may be a secret
+                raise ValueError(f"the value of header {name!r} holds a line break or NUL")
+            try:
+                text.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(f"the value of header {name!r} is not Latin-1 text") from None
+        return headers
+
 
 def _capabilities(config: HttpDestination) -> Capabilities:
     return Capabilities(batch_size=config.batch_size, native_merge=True)  # contract 4
@@ -46,10 +66,13 @@ def _capabilities(config: HttpDestination) -> Capabilities:
 class HttpSink:
     """POSTs each operation (or a JSON array of ``batch_size`` operations) to ``url``.
 
-    Sends through aiohttp: measured here at about a third of the CPU per request of httpx
-    over its own pool or over aiohttp (bench/clients.py). Given an ``httpx.AsyncClient``
+    Sends through :class:`~connector.delivery._h1.H1Pool`, a lean HTTP/1.1 client: a lone
+    request costs it about half the CPU of aiohttp's, and aiohttp's a third of httpx's
+    (bench/pipeline.py prints the floor of a lone request). Given an ``httpx.AsyncClient``
     (tests with respx, or a caller's own transport) it sends through that instead; both
-    paths classify responses and errors alike.
+    paths classify responses and errors alike. Redirects are answers, never followed: a
+    client following a 301 or 302 turns the POST into a GET, and the operation would count
+    as delivered with nothing sent.
     """
 
     kind = "http"
@@ -67,7 +90,7 @@ class HttpSink:
         self._client = client
         self._concurrency = config.concurrency
         self._timeout = config.timeout_seconds
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: H1Pool | None = None
 
     @property
     def batch_size(self) -> int:
@@ -95,25 +118,21 @@ class HttpSink:
         headers = {**self._headers, "idempotency-key": key}
         if self._client is not None:
             return await self._send_httpx(self._client, content, headers, len(deliveries))
-        session = self._session
-        if session is None:
-            session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._concurrency),
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=True,
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = H1Pool(
+                self._url, limit=self._concurrency, timeout=self._timeout, user_agent=USER_AGENT
             )
         try:
-            async with session.post(self._url, data=content, headers=headers) as response:
-                status = response.status
-                raw = await response.read()
-                retry_after = response.headers.get("retry-after")
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            raise aiohttp_error(exc) from None
-        if not 200 <= status < 300:
-            text = raw.decode("utf-8", errors="replace")
-            classify_status(status, retry_after, text, self._host)
-        return as_results(_contact_ids_from(raw, len(deliveries)))
+            response = await pool.post(content, headers)
+        except ValueError as exc:  # a header the config let through: nothing was sent
+            raise FatalDelivery(f"request could not be sent ({exc})") from None
+        except (TimeoutError, OSError, H1Error) as exc:
+            raise RetriableDelivery(f"no response ({exc.__class__.__name__})") from None
+        if not 200 <= response.status < 300:
+            text = response.body.decode("utf-8", errors="replace")
+            classify_status(response.status, response.headers.get("retry-after"), text, self._host)
+        return as_results(_contact_ids_from(response.body, len(deliveries)))
 
     async def _send_httpx(
         self, client: httpx.AsyncClient, content: bytes, headers: dict[str, str], count: int
@@ -133,9 +152,9 @@ class HttpSink:
         return not_checked("contract 4 defines no harmless read; the first delivery tells")
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         if self._client is not None:
             await self._client.aclose()
 
