@@ -17,14 +17,16 @@ every request is alone. This client keeps what a POST to a user's service needs 
   into a GET, and the operation would count as delivered with nothing sent).
 
 Errors: :class:`TimeoutError`, :class:`OSError` (refused, reset, DNS, TLS) and
-:class:`H1Error` (an answer that is not HTTP/1.x, or too large); :class:`ValueError` for a
-header that cannot be sent. Never a header value or a body in an error's text.
+:class:`H1Error` (an answer that is not HTTP/1.x, or too large); :class:`Unsendable` (a
+:class:`ValueError`) for a request that cannot be written, raised before anything is sent.
+Never a header value or a body in an error's text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import socket
 import ssl
 import zlib
@@ -40,6 +42,10 @@ _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 class H1Error(Exception):
     """The peer's answer is not one this client reads (not HTTP/1.x, malformed, too large)."""
+
+
+class Unsendable(ValueError):
+    """The request cannot be written (a header or the URL): nothing was sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +66,25 @@ def default_ssl_context() -> ssl.SSLContext:
     return _ssl_context
 
 
-def _check_header(name: str, value: str) -> None:
-    if not name or any(c in name for c in "\r\n:\0 \t") or any(c in value for c in "\r\n\0"):
-        # the name only: a value may be a secret
-        raise ValueError(f"header {name!r} cannot be sent (a line break or NUL in it)")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110 5.1)
+_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls but a tab (RFC 9110 5.5)
+CLIENT_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why a header cannot be sent, naming it but never its value (it may be a secret);
+    None when it can."""
+    if not _TOKEN.fullmatch(name):
+        return f"header name {name!r} is not a header name"
+    if name.lower() in CLIENT_HEADERS:
+        return f"header {name!r} is set by the connector"
+    if _VALUE_BAD.search(value):
+        return f"the value of header {name!r} holds a control character (a line break?)"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return f"the value of header {name!r} is not Latin-1 text"
+    return None
 
 
 class H1Pool:
@@ -80,7 +101,7 @@ class H1Pool:
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("the URL is not http:// or https:// with a host")
+            raise Unsendable("the URL is not http:// or https:// with a host")
         self._tls = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._tls else 80)
@@ -99,8 +120,8 @@ class H1Pool:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             head.append(f"Authorization: Basic {base64.b64encode(pair.encode()).decode()}")
         for line in head:
-            if "\r" in line or "\n" in line:
-                raise ValueError("the URL cannot be sent (a line break in it)")
+            if _VALUE_BAD.search(line):
+                raise Unsendable("the URL cannot be sent (a control character in it)")
         self._head = head
         self._slots = asyncio.Semaphore(limit)
         self._idle: list[_Conn] = []
@@ -108,16 +129,13 @@ class H1Pool:
         self.connections_opened = 0  # for tests and benches
 
     def _request(self, content: bytes, headers: Mapping[str, str]) -> bytes:
-        lines = list(self._head)
         overridden = {name.lower() for name in headers}
-        if "user-agent" in overridden:
-            lines = [line for line in lines if not line.startswith("User-Agent:")]
-        if "authorization" in overridden:
-            lines = [line for line in lines if not line.startswith("Authorization:")]
+        # the caller's User-Agent, Authorization or Accept-Encoding replaces the client's
+        lines = [line for line in self._head if line.split(":")[0].lower() not in overridden]
         for name, value in headers.items():
-            if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-                raise ValueError(f"header {name!r} is the client's to set")
-            _check_header(name, value)
+            problem = header_problem(name, value)
+            if problem is not None:
+                raise Unsendable(problem)
             lines.append(f"{name}: {value}")
         lines.append(f"Content-Length: {len(content)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + content
@@ -126,11 +144,9 @@ class H1Pool:
         """POST ``content`` with ``headers``; the answer, whatever its status."""
         if self._closed:
             raise OSError("the client is closed")
-        try:
-            request = self._request(content, headers)
-        except UnicodeEncodeError:
-            raise ValueError("a header cannot be sent (not Latin-1 text)") from None
-        async with self._slots, asyncio.timeout(self._timeout):
+        request = self._request(content, headers)
+        # the wait for a free connection counts too: the timeout is the caller's whole wait
+        async with asyncio.timeout(self._timeout), self._slots:
             while True:
                 conn, reused = await self._checkout()
                 try:
@@ -175,7 +191,10 @@ class H1Pool:
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+            # any byte of an answer (a reset can follow some): the peer took the request
+            partial = getattr(reader, "_buffer", None) or (
+                isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+            )
             if reused and not partial:
                 raise _Stale from None
             raise H1Error("the connection ended before the answer was whole") from None
@@ -236,7 +255,7 @@ def _parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
     status_line = lines[0].decode("latin-1")
     version, _, rest = status_line.partition(" ")
     code = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not _DIGITS.fullmatch(code):
         raise H1Error("the answer is not HTTP/1.x")
     headers: dict[str, str] = {}
     for raw in lines[1:]:
@@ -255,9 +274,13 @@ def _content_length(value: str) -> int:
     if len(lengths) != 1:
         raise H1Error("the answer has conflicting Content-Length headers")
     (text,) = lengths
-    if not text.isdigit():
+    if not _DIGITS.fullmatch(text) or len(text) > 15:
         raise H1Error("the answer's Content-Length is not a number")
     return int(text)
+
+
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() takes '²', which int() refuses
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")  # a chunk size (RFC 9112 7.1: 1*HEXDIG)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -265,13 +288,10 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     size = 0
     while True:
         line = await reader.readuntil(b"\r\n")
-        text = line[:-2].split(b";", 1)[0].strip()  # chunk extensions are ignored
-        try:
-            chunk = int(text, 16)
-        except ValueError:
-            raise H1Error("a chunk size of the answer is malformed") from None
-        if chunk < 0:
+        text = line[:-2].split(b";", 1)[0].strip(b" \t")  # chunk extensions are ignored
+        if not _HEX.fullmatch(text):  # int(..., 16) would take 0x, + and _
             raise H1Error("a chunk size of the answer is malformed")
+        chunk = int(text, 16)
         if chunk == 0:
             while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, ignored
                 pass
@@ -321,4 +341,6 @@ def _inflate(body: bytes, wbits: int) -> bytes:
         raise H1Error("the answer's body does not decode as its Content-Encoding says") from None
     if len(out) > MAX_BODY:
         raise H1Error(f"the answer's body is over {MAX_BODY} bytes decoded")
+    if not decoder.eof:  # cut short: what was decoded is not the body
+        raise H1Error("the answer's body does not decode as its Content-Encoding says")
     return out

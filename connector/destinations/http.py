@@ -12,7 +12,7 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator
 
 from connector import __version__
 from connector.config_base import DestinationConfig, Rate
-from connector.delivery._h1 import H1Error, H1Pool
+from connector.delivery._h1 import H1Error, H1Pool, Unsendable, header_problem
 from connector.delivery._http import (
     classify,
     classify_status,
@@ -45,17 +45,9 @@ class HttpDestination(DestinationConfig):
     @classmethod
     def _sendable(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
         for name, value in headers.items():
-            if not name or any(c in name for c in "\r\n\0:\t ") or not name.isascii():
-                raise ValueError(f"header name {name!r} is not a header name")
-            if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-                raise ValueError(f"header {name!r} is set by the connector, not the config")
-            text = value.get_secret_value()
-            if any(c in text for c in "\r\n\0"):  # the name only: the value may be a secret
-                raise ValueError(f"the value of header {name!r} holds a line break or NUL")
-            try:
-                text.encode("latin-1")
-            except UnicodeEncodeError:
-                raise ValueError(f"the value of header {name!r} is not Latin-1 text") from None
+            problem = header_problem(name, value.get_secret_value())
+            if problem is not None:  # names the header, never its value (it may be a secret)
+                raise ValueError(problem)
         return headers
 
 
@@ -125,9 +117,10 @@ class HttpSink:
             )
         try:
             response = await pool.post(content, headers)
-        except ValueError as exc:  # a header the config let through: nothing was sent
+        except Unsendable as exc:  # raised before anything was sent; names no value
             raise FatalDelivery(f"request could not be sent ({exc})") from None
-        except (TimeoutError, OSError, H1Error) as exc:
+        except (TimeoutError, OSError, H1Error, ValueError) as exc:
+            # a TLS failure is an OSError and a ValueError both: retried, as a refusal is
             raise RetriableDelivery(f"no response ({exc.__class__.__name__})") from None
         if not 200 <= response.status < 300:
             text = response.body.decode("utf-8", errors="replace")
