@@ -22,8 +22,9 @@ figure of the same run; at 100 events/s, p99 POST-to-sink under 100 ms (and no w
 
 The floor (``--floor``, on by default): at each trickle rate, what the same stack spends on an
 event's two HTTP legs alone, with no store and no planning: the connector's own server
-answering a no-op route (bench/_server.py, the receiver's process only) and an aiohttp client
-like the http destination's posting one operation to the sink (this process). A trickle's
+answering a no-op route (bench/_server.py, the receiver's process only) and the http
+destination's client (connector/delivery/_h1.py) posting one operation to the sink (this
+process). A trickle's
 CPU per event cannot fall below the floor, so the floor's ratio to the saturated figure says
 how much of the 2x a rate leaves for everything durable.
 
@@ -44,7 +45,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,6 +58,7 @@ from bench._common import (
     webhook_poster,
     write_config,
 )
+from connector.delivery._h1 import H1Pool
 from tests.fakes.http_sink import Attempt
 
 
@@ -236,7 +237,7 @@ def receiver_cpu(pids: list[int]) -> float:
 class Floor:
     rate: float
     receive: float  # CPU seconds per request of the receiver's process, no-op route
-    send: float  # CPU seconds per request of an aiohttp client posting one operation
+    send: float  # CPU seconds per request of the http destination's client posting one operation
 
 
 def receive_floor(work: Path, sink_url: str, rates: list[float], seconds: float) -> list[float]:
@@ -278,26 +279,22 @@ def receive_floor(work: Path, sink_url: str, rates: list[float], seconds: float)
 
 
 def send_floor(sink_url: str, op: dict[str, object], rate: float, seconds: float) -> float:
-    """This process's CPU per request posting ``op`` alone at ``rate`` to the sink, with an
-    aiohttp session set up as the http destination's (its ``HttpSink``)."""
+    """This process's CPU per request posting ``op`` alone at ``rate`` to the sink through
+    the http destination's client (its ``HttpSink``'s :class:`H1Pool`)."""
     count = max(5, round(rate * seconds))
 
     async def post() -> float:
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=16),
-            timeout=aiohttp.ClientTimeout(total=30),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        ) as session:
+        pool = H1Pool(sink_url, limit=16, timeout=30)
 
-            async def one(i: int) -> None:
-                key = f"floor-{rate:g}-{i}"
-                content = json.dumps({**op, "idempotency_key": key}).encode()
-                headers = {"content-type": "application/json", "idempotency-key": key}
-                async with session.post(sink_url, data=content, headers=headers) as response:
-                    await response.read()
-                    if not 200 <= response.status < 300:
-                        raise RuntimeError(f"the sink answered {response.status}")
+        async def one(i: int) -> None:
+            key = f"floor-{rate:g}-{i}"
+            content = json.dumps({**op, "idempotency_key": key}).encode()
+            headers = {"content-type": "application/json", "idempotency-key": key}
+            response = await pool.post(content, headers)
+            if not 200 <= response.status < 300:
+                raise RuntimeError(f"the sink answered {response.status}")
 
+        try:
             for i in range(5):  # warm-up: the connection and the first requests
                 await one(-1 - i)
             cpu = time.process_time()
@@ -308,6 +305,8 @@ def send_floor(sink_url: str, op: dict[str, object], rate: float, seconds: float
                     await asyncio.sleep(delay)
                 await one(i)
             return (time.process_time() - cpu) / count
+        finally:
+            await pool.aclose()
 
     return uvloop.run(post())
 
