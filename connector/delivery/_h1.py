@@ -120,8 +120,8 @@ class H1Pool:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             head.append(f"Authorization: Basic {base64.b64encode(pair.encode()).decode()}")
         for line in head:
-            if _VALUE_BAD.search(line):
-                raise Unsendable("the URL cannot be sent (a control character in it)")
+            if _VALUE_BAD.search(line) or not line.isascii():
+                raise Unsendable("the URL cannot be sent (a control or non-ASCII character)")
         self._head = head
         self._slots = asyncio.Semaphore(limit)
         self._idle: list[_Conn] = []

@@ -110,12 +110,12 @@ class HttpSink:
         headers = {**self._headers, "idempotency-key": key}
         if self._client is not None:
             return await self._send_httpx(self._client, content, headers, len(deliveries))
-        pool = self._pool
-        if pool is None:
-            pool = self._pool = H1Pool(
-                self._url, limit=self._concurrency, timeout=self._timeout, user_agent=USER_AGENT
-            )
         try:
+            pool = self._pool
+            if pool is None:
+                pool = self._pool = H1Pool(
+                    self._url, limit=self._concurrency, timeout=self._timeout, user_agent=USER_AGENT
+                )
             response = await pool.post(content, headers)
         except Unsendable as exc:  # raised before anything was sent; names no value
             raise FatalDelivery(f"request could not be sent ({exc})") from None
