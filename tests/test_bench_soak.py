@@ -32,6 +32,7 @@ from bench.soak import (
     pipeline_child,
     rss_growth,
     rss_mib,
+    warm_up_end,
 )
 
 
@@ -137,6 +138,24 @@ def test_rss_growth_from_the_first_sample_after_warm_up() -> None:
     assert growth == pytest.approx(118 / 106 - 1)
     with pytest.raises(ValueError, match="warm-up"):
         rss_growth(samples[:5], "rss_server")
+
+
+def test_the_warm_up_lasts_until_the_first_reconciliation_has_finished() -> None:
+    # the first run ends between t=70 and t=80 and steps the pipeline's RSS up once: judged
+    # from t=80, and a later growth still counts
+    samples = [
+        sample(t, rss_pipeline=90.0 if t < 80 else 99.0, runs=0 if t < 80 else 1)
+        for t in range(0, 300, 10)
+    ]
+    assert warm_up_end(samples) == 80
+    assert rss_growth(samples, "rss_pipeline") == (99.0, 99.0, 0.0)
+    samples[-1] = sample(290, rss_pipeline=110.0, runs=2)
+    assert rss_growth(samples, "rss_pipeline")[2] == pytest.approx(110 / 99 - 1)
+    # a first run within the first minute: the minute stands
+    early = [sample(t, runs=0 if t < 30 else 1) for t in range(0, 200, 10)]
+    assert warm_up_end(early) == 60
+    # no run finished: the minute stands too
+    assert warm_up_end([sample(t) for t in range(0, 200, 10)]) == 60
 
 
 def test_open_files_must_not_pass_the_plateau() -> None:
