@@ -1,8 +1,9 @@
 """A lean HTTP/1.1 client for POSTs to one URL: what the ``http`` destination sends through.
 
-A POST alone costs aiohttp about twice the CPU of a request written and read on asyncio's
-streams (bench/pipeline.py prints the floor; docs in the issue 17 note), and at a trickle
-every request is alone. This client keeps what a POST to a user's service needs and no more:
+A POST alone costs aiohttp markedly more CPU than a request written and read on asyncio's
+streams (bench/pipeline.py prints this client's floor; the issue 17 notes have the figures),
+and at a trickle every request is alone. This client keeps what a POST to a user's service
+needs and no more:
 
 - keep-alive connections to the URL's host, at most ``limit`` at once; an idle one the peer
   has closed is dropped before it is used, and a request whose reused connection ends before

@@ -58,13 +58,13 @@ def _capabilities(config: HttpDestination) -> Capabilities:
 class HttpSink:
     """POSTs each operation (or a JSON array of ``batch_size`` operations) to ``url``.
 
-    Sends through :class:`~connector.delivery._h1.H1Pool`, a lean HTTP/1.1 client: a lone
-    request costs it about half the CPU of aiohttp's, and aiohttp's a third of httpx's
-    (bench/pipeline.py prints the floor of a lone request). Given an ``httpx.AsyncClient``
-    (tests with respx, or a caller's own transport) it sends through that instead; both
-    paths classify responses and errors alike. Redirects are answers, never followed: a
-    client following a 301 or 302 turns the POST into a GET, and the operation would count
-    as delivered with nothing sent.
+    Sends through :class:`~connector.delivery._h1.H1Pool`, a lean HTTP/1.1 client that costs
+    less CPU a request than aiohttp, itself cheaper than httpx (bench/pipeline.py prints the
+    floor of a lone request; the issue 17 notes compare them). Given an ``httpx.AsyncClient``
+    (tests with respx, or a caller's own transport) it sends through that instead; both paths
+    classify responses and errors alike. Redirects are answers, never followed: a client
+    following a 301 or 302 turns the POST into a GET, and the operation would count as delivered
+    with nothing sent.
     """
 
     kind = "http"
