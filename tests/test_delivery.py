@@ -32,11 +32,12 @@ from sqlalchemy import func, insert, select, update
 
 from connector.config_base import Rate
 from connector.delivery import ratelimit
+from connector.delivery._http import classify, transport_error
 from connector.delivery.base import Delivery, Result, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.delivery.retry import RetryPolicy, parse_retry_after
 from connector.delivery.worker import DeliveryWorker
-from connector.destinations.http import HttpDestination, HttpSink, classify, transport_error
+from connector.destinations.http import HttpDestination, HttpSink
 from connector.destinations.jsonl import JsonlDestination, JsonlSink
 from connector.errors import FatalDelivery, RetriableDelivery
 from connector.planner import Operation, payload_hash

@@ -3,9 +3,11 @@ JSON array of ``batch_size`` operations per POST, to the configured URL."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator
@@ -14,7 +16,6 @@ from connector import __version__
 from connector.config_base import DestinationConfig, Rate
 from connector.delivery._h1 import H1Error, H1Pool, Unsendable, header_problem
 from connector.delivery._http import (
-    classify,
     classify_status,
     json_body,
     transport_error,
@@ -83,6 +84,14 @@ class HttpSink:
         self._concurrency = config.concurrency
         self._timeout = config.timeout_seconds
         self._pool: H1Pool | None = None
+        self._secrets = _secrets_of(self._url, config.headers)
+
+    def _redacted(self, text: str) -> str:
+        """An answer's text without the secrets this destination sends (a service that echoes
+        the request's headers in its error page would put them in the dead letters)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "[secret]")
+        return text
 
     @property
     def batch_size(self) -> int:
@@ -123,7 +132,7 @@ class HttpSink:
             # a TLS failure is an OSError and a ValueError both: retried, as a refusal is
             raise RetriableDelivery(f"no response ({exc.__class__.__name__})") from None
         if not 200 <= response.status < 300:
-            text = response.body.decode("utf-8", errors="replace")
+            text = self._redacted(response.body.decode("utf-8", errors="replace"))
             classify_status(response.status, response.headers.get("retry-after"), text, self._host)
         return as_results(_contact_ids_from(response.body, len(deliveries)))
 
@@ -136,7 +145,11 @@ class HttpSink:
             response = await client.send(request)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc) from None
-        classify(response)
+        if not response.is_success:
+            text = self._redacted(response.text)
+            classify_status(
+                response.status_code, response.headers.get("retry-after"), text, self._host
+            )
         return as_results(_contact_ids_from(response.content, count))
 
     async def probe(self) -> Probe:
@@ -150,6 +163,22 @@ class HttpSink:
             self._pool = None
         if self._client is not None:
             await self._client.aclose()
+
+
+def _secrets_of(url: str, headers: dict[str, SecretStr]) -> list[str]:
+    """What an answer must not carry back into the store: the configured header values, the
+    URL's password and the Basic credential made of it, as sent and as a JSON string holds
+    them; longest first (one may hold another). Values under 8 characters are left (a
+    ``Content-Type`` given in ``headers`` is no secret, and would garble every answer)."""
+    values = [v.get_secret_value() for v in headers.values()]
+    parts = urlsplit(url)
+    if parts.password:
+        password = unquote(parts.password)
+        pair = f"{unquote(parts.username or '')}:{password}"
+        values += [password, parts.password, base64.b64encode(pair.encode()).decode()]
+    found = {v for v in values if len(v) >= 8}
+    found |= {json.dumps(v)[1:-1] for v in found}
+    return sorted(found, key=len, reverse=True)
 
 
 def _contact_ids_from(raw: bytes, count: int) -> list[str | None]:
