@@ -70,6 +70,16 @@ async def echoing_server(status: int) -> tuple[asyncio.Server, int]:
     return server, server.sockets[0].getsockname()[1]
 
 
+async def refusal(sink: HttpSink, kind: type[DeliveryError]) -> DeliveryError:
+    """The error ``sink`` raises sending one operation (of ``kind``); the sink closed."""
+    try:
+        with pytest.raises(kind) as caught:
+            await sink.send([delivery()])
+        return caught.value
+    finally:
+        await sink.aclose()
+
+
 def secrets_in(error: DeliveryError) -> list[str]:
     basic = base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
     kept = f"{error} {error.body}"
@@ -92,11 +102,8 @@ def test_own_client_keeps_no_echoed_secret(
             server.close()
             raise
         try:
-            with pytest.raises(kind) as caught:
-                await sink.send([delivery()])
-            return caught.value
+            return await refusal(sink, kind)
         finally:
-            await sink.aclose()
             server.close()
 
     assert secrets_in(asyncio.run(go())) == []
@@ -114,12 +121,7 @@ def test_given_httpx_client_keeps_no_echoed_secret(tmp_path: Path) -> None:
                 )
             )
             sink = HttpSink(config(tmp_path, url), client=httpx.AsyncClient())
-            try:
-                with pytest.raises(FatalDelivery) as caught:
-                    await sink.send([delivery()])
-                return caught.value
-            finally:
-                await sink.aclose()
+            return await refusal(sink, FatalDelivery)
 
     error = asyncio.run(go())
     assert KEY not in f"{error} {error.body}"
