@@ -126,3 +126,70 @@ def test_given_httpx_client_keeps_no_echoed_secret(tmp_path: Path) -> None:
     error = asyncio.run(go())
     assert KEY not in f"{error} {error.body}"
     assert "[secret]" in (error.body or "")
+
+
+def blanked(url: str, headers: dict[str, str], text: str) -> str:
+    """``text`` as the http destination of ``url`` and ``headers`` keeps it."""
+    data = {"name": "hook", "type": "http", "url": url, "mapping": "http.yaml", "headers": headers}
+    sink = HttpSink(HttpDestination.model_validate(data, context={"base_dir": MAPPING.parent}))
+    return sink._redacted(text)
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "text", "kept"),
+    [
+        # the token of a scheme word, echoed alone (the reviewer's first finding)
+        (
+            "https://h.example/in",
+            {"Authorization": "Bearer sk_live_abcdef1234567890"},
+            '{"error": "invalid token", "token": "SK_LIVE_abcdef1234567890"}',
+            '{"error": "invalid token", "token": "[secret]"}',
+        ),
+        # a Basic credential given as a header: its pair and password
+        (
+            "https://h.example/in",
+            {"Authorization": "Basic " + base64.b64encode(b"admin:hunter22").decode()},
+            "user admin:hunter22 refused; password hunter22",
+            "user [secret] refused; password [secret]",
+        ),
+        # a hook's secret path and query (Zapier, n8n), echoed by a 404 page
+        (
+            "https://hooks.example/hooks/catch/123/s3cr3tPathTok/?token=qs-s3cr3t-token",
+            {},
+            "Cannot POST /hooks/catch/123/s3cr3tPathTok/?token=qs-s3cr3t-token; "
+            "token qs-s3cr3t-token; hook s3cr3tPathTok",
+            "Cannot POST [secret]; token [secret]; hook [secret]",
+        ),
+        # an API key as the URL's user, a dummy password: the key goes, "X" stays
+        (
+            "https://FRESHDESKapikey99:X@h.example/in",
+            {},
+            "unknown key freshdeskapikey99, expected X-Api",
+            "unknown key [secret], expected X-Api",
+        ),
+        # two secrets overlapping: one blank, nothing of either left
+        (
+            "https://h.example/in",
+            {"X-A": "AAAAbbbbCCCC", "X-B": "CCCCddddEEEE"},
+            "AAAAbbbbCCCCddddEEEE!",
+            "[secret]!",
+        ),
+        # escaped as PHP writes JSON, as HTML, percent-encoded
+        (
+            "https://h.example/in",
+            {"X-Key": "k3y/Secret+value&x=1"},
+            "php k3y\\/Secret+value&x=1 html k3y/Secret+value&amp;x=1 "
+            "url k3y%2FSecret%2Bvalue%26x%3D1",
+            "php [secret] html [secret] url [secret]",
+        ),
+        # what is no secret stays: a media type, a short value, a path without digits
+        (
+            "https://h.example/contacts/ingest",
+            {"Accept": "application/json", "X-Tenant": "north-7"},
+            "expected application/json for north-7 at /contacts/ingest",
+            "expected application/json for north-7 at [secret]",
+        ),
+    ],
+)
+def test_what_is_blanked(url: str, headers: dict[str, str], text: str, kept: str) -> None:
+    assert blanked(url, headers, text) == kept
