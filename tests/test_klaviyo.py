@@ -1486,7 +1486,9 @@ def test_flow_the_same_burst_without_pacing_earns_429s_retried_after_retry_after
             await burst(flow, DISPENSARY)
 
     asyncio.run(go())
-    assert Counter(fake.statuses())[429] > 10
+    # more than the paced burst's bound above: how many more depends on the machine's pace (a
+    # loaded CI machine sends the burst slower; 6 were seen there, 20-odd on a quiet one)
+    assert Counter(fake.statuses())[429] > 2
     by_customer: dict[str, list[Call]] = {}
     for call in fake.calls_to(IMPORT):
         by_customer.setdefault(data_of(call)["attributes"]["external_id"], []).append(call)
