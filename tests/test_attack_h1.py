@@ -128,6 +128,18 @@ def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def refused_by(handler: Handler, timeout: float = 2.0) -> None:
+    """A POST to a server running ``handler`` raises H1Error."""
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            pool = srv.pool(limit=1, timeout=timeout)
+            with pytest.raises(H1Error):
+                await pool.post(b"x", {})
+
+    run(main())
+
+
 async def post_twice(handler: Handler, timeout: float = 1.0, pause: float = 0.0):
     async with Server(handler) as srv:
         pool = srv.pool(limit=1, timeout=timeout)
@@ -324,13 +336,7 @@ def test_chunked_extensions_trailers_and_hex_case() -> None:
 def test_chunk_size_that_is_not_hex_digits_is_an_error(size: bytes) -> None:
     a = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nhello\r\n0\r\n\r\n"
 
-    async def main() -> None:
-        async with Server(serve(a)) as srv:
-            pool = srv.pool(limit=1, timeout=1.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(a), timeout=1.0)
 
 
 def test_content_length_repeated_equal_is_one_length() -> None:
@@ -346,38 +352,20 @@ def test_content_length_repeated_equal_is_one_length() -> None:
 def test_content_length_conflicting_or_bad_is_h1error(cl: bytes) -> None:
     a = b"HTTP/1.1 200 OK\r\n" + cl + b"\r\n\r\nhello!"
 
-    async def main() -> None:
-        async with Server(serve(a)) as srv:
-            pool = srv.pool(limit=1, timeout=1.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(a), timeout=1.0)
 
 
 @pytest.mark.parametrize("value", ["\xb2", "9" * 5000])
 def test_content_length_odd_digits_is_h1error(value: str) -> None:
     a = b"HTTP/1.1 200 OK\r\nContent-Length: " + value.encode("latin-1") + b"\r\n\r\nhello"
 
-    async def main() -> None:
-        async with Server(serve(a)) as srv:
-            pool = srv.pool(limit=1, timeout=1.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(a), timeout=1.0)
 
 
 def test_status_with_odd_digit_is_h1error() -> None:
     a = b"HTTP/1.1 2\xb20 OK\r\nContent-Length: 0\r\n\r\n"
 
-    async def main() -> None:
-        async with Server(serve(a)) as srv:
-            pool = srv.pool(limit=1, timeout=1.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(a), timeout=1.0)
 
 
 def test_sink_malformed_content_length_is_retriable_and_unquoted(tmp_path: Path) -> None:
@@ -489,37 +477,19 @@ def test_gzip_bomb_is_h1error() -> None:
     bomb = gzip.compress(b"\0" * (MAX_BODY + 1024 * 1024), compresslevel=9)
     assert len(bomb) < 64 * 1024
 
-    async def main() -> None:
-        async with Server(serve(_coded("gzip", bomb))) as srv:
-            pool = srv.pool(limit=1, timeout=2.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(_coded("gzip", bomb)), timeout=2.0)
 
 
 def test_deflate_bomb_is_h1error() -> None:
     bomb = zlib.compress(b"\0" * (MAX_BODY + 1024 * 1024), 9)
 
-    async def main() -> None:
-        async with Server(serve(_coded("deflate", bomb))) as srv:
-            pool = srv.pool(limit=1, timeout=2.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(_coded("deflate", bomb)), timeout=2.0)
 
 
 def test_truncated_gzip_is_h1error() -> None:
     full = gzip.compress(b'{"contact_id": "c-123456"}' * 20)
 
-    async def main() -> None:
-        async with Server(serve(_coded("gzip", full[: len(full) // 2]))) as srv:
-            pool = srv.pool(limit=1, timeout=1.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(_coded("gzip", full[: len(full) // 2])), timeout=1.0)
 
 
 def test_gzip_garbage_is_h1error() -> None:
@@ -536,13 +506,7 @@ def test_gzip_garbage_is_h1error() -> None:
 def test_body_over_limit_by_content_length() -> None:
     a = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
 
-    async def main() -> None:
-        async with Server(serve(a)) as srv:
-            pool = srv.pool(limit=1, timeout=1.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(a), timeout=1.0)
 
 
 def test_body_over_limit_chunked() -> None:
@@ -557,13 +521,7 @@ def test_body_over_limit_chunked() -> None:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
-    async def main() -> None:
-        async with Server(handler) as srv:
-            pool = srv.pool(limit=1, timeout=2.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(handler, timeout=2.0)
 
 
 def test_body_over_limit_to_end() -> None:
@@ -574,25 +532,13 @@ def test_body_over_limit_to_end() -> None:
             writer.write(b"a" * (1024 * 1024))
             await writer.drain()
 
-    async def main() -> None:
-        async with Server(handler) as srv:
-            pool = srv.pool(limit=1, timeout=2.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(handler, timeout=2.0)
 
 
 def test_head_over_limit() -> None:
     a = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\nContent-Length: 0\r\n\r\n"
 
-    async def main() -> None:
-        async with Server(serve(a)) as srv:
-            pool = srv.pool(limit=1, timeout=1.0)
-            with pytest.raises(H1Error):
-                await pool.post(b"x", {})
-
-    run(main())
+    refused_by(serve(a), timeout=1.0)
 
 
 # ---- 5. timeouts, cancellation, the limit ----------------------------------------------------
