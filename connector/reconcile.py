@@ -354,13 +354,30 @@ class Reconciler:
                 "resend": options.resend,
                 "since": None if options.since is None else options.since.isoformat(),
             }
-            run_id = await self.astore.call(
-                self.runs.start_run, dispensary, options.trigger, recorded, before_us
-            )
         except BaseException:
             # no run recorded: the client, once built, is dropped (it has sent nothing)
             building.add_done_callback(_dropped)
             raise
+        # the run's row may be committed by the store's thread before a cancel reaches this
+        # task: the call is shielded, and a run stopped while it is stored is still recorded
+        # (failed, below) rather than left "running" until the next run closes it
+        starting = asyncio.ensure_future(
+            self.astore.call(self.runs.start_run, dispensary, options.trigger, recorded, before_us)
+        )
+        stopped: asyncio.CancelledError | None = None
+        while True:
+            try:
+                run_id = await asyncio.shield(starting)
+                break
+            except asyncio.CancelledError as exc:
+                # the store's thread finishes the write in its own time; once it has, the
+                # run is recorded failed (below) and the cancel goes on
+                stopped = stopped or exc
+            except BaseException:
+                building.add_done_callback(_dropped)
+                if stopped is not None:
+                    raise stopped from None
+                raise
         report = RunReport(
             dispensary, run_id, checkpoint_before_us=before_us, pulled_from=_moment(start_us)
         )
@@ -377,6 +394,8 @@ class Reconciler:
         # started (never earlier than the checkpoint it found)
         newest = max(start_us, before_us or start_us)
         try:
+            if stopped is not None:
+                raise stopped
             # awaited here, so that a run stopped or failing while it is built is recorded
             client = await building
             pulled = 0
