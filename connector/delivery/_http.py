@@ -22,7 +22,7 @@ from connector.errors import DeliveryError, FatalDelivery, RetriableDelivery
 RETRIABLE_STATUS = frozenset({408, 425, 429})
 """Statuses below 500 worth another try (timeouts, too early, too many requests); every 5xx
 is too."""
-_BODY_KEPT = 4096
+BODY_KEPT = 4096
 
 
 def is_retriable(status: int, retriable: frozenset[int] = RETRIABLE_STATUS) -> bool:
@@ -77,7 +77,7 @@ def classify_status(
     """:func:`classify` from the parts of a response, for clients other than httpx."""
     if 200 <= status < 300:
         return
-    body = text[:_BODY_KEPT]
+    body = text[:BODY_KEPT]
     retry_after = parse_retry_after(retry_after_header, time.time())
     message = f"HTTP {status} from {host}"
     if is_retriable(status, retriable):

@@ -6,14 +6,21 @@ from __future__ import annotations
 import hashlib
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from connector.config_base import Rate
-from connector.delivery._http import classify_status, json_body, json_or_none, transport_error
+from connector.delivery._http import (
+    BODY_KEPT,
+    classify_status,
+    json_body,
+    json_or_none,
+    transport_error,
+)
+from connector.delivery._secrets import Blanker
 from connector.delivery.ratelimit import SlidingWindowLimiter
 from connector.destinations._probe import (
     PROBE_TIMEOUT_SECONDS,
@@ -91,10 +98,14 @@ class VendorClient:
         clock: Callable[[], float] = time.monotonic,
         max_connections: int = 16,
         shared: Mapping[str, SlidingWindowLimiter] | None = None,
+        public: Collection[str] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.host = httpx.URL(self.base_url).host
         self._headers = dict(headers)
+        # every header value is taken for a secret (the key) but the descriptive ones and
+        # ``public``'s (Klaviyo's revision date): an answer quoting one has it blanked
+        self.blank = Blanker.of(self._headers, public=public)
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=max_connections),
@@ -138,20 +149,26 @@ class VendorClient:
             return response
         raise self.error(response)
 
+    def kept(self, response: httpx.Response) -> str:
+        """What is kept of an answer (a dead letter's, an attempt's): its text with the
+        secrets sent blanked, then cut (a key cut at the limit leaves no prefix)."""
+        return self.blank(response.text)[:BODY_KEPT]
+
     def error(self, response: httpx.Response) -> DeliveryError:
-        """The error for a non-2xx response (retriable: 408, 425, 429, 5xx)."""
+        """The error for a non-2xx response (retriable: 408, 425, 429, 5xx), its message and
+        kept answer without the secrets sent."""
         what = self._describe(json_or_none(response))
         try:
             classify_status(
                 response.status_code,
                 response.headers.get("retry-after"),
-                response.text,
+                self.blank(response.text),
                 self.host,
             )
         except DeliveryError as exc:
             if what:
                 exc.args = (f"{exc.args[0]}: {what}",)
-            return exc
+            return self.blank.error(exc)
         raise AssertionError("classify_status accepted a non-2xx status")  # pragma: no cover
 
     async def probe(self, path: str, notes: dict[int, str] | None = None) -> Probe:

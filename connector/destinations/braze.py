@@ -422,7 +422,7 @@ class BrazeSink:
             results[owners[at]] = FatalDelivery(
                 f"Braze refused the /users/track object attributes[{at}]: {what}",
                 status_code=response.status_code,
-                body=response.text[:4096],
+                body=self.api.kept(response),
             )
         if unplaced:
             # an error naming no object may be any object's (an opt-out's): none of them
@@ -433,7 +433,7 @@ class BrazeSink:
                         "Braze reported a /users/track error naming no object of the call "
                         f"({unplaced[0]}): every object of the call counts as refused",
                         status_code=response.status_code,
-                        body=response.text[:4096],
+                        body=self.api.kept(response),
                     )
 
     async def _groups(self, deliveries: list[Delivery], results: list[Result | None]) -> None:
@@ -519,17 +519,16 @@ class BrazeSink:
 
     async def _post(self, path: str, family: str, body: dict[str, Any]) -> httpx.Response:
         """POST; a 429 raises :class:`QuotaPause` until ``X-RateLimit-Reset``."""
-        try:
-            response = await self.api.request(
-                "POST", path, family, body=body, ok_statuses=frozenset({429})
-            )
-        except DeliveryError as exc:
-            raise self._scrubbed(exc) from None
+        # an error's message and answer come blanked by the client (an auth error's body may
+        # quote the key sent)
+        response = await self.api.request(
+            "POST", path, family, body=body, ok_statuses=frozenset({429})
+        )
         if response.status_code != 429:
             return response
         reset = _epoch(response.headers.get("x-ratelimit-reset"))
         if reset is None:  # no reset time: an ordinary retriable 429
-            raise self._scrubbed(self.api.error(response))
+            raise self.api.error(response)
         raise QuotaPause(
             f"HTTP 429 from {self.api.host} ({path}): Braze's rate limit is used up until "
             f"{reset:.0f} (X-RateLimit-Reset)",
@@ -541,18 +540,8 @@ class BrazeSink:
                 max(reset, self._wall() + MIN_PAUSE_SECONDS), self._wall() + MAX_PAUSE_SECONDS
             ),
             status_code=429,
-            body=self._scrub(response.text[:4096]),
+            body=self.api.kept(response),
         )
-
-    def _scrub(self, text: str) -> str:
-        """``text`` without the REST key (an auth error's body may quote the key sent)."""
-        return text.replace(self.config.api_key.get_secret_value(), "[key withheld]")
-
-    def _scrubbed(self, exc: DeliveryError) -> DeliveryError:
-        exc.args = tuple(self._scrub(a) if isinstance(a, str) else a for a in exc.args)
-        if exc.body is not None:
-            exc.body = self._scrub(exc.body)
-        return exc
 
 
 def _channels(delivery: Delivery) -> set[str]:

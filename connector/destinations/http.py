@@ -3,14 +3,9 @@ JSON array of ``batch_size`` operations per POST, to the configured URL."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import hashlib
-import html
 import json
-import re
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import httpx
 from pydantic import Field, HttpUrl, SecretStr, field_validator
@@ -23,6 +18,7 @@ from connector.delivery._http import (
     json_body,
     transport_error,
 )
+from connector.delivery._secrets import Blanker
 from connector.delivery.base import (
     Capabilities,
     Delivery,
@@ -87,29 +83,9 @@ class HttpSink:
         self._concurrency = config.concurrency
         self._timeout = config.timeout_seconds
         self._pool: H1Pool | None = None
-        self._secrets = _secrets_of(self._url, config.headers)
-
-    def _redacted(self, text: str) -> str:
-        """An answer's text without the secrets this destination sends (a service that echoes
-        the request's headers or URL in its error page would put them in the dead letters):
-        every occurrence of any of them, in any letter case, overlaps merged, blanked."""
-        spans: list[tuple[int, int]] = []
-        for secret in self._secrets:
-            spans += [m.span() for m in secret.finditer(text)]
-        if not spans:
-            return text
-        merged: list[list[int]] = []
-        for start, end in sorted(spans):
-            if merged and start <= merged[-1][1]:  # overlapping or touching: one blank
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        out, at = [], 0
-        for start, end in merged:
-            out += [text[at:start], "[secret]"]
-            at = end
-        out.append(text[at:])
-        return "".join(out)
+        # what a service echoing the request (its headers, this URL) must not get into the
+        # dead letters: blanked before an answer is classified or kept
+        self._redacted = Blanker.of(headers, self._url)
 
     @property
     def batch_size(self) -> int:
@@ -181,63 +157,6 @@ class HttpSink:
             self._pool = None
         if self._client is not None:
             await self._client.aclose()
-
-
-_NOT_SECRET = frozenset(
-    {"accept", "accept-encoding", "accept-language", "content-type", "user-agent"}
-)
-_MIN_SECRET = 8  # shorter values are left: blanking a common word would garble every answer
-_MIN_PASSWORD = 6  # a URL's password, said to be one: but "X" (an API key as user) is none
-
-
-def _secrets_of(url: str, headers: dict[str, SecretStr]) -> list[re.Pattern[str]]:
-    """What an answer must not carry back into the store, each as a case-blind pattern:
-
-    - the configured header values (but :data:`_NOT_SECRET` ones), whole and the token after
-      a scheme word (``Bearer X``), and for ``Basic`` the pair it encodes;
-    - the URL's user and password (the password from :data:`_MIN_PASSWORD` characters) and
-      the Basic credential made of them;
-    - the URL's path and query whole, its query values, and its path segments that hold a
-      digit (a Zapier or n8n hook's path is its secret);
-
-    each as sent, unquoted, percent-encoded, as a JSON string holds it (``/`` escaped or not)
-    and HTML-escaped. Values under :data:`_MIN_SECRET` characters are left, but a password.
-    """
-    values: list[str] = []
-    always: list[str] = []
-    for name, secret in headers.items():
-        if name.lower() in _NOT_SECRET:
-            continue
-        value = secret.get_secret_value()
-        values.append(value)
-        scheme, _, token = value.strip().partition(" ")
-        token = token.strip()
-        if token:
-            values.append(token)
-            if scheme.lower() == "basic":
-                with contextlib.suppress(ValueError):
-                    pair = base64.b64decode(token, validate=True).decode()
-                    values.append(pair)
-                    always.append(pair.partition(":")[2])
-    parts = urlsplit(url)
-    if parts.username is not None:
-        user, password = parts.username, parts.password or ""
-        pair = f"{unquote(user)}:{unquote(password)}"
-        values += [user, unquote(user), base64.b64encode(pair.encode()).decode()]
-        always += [password, unquote(password)]
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    values += [target, unquote(target)]
-    values += [v for _, v in parse_qsl(parts.query)]
-    values += [unquote(seg) for seg in parts.path.split("/") if any(c.isdigit() for c in seg)]
-    kept = {v for v in values if len(v) >= _MIN_SECRET}
-    kept |= {v for v in always if len(v) >= _MIN_PASSWORD}
-    forms: set[str] = set()
-    for value in kept:
-        json_form = json.dumps(value)[1:-1]
-        forms |= {value, quote(value, safe=""), json_form, json_form.replace("/", "\\/")}
-        forms.add(html.escape(value))
-    forms.discard("")
-    return [re.compile(re.escape(f), re.IGNORECASE) for f in sorted(forms, key=len, reverse=True)]
 
 
 def _contact_ids_from(raw: bytes, count: int) -> list[str | None]:

@@ -386,7 +386,7 @@ class HubSpotSink:
             f"HubSpot: {why}; paused until midnight {self.config.daily_reset_time_zone}",
             until=until,
             status_code=429,
-            body=None if response is None else response.text[:4096],
+            body=None if response is None else self.api.kept(response),
         )
 
     def _throttled(self, response: httpx.Response) -> DeliveryError:
@@ -399,20 +399,22 @@ class HubSpotSink:
             wait = float(interval) / 1000 if interval else TEN_SECONDS
         except ValueError:
             wait = TEN_SECONDS
-        return RetriableDelivery(
+        error = RetriableDelivery(
             f"HTTP 429 from {self.api.host}: {describe_error(data) or 'RATE_LIMIT'}",
             status_code=429,
-            body=response.text[:4096],
+            body=self.api.kept(response),
             retry_after=max(1.0, min(wait, 60.0)),
         )
+        return self.api.blank.error(error)
 
     def _fatal(self, response: httpx.Response) -> FatalDelivery:
         what = describe_error(_json(response))
-        return FatalDelivery(
+        error = FatalDelivery(
             f"HTTP {response.status_code} from {self.api.host}" + (f": {what}" if what else ""),
             status_code=response.status_code,
-            body=response.text[:4096],
+            body=self.api.kept(response),
         )
+        return self.api.blank.error(error)
 
     # --- upserts ----------------------------------------------------------------------------
 

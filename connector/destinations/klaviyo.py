@@ -217,6 +217,7 @@ class KlaviyoSink:
             clock=clock,
             max_connections=config.concurrency,
             shared=account_limiters("klaviyo", account, limits, clock),
+            public=("revision",),
         )
         self._sleep = sleep
         self._claims: Claims | None = None
@@ -475,11 +476,12 @@ class KlaviyoSink:
         return Sent(_profile_id(again) or contact_id, conflict)
 
     def _refused_409(self, response: httpx.Response) -> FatalDelivery:
-        return FatalDelivery(
+        error = FatalDelivery(
             f"HTTP 409 from {self.api.host}: {describe_errors(_json(response))}",
             status_code=409,
-            body=response.text[:4096],
+            body=self.api.kept(response),
         )
+        return self.api.blank.error(error)
 
     async def _claimed_by_another(self, delivery: Delivery, profile_id: str) -> bool:
         """Whether the identity map links the profile to another customer of this

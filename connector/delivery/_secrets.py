@@ -1,0 +1,132 @@
+"""Blanking the secrets a destination sends out of the answers it keeps.
+
+A service that echoes a request's headers or address in its error page (a 401 quoting the
+key it refused, a 404 page naming the hook's secret path) would put them in the dead letters
+and the attempts' stored answers, where the console shows them behind Reveal. A
+:class:`Blanker` knows what one destination sends (its header values, its URL's credentials,
+path and query) and replaces each occurrence in an answer's text, in any letter case and in
+the forms a body quotes it in, with ``[secret]``. Every destination builds one and applies it
+before an answer's text is classified or kept (:class:`~connector.destinations._vendor.VendorClient`
+for the vendors, :class:`~connector.destinations.http.HttpSink` for contract 4).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import json
+import re
+from collections.abc import Collection, Mapping
+from typing import TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from connector.errors import DeliveryError
+
+E = TypeVar("E", bound=DeliveryError)
+
+BLANK = "[secret]"
+# headers that describe the request rather than authorise it: blanking their values (a media
+# type, a client's name) would garble every answer that names one
+NOT_SECRET = frozenset(
+    {"accept", "accept-encoding", "accept-language", "content-type", "user-agent"}
+)
+MIN_SECRET = 8  # shorter values are left: blanking a common word would garble every answer
+MIN_PASSWORD = 6  # a URL's password, said to be one: but "X" (an API key as user) is none
+
+
+class Blanker:
+    """Replaces the secrets of one destination's requests in an answer's text (callable).
+    Its repr says how many forms it looks for, never one of them."""
+
+    def __init__(self, patterns: list[re.Pattern[str]]) -> None:
+        self._patterns = patterns
+
+    @classmethod
+    def of(
+        cls, headers: Mapping[str, str], url: str | None = None, *, public: Collection[str] = ()
+    ) -> Blanker:
+        """What requests with ``headers`` (but :data:`NOT_SECRET` and ``public`` names, which
+        a vendor says carry no secret) to ``url`` (``None``: a vendor's API, whose address
+        is no secret) must not get back into the store."""
+        left = NOT_SECRET | {name.lower() for name in public}
+        sent = {name: value for name, value in headers.items() if name.lower() not in left}
+        return cls(patterns_of(sent, url))
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every occurrence of a secret, overlaps merged, blanked."""
+        spans: list[tuple[int, int]] = []
+        for secret in self._patterns:
+            spans += [m.span() for m in secret.finditer(text)]
+        if not spans:
+            return text
+        merged: list[list[int]] = []
+        for start, end in sorted(spans):
+            if merged and start <= merged[-1][1]:  # overlapping or touching: one blank
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        out, at = [], 0
+        for start, end in merged:
+            out += [text[at:start], BLANK]
+            at = end
+        out.append(text[at:])
+        return "".join(out)
+
+    def error(self, exc: E) -> E:
+        """``exc`` with its message and kept answer blanked (returned for ``raise``)."""
+        exc.args = tuple(self(a) if isinstance(a, str) else a for a in exc.args)
+        if exc.body is not None:
+            exc.body = self(exc.body)
+        return exc
+
+    def __repr__(self) -> str:
+        return f"Blanker({len(self._patterns)} forms)"
+
+
+def patterns_of(headers: Mapping[str, str], url: str | None) -> list[re.Pattern[str]]:
+    """What an answer must not carry back into the store, each as a case-blind pattern:
+
+    - the header values, whole and the token after a scheme word (``Bearer X``), and for
+      ``Basic`` the pair it encodes;
+    - the URL's user and password (the password from :data:`MIN_PASSWORD` characters) and
+      the Basic credential made of them;
+    - the URL's path and query whole, its query values, and its path segments that hold a
+      digit (a Zapier or n8n hook's path is its secret);
+
+    each as sent, unquoted, percent-encoded, as a JSON string holds it (``/`` escaped or not)
+    and HTML-escaped. Values under :data:`MIN_SECRET` characters are left, but a password.
+    """
+    values: list[str] = []
+    always: list[str] = []
+    for value in headers.values():
+        values.append(value)
+        scheme, _, token = value.strip().partition(" ")
+        token = token.strip()
+        if token:
+            values.append(token)
+            if scheme.lower() == "basic":
+                with contextlib.suppress(ValueError):
+                    pair = base64.b64decode(token, validate=True).decode()
+                    values.append(pair)
+                    always.append(pair.partition(":")[2])
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.username is not None:
+            user, password = parts.username, parts.password or ""
+            pair = f"{unquote(user)}:{unquote(password)}"
+            values += [user, unquote(user), base64.b64encode(pair.encode()).decode()]
+            always += [password, unquote(password)]
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        values += [target, unquote(target)]
+        values += [v for _, v in parse_qsl(parts.query)]
+        values += [unquote(s) for s in parts.path.split("/") if any(c.isdigit() for c in s)]
+    kept = {v for v in values if len(v) >= MIN_SECRET}
+    kept |= {v for v in always if len(v) >= MIN_PASSWORD}
+    forms: set[str] = set()
+    for value in kept:
+        json_form = json.dumps(value)[1:-1]
+        forms |= {value, quote(value, safe=""), json_form, json_form.replace("/", "\\/")}
+        forms.add(html.escape(value))
+    forms.discard("")
+    return [re.compile(re.escape(f), re.IGNORECASE) for f in sorted(forms, key=len, reverse=True)]
