@@ -167,6 +167,19 @@ outbox = Table(
         sqlite_where=text("status = 'inflight'"),
         postgresql_where=text("status = 'inflight'"),
     ),
+    # revision 0007: the operations settled (done, superseded, dead) by when, for what the
+    # console counts of the last hour and day and what retention purges, among those alone
+    # and covering them: without it each read every operation kept. Partial: a queued
+    # operation has no done_at, and any comparison of done_at implies the condition
+    Index(
+        "ix_outbox_settled",
+        "done_at",
+        "dispensary",
+        "destination",
+        "status",
+        sqlite_where=text("done_at IS NOT NULL"),
+        postgresql_where=text("done_at IS NOT NULL"),
+    ),
 )
 
 # "an operation in flight", with the status as a literal: a partial index
