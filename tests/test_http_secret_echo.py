@@ -132,7 +132,7 @@ def blanked(url: str, headers: dict[str, str], text: str) -> str:
     """``text`` as the http destination of ``url`` and ``headers`` keeps it."""
     data = {"name": "hook", "type": "http", "url": url, "mapping": "http.yaml", "headers": headers}
     sink = HttpSink(HttpDestination.model_validate(data, context={"base_dir": MAPPING.parent}))
-    return sink._redacted(text)
+    return sink.blank(text)
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import json
 import re
 from collections.abc import Collection, Mapping
 from typing import TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+from connector.delivery._http import BODY_KEPT
 from connector.errors import DeliveryError
 
 E = TypeVar("E", bound=DeliveryError)
@@ -33,6 +33,8 @@ NOT_SECRET = frozenset(
 )
 MIN_SECRET = 8  # shorter values are left: blanking a common word would garble every answer
 MIN_PASSWORD = 6  # a URL's password, said to be one: but "X" (an API key as user) is none
+# a header secret this long is blanked quoted cut short too, from its first MIN_SECRET characters
+MIN_CUT = 16
 
 
 class Blanker:
@@ -73,6 +75,12 @@ class Blanker:
         out.append(text[at:])
         return "".join(out)
 
+    def kept(self, text: str) -> str:
+        """What is kept of an answer's ``text``: its first :data:`BODY_KEPT` characters, the
+        secrets blanked before the cut (a secret cut at the limit leaves no prefix). Only the
+        start is read: an error page of megabytes costs no more than one of kilobytes."""
+        return self(text[: 2 * BODY_KEPT])[:BODY_KEPT]
+
     def error(self, exc: E) -> E:
         """``exc`` with its message and kept answer blanked (returned for ``raise``)."""
         exc.args = tuple(self(a) if isinstance(a, str) else a for a in exc.args)
@@ -88,14 +96,17 @@ def patterns_of(headers: Mapping[str, str], url: str | None) -> list[re.Pattern[
     """What an answer must not carry back into the store, each as a case-blind pattern:
 
     - the header values, whole and the token after a scheme word (``Bearer X``), and for
-      ``Basic`` the pair it encodes;
+      ``Basic`` the pair it encodes; a header secret of :data:`MIN_CUT` characters or more
+      also when quoted cut short (a masked or truncated echo), from its first
+      :data:`MIN_SECRET` characters;
     - the URL's user and password (the password from :data:`MIN_PASSWORD` characters) and
       the Basic credential made of them;
     - the URL's path and query whole, its query values, and its path segments that hold a
       digit (a Zapier or n8n hook's path is its secret);
 
-    each as sent, unquoted, percent-encoded, as a JSON string holds it (``/`` escaped or not)
-    and HTML-escaped. Values under :data:`MIN_SECRET` characters are left, but a password.
+    each character as sent or in any escape a body may quote it in, mixed as a serializer
+    mixes them (:func:`_char`). Values under :data:`MIN_SECRET` characters are left, but a
+    password.
     """
     values: list[str] = []
     always: list[str] = []
@@ -110,6 +121,8 @@ def patterns_of(headers: Mapping[str, str], url: str | None) -> list[re.Pattern[
                     pair = base64.b64decode(token, validate=True).decode()
                     values.append(pair)
                     always.append(pair.partition(":")[2])
+    # a key or token, not a whole "Scheme token" value (its scheme word would start every cut)
+    cut = {v for v in values if len(v) >= MIN_CUT and not any(c.isspace() for c in v)}
     if url is not None:
         parts = urlsplit(url)
         if parts.username is not None:
@@ -123,10 +136,33 @@ def patterns_of(headers: Mapping[str, str], url: str | None) -> list[re.Pattern[
         values += [unquote(s) for s in parts.path.split("/") if any(c.isdigit() for c in s)]
     kept = {v for v in values if len(v) >= MIN_SECRET}
     kept |= {v for v in always if len(v) >= MIN_PASSWORD}
-    forms: set[str] = set()
-    for value in kept:
-        json_form = json.dumps(value)[1:-1]
-        forms |= {value, quote(value, safe=""), json_form, json_form.replace("/", "\\/")}
-        forms.add(html.escape(value))
-    forms.discard("")
-    return [re.compile(re.escape(f), re.IGNORECASE) for f in sorted(forms, key=len, reverse=True)]
+    patterns = []
+    for value in sorted(kept, key=len, reverse=True):
+        chars = [_char(c) for c in value]
+        if value in cut:  # its first MIN_SECRET characters, then as much of the rest as is there
+            rest = "".join(f"(?:{c}" for c in chars[MIN_SECRET:]) + ")?" * (len(chars) - MIN_SECRET)
+            patterns.append(re.compile("".join(chars[:MIN_SECRET]) + rest, re.IGNORECASE))
+        else:
+            patterns.append(re.compile("".join(chars), re.IGNORECASE))
+    return patterns
+
+
+def _char(c: str) -> str:
+    """A pattern of one character of a secret as a body may quote it: as it is, or escaped
+    by JSON (``\\/``, ``\\u002B``: .NET escapes ``+``, PHP ``/``), percent-encoding (its
+    UTF-8 bytes), HTML (named, decimal or hexadecimal), or form encoding (``+`` for space)."""
+    if c.isascii() and c.isalnum():
+        return c
+    forms = {re.escape(c), re.escape("\\" + c), re.escape(html.escape(c))}
+    forms |= {f"\\\\u{ord(c):04x}", f"&#0*{ord(c)};", f"&#x0*{ord(c):x};"}
+    if ord(c) > 0xFFFF:  # JSON writes it as a surrogate pair
+        units = c.encode("utf-16-be")
+        forms.add("".join(f"\\\\u{units[i]:02x}{units[i + 1]:02x}" for i in (0, 2)))
+    forms.add("".join(f"%{b:02x}" for b in c.encode()))
+    if c == " ":
+        forms.add(re.escape("+"))
+    if c == "'":
+        forms.add("&#x?0*27;|&apos;")
+    # the longest first: a secret cut short matches as far as it can (an ``&amp;`` taken as
+    # its ``&`` would end the match there)
+    return "(?:" + "|".join(sorted(forms, key=lambda f: (-len(f), f))) + ")"

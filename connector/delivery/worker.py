@@ -24,6 +24,7 @@ from typing import Any
 
 from connector._pressure import Pressure
 from connector.delivery._http import vendor_code
+from connector.delivery._secrets import Blanker
 from connector.delivery._wait import Signal, first_of
 from connector.delivery.base import Delivery, Destination, Sent
 from connector.delivery.ratelimit import SlidingWindowLimiter
@@ -119,6 +120,10 @@ class DeliveryWorker:
                     astore.store.contact_claims, dispensary, destination.name, contact_id, kind
                 )
             )
+        # an adapter's blanker of the secrets it sends (connector/delivery/_secrets.py): applied
+        # to every error and conflict kept, whatever built its text (a vendor echoing its key
+        # in a per-object error or an id field)
+        self._blank: Blanker | None = getattr(destination, "blank", None)
         merges = getattr(destination, "bind_merges", None)
         if merges is not None:  # an adapter that must never make a merged-away customer's contact
             merges(
@@ -623,7 +628,8 @@ class DeliveryWorker:
                 if self.metrics is not None:
                     self.metrics.conflicts.labels(self.dispensary, self.destination.name).inc()
             if result.conflict is not None:
-                kind, _, detail = result.conflict.partition(": ")
+                conflict = result.conflict if self._blank is None else self._blank(result.conflict)
+                kind, _, detail = conflict.partition(": ")
                 outcome.conflicts.append((row.customer_id, kind, detail or kind))
                 if self.metrics is not None:
                     self.metrics.conflicts.labels(self.dispensary, self.destination.name).inc()
@@ -652,6 +658,8 @@ class DeliveryWorker:
     def _paused(self, batch: list[OutboxRow], exc: QuotaPause, outcome: _Outcome) -> None:
         """The destination's quota is used up until ``exc.until``: these operations wait for
         it with no attempt counted, and the destination claims nothing meanwhile."""
+        if self._blank is not None:
+            exc = self._blank.error(exc)
         reason = f"quota: {exc}"
         until = _bounded(exc.until)
         outcome.paused.extend((row, until, reason) for row in batch)
@@ -679,6 +687,8 @@ class DeliveryWorker:
     def _failed(
         self, batch: list[OutboxRow], exc: DeliveryError, duration: float, outcome: _Outcome
     ) -> None:
+        if self._blank is not None:
+            exc = self._blank.error(exc)
         now = time.time()
         answer = (exc.status_code, vendor_code(exc.body, [row.body for row in batch]))
         for row in batch:

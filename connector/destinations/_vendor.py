@@ -14,7 +14,6 @@ import httpx
 
 from connector.config_base import Rate
 from connector.delivery._http import (
-    BODY_KEPT,
     classify_status,
     json_body,
     json_or_none,
@@ -152,7 +151,7 @@ class VendorClient:
     def kept(self, response: httpx.Response) -> str:
         """What is kept of an answer (a dead letter's, an attempt's): its text with the
         secrets sent blanked, then cut (a key cut at the limit leaves no prefix)."""
-        return self.blank(response.text)[:BODY_KEPT]
+        return self.blank.kept(response.text)
 
     def error(self, response: httpx.Response) -> DeliveryError:
         """The error for a non-2xx response (retriable: 408, 425, 429, 5xx), its message and
@@ -162,7 +161,7 @@ class VendorClient:
             classify_status(
                 response.status_code,
                 response.headers.get("retry-after"),
-                self.blank(response.text),
+                self.blank.kept(response.text),
                 self.host,
             )
         except DeliveryError as exc:

@@ -122,6 +122,7 @@ class AlpineIQSink:
             clock=clock,
             max_connections=config.concurrency,
         )
+        self.blank = self.api.blank  # the worker blanks what it keeps with it too
 
     @staticmethod
     def capabilities_for(config: AlpineIQDestination) -> Capabilities:

@@ -209,6 +209,7 @@ class BrazeSink:
             max_connections=config.concurrency,
             shared=account_limiters("braze", account, limits, clock),
         )
+        self.blank = self.api.blank  # the worker blanks what it keeps with it too
         self._wall = wall
         self._claims: Claims | None = None
         self._merged: MergedAway | None = None

@@ -14,6 +14,7 @@ from connector import __version__
 from connector.config_base import DestinationConfig, Rate
 from connector.delivery._h1 import H1Error, H1Pool, Unsendable, header_problem
 from connector.delivery._http import (
+    BODY_KEPT,
     classify_status,
     json_body,
     transport_error,
@@ -85,7 +86,7 @@ class HttpSink:
         self._pool: H1Pool | None = None
         # what a service echoing the request (its headers, this URL) must not get into the
         # dead letters: blanked before an answer is classified or kept
-        self._redacted = Blanker.of(headers, self._url)
+        self.blank = Blanker.of(headers, self._url)
 
     @property
     def batch_size(self) -> int:
@@ -126,7 +127,7 @@ class HttpSink:
             # a TLS failure is an OSError and a ValueError both: retried, as a refusal is
             raise RetriableDelivery(f"no response ({exc.__class__.__name__})") from None
         if not 200 <= response.status < 300:
-            text = self._redacted(response.body.decode("utf-8", errors="replace"))
+            text = self.blank.kept(response.body[: 8 * BODY_KEPT].decode("utf-8", errors="replace"))
             classify_status(response.status, response.headers.get("retry-after"), text, self._host)
         return as_results(_contact_ids_from(response.body, len(deliveries)))
 
@@ -140,7 +141,7 @@ class HttpSink:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc) from None
         if not response.is_success:
-            text = self._redacted(response.text)
+            text = self.blank.kept(response.text)
             classify_status(
                 response.status_code, response.headers.get("retry-after"), text, self._host
             )

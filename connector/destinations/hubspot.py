@@ -244,6 +244,7 @@ class HubSpotSink:
             max_connections=config.concurrency,
             shared=shared,
         )
+        self.blank = self.api.blank  # the worker blanks what it keeps with it too
         self._wall = wall
         # HubSpot's daily cap is the app's: the requests counted against daily_limit are
         # shared by every sink of one token (one per dispensary), as the ten-second limiter

@@ -219,6 +219,7 @@ class KlaviyoSink:
             shared=account_limiters("klaviyo", account, limits, clock),
             public=("revision",),
         )
+        self.blank = self.api.blank  # the worker blanks what it keeps with it too
         self._sleep = sleep
         self._claims: Claims | None = None
         self._merged: MergedAway | None = None

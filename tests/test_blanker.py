@@ -1,0 +1,70 @@
+"""Properties of the Blanker (connector/delivery/_secrets.py): a header secret echoed in an
+answer is blanked however a serializer escapes each of its characters (mixed as .NET, PHP,
+HTML templates and percent-encoders mix them), in any letter case, and when it is quoted
+cut short; the text around it is kept as it was."""
+
+from __future__ import annotations
+
+import html
+import string
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connector.delivery._secrets import BLANK, Blanker
+
+# no space (a token's characters) and none of the surrounding text's
+ALPHABET = "".join(c for c in string.printable if c not in string.whitespace + "~#")
+AROUND = st.text(alphabet="~# ", max_size=12)
+
+
+def _forms(c: str) -> list[str]:
+    forms = [c, f"\\u{ord(c):04x}", f"\\u{ord(c):04X}", f"%{ord(c):02X}", f"&#{ord(c)};"]
+    forms += [f"&#x{ord(c):x};", html.escape(c, quote=True)]
+    if c in '/"\\':
+        forms.append("\\" + c)
+    return forms if not c.isalnum() else [c]
+
+
+@st.composite
+def echoed(draw: st.DrawFn, size: tuple[int, int] = (8, 40)) -> tuple[str, str]:
+    """A secret and the way an answer quotes it: each character in a form of its own."""
+    secret = draw(st.text(alphabet=ALPHABET, min_size=size[0], max_size=size[1]))
+    quoted = "".join(draw(st.sampled_from(_forms(c))) for c in secret)
+    case = draw(st.sampled_from([str, str.upper, str.lower]))
+    return secret, case(quoted)
+
+
+@settings(max_examples=300, deadline=None)
+@given(echoed(), AROUND, AROUND)
+def test_a_secret_quoted_in_any_mix_of_escapes_is_blanked_and_nothing_else(
+    pair: tuple[str, str], before: str, after: str
+) -> None:
+    secret, quoted = pair
+    blank = Blanker.of({"x-api-key": secret})
+    assert blank(before + quoted + after) == before + BLANK + after
+
+
+@settings(max_examples=300, deadline=None)
+@given(echoed((16, 40)), st.integers(min_value=8), AROUND, AROUND)
+def test_a_long_secret_quoted_cut_short_is_blanked_from_its_eighth_character(
+    pair: tuple[str, str], cut: int, before: str, after: str
+) -> None:
+    secret, _ = pair
+    shown = secret[: min(cut, len(secret))]
+    blank = Blanker.of({"authorization": f"Bearer {secret}"})
+    assert blank(before + shown + "…" + after) == before + BLANK + "…" + after
+
+
+@given(st.text(alphabet=ALPHABET, min_size=8, max_size=15), AROUND)
+def test_a_short_secret_cut_short_is_left(secret: str, after: str) -> None:
+    """Under 16 characters only the whole secret is blanked: its first characters alone
+    would garble answers that name the same prefix."""
+    blank = Blanker.of({"x-api-key": secret})
+    assert blank(secret[:-1] + "…" + after) == secret[:-1] + "…" + after
+
+
+def test_the_scheme_word_of_a_header_is_not_taken_for_a_cut_secret() -> None:
+    blank = Blanker.of({"authorization": "Klaviyo-API-Key pk_7f3a9c2e5b1d4f6a"})
+    assert blank("send a Klaviyo-API-Key header") == "send a Klaviyo-API-Key header"
+    assert blank("bad key pk_7f3a9c2e…") == f"bad key {BLANK}…"
