@@ -30,6 +30,7 @@ from connector.pipeline import Deployment, Processor, build_worker
 from connector.pipeline_process import METRICS_WAIT_SECONDS, PipelineProcess
 from connector.reconcile import ReconcileBusy, Reconciler, RunOptions
 from connector.store import AsyncStore, Store, open_store
+from connector.store.abc import PurgeCursor
 
 log = get_logger("connector.service")
 HEARTBEAT_SECONDS = 5.0
@@ -361,16 +362,25 @@ class Service:
         days = self.config.retention
         while not self._stopping.is_set():
             now = time.time()
+            purged: dict[str, int] = {}
             try:
-                purged = await self.astore.call(
-                    store.purge,
-                    raw_before=now - days.raw_payload_days * 86_400,
-                    delivered_before=now - days.delivered_days * 86_400,
-                )
+                # a step at a time, each its own transaction and its own turn of the store's
+                # thread: a large purge never stalls the receiver's commits nor this
+                # process's claims and settles
+                cursor = PurgeCursor()
+                while not cursor.finished and not self._stopping.is_set():
+                    step = await self.astore.call(
+                        store.purge_step,
+                        raw_before=now - days.raw_payload_days * 86_400,
+                        delivered_before=now - days.delivered_days * 86_400,
+                        cursor=cursor,
+                    )
+                    for key, count in step.items():
+                        purged[key] = purged.get(key, 0) + count
                 if any(purged.values()):
                     log.info("purged", counts=purged)
-            except Exception as exc:
-                log.warning("purge_failed", error=exc)
+            except Exception as exc:  # what the steps before it purged stays purged
+                log.warning("purge_failed", error=exc, counts=purged)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), RETENTION_SECONDS)
 

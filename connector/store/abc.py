@@ -525,6 +525,23 @@ class Processes(Protocol):
     def release(self, name: str, holder: str) -> None: ...
 
 
+@dataclass
+class PurgeCursor:
+    """Where a purge is (``purge_step``): for each table walked in id order the
+    last id read (``None``: walked to its end), and whether the others are done."""
+
+    inbox: int | None = 0
+    quarantine: int | None = 0
+    attempts: int | None = 0
+    outbox: bool = True
+    ticks: bool = True
+
+    @property
+    def finished(self) -> bool:
+        walked = self.inbox is None and self.quarantine is None and self.attempts is None
+        return walked and not self.outbox and not self.ticks
+
+
 class Admin(Protocol):
     dialect: str  # "sqlite" or "postgresql": for display, never for SQL outside the store
 
@@ -541,6 +558,10 @@ class Admin(Protocol):
     def pending_work(self) -> int: ...
 
     def purge(self, *, raw_before: float, delivered_before: float) -> dict[str, int]: ...
+
+    def purge_step(
+        self, *, raw_before: float, delivered_before: float, cursor: PurgeCursor, limit: int = ...
+    ) -> dict[str, int]: ...
 
     def conflict_counts(self, since: float = 0.0) -> dict[tuple[str, str], int]: ...
 

@@ -15,9 +15,10 @@ from sqlalchemy import (
     update,
 )
 
-from connector.store.abc import Lease, RegisteredProcess
+from connector.store.abc import Lease, PurgeCursor, RegisteredProcess
 from connector.store.processes import ProcessesSql
 from connector.store.schema import (
+    attempts,
     audit,
     conflicts,
     inbox,
@@ -31,6 +32,26 @@ from connector.store.schema import (
 
 PROBE_BYTES = 16 * 1024
 """The row an allocating write probe inserts and rolls back: a few pages."""
+PURGE_STEP_ROWS = 5_000
+"""The most rows of each kind one step of a purge changes (one transaction)."""
+
+
+def _forget_bodies(
+    conn: Connection, table: Any, after: int, limit: int, *terms: Any
+) -> tuple[int, int | None]:
+    """Clear the bodies of at most ``limit`` rows of ``table`` past id ``after`` that meet
+    ``terms``: how many, and where the next step starts (``None``: the table's end)."""
+    ids = _walk(conn, table.c.id, after, limit, *terms, table.c.body.is_not(None))
+    if ids:
+        conn.execute(update(table).where(table.c.id.in_(ids)).values(body=None))
+    return len(ids), ids[-1] if len(ids) == limit else None
+
+
+def _walk(conn: Connection, key: Any, after: int, limit: int, *terms: Any) -> list[int]:
+    """The ids of at most ``limit`` rows past ``after``, in id order, that meet ``terms``:
+    the primary key walked, never a scan of the whole table a step."""
+    query = select(key).where(key > after, *terms).order_by(key).limit(limit)
+    return list(conn.execute(query).scalars())
 
 
 def outbox_pairs(conn: Connection) -> list[tuple[str, str]]:
@@ -161,34 +182,71 @@ class AdminSql(ProcessesSql):
 
         Pending events keep their bodies whatever their age (they are still to be planned);
         dead letters are kept until they are replayed or dealt with. Scheduled ticks claimed
-        before ``delivered_before`` go too.
-        """
-        with self.transaction(durable=False) as conn:
-            bodies = conn.execute(
-                update(inbox)
-                .where(
-                    inbox.c.status != "pending",
-                    inbox.c.received_at < raw_before,
-                    inbox.c.body.is_not(None),
-                )
-                .values(body=None)
-            ).rowcount
-            refused = conn.execute(
-                update(quarantine)
-                .where(quarantine.c.received_at < raw_before, quarantine.c.body.is_not(None))
-                .values(body=None)
-            ).rowcount
-            delivered = conn.execute(
-                delete(outbox).where(
-                    outbox.c.status.in_(("done", "superseded")), outbox.c.done_at < delivered_before
-                )
-            ).rowcount
-            # a tick is claimed within the scheduler's misfire grace or never: its row is
-            # needed minutes, not for good (one a minute is half a million rows a year)
-            conn.execute(
-                delete(schedule_ticks).where(schedule_ticks.c.claimed_at < delivered_before)
+        before ``delivered_before`` go too. In steps of :meth:`purge_step`, each its own
+        short transaction."""
+        cursor = PurgeCursor()
+        totals: dict[str, int] = {}
+        while not cursor.finished:
+            step = self.purge_step(
+                raw_before=raw_before, delivered_before=delivered_before, cursor=cursor
             )
-        return {"bodies": bodies or 0, "quarantined": refused or 0, "delivered": delivered or 0}
+            for key, count in step.items():
+                totals[key] = totals.get(key, 0) + count
+        return totals
+
+    def purge_step(
+        self,
+        *,
+        raw_before: float,
+        delivered_before: float,
+        cursor: PurgeCursor,
+        limit: int = PURGE_STEP_ROWS,
+    ) -> dict[str, int]:
+        """One step of :meth:`purge`: at most ``limit`` rows of each kind, in one transaction
+        (a first purge of a large store, or one after a long stop, never holds the store's
+        write lock for seconds: on SQLite every webhook's commit would wait on it). The
+        tables without an index on what is purged are walked once, in id order, through
+        ``cursor``; ``cursor.finished`` once nothing is left."""
+        with self.transaction(durable=False) as conn:
+            bodies = refused = delivered = 0
+            if cursor.inbox is not None:  # never a pending event's: it is still to be planned
+                terms = (inbox.c.status != "pending", inbox.c.received_at < raw_before)
+                bodies, cursor.inbox = _forget_bodies(conn, inbox, cursor.inbox, limit, *terms)
+            if cursor.quarantine is not None:
+                old = quarantine.c.received_at < raw_before
+                refused, cursor.quarantine = _forget_bodies(
+                    conn, quarantine, cursor.quarantine, limit, old
+                )
+            if cursor.outbox:
+                # along ix_outbox_settled: what is left is never read again
+                ids = list(
+                    conn.execute(
+                        select(outbox.c.id)
+                        .where(
+                            outbox.c.done_at < delivered_before,
+                            outbox.c.status.in_(("done", "superseded")),
+                        )
+                        .limit(limit)
+                    ).scalars()
+                )
+                if ids:
+                    conn.execute(delete(outbox).where(outbox.c.id.in_(ids)))
+                delivered, cursor.outbox = len(ids), len(ids) == limit
+            if cursor.attempts is not None and not cursor.outbox:
+                # the failed attempts of operations no longer kept, once the outbox is purged
+                gone = ~select(outbox.c.id).where(outbox.c.id == attempts.c.outbox_id).exists()
+                ids = _walk(conn, attempts.c.id, cursor.attempts, limit, gone)
+                if ids:
+                    conn.execute(delete(attempts).where(attempts.c.id.in_(ids)))
+                cursor.attempts = ids[-1] if len(ids) == limit else None
+            if cursor.ticks:
+                # a tick is claimed within the scheduler's misfire grace or never: its row is
+                # needed minutes, not for good (one a minute is half a million rows a year)
+                conn.execute(
+                    delete(schedule_ticks).where(schedule_ticks.c.claimed_at < delivered_before)
+                )
+                cursor.ticks = False
+        return {"bodies": bodies, "quarantined": refused, "delivered": delivered}
 
     def query(self, statement: Any) -> list[Any]:
         """Run a read-only statement (tests and the CLI)."""

@@ -607,11 +607,3 @@ class OperatorSql(AdminSql):
         return [(float(b) * size, int(n)) for b, n in rows]
 
     # --- retention ---
-
-    def purge(self, *, raw_before: float, delivered_before: float) -> dict[str, int]:
-        """Also forget the failed attempts of operations no longer kept."""
-        purged = super().purge(raw_before=raw_before, delivered_before=delivered_before)
-        with self.transaction(durable=False) as conn:
-            kept = select(outbox.c.id).where(outbox.c.id == attempts.c.outbox_id).exists()
-            conn.execute(attempts.delete().where(~kept))
-        return purged
