@@ -68,3 +68,12 @@ def test_the_scheme_word_of_a_header_is_not_taken_for_a_cut_secret() -> None:
     blank = Blanker.of({"authorization": "Klaviyo-API-Key pk_7f3a9c2e5b1d4f6a"})
     assert blank("send a Klaviyo-API-Key header") == "send a Klaviyo-API-Key header"
     assert blank("bad key pk_7f3a9c2e…") == f"bad key {BLANK}…"
+
+
+def test_a_latin_1_secret_echoed_in_latin_1_is_blanked_once_read_as_utf_8() -> None:
+    """A header value may hold Latin-1 (sent as such); a service echoing it in a Latin-1
+    page is read as UTF-8, each such byte a replacement character."""
+    secret = "clé-secrète-42"
+    blank = Blanker.of({"x-api-key": secret})
+    echoed = f"bad key {secret}".encode("latin-1").decode("utf-8", errors="replace")
+    assert blank(echoed) == f"bad key {BLANK}"

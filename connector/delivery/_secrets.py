@@ -150,7 +150,9 @@ def patterns_of(headers: Mapping[str, str], url: str | None) -> list[re.Pattern[
 def _char(c: str) -> str:
     """A pattern of one character of a secret as a body may quote it: as it is, or escaped
     by JSON (``\\/``, ``\\u002B``: .NET escapes ``+``, PHP ``/``), percent-encoding (its
-    UTF-8 bytes), HTML (named, decimal or hexadecimal), or form encoding (``+`` for space)."""
+    UTF-8 bytes), HTML (named, decimal or hexadecimal), or form encoding (``+`` for space);
+    a character beyond ASCII also as the replacement character its Latin-1 byte becomes when
+    an answer is read as UTF-8."""
     if c.isascii() and c.isalnum():
         return c
     forms = {re.escape(c), re.escape("\\" + c), re.escape(html.escape(c))}
@@ -159,6 +161,8 @@ def _char(c: str) -> str:
         units = c.encode("utf-16-be")
         forms.add("".join(f"\\\\u{units[i]:02x}{units[i + 1]:02x}" for i in (0, 2)))
     forms.add("".join(f"%{b:02x}" for b in c.encode()))
+    if not c.isascii():  # echoed in Latin-1 (as sent), read as UTF-8: a replacement character
+        forms.add("\ufffd")
     if c == " ":
         forms.add(re.escape("+"))
     if c == "'":
