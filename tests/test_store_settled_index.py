@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, text
 
-from connector.store.schema import outbox
+from connector.store.schema import customers, inbox, outbox
 
 HOUR = 3600.0
 PAIRS = [("d1", "crm"), ("d1", "mail"), ("d2", "crm")]
@@ -134,3 +134,46 @@ def test_the_last_hours_deliveries_are_counted_per_destination_and_status(store:
     assert all(o.pending == 1 for o in overview.values())
     day = store.throughput(now - 86_400, 3600)
     assert sum(n for _, n in day) == sum(_expected(rows, now - 86_400).values())
+
+
+# --- the console's customer search: which dispensaries know a customer ------------------------
+
+
+def _events(store: Any, rows: list[tuple[str, str]]) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(inbox),
+            [
+                {
+                    "dispensary": d,
+                    "source": "webhook",
+                    "event_type": "CUSTOMER",
+                    "customer_id": c,
+                    "received_at": 1.0,
+                    "status": "applied",
+                }
+                for d, c in rows
+            ],
+        )
+
+
+@pytest.mark.sqlite_only
+def test_finding_a_customers_dispensaries_seeks_never_reads_every_event(store: Any) -> None:
+    _events(store, [(f"d{i % 3}", f"c{i}") for i in range(3_000)])
+    with _statements(store) as seen:
+        assert store.customer_dispensaries("c4") == ["d1"]
+    with store.engine.connect() as conn:
+        for sql, params in seen:
+            plan = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+            # a walk in index order that stops at its first row (the next dispensary) is a seek
+            seek = "ORDER BY" in sql and "LIMIT" in sql and "TEMP B-TREE" not in str(plan)
+            assert seek or not any(step.startswith("SCAN") for step in plan), (sql, plan)
+
+
+def test_a_customer_is_found_in_every_dispensary_that_knows_it(store: Any) -> None:
+    _events(store, [("north", "7"), ("south", "7"), ("south", "8"), ("west", None)])  # type: ignore[list-item]
+    with store.engine.begin() as conn:
+        conn.execute(insert(customers).values(dispensary="east", customer_id="7", updated_at=1.0))
+    assert store.customer_dispensaries("7") == ["east", "north", "south"]
+    assert store.customer_dispensaries("8") == ["south"]
+    assert store.customer_dispensaries("9") == []

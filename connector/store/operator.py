@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, cast, func, insert, select, update
+from sqlalchemy import Connection, Integer, cast, func, insert, select, update
 
 from connector.store.abc import (
     STORY_LIMIT,
@@ -119,17 +119,20 @@ class OperatorSql(AdminSql):
     # --- one customer ---
 
     def customer_dispensaries(self, customer_id: str) -> list[str]:
+        """The dispensaries that know ``customer_id``: a seek per dispensary along the
+        customers' key and ``ix_inbox_customer`` (both lead with the dispensary), not a read
+        of every event kept to find one customer's."""
         with self.snapshot() as conn:
-            found = set(
-                conn.execute(
-                    select(customers.c.dispensary).where(customers.c.customer_id == customer_id)
-                ).scalars()
-            )
-            found.update(
-                conn.execute(
-                    select(inbox.c.dispensary).where(inbox.c.customer_id == customer_id).distinct()
-                ).scalars()
-            )
+            found: set[str] = set()
+            for table in (customers, inbox):
+                for dispensary in _dispensaries(conn, table):
+                    row = conn.execute(
+                        select(table.c.dispensary)
+                        .where(table.c.dispensary == dispensary, table.c.customer_id == customer_id)
+                        .limit(1)
+                    ).first()
+                    if row is not None:
+                        found.add(dispensary)
         return sorted(found)
 
     def customer_record(
@@ -607,3 +610,15 @@ class OperatorSql(AdminSql):
         return [(float(b) * size, int(n)) for b, n in rows]
 
     # --- retention ---
+
+
+def _dispensaries(conn: Connection, table: Any) -> list[str]:
+    """The dispensaries ``table`` holds rows of, a seek each to the next along an index that
+    leads with the dispensary (a loose index scan)."""
+    query = select(table.c.dispensary).order_by(table.c.dispensary).limit(1)
+    found: list[str] = []
+    row = conn.execute(query).first()
+    while row is not None:
+        found.append(row[0])
+        row = conn.execute(query.where(table.c.dispensary > row[0])).first()
+    return found
