@@ -77,3 +77,13 @@ def test_a_latin_1_secret_echoed_in_latin_1_is_blanked_once_read_as_utf_8() -> N
     blank = Blanker.of({"x-api-key": secret})
     echoed = f"bad key {secret}".encode("latin-1").decode("utf-8", errors="replace")
     assert blank(echoed) == f"bad key {BLANK}"
+
+
+def test_a_token_of_kilobytes_is_blanked_whole_and_cut_short() -> None:
+    """A JSON Web Token of a few kilobytes (a pattern of one nested group a character
+    exceeded the regular expression compiler's depth: the sink could not be built)."""
+    token = ".".join("eyJ" + "aB3-_" * 200 for _ in range(3))
+    blank = Blanker.of({"authorization": f"Bearer {token}"})
+    assert blank(f"bad {token} end") == f"bad {BLANK} end"
+    assert blank(f"bad {token[:1500]}... end") == f"bad {BLANK}... end"
+    assert blank(f"Bearer {token}") == BLANK

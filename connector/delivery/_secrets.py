@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import html
 import re
 from collections.abc import Collection, Mapping
@@ -41,8 +42,8 @@ class Blanker:
     """Replaces the secrets of one destination's requests in an answer's text (callable).
     Its repr says how many forms it looks for, never one of them."""
 
-    def __init__(self, patterns: list[re.Pattern[str]]) -> None:
-        self._patterns = patterns
+    def __init__(self, secrets: list[Secret]) -> None:
+        self._secrets = secrets
 
     @classmethod
     def of(
@@ -53,13 +54,13 @@ class Blanker:
         is no secret) must not get back into the store."""
         left = NOT_SECRET | {name.lower() for name in public}
         sent = {name: value for name, value in headers.items() if name.lower() not in left}
-        return cls(patterns_of(sent, url))
+        return cls(secrets_of(sent, url))
 
     def __call__(self, text: str) -> str:
         """``text`` with every occurrence of a secret, overlaps merged, blanked."""
         spans: list[tuple[int, int]] = []
-        for secret in self._patterns:
-            spans += [m.span() for m in secret.finditer(text)]
+        for secret in self._secrets:
+            spans += secret.spans(text)
         if not spans:
             return text
         merged: list[list[int]] = []
@@ -89,11 +90,11 @@ class Blanker:
         return exc
 
     def __repr__(self) -> str:
-        return f"Blanker({len(self._patterns)} forms)"
+        return f"Blanker({len(self._secrets)} secrets)"
 
 
-def patterns_of(headers: Mapping[str, str], url: str | None) -> list[re.Pattern[str]]:
-    """What an answer must not carry back into the store, each as a case-blind pattern:
+def secrets_of(headers: Mapping[str, str], url: str | None) -> list[Secret]:
+    """What an answer must not carry back into the store, each matched case-blind:
 
     - the header values, whole and the token after a scheme word (``Bearer X``), and for
       ``Basic`` the pair it encodes; a header secret of :data:`MIN_CUT` characters or more
@@ -136,15 +137,43 @@ def patterns_of(headers: Mapping[str, str], url: str | None) -> list[re.Pattern[
         values += [unquote(s) for s in parts.path.split("/") if any(c.isdigit() for c in s)]
     kept = {v for v in values if len(v) >= MIN_SECRET}
     kept |= {v for v in always if len(v) >= MIN_PASSWORD}
-    patterns = []
-    for value in sorted(kept, key=len, reverse=True):
+    return [Secret(value, value in cut) for value in sorted(kept, key=len, reverse=True)]
+
+
+class Secret:
+    """One secret's occurrences in a text, each character in any of its forms (:func:`_char`).
+    A ``cut`` secret also where it is quoted cut short: its first :data:`MIN_SECRET`
+    characters, then as many of the rest as follow, one at a time (a pattern of nested
+    optional groups would exceed the regular expression compiler's depth for a long token,
+    a JSON Web Token of a kilobyte or two)."""
+
+    __slots__ = ("_head", "_rest")
+
+    def __init__(self, value: str, cut: bool) -> None:
         chars = [_char(c) for c in value]
-        if value in cut:  # its first MIN_SECRET characters, then as much of the rest as is there
-            rest = "".join(f"(?:{c}" for c in chars[MIN_SECRET:]) + ")?" * (len(chars) - MIN_SECRET)
-            patterns.append(re.compile("".join(chars[:MIN_SECRET]) + rest, re.IGNORECASE))
-        else:
-            patterns.append(re.compile("".join(chars), re.IGNORECASE))
-    return patterns
+        head = chars[:MIN_SECRET] if cut else chars
+        self._head = re.compile("".join(head), re.IGNORECASE)
+        self._rest = [_one(c) for c in chars[MIN_SECRET:]] if cut else []
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        found = []
+        for match in self._head.finditer(text):
+            end = match.end()
+            for char in self._rest:
+                step = char.match(text, end)
+                if step is None:
+                    break
+                end = step.end()
+            found.append((match.start(), end))
+        return found
+
+    def __repr__(self) -> str:
+        return "Secret(...)"
+
+
+@functools.lru_cache(maxsize=512)
+def _one(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
 
 
 def _char(c: str) -> str:
