@@ -231,9 +231,13 @@ class AdminSql(ProcessesSql):
                 )
                 if ids:
                     conn.execute(delete(outbox).where(outbox.c.id.in_(ids)))
+                    # their failed attempts with them (along ix_attempts_outbox): an id the
+                    # outbox gives again must never inherit another operation's attempts
+                    conn.execute(delete(attempts).where(attempts.c.outbox_id.in_(ids)))
                 delivered, cursor.outbox = len(ids), len(ids) == limit
             if cursor.attempts is not None and not cursor.outbox:
-                # the failed attempts of operations no longer kept, once the outbox is purged
+                # attempts left by an earlier version's purge (it deleted them apart from
+                # their operations), once the outbox is purged
                 gone = ~select(outbox.c.id).where(outbox.c.id == attempts.c.outbox_id).exists()
                 ids = _walk(conn, attempts.c.id, cursor.attempts, limit, gone)
                 if ids:
