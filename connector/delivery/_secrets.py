@@ -16,6 +16,8 @@ import base64
 import contextlib
 import functools
 import html
+import html.entities
+import json
 import re
 from collections.abc import Collection, Mapping
 from typing import TypeVar
@@ -112,16 +114,18 @@ def secrets_of(headers: Mapping[str, str], url: str | None) -> list[Secret]:
     values: list[str] = []
     always: list[str] = []
     for value in headers.values():
-        values.append(value)
+        values += [value, value.strip()]  # a service may echo it trimmed
         scheme, _, token = value.strip().partition(" ")
         token = token.strip()
         if token:
             values.append(token)
             if scheme.lower() == "basic":
                 with contextlib.suppress(ValueError):
-                    pair = base64.b64decode(token, validate=True).decode()
-                    values.append(pair)
-                    always.append(pair.partition(":")[2])
+                    padded = token + "=" * (-len(token) % 4)  # sent without its padding too
+                    pair = base64.b64decode(padded, validate=True).decode()
+                    user, _, password = pair.partition(":")
+                    values += [pair, user]  # an API key is often sent as the user
+                    always.append(password)
     # a key or token, not a whole "Scheme token" value (its scheme word would start every cut)
     cut = {v for v in values if len(v) >= MIN_CUT and not any(c.isspace() for c in v)}
     if url is not None:
@@ -133,69 +137,127 @@ def secrets_of(headers: Mapping[str, str], url: str | None) -> list[Secret]:
             always += [password, unquote(password)]
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         values += [target, unquote(target)]
+        values += [parts.query, unquote(parts.query)]  # a bare token too (``?abc123...``)
         values += [v for _, v in parse_qsl(parts.query)]
         values += [unquote(s) for s in parts.path.split("/") if any(c.isdigit() for c in s)]
-    kept = {v for v in values if len(v) >= MIN_SECRET}
-    kept |= {v for v in always if len(v) >= MIN_PASSWORD}
+    kept = {v for v in values if len(v) >= MIN_SECRET and v.strip()}
+    kept |= {v for v in always if len(v) >= MIN_PASSWORD and v.strip()}
     return [Secret(value, value in cut) for value in sorted(kept, key=len, reverse=True)]
 
 
 class Secret:
-    """One secret's occurrences in a text, each character in any of its forms (:func:`_char`).
-    A ``cut`` secret also where it is quoted cut short: its first :data:`MIN_SECRET`
-    characters, then as many of the rest as follow, one at a time (a pattern of nested
-    optional groups would exceed the regular expression compiler's depth for a long token,
-    a JSON Web Token of a kilobyte or two)."""
+    """One secret's occurrences in a text, each character in any of its forms (:func:`_forms`,
+    as a serializer mixes them). A ``cut`` secret also where it is quoted cut short, from its
+    first :data:`MIN_SECRET` characters.
 
-    __slots__ = ("_head", "_rest")
+    A pattern of the first characters finds where one may start; from there every way of
+    reading the text as the secret's characters is followed at once (the set of positions
+    after each character), so no form taken early can hide a match (``\\\\`` is one
+    escaped backslash or two raw ones) and no run of backslashes makes it try every split
+    of the run, as a regular expression of the whole secret would (exponentially)."""
+
+    __slots__ = ("_chars", "_cut", "_head")
 
     def __init__(self, value: str, cut: bool) -> None:
-        chars = [_char(c) for c in value]
-        head = chars[:MIN_SECRET] if cut else chars
-        self._head = re.compile("".join(head), re.IGNORECASE)
-        self._rest = [_one(c) for c in chars[MIN_SECRET:]] if cut else []
+        self._head = re.compile("".join(_char(c) for c in value[:MIN_SECRET]), re.IGNORECASE)
+        self._chars = [_forms(c) for c in value]
+        self._cut = cut
 
     def spans(self, text: str) -> list[tuple[int, int]]:
-        found = []
-        for match in self._head.finditer(text):
-            end = match.end()
-            for char in self._rest:
-                step = char.match(text, end)
-                if step is None:
-                    break
-                end = step.end()
-            found.append((match.start(), end))
+        found: list[tuple[int, int]] = []
+        at = 0
+        while (head := self._head.search(text, at)) is not None:
+            start = head.start()
+            end = self._read(text, start)
+            if end is None:
+                at = start + 1
+                continue
+            found.append((start, end))
+            at = max(end, start + 1)
         return found
+
+    def _read(self, text: str, start: int) -> int | None:
+        """Where the secret read from ``start`` ends (the furthest reading; a cut secret once
+        its first :data:`MIN_SECRET` characters are read), or None."""
+        ends = {start}
+        for count, (any_form, forms) in enumerate(self._chars):
+            if forms is None:  # its forms never begin one another: one reading at most
+                after = {m.end() for at in ends if (m := any_form.match(text, at))}
+            else:
+                after = {m.end() for at in ends for form in forms if (m := form.match(text, at))}
+            if not after:
+                return max(ends) if self._cut and count >= MIN_SECRET else None
+            ends = after
+        return max(ends)
 
     def __repr__(self) -> str:
         return "Secret(...)"
 
 
-@functools.lru_cache(maxsize=512)
-def _one(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern, re.IGNORECASE)
+@functools.lru_cache(maxsize=1024)
+def _forms(c: str) -> tuple[re.Pattern[str], tuple[re.Pattern[str], ...] | None]:
+    """A pattern of any form of ``c`` (:func:`_char`) and, where one form may begin another
+    (``\\`` and ``\\\\``, ``&`` and ``&amp;``, ``%`` and ``%25``: a text then reads as the
+    character in more than one way), each form as its own pattern; else None."""
+    literals, patterns = _spellings(c)
+    folded = {x.lower() for x in literals}
+    ambiguous = any(b.startswith(a) for a in folded for b in folded | {"&#"} if a != b)
+    forms = {re.escape(x) for x in literals} | patterns
+    return re.compile(_char(c), re.IGNORECASE), (
+        tuple(re.compile(f, re.IGNORECASE) for f in forms) if ambiguous else None
+    )
 
 
 def _char(c: str) -> str:
     """A pattern of one character of a secret as a body may quote it: as it is, or escaped
-    by JSON (``\\/``, ``\\u002B``: .NET escapes ``+``, PHP ``/``), percent-encoding (its
-    UTF-8 bytes), HTML (named, decimal or hexadecimal), or form encoding (``+`` for space);
-    a character beyond ASCII also as the replacement character its Latin-1 byte becomes when
-    an answer is read as UTF-8."""
+    by JSON (``\\/``, ``\\u002B``: .NET escapes ``+``, PHP ``/``), by JSON twice (an error
+    quoted as a string inside another, as a gateway passes one on), percent-encoding (its
+    UTF-8 bytes, once or twice), HTML (named, decimal or hexadecimal), or form encoding
+    (``+`` for space); in either letter case inside an escape too (``\\u00c9`` for ``é``);
+    a character beyond ASCII also as the replacement character its Latin-1 byte becomes
+    when an answer is read as UTF-8."""
     if c.isascii() and c.isalnum():
         return c
-    forms = {re.escape(c), re.escape("\\" + c), re.escape(html.escape(c))}
-    forms |= {f"\\\\u{ord(c):04x}", f"&#0*{ord(c)};", f"&#x0*{ord(c):x};"}
-    if ord(c) > 0xFFFF:  # JSON writes it as a surrogate pair
-        units = c.encode("utf-16-be")
-        forms.add("".join(f"\\\\u{units[i]:02x}{units[i + 1]:02x}" for i in (0, 2)))
-    forms.add("".join(f"%{b:02x}" for b in c.encode()))
-    if not c.isascii():  # echoed in Latin-1 (as sent), read as UTF-8: a replacement character
-        forms.add("\ufffd")
-    if c == " ":
-        forms.add(re.escape("+"))
-    if c == "'":
-        forms.add("&#x?0*27;|&apos;")
-    # the longest first: a secret cut short matches as far as it can (an ``&amp;`` taken as
-    # its ``&`` would end the match there)
+    literals, patterns = _spellings(c)
+    forms = {re.escape(f) for f in literals} | patterns
     return "(?:" + "|".join(sorted(forms, key=lambda f: (-len(f), f))) + ")"
+
+
+def _spellings(c: str) -> tuple[set[str], set[str]]:
+    """The forms of ``c`` (:func:`_char`): literal texts, and patterns (numeric entities)."""
+    if c.isascii() and c.isalnum():
+        return {c}, set()
+    literals: set[str] = set()
+    patterns: set[str] = set()
+    for v in {c, c.upper(), c.lower()}:
+        if len(v) != 1:
+            continue
+        point = ord(v)
+        escaped = {f"\\u{point:04x}", "\\" + v}
+        if point > 0xFFFF:  # JSON writes it as a surrogate pair
+            units = v.encode("utf-16-be")
+            escaped.add("".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in (0, 2)))
+        twice = {json.dumps(e)[1:-1] for e in escaped}
+        literals |= {v, html.escape(v)} | escaped | twice | {t.replace("/", "\\/") for t in twice}
+        percent = "".join(f"%{b:02x}" for b in v.encode())
+        literals |= {percent, percent.replace("%", "%25")}
+        literals |= {f"&{name}" for name in _ENTITIES.get(v, ())}
+        patterns |= {f"&#0*{point};", f"&#x0*{point:x};"}
+    if not c.isascii():  # echoed in Latin-1 (as sent), read as UTF-8: a replacement character
+        literals.add("\ufffd")
+    if c == " ":
+        literals.add("+")
+    return literals, patterns
+
+
+def _entities() -> dict[str, list[str]]:
+    """Each character's HTML named references (``&eacute;``, HTML5's ``&sol;``), with their
+    semicolon: ``&amp`` alone is a legacy form no serializer writes."""
+    found: dict[str, list[str]] = {}
+    for name, value in html.entities.html5.items():
+        if len(value) == 1 and name.endswith(";"):
+            found.setdefault(value, []).append(name)
+    return found
+
+
+_ENTITIES = _entities()

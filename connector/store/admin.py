@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -11,6 +12,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    tuple_,
     union_all,
     update,
 )
@@ -42,9 +44,23 @@ def _forget_bodies(
     """Clear the bodies of at most ``limit`` rows of ``table`` past id ``after`` that meet
     ``terms``: how many, and where the next step starts (``None``: the table's end)."""
     ids = _walk(conn, table.c.id, after, limit, *terms, table.c.body.is_not(None))
-    if ids:
-        conn.execute(update(table).where(table.c.id.in_(ids)).values(body=None))
-    return len(ids), ids[-1] if len(ids) == limit else None
+    cleared = _by_ids(
+        conn, ids, lambda part: update(table).where(table.c.id.in_(part)).values(body=None)
+    )
+    return cleared, ids[-1] if len(ids) == limit else None
+
+
+_IDS_A_STATEMENT = 500  # bound values: an older SQLite takes at most 999 in one statement
+
+
+def _by_ids(conn: Connection, ids: Sequence[Any], statement: Callable[[Sequence[Any]], Any]) -> int:
+    """Run ``statement`` for ``ids`` a few hundred at a time: the rows it changed (the real
+    count: another replica's purge may have taken some of them since they were read)."""
+    changed = 0
+    for start in range(0, len(ids), _IDS_A_STATEMENT):
+        result = conn.execute(statement(ids[start : start + _IDS_A_STATEMENT]))
+        changed += max(result.rowcount or 0, 0)
+    return changed
 
 
 def _walk(conn: Connection, key: Any, after: int, limit: int, *terms: Any) -> list[int]:
@@ -207,17 +223,20 @@ class AdminSql(ProcessesSql):
         write lock for seconds: on SQLite every webhook's commit would wait on it). The
         tables without an index on what is purged are walked once, in id order, through
         ``cursor``; ``cursor.finished`` once nothing is left."""
+        if limit < 1:
+            raise ValueError(f"a purge step takes at least 1 row of each kind, not {limit}")
+        moved = PurgeCursor(**vars(cursor))  # the cursor moves once the step has committed
         with self.transaction(durable=False) as conn:
             bodies = refused = delivered = 0
-            if cursor.inbox is not None:  # never a pending event's: it is still to be planned
+            if moved.inbox is not None:  # never a pending event's: it is still to be planned
                 terms = (inbox.c.status != "pending", inbox.c.received_at < raw_before)
-                bodies, cursor.inbox = _forget_bodies(conn, inbox, cursor.inbox, limit, *terms)
-            if cursor.quarantine is not None:
+                bodies, moved.inbox = _forget_bodies(conn, inbox, moved.inbox, limit, *terms)
+            if moved.quarantine is not None:
                 old = quarantine.c.received_at < raw_before
-                refused, cursor.quarantine = _forget_bodies(
-                    conn, quarantine, cursor.quarantine, limit, old
+                refused, moved.quarantine = _forget_bodies(
+                    conn, quarantine, moved.quarantine, limit, old
                 )
-            if cursor.outbox:
+            if moved.outbox:
                 # along ix_outbox_settled: what is left is never read again
                 ids = list(
                     conn.execute(
@@ -229,27 +248,36 @@ class AdminSql(ProcessesSql):
                         .limit(limit)
                     ).scalars()
                 )
-                if ids:
-                    conn.execute(delete(outbox).where(outbox.c.id.in_(ids)))
-                    # their failed attempts with them (along ix_attempts_outbox): an id the
-                    # outbox gives again must never inherit another operation's attempts
-                    conn.execute(delete(attempts).where(attempts.c.outbox_id.in_(ids)))
-                delivered, cursor.outbox = len(ids), len(ids) == limit
-            if cursor.attempts is not None and not cursor.outbox:
-                # attempts left by an earlier version's purge (it deleted them apart from
-                # their operations), once the outbox is purged
+                # their failed attempts with them (along ix_attempts_outbox): an id the outbox
+                # gives again must never inherit another operation's attempts
+                _by_ids(
+                    conn, ids, lambda part: delete(attempts).where(attempts.c.outbox_id.in_(part))
+                )
+                delivered = _by_ids(
+                    conn, ids, lambda part: delete(outbox).where(outbox.c.id.in_(part))
+                )
+                moved.outbox = len(ids) == limit
+            if moved.attempts is not None and not moved.outbox:
+                # attempts whose operation is gone otherwise (an earlier version's purge, or
+                # a late failure recorded after its operation was purged), once the outbox
+                # is purged
                 gone = ~select(outbox.c.id).where(outbox.c.id == attempts.c.outbox_id).exists()
-                ids = _walk(conn, attempts.c.id, cursor.attempts, limit, gone)
-                if ids:
-                    conn.execute(delete(attempts).where(attempts.c.id.in_(ids)))
-                cursor.attempts = ids[-1] if len(ids) == limit else None
-            if cursor.ticks:
+                ids = _walk(conn, attempts.c.id, moved.attempts, limit, gone)
+                _by_ids(conn, ids, lambda part: delete(attempts).where(attempts.c.id.in_(part)))
+                moved.attempts = ids[-1] if len(ids) == limit else None
+            if moved.ticks:
                 # a tick is claimed within the scheduler's misfire grace or never: its row is
                 # needed minutes, not for good (one a minute is half a million rows a year)
-                conn.execute(
-                    delete(schedule_ticks).where(schedule_ticks.c.claimed_at < delivered_before)
-                )
-                cursor.ticks = False
+                key = tuple_(schedule_ticks.c.job, schedule_ticks.c.tick_at)
+                ticks = conn.execute(
+                    select(schedule_ticks.c.job, schedule_ticks.c.tick_at)
+                    .where(schedule_ticks.c.claimed_at < delivered_before)
+                    .limit(limit)
+                ).all()
+                pairs = [tuple(t) for t in ticks]
+                _by_ids(conn, pairs, lambda part: delete(schedule_ticks).where(key.in_(part)))
+                moved.ticks = len(pairs) == limit
+        vars(cursor).update(vars(moved))
         return {"bodies": bodies, "quarantined": refused, "delivered": delivered}
 
     def query(self, statement: Any) -> list[Any]:

@@ -530,14 +530,15 @@ class OperatorSql(AdminSql):
         now = self._now()
         with self.snapshot() as conn:
             queue = open_counts(conn, ("pending", "inflight"))
-            # the last hour's along ix_outbox_settled, materialized first: grouped at once by
-            # pair, SQLite walks ix_outbox_queue for its order instead, reading every
+            # the last hour's along ix_outbox_settled, in a subquery kept apart by its OFFSET
+            # 0 (neither SQLite nor PostgreSQL merges one into the grouping): grouped at once
+            # by pair, SQLite walks ix_outbox_queue for its order instead, reading every
             # operation kept (a month of them: a quarter of a second a look)
             recent = (
                 select(outbox.c.dispensary, outbox.c.destination)
                 .where(outbox.c.status == "done", outbox.c.done_at >= now - 3600)
-                .cte("recent")
-                .prefix_with("MATERIALIZED")
+                .offset(0)
+                .subquery("recent")
             )
             delivered = conn.execute(
                 select(recent.c.dispensary, recent.c.destination, func.count()).group_by(
