@@ -42,6 +42,8 @@ from connector.store import LEASE_SECONDS, AsyncStore, OutboxRow
 
 log = get_logger("connector.delivery")
 LEASE_RENEW_SECONDS = 5.0
+# rounds of calls (of ``concurrency``) claimed ahead of the slots while a backlog lasts
+AHEAD_ROUNDS = 2
 # the longest quota pause honoured: a daily cap resets within 25 hours (a day that ends daylight
 # saving time); a reset time beyond it (a bad or misread header) pauses this long, not for good
 MAX_PAUSE_SECONDS = 26 * 3600.0
@@ -158,6 +160,10 @@ class DeliveryWorker:
         # the continuous pipeline (destinations without a bulk path for a backlog): batches
         # in flight, each a task; their results wait in ``_finished`` for the next record
         self._inflight: set[asyncio.Task[None]] = set()
+        # claimed and not yet sent, while every slot is busy: a backlog's next calls, sent as
+        # slots come free, so the calls go on while a trip records and claims (see _step)
+        self._ready: collections.deque[tuple[list[OutboxRow], dict[str, str]]] = collections.deque()
+        self._ahead = False  # the last claim was full: claim rounds ahead of the slots
         self._finished = _Outcome([], [], [], [])
         self._progress = Signal()  # enough slots came free to claim again
         self._all_free = Signal()  # no call in flight
@@ -209,9 +215,10 @@ class DeliveryWorker:
                 task.cancel()
 
     async def _drain(self) -> None:
-        """Let the calls in flight end and record their results (and any left unrecorded)."""
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        """Let the calls in flight end (and those claimed ahead, started as they end) and
+        record their results (and any left unrecorded)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
         outcome = self._take_finished()
         if self._unrecorded is not None:
             if outcome is not None:
@@ -265,18 +272,23 @@ class DeliveryWorker:
             await self._settle_only()
             await self._wait(stopping, min(wait, LEASE_RENEW_SECONDS), wake=False)
             return
-        free = self.concurrency - len(self._inflight)
-        if self._inflight and 2 * free < self.concurrency:
+        # a backlog (the last claim was full) is claimed rounds ahead of the slots: the calls
+        # claimed ahead start as slots come free, while the next trip is at the store (with
+        # the slots only, every call waited for the trip: bench/pipeline.py, issue 17's note)
+        capacity = self._capacity()
+        held = len(self._inflight) + len(self._ready)
+        free = capacity - held
+        if held and 2 * free < capacity:
             # most slots busy: wait for more to come free (recorded and refilled together)
             self._progress.clear()
             await self._wait(stopping, self.idle_poll, wake=False)
             return
-        if self._inflight and _size(self._finished):
+        if self._inflight and _size(self._finished) and not self._ready:
             # some calls ended, others are still out: give those a moment (the linger) to
             # end too, so that one trip records and refills them all; a slow one is then
             # left alone in its slot
             await self._wait_all_free(stopping)
-            free = self.concurrency - len(self._inflight)
+            free = capacity - len(self._inflight) - len(self._ready)
         outcome = self._take_finished()
         if outcome is None and not self._more:
             # nothing ended, nothing new: wait for either (or look again, for a retry due)
@@ -287,11 +299,12 @@ class DeliveryWorker:
         trip = _Trip(outcome)
         # nothing in flight and no sign of new work: what was recorded is all there was,
         # unless a customer of it has a next operation (due now: the next due time says so)
-        claim = self._more or bool(self._inflight)
+        busy = bool(self._inflight or self._ready)
+        claim = self._more or busy
         self._more = False
         limit = free * self.destination.batch_size
         try:
-            await self.astore.call(self._trip, trip, limit if claim else 0, not self._inflight)
+            await self.astore.call(self._trip, trip, limit if claim else 0, not busy)
         except Exception as exc:
             left = trip.outcome if trip.outcome is not None and not trip.recorded else None
             if trip.rows:  # claimed, never sent, and the store failed: back, due now
@@ -308,15 +321,15 @@ class DeliveryWorker:
         rows = trip.rows
         if claim and len(rows) >= limit:
             self._more = True  # a full claim: more may be waiting
+        if claim:
+            self._ahead = bool(rows) and len(rows) >= limit
         if rows:
             size = self.destination.batch_size
             for i in range(0, len(rows), size):
-                task = asyncio.create_task(self._send(rows[i : i + size], trip.contacts, None))
-                self._all_free.clear()
-                self._inflight.add(task)
-                task.add_done_callback(self._ended)
+                self._ready.append((rows[i : i + size], trip.contacts))
+            self._start_ready()
         await self.pressure.yield_after(time.monotonic() - started)
-        if self._inflight or self._more:
+        if self._inflight or self._ready or self._more:
             return  # the next step waits for calls to end, or claims again
         due = trip.next_due
         timeout = self.idle_poll if due is None else min(self.idle_poll, due - time.time())
@@ -358,13 +371,30 @@ class DeliveryWorker:
             )
         trip.next_due = claimed.next_due
 
+    def _capacity(self) -> int:
+        """The calls this worker holds claimed: its slots, and while a backlog lasts (the last
+        claim was full) :data:`AHEAD_ROUNDS` rounds of them more, claimed ahead."""
+        return self.concurrency * (1 + AHEAD_ROUNDS if self._ahead else 1)
+
+    def _start_ready(self) -> None:
+        """Send what was claimed, as far as there are free slots."""
+        while self._ready and len(self._inflight) < self.concurrency:
+            batch, contacts = self._ready.popleft()
+            task = asyncio.create_task(self._send(batch, contacts, None))
+            self._all_free.clear()
+            self._inflight.add(task)
+            task.add_done_callback(self._ended)
+
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         if not task.cancelled() and task.exception() is not None:  # _send catches all
             log.error(
                 "delivery_task_failed", destination=self.destination.name, error=task.exception()
             )
-        if 2 * (self.concurrency - len(self._inflight)) >= self.concurrency:
+        if not task.cancelled():
+            self._start_ready()  # a call claimed ahead takes the slot at once
+        capacity = self._capacity()
+        if 2 * (capacity - len(self._inflight) - len(self._ready)) >= capacity:
             self._progress.set()
         if not self._inflight:
             self._all_free.set()
