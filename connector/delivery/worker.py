@@ -164,6 +164,7 @@ class DeliveryWorker:
         # slots come free, so the calls go on while a trip records and claims (see _step)
         self._ready: collections.deque[tuple[list[OutboxRow], dict[str, str]]] = collections.deque()
         self._ahead = False  # the last claim was full: claim rounds ahead of the slots
+        self._cancelled = False  # run() ended: nothing more is started
         self._finished = _Outcome([], [], [], [])
         self._progress = Signal()  # enough slots came free to claim again
         self._all_free = Signal()  # no call in flight
@@ -211,6 +212,7 @@ class DeliveryWorker:
                     await self._back_off(stopping, min(30.0, self.idle_poll * 2**failures))
             await self._drain()
         finally:
+            self._cancelled = True  # a call ending from here on starts none claimed ahead
             for task in self._inflight:  # cancelled (not stopped): their claims expire
                 task.cancel()
 
@@ -262,7 +264,9 @@ class DeliveryWorker:
             await self._record_unrecorded()
         if not await self._hold_lease():
             # another process delivers for this destination: what is in flight here ends
-            # and is recorded; look again when the other's lease could have lapsed
+            # and is recorded, what was claimed ahead goes back unsent; look again when the
+            # other's lease could have lapsed
+            self._give_back_ready("not sent: another process holds the delivery lease")
             await self._settle_only()
             await self._wait(stopping, LEASE_RENEW_SECONDS, wake=False)
             return
@@ -376,8 +380,20 @@ class DeliveryWorker:
         claim was full) :data:`AHEAD_ROUNDS` rounds of them more, claimed ahead."""
         return self.concurrency * (1 + AHEAD_ROUNDS if self._ahead else 1)
 
+    def _give_back_ready(self, reason: str) -> None:
+        """What was claimed ahead and not sent goes back with the next record, due now and
+        counting no attempt (as a call that met a used-up quota)."""
+        now = time.time()
+        while self._ready:
+            batch, _ = self._ready.popleft()
+            self._finished.paused.extend((row, now, reason) for row in batch)
+
     def _start_ready(self) -> None:
-        """Send what was claimed, as far as there are free slots."""
+        """Send what was claimed, as far as there are free slots (none once the worker is
+        cancelled: what is left stays claimed until the process gives its claims back or
+        they expire)."""
+        if self._cancelled:
+            return
         while self._ready and len(self._inflight) < self.concurrency:
             batch, contacts = self._ready.popleft()
             task = asyncio.create_task(self._send(batch, contacts, None))
@@ -391,8 +407,7 @@ class DeliveryWorker:
             log.error(
                 "delivery_task_failed", destination=self.destination.name, error=task.exception()
             )
-        if not task.cancelled():
-            self._start_ready()  # a call claimed ahead takes the slot at once
+        self._start_ready()  # a call claimed ahead takes the slot at once
         capacity = self._capacity()
         if 2 * (capacity - len(self._inflight) - len(self._ready)) >= capacity:
             self._progress.set()
@@ -616,6 +631,14 @@ class DeliveryWorker:
                 outcome = self._finished if into is None else into
                 until, reason = self.paused_until, self._pause_reason
                 outcome.paused.extend((row, until, reason) for row in batch)
+                return
+            if not self.leased and into is None:
+                # another process took the destination's lease since this call was claimed
+                # ahead (it took a slot while the renewal was at the store): it goes back
+                # unsent, as those still waiting do (_give_back_ready)
+                now = time.time()
+                reason = "not sent: another process holds the delivery lease"
+                self._finished.paused.extend((row, now, reason) for row in batch)
                 return
             started = time.monotonic()
             try:
