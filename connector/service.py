@@ -362,25 +362,22 @@ class Service:
         days = self.config.retention
         while not self._stopping.is_set():
             now = time.time()
-            purged: dict[str, int] = {}
+            cursor = PurgeCursor()
             try:
                 # a step at a time, each its own transaction and its own turn of the store's
                 # thread: a large purge never stalls the receiver's commits nor this
                 # process's claims and settles
-                cursor = PurgeCursor()
                 while not cursor.finished and not self._stopping.is_set():
-                    step = await self.astore.call(
+                    await self.astore.call(
                         store.purge_step,
                         raw_before=now - days.raw_payload_days * 86_400,
                         delivered_before=now - days.delivered_days * 86_400,
                         cursor=cursor,
                     )
-                    for key, count in step.items():
-                        purged[key] = purged.get(key, 0) + count
-                if any(purged.values()):
-                    log.info("purged", counts=purged)
+                if any(cursor.counts.values()):
+                    log.info("purged", counts=cursor.counts)
             except Exception as exc:  # what the steps before it purged stays purged
-                log.warning("purge_failed", error=exc, counts=purged)
+                log.warning("purge_failed", error=exc, counts=cursor.counts)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), RETENTION_SECONDS)
 

@@ -42,7 +42,7 @@ MIN_CUT = 16
 
 class Blanker:
     """Replaces the secrets of one destination's requests in an answer's text (callable).
-    Its repr says how many forms it looks for, never one of them."""
+    Its repr says how many secrets it looks for, never one of them."""
 
     def __init__(self, secrets: list[Secret]) -> None:
         self._secrets = secrets

@@ -44,6 +44,7 @@ log = get_logger("connector.delivery")
 LEASE_RENEW_SECONDS = 5.0
 # rounds of calls (of ``concurrency``) claimed ahead of the slots while a backlog lasts
 AHEAD_ROUNDS = 2
+_LEASE_ELSEWHERE = "not sent: another process holds the delivery lease"
 # the longest quota pause honoured: a daily cap resets within 25 hours (a day that ends daylight
 # saving time); a reset time beyond it (a bad or misread header) pauses this long, not for good
 MAX_PAUSE_SECONDS = 26 * 3600.0
@@ -266,7 +267,8 @@ class DeliveryWorker:
             # another process delivers for this destination: what is in flight here ends
             # and is recorded, what was claimed ahead goes back unsent; look again when the
             # other's lease could have lapsed
-            self._give_back_ready("not sent: another process holds the delivery lease")
+            while self._ready:
+                self._unsent(self._ready.popleft()[0])
             await self._settle_only()
             await self._wait(stopping, LEASE_RENEW_SECONDS, wake=False)
             return
@@ -380,13 +382,12 @@ class DeliveryWorker:
         claim was full) :data:`AHEAD_ROUNDS` rounds of them more, claimed ahead."""
         return self.concurrency * (1 + AHEAD_ROUNDS if self._ahead else 1)
 
-    def _give_back_ready(self, reason: str) -> None:
-        """What was claimed ahead and not sent goes back with the next record, due now and
-        counting no attempt (as a call that met a used-up quota)."""
+    def _unsent(self, batch: list[OutboxRow]) -> None:
+        """``batch``, claimed ahead and not sent, goes back with the next record once the
+        destination's lease is held elsewhere: due now, counting no attempt (as a call that
+        met a used-up quota)."""
         now = time.time()
-        while self._ready:
-            batch, _ = self._ready.popleft()
-            self._finished.paused.extend((row, now, reason) for row in batch)
+        self._finished.paused.extend((row, now, _LEASE_ELSEWHERE) for row in batch)
 
     def _start_ready(self) -> None:
         """Send what was claimed, as far as there are free slots (none once the worker is
@@ -635,10 +636,8 @@ class DeliveryWorker:
             if not self.leased and into is None:
                 # another process took the destination's lease since this call was claimed
                 # ahead (it took a slot while the renewal was at the store): it goes back
-                # unsent, as those still waiting do (_give_back_ready)
-                now = time.time()
-                reason = "not sent: another process holds the delivery lease"
-                self._finished.paused.extend((row, now, reason) for row in batch)
+                # unsent, as those still waiting do
+                self._unsent(batch)
                 return
             started = time.monotonic()
             try:

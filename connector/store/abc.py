@@ -528,13 +528,15 @@ class Processes(Protocol):
 @dataclass
 class PurgeCursor:
     """Where a purge is (``purge_step``): for each table walked in id order the
-    last id read (``None``: walked to its end), and whether the others are done."""
+    last id read (``None``: walked to its end), whether the others are done, and what the
+    steps committed so far purged (``counts``)."""
 
     inbox: int | None = 0
     quarantine: int | None = 0
     attempts: int | None = 0
     outbox: bool = True
     ticks: bool = True
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

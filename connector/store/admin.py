@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import (
@@ -201,14 +202,9 @@ class AdminSql(ProcessesSql):
         before ``delivered_before`` go too. In steps of :meth:`purge_step`, each its own
         short transaction."""
         cursor = PurgeCursor()
-        totals: dict[str, int] = {}
         while not cursor.finished:
-            step = self.purge_step(
-                raw_before=raw_before, delivered_before=delivered_before, cursor=cursor
-            )
-            for key, count in step.items():
-                totals[key] = totals.get(key, 0) + count
-        return totals
+            self.purge_step(raw_before=raw_before, delivered_before=delivered_before, cursor=cursor)
+        return cursor.counts
 
     def purge_step(
         self,
@@ -225,7 +221,7 @@ class AdminSql(ProcessesSql):
         ``cursor``; ``cursor.finished`` once nothing is left."""
         if limit < 1:
             raise ValueError(f"a purge step takes at least 1 row of each kind, not {limit}")
-        moved = PurgeCursor(**vars(cursor))  # the cursor moves once the step has committed
+        moved = replace(cursor)  # the cursor moves once the step has committed
         with self.transaction(durable=False) as conn:
             bodies = refused = delivered = 0
             if moved.inbox is not None:  # never a pending event's: it is still to be planned
@@ -277,8 +273,10 @@ class AdminSql(ProcessesSql):
                 pairs = [tuple(t) for t in ticks]
                 _by_ids(conn, pairs, lambda part: delete(schedule_ticks).where(key.in_(part)))
                 moved.ticks = len(pairs) == limit
+        step = {"bodies": bodies, "quarantined": refused, "delivered": delivered}
+        moved.counts = {key: cursor.counts.get(key, 0) + count for key, count in step.items()}
         vars(cursor).update(vars(moved))
-        return {"bodies": bodies, "quarantined": refused, "delivered": delivered}
+        return step
 
     def query(self, statement: Any) -> list[Any]:
         """Run a read-only statement (tests and the CLI)."""
