@@ -24,6 +24,7 @@ from connector.store.schema import (
     attempts,
     audit,
     conflicts,
+    dead_letters,
     inbox,
     locks,
     outbox,
@@ -198,9 +199,10 @@ class AdminSql(ProcessesSql):
         before ``raw_before``, and operations delivered before ``delivered_before``.
 
         Pending events keep their bodies whatever their age (they are still to be planned);
-        dead letters are kept until they are replayed or dealt with. Scheduled ticks claimed
-        before ``delivered_before`` go too. In steps of :meth:`purge_step`, each its own
-        short transaction."""
+        dead letters are kept until they are replayed or dealt with (a letter whose operation,
+        replayed and delivered since, is purged keeps its record, no longer linked to it).
+        Scheduled ticks claimed before ``delivered_before`` go too. In steps of
+        :meth:`purge_step`, each its own short transaction."""
         cursor = PurgeCursor()
         while not cursor.finished:
             self.purge_step(raw_before=raw_before, delivered_before=delivered_before, cursor=cursor)
@@ -244,10 +246,21 @@ class AdminSql(ProcessesSql):
                         .limit(limit)
                     ).scalars()
                 )
-                # their failed attempts with them (along ix_attempts_outbox): an id the outbox
-                # gives again must never inherit another operation's attempts
+                # their failed attempts with them (along ix_attempts_outbox), and their dead
+                # letters (replayed since) unlinked (along ix_dead_letters_outbox): an id the
+                # outbox gives again must never inherit another operation's attempts, nor
+                # have a letter of another operation name it
                 _by_ids(
                     conn, ids, lambda part: delete(attempts).where(attempts.c.outbox_id.in_(part))
+                )
+                _by_ids(
+                    conn,
+                    ids,
+                    lambda part: (
+                        update(dead_letters)
+                        .where(dead_letters.c.outbox_id.in_(part))
+                        .values(outbox_id=None)
+                    ),
                 )
                 delivered = _by_ids(
                     conn, ids, lambda part: delete(outbox).where(outbox.c.id.in_(part))

@@ -163,7 +163,14 @@ class DeadLettersSql(RunsSql):
 
     def _replay_one(self, conn: Any, row: Any, now: float) -> str:
         found = conn.execute(
-            select(outbox.c.payload, outbox.c.status).where(outbox.c.id == row.outbox_id)
+            select(outbox.c.payload, outbox.c.status).where(
+                outbox.c.id == row.outbox_id,
+                # the letter's own operation, never one given its id since (a store whose
+                # links predate revision 0008's repair)
+                outbox.c.dispensary == row.dispensary,
+                outbox.c.destination == row.destination,
+                outbox.c.idempotency_key == row.idempotency_key,
+            )
         ).first()
         if found is None or found.status != "dead":
             return "unreplayable"

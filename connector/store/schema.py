@@ -208,6 +208,15 @@ dead_letters = Table(
     Column("code", String(64)),  # the vendor's error code in the answer, if it names one
     Index("ix_dead_letters_open", "dispensary", "destination", "replayed_at"),
     Index("ix_dead_letters_code", "code"),
+    # revision 0008: the letters of an operation, for the purge to unlink them as it deletes
+    # it (SQLite's outbox gives a deleted id out again: a link kept would name another
+    # operation); partial: a mapping failure's letter has no operation
+    Index(
+        "ix_dead_letters_outbox",
+        "outbox_id",
+        sqlite_where=text("outbox_id IS NOT NULL"),
+        postgresql_where=text("outbox_id IS NOT NULL"),
+    ),
 )
 
 # Processes that hold claims; a claim of a process that is gone is released.
