@@ -56,6 +56,38 @@ def test_a_long_secret_quoted_cut_short_is_blanked_from_its_eighth_character(
     assert blank(before + shown + "…" + after) == before + BLANK + "…" + after
 
 
+BREAKS = ["\n", "\r\n", "\n  ", "\\n", "\\r\\n", "\\\\n"]  # raw, JSON, JSON twice
+
+
+@settings(max_examples=300, deadline=None)
+@given(echoed((9, 40)), st.data(), AROUND, AROUND)
+def test_a_secret_wrapped_over_lines_anywhere_past_its_head_is_blanked_whole(
+    pair: tuple[str, str], data: st.DataObject, before: str, after: str
+) -> None:
+    """A long token in a plain-text page or a log quoted in JSON, wrapped to its width: a line
+    may end between any two of its characters after the first 8 (the head that finds it)."""
+    secret, _ = pair
+    forms = [data.draw(st.sampled_from(_forms(c))) for c in secret]
+    cuts = data.draw(st.sets(st.integers(min_value=8, max_value=len(secret) - 1), max_size=4))
+    wrapped = "".join(
+        (data.draw(st.sampled_from(BREAKS)) if i in cuts else "") + form
+        for i, form in enumerate(forms)
+    )
+    blank = Blanker.of({"x-api-key": secret})
+    assert blank(before + wrapped + after) == before + BLANK + after
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="aßsS1-ẞ", min_size=8, max_size=20), AROUND, AROUND)
+def test_a_secret_with_sharp_s_is_blanked_in_either_case(
+    secret: str, before: str, after: str
+) -> None:
+    """Upper-casing "ß" gives "SS", two characters (a case-blind match folds one to one)."""
+    blank = Blanker.of({"x-api-key": secret})
+    for shown in (secret, secret.upper(), secret.lower()):
+        assert blank(before + shown + after) == before + BLANK + after
+
+
 @given(st.text(alphabet=ALPHABET, min_size=8, max_size=15), AROUND)
 def test_a_short_secret_cut_short_is_left(secret: str, after: str) -> None:
     """Under 16 characters only the whole secret is blanked: its first characters alone

@@ -4,8 +4,9 @@ A service that echoes a request's headers or address in its error page (a 401 qu
 key it refused, a 404 page naming the hook's secret path) would put them in the dead letters
 and the attempts' stored answers, where the console shows them behind Reveal. A
 :class:`Blanker` knows what one destination sends (its header values, its URL's credentials,
-path and query) and replaces each occurrence in an answer's text, in any letter case and in
-the forms a body quotes it in, with ``[secret]``. Every destination builds one and applies it
+path and query) and replaces each occurrence in an answer's text, in any letter case (``ß``
+upper-cased as ``SS`` too), in the forms a body quotes it in and wrapped over lines, with
+``[secret]``. Every destination builds one and applies it
 before an answer's text is classified or kept (:class:`~connector.destinations._vendor.VendorClient`
 for the vendors, :class:`~connector.destinations.http.HttpSink` for contract 4).
 """
@@ -178,9 +179,14 @@ class Secret:
 
     def _read(self, text: str, start: int) -> int | None:
         """Where the secret read from ``start`` ends (the furthest reading; a cut secret once
-        its first :data:`MIN_SECRET` characters are read), or None."""
+        its first :data:`MIN_SECRET` characters are read), or None. Between two characters
+        past those a line may end (:data:`_WRAP`): a long token wrapped to a page's width."""
         ends = {start}
         for count, (any_form, forms) in enumerate(self._chars):
+            if count >= MIN_SECRET:  # the head found the first ones side by side
+                for at in [at for at in ends if text.startswith(_WRAP_FIRST, at)]:
+                    if m := _WRAP.match(text, at):
+                        ends.add(m.end())
             if forms is None:  # its forms never begin one another: one reading at most
                 after = {m.end() for at in ends if (m := any_form.match(text, at))}
             else:
@@ -192,6 +198,11 @@ class Secret:
 
     def __repr__(self) -> str:
         return "Secret(...)"
+
+
+# a line's end, raw or JSON-escaped, and the next line's indent: a token wrapped over lines
+_WRAP_FIRST = ("\r", "\n", "\\")  # what one begins with: most positions are tried no further
+_WRAP = re.compile(r"(?:\r?\n|\\r\\n|\\n|\\\\r\\\\n|\\\\n)[ \t]*")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -230,7 +241,8 @@ def _spellings(c: str) -> tuple[set[str], set[str]]:
     literals: set[str] = set()
     patterns: set[str] = set()
     for v in {c, c.upper(), c.lower()}:
-        if len(v) != 1:
+        if len(v) != 1:  # "ß" upper-cased is "SS": a text of its own (either case)
+            literals.add(v)
             continue
         point = ord(v)
         escaped = {f"\\u{point:04x}", "\\" + v}
