@@ -145,6 +145,16 @@ class DeadLettersSql(RunsSql):
                     if row.outbox_id is None:
                         unreplayable += 1
                         continue
+                    # taken first, and only while still open: another replay (the console's
+                    # and the CLI's at once) may have replayed it since it was read, and its
+                    # operation may have died again since, under a letter of its own
+                    taken = conn.execute(
+                        update(dead_letters)
+                        .where(dead_letters.c.id == row.id, dead_letters.c.replayed_at.is_(None))
+                        .values(replayed_at=now)
+                    )
+                    if not taken.rowcount:  # that replay counts it
+                        continue
                     verdict = self._replay_one(conn, row, now)
                     if verdict == "replayed":
                         replayed += 1
@@ -152,11 +162,6 @@ class DeadLettersSql(RunsSql):
                         superseded += 1
                     else:
                         unreplayable += 1
-                    conn.execute(
-                        update(dead_letters)
-                        .where(dead_letters.c.id == row.id)
-                        .values(replayed_at=now)
-                    )
             if progress is not None:
                 progress(min(start + REPLAY_CHUNK, len(letters)))
         return Replayed(replayed, superseded, unreplayable)

@@ -410,16 +410,20 @@ class OutboxSql(PlanSql):
                         gone[customer] = replaced[row.id]
             for returned, gone in rounds:
                 self._record_contacts(conn, dispensary, destination, returned, now, gone, raw=raw)
+        # each settled only while this process holds it (``mine``): what is settled here has
+        # its attempt recorded, and a dead one its letter
+        settled: set[int] = set()
         for row, at, error in retry:
-            _settle(
+            if _settle(
                 conn,
                 (outbox.c.id == row.id) & mine,
                 "pending",
                 next_attempt_at=at + offset,
                 last_error=error[:2000],
-            )
+            ):
+                settled.add(row.id)
         for row, at, reason in paused:
-            conn.execute(
+            back = conn.execute(
                 update(outbox)
                 .where((outbox.c.id == row.id) & mine)
                 .values(
@@ -433,11 +437,22 @@ class OutboxSql(PlanSql):
                     ),
                 )
             )
+            if back.rowcount:
+                settled.add(row.id)
+        buried = [
+            (row, reason, status_code, response)
+            for row, reason, status_code, response in dead
+            if _settle(
+                conn, (outbox.c.id == row.id) & mine, "dead", done_at=now, last_error=reason[:2000]
+            )
+        ]
+        settled.update(row.id for row, *_ in buried)
         failed = (
             [(row, "retry", error) for row, _, error in retry]
             + [(row, "dead", reason) for row, reason, *_ in dead]
             + [(row, "paused", reason) for row, _, reason in paused]
         )
+        failed = self._still_theirs(conn, dispensary, destination, failed, settled)
         if failed:
             known = answers or {}
             conn.execute(
@@ -457,10 +472,7 @@ class OutboxSql(PlanSql):
         if pause is not None:
             until, reason, status_code = pause
             self._set_pause(conn, dispensary, destination, until + offset, reason, status_code, now)
-        for row, reason, status_code, response in dead:
-            mine_now = (outbox.c.id == row.id) & mine
-            if not _settle(conn, mine_now, "dead", done_at=now, last_error=reason[:2000]):
-                continue
+        for row, reason, status_code, response in buried:
             conn.execute(
                 insert(dead_letters).values(
                     outbox_id=row.id,
@@ -493,6 +505,37 @@ class OutboxSql(PlanSql):
                     )
                     .values(delivered_hash=None, updated_at=now)
                 )
+
+    @staticmethod
+    def _still_theirs(
+        conn: Connection,
+        dispensary: str,
+        destination: str,
+        failed: list[tuple[OutboxRow, str, str]],
+        settled: set[int],
+    ) -> list[tuple[OutboxRow, str, str]]:
+        """The failed attempts to record: those of the operations settled here, and a late
+        one (its claim expired, another process holds or ended the operation) where its
+        operation is still there, and still the same: an id the purge deleted can be given
+        to another operation, which must never inherit this one's answer."""
+        late = [row.id for row, *_ in failed if row.id not in settled]
+        if not late:
+            return failed
+        found = {
+            r.id: r.idempotency_key
+            for r in conn.execute(
+                select(outbox.c.id, outbox.c.idempotency_key).where(
+                    outbox.c.id.in_(late),
+                    outbox.c.dispensary == dispensary,
+                    outbox.c.destination == destination,
+                )
+            )
+        }
+        return [
+            entry
+            for entry in failed
+            if entry[0].id in settled or found.get(entry[0].id) == entry[0].idempotency_key
+        ]
 
     def _set_pause(
         self,

@@ -6,6 +6,11 @@ again since (SQLite's outbox has no AUTOINCREMENT: a deleted highest id comes ba
 unset. A link is kept only where the operation it names has the letter's dispensary,
 destination and idempotency key.
 
+On PostgreSQL the two tables are analyzed first: without statistics (as after a
+``pg_restore``) the planner joined letters to operations on their dispensary and destination
+alone, every letter against every operation (still running after 10 minutes for 200,000
+letters, 1.1 s once analyzed). ``connector migrate --sql`` prints the same statements.
+
 Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-07
@@ -31,6 +36,9 @@ def upgrade() -> None:
         sqlite_where=where,
         postgresql_where=where,
     )
+    if op.get_context().dialect.name == "postgresql":
+        op.execute("ANALYZE outbox")
+        op.execute("ANALYZE dead_letters")
     op.execute(
         "UPDATE dead_letters SET outbox_id = NULL"
         " WHERE outbox_id IS NOT NULL AND NOT EXISTS ("
