@@ -77,6 +77,19 @@ def test_a_secret_wrapped_over_lines_anywhere_past_its_head_is_blanked_whole(
     assert blank(before + wrapped + after) == before + BLANK + after
 
 
+@settings(max_examples=300, deadline=None)
+@given(echoed((16, 40)), st.integers(min_value=8), st.sampled_from(BREAKS), AROUND, AROUND)
+def test_a_line_ending_after_a_secret_whole_or_cut_short_is_kept(
+    pair: tuple[str, str], cut: int, wrap: str, before: str, after: str
+) -> None:
+    """A line's end is read only with a character of the secret after it: one that ends the
+    quote (a secret shown whole or cut short at the end of its line) stays in the text."""
+    secret, _ = pair
+    shown = secret[: min(cut, len(secret))]
+    blank = Blanker.of({"authorization": f"Bearer {secret}"})
+    assert blank(before + shown + wrap + after) == before + BLANK + wrap + after
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet="aßsS1-ẞ", min_size=8, max_size=20), AROUND, AROUND)
 def test_a_secret_with_sharp_s_is_blanked_in_either_case(

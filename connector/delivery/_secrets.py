@@ -183,14 +183,15 @@ class Secret:
         past those a line may end (:data:`_WRAP`): a long token wrapped to a page's width."""
         ends = {start}
         for count, (any_form, forms) in enumerate(self._chars):
+            tried = ends
             if count >= MIN_SECRET:  # the head found the first ones side by side
-                for at in [at for at in ends if text.startswith(_WRAP_FIRST, at)]:
-                    if m := _WRAP.match(text, at):
-                        ends.add(m.end())
+                wrapped = [at for at in ends if text.startswith(_WRAP_FIRST, at)]
+                if wrapped:  # a line's end is read only with the character after it
+                    tried = ends | {m.end() for at in wrapped if (m := _WRAP.match(text, at))}
             if forms is None:  # its forms never begin one another: one reading at most
-                after = {m.end() for at in ends if (m := any_form.match(text, at))}
+                after = {m.end() for at in tried if (m := any_form.match(text, at))}
             else:
-                after = {m.end() for at in ends for form in forms if (m := form.match(text, at))}
+                after = {m.end() for at in tried for form in forms if (m := form.match(text, at))}
             if not after:
                 return max(ends) if self._cut and count >= MIN_SECRET else None
             ends = after
