@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import string
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from connector.delivery._secrets import BLANK, Blanker
@@ -83,9 +83,12 @@ def test_a_line_ending_after_a_secret_whole_or_cut_short_is_kept(
     pair: tuple[str, str], cut: int, wrap: str, before: str, after: str
 ) -> None:
     """A line's end is read only with a character of the secret after it: one that ends the
-    quote (a secret shown whole or cut short at the end of its line) stays in the text."""
+    quote (a secret shown whole or cut short at the end of its line) stays in the text. Not
+    after a backslash: read as the first of an escaped pair it takes the escaped line end's
+    backslash (tests/test_attack_blanker_wrap.py, a strict xfail)."""
     secret, _ = pair
     shown = secret[: min(cut, len(secret))]
+    assume(not shown.endswith("\\"))
     blank = Blanker.of({"authorization": f"Bearer {secret}"})
     assert blank(before + shown + wrap + after) == before + BLANK + wrap + after
 

@@ -6,9 +6,10 @@ and the attempts' stored answers, where the console shows them behind Reveal. A
 :class:`Blanker` knows what one destination sends (its header values, its URL's credentials,
 path and query) and replaces each occurrence in an answer's text, in any letter case (``ß``
 upper-cased as ``SS`` too), in the forms a body quotes it in and wrapped over lines, with
-``[secret]``. Every destination builds one and applies it
-before an answer's text is classified or kept (:class:`~connector.destinations._vendor.VendorClient`
-for the vendors, :class:`~connector.destinations.http.HttpSink` for contract 4).
+``[secret]``; an answer that would take too long to read for them is withheld whole. Every
+destination builds one and applies it before an answer's text is classified or kept
+(:class:`~connector.destinations._vendor.VendorClient` for the vendors,
+:class:`~connector.destinations.http.HttpSink` for contract 4).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from connector.errors import DeliveryError
 E = TypeVar("E", bound=DeliveryError)
 
 BLANK = "[secret]"
+WITHHELD = "[answer withheld: it repeats the start of a secret too often to be checked]"
+READ_BUDGET = 50_000  # steps of reading from where secrets may start, per text
+WRAP_TAIL = 4  # characters read past a line's end before a secret cut short may end there
 # headers that describe the request rather than authorise it: blanking their values (a media
 # type, a client's name) would garble every answer that names one
 NOT_SECRET = frozenset(
@@ -60,10 +64,18 @@ class Blanker:
         return cls(secrets_of(sent, url))
 
     def __call__(self, text: str) -> str:
-        """``text`` with every occurrence of a secret, overlaps merged, blanked."""
+        """``text`` with every occurrence of a secret, overlaps merged, blanked; the whole of
+        it withheld (:data:`WITHHELD`) when reading it would cost more than
+        :data:`READ_BUDGET` steps (a text repeating a secret's start thousands of times,
+        against secrets that repeat themselves): never seconds of the event loop's time,
+        never a secret kept."""
         spans: list[tuple[int, int]] = []
-        for secret in self._secrets:
-            spans += secret.spans(text)
+        budget = [READ_BUDGET]
+        try:
+            for secret in self._secrets:
+                spans += secret.spans(text, budget)
+        except _OverBudget:
+            return WITHHELD
         if not spans:
             return text
         merged: list[list[int]] = []
@@ -157,19 +169,24 @@ class Secret:
     escaped backslash or two raw ones) and no run of backslashes makes it try every split
     of the run, as a regular expression of the whole secret would (exponentially)."""
 
-    __slots__ = ("_chars", "_cut", "_head")
+    __slots__ = ("_chars", "_cut", "_head", "_spaces")
 
     def __init__(self, value: str, cut: bool) -> None:
-        self._head = re.compile("".join(_char(c) for c in value[:MIN_SECRET]), re.IGNORECASE)
+        # a line may end between any two of the first characters too
+        head = f"(?:{_WRAP_PATTERN})?".join(_char(c) for c in value[:MIN_SECRET])
+        self._head = re.compile(head, re.IGNORECASE)
         self._chars = [_forms(c) for c in value]
+        self._spaces = [c == " " for c in value]
         self._cut = cut
 
-    def spans(self, text: str) -> list[tuple[int, int]]:
+    def spans(self, text: str, budget: list[int] | None = None) -> list[tuple[int, int]]:
+        """Where the secret is in ``text``; ``budget``: the characters all reads may still
+        take, spent here (:class:`_OverBudget` once spent)."""
         found: list[tuple[int, int]] = []
         at = 0
         while (head := self._head.search(text, at)) is not None:
             start = head.start()
-            end = self._read(text, start)
+            end = self._read(text, start, budget)
             if end is None:
                 at = start + 1
                 continue
@@ -177,33 +194,78 @@ class Secret:
             at = max(end, start + 1)
         return found
 
-    def _read(self, text: str, start: int) -> int | None:
+    def _read(self, text: str, start: int, budget: list[int] | None = None) -> int | None:
         """Where the secret read from ``start`` ends (the furthest reading; a cut secret once
-        its first :data:`MIN_SECRET` characters are read), or None. Between two characters
-        past those a line may end (:data:`_WRAP`): a long token wrapped to a page's width."""
-        ends = {start}
+        its first :data:`MIN_SECRET` characters are read), or None.
+
+        A line may end between two characters, or stand for a space (:func:`_wrapped`): a
+        long token wrapped to a page's width. A line's end is read only with characters of
+        the secret after it: a cut secret ends before one unless :data:`WRAP_TAIL` of them
+        follow it (a masked echo ending its line is not read into the next line)."""
+        # each reading's position, and how many characters it read since a line's end
+        ends = {start: MIN_SECRET}
+        safe: int | None = None  # where a cut secret may end
         for count, (any_form, forms) in enumerate(self._chars):
+            if budget is not None:
+                budget[0] -= len(ends)
+                if budget[0] < 0:
+                    raise _OverBudget
             tried = ends
-            if count >= MIN_SECRET:  # the head found the first ones side by side
-                wrapped = [at for at in ends if text.startswith(_WRAP_FIRST, at)]
-                if wrapped:  # a line's end is read only with the character after it
-                    tried = ends | {m.end() for at in wrapped if (m := _WRAP.match(text, at))}
-            if forms is None:  # its forms never begin one another: one reading at most
-                after = {m.end() for at in tried if (m := any_form.match(text, at))}
-            else:
-                after = {m.end() for at in tried for form in forms if (m := form.match(text, at))}
+            if count:
+                wrapped = _wrapped(text, ends)
+                if wrapped:  # where a reading is at already, it has read more since a break
+                    tried = {**wrapped, **ends}
+            after: dict[int, int] = {}
+            for at, since in tried.items():
+                if forms is None:  # its forms never begin one another: one reading at most
+                    matches = [m] if (m := any_form.match(text, at)) else []
+                else:
+                    matches = [m for form in forms if (m := form.match(text, at))]
+                for m in matches:
+                    after[m.end()] = max(after.get(m.end(), 0), since + 1)
+            if self._spaces[count] and count:  # a space the wrapper turned into a line's end
+                for at in ends:
+                    for end in _breaks(text, at):
+                        after.setdefault(end, 0)
             if not after:
-                return max(ends) if self._cut and count >= MIN_SECRET else None
+                return safe if self._cut and count >= MIN_SECRET else None
             ends = after
+            if count + 1 >= MIN_SECRET:
+                tails = [at for at, since in ends.items() if since >= WRAP_TAIL]
+                if tails:
+                    safe = max(safe or 0, *tails)
         return max(ends)
 
     def __repr__(self) -> str:
         return "Secret(...)"
 
 
-# a line's end, raw or JSON-escaped, and the next line's indent: a token wrapped over lines
-_WRAP_FIRST = ("\r", "\n", "\\")  # what one begins with: most positions are tried no further
-_WRAP = re.compile(r"(?:\r?\n|\\r\\n|\\n|\\\\r\\\\n|\\\\n)[ \t]*")
+# a line's end, raw or JSON-escaped (once or twice), and the next line's indent, raw or
+# JSON-escaped: a token wrapped over lines (a plain-text page, a log quoted in JSON)
+_BREAK = re.compile(r"\r?\n|\\r\\n|\\n|\\\\r\\\\n|\\\\n")
+_INDENT = re.compile(r"[ \t]|\\t|\\\\t")
+_WRAP_PATTERN = rf"(?:{_BREAK.pattern})(?:{_INDENT.pattern})*"
+_BREAK_FIRST = ("\r", "\n", "\\")  # what one begins with: most positions are tried no further
+
+
+def _breaks(text: str, at: int) -> list[int]:
+    """Where a line's end at ``at`` and each part of the next line's indent end (a wrapper
+    may have kept a space of the secret in the indent): empty when no line ends there."""
+    if not text.startswith(_BREAK_FIRST, at) or (m := _BREAK.match(text, at)) is None:
+        return []
+    found = [end := m.end()]
+    while (indent := _INDENT.match(text, end)) is not None:
+        found.append(end := indent.end())
+    return found
+
+
+def _wrapped(text: str, ends: dict[int, int]) -> dict[int, int]:
+    """The readings of ``ends`` that go on past a line's end (none read since)."""
+    return {end: 0 for at in ends for end in _breaks(text, at)}
+
+
+class _OverBudget(Exception):
+    """Reading a text for secrets would cost more than :data:`READ_BUDGET`."""
 
 
 @functools.lru_cache(maxsize=1024)
