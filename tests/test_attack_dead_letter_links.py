@@ -9,7 +9,6 @@ on the operation given its id next (now recorded only where the operation is sti
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,13 @@ from alembic import command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import insert, select
+from test_dead_letter_links import (
+    FUTURE,
+    assert_links_name_their_own_operation,
+    links,
+    new_op,
+    settle_all,
+)
 
 from connector.explain import build_story, story_json
 from connector.store import open_store
@@ -26,58 +32,10 @@ from connector.store.admin import PurgeCursor
 from connector.store.migrate import alembic_config
 from connector.store.schema import attempts, dead_letters, outbox
 
-FUTURE = time.time() + 10 * 365 * 86_400
-
-
-def _new_op(store: Any, customer: str, key: str, d: str = "d", dest: str = "sink") -> int:
-    now = time.time()
-    row = {
-        "dispensary": d,
-        "destination": dest,
-        "order_key": customer,
-        "customer_id": customer,
-        "op": "upsert",
-        "payload": json.dumps({"op": "upsert", "dispensary": d, "customer_id": customer}),
-        "idempotency_key": key,
-        "status": "pending",
-        "attempts": 0,
-        "created_at": now,
-        "next_attempt_at": now - 1,
-    }
-    with store.engine.begin() as conn:
-        return int(conn.execute(insert(outbox).values(**row)).inserted_primary_key[0])
-
-
-def _settle(store: Any, *, dead: bool, d: str = "d", dest: str = "sink") -> None:
-    while rows := store.claim(d, dest, 100):
-        if dead:
-            store.finish(d, dest, dead=[(r, "HTTP 400: refused", 400, "{}") for r in rows])
-        else:
-            store.finish(d, dest, done=[(r, None) for r in rows])
-
-
-def _letters(store: Any) -> list[Any]:
-    with store.engine.connect() as conn:
-        return list(conn.execute(select(dead_letters).order_by(dead_letters.c.id)))
-
 
 def _ops(store: Any) -> dict[int, Any]:
     with store.engine.connect() as conn:
         return {r.id: r for r in conn.execute(select(outbox))}
-
-
-def _assert_links_right(store: Any) -> None:
-    ops = _ops(store)
-    for letter in _letters(store):
-        if letter.outbox_id is None:
-            continue
-        op = ops.get(letter.outbox_id)
-        assert op is not None, f"letter {letter.id} names a purged operation"
-        assert (op.dispensary, op.destination, op.idempotency_key) == (
-            letter.dispensary,
-            letter.destination,
-            letter.idempotency_key,
-        ), f"letter {letter.id} names another operation ({op.idempotency_key})"
 
 
 def _counts(r: Any) -> tuple[int, int, int]:
@@ -94,24 +52,24 @@ def test_a_second_letter_of_one_operation_replays_and_the_story_follows_the_new_
     """Died, replayed, died again (two letters, one operation): the second letter replays it;
     once delivered and purged both letters are unlinked, and the story of the operation given
     the id next shows only its own letter."""
-    first = _new_op(store, "c1", "k1")
-    _settle(store, dead=True)
+    first = new_op(store, "c1", "k1")
+    settle_all(store, dead=True)
     assert store.replay().replayed == 1
-    _settle(store, dead=True)
-    one, two = _letters(store)
+    settle_all(store, dead=True)
+    one, two = links(store)
     assert (one.outbox_id, two.outbox_id) == (first, first)
     assert _counts(store.replay(ids=[one.id])) == (0, 0, 0)  # replayed already: not read again
     assert store.replay(ids=[two.id]).replayed == 1
-    _settle(store, dead=False)
+    settle_all(store, dead=False)
     store.purge(raw_before=0.0, delivered_before=FUTURE)
-    assert [x.outbox_id for x in _letters(store)] == [None, None]
-    again = _new_op(store, "c1", "k2")
+    assert [x.outbox_id for x in links(store)] == [None, None]
+    again = new_op(store, "c1", "k2")
     if store.dialect == "sqlite":
         assert again == first
-    _settle(store, dead=True)
-    *_, three = _letters(store)
+    settle_all(store, dead=True)
+    *_, three = links(store)
     assert three.outbox_id == again
-    _assert_links_right(store)
+    assert_links_name_their_own_operation(store)
     story = _story(store, "c1")
     [op] = story["operations"]
     assert (op["id"], op["dead_letter"]) == (again, three.id)
@@ -135,18 +93,18 @@ def test_a_replay_read_before_its_operation_was_purged_and_its_id_given_again(
     try:
         slow.register_process()
         other.register_process()
-        first = _new_op(other, "c1", "k1")
-        _settle(other, dead=True)
+        first = new_op(other, "c1", "k1")
+        settle_all(other, dead=True)
         seen: dict[str, int] = {}
         clock = slow._now
 
         def between() -> float:
             if not seen:
                 assert other.replay().replayed == 1
-                _settle(other, dead=False)
+                settle_all(other, dead=False)
                 other.purge(raw_before=0.0, delivered_before=FUTURE)
-                seen["id"] = _new_op(other, "c2", "k2")
-                _settle(other, dead=True)
+                seen["id"] = new_op(other, "c2", "k2")
+                settle_all(other, dead=True)
             return clock()
 
         monkeypatch.setattr(slow, "_now", between)
@@ -156,9 +114,9 @@ def test_a_replay_read_before_its_operation_was_purged_and_its_id_given_again(
             assert seen["id"] == first
         assert (done.replayed, done.superseded) == (0, 0)
         assert _ops(other)[seen["id"]].status == "dead"
-        old, new = _letters(other)
+        old, new = links(other)
         assert (old.outbox_id, new.outbox_id, new.replayed_at) == (None, seen["id"], None)
-        _assert_links_right(other)
+        assert_links_name_their_own_operation(other)
     finally:
         slow.close()
         other.close()
@@ -176,22 +134,22 @@ def test_a_replay_read_before_another_replayed_the_same_letter(
     try:
         slow.register_process()
         other.register_process()
-        first = _new_op(other, "c1", "k1")
-        _settle(other, dead=True)
+        first = new_op(other, "c1", "k1")
+        settle_all(other, dead=True)
         seen: list[int] = []
         clock = slow._now
 
         def between() -> float:
             if not seen:
                 seen.append(other.replay().replayed)
-                _settle(other, dead=True)
+                settle_all(other, dead=True)
             return clock()
 
         monkeypatch.setattr(slow, "_now", between)
         slow.replay()
         monkeypatch.undo()
         ops = _ops(other)
-        for letter in _letters(other):
+        for letter in links(other):
             if letter.replayed_at is None and letter.outbox_id is not None:
                 assert ops[letter.outbox_id].status == "dead", (
                     f"letter {letter.id} open, its operation {first} {ops[letter.outbox_id].status}"
@@ -210,14 +168,14 @@ def test_revision_0008_on_many_mixed_letters(store_url: str) -> None:
         first.register_process()
         with first.engine.begin() as conn:
             command.downgrade(alembic_config(connection=conn), "0007")
-        twice = _new_op(first, "c1", "k1")
-        _settle(first, dead=True)
+        twice = new_op(first, "c1", "k1")
+        settle_all(first, dead=True)
         first.replay()
-        _settle(first, dead=True)  # a second letter of the same operation
-        other_d = _new_op(first, "c2", "k2", d="e")
-        _settle(first, dead=True, d="e")
-        other_dest = _new_op(first, "c3", "k3", dest="sink2")
-        _settle(first, dead=True, dest="sink2")
+        settle_all(first, dead=True)  # a second letter of the same operation
+        other_d = new_op(first, "c2", "k2", d="e")
+        settle_all(first, dead=True, d="e")
+        other_dest = new_op(first, "c3", "k3", dest="sink2")
+        settle_all(first, dead=True, dest="sink2")
         with first.engine.begin() as conn:
             failure = {
                 "outbox_id": None,
@@ -240,12 +198,12 @@ def test_revision_0008_on_many_mixed_letters(store_url: str) -> None:
                 {**failure, "outbox_id": 10**9, "idempotency_key": "k4"},
             ]
             conn.execute(insert(dead_letters), wrong)
-        before = {r.id: r for r in _letters(first)}
+        before = {r.id: r for r in links(first)}
     finally:
         first.close()
     store = open_store(store_url)
     try:
-        after = {r.id: r.outbox_id for r in _letters(store)}
+        after = {r.id: r.outbox_id for r in links(store)}
         assert set(after) == set(before)  # no letter lost
         expect = {}
         for lid, row in before.items():
@@ -254,9 +212,9 @@ def test_revision_0008_on_many_mixed_letters(store_url: str) -> None:
             else:
                 expect[lid] = row.outbox_id
         assert after == expect
-        _assert_links_right(store)
+        assert_links_name_their_own_operation(store)
         store.register_process()
-        open_two = [r for r in _letters(store) if r.outbox_id == twice and r.replayed_at is None]
+        open_two = [r for r in links(store) if r.outbox_id == twice and r.replayed_at is None]
         assert len(open_two) == 1
         assert store.replay(ids=[open_two[0].id]).replayed == 1
     finally:
@@ -300,12 +258,12 @@ def test_links_hold_over_colliding_keys_and_one_row_purge_steps(
             if action == "new":
                 keys += 1
                 d, dest = PAIRS[arg]
-                _new_op(store, customer, f"k{keys % 3}-{keys}", d=d, dest=dest)
+                new_op(store, customer, f"k{keys % 3}-{keys}", d=d, dest=dest)
             elif action in ("deliver", "kill"):
                 d, dest = PAIRS[arg]
-                _settle(store, dead=action == "kill", d=d, dest=dest)
+                settle_all(store, dead=action == "kill", d=d, dest=dest)
             elif action in ("replay", "replay_one"):
-                letters = _letters(store)
+                letters = links(store)
                 open_ = [x for x in letters if x.replayed_at is None]
                 chosen = open_ if action == "replay" else open_[arg : arg + 1]
                 dead_before = {i for i, o in _ops(store).items() if o.status == "dead"}
@@ -321,10 +279,10 @@ def test_links_hold_over_colliding_keys_and_one_row_purge_steps(
                 if cursor.finished:
                     cursor = PurgeCursor()
                 store.purge_step(raw_before=0.0, delivered_before=FUTURE, cursor=cursor, limit=1)
-            letters = _letters(store)
+            letters = links(store)
             assert len(letters) >= count, "a dead letter was lost"
             count = len(letters)
-            _assert_links_right(store)
+            assert_links_name_their_own_operation(store)
             ops = _ops(store)
             for x in letters:
                 if x.replayed_at is None and x.outbox_id is not None:
@@ -342,12 +300,12 @@ def test_a_late_failure_never_lands_on_the_operation_given_the_id_again(store_ur
     try:
         stalled.register_process()
         other.register_process()
-        first = _new_op(other, "c1", "k1")
+        first = new_op(other, "c1", "k1")
         [late] = stalled.claim("d", "sink", 10)  # then stalls past its claim
         [again] = other.claim("d", "sink", 10, now=time.time() + 60)
         other.finish("d", "sink", done=[(again, None)])
         other.purge(raw_before=0.0, delivered_before=FUTURE)
-        second = _new_op(other, "c2", "k2")
+        second = new_op(other, "c2", "k2")
         assert second == first  # SQLite gives the purged id out again
         stalled.finish("d", "sink", retry=[(late, time.time() + 5, "HTTP 503: later")])
         with other.engine.connect() as conn:
@@ -362,15 +320,15 @@ def test_a_late_failure_never_lands_on_the_operation_given_the_id_again(store_ur
 def test_one_row_purge_steps_unlink_only_the_letters_of_what_they_delete(store: Any) -> None:
     """A purge in steps of one row: a letter of an operation still dead keeps its link, the
     letter of the operation replayed, delivered and purged loses it."""
-    kept = _new_op(store, "c1", "k1")
-    _settle(store, dead=True)
-    purged = _new_op(store, "c2", "k2")
-    _settle(store, dead=True)
-    store.replay(ids=[_letters(store)[1].id])
-    _settle(store, dead=False)
+    kept = new_op(store, "c1", "k1")
+    settle_all(store, dead=True)
+    purged = new_op(store, "c2", "k2")
+    settle_all(store, dead=True)
+    store.replay(ids=[links(store)[1].id])
+    settle_all(store, dead=False)
     cursor = PurgeCursor()
     while not cursor.finished:
         store.purge_step(raw_before=0.0, delivered_before=FUTURE, cursor=cursor, limit=1)
-    assert [x.outbox_id for x in _letters(store)] == [kept, None]
+    assert [x.outbox_id for x in links(store)] == [kept, None]
     assert purged not in _ops(store)
-    _assert_links_right(store)
+    assert_links_name_their_own_operation(store)

@@ -11,6 +11,7 @@ already holds wrongly, and a replay follows a link only to the letter's own oper
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,18 @@ D, DEST = "d", "sink"
 FUTURE = time.time() + 10 * 365 * 86_400  # a purge cutoff past every delivery of a test
 
 
-def _new_op(store: Any, customer: str, key: str, op: str = "upsert") -> int:
+def new_op(
+    store: Any, customer: str, key: str, op: str = "upsert", d: str = D, dest: str = DEST
+) -> int:
     """A pending operation, its id given by the store (as the planner's are)."""
     now = time.time()
     row = {
-        "dispensary": D,
-        "destination": DEST,
+        "dispensary": d,
+        "destination": dest,
         "order_key": customer,
         "customer_id": customer,
         "op": op,
-        "payload": "{}",
+        "payload": json.dumps({"op": op, "dispensary": d, "customer_id": customer}),
         "idempotency_key": key,
         "status": "pending",
         "attempts": 0,
@@ -49,29 +52,29 @@ def _new_op(store: Any, customer: str, key: str, op: str = "upsert") -> int:
         return int(conn.execute(insert(outbox).values(**row)).inserted_primary_key[0])
 
 
-def _settle_all(store: Any, *, dead: bool) -> None:
+def settle_all(store: Any, *, dead: bool, d: str = D, dest: str = DEST) -> None:
     """Claim what is due and record it delivered (or refused for good: a dead letter each)."""
-    while rows := store.claim(D, DEST, 100):
+    while rows := store.claim(d, dest, 100):
         if dead:
             refused = [(r, "HTTP 400: refused", 400, '{"error":"no"}') for r in rows]
-            store.finish(D, DEST, dead=refused)
+            store.finish(d, dest, dead=refused)
         else:
-            store.finish(D, DEST, done=[(r, None) for r in rows])
+            store.finish(d, dest, done=[(r, None) for r in rows])
 
 
 def _purge(store: Any) -> None:
     store.purge(raw_before=0.0, delivered_before=FUTURE)
 
 
-def _links(store: Any) -> list[Any]:
+def links(store: Any) -> list[Any]:
     with store.engine.connect() as conn:
         return list(conn.execute(select(dead_letters).order_by(dead_letters.c.id)))
 
 
-def _assert_links_name_their_own_operation(store: Any) -> None:
+def assert_links_name_their_own_operation(store: Any) -> None:
     with store.engine.connect() as conn:
         ops = {r.id: r for r in conn.execute(select(outbox))}
-    for letter in _links(store):
+    for letter in links(store):
         if letter.outbox_id is None:
             continue
         op = ops.get(letter.outbox_id)
@@ -86,20 +89,20 @@ def _assert_links_name_their_own_operation(store: Any) -> None:
 def test_a_letter_whose_operation_is_purged_no_longer_names_the_id_given_out_again(
     store: Any,
 ) -> None:
-    first = _new_op(store, "c1", "k1")
-    _settle_all(store, dead=True)
+    first = new_op(store, "c1", "k1")
+    settle_all(store, dead=True)
     assert store.replay().replayed == 1
-    _settle_all(store, dead=False)
+    settle_all(store, dead=False)
     _purge(store)
-    second = _new_op(store, "c1", "k2")
+    second = new_op(store, "c1", "k2")
     if store.dialect == "sqlite":
         assert second == first  # the id comes back: what made the old link wrong
-    _settle_all(store, dead=True)
-    old, new = _links(store)
+    settle_all(store, dead=True)
+    old, new = links(store)
     assert old.outbox_id is None
     assert old.idempotency_key == "k1"
     assert new.outbox_id == second
-    _assert_links_name_their_own_operation(store)
+    assert_links_name_their_own_operation(store)
     story = [d.outbox_id for d in store.dead_letters(include_replayed=True, limit=10)]
     assert sorted(story, key=str) == sorted([None, second], key=str)
 
@@ -107,11 +110,11 @@ def test_a_letter_whose_operation_is_purged_no_longer_names_the_id_given_out_aga
 def test_a_replay_never_resets_an_operation_that_is_not_the_letters_own(store: Any) -> None:
     """A link written before the fix, naming another customer's dead operation: the replay
     leaves that operation dead and counts the letter unreplayable."""
-    _new_op(store, "c1", "k1")
-    _settle_all(store, dead=True)
-    other = _new_op(store, "c2", "k2", op="subscribe")
-    _settle_all(store, dead=True)
-    first, second = _links(store)
+    new_op(store, "c1", "k1")
+    settle_all(store, dead=True)
+    other = new_op(store, "c2", "k2", op="subscribe")
+    settle_all(store, dead=True)
+    first, second = links(store)
     with store.engine.begin() as conn:  # the first letter's link, as a reused id left it
         conn.execute(
             update(dead_letters).where(dead_letters.c.id == first.id).values(outbox_id=other)
@@ -132,10 +135,10 @@ def test_revision_0008_unlinks_the_letters_a_store_holds_to_another_or_no_operat
         first.register_process()
         with first.engine.begin() as conn:
             command.downgrade(alembic_config(connection=conn), "0007")
-        kept = _new_op(first, "c1", "k1")
-        reused = _new_op(first, "c2", "k2")
-        gone = _new_op(first, "c3", "k3")
-        _settle_all(first, dead=True)
+        kept = new_op(first, "c1", "k1")
+        reused = new_op(first, "c2", "k2")
+        gone = new_op(first, "c3", "k3")
+        settle_all(first, dead=True)
         with first.engine.begin() as conn:
             letters = {r.idempotency_key: r.id for r in conn.execute(select(dead_letters))}
             # k2's operation was purged and its id given to another operation; k3's is gone
@@ -152,16 +155,16 @@ def test_revision_0008_unlinks_the_letters_a_store_holds_to_another_or_no_operat
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head()
             links = {r.id: r.outbox_id for r in conn.execute(select(dead_letters))}
         assert links == {letters["k1"]: kept, letters["k2"]: None, letters["k3"]: None}
-        _assert_links_name_their_own_operation(store)
+        assert_links_name_their_own_operation(store)
     finally:
         store.close()
 
 
 def test_the_purge_finds_an_operations_letters_along_their_index(store: Any) -> None:
-    _new_op(store, "c1", "k1")
-    _settle_all(store, dead=True)
+    new_op(store, "c1", "k1")
+    settle_all(store, dead=True)
     store.replay()
-    _settle_all(store, dead=False)
+    settle_all(store, dead=False)
     seen: list[tuple[str, Any]] = []
 
     def caught(conn: Any, cursor: Any, sql: str, params: Any, *_: Any) -> None:
@@ -216,16 +219,16 @@ def test_every_link_names_its_own_operation_after_any_history(
         for action, customer in steps:
             if action == "new":
                 keys += 1
-                _new_op(store, customer, f"k{keys}")
+                new_op(store, customer, f"k{keys}")
             elif action in ("deliver", "kill"):
-                _settle_all(store, dead=action == "kill")
+                settle_all(store, dead=action == "kill")
             elif action == "replay":
                 with store.engine.connect() as conn:
                     dead_before = {
                         r.id: r.idempotency_key
                         for r in conn.execute(select(outbox).where(outbox.c.status == "dead"))
                     }
-                open_keys = {r.idempotency_key for r in _links(store) if r.replayed_at is None}
+                open_keys = {r.idempotency_key for r in links(store) if r.replayed_at is None}
                 store.replay()
                 with store.engine.connect() as conn:
                     now_pending = {
@@ -237,9 +240,9 @@ def test_every_link_names_its_own_operation_after_any_history(
                         assert key in open_keys, f"operation {op_id} reset by another's letter"
             else:
                 _purge(store)
-            now = len(_links(store))
+            now = len(links(store))
             assert now >= letters, "a dead letter was lost"
             letters = now
-            _assert_links_name_their_own_operation(store)
+            assert_links_name_their_own_operation(store)
     finally:
         store.close()

@@ -210,11 +210,9 @@ class Secret:
                 budget[0] -= len(ends)
                 if budget[0] < 0:
                     raise _OverBudget
-            tried = ends
-            if count:
-                wrapped = _wrapped(text, ends)
-                if wrapped:  # where a reading is at already, it has read more since a break
-                    tried = {**wrapped, **ends}
+            wrapped = _wrapped(text, ends) if count else {}
+            # where a reading is at already, it has read more since a break
+            tried = {**wrapped, **ends} if wrapped else ends
             after: dict[int, int] = {}
             for at, since in tried.items():
                 if forms is None:  # its forms never begin one another: one reading at most
@@ -223,10 +221,9 @@ class Secret:
                     matches = [m for form in forms if (m := form.match(text, at))]
                 for m in matches:
                     after[m.end()] = max(after.get(m.end(), 0), since + 1)
-            if self._spaces[count] and count:  # a space the wrapper turned into a line's end
-                for at in ends:
-                    for end in _breaks(text, at):
-                        after.setdefault(end, 0)
+            if self._spaces[count]:  # a space the wrapper turned into a line's end
+                for end in wrapped:
+                    after.setdefault(end, 0)
             if not after:
                 return safe if self._cut and count >= MIN_SECRET else None
             ends = after
